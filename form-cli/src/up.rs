@@ -1,0 +1,211 @@
+//! `formctl up`: start the stack's processes in order, print where they listen, watch
+//! them, and on Ctrl-C (or SIGTERM) stop them in reverse order with SIGTERM.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use form_runtime::child::{ChildService, LaunchSpec};
+use form_runtime::ready::{self, ReadyInfo};
+use form_runtime::shutdown;
+use nix::sys::signal::Signal;
+
+use crate::UpArgs;
+use crate::plan::{self, DEFAULT_PORTS, Ports, Process};
+
+/// Time each service gets to stop after SIGTERM (the services promise 5 s).
+const STOP_DEADLINE: Duration = Duration::from_secs(6);
+/// How often children are checked for an unexpected exit.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    let bin_dir = match args.bin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()?
+            .parent()
+            .context("formctl has no parent directory")?
+            .to_owned(),
+    };
+    let ports = if args.auto_ports {
+        free_ports(args.host)?
+    } else {
+        DEFAULT_PORTS
+    };
+    let plan = plan::stack(args.host, &ports, &data_dir);
+    check_binaries(&bin_dir, &plan)?;
+    let run_dir = data_dir.join("run");
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+
+    let (handle, mut stop) = shutdown::channel();
+    shutdown::spawn_signal_listener(handle)?;
+
+    let mut children: Vec<ChildService> = Vec::new();
+    for p in &plan {
+        let spec =
+            LaunchSpec::new(&p.name, bin_dir.join(p.bin), &run_dir).args(p.args.iter().cloned());
+        tokio::select! {
+            started = ChildService::start(spec) => match started {
+                Ok(c) => children.push(c),
+                Err(e) => {
+                    stop_all(&mut children).await;
+                    bail!("{e}");
+                }
+            },
+            _ = stop.requested() => {
+                stop_all(&mut children).await;
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    print_summary(&plan, &children, &data_dir);
+    if let Some(path) = &args.ready_file {
+        ready::write(path, &summary(&children))?;
+    }
+
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            _ = stop.requested() => break,
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {
+                if let Some(name) = exited(&mut children) {
+                    eprintln!("formctl: {name} exited unexpectedly; stopping the stack");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+    }
+    println!("formctl: stopping");
+    failed |= !stop_all(&mut children).await;
+    if let Some(path) = &args.ready_file {
+        drop(std::fs::remove_file(path));
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("form"));
+    }
+    let home =
+        std::env::var_os("HOME").context("neither --data-dir, XDG_DATA_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".local/share/form"))
+}
+
+fn check_binaries(bin_dir: &Path, plan: &[Process]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = plan
+        .iter()
+        .map(|p| p.bin)
+        .filter(|b| !bin_dir.join(b).is_file())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} not found in {}; build them with `cargo build --release` (or pass --bin-dir)",
+            missing.join(", "),
+            bin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Free ports on `host`: every listener is bound to port 0 at once, then released.
+fn free_ports(host: IpAddr) -> anyhow::Result<Ports> {
+    let listeners = (0..DEFAULT_PORTS.len() * 2)
+        .map(|_| TcpListener::bind((host, 0)))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("binding free ports on {host}"))?;
+    let ports = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = DEFAULT_PORTS;
+    for (i, pair) in out.iter_mut().enumerate() {
+        *pair = (ports[2 * i], ports[2 * i + 1]);
+    }
+    Ok(out)
+}
+
+fn summary(children: &[ChildService]) -> ReadyInfo {
+    let mut addresses = BTreeMap::new();
+    for c in children {
+        for (listener, addr) in &c.info().addresses {
+            addresses.insert(format!("{}/{listener}", c.name()), *addr);
+        }
+    }
+    ReadyInfo {
+        service: "formctl".into(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        addresses,
+    }
+}
+
+fn print_summary(plan: &[Process], children: &[ChildService], data_dir: &Path) {
+    println!(
+        "formctl: the stack is up; data and logs in {}",
+        data_dir.display()
+    );
+    println!(
+        "  {:<18} {:<22} {:<22} log",
+        "service", "listens on", "metrics"
+    );
+    for (p, c) in plan.iter().zip(children) {
+        println!(
+            "  {:<18} {:<22} {:<22} {}",
+            p.name,
+            p.listen.to_string(),
+            p.metrics.to_string(),
+            c.log_path().display()
+        );
+    }
+    if let Some(api) = plan.last() {
+        println!("API: http://{}/healthz", api.listen);
+    }
+    println!("Press Ctrl-C to stop.");
+}
+
+fn exited(children: &mut [ChildService]) -> Option<String> {
+    children.iter_mut().find_map(|c| match c.try_wait() {
+        Ok(Some(status)) => Some(format!(
+            "{} ({status}; log {})",
+            c.name(),
+            c.log_path().display()
+        )),
+        Ok(None) => None,
+        Err(e) => Some(e.to_string()),
+    })
+}
+
+/// Stops children in reverse start order; true if every one exited with code 0.
+async fn stop_all(children: &mut Vec<ChildService>) -> bool {
+    let mut clean = true;
+    while let Some(mut c) = children.pop() {
+        match c.stop(Signal::SIGTERM, STOP_DEADLINE).await {
+            Ok(status) if status.success() => println!("  stopped {}", c.name()),
+            Ok(status) => {
+                clean = false;
+                eprintln!(
+                    "  {} exited with {status}; log {}",
+                    c.name(),
+                    c.log_path().display()
+                );
+            }
+            Err(e) => {
+                clean = false;
+                eprintln!("  {e}");
+            }
+        }
+    }
+    clean
+}

@@ -1,0 +1,107 @@
+//! Configuration of form-mcp: file, environment and flags.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use form_runtime::ConfigError;
+use form_runtime::addr::HostPort;
+use form_runtime::cli::CommonArgs;
+use form_runtime::config::ServiceConfig;
+use serde::{Deserialize, Serialize};
+
+/// Configuration (TOML keys are the field names; every key is optional).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Main listen address: HTTP (REST /api/v1, MCP /mcp, /healthz, /metrics).
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    pub metrics_listen: SocketAddr,
+    /// form-state replicas, `host:port` each.
+    pub state: Vec<HostPort>,
+    /// form-scaler controllers, `host:port` each.
+    pub scaler: Vec<HostPort>,
+    /// form-vmm-service nodes, `host:port` each.
+    pub vmm: Vec<HostPort>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: Self::DEFAULT_LISTEN,
+            metrics_listen: Self::DEFAULT_METRICS_LISTEN,
+            state: Vec::new(),
+            scaler: Vec::new(),
+            vmm: Vec::new(),
+        }
+    }
+}
+
+impl ServiceConfig for Config {
+    const DEFAULT_LISTEN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 3010);
+    const DEFAULT_METRICS_LISTEN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9010);
+
+    fn listen_mut(&mut self) -> &mut SocketAddr {
+        &mut self.listen
+    }
+
+    fn metrics_listen_mut(&mut self) -> &mut SocketAddr {
+        &mut self.metrics_listen
+    }
+}
+
+/// form-mcp: the API gateway (REST /api/v1, Model Context Protocol at /mcp, /metrics).
+#[derive(Debug, Parser)]
+#[command(name = "form-mcp", version, about, long_about = None)]
+pub struct Args {
+    /// Comma-separated addresses of form-state replicas
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        env = "FORM_MCP_STATE",
+        value_delimiter = ','
+    )]
+    pub state: Option<Vec<HostPort>>,
+
+    /// Comma-separated addresses of form-scaler controllers
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        env = "FORM_MCP_SCALER",
+        value_delimiter = ','
+    )]
+    pub scaler: Option<Vec<HostPort>>,
+
+    /// Comma-separated addresses of form-vmm-service nodes
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        env = "FORM_MCP_VMM",
+        value_delimiter = ','
+    )]
+    pub vmm: Option<Vec<HostPort>>,
+
+    /// Flags every service shares.
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl Args {
+    /// The config file (if any) with environment variables and flags applied, validated.
+    pub fn into_config(self) -> Result<(Config, CommonArgs), ConfigError> {
+        let config = form_runtime::config::build(&self.common, |c: &mut Config| {
+            if let Some(v) = self.state {
+                c.state = v;
+            }
+            if let Some(v) = self.scaler {
+                c.scaler = v;
+            }
+            if let Some(v) = self.vmm {
+                c.vmm = v;
+            }
+        })?;
+        Ok((config, self.common))
+    }
+}

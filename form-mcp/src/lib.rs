@@ -1,0 +1,72 @@
+//! form-mcp: the API gateway of the platform. Serves the REST API (`/api/v1`), the
+//! Model Context Protocol (`/mcp`), `/healthz` and `/metrics` over HTTP, and talks to
+//! form-state, form-scaler and form-vmm-service over gRPC.
+
+pub mod config;
+mod http;
+
+use std::net::SocketAddr;
+
+use form_runtime::cli::CommonArgs;
+use form_runtime::service::{METRICS_LISTENER, RunContext, Service};
+use form_runtime::upstream;
+use form_runtime::{ConfigError, RuntimeError};
+
+pub use config::{Args, Config};
+
+/// Name of the HTTP listener in ready files.
+pub const HTTP_LISTENER: &str = "http";
+
+/// The API gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    config: Config,
+}
+
+impl Gateway {
+    /// The gateway with this configuration.
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+}
+
+impl Service for Gateway {
+    const NAME: &'static str = "form-mcp";
+    type Args = Args;
+    type Config = Config;
+
+    fn configure(args: Args) -> Result<(Self, CommonArgs), ConfigError> {
+        let (config, common) = args.into_config()?;
+        Ok((Self::new(config), common))
+    }
+
+    fn listen_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
+        vec![
+            (HTTP_LISTENER, self.config.listen),
+            (METRICS_LISTENER, self.config.metrics_listen),
+        ]
+    }
+
+    async fn run(self, mut ctx: RunContext) -> Result<(), RuntimeError> {
+        let upstreams = upstream::from_config(&[
+            ("state", &self.config.state),
+            ("scaler", &self.config.scaler),
+            ("vmm", &self.config.vmm),
+        ])?;
+        for u in &upstreams {
+            u.spawn_watcher(ctx.shutdown.clone());
+        }
+        let listener = ctx.take_listener(HTTP_LISTENER)?;
+        let mut shutdown = ctx.shutdown.clone();
+        ctx.ready();
+        axum::serve(listener, http::router())
+            .with_graceful_shutdown(async move {
+                shutdown.requested().await;
+            })
+            .await
+            .map_err(|e| RuntimeError::Serve {
+                name: "http",
+                message: e.to_string(),
+            })
+    }
+}

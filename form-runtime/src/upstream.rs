@@ -1,0 +1,151 @@
+//! Connections to other services. A service starts and reports SERVING even when the
+//! services it talks to are not up yet: its channels connect lazily, and a watcher
+//! probes each upstream's `grpc.health.v1` with exponential backoff until it answers,
+//! then keeps checking it. `form_upstream_up{upstream="..."}` shows the result.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::ConfigError;
+use crate::addr::HostPort;
+use crate::shutdown::Shutdown;
+
+/// First retry delay after a failed probe.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest retry delay between probes of an upstream that is down.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Delay between probes of an upstream that is up.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Time a connection attempt or probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Upstreams for every `(name, endpoints)` pair that has endpoints; a pair without
+/// any is logged and left out (the service runs without it).
+pub fn from_config(specs: &[(&'static str, &[HostPort])]) -> Result<Vec<Upstream>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, endpoints) in specs {
+        if endpoints.is_empty() {
+            tracing::warn!(upstream = name, "no address configured; running without it");
+        } else {
+            out.push(Upstream::new(name, endpoints)?);
+        }
+    }
+    Ok(out)
+}
+
+/// A named group of endpoints of one other service, behind one balanced channel.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    name: &'static str,
+    endpoints: Vec<HostPort>,
+    channel: Channel,
+    up: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    /// A lazily connected channel balanced over `endpoints` (none connect yet).
+    /// Must be called inside a tokio runtime.
+    pub fn new(name: &'static str, endpoints: &[HostPort]) -> Result<Self, ConfigError> {
+        if endpoints.is_empty() {
+            return Err(ConfigError::invalid(
+                name,
+                "no address given; expected HOST:PORT[,HOST:PORT...]",
+            ));
+        }
+        let eps = endpoints
+            .iter()
+            .map(|hp| {
+                Endpoint::from_shared(hp.http_uri())
+                    .map(|e| e.connect_timeout(PROBE_TIMEOUT).tcp_nodelay(true))
+                    .map_err(|e| ConfigError::invalid(name, format!("'{hp}': {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = Channel::balance_list(eps.into_iter());
+        metrics::gauge!("form_upstream_up", "upstream" => name).set(0.0);
+        Ok(Self {
+            name,
+            endpoints: endpoints.to_vec(),
+            channel,
+            up: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The upstream's name, e.g. `state`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The configured endpoints.
+    pub fn endpoints(&self) -> &[HostPort] {
+        &self.endpoints
+    }
+
+    /// A channel for gRPC clients; requests fail fast while the upstream is down.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Whether the last probe got SERVING.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Spawns the watcher that probes the upstream until `shutdown`.
+    pub fn spawn_watcher(&self, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move { this.watch(shutdown).await })
+    }
+
+    async fn watch(self, mut shutdown: Shutdown) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let ok = self.probe().await;
+            let was = self.up.swap(ok, Ordering::Relaxed);
+            if ok != was {
+                if ok {
+                    tracing::info!(upstream = self.name, endpoints = ?self.endpoints_str(), "upstream is up");
+                } else {
+                    tracing::warn!(upstream = self.name, endpoints = ?self.endpoints_str(), "upstream is down");
+                }
+            }
+            metrics::gauge!("form_upstream_up", "upstream" => self.name).set(if ok {
+                1.0
+            } else {
+                0.0
+            });
+            let delay = if ok {
+                backoff = BACKOFF_MIN;
+                CHECK_INTERVAL
+            } else {
+                let d = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                d
+            };
+            tokio::select! {
+                _ = shutdown.requested() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn probe(&self) -> bool {
+        let mut client = HealthClient::new(self.channel.clone());
+        let req = HealthCheckRequest {
+            service: String::new(),
+        };
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, client.check(req)).await,
+            Ok(Ok(resp)) if resp.get_ref().status() == ServingStatus::Serving
+        )
+    }
+
+    fn endpoints_str(&self) -> Vec<String> {
+        self.endpoints.iter().map(ToString::to_string).collect()
+    }
+}

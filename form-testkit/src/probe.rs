@@ -1,0 +1,125 @@
+//! Clients that tests use to look at a running service: gRPC health, reflection in
+//! both versions, and plain HTTP/1.1 GET.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Time a probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connected gRPC channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(PROBE_TIMEOUT)
+        .timeout(PROBE_TIMEOUT)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))
+}
+
+/// `grpc.health.v1.Health/Check` of `service` ("" for the whole server).
+pub async fn health(addr: SocketAddr, service: &str) -> anyhow::Result<ServingStatus> {
+    let mut client = HealthClient::new(channel(addr).await?);
+    let resp = client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?;
+    Ok(resp.into_inner().status())
+}
+
+macro_rules! list_services {
+    ($name:ident, $version:ident, $doc:literal) => {
+        #[doc = $doc]
+        pub async fn $name(addr: SocketAddr) -> anyhow::Result<Vec<String>> {
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            let mut client = ServerReflectionClient::new(channel(addr).await?);
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = client
+                .server_reflection_info(tokio_stream::iter([req]))
+                .await?
+                .into_inner();
+            let resp = stream.message().await?.context("reflection stream ended")?;
+            match resp.message_response {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+                    names.sort();
+                    Ok(names)
+                }
+                other => bail!("unexpected reflection response {other:?}"),
+            }
+        }
+    };
+}
+
+list_services!(
+    reflection_services_v1,
+    v1,
+    "Service names listed by `grpc.reflection.v1.ServerReflection`."
+);
+list_services!(
+    reflection_services_v1alpha,
+    v1alpha,
+    "Service names listed by `grpc.reflection.v1alpha.ServerReflection`."
+);
+
+/// An HTTP/1.1 `GET path` to `addr`; returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(buf)
+    };
+    let buf = tokio::time::timeout(PROBE_TIMEOUT, fut)
+        .await
+        .context("HTTP GET timed out")??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
