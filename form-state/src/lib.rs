@@ -3,6 +3,7 @@
 //! gossip, without consensus.
 
 pub mod config;
+pub mod crdt;
 
 use std::net::SocketAddr;
 
