@@ -2,8 +2,13 @@
 //! operations, heartbeats), served over gRPC and replicated between replicas by
 //! gossip, without consensus.
 
+pub mod codec;
 pub mod config;
 pub mod crdt;
+pub mod envelope;
+pub mod error;
+pub mod keys;
+pub mod model;
 
 use std::net::SocketAddr;
 

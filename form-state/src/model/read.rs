@@ -1,0 +1,136 @@
+//! The state read back as `form.state.v1` clusters and `form.types.v1` operations.
+
+use form_proto::state::v1 as pb;
+use form_proto::types::v1 as types;
+use prost::Message;
+
+use crate::crdt::{Entry, Field, Key, Space, State, Value};
+
+/// Whether cluster `id` exists (its presence marker survives).
+pub fn cluster_exists(state: &State, id: &str) -> bool {
+    state
+        .entries(&Key::cluster(id, Field::ClusterPresence))
+        .is_some()
+}
+
+/// Whether member `instance` of cluster `id` exists.
+pub fn member_exists(state: &State, id: &str, instance: &str) -> bool {
+    state
+        .entries(&Key::member(id, instance, Field::MemberPresence))
+        .is_some()
+}
+
+fn text(e: Option<&Entry>) -> String {
+    match e.map(|e| &e.value) {
+        Some(Value::Text(s)) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn num(e: Option<&Entry>) -> u64 {
+    match e.map(|e| &e.value) {
+        Some(Value::U64(n)) => *n,
+        _ => 0,
+    }
+}
+
+fn decode<M: Message + Default>(e: Option<&Entry>) -> Option<M> {
+    match e.map(|e| &e.value) {
+        Some(Value::Bytes(b)) => M::decode(b.as_slice()).ok(),
+        _ => None,
+    }
+}
+
+/// One cluster with its members, or `None` if it does not exist.
+pub fn cluster(state: &State, id: &str) -> Option<pb::Cluster> {
+    if !cluster_exists(state, id) {
+        return None;
+    }
+    let get = |f| state.get(&Key::cluster(id, f));
+    let members = state
+        .subs(id)
+        .into_iter()
+        .filter(|i| member_exists(state, id, i))
+        .map(|i| (i.to_owned(), member(state, id, i)))
+        .collect();
+    Some(pb::Cluster {
+        cluster_id: id.to_owned(),
+        domain: text(get(Field::Domain)),
+        workload: decode(get(Field::Workload)),
+        scaling_policy: decode(get(Field::Policy)),
+        template_instance_id: text(get(Field::Template)),
+        affinity: decode(get(Field::Affinity)),
+        members,
+        resources: decode(get(Field::ClusterResources)),
+    })
+}
+
+fn member(state: &State, id: &str, instance: &str) -> pb::Member {
+    let key = |f| Key::member(id, instance, f);
+    let get = |f| state.get(&key(f));
+    let heartbeat = get(Field::Heartbeat);
+    pb::Member {
+        instance_id: instance.to_owned(),
+        node_id: text(get(Field::NodeId)),
+        addresses: match get(Field::Addresses).map(|e| &e.value) {
+            Some(Value::Texts(v)) => v.clone(),
+            _ => Vec::new(),
+        },
+        status: i32::try_from(num(get(Field::MemberStatus))).unwrap_or(0),
+        generation: num(get(Field::Generation)),
+        last_heartbeat_ms: heartbeat.map(|e| e.rank).unwrap_or(0),
+        heartbeats_skipped: u32::try_from(num(get(Field::HeartbeatsSkipped))).unwrap_or(u32::MAX),
+        resources: decode(get(Field::MemberResources)),
+        health_history: state
+            .history(&key(Field::Health))
+            .into_iter()
+            .filter_map(|e| decode(Some(e)))
+            .collect(),
+        cpu_utilization: heartbeat
+            .map(|e| f64::from_bits(num(Some(e))))
+            .unwrap_or(0.0),
+    }
+}
+
+/// Every existing cluster, ordered by id.
+pub fn clusters(state: &State) -> Vec<pb::Cluster> {
+    state
+        .ids(Space::Cluster)
+        .into_iter()
+        .filter_map(|id| cluster(state, id))
+        .collect()
+}
+
+/// One operation, or `None`.
+pub fn operation(state: &State, id: &str) -> Option<types::Operation> {
+    let body: types::Operation = decode(state.get(&Key::operation(id, Field::OperationBody)))?;
+    let status = decode(state.get(&Key::operation(id, Field::OperationStatus)));
+    Some(types::Operation { status, ..body })
+}
+
+/// Operations of `cluster` (all when empty), newest first, at most `limit` (0 = all).
+pub fn operations(state: &State, cluster: &str, limit: usize) -> Vec<types::Operation> {
+    let mut ops: Vec<types::Operation> = state
+        .ids(Space::Operation)
+        .into_iter()
+        .filter_map(|id| operation(state, id))
+        .filter(|o| cluster.is_empty() || o.cluster_id == cluster)
+        .collect();
+    ops.sort_by(|a, b| (b.created_at_ms, &b.operation_id).cmp(&(a.created_at_ms, &a.operation_id)));
+    if limit > 0 {
+        ops.truncate(limit);
+    }
+    ops
+}
+
+/// A status for messages, e.g. `InProgress{2: clone}`.
+pub fn status_name(status: Option<&types::OperationStatus>) -> String {
+    use types::operation_status::State as S;
+    match status.and_then(|s| s.state.as_ref()) {
+        None | Some(S::Requested(_)) => "Requested".into(),
+        Some(S::InProgress(p)) => format!("InProgress{{{}: {}}}", p.step_index, p.step),
+        Some(S::Completed(_)) => "Completed".into(),
+        Some(S::RolledBack(_)) => "RolledBack".into(),
+        Some(S::Failed(_)) => "Failed".into(),
+    }
+}

@@ -1,0 +1,205 @@
+//! Checks of request fields, each failing with a message that names the field, the
+//! value and what is accepted.
+
+use form_proto::types::v1 as pb;
+
+use crate::error::StateError;
+
+/// Longest id (cluster, instance, operation, node), in bytes.
+pub const MAX_ID_LEN: usize = 128;
+/// Largest encoded value of one field (workload, policy, ...), in bytes.
+pub const MAX_VALUE_BYTES: usize = 16 * 1024;
+/// Most instances a policy may allow.
+pub const MAX_INSTANCES_CAP: u32 = 1000;
+
+/// An id: 1 to 128 characters of `[A-Za-z0-9._-]`.
+pub fn id(field: &str, value: &str) -> Result<(), StateError> {
+    if value.is_empty() {
+        return Err(StateError::invalid(
+            field,
+            "must not be empty; expected 1-128 characters of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(StateError::invalid(
+            field,
+            format!(
+                "is {} bytes long; at most {MAX_ID_LEN} accepted",
+                value.len()
+            ),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(StateError::invalid(
+            field,
+            format!("'{value}' contains {c:?}; expected only A-Z a-z 0-9 . _ -"),
+        ));
+    }
+    Ok(())
+}
+
+/// A host name for the balancer: labels of `[a-z0-9-]` separated by dots.
+pub fn domain(value: &str) -> Result<(), StateError> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StateError::invalid(
+            "domain",
+            format!(
+                "'{value}' is not a host name; expected lowercase labels of a-z 0-9 - separated by dots, e.g. web.fog"
+            ),
+        ))
+    }
+}
+
+/// An encoded value within [`MAX_VALUE_BYTES`].
+pub fn size(field: &str, bytes: &[u8]) -> Result<(), StateError> {
+    if bytes.len() > MAX_VALUE_BYTES {
+        return Err(StateError::invalid(
+            field,
+            format!(
+                "is {} bytes encoded; at most {MAX_VALUE_BYTES} accepted",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A scaling policy: `1 <= min <= max <= 1000`, target in (0, 1], tolerance in [0, 1).
+pub fn policy(p: &pb::ScalingPolicy) -> Result<(), StateError> {
+    let f = |name: &str| format!("scaling_policy.{name}");
+    if p.min_instances < 1 {
+        return Err(StateError::invalid(
+            f("min_instances"),
+            "is 0; at least 1 accepted",
+        ));
+    }
+    if p.max_instances < p.min_instances {
+        return Err(StateError::invalid(
+            f("max_instances"),
+            format!(
+                "is {} but min_instances is {}; max must be >= min",
+                p.max_instances, p.min_instances
+            ),
+        ));
+    }
+    if p.max_instances > MAX_INSTANCES_CAP {
+        return Err(StateError::invalid(
+            f("max_instances"),
+            format!(
+                "is {}; at most {MAX_INSTANCES_CAP} accepted",
+                p.max_instances
+            ),
+        ));
+    }
+    let t = p.target_cpu_utilization;
+    if !(t > 0.0 && t <= 1.0) {
+        return Err(StateError::invalid(
+            f("target_cpu_utilization"),
+            format!("is {t}; expected a fraction in (0, 1], e.g. 0.6"),
+        ));
+    }
+    if !(0.0..1.0).contains(&p.tolerance) {
+        return Err(StateError::invalid(
+            f("tolerance"),
+            format!(
+                "is {}; expected a fraction in [0, 1), e.g. 0.1",
+                p.tolerance
+            ),
+        ));
+    }
+    if let Some(r) = p.target_requests_per_instance
+        && !(r > 0.0 && r.is_finite())
+    {
+        return Err(StateError::invalid(
+            f("target_requests_per_instance"),
+            format!("is {r}; expected a positive number"),
+        ));
+    }
+    Ok(())
+}
+
+/// Resources: at least one vCPU and 16 MiB when set.
+pub fn resources(field: &str, r: &pb::Resources) -> Result<(), StateError> {
+    if r.vcpus == 0 || r.vcpus > 256 {
+        return Err(StateError::invalid(
+            format!("{field}.vcpus"),
+            format!("is {}; expected 1-256", r.vcpus),
+        ));
+    }
+    if r.memory_mib < 16 || r.memory_mib > 4 * 1024 * 1024 {
+        return Err(StateError::invalid(
+            format!("{field}.memory_mib"),
+            format!("is {}; expected 16-4194304", r.memory_mib),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_name_the_field_and_the_rule() {
+        assert!(id("cluster_id", "web-1.a_b").is_ok());
+        let e = id("cluster_id", "").expect_err("empty").to_string();
+        assert!(e.contains("cluster_id") && e.contains("empty"), "{e}");
+        let e = id("instance_id", "a/b").expect_err("slash").to_string();
+        assert!(e.contains("instance_id") && e.contains("'/'"), "{e}");
+        let e = id("cluster_id", &"x".repeat(200))
+            .expect_err("long")
+            .to_string();
+        assert!(e.contains("200 bytes") && e.contains("128"), "{e}");
+    }
+
+    #[test]
+    fn policies_are_checked_field_by_field() {
+        let good = pb::ScalingPolicy {
+            min_instances: 1,
+            max_instances: 5,
+            target_cpu_utilization: 0.6,
+            tolerance: 0.1,
+            ..Default::default()
+        };
+        assert!(policy(&good).is_ok());
+        let e = policy(&pb::ScalingPolicy {
+            max_instances: 0,
+            ..good
+        })
+        .expect_err("max<min");
+        assert!(
+            e.to_string().contains("scaling_policy.max_instances"),
+            "{e}"
+        );
+        let e = policy(&pb::ScalingPolicy {
+            target_cpu_utilization: 1.5,
+            ..good
+        })
+        .expect_err("target");
+        assert!(
+            e.to_string().contains("target_cpu_utilization") && e.to_string().contains("(0, 1]"),
+            "{e}"
+        );
+        let e = policy(&pb::ScalingPolicy {
+            max_instances: 5000,
+            ..good
+        })
+        .expect_err("cap");
+        assert!(e.to_string().contains("1000"), "{e}");
+        assert!(domain("web.fog").is_ok());
+        assert!(domain("Web..fog").is_err());
+    }
+}

@@ -1,0 +1,523 @@
+//! Requests of `StateService` as deltas. Each function validates its request against
+//! the state the replica has observed and returns the delta to apply, or `None` when
+//! the write would change nothing.
+
+use form_proto::state::v1 as pb;
+use form_proto::types::v1 as types;
+use prost::Message;
+
+use super::validate;
+use super::{HEALTH_HISTORY, read};
+use crate::crdt::{Delta, DeltaBuilder, Field, Key, Space, State, Value};
+use crate::error::StateError;
+
+/// Rank of an operation status in the monotone order
+/// `Requested < InProgress{0} < InProgress{1} < ... < Completed < RolledBack < Failed`.
+/// Between terminal states the more cautious outcome wins (see docs/state.md).
+pub fn status_rank(status: Option<&types::OperationStatus>) -> u64 {
+    use types::operation_status::State as S;
+    const TERMINAL: u64 = 1 << 40;
+    match status.and_then(|s| s.state.as_ref()) {
+        None | Some(S::Requested(_)) => 0,
+        Some(S::InProgress(p)) => 1 + u64::from(p.step_index),
+        Some(S::Completed(_)) => TERMINAL,
+        Some(S::RolledBack(_)) => TERMINAL + 1,
+        Some(S::Failed(_)) => TERMINAL + 2,
+    }
+}
+
+fn msg_value(field: &str, m: &impl Message) -> Result<Value, StateError> {
+    let bytes = m.encode_to_vec();
+    validate::size(field, &bytes)?;
+    Ok(Value::Bytes(bytes))
+}
+
+fn require_cluster(state: &State, id: &str) -> Result<(), StateError> {
+    if read::cluster_exists(state, id) {
+        Ok(())
+    } else {
+        Err(StateError::NotFound {
+            what: "cluster",
+            id: id.to_owned(),
+        })
+    }
+}
+
+fn require_member(state: &State, cluster: &str, instance: &str) -> Result<(), StateError> {
+    require_cluster(state, cluster)?;
+    if read::member_exists(state, cluster, instance) {
+        Ok(())
+    } else {
+        Err(StateError::NotFound {
+            what: "member",
+            id: format!("{cluster}/{instance}"),
+        })
+    }
+}
+
+/// `PutCluster`: creates the cluster (domain defaults to `<id>.fog`) or updates the
+/// fields that are set. Only a creation writes the presence marker, so an update
+/// concurrent with a delete does not bring the cluster back.
+pub fn put_cluster(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::PutClusterRequest,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("cluster_id", &r.cluster_id)?;
+    let id = r.cluster_id.as_str();
+    let mut b = DeltaBuilder::new(state, actor);
+    let key = |f| Key::cluster(id, f);
+    let exists = read::cluster_exists(state, id);
+    if !exists {
+        b.set(key(Field::ClusterPresence), Value::Unit, 0, now);
+    }
+    match (&r.domain, exists) {
+        (Some(d), _) => {
+            validate::domain(d)?;
+            b.set(key(Field::Domain), Value::Text(d.clone()), 0, now);
+        }
+        (None, false) => {
+            b.set(key(Field::Domain), Value::Text(format!("{id}.fog")), 0, now);
+        }
+        (None, true) => {}
+    }
+    if let Some(w) = &r.workload {
+        b.set(key(Field::Workload), msg_value("workload", w)?, 0, now);
+    }
+    if let Some(p) = &r.scaling_policy {
+        validate::policy(p)?;
+        b.set(key(Field::Policy), msg_value("scaling_policy", p)?, 0, now);
+    }
+    if let Some(t) = &r.template_instance_id {
+        if !t.is_empty() {
+            validate::id("template_instance_id", t)?;
+        }
+        b.set(key(Field::Template), Value::Text(t.clone()), 0, now);
+    }
+    if let Some(a) = &r.affinity {
+        b.set(key(Field::Affinity), msg_value("affinity", a)?, 0, now);
+    }
+    if let Some(res) = &r.resources {
+        validate::resources("resources", res)?;
+        b.set(
+            key(Field::ClusterResources),
+            msg_value("resources", res)?,
+            0,
+            now,
+        );
+    }
+    Ok(b.build())
+}
+
+/// `DeleteCluster`: removes every entry of the cluster and its members this replica saw.
+pub fn delete_cluster(state: &State, actor: &str, id: &str) -> Result<Option<Delta>, StateError> {
+    validate::id("cluster_id", id)?;
+    require_cluster(state, id)?;
+    let mut b = DeltaBuilder::new(state, actor);
+    b.remove_scope(Space::Cluster, id, None);
+    Ok(b.build())
+}
+
+/// `AddMember`: writes the member's presence and every field.
+pub fn add_member(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::AddMemberRequest,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("cluster_id", &r.cluster_id)?;
+    let m = r.member.as_ref().ok_or_else(|| {
+        StateError::invalid(
+            "member",
+            "is missing; expected a Member with an instance_id",
+        )
+    })?;
+    validate::id("member.instance_id", &m.instance_id)?;
+    if !m.node_id.is_empty() {
+        validate::id("member.node_id", &m.node_id)?;
+    }
+    require_cluster(state, &r.cluster_id)?;
+    let key = |f| Key::member(&r.cluster_id, &m.instance_id, f);
+    let status = match pb::MemberStatus::try_from(m.status) {
+        Ok(pb::MemberStatus::Unspecified) => pb::MemberStatus::Starting,
+        Ok(s) => s,
+        Err(_) => {
+            return Err(StateError::invalid(
+                "member.status",
+                format!("{} is not a MemberStatus", m.status),
+            ));
+        }
+    };
+    let addresses = m.addresses.join(",");
+    validate::size("member.addresses", addresses.as_bytes())?;
+    let mut b = DeltaBuilder::new(state, actor);
+    b.set(key(Field::MemberPresence), Value::Unit, 0, now);
+    b.set(key(Field::NodeId), Value::Text(m.node_id.clone()), 0, now);
+    b.set(
+        key(Field::Addresses),
+        Value::Texts(m.addresses.clone()),
+        0,
+        now,
+    );
+    b.set(
+        key(Field::MemberStatus),
+        Value::U64(status as i32 as u64),
+        0,
+        now,
+    );
+    b.set(key(Field::Generation), Value::U64(m.generation), 0, now);
+    if let Some(res) = &m.resources {
+        validate::resources("member.resources", res)?;
+        b.set(
+            key(Field::MemberResources),
+            msg_value("member.resources", res)?,
+            0,
+            now,
+        );
+    }
+    if m.last_heartbeat_ms > 0 {
+        b.set(
+            key(Field::Heartbeat),
+            Value::U64(m.cpu_utilization.to_bits()),
+            m.last_heartbeat_ms,
+            now,
+        );
+    }
+    Ok(b.build())
+}
+
+/// `RemoveMember`: removes every entry of the member this replica saw.
+pub fn remove_member(
+    state: &State,
+    actor: &str,
+    cluster: &str,
+    instance: &str,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("cluster_id", cluster)?;
+    validate::id("instance_id", instance)?;
+    require_member(state, cluster, instance)?;
+    let mut b = DeltaBuilder::new(state, actor);
+    b.remove_scope(Space::Cluster, cluster, Some(instance));
+    Ok(b.build())
+}
+
+/// `UpdateMember`: sets the fields that are given, appends a health change.
+pub fn update_member(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::UpdateMemberRequest,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("cluster_id", &r.cluster_id)?;
+    validate::id("instance_id", &r.instance_id)?;
+    require_member(state, &r.cluster_id, &r.instance_id)?;
+    let key = |f| Key::member(&r.cluster_id, &r.instance_id, f);
+    let mut b = DeltaBuilder::new(state, actor);
+    if let Some(s) = r.status {
+        match pb::MemberStatus::try_from(s) {
+            Ok(pb::MemberStatus::Unspecified) | Err(_) => {
+                return Err(StateError::invalid(
+                    "status",
+                    format!(
+                        "{s} is not accepted; expected STARTING, ACTIVE, DRAINING, PAUSED or STOPPED"
+                    ),
+                ));
+            }
+            Ok(_) => {
+                b.set(key(Field::MemberStatus), Value::U64(s as u64), 0, now);
+            }
+        }
+    }
+    if !r.addresses.is_empty() {
+        validate::size("addresses", r.addresses.join(",").as_bytes())?;
+        b.set(
+            key(Field::Addresses),
+            Value::Texts(r.addresses.clone()),
+            0,
+            now,
+        );
+    }
+    if let Some(res) = &r.resources {
+        validate::resources("resources", res)?;
+        b.set(
+            key(Field::MemberResources),
+            msg_value("resources", res)?,
+            0,
+            now,
+        );
+    }
+    if let Some(h) = &r.health {
+        let rank = if h.at_ms == 0 { now } else { h.at_ms };
+        let event = pb::HealthEvent {
+            at_ms: rank,
+            ..h.clone()
+        };
+        b.append(
+            key(Field::Health),
+            msg_value("health", &event)?,
+            rank,
+            now,
+            HEALTH_HISTORY,
+        );
+    }
+    if let Some(n) = r.heartbeats_skipped {
+        b.set(
+            key(Field::HeartbeatsSkipped),
+            Value::U64(u64::from(n)),
+            0,
+            now,
+        );
+    }
+    Ok(b.build())
+}
+
+/// `Heartbeat`: a max register; a heartbeat older than the newest one changes nothing.
+pub fn heartbeat(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::HeartbeatRequest,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("cluster_id", &r.cluster_id)?;
+    validate::id("instance_id", &r.instance_id)?;
+    if !(0.0..=1024.0).contains(&r.cpu_utilization) {
+        return Err(StateError::invalid(
+            "cpu_utilization",
+            format!(
+                "is {}; expected a fraction per vCPU, >= 0",
+                r.cpu_utilization
+            ),
+        ));
+    }
+    require_member(state, &r.cluster_id, &r.instance_id)?;
+    let at = if r.at_ms == 0 { now } else { r.at_ms };
+    let key = Key::member(&r.cluster_id, &r.instance_id, Field::Heartbeat);
+    if state.get(&key).is_some_and(|e| e.rank >= at) {
+        return Ok(None);
+    }
+    let mut b = DeltaBuilder::new(state, actor);
+    b.set(key, Value::U64(r.cpu_utilization.to_bits()), at, now);
+    Ok(b.build())
+}
+
+/// `PutOperation`: creates or advances an operation; its status never moves back.
+pub fn put_operation(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::PutOperationRequest,
+) -> Result<Option<Delta>, StateError> {
+    let op = r
+        .operation
+        .as_ref()
+        .ok_or_else(|| StateError::invalid("operation", "is missing; expected an Operation"))?;
+    validate::id("operation.operation_id", &op.operation_id)?;
+    validate::id("operation.cluster_id", &op.cluster_id)?;
+    if matches!(
+        types::OperationKind::try_from(op.kind),
+        Ok(types::OperationKind::Unspecified) | Err(_)
+    ) {
+        return Err(StateError::invalid(
+            "operation.kind",
+            format!(
+                "{} is not accepted; expected SCALE_OUT, SCALE_IN, REPLACE_INSTANCE or RESIZE",
+                op.kind
+            ),
+        ));
+    }
+    let current = read::operation(state, &op.operation_id);
+    if current.is_none() {
+        require_cluster(state, &op.cluster_id)?;
+    }
+    let rank = status_rank(op.status.as_ref());
+    let current_rank = current.as_ref().map(|c| status_rank(c.status.as_ref()));
+    if let Some(cur) = current_rank
+        && rank < cur
+    {
+        return Err(StateError::FailedPrecondition(format!(
+            "operation {} is {}; its status cannot move back to {}",
+            op.operation_id,
+            read::status_name(current.as_ref().and_then(|c| c.status.as_ref())),
+            read::status_name(op.status.as_ref()),
+        )));
+    }
+    let body = types::Operation {
+        status: None,
+        ..op.clone()
+    };
+    let key = |f| Key::operation(&op.operation_id, f);
+    let mut b = DeltaBuilder::new(state, actor);
+    if current.as_ref().map(|c| types::Operation {
+        status: None,
+        ..c.clone()
+    }) != Some(body.clone())
+    {
+        b.set(
+            key(Field::OperationBody),
+            msg_value("operation", &body)?,
+            0,
+            now,
+        );
+    }
+    if current_rank != Some(rank) {
+        let status = op.status.clone().unwrap_or(types::OperationStatus {
+            state: Some(types::operation_status::State::Requested(
+                types::Requested {},
+            )),
+        });
+        b.set(
+            key(Field::OperationStatus),
+            msg_value("operation.status", &status)?,
+            rank,
+            now,
+        );
+    }
+    Ok(b.build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(state: &mut State, write: impl FnOnce(&State) -> Result<Option<Delta>, StateError>) {
+        if let Some(d) = write(state).expect("valid write") {
+            state.apply(&d);
+        }
+    }
+
+    #[test]
+    fn operation_status_only_moves_forward() {
+        use types::operation_status::State as S;
+        let mut s = State::default();
+        apply(&mut s, |s| {
+            put_cluster(
+                s,
+                "a",
+                1,
+                &pb::PutClusterRequest {
+                    cluster_id: "web".into(),
+                    ..Default::default()
+                },
+            )
+        });
+        let op = |st: S| pb::PutOperationRequest {
+            operation: Some(types::Operation {
+                operation_id: "op1".into(),
+                cluster_id: "web".into(),
+                kind: types::OperationKind::ScaleOut as i32,
+                status: Some(types::OperationStatus { state: Some(st) }),
+                ..Default::default()
+            }),
+        };
+        apply(&mut s, |s| {
+            put_operation(
+                s,
+                "a",
+                2,
+                &op(S::InProgress(types::InProgress {
+                    step_index: 2,
+                    step: "clone".into(),
+                })),
+            )
+        });
+        let e = put_operation(&s, "a", 3, &op(S::Requested(types::Requested {})))
+            .expect_err("backwards");
+        assert!(e.to_string().contains("cannot move back"), "{e}");
+        apply(&mut s, |s| {
+            put_operation(s, "a", 4, &op(S::Completed(types::Completed {})))
+        });
+        assert_eq!(
+            status_rank(read::operation(&s, "op1").expect("op").status.as_ref()),
+            1 << 40
+        );
+        assert!(
+            matches!(
+                put_operation(&s, "a", 5, &op(S::Completed(types::Completed {}))),
+                Ok(None)
+            ),
+            "a repeat is a no-op"
+        );
+    }
+
+    #[test]
+    fn writes_to_unknown_things_are_not_found() {
+        let s = State::default();
+        let e = add_member(
+            &s,
+            "a",
+            1,
+            &pb::AddMemberRequest {
+                cluster_id: "nope".into(),
+                member: Some(pb::Member {
+                    instance_id: "i1".into(),
+                    ..Default::default()
+                }),
+            },
+        )
+        .expect_err("unknown cluster");
+        assert!(
+            matches!(
+                e,
+                StateError::NotFound {
+                    what: "cluster",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = heartbeat(
+            &s,
+            "a",
+            1,
+            &pb::HeartbeatRequest {
+                cluster_id: "".into(),
+                ..Default::default()
+            },
+        )
+        .expect_err("empty");
+        assert!(e.to_string().contains("cluster_id"), "{e}");
+    }
+
+    #[test]
+    fn an_older_heartbeat_changes_nothing() {
+        let mut s = State::default();
+        apply(&mut s, |s| {
+            put_cluster(
+                s,
+                "a",
+                1,
+                &pb::PutClusterRequest {
+                    cluster_id: "web".into(),
+                    ..Default::default()
+                },
+            )
+        });
+        let m = pb::Member {
+            instance_id: "i1".into(),
+            ..Default::default()
+        };
+        apply(&mut s, |s| {
+            add_member(
+                s,
+                "a",
+                1,
+                &pb::AddMemberRequest {
+                    cluster_id: "web".into(),
+                    member: Some(m),
+                },
+            )
+        });
+        let hb = |at| pb::HeartbeatRequest {
+            cluster_id: "web".into(),
+            instance_id: "i1".into(),
+            at_ms: at,
+            cpu_utilization: 0.5,
+        };
+        apply(&mut s, |s| heartbeat(s, "a", 10, &hb(100)));
+        assert!(matches!(heartbeat(&s, "a", 11, &hb(50)), Ok(None)));
+        let c = read::cluster(&s, "web").expect("cluster");
+        assert_eq!(c.members["i1"].last_heartbeat_ms, 100);
+        assert_eq!(c.domain, "web.fog");
+    }
+}
