@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod error;
 pub mod keys;
 pub mod model;
+pub mod replica;
 
 use std::net::SocketAddr;
 

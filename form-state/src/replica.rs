@@ -1,0 +1,370 @@
+//! One replica as a state machine, without I/O: local writes become signed deltas,
+//! received deltas wait in a bounded buffer until their causal predecessors are
+//! applied, applied deltas are kept in a bounded log for gossip, and every applied
+//! change gets a local sequence number (`lsn`) for `Watch` and for durability.
+//!
+//! ```text
+//! local write ─> DeltaBuilder ─> sign ─┐
+//!                                      ├─> apply ─> log[lsn] ─> (WAL, fsync) ─> durable ─> gossip, watch
+//! received ─> verify ─> buffer ─ready──┘
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+
+use crate::crdt::{Delta, Space, State};
+use crate::envelope::{self, Authorized, VerifiedDelta};
+use crate::error::StateError;
+
+/// Limits of a replica's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Deltas held while waiting for their predecessors.
+    pub buffer: usize,
+    /// Deltas kept for gossip; older ones are reached through full state.
+    pub log: usize,
+    /// Change events kept for `Watch` resumption.
+    pub changes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            buffer: 10_000,
+            log: 100_000,
+            changes: 100_000,
+        }
+    }
+}
+
+/// One applied change: what it touched.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Local sequence number.
+    pub lsn: u64,
+    /// Clusters and operations it touched.
+    pub touched: Vec<(Space, String)>,
+}
+
+/// What became of received deltas.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Applied now (including buffered ones that became ready), in order; to be persisted.
+    pub applied: Vec<Arc<VerifiedDelta>>,
+    /// Deltas held in the buffer afterwards, waiting for their predecessors.
+    pub buffered: u32,
+    /// Already known.
+    pub duplicates: u32,
+    /// Refused because the buffer was full (anti-entropy will fetch them in order).
+    pub overflow: u32,
+}
+
+/// What gossip should send a peer that has `known`.
+#[derive(Debug)]
+pub enum Missing {
+    /// Nothing.
+    Nothing,
+    /// These deltas, in causal order.
+    Deltas(Vec<Arc<VerifiedDelta>>),
+    /// Deltas the peer needs were trimmed from the log: send the full state.
+    FullState,
+}
+
+/// A replica's state and bookkeeping.
+#[derive(Debug)]
+pub struct Replica {
+    actor: String,
+    key: SigningKey,
+    authorized: Authorized,
+    state: State,
+    limits: Limits,
+    /// Retained deltas: origin -> first counter -> (lsn, delta).
+    log: BTreeMap<String, BTreeMap<u64, (u64, Arc<VerifiedDelta>)>>,
+    log_order: VecDeque<(String, u64)>,
+    /// Per origin, the last counter of deltas trimmed from the log.
+    trimmed: BTreeMap<String, u64>,
+    pending: Vec<VerifiedDelta>,
+    changes: VecDeque<Change>,
+    lsn: u64,
+    durable_lsn: u64,
+}
+
+impl Replica {
+    /// A replica acting as `actor` (`replica-id@incarnation`) over `state`.
+    pub fn new(
+        actor: String,
+        key: SigningKey,
+        authorized: Authorized,
+        state: State,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            actor,
+            key,
+            authorized,
+            state,
+            limits,
+            log: BTreeMap::new(),
+            log_order: VecDeque::new(),
+            trimmed: BTreeMap::new(),
+            pending: Vec::new(),
+            changes: VecDeque::new(),
+            lsn: 0,
+            durable_lsn: 0,
+        }
+    }
+
+    /// This replica's actor id.
+    pub fn actor(&self) -> &str {
+        &self.actor
+    }
+
+    /// The converged state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The authorized keys.
+    pub fn authorized(&self) -> &Authorized {
+        &self.authorized
+    }
+
+    /// The signing key.
+    pub fn key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    /// The version vector.
+    pub fn version(&self) -> BTreeMap<String, u64> {
+        self.state.context().version_vector().clone()
+    }
+
+    /// Sequence number of the last applied change.
+    pub fn lsn(&self) -> u64 {
+        self.lsn
+    }
+
+    /// Sequence number of the last change known durable.
+    pub fn durable_lsn(&self) -> u64 {
+        self.durable_lsn
+    }
+
+    /// Marks every change up to `lsn` durable.
+    pub fn mark_durable(&mut self, lsn: u64) {
+        self.durable_lsn = self.durable_lsn.max(lsn.min(self.lsn));
+    }
+
+    /// Deltas waiting for predecessors.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Makes a local write: `make` builds the delta from the current state; the delta
+    /// is signed, applied and logged. `Ok(None)` when nothing changes.
+    pub fn write(
+        &mut self,
+        now_ms: u64,
+        make: impl FnOnce(&State, &str) -> Result<Option<Delta>, StateError>,
+    ) -> Result<Option<Arc<VerifiedDelta>>, StateError> {
+        let Some(delta) = make(&self.state, &self.actor)? else {
+            return Ok(None);
+        };
+        let deps = self.version();
+        let v = Arc::new(envelope::sign(&self.key, delta, deps, now_ms));
+        self.apply_verified(v.clone());
+        Ok(Some(v))
+    }
+
+    /// Receives verified deltas (from a peer or from the write-ahead log).
+    pub fn receive(&mut self, deltas: Vec<VerifiedDelta>) -> Received {
+        let mut out = Received::default();
+        for d in deltas {
+            if self.covers(&d) || self.pending.iter().any(|p| same(p, &d)) {
+                out.duplicates += 1;
+            } else if self.is_ready(&d) {
+                let d = Arc::new(d);
+                self.apply_verified(d.clone());
+                out.applied.push(d);
+                self.drain_ready(&mut out.applied);
+            } else if self.pending.len() >= self.limits.buffer {
+                out.overflow += 1;
+            } else {
+                self.pending.push(d);
+            }
+        }
+        out.buffered = self.pending.len() as u32;
+        out
+    }
+
+    /// Applies every buffered delta whose predecessors are now applied.
+    fn drain_ready(&mut self, applied: &mut Vec<Arc<VerifiedDelta>>) {
+        self.drop_covered_pending();
+        while let Some(i) = self.pending.iter().position(|d| self.is_ready(d)) {
+            let d = Arc::new(self.pending.swap_remove(i));
+            self.apply_verified(d.clone());
+            applied.push(d);
+            self.drop_covered_pending();
+        }
+    }
+
+    /// Joins a peer's whole state (anti-entropy fallback). Returns the buffered deltas
+    /// that became ready and were applied after it.
+    pub fn merge_state(&mut self, other: &State) -> Vec<Arc<VerifiedDelta>> {
+        let before = self.state.clone();
+        self.state.join(other);
+        let mut touched: Vec<(Space, String)> = Vec::new();
+        for space in [Space::Cluster, Space::Operation] {
+            let mut ids: Vec<&str> = before.ids(space);
+            ids.extend(self.state.ids(space));
+            ids.sort_unstable();
+            ids.dedup();
+            for id in ids {
+                let a: Vec<_> = before.scope(space, id, None).collect();
+                let b: Vec<_> = self.state.scope(space, id, None).collect();
+                if a != b {
+                    touched.push((space, id.to_owned()));
+                }
+            }
+        }
+        self.record_change(touched);
+        let mut applied = Vec::new();
+        self.drain_ready(&mut applied);
+        applied
+    }
+
+    /// What a peer that has `known` lacks, at most `limit` deltas, durable ones only.
+    /// `exclude` is the peer's own actor: its deltas are never sent back to it.
+    pub fn missing_for(
+        &self,
+        known: &BTreeMap<String, u64>,
+        limit: usize,
+        exclude: Option<&str>,
+    ) -> Missing {
+        let mine = self.state.context().version_vector();
+        let mut out = Vec::new();
+        for (origin, have) in mine {
+            let theirs = known.get(origin).copied().unwrap_or(0);
+            if *have <= theirs || Some(origin.as_str()) == exclude {
+                continue;
+            }
+            let retained = self.log.get(origin);
+            let first_kept = retained.and_then(|m| m.keys().next().copied());
+            if self.trimmed.get(origin).is_some_and(|t| *t > theirs)
+                || first_kept.is_none_or(|f| f > theirs + 1)
+            {
+                return Missing::FullState;
+            }
+            if let Some(m) = retained {
+                for (_, (lsn, d)) in m.range(theirs + 1..) {
+                    if *lsn > self.durable_lsn || out.len() >= limit {
+                        break;
+                    }
+                    out.push(d.clone());
+                }
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        // Causal order across origins: a receiver buffers what comes early, but sending
+        // in lsn order lets it apply most deltas at once.
+        out.sort_by_key(|d| self.lsn_of(d));
+        if out.is_empty() {
+            Missing::Nothing
+        } else {
+            Missing::Deltas(out)
+        }
+    }
+
+    /// Changes after `lsn` that are durable, oldest first; `None` when some were
+    /// trimmed (the subscriber must start over from a full snapshot).
+    pub fn changes_since(&self, lsn: u64) -> Option<Vec<Change>> {
+        if let Some(first) = self.changes.front()
+            && first.lsn > lsn + 1
+        {
+            return None;
+        }
+        if self.changes.is_empty() && lsn < self.durable_lsn {
+            return None;
+        }
+        Some(
+            self.changes
+                .iter()
+                .filter(|c| c.lsn > lsn && c.lsn <= self.durable_lsn)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Drops buffered deltas whose dots the state already has.
+    fn drop_covered_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending = pending.into_iter().filter(|p| !self.covers(p)).collect();
+    }
+
+    fn lsn_of(&self, d: &VerifiedDelta) -> u64 {
+        self.log
+            .get(&d.delta.actor)
+            .and_then(|m| m.get(&d.delta.first))
+            .map_or(u64::MAX, |(l, _)| *l)
+    }
+
+    fn covers(&self, d: &VerifiedDelta) -> bool {
+        d.delta.last() <= self.state.context().max_contiguous(&d.delta.actor)
+    }
+
+    fn is_ready(&self, d: &VerifiedDelta) -> bool {
+        let ctx = self.state.context();
+        ctx.max_contiguous(&d.delta.actor) + 1 == d.delta.first
+            && d.deps
+                .iter()
+                .all(|(a, n)| a == &d.delta.actor || ctx.max_contiguous(a) >= *n)
+    }
+
+    fn apply_verified(&mut self, d: Arc<VerifiedDelta>) {
+        self.state.apply(&d.delta);
+        let touched = d
+            .delta
+            .touches()
+            .into_iter()
+            .map(|(s, id)| (s, id.to_owned()))
+            .collect();
+        self.record_change(touched);
+        let origin = d.delta.actor.clone();
+        let first = d.delta.first;
+        self.log
+            .entry(origin.clone())
+            .or_default()
+            .insert(first, (self.lsn, d));
+        self.log_order.push_back((origin, first));
+        while self.log_order.len() > self.limits.log {
+            if let Some((o, f)) = self.log_order.pop_front()
+                && let Some(m) = self.log.get_mut(&o)
+                && let Some((_, d)) = m.remove(&f)
+            {
+                let t = self.trimmed.entry(o).or_insert(0);
+                *t = (*t).max(d.delta.last());
+            }
+        }
+    }
+
+    fn record_change(&mut self, touched: Vec<(Space, String)>) {
+        self.lsn += 1;
+        self.changes.push_back(Change {
+            lsn: self.lsn,
+            touched,
+        });
+        while self.changes.len() > self.limits.changes {
+            self.changes.pop_front();
+        }
+    }
+}
+
+fn same(a: &VerifiedDelta, b: &VerifiedDelta) -> bool {
+    a.delta.actor == b.delta.actor && a.delta.first == b.delta.first
+}
+
+#[cfg(test)]
+mod tests;
