@@ -10,6 +10,8 @@ pub mod error;
 pub mod keys;
 pub mod model;
 pub mod replica;
+pub mod storage;
+pub mod store;
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,175 @@
+//! The log writer: one thread that appends records, fsyncs once per batch (group
+//! commit) and reports the highest durable `lsn`; it also rotates segments and writes
+//! snapshots, in order with the records.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use super::{Record, frame, recover, segment_path, snapshot_path, sync_dir};
+use crate::codec;
+use crate::crdt::State;
+use crate::error::StateError;
+
+/// Records written per fsync at most.
+const MAX_BATCH: usize = 4096;
+
+/// What the writer has made durable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// Every record up to this lsn is on disk.
+    pub lsn: u64,
+    /// Set once the writer failed; no write is acknowledged after that.
+    pub error: Option<String>,
+}
+
+enum Command {
+    Append(u64, Record),
+    Snapshot(u64, Box<State>),
+}
+
+/// The sending side of the writer.
+#[derive(Debug, Clone)]
+pub struct WalHandle {
+    tx: mpsc::Sender<Command>,
+    durable: watch::Receiver<Durable>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Append(l, _) => write!(f, "Append({l})"),
+            Command::Snapshot(l, _) => write!(f, "Snapshot({l})"),
+        }
+    }
+}
+
+impl WalHandle {
+    /// Queues `record`, which was applied as change `lsn` (queue in lsn order).
+    pub fn append(&self, lsn: u64, record: Record) -> Result<(), StateError> {
+        self.tx
+            .send(Command::Append(lsn, record))
+            .map_err(|_| StateError::Unavailable("the log writer stopped".into()))
+    }
+
+    /// Queues a snapshot of `state` (the state after change `lsn`) and a new segment.
+    pub fn snapshot(&self, lsn: u64, state: State) -> Result<(), StateError> {
+        self.tx
+            .send(Command::Snapshot(lsn, Box::new(state)))
+            .map_err(|_| StateError::Unavailable("the log writer stopped".into()))
+    }
+
+    /// Waits until change `lsn` is durable.
+    pub async fn wait_durable(&self, lsn: u64) -> Result<(), StateError> {
+        let mut rx = self.durable.clone();
+        let d = rx
+            .wait_for(|d| d.lsn >= lsn || d.error.is_some())
+            .await
+            .map_err(|_| StateError::Unavailable("the log writer stopped".into()))?;
+        match &d.error {
+            Some(e) if d.lsn < lsn => Err(StateError::Unavailable(format!("write-ahead log failed: {e}"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A receiver of durability updates.
+    pub fn durable(&self) -> watch::Receiver<Durable> {
+        self.durable.clone()
+    }
+}
+
+/// Starts the writer thread appending to `segment` of `dir`; `first_lsn` is durable.
+pub fn spawn(dir: PathBuf, segment: u64, first_lsn: u64) -> Result<WalHandle, StateError> {
+    let path = segment_path(&dir, segment);
+    let file = open_segment(&path)?;
+    let (tx, rx) = mpsc::channel();
+    let (dtx, drx) = watch::channel(Durable { lsn: first_lsn, error: None });
+    std::thread::Builder::new()
+        .name("form-state-wal".into())
+        .spawn(move || run(dir, segment, file, rx, dtx))
+        .map_err(StateError::io("form-state-wal thread"))?;
+    Ok(WalHandle { tx, durable: drx })
+}
+
+fn open_segment(path: &Path) -> Result<std::fs::File, StateError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(StateError::io(path))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir).map_err(StateError::io(dir))?;
+    }
+    Ok(f)
+}
+
+fn run(dir: PathBuf, mut segment: u64, mut file: std::fs::File, rx: mpsc::Receiver<Command>, durable: watch::Sender<Durable>) {
+    let mut buf = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut lsn = durable.borrow().lsn;
+        let result = (|| -> Result<(), StateError> {
+            for cmd in batch {
+                match cmd {
+                    Command::Append(l, record) => {
+                        frame::encode_record(&record, &mut buf);
+                        lsn = l;
+                    }
+                    Command::Snapshot(l, state) => {
+                        flush(&mut file, &mut buf, &segment_path(&dir, segment))?;
+                        write_snapshot(&dir, segment, &state)?;
+                        segment += 1;
+                        file = open_segment(&segment_path(&dir, segment))?;
+                        recover::remove_compacted(&dir, segment - 1)?;
+                        metrics::counter!("form_state_snapshots_total").increment(1);
+                        lsn = lsn.max(l);
+                    }
+                }
+            }
+            flush(&mut file, &mut buf, &segment_path(&dir, segment))
+        })();
+        match result {
+            Ok(()) => {
+                durable.send_modify(|d| d.lsn = d.lsn.max(lsn));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "write-ahead log failed; no further write is acknowledged");
+                durable.send_modify(|d| d.error = Some(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+fn flush(file: &mut std::fs::File, buf: &mut Vec<u8>, path: &Path) -> Result<(), StateError> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    file.write_all(buf).map_err(StateError::io(path))?;
+    let started = Instant::now();
+    file.sync_data().map_err(StateError::io(path))?;
+    metrics::histogram!("form_state_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("form_state_wal_bytes_total").increment(buf.len() as u64);
+    buf.clear();
+    Ok(())
+}
+
+fn write_snapshot(dir: &Path, segment: u64, state: &State) -> Result<(), StateError> {
+    let path = snapshot_path(dir, segment);
+    let tmp = path.with_extension("tmp");
+    let bytes = frame::encode_snapshot(segment, &codec::encode_state(state));
+    let mut f = std::fs::File::create(&tmp).map_err(StateError::io(&tmp))?;
+    f.write_all(&bytes).map_err(StateError::io(&tmp))?;
+    f.sync_all().map_err(StateError::io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(StateError::io(&path))?;
+    sync_dir(dir).map_err(StateError::io(dir))
+}
