@@ -80,7 +80,8 @@ pub struct LaunchSpec {
     pub args: Vec<OsString>,
     /// Extra environment variables.
     pub env: Vec<(OsString, OsString)>,
-    /// Directory for the ready file and the log (`<name>.log`, stdout and stderr).
+    /// Directory for the ready file and the log (`<name>.log`, stdout and stderr); the
+    /// child's working directory.
     pub run_dir: PathBuf,
     /// How long the child may take to become ready.
     pub ready_timeout: Duration,
@@ -133,11 +134,14 @@ pub struct ChildService {
 impl ChildService {
     /// Starts the binary and waits for its ready file.
     pub async fn start(spec: LaunchSpec) -> Result<Self, ChildError> {
+        let name = spec.name.clone();
         let io = |source| ChildError::Io {
-            name: spec.name.clone(),
+            name: name.clone(),
             source,
         };
         std::fs::create_dir_all(&spec.run_dir).map_err(io)?;
+        let run_dir = std::fs::canonicalize(&spec.run_dir).map_err(io)?;
+        let spec = LaunchSpec { run_dir, ..spec };
         let ready_file = spec.run_dir.join(format!("{}.ready.json", spec.name));
         let log = spec.run_dir.join(format!("{}.log", spec.name));
         drop(std::fs::remove_file(&ready_file));
@@ -151,6 +155,8 @@ impl ChildService {
             // Its own process group: a Ctrl-C in the supervisor's terminal reaches only
             // the supervisor, which then stops its children in order.
             .process_group(0)
+            // Relative paths the child uses by default land in its run directory.
+            .current_dir(&spec.run_dir)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

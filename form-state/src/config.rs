@@ -8,6 +8,19 @@ use form_runtime::ConfigError;
 use form_runtime::addr::HostPort;
 use form_runtime::cli::CommonArgs;
 use form_runtime::config::ServiceConfig;
+
+use crate::gossip::ReplicationPolicy;
+
+/// `--replication` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyArg {
+    /// DeltaSync.
+    Delta,
+    /// FullSync.
+    Full,
+    /// PrioritizedSync.
+    Prioritized,
+}
 use serde::{Deserialize, Serialize};
 
 /// Configuration (TOML keys are the field names; every key is optional).
@@ -22,6 +35,27 @@ pub struct Config {
     pub peers: Vec<HostPort>,
     /// Directory of this replica's write-ahead log, snapshots and key.
     pub data_dir: PathBuf,
+    /// This replica's id; the authorized keys file binds it to the node key.
+    pub replica_id: String,
+    /// The Ed25519 node key file (created on first start); default `<data_dir>/node.key`.
+    pub node_key: Option<PathBuf>,
+    /// File of `<replica-id> <public key hex>` lines: the replicas whose deltas are
+    /// accepted. Without it, only this replica's own key is accepted.
+    pub authorized_keys: Option<PathBuf>,
+    /// Milliseconds between delta pushes to each peer.
+    pub sync_interval_ms: u64,
+    /// Milliseconds between anti-entropy rounds with each peer.
+    pub anti_entropy_interval_ms: u64,
+    /// Most deltas per gossip message.
+    pub batch_size: usize,
+    /// How replicas exchange state.
+    pub replication: ReplicationPolicy,
+    /// Log records between snapshots (compaction).
+    pub snapshot_every: u64,
+    /// Deltas held while waiting for their predecessors.
+    pub buffer_limit: usize,
+    /// Deltas kept in memory for gossip.
+    pub delta_log_limit: usize,
 }
 
 impl Default for Config {
@@ -31,6 +65,16 @@ impl Default for Config {
             metrics_listen: Self::DEFAULT_METRICS_LISTEN,
             peers: Vec::new(),
             data_dir: PathBuf::from("form-state-data"),
+            replica_id: "state-1".to_owned(),
+            node_key: None,
+            authorized_keys: None,
+            sync_interval_ms: 100,
+            anti_entropy_interval_ms: 1000,
+            batch_size: 256,
+            replication: ReplicationPolicy::DeltaSync,
+            snapshot_every: 10_000,
+            buffer_limit: 10_000,
+            delta_log_limit: 100_000,
         }
     }
 }
@@ -56,6 +100,35 @@ impl ServiceConfig for Config {
                 "must not be empty; expected a directory path",
             ));
         }
+        crate::model::validate::id("replica_id", &self.replica_id)
+            .map_err(|e| ConfigError::invalid("--replica-id", e.to_string()))?;
+        let ranges: [(&str, u64, u64, u64); 5] = [
+            ("--sync-interval-ms", self.sync_interval_ms, 1, 60_000),
+            (
+                "--anti-entropy-interval-ms",
+                self.anti_entropy_interval_ms,
+                10,
+                3_600_000,
+            ),
+            ("--batch-size", self.batch_size as u64, 1, 100_000),
+            ("--snapshot-every", self.snapshot_every, 1, u64::MAX),
+            ("--buffer-limit", self.buffer_limit as u64, 1, 10_000_000),
+        ];
+        for (flag, v, lo, hi) in ranges {
+            if v < lo || v > hi {
+                return Err(ConfigError::invalid(
+                    flag,
+                    format!("{v} is out of range; expected {lo}-{hi}"),
+                ));
+            }
+        }
+        if let ReplicationPolicy::PrioritizedSync {
+            high_priority_fields,
+        } = &self.replication
+        {
+            crate::gossip::high_priority_fields(high_priority_fields)
+                .map_err(|e| ConfigError::invalid("--high-priority-fields", e))?;
+        }
         Ok(())
     }
 }
@@ -77,9 +150,76 @@ pub struct Args {
     #[arg(long, value_name = "DIR", env = "FORM_STATE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
+    /// This replica's id, as the authorized keys file names it [default: state-1]
+    #[arg(long, value_name = "ID", env = "FORM_STATE_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// Ed25519 node key file, created on first start [default: <data-dir>/node.key]
+    #[arg(long, value_name = "FILE", env = "FORM_STATE_NODE_KEY")]
+    pub node_key: Option<PathBuf>,
+
+    /// File of '<replica-id> <public key hex>' lines: replicas whose deltas are accepted
+    /// (without it, only this replica's own)
+    #[arg(long, value_name = "FILE", env = "FORM_STATE_AUTHORIZED_KEYS")]
+    pub authorized_keys: Option<PathBuf>,
+
+    /// Milliseconds between delta pushes to each peer [default: 100]
+    #[arg(long, value_name = "MS", env = "FORM_STATE_SYNC_INTERVAL_MS")]
+    pub sync_interval_ms: Option<u64>,
+
+    /// Milliseconds between anti-entropy rounds with each peer [default: 1000]
+    #[arg(long, value_name = "MS", env = "FORM_STATE_ANTI_ENTROPY_INTERVAL_MS")]
+    pub anti_entropy_interval_ms: Option<u64>,
+
+    /// Most deltas per gossip message [default: 256]
+    #[arg(long, value_name = "N", env = "FORM_STATE_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+
+    /// Replication policy: delta (push deltas), full (push the whole state), prioritized
+    /// (deltas, high-priority fields pushed at once) [default: delta]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "POLICY",
+        env = "FORM_STATE_REPLICATION"
+    )]
+    pub replication: Option<PolicyArg>,
+
+    /// Field groups pushed at once with --replication prioritized: members, health,
+    /// heartbeats, operations, clusters [default: members,health]
+    #[arg(
+        long,
+        value_name = "GROUP,...",
+        env = "FORM_STATE_HIGH_PRIORITY_FIELDS",
+        value_delimiter = ','
+    )]
+    pub high_priority_fields: Option<Vec<String>>,
+
+    /// Log records between snapshots [default: 10000]
+    #[arg(long, value_name = "N", env = "FORM_STATE_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+
+    /// Deltas held while waiting for their predecessors [default: 10000]
+    #[arg(long, value_name = "N", env = "FORM_STATE_BUFFER_LIMIT")]
+    pub buffer_limit: Option<usize>,
+
+    /// Print '<replica-id> <public key hex>' for the authorized keys file (creating the
+    /// node key if missing) and exit
+    #[arg(long)]
+    pub print_public_key: bool,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+impl Config {
+    /// The node key file.
+    pub fn node_key_path(&self) -> PathBuf {
+        self.node_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("node.key"))
+    }
 }
 
 impl Args {
@@ -91,6 +231,50 @@ impl Args {
             }
             if let Some(v) = self.data_dir {
                 c.data_dir = v;
+            }
+            if let Some(v) = self.replica_id {
+                c.replica_id = v;
+            }
+            if let Some(v) = self.node_key {
+                c.node_key = Some(v);
+            }
+            if let Some(v) = self.authorized_keys {
+                c.authorized_keys = Some(v);
+            }
+            if let Some(v) = self.sync_interval_ms {
+                c.sync_interval_ms = v;
+            }
+            if let Some(v) = self.anti_entropy_interval_ms {
+                c.anti_entropy_interval_ms = v;
+            }
+            if let Some(v) = self.batch_size {
+                c.batch_size = v;
+            }
+            if let Some(v) = self.snapshot_every {
+                c.snapshot_every = v;
+            }
+            if let Some(v) = self.buffer_limit {
+                c.buffer_limit = v;
+            }
+            let fields = self.high_priority_fields;
+            match (self.replication, fields) {
+                (Some(PolicyArg::Delta), _) => c.replication = ReplicationPolicy::DeltaSync,
+                (Some(PolicyArg::Full), _) => c.replication = ReplicationPolicy::FullSync,
+                (Some(PolicyArg::Prioritized), f) => {
+                    c.replication = ReplicationPolicy::PrioritizedSync {
+                        high_priority_fields: f
+                            .unwrap_or_else(|| vec!["members".into(), "health".into()]),
+                    }
+                }
+                (None, Some(f)) => {
+                    if let ReplicationPolicy::PrioritizedSync {
+                        high_priority_fields,
+                    } = &mut c.replication
+                    {
+                        *high_priority_fields = f;
+                    }
+                }
+                (None, None) => {}
             }
         })?;
         Ok((config, self.common))

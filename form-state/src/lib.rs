@@ -7,21 +7,80 @@ pub mod config;
 pub mod crdt;
 pub mod envelope;
 pub mod error;
+pub mod gossip;
 pub mod keys;
 pub mod model;
 pub mod replica;
+pub mod service;
 pub mod storage;
 pub mod store;
+pub mod watch;
 
 use std::net::SocketAddr;
 
 use form_runtime::cli::CommonArgs;
 use form_runtime::grpc::{GRPC_LISTENER, GrpcServer};
 use form_runtime::service::{METRICS_LISTENER, RunContext, Service};
-use form_runtime::upstream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use form_proto::state::v1::gossip_service_server::GossipServiceServer;
+use form_proto::state::v1::state_service_server::StateServiceServer;
 use form_runtime::{ConfigError, RuntimeError};
 
 pub use config::{Args, Config};
+
+use crate::gossip::{GossipApi, ReplicationPolicy};
+use crate::replica::Limits;
+use crate::service::StateApi;
+use crate::store::{Store, StoreConfig};
+
+/// The store settings of a replica's configuration.
+pub fn store_config(c: &Config) -> StoreConfig {
+    StoreConfig {
+        replica_id: c.replica_id.clone(),
+        data_dir: c.data_dir.clone(),
+        node_key: c.node_key_path(),
+        authorized_keys: c.authorized_keys.clone(),
+        snapshot_every: c.snapshot_every,
+        limits: Limits {
+            buffer: c.buffer_limit,
+            log: c.delta_log_limit,
+            ..Limits::default()
+        },
+    }
+}
+
+/// `form-state --print-public-key`: prints `<replica-id> <public key hex>`, creating
+/// the node key if it is missing.
+pub fn print_public_key() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let args: Args = match form_runtime::cli::parse() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let (config, _) = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            form_runtime::cli::usage_error(&e.to_string());
+            return ExitCode::from(form_runtime::cli::EXIT_USAGE);
+        }
+    };
+    match keys::load_or_create_node_key(&config.node_key_path()) {
+        Ok(k) => {
+            println!(
+                "{} {}",
+                config.replica_id,
+                keys::hex(k.verifying_key().as_bytes())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("form-state: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// A form-state replica.
 #[derive(Debug)]
@@ -54,7 +113,48 @@ impl Service for StateReplica {
     }
 
     async fn run(self, ctx: RunContext) -> Result<(), RuntimeError> {
-        let peers = upstream::from_config(&[("peers", &self.config.peers)])?;
-        form_runtime::grpc::run(ctx, GrpcServer::new(), &peers).await
+        let c = &self.config;
+        let store =
+            Store::open(&store_config(c)).map_err(|e| RuntimeError::Service(e.to_string()))?;
+        let peers = Arc::new(gossip::Peers::default());
+        let urgent = Arc::new(tokio::sync::Notify::new());
+        if let ReplicationPolicy::PrioritizedSync {
+            high_priority_fields,
+        } = &c.replication
+        {
+            let fields = gossip::high_priority_fields(high_priority_fields)
+                .map_err(RuntimeError::Service)?;
+            store.set_urgent(urgent.clone(), fields);
+        }
+        let gossip_config = gossip::GossipConfig {
+            peers: c.peers.clone(),
+            sync_interval: Duration::from_millis(c.sync_interval_ms),
+            anti_entropy_interval: Duration::from_millis(c.anti_entropy_interval_ms),
+            batch_size: c.batch_size,
+            policy: c.replication.clone(),
+        };
+        if c.peers.is_empty() {
+            tracing::warn!("no --peers given: this replica replicates to nobody");
+        }
+        let gossip_task = tokio::spawn(gossip::run(
+            store.clone(),
+            peers.clone(),
+            gossip_config,
+            urgent,
+            ctx.shutdown.clone(),
+        ));
+        let server = GrpcServer::new()
+            .add_service(
+                StateServiceServer::new(StateApi::new(store.clone()))
+                    .max_decoding_message_size(gossip::MAX_MESSAGE),
+            )
+            .add_service(
+                GossipServiceServer::new(GossipApi::new(store, peers, c.batch_size))
+                    .max_decoding_message_size(gossip::MAX_MESSAGE)
+                    .max_encoding_message_size(gossip::MAX_MESSAGE),
+            );
+        let served = form_runtime::grpc::run(ctx, server, &[]).await;
+        gossip_task.abort();
+        served
     }
 }

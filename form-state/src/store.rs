@@ -12,7 +12,7 @@ use prost::Message;
 use tokio::sync::watch;
 
 use crate::codec;
-use crate::crdt::{Delta, State};
+use crate::crdt::{Delta, Field, State};
 use crate::envelope::{Authorized, VerifiedDelta};
 use crate::error::StateError;
 use crate::replica::{Limits, Received, Replica};
@@ -61,6 +61,7 @@ pub struct Store {
     durable: watch::Sender<u64>,
     snapshot_every: u64,
     since_snapshot: Mutex<u64>,
+    urgent: Mutex<Option<(Arc<tokio::sync::Notify>, Vec<Field>)>>,
 }
 
 impl Store {
@@ -92,8 +93,10 @@ impl Store {
             };
             match record {
                 Record::Delta(bytes) => {
-                    let signed = pb::SignedDelta::decode(bytes.as_slice()).map_err(|e| bad(e.to_string()))?;
-                    let v = Authorized::decode_trusted(Arc::new(signed)).map_err(|e| bad(e.to_string()))?;
+                    let signed = pb::SignedDelta::decode(bytes.as_slice())
+                        .map_err(|e| bad(e.to_string()))?;
+                    let v = Authorized::decode_trusted(Arc::new(signed))
+                        .map_err(|e| bad(e.to_string()))?;
                     replica.receive(vec![v]);
                 }
                 Record::FullState(bytes) => {
@@ -119,6 +122,7 @@ impl Store {
             durable,
             snapshot_every: config.snapshot_every.max(1),
             since_snapshot: Mutex::new(replayed as u64),
+            urgent: Mutex::new(None),
         });
         store.spawn_durability_follower();
         Ok(store)
@@ -139,7 +143,9 @@ impl Store {
 
     /// The replica, locked. Keep the guard short.
     pub fn lock(&self) -> MutexGuard<'_, Replica> {
-        self.replica.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.replica
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Durable lsn updates (for `Watch` and gossip).
@@ -147,21 +153,47 @@ impl Store {
         self.durable.subscribe()
     }
 
+    /// Wakes `notify` after every local write to one of `fields` (PrioritizedSync).
+    pub fn set_urgent(&self, notify: Arc<tokio::sync::Notify>, fields: Vec<Field>) {
+        *self
+            .urgent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((notify, fields));
+    }
+
     /// A local write; returns once it is durable.
     pub async fn write(
         &self,
         make: impl FnOnce(&State, &str) -> Result<Option<Delta>, StateError>,
     ) -> Result<Written, StateError> {
-        let (lsn, version) = {
+        let urgent = self
+            .urgent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let (lsn, version, wake) = {
             let mut r = self.lock();
             let made = r.write(now_ms(), make)?;
+            let mut wake = None;
             if let Some(d) = made {
+                if let Some((notify, fields)) = &urgent
+                    && d.delta
+                        .writes
+                        .iter()
+                        .any(|(k, _)| fields.contains(&k.field))
+                {
+                    wake = Some(notify.clone());
+                }
                 self.log(&mut r, vec![d])?;
                 metrics::counter!("form_state_local_writes_total").increment(1);
             }
-            (r.lsn(), r.version())
+            (r.lsn(), r.version(), wake)
         };
         self.wal.wait_durable(lsn).await?;
+        self.lock().mark_durable(lsn);
+        if let Some(n) = wake {
+            n.notify_one();
+        }
         Ok(Written { version, lsn })
     }
 
@@ -179,22 +211,33 @@ impl Store {
     pub fn merge_state(&self, state: &State) -> Result<(), StateError> {
         let mut r = self.lock();
         let applied = r.merge_state(state);
-        self.wal.append(r.lsn() - applied.len() as u64, Record::FullState(codec::encode_state(state)))?;
+        self.wal.append(
+            r.lsn() - applied.len() as u64,
+            Record::FullState(codec::encode_state(state)),
+        )?;
         self.log(&mut r, applied)?;
         metrics::counter!("form_state_full_state_merges_total").increment(1);
         Ok(())
     }
 
-    fn log(&self, r: &mut MutexGuard<'_, Replica>, applied: Vec<Arc<VerifiedDelta>>) -> Result<(), StateError> {
+    fn log(
+        &self,
+        r: &mut MutexGuard<'_, Replica>,
+        applied: Vec<Arc<VerifiedDelta>>,
+    ) -> Result<(), StateError> {
         if applied.is_empty() {
             return Ok(());
         }
         let first = r.lsn() + 1 - applied.len() as u64;
         for (i, d) in applied.iter().enumerate() {
-            self.wal.append(first + i as u64, Record::Delta(d.signed.encode_to_vec()))?;
+            self.wal
+                .append(first + i as u64, Record::Delta(d.signed.encode_to_vec()))?;
         }
         metrics::gauge!("form_state_entries").set(r.state().entry_count() as f64);
-        let mut since = self.since_snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut since = self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *since += applied.len() as u64;
         if *since >= self.snapshot_every {
             *since = 0;
@@ -208,9 +251,15 @@ fn incarnation(dir: &Path) -> Result<String, StateError> {
     let path = dir.join("incarnation");
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
-        Ok(_) => Err(StateError::Storage { path, message: "empty; expected a hex incarnation id".into() }),
+        Ok(_) => Err(StateError::Storage {
+            path,
+            message: "empty; expected a hex incarnation id".into(),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = format!("{:08x}", (now_ms() as u32) ^ std::process::id().rotate_left(16));
+            let id = format!(
+                "{:08x}",
+                (now_ms() as u32) ^ std::process::id().rotate_left(16)
+            );
             std::fs::write(&path, format!("{id}\n")).map_err(StateError::io(&path))?;
             crate::storage::sync_dir(dir).map_err(StateError::io(dir))?;
             Ok(id)
@@ -223,7 +272,9 @@ fn authorized(config: &StoreConfig, key: &SigningKey) -> Result<Authorized, Stat
     let mut keys = match &config.authorized_keys {
         Some(p) => crate::keys::load_authorized(p)?,
         None => {
-            tracing::warn!("no --authorized-keys: only this replica's own key is accepted, so it replicates with nobody");
+            tracing::warn!(
+                "no --authorized-keys: only this replica's own key is accepted, so it replicates with nobody"
+            );
             Default::default()
         }
     };

@@ -68,7 +68,10 @@ pub fn read_record(buf: &[u8], at: usize) -> Read {
         return Read::Corrupt("bad magic (not a record)".into());
     }
     if rest[4] != VERSION {
-        return Read::Corrupt(format!("record format version {}; this build reads version {VERSION}", rest[4]));
+        return Read::Corrupt(format!(
+            "record format version {}; this build reads version {VERSION}",
+            rest[4]
+        ));
     }
     let kind = rest[5];
     let len = u32::from_le_bytes([rest[6], rest[7], rest[8], rest[9]]) as usize;
@@ -78,7 +81,10 @@ pub fn read_record(buf: &[u8], at: usize) -> Read {
     }
     let end = RECORD_HEADER + len;
     if rest.len() < end {
-        return Read::Torn(format!("record of {len} bytes cut at {}", rest.len() - RECORD_HEADER));
+        return Read::Torn(format!(
+            "record of {len} bytes cut at {}",
+            rest.len() - RECORD_HEADER
+        ));
     }
     let payload = &rest[RECORD_HEADER..end];
     let mut h = crc32fast::Hasher::new();
@@ -87,7 +93,11 @@ pub fn read_record(buf: &[u8], at: usize) -> Read {
     if h.finalize() != crc {
         let msg = "checksum mismatch".to_owned();
         // The last record of the input with a bad checksum is a write cut short.
-        return if rest.len() == end { Read::Torn(msg) } else { Read::Corrupt(msg) };
+        return if rest.len() == end {
+            Read::Torn(msg)
+        } else {
+            Read::Corrupt(msg)
+        };
     }
     let record = match kind {
         1 => Record::Delta(payload.to_vec()),
@@ -112,13 +122,19 @@ pub fn encode_snapshot(segment: u64, payload: &[u8]) -> Vec<u8> {
 /// The segment and payload of a framed snapshot, or what is wrong with it.
 pub fn decode_snapshot(buf: &[u8]) -> Result<(u64, &[u8]), String> {
     if buf.len() < SNAPSHOT_HEADER {
-        return Err(format!("truncated: {} bytes, the header alone is {SNAPSHOT_HEADER}", buf.len()));
+        return Err(format!(
+            "truncated: {} bytes, the header alone is {SNAPSHOT_HEADER}",
+            buf.len()
+        ));
     }
     if &buf[..4] != SNAPSHOT_MAGIC {
         return Err("bad magic (not a snapshot)".into());
     }
     if buf[4] != VERSION {
-        return Err(format!("snapshot format version {}; this build reads version {VERSION}", buf[4]));
+        return Err(format!(
+            "snapshot format version {}; this build reads version {VERSION}",
+            buf[4]
+        ));
     }
     let u64_at = |i: usize| {
         let mut b = [0u8; 8];
@@ -130,10 +146,16 @@ pub fn decode_snapshot(buf: &[u8]) -> Result<(u64, &[u8]), String> {
     let crc = u32::from_le_bytes([buf[21], buf[22], buf[23], buf[24]]);
     let payload = &buf[SNAPSHOT_HEADER..];
     if payload.len() != len {
-        return Err(format!("truncated at offset {}: expected {len} payload bytes, found {}", buf.len(), payload.len()));
+        return Err(format!(
+            "truncated at offset {}: expected {len} payload bytes, found {}",
+            buf.len(),
+            payload.len()
+        ));
     }
     if crc32fast::hash(payload) != crc {
-        return Err(format!("checksum mismatch in the payload at offset {SNAPSHOT_HEADER}"));
+        return Err(format!(
+            "checksum mismatch in the payload at offset {SNAPSHOT_HEADER}"
+        ));
     }
     Ok((segment, payload))
 }
@@ -152,9 +174,13 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let buf = two_records();
-        let Read::Record(a, next) = read_record(&buf, 0) else { panic!("first") };
+        let Read::Record(a, next) = read_record(&buf, 0) else {
+            panic!("first")
+        };
         assert_eq!(a, Record::Delta(b"one".to_vec()));
-        let Read::Record(b, end) = read_record(&buf, next) else { panic!("second") };
+        let Read::Record(b, end) = read_record(&buf, next) else {
+            panic!("second")
+        };
         assert_eq!(b, Record::FullState(b"two".to_vec()));
         assert_eq!(read_record(&buf, end), Read::End);
     }
@@ -164,7 +190,10 @@ mod tests {
         let buf = two_records();
         let first_len = RECORD_HEADER + 3;
         for cut in first_len + 1..buf.len() {
-            assert!(matches!(read_record(&buf[..cut], first_len), Read::Torn(_)), "cut at {cut}");
+            assert!(
+                matches!(read_record(&buf[..cut], first_len), Read::Torn(_)),
+                "cut at {cut}"
+            );
         }
         let mut flipped = buf.clone();
         flipped[RECORD_HEADER + 1] ^= 0xff; // inside the first payload
@@ -182,13 +211,25 @@ mod tests {
     fn snapshots_detect_truncation_corruption_and_future_versions() {
         let snap = encode_snapshot(7, b"state bytes");
         assert_eq!(decode_snapshot(&snap), Ok((7, &b"state bytes"[..])));
-        assert!(decode_snapshot(&snap[..snap.len() - 2]).expect_err("truncated").contains("truncated"));
+        assert!(
+            decode_snapshot(&snap[..snap.len() - 2])
+                .expect_err("truncated")
+                .contains("truncated")
+        );
         let mut bad = snap.clone();
         let n = bad.len() - 1;
         bad[n] ^= 1;
-        assert!(decode_snapshot(&bad).expect_err("corrupt").contains("checksum"));
+        assert!(
+            decode_snapshot(&bad)
+                .expect_err("corrupt")
+                .contains("checksum")
+        );
         let mut future = snap;
         future[4] = 2;
-        assert!(decode_snapshot(&future).expect_err("future").contains("version 2"));
+        assert!(
+            decode_snapshot(&future)
+                .expect_err("future")
+                .contains("version 2")
+        );
     }
 }

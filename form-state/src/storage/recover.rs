@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::frame::{self, Read};
 use super::Record;
+use super::frame::{self, Read};
 use crate::error::StateError;
 
 /// What the data directory held.
@@ -52,10 +52,11 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
     let mut out = Recovered::default();
     if let Some((n, path)) = numbered(dir, "snapshot-", ".bin")?.pop() {
         let bytes = std::fs::read(&path).map_err(StateError::io(&path))?;
-        let (segment, payload) = frame::decode_snapshot(&bytes).map_err(|message| StateError::Storage {
-            path: path.clone(),
-            message,
-        })?;
+        let (segment, payload) =
+            frame::decode_snapshot(&bytes).map_err(|message| StateError::Storage {
+                path: path.clone(),
+                message,
+            })?;
         if segment != n {
             return Err(StateError::Storage {
                 path,
@@ -84,7 +85,10 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
                 Read::End => break,
                 Read::Torn(why) if Some(*n) == last => {
                     tracing::warn!(file = %path.display(), offset = at, reason = %why, "dropping a torn last record");
-                    let f = std::fs::OpenOptions::new().write(true).open(path).map_err(StateError::io(path))?;
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .map_err(StateError::io(path))?;
                     f.set_len(at as u64).map_err(StateError::io(path))?;
                     f.sync_all().map_err(StateError::io(path))?;
                     out.torn = Some((path.clone(), at, why));
@@ -93,7 +97,9 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
                 Read::Torn(why) | Read::Corrupt(why) => {
                     return Err(StateError::Storage {
                         path: path.clone(),
-                        message: format!("offset {at}: {why}; refusing to start (the data after it would be lost)"),
+                        message: format!(
+                            "offset {at}: {why}; refusing to start (the data after it would be lost)"
+                        ),
                     });
                 }
             }

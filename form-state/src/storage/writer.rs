@@ -70,7 +70,9 @@ impl WalHandle {
             .await
             .map_err(|_| StateError::Unavailable("the log writer stopped".into()))?;
         match &d.error {
-            Some(e) if d.lsn < lsn => Err(StateError::Unavailable(format!("write-ahead log failed: {e}"))),
+            Some(e) if d.lsn < lsn => Err(StateError::Unavailable(format!(
+                "write-ahead log failed: {e}"
+            ))),
             _ => Ok(()),
         }
     }
@@ -86,7 +88,10 @@ pub fn spawn(dir: PathBuf, segment: u64, first_lsn: u64) -> Result<WalHandle, St
     let path = segment_path(&dir, segment);
     let file = open_segment(&path)?;
     let (tx, rx) = mpsc::channel();
-    let (dtx, drx) = watch::channel(Durable { lsn: first_lsn, error: None });
+    let (dtx, drx) = watch::channel(Durable {
+        lsn: first_lsn,
+        error: None,
+    });
     std::thread::Builder::new()
         .name("form-state-wal".into())
         .spawn(move || run(dir, segment, file, rx, dtx))
@@ -106,7 +111,13 @@ fn open_segment(path: &Path) -> Result<std::fs::File, StateError> {
     Ok(f)
 }
 
-fn run(dir: PathBuf, mut segment: u64, mut file: std::fs::File, rx: mpsc::Receiver<Command>, durable: watch::Sender<Durable>) {
+fn run(
+    dir: PathBuf,
+    mut segment: u64,
+    mut file: std::fs::File,
+    rx: mpsc::Receiver<Command>,
+    durable: watch::Sender<Durable>,
+) {
     let mut buf = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];

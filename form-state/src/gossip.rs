@@ -1,0 +1,459 @@
+//! Replication between replicas: the `GossipService` server and the loop that pushes
+//! deltas to each peer and runs anti-entropy with it.
+//!
+//! Every `sync_interval` the replica pushes to each peer the durable deltas the peer
+//! lacks (per the version vector it last reported), at most `batch_size` per message,
+//! never the peer's own deltas; when the deltas it needs were trimmed, the full state
+//! instead. Every `anti_entropy_interval` it sends its version vector to each peer and
+//! takes what it lacks. A peer seen for the first time starts with anti-entropy, so a
+//! restarted replica is not flooded with what it already has. See docs/gossip.md.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::{Signature, Signer, Verifier};
+use form_proto::state::v1 as pb;
+use form_proto::state::v1::gossip_service_client::GossipServiceClient;
+use form_proto::state::v1::gossip_service_server::GossipService;
+use form_runtime::addr::HostPort;
+use form_runtime::shutdown::Shutdown;
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::codec;
+use crate::crdt::State;
+use crate::error::StateError;
+use crate::replica::Missing;
+use crate::store::Store;
+
+/// How replicas exchange state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum ReplicationPolicy {
+    /// Push deltas; full state only when needed deltas were compacted away.
+    DeltaSync,
+    /// Push the whole state every interval (simple, costly; for comparison).
+    FullSync,
+    /// Like `DeltaSync`, but a write touching a high-priority field is pushed at once
+    /// instead of at the next interval.
+    PrioritizedSync {
+        /// Field groups pushed at once: `members`, `health`, `heartbeats`, `operations`, `clusters`.
+        high_priority_fields: Vec<String>,
+    },
+}
+
+/// The fields of the high-priority groups named in `groups`.
+pub fn high_priority_fields(groups: &[String]) -> Result<Vec<crate::crdt::Field>, String> {
+    use crate::crdt::Field as F;
+    let mut out = Vec::new();
+    for g in groups {
+        out.extend_from_slice(match g.as_str() {
+            "members" => &[F::MemberPresence, F::NodeId, F::Addresses, F::MemberStatus, F::Generation, F::MemberResources][..],
+            "health" => &[F::Health, F::HeartbeatsSkipped][..],
+            "heartbeats" => &[F::Heartbeat][..],
+            "operations" => &[F::OperationBody, F::OperationStatus][..],
+            "clusters" => &[F::ClusterPresence, F::Domain, F::Workload, F::Policy, F::Template, F::Affinity, F::ClusterResources][..],
+            other => {
+                return Err(format!(
+                    "'{other}' is not a field group; expected members, health, heartbeats, operations or clusters"
+                ));
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Gossip settings.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    /// Peers' gRPC addresses.
+    pub peers: Vec<HostPort>,
+    /// Push interval.
+    pub sync_interval: Duration,
+    /// Anti-entropy interval.
+    pub anti_entropy_interval: Duration,
+    /// Most deltas per message.
+    pub batch_size: usize,
+    /// Policy.
+    pub policy: ReplicationPolicy,
+}
+
+/// Time a gossip call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest gossip message accepted or sent (a full state can be large).
+pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// What this replica knows of one peer.
+#[derive(Debug, Default, Clone)]
+struct PeerView {
+    actor: Option<String>,
+    known: BTreeMap<String, u64>,
+    contacted: bool,
+}
+
+/// Per-peer knowledge shared by the server (which learns from incoming pushes) and
+/// the loop (which learns from replies).
+#[derive(Debug, Default)]
+pub struct Peers {
+    by_addr: Mutex<BTreeMap<String, PeerView>>,
+}
+
+impl Peers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PeerView>> {
+        self.by_addr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A peer with `actor` holds these deltas (it sent them): never send them back.
+    fn learned_from(&self, actor: &str, deltas: &[crate::envelope::VerifiedDelta]) {
+        let mut peers = self.lock();
+        for view in peers
+            .values_mut()
+            .filter(|v| v.actor.as_deref() == Some(actor))
+        {
+            for d in deltas {
+                for (a, n) in d.deps.iter().chain([(&d.delta.actor, &d.delta.last())]) {
+                    let e = view.known.entry(a.clone()).or_insert(0);
+                    *e = (*e).max(*n);
+                }
+            }
+        }
+    }
+}
+
+fn vv(m: &BTreeMap<String, u64>) -> pb::VersionVector {
+    pb::VersionVector {
+        entries: m.clone().into_iter().collect(),
+    }
+}
+
+fn from_vv(v: Option<pb::VersionVector>) -> BTreeMap<String, u64> {
+    v.map(|v| v.entries.into_iter().collect())
+        .unwrap_or_default()
+}
+
+fn sign_state(store: &Store) -> pb::SignedFullState {
+    let r = store.lock();
+    let state = codec::encode_state(r.state());
+    let version = vv(&r.version());
+    let mut msg = state.clone();
+    msg.extend(version.encode_to_vec());
+    pb::SignedFullState {
+        signature: r.key().sign(&msg).to_bytes().to_vec(),
+        public_key: r.key().verifying_key().to_bytes().to_vec(),
+        origin_id: r.actor().to_owned(),
+        state,
+        version: Some(version),
+    }
+}
+
+fn open_state(store: &Store, s: &pb::SignedFullState) -> Result<State, StateError> {
+    let vk = store
+        .lock()
+        .authorized()
+        .check_key(&s.origin_id, &s.public_key)?;
+    let reject = |reason, message: String| StateError::Rejected {
+        reason,
+        origin: s.origin_id.clone(),
+        message,
+    };
+    let sig =
+        Signature::from_slice(&s.signature).map_err(|e| reject("malformed", e.to_string()))?;
+    let mut msg = s.state.clone();
+    msg.extend(s.version.clone().unwrap_or_default().encode_to_vec());
+    vk.verify(&msg, &sig)
+        .map_err(|e| reject("bad_signature", e.to_string()))?;
+    codec::decode_state(&s.state).map_err(|e| reject("malformed", e.to_string()))
+}
+
+fn count_rejection(e: &StateError) {
+    if let StateError::Rejected {
+        reason,
+        origin,
+        message,
+    } = e
+    {
+        tracing::warn!(reason, origin, message, "rejected a delta");
+        metrics::counter!("form_state_rejected_deltas_total", "reason" => *reason).increment(1);
+    }
+}
+
+/// Verifies signed deltas and applies the good ones; returns the ack counts.
+fn take_deltas(
+    store: &Store,
+    signed: Vec<pb::SignedDelta>,
+) -> Result<(Vec<crate::envelope::VerifiedDelta>, pb::PushAck), StateError> {
+    let results = store
+        .lock()
+        .authorized()
+        .clone()
+        .verify_batch(signed.into_iter().map(Arc::new).collect());
+    let mut good = Vec::new();
+    let mut rejected = 0;
+    for r in results {
+        match r {
+            Ok(v) => good.push(v),
+            Err(e) => {
+                count_rejection(&e);
+                rejected += 1;
+            }
+        }
+    }
+    metrics::counter!("form_state_deltas_received_total").increment(good.len() as u64);
+    let received = store.receive(good.clone())?;
+    if received.overflow > 0 {
+        tracing::warn!(
+            overflow = received.overflow,
+            "delta buffer full; anti-entropy will fetch the rest in order"
+        );
+    }
+    let r = store.lock();
+    Ok((
+        good,
+        pb::PushAck {
+            version: Some(vv(&r.version())),
+            applied: received.applied.len() as u32,
+            buffered: received.buffered,
+            duplicates: received.duplicates,
+            rejected,
+            replica_id: r.actor().to_owned(),
+        },
+    ))
+}
+
+/// The GossipService of one replica.
+#[derive(Debug, Clone)]
+pub struct GossipApi {
+    store: Arc<Store>,
+    peers: Arc<Peers>,
+    batch_size: usize,
+}
+
+impl GossipApi {
+    /// The service.
+    pub fn new(store: Arc<Store>, peers: Arc<Peers>, batch_size: usize) -> Self {
+        Self {
+            store,
+            peers,
+            batch_size,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl GossipService for GossipApi {
+    async fn push_deltas(
+        &self,
+        req: Request<pb::DeltaBatch>,
+    ) -> Result<Response<pb::PushAck>, Status> {
+        let batch = req.into_inner();
+        if let Some(full) = &batch.full_state {
+            match open_state(&self.store, full) {
+                Ok(s) => self.store.merge_state(&s)?,
+                Err(e) => {
+                    count_rejection(&e);
+                    return Err(e.into());
+                }
+            }
+        }
+        let (good, ack) = take_deltas(&self.store, batch.deltas)?;
+        self.peers.learned_from(&batch.sender_id, &good);
+        Ok(Response::new(ack))
+    }
+
+    async fn anti_entropy(
+        &self,
+        req: Request<pb::AntiEntropyRequest>,
+    ) -> Result<Response<pb::AntiEntropyReply>, Status> {
+        let r = req.into_inner();
+        if !r.deltas.is_empty() {
+            take_deltas(&self.store, r.deltas)?;
+        }
+        let theirs = from_vv(r.version);
+        let missing = self
+            .store
+            .lock()
+            .missing_for(&theirs, self.batch_size, Some(&r.sender_id));
+        let (deltas, full_state) = match missing {
+            Missing::Nothing => (Vec::new(), None),
+            Missing::Deltas(v) => (v.iter().map(|d| (*d.signed).clone()).collect(), None),
+            Missing::FullState => {
+                metrics::counter!("form_state_full_state_sent_total").increment(1);
+                (Vec::new(), Some(sign_state(&self.store)))
+            }
+        };
+        let r = self.store.lock();
+        Ok(Response::new(pb::AntiEntropyReply {
+            sender_id: r.actor().to_owned(),
+            version: Some(vv(&r.version())),
+            deltas,
+            full_state,
+        }))
+    }
+}
+
+/// Runs the push and anti-entropy loop until shutdown.
+pub async fn run(
+    store: Arc<Store>,
+    peers: Arc<Peers>,
+    config: GossipConfig,
+    urgent: Arc<tokio::sync::Notify>,
+    mut shutdown: Shutdown,
+) {
+    let mut links = Vec::new();
+    for p in &config.peers {
+        match Endpoint::from_shared(p.http_uri()) {
+            Ok(e) => {
+                let ch = e
+                    .connect_timeout(CALL_TIMEOUT)
+                    .timeout(CALL_TIMEOUT)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_while_idle(true)
+                    .connect_lazy();
+                let client = GossipServiceClient::new(ch)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE);
+                peers.lock().insert(p.to_string(), PeerView::default());
+                links.push((p.to_string(), client));
+            }
+            Err(e) => tracing::error!(peer = %p, error = %e, "bad peer address"),
+        }
+    }
+    let mut sync = tokio::time::interval(config.sync_interval);
+    let mut ae = tokio::time::interval(config.anti_entropy_interval);
+    sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ae.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let anti_entropy = tokio::select! {
+            _ = shutdown.requested() => return,
+            _ = sync.tick() => false,
+            _ = urgent.notified() => false,
+            _ = ae.tick() => true,
+        };
+        let mut round = tokio::task::JoinSet::new();
+        for (addr, client) in &links {
+            let (store, peers, cfg) = (store.clone(), peers.clone(), config.clone());
+            let (addr, mut client) = (addr.clone(), client.clone());
+            round.spawn(async move {
+                let first = !peers.lock().get(addr.as_str()).is_some_and(|v| v.contacted);
+                let result = if anti_entropy || first {
+                    pull(&store, &peers, &addr, &mut client).await
+                } else {
+                    push(&store, &peers, &addr, &mut client, &cfg).await
+                };
+                if let Err(e) = result {
+                    tracing::debug!(peer = %addr, error = %e, "gossip failed");
+                    metrics::counter!("form_state_gossip_errors_total", "peer" => addr)
+                        .increment(1);
+                }
+            });
+        }
+        while round.join_next().await.is_some() {}
+    }
+}
+
+async fn push(
+    store: &Store,
+    peers: &Peers,
+    addr: &str,
+    client: &mut GossipServiceClient<Channel>,
+    cfg: &GossipConfig,
+) -> Result<(), Status> {
+    let (known, actor) = {
+        let p = peers.lock();
+        let v = p.get(addr).cloned().unwrap_or_default();
+        (v.known, v.actor)
+    };
+    let (sender_id, mine) = {
+        let r = store.lock();
+        (r.actor().to_owned(), r.version())
+    };
+    let batch = if cfg.policy == ReplicationPolicy::FullSync {
+        if mine == known {
+            return Ok(());
+        }
+        metrics::counter!("form_state_full_state_sent_total").increment(1);
+        pb::DeltaBatch {
+            sender_id,
+            deltas: Vec::new(),
+            full_state: Some(sign_state(store)),
+        }
+    } else {
+        match store
+            .lock()
+            .missing_for(&known, cfg.batch_size, actor.as_deref())
+        {
+            Missing::Nothing => return Ok(()),
+            Missing::Deltas(v) => pb::DeltaBatch {
+                sender_id,
+                deltas: v.iter().map(|d| (*d.signed).clone()).collect(),
+                full_state: None,
+            },
+            Missing::FullState => {
+                metrics::counter!("form_state_full_state_sent_total").increment(1);
+                pb::DeltaBatch {
+                    sender_id,
+                    deltas: Vec::new(),
+                    full_state: Some(sign_state(store)),
+                }
+            }
+        }
+    };
+    let bytes = batch.encoded_len() as u64;
+    let n = batch.deltas.len() as u64;
+    let ack = client.push_deltas(batch).await?.into_inner();
+    metrics::counter!("form_state_deltas_sent_total", "peer" => addr.to_owned()).increment(n);
+    metrics::counter!("form_state_bytes_sent_total", "peer" => addr.to_owned()).increment(bytes);
+    learn(store, peers, addr, ack.replica_id, from_vv(ack.version));
+    Ok(())
+}
+
+async fn pull(
+    store: &Store,
+    peers: &Peers,
+    addr: &str,
+    client: &mut GossipServiceClient<Channel>,
+) -> Result<(), Status> {
+    let req = {
+        let r = store.lock();
+        pb::AntiEntropyRequest {
+            sender_id: r.actor().to_owned(),
+            version: Some(vv(&r.version())),
+            deltas: Vec::new(),
+        }
+    };
+    metrics::counter!("form_state_anti_entropy_rounds_total").increment(1);
+    let reply = client.anti_entropy(req).await?.into_inner();
+    if let Some(full) = &reply.full_state {
+        match open_state(store, full) {
+            Ok(s) => store.merge_state(&s)?,
+            Err(e) => {
+                count_rejection(&e);
+                return Err(e.into());
+            }
+        }
+    }
+    if !reply.deltas.is_empty() {
+        let (good, _) = take_deltas(store, reply.deltas)?;
+        peers.learned_from(&reply.sender_id, &good);
+    }
+    learn(store, peers, addr, reply.sender_id, from_vv(reply.version));
+    Ok(())
+}
+
+fn learn(store: &Store, peers: &Peers, addr: &str, actor: String, version: BTreeMap<String, u64>) {
+    let mine = store.lock().version();
+    let lag: u64 = mine
+        .iter()
+        .map(|(a, n)| n.saturating_sub(version.get(a).copied().unwrap_or(0)))
+        .sum();
+    metrics::gauge!("form_state_peer_lag_dots", "peer" => addr.to_owned()).set(lag as f64);
+    let mut p = peers.lock();
+    let v = p.entry(addr.to_owned()).or_default();
+    v.actor = Some(actor);
+    v.known = version;
+    v.contacted = true;
+}

@@ -1,0 +1,191 @@
+//! `form.state.v1.StateService` over the store.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use form_proto::state::v1 as pb;
+use form_proto::state::v1::state_service_server::StateService;
+use form_proto::types::v1 as types;
+use sha2::{Digest as _, Sha256};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::codec;
+use crate::crdt::Space;
+use crate::error::StateError;
+use crate::model::{read, validate, write};
+use crate::store::{Store, Written, now_ms};
+use crate::watch;
+
+/// The StateService of one replica.
+#[derive(Debug, Clone)]
+pub struct StateApi {
+    store: Arc<Store>,
+}
+
+impl StateApi {
+    /// The service over `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+
+    fn reply(&self, w: Written) -> Response<pb::WriteReply> {
+        let actor = self.store.lock().actor().to_owned();
+        Response::new(pb::WriteReply {
+            version: Some(pb::VersionVector {
+                entries: w.version.into_iter().collect(),
+            }),
+            sequence: w.lsn,
+            replica_id: actor,
+        })
+    }
+}
+
+type Result<T> = std::result::Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl StateService for StateApi {
+    async fn put_cluster(&self, req: Request<pb::PutClusterRequest>) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::put_cluster(s, a, now_ms(), &r))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn get_cluster(&self, req: Request<pb::GetClusterRequest>) -> Result<pb::Cluster> {
+        let id = req.into_inner().cluster_id;
+        validate::id("cluster_id", &id)?;
+        let c = read::cluster(self.store.lock().state(), &id);
+        c.map(Response::new).ok_or_else(|| {
+            StateError::NotFound {
+                what: "cluster",
+                id,
+            }
+            .into()
+        })
+    }
+
+    async fn list_clusters(
+        &self,
+        _: Request<pb::ListClustersRequest>,
+    ) -> Result<pb::ListClustersReply> {
+        let clusters = read::clusters(self.store.lock().state());
+        Ok(Response::new(pb::ListClustersReply { clusters }))
+    }
+
+    async fn delete_cluster(
+        &self,
+        req: Request<pb::DeleteClusterRequest>,
+    ) -> Result<pb::WriteReply> {
+        let id = req.into_inner().cluster_id;
+        let w = self
+            .store
+            .write(|s, a| write::delete_cluster(s, a, &id))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::add_member(s, a, now_ms(), &r))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::remove_member(s, a, &r.cluster_id, &r.instance_id))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn update_member(&self, req: Request<pb::UpdateMemberRequest>) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::update_member(s, a, now_ms(), &r))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::heartbeat(s, a, now_ms(), &r))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn put_operation(&self, req: Request<pb::PutOperationRequest>) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::put_operation(s, a, now_ms(), &r))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn get_operation(
+        &self,
+        req: Request<pb::GetOperationRequest>,
+    ) -> Result<types::Operation> {
+        let id = req.into_inner().operation_id;
+        validate::id("operation_id", &id)?;
+        let op = read::operation(self.store.lock().state(), &id);
+        op.map(Response::new).ok_or_else(|| {
+            StateError::NotFound {
+                what: "operation",
+                id,
+            }
+            .into()
+        })
+    }
+
+    async fn list_operations(
+        &self,
+        req: Request<pb::ListOperationsRequest>,
+    ) -> Result<pb::ListOperationsReply> {
+        let r = req.into_inner();
+        if !r.cluster_id.is_empty() {
+            validate::id("cluster_id", &r.cluster_id)?;
+        }
+        let operations =
+            read::operations(self.store.lock().state(), &r.cluster_id, r.limit as usize);
+        Ok(Response::new(pb::ListOperationsReply { operations }))
+    }
+
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = std::result::Result<pb::WatchEvent, Status>> + Send>>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Self::WatchStream> {
+        let r = req.into_inner();
+        if !r.cluster_id.is_empty() {
+            validate::id("cluster_id", &r.cluster_id)?;
+        }
+        Ok(Response::new(Box::pin(watch::stream(
+            self.store.clone(),
+            r,
+        ))))
+    }
+
+    async fn digest(&self, _: Request<pb::DigestRequest>) -> Result<pb::DigestReply> {
+        let r = self.store.lock();
+        let state = r.state();
+        Ok(Response::new(pb::DigestReply {
+            sha256: Sha256::digest(codec::encode_state(state)).to_vec(),
+            version: Some(pb::VersionVector {
+                entries: r.version().into_iter().collect(),
+            }),
+            clusters: read::clusters(state).len() as u64,
+            operations: state.ids(Space::Operation).len() as u64,
+            replica_id: r.actor().to_owned(),
+        }))
+    }
+}
