@@ -36,6 +36,11 @@ pub(crate) const DEFAULT_PORTS: Ports = [
 
 const STATE_REPLICAS: usize = 3;
 
+/// The authorized keys file the state replicas share.
+pub(crate) fn authorized_keys(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("authorized_keys")
+}
+
 /// The stack: 3 state replicas that gossip with each other, then vmm, rplb, scaler and
 /// the gateway, each pointed at the services it talks to. Order = start order.
 pub(crate) fn stack(host: IpAddr, ports: &Ports, data_dir: &Path) -> Vec<Process> {
@@ -67,6 +72,10 @@ pub(crate) fn stack(host: IpAddr, ports: &Ports, data_dir: &Path) -> Vec<Process
             list(&peers).into(),
             "--data-dir".into(),
             data_dir.join(&name).into_os_string(),
+            "--replica-id".into(),
+            format!("state-{}", i + 1).into(),
+            "--authorized-keys".into(),
+            authorized_keys(data_dir).into_os_string(),
         ]);
         out.push(Process {
             name,
@@ -153,6 +162,8 @@ mod tests {
         assert_eq!(arg(&plan[0], "--peers"), "127.0.0.1:3014,127.0.0.1:3024");
         assert_eq!(arg(&plan[1], "--peers"), "127.0.0.1:3004,127.0.0.1:3024");
         assert_eq!(arg(&plan[2], "--data-dir"), "/d/form-state-3");
+        assert_eq!(arg(&plan[2], "--replica-id"), "state-3");
+        assert_eq!(arg(&plan[0], "--authorized-keys"), "/d/authorized_keys");
         assert_eq!(arg(&plan[5], "--rplb"), "127.0.0.1:3005");
         assert_eq!(arg(&plan[6], "--scaler"), "127.0.0.1:3006");
         assert_eq!(arg(&plan[6], "--listen"), "127.0.0.1:3010");

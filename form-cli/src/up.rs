@@ -43,6 +43,8 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let run_dir = data_dir.join("run");
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
+    write_authorized_keys(&bin_dir, &plan, &data_dir)?;
+
     let (handle, mut stop) = shutdown::channel();
     shutdown::spawn_signal_listener(handle)?;
 
@@ -92,6 +94,29 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Creates each state replica's node key (if missing) and writes the authorized keys
+/// file that lets the replicas accept each other's deltas.
+fn write_authorized_keys(bin_dir: &Path, plan: &[Process], data_dir: &Path) -> anyhow::Result<()> {
+    let mut lines = String::from("# form-state replicas started by formctl up\n");
+    for p in plan.iter().filter(|p| p.bin == "form-state") {
+        let out = std::process::Command::new(bin_dir.join(p.bin))
+            .args(&p.args)
+            .arg("--print-public-key")
+            .output()
+            .with_context(|| format!("running {} --print-public-key", p.bin))?;
+        if !out.status.success() {
+            bail!(
+                "{} --print-public-key: {}",
+                p.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        lines.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    let path = plan::authorized_keys(data_dir);
+    std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {

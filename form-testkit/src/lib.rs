@@ -4,6 +4,7 @@
 
 pub mod conformance;
 pub mod dir;
+pub mod net;
 pub mod probe;
 
 use std::path::PathBuf;

@@ -1,0 +1,106 @@
+//! Bad requests get a gRPC status naming the problem, and the replica keeps serving.
+
+mod common;
+
+use common::*;
+use form_proto::state::v1 as pb;
+use form_proto::types::v1 as types;
+use form_testkit::{ChildService, LaunchSpec, TestDir, probe};
+use tonic::Code;
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_nothing_changes() {
+    let dir = TestDir::new("bad-input");
+    let line = keygen("state-0", &data_dir(dir.path(), 0));
+    std::fs::write(dir.path().join("authorized_keys"), line).expect("keys");
+    let args = replica_args(0, "127.0.0.1:0".parse().expect("addr"), &[], dir.path());
+    let p = ChildService::start(LaunchSpec::new("state-0", BIN, dir.path()).args(args))
+        .await
+        .expect("start");
+    let addr = p.addr("grpc").expect("grpc");
+    let mut c = form_proto::state::v1::state_service_client::StateServiceClient::new(
+        probe::channel(addr).await.expect("connect"),
+    );
+    c.put_cluster(cluster("web")).await.expect("valid write");
+    let before = digest(&mut c).await;
+
+    let expect =
+        |r: Result<tonic::Response<pb::WriteReply>, tonic::Status>, code: Code, words: &[&str]| {
+            let s = r.expect_err("must fail");
+            assert_eq!(s.code(), code, "{s:?}");
+            for w in words {
+                assert!(s.message().contains(w), "'{w}' not in '{}'", s.message());
+            }
+        };
+    expect(
+        c.add_member(member("nope", "i1")).await,
+        Code::NotFound,
+        &["cluster", "nope"],
+    );
+    expect(
+        c.put_cluster(cluster("")).await,
+        Code::InvalidArgument,
+        &["cluster_id", "empty"],
+    );
+    expect(
+        c.add_member(member("web", "")).await,
+        Code::InvalidArgument,
+        &["member.instance_id"],
+    );
+    let big = pb::PutClusterRequest {
+        cluster_id: "web".into(),
+        workload: Some(types::Workload {
+            command: "x".repeat(20_000),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    expect(
+        c.put_cluster(big).await,
+        Code::InvalidArgument,
+        &["workload", "16384"],
+    );
+    let policy = pb::PutClusterRequest {
+        cluster_id: "web".into(),
+        scaling_policy: Some(types::ScalingPolicy {
+            min_instances: 3,
+            max_instances: 2,
+            target_cpu_utilization: 0.5,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    expect(
+        c.put_cluster(policy).await,
+        Code::InvalidArgument,
+        &["scaling_policy.max_instances", "min"],
+    );
+    let hb = pb::HeartbeatRequest {
+        cluster_id: "web".into(),
+        instance_id: "ghost".into(),
+        ..Default::default()
+    };
+    expect(
+        c.heartbeat(hb).await,
+        Code::NotFound,
+        &["member", "web/ghost"],
+    );
+    let e = c
+        .get_cluster(pb::GetClusterRequest {
+            cluster_id: "missing".into(),
+        })
+        .await
+        .expect_err("missing");
+    assert_eq!(e.code(), Code::NotFound);
+
+    assert_eq!(
+        digest(&mut c).await,
+        before,
+        "no bad request changed the state"
+    );
+    let health = probe::health(addr, "").await.expect("health");
+    assert_eq!(
+        health,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}

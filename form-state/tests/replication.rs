@@ -1,0 +1,79 @@
+//! Three real replicas: a write on one is read on the others; concurrent adds of
+//! different members on different replicas are both kept; a replica cut off while
+//! both sides write heals to identical digests.
+
+mod common;
+
+use common::*;
+use form_testkit::assert_eventually;
+
+#[tokio::test]
+async fn writes_replicate_and_a_partition_heals_to_identical_digests() {
+    let mut trio = Trio::start("replication").await;
+    let mut a = trio.client(0).await;
+    let mut b = trio.client(1).await;
+    let mut c = trio.client(2).await;
+
+    a.put_cluster(cluster("web")).await.expect("put on a");
+    a.add_member(member("web", "m0")).await.expect("add on a");
+    for i in 1..3 {
+        let mut cl = trio.client(i).await;
+        assert_eventually!(
+            async { members(&mut cl, "web").await == ["m0"] },
+            "replica {i} reads the write made on replica 0"
+        );
+    }
+
+    // Concurrent adds of different members on two replicas: both survive.
+    let (ra, rb) = tokio::join!(
+        a.add_member(member("web", "m1")),
+        b.add_member(member("web", "m2"))
+    );
+    ra.expect("add m1");
+    rb.expect("add m2");
+    assert_eventually!(
+        async { members(&mut c, "web").await == ["m0", "m1", "m2"] },
+        "both concurrent adds kept"
+    );
+
+    // Cut replica 2 off; write on both sides.
+    trio.isolate(2);
+    a.add_member(member("web", "left"))
+        .await
+        .expect("write on the majority side");
+    a.remove_member(form_proto::state::v1::RemoveMemberRequest {
+        cluster_id: "web".into(),
+        instance_id: "m0".into(),
+    })
+    .await
+    .expect("remove on the majority side");
+    c.put_cluster(cluster("db"))
+        .await
+        .expect("write on the isolated side");
+    c.add_member(member("web", "right"))
+        .await
+        .expect("write on the isolated side");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !members(&mut a, "web").await.contains(&"right".to_owned()),
+        "the partition holds"
+    );
+
+    trio.heal();
+    assert_eventually!(
+        deadline = std::time::Duration::from_secs(5),
+        digests_equal(&trio),
+        "digests identical within 5 s of healing"
+    );
+    for i in 0..3 {
+        let mut cl = trio.client(i).await;
+        assert_eq!(
+            members(&mut cl, "web").await,
+            ["left", "m1", "m2", "right"],
+            "replica {i}"
+        );
+    }
+    for p in trio.procs.iter_mut().flatten() {
+        form_testkit::conformance::stop_gracefully(p).await;
+    }
+}

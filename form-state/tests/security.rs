@@ -1,0 +1,129 @@
+//! Deltas signed by a key outside the authorized set, or with a flipped byte, are
+//! rejected and counted; a replayed delta changes nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::*;
+use form_proto::state::v1 as pb;
+use form_proto::state::v1::gossip_service_client::GossipServiceClient;
+use form_state::crdt::State;
+use form_state::{envelope, keys, model};
+use form_testkit::{ChildService, LaunchSpec, TestDir, probe};
+
+fn delta_signed_by(
+    key: &ed25519_dalek::SigningKey,
+    actor: &str,
+    cluster: &str,
+) -> Arc<pb::SignedDelta> {
+    let req = pb::PutClusterRequest {
+        cluster_id: cluster.into(),
+        ..Default::default()
+    };
+    let d = model::write::put_cluster(&State::default(), actor, 1, &req)
+        .expect("valid")
+        .expect("delta");
+    envelope::sign(key, d, BTreeMap::new(), 1).signed
+}
+
+async fn rejected(metrics: std::net::SocketAddr, reason: &str) -> u64 {
+    let (_, body) = probe::http_get(metrics, "/metrics").await.expect("metrics");
+    let prefix = format!("form_state_rejected_deltas_total{{reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn forged_and_tampered_deltas_are_rejected_and_counted() {
+    let dir = TestDir::new("security");
+    // Two authorized replicas; the test holds state-1's key and sends as state-1.
+    let line0 = keygen("state-0", &data_dir(dir.path(), 0));
+    let line1 = keygen("state-1", &data_dir(dir.path(), 1));
+    std::fs::write(
+        dir.path().join("authorized_keys"),
+        format!("{line0}{line1}"),
+    )
+    .expect("keys");
+    let args = replica_args(0, "127.0.0.1:0".parse().expect("addr"), &[], dir.path());
+    let p = ChildService::start(LaunchSpec::new("state-0", BIN, dir.path()).args(args))
+        .await
+        .expect("start");
+    let addr = p.addr("grpc").expect("grpc");
+    let metrics = p.addr("metrics").expect("metrics");
+    let mut gossip = GossipServiceClient::new(probe::channel(addr).await.expect("connect"));
+    let mut state = form_proto::state::v1::state_service_client::StateServiceClient::new(
+        probe::channel(addr).await.expect("connect"),
+    );
+
+    let key1 =
+        keys::load_or_create_node_key(&data_dir(dir.path(), 1).join("node.key")).expect("key");
+    let evil = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let push = |deltas: Vec<Arc<pb::SignedDelta>>| pb::DeltaBatch {
+        sender_id: "test".into(),
+        deltas: deltas.iter().map(|d| (**d).clone()).collect(),
+        full_state: None,
+    };
+
+    let forged = delta_signed_by(&evil, "state-1@feed", "forged");
+    let ack = gossip
+        .push_deltas(push(vec![forged]))
+        .await
+        .expect("push")
+        .into_inner();
+    assert_eq!((ack.applied, ack.rejected), (0, 1));
+    assert_eq!(rejected(metrics, "unknown_key").await, 1);
+
+    let good = delta_signed_by(&key1, "state-1@feed", "real");
+    let mut flipped = (*good).clone();
+    let n = flipped.envelope.len() - 1;
+    flipped.envelope[n] ^= 0x01;
+    let ack = gossip
+        .push_deltas(push(vec![Arc::new(flipped)]))
+        .await
+        .expect("push")
+        .into_inner();
+    assert_eq!((ack.applied, ack.rejected), (0, 1));
+    assert_eq!(rejected(metrics, "bad_signature").await, 1);
+
+    // Signed by state-1's key but claiming to come from state-0: impersonation.
+    let impostor = delta_signed_by(&key1, "state-0@feed", "impostor");
+    let ack = gossip
+        .push_deltas(push(vec![impostor]))
+        .await
+        .expect("push")
+        .into_inner();
+    assert_eq!(ack.rejected, 1);
+    assert_eq!(rejected(metrics, "wrong_origin").await, 1);
+
+    let ack = gossip
+        .push_deltas(push(vec![good.clone()]))
+        .await
+        .expect("push")
+        .into_inner();
+    assert_eq!((ack.applied, ack.rejected), (1, 0));
+    let before = digest(&mut state).await;
+    let ack = gossip
+        .push_deltas(push(vec![good]))
+        .await
+        .expect("push")
+        .into_inner();
+    assert_eq!(
+        (ack.applied, ack.duplicates),
+        (0, 1),
+        "a replay is a duplicate"
+    );
+    assert_eq!(digest(&mut state).await, before, "a replay changes nothing");
+
+    let clusters = state
+        .list_clusters(pb::ListClustersRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .clusters;
+    let ids: Vec<String> = clusters.into_iter().map(|c| c.cluster_id).collect();
+    assert_eq!(ids, ["real"], "only the genuine delta was applied");
+}
