@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("form_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // JSON output of tools (formctl state dump --json) and the gateway.
+        .type_attribute(".form", "#[derive(serde::Serialize)]")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -2,6 +2,7 @@
 //! this machine as child processes and stops it cleanly on Ctrl-C.
 
 mod plan;
+mod state;
 mod up;
 
 use std::path::PathBuf;
@@ -22,6 +23,9 @@ enum Command {
     /// Start the whole stack on this machine (3 form-state replicas, form-vmm-service,
     /// form-rplb, form-scaler, form-mcp) and stop it cleanly on Ctrl-C.
     Up(UpArgs),
+    /// Inspect a form-state replica.
+    #[command(subcommand)]
+    State(state::StateCommand),
 }
 
 /// Flags of `formctl up`.
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Up(args) => runtime.block_on(up::run(args)),
+        Command::State(cmd) => runtime.block_on(state::run(cmd)),
     };
     match result {
         Ok(code) => code,
