@@ -426,7 +426,10 @@ async fn pull(
         }
     };
     metrics::counter!("form_state_anti_entropy_rounds_total").increment(1);
+    let sent = req.encoded_len() as u64;
     let reply = client.anti_entropy(req).await?.into_inner();
+    metrics::counter!("form_state_anti_entropy_bytes_total", "peer" => addr.to_owned())
+        .increment(sent + reply.encoded_len() as u64);
     if let Some(full) = &reply.full_state {
         match open_state(store, full) {
             Ok(s) => store.merge_state(&s)?,

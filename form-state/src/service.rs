@@ -178,8 +178,10 @@ impl StateService for StateApi {
     async fn digest(&self, _: Request<pb::DigestRequest>) -> Result<pb::DigestReply> {
         let r = self.store.lock();
         let state = r.state();
+        let encoded = codec::encode_state(state);
         Ok(Response::new(pb::DigestReply {
-            sha256: Sha256::digest(codec::encode_state(state)).to_vec(),
+            sha256: Sha256::digest(&encoded).to_vec(),
+            state_bytes: encoded.len() as u64,
             version: Some(pb::VersionVector {
                 entries: r.version().into_iter().collect(),
             }),

@@ -5,19 +5,13 @@ mod common;
 use common::*;
 use form_proto::state::v1 as pb;
 use form_proto::types::v1 as types;
-use form_testkit::{ChildService, LaunchSpec, TestDir, probe};
+use form_testkit::probe;
 use tonic::Code;
 
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_nothing_changes() {
-    let dir = TestDir::new("bad-input");
-    let line = keygen("state-0", &data_dir(dir.path(), 0));
-    std::fs::write(dir.path().join("authorized_keys"), line).expect("keys");
-    let args = replica_args(0, "127.0.0.1:0".parse().expect("addr"), &[], dir.path());
-    let p = ChildService::start(LaunchSpec::new("state-0", BIN, dir.path()).args(args))
-        .await
-        .expect("start");
-    let addr = p.addr("grpc").expect("grpc");
+    let solo = replicas("bad-input", 1, false).await;
+    let addr = solo.addrs[0];
     let mut c = form_proto::state::v1::state_service_client::StateServiceClient::new(
         probe::channel(addr).await.expect("connect"),
     );

@@ -9,18 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use form_proto::state::v1 as pb;
-use form_testkit::{ChildService, LaunchSpec, Signal, TestDir, probe};
-
-fn solo_spec(dir: &TestDir, name: &str) -> LaunchSpec {
-    let args = replica_args(0, "127.0.0.1:0".parse().expect("addr"), &[], dir.path());
-    LaunchSpec::new(name, BIN, dir.path()).args(args)
-}
-
-async fn solo(dir: &TestDir, name: &str) -> ChildService {
-    ChildService::start(solo_spec(dir, name))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
+use form_testkit::{ChildService, Signal, probe};
 
 async fn client(
     p: &ChildService,
@@ -31,17 +20,10 @@ async fn client(
     form_proto::state::v1::state_service_client::StateServiceClient::new(ch)
 }
 
-fn setup(label: &str) -> TestDir {
-    let dir = TestDir::new(label);
-    let line = keygen("state-0", &data_dir(dir.path(), 0));
-    std::fs::write(dir.path().join("authorized_keys"), line).expect("keys");
-    dir
-}
-
 #[tokio::test]
 async fn acknowledged_writes_survive_kill_9_and_removed_members_stay_removed() {
-    let dir = setup("kill9");
-    let mut p = solo(&dir, "first").await;
+    let mut solo = replicas("kill9", 1, false).await;
+    let mut p = solo.procs[0].take().expect("running");
     let mut c = client(&p).await;
     c.put_cluster(cluster("web")).await.expect("cluster");
     c.add_member(member("web", "gone")).await.expect("add");
@@ -83,7 +65,7 @@ async fn acknowledged_writes_survive_kill_9_and_removed_members_stay_removed() {
         acked.len()
     );
 
-    let p = solo(&dir, "second").await;
+    let p = solo.launch(0).await;
     let mut c = client(&p).await;
     let present = members(&mut c, "web").await;
     let missing: Vec<&String> = acked.iter().filter(|id| !present.contains(id)).collect();
@@ -99,8 +81,8 @@ async fn acknowledged_writes_survive_kill_9_and_removed_members_stay_removed() {
     );
 }
 
-fn segment(dir: &TestDir) -> std::path::PathBuf {
-    let wal = data_dir(dir.path(), 0).join("wal");
+fn segment(solo: &Replicas) -> std::path::PathBuf {
+    let wal = solo.data_dir(0).join("wal");
     let mut segs: Vec<_> = std::fs::read_dir(&wal)
         .expect("wal dir")
         .map(|e| e.expect("entry").path())
@@ -111,8 +93,8 @@ fn segment(dir: &TestDir) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn a_torn_tail_is_dropped_and_a_corrupt_middle_stops_start_up() {
-    let dir = setup("torn");
-    let mut p = solo(&dir, "first").await;
+    let mut solo = replicas("torn", 1, false).await;
+    let mut p = solo.procs[0].take().expect("running");
     let mut c = client(&p).await;
     c.put_cluster(cluster("web")).await.expect("cluster");
     for i in 0..5 {
@@ -123,12 +105,12 @@ async fn a_torn_tail_is_dropped_and_a_corrupt_middle_stops_start_up() {
     form_testkit::conformance::stop_gracefully(&mut p).await;
 
     // A record cut short at the end: dropped with a warning, everything else kept.
-    let seg = segment(&dir);
+    let seg = segment(&solo);
     let mut bytes = std::fs::read(&seg).expect("read");
     let good_len = bytes.len();
     bytes.extend_from_slice(b"FWAL\x01\x01\x40\x00\x00\x00partial");
     std::fs::write(&seg, &bytes).expect("write");
-    let mut p = solo(&dir, "second").await;
+    let mut p = solo.launch(0).await;
     let mut c = client(&p).await;
     assert_eq!(members(&mut c, "web").await.len(), 5);
     assert!(
@@ -148,7 +130,7 @@ async fn a_torn_tail_is_dropped_and_a_corrupt_middle_stops_start_up() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
     std::fs::write(&seg, &bytes).expect("write");
-    match ChildService::start(solo_spec(&dir, "third")).await {
+    match ChildService::start(solo.spec(0)).await {
         Err(form_testkit::ChildError::ExitedEarly {
             status, log_tail, ..
         }) => {

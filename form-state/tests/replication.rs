@@ -9,7 +9,7 @@ use form_testkit::assert_eventually;
 
 #[tokio::test]
 async fn writes_replicate_and_a_partition_heals_to_identical_digests() {
-    let mut trio = Trio::start("replication").await;
+    let mut trio = replicas("replication", 3, true).await;
     let mut a = trio.client(0).await;
     let mut b = trio.client(1).await;
     let mut c = trio.client(2).await;
@@ -62,7 +62,7 @@ async fn writes_replicate_and_a_partition_heals_to_identical_digests() {
     trio.heal();
     assert_eventually!(
         deadline = std::time::Duration::from_secs(5),
-        digests_equal(&trio),
+        trio.converged(),
         "digests identical within 5 s of healing"
     );
     for i in 0..3 {
@@ -73,7 +73,5 @@ async fn writes_replicate_and_a_partition_heals_to_identical_digests() {
             "replica {i}"
         );
     }
-    for p in trio.procs.iter_mut().flatten() {
-        form_testkit::conformance::stop_gracefully(p).await;
-    }
+    trio.stop().await;
 }

@@ -11,7 +11,7 @@ use form_proto::state::v1 as pb;
 use form_proto::state::v1::gossip_service_client::GossipServiceClient;
 use form_state::crdt::State;
 use form_state::{envelope, keys, model};
-use form_testkit::{ChildService, LaunchSpec, TestDir, probe};
+use form_testkit::probe;
 
 fn delta_signed_by(
     key: &ed25519_dalek::SigningKey,
@@ -39,28 +39,16 @@ async fn rejected(metrics: std::net::SocketAddr, reason: &str) -> u64 {
 
 #[tokio::test]
 async fn forged_and_tampered_deltas_are_rejected_and_counted() {
-    let dir = TestDir::new("security");
     // Two authorized replicas; the test holds state-1's key and sends as state-1.
-    let line0 = keygen("state-0", &data_dir(dir.path(), 0));
-    let line1 = keygen("state-1", &data_dir(dir.path(), 1));
-    std::fs::write(
-        dir.path().join("authorized_keys"),
-        format!("{line0}{line1}"),
-    )
-    .expect("keys");
-    let args = replica_args(0, "127.0.0.1:0".parse().expect("addr"), &[], dir.path());
-    let p = ChildService::start(LaunchSpec::new("state-0", BIN, dir.path()).args(args))
-        .await
-        .expect("start");
-    let addr = p.addr("grpc").expect("grpc");
-    let metrics = p.addr("metrics").expect("metrics");
+    let pair = replicas("security", 2, false).await;
+    let addr = pair.addrs[0];
+    let metrics = pair.metrics_addr(0);
     let mut gossip = GossipServiceClient::new(probe::channel(addr).await.expect("connect"));
     let mut state = form_proto::state::v1::state_service_client::StateServiceClient::new(
         probe::channel(addr).await.expect("connect"),
     );
 
-    let key1 =
-        keys::load_or_create_node_key(&data_dir(dir.path(), 1).join("node.key")).expect("key");
+    let key1 = keys::load_or_create_node_key(&pair.data_dir(1).join("node.key")).expect("key");
     let evil = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
     let push = |deltas: Vec<Arc<pb::SignedDelta>>| pb::DeltaBatch {
         sender_id: "test".into(),

@@ -6,6 +6,7 @@ pub mod conformance;
 pub mod dir;
 pub mod net;
 pub mod probe;
+pub mod replicas;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,0 +1,114 @@
+//! form-bench: the platform's benchmarks. Each prints a table of this machine's
+//! figures beside the peer measured in the same run, and the target.
+//!
+//! ```text
+//! cargo build --release -p form-state -p form-bench
+//! ./target/release/form-bench state-apply
+//! ./target/release/form-bench state-convergence
+//! ./target/release/form-bench state-bytes
+//! ./target/release/form-bench state-recovery
+//! ```
+
+mod state_apply;
+mod state_bytes;
+mod state_convergence;
+mod state_recovery;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// form-bench: benchmarks of the platform.
+#[derive(Debug, Parser)]
+#[command(name = "form-bench", version, about, long_about = None)]
+struct Cli {
+    /// Directory of the service binaries [default: the directory of form-bench]
+    #[arg(long, value_name = "DIR", global = true)]
+    bin_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Benchmarks of other services join these as their issues land.
+#[allow(clippy::enum_variant_names)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Delta apply throughput (unsigned) and signature verification (single and batch), one core.
+    StateApply {
+        /// Deltas to apply.
+        #[arg(long, default_value_t = 200_000)]
+        deltas: usize,
+    },
+    /// Time from a write on one replica until every replica has it: delta against full-state gossip.
+    StateConvergence {
+        /// Writes measured per configuration.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+    },
+    /// Bytes on the wire for one member update in a cluster of many members: delta against full state.
+    StateBytes {
+        /// Members in the cluster.
+        #[arg(long, default_value_t = 10_000)]
+        members: usize,
+        /// Replicas.
+        #[arg(long, default_value_t = 5)]
+        replicas: usize,
+    },
+    /// Time from start to ready for a replica holding many entries (snapshot and log).
+    StateRecovery {
+        /// Member adds written (about 5 entries each).
+        #[arg(long, default_value_t = 20_000)]
+        members: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match form_runtime::cli::parse::<Cli>() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let bin_dir = cli.bin_dir.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(PathBuf::from))
+            .unwrap_or_default()
+    });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("form-bench: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::StateApply { deltas } => state_apply::run(deltas),
+            Command::StateConvergence { writes } => state_convergence::run(&bin_dir, writes).await,
+            Command::StateBytes { members, replicas } => {
+                state_bytes::run(&bin_dir, members, replicas).await
+            }
+            Command::StateRecovery { members } => state_recovery::run(&bin_dir, members).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("form-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `q` quantile (0..=1) of sorted samples.
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
