@@ -21,3 +21,29 @@ async fn sigint_exits_at_once() {
 fn bad_flags_and_config_exit_2_naming_the_value() {
     conformance::rejects_bad_configuration(Path::new(BIN));
 }
+
+#[test]
+fn bad_replication_settings_exit_2_naming_the_flag() {
+    let bin = Path::new(BIN);
+    conformance::rejects_args(
+        bin,
+        &["--batch-size", "0"],
+        &["--batch-size", "0", "1-100000"],
+    );
+    conformance::rejects_args(
+        bin,
+        &[
+            "--replication",
+            "prioritized",
+            "--high-priority-fields",
+            "members,bogus",
+        ],
+        &["--high-priority-fields", "bogus", "members, health"],
+    );
+    conformance::rejects_args(
+        bin,
+        &["--replication", "gossipy"],
+        &["--replication", "gossipy", "delta"],
+    );
+    conformance::rejects_args(bin, &["--replica-id", "a@b"], &["--replica-id", "'@'"]);
+}

@@ -73,5 +73,23 @@ async fn writes_replicate_and_a_partition_heals_to_identical_digests() {
             "replica {i}"
         );
     }
+
+    // A replica that was down while writes went on catches up when it returns.
+    let mut down = trio.procs[1].take().expect("running");
+    form_testkit::conformance::stop_gracefully(&mut down).await;
+    a.add_member(member("web", "while-down"))
+        .await
+        .expect("write while one is down");
+    trio.procs[1] = Some(trio.launch(1).await);
+    let mut b = trio.client(1).await;
+    assert_eventually!(
+        async {
+            members(&mut b, "web")
+                .await
+                .contains(&"while-down".to_owned())
+        },
+        "the restarted replica catches up"
+    );
+    assert_eventually!(trio.converged(), "all converge after the restart");
     trio.stop().await;
 }

@@ -126,3 +126,66 @@ pub fn remove_compacted(dir: &Path, keep: u64) -> Result<(), StateError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{frame, segment_path, snapshot_path};
+
+    fn dir(label: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("form-recover-{label}-{}", std::process::id()));
+        drop(std::fs::remove_dir_all(&d));
+        std::fs::create_dir_all(d.join("wal")).expect("mkdir");
+        d
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_stops_recovery_naming_the_file() {
+        let d = dir("snap");
+        let mut snap = frame::encode_snapshot(3, b"state");
+        let n = snap.len() - 1;
+        snap[n] ^= 0xff;
+        std::fs::write(snapshot_path(&d, 3), snap).expect("write");
+        let e = recover(&d).expect_err("corrupt").to_string();
+        assert!(
+            e.contains("snapshot-000003.bin") && e.contains("checksum"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).expect("cleanup");
+    }
+
+    #[test]
+    fn a_torn_record_in_an_earlier_segment_is_corruption() {
+        let d = dir("mid");
+        let mut buf = Vec::new();
+        frame::encode_record(&Record::Delta(b"abc".to_vec()), &mut buf);
+        std::fs::write(segment_path(&d, 1), &buf[..buf.len() - 1]).expect("write");
+        std::fs::write(segment_path(&d, 2), &buf).expect("write");
+        let e = recover(&d).expect_err("corrupt").to_string();
+        assert!(e.contains("000001.log") && e.contains("offset 0"), "{e}");
+        std::fs::remove_dir_all(&d).expect("cleanup");
+    }
+
+    #[test]
+    fn segments_after_the_snapshot_are_replayed_in_order() {
+        let d = dir("order");
+        std::fs::write(snapshot_path(&d, 1), frame::encode_snapshot(1, b"s")).expect("write");
+        for (n, payload) in [(1u64, "old"), (2, "a"), (3, "b")] {
+            let mut buf = Vec::new();
+            frame::encode_record(&Record::Delta(payload.as_bytes().to_vec()), &mut buf);
+            std::fs::write(segment_path(&d, n), buf).expect("write");
+        }
+        let r = recover(&d).expect("recovers");
+        assert_eq!(r.snapshot.as_deref(), Some(&b"s"[..]));
+        assert_eq!(
+            r.records,
+            [Record::Delta(b"a".to_vec()), Record::Delta(b"b".to_vec())]
+        );
+        assert_eq!(r.segment, 3);
+        assert!(
+            !segment_path(&d, 1).exists(),
+            "a segment the snapshot covers is removed"
+        );
+        std::fs::remove_dir_all(&d).expect("cleanup");
+    }
+}
