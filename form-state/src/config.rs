@@ -102,7 +102,7 @@ impl ServiceConfig for Config {
         }
         crate::model::validate::id("replica_id", &self.replica_id)
             .map_err(|e| ConfigError::invalid("--replica-id", e.to_string()))?;
-        let ranges: [(&str, u64, u64, u64); 5] = [
+        let ranges: [(&str, u64, u64, u64); 6] = [
             ("--sync-interval-ms", self.sync_interval_ms, 1, 60_000),
             (
                 "--anti-entropy-interval-ms",
@@ -113,6 +113,12 @@ impl ServiceConfig for Config {
             ("--batch-size", self.batch_size as u64, 1, 100_000),
             ("--snapshot-every", self.snapshot_every, 1, u64::MAX),
             ("--buffer-limit", self.buffer_limit as u64, 1, 10_000_000),
+            (
+                "--delta-log-limit",
+                self.delta_log_limit as u64,
+                1,
+                100_000_000,
+            ),
         ];
         for (flag, v, lo, hi) in ranges {
             if v < lo || v > hi {
@@ -203,6 +209,11 @@ pub struct Args {
     #[arg(long, value_name = "N", env = "FORM_STATE_BUFFER_LIMIT")]
     pub buffer_limit: Option<usize>,
 
+    /// Deltas kept in memory for gossip; peers that lack older ones get the full state
+    /// [default: 100000]
+    #[arg(long, value_name = "N", env = "FORM_STATE_DELTA_LOG_LIMIT")]
+    pub delta_log_limit: Option<usize>,
+
     /// Print '<replica-id> <public key hex>' for the authorized keys file (creating the
     /// node key if missing) and exit
     #[arg(long)]
@@ -255,6 +266,9 @@ impl Args {
             }
             if let Some(v) = self.buffer_limit {
                 c.buffer_limit = v;
+            }
+            if let Some(v) = self.delta_log_limit {
+                c.delta_log_limit = v;
             }
             let fields = self.high_priority_fields;
             match (self.replication, fields) {

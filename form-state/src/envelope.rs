@@ -13,6 +13,9 @@ use crate::codec;
 use crate::crdt::Delta;
 use crate::error::StateError;
 
+/// Most dots one delta may consume.
+pub const MAX_DOTS_PER_DELTA: u64 = 1 << 20;
+
 /// A delta whose origin and signature were checked (or that this replica made).
 #[derive(Debug, Clone)]
 pub struct VerifiedDelta {
@@ -200,8 +203,21 @@ fn finish(
     };
     let delta =
         codec::decode_delta(&env.payload).map_err(|e| malformed(format!("payload: {e}")))?;
-    if delta.actor != env.origin_id || delta.first != env.seq || delta.len == 0 {
+    if delta.actor != env.origin_id || delta.first != env.seq {
         return Err(malformed("payload does not match its envelope".into()));
+    }
+    if delta.first == 0
+        || delta.len == 0
+        || delta.len < delta.writes.len() as u64
+        || delta.len > MAX_DOTS_PER_DELTA
+        || delta.first.checked_add(delta.len).is_none()
+    {
+        return Err(malformed(format!(
+            "dots {}+{} do not cover its {} writes",
+            delta.first,
+            delta.len,
+            delta.writes.len()
+        )));
     }
     Ok(VerifiedDelta {
         deps: env

@@ -135,19 +135,29 @@ fn from_vv(v: Option<pb::VersionVector>) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
-fn sign_state(store: &Store) -> pb::SignedFullState {
-    let r = store.lock();
-    let state = codec::encode_state(r.state());
-    let version = vv(&r.version());
+/// The whole state, signed, once everything it holds is durable (a full state must
+/// never carry a write that a crash could still undo).
+async fn sign_state(store: &Store) -> Result<pb::SignedFullState, StateError> {
+    let (state, version, actor, lsn, key) = {
+        let r = store.lock();
+        (
+            codec::encode_state(r.state()),
+            vv(&r.version()),
+            r.actor().to_owned(),
+            r.lsn(),
+            r.key().clone(),
+        )
+    };
+    store.wait_durable(lsn).await?;
     let mut msg = state.clone();
     msg.extend(version.encode_to_vec());
-    pb::SignedFullState {
-        signature: r.key().sign(&msg).to_bytes().to_vec(),
-        public_key: r.key().verifying_key().to_bytes().to_vec(),
-        origin_id: r.actor().to_owned(),
+    Ok(pb::SignedFullState {
+        signature: key.sign(&msg).to_bytes().to_vec(),
+        public_key: key.verifying_key().to_bytes().to_vec(),
+        origin_id: actor,
         state,
         version: Some(version),
-    }
+    })
 }
 
 fn open_state(store: &Store, s: &pb::SignedFullState) -> Result<State, StateError> {
@@ -186,11 +196,9 @@ fn take_deltas(
     store: &Store,
     signed: Vec<pb::SignedDelta>,
 ) -> Result<(Vec<crate::envelope::VerifiedDelta>, pb::PushAck), StateError> {
-    let results = store
-        .lock()
-        .authorized()
-        .clone()
-        .verify_batch(signed.into_iter().map(Arc::new).collect());
+    // Verify without holding the store lock.
+    let authorized = store.lock().authorized().clone();
+    let results = authorized.verify_batch(signed.into_iter().map(Arc::new).collect());
     let mut good = Vec::new();
     let mut rejected = 0;
     for r in results {
@@ -282,7 +290,7 @@ impl GossipService for GossipApi {
             Missing::Deltas(v) => (v.iter().map(|d| (*d.signed).clone()).collect(), None),
             Missing::FullState => {
                 metrics::counter!("form_state_full_state_sent_total").increment(1);
-                (Vec::new(), Some(sign_state(&self.store)))
+                (Vec::new(), Some(sign_state(&self.store).await?))
             }
         };
         let r = self.store.lock();
@@ -332,7 +340,7 @@ pub async fn run(
             _ = sync.tick() => false,
             _ = urgent.notified() => false,
             _ = ae.tick() => true,
-        };
+        } || store.take_anti_entropy_request();
         let mut round = tokio::task::JoinSet::new();
         for (addr, client) in &links {
             let (store, peers, cfg) = (store.clone(), peers.clone(), config.clone());
@@ -379,13 +387,14 @@ async fn push(
         pb::DeltaBatch {
             sender_id,
             deltas: Vec::new(),
-            full_state: Some(sign_state(store)),
+            full_state: Some(sign_state(store).await?),
         }
     } else {
-        match store
+        // The guard must be gone before the full state locks the store again.
+        let missing = store
             .lock()
-            .missing_for(&known, cfg.batch_size, actor.as_deref())
-        {
+            .missing_for(&known, cfg.batch_size, actor.as_deref());
+        match missing {
             Missing::Nothing => return Ok(()),
             Missing::Deltas(v) => pb::DeltaBatch {
                 sender_id,
@@ -397,7 +406,7 @@ async fn push(
                 pb::DeltaBatch {
                     sender_id,
                     deltas: Vec::new(),
-                    full_state: Some(sign_state(store)),
+                    full_state: Some(sign_state(store).await?),
                 }
             }
         }

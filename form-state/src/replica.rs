@@ -209,11 +209,13 @@ impl Replica {
         }
     }
 
-    /// Joins a peer's whole state (anti-entropy fallback). Returns the buffered deltas
-    /// that became ready and were applied after it.
-    pub fn merge_state(&mut self, other: &State) -> Vec<Arc<VerifiedDelta>> {
+    /// Joins a peer's whole state (anti-entropy fallback). Says whether the state
+    /// changed (then the join is one change, with an lsn) and returns the buffered
+    /// deltas that became ready and were applied after it.
+    pub fn merge_state(&mut self, other: &State) -> (bool, Vec<Arc<VerifiedDelta>>) {
         let before = self.state.clone();
         self.state.join(other);
+        let changed = before != self.state;
         let mut touched: Vec<(Space, String)> = Vec::new();
         for space in [Space::Cluster, Space::Operation] {
             let mut ids: Vec<&str> = before.ids(space);
@@ -228,10 +230,12 @@ impl Replica {
                 }
             }
         }
-        self.record_change(touched);
+        if changed {
+            self.record_change(touched);
+        }
         let mut applied = Vec::new();
         self.drain_ready(&mut applied);
-        applied
+        (changed, applied)
     }
 
     /// What a peer that has `known` lacks, at most `limit` deltas, durable ones only.
@@ -243,38 +247,45 @@ impl Replica {
         exclude: Option<&str>,
     ) -> Missing {
         let mine = self.state.context().version_vector();
-        let mut out = Vec::new();
+        let mut candidates: Vec<(u64, Arc<VerifiedDelta>)> = Vec::new();
         for (origin, have) in mine {
             let theirs = known.get(origin).copied().unwrap_or(0);
             if *have <= theirs || Some(origin.as_str()) == exclude {
                 continue;
             }
-            let retained = self.log.get(origin);
-            let first_kept = retained.and_then(|m| m.keys().next().copied());
-            if self.trimmed.get(origin).is_some_and(|t| *t > theirs)
-                || first_kept.is_none_or(|f| f > theirs + 1)
-            {
+            if self.trimmed.get(origin).is_some_and(|t| *t > theirs) {
                 return Missing::FullState;
             }
-            if let Some(m) = retained {
-                for (_, (lsn, d)) in m.range(theirs + 1..) {
-                    if *lsn > self.durable_lsn || out.len() >= limit {
-                        break;
-                    }
-                    out.push(d.clone());
+            let Some(retained) = self.log.get(origin) else {
+                return Missing::FullState;
+            };
+            // The deltas must follow each other from `theirs + 1`: a gap means dots that
+            // arrived here inside a full state, which only a full state carries on.
+            let mut next = theirs + 1;
+            let mut undurable = false;
+            for (first, (lsn, d)) in retained.range(theirs + 1..) {
+                if *first != next {
+                    return Missing::FullState;
                 }
+                if *lsn > self.durable_lsn {
+                    undurable = true;
+                    break;
+                }
+                candidates.push((*lsn, d.clone()));
+                next = d.delta.last() + 1;
             }
-            if out.len() >= limit {
-                break;
+            if !undurable && next <= *have {
+                return Missing::FullState;
             }
         }
-        // Causal order across origins: a receiver buffers what comes early, but sending
-        // in lsn order lets it apply most deltas at once.
-        out.sort_by_key(|d| self.lsn_of(d));
-        if out.is_empty() {
+        // The lsn order is a causal order here: taking the first `limit` of every
+        // origin's candidates together never starves one origin behind another.
+        candidates.sort_by_key(|(lsn, _)| *lsn);
+        candidates.truncate(limit);
+        if candidates.is_empty() {
             Missing::Nothing
         } else {
-            Missing::Deltas(out)
+            Missing::Deltas(candidates.into_iter().map(|(_, d)| d).collect())
         }
     }
 
@@ -302,13 +313,6 @@ impl Replica {
     fn drop_covered_pending(&mut self) {
         let pending = std::mem::take(&mut self.pending);
         self.pending = pending.into_iter().filter(|p| !self.covers(p)).collect();
-    }
-
-    fn lsn_of(&self, d: &VerifiedDelta) -> u64 {
-        self.log
-            .get(&d.delta.actor)
-            .and_then(|m| m.get(&d.delta.first))
-            .map_or(u64::MAX, |(l, _)| *l)
     }
 
     fn covers(&self, d: &VerifiedDelta) -> bool {

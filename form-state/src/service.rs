@@ -35,7 +35,7 @@ impl StateApi {
             version: Some(pb::VersionVector {
                 entries: w.version.into_iter().collect(),
             }),
-            sequence: w.lsn,
+            sequence: self.store.sequence(w.lsn),
             replica_id: actor,
         })
     }

@@ -62,7 +62,13 @@ pub struct Store {
     snapshot_every: u64,
     since_snapshot: Mutex<u64>,
     urgent: Mutex<Option<(Arc<tokio::sync::Notify>, Vec<Field>)>>,
+    boot: u64,
+    anti_entropy_wanted: std::sync::atomic::AtomicBool,
 }
+
+/// Bits of a change sequence number that hold the lsn; the bits above hold the boot
+/// count, so sequences of an earlier run of the replica never match this run's.
+const LSN_BITS: u32 = 40;
 
 impl Store {
     /// Recovers the replica from `config.data_dir` (creating it on first start) and
@@ -71,6 +77,7 @@ impl Store {
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir).map_err(StateError::io(dir))?;
         let incarnation = incarnation(dir)?;
+        let boot = next_boot(dir)?;
         let key = crate::keys::load_or_create_node_key(&config.node_key)?;
         let authorized = authorized(config, &key)?;
         let actor = format!("{}@{incarnation}", config.replica_id);
@@ -123,6 +130,8 @@ impl Store {
             snapshot_every: config.snapshot_every.max(1),
             since_snapshot: Mutex::new(replayed as u64),
             urgent: Mutex::new(None),
+            boot,
+            anti_entropy_wanted: std::sync::atomic::AtomicBool::new(false),
         });
         store.spawn_durability_follower();
         Ok(store)
@@ -159,6 +168,28 @@ impl Store {
             .urgent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((notify, fields));
+    }
+
+    /// The change sequence number (as `WriteReply` and `Watch` show it) of `lsn`.
+    pub fn sequence(&self, lsn: u64) -> u64 {
+        (self.boot << LSN_BITS) | lsn
+    }
+
+    /// The lsn of a sequence number of this run; `None` for one of an earlier run.
+    pub fn lsn_of_sequence(&self, sequence: u64) -> Option<u64> {
+        (sequence >> LSN_BITS == self.boot).then_some(sequence & ((1 << LSN_BITS) - 1))
+    }
+
+    /// Whether a full buffer refused deltas since the last call: gossip then runs
+    /// anti-entropy at once to fetch them in order.
+    pub fn take_anti_entropy_request(&self) -> bool {
+        self.anti_entropy_wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until change `lsn` is durable.
+    pub async fn wait_durable(&self, lsn: u64) -> Result<(), StateError> {
+        self.wal.wait_durable(lsn).await
     }
 
     /// A local write; returns once it is durable.
@@ -201,6 +232,10 @@ impl Store {
     pub fn receive(&self, deltas: Vec<VerifiedDelta>) -> Result<Received, StateError> {
         let mut r = self.lock();
         let out = r.receive(deltas);
+        if out.overflow > 0 {
+            self.anti_entropy_wanted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.log(&mut r, out.applied.clone())?;
         metrics::counter!("form_state_deltas_applied_total").increment(out.applied.len() as u64);
         metrics::gauge!("form_state_buffered_deltas").set(r.pending_len() as f64);
@@ -210,24 +245,29 @@ impl Store {
     /// Joins a peer's whole state and logs it.
     pub fn merge_state(&self, state: &State) -> Result<(), StateError> {
         let mut r = self.lock();
-        let applied = r.merge_state(state);
-        self.wal.append(
-            r.lsn() - applied.len() as u64,
-            Record::FullState(codec::encode_state(state)),
-        )?;
+        let (changed, applied) = r.merge_state(state);
+        if changed {
+            let bytes = codec::encode_state(state);
+            // A full state weighs as much in the log as many deltas: count it so.
+            *self
+                .since_snapshot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) += bytes.len() as u64 / 1024;
+            self.wal
+                .append(r.lsn() - applied.len() as u64, Record::FullState(bytes))?;
+            metrics::counter!("form_state_full_state_merges_total").increment(1);
+        }
         self.log(&mut r, applied)?;
-        metrics::counter!("form_state_full_state_merges_total").increment(1);
         Ok(())
     }
 
+    /// Logs applied deltas (in lsn order, under the replica lock) and takes a snapshot
+    /// once enough was logged since the last one.
     fn log(
         &self,
         r: &mut MutexGuard<'_, Replica>,
         applied: Vec<Arc<VerifiedDelta>>,
     ) -> Result<(), StateError> {
-        if applied.is_empty() {
-            return Ok(());
-        }
         let first = r.lsn() + 1 - applied.len() as u64;
         for (i, d) in applied.iter().enumerate() {
             self.wal
@@ -247,6 +287,35 @@ impl Store {
     }
 }
 
+/// Counts starts of the replica (persisted), so change sequences differ per run.
+fn next_boot(dir: &Path) -> Result<u64, StateError> {
+    let path = dir.join("boots");
+    let n = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u64>().map_err(|e| StateError::Storage {
+            path: path.clone(),
+            message: format!("'{}': {e}; expected a number", s.trim()),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(StateError::io(&path)(e)),
+    } + 1;
+    write_synced(&path, format!("{n}\n").as_bytes())?;
+    Ok(n & 0xff_ffff)
+}
+
+/// Writes a small file durably (temporary file, fsync, rename, fsync of the directory).
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(StateError::io(&tmp))?;
+    f.write_all(bytes).map_err(StateError::io(&tmp))?;
+    f.sync_all().map_err(StateError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(StateError::io(path))?;
+    if let Some(dir) = path.parent() {
+        crate::storage::sync_dir(dir).map_err(StateError::io(dir))?;
+    }
+    Ok(())
+}
+
 fn incarnation(dir: &Path) -> Result<String, StateError> {
     let path = dir.join("incarnation");
     match std::fs::read_to_string(&path) {
@@ -260,8 +329,7 @@ fn incarnation(dir: &Path) -> Result<String, StateError> {
                 "{:08x}",
                 (now_ms() as u32) ^ std::process::id().rotate_left(16)
             );
-            std::fs::write(&path, format!("{id}\n")).map_err(StateError::io(&path))?;
-            crate::storage::sync_dir(dir).map_err(StateError::io(dir))?;
+            write_synced(&path, format!("{id}\n").as_bytes())?;
             Ok(id)
         }
         Err(e) => Err(StateError::io(&path)(e)),

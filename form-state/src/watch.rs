@@ -26,39 +26,53 @@ pub fn stream(
     let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
     tokio::spawn(async move {
         let mut durable = store.subscribe();
-        let mut cursor = req.from_sequence.saturating_sub(1);
-        let mut need_reset = req.from_sequence == 0;
+        // A sequence of an earlier run of the replica, or from the future, starts over.
+        let (mut cursor, mut need_reset) = match store.lsn_of_sequence(req.from_sequence) {
+            Some(lsn) if req.from_sequence != 0 && lsn <= store.lock().lsn() + 1 => {
+                (lsn.saturating_sub(1), false)
+            }
+            _ => (0, true),
+        };
         loop {
-            let events = {
+            let (events, read_at) = {
                 let r = store.lock();
                 let changes = if need_reset {
                     None
                 } else {
                     r.changes_since(cursor)
                 };
-                match changes {
+                let events = match changes {
                     None => {
                         let lsn = r.durable_lsn();
                         cursor = lsn;
                         need_reset = false;
-                        snapshot(r.state(), &req.cluster_id, lsn)
+                        snapshot(r.state(), &req.cluster_id, store.sequence(lsn))
                     }
                     Some(changes) => {
                         let mut events = Vec::new();
                         for c in changes {
                             cursor = c.lsn;
                             for (space, id) in &c.touched {
-                                if let Some(e) =
-                                    event(r.state(), *space, id, &req.cluster_id, c.lsn)
-                                {
+                                if let Some(e) = event(
+                                    r.state(),
+                                    *space,
+                                    id,
+                                    &req.cluster_id,
+                                    store.sequence(c.lsn),
+                                ) {
                                     events.push(e);
                                 }
                             }
                         }
                         events
                     }
-                }
+                };
+                (events, r.lsn())
             };
+            // The values read may include later changes: send them once those are durable.
+            if store.wait_durable(read_at).await.is_err() {
+                return;
+            }
             for e in events {
                 if tx.send(Ok(e)).await.is_err() {
                     return;

@@ -93,3 +93,34 @@ async fn writes_replicate_and_a_partition_heals_to_identical_digests() {
     assert_eventually!(trio.converged(), "all converge after the restart");
     trio.stop().await;
 }
+
+#[tokio::test]
+async fn a_peer_behind_a_trimmed_log_gets_the_full_state() {
+    let mut extra = fast_gossip();
+    extra.extend(["--delta-log-limit", "5"].map(String::from));
+    let opts = ReplicaOptions {
+        count: 2,
+        proxied: true,
+        extra_args: extra,
+    };
+    let mut pair = Replicas::start(std::path::Path::new(BIN), "trimmed", opts).await;
+    let mut a = pair.client(0).await;
+    a.put_cluster(cluster("first")).await.expect("write");
+    assert_eventually!(pair.converged(), "initial convergence");
+
+    pair.isolate(1);
+    for i in 0..20 {
+        a.put_cluster(cluster(&format!("c{i}")))
+            .await
+            .expect("write while cut off");
+    }
+    pair.heal();
+    assert_eventually!(
+        deadline = std::time::Duration::from_secs(10),
+        pair.converged(),
+        "the cut-off replica catches up through a full state"
+    );
+    let full = metric_sum(pair.metrics_addr(0), "form_state_full_state_sent_total").await;
+    assert!(full >= 1.0, "the fallback was a full state ({full})");
+    pair.stop().await;
+}

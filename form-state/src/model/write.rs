@@ -70,6 +70,9 @@ pub fn put_cluster(
     let key = |f| Key::cluster(id, f);
     let exists = read::cluster_exists(state, id);
     if !exists {
+        // Fields left by updates concurrent with an earlier delete are invisible; a new
+        // cluster must not inherit them.
+        b.remove_scope(Space::Cluster, id, None);
         b.set(key(Field::ClusterPresence), Value::Unit, 0, now);
     }
     match (&r.domain, exists) {
@@ -152,6 +155,10 @@ pub fn add_member(
     let addresses = m.addresses.join(",");
     validate::size("member.addresses", addresses.as_bytes())?;
     let mut b = DeltaBuilder::new(state, actor);
+    if !read::member_exists(state, &r.cluster_id, &m.instance_id) {
+        // A new member must not inherit fields left by updates concurrent with a remove.
+        b.remove_scope(Space::Cluster, &r.cluster_id, Some(&m.instance_id));
+    }
     b.set(key(Field::MemberPresence), Value::Unit, 0, now);
     b.set(key(Field::NodeId), Value::Text(m.node_id.clone()), 0, now);
     b.set(
@@ -477,6 +484,58 @@ mod tests {
         )
         .expect_err("empty");
         assert!(e.to_string().contains("cluster_id"), "{e}");
+    }
+
+    #[test]
+    fn a_recreated_cluster_does_not_inherit_leftovers() {
+        let mut s = State::default();
+        apply(&mut s, |s| {
+            put_cluster(
+                s,
+                "a",
+                1,
+                &pb::PutClusterRequest {
+                    cluster_id: "web".into(),
+                    ..Default::default()
+                },
+            )
+        });
+        // b updates the domain while a deletes the cluster without having seen it.
+        let mut b = s.clone();
+        let upd = pb::PutClusterRequest {
+            cluster_id: "web".into(),
+            domain: Some("old.fog".into()),
+            ..Default::default()
+        };
+        let update = put_cluster(&b, "b", 2, &upd)
+            .expect("valid")
+            .expect("delta");
+        b.apply(&update);
+        let delete = delete_cluster(&s, "a", "web")
+            .expect("valid")
+            .expect("delta");
+        s.apply(&delete);
+        s.apply(&update);
+        assert!(
+            read::cluster(&s, "web").is_none(),
+            "the update does not revive the cluster"
+        );
+        apply(&mut s, |s| {
+            put_cluster(
+                s,
+                "a",
+                3,
+                &pb::PutClusterRequest {
+                    cluster_id: "web".into(),
+                    ..Default::default()
+                },
+            )
+        });
+        assert_eq!(
+            read::cluster(&s, "web").expect("re-created").domain,
+            "web.fog",
+            "no leftover domain"
+        );
     }
 
     #[test]

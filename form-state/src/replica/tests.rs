@@ -4,7 +4,6 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::crdt::{Field, Key, Value};
 use crate::model::{read, write};
 use form_proto::state::v1 as pb;
 
@@ -154,6 +153,54 @@ fn undurable_deltas_are_not_offered() {
     ));
 }
 
+#[test]
+fn a_lagging_peer_gets_every_origin_in_causal_order_within_the_limit() {
+    // state-0 writes after seeing each write of state-1, so every state-0 delta depends
+    // on a state-1 delta, and state-0 sorts first. A peer that lacks both must not get
+    // state-0's deltas ahead of state-1's forever.
+    let mut rs = replicas(Limits::default());
+    for i in 0..30 {
+        let d = put(&mut rs[1], &format!("a{i}"), "x.fog");
+        rs[0].receive(vec![unverify(&d)]);
+        let _ = put(&mut rs[0], &format!("b{i}"), "y.fog");
+    }
+    let l = rs[0].lsn();
+    rs[0].mark_durable(l);
+    let mut rounds = 0;
+    while rs[2].state() != rs[0].state() {
+        rounds += 1;
+        assert!(rounds < 20, "no progress");
+        match rs[0].missing_for(&rs[2].version(), 8, None) {
+            Missing::Deltas(v) => {
+                let r = rs[2].receive(v.iter().map(unverify).collect());
+                assert_eq!(r.buffered, 0, "every batch applies in order");
+            }
+            other => panic!("expected deltas, got {other:?}"),
+        }
+    }
+    assert_eq!(rounds, 8, "60 deltas in batches of 8");
+}
+
+#[test]
+fn dots_that_arrived_in_a_full_state_are_never_sent_as_a_gapped_run() {
+    let mut rs = replicas(Limits::default());
+    let d1 = put(&mut rs[0], "c1", "x.fog");
+    rs[1].receive(vec![unverify(&d1)]);
+    let _ = put(&mut rs[0], "c2", "x.fog");
+    let s0 = rs[0].state().clone();
+    rs[1].merge_state(&s0); // a:2 arrives inside a full state, not as a delta
+    let d3 = put(&mut rs[0], "c3", "x.fog");
+    rs[1].receive(vec![unverify(&d3)]);
+    let l = rs[1].lsn();
+    rs[1].mark_durable(l);
+    // A peer at a:1 must get the full state, not a:3 alone (which it could never apply).
+    let known: BTreeMap<String, u64> = [(rs[0].actor().to_owned(), 1)].into();
+    assert!(matches!(
+        rs[1].missing_for(&known, 100, None),
+        Missing::FullState
+    ));
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Write {
@@ -246,12 +293,4 @@ proptest! {
         }
         prop_assert_eq!(rs[0].pending_len(), 0);
     }
-}
-
-#[test]
-fn key_helpers_are_consistent() {
-    // The member presence key sorts inside its cluster's scope.
-    let k = Key::member("web", "m1", Field::MemberPresence);
-    assert!(k > Key::cluster("web", Field::Domain));
-    let _ = Value::Unit;
 }

@@ -107,6 +107,20 @@ pub fn read_record(buf: &[u8], at: usize) -> Read {
     Read::Record(record, at + end)
 }
 
+/// The offset of the first valid record after `at`, if any: a "torn" tail followed by
+/// valid records is corruption (a damaged length), not a write cut short.
+pub fn valid_record_after(buf: &[u8], at: usize) -> Option<usize> {
+    let mut from = at + 1;
+    while from + RECORD_HEADER <= buf.len() {
+        let i = from + buf[from..].windows(4).position(|w| w == WAL_MAGIC)?;
+        if matches!(read_record(buf, i), Read::Record(..)) {
+            return Some(i);
+        }
+        from = i + 1;
+    }
+    None
+}
+
 /// A framed snapshot of `payload`, taken at the end of WAL segment `segment`.
 pub fn encode_snapshot(segment: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(SNAPSHOT_HEADER + payload.len());
@@ -202,6 +216,15 @@ mod tests {
         let n = last.len() - 1;
         last[n] ^= 0xff; // inside the last payload
         assert!(matches!(read_record(&last, first_len), Read::Torn(_)));
+        let mut length = buf.clone();
+        length[6] = 0xff; // the first record's length now runs past the end
+        assert!(matches!(read_record(&length, 0), Read::Torn(_)));
+        assert_eq!(
+            valid_record_after(&length, 0),
+            Some(first_len),
+            "but a valid record follows"
+        );
+        assert_eq!(valid_record_after(&buf[..buf.len() - 1], first_len), None);
         let mut future = buf;
         future[4] = 9;
         assert!(matches!(read_record(&future, 0), Read::Corrupt(m) if m.contains("version 9")));

@@ -83,7 +83,9 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
                     at = next;
                 }
                 Read::End => break,
-                Read::Torn(why) if Some(*n) == last => {
+                Read::Torn(why)
+                    if Some(*n) == last && frame::valid_record_after(&bytes, at).is_none() =>
+                {
                     tracing::warn!(file = %path.display(), offset = at, reason = %why, "dropping a torn last record");
                     let f = std::fs::OpenOptions::new()
                         .write(true)
@@ -163,6 +165,24 @@ mod tests {
         std::fs::write(segment_path(&d, 2), &buf).expect("write");
         let e = recover(&d).expect_err("corrupt").to_string();
         assert!(e.contains("000001.log") && e.contains("offset 0"), "{e}");
+        std::fs::remove_dir_all(&d).expect("cleanup");
+    }
+
+    #[test]
+    fn a_damaged_length_before_valid_records_is_corruption_not_a_torn_tail() {
+        let d = dir("length");
+        let mut buf = Vec::new();
+        frame::encode_record(&Record::Delta(b"one".to_vec()), &mut buf);
+        frame::encode_record(&Record::Delta(b"two".to_vec()), &mut buf);
+        buf[6] = 0xff;
+        std::fs::write(segment_path(&d, 1), &buf).expect("write");
+        let e = recover(&d).expect_err("corrupt").to_string();
+        assert!(e.contains("000001.log") && e.contains("offset 0"), "{e}");
+        assert_eq!(
+            std::fs::read(segment_path(&d, 1)).expect("read"),
+            buf,
+            "nothing was cut off"
+        );
         std::fs::remove_dir_all(&d).expect("cleanup");
     }
 

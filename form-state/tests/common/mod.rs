@@ -6,7 +6,7 @@ use std::path::Path;
 
 use form_proto::state::v1 as pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
-pub use form_testkit::replicas::{ReplicaOptions, Replicas, digest};
+pub use form_testkit::replicas::{ReplicaOptions, Replicas, digest, metric_sum};
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_form-state");
