@@ -21,7 +21,20 @@ pub struct Config {
     pub state: Vec<HostPort>,
     /// Id of this node, as members record it.
     pub node_id: String,
+    /// Backend that runs instances: `process` (child processes).
+    pub backend: String,
+    /// Directory of instance working directories and the snapshot store.
+    pub data_dir: std::path::PathBuf,
+    /// IP address instances listen on and are reached at.
+    pub instance_host: std::net::IpAddr,
+    /// Milliseconds between heartbeats of the instances into form-state.
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds a new instance may take to serve before it is marked failed.
+    pub ready_timeout_ms: u64,
 }
+
+/// Backends this build runs.
+pub const BACKENDS: &[&str] = &["process"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -30,6 +43,11 @@ impl Default for Config {
             metrics_listen: Self::DEFAULT_METRICS_LISTEN,
             state: Vec::new(),
             node_id: "node-1".to_owned(),
+            backend: "process".to_owned(),
+            data_dir: "form-vmm-data".into(),
+            instance_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            heartbeat_interval_ms: 1000,
+            ready_timeout_ms: 10_000,
         }
     }
 }
@@ -55,6 +73,27 @@ impl ServiceConfig for Config {
                 "must not be empty; expected an id such as node-1",
             ));
         }
+        if !BACKENDS.contains(&self.backend.as_str()) {
+            return Err(ConfigError::invalid(
+                "--backend",
+                format!(
+                    "'{}' is not available; expected one of: {}",
+                    self.backend,
+                    BACKENDS.join(", ")
+                ),
+            ));
+        }
+        for (flag, v) in [
+            ("--heartbeat-interval-ms", self.heartbeat_interval_ms),
+            ("--ready-timeout-ms", self.ready_timeout_ms),
+        ] {
+            if !(10..=3_600_000).contains(&v) {
+                return Err(ConfigError::invalid(
+                    flag,
+                    format!("{v} is out of range; expected 10-3600000"),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -76,6 +115,26 @@ pub struct Args {
     #[arg(long, value_name = "ID", env = "FORM_VMM_NODE_ID")]
     pub node_id: Option<String>,
 
+    /// Backend that runs instances: process [default: process]
+    #[arg(long, value_name = "BACKEND", env = "FORM_VMM_BACKEND")]
+    pub backend: Option<String>,
+
+    /// Directory of instance working directories and snapshots [default: ./form-vmm-data]
+    #[arg(long, value_name = "DIR", env = "FORM_VMM_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+
+    /// IP address instances listen on and are reached at [default: 127.0.0.1]
+    #[arg(long, value_name = "IP", env = "FORM_VMM_INSTANCE_HOST")]
+    pub instance_host: Option<std::net::IpAddr>,
+
+    /// Milliseconds between instance heartbeats into form-state [default: 1000]
+    #[arg(long, value_name = "MS", env = "FORM_VMM_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+
+    /// Milliseconds a new instance may take to serve [default: 10000]
+    #[arg(long, value_name = "MS", env = "FORM_VMM_READY_TIMEOUT_MS")]
+    pub ready_timeout_ms: Option<u64>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -90,6 +149,21 @@ impl Args {
             }
             if let Some(v) = self.node_id {
                 c.node_id = v;
+            }
+            if let Some(v) = self.backend {
+                c.backend = v;
+            }
+            if let Some(v) = self.data_dir {
+                c.data_dir = v;
+            }
+            if let Some(v) = self.instance_host {
+                c.instance_host = v;
+            }
+            if let Some(v) = self.heartbeat_interval_ms {
+                c.heartbeat_interval_ms = v;
+            }
+            if let Some(v) = self.ready_timeout_ms {
+                c.ready_timeout_ms = v;
             }
         })?;
         Ok((config, self.common))

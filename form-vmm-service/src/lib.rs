@@ -3,6 +3,14 @@
 //! heartbeats them into form-state.
 
 pub mod config;
+pub mod error;
+pub mod heartbeat;
+mod http;
+pub mod hypervisor;
+pub mod process;
+pub mod service;
+pub mod snapshots;
+pub mod spec;
 
 use std::net::SocketAddr;
 
@@ -13,6 +21,16 @@ use form_runtime::upstream;
 use form_runtime::{ConfigError, RuntimeError};
 
 pub use config::{Args, Config};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use form_proto::vmm::v1::vmm_service_server::VmmServiceServer;
+
+use crate::error::VmmError;
+use crate::process::ProcessBackend;
+use crate::service::VmmApi;
+use crate::snapshots::SnapshotStore;
 
 /// The form-vmm-service service.
 #[derive(Debug)]
@@ -45,7 +63,32 @@ impl Service for VmmNode {
     }
 
     async fn run(self, ctx: RunContext) -> Result<(), RuntimeError> {
+        let c = &self.config;
+        let service_error = |e: VmmError| RuntimeError::Service(e.to_string());
+        let hv = Arc::new(
+            ProcessBackend::new(
+                c.data_dir.join("instances"),
+                c.instance_host,
+                &c.node_id,
+                Duration::from_millis(c.ready_timeout_ms),
+            )
+            .map_err(service_error)?,
+        );
+        let snapshots = SnapshotStore::open(c.data_dir.join("snapshots")).map_err(service_error)?;
         let upstreams = upstream::from_config(&[("state", &self.config.state)])?;
-        form_runtime::grpc::run(ctx, GrpcServer::new(), &upstreams).await
+        if let Some(state) = upstreams.first() {
+            tokio::spawn(heartbeat::run(
+                hv.clone(),
+                state.clone(),
+                Duration::from_millis(c.heartbeat_interval_ms),
+                ctx.shutdown.clone(),
+            ));
+        }
+        let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone());
+        let server = GrpcServer::new().add_service(VmmServiceServer::new(api));
+        let served = form_runtime::grpc::run(ctx, server, &upstreams).await;
+        // No instance outlives the service.
+        hv.delete_all().await;
+        served
     }
 }

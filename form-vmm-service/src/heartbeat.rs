@@ -1,0 +1,91 @@
+//! Heartbeats of this node's instances into form-state, every `heartbeat_interval_ms`:
+//! running instances report their CPU utilisation; an instance that failed is
+//! reported once as stopped and unhealthy, with the reason. Members the controller has
+//! not registered yet (NOT_FOUND) are skipped quietly.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use form_proto::state::v1 as pb;
+use form_proto::state::v1::state_service_client::StateServiceClient;
+use form_runtime::shutdown::Shutdown;
+use form_runtime::upstream::Upstream;
+
+use crate::hypervisor::{Hypervisor, Status};
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn log_error(instance: &str, e: &tonic::Status) {
+    if e.code() != tonic::Code::NotFound {
+        tracing::debug!(instance, error = %e, "heartbeat failed");
+        metrics::counter!("form_vmm_heartbeat_errors_total").increment(1);
+    }
+}
+
+/// Runs until shutdown.
+pub async fn run<H: Hypervisor>(
+    hv: Arc<H>,
+    state: Upstream,
+    interval: Duration,
+    mut shutdown: Shutdown,
+) {
+    let mut client = StateServiceClient::new(state.channel());
+    let mut reported_failed: BTreeSet<String> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.requested() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        for i in hv.list().await {
+            let (id, cluster) = (i.spec.instance_id.clone(), i.spec.cluster_id.clone());
+            match i.status {
+                Status::Running => {
+                    let cpu = hv
+                        .stats(&id)
+                        .await
+                        .map(|u| u.cpu_utilization)
+                        .unwrap_or(0.0);
+                    let req = pb::HeartbeatRequest {
+                        cluster_id: cluster,
+                        instance_id: id.clone(),
+                        at_ms: now_ms(),
+                        cpu_utilization: cpu,
+                    };
+                    match client.heartbeat(req).await {
+                        Ok(_) => metrics::counter!("form_vmm_heartbeats_total").increment(1),
+                        Err(e) => log_error(&id, &e),
+                    }
+                }
+                Status::Failed if !reported_failed.contains(&id) => {
+                    let req = pb::UpdateMemberRequest {
+                        cluster_id: cluster,
+                        instance_id: id.clone(),
+                        status: Some(pb::MemberStatus::Stopped as i32),
+                        health: Some(pb::HealthEvent {
+                            state: pb::HealthState::Unhealthy as i32,
+                            reason: i.failure.clone().unwrap_or_else(|| "failed".into()),
+                            at_ms: now_ms(),
+                        }),
+                        ..Default::default()
+                    };
+                    match client.update_member(req).await {
+                        Ok(_) => {
+                            reported_failed.insert(id);
+                        }
+                        Err(e) if e.code() == tonic::Code::NotFound => {
+                            reported_failed.insert(id);
+                        }
+                        Err(e) => log_error(&id, &e),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}

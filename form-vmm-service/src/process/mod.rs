@@ -1,0 +1,569 @@
+//! The `process` backend: an instance is a child process of the workload's command,
+//! in its own process group and working directory, with its own port (`PORT`), admin
+//! address for the snapshot hook (`FORM_ADMIN_ADDR`) and id (`FORM_INSTANCE_ID`).
+//!
+//! Snapshot: ask the workload to write its state through the hook (a workload without
+//! one gets only its working directory carried), then stop the process group
+//! (SIGSTOP) while its working directory is copied, then continue it (SIGCONT).
+//! Clone: a new process of the same command with a copy of the working directory and
+//! `FORM_RESTORE_DIR` pointing at a copy of the hook's state.
+
+mod cgroup;
+mod procfs;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use form_proto::types::v1 as types;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use prost::Message;
+use tokio::sync::watch;
+
+use self::cgroup::Cgroups;
+use crate::error::VmmError;
+use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage};
+use crate::snapshots::{Manifest, copy_tree};
+
+/// Time a workload gets to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Time the snapshot hook may take.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of stderr quoted when a workload fails.
+const STDERR_TAIL: usize = 2000;
+
+#[derive(Debug)]
+struct Proc {
+    info: InstanceInfo,
+    pid: u32,
+    dir: PathBuf,
+    exit: watch::Receiver<Option<String>>,
+    cpu_sample: (Instant, u64),
+    started: Instant,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    host: IpAddr,
+    cgroups: Cgroups,
+    ready_timeout: Duration,
+    procs: Mutex<BTreeMap<String, Proc>>,
+}
+
+/// Instances as local processes.
+#[derive(Debug, Clone)]
+pub struct ProcessBackend {
+    inner: Arc<Inner>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn free_port(host: IpAddr) -> Result<u16, VmmError> {
+    let l = std::net::TcpListener::bind((host, 0))
+        .map_err(VmmError::io(format!("finding a free port on {host}")))?;
+    Ok(l.local_addr()
+        .map_err(VmmError::io("finding a free port"))?
+        .port())
+}
+
+fn tail(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(STDERR_TAIL);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
+}
+
+/// Sends `signal` to the process group of `pid` (ignoring a group already gone).
+fn signal_group(pid: u32, signal: Signal) {
+    if let Ok(p) = i32::try_from(pid) {
+        let _ = killpg(Pid::from_raw(p), signal);
+    }
+}
+
+/// Workload of a manifest (hex of the encoded message).
+fn manifest_workload(m: &Manifest) -> Result<types::Workload, VmmError> {
+    let bytes: Option<Vec<u8>> = (0..m.workload.len())
+        .step_by(2)
+        .map(|i| {
+            m.workload
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect();
+    bytes
+        .and_then(|b| types::Workload::decode(b.as_slice()).ok())
+        .ok_or_else(|| {
+            VmmError::Backend(format!(
+                "snapshot {} has no readable workload",
+                m.snapshot_id
+            ))
+        })
+}
+
+/// Hex of an encoded workload, for manifests.
+pub fn workload_hex(w: &types::Workload) -> String {
+    w.encode_to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl ProcessBackend {
+    /// A backend keeping instance directories under `root`, binding instances to `host`.
+    pub fn new(
+        root: PathBuf,
+        host: IpAddr,
+        node_id: &str,
+        ready_timeout: Duration,
+    ) -> Result<Self, VmmError> {
+        std::fs::create_dir_all(&root)
+            .map_err(VmmError::io(format!("creating {}", root.display())))?;
+        let cgroups = Cgroups::detect(node_id);
+        match &cgroups {
+            Cgroups::Unavailable(why) => {
+                tracing::warn!(reason = %why, "resource limits will be recorded, not enforced")
+            }
+            other => tracing::info!(cgroups = ?other, "resource limits are enforced with cgroups"),
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                host,
+                cgroups,
+                ready_timeout,
+                procs: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    fn procs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Proc>> {
+        self.inner
+            .procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn with<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Proc) -> Result<T, VmmError>,
+    ) -> Result<T, VmmError> {
+        let mut procs = self.procs();
+        let p = procs.get_mut(id).ok_or_else(|| VmmError::NotFound {
+            what: "instance",
+            id: id.to_owned(),
+        })?;
+        f(p)
+    }
+
+    /// Starts the workload of `spec` in a fresh directory; `prepare` fills the
+    /// directory first and returns extra environment variables.
+    async fn start(
+        &self,
+        spec: InstanceSpec,
+        restored_from: Option<String>,
+        generation: u64,
+        prepare: impl FnOnce(&Path) -> Result<Vec<(String, String)>, VmmError>,
+    ) -> Result<InstanceInfo, VmmError> {
+        let id = spec.instance_id.clone();
+        let dir = self.inner.root.join(&id);
+        if self.procs().contains_key(&id) || dir.exists() {
+            return Err(VmmError::FailedPrecondition(format!(
+                "instance {id} already exists"
+            )));
+        }
+        let work = dir.join("work");
+        std::fs::create_dir_all(&work)
+            .map_err(VmmError::io(format!("creating {}", work.display())))?;
+        let env = match prepare(&dir) {
+            Ok(env) => env,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let host = self.inner.host;
+        let address = SocketAddr::new(host, free_port(host)?);
+        let admin = SocketAddr::new(host, free_port(host)?);
+        let stdout = std::fs::File::create(dir.join("stdout.log"))
+            .map_err(VmmError::io("creating stdout.log"))?;
+        let stderr = std::fs::File::create(dir.join("stderr.log"))
+            .map_err(VmmError::io("creating stderr.log"))?;
+        let w = &spec.workload;
+        let spawned = tokio::process::Command::new(&w.command)
+            .args(&w.args)
+            .current_dir(&work)
+            .envs(&w.env)
+            .env("PORT", address.port().to_string())
+            .env("FORM_BIND_HOST", host.to_string())
+            .env("FORM_INSTANCE_ID", &id)
+            .env("FORM_ADMIN_ADDR", admin.to_string())
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(VmmError::invalid(
+                    "workload.command",
+                    format!("cannot start '{}': {e}", w.command),
+                ));
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let res = spec.resources;
+        let (enforced, limits) = self
+            .inner
+            .cgroups
+            .apply(&id, pid, res.vcpus, res.memory_mib);
+        tracing::info!(instance = %id, pid, enforced, limits = %limits, "started");
+        let (tx, rx) = watch::channel(None);
+        let info = InstanceInfo {
+            spec,
+            status: Status::Starting,
+            address,
+            admin_address: Some(admin),
+            created_at_ms: now_ms(),
+            restored_from,
+            generation,
+            failure: None,
+        };
+        self.procs().insert(
+            id.clone(),
+            Proc {
+                info,
+                pid,
+                dir: dir.clone(),
+                exit: rx.clone(),
+                cpu_sample: (Instant::now(), 0),
+                started: Instant::now(),
+            },
+        );
+        let inner = self.inner.clone();
+        let stderr_path = dir.join("stderr.log");
+        let reaped_id = id.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let what = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("lost: {e}"),
+            };
+            let mut procs = inner
+                .procs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(p) = procs.get_mut(&reaped_id)
+                && p.info.status != Status::Stopped
+            {
+                p.info.status = Status::Failed;
+                p.info.failure = Some(format!("{what}; stderr ends with: {}", tail(&stderr_path)));
+                tracing::warn!(instance = %reaped_id, status = %what, "workload exited");
+            }
+            drop(procs);
+            let _ = tx.send(Some(what));
+        });
+        self.wait_ready(&id, rx).await
+    }
+
+    async fn wait_ready(
+        &self,
+        id: &str,
+        mut exit: watch::Receiver<Option<String>>,
+    ) -> Result<InstanceInfo, VmmError> {
+        let deadline = Instant::now() + self.inner.ready_timeout;
+        let (address, health) = self.with(id, |p| {
+            Ok((p.info.address, p.info.spec.workload.health_path.clone()))
+        })?;
+        loop {
+            if exit.borrow_and_update().is_some() {
+                // Let the reaper record the failure, then report it.
+                tokio::task::yield_now().await;
+                return self.get(id).await;
+            }
+            let ready = if health.is_empty() {
+                tokio::time::timeout(
+                    Duration::from_millis(200),
+                    tokio::net::TcpStream::connect(address),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok())
+            } else {
+                matches!(
+                    crate::http::request(address, "GET", &health, b"", Duration::from_millis(500))
+                        .await,
+                    Ok((200, _))
+                )
+            };
+            if ready {
+                return self.with(id, |p| {
+                    if p.info.status == Status::Starting {
+                        p.info.status = Status::Running;
+                    }
+                    Ok(p.info.clone())
+                });
+            }
+            if Instant::now() > deadline {
+                let pid = self.with(id, |p| {
+                    p.info.status = Status::Failed;
+                    p.info.failure = Some(format!(
+                        "not serving on {address} within {:?}; stderr ends with: {}",
+                        self.inner.ready_timeout,
+                        tail(&p.dir.join("stderr.log"))
+                    ));
+                    Ok(p.pid)
+                })?;
+                signal_group(pid, Signal::SIGKILL);
+                return self.get(id).await;
+            }
+            tokio::select! {
+                _ = exit.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    }
+
+    /// Stops every instance, all at once (service shutdown).
+    pub async fn delete_all(&self) {
+        let ids: Vec<String> = self.procs().keys().cloned().collect();
+        let mut set = tokio::task::JoinSet::new();
+        for id in ids {
+            let this = self.clone();
+            set.spawn(async move {
+                if let Err(e) = this.delete(&id).await {
+                    tracing::warn!(instance = %id, error = %e, "cannot delete instance at shutdown");
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    fn set_status(
+        &self,
+        id: &str,
+        from: &[Status],
+        to: Status,
+        signal: Signal,
+    ) -> Result<InstanceInfo, VmmError> {
+        self.with(id, |p| {
+            if !from.contains(&p.info.status) {
+                return Err(VmmError::FailedPrecondition(format!(
+                    "instance {id} is {:?}; expected {from:?}",
+                    p.info.status
+                )));
+            }
+            signal_group(p.pid, signal);
+            p.info.status = to;
+            Ok(p.info.clone())
+        })
+    }
+}
+
+impl Hypervisor for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn create(&self, spec: InstanceSpec) -> Result<InstanceInfo, VmmError> {
+        self.start(spec, None, 0, |_| Ok(Vec::new())).await
+    }
+
+    async fn get(&self, id: &str) -> Result<InstanceInfo, VmmError> {
+        self.with(id, |p| Ok(p.info.clone()))
+    }
+
+    async fn list(&self) -> Vec<InstanceInfo> {
+        self.procs().values().map(|p| p.info.clone()).collect()
+    }
+
+    async fn pause(&self, id: &str) -> Result<InstanceInfo, VmmError> {
+        self.set_status(
+            id,
+            &[Status::Running, Status::Paused],
+            Status::Paused,
+            Signal::SIGSTOP,
+        )
+    }
+
+    async fn resume(&self, id: &str) -> Result<InstanceInfo, VmmError> {
+        self.set_status(
+            id,
+            &[Status::Paused, Status::Running],
+            Status::Running,
+            Signal::SIGCONT,
+        )
+    }
+
+    async fn snapshot(&self, id: &str, dir: &Path) -> Result<Taken, VmmError> {
+        let (pid, admin, work) = self.with(id, |p| {
+            if p.info.status != Status::Running {
+                return Err(VmmError::FailedPrecondition(format!(
+                    "instance {id} is {:?}; only a running instance can be snapshotted",
+                    p.info.status
+                )));
+            }
+            Ok((p.pid, p.info.admin_address, p.dir.join("work")))
+        })?;
+        if let Some(admin) = admin {
+            let body = serde_json::json!({ "dir": dir.join("state") }).to_string();
+            match crate::http::request(
+                admin,
+                "POST",
+                "/_form/snapshot",
+                body.as_bytes(),
+                HOOK_TIMEOUT,
+            )
+            .await
+            {
+                Ok((200..=299, _)) => {}
+                Ok((code, text)) => {
+                    return Err(VmmError::Backend(format!(
+                        "the snapshot hook of {id} answered {code}: {}",
+                        text.trim()
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(instance = %id, "no snapshot hook; carrying the working directory only");
+                }
+                Err(e) => {
+                    return Err(VmmError::Backend(format!(
+                        "the snapshot hook of {id} failed: {e}"
+                    )));
+                }
+            }
+        }
+        signal_group(pid, Signal::SIGSTOP);
+        let copied = copy_tree(&work, &dir.join("workdir"));
+        signal_group(pid, Signal::SIGCONT);
+        copied.map_err(VmmError::io(format!(
+            "copying the working directory of {id}"
+        )))?;
+        Ok(Taken {
+            machine_args: Vec::new(),
+        })
+    }
+
+    async fn clone_instance(
+        &self,
+        manifest: &Manifest,
+        dir: &Path,
+        spec: InstanceSpec,
+    ) -> Result<InstanceInfo, VmmError> {
+        let spec = InstanceSpec {
+            workload: manifest_workload(manifest)?,
+            cluster_id: manifest.cluster_id.clone(),
+            ..spec
+        };
+        let (workdir, state) = (dir.join("workdir"), dir.join("state"));
+        let snapshot_id = manifest.snapshot_id.clone();
+        self.start(
+            spec,
+            Some(snapshot_id.clone()),
+            manifest.generation + 1,
+            move |inst| {
+                if workdir.exists() {
+                    copy_tree(&workdir, &inst.join("work"))
+                        .map_err(VmmError::io("copying the snapshot's working directory"))?;
+                }
+                let restore = inst.join("restore");
+                std::fs::create_dir_all(&restore)
+                    .map_err(VmmError::io("creating the restore directory"))?;
+                if state.exists() {
+                    copy_tree(&state, &restore)
+                        .map_err(VmmError::io("copying the snapshot's state"))?;
+                }
+                Ok(vec![
+                    ("FORM_RESTORE_DIR".to_owned(), restore.display().to_string()),
+                    ("FORM_RESTORED_FROM".to_owned(), snapshot_id),
+                ])
+            },
+        )
+        .await
+    }
+
+    async fn resize(&self, id: &str, resources: types::Resources) -> Result<Resized, VmmError> {
+        let pid = self.with(id, |p| {
+            if matches!(p.info.status, Status::Failed | Status::Stopped) {
+                return Err(VmmError::FailedPrecondition(format!(
+                    "instance {id} is {:?}",
+                    p.info.status
+                )));
+            }
+            Ok(p.pid)
+        })?;
+        let (enforced, message) =
+            self.inner
+                .cgroups
+                .apply(id, pid, resources.vcpus, resources.memory_mib);
+        let info = self.with(id, |p| {
+            p.info.spec.resources = resources;
+            Ok(p.info.clone())
+        })?;
+        Ok(Resized {
+            info,
+            enforced,
+            message,
+        })
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, VmmError> {
+        let found = self.procs().get_mut(id).map(|p| {
+            p.info.status = Status::Stopped;
+            (p.pid, p.exit.clone(), p.dir.clone())
+        });
+        let Some((pid, mut exit, dir)) = found else {
+            return Ok(false);
+        };
+        signal_group(pid, Signal::SIGCONT);
+        signal_group(pid, Signal::SIGTERM);
+        if tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            signal_group(pid, Signal::SIGKILL);
+            let _ = tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some)).await;
+        }
+        // Anything the workload started in its group goes too.
+        signal_group(pid, Signal::SIGKILL);
+        self.inner.cgroups.remove(id);
+        self.procs().remove(id);
+        std::fs::remove_dir_all(&dir)
+            .map_err(VmmError::io(format!("removing {}", dir.display())))?;
+        Ok(true)
+    }
+
+    async fn stats(&self, id: &str) -> Result<Usage, VmmError> {
+        let tps = procfs::ticks_per_second();
+        self.with(id, |p| {
+            let now = Instant::now();
+            let ticks = procfs::cpu_ticks(p.pid).unwrap_or(p.cpu_sample.1);
+            let (then, before) = p.cpu_sample;
+            let wall = now.duration_since(then).as_secs_f64();
+            let vcpus = f64::from(p.info.spec.resources.vcpus.max(1));
+            let cpu = if wall > 0.0 {
+                (ticks.saturating_sub(before) as f64 / tps) / wall / vcpus
+            } else {
+                0.0
+            };
+            p.cpu_sample = (now, ticks);
+            Ok(Usage {
+                cpu_utilization: cpu.max(0.0),
+                memory_bytes: procfs::rss_bytes(p.pid).unwrap_or(0),
+                uptime_seconds: p.started.elapsed().as_secs_f64(),
+            })
+        })
+    }
+}

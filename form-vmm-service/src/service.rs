@@ -1,0 +1,302 @@
+//! `form.vmm.v1.VmmService` over a [`Hypervisor`] and the snapshot store.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use form_proto::vmm::v1 as pb;
+use form_proto::vmm::v1::vmm_service_server::VmmService;
+use tonic::{Request, Response, Status as GrpcStatus};
+
+use crate::error::VmmError;
+use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Status};
+use crate::process::workload_hex;
+use crate::snapshots::{FORMAT_VERSION, Manifest, SnapshotStore};
+use crate::spec;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh id with `prefix`, unique on this node.
+pub fn new_id(prefix: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{ms:x}-{:x}{:04x}",
+        std::process::id() & 0xffff,
+        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The wire form of an instance.
+pub fn to_pb(i: &InstanceInfo, node_id: &str, backend: &str) -> pb::Instance {
+    pb::Instance {
+        instance_id: i.spec.instance_id.clone(),
+        cluster_id: i.spec.cluster_id.clone(),
+        node_id: node_id.to_owned(),
+        status: match i.status {
+            Status::Starting => pb::InstanceStatus::Starting,
+            Status::Running => pb::InstanceStatus::Running,
+            Status::Paused => pb::InstanceStatus::Paused,
+            Status::Stopped => pb::InstanceStatus::Stopped,
+            Status::Failed => pb::InstanceStatus::Failed,
+        } as i32,
+        workload: Some(i.spec.workload.clone()),
+        address: i.address.to_string(),
+        admin_address: i.admin_address.map(|a| a.to_string()).unwrap_or_default(),
+        resources: Some(i.spec.resources),
+        created_at_ms: i.created_at_ms,
+        restored_from: i.restored_from.clone().unwrap_or_default(),
+        generation: i.generation,
+        backend: backend.to_owned(),
+        failure: i.failure.clone().unwrap_or_default(),
+    }
+}
+
+fn snapshot_pb(m: &Manifest) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        snapshot_id: m.snapshot_id.clone(),
+        source_instance_id: m.source_instance_id.clone(),
+        cluster_id: m.cluster_id.clone(),
+        backend: m.backend.clone(),
+        created_at_ms: m.created_at_ms,
+        size_bytes: m.size_bytes(),
+        files: m
+            .files
+            .iter()
+            .map(|f| pb::SnapshotFile {
+                path: f.path.clone(),
+                size_bytes: f.size_bytes,
+                sha256: f.sha256.clone(),
+            })
+            .collect(),
+        generation: m.generation,
+    }
+}
+
+/// The VmmService of one node.
+#[derive(Debug)]
+pub struct VmmApi<H> {
+    hv: Arc<H>,
+    snapshots: SnapshotStore,
+    node_id: String,
+}
+
+impl<H: Hypervisor> VmmApi<H> {
+    /// The service over `hv`.
+    pub fn new(hv: Arc<H>, snapshots: SnapshotStore, node_id: String) -> Self {
+        Self {
+            hv,
+            snapshots,
+            node_id,
+        }
+    }
+
+    fn out(&self, i: &InstanceInfo) -> Response<pb::Instance> {
+        Response::new(to_pb(i, &self.node_id, self.hv.name()))
+    }
+}
+
+type Result<T> = std::result::Result<Response<T>, GrpcStatus>;
+
+fn instance_ref(r: Request<pb::InstanceRef>) -> std::result::Result<String, VmmError> {
+    let id = r.into_inner().instance_id;
+    spec::id("instance_id", &id)?;
+    Ok(id)
+}
+
+#[tonic::async_trait]
+impl<H: Hypervisor> VmmService for VmmApi<H> {
+    async fn create_instance(
+        &self,
+        req: Request<pb::CreateInstanceRequest>,
+    ) -> Result<pb::Instance> {
+        let r = req.into_inner();
+        let instance_id = if r.instance_id.is_empty() {
+            new_id("i")
+        } else {
+            r.instance_id
+        };
+        spec::id("instance_id", &instance_id)?;
+        spec::id("cluster_id", &r.cluster_id)?;
+        let s = InstanceSpec {
+            instance_id,
+            cluster_id: r.cluster_id,
+            workload: spec::workload(r.workload.as_ref())?,
+            resources: spec::resources("resources", r.resources.as_ref())?,
+        };
+        let info = self.hv.create(s).await?;
+        metrics::counter!("form_vmm_instances_created_total").increment(1);
+        Ok(self.out(&info))
+    }
+
+    async fn get_instance(&self, req: Request<pb::InstanceRef>) -> Result<pb::Instance> {
+        let info = self.hv.get(&instance_ref(req)?).await?;
+        Ok(self.out(&info))
+    }
+
+    async fn list_instances(
+        &self,
+        req: Request<pb::ListInstancesRequest>,
+    ) -> Result<pb::ListInstancesReply> {
+        let cluster = req.into_inner().cluster_id;
+        let mut instances: Vec<pb::Instance> = self
+            .hv
+            .list()
+            .await
+            .iter()
+            .filter(|i| cluster.is_empty() || i.spec.cluster_id == cluster)
+            .map(|i| to_pb(i, &self.node_id, self.hv.name()))
+            .collect();
+        instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        Ok(Response::new(pb::ListInstancesReply { instances }))
+    }
+
+    async fn pause(&self, req: Request<pb::InstanceRef>) -> Result<pb::Instance> {
+        let info = self.hv.pause(&instance_ref(req)?).await?;
+        Ok(self.out(&info))
+    }
+
+    async fn resume(&self, req: Request<pb::InstanceRef>) -> Result<pb::Instance> {
+        let info = self.hv.resume(&instance_ref(req)?).await?;
+        Ok(self.out(&info))
+    }
+
+    async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<pb::SnapshotInfo> {
+        let r = req.into_inner();
+        spec::id("instance_id", &r.instance_id)?;
+        let source = self.hv.get(&r.instance_id).await?;
+        let started = std::time::Instant::now();
+        let snapshot_id = new_id("snap");
+        let dir = self.snapshots.create_dir(&snapshot_id)?;
+        let taken = match self.hv.snapshot(&r.instance_id, &dir).await {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        };
+        let manifest = self.snapshots.seal(Manifest {
+            format_version: FORMAT_VERSION,
+            snapshot_id,
+            backend: self.hv.name().to_owned(),
+            source_instance_id: r.instance_id.clone(),
+            cluster_id: source.spec.cluster_id.clone(),
+            generation: source.generation,
+            workload: workload_hex(&source.spec.workload),
+            machine_args: taken.machine_args,
+            created_at_ms: now_ms(),
+            files: Vec::new(),
+        })?;
+        if r.resume == Some(false) {
+            self.hv.pause(&r.instance_id).await?;
+        }
+        metrics::histogram!("form_vmm_snapshot_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Response::new(snapshot_pb(&manifest)))
+    }
+
+    async fn clone(&self, req: Request<pb::CloneRequest>) -> Result<pb::Instance> {
+        let r = req.into_inner();
+        spec::id("snapshot_id", &r.snapshot_id)?;
+        let instance_id = if r.instance_id.is_empty() {
+            new_id("i")
+        } else {
+            r.instance_id
+        };
+        spec::id("instance_id", &instance_id)?;
+        let resources = spec::resources("resources", r.resources.as_ref())?;
+        let started = std::time::Instant::now();
+        let manifest = self.snapshots.verify(&r.snapshot_id)?;
+        let s = InstanceSpec {
+            instance_id,
+            cluster_id: manifest.cluster_id.clone(),
+            workload: Default::default(),
+            resources,
+        };
+        let info = self
+            .hv
+            .clone_instance(&manifest, &self.snapshots.dir(&r.snapshot_id), s)
+            .await?;
+        metrics::histogram!("form_vmm_clone_seconds").record(started.elapsed().as_secs_f64());
+        Ok(self.out(&info))
+    }
+
+    async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<pb::ResizeReply> {
+        let r = req.into_inner();
+        spec::id("instance_id", &r.instance_id)?;
+        let res = r
+            .resources
+            .as_ref()
+            .ok_or_else(|| VmmError::invalid("resources", "is missing"))?;
+        let res = spec::resources("resources", Some(res))?;
+        let out = self.hv.resize(&r.instance_id, res).await?;
+        Ok(Response::new(pb::ResizeReply {
+            instance: Some(to_pb(&out.info, &self.node_id, self.hv.name())),
+            enforced: out.enforced,
+            message: out.message,
+        }))
+    }
+
+    async fn delete_instance(
+        &self,
+        req: Request<pb::InstanceRef>,
+    ) -> Result<pb::DeleteInstanceReply> {
+        let id = instance_ref(req)?;
+        if !self.hv.delete(&id).await? {
+            return Err(VmmError::NotFound {
+                what: "instance",
+                id,
+            }
+            .into());
+        }
+        Ok(Response::new(pb::DeleteInstanceReply { deleted: true }))
+    }
+
+    async fn get_stats(&self, req: Request<pb::InstanceRef>) -> Result<pb::InstanceStats> {
+        let id = instance_ref(req)?;
+        let info = self.hv.get(&id).await?;
+        let u = self.hv.stats(&id).await?;
+        Ok(Response::new(pb::InstanceStats {
+            instance_id: id,
+            status: to_pb(&info, &self.node_id, self.hv.name()).status,
+            cpu_utilization: u.cpu_utilization,
+            memory_bytes: u.memory_bytes,
+            uptime_seconds: u.uptime_seconds,
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<pb::ListSnapshotsReply> {
+        let source = req.into_inner().source_instance_id;
+        let snapshots = self
+            .snapshots
+            .list()?
+            .iter()
+            .filter(|m| source.is_empty() || m.source_instance_id == source)
+            .map(snapshot_pb)
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsReply { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<pb::DeleteSnapshotReply> {
+        let id = req.into_inner().snapshot_id;
+        spec::id("snapshot_id", &id)?;
+        let freed_bytes = self.snapshots.delete(&id)?;
+        Ok(Response::new(pb::DeleteSnapshotReply {
+            deleted: true,
+            freed_bytes,
+        }))
+    }
+}

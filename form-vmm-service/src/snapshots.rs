@@ -1,0 +1,311 @@
+//! The snapshot store: one directory per snapshot, with a manifest that lists every
+//! file with its size and SHA-256. A clone verifies the manifest first and refuses a
+//! corrupt or truncated snapshot, naming the file.
+//!
+//! ```text
+//! snapshots/<snapshot-id>/
+//!   manifest.json     {format_version, snapshot_id, backend, source_instance_id, ...,
+//!                      files: [{path, size_bytes, sha256}]}
+//!   state/...         what the workload's snapshot hook wrote (process backend)
+//!   workdir/...       a copy of the instance's working directory (process backend)
+//!   memory.bin        the migration stream (qemu backend)
+//! ```
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::VmmError;
+
+/// Current manifest format.
+pub const FORMAT_VERSION: u32 = 1;
+/// Name of the manifest file.
+pub const MANIFEST: &str = "manifest.json";
+
+/// One file of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the snapshot directory.
+    pub path: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+}
+
+/// What a snapshot is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format version.
+    pub format_version: u32,
+    /// Snapshot id.
+    pub snapshot_id: String,
+    /// Backend that made it (`process`, `qemu`).
+    pub backend: String,
+    /// Instance it was taken from.
+    pub source_instance_id: String,
+    /// Cluster of that instance.
+    pub cluster_id: String,
+    /// Generation of the source instance.
+    pub generation: u64,
+    /// What the source ran (encoded `form.types.v1.Workload`, hex).
+    pub workload: String,
+    /// Machine arguments needed to restore it (qemu); empty for processes.
+    pub machine_args: Vec<String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Every file but the manifest.
+    pub files: Vec<FileEntry>,
+}
+
+impl Manifest {
+    /// Total size of the files.
+    pub fn size_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size_bytes).sum()
+    }
+}
+
+/// The snapshot directory tree.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    root: PathBuf,
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+        h.update(&buf[..r]);
+    }
+    Ok((n, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+}
+
+fn walk(dir: &Path, base: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            walk(&entry.path(), base, out)?;
+        } else if ty.is_file() {
+            out.push(
+                entry
+                    .path()
+                    .strip_prefix(base)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copies the tree `from` into `to` (files and directories; other kinds are skipped).
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if ty.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if ty.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+impl SnapshotStore {
+    /// The store under `root` (created if missing).
+    pub fn open(root: PathBuf) -> Result<Self, VmmError> {
+        std::fs::create_dir_all(&root)
+            .map_err(VmmError::io(format!("creating {}", root.display())))?;
+        Ok(Self { root })
+    }
+
+    /// Directory of snapshot `id`.
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// A new, empty directory for snapshot `id`.
+    pub fn create_dir(&self, id: &str) -> Result<PathBuf, VmmError> {
+        let d = self.dir(id);
+        std::fs::create_dir_all(&d).map_err(VmmError::io(format!("creating {}", d.display())))?;
+        Ok(d)
+    }
+
+    /// Hashes every file in the snapshot directory and writes the manifest (fsynced).
+    pub fn seal(&self, mut manifest: Manifest) -> Result<Manifest, VmmError> {
+        let dir = self.dir(&manifest.snapshot_id);
+        let mut files = Vec::new();
+        walk(&dir, &dir, &mut files).map_err(VmmError::io(format!("listing {}", dir.display())))?;
+        files.sort();
+        manifest.files = files
+            .into_iter()
+            .filter(|p| p != Path::new(MANIFEST))
+            .map(|p| {
+                let (size_bytes, sha256) = sha256_file(&dir.join(&p))
+                    .map_err(VmmError::io(format!("hashing {}", p.display())))?;
+                Ok(FileEntry {
+                    path: p.to_string_lossy().into_owned(),
+                    size_bytes,
+                    sha256,
+                })
+            })
+            .collect::<Result<_, VmmError>>()?;
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| VmmError::Backend(e.to_string()))?;
+        let path = dir.join(MANIFEST);
+        let tmp = dir.join("manifest.json.tmp");
+        std::fs::write(&tmp, json).map_err(VmmError::io(format!("writing {}", tmp.display())))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(VmmError::io(format!("syncing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(VmmError::io(format!("writing {}", path.display())))?;
+        Ok(manifest)
+    }
+
+    /// Reads a snapshot's manifest, without checking the files.
+    pub fn manifest(&self, id: &str) -> Result<Manifest, VmmError> {
+        let path = self.dir(id).join(MANIFEST);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VmmError::NotFound {
+                    what: "snapshot",
+                    id: id.to_owned(),
+                });
+            }
+            Err(e) => return Err(VmmError::io(format!("reading {}", path.display()))(e)),
+        };
+        let m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| VmmError::CorruptSnapshot {
+                snapshot: id.to_owned(),
+                file: path.clone(),
+                message: e.to_string(),
+            })?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(VmmError::CorruptSnapshot {
+                snapshot: id.to_owned(),
+                file: path,
+                message: format!(
+                    "format version {}; this build reads version {FORMAT_VERSION}",
+                    m.format_version
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Reads the manifest and checks every file's size and SHA-256.
+    pub fn verify(&self, id: &str) -> Result<Manifest, VmmError> {
+        let m = self.manifest(id)?;
+        let dir = self.dir(id);
+        for f in &m.files {
+            let path = dir.join(&f.path);
+            let corrupt = |message: String| VmmError::CorruptSnapshot {
+                snapshot: id.to_owned(),
+                file: path.clone(),
+                message,
+            };
+            let (size, sha) = sha256_file(&path).map_err(|e| corrupt(e.to_string()))?;
+            if size != f.size_bytes {
+                return Err(corrupt(format!(
+                    "{size} bytes, the manifest says {} (truncated?)",
+                    f.size_bytes
+                )));
+            }
+            if sha != f.sha256 {
+                return Err(corrupt("SHA-256 does not match the manifest".into()));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Every snapshot, newest first (directories without a valid manifest are skipped).
+    pub fn list(&self) -> Result<Vec<Manifest>, VmmError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root)
+            .map_err(VmmError::io(format!("listing {}", self.root.display())))?
+        {
+            let entry = entry.map_err(VmmError::io("listing snapshots"))?;
+            if let Some(id) = entry.file_name().to_str()
+                && let Ok(m) = self.manifest(id)
+            {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| {
+            (b.created_at_ms, &b.snapshot_id).cmp(&(a.created_at_ms, &a.snapshot_id))
+        });
+        Ok(out)
+    }
+
+    /// Deletes snapshot `id`; returns the bytes freed.
+    pub fn delete(&self, id: &str) -> Result<u64, VmmError> {
+        let m = self.manifest(id)?;
+        let dir = self.dir(id);
+        std::fs::remove_dir_all(&dir)
+            .map_err(VmmError::io(format!("removing {}", dir.display())))?;
+        Ok(m.size_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(id: &str) -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            snapshot_id: id.into(),
+            backend: "process".into(),
+            source_instance_id: "i1".into(),
+            cluster_id: "web".into(),
+            generation: 0,
+            workload: String::new(),
+            machine_args: Vec::new(),
+            created_at_ms: 1,
+            files: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sealed_snapshots_verify_and_damage_is_named() {
+        let root = std::env::temp_dir().join(format!("form-snapshots-{}", std::process::id()));
+        let store = SnapshotStore::open(root.clone()).expect("open");
+        let dir = store.create_dir("s1").expect("dir");
+        std::fs::create_dir_all(dir.join("state")).expect("mkdir");
+        std::fs::write(dir.join("state/state.json"), b"{\"kv\":{}}").expect("write");
+        std::fs::write(dir.join("workdir.bin"), vec![7u8; 1000]).expect("write");
+        let m = store.seal(manifest("s1")).expect("seal");
+        assert_eq!(m.files.len(), 2);
+        assert_eq!(m.size_bytes(), 1000 + 9);
+        assert_eq!(store.verify("s1").expect("verifies"), m);
+
+        std::fs::write(dir.join("workdir.bin"), vec![7u8; 999]).expect("truncate");
+        let e = store.verify("s1").expect_err("truncated").to_string();
+        assert!(e.contains("workdir.bin") && e.contains("truncated"), "{e}");
+        std::fs::write(dir.join("workdir.bin"), vec![8u8; 1000]).expect("corrupt");
+        let e = store.verify("s1").expect_err("corrupt").to_string();
+        assert!(e.contains("workdir.bin") && e.contains("SHA-256"), "{e}");
+        assert!(matches!(
+            store.verify("nope"),
+            Err(VmmError::NotFound { .. })
+        ));
+        assert_eq!(store.delete("s1").expect("delete"), 1009);
+        assert!(!dir.exists());
+        std::fs::remove_dir_all(&root).expect("cleanup");
+    }
+}
