@@ -106,6 +106,7 @@ pub(crate) fn stack(host: IpAddr, ports: &Ports, data_dir: &Path) -> Vec<Process
         vec![
             ("--state", state_list.clone()),
             ("--node-id", "node-1".into()),
+            ("--data-dir", data_dir.join("vmm").display().to_string()),
         ],
     );
     with(rplb, "form-rplb", vec![("--state", state_list.clone())]);
