@@ -7,12 +7,14 @@
 //! ./target/release/form-bench state-convergence
 //! ./target/release/form-bench state-bytes
 //! ./target/release/form-bench state-recovery
+//! ./target/release/form-bench vmm-clone
 //! ```
 
 mod state_apply;
 mod state_bytes;
 mod state_convergence;
 mod state_recovery;
+mod vmm_clone;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +64,15 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         members: usize,
     },
+    /// Snapshot and clone-to-serving time of the VMM service's backends.
+    VmmClone {
+        /// Snapshots and clones measured.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Keys the primary holds.
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -93,6 +104,7 @@ fn main() -> ExitCode {
                 state_bytes::run(&bin_dir, members, replicas).await
             }
             Command::StateRecovery { members } => state_recovery::run(&bin_dir, members).await,
+            Command::VmmClone { runs, keys } => vmm_clone::run(&bin_dir, runs, keys).await,
         }
     });
     match result {
