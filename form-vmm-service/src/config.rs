@@ -21,8 +21,12 @@ pub struct Config {
     pub state: Vec<HostPort>,
     /// Id of this node, as members record it.
     pub node_id: String,
-    /// Backend that runs instances: `process` (child processes).
+    /// Backend that runs instances: `process` (child processes) or `qemu` (VMs).
     pub backend: String,
+    /// qemu backend: directory of the guest kernel and initramfs (deploy/guest/build.sh).
+    pub guest_dir: Option<std::path::PathBuf>,
+    /// qemu backend: acceleration, `auto` (KVM where it works, else TCG), `kvm` or `tcg`.
+    pub accel: crate::qemu::Accel,
     /// Directory of instance working directories and the snapshot store.
     pub data_dir: std::path::PathBuf,
     /// IP address instances listen on and are reached at.
@@ -34,7 +38,7 @@ pub struct Config {
 }
 
 /// Backends this build runs.
-pub const BACKENDS: &[&str] = &["process"];
+pub const BACKENDS: &[&str] = &["process", "qemu"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -44,6 +48,8 @@ impl Default for Config {
             state: Vec::new(),
             node_id: "node-1".to_owned(),
             backend: "process".to_owned(),
+            guest_dir: None,
+            accel: crate::qemu::Accel::Auto,
             data_dir: "form-vmm-data".into(),
             instance_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             heartbeat_interval_ms: 1000,
@@ -83,6 +89,12 @@ impl ServiceConfig for Config {
                 ),
             ));
         }
+        if self.backend == "qemu" && self.guest_dir.is_none() {
+            return Err(ConfigError::invalid(
+                "--guest-dir",
+                "is required with --backend qemu; expected the directory deploy/guest/build.sh wrote",
+            ));
+        }
         for (flag, v) in [
             ("--heartbeat-interval-ms", self.heartbeat_interval_ms),
             ("--ready-timeout-ms", self.ready_timeout_ms),
@@ -115,9 +127,18 @@ pub struct Args {
     #[arg(long, value_name = "ID", env = "FORM_VMM_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Backend that runs instances: process [default: process]
+    /// Backend that runs instances: process or qemu [default: process]
     #[arg(long, value_name = "BACKEND", env = "FORM_VMM_BACKEND")]
     pub backend: Option<String>,
+
+    /// qemu backend: directory of the guest kernel and initramfs built by
+    /// deploy/guest/build.sh
+    #[arg(long, value_name = "DIR", env = "FORM_VMM_GUEST_DIR")]
+    pub guest_dir: Option<std::path::PathBuf>,
+
+    /// qemu backend: acceleration [default: auto, KVM where it can run the guest, else TCG]
+    #[arg(long, value_enum, value_name = "ACCEL", env = "FORM_VMM_ACCEL")]
+    pub accel: Option<crate::qemu::Accel>,
 
     /// Directory of instance working directories and snapshots [default: ./form-vmm-data]
     #[arg(long, value_name = "DIR", env = "FORM_VMM_DATA_DIR")]
@@ -152,6 +173,12 @@ impl Args {
             }
             if let Some(v) = self.backend {
                 c.backend = v;
+            }
+            if let Some(v) = self.guest_dir {
+                c.guest_dir = Some(v);
+            }
+            if let Some(v) = self.accel {
+                c.accel = v;
             }
             if let Some(v) = self.data_dir {
                 c.data_dir = v;

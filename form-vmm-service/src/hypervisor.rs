@@ -131,4 +131,15 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn delete(&self, id: &str) -> impl Future<Output = Result<bool, VmmError>> + Send;
     /// Usage of an instance.
     fn stats(&self, id: &str) -> impl Future<Output = Result<Usage, VmmError>> + Send;
+
+    /// Deletes every instance (service shutdown).
+    fn delete_all(&self) -> impl Future<Output = ()> + Send {
+        async {
+            for i in self.list().await {
+                if let Err(e) = self.delete(&i.spec.instance_id).await {
+                    tracing::warn!(instance = %i.spec.instance_id, error = %e, "cannot delete instance at shutdown");
+                }
+            }
+        }
+    }
 }

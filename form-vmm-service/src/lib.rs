@@ -8,9 +8,12 @@ pub mod heartbeat;
 mod http;
 pub mod hypervisor;
 pub mod process;
+mod procfs;
+pub mod qemu;
 pub mod service;
 pub mod snapshots;
 pub mod spec;
+mod supervise;
 
 use std::net::SocketAddr;
 
@@ -28,7 +31,9 @@ use std::time::Duration;
 use form_proto::vmm::v1::vmm_service_server::VmmServiceServer;
 
 use crate::error::VmmError;
+use crate::hypervisor::Hypervisor;
 use crate::process::ProcessBackend;
+use crate::qemu::{Guest, QemuBackend};
 use crate::service::VmmApi;
 use crate::snapshots::SnapshotStore;
 
@@ -65,30 +70,41 @@ impl Service for VmmNode {
     async fn run(self, ctx: RunContext) -> Result<(), RuntimeError> {
         let c = &self.config;
         let service_error = |e: VmmError| RuntimeError::Service(e.to_string());
-        let hv = Arc::new(
-            ProcessBackend::new(
-                c.data_dir.join("instances"),
-                c.instance_host,
-                &c.node_id,
-                Duration::from_millis(c.ready_timeout_ms),
-            )
-            .map_err(service_error)?,
-        );
-        let snapshots = SnapshotStore::open(c.data_dir.join("snapshots")).map_err(service_error)?;
-        let upstreams = upstream::from_config(&[("state", &self.config.state)])?;
-        if let Some(state) = upstreams.first() {
-            tokio::spawn(heartbeat::run(
-                hv.clone(),
-                state.clone(),
-                Duration::from_millis(c.heartbeat_interval_ms),
-                ctx.shutdown.clone(),
-            ));
+        let instances = c.data_dir.join("instances");
+        let ready = Duration::from_millis(c.ready_timeout_ms);
+        match (c.backend.as_str(), &c.guest_dir) {
+            ("qemu", Some(guest)) => {
+                let guest = Guest::in_dir(guest).map_err(service_error)?;
+                let hv = QemuBackend::new(instances, c.instance_host, c.accel, guest, ready)
+                    .map_err(service_error)?;
+                serve(c, Arc::new(hv), ctx).await
+            }
+            _ => {
+                let hv = ProcessBackend::new(instances, c.instance_host, &c.node_id, ready)
+                    .map_err(service_error)?;
+                serve(c, Arc::new(hv), ctx).await
+            }
         }
-        let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone());
-        let server = GrpcServer::new().add_service(VmmServiceServer::new(api));
-        let served = form_runtime::grpc::run(ctx, server, &upstreams).await;
-        // No instance outlives the service.
-        hv.delete_all().await;
-        served
     }
+}
+
+/// Serves VmmService over `hv` until shutdown, then deletes every instance.
+async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result<(), RuntimeError> {
+    let snapshots = SnapshotStore::open(c.data_dir.join("snapshots"))
+        .map_err(|e| RuntimeError::Service(e.to_string()))?;
+    let upstreams = upstream::from_config(&[("state", &c.state)])?;
+    if let Some(state) = upstreams.first() {
+        tokio::spawn(heartbeat::run(
+            hv.clone(),
+            state.clone(),
+            Duration::from_millis(c.heartbeat_interval_ms),
+            ctx.shutdown.clone(),
+        ));
+    }
+    let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone());
+    let server = GrpcServer::new().add_service(VmmServiceServer::new(api));
+    let served = form_runtime::grpc::run(ctx, server, &upstreams).await;
+    // No instance outlives the service.
+    hv.delete_all().await;
+    served
 }

@@ -9,8 +9,7 @@ use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::error::VmmError;
 use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Status};
-use crate::process::workload_hex;
-use crate::snapshots::{FORMAT_VERSION, Manifest, SnapshotStore};
+use crate::snapshots::{FORMAT_VERSION, Manifest, SnapshotStore, workload_hex};
 use crate::spec;
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use form_proto::types::v1 as types;
+use prost::Message;
+
 use crate::error::VmmError;
 
 /// Current manifest format.
@@ -260,6 +263,34 @@ impl SnapshotStore {
             .map_err(VmmError::io(format!("removing {}", dir.display())))?;
         Ok(m.size_bytes())
     }
+}
+
+/// Workload of a manifest (hex of the encoded message).
+pub fn manifest_workload(m: &Manifest) -> Result<types::Workload, VmmError> {
+    let bytes: Option<Vec<u8>> = (0..m.workload.len())
+        .step_by(2)
+        .map(|i| {
+            m.workload
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect();
+    bytes
+        .and_then(|b| types::Workload::decode(b.as_slice()).ok())
+        .ok_or_else(|| {
+            VmmError::Backend(format!(
+                "snapshot {} has no readable workload",
+                m.snapshot_id
+            ))
+        })
+}
+
+/// Hex of an encoded workload, for manifests.
+pub fn workload_hex(w: &types::Workload) -> String {
+    w.encode_to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! (default `$FORM_SNAPSHOT_DIR`) writes `state.json` there and fsyncs it before
 //! answering. A clone starts with `$FORM_RESTORE_DIR` pointing at such a directory and
 //! `$FORM_RESTORED_FROM` naming the snapshot; it takes its new `$FORM_INSTANCE_ID`.
+//! A VM clone restored from memory is given its identity with `POST /_form/identity`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -41,10 +42,15 @@ struct Saved {
     next_session: u64,
 }
 
-#[derive(Debug)]
-struct App {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Identity {
     instance_id: String,
     restored_from: Option<String>,
+}
+
+#[derive(Debug)]
+struct App {
+    identity: Mutex<Identity>,
     data: Mutex<Saved>,
 }
 
@@ -76,14 +82,44 @@ async fn get_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>) -> Res
     }
 }
 
+fn identity(app: &App) -> Identity {
+    app.identity
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 async fn whoami(State(app): State<Shared>) -> Response {
     let generation = lock(&app).generation;
+    let id = identity(&app);
     axum::Json(serde_json::json!({
-        "instance_id": app.instance_id,
+        "instance_id": id.instance_id,
         "generation": generation,
-        "restored_from": app.restored_from,
+        "restored_from": id.restored_from,
     }))
     .into_response()
+}
+
+/// `POST /_form/identity {"instance_id", "restored_from"}`: a VM restored from a
+/// memory snapshot still runs as its source; the hypervisor gives it its own identity
+/// (a new generation, and new session ids from here on).
+async fn set_identity(State(app): State<Shared>, body: Bytes) -> Response {
+    let new: Identity = match serde_json::from_slice(&body) {
+        Ok(i) => i,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"instance_id\": ID, \"restored_from\": ID}}: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    let mut data = lock(&app);
+    data.generation += 1;
+    *app.identity
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+    (StatusCode::OK, format!("generation {}\n", data.generation)).into_response()
 }
 
 async fn session(State(app): State<Shared>, headers: HeaderMap) -> Response {
@@ -98,10 +134,11 @@ async fn session(State(app): State<Shared>, headers: HeaderMap) -> Response {
                 .map(str::to_owned)
         })
         .next();
+    let me = identity(&app).instance_id;
     let mut data = lock(&app);
     let id = existing.unwrap_or_else(|| {
         data.next_session += 1;
-        format!("{}-{}", app.instance_id, data.next_session)
+        format!("{me}-{}", data.next_session)
     });
     let count = {
         let c = data.sessions.entry(id.clone()).or_insert(0);
@@ -109,9 +146,7 @@ async fn session(State(app): State<Shared>, headers: HeaderMap) -> Response {
         *c
     };
     drop(data);
-    let body = axum::Json(
-        serde_json::json!({ "session": id, "count": count, "instance_id": app.instance_id }),
-    );
+    let body = axum::Json(serde_json::json!({ "session": id, "count": count, "instance_id": me }));
     (
         [(
             header::SET_COOKIE,
@@ -245,8 +280,10 @@ async fn run() -> Result<(), String> {
     let admin = env_addr("FORM_ADMIN_ADDR", &host)?;
     let (saved, restored_from) = restore()?;
     let app = Arc::new(App {
-        instance_id: std::env::var("FORM_INSTANCE_ID").unwrap_or_else(|_| "standalone".into()),
-        restored_from,
+        identity: Mutex::new(Identity {
+            instance_id: std::env::var("FORM_INSTANCE_ID").unwrap_or_else(|_| "standalone".into()),
+            restored_from,
+        }),
         data: Mutex::new(saved),
     });
     let routes = Router::new()
@@ -262,13 +299,17 @@ async fn run() -> Result<(), String> {
     if let Some(admin) = admin {
         let admin_routes = Router::new()
             .route("/_form/snapshot", post(snapshot))
+            .route("/_form/identity", post(set_identity))
             .with_state(app.clone());
         let l = tokio::net::TcpListener::bind(admin)
             .await
             .map_err(|e| format!("cannot listen on {admin}: {e}"))?;
         tokio::spawn(async move { axum::serve(l, admin_routes).await });
     }
-    eprintln!("form-demo-app: {} serving on {addr}", app.instance_id);
+    eprintln!(
+        "form-demo-app: {} serving on {addr}",
+        identity(&app).instance_id
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
     axum::serve(listener, routes)

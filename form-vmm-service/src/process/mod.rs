@@ -9,7 +9,6 @@
 //! `FORM_RESTORE_DIR` pointing at a copy of the hook's state.
 
 mod cgroup;
-mod procfs;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,22 +18,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use form_proto::types::v1 as types;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
-use prost::Message;
+use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
 use self::cgroup::Cgroups;
 use crate::error::VmmError;
 use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage};
-use crate::snapshots::{Manifest, copy_tree};
+use crate::procfs;
+use crate::snapshots::{Manifest, copy_tree, manifest_workload};
+use crate::supervise::{free_port, now_ms, signal_group, tail};
 
 /// Time a workload gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Time the snapshot hook may take.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of stderr quoted when a workload fails.
-const STDERR_TAIL: usize = 2000;
 
 #[derive(Debug)]
 struct Proc {
@@ -59,62 +56,6 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct ProcessBackend {
     inner: Arc<Inner>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn free_port(host: IpAddr) -> Result<u16, VmmError> {
-    let l = std::net::TcpListener::bind((host, 0))
-        .map_err(VmmError::io(format!("finding a free port on {host}")))?;
-    Ok(l.local_addr()
-        .map_err(VmmError::io("finding a free port"))?
-        .port())
-}
-
-fn tail(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = bytes.len().saturating_sub(STDERR_TAIL);
-    String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
-}
-
-/// Sends `signal` to the process group of `pid` (ignoring a group already gone).
-fn signal_group(pid: u32, signal: Signal) {
-    if let Ok(p) = i32::try_from(pid) {
-        let _ = killpg(Pid::from_raw(p), signal);
-    }
-}
-
-/// Workload of a manifest (hex of the encoded message).
-fn manifest_workload(m: &Manifest) -> Result<types::Workload, VmmError> {
-    let bytes: Option<Vec<u8>> = (0..m.workload.len())
-        .step_by(2)
-        .map(|i| {
-            m.workload
-                .get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect();
-    bytes
-        .and_then(|b| types::Workload::decode(b.as_slice()).ok())
-        .ok_or_else(|| {
-            VmmError::Backend(format!(
-                "snapshot {} has no readable workload",
-                m.snapshot_id
-            ))
-        })
-}
-
-/// Hex of an encoded workload, for manifests.
-pub fn workload_hex(w: &types::Workload) -> String {
-    w.encode_to_vec()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 impl ProcessBackend {
@@ -336,21 +277,6 @@ impl ProcessBackend {
         }
     }
 
-    /// Stops every instance, all at once (service shutdown).
-    pub async fn delete_all(&self) {
-        let ids: Vec<String> = self.procs().keys().cloned().collect();
-        let mut set = tokio::task::JoinSet::new();
-        for id in ids {
-            let this = self.clone();
-            set.spawn(async move {
-                if let Err(e) = this.delete(&id).await {
-                    tracing::warn!(instance = %id, error = %e, "cannot delete instance at shutdown");
-                }
-            });
-        }
-        while set.join_next().await.is_some() {}
-    }
-
     fn set_status(
         &self,
         id: &str,
@@ -543,6 +469,21 @@ impl Hypervisor for ProcessBackend {
         std::fs::remove_dir_all(&dir)
             .map_err(VmmError::io(format!("removing {}", dir.display())))?;
         Ok(true)
+    }
+
+    /// Stops every instance, all at once (the workloads get their grace in parallel).
+    async fn delete_all(&self) {
+        let ids: Vec<String> = self.procs().keys().cloned().collect();
+        let mut set = tokio::task::JoinSet::new();
+        for id in ids {
+            let this = self.clone();
+            set.spawn(async move {
+                if let Err(e) = this.delete(&id).await {
+                    tracing::warn!(instance = %id, error = %e, "cannot delete instance at shutdown");
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
     }
 
     async fn stats(&self, id: &str) -> Result<Usage, VmmError> {

@@ -1,0 +1,605 @@
+//! The `qemu` backend: each instance is a QEMU VM (Debian's kernel and an initramfs
+//! with busybox and the workload, built by `deploy/guest/build.sh`), driven over QMP.
+//!
+//! ```text
+//! create:   qemu <machine args> -qmp unix:… -serial file:… -netdev user,hostfwd=… ; wait for HTTP
+//! snapshot: QMP stop; migrate to "exec:cat > memory.bin"; wait completed; cont
+//! clone:    qemu <the snapshot's machine args> … -incoming defer; QMP migrate-incoming
+//!           "exec:cat memory.bin"; cont; POST /_form/identity (new id, generation)
+//! ```
+//!
+//! The host port forwards belong to the QEMU that runs, not to the snapshot: every clone
+//! gets its own ports. The guest's workload listens on 8080 and its admin endpoint on 8081.
+
+mod qmp;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use form_proto::types::v1 as types;
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+
+use self::qmp::Qmp;
+use crate::error::VmmError;
+use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage};
+use crate::snapshots::Manifest;
+use crate::supervise::{free_port, now_ms, signal_group, tail};
+
+/// Guest port of the workload.
+const GUEST_PORT: u16 = 8080;
+/// Guest port of the workload's admin endpoint.
+const GUEST_ADMIN_PORT: u16 = 8081;
+/// Smallest guest memory that boots the guest.
+const MIN_MEMORY_MIB: u64 = 96;
+/// Time QEMU gets to quit before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Name of the memory image in a snapshot.
+const MEMORY_FILE: &str = "memory.bin";
+
+/// Acceleration of the guests.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM where it can run a stock guest kernel, else TCG.
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// What `auto` means on this machine: KVM when `/dev/kvm` is usable and not the
+    /// paravirtual `kvm_pvm` (which cannot run a stock kernel), else TCG.
+    pub fn resolve(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+            Accel::Auto => {
+                let pvm = Path::new("/sys/module/kvm_pvm").exists();
+                let kvm = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .is_ok();
+                if kvm && !pvm { "kvm" } else { "tcg" }
+            }
+        }
+    }
+}
+
+/// The guest image.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// `vmlinux` (PVH) or `vmlinuz`.
+    pub kernel: PathBuf,
+    /// `initramfs.cpio.gz`.
+    pub initrd: PathBuf,
+}
+
+impl Guest {
+    /// The guest in `dir` (as `deploy/guest/build.sh` writes it).
+    pub fn in_dir(dir: &Path) -> Result<Self, VmmError> {
+        let kernel = ["vmlinux", "vmlinuz"]
+            .iter()
+            .map(|k| dir.join(k))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                VmmError::invalid(
+                    "guest_dir",
+                    format!(
+                        "{} holds no vmlinux or vmlinuz; build it with deploy/guest/build.sh",
+                        dir.display()
+                    ),
+                )
+            })?;
+        let initrd = dir.join("initramfs.cpio.gz");
+        if !initrd.is_file() {
+            return Err(VmmError::invalid(
+                "guest_dir",
+                format!(
+                    "{} is missing; build it with deploy/guest/build.sh",
+                    initrd.display()
+                ),
+            ));
+        }
+        Ok(Self { kernel, initrd })
+    }
+}
+
+#[derive(Debug)]
+struct Vm {
+    info: InstanceInfo,
+    pid: u32,
+    dir: PathBuf,
+    machine_args: Vec<String>,
+    exit: watch::Receiver<Option<String>>,
+    started: Instant,
+    cpu_sample: (Instant, u64),
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    host: IpAddr,
+    accel: &'static str,
+    guest: Guest,
+    ready_timeout: Duration,
+    vms: Mutex<BTreeMap<String, Vm>>,
+}
+
+/// Instances as QEMU virtual machines.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    inner: Arc<Inner>,
+}
+
+impl QemuBackend {
+    /// A backend keeping VM directories under `root`.
+    pub fn new(
+        root: PathBuf,
+        host: IpAddr,
+        accel: Accel,
+        guest: Guest,
+        ready_timeout: Duration,
+    ) -> Result<Self, VmmError> {
+        std::fs::create_dir_all(&root)
+            .map_err(VmmError::io(format!("creating {}", root.display())))?;
+        let accel = accel.resolve();
+        tracing::info!(accel, kernel = %guest.kernel.display(), "qemu backend");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                host,
+                accel,
+                guest,
+                ready_timeout,
+                vms: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vm>> {
+        self.inner
+            .vms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn with<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Vm) -> Result<T, VmmError>,
+    ) -> Result<T, VmmError> {
+        let mut vms = self.vms();
+        let vm = vms.get_mut(id).ok_or_else(|| VmmError::NotFound {
+            what: "instance",
+            id: id.to_owned(),
+        })?;
+        f(vm)
+    }
+
+    /// The arguments that define the machine (the same for a snapshot and its clones).
+    fn machine_args(&self, spec: &InstanceSpec) -> Vec<String> {
+        let r = spec.resources;
+        let memory = r.memory_mib.max(MIN_MEMORY_MIB);
+        [
+            "-M",
+            "pc",
+            "-accel",
+            self.inner.accel,
+            "-cpu",
+            "max",
+            "-m",
+            &memory.to_string(),
+            "-smp",
+            &r.vcpus.max(1).to_string(),
+            "-nographic",
+            "-nodefaults",
+            "-no-reboot",
+            "-kernel",
+            &self.inner.guest.kernel.display().to_string(),
+            "-initrd",
+            &self.inner.guest.initrd.display().to_string(),
+            "-append",
+            &format!(
+                "console=ttyS0 quiet panic=-1 form.instance={}",
+                spec.instance_id
+            ),
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    /// Starts QEMU for `spec` with `machine_args`; with `incoming`, it waits for a
+    /// migration stream instead of booting.
+    async fn launch(
+        &self,
+        spec: InstanceSpec,
+        machine_args: Vec<String>,
+        incoming: Option<(&Path, String)>,
+        generation: u64,
+    ) -> Result<InstanceInfo, VmmError> {
+        let id = spec.instance_id.clone();
+        let dir = self.inner.root.join(&id);
+        if self.vms().contains_key(&id) || dir.exists() {
+            return Err(VmmError::FailedPrecondition(format!(
+                "instance {id} already exists"
+            )));
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(VmmError::io(format!("creating {}", dir.display())))?;
+        let host = self.inner.host;
+        let address = SocketAddr::new(host, free_port(host)?);
+        let admin = SocketAddr::new(host, free_port(host)?);
+        let qmp_path = dir.join("qmp.sock");
+        let mut args = machine_args.clone();
+        args.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp_path.display()),
+            "-serial".into(),
+            format!("file:{}", dir.join("console.log").display()),
+            "-netdev".into(),
+            format!(
+                "user,id=n0,hostfwd=tcp:{host}:{}-:{GUEST_PORT},hostfwd=tcp:{host}:{}-:{GUEST_ADMIN_PORT}",
+                address.port(),
+                admin.port()
+            ),
+        ]);
+        if incoming.is_some() {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
+        let stderr = std::fs::File::create(dir.join("qemu.log"))
+            .map_err(VmmError::io("creating qemu.log"))?;
+        let spawned = tokio::process::Command::new("qemu-system-x86_64")
+            .args(&args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(VmmError::Backend(format!(
+                    "cannot start qemu-system-x86_64 (apt-get install qemu-system-x86): {e}"
+                )));
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let (tx, rx) = watch::channel(None);
+        let info = InstanceInfo {
+            spec,
+            status: Status::Starting,
+            address,
+            admin_address: Some(admin),
+            created_at_ms: now_ms(),
+            restored_from: incoming.as_ref().map(|(_, s)| s.clone()),
+            generation,
+            failure: None,
+        };
+        self.vms().insert(
+            id.clone(),
+            Vm {
+                info,
+                pid,
+                dir: dir.clone(),
+                machine_args,
+                exit: rx.clone(),
+                started: Instant::now(),
+                cpu_sample: (Instant::now(), 0),
+            },
+        );
+        let inner = self.inner.clone();
+        let reaped = id.clone();
+        tokio::spawn(async move {
+            let what = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("lost: {e}"),
+            };
+            let mut vms = inner
+                .vms
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(vm) = vms.get_mut(&reaped)
+                && vm.info.status != Status::Stopped
+            {
+                vm.info.status = Status::Failed;
+                vm.info.failure = Some(format!(
+                    "qemu {what}; qemu log: {}; console: {}",
+                    tail(&vm.dir.join("qemu.log")),
+                    tail(&vm.dir.join("console.log"))
+                ));
+            }
+            drop(vms);
+            let _ = tx.send(Some(what));
+        });
+        let deadline = Instant::now() + self.inner.ready_timeout;
+        let result = async {
+            let mut qmp = Qmp::connect(&qmp_path, deadline).await?;
+            if let Some((memory, snapshot_id)) = &incoming {
+                let uri = format!("exec:cat '{}'", memory.display());
+                qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+                    .await?;
+                wait_incoming(&mut qmp, deadline).await?;
+                qmp.execute("cont", None).await?;
+                // The restored guest still runs as its source: give it its identity.
+                let body = serde_json::json!({ "instance_id": id, "restored_from": snapshot_id })
+                    .to_string();
+                loop {
+                    match crate::http::request(
+                        admin,
+                        "POST",
+                        "/_form/identity",
+                        body.as_bytes(),
+                        Duration::from_secs(2),
+                    )
+                    .await
+                    {
+                        Ok((200, _)) => break,
+                        _ if Instant::now() > deadline => {
+                            return Err(VmmError::Backend(format!(
+                                "the clone {id} did not take its identity in time"
+                            )));
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+            }
+            self.wait_serving(&id, rx, deadline).await
+        }
+        .await;
+        match result {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                self.with(&id, |vm| {
+                    if vm.info.status == Status::Starting {
+                        vm.info.status = Status::Failed;
+                        vm.info.failure = Some(format!(
+                            "{e}; console: {}",
+                            tail(&vm.dir.join("console.log"))
+                        ));
+                    }
+                    Ok(())
+                })?;
+                signal_group(pid, Signal::SIGKILL);
+                self.get(&id).await
+            }
+        }
+    }
+
+    async fn wait_serving(
+        &self,
+        id: &str,
+        exit: watch::Receiver<Option<String>>,
+        deadline: Instant,
+    ) -> Result<InstanceInfo, VmmError> {
+        let (address, health) = self.with(id, |vm| {
+            let h = vm.info.spec.workload.health_path.clone();
+            Ok((
+                vm.info.address,
+                if h.is_empty() {
+                    "/healthz".to_owned()
+                } else {
+                    h
+                },
+            ))
+        })?;
+        loop {
+            if exit.borrow().is_some() {
+                tokio::task::yield_now().await;
+                return self.get(id).await;
+            }
+            if matches!(
+                crate::http::request(address, "GET", &health, b"", Duration::from_millis(500))
+                    .await,
+                Ok((200, _))
+            ) {
+                return self.with(id, |vm| {
+                    vm.info.status = Status::Running;
+                    Ok(vm.info.clone())
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Backend(format!(
+                    "not serving on {address} within the ready timeout"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn qmp(&self, id: &str) -> Result<Qmp, VmmError> {
+        let path = self.with(id, |vm| Ok(vm.dir.join("qmp.sock")))?;
+        Qmp::connect(&path, Instant::now() + Duration::from_secs(5)).await
+    }
+}
+
+async fn wait_incoming(qmp: &mut Qmp, deadline: Instant) -> Result<(), VmmError> {
+    loop {
+        let s = qmp.execute("query-status", None).await?;
+        match s["status"].as_str() {
+            Some("inmigrate") if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            Some("paused") | Some("postmigrate") | Some("running") | Some("prelaunch") => {
+                return Ok(());
+            }
+            other => {
+                return Err(VmmError::Backend(format!(
+                    "incoming migration ended in state {other:?}"
+                )));
+            }
+        }
+    }
+}
+
+impl Hypervisor for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn create(&self, spec: InstanceSpec) -> Result<InstanceInfo, VmmError> {
+        let args = self.machine_args(&spec);
+        self.launch(spec, args, None, 0).await
+    }
+
+    async fn get(&self, id: &str) -> Result<InstanceInfo, VmmError> {
+        self.with(id, |vm| Ok(vm.info.clone()))
+    }
+
+    async fn list(&self) -> Vec<InstanceInfo> {
+        self.vms().values().map(|vm| vm.info.clone()).collect()
+    }
+
+    async fn pause(&self, id: &str) -> Result<InstanceInfo, VmmError> {
+        self.qmp(id).await?.execute("stop", None).await?;
+        self.with(id, |vm| {
+            vm.info.status = Status::Paused;
+            Ok(vm.info.clone())
+        })
+    }
+
+    async fn resume(&self, id: &str) -> Result<InstanceInfo, VmmError> {
+        self.qmp(id).await?.execute("cont", None).await?;
+        self.with(id, |vm| {
+            vm.info.status = Status::Running;
+            Ok(vm.info.clone())
+        })
+    }
+
+    async fn snapshot(&self, id: &str, dir: &Path) -> Result<Taken, VmmError> {
+        let machine_args = self.with(id, |vm| {
+            if vm.info.status != Status::Running {
+                return Err(VmmError::FailedPrecondition(format!(
+                    "instance {id} is {:?}; only a running instance can be snapshotted",
+                    vm.info.status
+                )));
+            }
+            Ok(vm.machine_args.clone())
+        })?;
+        let mut qmp = self.qmp(id).await?;
+        qmp.execute("stop", None).await?;
+        let memory = dir.join(MEMORY_FILE);
+        let result = async {
+            // The 7.2 default of 128 MiB/s would make a snapshot take a second.
+            qmp.execute(
+                "migrate-set-parameters",
+                Some(serde_json::json!({ "max-bandwidth": 64u64 << 30 })),
+            )
+            .await?;
+            let uri = format!("exec:cat > '{}'", memory.display());
+            qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+                .await?;
+            qmp.wait_migration().await
+        }
+        .await;
+        qmp.execute("cont", None).await?;
+        result?;
+        Ok(Taken { machine_args })
+    }
+
+    async fn clone_instance(
+        &self,
+        manifest: &Manifest,
+        dir: &Path,
+        spec: InstanceSpec,
+    ) -> Result<InstanceInfo, VmmError> {
+        if manifest.machine_args.is_empty() {
+            return Err(VmmError::FailedPrecondition(format!(
+                "snapshot {} was not made by the qemu backend",
+                manifest.snapshot_id
+            )));
+        }
+        let spec = InstanceSpec {
+            workload: crate::snapshots::manifest_workload(manifest)?,
+            cluster_id: manifest.cluster_id.clone(),
+            ..spec
+        };
+        let memory = dir.join(MEMORY_FILE);
+        self.launch(
+            spec,
+            manifest.machine_args.clone(),
+            Some((&memory, manifest.snapshot_id.clone())),
+            manifest.generation + 1,
+        )
+        .await
+    }
+
+    async fn resize(&self, id: &str, resources: types::Resources) -> Result<Resized, VmmError> {
+        let info = self.get(id).await?;
+        let now = info.spec.resources;
+        let message = if resources == now {
+            "no change".to_owned()
+        } else {
+            format!(
+                "not supported at run time by this machine type (pc without hot-plug slots or balloon): {} vCPUs and {} MiB stay; clone with the new resources instead",
+                now.vcpus, now.memory_mib
+            )
+        };
+        Ok(Resized {
+            enforced: resources == now,
+            info,
+            message,
+        })
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, VmmError> {
+        let found = self.vms().get_mut(id).map(|vm| {
+            vm.info.status = Status::Stopped;
+            (vm.pid, vm.exit.clone(), vm.dir.clone())
+        });
+        let Some((pid, mut exit, dir)) = found else {
+            return Ok(false);
+        };
+        if let Ok(mut qmp) = self.qmp(id).await {
+            let _ = qmp.execute("quit", None).await;
+        }
+        if tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            signal_group(pid, Signal::SIGKILL);
+            let _ = tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some)).await;
+        }
+        self.vms().remove(id);
+        std::fs::remove_dir_all(&dir)
+            .map_err(VmmError::io(format!("removing {}", dir.display())))?;
+        Ok(true)
+    }
+
+    async fn stats(&self, id: &str) -> Result<Usage, VmmError> {
+        let tps = crate::procfs::ticks_per_second();
+        self.with(id, |vm| {
+            // QEMU's CPU time stands for the guest's (TCG or KVM vCPU threads are its own).
+            let now = Instant::now();
+            let ticks = crate::procfs::cpu_ticks(vm.pid).unwrap_or(vm.cpu_sample.1);
+            let (then, before) = vm.cpu_sample;
+            let wall = now.duration_since(then).as_secs_f64();
+            let vcpus = f64::from(vm.info.spec.resources.vcpus.max(1));
+            vm.cpu_sample = (now, ticks);
+            Ok(Usage {
+                cpu_utilization: if wall > 0.0 {
+                    (ticks.saturating_sub(before) as f64 / tps) / wall / vcpus
+                } else {
+                    0.0
+                },
+                memory_bytes: crate::procfs::rss_bytes(vm.pid).unwrap_or(0),
+                uptime_seconds: vm.started.elapsed().as_secs_f64(),
+            })
+        })
+    }
+}

@@ -1,0 +1,192 @@
+//! The qemu backend end to end with real VMs (TCG where KVM cannot run the guest):
+//! boot the demo guest, write keys, snapshot, clone 2; each clone serves the keys on
+//! its own port with a new identity. Needs qemu-system-x86, busybox-static and cpio
+//! (`.ci/run` installs them); the guest is built by `deploy/guest/build.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as pb;
+use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
+use form_testkit::conformance::{PORT0_ARGS, stop_gracefully};
+use form_testkit::{TestDir, probe, start, workspace_bin};
+
+const BIN: &str = env!("CARGO_BIN_EXE_form-vmm-service");
+
+/// Builds the guest around this workspace's demo app, under the target directory.
+fn guest() -> PathBuf {
+    for (tool, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("cpio", "cpio"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{tool} is missing: apt-get install qemu-system-x86 busybox-static cpio ({package})"
+        );
+    }
+    let demo = workspace_bin("form-demo-app");
+    let out = demo.parent().expect("target dir").join("form-guest");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/guest/build.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&demo)
+        .arg(&out)
+        .status()
+        .expect("run build.sh");
+    assert!(status.success(), "deploy/guest/build.sh failed");
+    out
+}
+
+#[tokio::test]
+async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
+    let guest = tokio::task::spawn_blocking(guest).await.expect("guest");
+    let dir = TestDir::new("vmm-qemu");
+    let data = dir.path().join("data");
+    let args = [
+        PORT0_ARGS,
+        &[
+            "--backend",
+            "qemu",
+            "--guest-dir",
+            guest.to_str().expect("utf-8"),
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--ready-timeout-ms",
+            "60000",
+        ],
+    ]
+    .concat();
+    let mut svc = start(&dir, "vmm", Path::new(BIN), &args).await;
+    let mut c = VmmServiceClient::new(
+        probe::channel(svc.addr("grpc").expect("grpc"))
+            .await
+            .expect("connect"),
+    );
+    let req = pb::CreateInstanceRequest {
+        instance_id: "vm-primary".into(),
+        cluster_id: "web".into(),
+        workload: Some(types::Workload {
+            command: "form-demo-app".into(),
+            health_path: "/healthz".into(),
+            ..Default::default()
+        }),
+        resources: Some(types::Resources {
+            vcpus: 1,
+            memory_mib: 128,
+        }),
+    };
+    let primary = c.create_instance(req).await.expect("create").into_inner();
+    assert_eq!(
+        primary.status,
+        pb::InstanceStatus::Running as i32,
+        "{}",
+        primary.failure
+    );
+    assert_eq!(primary.backend, "qemu");
+    let paddr: std::net::SocketAddr = primary.address.parse().expect("addr");
+    for (k, v) in [("x", "10"), ("y", "20")] {
+        let (code, _) = probe::http_request(paddr, "PUT", &format!("/kv/{k}"), v.as_bytes())
+            .await
+            .expect("PUT");
+        assert_eq!(code, 204);
+    }
+    let snap = c
+        .snapshot(pb::SnapshotRequest {
+            instance_id: "vm-primary".into(),
+            resume: None,
+        })
+        .await
+        .expect("snapshot")
+        .into_inner();
+    assert!(
+        snap.files
+            .iter()
+            .any(|f| f.path == "memory.bin" && f.size_bytes > 0),
+        "{:?}",
+        snap.files
+    );
+    probe::http_request(paddr, "PUT", "/kv/x", b"after")
+        .await
+        .expect("PUT");
+
+    let mut ports = Vec::new();
+    for n in 0..2 {
+        let req = pb::CloneRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            instance_id: format!("vm-clone-{n}"),
+            resources: None,
+        };
+        let clone = VmmServiceClient::clone(&mut c, req)
+            .await
+            .expect("clone")
+            .into_inner();
+        assert_eq!(
+            clone.status,
+            pb::InstanceStatus::Running as i32,
+            "{}",
+            clone.failure
+        );
+        let a: std::net::SocketAddr = clone.address.parse().expect("addr");
+        assert_eq!(
+            probe::http_get(a, "/kv/x").await.expect("GET"),
+            (200, "10".into()),
+            "clone {n} has the memory of the snapshot"
+        );
+        assert_eq!(
+            probe::http_get(a, "/kv/y").await.expect("GET"),
+            (200, "20".into())
+        );
+        let who: serde_json::Value =
+            serde_json::from_str(&probe::http_get(a, "/whoami").await.expect("GET").1)
+                .expect("json");
+        assert_eq!(who["instance_id"], format!("vm-clone-{n}"));
+        assert_eq!(who["restored_from"], snap.snapshot_id.as_str());
+        assert_eq!(who["generation"], 1);
+        ports.push(a.port());
+    }
+    assert_ne!(ports[0], ports[1], "each clone has its own port");
+    assert_eq!(
+        probe::http_get(paddr, "/kv/x").await.expect("GET").1,
+        "after",
+        "the primary runs on"
+    );
+
+    let resized = c
+        .resize(pb::ResizeRequest {
+            instance_id: "vm-clone-0".into(),
+            resources: Some(types::Resources {
+                vcpus: 2,
+                memory_mib: 256,
+            }),
+        })
+        .await
+        .expect("resize")
+        .into_inner();
+    assert!(
+        !resized.enforced && resized.message.contains("not supported"),
+        "{}",
+        resized.message
+    );
+
+    for id in ["vm-primary", "vm-clone-0", "vm-clone-1"] {
+        c.delete_instance(pb::InstanceRef {
+            instance_id: id.into(),
+        })
+        .await
+        .expect("delete");
+    }
+    assert_eq!(
+        std::fs::read_dir(data.join("instances"))
+            .expect("dir")
+            .count(),
+        0,
+        "no VM files left"
+    );
+    stop_gracefully(&mut svc).await;
+}
