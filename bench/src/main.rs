@@ -72,6 +72,9 @@ enum Command {
         /// Keys the primary holds.
         #[arg(long, default_value_t = 1000)]
         keys: usize,
+        /// Guest directory (deploy/guest/build.sh) to measure the qemu backend too.
+        #[arg(long, value_name = "DIR")]
+        guest_dir: Option<PathBuf>,
     },
 }
 
@@ -104,7 +107,11 @@ fn main() -> ExitCode {
                 state_bytes::run(&bin_dir, members, replicas).await
             }
             Command::StateRecovery { members } => state_recovery::run(&bin_dir, members).await,
-            Command::VmmClone { runs, keys } => vmm_clone::run(&bin_dir, runs, keys).await,
+            Command::VmmClone {
+                runs,
+                keys,
+                guest_dir,
+            } => vmm_clone::run(&bin_dir, runs, keys, guest_dir.as_deref()).await,
         }
     });
     match result {

@@ -74,10 +74,13 @@ pub struct Usage {
 }
 
 /// What a snapshot recorded about its source, for the manifest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Taken {
     /// Arguments needed to restore the machine (qemu); empty otherwise.
     pub machine_args: Vec<String>,
+    /// SHA-256 (hex) of files the backend hashed while writing them, by relative path,
+    /// so sealing the snapshot need not read them again.
+    pub digests: Vec<(String, String)>,
 }
 
 /// The outcome of a resize.

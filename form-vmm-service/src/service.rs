@@ -182,18 +182,21 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
                 return Err(e.into());
             }
         };
-        let manifest = self.snapshots.seal(Manifest {
-            format_version: FORMAT_VERSION,
-            snapshot_id,
-            backend: self.hv.name().to_owned(),
-            source_instance_id: r.instance_id.clone(),
-            cluster_id: source.spec.cluster_id.clone(),
-            generation: source.generation,
-            workload: workload_hex(&source.spec.workload),
-            machine_args: taken.machine_args,
-            created_at_ms: now_ms(),
-            files: Vec::new(),
-        })?;
+        let manifest = self.snapshots.seal(
+            Manifest {
+                format_version: FORMAT_VERSION,
+                snapshot_id,
+                backend: self.hv.name().to_owned(),
+                source_instance_id: r.instance_id.clone(),
+                cluster_id: source.spec.cluster_id.clone(),
+                generation: source.generation,
+                workload: workload_hex(&source.spec.workload),
+                machine_args: taken.machine_args.clone(),
+                created_at_ms: now_ms(),
+                files: Vec::new(),
+            },
+            &taken.digests,
+        )?;
         if r.resume == Some(false) {
             self.hv.pause(&r.instance_id).await?;
         }

@@ -147,8 +147,13 @@ impl SnapshotStore {
         Ok(d)
     }
 
-    /// Hashes every file in the snapshot directory and writes the manifest (fsynced).
-    pub fn seal(&self, mut manifest: Manifest) -> Result<Manifest, VmmError> {
+    /// Hashes every file in the snapshot directory (but those in `known`, whose SHA-256
+    /// the backend computed as it wrote them) and writes the manifest (fsynced).
+    pub fn seal(
+        &self,
+        mut manifest: Manifest,
+        known: &[(String, String)],
+    ) -> Result<Manifest, VmmError> {
         let dir = self.dir(&manifest.snapshot_id);
         let mut files = Vec::new();
         walk(&dir, &dir, &mut files).map_err(VmmError::io(format!("listing {}", dir.display())))?;
@@ -157,8 +162,18 @@ impl SnapshotStore {
             .into_iter()
             .filter(|p| p != Path::new(MANIFEST))
             .map(|p| {
-                let (size_bytes, sha256) = sha256_file(&dir.join(&p))
-                    .map_err(VmmError::io(format!("hashing {}", p.display())))?;
+                let full = dir.join(&p);
+                let name = p.to_string_lossy().into_owned();
+                let (size_bytes, sha256) = match known.iter().find(|(k, _)| *k == name) {
+                    Some((_, sha)) => (
+                        std::fs::metadata(&full)
+                            .map_err(VmmError::io(format!("reading {}", p.display())))?
+                            .len(),
+                        sha.clone(),
+                    ),
+                    None => sha256_file(&full)
+                        .map_err(VmmError::io(format!("hashing {}", p.display())))?,
+                };
                 Ok(FileEntry {
                     path: p.to_string_lossy().into_owned(),
                     size_bytes,
@@ -320,7 +335,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("state")).expect("mkdir");
         std::fs::write(dir.join("state/state.json"), b"{\"kv\":{}}").expect("write");
         std::fs::write(dir.join("workdir.bin"), vec![7u8; 1000]).expect("write");
-        let m = store.seal(manifest("s1")).expect("seal");
+        let m = store.seal(manifest("s1"), &[]).expect("seal");
         assert_eq!(m.files.len(), 2);
         assert_eq!(m.size_bytes(), 1000 + 9);
         assert_eq!(store.verify("s1").expect("verifies"), m);

@@ -377,9 +377,7 @@ impl Hypervisor for ProcessBackend {
         copied.map_err(VmmError::io(format!(
             "copying the working directory of {id}"
         )))?;
-        Ok(Taken {
-            machine_args: Vec::new(),
-        })
+        Ok(Taken::default())
     }
 
     async fn clone_instance(

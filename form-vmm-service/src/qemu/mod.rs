@@ -492,8 +492,32 @@ impl Hypervisor for QemuBackend {
             Ok(vm.machine_args.clone())
         })?;
         let mut qmp = self.qmp(id).await?;
-        qmp.execute("stop", None).await?;
         let memory = dir.join(MEMORY_FILE);
+        // QEMU writes the stream into a pipe; a thread writes it to the file and hashes it
+        // as it comes, so the snapshot is sealed without reading it again.
+        let (read_end, write_end) =
+            nix::unistd::pipe().map_err(|e| VmmError::io("creating a pipe")(e.into()))?;
+        let target = memory.clone();
+        let sink = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            use sha2::{Digest, Sha256};
+            use std::io::{Read, Write};
+            let mut input = std::fs::File::from(read_end);
+            let mut out =
+                std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&target)?);
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = input.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+            }
+            out.flush()?;
+            Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        });
+        qmp.execute("stop", None).await?;
         let result = async {
             // The 7.2 default of 128 MiB/s would make a snapshot take a second.
             qmp.execute(
@@ -501,15 +525,29 @@ impl Hypervisor for QemuBackend {
                 Some(serde_json::json!({ "max-bandwidth": 64u64 << 30 })),
             )
             .await?;
-            let uri = format!("exec:cat > '{}'", memory.display());
-            qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+            qmp.send_fd("form-snapshot", std::os::fd::AsRawFd::as_raw_fd(&write_end))
                 .await?;
+            drop(write_end);
+            qmp.execute(
+                "migrate",
+                Some(serde_json::json!({ "uri": "fd:form-snapshot" })),
+            )
+            .await?;
             qmp.wait_migration().await
         }
         .await;
         qmp.execute("cont", None).await?;
         result?;
-        Ok(Taken { machine_args })
+        // QEMU closes its copy of the pipe when the migration ends: the sink sees EOF.
+        let digest = tokio::time::timeout(Duration::from_secs(30), sink)
+            .await
+            .map_err(|_| VmmError::Backend("the memory stream did not end".into()))?
+            .map_err(|e| VmmError::Backend(e.to_string()))?
+            .map_err(VmmError::io(format!("writing {}", memory.display())))?;
+        Ok(Taken {
+            machine_args,
+            digests: vec![(MEMORY_FILE.to_owned(), digest)],
+        })
     }
 
     async fn clone_instance(

@@ -93,6 +93,59 @@ impl Qmp {
         }
     }
 
+    /// Runs `getfd` with `fd` attached (SCM_RIGHTS), so QEMU can use it as `name`.
+    pub(crate) async fn send_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::RawFd,
+    ) -> Result<(), VmmError> {
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let msg = format!(
+            "{}\n",
+            json!({ "execute": "getfd", "arguments": { "fdname": name } })
+        );
+        let sock = self.writer.as_ref().as_raw_fd();
+        let fds = [fd];
+        loop {
+            self.writer
+                .writable()
+                .await
+                .map_err(VmmError::io("waiting for QMP"))?;
+            match sendmsg::<()>(
+                sock,
+                &[IoSlice::new(msg.as_bytes())],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            ) {
+                Ok(n) if n == msg.len() => break,
+                Ok(n) => {
+                    return Err(VmmError::Backend(format!(
+                        "QMP getfd: sent {n} of {} bytes",
+                        msg.len()
+                    )));
+                }
+                Err(nix::errno::Errno::EAGAIN) => continue,
+                Err(e) => return Err(VmmError::io("sending a file descriptor to QEMU")(e.into())),
+            }
+        }
+        loop {
+            let v = self.read().await?;
+            if v.get("return").is_some() {
+                return Ok(());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(VmmError::Backend(format!(
+                    "QMP getfd: {}",
+                    e["desc"].as_str().unwrap_or("error")
+                )));
+            }
+        }
+    }
+
     /// Polls `query-migrate` until the migration completes (or fails).
     pub(crate) async fn wait_migration(&mut self) -> Result<(), VmmError> {
         let deadline = Instant::now() + COMMAND_TIMEOUT;
