@@ -92,6 +92,31 @@ async fn snapshot_and_clone_carry_state_with_new_identities() {
                 .expect("PUT");
         assert_eq!(code, 204);
     }
+    // Paused, it answers nothing; resumed, it answers again with its state intact.
+    let paused = c
+        .pause(pb::InstanceRef {
+            instance_id: "primary".into(),
+        })
+        .await
+        .expect("pause")
+        .into_inner();
+    assert_eq!(paused.status, pb::InstanceStatus::Paused as i32);
+    let stalled = tokio::time::timeout(
+        Duration::from_millis(300),
+        probe::http_get(addr(&primary), "/kv/a"),
+    )
+    .await;
+    assert!(stalled.is_err(), "a paused instance answered: {stalled:?}");
+    let resumed = c
+        .resume(pb::InstanceRef {
+            instance_id: "primary".into(),
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    assert_eq!(resumed.status, pb::InstanceStatus::Running as i32);
+    assert_eq!(get(&primary, "/kv/a").await, (200, "1".into()));
+
     let snap = c
         .snapshot(pb::SnapshotRequest {
             instance_id: "primary".into(),

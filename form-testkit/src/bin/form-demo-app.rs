@@ -48,6 +48,17 @@ struct Identity {
     restored_from: Option<String>,
 }
 
+/// Body of `POST /_form/identity`.
+#[derive(Debug, Deserialize)]
+struct NewIdentity {
+    instance_id: String,
+    restored_from: Option<String>,
+    /// Fresh entropy from the host (hex), mixed into the kernel's pool: a restored VM
+    /// would otherwise share its source's random state.
+    #[serde(default)]
+    seed: String,
+}
+
 #[derive(Debug)]
 struct App {
     identity: Mutex<Identity>,
@@ -104,7 +115,7 @@ async fn whoami(State(app): State<Shared>) -> Response {
 /// memory snapshot still runs as its source; the hypervisor gives it its own identity
 /// (a new generation, and new session ids from here on).
 async fn set_identity(State(app): State<Shared>, body: Bytes) -> Response {
-    let new: Identity = match serde_json::from_slice(&body) {
+    let new: NewIdentity = match serde_json::from_slice(&body) {
         Ok(i) => i,
         Err(e) => {
             return (
@@ -114,12 +125,33 @@ async fn set_identity(State(app): State<Shared>, body: Bytes) -> Response {
                 .into_response();
         }
     };
+    // The clock of a restored VM stands where the snapshot left it: reread the RTC
+    // (QEMU's follows the host). Outside a VM, or without the tool, this does nothing.
+    let clock = std::process::Command::new("hwclock")
+        .arg("-s")
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let seeded = !new.seed.is_empty()
+        && std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .and_then(|mut f| f.write_all(new.seed.as_bytes()))
+            .is_ok();
     let mut data = lock(&app);
     data.generation += 1;
     *app.identity
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
-    (StatusCode::OK, format!("generation {}\n", data.generation)).into_response()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Identity {
+        instance_id: new.instance_id,
+        restored_from: new.restored_from,
+    };
+    let g = data.generation;
+    (
+        StatusCode::OK,
+        format!("generation {g} clock_synced {clock} seeded {seeded}\n"),
+    )
+        .into_response()
 }
 
 async fn session(State(app): State<Shared>, headers: HeaderMap) -> Response {

@@ -337,8 +337,12 @@ impl QemuBackend {
                 wait_incoming(&mut qmp, deadline).await?;
                 qmp.execute("cont", None).await?;
                 // The restored guest still runs as its source: give it its identity.
-                let body = serde_json::json!({ "instance_id": id, "restored_from": snapshot_id })
-                    .to_string();
+                let body = serde_json::json!({
+                    "instance_id": id,
+                    "restored_from": snapshot_id,
+                    "seed": seed()?,
+                })
+                .to_string();
                 loop {
                     match crate::http::request(
                         admin,
@@ -426,6 +430,16 @@ impl QemuBackend {
         let path = self.with(id, |vm| Ok(vm.dir.join("qmp.sock")))?;
         Qmp::connect(&path, Instant::now() + Duration::from_secs(5)).await
     }
+}
+
+/// 32 fresh random bytes from the host, hex, for a clone's entropy pool.
+fn seed() -> Result<String, VmmError> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(VmmError::io("reading /dev/urandom"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 async fn wait_incoming(qmp: &mut Qmp, deadline: Instant) -> Result<(), VmmError> {
