@@ -58,7 +58,7 @@ if ! file_is_static "$workload"; then
         cp -L "$lib" "$root$lib"
     done
 fi
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon failover net_failover virtio_net; do
     f=$(find "$kroot/lib/modules/$kver" -name "$m.ko*" | head -1)
     [ -n "$f" ] || { echo "build.sh: module $m not found in $pkg" >&2; exit 1; }
     case "$f" in

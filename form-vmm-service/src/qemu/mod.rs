@@ -10,6 +10,8 @@
 //!
 //! The host port forwards belong to the QEMU that runs, not to the snapshot: every clone
 //! gets its own ports. The guest's workload listens on 8080 and its admin endpoint on 8081.
+//! Resize: memory through the virtio balloon (down, and back up to the boot size);
+//! vCPUs are not hot-plugged and the reply says so.
 
 mod qmp;
 
@@ -123,6 +125,7 @@ struct Vm {
     exit: watch::Receiver<Option<String>>,
     started: Instant,
     cpu_sample: (Instant, u64),
+    boot_memory_mib: u64,
 }
 
 #[derive(Debug)]
@@ -215,6 +218,8 @@ impl QemuBackend {
             ),
             "-device",
             "virtio-net-pci,netdev=n0",
+            "-device",
+            "virtio-balloon-pci,id=balloon0",
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -231,6 +236,7 @@ impl QemuBackend {
         generation: u64,
     ) -> Result<InstanceInfo, VmmError> {
         let id = spec.instance_id.clone();
+        let boot_memory_mib = memory_of(&machine_args).unwrap_or(spec.resources.memory_mib);
         let dir = self.inner.root.join(&id);
         if self.vms().contains_key(&id) || dir.exists() {
             return Err(VmmError::FailedPrecondition(format!(
@@ -301,6 +307,7 @@ impl QemuBackend {
                 exit: rx.clone(),
                 started: Instant::now(),
                 cpu_sample: (Instant::now(), 0),
+                boot_memory_mib,
             },
         );
         let inner = self.inner.clone();
@@ -430,6 +437,13 @@ impl QemuBackend {
         let path = self.with(id, |vm| Ok(vm.dir.join("qmp.sock")))?;
         Qmp::connect(&path, Instant::now() + Duration::from_secs(5)).await
     }
+}
+
+/// The `-m` value of machine arguments, in MiB.
+fn memory_of(args: &[String]) -> Option<u64> {
+    args.iter()
+        .position(|a| a == "-m")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
 }
 
 /// 32 fresh random bytes from the host, hex, for a clone's entropy pool.
@@ -592,19 +606,58 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn resize(&self, id: &str, resources: types::Resources) -> Result<Resized, VmmError> {
-        let info = self.get(id).await?;
-        let now = info.spec.resources;
-        let message = if resources == now {
+        let (now, boot_mib) =
+            self.with(id, |vm| Ok((vm.info.spec.resources, vm.boot_memory_mib)))?;
+        let mut notes = Vec::new();
+        let mut enforced = true;
+        if resources.vcpus != now.vcpus {
+            enforced = false;
+            notes.push(format!(
+                "vCPU hot-plug is not supported by this machine type: {} vCPUs stay (clone with the new resources instead)",
+                now.vcpus
+            ));
+        }
+        let mut memory = now.memory_mib;
+        if resources.memory_mib != now.memory_mib {
+            if resources.memory_mib > boot_mib {
+                enforced = false;
+                notes.push(format!(
+                    "memory cannot grow past the {boot_mib} MiB the VM booted with: {} MiB stay",
+                    now.memory_mib
+                ));
+            } else {
+                // The balloon takes memory back from the guest (or returns it, up to boot size).
+                let mut qmp = self.qmp(id).await?;
+                qmp.execute(
+                    "balloon",
+                    Some(serde_json::json!({ "value": resources.memory_mib << 20 })),
+                )
+                .await?;
+                let actual = qmp.execute("query-balloon", None).await?["actual"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >> 20;
+                memory = resources.memory_mib;
+                notes.push(format!(
+                    "balloon target {memory} MiB (guest reports {actual} MiB so far)"
+                ));
+            }
+        }
+        let info = self.with(id, |vm| {
+            vm.info.spec.resources = types::Resources {
+                vcpus: now.vcpus,
+                memory_mib: memory,
+            };
+            Ok(vm.info.clone())
+        })?;
+        let message = if notes.is_empty() {
             "no change".to_owned()
         } else {
-            format!(
-                "not supported at run time by this machine type (pc without hot-plug slots or balloon): {} vCPUs and {} MiB stay; clone with the new resources instead",
-                now.vcpus, now.memory_mib
-            )
+            notes.join("; ")
         };
         Ok(Resized {
-            enforced: resources == now,
             info,
+            enforced,
             message,
         })
     }
