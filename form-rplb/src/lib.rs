@@ -2,6 +2,7 @@
 //! instances with session affinity, drains instances before removal and checks their
 //! health; controlled over gRPC (`form.rplb.v1.RplbControl`).
 
+pub mod balance;
 pub mod config;
 
 use std::net::SocketAddr;

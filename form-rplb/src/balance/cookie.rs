@@ -1,0 +1,103 @@
+//! Session cookies that name a backend, authenticated with HMAC-SHA256 so a client
+//! cannot pin itself to a backend of its choice, and carrying their expiry.
+//!
+//! ```text
+//! <backend-id>~<expiry, unix seconds>~<first 16 bytes of HMAC(key, id ~ expiry), hex>
+//! ```
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Bytes of the MAC kept in the cookie (128 bits).
+const MAC_BYTES: usize = 16;
+
+/// Issues and checks session cookies with one secret key.
+#[derive(Clone)]
+pub struct CookieSigner {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for CookieSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CookieSigner(..)")
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl CookieSigner {
+    /// A signer with `key` (32 random bytes, shared by every balancer replica).
+    pub fn new(key: [u8; 32]) -> Self {
+        Self { key }
+    }
+
+    fn mac(&self, payload: &str) -> Vec<u8> {
+        // Any key length is valid for HMAC.
+        let mut m = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        m.update(payload.as_bytes());
+        m.finalize().into_bytes()[..MAC_BYTES].to_vec()
+    }
+
+    /// A cookie value pinning `backend` until `now_unix + ttl_seconds`.
+    pub fn issue(&self, backend: &str, now_unix: u64, ttl_seconds: u64) -> String {
+        let payload = format!("{backend}~{}", now_unix.saturating_add(ttl_seconds));
+        let mac = hex(&self.mac(&payload));
+        format!("{payload}~{mac}")
+    }
+
+    /// The backend a cookie value names, if it is authentic and not expired at `now_unix`.
+    pub fn verify<'a>(&self, value: &'a str, now_unix: u64) -> Option<&'a str> {
+        let (payload, mac) = value.rsplit_once('~')?;
+        let (backend, expiry) = payload.rsplit_once('~')?;
+        let expiry: u64 = expiry.parse().ok()?;
+        let expected = hex(&self.mac(payload));
+        // Compare in constant time: a timing leak must not reveal the MAC byte by byte.
+        let same = mac.len() == expected.len()
+            && mac
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        (same && now_unix < expiry && !backend.is_empty()).then_some(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authentic_cookies_verify_until_they_expire() {
+        let s = CookieSigner::new([1; 32]);
+        let c = s.issue("i-3", 1000, 60);
+        assert_eq!(s.verify(&c, 1000), Some("i-3"));
+        assert_eq!(s.verify(&c, 1059), Some("i-3"));
+        assert_eq!(s.verify(&c, 1060), None, "expired");
+    }
+
+    #[test]
+    fn forged_cookies_do_not_pin() {
+        let s = CookieSigner::new([1; 32]);
+        let c = s.issue("i-3", 1000, 60);
+        let other = c.replacen("i-3", "i-4", 1);
+        assert_eq!(
+            s.verify(&other, 1000),
+            None,
+            "another backend with the old MAC"
+        );
+        let longer = c.replacen("1060", "9999", 1);
+        assert_eq!(s.verify(&longer, 1000), None, "a longer expiry");
+        assert_eq!(
+            CookieSigner::new([2; 32]).verify(&c, 1000),
+            None,
+            "another key"
+        );
+        for junk in ["", "i-3", "i-3~1060", "~~", "i-3~x~00"] {
+            assert_eq!(s.verify(junk, 1000), None, "{junk}");
+        }
+    }
+}

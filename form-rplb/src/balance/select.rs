@@ -1,0 +1,407 @@
+//! The decision for one request: which backend, whether the request is pinned there,
+//! and which cookie to set.
+//!
+//! | affinity | new request | pinned request |
+//! |---|---|---|
+//! | none | power of two choices over active backends | - |
+//! | client IP | ring of active backends, by client address | - |
+//! | hash of a parameter | ring of active backends, by the value (P2C without one) | - |
+//! | cookie | P2C over active backends; a cookie is set | its backend while it is active or draining within the grace period; else re-pinned with a new cookie |
+//!
+//! A draining backend takes no new request the moment its drain starts; hash-based
+//! affinity moves its keys at once (they are not sessions the balancer pinned).
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use super::Backend;
+use super::cookie::CookieSigner;
+use super::p2c::{self, Rng};
+use super::ring::Ring;
+
+/// How a route keeps clients on backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Affinity {
+    /// None: power of two choices.
+    None,
+    /// Consistent hash of the client address.
+    ClientIp,
+    /// A balancer-issued cookie naming the backend.
+    Cookie {
+        /// Cookie name.
+        name: String,
+        /// Seconds a pin lasts.
+        ttl_seconds: u64,
+    },
+    /// Consistent hash of a header (or `query:NAME`).
+    Hash {
+        /// The parameter.
+        parameter: String,
+    },
+}
+
+/// What the selector needs to know of a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestKey<'a> {
+    /// The client's address (after trusted-proxy handling).
+    pub client_ip: Option<IpAddr>,
+    /// The value of the hash parameter, if the route hashes one.
+    pub hash_value: Option<&'a [u8]>,
+    /// The value of the affinity cookie, if present.
+    pub cookie: Option<&'a str>,
+}
+
+/// The decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Index of the backend in the route's list.
+    pub backend: usize,
+    /// Whether the request follows a session pin (cookie).
+    pub pinned: bool,
+    /// A cookie value to set (new or re-pinned session).
+    pub set_cookie: Option<String>,
+}
+
+/// A route's backends with the ring of those taking new requests. Rebuilt (and swapped
+/// in whole) on every change of the backends or their states.
+#[derive(Debug, Clone)]
+pub struct Selector {
+    backends: Vec<Backend>,
+    ring: Ring,
+}
+
+impl Selector {
+    /// The selector of `backends`.
+    pub fn new(backends: Vec<Backend>) -> Self {
+        let ring = Ring::new(
+            backends
+                .iter()
+                .filter(|b| b.takes_new())
+                .map(|b| (b.id.as_str(), b.weight)),
+        );
+        Self { backends, ring }
+    }
+
+    /// The backends, in order.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    fn index_of(&self, id: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.id == id)
+    }
+
+    /// P2C over backends taking new requests, except `exclude`.
+    fn least_loaded(
+        &self,
+        in_flight: &[u64],
+        exclude: Option<usize>,
+        rng: &mut Rng,
+    ) -> Option<usize> {
+        let candidates: Vec<usize> = (0..self.backends.len())
+            .filter(|i| self.backends[*i].takes_new() && Some(*i) != exclude)
+            .collect();
+        let loads: Vec<u64> = candidates
+            .iter()
+            .map(|i| in_flight.get(*i).copied().unwrap_or(0))
+            .collect();
+        p2c::pick(&loads, rng).map(|k| candidates[k])
+    }
+
+    /// Chooses a backend for a request; `None` when no backend can take it.
+    /// `exclude` is a backend that just failed to connect (the one retry goes elsewhere).
+    #[allow(clippy::too_many_arguments)]
+    pub fn select(
+        &self,
+        affinity: &Affinity,
+        key: RequestKey<'_>,
+        in_flight: &[u64],
+        exclude: Option<usize>,
+        signer: &CookieSigner,
+        now: Instant,
+        now_unix: u64,
+        rng: &mut Rng,
+    ) -> Option<Decision> {
+        let fresh = |backend| Decision {
+            backend,
+            pinned: false,
+            set_cookie: None,
+        };
+        let by_ring = |k: &[u8]| {
+            self.ring
+                .lookup(k)
+                .and_then(|id| self.index_of(id))
+                .filter(|i| Some(*i) != exclude)
+        };
+        match affinity {
+            Affinity::None => self.least_loaded(in_flight, exclude, rng).map(fresh),
+            Affinity::ClientIp => {
+                let ip = key.client_ip.map(|ip| ip.to_string());
+                ip.and_then(|ip| by_ring(ip.as_bytes()))
+                    .or_else(|| self.least_loaded(in_flight, exclude, rng))
+                    .map(fresh)
+            }
+            Affinity::Hash { .. } => key
+                .hash_value
+                .and_then(by_ring)
+                .or_else(|| self.least_loaded(in_flight, exclude, rng))
+                .map(fresh),
+            Affinity::Cookie { ttl_seconds, .. } => {
+                let pinned = key
+                    .cookie
+                    .and_then(|c| signer.verify(c, now_unix))
+                    .and_then(|id| self.index_of(id))
+                    .filter(|i| self.backends[*i].takes_pinned(now) && Some(*i) != exclude);
+                match pinned {
+                    Some(backend) => Some(Decision {
+                        backend,
+                        pinned: true,
+                        set_cookie: None,
+                    }),
+                    None => self
+                        .least_loaded(in_flight, exclude, rng)
+                        .map(|backend| Decision {
+                            backend,
+                            pinned: false,
+                            set_cookie: Some(signer.issue(
+                                &self.backends[backend].id,
+                                now_unix,
+                                *ttl_seconds,
+                            )),
+                        }),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::State;
+    use super::*;
+
+    fn backend(id: &str, state: State) -> Backend {
+        Backend {
+            id: id.into(),
+            weight: 1,
+            state,
+        }
+    }
+
+    fn cookie_affinity() -> Affinity {
+        Affinity::Cookie {
+            name: "FORM".into(),
+            ttl_seconds: 600,
+        }
+    }
+
+    #[test]
+    fn cookie_sessions_stay_while_backends_come_and_go_and_forgeries_do_not_pin() {
+        let signer = CookieSigner::new([9; 32]);
+        let mut rng = Rng::new(3);
+        let now = Instant::now();
+        let s = Selector::new(vec![
+            backend("a", State::Active),
+            backend("b", State::Active),
+        ]);
+        let first = s
+            .select(
+                &cookie_affinity(),
+                RequestKey::default(),
+                &[0, 0],
+                None,
+                &signer,
+                now,
+                100,
+                &mut rng,
+            )
+            .expect("pick");
+        let cookie = first.set_cookie.expect("a new session gets a cookie");
+        let pinned_id = s.backends()[first.backend].id.clone();
+        // More backends arrive, one leaves (not the pinned one): the session stays.
+        let mut grown: Vec<Backend> = ["c", "d", "e"]
+            .iter()
+            .map(|i| backend(i, State::Active))
+            .collect();
+        grown.push(backend(&pinned_id, State::Active));
+        let s2 = Selector::new(grown);
+        let key = RequestKey {
+            cookie: Some(&cookie),
+            ..Default::default()
+        };
+        let again = s2
+            .select(
+                &cookie_affinity(),
+                key,
+                &[0; 4],
+                None,
+                &signer,
+                now,
+                200,
+                &mut rng,
+            )
+            .expect("pick");
+        assert!(again.pinned && again.set_cookie.is_none());
+        assert_eq!(s2.backends()[again.backend].id, pinned_id);
+        // A forged cookie naming another backend does not pin; it gets a real cookie.
+        let forged = cookie.replacen(&pinned_id, "c", 1);
+        let key = RequestKey {
+            cookie: Some(&forged),
+            ..Default::default()
+        };
+        let d = s2
+            .select(
+                &cookie_affinity(),
+                key,
+                &[0; 4],
+                None,
+                &signer,
+                now,
+                200,
+                &mut rng,
+            )
+            .expect("pick");
+        assert!(!d.pinned && d.set_cookie.is_some());
+    }
+
+    #[test]
+    fn draining_backends_take_pinned_sessions_until_the_grace_period_ends_and_nothing_new() {
+        let signer = CookieSigner::new([9; 32]);
+        let mut rng = Rng::new(5);
+        let now = Instant::now();
+        let until = now + Duration::from_secs(10);
+        let cookie = signer.issue("a", 100, 600);
+        let s = Selector::new(vec![
+            backend("a", State::Draining { until }),
+            backend("b", State::Active),
+        ]);
+        let key = RequestKey {
+            cookie: Some(&cookie),
+            ..Default::default()
+        };
+        let d = s
+            .select(
+                &cookie_affinity(),
+                key,
+                &[0, 9],
+                None,
+                &signer,
+                now,
+                100,
+                &mut rng,
+            )
+            .expect("pick");
+        assert_eq!(
+            (d.backend, d.pinned),
+            (0, true),
+            "the pinned session continues on the draining backend"
+        );
+        for _ in 0..100 {
+            let n = s
+                .select(
+                    &cookie_affinity(),
+                    RequestKey::default(),
+                    &[0, 9],
+                    None,
+                    &signer,
+                    now,
+                    100,
+                    &mut rng,
+                )
+                .expect("pick");
+            assert_eq!(
+                n.backend, 1,
+                "no new session on a draining backend, however idle"
+            );
+            let n = s
+                .select(
+                    &Affinity::None,
+                    RequestKey::default(),
+                    &[0, 9],
+                    None,
+                    &signer,
+                    now,
+                    100,
+                    &mut rng,
+                )
+                .expect("pick");
+            assert_eq!(n.backend, 1);
+        }
+        let late = s
+            .select(
+                &cookie_affinity(),
+                key,
+                &[0, 9],
+                None,
+                &signer,
+                until,
+                100,
+                &mut rng,
+            )
+            .expect("pick");
+        assert_eq!(
+            (late.backend, late.pinned),
+            (1, false),
+            "after the grace period the session is re-pinned"
+        );
+        assert!(late.set_cookie.is_some());
+    }
+
+    #[test]
+    fn ejected_backends_are_avoided_and_a_retry_goes_elsewhere() {
+        let signer = CookieSigner::new([9; 32]);
+        let mut rng = Rng::new(1);
+        let now = Instant::now();
+        let s = Selector::new(vec![
+            backend("a", State::Ejected),
+            backend("b", State::Active),
+            backend("c", State::Active),
+        ]);
+        let ip = RequestKey {
+            client_ip: Some("10.1.2.3".parse().expect("ip")),
+            ..Default::default()
+        };
+        let d = s
+            .select(
+                &Affinity::ClientIp,
+                ip,
+                &[0; 3],
+                None,
+                &signer,
+                now,
+                1,
+                &mut rng,
+            )
+            .expect("pick");
+        assert_ne!(d.backend, 0);
+        let retry = s
+            .select(
+                &Affinity::ClientIp,
+                ip,
+                &[0; 3],
+                Some(d.backend),
+                &signer,
+                now,
+                1,
+                &mut rng,
+            )
+            .expect("pick");
+        assert!(retry.backend != d.backend && retry.backend != 0);
+        let none = Selector::new(vec![backend("a", State::Ejected)]);
+        assert_eq!(
+            none.select(
+                &Affinity::None,
+                RequestKey::default(),
+                &[0],
+                None,
+                &signer,
+                now,
+                1,
+                &mut rng
+            ),
+            None
+        );
+    }
+}
