@@ -83,7 +83,11 @@ async fn measure(
     args.extend_from_slice(backend);
     let mut svc = start(&dir, "vmm", bin_dir.join("form-vmm-service"), &args).await;
     let mut c = VmmServiceClient::new(
-        probe::channel(svc.addr("grpc").unwrap_or_else(|| unreachable!())).await?,
+        probe::channel_with_timeout(
+            svc.addr("grpc").unwrap_or_else(|| unreachable!()),
+            std::time::Duration::from_secs(120),
+        )
+        .await?,
     );
     let primary = c
         .create_instance(pb::CreateInstanceRequest {

@@ -63,7 +63,8 @@ for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
     [ -n "$f" ] || { echo "build.sh: module $m not found in $pkg" >&2; exit 1; }
     case "$f" in
         *.xz) xz -dc "$f" > "$root/lib/modules/$m.ko" ;;
-        *.zst) zstd -dcq "$f" > "$root/lib/modules/$m.ko" ;;
+        *.zst) command -v zstd >/dev/null || { echo "build.sh: zstd is missing (apt-get install zstd)" >&2; exit 1; }
+               zstd -dcq "$f" > "$root/lib/modules/$m.ko" ;;
         *) cp "$f" "$root/lib/modules/$m.ko" ;;
     esac
 done

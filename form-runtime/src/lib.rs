@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod ids;
 pub mod logging;
 pub mod metrics;
 pub mod ready;

@@ -14,11 +14,17 @@ use tonic_health::pb::health_client::HealthClient;
 /// Time a probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A connected gRPC channel to `addr`.
+/// A connected gRPC channel to `addr`; each call may take 5 s.
 pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    channel_with_timeout(addr, PROBE_TIMEOUT).await
+}
+
+/// A connected gRPC channel to `addr` whose calls may take `timeout` (booting a VM
+/// under emulation on a busy machine takes longer than 5 s).
+pub async fn channel_with_timeout(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Channel> {
     Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(PROBE_TIMEOUT)
-        .timeout(PROBE_TIMEOUT)
+        .timeout(timeout)
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_server::VmmService;
 use tonic::{Request, Response, Status as GrpcStatus};
@@ -173,33 +174,50 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         spec::id("instance_id", &r.instance_id)?;
         let source = self.hv.get(&r.instance_id).await?;
         let started = std::time::Instant::now();
-        let snapshot_id = new_id("snap");
-        let dir = self.snapshots.create_dir(&snapshot_id)?;
-        let taken = match self.hv.snapshot(&r.instance_id, &dir).await {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e.into());
-            }
-        };
-        let manifest = self.snapshots.seal(
-            Manifest {
+        let (hv, store) = (self.hv.clone(), self.snapshots.clone());
+        // A task of its own: a client that goes away must not cancel the snapshot half
+        // way (with its instance stopped); hashing and copying run off the async workers.
+        let task = tokio::spawn(async move {
+            let snapshot_id = new_id("snap");
+            let dir = store.create_dir(&snapshot_id)?;
+            let taken = match hv.snapshot(&r.instance_id, &dir).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            };
+            let manifest = Manifest {
                 format_version: FORMAT_VERSION,
                 snapshot_id,
-                backend: self.hv.name().to_owned(),
+                backend: hv.name().to_owned(),
                 source_instance_id: r.instance_id.clone(),
                 cluster_id: source.spec.cluster_id.clone(),
                 generation: source.generation,
                 workload: workload_hex(&source.spec.workload),
-                machine_args: taken.machine_args.clone(),
+                vcpus: source.spec.resources.vcpus,
+                memory_mib: source.spec.resources.memory_mib,
+                machine_args: taken.machine_args,
                 created_at_ms: now_ms(),
                 files: Vec::new(),
-            },
-            &taken.digests,
-        )?;
-        if r.resume == Some(false) {
-            self.hv.pause(&r.instance_id).await?;
-        }
+            };
+            let digests = taken.digests;
+            let sealed = tokio::task::spawn_blocking(move || store.seal(manifest, &digests))
+                .await
+                .map_err(|e| VmmError::Backend(e.to_string()))?;
+            let manifest = match sealed {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            };
+            if r.resume == Some(false) {
+                hv.pause(&r.instance_id).await?;
+            }
+            Ok(manifest)
+        });
+        let manifest = task.await.map_err(|e| VmmError::Backend(e.to_string()))??;
         metrics::histogram!("form_vmm_snapshot_seconds").record(started.elapsed().as_secs_f64());
         Ok(Response::new(snapshot_pb(&manifest)))
     }
@@ -213,19 +231,32 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             r.instance_id
         };
         spec::id("instance_id", &instance_id)?;
-        let resources = spec::resources("resources", r.resources.as_ref())?;
         let started = std::time::Instant::now();
-        let manifest = self.snapshots.verify(&r.snapshot_id)?;
-        let s = InstanceSpec {
-            instance_id,
-            cluster_id: manifest.cluster_id.clone(),
-            workload: Default::default(),
-            resources,
-        };
-        let info = self
-            .hv
-            .clone_instance(&manifest, &self.snapshots.dir(&r.snapshot_id), s)
-            .await?;
+        let (hv, store) = (self.hv.clone(), self.snapshots.clone());
+        let requested = r.resources;
+        let task = tokio::spawn(async move {
+            let id = r.snapshot_id.clone();
+            let verify_store = store.clone();
+            let manifest = tokio::task::spawn_blocking(move || verify_store.verify(&id))
+                .await
+                .map_err(|e| VmmError::Backend(e.to_string()))??;
+            // Unset resources keep the source's.
+            let source = types::Resources {
+                vcpus: manifest.vcpus.max(1),
+                memory_mib: manifest.memory_mib.max(16),
+            };
+            let resources =
+                spec::resources("resources", Some(requested.as_ref().unwrap_or(&source)))?;
+            let s = InstanceSpec {
+                instance_id,
+                cluster_id: manifest.cluster_id.clone(),
+                workload: Default::default(),
+                resources,
+            };
+            hv.clone_instance(&manifest, &store.dir(&r.snapshot_id), s)
+                .await
+        });
+        let info = task.await.map_err(|e| VmmError::Backend(e.to_string()))??;
         metrics::histogram!("form_vmm_clone_seconds").record(started.elapsed().as_secs_f64());
         Ok(self.out(&info))
     }

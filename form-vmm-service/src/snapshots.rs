@@ -55,6 +55,12 @@ pub struct Manifest {
     pub generation: u64,
     /// What the source ran (encoded `form.types.v1.Workload`, hex).
     pub workload: String,
+    /// vCPUs of the source (clones default to them).
+    #[serde(default)]
+    pub vcpus: u32,
+    /// Memory of the source in MiB (clones default to it).
+    #[serde(default)]
+    pub memory_mib: u64,
     /// Machine arguments needed to restore it (qemu); empty for processes.
     pub machine_args: Vec<String>,
     /// Milliseconds since the Unix epoch.
@@ -321,6 +327,8 @@ mod tests {
             cluster_id: "web".into(),
             generation: 0,
             workload: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
             machine_args: Vec::new(),
             created_at_ms: 1,
             files: Vec::new(),

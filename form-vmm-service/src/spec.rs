@@ -10,24 +10,9 @@ pub const DEFAULT_RESOURCES: types::Resources = types::Resources {
     memory_mib: 512,
 };
 
-/// An id: 1 to 128 characters of `[A-Za-z0-9._-]`.
+/// An id (see `form_runtime::ids`).
 pub fn id(field: &str, value: &str) -> Result<(), VmmError> {
-    if value.is_empty() || value.len() > 128 {
-        return Err(VmmError::invalid(
-            field,
-            format!("'{value}' must be 1-128 characters of A-Z a-z 0-9 . _ -"),
-        ));
-    }
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(VmmError::invalid(
-            field,
-            format!("'{value}' contains {c:?}; expected only A-Z a-z 0-9 . _ -"),
-        ));
-    }
-    Ok(())
+    form_runtime::ids::check(value).map_err(|m| VmmError::invalid(field, m))
 }
 
 /// A workload: a command, a port within 0-65535 (0: the service picks one).

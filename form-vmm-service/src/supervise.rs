@@ -1,8 +1,12 @@
 //! Helpers for supervising child processes (workloads, QEMU): free ports, signals to
 //! process groups, the end of a log file.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::watch;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -29,11 +33,17 @@ pub(crate) fn free_port(host: IpAddr) -> Result<u16, VmmError> {
         .port())
 }
 
-/// The end of a log file.
+/// The end of a log file (only its last bytes are read).
 pub(crate) fn tail(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = bytes.len().saturating_sub(TAIL_BYTES);
-    String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES as u64)));
+    let mut bytes = Vec::with_capacity(TAIL_BYTES);
+    let _ = f.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).trim().to_owned()
 }
 
 /// Sends `signal` to the process group of `pid` (ignoring a group already gone).
@@ -41,4 +51,80 @@ pub(crate) fn signal_group(pid: u32, signal: Signal) {
     if let Ok(p) = i32::try_from(pid) {
         let _ = killpg(Pid::from_raw(p), signal);
     }
+}
+
+/// A number no other instance of this process had: a reaper compares it, so it never
+/// marks a later instance that reused the id.
+pub(crate) fn serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Claims `dir` for a new instance: fails if it exists (an id in use, or left behind).
+pub(crate) fn claim_dir(dir: &Path, id: &str) -> Result<(), VmmError> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(VmmError::io(format!("creating {}", parent.display())))?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(
+            VmmError::FailedPrecondition(format!("instance {id} already exists")),
+        ),
+        Err(e) => Err(VmmError::io(format!("creating {}", dir.display()))(e)),
+    }
+}
+
+/// A backend's instances by id, behind one lock that is never held across an await.
+#[derive(Debug)]
+pub(crate) struct Table<T> {
+    map: Mutex<BTreeMap<String, T>>,
+}
+
+impl<T> Table<T> {
+    /// An empty table.
+    pub(crate) fn new() -> Self {
+        Self {
+            map: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The table, locked.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, BTreeMap<String, T>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `f` on instance `id`, or fails with `NotFound`.
+    pub(crate) fn with<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut T) -> Result<R, VmmError>,
+    ) -> Result<R, VmmError> {
+        let mut map = self.lock();
+        let entry = map.get_mut(id).ok_or_else(|| VmmError::NotFound {
+            what: "instance",
+            id: id.to_owned(),
+        })?;
+        f(entry)
+    }
+}
+
+/// Waits in a task for `child` to exit: `on_exit` records the exit status, then `exit`
+/// publishes it. Register the instance before calling, so a child that exits at once is
+/// still recorded.
+pub(crate) fn reap(
+    mut child: tokio::process::Child,
+    exit: watch::Sender<Option<String>>,
+    on_exit: impl FnOnce(&str) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let what = match child.wait().await {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("lost: {e}"),
+        };
+        on_exit(&what);
+        let _ = exit.send(Some(what));
+    });
 }

@@ -75,11 +75,12 @@ fn processes_of(instance: &str) -> usize {
 async fn snapshot_and_clone_carry_state_with_new_identities() {
     let dir = TestDir::new("vmm-clone");
     let (mut svc, mut c) = vmm(&dir).await;
-    let primary = c
-        .create_instance(demo("primary"))
-        .await
-        .expect("create")
-        .into_inner();
+    let mut req = demo("primary");
+    req.resources = Some(types::Resources {
+        vcpus: 1,
+        memory_mib: 256,
+    });
+    let primary = c.create_instance(req).await.expect("create").into_inner();
     assert_eq!(
         primary.status,
         pb::InstanceStatus::Running as i32,
@@ -148,6 +149,11 @@ async fn snapshot_and_clone_carry_state_with_new_identities() {
             "{clone:?}"
         );
         assert_eq!(clone.restored_from, snap.snapshot_id);
+        assert_eq!(
+            clone.resources.expect("resources").memory_mib,
+            256,
+            "a clone keeps the source's resources"
+        );
         assert_eq!(clone.generation, 1);
         clones.push(clone);
     }
@@ -296,6 +302,13 @@ async fn corrupt_snapshots_crashing_workloads_and_bad_specs_are_refused() {
         "{}",
         e.message()
     );
+    let e = c
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: "..".into(),
+        })
+        .await
+        .expect_err("a parent directory is not a snapshot id");
+    assert_eq!(e.code(), Code::InvalidArgument);
     let e = c
         .pause(pb::InstanceRef {
             instance_id: "ghost".into(),

@@ -63,8 +63,9 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
     ]
     .concat();
     let mut svc = start(&dir, "vmm", Path::new(BIN), &args).await;
+    let grpc = svc.addr("grpc").expect("grpc");
     let mut c = VmmServiceClient::new(
-        probe::channel(svc.addr("grpc").expect("grpc"))
+        probe::channel_with_timeout(grpc, std::time::Duration::from_secs(120))
             .await
             .expect("connect"),
     );
@@ -148,6 +149,11 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
         assert_eq!(who["instance_id"], format!("vm-clone-{n}"));
         assert_eq!(who["restored_from"], snap.snapshot_id.as_str());
         assert_eq!(who["generation"], 1);
+        assert_eq!(
+            clone.resources.expect("resources").memory_mib,
+            128,
+            "the snapshot's machine"
+        );
         ports.push(a.port());
     }
     assert_ne!(ports[0], ports[1], "each clone has its own port");

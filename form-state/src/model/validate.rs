@@ -5,40 +5,14 @@ use form_proto::types::v1 as pb;
 
 use crate::error::StateError;
 
-/// Longest id (cluster, instance, operation, node), in bytes.
-pub const MAX_ID_LEN: usize = 128;
 /// Largest encoded value of one field (workload, policy, ...), in bytes.
 pub const MAX_VALUE_BYTES: usize = 16 * 1024;
 /// Most instances a policy may allow.
 pub const MAX_INSTANCES_CAP: u32 = 1000;
 
-/// An id: 1 to 128 characters of `[A-Za-z0-9._-]`.
+/// An id (see `form_runtime::ids`).
 pub fn id(field: &str, value: &str) -> Result<(), StateError> {
-    if value.is_empty() {
-        return Err(StateError::invalid(
-            field,
-            "must not be empty; expected 1-128 characters of A-Z a-z 0-9 . _ -",
-        ));
-    }
-    if value.len() > MAX_ID_LEN {
-        return Err(StateError::invalid(
-            field,
-            format!(
-                "is {} bytes long; at most {MAX_ID_LEN} accepted",
-                value.len()
-            ),
-        ));
-    }
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(StateError::invalid(
-            field,
-            format!("'{value}' contains {c:?}; expected only A-Z a-z 0-9 . _ -"),
-        ));
-    }
-    Ok(())
+    form_runtime::ids::check(value).map_err(|m| StateError::invalid(field, m))
 }
 
 /// A host name for the balancer: labels of `[a-z0-9-]` separated by dots.

@@ -325,9 +325,7 @@ async fn run() -> Result<(), String> {
         .route("/burn", get(burn))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app.clone());
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    // The admin endpoint first: once the service answers, its snapshot hook does too.
     if let Some(admin) = admin {
         let admin_routes = Router::new()
             .route("/_form/snapshot", post(snapshot))
@@ -338,6 +336,9 @@ async fn run() -> Result<(), String> {
             .map_err(|e| format!("cannot listen on {admin}: {e}"))?;
         tokio::spawn(async move { axum::serve(l, admin_routes).await });
     }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     eprintln!(
         "form-demo-app: {} serving on {addr}",
         identity(&app).instance_id

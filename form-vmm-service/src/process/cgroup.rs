@@ -52,10 +52,21 @@ impl Cgroups {
                 (_, Err(e)) => return Cgroups::Unavailable(e),
             }
         }
+        // A v1 hierarchy is a mount with the controller's files: without them, creating
+        // directories would only make stray groups on another filesystem.
+        if !root.join("cpu/cpu.cfs_quota_us").exists() {
+            return Cgroups::Unavailable(
+                "no cgroup v2 cpu controller and no v1 cpu hierarchy".into(),
+            );
+        }
         match writable_dir(&root.join("cpu"), &name) {
             Ok(cpu) => Cgroups::V1 {
                 cpu,
-                memory: writable_dir(&root.join("memory"), &name).ok(),
+                memory: if root.join("memory/memory.limit_in_bytes").exists() {
+                    writable_dir(&root.join("memory"), &name).ok()
+                } else {
+                    None
+                },
             },
             Err(e) => Cgroups::Unavailable(format!(
                 "no writable cgroup v2 cpu controller nor v1 cpu hierarchy ({e})"

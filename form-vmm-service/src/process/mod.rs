@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use form_proto::types::v1 as types;
@@ -26,7 +26,7 @@ use crate::error::VmmError;
 use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage};
 use crate::procfs;
 use crate::snapshots::{Manifest, copy_tree, manifest_workload};
-use crate::supervise::{free_port, now_ms, signal_group, tail};
+use crate::supervise::{Table, claim_dir, free_port, now_ms, reap, serial, signal_group, tail};
 
 /// Time a workload gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -36,6 +36,7 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 struct Proc {
     info: InstanceInfo,
+    serial: u64,
     pid: u32,
     dir: PathBuf,
     exit: watch::Receiver<Option<String>>,
@@ -49,7 +50,7 @@ struct Inner {
     host: IpAddr,
     cgroups: Cgroups,
     ready_timeout: Duration,
-    procs: Mutex<BTreeMap<String, Proc>>,
+    procs: Table<Proc>,
 }
 
 /// Instances as local processes.
@@ -81,16 +82,13 @@ impl ProcessBackend {
                 host,
                 cgroups,
                 ready_timeout,
-                procs: Mutex::new(BTreeMap::new()),
+                procs: Table::new(),
             }),
         })
     }
 
     fn procs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Proc>> {
-        self.inner
-            .procs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.procs.lock()
     }
 
     fn with<T>(
@@ -98,12 +96,7 @@ impl ProcessBackend {
         id: &str,
         f: impl FnOnce(&mut Proc) -> Result<T, VmmError>,
     ) -> Result<T, VmmError> {
-        let mut procs = self.procs();
-        let p = procs.get_mut(id).ok_or_else(|| VmmError::NotFound {
-            what: "instance",
-            id: id.to_owned(),
-        })?;
-        f(p)
+        self.inner.procs.with(id, f)
     }
 
     /// Starts the workload of `spec` in a fresh directory; `prepare` fills the
@@ -117,11 +110,7 @@ impl ProcessBackend {
     ) -> Result<InstanceInfo, VmmError> {
         let id = spec.instance_id.clone();
         let dir = self.inner.root.join(&id);
-        if self.procs().contains_key(&id) || dir.exists() {
-            return Err(VmmError::FailedPrecondition(format!(
-                "instance {id} already exists"
-            )));
-        }
+        claim_dir(&dir, &id)?;
         let work = dir.join("work");
         std::fs::create_dir_all(&work)
             .map_err(VmmError::io(format!("creating {}", work.display())))?;
@@ -155,7 +144,7 @@ impl ProcessBackend {
             .process_group(0)
             .kill_on_drop(true)
             .spawn();
-        let mut child = match spawned {
+        let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -166,6 +155,7 @@ impl ProcessBackend {
             }
         };
         let pid = child.id().unwrap_or(0);
+        let serial = serial();
         let res = spec.resources;
         let (enforced, limits) = self
             .inner
@@ -187,6 +177,7 @@ impl ProcessBackend {
             id.clone(),
             Proc {
                 info,
+                serial,
                 pid,
                 dir: dir.clone(),
                 exit: rx.clone(),
@@ -197,25 +188,16 @@ impl ProcessBackend {
         let inner = self.inner.clone();
         let stderr_path = dir.join("stderr.log");
         let reaped_id = id.clone();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            let what = match status {
-                Ok(s) => s.to_string(),
-                Err(e) => format!("lost: {e}"),
-            };
-            let mut procs = inner
-                .procs
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(p) = procs.get_mut(&reaped_id)
-                && p.info.status != Status::Stopped
+        reap(child, tx, move |what| {
+            // A failure already recorded (ready timeout) keeps its reason.
+            if let Some(p) = inner.procs.lock().get_mut(&reaped_id)
+                && p.serial == serial
+                && !matches!(p.info.status, Status::Stopped | Status::Failed)
             {
                 p.info.status = Status::Failed;
                 p.info.failure = Some(format!("{what}; stderr ends with: {}", tail(&stderr_path)));
                 tracing::warn!(instance = %reaped_id, status = %what, "workload exited");
             }
-            drop(procs);
-            let _ = tx.send(Some(what));
         });
         self.wait_ready(&id, rx).await
     }
@@ -451,17 +433,18 @@ impl Hypervisor for ProcessBackend {
         let Some((pid, mut exit, dir)) = found else {
             return Ok(false);
         };
-        signal_group(pid, Signal::SIGCONT);
-        signal_group(pid, Signal::SIGTERM);
-        if tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some))
-            .await
-            .is_err()
-        {
-            signal_group(pid, Signal::SIGKILL);
-            let _ = tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some)).await;
+        // Signals only while the workload runs: once it is reaped, its pid may be reused.
+        if exit.borrow().is_none() {
+            signal_group(pid, Signal::SIGCONT);
+            signal_group(pid, Signal::SIGTERM);
+            if tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some))
+                .await
+                .is_err()
+            {
+                signal_group(pid, Signal::SIGKILL);
+                let _ = tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some)).await;
+            }
         }
-        // Anything the workload started in its group goes too.
-        signal_group(pid, Signal::SIGKILL);
         self.inner.cgroups.remove(id);
         self.procs().remove(id);
         std::fs::remove_dir_all(&dir)

@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! create:   qemu <machine args> -qmp unix:… -serial file:… -netdev user,hostfwd=… ; wait for HTTP
-//! snapshot: QMP stop; migrate to "exec:cat > memory.bin"; wait completed; cont
-//! clone:    qemu <the snapshot's machine args> … -incoming defer; QMP migrate-incoming
-//!           "exec:cat memory.bin"; cont; POST /_form/identity (new id, generation)
+//! snapshot: QMP stop; getfd (a pipe); migrate fd:…, a thread writes memory.bin and
+//!           hashes it; wait completed; cont
+//! clone:    qemu <the snapshot's machine args> … -incoming defer; getfd (memory.bin);
+//!           migrate-incoming fd:…; cont; POST /_form/identity (new id, generation, seed)
 //! ```
 //!
 //! The host port forwards belong to the QEMU that runs, not to the snapshot: every clone
@@ -19,7 +20,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use form_proto::types::v1 as types;
@@ -30,7 +31,7 @@ use self::qmp::Qmp;
 use crate::error::VmmError;
 use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage};
 use crate::snapshots::Manifest;
-use crate::supervise::{free_port, now_ms, signal_group, tail};
+use crate::supervise::{Table, claim_dir, free_port, now_ms, reap, serial, signal_group, tail};
 
 /// Guest port of the workload.
 const GUEST_PORT: u16 = 8080;
@@ -119,6 +120,7 @@ impl Guest {
 #[derive(Debug)]
 struct Vm {
     info: InstanceInfo,
+    serial: u64,
     pid: u32,
     dir: PathBuf,
     machine_args: Vec<String>,
@@ -135,7 +137,7 @@ struct Inner {
     accel: &'static str,
     guest: Guest,
     ready_timeout: Duration,
-    vms: Mutex<BTreeMap<String, Vm>>,
+    vms: Table<Vm>,
 }
 
 /// Instances as QEMU virtual machines.
@@ -164,16 +166,13 @@ impl QemuBackend {
                 accel,
                 guest,
                 ready_timeout,
-                vms: Mutex::new(BTreeMap::new()),
+                vms: Table::new(),
             }),
         })
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vm>> {
-        self.inner
-            .vms
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.vms.lock()
     }
 
     fn with<T>(
@@ -181,12 +180,7 @@ impl QemuBackend {
         id: &str,
         f: impl FnOnce(&mut Vm) -> Result<T, VmmError>,
     ) -> Result<T, VmmError> {
-        let mut vms = self.vms();
-        let vm = vms.get_mut(id).ok_or_else(|| VmmError::NotFound {
-            what: "instance",
-            id: id.to_owned(),
-        })?;
-        f(vm)
+        self.inner.vms.with(id, f)
     }
 
     /// The arguments that define the machine (the same for a snapshot and its clones).
@@ -238,13 +232,7 @@ impl QemuBackend {
         let id = spec.instance_id.clone();
         let boot_memory_mib = memory_of(&machine_args).unwrap_or(spec.resources.memory_mib);
         let dir = self.inner.root.join(&id);
-        if self.vms().contains_key(&id) || dir.exists() {
-            return Err(VmmError::FailedPrecondition(format!(
-                "instance {id} already exists"
-            )));
-        }
-        std::fs::create_dir_all(&dir)
-            .map_err(VmmError::io(format!("creating {}", dir.display())))?;
+        claim_dir(&dir, &id)?;
         let host = self.inner.host;
         let address = SocketAddr::new(host, free_port(host)?);
         let admin = SocketAddr::new(host, free_port(host)?);
@@ -276,7 +264,7 @@ impl QemuBackend {
             .process_group(0)
             .kill_on_drop(true)
             .spawn();
-        let mut child = match spawned {
+        let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -286,6 +274,7 @@ impl QemuBackend {
             }
         };
         let pid = child.id().unwrap_or(0);
+        let serial = serial();
         let (tx, rx) = watch::channel(None);
         let info = InstanceInfo {
             spec,
@@ -301,6 +290,7 @@ impl QemuBackend {
             id.clone(),
             Vm {
                 info,
+                serial,
                 pid,
                 dir: dir.clone(),
                 machine_args,
@@ -312,17 +302,11 @@ impl QemuBackend {
         );
         let inner = self.inner.clone();
         let reaped = id.clone();
-        tokio::spawn(async move {
-            let what = match child.wait().await {
-                Ok(s) => s.to_string(),
-                Err(e) => format!("lost: {e}"),
-            };
-            let mut vms = inner
-                .vms
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(vm) = vms.get_mut(&reaped)
-                && vm.info.status != Status::Stopped
+        reap(child, tx, move |what| {
+            // A failure already recorded (launch error) keeps its reason.
+            if let Some(vm) = inner.vms.lock().get_mut(&reaped)
+                && vm.serial == serial
+                && !matches!(vm.info.status, Status::Stopped | Status::Failed)
             {
                 vm.info.status = Status::Failed;
                 vm.info.failure = Some(format!(
@@ -331,16 +315,22 @@ impl QemuBackend {
                     tail(&vm.dir.join("console.log"))
                 ));
             }
-            drop(vms);
-            let _ = tx.send(Some(what));
         });
         let deadline = Instant::now() + self.inner.ready_timeout;
         let result = async {
             let mut qmp = Qmp::connect(&qmp_path, deadline).await?;
             if let Some((memory, snapshot_id)) = &incoming {
-                let uri = format!("exec:cat '{}'", memory.display());
-                qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+                // The image goes in by file descriptor: no shell, no quoting.
+                let image = std::fs::File::open(memory)
+                    .map_err(VmmError::io(format!("opening {}", memory.display())))?;
+                qmp.send_fd("form-restore", std::os::fd::AsRawFd::as_raw_fd(&image))
                     .await?;
+                drop(image);
+                qmp.execute(
+                    "migrate-incoming",
+                    Some(serde_json::json!({ "uri": "fd:form-restore" })),
+                )
+                .await?;
                 wait_incoming(&mut qmp, deadline).await?;
                 qmp.execute("cont", None).await?;
                 // The restored guest still runs as its source: give it its identity.
@@ -530,8 +520,15 @@ impl Hypervisor for QemuBackend {
             use sha2::{Digest, Sha256};
             use std::io::{Read, Write};
             let mut input = std::fs::File::from(read_end);
-            let mut out =
-                std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&target)?);
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, {
+                use std::os::unix::fs::OpenOptionsExt;
+                // The guest's whole memory: readable by the service only.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&target)?
+            });
             let mut h = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             loop {
@@ -564,6 +561,10 @@ impl Hypervisor for QemuBackend {
             qmp.wait_migration().await
         }
         .await;
+        if result.is_err() {
+            // Stop a migration that failed or hangs before the VM runs on.
+            let _ = qmp.execute("migrate_cancel", None).await;
+        }
         qmp.execute("cont", None).await?;
         result?;
         // QEMU closes its copy of the pipe when the migration ends: the sink sees EOF.
@@ -590,9 +591,21 @@ impl Hypervisor for QemuBackend {
                 manifest.snapshot_id
             )));
         }
+        // A clone runs the snapshot's machine: its resources are the machine's, whatever
+        // was asked (resize afterwards changes memory through the balloon).
+        let args = &manifest.machine_args;
+        let smp = args
+            .iter()
+            .position(|a| a == "-smp")
+            .and_then(|i| args.get(i + 1)?.parse().ok());
+        let resources = types::Resources {
+            vcpus: smp.unwrap_or(spec.resources.vcpus),
+            memory_mib: memory_of(args).unwrap_or(spec.resources.memory_mib),
+        };
         let spec = InstanceSpec {
             workload: crate::snapshots::manifest_workload(manifest)?,
             cluster_id: manifest.cluster_id.clone(),
+            resources,
             ..spec
         };
         let memory = dir.join(MEMORY_FILE);
