@@ -8,8 +8,10 @@
 //! ./target/release/form-bench state-bytes
 //! ./target/release/form-bench state-recovery
 //! ./target/release/form-bench vmm-clone
+//! ./target/release/form-bench rplb-pick
 //! ```
 
+mod rplb_pick;
 mod state_apply;
 mod state_bytes;
 mod state_convergence;
@@ -64,6 +66,12 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         members: usize,
     },
+    /// Time of one backend pick of the balancer, per affinity method, 100 backends.
+    RplbPick {
+        /// Picks measured per method.
+        #[arg(long, default_value_t = 200_000)]
+        picks: usize,
+    },
     /// Snapshot and clone-to-serving time of the VMM service's backends.
     VmmClone {
         /// Snapshots and clones measured.
@@ -107,6 +115,7 @@ fn main() -> ExitCode {
                 state_bytes::run(&bin_dir, members, replicas).await
             }
             Command::StateRecovery { members } => state_recovery::run(&bin_dir, members).await,
+            Command::RplbPick { picks } => rplb_pick::run(picks),
             Command::VmmClone {
                 runs,
                 keys,

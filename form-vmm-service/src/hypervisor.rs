@@ -65,7 +65,8 @@ pub struct InstanceInfo {
 /// Usage of an instance.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
-    /// CPU utilisation since the last sample, per vCPU, in [0, 1].
+    /// CPU utilisation since the last sample, per vCPU: 1.0 is every vCPU busy; above
+    /// 1.0 when the instance uses more cores than its vCPUs (limits not enforced).
     pub cpu_utilization: f64,
     /// Resident memory in bytes.
     pub memory_bytes: u64,

@@ -20,6 +20,39 @@ pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// CPU utilisation of a process between two samples.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSampler {
+    at: std::time::Instant,
+    ticks: u64,
+}
+
+impl CpuSampler {
+    /// A sampler whose first window starts now (at zero CPU time: the process start).
+    pub(crate) fn new() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            ticks: 0,
+        }
+    }
+
+    /// CPU time of `pid` since the last sample, per wall second and per vCPU: 1.0 is
+    /// `vcpus` whole cores; above 1.0 when the process uses more cores than its vCPUs
+    /// (limits not enforced).
+    pub(crate) fn sample(&mut self, pid: u32, vcpus: u32) -> f64 {
+        let now = std::time::Instant::now();
+        let ticks = cpu_ticks(pid).unwrap_or(self.ticks);
+        let wall = now.duration_since(self.at).as_secs_f64();
+        let used = ticks.saturating_sub(self.ticks) as f64 / ticks_per_second();
+        *self = Self { at: now, ticks };
+        if wall > 0.0 {
+            used / wall / f64::from(vcpus.max(1))
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Resident memory of `pid` in bytes.
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

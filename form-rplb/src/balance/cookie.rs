@@ -16,7 +16,8 @@ const MAC_BYTES: usize = 16;
 /// Issues and checks session cookies with one secret key.
 #[derive(Clone)]
 pub struct CookieSigner {
-    key: [u8; 32],
+    /// HMAC state with the key already absorbed; cloned per use (half the hashing).
+    keyed: HmacSha256,
 }
 
 impl std::fmt::Debug for CookieSigner {
@@ -32,14 +33,17 @@ fn hex(bytes: &[u8]) -> String {
 impl CookieSigner {
     /// A signer with `key` (32 random bytes, shared by every balancer replica).
     pub fn new(key: [u8; 32]) -> Self {
-        Self { key }
+        // Any key length is valid for HMAC.
+        let keyed = HmacSha256::new_from_slice(&key).unwrap_or_else(|_| unreachable!());
+        Self { keyed }
     }
 
-    fn mac(&self, payload: &str) -> Vec<u8> {
-        // Any key length is valid for HMAC.
-        let mut m = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+    fn mac(&self, payload: &str) -> [u8; MAC_BYTES] {
+        let mut m = self.keyed.clone();
         m.update(payload.as_bytes());
-        m.finalize().into_bytes()[..MAC_BYTES].to_vec()
+        let mut out = [0u8; MAC_BYTES];
+        out.copy_from_slice(&m.finalize().into_bytes()[..MAC_BYTES]);
+        out
     }
 
     /// A cookie value pinning `backend` until `now_unix + ttl_seconds`.

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use super::Backend;
 use super::cookie::CookieSigner;
-use super::p2c::{self, Rng};
+use super::p2c::Rng;
 use super::ring::Ring;
 
 /// How a route keeps clients on backends.
@@ -68,6 +68,9 @@ pub struct Decision {
 pub struct Selector {
     backends: Vec<Backend>,
     ring: Ring,
+    index: std::collections::HashMap<String, usize>,
+    /// Indices of the backends taking new requests.
+    open: Vec<usize>,
 }
 
 impl Selector {
@@ -79,7 +82,20 @@ impl Selector {
                 .filter(|b| b.takes_new())
                 .map(|b| (b.id.as_str(), b.weight)),
         );
-        Self { backends, ring }
+        let index = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.id.clone(), i))
+            .collect();
+        let open = (0..backends.len())
+            .filter(|i| backends[*i].takes_new())
+            .collect();
+        Self {
+            backends,
+            ring,
+            index,
+            open,
+        }
     }
 
     /// The backends, in order.
@@ -88,24 +104,40 @@ impl Selector {
     }
 
     fn index_of(&self, id: &str) -> Option<usize> {
-        self.backends.iter().position(|b| b.id == id)
+        self.index.get(id).copied()
     }
 
-    /// P2C over backends taking new requests, except `exclude`.
+    /// P2C over backends taking new requests, except `exclude` (no allocation: two
+    /// random positions in the open set, the excluded one skipped).
     fn least_loaded(
         &self,
         in_flight: &[u64],
         exclude: Option<usize>,
         rng: &mut Rng,
     ) -> Option<usize> {
-        let candidates: Vec<usize> = (0..self.backends.len())
-            .filter(|i| self.backends[*i].takes_new() && Some(*i) != exclude)
-            .collect();
-        let loads: Vec<u64> = candidates
-            .iter()
-            .map(|i| in_flight.get(*i).copied().unwrap_or(0))
-            .collect();
-        p2c::pick(&loads, rng).map(|k| candidates[k])
+        let skip = exclude.and_then(|x| self.open.iter().position(|i| *i == x));
+        let n = self.open.len() - usize::from(skip.is_some());
+        let at = |k: usize| {
+            self.open[if skip.is_some_and(|s| k >= s) {
+                k + 1
+            } else {
+                k
+            }]
+        };
+        let load = |i: usize| in_flight.get(i).copied().unwrap_or(0);
+        match n {
+            0 => None,
+            1 => Some(at(0)),
+            _ => {
+                let a = rng.below(n);
+                let mut b = rng.below(n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (at(a), at(b));
+                Some(if load(b) < load(a) { b } else { a })
+            }
+        }
     }
 
     /// Chooses a backend for a request; `None` when no backend can take it.
@@ -136,8 +168,12 @@ impl Selector {
         match affinity {
             Affinity::None => self.least_loaded(in_flight, exclude, rng).map(fresh),
             Affinity::ClientIp => {
-                let ip = key.client_ip.map(|ip| ip.to_string());
-                ip.and_then(|ip| by_ring(ip.as_bytes()))
+                let octets = key.client_ip.map(|ip| match ip {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                    IpAddr::V6(v6) => v6.octets(),
+                });
+                octets
+                    .and_then(|o| by_ring(&o))
                     .or_else(|| self.least_loaded(in_flight, exclude, rng))
                     .map(fresh)
             }
@@ -347,6 +383,58 @@ mod tests {
             "after the grace period the session is re-pinned"
         );
         assert!(late.set_cookie.is_some());
+    }
+
+    #[test]
+    fn power_of_two_choices_prefers_the_idle_and_evens_out_load() {
+        let signer = CookieSigner::new([9; 32]);
+        let mut rng = Rng::new(42);
+        let now = Instant::now();
+        let two = Selector::new(vec![
+            backend("a", State::Active),
+            backend("b", State::Active),
+        ]);
+        for _ in 0..100 {
+            let d = two.select(
+                &Affinity::None,
+                RequestKey::default(),
+                &[5, 0],
+                None,
+                &signer,
+                now,
+                1,
+                &mut rng,
+            );
+            assert_eq!(
+                d.map(|d| d.backend),
+                Some(1),
+                "both are always the candidates: the idle one wins"
+            );
+        }
+        let ten = Selector::new(
+            (0..10)
+                .map(|i| backend(&format!("b{i}"), State::Active))
+                .collect(),
+        );
+        let mut load = vec![0u64; 10];
+        for _ in 0..10_000 {
+            let d = ten.select(
+                &Affinity::None,
+                RequestKey::default(),
+                &load,
+                None,
+                &signer,
+                now,
+                1,
+                &mut rng,
+            );
+            load[d.expect("pick").backend] += 1;
+        }
+        let (min, max) = (
+            load.iter().min().copied().unwrap_or(0),
+            load.iter().max().copied().unwrap_or(0),
+        );
+        assert!(max - min <= 2, "{load:?}");
     }
 
     #[test]

@@ -40,7 +40,7 @@ struct Proc {
     pid: u32,
     dir: PathBuf,
     exit: watch::Receiver<Option<String>>,
-    cpu_sample: (Instant, u64),
+    cpu: procfs::CpuSampler,
     started: Instant,
 }
 
@@ -181,7 +181,7 @@ impl ProcessBackend {
                 pid,
                 dir: dir.clone(),
                 exit: rx.clone(),
-                cpu_sample: (Instant::now(), 0),
+                cpu: procfs::CpuSampler::new(),
                 started: Instant::now(),
             },
         );
@@ -468,21 +468,9 @@ impl Hypervisor for ProcessBackend {
     }
 
     async fn stats(&self, id: &str) -> Result<Usage, VmmError> {
-        let tps = procfs::ticks_per_second();
         self.with(id, |p| {
-            let now = Instant::now();
-            let ticks = procfs::cpu_ticks(p.pid).unwrap_or(p.cpu_sample.1);
-            let (then, before) = p.cpu_sample;
-            let wall = now.duration_since(then).as_secs_f64();
-            let vcpus = f64::from(p.info.spec.resources.vcpus.max(1));
-            let cpu = if wall > 0.0 {
-                (ticks.saturating_sub(before) as f64 / tps) / wall / vcpus
-            } else {
-                0.0
-            };
-            p.cpu_sample = (now, ticks);
             Ok(Usage {
-                cpu_utilization: cpu.max(0.0),
+                cpu_utilization: p.cpu.sample(p.pid, p.info.spec.resources.vcpus),
                 memory_bytes: procfs::rss_bytes(p.pid).unwrap_or(0),
                 uptime_seconds: p.started.elapsed().as_secs_f64(),
             })

@@ -126,7 +126,7 @@ struct Vm {
     machine_args: Vec<String>,
     exit: watch::Receiver<Option<String>>,
     started: Instant,
-    cpu_sample: (Instant, u64),
+    cpu: crate::procfs::CpuSampler,
     boot_memory_mib: u64,
 }
 
@@ -296,7 +296,7 @@ impl QemuBackend {
                 machine_args,
                 exit: rx.clone(),
                 started: Instant::now(),
-                cpu_sample: (Instant::now(), 0),
+                cpu: crate::procfs::CpuSampler::new(),
                 boot_memory_mib,
             },
         );
@@ -700,21 +700,10 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn stats(&self, id: &str) -> Result<Usage, VmmError> {
-        let tps = crate::procfs::ticks_per_second();
         self.with(id, |vm| {
-            // QEMU's CPU time stands for the guest's (TCG or KVM vCPU threads are its own).
-            let now = Instant::now();
-            let ticks = crate::procfs::cpu_ticks(vm.pid).unwrap_or(vm.cpu_sample.1);
-            let (then, before) = vm.cpu_sample;
-            let wall = now.duration_since(then).as_secs_f64();
-            let vcpus = f64::from(vm.info.spec.resources.vcpus.max(1));
-            vm.cpu_sample = (now, ticks);
+            // QEMU's CPU time stands for the guest's (its vCPU threads are QEMU's own).
             Ok(Usage {
-                cpu_utilization: if wall > 0.0 {
-                    (ticks.saturating_sub(before) as f64 / tps) / wall / vcpus
-                } else {
-                    0.0
-                },
+                cpu_utilization: vm.cpu.sample(vm.pid, vm.info.spec.resources.vcpus),
                 memory_bytes: crate::procfs::rss_bytes(vm.pid).unwrap_or(0),
                 uptime_seconds: vm.started.elapsed().as_secs_f64(),
             })
