@@ -18,7 +18,13 @@ const MAC_BYTES: usize = 16;
 pub struct CookieSigner {
     /// HMAC state with the key already absorbed; cloned per use (half the hashing).
     keyed: HmacSha256,
+    /// Cookie values already verified, with their expiry and the length of the backend
+    /// id: a session's later requests skip the HMAC. Only authentic values get in.
+    verified: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, usize)>>>,
 }
+
+/// Verified cookie values remembered at most (then the memory starts over).
+const VERIFIED_CACHE: usize = 100_000;
 
 impl std::fmt::Debug for CookieSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,7 +41,10 @@ impl CookieSigner {
     pub fn new(key: [u8; 32]) -> Self {
         // Any key length is valid for HMAC.
         let keyed = HmacSha256::new_from_slice(&key).unwrap_or_else(|_| unreachable!());
-        Self { keyed }
+        Self {
+            keyed,
+            verified: Default::default(),
+        }
     }
 
     fn mac(&self, payload: &str) -> [u8; MAC_BYTES] {
@@ -55,6 +64,33 @@ impl CookieSigner {
 
     /// The backend a cookie value names, if it is authentic and not expired at `now_unix`.
     pub fn verify<'a>(&self, value: &'a str, now_unix: u64) -> Option<&'a str> {
+        let cached = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(value)
+            .copied();
+        if let Some((expiry, len)) = cached {
+            return (now_unix < expiry).then(|| &value[..len]);
+        }
+        let backend = self.verify_mac(value, now_unix)?;
+        let expiry = value
+            .split('~')
+            .nth(1)
+            .and_then(|e| e.parse().ok())
+            .unwrap_or(0);
+        let mut cache = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
+        }
+        cache.insert(value.to_owned(), (expiry, backend.len()));
+        Some(backend)
+    }
+
+    fn verify_mac<'a>(&self, value: &'a str, now_unix: u64) -> Option<&'a str> {
         let (payload, mac) = value.rsplit_once('~')?;
         let (backend, expiry) = payload.rsplit_once('~')?;
         let expiry: u64 = expiry.parse().ok()?;
