@@ -87,6 +87,9 @@ pub struct VmmApi<H> {
     hv: Arc<H>,
     snapshots: SnapshotStore,
     node_id: String,
+    /// One lifecycle operation at a time per instance (a pause during a snapshot would
+    /// otherwise be undone by the snapshot's resume).
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl<H: Hypervisor> VmmApi<H> {
@@ -96,7 +99,20 @@ impl<H: Hypervisor> VmmApi<H> {
             hv,
             snapshots,
             node_id,
+            locks: Default::default(),
         }
+    }
+
+    /// Waits for instance `id`'s lifecycle lock.
+    async fn lifecycle(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     fn out(&self, i: &InstanceInfo) -> Response<pb::Instance> {
@@ -160,24 +176,30 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
     }
 
     async fn pause(&self, req: Request<pb::InstanceRef>) -> Result<pb::Instance> {
-        let info = self.hv.pause(&instance_ref(req)?).await?;
+        let id = instance_ref(req)?;
+        let _guard = self.lifecycle(&id).await;
+        let info = self.hv.pause(&id).await?;
         Ok(self.out(&info))
     }
 
     async fn resume(&self, req: Request<pb::InstanceRef>) -> Result<pb::Instance> {
-        let info = self.hv.resume(&instance_ref(req)?).await?;
+        let id = instance_ref(req)?;
+        let _guard = self.lifecycle(&id).await;
+        let info = self.hv.resume(&id).await?;
         Ok(self.out(&info))
     }
 
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<pb::SnapshotInfo> {
         let r = req.into_inner();
         spec::id("instance_id", &r.instance_id)?;
+        let guard = self.lifecycle(&r.instance_id).await;
         let source = self.hv.get(&r.instance_id).await?;
         let started = std::time::Instant::now();
         let (hv, store) = (self.hv.clone(), self.snapshots.clone());
         // A task of its own: a client that goes away must not cancel the snapshot half
         // way (with its instance stopped); hashing and copying run off the async workers.
         let task = tokio::spawn(async move {
+            let _guard = guard;
             let snapshot_id = new_id("snap");
             let dir = store.create_dir(&snapshot_id)?;
             let taken = match hv.snapshot(&r.instance_id, &dir).await {
@@ -269,6 +291,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             .as_ref()
             .ok_or_else(|| VmmError::invalid("resources", "is missing"))?;
         let res = spec::resources("resources", Some(res))?;
+        let _guard = self.lifecycle(&r.instance_id).await;
         let out = self.hv.resize(&r.instance_id, res).await?;
         Ok(Response::new(pb::ResizeReply {
             instance: Some(to_pb(&out.info, &self.node_id, self.hv.name())),
@@ -282,7 +305,14 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         req: Request<pb::InstanceRef>,
     ) -> Result<pb::DeleteInstanceReply> {
         let id = instance_ref(req)?;
-        if !self.hv.delete(&id).await? {
+        let guard = self.lifecycle(&id).await;
+        let deleted = self.hv.delete(&id).await?;
+        drop(guard);
+        self.locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+        if !deleted {
             return Err(VmmError::NotFound {
                 what: "instance",
                 id,
