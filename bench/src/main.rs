@@ -11,6 +11,7 @@
 //! ./target/release/form-bench rplb-pick
 //! ```
 
+mod load;
 mod rplb_pick;
 mod state_apply;
 mod state_bytes;

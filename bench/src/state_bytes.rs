@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 use form_proto::state::v1 as pb;
 use form_testkit::replicas::{ReplicaOptions, Replicas, metric_sum};
 
-const LOADERS: usize = 32;
-
 pub(crate) async fn run(bin_dir: &Path, members: usize, n: usize) -> anyhow::Result<()> {
     let bin = bin_dir.join("form-state");
     let mut replicas = Replicas::start(
@@ -22,35 +20,8 @@ pub(crate) async fn run(bin_dir: &Path, members: usize, n: usize) -> anyhow::Res
     )
     .await;
     let mut c = replicas.client(0).await;
-    c.put_cluster(pb::PutClusterRequest {
-        cluster_id: "big".into(),
-        ..Default::default()
-    })
-    .await?;
     let started = Instant::now();
-    let mut loaders = Vec::new();
-    for l in 0..LOADERS {
-        let mut c = replicas.client(0).await;
-        loaders.push(tokio::spawn(async move {
-            for m in (l..members).step_by(LOADERS) {
-                let member = pb::Member {
-                    instance_id: format!("i-{m:05}"),
-                    node_id: "node-1".into(),
-                    addresses: vec![format!("10.0.{}.{}:8080", m / 250, m % 250)],
-                    ..Default::default()
-                };
-                c.add_member(pb::AddMemberRequest {
-                    cluster_id: "big".into(),
-                    member: Some(member),
-                })
-                .await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for l in loaders {
-        l.await??;
-    }
+    crate::load::big_cluster(&replicas, members).await?;
     wait_converged(&replicas, Duration::from_secs(300)).await?;
     let digest = c.digest(pb::DigestRequest {}).await?.into_inner();
     println!(
@@ -78,7 +49,7 @@ pub(crate) async fn run(bin_dir: &Path, members: usize, n: usize) -> anyhow::Res
         let mut c = replicas.client(0).await;
         c.update_member(pb::UpdateMemberRequest {
             cluster_id: "big".into(),
-            instance_id: "i-00042".into(),
+            instance_id: crate::load::member_id(42),
             status: Some(pb::MemberStatus::Active as i32),
             ..Default::default()
         })

@@ -4,10 +4,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use form_proto::state::v1 as pb;
 use form_testkit::replicas::{ReplicaOptions, Replicas, metric_sum};
 
-const LOADERS: usize = 64;
 const RUNS: usize = 3;
 
 pub(crate) async fn run(bin_dir: &Path, members: usize) -> anyhow::Result<()> {
@@ -32,34 +30,7 @@ pub(crate) async fn run(bin_dir: &Path, members: usize) -> anyhow::Result<()> {
             },
         )
         .await;
-        let mut c = r.client(0).await;
-        c.put_cluster(pb::PutClusterRequest {
-            cluster_id: "big".into(),
-            ..Default::default()
-        })
-        .await?;
-        let mut loaders = Vec::new();
-        for l in 0..LOADERS {
-            let mut c = r.client(0).await;
-            loaders.push(tokio::spawn(async move {
-                for m in (l..members).step_by(LOADERS) {
-                    let member = pb::Member {
-                        instance_id: format!("i-{m:06}"),
-                        node_id: "node-1".into(),
-                        ..Default::default()
-                    };
-                    c.add_member(pb::AddMemberRequest {
-                        cluster_id: "big".into(),
-                        member: Some(member),
-                    })
-                    .await?;
-                }
-                anyhow::Ok(())
-            }));
-        }
-        for l in loaders {
-            l.await??;
-        }
+        crate::load::big_cluster(&r, members).await?;
         let entries = metric_sum(r.metrics_addr(0), "form_state_entries").await;
         let mut times = Vec::new();
         for _ in 0..RUNS {

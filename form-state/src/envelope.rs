@@ -116,14 +116,9 @@ impl Authorized {
 
     /// Verifies one signed delta.
     pub fn verify(&self, signed: Arc<pb::SignedDelta>) -> Result<VerifiedDelta, StateError> {
-        let (env, vk, sig) = self.open(&signed)?;
-        vk.verify(&signed.envelope, &sig)
-            .map_err(|e| StateError::Rejected {
-                reason: "bad_signature",
-                origin: env.origin_id.clone(),
-                message: e.to_string(),
-            })?;
-        finish(env, signed)
+        self.verify_batch(vec![signed])
+            .pop()
+            .unwrap_or_else(|| unreachable!())
     }
 
     /// Verifies a batch with one batch verification; when it fails, each delta is
@@ -146,6 +141,7 @@ impl Authorized {
             .map(|(signed, opened)| {
                 let (env, vk, sig) = opened?;
                 if !all_good {
+                    // One by one: a batch of one, or a batch with a bad signature in it.
                     vk.verify(&signed.envelope, &sig)
                         .map_err(|e| StateError::Rejected {
                             reason: "bad_signature",
@@ -161,13 +157,7 @@ impl Authorized {
     /// Decodes a delta read back from this replica's own log, whose signature was
     /// checked before it was written.
     pub fn decode_trusted(signed: Arc<pb::SignedDelta>) -> Result<VerifiedDelta, StateError> {
-        let env = pb::DeltaEnvelope::decode(signed.envelope.as_slice()).map_err(|e| {
-            StateError::Rejected {
-                reason: "malformed",
-                origin: "?".into(),
-                message: format!("envelope: {e}"),
-            }
-        })?;
+        let env = decode_envelope(&signed.envelope)?;
         finish(env, signed)
     }
 
@@ -175,13 +165,7 @@ impl Authorized {
         &self,
         signed: &pb::SignedDelta,
     ) -> Result<(pb::DeltaEnvelope, VerifyingKey, Signature), StateError> {
-        let env = pb::DeltaEnvelope::decode(signed.envelope.as_slice()).map_err(|e| {
-            StateError::Rejected {
-                reason: "malformed",
-                origin: "?".into(),
-                message: format!("envelope: {e}"),
-            }
-        })?;
+        let env = decode_envelope(&signed.envelope)?;
         let vk = self.check_key(&env.origin_id, &signed.public_key)?;
         let sig = Signature::from_slice(&signed.signature).map_err(|e| StateError::Rejected {
             reason: "malformed",
@@ -190,6 +174,14 @@ impl Authorized {
         })?;
         Ok((env, vk, sig))
     }
+}
+
+fn decode_envelope(bytes: &[u8]) -> Result<pb::DeltaEnvelope, StateError> {
+    pb::DeltaEnvelope::decode(bytes).map_err(|e| StateError::Rejected {
+        reason: "malformed",
+        origin: "?".into(),
+        message: format!("envelope: {e}"),
+    })
 }
 
 fn finish(
