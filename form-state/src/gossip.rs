@@ -347,11 +347,18 @@ pub async fn run(
             let (addr, mut client) = (addr.clone(), client.clone());
             round.spawn(async move {
                 let first = !peers.lock().get(addr.as_str()).is_some_and(|v| v.contacted);
-                let result = if anti_entropy || first {
-                    pull(&store, &peers, &addr, &mut client).await
-                } else {
-                    push(&store, &peers, &addr, &mut client, &cfg).await
-                };
+                // First contact: learn what the peer has (and take what it has that we
+                // lack), then push in the same round.
+                let result = async {
+                    if anti_entropy || first {
+                        pull(&store, &peers, &addr, &mut client).await?;
+                    }
+                    if !anti_entropy {
+                        push(&store, &peers, &addr, &mut client, &cfg).await?;
+                    }
+                    Ok::<(), Status>(())
+                }
+                .await;
                 if let Err(e) = result {
                     tracing::debug!(peer = %addr, error = %e, "gossip failed");
                     metrics::counter!("form_state_gossip_errors_total", "peer" => addr)

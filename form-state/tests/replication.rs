@@ -124,3 +124,40 @@ async fn a_peer_behind_a_trimmed_log_gets_the_full_state() {
     assert!(full >= 1.0, "the fallback was a full state ({full})");
     pair.stop().await;
 }
+
+#[tokio::test]
+async fn prioritized_sync_pushes_membership_writes_at_once() {
+    // Pushes every 20 s, anti-entropy every 60 s: only the priority push can deliver a
+    // write within a second or two (a regular tick lands in that window rarely, and
+    // then the test passes for the wrong reason, never fails for one).
+    let extra = [
+        "--replication",
+        "prioritized",
+        "--high-priority-fields",
+        "members",
+        "--sync-interval-ms",
+        "20000",
+        "--anti-entropy-interval-ms",
+        "60000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let opts = ReplicaOptions {
+        count: 2,
+        proxied: false,
+        extra_args: extra,
+    };
+    let mut pair = Replicas::start(std::path::Path::new(BIN), "prioritized", opts).await;
+    // Let both replicas make their first contact (anti-entropy at start).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut a = pair.client(0).await;
+    let mut b = pair.client(1).await;
+    a.put_cluster(cluster("web")).await.expect("cluster");
+    a.add_member(member("web", "m1")).await.expect("member");
+    assert_eventually!(
+        deadline = std::time::Duration::from_millis(2000),
+        async { members(&mut b, "web").await == ["m1"] },
+        "the member write (and the cluster before it) arrives at once"
+    );
+    pair.stop().await;
+}
