@@ -30,8 +30,14 @@ fn guest() -> PathBuf {
             "{tool} is missing: apt-get install qemu-system-x86 busybox-static cpio ({package})"
         );
     }
-    let demo = workspace_bin("form-demo-app");
-    let out = demo.parent().expect("target dir").join("form-guest");
+    // A statically linked build when one is given (CI builds it), else this build of the
+    // demo app with its libraries.
+    let demo = std::env::var_os("FORM_GUEST_WORKLOAD")
+        .map_or_else(|| workspace_bin("form-demo-app"), PathBuf::from);
+    let out = workspace_bin("form-demo-app")
+        .parent()
+        .expect("target dir")
+        .join("form-guest");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/guest/build.sh");
     let status = Command::new("bash")
         .arg(&script)
