@@ -85,7 +85,9 @@ pub struct Replica {
     log_order: VecDeque<(String, u64)>,
     /// Per origin, the last counter of deltas trimmed from the log.
     trimmed: BTreeMap<String, u64>,
-    pending: Vec<VerifiedDelta>,
+    /// Buffered deltas by origin and first dot: only each origin's first can be next.
+    pending: BTreeMap<String, BTreeMap<u64, VerifiedDelta>>,
+    pending_len: usize,
     changes: VecDeque<Change>,
     lsn: u64,
     durable_lsn: u64,
@@ -109,7 +111,8 @@ impl Replica {
             log: BTreeMap::new(),
             log_order: VecDeque::new(),
             trimmed: BTreeMap::new(),
-            pending: Vec::new(),
+            pending: BTreeMap::new(),
+            pending_len: 0,
             changes: VecDeque::new(),
             lsn: 0,
             durable_lsn: 0,
@@ -158,7 +161,7 @@ impl Replica {
 
     /// Deltas waiting for predecessors.
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.pending_len
     }
 
     /// Makes a local write: `make` builds the delta from the current state; the delta
@@ -181,32 +184,77 @@ impl Replica {
     pub fn receive(&mut self, deltas: Vec<VerifiedDelta>) -> Received {
         let mut out = Received::default();
         for d in deltas {
-            if self.covers(&d) || self.pending.iter().any(|p| same(p, &d)) {
+            let held = self
+                .pending
+                .get(&d.delta.actor)
+                .is_some_and(|m| m.contains_key(&d.delta.first));
+            if self.covers(&d) || held {
                 out.duplicates += 1;
             } else if self.is_ready(&d) {
                 let d = Arc::new(d);
                 self.apply_verified(d.clone());
                 out.applied.push(d);
                 self.drain_ready(&mut out.applied);
-            } else if self.pending.len() >= self.limits.buffer {
+            } else if self.pending_len >= self.limits.buffer {
                 out.overflow += 1;
             } else {
-                self.pending.push(d);
+                self.pending
+                    .entry(d.delta.actor.clone())
+                    .or_default()
+                    .insert(d.delta.first, d);
+                self.pending_len += 1;
             }
         }
-        out.buffered = self.pending.len() as u32;
+        out.buffered = self.pending_len as u32;
         out
     }
 
     /// Applies every buffered delta whose predecessors are now applied.
+    /// Each round looks only at the first buffered delta of every origin (the next one
+    /// in that origin's order): a round costs the number of origins, not the buffer.
     fn drain_ready(&mut self, applied: &mut Vec<Arc<VerifiedDelta>>) {
-        self.drop_covered_pending();
-        while let Some(i) = self.pending.iter().position(|d| self.is_ready(d)) {
-            let d = Arc::new(self.pending.swap_remove(i));
-            self.apply_verified(d.clone());
-            applied.push(d);
-            self.drop_covered_pending();
+        loop {
+            let mut progress = false;
+            let origins: Vec<String> = self.pending.keys().cloned().collect();
+            for origin in origins {
+                while let Some(first) = self
+                    .pending
+                    .get(&origin)
+                    .and_then(|m| m.keys().next().copied())
+                {
+                    let (covered, ready) =
+                        match self.pending.get(&origin).and_then(|m| m.get(&first)) {
+                            Some(d) => (self.covers(d), self.is_ready(d)),
+                            None => break,
+                        };
+                    if !covered && !ready {
+                        break;
+                    }
+                    let Some(d) = self.take_pending(&origin, first) else {
+                        break;
+                    };
+                    if !covered {
+                        let d = Arc::new(d);
+                        self.apply_verified(d.clone());
+                        applied.push(d);
+                        progress = true;
+                    }
+                }
+            }
+            if !progress {
+                return;
+            }
         }
+    }
+
+    fn take_pending(&mut self, origin: &str, first: u64) -> Option<VerifiedDelta> {
+        let m = self.pending.get_mut(origin)?;
+        let d = m.remove(&first)?;
+        if m.is_empty() {
+            self.pending.remove(origin);
+        }
+        self.pending_len -= 1;
+        Some(d)
     }
 
     /// Joins a peer's whole state (anti-entropy fallback). Says whether the state
@@ -309,12 +357,6 @@ impl Replica {
         )
     }
 
-    /// Drops buffered deltas whose dots the state already has.
-    fn drop_covered_pending(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
-        self.pending = pending.into_iter().filter(|p| !self.covers(p)).collect();
-    }
-
     fn covers(&self, d: &VerifiedDelta) -> bool {
         d.delta.last() <= self.state.context().max_contiguous(&d.delta.actor)
     }
@@ -364,10 +406,6 @@ impl Replica {
             self.changes.pop_front();
         }
     }
-}
-
-fn same(a: &VerifiedDelta, b: &VerifiedDelta) -> bool {
-    a.delta.actor == b.delta.actor && a.delta.first == b.delta.first
 }
 
 #[cfg(test)]
