@@ -12,7 +12,7 @@ use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_runtime::shutdown::Shutdown;
 use form_runtime::upstream::Upstream;
 
-use crate::hypervisor::{Hypervisor, Status};
+use crate::hypervisor::{Hypervisor, Status, Window};
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -47,7 +47,7 @@ pub async fn run<H: Hypervisor>(
             match i.status {
                 Status::Running => {
                     let cpu = hv
-                        .stats(&id)
+                        .stats(&id, Window::Heartbeat)
                         .await
                         .map(|u| u.cpu_utilization)
                         .unwrap_or(0.0);

@@ -62,6 +62,16 @@ pub struct InstanceInfo {
     pub failure: Option<String>,
 }
 
+/// Who asks for usage: each has its own CPU sampling window, so a `GetStats` call does
+/// not shorten the heartbeat's window (or the reverse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// `GetStats` callers.
+    Api = 0,
+    /// The heartbeat loop.
+    Heartbeat = 1,
+}
+
 /// Usage of an instance.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
@@ -133,8 +143,12 @@ pub trait Hypervisor: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Resized, VmmError>> + Send;
     /// Stops an instance and removes everything it left; false if it did not exist.
     fn delete(&self, id: &str) -> impl Future<Output = Result<bool, VmmError>> + Send;
-    /// Usage of an instance.
-    fn stats(&self, id: &str) -> impl Future<Output = Result<Usage, VmmError>> + Send;
+    /// Usage of an instance since the last call of the same `window`.
+    fn stats(
+        &self,
+        id: &str,
+        window: Window,
+    ) -> impl Future<Output = Result<Usage, VmmError>> + Send;
 
     /// Deletes every instance (service shutdown).
     fn delete_all(&self) -> impl Future<Output = ()> + Send {

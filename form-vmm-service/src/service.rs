@@ -9,7 +9,7 @@ use form_proto::vmm::v1::vmm_service_server::VmmService;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::error::VmmError;
-use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Status};
+use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Status, Window};
 use crate::snapshots::{FORMAT_VERSION, Manifest, SnapshotStore, workload_hex};
 use crate::spec;
 
@@ -325,7 +325,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
     async fn get_stats(&self, req: Request<pb::InstanceRef>) -> Result<pb::InstanceStats> {
         let id = instance_ref(req)?;
         let info = self.hv.get(&id).await?;
-        let u = self.hv.stats(&id).await?;
+        let u = self.hv.stats(&id, Window::Api).await?;
         Ok(Response::new(pb::InstanceStats {
             instance_id: id,
             status: to_pb(&info, &self.node_id, self.hv.name()).status,

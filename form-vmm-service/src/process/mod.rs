@@ -23,7 +23,9 @@ use tokio::sync::watch;
 
 use self::cgroup::Cgroups;
 use crate::error::VmmError;
-use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage};
+use crate::hypervisor::{
+    Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage, Window,
+};
 use crate::procfs;
 use crate::snapshots::{Manifest, copy_tree, manifest_workload};
 use crate::supervise::{Table, claim_dir, free_port, now_ms, reap, serial, signal_group, tail};
@@ -40,7 +42,7 @@ struct Proc {
     pid: u32,
     dir: PathBuf,
     exit: watch::Receiver<Option<String>>,
-    cpu: procfs::CpuSampler,
+    cpu: [procfs::CpuSampler; 2],
     started: Instant,
 }
 
@@ -181,7 +183,7 @@ impl ProcessBackend {
                 pid,
                 dir: dir.clone(),
                 exit: rx.clone(),
-                cpu: procfs::CpuSampler::new(),
+                cpu: [procfs::CpuSampler::new(); 2],
                 started: Instant::now(),
             },
         );
@@ -467,10 +469,10 @@ impl Hypervisor for ProcessBackend {
         while set.join_next().await.is_some() {}
     }
 
-    async fn stats(&self, id: &str) -> Result<Usage, VmmError> {
+    async fn stats(&self, id: &str, window: Window) -> Result<Usage, VmmError> {
         self.with(id, |p| {
             Ok(Usage {
-                cpu_utilization: p.cpu.sample(p.pid, p.info.spec.resources.vcpus),
+                cpu_utilization: p.cpu[window as usize].sample(p.pid, p.info.spec.resources.vcpus),
                 memory_bytes: procfs::rss_bytes(p.pid).unwrap_or(0),
                 uptime_seconds: p.started.elapsed().as_secs_f64(),
             })

@@ -29,7 +29,9 @@ use tokio::sync::watch;
 
 use self::qmp::Qmp;
 use crate::error::VmmError;
-use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage};
+use crate::hypervisor::{
+    Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage, Window,
+};
 use crate::snapshots::Manifest;
 use crate::supervise::{Table, claim_dir, free_port, now_ms, reap, serial, signal_group, tail};
 
@@ -126,7 +128,7 @@ struct Vm {
     machine_args: Vec<String>,
     exit: watch::Receiver<Option<String>>,
     started: Instant,
-    cpu: crate::procfs::CpuSampler,
+    cpu: [crate::procfs::CpuSampler; 2],
     boot_memory_mib: u64,
 }
 
@@ -296,7 +298,7 @@ impl QemuBackend {
                 machine_args,
                 exit: rx.clone(),
                 started: Instant::now(),
-                cpu: crate::procfs::CpuSampler::new(),
+                cpu: [crate::procfs::CpuSampler::new(); 2],
                 boot_memory_mib,
             },
         );
@@ -699,11 +701,12 @@ impl Hypervisor for QemuBackend {
         Ok(true)
     }
 
-    async fn stats(&self, id: &str) -> Result<Usage, VmmError> {
+    async fn stats(&self, id: &str, window: Window) -> Result<Usage, VmmError> {
         self.with(id, |vm| {
             // QEMU's CPU time stands for the guest's (its vCPU threads are QEMU's own).
             Ok(Usage {
-                cpu_utilization: vm.cpu.sample(vm.pid, vm.info.spec.resources.vcpus),
+                cpu_utilization: vm.cpu[window as usize]
+                    .sample(vm.pid, vm.info.spec.resources.vcpus),
                 memory_bytes: crate::procfs::rss_bytes(vm.pid).unwrap_or(0),
                 uptime_seconds: vm.started.elapsed().as_secs_f64(),
             })
