@@ -7,9 +7,11 @@
 //!   only the keys that were on it;
 //! - [`p2c`]: power of two choices on in-flight requests;
 //! - [`cookie`]: HMAC-authenticated session cookies naming a backend;
+//! - [`health`]: active checks (rise, fall) and passive ejection with a cool-off;
 //! - [`select`]: the decision for one request, by affinity method and backend state.
 
 pub mod cookie;
+pub mod health;
 pub mod p2c;
 pub mod ring;
 pub mod select;

@@ -1,0 +1,184 @@
+//! Health of one backend as a state machine, without I/O: active checks (`rise`
+//! consecutive successes bring an ejected backend back, `fall` consecutive failures
+//! eject it) and passive ejection (`passive_failures` consecutive failed requests eject
+//! it for `cool_off`, after which it is checked again before it takes traffic).
+//!
+//! ```text
+//!            fall failed checks / passive failures
+//!   Healthy ─────────────────────────────────────> Ejected{until}
+//!      ^                                              │ until passed: a check is due
+//!      └──────────── rise passed checks ──────────────┘
+//! ```
+
+use std::time::{Duration, Instant};
+
+/// Thresholds of the health state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Consecutive passed checks that bring an ejected backend back.
+    pub rise: u32,
+    /// Consecutive failed checks that eject a backend.
+    pub fall: u32,
+    /// Consecutive failed requests (connect errors, 5xx from the backend) that eject it.
+    pub passive_failures: u32,
+    /// How long a passively ejected backend rests before it is checked again.
+    pub cool_off: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            rise: 2,
+            fall: 3,
+            passive_failures: 5,
+            cool_off: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a backend's health says about new traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Takes traffic.
+    Healthy,
+    /// Out of rotation; back after `rise` passed checks, checked from `recheck_at` on.
+    Ejected {
+        /// When the next check may bring it back (the end of a cool-off).
+        recheck_at: Instant,
+    },
+}
+
+/// The health of one backend.
+#[derive(Debug, Clone)]
+pub struct HealthTracker {
+    config: HealthConfig,
+    health: Health,
+    passed: u32,
+    failed_checks: u32,
+    failed_requests: u32,
+}
+
+impl HealthTracker {
+    /// A healthy backend.
+    pub fn new(config: HealthConfig) -> Self {
+        Self {
+            config,
+            health: Health::Healthy,
+            passed: 0,
+            failed_checks: 0,
+            failed_requests: 0,
+        }
+    }
+
+    /// The current health.
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
+    /// Whether it takes new traffic.
+    pub fn is_healthy(&self) -> bool {
+        self.health == Health::Healthy
+    }
+
+    /// Whether an active check is due at `now` (always while healthy, at the interval;
+    /// for an ejected backend only after its cool-off).
+    pub fn check_due(&self, now: Instant) -> bool {
+        match self.health {
+            Health::Healthy => true,
+            Health::Ejected { recheck_at } => now >= recheck_at,
+        }
+    }
+
+    /// Records an active check; returns true when the health changed.
+    pub fn on_check(&mut self, passed: bool, now: Instant) -> bool {
+        let before = self.health;
+        if passed {
+            self.failed_checks = 0;
+            self.passed = self.passed.saturating_add(1);
+            if matches!(self.health, Health::Ejected { .. }) && self.passed >= self.config.rise {
+                self.health = Health::Healthy;
+                self.failed_requests = 0;
+            }
+        } else {
+            self.passed = 0;
+            self.failed_checks = self.failed_checks.saturating_add(1);
+            if self.failed_checks >= self.config.fall {
+                self.health = Health::Ejected { recheck_at: now };
+            }
+        }
+        self.health != before
+    }
+
+    /// Records the outcome of a proxied request; returns true when the health changed.
+    pub fn on_request(&mut self, ok: bool, now: Instant) -> bool {
+        if ok {
+            self.failed_requests = 0;
+            return false;
+        }
+        self.failed_requests = self.failed_requests.saturating_add(1);
+        if self.is_healthy() && self.failed_requests >= self.config.passive_failures {
+            self.health = Health::Ejected {
+                recheck_at: now + self.config.cool_off,
+            };
+            self.passed = 0;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> HealthConfig {
+        HealthConfig {
+            rise: 2,
+            fall: 3,
+            passive_failures: 5,
+            cool_off: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn fall_failed_checks_eject_and_rise_passed_checks_bring_back() {
+        let now = Instant::now();
+        let mut h = HealthTracker::new(config());
+        assert!(!h.on_check(false, now) && !h.on_check(false, now));
+        assert!(h.is_healthy(), "two failures are not yet `fall`");
+        assert!(h.on_check(false, now), "the third ejects");
+        assert!(!h.is_healthy());
+        assert!(!h.on_check(true, now), "one pass is not yet `rise`");
+        assert!(h.on_check(true, now), "the second brings it back");
+        assert!(h.is_healthy());
+        // A failure between passes restarts the count.
+        h.on_check(false, now);
+        h.on_check(false, now);
+        h.on_check(true, now);
+        h.on_check(false, now);
+        assert!(h.is_healthy(), "failures must be consecutive");
+    }
+
+    #[test]
+    fn passive_failures_eject_for_a_cool_off_then_checks_decide() {
+        let now = Instant::now();
+        let mut h = HealthTracker::new(config());
+        for _ in 0..4 {
+            assert!(!h.on_request(false, now));
+        }
+        assert!(!h.on_request(true, now), "a success resets the count");
+        for _ in 0..4 {
+            h.on_request(false, now);
+        }
+        assert!(h.on_request(false, now), "five in a row eject");
+        assert!(
+            !h.check_due(now + Duration::from_secs(9)),
+            "resting during the cool-off"
+        );
+        assert!(h.check_due(now + Duration::from_secs(10)));
+        let later = now + Duration::from_secs(10);
+        h.on_check(true, later);
+        assert!(h.on_check(true, later), "back after `rise` passes");
+        assert!(h.is_healthy());
+    }
+}
