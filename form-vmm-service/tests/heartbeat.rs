@@ -94,18 +94,8 @@ async fn heartbeats_reach_form_state_and_a_crash_is_visible_there() {
     );
 
     // Crash the workload: the next round reports it.
-    let pid = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(Result::ok)
-        .find(|e| {
-            std::fs::read(e.path().join("environ"))
-                .map(|env| {
-                    env.split(|b| *b == 0)
-                        .any(|kv| kv == b"FORM_INSTANCE_ID=i-1")
-                })
-                .unwrap_or(false)
-        })
-        .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    let pid = *probe::pids_with_env("FORM_INSTANCE_ID", "i-1")
+        .first()
         .expect("the instance's process");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),

@@ -53,22 +53,7 @@ async fn get(i: &pb::Instance, path: &str) -> (u16, String) {
 
 /// Processes whose environment names this instance id.
 fn processes_of(instance: &str) -> usize {
-    let needle = format!("FORM_INSTANCE_ID={instance}");
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .chars()
-                .all(|c| c.is_ascii_digit())
-        })
-        .filter(|e| {
-            std::fs::read(e.path().join("environ"))
-                .map(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
-                .unwrap_or(false)
-        })
-        .count()
+    probe::pids_with_env("FORM_INSTANCE_ID", instance).len()
 }
 
 #[tokio::test]
