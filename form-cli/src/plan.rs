@@ -43,7 +43,10 @@ pub(crate) fn authorized_keys(data_dir: &Path) -> std::path::PathBuf {
 
 /// The stack: 3 state replicas that gossip with each other, then vmm, rplb, scaler and
 /// the gateway, each pointed at the services it talks to. Order = start order.
-pub(crate) fn stack(host: IpAddr, ports: &Ports, data_dir: &Path) -> Vec<Process> {
+/// The balancer's HTTP port when ports are the documented defaults.
+pub(crate) const DEFAULT_HTTP_PORT: u16 = 8080;
+
+pub(crate) fn stack(host: IpAddr, ports: &Ports, http_port: u16, data_dir: &Path) -> Vec<Process> {
     let addr = |i: usize| SocketAddr::new(host, ports[i].0);
     let metrics = |i: usize| SocketAddr::new(host, ports[i].1);
     let list = |idx: &[usize]| {
@@ -109,7 +112,17 @@ pub(crate) fn stack(host: IpAddr, ports: &Ports, data_dir: &Path) -> Vec<Process
             ("--data-dir", data_dir.join("vmm").display().to_string()),
         ],
     );
-    with(rplb, "form-rplb", vec![("--state", state_list.clone())]);
+    with(
+        rplb,
+        "form-rplb",
+        vec![
+            ("--state", state_list.clone()),
+            (
+                "--listen-http",
+                SocketAddr::new(host, http_port).to_string(),
+            ),
+        ],
+    );
     with(
         scaler,
         "form-scaler",
@@ -138,7 +151,7 @@ mod tests {
     #[test]
     fn replicas_peer_with_each_other_and_services_find_their_upstreams() {
         let host: IpAddr = "127.0.0.1".parse().expect("ip");
-        let plan = stack(host, &DEFAULT_PORTS, Path::new("/d"));
+        let plan = stack(host, &DEFAULT_PORTS, DEFAULT_HTTP_PORT, Path::new("/d"));
         let names: Vec<&str> = plan.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,

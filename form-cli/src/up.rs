@@ -38,7 +38,13 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         DEFAULT_PORTS
     };
-    let plan = plan::stack(args.host, &ports, &data_dir);
+    // With free ports the balancer's data plane takes port 0 (its ready file tells).
+    let http_port = if args.auto_ports {
+        0
+    } else {
+        plan::DEFAULT_HTTP_PORT
+    };
+    let plan = plan::stack(args.host, &ports, http_port, &data_dir);
     check_binaries(&bin_dir, &plan)?;
     let run_dir = data_dir.join("run");
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
@@ -193,6 +199,13 @@ fn print_summary(plan: &[Process], children: &[ChildService], data_dir: &Path) {
             p.metrics.to_string(),
             c.log_path().display()
         );
+    }
+    if let Some(http) = children
+        .iter()
+        .find(|c| c.name() == "form-rplb")
+        .and_then(|c| c.addr("http"))
+    {
+        println!("Balancer (HTTP): http://{http}/");
     }
     if let Some(api) = plan.last() {
         println!("API: http://{}/healthz", api.listen);

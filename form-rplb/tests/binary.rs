@@ -6,15 +6,17 @@ use std::path::Path;
 use form_testkit::conformance;
 
 const BIN: &str = env!("CARGO_BIN_EXE_form-rplb");
+/// The data plane on a free port too.
+const HTTP0: &[&str] = &["--listen-http", "127.0.0.1:0"];
 
 #[tokio::test]
 async fn starts_serves_and_stops_on_sigterm() {
-    conformance::grpc_service_lifecycle(Path::new(BIN), "form-rplb", &[]).await;
+    conformance::grpc_service_lifecycle(Path::new(BIN), "form-rplb", HTTP0).await;
 }
 
 #[tokio::test]
 async fn sigint_exits_at_once() {
-    conformance::sigint_exits_fast(Path::new(BIN), "form-rplb").await;
+    conformance::sigint_exits_fast_with(Path::new(BIN), "form-rplb", HTTP0).await;
 }
 
 #[test]

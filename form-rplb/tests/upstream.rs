@@ -26,7 +26,16 @@ async fn serves_while_state_is_down_and_connects_when_it_comes() {
     let peer_addr = peer.addr("grpc").expect("state grpc address").to_string();
     stop_gracefully(&mut peer).await;
 
-    let args = [PORT0_ARGS, &["--state", peer_addr.as_str()]].concat();
+    let args = [
+        PORT0_ARGS,
+        &[
+            "--listen-http",
+            "127.0.0.1:0",
+            "--state",
+            peer_addr.as_str(),
+        ],
+    ]
+    .concat();
     let mut replica = start(&dir, "rplb", Path::new(BIN), &args).await;
     let grpc = replica.addr("grpc").expect("grpc address");
     let metrics = replica.addr("metrics").expect("metrics address");

@@ -48,6 +48,12 @@ pub trait Service: Sized + Send + 'static {
     /// Every address to bind, by listener name; include [`METRICS_LISTENER`].
     fn listen_addrs(&self) -> Vec<(&'static str, SocketAddr)>;
 
+    /// How long a graceful shutdown (SIGTERM) may take before what still runs is
+    /// abandoned.
+    fn graceful_deadline(&self) -> Duration {
+        GRACEFUL_DEADLINE
+    }
+
     /// Runs until `ctx.shutdown` asks it to stop; calls `ctx.ready()` once serving.
     fn run(self, ctx: RunContext) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 }
@@ -141,6 +147,7 @@ async fn run_service<S: Service>(service: S, ready_file: Option<PathBuf>) -> Exi
         shutdown: shutdown.clone(),
         ready: Some(ready_tx),
     };
+    let deadline = service.graceful_deadline();
     let mut run = tokio::spawn(service.run(ctx));
 
     tokio::select! {
@@ -174,10 +181,10 @@ async fn run_service<S: Service>(service: S, ready_file: Option<PathBuf>) -> Exi
     remove_ready_file(ready_file.as_deref());
     match kind {
         ShutdownKind::Fast => ExitCode::from(EXIT_INTERRUPTED),
-        ShutdownKind::Graceful => match tokio::time::timeout(GRACEFUL_DEADLINE, &mut run).await {
+        ShutdownKind::Graceful => match tokio::time::timeout(deadline, &mut run).await {
             Ok(r) => finish(r, None),
             Err(_) => {
-                tracing::warn!(deadline = ?GRACEFUL_DEADLINE, "graceful shutdown deadline passed; abandoning what is still running");
+                tracing::warn!(deadline = ?deadline, "graceful shutdown deadline passed; abandoning what is still running");
                 run.abort();
                 ExitCode::SUCCESS
             }

@@ -1,6 +1,6 @@
 //! `Watch`: a stream of changes from a replica-local sequence number. A subscriber
-//! that asks for 0, or for changes already trimmed, first gets `Reset` and the whole
-//! state, then every change as it becomes durable. Each event carries the current
+//! that asks for 0, or for changes already trimmed, first gets `Reset`, the whole
+//! state and `Synced`, then every change as it becomes durable. Each event carries the current
 //! value of what changed (several changes to one cluster may arrive as one value).
 
 use std::sync::Arc;
@@ -108,6 +108,10 @@ fn snapshot(state: &crate::crdt::State, filter: &str, lsn: u64) -> Vec<pb::Watch
             change: Some(pb::watch_event::Change::Operation(o)),
         });
     }
+    out.push(pb::WatchEvent {
+        sequence: lsn,
+        change: Some(pb::watch_event::Change::Synced(pb::Synced {})),
+    });
     out
 }
 

@@ -104,8 +104,14 @@ pub async fn stop_gracefully(svc: &mut crate::ChildService) {
 
 /// SIGINT exits at once with code 130.
 pub async fn sigint_exits_fast(bin: &Path, name: &str) {
+    sigint_exits_fast_with(bin, name, &[]).await;
+}
+
+/// [`sigint_exits_fast`] with more flags (e.g. more listeners on port 0).
+pub async fn sigint_exits_fast_with(bin: &Path, name: &str, extra_args: &[&str]) {
     let dir = TestDir::new(name);
-    let mut svc = start(&dir, name, bin, PORT0_ARGS).await;
+    let args: Vec<&str> = PORT0_ARGS.iter().chain(extra_args).copied().collect();
+    let mut svc = start(&dir, name, bin, &args).await;
     let status = svc
         .stop(Signal::SIGINT, Duration::from_secs(2))
         .await

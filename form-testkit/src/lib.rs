@@ -2,6 +2,7 @@
 //! file, wait for health, probe reflection and HTTP endpoints, stop it with a signal and
 //! a deadline; `assert_eventually!` for conditions that become true in time.
 
+pub mod backend;
 pub mod conformance;
 pub mod dir;
 pub mod net;

@@ -70,6 +70,11 @@ impl HealthTracker {
         }
     }
 
+    /// Changes the thresholds (counts so far are kept).
+    pub fn set_config(&mut self, config: HealthConfig) {
+        self.config = config;
+    }
+
     /// The current health.
     pub fn health(&self) -> Health {
         self.health

@@ -62,6 +62,31 @@ pub struct Decision {
     pub set_cookie: Option<String>,
 }
 
+/// Requests in flight per backend index (the proxy reads its live counters; tests
+/// and benchmarks pass arrays).
+pub trait Loads {
+    /// Requests in flight to the backend at `index`.
+    fn load(&self, index: usize) -> u64;
+}
+
+impl Loads for [u64] {
+    fn load(&self, index: usize) -> u64 {
+        self.get(index).copied().unwrap_or(0)
+    }
+}
+
+impl<const N: usize> Loads for [u64; N] {
+    fn load(&self, index: usize) -> u64 {
+        self.get(index).copied().unwrap_or(0)
+    }
+}
+
+impl Loads for Vec<u64> {
+    fn load(&self, index: usize) -> u64 {
+        self.get(index).copied().unwrap_or(0)
+    }
+}
+
 /// A route's backends with the ring of those taking new requests. Rebuilt (and swapped
 /// in whole) on every change of the backends or their states.
 #[derive(Debug, Clone)]
@@ -109,9 +134,9 @@ impl Selector {
 
     /// P2C over backends taking new requests, except `exclude` (no allocation: two
     /// random positions in the open set, the excluded one skipped).
-    fn least_loaded(
+    fn least_loaded<L: Loads + ?Sized>(
         &self,
-        in_flight: &[u64],
+        in_flight: &L,
         exclude: Option<usize>,
         rng: &mut Rng,
     ) -> Option<usize> {
@@ -124,7 +149,7 @@ impl Selector {
                 k
             }]
         };
-        let load = |i: usize| in_flight.get(i).copied().unwrap_or(0);
+        let load = |i: usize| in_flight.load(i);
         match n {
             0 => None,
             1 => Some(at(0)),
@@ -143,11 +168,11 @@ impl Selector {
     /// Chooses a backend for a request; `None` when no backend can take it.
     /// `exclude` is a backend that just failed to connect (the one retry goes elsewhere).
     #[allow(clippy::too_many_arguments)]
-    pub fn select(
+    pub fn select<L: Loads + ?Sized>(
         &self,
         affinity: &Affinity,
         key: RequestKey<'_>,
-        in_flight: &[u64],
+        in_flight: &L,
         exclude: Option<usize>,
         signer: &CookieSigner,
         now: Instant,

@@ -1,0 +1,224 @@
+//! Following form-state: a `Watch` from sequence 0 (a `Reset`, the whole state, then
+//! `Synced`, then every change) keeps each cluster's route equal to its members, so the
+//! balancer is right even when nobody pushes routes to it. Members that are active or
+//! draining are backends (a draining member is drained); a cluster that is gone loses
+//! its route. When the state is unreachable the last known routes stay, and the watch
+//! reconnects with backoff (a new watch starts with a full snapshot again).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use form_proto::state::v1 as pb;
+use form_proto::state::v1::state_service_client::StateServiceClient;
+use form_runtime::shutdown::Shutdown;
+use form_runtime::upstream::{BACKOFF_MAX, BACKOFF_MIN, Upstream};
+
+use crate::core::Core;
+use crate::routes::settings::{self, BackendSpec, CheckSettings, DrainSettings, RouteSettings};
+use crate::routes::{Removal, Source};
+
+/// Follows the state until shutdown.
+pub async fn run(core: Arc<Core>, state: Upstream, mut shutdown: Shutdown) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut client = StateServiceClient::new(state.channel());
+        let req = pb::WatchRequest {
+            from_sequence: 0,
+            cluster_id: String::new(),
+        };
+        let started = tokio::select! {
+            r = client.watch(req) => r,
+            _ = shutdown.requested() => return,
+        };
+        match started {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                let mut seen: Option<HashSet<String>> = None;
+                loop {
+                    let msg = tokio::select! {
+                        m = stream.message() => m,
+                        _ = shutdown.requested() => return,
+                    };
+                    match msg {
+                        Ok(Some(ev)) => {
+                            backoff = BACKOFF_MIN;
+                            on_event(&core, ev, &mut seen);
+                        }
+                        Ok(None) => {
+                            tracing::warn!("form-state ended the watch; reconnecting");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e.message(), "watch of form-state failed; keeping the last known routes");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e.message(), "cannot watch form-state yet");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.requested() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn on_event(core: &Arc<Core>, ev: pb::WatchEvent, seen: &mut Option<HashSet<String>>) {
+    use pb::watch_event::Change;
+    match ev.change {
+        Some(Change::Reset(_)) => *seen = Some(HashSet::new()),
+        Some(Change::Cluster(c)) => {
+            if let Some(s) = seen.as_mut() {
+                s.insert(c.cluster_id.clone());
+            }
+            apply_cluster(core, &c);
+        }
+        Some(Change::ClusterDeleted(id)) => remove_cluster(core, &id, None),
+        Some(Change::Synced(_)) => {
+            if let Some(s) = seen.take() {
+                for r in core.table.list() {
+                    if r.source == Source::State && !s.contains(&r.settings.cluster_id) {
+                        remove_cluster(core, &r.settings.cluster_id, None);
+                    }
+                }
+            }
+        }
+        Some(Change::Operation(_)) | None => {}
+    }
+}
+
+/// Removes the state-made routes of `cluster_id`, except the one for `keep`.
+fn remove_cluster(core: &Core, cluster_id: &str, keep: Option<&str>) {
+    for r in core.table.list() {
+        if r.source == Source::State
+            && r.settings.cluster_id == cluster_id
+            && Some(r.settings.domain.as_str()) != keep
+            && core.table.remove(&r.settings.domain).is_some()
+        {
+            tracing::info!(domain = %r.settings.domain, cluster = cluster_id, "route removed: cluster gone or renamed");
+        }
+    }
+}
+
+/// The backends of a cluster: its active and draining members with an address.
+fn member_backends(c: &pb::Cluster) -> (Vec<BackendSpec>, Vec<String>) {
+    let mut specs = Vec::new();
+    let mut draining = Vec::new();
+    let mut ids: Vec<&String> = c.members.keys().collect();
+    ids.sort();
+    for id in ids {
+        let m = &c.members[id];
+        let status = pb::MemberStatus::try_from(m.status).unwrap_or(pb::MemberStatus::Unspecified);
+        if !matches!(
+            status,
+            pb::MemberStatus::Active | pb::MemberStatus::Draining
+        ) {
+            continue;
+        }
+        let Some(address) = m.addresses.first() else {
+            continue;
+        };
+        let b = form_proto::rplb::v1::Backend {
+            id: id.clone(),
+            address: address.clone(),
+            weight: 1,
+            state: 0,
+        };
+        match settings::backend(&b) {
+            Ok(spec) => {
+                if status == pb::MemberStatus::Draining {
+                    draining.push(spec.id.clone());
+                }
+                specs.push(spec);
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %c.cluster_id, member = %id, error = %e, "member skipped")
+            }
+        }
+    }
+    (specs, draining)
+}
+
+fn apply_cluster(core: &Arc<Core>, c: &pb::Cluster) {
+    let raw_domain = if c.domain.is_empty() {
+        format!("{}.fog", c.cluster_id)
+    } else {
+        c.domain.clone()
+    };
+    let domain = match settings::domain(&raw_domain) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(cluster = %c.cluster_id, error = %e, "cluster not routed");
+            return;
+        }
+    };
+    remove_cluster(core, &c.cluster_id, Some(&domain));
+    let affinity = match settings::affinity(c.affinity.as_ref()) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(cluster = %c.cluster_id, error = %e, "cluster affinity ignored");
+            crate::balance::select::Affinity::None
+        }
+    };
+    let (specs, draining) = member_backends(c);
+    let existing = core.table.get(&domain);
+    if let Some(r) = &existing
+        && r.source == Source::Control
+        && r.settings.cluster_id != c.cluster_id
+    {
+        tracing::warn!(domain, cluster = %c.cluster_id, other = %r.settings.cluster_id, "domain is routed to another cluster by RplbControl; cluster not routed");
+        return;
+    }
+    let settings = match &existing {
+        Some(r) => RouteSettings {
+            affinity,
+            ..r.settings.clone()
+        },
+        None => RouteSettings {
+            domain: domain.clone(),
+            cluster_id: c.cluster_id.clone(),
+            affinity,
+            check: CheckSettings {
+                path: c
+                    .workload
+                    .as_ref()
+                    .map(|w| w.health_path.clone())
+                    .filter(|p| p.starts_with('/'))
+                    .unwrap_or_default(),
+                ..CheckSettings::default()
+            },
+            drain: DrainSettings::default(),
+        },
+    };
+    let unchanged = existing.as_ref().is_some_and(|r| {
+        r.settings == settings
+            && r.backends.len() == specs.len()
+            && r.backends
+                .iter()
+                .zip(&specs)
+                .all(|(b, s)| b.id == s.id && b.authority == s.authority && b.weight == s.weight)
+    });
+    if !unchanged {
+        let source = existing.as_ref().map_or(Source::State, |r| r.source);
+        let (view, change) = core
+            .table
+            .upsert(settings, Some(&specs), source, Removal::Immediate);
+        core.apply(&domain, change);
+        tracing::info!(domain, cluster = %c.cluster_id, backends = view.backends.len(), "route follows the cluster");
+    }
+    if let Some(view) = core.table.get(&domain) {
+        for id in draining {
+            if view
+                .backend(&id)
+                .is_some_and(|b| b.admin() == crate::routes::backend::Admin::Active)
+                && let Err(e) = crate::drain::start(core, &domain, &id, view.settings.drain)
+            {
+                tracing::warn!(domain, backend = %id, error = %e, "cannot drain a draining member");
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Bodies of proxied messages, streamed frame by frame (never buffered whole):
+//! - [`Reclaim`]: a request body that can be taken back when the upstream connection
+//!   failed before any of it was read (the one retry sends it elsewhere);
+//! - [`ResBody`]: a response body (the backend's, or the balancer's own short text)
+//!   that holds the request's in-flight accounting until its last byte.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::conn::ConnCtx;
+use crate::routes::backend::BackendRt;
+
+/// A request body shared with the proxy until the client (hyper) first reads it.
+#[derive(Debug)]
+pub struct Reclaim {
+    slot: Arc<Mutex<Option<Incoming>>>,
+    taken: Option<Incoming>,
+    end: bool,
+    hint: SizeHint,
+}
+
+impl Reclaim {
+    /// Wraps `body`; the returned slot gives it back while it was never read.
+    pub fn new(body: Incoming) -> (Self, Arc<Mutex<Option<Incoming>>>) {
+        let end = body.is_end_stream();
+        let hint = body.size_hint();
+        let slot = Arc::new(Mutex::new(Some(body)));
+        (
+            Self {
+                slot: slot.clone(),
+                taken: None,
+                end,
+                hint,
+            },
+            slot,
+        )
+    }
+
+    /// A body for the same slot (a retry).
+    pub fn again(slot: &Arc<Mutex<Option<Incoming>>>, end: bool, hint: SizeHint) -> Self {
+        Self {
+            slot: slot.clone(),
+            taken: None,
+            end,
+            hint,
+        }
+    }
+
+    /// Whether the original body is empty.
+    pub fn end(&self) -> bool {
+        self.end
+    }
+
+    /// The original size hint.
+    pub fn hint(&self) -> SizeHint {
+        self.hint
+    }
+}
+
+impl Body for Reclaim {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.taken.is_none() {
+            let body = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            self.taken = body;
+        }
+        match self.taken.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.end || self.taken.as_ref().is_some_and(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}
+
+/// Accounting of one request: released when the response body ends (or is dropped).
+#[derive(Debug)]
+pub struct Guard {
+    backend: Option<Arc<BackendRt>>,
+    conn: Arc<ConnCtx>,
+}
+
+impl Guard {
+    /// A request on `conn` begins.
+    pub fn new(conn: Arc<ConnCtx>) -> Self {
+        conn.request_started();
+        Self {
+            backend: None,
+            conn,
+        }
+    }
+
+    /// The request goes to `backend` (counted in its in-flight requests).
+    pub fn to_backend(&mut self, backend: Arc<BackendRt>) {
+        self.release_backend();
+        backend
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.backend = Some(backend);
+    }
+
+    /// The request left `backend` (a failed attempt).
+    pub fn release_backend(&mut self) {
+        if let Some(b) = self.backend.take() {
+            b.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.release_backend();
+        self.conn.request_ended();
+    }
+}
+
+/// A response body.
+#[derive(Debug)]
+pub enum ResBody {
+    /// The backend's body, streamed.
+    Upstream {
+        /// The body.
+        body: Incoming,
+        /// Released at the end.
+        guard: Option<Guard>,
+    },
+    /// A short body of the balancer's own.
+    Local(Option<Bytes>),
+}
+
+impl ResBody {
+    /// A local text body.
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        Self::Local(Some(s.into()))
+    }
+}
+
+impl Body for ResBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Upstream { body, guard } => {
+                let r = Pin::new(body).poll_frame(cx);
+                if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    guard.take();
+                }
+                r
+            }
+            Self::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream { body, .. } => body.is_end_stream(),
+            Self::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream { body, .. } => body.size_hint(),
+            Self::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! One proxied request: route by host, choose a backend (affinity, drain and health
+//! states), forward with the forwarding fields, retry once elsewhere when the
+//! connection to the backend failed before any body byte was sent, and stream the
+//! response back with the session cookie and, from a draining backend, the request to
+//! reconnect.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+
+use super::body::{Guard, Reclaim, ResBody};
+use super::conn::ConnCtx;
+use super::headers;
+use crate::balance::p2c::Rng;
+use crate::balance::select::{Affinity, Decision, Loads, RequestKey};
+use crate::core::Core;
+use crate::routes::RouteView;
+use crate::routes::backend::BackendRt;
+
+thread_local! {
+    static RNG: RefCell<Rng> = RefCell::new(Rng::new(seed()));
+}
+
+fn seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let thread = format!("{:?}", std::thread::current().id());
+    crate::balance::hash64(&[&t.to_le_bytes()[..], thread.as_bytes()].concat())
+}
+
+struct Live<'a>(&'a [Arc<BackendRt>]);
+
+impl Loads for Live<'_> {
+    fn load(&self, index: usize) -> u64 {
+        self.0.get(index).map_or(0, |b| b.in_flight())
+    }
+}
+
+/// Answers one request.
+pub async fn handle(
+    core: Arc<Core>,
+    conn: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, Infallible> {
+    let mut guard = Guard::new(conn.clone());
+    let resp = proxy(&core, &conn, req, &mut guard).await;
+    Ok(match resp {
+        Ok(r) => r.map(|body| ResBody::Upstream {
+            body,
+            guard: Some(guard),
+        }),
+        Err(local) => local,
+    })
+}
+
+/// A response of the balancer's own.
+pub fn local(status: StatusCode, text: String) -> Response<ResBody> {
+    let mut r = Response::new(ResBody::text(text));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+struct Choice {
+    decision: Decision,
+    session: Option<u64>,
+}
+
+fn choose(
+    core: &Core,
+    route: &RouteView,
+    req_headers: &http::HeaderMap,
+    uri: &Uri,
+    client_ip: std::net::IpAddr,
+    exclude: Option<usize>,
+) -> Option<Choice> {
+    let affinity = &route.settings.affinity;
+    let cookie = match affinity {
+        Affinity::Cookie { name, .. } => headers::cookie(req_headers, name),
+        _ => None,
+    };
+    let hash_value = match affinity {
+        Affinity::Hash { parameter } => headers::hash_value(parameter, req_headers, uri.query()),
+        _ => None,
+    };
+    let key = RequestKey {
+        client_ip: Some(client_ip),
+        hash_value,
+        cookie,
+    };
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let decision = RNG.with(|rng| {
+        route.selector.select(
+            affinity,
+            key,
+            &Live(&route.backends),
+            exclude,
+            &core.signer,
+            Instant::now(),
+            now_unix,
+            &mut rng.borrow_mut(),
+        )
+    })?;
+    let session = if decision.pinned {
+        cookie.map(|c| crate::balance::hash64(c.as_bytes()))
+    } else {
+        decision
+            .set_cookie
+            .as_ref()
+            .map(|c| crate::balance::hash64(c.as_bytes()))
+    };
+    Some(Choice { decision, session })
+}
+
+async fn proxy(
+    core: &Arc<Core>,
+    conn: &ConnCtx,
+    req: Request<Incoming>,
+    guard: &mut Guard,
+) -> Result<Response<Incoming>, Response<ResBody>> {
+    let host = match headers::host(req.uri(), req.headers()) {
+        Some(h) => h.into_owned(),
+        None => {
+            return Err(local(
+                StatusCode::BAD_REQUEST,
+                "request names no host: send a Host header (or an :authority) with the cluster's domain\n".into(),
+            ));
+        }
+    };
+    let Some(route) = core.table.get(&host) else {
+        return Err(local(
+            StatusCode::NOT_FOUND,
+            format!("no route for host '{host}'\n"),
+        ));
+    };
+    let peer = conn.peer.ip();
+    let peer_trusted = core.trusted.contains(peer);
+    let client_ip = headers::client_ip(peer, req.headers(), &core.trusted);
+    let Some(mut choice) = choose(core, &route, req.headers(), req.uri(), client_ip, None) else {
+        return Err(no_backend(&host));
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let version = parts.version;
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::set_forwarded(&mut parts.headers, peer, &host, peer_trusted);
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let (first, slot) = Reclaim::new(body);
+    let (end, hint) = (first.end(), first.hint());
+    let mut body = Some(first);
+    let mut retried = false;
+    loop {
+        let backend = route.backends[choice.decision.backend].clone();
+        if let Some(s) = choice.session {
+            backend.touch_session(s, Instant::now());
+        }
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(backend.authority.clone())
+            .path_and_query(path.clone())
+            .build()
+            .map_err(|e| {
+                local(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad request target: {e}\n"),
+                )
+            })?;
+        let mut up = Request::new(
+            body.take()
+                .unwrap_or_else(|| Reclaim::again(&slot, end, hint)),
+        );
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = parts.headers.clone();
+        guard.to_backend(backend.clone());
+        let start = Instant::now();
+        let timeout = Duration::from_millis(core.config.request_timeout_ms);
+        let result = tokio::time::timeout(timeout, core.client.request(up)).await;
+        let now = Instant::now();
+        match result {
+            Ok(Ok(mut resp)) => {
+                let ok = !resp.status().is_server_error();
+                backend.stats.record(now - start, ok, now);
+                passive(core, &route, &backend, ok, now);
+                headers::strip_hop_by_hop(resp.headers_mut());
+                if let (Some(c), Affinity::Cookie { name, ttl_seconds }) =
+                    (&choice.decision.set_cookie, &route.settings.affinity)
+                {
+                    let v = format!(
+                        "{name}={c}; Path=/; Max-Age={ttl_seconds}; HttpOnly; SameSite=Lax"
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&v) {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                }
+                if backend.notifies_clients() {
+                    if version == Version::HTTP_2 {
+                        conn.go_away();
+                    } else {
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                }
+                return Ok(resp);
+            }
+            Ok(Err(e)) => {
+                guard.release_backend();
+                backend.stats.record(now - start, false, now);
+                passive(core, &route, &backend, false, now);
+                let unsent = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some() || end;
+                if e.is_connect() && unsent && !retried {
+                    retried = true;
+                    tracing::debug!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
+                    let Some(next) = choose(
+                        core,
+                        &route,
+                        &parts.headers,
+                        &parts.uri,
+                        client_ip,
+                        Some(choice.decision.backend),
+                    ) else {
+                        return Err(no_backend(&host));
+                    };
+                    choice = next;
+                    continue;
+                }
+                tracing::debug!(backend = %backend.id, error = %e, "backend request failed");
+                return Err(local(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "backend '{}' of '{host}' failed: {}\n",
+                        backend.id,
+                        error_chain(&e)
+                    ),
+                ));
+            }
+            Err(_) => {
+                guard.release_backend();
+                backend.stats.record(now - start, false, now);
+                passive(core, &route, &backend, false, now);
+                return Err(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "backend '{}' of '{host}' sent no response within {} ms\n",
+                        backend.id, core.config.request_timeout_ms
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+fn no_backend(host: &str) -> Response<ResBody> {
+    local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("no backend of '{host}' can take the request now; retry shortly\n"),
+    )
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Records a request outcome in the backend's health; a change rebuilds the route.
+fn passive(core: &Core, route: &RouteView, backend: &BackendRt, ok: bool, now: Instant) {
+    if backend.with_health(|h| h.on_request(ok, now)) {
+        tracing::warn!(domain = %route.settings.domain, backend = %backend.id, "backend ejected after consecutive failures");
+        core.table.refresh(&route.settings.domain);
+    }
+}

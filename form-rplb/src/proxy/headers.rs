@@ -1,0 +1,259 @@
+//! Header handling of a proxied request and response: hop-by-hop fields go, the
+//! forwarding fields (`X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`) are set,
+//! and the client address is found (believing `X-Forwarded-For` only from a trusted
+//! proxy).
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::trusted::Trusted;
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Hop-by-hop fields (RFC 9110 7.6.1), never forwarded.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop fields, including those the `Connection` field names. `Upgrade`
+/// goes too: the balancer does not tunnel upgraded protocols.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(named) = headers.get(header::CONNECTION).cloned()
+        && let Ok(list) = named.to_str()
+    {
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                headers.remove(n);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The client's address: the peer's, or, when the peer is a trusted proxy, the last
+/// untrusted address of `X-Forwarded-For` (read right to left).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &Trusted) -> IpAddr {
+    if !trusted.contains(peer) {
+        return peer;
+    }
+    let mut last = None;
+    for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(list) = value.to_str() else {
+            return peer;
+        };
+        for item in list.rsplit(',') {
+            let Ok(ip) = item.trim().parse::<IpAddr>() else {
+                return last.unwrap_or(peer);
+            };
+            if !trusted.contains(ip) {
+                return ip;
+            }
+            last = Some(ip);
+        }
+    }
+    last.unwrap_or(peer)
+}
+
+/// Sets the forwarding fields for a request from `peer` for `host`: appended to what a
+/// trusted proxy sent, replacing what anyone else sent (a client cannot make a backend
+/// believe a forged chain).
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: &str, peer_trusted: bool) {
+    let peer_s = peer.to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) if peer_trusted => prev
+            .to_str()
+            .ok()
+            .map(|p| format!("{p}, {peer_s}"))
+            .unwrap_or_else(|| peer_s.clone()),
+        _ => peer_s.clone(),
+    };
+    let node = if peer.is_ipv6() {
+        format!("\"[{peer_s}]\"")
+    } else {
+        peer_s
+    };
+    let quoted_host: String = host.chars().filter(|c| *c != '"' && *c != '\\').collect();
+    let element = format!("for={node};proto=http;host=\"{quoted_host}\"");
+    let forwarded = match headers.get(header::FORWARDED) {
+        Some(prev) if peer_trusted => prev
+            .to_str()
+            .ok()
+            .map(|p| format!("{p}, {element}"))
+            .unwrap_or_else(|| element.clone()),
+        _ => element,
+    };
+    if !(peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    headers.remove(&X_FORWARDED_FOR);
+    headers.remove(header::FORWARDED);
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` fields.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then(|| v.trim_matches('"'))
+        })
+}
+
+/// The value of the hash parameter: a header, or `query:NAME` from the query string.
+pub fn hash_value<'a>(
+    parameter: &str,
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Option<&'a [u8]> {
+    match parameter.strip_prefix("query:") {
+        Some(name) => query?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then_some(v.as_bytes())
+        }),
+        None => headers.get(parameter).map(HeaderValue::as_bytes),
+    }
+}
+
+/// The request's host, lowercase and without the port: the URI's authority (HTTP/2,
+/// absolute-form) or the `Host` field.
+pub fn host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<std::borrow::Cow<'a, str>> {
+    let raw = match uri.authority() {
+        Some(a) => a.host(),
+        None => {
+            let h = headers.get(header::HOST)?.to_str().ok()?;
+            match h.rsplit_once(':') {
+                Some((name, port))
+                    if port.bytes().all(|b| b.is_ascii_digit())
+                        && (!name.contains(':') || name.ends_with(']')) =>
+                {
+                    name
+                }
+                _ => h,
+            }
+        }
+    };
+    let raw = raw.trim_end_matches('.');
+    if raw.is_empty() {
+        return None;
+    }
+    Some(if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(raw.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(raw)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_names_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_chain_is_believed_only_from_trusted_proxies() {
+        let trusted = Trusted::new(vec!["10.0.0.0/8".parse().expect("cidr")]);
+        let h = map(&[("x-forwarded-for", "203.0.113.7, 10.0.0.2")]);
+        let proxy: IpAddr = "10.0.0.1".parse().expect("ip");
+        let outsider: IpAddr = "198.51.100.1".parse().expect("ip");
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "203.0.113.7".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(client_ip(outsider, &h, &trusted), outsider);
+
+        let mut forged = h.clone();
+        set_forwarded(&mut forged, outsider, "demo.fog", false);
+        assert_eq!(forged["x-forwarded-for"], "198.51.100.1");
+        assert_eq!(
+            forged["forwarded"],
+            "for=198.51.100.1;proto=http;host=\"demo.fog\""
+        );
+        assert_eq!(forged["x-forwarded-proto"], "http");
+        let mut chained = h.clone();
+        set_forwarded(&mut chained, proxy, "demo.fog", true);
+        assert_eq!(
+            chained["x-forwarded-for"],
+            "203.0.113.7, 10.0.0.2, 10.0.0.1"
+        );
+        let mut v6 = HeaderMap::new();
+        set_forwarded(&mut v6, "::1".parse().expect("ip"), "demo.fog", false);
+        assert!(
+            v6["forwarded"]
+                .to_str()
+                .expect("ascii")
+                .starts_with("for=\"[::1]\"")
+        );
+    }
+
+    #[test]
+    fn cookies_hash_values_and_hosts_are_read() {
+        let h = map(&[
+            ("cookie", "a=1; FORM=xyz"),
+            ("x-user", "alice"),
+            ("host", "Demo.FOG:8080"),
+        ]);
+        assert_eq!(cookie(&h, "FORM"), Some("xyz"));
+        assert_eq!(cookie(&h, "B"), None);
+        assert_eq!(hash_value("x-user", &h, None), Some(&b"alice"[..]));
+        assert_eq!(
+            hash_value("query:u", &h, Some("a=1&u=bob")),
+            Some(&b"bob"[..])
+        );
+        assert_eq!(hash_value("query:u", &h, Some("a=1")), None);
+        let uri: http::Uri = "/x".parse().expect("uri");
+        assert_eq!(host(&uri, &h).as_deref(), Some("demo.fog"));
+        let abs: http::Uri = "http://other.fog:81/x".parse().expect("uri");
+        assert_eq!(host(&abs, &h).as_deref(), Some("other.fog"));
+        let v6 = map(&[("host", "[::1]:80")]);
+        assert_eq!(host(&uri, &v6).as_deref(), Some("[::1]"));
+        assert_eq!(host(&uri, &HeaderMap::new()), None);
+    }
+}

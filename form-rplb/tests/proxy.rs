@@ -1,0 +1,399 @@
+//! The data plane with real sockets: routing by host, plain errors, forwarded headers,
+//! streamed bodies, HTTP/2, limits, retries, health, statistics, route changes and
+//! SIGTERM with requests in flight.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Http, Lb, backends, none};
+use form_proto::rplb::v1 as pb;
+use form_testkit::assert_eventually;
+use form_testkit::backend::HttpBackend;
+use form_testkit::conformance::stop_gracefully;
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn routes_by_host_and_answers_404_and_503_plainly() {
+    let mut lb = Lb::start("route", &[]).await;
+    let http = Http::new(lb.http);
+    let r = http
+        .get("unknown.fog", "/whoami", &[])
+        .await
+        .expect("request");
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("'unknown.fog'"), "{}", r.body);
+
+    lb.route("empty.fog", none(), None, &[]).await;
+    let r = http
+        .get("empty.fog", "/whoami", &[])
+        .await
+        .expect("request");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.headers["retry-after"], "1");
+
+    let bs = backends(2).await;
+    lb.route("demo.fog", none(), None, &[&bs[0], &bs[1]]).await;
+    for host in ["demo.fog", "DEMO.fog:8080", "demo.fog."] {
+        let r = http.get(host, "/whoami", &[]).await.expect("request");
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+        assert!(r.body == "b0" || r.body == "b1", "{}", r.body);
+    }
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
+async fn forwards_headers_and_streams_bodies_in_both_directions() {
+    let mut lb = Lb::start("forward", &[]).await;
+    let b = HttpBackend::start("b0").await;
+    lb.route("demo.fog", none(), None, &[&b]).await;
+    let http = Http::new(lb.http);
+    let r = http
+        .get(
+            "demo.fog",
+            "/headers",
+            &[
+                ("connection", "x-hop"),
+                ("x-hop", "secret"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-kept", "yes"),
+            ],
+        )
+        .await
+        .expect("request");
+    assert_eq!(r.status, 200);
+    let seen = r.body;
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+    assert!(
+        seen.contains("forwarded: for=127.0.0.1;proto=http;host=\"demo.fog\"\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("host: demo.fog\n"), "{seen}");
+    assert!(seen.contains("x-kept: yes\n"), "{seen}");
+    assert!(
+        !seen.contains("x-hop") && !seen.contains("6.6.6.6"),
+        "{seen}"
+    );
+
+    let big = Bytes::from(vec![7u8; 8 << 20]);
+    let r = http
+        .send("POST", "demo.fog", "/echo", &[], big)
+        .await
+        .expect("post");
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "8388608"));
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served() {
+    let mut lb = Lb::start("h2", &[]).await;
+    let b = HttpBackend::start("b0").await;
+    lb.route("demo.fog", none(), None, &[&b]).await;
+    for _ in 0..3 {
+        let uri: http::Uri = format!("http://demo.fog:{}/whoami", lb.http.port())
+            .parse()
+            .expect("uri");
+        // Connect to the balancer's address while the :authority names the route.
+        let req = http::Request::builder()
+            .uri(uri)
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let conn = tokio::net::TcpStream::connect(lb.http)
+            .await
+            .expect("connect");
+        let (mut send, driver) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(conn),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(driver);
+        let resp = send.send_request(req).await.expect("h2 response");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"b0");
+    }
+    stop_gracefully(&mut lb.svc).await;
+}
+
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_get_400_and_431_and_others_are_still_served() {
+    let mut lb = Lb::start("limits", &[]).await;
+    let b = HttpBackend::start("b0").await;
+    lb.route("demo.fog", none(), None, &[&b]).await;
+    let malformed = raw(lb.http, b"GARBAGE \x01\x02\r\n\r\n").await;
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
+    let huge = format!(
+        "GET /whoami HTTP/1.1\r\nhost: demo.fog\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let r = raw(lb.http, huge.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{}", &r[..r.len().min(200)]);
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let r = raw(
+        lb.http,
+        format!("GET /whoami HTTP/1.1\r\nhost: demo.fog\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    let no_host = raw(lb.http, b"GET /whoami HTTP/1.0\r\n\r\n").await;
+    assert!(
+        no_host.starts_with("HTTP/1.0 400") || no_host.starts_with("HTTP/1.1 400"),
+        "{no_host}"
+    );
+    assert!(no_host.contains("Host"), "{no_host}");
+    let ok = Http::new(lb.http)
+        .get("demo.fog", "/whoami", &[])
+        .await
+        .expect("request");
+    assert_eq!((ok.status.as_u16(), ok.body.as_str()), (200, "b0"));
+    stop_gracefully(&mut lb.svc).await;
+}
+
+fn checks(interval_ms: u32, fall: u32) -> pb::HealthCheckConfig {
+    pb::HealthCheckConfig {
+        path: "/healthz".into(),
+        interval_ms,
+        timeout_ms: 500,
+        rise: 2,
+        fall,
+    }
+}
+
+#[tokio::test]
+async fn a_connect_failure_is_retried_elsewhere_and_the_client_sees_success() {
+    let mut lb = Lb::start("retry", &[]).await;
+    let live = HttpBackend::start("live").await;
+    let dead = HttpBackend::start("dead").await;
+    dead.kill();
+    // No active checks: only the retry and passive ejection protect the client.
+    lb.route("demo.fog", none(), None, &[&live, &dead]).await;
+    let http = Http::new(lb.http);
+    for i in 0..40 {
+        let r = http.get("demo.fog", "/whoami", &[]).await.expect("request");
+        assert_eq!(
+            (r.status.as_u16(), r.body.as_str()),
+            (200, "live"),
+            "request {i}"
+        );
+    }
+    // Five consecutive connect failures ejected the dead one.
+    let states = lb.states("demo.fog").await;
+    assert!(
+        states.contains(&("dead".into(), pb::BackendState::Ejected)),
+        "{states:?}"
+    );
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
+async fn a_killed_backend_leaves_rotation_within_interval_times_fall_and_comes_back() {
+    let mut lb = Lb::start("health", &[]).await;
+    let bs = backends(2).await;
+    let (interval, fall) = (200u32, 3u32);
+    lb.route(
+        "demo.fog",
+        none(),
+        Some(checks(interval, fall)),
+        &[&bs[0], &bs[1]],
+    )
+    .await;
+    bs[1].set_healthy(false);
+    let t0 = Instant::now();
+    assert_eventually!(
+        async {
+            lb.states("demo.fog")
+                .await
+                .contains(&("b1".into(), pb::BackendState::Ejected))
+        },
+        "b1 ejected"
+    );
+    let took = t0.elapsed();
+    // One interval of phase plus the polling of this test on top of interval x fall.
+    let bound =
+        Duration::from_millis(u64::from(interval * (fall + 1))) + Duration::from_millis(300);
+    assert!(took <= bound, "ejected after {took:?}, bound {bound:?}");
+    let http = Http::new(lb.http);
+    for _ in 0..20 {
+        let r = http.get("demo.fog", "/whoami", &[]).await.expect("request");
+        assert_eq!(r.body, "b0");
+    }
+    bs[1].set_healthy(true);
+    assert_eventually!(
+        async {
+            lb.states("demo.fog")
+                .await
+                .contains(&("b1".into(), pb::BackendState::Active))
+        },
+        "b1 back after rise passed checks"
+    );
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
+async fn stats_count_requests_latency_and_errors_per_backend() {
+    let mut lb = Lb::start("stats", &[]).await;
+    let b = HttpBackend::start("b0").await;
+    lb.route("demo.fog", none(), None, &[&b]).await;
+    let http = Http::new(lb.http);
+    for _ in 0..10 {
+        http.get("demo.fog", "/slow/5", &[]).await.expect("request");
+    }
+    let stats = lb
+        .control
+        .get_stats(pb::GetStatsRequest {
+            domain: "demo.fog".into(),
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    let s = &stats.routes[0].backends[0];
+    assert_eq!(
+        (s.id.as_str(), s.requests_total, s.errors_total, s.in_flight),
+        ("b0", 10, 0, 0)
+    );
+    assert!(
+        s.latency_p50_ms >= 4.0 && s.latency_p99_ms >= s.latency_p50_ms,
+        "{s:?}"
+    );
+    assert!(s.requests_per_second > 0.0, "{s:?}");
+    let err = lb
+        .control
+        .get_stats(pb::GetStatsRequest {
+            domain: "nowhere.fog".into(),
+        })
+        .await
+        .expect_err("unknown route");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    // The same figures reach Prometheus.
+    let metrics = lb.svc.addr("metrics").expect("metrics address");
+    assert_eventually!(
+        async {
+            form_testkit::probe::http_get(metrics, "/metrics")
+                .await
+                .is_ok_and(|(_, body)| {
+                    body.contains(
+                        "form_rplb_backend_requests_total{domain=\"demo.fog\",backend=\"b0\"} 10",
+                    )
+                })
+        },
+        "metrics published"
+    );
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
+async fn route_changes_take_effect_at_once_without_dropping_requests_in_flight() {
+    let mut lb = Lb::start("swap", &[]).await;
+    let bs = backends(2).await;
+    lb.route("demo.fog", none(), None, &[&bs[0]]).await;
+    let http = Http::new(lb.http);
+    let slow = {
+        let http = http.clone();
+        tokio::spawn(async move { http.get("demo.fog", "/slow/1500", &[]).await })
+    };
+    assert_eventually!(async { bs[0].hits() == 1 }, "slow request reached b0");
+    lb.set_backends("demo.fog", &[&bs[1]]).await;
+    for _ in 0..5 {
+        let r = http.get("demo.fog", "/whoami", &[]).await.expect("request");
+        assert_eq!(r.body, "b1", "the new set serves at once");
+    }
+    let r = slow.await.expect("join").expect("slow request");
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "b0"));
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
+async fn bad_control_requests_are_refused_with_what_is_accepted() {
+    let mut lb = Lb::start("control", &[]).await;
+    let err = lb
+        .control
+        .upsert_route(pb::UpsertRouteRequest {
+            route: Some(pb::Route {
+                domain: "bad domain".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("bad domain");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("'bad domain'") && err.message().contains("expected"),
+        "{}",
+        err.message()
+    );
+    let err = lb
+        .control
+        .set_backends(pb::SetBackendsRequest {
+            domain: "nowhere.fog".into(),
+            backends: vec![],
+            drain_removed: false,
+        })
+        .await
+        .expect_err("no route");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    lb.route("demo.fog", none(), None, &[]).await;
+    let err = lb
+        .control
+        .set_backends(pb::SetBackendsRequest {
+            domain: "demo.fog".into(),
+            backends: vec![pb::Backend {
+                id: "x".into(),
+                address: "no-port".into(),
+                weight: 1,
+                state: 0,
+            }],
+            drain_removed: false,
+        })
+        .await
+        .expect_err("bad address");
+    assert!(
+        err.message().contains("backend 'x' address"),
+        "{}",
+        err.message()
+    );
+    let err = lb
+        .control
+        .drain_backend(pb::DrainBackendRequest {
+            domain: "demo.fog".into(),
+            backend_id: "ghost".into(),
+            drain: None,
+        })
+        .await
+        .expect_err("no backend");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("'ghost'"), "{}", err.message());
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_and_finishes_requests_in_flight() {
+    let mut lb = Lb::start("sigterm", &[]).await;
+    let b = HttpBackend::start("b0").await;
+    lb.route("demo.fog", none(), None, &[&b]).await;
+    let http = Http::new(lb.http);
+    let slow = {
+        let http = http.clone();
+        tokio::spawn(async move { http.get("demo.fog", "/slow/1500", &[]).await })
+    };
+    assert_eventually!(async { b.hits() == 1 }, "slow request in flight");
+    stop_gracefully(&mut lb.svc).await;
+    let r = slow.await.expect("join").expect("finished after SIGTERM");
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "b0"));
+    assert!(
+        tokio::net::TcpStream::connect(lb.http).await.is_err(),
+        "no longer accepting"
+    );
+}
