@@ -9,9 +9,11 @@
 //! ./target/release/form-bench state-recovery
 //! ./target/release/form-bench vmm-clone
 //! ./target/release/form-bench rplb-pick
+//! ./target/release/form-bench rplb-http      # needs wrk, nginx-light, haproxy
 //! ```
 
 mod load;
+mod rplb_http;
 mod rplb_pick;
 mod state_apply;
 mod state_bytes;
@@ -73,6 +75,18 @@ enum Command {
         #[arg(long, default_value_t = 200_000)]
         picks: usize,
     },
+    /// The balancer's peak requests/s and added latency, beside nginx and HAProxy.
+    RplbHttp {
+        /// wrk runs per proxy (the median counts).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Fixed request rate of the latency measurement.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+    },
     /// Snapshot and clone-to-serving time of the VMM service's backends.
     VmmClone {
         /// Snapshots and clones measured.
@@ -117,6 +131,11 @@ fn main() -> ExitCode {
             }
             Command::StateRecovery { members } => state_recovery::run(&bin_dir, members).await,
             Command::RplbPick { picks } => rplb_pick::run(picks),
+            Command::RplbHttp {
+                runs,
+                seconds,
+                rate,
+            } => rplb_http::run(&bin_dir, runs, seconds, rate).await,
             Command::VmmClone {
                 runs,
                 keys,

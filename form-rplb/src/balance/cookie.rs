@@ -2,8 +2,11 @@
 //! cannot pin itself to a backend of its choice, and carrying their expiry.
 //!
 //! ```text
-//! <backend-id>~<expiry, unix seconds>~<first 16 bytes of HMAC(key, id ~ expiry), hex>
+//! <backend-id>~<expiry, unix seconds>~<session, 16 hex>~<first 16 bytes of HMAC(key, id ~ expiry ~ session), hex>
 //! ```
+//!
+//! The session part makes every issued cookie distinct (two sessions pinned in the
+//! same second to the same backend are still two sessions).
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -21,6 +24,9 @@ pub struct CookieSigner {
     /// Cookie values already verified, with their expiry and the length of the backend
     /// id: a session's later requests skip the HMAC. Only authentic values get in.
     verified: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, usize)>>>,
+    /// Sessions issued so far (mixed with the key into each session part).
+    issued: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    salt: u64,
 }
 
 /// Verified cookie values remembered at most (then the memory starts over).
@@ -41,9 +47,12 @@ impl CookieSigner {
     pub fn new(key: [u8; 32]) -> Self {
         // Any key length is valid for HMAC.
         let keyed = HmacSha256::new_from_slice(&key).unwrap_or_else(|_| unreachable!());
+        let salt = super::hash64(&key);
         Self {
             keyed,
             verified: Default::default(),
+            issued: Default::default(),
+            salt,
         }
     }
 
@@ -57,7 +66,21 @@ impl CookieSigner {
 
     /// A cookie value pinning `backend` until `now_unix + ttl_seconds`.
     pub fn issue(&self, backend: &str, now_unix: u64, ttl_seconds: u64) -> String {
-        let payload = format!("{backend}~{}", now_unix.saturating_add(ttl_seconds));
+        let n = self
+            .issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let session = super::hash64(
+            &[
+                self.salt.to_le_bytes(),
+                n.to_le_bytes(),
+                now_unix.to_le_bytes(),
+            ]
+            .concat(),
+        );
+        let payload = format!(
+            "{backend}~{}~{session:016x}",
+            now_unix.saturating_add(ttl_seconds)
+        );
         let mac = hex(&self.mac(&payload));
         format!("{payload}~{mac}")
     }
@@ -92,7 +115,11 @@ impl CookieSigner {
 
     fn verify_mac<'a>(&self, value: &'a str, now_unix: u64) -> Option<&'a str> {
         let (payload, mac) = value.rsplit_once('~')?;
-        let (backend, expiry) = payload.rsplit_once('~')?;
+        let (pinned, session) = payload.rsplit_once('~')?;
+        let (backend, expiry) = pinned.rsplit_once('~')?;
+        if session.len() != 16 {
+            return None;
+        }
         let expiry: u64 = expiry.parse().ok()?;
         let expected = hex(&self.mac(payload));
         // Compare in constant time: a timing leak must not reveal the MAC byte by byte.
@@ -130,13 +157,15 @@ mod tests {
             "another backend with the old MAC"
         );
         let longer = c.replacen("1060", "9999", 1);
+        let a = s.issue("i-3", 1000, 60);
+        assert_ne!(a, c, "every cookie names its own session");
         assert_eq!(s.verify(&longer, 1000), None, "a longer expiry");
         assert_eq!(
             CookieSigner::new([2; 32]).verify(&c, 1000),
             None,
             "another key"
         );
-        for junk in ["", "i-3", "i-3~1060", "~~", "i-3~x~00"] {
+        for junk in ["", "i-3", "i-3~1060", "~~", "i-3~x~00", "i-3~1060~00"] {
             assert_eq!(s.verify(junk, 1000), None, "{junk}");
         }
     }

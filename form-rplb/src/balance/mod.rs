@@ -3,7 +3,7 @@
 //! (data plane) asks; this module answers (Pingora keeps its load-balancing crate apart
 //! from the proxy in the same way).
 //!
-//! - [`ring`]: consistent hashing (160 points per weight unit); removing a backend moves
+//! - [`ring`]: consistent hashing (1024 points per weight unit); removing a backend moves
 //!   only the keys that were on it;
 //! - [`p2c`]: power of two choices on in-flight requests;
 //! - [`cookie`]: HMAC-authenticated session cookies naming a backend;

@@ -5,9 +5,10 @@
 
 use super::hash64;
 
-/// Points per unit of weight (Pingora's and ketama's 160: max/avg load about 1.1 at 10
-/// backends).
-pub const POINTS_PER_WEIGHT: u32 = 160;
+/// Points per unit of weight. Pingora's and ketama's 160 leave one of 10 backends about
+/// 15% off an even share; 1024 keep every share within about 8% (16 bytes a point: 1.6
+/// MB for 100 backends, rebuilt in a few ms on a backend change).
+pub const POINTS_PER_WEIGHT: u32 = 1024;
 
 /// The ring of a backend set; `lookup` is a binary search.
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,325 @@
+//! The balancer's data plane against nginx and HAProxy (Debian's packages), side by
+//! side in one run, over the same two backends (an nginx answering `ok`):
+//! (a) peak requests/s with `wrk` (median of `runs` runs per proxy, interleaved);
+//! (b) latency added over a direct connection at a fixed request rate, measured by an
+//!     open-loop generator (latency counted from each request's scheduled time, so a
+//!     stall is not hidden).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use form_proto::rplb::v1 as pb;
+use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
+use form_testkit::{TestDir, probe, start};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::process::{Child, Command};
+
+use crate::quantile;
+
+const DOMAIN: &str = "bench.fog";
+
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn(cmd: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!("starting {cmd} (install it: apt-get install wrk nginx-light haproxy)")
+        })
+}
+
+async fn wait_http(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok((200, _)) = probe::http_get(addr, "/").await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{addr} did not answer 200 within 10 s")
+}
+
+fn nginx_backend(dir: &Path, a: u16, b: u16) -> String {
+    format!(
+        "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {d}/backend.pid;\nerror_log {d}/backend-error.log;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n access_log off;\n keepalive_requests 10000000;\n client_body_temp_path {d}/b-body;\n proxy_temp_path {d}/b-proxy;\n fastcgi_temp_path {d}/b-fcgi;\n uwsgi_temp_path {d}/b-uwsgi;\n scgi_temp_path {d}/b-scgi;\n\
+         server {{ listen 127.0.0.1:{a}; location / {{ return 200 \"ok\\n\"; }} }}\n\
+         server {{ listen 127.0.0.1:{b}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+        d = dir.display()
+    )
+}
+
+fn nginx_proxy(dir: &Path, port: u16, a: u16, b: u16) -> String {
+    format!(
+        "worker_processes 2;\ndaemon off;\npid {d}/proxy.pid;\nerror_log {d}/proxy-error.log;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n access_log off;\n keepalive_requests 10000000;\n client_body_temp_path {d}/p-body;\n proxy_temp_path {d}/p-proxy;\n fastcgi_temp_path {d}/p-fcgi;\n uwsgi_temp_path {d}/p-uwsgi;\n scgi_temp_path {d}/p-scgi;\n\
+         upstream be {{ server 127.0.0.1:{a}; server 127.0.0.1:{b}; keepalive 256; }}\n\
+         server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; }} }}\n}}\n",
+        d = dir.display()
+    )
+}
+
+fn haproxy(port: u16, a: u16, b: u16) -> String {
+    format!(
+        "global\n  nbthread 2\n  maxconn 20000\n\
+         defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\
+         frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
+         backend b\n  balance roundrobin\n  server a 127.0.0.1:{a}\n  server b 127.0.0.1:{b}\n"
+    )
+}
+
+/// Requests/s of one `wrk` run, refusing runs with errors.
+async fn wrk(addr: SocketAddr, seconds: u64, connections: usize) -> anyhow::Result<f64> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "-H",
+            &format!("Host: {DOMAIN}"),
+            &format!("http://{addr}/"),
+        ])
+        .output()
+        .await
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") || text.contains("Socket errors") {
+        bail!("wrk against {addr} saw errors:\n{text}");
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+}
+
+/// Latencies (ms) at a fixed `rate` over `conns` keep-alive connections, each
+/// counted from its scheduled send time.
+async fn fixed_rate(
+    addr: SocketAddr,
+    rate: u64,
+    conns: usize,
+    seconds: u64,
+) -> anyhow::Result<Vec<f64>> {
+    let per_conn = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..conns {
+        tasks.spawn(async move {
+            let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            let mut out = Vec::new();
+            let mut at = start + per_conn.mul_f64(c as f64 / conns as f64);
+            while at < end {
+                tokio::time::sleep_until(at.into()).await;
+                let req = http::Request::builder()
+                    .uri("/")
+                    .header("host", DOMAIN)
+                    .body(Empty::<Bytes>::new())?;
+                send.ready().await?;
+                let resp = send.send_request(req).await?;
+                if resp.status() != 200 {
+                    bail!("status {}", resp.status());
+                }
+                resp.into_body().collect().await?;
+                out.push(at.elapsed().as_secs_f64() * 1000.0);
+                at += per_conn;
+            }
+            anyhow::Ok(out)
+        });
+    }
+    let mut all = Vec::new();
+    for r in tasks.join_all().await {
+        all.extend(r?);
+    }
+    all.sort_by(f64::total_cmp);
+    Ok(all)
+}
+
+/// Runs the comparison.
+pub(crate) async fn run(
+    bin_dir: &Path,
+    runs: usize,
+    seconds: u64,
+    rate: u64,
+) -> anyhow::Result<()> {
+    let dir = TestDir::new("rplb-http");
+    let d = dir.path();
+    let (a, b, np) = (free_port()?, free_port()?, free_port()?);
+    let hp = free_port()?;
+    std::fs::write(d.join("backend.conf"), nginx_backend(d, a, b))?;
+    std::fs::write(d.join("proxy.conf"), nginx_proxy(d, np, a, b))?;
+    std::fs::write(d.join("haproxy.cfg"), haproxy(hp, a, b))?;
+    let conf = |n: &str| d.join(n).display().to_string();
+    let _backend = spawn(
+        "nginx",
+        &["-p", &d.display().to_string(), "-c", &conf("backend.conf")],
+        &d.join("backend.log"),
+    )?;
+    let _nginx = spawn(
+        "nginx",
+        &["-p", &d.display().to_string(), "-c", &conf("proxy.conf")],
+        &d.join("nginx.log"),
+    )?;
+    let _haproxy = spawn(
+        "haproxy",
+        &["-db", "-f", &conf("haproxy.cfg")],
+        &d.join("haproxy.log"),
+    )?;
+    let mut rplb = start(
+        &dir,
+        "rplb",
+        bin_dir.join("form-rplb"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--listen-http",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ],
+    )
+    .await;
+    let rplb_http = rplb.addr("http").context("rplb http address")?;
+    let mut control =
+        RplbControlClient::new(probe::channel(rplb.addr("grpc").context("grpc")?).await?);
+    let backend = |id: &str, port: u16| pb::Backend {
+        id: id.into(),
+        address: format!("127.0.0.1:{port}"),
+        weight: 1,
+        state: 0,
+    };
+    control
+        .upsert_route(pb::UpsertRouteRequest {
+            route: Some(pb::Route {
+                domain: DOMAIN.into(),
+                cluster_id: "bench".into(),
+                backends: vec![backend("a", a), backend("b", b)],
+                ..Default::default()
+            }),
+        })
+        .await?;
+    let loopback = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let targets = [
+        Target {
+            name: "direct (one backend)",
+            addr: loopback(a),
+        },
+        Target {
+            name: "form-rplb",
+            addr: rplb_http,
+        },
+        Target {
+            name: "nginx",
+            addr: loopback(np),
+        },
+        Target {
+            name: "HAProxy",
+            addr: loopback(hp),
+        },
+    ];
+    for t in &targets {
+        wait_http(t.addr).await.with_context(|| t.name)?;
+    }
+    eprintln!("warming up");
+    for t in &targets {
+        wrk(t.addr, 2, 64).await?;
+    }
+    let mut rps: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for run in 0..runs {
+        for (i, t) in targets.iter().enumerate() {
+            let v = wrk(t.addr, seconds, 64).await?;
+            eprintln!("run {}/{runs} {:<22} {v:>10.0} req/s", run + 1, t.name);
+            rps[i].push(v);
+        }
+    }
+    let mut lat = Vec::new();
+    for t in &targets {
+        let l = fixed_rate(t.addr, rate, 50, seconds)
+            .await
+            .with_context(|| t.name)?;
+        eprintln!("{:<22} {} requests at {rate}/s", t.name, l.len());
+        lat.push((quantile(&l, 0.5), quantile(&l, 0.99)));
+    }
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        quantile(&s, 0.5)
+    };
+    println!(
+        "\nrplb-http: wrk -t2 -c64 -d{seconds}s, median of {runs} runs; latency at {rate} req/s over 50 connections, {seconds} s"
+    );
+    println!("| target | req/s (median) | runs | p50 ms | p99 ms | added p50 us | added p99 us |");
+    println!("|---|---|---|---|---|---|---|");
+    let (d50, d99) = lat[0];
+    for (i, t) in targets.iter().enumerate() {
+        let runs_s: Vec<String> = rps[i].iter().map(|v| format!("{v:.0}")).collect();
+        let (p50, p99) = lat[i];
+        let added = |v: f64, base: f64| {
+            if i == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.0}", (v - base) * 1000.0)
+            }
+        };
+        println!(
+            "| {} | {:.0} | {} | {p50:.3} | {p99:.3} | {} | {} |",
+            t.name,
+            median(&rps[i]),
+            runs_s.join(" "),
+            added(p50, d50),
+            added(p99, d99)
+        );
+    }
+    let (ours, nginx, ha) = (median(&rps[1]), median(&rps[2]), median(&rps[3]));
+    let (our99, nginx99) = (lat[1].1 - d99, lat[2].1 - d99);
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!("\ntargets:");
+    println!(
+        "- throughput >= nginx: {:.0} vs {:.0} ({:.2}x): {}",
+        ours,
+        nginx,
+        ours / nginx,
+        verdict(ours >= nginx)
+    );
+    println!(
+        "- throughput >= 1.2x HAProxy: {:.0} vs {:.0} ({:.2}x): {}",
+        ours,
+        ha,
+        ours / ha,
+        verdict(ours >= 1.2 * ha)
+    );
+    println!(
+        "- p99 added latency <= nginx's: {:.0} us vs {:.0} us: {}",
+        our99 * 1000.0,
+        nginx99 * 1000.0,
+        verdict(our99 <= nginx99)
+    );
+    form_testkit::conformance::stop_gracefully(&mut rplb).await;
+    Ok(())
+}
