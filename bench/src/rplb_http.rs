@@ -2,8 +2,9 @@
 //! side in one run, over the same two backends (an nginx answering `ok`):
 //! (a) peak requests/s with `wrk` (median of `runs` runs per proxy, interleaved);
 //! (b) latency added over a direct connection at a fixed request rate, measured by an
-//!     open-loop generator (latency counted from each request's scheduled time, so a
-//!     stall is not hidden).
+//!     open-loop generator (a request that had to wait for the previous one counts
+//!     from its scheduled time, so a stall is not hidden);
+//! and the proxy's CPU time per request during (a), from `/proc`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,7 +27,42 @@ const DOMAIN: &str = "bench.fog";
 struct Target {
     name: &'static str,
     addr: SocketAddr,
+    /// Processes whose CPU time counts for this target (none for the direct one).
+    pids: Vec<u32>,
 }
+
+/// User plus system CPU time of `pid` and its child processes, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    let stat = |pid: u32| -> Option<(u64, u32)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &text[text.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the name: state(0) ppid(1) ... utime(11) stime(12).
+        Some((
+            f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+            f.get(1)?.parse().ok()?,
+        ))
+    };
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some((ticks, ppid)) = stat(pid)
+            && (pids.contains(&pid) || pids.contains(&ppid))
+        {
+            total += ticks;
+        }
+    }
+    total
+}
+
+/// Clock ticks per second of `/proc/*/stat` (USER_HZ).
+const TICKS_PER_SECOND: f64 = 100.0;
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -34,7 +70,28 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn spawn(cmd: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
+/// A peer process, stopped with SIGTERM when dropped (nginx's master then stops its
+/// workers; SIGKILL would orphan them).
+struct Peer(Child);
+
+impl Peer {
+    fn id(&self) -> Option<u32> {
+        self.0.id()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+fn spawn(cmd: &str, args: &[&str], log: &Path) -> anyhow::Result<Peer> {
     let out = std::fs::File::create(log)?;
     Command::new(cmd)
         .args(args)
@@ -43,15 +100,28 @@ fn spawn(cmd: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
         .stderr(out)
         .kill_on_drop(true)
         .spawn()
+        .map(Peer)
         .with_context(|| {
             format!("starting {cmd} (install it: apt-get install wrk nginx-light haproxy)")
         })
 }
 
+/// One `GET /` for the benchmark's domain; its status.
+async fn get_status(addr: SocketAddr) -> anyhow::Result<u16> {
+    let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("/")
+        .header("host", DOMAIN)
+        .body(Empty::<Bytes>::new())?;
+    Ok(send.send_request(req).await?.status().as_u16())
+}
+
 async fn wait_http(addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if let Ok((200, _)) = probe::http_get(addr, "/").await {
+        if let Ok(200) = get_status(addr).await {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -83,7 +153,7 @@ fn nginx_proxy(dir: &Path, port: u16, a: u16, b: u16) -> String {
 
 fn haproxy(port: u16, a: u16, b: u16) -> String {
     format!(
-        "global\n  nbthread 2\n  maxconn 20000\n\
+        "global\n  nbthread 2\n  maxconn 4000\n\
          defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\
          frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
          backend b\n  balance roundrobin\n  server a 127.0.0.1:{a}\n  server b 127.0.0.1:{b}\n"
@@ -133,8 +203,13 @@ async fn fixed_rate(
             tokio::spawn(conn);
             let mut out = Vec::new();
             let mut at = start + per_conn.mul_f64(c as f64 / conns as f64);
+            let mut prev_end = start;
             while at < end {
                 tokio::time::sleep_until(at.into()).await;
+                // Latency counts from the scheduled time when this connection was still
+                // busy with the previous request then (a stall is not hidden); otherwise
+                // from when the timer woke (timer lateness is not the proxy's).
+                let from = if prev_end > at { at } else { Instant::now() };
                 let req = http::Request::builder()
                     .uri("/")
                     .header("host", DOMAIN)
@@ -145,7 +220,8 @@ async fn fixed_rate(
                     bail!("status {}", resp.status());
                 }
                 resp.into_body().collect().await?;
-                out.push(at.elapsed().as_secs_f64() * 1000.0);
+                prev_end = Instant::now();
+                out.push(prev_end.duration_since(from).as_secs_f64() * 1000.0);
                 at += per_conn;
             }
             anyhow::Ok(out)
@@ -179,12 +255,12 @@ pub(crate) async fn run(
         &["-p", &d.display().to_string(), "-c", &conf("backend.conf")],
         &d.join("backend.log"),
     )?;
-    let _nginx = spawn(
+    let nginx = spawn(
         "nginx",
         &["-p", &d.display().to_string(), "-c", &conf("proxy.conf")],
         &d.join("nginx.log"),
     )?;
-    let _haproxy = spawn(
+    let ha = spawn(
         "haproxy",
         &["-db", "-f", &conf("haproxy.cfg")],
         &d.join("haproxy.log"),
@@ -229,18 +305,22 @@ pub(crate) async fn run(
         Target {
             name: "direct (one backend)",
             addr: loopback(a),
+            pids: vec![],
         },
         Target {
             name: "form-rplb",
             addr: rplb_http,
+            pids: vec![rplb.info().pid],
         },
         Target {
             name: "nginx",
             addr: loopback(np),
+            pids: nginx.id().into_iter().collect(),
         },
         Target {
             name: "HAProxy",
             addr: loopback(hp),
+            pids: ha.id().into_iter().collect(),
         },
     ];
     for t in &targets {
@@ -251,11 +331,20 @@ pub(crate) async fn run(
         wrk(t.addr, 2, 64).await?;
     }
     let mut rps: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for run in 0..runs {
         for (i, t) in targets.iter().enumerate() {
+            let before = cpu_ticks(&t.pids);
             let v = wrk(t.addr, seconds, 64).await?;
-            eprintln!("run {}/{runs} {:<22} {v:>10.0} req/s", run + 1, t.name);
+            let used = (cpu_ticks(&t.pids) - before) as f64 / TICKS_PER_SECOND;
+            let per_request = used * 1e6 / (v * seconds as f64);
+            eprintln!(
+                "run {}/{runs} {:<22} {v:>10.0} req/s, {per_request:.1} us CPU per request",
+                run + 1,
+                t.name
+            );
             rps[i].push(v);
+            cpu_us[i].push(per_request);
         }
     }
     let mut lat = Vec::new();
@@ -274,8 +363,10 @@ pub(crate) async fn run(
     println!(
         "\nrplb-http: wrk -t2 -c64 -d{seconds}s, median of {runs} runs; latency at {rate} req/s over 50 connections, {seconds} s"
     );
-    println!("| target | req/s (median) | runs | p50 ms | p99 ms | added p50 us | added p99 us |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| target | req/s (median) | runs | proxy CPU us/request | p50 ms | p99 ms | added p50 us | added p99 us |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let (d50, d99) = lat[0];
     for (i, t) in targets.iter().enumerate() {
         let runs_s: Vec<String> = rps[i].iter().map(|v| format!("{v:.0}")).collect();
@@ -288,10 +379,15 @@ pub(crate) async fn run(
             }
         };
         println!(
-            "| {} | {:.0} | {} | {p50:.3} | {p99:.3} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {p50:.3} | {p99:.3} | {} | {} |",
             t.name,
             median(&rps[i]),
             runs_s.join(" "),
+            if i == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", median(&cpu_us[i]))
+            },
             added(p50, d50),
             added(p99, d99)
         );

@@ -47,6 +47,8 @@ pub struct Config {
     pub cool_off_ms: u64,
     /// Milliseconds in-flight requests get to finish after SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// Threads of the data plane; 0 means one per CPU.
+    pub http_workers: usize,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             passive_failures: 5,
             cool_off_ms: 10_000,
             shutdown_grace_ms: 3_000,
+            http_workers: 0,
         }
     }
 }
@@ -107,6 +110,15 @@ impl Config {
                 format!("{} is out of range; expected 1 to 1000", self.max_headers),
             ));
         }
+        if self.http_workers > 256 {
+            return Err(ConfigError::invalid(
+                "http_workers",
+                format!(
+                    "{} is too many; expected 0 (one per CPU) to 256",
+                    self.http_workers
+                ),
+            ));
+        }
         if self.shutdown_grace_ms > MAX_SHUTDOWN_GRACE_MS {
             return Err(ConfigError::invalid(
                 "shutdown_grace_ms",
@@ -117,6 +129,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Threads of the data plane.
+    pub fn workers(&self) -> usize {
+        match self.http_workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
     }
 
     /// The SIGTERM grace.

@@ -14,7 +14,6 @@ use hyper_util::rt::TokioExecutor;
 use crate::Config;
 use crate::balance::cookie::CookieSigner;
 use crate::balance::health::HealthConfig;
-use crate::proxy::body::Reclaim;
 use crate::routes::{Change, Table};
 use crate::trusted::Trusted;
 
@@ -34,8 +33,6 @@ pub struct Core {
     pub signer: CookieSigner,
     /// Trusted proxies.
     pub trusted: Trusted,
-    /// Pooled keep-alive client for proxied requests.
-    pub client: Client<HttpConnector, Reclaim>,
     /// Client for active health checks (a pool of its own).
     pub check_client: Client<HttpConnector, Empty<Bytes>>,
 }
@@ -55,10 +52,6 @@ impl Core {
             cool_off: Duration::from_millis(config.cool_off_ms),
             ..HealthConfig::default()
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(1024)
-            .build(connector());
         let check_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_max_idle_per_host(2)
@@ -67,7 +60,6 @@ impl Core {
             trusted: Trusted::new(config.trusted_proxies.clone()),
             table: Table::new(passive),
             signer: CookieSigner::new(key),
-            client,
             check_client,
             config,
         }

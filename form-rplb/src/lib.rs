@@ -118,6 +118,7 @@ impl Service for Balancer {
             );
         }
         let grace = self.config.shutdown_grace();
+        let workers = self.config.workers();
         let state = self.config.state.clone();
         let core = Arc::new(core::Core::new(self.config, self.key));
         let http = ctx.take_listener(HTTP_LISTENER)?;
@@ -135,12 +136,14 @@ impl Service for Balancer {
             core.clone(),
             ctx.shutdown.clone(),
             grace,
+            workers,
         ));
         let server =
             GrpcServer::new().add_service(RplbControlServer::new(control::Control::new(core)));
         let shutdown = ctx.shutdown.clone();
         server.serve(grpc, shutdown, || ctx.ready()).await?;
         data.await
+            .map_err(|e| RuntimeError::Service(format!("data plane: {e}")))?
             .map_err(|e| RuntimeError::Service(format!("data plane: {e}")))?;
         Ok(())
     }

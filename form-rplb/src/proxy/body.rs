@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::conn::ConnCtx;
+use super::upstream::Lease;
 use crate::routes::backend::BackendRt;
 
 /// A request body shared with the proxy until the client (hyper) first reads it.
@@ -140,6 +141,10 @@ pub enum ResBody {
         body: Incoming,
         /// Released at the end.
         guard: Option<Guard>,
+        /// The upstream connection, back to its pool once the body ended.
+        lease: Option<Lease>,
+        /// Whether the body ended.
+        done: bool,
     },
     /// A short body of the balancer's own.
     Local(Option<Bytes>),
@@ -152,6 +157,21 @@ impl ResBody {
     }
 }
 
+impl Drop for ResBody {
+    fn drop(&mut self) {
+        // A body nobody read because it was empty still frees its connection; an
+        // abandoned one closes it (its state is unknown).
+        if let Self::Upstream {
+            body, lease, done, ..
+        } = self
+            && let Some(l) = lease.take()
+            && (*done || body.is_end_stream())
+        {
+            l.give_back();
+        }
+    }
+}
+
 impl Body for ResBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -161,10 +181,26 @@ impl Body for ResBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Upstream { body, guard } => {
+            Self::Upstream {
+                body,
+                guard,
+                lease,
+                done,
+            } => {
                 let r = Pin::new(body).poll_frame(cx);
-                if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                    guard.take();
+                match &r {
+                    Poll::Ready(None) => {
+                        *done = true;
+                        if let Some(l) = lease.take() {
+                            l.give_back();
+                        }
+                        guard.take();
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        lease.take();
+                        guard.take();
+                    }
+                    _ => {}
                 }
                 r
             }

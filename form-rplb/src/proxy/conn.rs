@@ -2,10 +2,15 @@
 //! served by one task that also closes it gracefully (GOAWAY on HTTP/2) when the
 //! balancer stops, when a draining backend asks clients to reconnect, or when it has
 //! been idle too long.
+//!
+//! The data plane runs on `http_workers` threads, each with a single-threaded runtime
+//! and its own upstream pool (as nginx's workers do): a request, its upstream
+//! connection and both their tasks stay on one thread, and no wake-up crosses threads.
+//! One acceptor hands each new connection to the thread with the fewest.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -15,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+use super::upstream::Pool;
 use crate::core::Core;
 
 /// What the request handler knows of its connection.
@@ -22,6 +28,8 @@ use crate::core::Core;
 pub struct ConnCtx {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The upstream connections of this connection's thread.
+    pub pool: Arc<Pool>,
     epoch: Instant,
     active: AtomicU32,
     last_ms: AtomicU64,
@@ -30,9 +38,10 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
-    fn new(peer: SocketAddr) -> Self {
+    fn new(peer: SocketAddr, pool: Arc<Pool>) -> Self {
         Self {
             peer,
+            pool,
             epoch: Instant::now(),
             active: AtomicU32::new(0),
             last_ms: AtomicU64::new(0),
@@ -94,24 +103,58 @@ fn builder(core: &Core) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Accepts and serves client connections until `stop`; then stops accepting, lets
-/// every connection finish its requests (HTTP/1 closes after the current response,
-/// HTTP/2 gets a GOAWAY) for up to `grace`, and returns.
+/// A worker thread as the acceptor sees it.
+struct Lane {
+    tx: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Serves the data plane until `stop`: this task accepts and hands each connection to
+/// the worker thread with the fewest open connections; on `stop` it stops accepting,
+/// and each worker lets its connections finish their requests (HTTP/1 closes after the
+/// current response, HTTP/2 gets a GOAWAY) for up to `grace`.
 pub async fn serve(
     listener: TcpListener,
     core: Arc<Core>,
     mut stop: form_runtime::shutdown::Shutdown,
     grace: Duration,
-) {
-    let builder = Arc::new(builder(&core));
-    let (closing_tx, closing_rx) = watch::channel(false);
-    let mut conns = JoinSet::new();
+    workers: usize,
+) -> std::io::Result<()> {
+    let mut lanes = Vec::new();
+    let mut done = Vec::new();
+    for i in 0..workers.max(1) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        let (core, counter) = (core.clone(), open.clone());
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("rplb-http-{i}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(worker(rx, core, counter, grace)),
+                    Err(e) => tracing::error!(error = %e, "cannot start a data-plane thread"),
+                }
+                drop(done_tx);
+            })?;
+        lanes.push(Lane { tx, open });
+        done.push(done_rx);
+    }
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(connection(builder.clone(), core.clone(), stream, peer, closing_rx.clone()));
+                    let lane = lanes
+                        .iter()
+                        .min_by_key(|l| l.open.load(Ordering::Relaxed))
+                        .unwrap_or_else(|| unreachable!("at least one worker"));
+                    lane.open.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(std_stream) = stream.into_std() {
+                        let _ = lane.tx.send((std_stream, peer));
+                    }
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait a little rather than spin.
@@ -119,18 +162,57 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = stop.requested() => break,
         }
     }
     drop(listener);
+    drop(lanes);
+    for rx in done {
+        let _ = rx.await;
+    }
+    Ok(())
+}
+
+/// One data-plane thread: serves the connections handed to it until the acceptor
+/// stops, then finishes them within `grace`.
+async fn worker(
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    core: Arc<Core>,
+    open: Arc<AtomicUsize>,
+    grace: Duration,
+) {
+    let builder = Arc::new(builder(&core));
+    let pool = Arc::new(Pool::default());
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            handed = incoming.recv() => match handed {
+                Some((stream, peer)) => match TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        conns.spawn(connection(builder.clone(), core.clone(), pool.clone(), stream, peer, closing_rx.clone()));
+                    }
+                    Err(e) => {
+                        open.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "cannot serve an accepted connection");
+                    }
+                },
+                None => break,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {
+                open.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
     let _ = closing_tx.send(true);
-    let open = conns.len();
-    tracing::info!(
-        connections = open,
-        ?grace,
-        "stopped accepting; finishing requests"
-    );
+    let left = conns.len();
+    if left > 0 {
+        tracing::info!(
+            connections = left,
+            ?grace,
+            "stopped accepting; finishing requests"
+        );
+    }
     let finished =
         tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if finished.is_err() {
@@ -142,11 +224,12 @@ pub async fn serve(
 async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     core: Arc<Core>,
+    pool: Arc<Pool>,
     stream: TcpStream,
     peer: SocketAddr,
     mut closing: watch::Receiver<bool>,
 ) {
-    let ctx = Arc::new(ConnCtx::new(peer));
+    let ctx = Arc::new(ConnCtx::new(peer, pool));
     ctx.touch();
     let idle = Duration::from_millis(core.config.idle_timeout_ms);
     let svc = {

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use super::body::{Guard, Reclaim, ResBody};
 use super::conn::ConnCtx;
 use super::headers;
+use super::upstream::Lease;
 use crate::balance::p2c::Rng;
 use crate::balance::select::{Affinity, Decision, Loads, RequestKey};
 use crate::core::Core;
@@ -51,9 +52,11 @@ pub async fn handle(
     let mut guard = Guard::new(conn.clone());
     let resp = proxy(&core, &conn, req, &mut guard).await;
     Ok(match resp {
-        Ok(r) => r.map(|body| ResBody::Upstream {
+        Ok((r, lease)) => r.map(|body| ResBody::Upstream {
             body,
             guard: Some(guard),
+            lease: Some(lease),
+            done: false,
         }),
         Err(local) => local,
     })
@@ -132,7 +135,7 @@ async fn proxy(
     conn: &ConnCtx,
     req: Request<Incoming>,
     guard: &mut Guard,
-) -> Result<Response<Incoming>, Response<ResBody>> {
+) -> Result<(Response<Incoming>, Lease), Response<ResBody>> {
     let host = match headers::host(req.uri(), req.headers()) {
         Some(h) => h.into_owned(),
         None => {
@@ -165,43 +168,66 @@ async fn proxy(
     {
         parts.headers.insert(header::HOST, v);
     }
-    let path = parts
+    let target = parts
         .uri
         .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     let (first, slot) = Reclaim::new(body);
     let (end, hint) = (first.end(), first.hint());
     let mut body = Some(first);
     let mut retried = false;
+    let mut fresh = false;
+    let timeout = Duration::from_millis(core.config.request_timeout_ms);
     loop {
         let backend = route.backends[choice.decision.backend].clone();
         if let Some(s) = choice.session {
             backend.touch_session(s, Instant::now());
         }
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(backend.authority.clone())
-            .path_and_query(path.clone())
-            .build()
-            .map_err(|e| {
-                local(
-                    StatusCode::BAD_REQUEST,
-                    format!("bad request target: {e}\n"),
-                )
-            })?;
-        let mut up = Request::new(
+        let start = Instant::now();
+        // A connection first: a failed connect is known before anything is sent.
+        let up = match conn.pool.get(&backend.authority, fresh).await {
+            Ok(up) => up,
+            Err(e) => {
+                let now = Instant::now();
+                backend.stats.record(now - start, false, now);
+                passive(core, &route, &backend, false, now);
+                if !retried {
+                    retried = true;
+                    tracing::debug!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
+                    choice = choose(
+                        core,
+                        &route,
+                        &parts.headers,
+                        &parts.uri,
+                        client_ip,
+                        Some(choice.decision.backend),
+                    )
+                    .ok_or_else(|| no_backend(&host))?;
+                    continue;
+                }
+                return Err(local(
+                    StatusCode::BAD_GATEWAY,
+                    format!("backend '{}' of '{host}' is unreachable: {e}\n", backend.id),
+                ));
+            }
+        };
+        let mut req = Request::new(
             body.take()
                 .unwrap_or_else(|| Reclaim::again(&slot, end, hint)),
         );
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = uri;
-        *up.version_mut() = Version::HTTP_11;
-        *up.headers_mut() = parts.headers.clone();
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = target.clone();
+        *req.version_mut() = Version::HTTP_11;
+        // A pooled connection may turn out closed before the request left: keep the
+        // fields for one more try on a fresh connection. A fresh one takes them.
+        *req.headers_mut() = if up.reused {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         guard.to_backend(backend.clone());
-        let start = Instant::now();
-        let timeout = Duration::from_millis(core.config.request_timeout_ms);
-        let result = tokio::time::timeout(timeout, core.client.request(up)).await;
+        let mut sender = up.sender;
+        let result = tokio::time::timeout(timeout, sender.send_request(req)).await;
         let now = Instant::now();
         match result {
             Ok(Ok(mut resp)) => {
@@ -227,29 +253,23 @@ async fn proxy(
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
                     }
                 }
-                return Ok(resp);
+                let lease = Lease {
+                    pool: conn.pool.clone(),
+                    to: backend.authority.clone(),
+                    sender,
+                };
+                return Ok((resp, lease));
             }
             Ok(Err(e)) => {
                 guard.release_backend();
-                backend.stats.record(now - start, false, now);
-                passive(core, &route, &backend, false, now);
-                let unsent = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some() || end;
-                if e.is_connect() && unsent && !retried {
-                    retried = true;
-                    tracing::debug!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
-                    let Some(next) = choose(
-                        core,
-                        &route,
-                        &parts.headers,
-                        &parts.uri,
-                        client_ip,
-                        Some(choice.decision.backend),
-                    ) else {
-                        return Err(no_backend(&host));
-                    };
-                    choice = next;
+                let unsent = end || slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                if e.is_canceled() && up.reused && unsent && !fresh {
+                    // The pooled connection closed under us; nothing was sent.
+                    fresh = true;
                     continue;
                 }
+                backend.stats.record(now - start, false, now);
+                passive(core, &route, &backend, false, now);
                 tracing::debug!(backend = %backend.id, error = %e, "backend request failed");
                 return Err(local(
                     StatusCode::BAD_GATEWAY,

@@ -1,0 +1,136 @@
+//! Upstream connections of one data-plane thread: HTTP/1.1 connections to backends,
+//! kept alive and reused. The proxy asks for a connection before it builds the
+//! upstream request, so a failed connect is known before anything is sent, and the one
+//! retry on another backend needs no copy of the request.
+//!
+//! A connection goes back to the pool when its response body ended; one whose response
+//! was abandoned is closed. Idle connections older than [`IDLE`] are dropped (backends
+//! close theirs too, nginx after 75 s), and a pooled one that turns out closed is skipped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+
+use super::body::Reclaim;
+
+/// Time to open a TCP connection to a backend before the attempt counts as failed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Idle connections are kept this long.
+pub const IDLE: Duration = Duration::from_secs(30);
+/// Idle connections kept per backend.
+const MAX_IDLE: usize = 512;
+
+/// A connection ready for one request.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The request sender.
+    pub sender: SendRequest<Reclaim>,
+    /// Whether it came from the pool (it may turn out closed; a fresh one cannot).
+    pub reused: bool,
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed.
+    #[error("connect to {0}: {1}")]
+    Io(String, std::io::Error),
+    /// TCP connect took too long.
+    #[error("connect to {0}: no answer within {1:?}")]
+    Timeout(String, Duration),
+    /// The HTTP/1 handshake failed.
+    #[error("HTTP/1 handshake with {0}: {1}")]
+    Handshake(String, hyper::Error),
+}
+
+/// Idle connections of one backend, with when each became idle.
+type Idle = Vec<(SendRequest<Reclaim>, Instant)>;
+
+/// The pool of one data-plane thread.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<Authority, Idle>>,
+}
+
+impl Pool {
+    /// A connection to `to`: an idle one unless `fresh`, else a new one.
+    pub async fn get(&self, to: &Authority, fresh: bool) -> Result<Upstream, ConnectError> {
+        if !fresh {
+            while let Some(mut sender) = self.pop(to) {
+                if sender.ready().await.is_ok() {
+                    return Ok(Upstream {
+                        sender,
+                        reused: true,
+                    });
+                }
+            }
+        }
+        let addr = to.as_str();
+        let stream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(ConnectError::Io(addr.to_owned(), e)),
+                Err(_) => return Err(ConnectError::Timeout(addr.to_owned(), CONNECT_TIMEOUT)),
+            };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ConnectError::Handshake(addr.to_owned(), e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(Upstream {
+            sender,
+            reused: false,
+        })
+    }
+
+    fn pop(&self, to: &Authority) -> Option<SendRequest<Reclaim>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(to)?;
+        while let Some((s, since)) = list.pop() {
+            if !s.is_closed() && since.elapsed() < IDLE {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Takes back a connection whose response ended.
+    pub fn put(&self, to: &Authority, sender: SendRequest<Reclaim>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(to.clone()).or_default();
+        if list.len() < MAX_IDLE {
+            list.push((sender, Instant::now()));
+        }
+    }
+}
+
+/// A connection to give back once its response body ended.
+#[derive(Debug)]
+pub struct Lease {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// The backend.
+    pub to: Authority,
+    /// The connection.
+    pub sender: SendRequest<Reclaim>,
+}
+
+impl Lease {
+    /// Returns the connection to its pool.
+    pub fn give_back(self) {
+        self.pool.put(&self.to, self.sender);
+    }
+}
