@@ -93,25 +93,46 @@ fn signal(name: &str, target: f64, values: &[Option<f64>], current: u32, toleran
     let ratio = sum / (target * measured.len() as f64);
     let mean = sum / measured.len() as f64;
     if (1.0 - ratio).abs() <= tolerance {
-        return Signal::Hold(format!("{name} {mean:.2} within {:.0}% of target {target}", tolerance * 100.0));
+        return Signal::Hold(format!(
+            "{name} {mean:.2} within {:.0}% of target {target}",
+            tolerance * 100.0
+        ));
     }
     let want = ((sum / target) - 1e-9).ceil().max(1.0) as u32;
     if ratio > 1.0 {
         if want <= current {
-            return Signal::Hold(format!("{name} {mean:.2} above target {target}, but {current} instances cover it"));
+            return Signal::Hold(format!(
+                "{name} {mean:.2} above target {target}, but {current} instances cover it"
+            ));
         }
-        return Signal::Want(want, format!("{name} {mean:.2} over target {target}: {want} instances"));
+        return Signal::Want(
+            want,
+            format!("{name} {mean:.2} over target {target}: {want} instances"),
+        );
     }
     if missing > 0 {
-        return Signal::Missing(format!("{name}: {missing} ready instances without a fresh value; no scale-in"));
+        return Signal::Missing(format!(
+            "{name}: {missing} ready instances without a fresh value; no scale-in"
+        ));
     }
-    Signal::Want(want.min(current), format!("{name} {mean:.2} under target {target}: {want} instances"))
+    Signal::Want(
+        want.min(current),
+        format!("{name} {mean:.2} under target {target}: {want} instances"),
+    )
 }
 
 /// Decides how many instances `policy` wants at `now_ms`.
-pub fn decide(policy: &ScalingPolicy, observations: &[Observation], history: &History, now_ms: u64) -> Decision {
+pub fn decide(
+    policy: &ScalingPolicy,
+    observations: &[Observation],
+    history: &History,
+    now_ms: u64,
+) -> Decision {
     let current = observations.len() as u32;
-    let (min, max) = (policy.min_instances, policy.max_instances.max(policy.min_instances));
+    let (min, max) = (
+        policy.min_instances,
+        policy.max_instances.max(policy.min_instances),
+    );
     let done = |desired: u32, raw: u32, reason: String| Decision {
         desired,
         current,
@@ -119,10 +140,18 @@ pub fn decide(policy: &ScalingPolicy, observations: &[Observation], history: &Hi
         reason,
     };
     if current < min {
-        return done(min, min, format!("{current} instances, below the minimum {min}"));
+        return done(
+            min,
+            min,
+            format!("{current} instances, below the minimum {min}"),
+        );
     }
     if current > max {
-        return done(max, max, format!("{current} instances, above the maximum {max}"));
+        return done(
+            max,
+            max,
+            format!("{current} instances, above the maximum {max}"),
+        );
     }
     let ready: Vec<&Observation> = observations.iter().filter(|o| o.ready).collect();
     let tolerance = policy::tolerance(policy);
@@ -150,7 +179,9 @@ pub fn decide(policy: &ScalingPolicy, observations: &[Observation], history: &Hi
             _ => None,
         })
         .max_by_key(|(n, _)| *n);
-    let all_down = signals.iter().all(|s| matches!(s, Signal::Want(n, _) if *n < current));
+    let all_down = signals
+        .iter()
+        .all(|s| matches!(s, Signal::Want(n, _) if *n < current));
     let (raw, why) = if let Some((n, r)) = up {
         (n, r)
     } else if all_down {
@@ -193,23 +224,66 @@ pub fn decide(policy: &ScalingPolicy, observations: &[Observation], history: &Hi
             .chain(std::iter::once(raw))
     };
     if raw > current {
-        let stable = window(policy.scale_out_stabilization_seconds).min().unwrap_or(raw);
+        let stable = window(policy.scale_out_stabilization_seconds)
+            .min()
+            .unwrap_or(raw);
         if stable <= current {
-            return done(current, raw, format!("hold: {why}, but the scale-out window ({} s) saw {stable}", policy.scale_out_stabilization_seconds));
+            return done(
+                current,
+                raw,
+                format!(
+                    "hold: {why}, but the scale-out window ({} s) saw {stable}",
+                    policy.scale_out_stabilization_seconds
+                ),
+            );
         }
         let cooldown = u64::from(policy.scale_out_cooldown_seconds) * 1000;
-        if let Some(t) = history.last_capacity_ready_ms.filter(|t| now_ms < t + cooldown) {
-            return done(current, raw, format!("hold: {why}, but scale-out cools down for {} s more", (t + cooldown - now_ms).div_ceil(1000)));
+        if let Some(t) = history
+            .last_capacity_ready_ms
+            .filter(|t| now_ms < t + cooldown)
+        {
+            return done(
+                current,
+                raw,
+                format!(
+                    "hold: {why}, but scale-out cools down for {} s more",
+                    (t + cooldown - now_ms).div_ceil(1000)
+                ),
+            );
         }
-        return done(stable, raw, format!("scale out {current} -> {stable}: {why}"));
+        return done(
+            stable,
+            raw,
+            format!("scale out {current} -> {stable}: {why}"),
+        );
     }
-    let stable = window(policy.scale_in_stabilization_seconds).max().unwrap_or(raw);
+    let stable = window(policy.scale_in_stabilization_seconds)
+        .max()
+        .unwrap_or(raw);
     if stable >= current {
-        return done(current, raw, format!("hold: {why}, but the scale-in window ({} s) saw {stable}", policy.scale_in_stabilization_seconds));
+        return done(
+            current,
+            raw,
+            format!(
+                "hold: {why}, but the scale-in window ({} s) saw {stable}",
+                policy.scale_in_stabilization_seconds
+            ),
+        );
     }
     let cooldown = u64::from(policy.scale_in_cooldown_seconds) * 1000;
     if let Some(t) = history.last_action_ms.filter(|t| now_ms < t + cooldown) {
-        return done(current, raw, format!("hold: {why}, but scale-in cools down for {} s more", (t + cooldown - now_ms).div_ceil(1000)));
+        return done(
+            current,
+            raw,
+            format!(
+                "hold: {why}, but scale-in cools down for {} s more",
+                (t + cooldown - now_ms).div_ceil(1000)
+            ),
+        );
     }
-    done(stable, raw, format!("scale in {current} -> {stable}: {why}"))
+    done(
+        stable,
+        raw,
+        format!("scale in {current} -> {stable}: {why}"),
+    )
 }

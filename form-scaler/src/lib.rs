@@ -3,6 +3,9 @@
 //! form-state.
 
 pub mod config;
+pub mod decide;
+pub mod policy;
+pub mod window;
 
 use std::net::SocketAddr;
 
