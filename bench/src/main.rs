@@ -10,11 +10,13 @@
 //! ./target/release/form-bench vmm-clone
 //! ./target/release/form-bench rplb-pick
 //! ./target/release/form-bench rplb-http      # needs wrk, nginx-light, haproxy
+//! ./target/release/form-bench scaler-decide
 //! ```
 
 mod load;
 mod rplb_http;
 mod rplb_pick;
+mod scaler_decide;
 mod state_apply;
 mod state_bytes;
 mod state_convergence;
@@ -87,6 +89,15 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         rate: u64,
     },
+    /// Cost of one scaling decision, and of one evaluation round over many clusters.
+    ScalerDecide {
+        /// decide() calls timed.
+        #[arg(long, default_value_t = 100_000)]
+        calls: usize,
+        /// Clusters in the evaluation round.
+        #[arg(long, default_value_t = 1_000)]
+        clusters: usize,
+    },
     /// Snapshot and clone-to-serving time of the VMM service's backends.
     VmmClone {
         /// Snapshots and clones measured.
@@ -131,6 +142,7 @@ fn main() -> ExitCode {
             }
             Command::StateRecovery { members } => state_recovery::run(&bin_dir, members).await,
             Command::RplbPick { picks } => rplb_pick::run(picks),
+            Command::ScalerDecide { calls, clusters } => scaler_decide::run(calls, clusters),
             Command::RplbHttp {
                 runs,
                 seconds,
