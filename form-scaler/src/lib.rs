@@ -4,7 +4,9 @@
 
 pub mod config;
 pub mod decide;
+pub mod ownership;
 pub mod policy;
+pub mod victims;
 pub mod window;
 
 use std::net::SocketAddr;
