@@ -397,3 +397,70 @@ async fn sigterm_stops_accepting_and_finishes_requests_in_flight() {
         "no longer accepting"
     );
 }
+
+/// A backend that answers one request per connection without saying so (no
+/// `Connection: close`) and then closes it: every pooled connection goes stale.
+async fn closing_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn pooled_connections_closed_by_the_backend_are_replaced_without_failing_requests() {
+    let mut lb = Lb::start("stale", &[]).await;
+    let (addr, task) = closing_backend().await;
+    lb.control
+        .upsert_route(pb::UpsertRouteRequest {
+            route: Some(pb::Route {
+                domain: "demo.fog".into(),
+                backends: vec![pb::Backend {
+                    id: "closer".into(),
+                    address: addr.to_string(),
+                    weight: 1,
+                    state: 0,
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("route");
+    let http = Http::new(lb.http);
+    for i in 0..60 {
+        let r = http.get("demo.fog", "/", &[]).await.expect("request");
+        assert_eq!(
+            (r.status.as_u16(), r.body.as_str()),
+            (200, "stale"),
+            "request {i}"
+        );
+        // Sometimes right away (the close not yet seen), sometimes after it.
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    task.abort();
+    stop_gracefully(&mut lb.svc).await;
+}

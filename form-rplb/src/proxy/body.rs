@@ -1,11 +1,9 @@
-//! Bodies of proxied messages, streamed frame by frame (never buffered whole):
-//! - [`Reclaim`]: a request body that can be taken back when the upstream connection
-//!   failed before any of it was read (the one retry sends it elsewhere);
-//! - [`ResBody`]: a response body (the backend's, or the balancer's own short text)
-//!   that holds the request's in-flight accounting until its last byte.
+//! Response bodies, streamed frame by frame (never buffered whole): [`ResBody`] is the
+//! backend's body or the balancer's own short text, and holds the request's in-flight
+//! accounting ([`Guard`]) and its upstream connection until the last byte.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,77 +14,42 @@ use super::conn::ConnCtx;
 use super::upstream::Lease;
 use crate::routes::backend::BackendRt;
 
-/// A request body shared with the proxy until the client (hyper) first reads it.
+/// A request body going upstream: the client's, streamed, or nothing (a request
+/// repeated on a fresh connection had an empty body).
 #[derive(Debug)]
-pub struct Reclaim {
-    slot: Arc<Mutex<Option<Incoming>>>,
-    taken: Option<Incoming>,
-    end: bool,
-    hint: SizeHint,
+pub enum UpBody {
+    /// The client's body.
+    Client(Incoming),
+    /// No body.
+    Empty,
 }
 
-impl Reclaim {
-    /// Wraps `body`; the returned slot gives it back while it was never read.
-    pub fn new(body: Incoming) -> (Self, Arc<Mutex<Option<Incoming>>>) {
-        let end = body.is_end_stream();
-        let hint = body.size_hint();
-        let slot = Arc::new(Mutex::new(Some(body)));
-        (
-            Self {
-                slot: slot.clone(),
-                taken: None,
-                end,
-                hint,
-            },
-            slot,
-        )
-    }
-
-    /// A body for the same slot (a retry).
-    pub fn again(slot: &Arc<Mutex<Option<Incoming>>>, end: bool, hint: SizeHint) -> Self {
-        Self {
-            slot: slot.clone(),
-            taken: None,
-            end,
-            hint,
-        }
-    }
-
-    /// Whether the original body is empty.
-    pub fn end(&self) -> bool {
-        self.end
-    }
-
-    /// The original size hint.
-    pub fn hint(&self) -> SizeHint {
-        self.hint
-    }
-}
-
-impl Body for Reclaim {
+impl Body for UpBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if self.taken.is_none() {
-            let body = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-            self.taken = body;
-        }
-        match self.taken.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
+        match self.get_mut() {
+            Self::Client(b) => Pin::new(b).poll_frame(cx),
+            Self::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.end || self.taken.as_ref().is_some_and(Body::is_end_stream)
+        match self {
+            Self::Client(b) => b.is_end_stream(),
+            Self::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint
+        match self {
+            Self::Client(b) => b.size_hint(),
+            Self::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 
-use super::body::{Guard, Reclaim, ResBody};
+use super::body::{Guard, ResBody, UpBody};
 use super::conn::ConnCtx;
 use super::headers;
 use super::upstream::Lease;
@@ -168,13 +169,18 @@ async fn proxy(
     {
         parts.headers.insert(header::HOST, v);
     }
-    let target = parts
+    parts.uri = parts
         .uri
         .path_and_query()
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-    let (first, slot) = Reclaim::new(body);
-    let (end, hint) = (first.end(), first.hint());
-    let mut body = Some(first);
+    parts.version = Version::HTTP_11;
+    // The upstream request, built once; a connection that turns out closed before it
+    // left gives it back whole, and a failed connect never took it.
+    // An idempotent request without a body may be repeated once on a fresh connection
+    // when a pooled one fails before any response (the backend closed it as the request
+    // left, RFC 9110 9.2.2); for those the head is kept.
+    let repeatable = parts.method.is_idempotent() && body.is_end_stream();
+    let mut pending = Some(Request::from_parts(parts, UpBody::Client(body)));
     let mut retried = false;
     let mut fresh = false;
     let timeout = Duration::from_millis(core.config.request_timeout_ms);
@@ -191,14 +197,18 @@ async fn proxy(
                 let now = Instant::now();
                 backend.stats.record(now - start, false, now);
                 passive(core, &route, &backend, false, now);
+                let Some(req) = pending.as_ref() else {
+                    return Err(no_backend(&host));
+                };
                 if !retried {
                     retried = true;
+                    fresh = false;
                     tracing::debug!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
                     choice = choose(
                         core,
                         &route,
-                        &parts.headers,
-                        &parts.uri,
+                        req.headers(),
+                        req.uri(),
                         client_ip,
                         Some(choice.decision.backend),
                     )
@@ -211,23 +221,20 @@ async fn proxy(
                 ));
             }
         };
-        let mut req = Request::new(
-            body.take()
-                .unwrap_or_else(|| Reclaim::again(&slot, end, hint)),
-        );
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = target.clone();
-        *req.version_mut() = Version::HTTP_11;
-        // A pooled connection may turn out closed before the request left: keep the
-        // fields for one more try on a fresh connection. A fresh one takes them.
-        *req.headers_mut() = if up.reused {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
+        let Some(req) = pending.take() else {
+            return Err(no_backend(&host));
         };
+        let copy = (repeatable && up.reused && !fresh).then(|| {
+            let mut c = Request::new(UpBody::Empty);
+            *c.method_mut() = req.method().clone();
+            *c.uri_mut() = req.uri().clone();
+            *c.version_mut() = req.version();
+            *c.headers_mut() = req.headers().clone();
+            c
+        });
         guard.to_backend(backend.clone());
         let mut sender = up.sender;
-        let result = tokio::time::timeout(timeout, sender.send_request(req)).await;
+        let result = tokio::time::timeout(timeout, sender.try_send_request(req)).await;
         let now = Instant::now();
         match result {
             Ok(Ok(mut resp)) => {
@@ -260,14 +267,24 @@ async fn proxy(
                 };
                 return Ok((resp, lease));
             }
-            Ok(Err(e)) => {
+            Ok(Err(mut e)) => {
                 guard.release_backend();
-                let unsent = end || slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-                if e.is_canceled() && up.reused && unsent && !fresh {
+                if let Some(req) = e.take_message()
+                    && !fresh
+                {
                     // The pooled connection closed under us; nothing was sent.
+                    pending = Some(req);
                     fresh = true;
                     continue;
                 }
+                if let Some(c) = copy {
+                    // Sent on a pooled connection that failed before any response.
+                    tracing::debug!(backend = %backend.id, error = %e.error(), "pooled connection failed; repeating the idempotent request on a fresh one");
+                    pending = Some(c);
+                    fresh = true;
+                    continue;
+                }
+                let e = e.into_error();
                 backend.stats.record(now - start, false, now);
                 passive(core, &route, &backend, false, now);
                 tracing::debug!(backend = %backend.id, error = %e, "backend request failed");

@@ -1,11 +1,12 @@
 //! Upstream connections of one data-plane thread: HTTP/1.1 connections to backends,
-//! kept alive and reused. The proxy asks for a connection before it builds the
-//! upstream request, so a failed connect is known before anything is sent, and the one
-//! retry on another backend needs no copy of the request.
+//! kept alive and reused. The proxy asks for a connection before it hands over the
+//! request, so a failed connect is known before anything is sent, and the one retry
+//! on another backend needs no copy of the request. A pooled connection that turns out
+//! closed gives the request back unsent (`try_send_request`).
 //!
 //! A connection goes back to the pool when its response body ended; one whose response
 //! was abandoned is closed. Idle connections older than [`IDLE`] are dropped (backends
-//! close theirs too, nginx after 75 s), and a pooled one that turns out closed is skipped.
+//! close theirs too), and a pooled one that turns out closed is skipped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,12 +16,14 @@ use http::uri::Authority;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
-use super::body::Reclaim;
+use super::body::UpBody;
 
 /// Time to open a TCP connection to a backend before the attempt counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Idle connections are kept this long.
-pub const IDLE: Duration = Duration::from_secs(30);
+/// Idle connections are kept this long: less than the shortest keep-alive timeout
+/// backends commonly have (Node.js closes after 5 s), so the balancer rarely picks one
+/// the backend is closing.
+pub const IDLE: Duration = Duration::from_secs(4);
 /// Idle connections kept per backend.
 const MAX_IDLE: usize = 512;
 
@@ -28,8 +31,8 @@ const MAX_IDLE: usize = 512;
 #[derive(Debug)]
 pub struct Upstream {
     /// The request sender.
-    pub sender: SendRequest<Reclaim>,
-    /// Whether it came from the pool (it may turn out closed; a fresh one cannot).
+    pub sender: SendRequest<UpBody>,
+    /// Whether it came from the pool: the backend may have closed it meanwhile.
     pub reused: bool,
 }
 
@@ -48,7 +51,7 @@ pub enum ConnectError {
 }
 
 /// Idle connections of one backend, with when each became idle.
-type Idle = Vec<(SendRequest<Reclaim>, Instant)>;
+type Idle = Vec<(SendRequest<UpBody>, Instant)>;
 
 /// The pool of one data-plane thread.
 #[derive(Debug, Default)]
@@ -93,7 +96,7 @@ impl Pool {
         })
     }
 
-    fn pop(&self, to: &Authority) -> Option<SendRequest<Reclaim>> {
+    fn pop(&self, to: &Authority) -> Option<SendRequest<UpBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(to)?;
         while let Some((s, since)) = list.pop() {
@@ -105,7 +108,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose response ended.
-    pub fn put(&self, to: &Authority, sender: SendRequest<Reclaim>) {
+    pub fn put(&self, to: &Authority, sender: SendRequest<UpBody>) {
         if sender.is_closed() {
             return;
         }
@@ -125,7 +128,7 @@ pub struct Lease {
     /// The backend.
     pub to: Authority,
     /// The connection.
-    pub sender: SendRequest<Reclaim>,
+    pub sender: SendRequest<UpBody>,
 }
 
 impl Lease {
