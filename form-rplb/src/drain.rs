@@ -68,25 +68,26 @@ pub fn start(
             backend: backend_id.to_owned(),
         })?;
     let now = Instant::now();
-    match backend.admin() {
-        Admin::Draining { .. } | Admin::Drained => {
-            if let Some(rx) = backend.drain_progress() {
-                return Ok(rx);
-            }
-            let done = progress(&backend, now, now, pb::DrainResult::Completed);
-            return Ok(watch::channel(done).1);
-        }
-        Admin::Active => {}
-    }
     let until = now + settings.grace;
-    backend.set_admin(Admin::Draining {
+    let (tx, rx) = watch::channel(progress(&backend, until, now, pb::DrainResult::Unspecified));
+    let draining = Admin::Draining {
         until,
         notify: settings.notify_clients,
-    });
+    };
+    if !backend.begin_drain(draining, &rx) {
+        // Draining or drained already: follow that drain. A drained backend that was
+        // meanwhile removed with `drain_removed` leaves now.
+        if backend.admin() == Admin::Drained && backend.is_leaving() {
+            core.table.drop_backend(domain, &backend);
+        }
+        if let Some(rx) = backend.drain_progress() {
+            return Ok(rx);
+        }
+        let done = progress(&backend, now, now, pb::DrainResult::Completed);
+        return Ok(watch::channel(done).1);
+    }
     core.table.refresh(domain);
     tracing::info!(domain, backend = backend_id, grace = ?settings.grace, wait_for_connections = settings.wait_for_connections, "drain started");
-    let (tx, rx) = watch::channel(progress(&backend, until, now, pb::DrainResult::Unspecified));
-    backend.set_drain_progress(rx.clone());
     tokio::spawn(run(
         core.clone(),
         domain.to_owned(),

@@ -129,9 +129,10 @@ fn member_backends(c: &pb::Cluster) -> (Vec<BackendSpec>, Vec<String>) {
             state: 0,
         };
         match settings::backend(&b) {
-            Ok(spec) => {
+            Ok(mut spec) => {
                 if status == pb::MemberStatus::Draining {
                     draining.push(spec.id.clone());
+                    spec.active = false;
                 }
                 specs.push(spec);
             }
@@ -197,10 +198,7 @@ fn apply_cluster(core: &Arc<Core>, c: &pb::Cluster) {
     let unchanged = existing.as_ref().is_some_and(|r| {
         r.settings == settings
             && r.backends.len() == specs.len()
-            && r.backends
-                .iter()
-                .zip(&specs)
-                .all(|(b, s)| b.id == s.id && b.authority == s.authority && b.weight == s.weight)
+            && r.backends.iter().zip(&specs).all(|(b, s)| b.matches(s))
     });
     if !unchanged {
         let source = existing.as_ref().map_or(Source::State, |r| r.source);

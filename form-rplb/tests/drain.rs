@@ -428,3 +428,66 @@ async fn backends_removed_with_drain_leave_when_their_drain_ends() {
     );
     stop_gracefully(&mut lb.svc).await;
 }
+
+async fn drain_now(lb: &mut Lb, id: &str) -> pb::DrainResult {
+    let mut progress = lb
+        .control
+        .drain_backend(pb::DrainBackendRequest {
+            domain: "demo.fog".into(),
+            backend_id: id.into(),
+            drain: None,
+        })
+        .await
+        .expect("drain")
+        .into_inner();
+    let mut last = None;
+    while let Some(m) = progress.message().await.expect("progress") {
+        last = Some(m.result());
+    }
+    last.expect("a result")
+}
+
+#[tokio::test]
+async fn a_drained_backend_listed_again_is_active_and_one_removed_with_drain_leaves() {
+    let mut lb = Lb::start("drain-again", &[]).await;
+    let bs = backends(2).await;
+    lb.route("demo.fog", common::none(), None, &[&bs[0], &bs[1]])
+        .await;
+    assert_eq!(drain_now(&mut lb, "b0").await, pb::DrainResult::Completed);
+    assert!(
+        lb.states("demo.fog")
+            .await
+            .contains(&("b0".into(), pb::BackendState::Drained))
+    );
+    // Listed again: active, and serving.
+    lb.set_backends("demo.fog", &[&bs[0], &bs[1]]).await;
+    assert!(
+        lb.states("demo.fog")
+            .await
+            .contains(&("b0".into(), pb::BackendState::Active))
+    );
+    let http = Http::new(lb.http);
+    form_testkit::assert_eventually!(
+        async {
+            http.get("demo.fog", "/whoami", &[])
+                .await
+                .is_ok_and(|r| r.body == "b0")
+        },
+        "b0 serves again"
+    );
+    // Drained, then removed with drain_removed: it leaves at once.
+    assert_eq!(drain_now(&mut lb, "b0").await, pb::DrainResult::Completed);
+    lb.control
+        .set_backends(pb::SetBackendsRequest {
+            domain: "demo.fog".into(),
+            backends: vec![common::backend(&bs[1])],
+            drain_removed: true,
+        })
+        .await
+        .expect("set backends");
+    form_testkit::assert_eventually!(
+        async { lb.states("demo.fog").await == vec![("b1".to_owned(), pb::BackendState::Active)] },
+        "the drained backend left"
+    );
+    stop_gracefully(&mut lb.svc).await;
+}

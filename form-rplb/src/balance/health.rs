@@ -107,7 +107,7 @@ impl HealthTracker {
         } else {
             self.passed = 0;
             self.failed_checks = self.failed_checks.saturating_add(1);
-            if self.failed_checks >= self.config.fall {
+            if self.failed_checks >= self.config.fall && self.is_healthy() {
                 self.health = Health::Ejected { recheck_at: now };
             }
         }

@@ -190,10 +190,13 @@ async fn proxy(
             backend.touch_session(s, Instant::now());
         }
         let start = Instant::now();
+        // Counted in flight from now: a drain waiting for zero sees the connect too.
+        guard.to_backend(backend.clone());
         // A connection first: a failed connect is known before anything is sent.
         let up = match conn.pool.get(&backend.authority, fresh).await {
             Ok(up) => up,
             Err(e) => {
+                guard.release_backend();
                 let now = Instant::now();
                 backend.stats.record(now - start, false, now);
                 passive(core, &route, &backend, false, now);
@@ -215,9 +218,10 @@ async fn proxy(
                     .ok_or_else(|| no_backend(&host))?;
                     continue;
                 }
+                tracing::warn!(domain = %host, backend = %backend.id, error = %e, "backend unreachable");
                 return Err(local(
                     StatusCode::BAD_GATEWAY,
-                    format!("backend '{}' of '{host}' is unreachable: {e}\n", backend.id),
+                    format!("the backend of '{host}' is unreachable\n"),
                 ));
             }
         };
@@ -232,7 +236,6 @@ async fn proxy(
             *c.headers_mut() = req.headers().clone();
             c
         });
-        guard.to_backend(backend.clone());
         let mut sender = up.sender;
         let result = tokio::time::timeout(timeout, sender.try_send_request(req)).await;
         let now = Instant::now();
@@ -288,24 +291,25 @@ async fn proxy(
                 backend.stats.record(now - start, false, now);
                 passive(core, &route, &backend, false, now);
                 tracing::debug!(backend = %backend.id, error = %e, "backend request failed");
+                tracing::warn!(domain = %host, backend = %backend.id, error = %error_chain(&e), "backend request failed");
                 return Err(local(
                     StatusCode::BAD_GATEWAY,
-                    format!(
-                        "backend '{}' of '{host}' failed: {}\n",
-                        backend.id,
-                        error_chain(&e)
-                    ),
+                    format!("the backend of '{host}' failed to answer\n"),
                 ));
             }
             Err(_) => {
                 guard.release_backend();
                 backend.stats.record(now - start, false, now);
-                passive(core, &route, &backend, false, now);
+                // A request whose body the client never finished may time out through
+                // no fault of the backend: only body-less ones count against it.
+                if repeatable {
+                    passive(core, &route, &backend, false, now);
+                }
                 return Err(local(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
-                        "backend '{}' of '{host}' sent no response within {} ms\n",
-                        backend.id, core.config.request_timeout_ms
+                        "the backend of '{host}' sent no response within {} ms\n",
+                        core.config.request_timeout_ms
                     ),
                 ));
             }

@@ -29,14 +29,16 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop fields, including those the `Connection` field names. `Upgrade`
 /// goes too: the balancer does not tunnel upgraded protocols.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(named) = headers.get(header::CONNECTION).cloned()
-        && let Ok(list) = named.to_str()
-    {
-        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                headers.remove(n);
-            }
-        }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -68,17 +70,30 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &Trusted) -> IpAddr
     last.unwrap_or(peer)
 }
 
+/// Every line of field `name`, joined with ", " (a list field may be split over
+/// several lines); `None` when absent or not text.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in headers.get_all(name) {
+        let v = v.to_str().ok()?;
+        match out.as_mut() {
+            Some(o) => {
+                o.push_str(", ");
+                o.push_str(v);
+            }
+            None => out = Some(v.to_owned()),
+        }
+    }
+    out
+}
+
 /// Sets the forwarding fields for a request from `peer` for `host`: appended to what a
 /// trusted proxy sent, replacing what anyone else sent (a client cannot make a backend
 /// believe a forged chain).
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: &str, peer_trusted: bool) {
     let peer_s = peer.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) if peer_trusted => prev
-            .to_str()
-            .ok()
-            .map(|p| format!("{p}, {peer_s}"))
-            .unwrap_or_else(|| peer_s.clone()),
+    let xff = match joined(headers, &X_FORWARDED_FOR) {
+        Some(prev) if peer_trusted => format!("{prev}, {peer_s}"),
         _ => peer_s.clone(),
     };
     let node = if peer.is_ipv6() {
@@ -88,12 +103,8 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: &str, peer_tru
     };
     let quoted_host: String = host.chars().filter(|c| *c != '"' && *c != '\\').collect();
     let element = format!("for={node};proto=http;host=\"{quoted_host}\"");
-    let forwarded = match headers.get(header::FORWARDED) {
-        Some(prev) if peer_trusted => prev
-            .to_str()
-            .ok()
-            .map(|p| format!("{p}, {element}"))
-            .unwrap_or_else(|| element.clone()),
+    let forwarded = match joined(headers, &header::FORWARDED) {
+        Some(prev) if peer_trusted => format!("{prev}, {element}"),
         _ => element,
     };
     if !(peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -185,6 +196,8 @@ mod tests {
     fn hop_by_hop_fields_and_those_connection_names_go() {
         let mut h = map(&[
             ("connection", "keep-alive, x-secret"),
+            ("connection", "x-other"),
+            ("x-other", "2"),
             ("keep-alive", "timeout=5"),
             ("x-secret", "1"),
             ("te", "trailers"),

@@ -62,15 +62,11 @@ pub struct Pool {
 impl Pool {
     /// A connection to `to`: an idle one unless `fresh`, else a new one.
     pub async fn get(&self, to: &Authority, fresh: bool) -> Result<Upstream, ConnectError> {
-        if !fresh {
-            while let Some(mut sender) = self.pop(to) {
-                if sender.ready().await.is_ok() {
-                    return Ok(Upstream {
-                        sender,
-                        reused: true,
-                    });
-                }
-            }
+        if !fresh && let Some(sender) = self.pop_ready(to) {
+            return Ok(Upstream {
+                sender,
+                reused: true,
+            });
         }
         let addr = to.as_str();
         let stream =
@@ -96,15 +92,26 @@ impl Pool {
         })
     }
 
-    fn pop(&self, to: &Authority) -> Option<SendRequest<UpBody>> {
+    /// An idle connection that can take a request now. One still busy (its previous
+    /// request's body is still uploading after an early response) stays in the pool
+    /// for later; closed and expired ones go.
+    fn pop_ready(&self, to: &Authority) -> Option<SendRequest<UpBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(to)?;
+        let mut busy = Vec::new();
+        let mut found = None;
         while let Some((s, since)) = list.pop() {
-            if !s.is_closed() && since.elapsed() < IDLE {
-                return Some(s);
+            if s.is_closed() || since.elapsed() >= IDLE {
+                continue;
             }
+            if s.is_ready() {
+                found = Some(s);
+                break;
+            }
+            busy.push((s, since));
         }
-        None
+        list.extend(busy.into_iter().rev());
+        found
     }
 
     /// Takes back a connection whose response ended.

@@ -18,6 +18,16 @@ use crate::stats::Stats;
 
 /// How long a session counts as pinned after its last request.
 pub const SESSION_ACTIVE: Duration = Duration::from_secs(60);
+/// Sessions remembered per backend at most: a flood of new sessions costs bounded
+/// memory and at most one sweep per second (the count then saturates).
+pub const SESSIONS_MAX: usize = 65_536;
+
+/// Recently seen sessions of one backend.
+#[derive(Debug, Default)]
+struct Sessions {
+    seen: HashMap<u64, Instant>,
+    swept: Option<Instant>,
+}
 
 /// The operator's side of a backend's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +60,7 @@ pub struct BackendRt {
     pub stats: Stats,
     admin: Mutex<Admin>,
     health: Mutex<HealthTracker>,
-    sessions: Mutex<HashMap<u64, Instant>>,
+    sessions: Mutex<Sessions>,
     /// Progress of the running or last drain.
     drain: Mutex<Option<watch::Receiver<pb::DrainProgress>>>,
     /// Leaves the route when its drain ends.
@@ -70,11 +80,32 @@ impl BackendRt {
             stats: Stats::new(now),
             admin: Mutex::new(Admin::Active),
             health: Mutex::new(HealthTracker::new(health)),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             drain: Mutex::new(None),
             leaving: AtomicBool::new(false),
             removed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this object serves `spec`: same id, address and weight, and, when the
+    /// spec wants it active, not drained, draining or leaving.
+    pub fn matches(&self, spec: &BackendSpec) -> bool {
+        self.id == spec.id
+            && self.authority == spec.authority
+            && self.weight == spec.weight
+            && (!spec.active || (self.admin() == Admin::Active && !self.is_leaving()))
+    }
+
+    /// Starts a drain if it is active: sets `Draining` and keeps the progress channel,
+    /// in one step (two drains cannot both start). False when it was not active.
+    pub fn begin_drain(&self, admin: Admin, rx: &watch::Receiver<pb::DrainProgress>) -> bool {
+        let mut a = lock(&self.admin);
+        if *a != Admin::Active {
+            return false;
+        }
+        *a = admin;
+        *lock(&self.drain) = Some(rx.clone());
+        true
     }
 
     /// The admin state.
@@ -133,17 +164,31 @@ impl BackendRt {
     /// Records a request of the session whose cookie hashes to `session` at `now`.
     pub fn touch_session(&self, session: u64, now: Instant) {
         let mut s = lock(&self.sessions);
-        if s.len() >= 4096 {
-            s.retain(|_, seen| now.duration_since(*seen) < SESSION_ACTIVE);
+        if s.seen.len() >= SESSIONS_MAX && !s.seen.contains_key(&session) {
+            if s.swept
+                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+            {
+                return;
+            }
+            s.seen
+                .retain(|_, seen| now.duration_since(*seen) < SESSION_ACTIVE);
+            s.swept = Some(now);
+            if s.seen.len() >= SESSIONS_MAX {
+                return;
+            }
         }
-        s.insert(session, now);
+        s.seen.insert(session, now);
     }
 
     /// Sessions pinned here that sent a request within [`SESSION_ACTIVE`].
     pub fn pinned_sessions(&self, now: Instant) -> u32 {
-        let mut s = lock(&self.sessions);
-        s.retain(|_, seen| now.duration_since(*seen) < SESSION_ACTIVE);
-        u32::try_from(s.len()).unwrap_or(u32::MAX)
+        let s = lock(&self.sessions);
+        let n = s
+            .seen
+            .values()
+            .filter(|seen| now.duration_since(**seen) < SESSION_ACTIVE)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     /// The contract's view of it.
@@ -164,11 +209,6 @@ impl BackendRt {
     /// The progress channel of its drain, if one ran.
     pub fn drain_progress(&self) -> Option<watch::Receiver<pb::DrainProgress>> {
         lock(&self.drain).clone()
-    }
-
-    /// Keeps the progress channel of a drain that starts.
-    pub fn set_drain_progress(&self, rx: watch::Receiver<pb::DrainProgress>) {
-        *lock(&self.drain) = Some(rx);
     }
 
     /// Marks it to leave the route when its drain ends.

@@ -225,10 +225,7 @@ fn merge(
     let now = Instant::now();
     let mut list = Vec::with_capacity(specs.len());
     for spec in specs {
-        match current
-            .iter()
-            .find(|b| b.id == spec.id && b.authority == spec.authority && b.weight == spec.weight)
-        {
+        match current.iter().find(|b| b.matches(spec)) {
             Some(b) => list.push(b.clone()),
             None => {
                 let b = Arc::new(BackendRt::new(spec, hc, now));
@@ -275,6 +272,7 @@ mod tests {
             id: id.into(),
             authority: format!("127.0.0.1:{port}").parse().expect("authority"),
             weight: 1,
+            active: true,
         }
     }
 
@@ -312,8 +310,20 @@ mod tests {
         );
         assert_eq!(v4.backends.len(), 2, "'c' stays to drain, 'a' replaced");
         assert!(v4.backend("c").expect("c").is_leaving());
+        // Listed again, a leaving or drained backend becomes active again (a new object).
+        let c = v4.backend("c").expect("c").clone();
+        let (v5, _) = t
+            .set_backends(
+                "demo.fog",
+                &[spec("a", 9), spec("c", 3)],
+                Removal::Immediate,
+            )
+            .expect("route");
+        assert!(!Arc::ptr_eq(v5.backend("c").expect("c"), &c) && c.is_removed());
+        assert!(!v5.backend("c").expect("c").is_leaving());
         assert!(t.set_backends("nowhere", &[], Removal::Immediate).is_none());
         assert_eq!(t.remove("demo.fog").map(|b| b.len()), Some(2));
+        let _ = v4;
         assert!(t.get("demo.fog").is_none());
     }
 }

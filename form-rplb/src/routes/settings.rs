@@ -82,6 +82,10 @@ pub struct BackendSpec {
     pub authority: Authority,
     /// Relative weight (>= 1).
     pub weight: u32,
+    /// Wanted taking new requests: a backend listed again after a drain (or while it
+    /// was leaving) becomes active again. False for members form-state says are
+    /// draining.
+    pub active: bool,
 }
 
 /// Longest accepted domain (DNS limit).
@@ -270,6 +274,7 @@ pub fn backend(b: &pb::Backend) -> Result<BackendSpec, String> {
         id: b.id.clone(),
         authority,
         weight: b.weight.max(1),
+        active: true,
     })
 }
 
