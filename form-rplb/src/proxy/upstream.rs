@@ -139,8 +139,18 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Returns the connection to its pool.
-    pub fn give_back(self) {
-        self.pool.put(&self.to, self.sender);
+    /// Returns the connection to its pool once it can take a request: at once when its
+    /// driver already said so, else when it does (a connection still uploading the body
+    /// of a request answered early waits outside the pool, for [`IDLE`] at most).
+    pub fn give_back(mut self) {
+        if self.sender.is_ready() {
+            self.pool.put(&self.to, self.sender);
+            return;
+        }
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(IDLE, self.sender.ready()).await {
+                self.pool.put(&self.to, self.sender);
+            }
+        });
     }
 }
