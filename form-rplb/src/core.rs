@@ -1,6 +1,7 @@
 //! What the data plane, the control plane and the background tasks share: the route
-//! table, the upstream clients, the cookie key, and the starting of each new backend's
-//! health checks.
+//! table, the cookie key, the trusted proxies, the health-check client, and the
+//! starting of each new backend's health checks and drains. (Proxied requests use the
+//! per-thread pools of `proxy::upstream`.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +18,9 @@ use crate::balance::health::HealthConfig;
 use crate::routes::{Change, Table};
 use crate::trusted::Trusted;
 
-/// Time to open a TCP connection to a backend before the attempt counts as failed.
+/// Time a health check may take to connect before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Idle upstream connections are kept this long.
+/// Idle health-check connections are kept this long.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// State shared by every part of the balancer.
