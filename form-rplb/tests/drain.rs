@@ -413,14 +413,7 @@ async fn backends_removed_with_drain_leave_when_their_drain_ends() {
     let bs = backends(2).await;
     lb.route("demo.fog", common::none(), None, &[&bs[0], &bs[1]])
         .await;
-    lb.control
-        .set_backends(pb::SetBackendsRequest {
-            domain: "demo.fog".into(),
-            backends: vec![common::backend(&bs[1])],
-            drain_removed: true,
-        })
-        .await
-        .expect("set backends");
+    lb.set_backends_draining("demo.fog", &[&bs[1]]).await;
     // Idle, with the default wait_for_connections: the drain ends at once and b0 goes.
     form_testkit::assert_eventually!(
         async { lb.states("demo.fog").await == vec![("b1".to_owned(), pb::BackendState::Active)] },
@@ -477,14 +470,7 @@ async fn a_drained_backend_listed_again_is_active_and_one_removed_with_drain_lea
     );
     // Drained, then removed with drain_removed: it leaves at once.
     assert_eq!(drain_now(&mut lb, "b0").await, pb::DrainResult::Completed);
-    lb.control
-        .set_backends(pb::SetBackendsRequest {
-            domain: "demo.fog".into(),
-            backends: vec![common::backend(&bs[1])],
-            drain_removed: true,
-        })
-        .await
-        .expect("set backends");
+    lb.set_backends_draining("demo.fog", &[&bs[1]]).await;
     form_testkit::assert_eventually!(
         async { lb.states("demo.fog").await == vec![("b1".to_owned(), pb::BackendState::Active)] },
         "the drained backend left"

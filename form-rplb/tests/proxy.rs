@@ -450,21 +450,7 @@ async fn closing_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>
 async fn pooled_connections_closed_by_the_backend_are_replaced_without_failing_requests() {
     let mut lb = Lb::start("stale", &[]).await;
     let (addr, task) = closing_backend().await;
-    lb.control
-        .upsert_route(pb::UpsertRouteRequest {
-            route: Some(pb::Route {
-                domain: "demo.fog".into(),
-                backends: vec![pb::Backend {
-                    id: "closer".into(),
-                    address: addr.to_string(),
-                    weight: 1,
-                    state: 0,
-                }],
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("route");
+    lb.route_to("demo.fog", "closer", addr).await;
     let http = Http::new(lb.http);
     for i in 0..60 {
         let r = http.get("demo.fog", "/", &[]).await.expect("request");
@@ -537,21 +523,7 @@ async fn a_connection_still_uploading_an_earlier_body_is_not_reused() {
     let conf = conf.display().to_string();
     let mut lb = Lb::start("early", &["--config", &conf]).await;
     let (addr, task) = early_backend().await;
-    lb.control
-        .upsert_route(pb::UpsertRouteRequest {
-            route: Some(pb::Route {
-                domain: "demo.fog".into(),
-                backends: vec![pb::Backend {
-                    id: "early".into(),
-                    address: addr.to_string(),
-                    weight: 1,
-                    state: 0,
-                }],
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("route");
+    lb.route_to("demo.fog", "early", addr).await;
     // An upload that stalls after its first bytes, answered early.
     let mut uploader = tokio::net::TcpStream::connect(lb.http)
         .await

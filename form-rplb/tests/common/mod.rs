@@ -81,16 +81,50 @@ impl Lb {
             .expect("route")
     }
 
-    /// Replaces the backends of `domain`.
+    /// Replaces the backends of `domain`; removed ones leave at once.
     pub async fn set_backends(&mut self, domain: &str, backends: &[&HttpBackend]) {
+        self.replace_backends(domain, backends, false).await;
+    }
+
+    /// Replaces the backends of `domain`; removed ones are drained first.
+    pub async fn set_backends_draining(&mut self, domain: &str, backends: &[&HttpBackend]) {
+        self.replace_backends(domain, backends, true).await;
+    }
+
+    async fn replace_backends(
+        &mut self,
+        domain: &str,
+        backends: &[&HttpBackend],
+        drain_removed: bool,
+    ) {
         self.control
             .set_backends(pb::SetBackendsRequest {
                 domain: domain.into(),
                 backends: backends.iter().map(|b| backend(b)).collect(),
-                drain_removed: false,
+                drain_removed,
             })
             .await
             .expect("set backends");
+    }
+
+    /// Creates route `domain` (default settings) over one backend `id` at `addr` that
+    /// is not a test backend (a raw server of a test).
+    pub async fn route_to(&mut self, domain: &str, id: &str, addr: SocketAddr) {
+        self.control
+            .upsert_route(pb::UpsertRouteRequest {
+                route: Some(pb::Route {
+                    domain: domain.into(),
+                    backends: vec![pb::Backend {
+                        id: id.into(),
+                        address: addr.to_string(),
+                        weight: 1,
+                        state: 0,
+                    }],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("route");
     }
 
     /// The route of `domain` as the balancer lists it.
