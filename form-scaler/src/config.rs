@@ -23,6 +23,22 @@ pub struct Config {
     pub vmm: Vec<HostPort>,
     /// form-rplb control addresses, `host:port` each.
     pub rplb: Vec<HostPort>,
+    /// This controller's id (the owner of its operations); keep it across restarts.
+    pub id: String,
+    /// Milliseconds between two evaluations of every cluster.
+    pub evaluate_interval_ms: u64,
+    /// The vmm heartbeat interval: a CPU figure older than 5 of them is stale.
+    pub heartbeat_interval_ms: u64,
+    /// Whether decisions are acted on; false leaves scaling to manual requests.
+    pub autoscale: bool,
+    /// Largest `max_instances` a policy may set.
+    pub max_instances_cap: u32,
+    /// Milliseconds a new instance has to become healthy and served.
+    pub ready_timeout_ms: u64,
+    /// Milliseconds a victim's drain may take.
+    pub drain_timeout_ms: u64,
+    /// Injected faults, `STEP[=fail|hang]` (tests of rollback and restarts).
+    pub inject_fault: Vec<String>,
 }
 
 impl Default for Config {
@@ -33,6 +49,14 @@ impl Default for Config {
             state: Vec::new(),
             vmm: Vec::new(),
             rplb: Vec::new(),
+            id: "form-scaler".into(),
+            evaluate_interval_ms: 1000,
+            heartbeat_interval_ms: 1000,
+            autoscale: true,
+            max_instances_cap: 100,
+            ready_timeout_ms: 60_000,
+            drain_timeout_ms: 120_000,
+            inject_fault: Vec::new(),
         }
     }
 }
@@ -49,6 +73,31 @@ impl ServiceConfig for Config {
 
     fn metrics_listen_mut(&mut self) -> &mut SocketAddr {
         &mut self.metrics_listen
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        form_runtime::ids::check(&self.id).map_err(|e| ConfigError::invalid("id", e))?;
+        for (field, v) in [
+            ("evaluate_interval_ms", self.evaluate_interval_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("ready_timeout_ms", self.ready_timeout_ms),
+            ("drain_timeout_ms", self.drain_timeout_ms),
+        ] {
+            if !(10..=3_600_000).contains(&v) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("{v} is not accepted; expected 10 to 3600000 milliseconds"),
+                ));
+            }
+        }
+        if self.max_instances_cap == 0 {
+            return Err(ConfigError::invalid(
+                "max_instances_cap",
+                "0 is not accepted; expected at least 1",
+            ));
+        }
+        crate::faults::Faults::parse(&self.inject_fault)?;
+        Ok(())
     }
 }
 
@@ -83,6 +132,30 @@ pub struct Args {
     )]
     pub rplb: Option<Vec<HostPort>>,
 
+    /// This controller's id; operations it owns are resumed by a controller of that id
+    #[arg(long, value_name = "ID", env = "FORM_SCALER_ID")]
+    pub id: Option<String>,
+
+    /// Milliseconds between two evaluations of every cluster
+    #[arg(long, value_name = "MS")]
+    pub evaluate_interval_ms: Option<u64>,
+
+    /// The vmm heartbeat interval in milliseconds (CPU figures older than 5 are stale)
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+
+    /// Act on decisions (true) or only carry out manual requests (false)
+    #[arg(long, value_name = "BOOL")]
+    pub autoscale: Option<bool>,
+
+    /// Milliseconds a new instance has to become healthy and served
+    #[arg(long, value_name = "MS")]
+    pub ready_timeout_ms: Option<u64>,
+
+    /// Inject a fault at a step, STEP[=fail|hang] (tests of rollback and restarts)
+    #[arg(long, value_name = "STEP[=fail|hang]")]
+    pub inject_fault: Vec<String>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -100,6 +173,24 @@ impl Args {
             }
             if let Some(v) = self.rplb {
                 c.rplb = v;
+            }
+            if let Some(v) = self.id {
+                c.id = v;
+            }
+            if let Some(v) = self.evaluate_interval_ms {
+                c.evaluate_interval_ms = v;
+            }
+            if let Some(v) = self.heartbeat_interval_ms {
+                c.heartbeat_interval_ms = v;
+            }
+            if let Some(v) = self.autoscale {
+                c.autoscale = v;
+            }
+            if let Some(v) = self.ready_timeout_ms {
+                c.ready_timeout_ms = v;
+            }
+            if !self.inject_fault.is_empty() {
+                c.inject_fault = self.inject_fault;
             }
         })?;
         Ok((config, self.common))

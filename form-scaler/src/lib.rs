@@ -2,14 +2,30 @@
 //! carries out scale-out, scale-in, replacement and resize as operations recorded in
 //! form-state.
 
+pub mod autoscale;
 pub mod config;
+pub mod controller;
 pub mod decide;
+pub mod faults;
+pub mod ops;
 pub mod ownership;
+pub mod platform;
 pub mod policy;
+pub mod probe;
+pub mod service;
 pub mod victims;
 pub mod window;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use controller::Shared;
+use faults::Faults;
+use form_proto::scaler::v1::scaler_service_server::ScalerServiceServer;
+use ops::engine::{Engine, Limits};
+use platform::Platform;
+use service::Api;
 
 use form_runtime::cli::CommonArgs;
 use form_runtime::grpc::{GRPC_LISTENER, GrpcServer};
@@ -50,11 +66,39 @@ impl Service for Controller {
     }
 
     async fn run(self, ctx: RunContext) -> Result<(), RuntimeError> {
-        let upstreams = upstream::from_config(&[
-            ("state", &self.config.state),
-            ("vmm", &self.config.vmm),
-            ("rplb", &self.config.rplb),
-        ])?;
-        form_runtime::grpc::run(ctx, GrpcServer::new(), &upstreams).await
+        let c = self.config;
+        let upstreams =
+            upstream::from_config(&[("state", &c.state), ("vmm", &c.vmm), ("rplb", &c.rplb)])?;
+        let state = upstreams
+            .iter()
+            .find(|u| u.name() == "state")
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "state",
+                    "no form-state address given; expected --state HOST:PORT[,HOST:PORT...] (operations are recorded there)",
+                )
+            })?;
+        let engine = Engine {
+            platform: Platform::new(state, &c.vmm, &c.rplb)?,
+            limits: Limits {
+                ready_timeout: Duration::from_millis(c.ready_timeout_ms),
+                drain_timeout: Duration::from_millis(c.drain_timeout_ms),
+                ..Limits::default()
+            },
+            faults: Faults::parse(&c.inject_fault)?,
+        };
+        let shared = Arc::new(Shared::new(c.id.clone(), engine, c.max_instances_cap));
+        let settings = autoscale::Settings {
+            interval: Duration::from_millis(c.evaluate_interval_ms),
+            heartbeat: Duration::from_millis(c.heartbeat_interval_ms),
+            act: c.autoscale,
+        };
+        tokio::spawn(autoscale::run(
+            shared.clone(),
+            settings,
+            ctx.shutdown.clone(),
+        ));
+        let server = GrpcServer::new().add_service(ScalerServiceServer::new(Api::new(shared)));
+        form_runtime::grpc::run(ctx, server, &upstreams).await
     }
 }

@@ -1,0 +1,181 @@
+//! The control loop: every evaluation interval, for each cluster with a template and
+//! no running operation, observe (CPU from the heartbeats in form-state, in-flight
+//! requests from the balancer), decide, and submit the scale-out or scale-in the
+//! decision asks for. Unfinished operations found in form-state are adopted on each
+//! round too, so a restarted controller picks up what its predecessor left.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use form_proto::rplb::v1 as rplb_pb;
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_runtime::shutdown::Shutdown;
+
+use crate::controller::{LastDecision, Shared};
+use crate::decide::{self, Observation};
+use crate::ops::plan::{self, Request};
+use crate::ops::record::now_ms;
+
+/// A heartbeat older than this many intervals makes the CPU figure stale.
+const STALE_HEARTBEATS: u64 = 5;
+
+/// Loop settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Time between two evaluations.
+    pub interval: Duration,
+    /// The vmm heartbeat interval (staleness of CPU figures).
+    pub heartbeat: Duration,
+    /// Whether decisions are acted on (false: only operations are resumed).
+    pub act: bool,
+}
+
+/// Runs until shutdown.
+pub async fn run(shared: Arc<Shared>, settings: Settings, mut shutdown: Shutdown) {
+    loop {
+        if let Err(e) = shared.resume().await {
+            tracing::debug!(error = %e.message(), "cannot read operations to resume yet");
+        }
+        if settings.act
+            && let Err(e) = round(&shared, &settings).await
+        {
+            tracing::debug!(error = %e.message(), "evaluation round failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.interval) => {}
+            _ = shutdown.requested() => return,
+        }
+    }
+}
+
+async fn in_flight(shared: &Shared) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    if let Some(mut rplb) = shared.engine.platform.rplb.clone()
+        && let Ok(s) = rplb
+            .get_stats(rplb_pb::GetStatsRequest {
+                domain: String::new(),
+            })
+            .await
+    {
+        for r in s.into_inner().routes {
+            for b in r.backends {
+                out.insert(format!("{}/{}", r.cluster_id, b.id), f64::from(b.in_flight));
+            }
+        }
+    }
+    out
+}
+
+async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::Status> {
+    let clusters = shared
+        .engine
+        .platform
+        .state
+        .clone()
+        .list_clusters(state_pb::ListClustersRequest {})
+        .await?
+        .into_inner()
+        .clusters;
+    let loads = in_flight(shared).await;
+    let now = now_ms();
+    let stale_ms = settings.heartbeat.as_millis() as u64 * STALE_HEARTBEATS;
+    for c in clusters {
+        if c.template_instance_id.is_empty() || shared.running(&c.cluster_id).is_some() {
+            continue;
+        }
+        let policy = plan::policy_of(&c);
+        let obs = observations(shared, &c, &policy, &loads, now, stale_ms);
+        if obs.is_empty() {
+            continue;
+        }
+        let keep_ms = u64::from(
+            policy
+                .scale_in_stabilization_seconds
+                .max(policy.scale_out_stabilization_seconds),
+        ) * 1000;
+        let d = {
+            let mut h = shared
+                .histories
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let h = h.entry(c.cluster_id.clone()).or_default();
+            let d = decide::decide(&policy, &obs, h, now);
+            h.record(now, d.raw, keep_ms);
+            d
+        };
+        shared
+            .decisions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                c.cluster_id.clone(),
+                LastDecision {
+                    decision: d.clone(),
+                    at_ms: now,
+                },
+            );
+        metrics::gauge!("form_scaler_desired_instances", "cluster" => c.cluster_id.clone())
+            .set(f64::from(d.desired));
+        if !d.changes() {
+            continue;
+        }
+        let kind = if d.desired > d.current {
+            types::OperationKind::ScaleOut
+        } else {
+            types::OperationKind::ScaleIn
+        };
+        let req = Request {
+            kind: kind as i32,
+            target_count: d.desired,
+            drain_connections: true,
+            reason: d.reason.clone(),
+            ..Default::default()
+        };
+        match shared.submit(&c.cluster_id, req, false).await {
+            Ok(op) => {
+                tracing::info!(cluster = %c.cluster_id, operation = %op.operation_id, desired = d.desired, current = d.current, reason = %d.reason, "scaling")
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %c.cluster_id, error = %e.message(), "decision not carried out")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The counted members of `c` as `decide` sees them.
+fn observations(
+    shared: &Shared,
+    c: &state_pb::Cluster,
+    policy: &types::ScalingPolicy,
+    loads: &HashMap<String, f64>,
+    now: u64,
+    stale_ms: u64,
+) -> Vec<Observation> {
+    let activated = shared
+        .activated
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let warm_ms = u64::from(policy.warmup_seconds) * 1000;
+    plan::counted_members(c)
+        .into_iter()
+        .map(|m| {
+            let active = m.status == state_pb::MemberStatus::Active as i32;
+            let warming = activated
+                .get(&m.instance_id)
+                .is_some_and(|t| now < t + warm_ms);
+            let fresh =
+                m.last_heartbeat_ms > 0 && now.saturating_sub(m.last_heartbeat_ms) <= stale_ms;
+            Observation {
+                instance_id: m.instance_id.clone(),
+                ready: active && !warming,
+                cpu: fresh.then_some(m.cpu_utilization),
+                in_flight: loads
+                    .get(&format!("{}/{}", c.cluster_id, m.instance_id))
+                    .copied(),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,308 @@
+//! The controller's shared state and the one place requests become operations: the
+//! gRPC API and the autoscaler both call [`Shared::submit`]. It checks the request,
+//! refuses a second operation on a busy cluster (naming the running one), plans the
+//! operation, records it and runs it in the background. [`Shared::resume`] adopts
+//! operations found unfinished in form-state (after a restart).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use form_proto::rplb::v1 as rplb_pb;
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use tonic::Status;
+
+use crate::decide::{Decision, History};
+use crate::ops::engine::Engine;
+use crate::ops::plan::{self, Request};
+use crate::ops::{self, record};
+use crate::victims::Candidate;
+
+/// The latest decision of a cluster and when it was made.
+#[derive(Debug, Clone)]
+pub struct LastDecision {
+    /// The decision.
+    pub decision: Decision,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// State shared by the API, the autoscaler and running operations.
+#[derive(Debug)]
+pub struct Shared {
+    /// This controller's id (the `owner` of its operations).
+    pub id: String,
+    /// Runs operations.
+    pub engine: Engine,
+    /// Largest `max_instances` accepted in a policy.
+    pub cap: u32,
+    /// Running operations: cluster id -> (operation id, kind).
+    running: Mutex<HashMap<String, (String, i32)>>,
+    /// Decision history per cluster.
+    pub histories: Mutex<HashMap<String, History>>,
+    /// Latest decision per cluster.
+    pub decisions: Mutex<HashMap<String, LastDecision>>,
+    /// When each instance created by a scale-out became active (warm-up).
+    pub activated: Mutex<HashMap<String, u64>>,
+    submit: tokio::sync::Mutex<()>,
+    counter: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn state_err(what: &str, e: Status) -> Status {
+    Status::new(e.code(), format!("{what}: {}", e.message()))
+}
+
+impl Shared {
+    /// A controller named `id`.
+    pub fn new(id: String, engine: Engine, cap: u32) -> Self {
+        Self {
+            id,
+            engine,
+            cap,
+            running: Mutex::default(),
+            histories: Mutex::default(),
+            decisions: Mutex::default(),
+            activated: Mutex::default(),
+            submit: tokio::sync::Mutex::new(()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// The running operation of `cluster`: (id, kind).
+    pub fn running(&self, cluster: &str) -> Option<(String, i32)> {
+        lock(&self.running).get(cluster).cloned()
+    }
+
+    /// Checks, plans, records and starts `req` on `cluster_id`. With `check_cooldown`,
+    /// a scale inside its direction's cooldown is refused unless `immediate`.
+    pub async fn submit(
+        self: &Arc<Self>,
+        cluster_id: &str,
+        mut req: Request,
+        check_cooldown: bool,
+    ) -> Result<types::Operation, Status> {
+        form_runtime::ids::check(cluster_id)
+            .map_err(|e| Status::invalid_argument(format!("cluster_id {e}")))?;
+        if req.operation_id.is_empty() {
+            req.operation_id = self.new_operation_id(cluster_id);
+        } else {
+            form_runtime::ids::check(&req.operation_id)
+                .map_err(|e| Status::invalid_argument(format!("operation_id {e}")))?;
+        }
+        let _one_at_a_time = self.submit.lock().await;
+        let mut state = self.engine.platform.state.clone();
+        match state
+            .get_operation(state_pb::GetOperationRequest {
+                operation_id: req.operation_id.clone(),
+            })
+            .await
+        {
+            Ok(existing) => {
+                let op = existing.into_inner();
+                if op.cluster_id == cluster_id && op.kind == req.kind {
+                    return Ok(op);
+                }
+                return Err(Status::already_exists(format!(
+                    "operation {} exists for cluster {} ({}); an id names one request",
+                    op.operation_id,
+                    op.cluster_id,
+                    ops::kind_name(op.kind)
+                )));
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(state_err("reading operations", e)),
+        }
+        let cluster = state
+            .get_cluster(state_pb::GetClusterRequest {
+                cluster_id: cluster_id.to_owned(),
+            })
+            .await
+            .map_err(|e| state_err(&format!("cluster {cluster_id}"), e))?
+            .into_inner();
+        self.refuse_if_busy(cluster_id).await?;
+        if check_cooldown && !req.immediate {
+            self.refuse_in_cooldown(&cluster, req.kind)?;
+        }
+        let candidates = self.candidates(&cluster).await;
+        let op = plan::build(&req, &cluster, &candidates, &self.id, record::now_ms())?;
+        state
+            .put_operation(state_pb::PutOperationRequest {
+                operation: Some(op.clone()),
+            })
+            .await
+            .map_err(|e| state_err("recording the operation", e))?;
+        tracing::info!(operation = %op.operation_id, cluster = cluster_id, kind = ops::kind_name(op.kind), target = op.target_count, reason = %op.reason, "operation accepted");
+        self.launch(op.clone());
+        Ok(op)
+    }
+
+    async fn refuse_if_busy(&self, cluster_id: &str) -> Result<(), Status> {
+        if let Some((id, kind)) = self.running(cluster_id) {
+            return Err(busy(cluster_id, &id, kind, "running"));
+        }
+        let listed = self
+            .engine
+            .platform
+            .state
+            .clone()
+            .list_operations(state_pb::ListOperationsRequest {
+                cluster_id: cluster_id.to_owned(),
+                limit: 0,
+            })
+            .await
+            .map_err(|e| state_err("reading operations", e))?
+            .into_inner();
+        if let Some(op) = listed.operations.iter().find(|o| !ops::is_terminal(o)) {
+            return Err(busy(
+                cluster_id,
+                &op.operation_id,
+                op.kind,
+                ops::status_name(op),
+            ));
+        }
+        Ok(())
+    }
+
+    fn refuse_in_cooldown(&self, cluster: &state_pb::Cluster, kind: i32) -> Result<(), Status> {
+        let policy = plan::policy_of(cluster);
+        let h = lock(&self.histories)
+            .get(&cluster.cluster_id)
+            .cloned()
+            .unwrap_or_default();
+        let (since, secs, name) = if kind == types::OperationKind::ScaleOut as i32 {
+            (
+                h.last_capacity_ready_ms,
+                policy.scale_out_cooldown_seconds,
+                "scale_out",
+            )
+        } else if kind == types::OperationKind::ScaleIn as i32 {
+            (
+                h.last_action_ms,
+                policy.scale_in_cooldown_seconds,
+                "scale_in",
+            )
+        } else {
+            return Ok(());
+        };
+        let now = record::now_ms();
+        if let Some(t) = since {
+            let end = t + u64::from(secs) * 1000;
+            if now < end {
+                return Err(Status::failed_precondition(format!(
+                    "cluster {} is in its {name} cooldown for {} more seconds; set immediate to skip it",
+                    cluster.cluster_id,
+                    (end - now).div_ceil(1000)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The members as a scale-in sees them, with the balancer's figures when it answers.
+    async fn candidates(&self, c: &state_pb::Cluster) -> Vec<Candidate> {
+        let mut load: HashMap<String, (u32, u32)> = HashMap::new();
+        if let Some(mut rplb) = self.engine.platform.rplb.clone()
+            && let Ok(stats) = rplb
+                .get_stats(rplb_pb::GetStatsRequest {
+                    domain: c.domain.clone(),
+                })
+                .await
+        {
+            for b in stats.into_inner().routes.iter().flat_map(|r| &r.backends) {
+                load.insert(b.id.clone(), (b.pinned_sessions, b.in_flight));
+            }
+        }
+        plan::counted_members(c)
+            .into_iter()
+            .map(|m| {
+                let (pinned_sessions, in_flight) =
+                    load.get(&m.instance_id).copied().unwrap_or((0, 0));
+                Candidate {
+                    instance_id: m.instance_id.clone(),
+                    template: m.instance_id == c.template_instance_id,
+                    healthy: plan::member_healthy(m),
+                    pinned_sessions,
+                    in_flight,
+                }
+            })
+            .collect()
+    }
+
+    fn new_operation_id(&self, cluster: &str) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let prefix: String = cluster.chars().take(90).collect();
+        format!("op-{prefix}-{:x}-{n}", record::now_ms())
+    }
+
+    /// Runs `op` in the background; the cluster counts as busy until it ends.
+    fn launch(self: &Arc<Self>, op: types::Operation) {
+        lock(&self.running).insert(op.cluster_id.clone(), (op.operation_id.clone(), op.kind));
+        let this = self.clone();
+        tokio::spawn(async move {
+            let cluster = op.cluster_id.clone();
+            let done = this.engine.run(op).await;
+            this.finished(&done);
+            lock(&this.running).remove(&cluster);
+        });
+    }
+
+    fn finished(&self, op: &types::Operation) {
+        if !ops::is_terminal(op) {
+            return;
+        }
+        let now = record::now_ms();
+        let mut h = lock(&self.histories);
+        let h = h.entry(op.cluster_id.clone()).or_default();
+        h.last_action_ms = Some(now);
+        let completed = ops::status_name(op) == "completed";
+        if completed && op.kind == types::OperationKind::ScaleOut as i32 {
+            h.last_capacity_ready_ms = Some(now);
+            let mut a = lock(&self.activated);
+            for id in &op.new_instances {
+                a.insert(id.clone(), now);
+            }
+        }
+    }
+
+    /// Adopts the unfinished operations in form-state that are not running here: each
+    /// is resumed (forward after its commit, back before it).
+    pub async fn resume(self: &Arc<Self>) -> Result<usize, Status> {
+        let listed = self
+            .engine
+            .platform
+            .state
+            .clone()
+            .list_operations(state_pb::ListOperationsRequest {
+                cluster_id: String::new(),
+                limit: 0,
+            })
+            .await?
+            .into_inner();
+        let mut adopted = 0;
+        for op in listed.operations {
+            if ops::is_terminal(&op) || self.running(&op.cluster_id).is_some() {
+                continue;
+            }
+            tracing::warn!(operation = %op.operation_id, cluster = %op.cluster_id, status = ops::status_name(&op), step = record::current_step(&op).unwrap_or(""), "resuming an unfinished operation");
+            let op = types::Operation {
+                owner: self.id.clone(),
+                ..op
+            };
+            self.launch(op);
+            adopted += 1;
+        }
+        Ok(adopted)
+    }
+}
+
+fn busy(cluster: &str, op: &str, kind: i32, status: &str) -> Status {
+    Status::aborted(format!(
+        "cluster {cluster} has an operation in progress: {op} ({}, {status}); one operation runs at a time per cluster, retry when it ends",
+        ops::kind_name(kind)
+    ))
+}

@@ -1,0 +1,75 @@
+//! Fault injection for tests of rollback and restarts (`--inject-fault STEP[=fail|hang]`).
+//! `fail`: the step runs, then reports an error once, so its undo must clean up real
+//! work (a step after the commit is retried, and succeeds).
+//! `hang`: the step is recorded, then never runs (a controller killed mid-operation).
+//! Faults apply to forward steps only, on every operation of this controller.
+
+use std::collections::HashMap;
+
+use form_runtime::ConfigError;
+
+use crate::ops::Step;
+
+/// What an injected fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Run the step, then fail it.
+    Fail,
+    /// Stop before the step, forever.
+    Hang,
+}
+
+/// The faults of this controller, by step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults(HashMap<Step, Fault>);
+
+impl Faults {
+    /// Parses `STEP[=fail|hang]` entries; an unknown step or mode is an error naming it.
+    pub fn parse(specs: &[String]) -> Result<Self, ConfigError> {
+        let mut map = HashMap::new();
+        for spec in specs {
+            let (name, mode) = spec.split_once('=').unwrap_or((spec.as_str(), "fail"));
+            let step = Step::from_name(name).ok_or_else(|| {
+                ConfigError::invalid(
+                    "inject_fault",
+                    format!("unknown step '{name}'; expected a step name such as clone_instances"),
+                )
+            })?;
+            let fault = match mode {
+                "fail" => Fault::Fail,
+                "hang" => Fault::Hang,
+                other => {
+                    return Err(ConfigError::invalid(
+                        "inject_fault",
+                        format!("unknown mode '{other}' in '{spec}'; expected fail or hang"),
+                    ));
+                }
+            };
+            map.insert(step, fault);
+        }
+        Ok(Self(map))
+    }
+
+    /// The fault at `step`, if any.
+    pub fn at(&self, step: Step) -> Option<Fault> {
+        self.0.get(&step).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_steps_and_modes_and_names_what_is_wrong() {
+        let f =
+            Faults::parse(&["clone_instances".into(), "wait_healthy=hang".into()]).expect("valid");
+        assert_eq!(f.at(Step::CloneInstances), Some(Fault::Fail));
+        assert_eq!(f.at(Step::WaitHealthy), Some(Fault::Hang));
+        assert_eq!(f.at(Step::AddMembers), None);
+        let e = Faults::parse(&["clone".into()]).expect_err("unknown");
+        assert!(e.to_string().contains("unknown step 'clone'"), "{e}");
+        let e = Faults::parse(&["add_members=boom".into()]).expect_err("mode");
+        assert!(e.to_string().contains("expected fail or hang"), "{e}");
+    }
+}

@@ -1,0 +1,359 @@
+//! Steps that bring new instances in: snapshot the source, clone, wait until healthy,
+//! add as members, activate, wait until the balancer serves them, promote a
+//! replacement to template. Each checks what exists first, so it can run again.
+
+use std::time::Duration;
+
+use form_proto::rplb::v1 as rplb_pb;
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as vmm_pb;
+use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
+use tokio::task::JoinSet;
+
+use super::Step;
+use super::engine::Engine;
+use crate::platform::{OpError, gone_ok, not_found};
+
+/// Runs `step` (one of this module's).
+pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+    match step {
+        Step::SnapshotSource => snapshot(e, op).await,
+        Step::CloneInstances => clone_all(e, op).await,
+        Step::WaitHealthy => wait_healthy(e, op).await,
+        Step::AddMembers => add_members(e, op).await,
+        Step::ActivateMembers => {
+            set_status(e, op, &op.new_instances, state_pb::MemberStatus::Active).await
+        }
+        Step::WaitServing => wait_serving(e, op).await,
+        Step::PromoteReplacement => promote(e, op, false).await,
+        _ => Err(OpError(format!("{} is not a create step", step.name()))),
+    }
+}
+
+/// Undoes `step` (one of this module's).
+pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+    match step {
+        Step::SnapshotSource => delete_snapshots(e, op).await,
+        Step::CloneInstances => delete_instances(e, &op.new_instances).await,
+        Step::AddMembers => remove_members(e, &op.cluster_id, &op.new_instances).await,
+        Step::PromoteReplacement => promote(e, op, true).await,
+        // Nothing to undo: waiting changes nothing, and activated members leave with
+        // the undo of add_members.
+        _ => Ok(()),
+    }
+}
+
+async fn snapshot(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
+    if op.new_instances.is_empty() || !op.snapshot_id.is_empty() {
+        return Ok(());
+    }
+    let req = vmm_pb::SnapshotRequest {
+        instance_id: op.source_instance_id.clone(),
+        resume: Some(true),
+    };
+    let info = e
+        .platform
+        .vmm()?
+        .snapshot(req)
+        .await
+        .map_err(|s| OpError::rpc(format!("snapshot of {}", op.source_instance_id), &s))?
+        .into_inner();
+    op.snapshot_id = info.snapshot_id;
+    Ok(())
+}
+
+/// Deletes the recorded snapshot and any snapshot of the source taken since the
+/// operation began (one taken just before a crash that was not recorded yet).
+pub async fn delete_snapshots(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
+    if op.source_instance_id.is_empty() {
+        return Ok(());
+    }
+    let mut vmm = e.platform.vmm()?;
+    let mut ids = Vec::new();
+    if !op.snapshot_id.is_empty() {
+        ids.push(op.snapshot_id.clone());
+    }
+    let listed = vmm
+        .list_snapshots(vmm_pb::ListSnapshotsRequest {
+            source_instance_id: op.source_instance_id.clone(),
+        })
+        .await
+        .map_err(|s| OpError::rpc("listing snapshots", &s))?
+        .into_inner();
+    for s in listed.snapshots {
+        if s.created_at_ms >= op.created_at_ms && !ids.contains(&s.snapshot_id) {
+            ids.push(s.snapshot_id);
+        }
+    }
+    for id in ids {
+        let r = vmm
+            .delete_snapshot(vmm_pb::DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+            })
+            .await;
+        gone_ok(r, format!("deleting snapshot {id}"))?;
+    }
+    Ok(())
+}
+
+async fn clone_all(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
+    if op.new_instances.is_empty() {
+        return Ok(());
+    }
+    let vmm = e.platform.vmm()?;
+    let resources = match op.target_resources {
+        Some(r) if op.kind == types::OperationKind::Resize as i32 => Some(r),
+        _ => e.platform.cluster(&op.cluster_id).await?.resources,
+    };
+    let mut set = JoinSet::new();
+    for id in op.new_instances.clone() {
+        let mut vmm = vmm.clone();
+        let snapshot_id = op.snapshot_id.clone();
+        let cluster = op.cluster_id.clone();
+        set.spawn(async move {
+            match vmm
+                .get_instance(vmm_pb::InstanceRef {
+                    instance_id: id.clone(),
+                })
+                .await
+            {
+                Ok(i) if i.get_ref().status != vmm_pb::InstanceStatus::Failed as i32 => {
+                    return Ok(());
+                }
+                Ok(_) => {
+                    // A failed leftover of an earlier attempt: make room for a new one.
+                    let _ = vmm
+                        .delete_instance(vmm_pb::InstanceRef {
+                            instance_id: id.clone(),
+                        })
+                        .await;
+                }
+                Err(s) if not_found(&s) => {}
+                Err(s) => return Err(OpError::rpc(format!("reading instance {id}"), &s)),
+            }
+            let req = vmm_pb::CloneRequest {
+                snapshot_id,
+                instance_id: id.clone(),
+                resources,
+            };
+            VmmServiceClient::clone(&mut vmm, req)
+                .await
+                .map(|_| ())
+                .map_err(|s| OpError::rpc(format!("clone {id} of cluster {cluster}"), &s))
+        });
+    }
+    join_all(set).await
+}
+
+/// Waits for every task; the first error wins.
+pub async fn join_all(mut set: JoinSet<Result<(), OpError>>) -> Result<(), OpError> {
+    let mut first = None;
+    while let Some(r) = set.join_next().await {
+        let r = r.unwrap_or_else(|j| Err(OpError(format!("task failed: {j}"))));
+        if let Err(err) = r {
+            first.get_or_insert(err);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Deletes `ids` (already gone counts as deleted).
+pub async fn delete_instances(e: &Engine, ids: &[String]) -> Result<(), OpError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut vmm = e.platform.vmm()?;
+    for id in ids {
+        let r = vmm
+            .delete_instance(vmm_pb::InstanceRef {
+                instance_id: id.clone(),
+            })
+            .await;
+        gone_ok(r, format!("deleting instance {id}"))?;
+    }
+    Ok(())
+}
+
+async fn wait_healthy(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
+    if op.new_instances.is_empty() {
+        return Ok(());
+    }
+    let path = e
+        .platform
+        .cluster(&op.cluster_id)
+        .await?
+        .workload
+        .map(|w| w.health_path)
+        .unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + e.limits.ready_timeout;
+    let mut vmm = e.platform.vmm()?;
+    for id in &op.new_instances {
+        loop {
+            let i = vmm
+                .get_instance(vmm_pb::InstanceRef {
+                    instance_id: id.clone(),
+                })
+                .await
+                .map_err(|s| OpError::rpc(format!("reading instance {id}"), &s))?
+                .into_inner();
+            if i.status == vmm_pb::InstanceStatus::Failed as i32 {
+                return Err(OpError(format!("instance {id} failed: {}", i.failure)));
+            }
+            let running = i.status == vmm_pb::InstanceStatus::Running as i32;
+            if running
+                && (!path.starts_with('/')
+                    || crate::probe::http_ok(&i.address, &path, Duration::from_secs(2)).await)
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(OpError(format!(
+                    "instance {id} not healthy within {:?} (status {}, {path} on {})",
+                    e.limits.ready_timeout, i.status, i.address
+                )));
+            }
+            tokio::time::sleep(e.limits.poll).await;
+        }
+    }
+    Ok(())
+}
+
+async fn add_members(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
+    if op.new_instances.is_empty() {
+        return Ok(());
+    }
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    let mut vmm = e.platform.vmm()?;
+    let mut state = e.platform.state.clone();
+    for id in &op.new_instances {
+        if cluster.members.contains_key(id) {
+            continue;
+        }
+        let i = vmm
+            .get_instance(vmm_pb::InstanceRef {
+                instance_id: id.clone(),
+            })
+            .await
+            .map_err(|s| OpError::rpc(format!("reading instance {id}"), &s))?
+            .into_inner();
+        let member = state_pb::Member {
+            instance_id: id.clone(),
+            node_id: i.node_id,
+            addresses: vec![i.address],
+            status: state_pb::MemberStatus::Starting as i32,
+            generation: i.generation,
+            resources: i.resources,
+            ..Default::default()
+        };
+        state
+            .add_member(state_pb::AddMemberRequest {
+                cluster_id: op.cluster_id.clone(),
+                member: Some(member),
+            })
+            .await
+            .map_err(|s| OpError::rpc(format!("adding member {id}"), &s))?;
+    }
+    Ok(())
+}
+
+/// Removes the members `ids` of `cluster` (already gone counts as removed).
+pub async fn remove_members(e: &Engine, cluster: &str, ids: &[String]) -> Result<(), OpError> {
+    let mut state = e.platform.state.clone();
+    for id in ids {
+        let r = state
+            .remove_member(state_pb::RemoveMemberRequest {
+                cluster_id: cluster.to_owned(),
+                instance_id: id.clone(),
+            })
+            .await;
+        gone_ok(r, format!("removing member {id}"))?;
+    }
+    Ok(())
+}
+
+/// Sets the status of the members `ids` that still exist.
+pub async fn set_status(
+    e: &Engine,
+    op: &types::Operation,
+    ids: &[String],
+    status: state_pb::MemberStatus,
+) -> Result<(), OpError> {
+    let mut state = e.platform.state.clone();
+    for id in ids {
+        let req = state_pb::UpdateMemberRequest {
+            cluster_id: op.cluster_id.clone(),
+            instance_id: id.clone(),
+            status: Some(status as i32),
+            ..Default::default()
+        };
+        gone_ok(
+            state.update_member(req).await,
+            format!("setting member {id} {status:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+async fn wait_serving(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
+    let Some(rplb) = e.platform.rplb.clone() else {
+        return Ok(());
+    };
+    if op.new_instances.is_empty() {
+        return Ok(());
+    }
+    let domain = e.platform.cluster(&op.cluster_id).await?.domain;
+    let deadline = tokio::time::Instant::now() + e.limits.ready_timeout;
+    loop {
+        let stats = rplb
+            .clone()
+            .get_stats(rplb_pb::GetStatsRequest {
+                domain: domain.clone(),
+            })
+            .await
+            .map_err(|s| OpError::rpc(format!("balancer stats of {domain}"), &s))?
+            .into_inner();
+        let active: Vec<&str> = stats
+            .routes
+            .iter()
+            .flat_map(|r| &r.backends)
+            .filter(|b| b.state == rplb_pb::BackendState::Active as i32)
+            .map(|b| b.id.as_str())
+            .collect();
+        let missing: Vec<&String> = op
+            .new_instances
+            .iter()
+            .filter(|id| !active.contains(&id.as_str()))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(OpError(format!(
+                "the balancer does not serve {missing:?} on {domain} within {:?}",
+                e.limits.ready_timeout
+            )));
+        }
+        tokio::time::sleep(e.limits.poll).await;
+    }
+}
+
+/// Makes the replacement of a victim template the template (`back`: the reverse).
+async fn promote(e: &Engine, op: &types::Operation, back: bool) -> Result<(), OpError> {
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    let pairs = op.victims.iter().zip(&op.new_instances);
+    let change = pairs
+        .map(|(old, new)| if back { (new, old) } else { (old, new) })
+        .find(|(from, _)| **from == cluster.template_instance_id);
+    let Some((_, to)) = change else {
+        return Ok(());
+    };
+    let req = state_pb::PutClusterRequest {
+        cluster_id: op.cluster_id.clone(),
+        template_instance_id: Some(to.clone()),
+        ..Default::default()
+    };
+    e.platform
+        .put_cluster(req, format!("making {to} the template"))
+        .await
+}

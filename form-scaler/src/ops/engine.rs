@@ -1,0 +1,304 @@
+//! Running an operation: each step is recorded in form-state, then run. A step that
+//! fails before the operation commits rolls back: the undo of that step and of every
+//! earlier one, in reverse, each recorded as `undo:STEP`. A step that fails after the
+//! commit is retried; if it keeps failing the operation ends `Failed`. A run resumed
+//! after a restart continues from the recorded step: forward if it had committed,
+//! otherwise back.
+
+use std::time::Duration;
+
+use form_proto::types::v1 as types;
+use types::operation_status::State;
+
+use super::{Step, UNDO_PREFIX, create, plan, record, remove, resize};
+use crate::faults::{Fault, Faults};
+use crate::platform::{OpError, Platform};
+
+/// Attempts of a committed step or of an undo before the operation is given up.
+const ATTEMPTS: u32 = 5;
+
+/// Time limits of the steps that wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A new instance must be healthy and served within this.
+    pub ready_timeout: Duration,
+    /// A victim's drain must end within this.
+    pub drain_timeout: Duration,
+    /// Delay between two looks at something awaited.
+    pub poll: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            ready_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(120),
+            poll: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Runs operations against the platform.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    /// The services acted on.
+    pub platform: Platform,
+    /// Time limits.
+    pub limits: Limits,
+    /// Injected faults (tests).
+    pub faults: Faults,
+}
+
+/// Where a run starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Run steps from this index on.
+    Forward(usize),
+    /// Undo the step at this index and every earlier one, for this reason.
+    Back(usize, String),
+    /// Nothing to do: the operation has ended.
+    Done,
+}
+
+/// Where a run of `op` starts, from its recorded status.
+pub fn start_of(op: &types::Operation, steps: &[Step]) -> Start {
+    if super::is_terminal(op) {
+        return Start::Done;
+    }
+    let Some(name) = record::current_step(op) else {
+        return Start::Forward(0);
+    };
+    let last = steps.len().saturating_sub(1);
+    if let Some(undo) = name.strip_prefix(UNDO_PREFIX) {
+        let at = steps.iter().position(|s| s.name() == undo).unwrap_or(last);
+        return Start::Back(
+            at,
+            format!("rollback resumed at {undo} after a controller restart"),
+        );
+    }
+    match steps.iter().position(|s| s.name() == name) {
+        Some(i) if steps[i].commits() => Start::Forward(i),
+        Some(i) => Start::Back(
+            i,
+            format!("the controller stopped during step {name}; rolled back on restart"),
+        ),
+        None => Start::Back(last, format!("unknown recorded step {name}; rolled back")),
+    }
+}
+
+impl Engine {
+    /// Runs `op` to a terminal state (or until it cannot be recorded, leaving it to be
+    /// resumed) and returns it as last recorded.
+    pub async fn run(&self, mut op: types::Operation) -> types::Operation {
+        let kind =
+            types::OperationKind::try_from(op.kind).unwrap_or(types::OperationKind::Unspecified);
+        let steps = plan::steps(kind);
+        let mut seq = record::next_seq(&op);
+        let outcome = match start_of(&op, steps) {
+            Start::Done => return op,
+            Start::Forward(i) => self.forward(&mut op, steps, i, &mut seq).await,
+            Start::Back(i, why) => self.back(&mut op, steps, i, why, &mut seq).await,
+        };
+        let end = match outcome {
+            Ok(end) => end,
+            Err(e) => {
+                tracing::error!(operation = %op.operation_id, error = %e, "operation left to be resumed: it cannot be recorded");
+                return op;
+            }
+        };
+        let name = super::status_name(&types::Operation {
+            status: Some(types::OperationStatus {
+                state: Some(end.clone()),
+            }),
+            ..Default::default()
+        });
+        record::set(&mut op, end);
+        match record::put(&self.platform, &op).await {
+            Ok(()) => {
+                tracing::info!(operation = %op.operation_id, cluster = %op.cluster_id, kind = super::kind_name(op.kind), status = name, "operation ended");
+                metrics::counter!("form_scaler_operations_total", "kind" => super::kind_name(op.kind), "status" => name).increment(1);
+            }
+            Err(e) => {
+                tracing::error!(operation = %op.operation_id, error = %e, "the end of the operation cannot be recorded; it will be resumed");
+            }
+        }
+        op
+    }
+
+    async fn step_record(
+        &self,
+        op: &mut types::Operation,
+        name: String,
+        seq: &mut u32,
+    ) -> Result<(), OpError> {
+        record::set(
+            op,
+            State::InProgress(types::InProgress {
+                step_index: *seq,
+                step: name,
+            }),
+        );
+        *seq += 1;
+        record::put(&self.platform, op).await
+    }
+
+    /// The terminal state reached going forward from `from`; `Err` when a record
+    /// failed.
+    async fn forward(
+        &self,
+        op: &mut types::Operation,
+        steps: &[Step],
+        from: usize,
+        seq: &mut u32,
+    ) -> Result<State, OpError> {
+        for (i, step) in steps.iter().copied().enumerate().skip(from) {
+            self.step_record(op, step.name().to_owned(), seq).await?;
+            let fault = self.faults.at(step);
+            if fault == Some(Fault::Hang) {
+                tracing::warn!(operation = %op.operation_id, step = step.name(), "injected fault: hanging before the step");
+                std::future::pending::<()>().await;
+            }
+            let mut attempt = 0;
+            let result = loop {
+                attempt += 1;
+                let before = op.clone();
+                let mut r = self.run_step(step, op).await;
+                if r.is_ok() && fault == Some(Fault::Fail) && attempt == 1 {
+                    r = Err(OpError(format!(
+                        "injected fault after step {}",
+                        step.name()
+                    )));
+                }
+                if r.is_ok() && *op != before {
+                    // What the step learned (a snapshot id, new victims) is kept at once.
+                    record::put(&self.platform, op).await?;
+                }
+                match r {
+                    Err(e) if step.commits() && attempt < ATTEMPTS => {
+                        tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "committed step failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    }
+                    r => break r,
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "step failed");
+                if step.commits() {
+                    return Ok(State::Failed(types::Failed {
+                        error: format!(
+                            "step {} failed after the operation committed: {e}",
+                            step.name()
+                        ),
+                    }));
+                }
+                let why = format!("step {} failed: {e}", step.name());
+                return self.back(op, steps, i, why, seq).await;
+            }
+        }
+        Ok(State::Completed(types::Completed {}))
+    }
+
+    /// Undoes `steps[..=from]` in reverse.
+    async fn back(
+        &self,
+        op: &mut types::Operation,
+        steps: &[Step],
+        from: usize,
+        why: String,
+        seq: &mut u32,
+    ) -> Result<State, OpError> {
+        for step in steps.iter().take(from + 1).rev().copied() {
+            if step.commits() {
+                continue;
+            }
+            self.step_record(op, format!("{UNDO_PREFIX}{}", step.name()), seq)
+                .await?;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.undo_step(step, op).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < ATTEMPTS => {
+                        tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "undo failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    }
+                    Err(e) => {
+                        return Ok(State::Failed(types::Failed {
+                            error: format!(
+                                "undo of {} failed: {e} (rolling back because {why})",
+                                step.name()
+                            ),
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(State::RolledBack(types::RolledBack { reason: why }))
+    }
+
+    async fn run_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+        match step {
+            Step::ResizeInPlace | Step::StoreResources => resize::forward(self, step, op).await,
+            Step::DrainVictims
+            | Step::RemoveVictimMembers
+            | Step::DeleteVictimInstances
+            | Step::DeleteSnapshot => remove::forward(self, step, op).await,
+            _ => create::forward(self, step, op).await,
+        }
+    }
+
+    async fn undo_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+        match step {
+            Step::ResizeInPlace | Step::StoreResources => resize::undo(self, step, op).await,
+            Step::DrainVictims
+            | Step::RemoveVictimMembers
+            | Step::DeleteVictimInstances
+            | Step::DeleteSnapshot => remove::undo(self, step, op).await,
+            _ => create::undo(self, step, op).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(step: &str) -> types::Operation {
+        types::Operation {
+            status: Some(types::OperationStatus {
+                state: Some(State::InProgress(types::InProgress {
+                    step_index: 3,
+                    step: step.into(),
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_restart_rolls_back_before_the_commit_and_goes_forward_after_it() {
+        let steps = plan::steps(types::OperationKind::ScaleIn);
+        assert_eq!(
+            start_of(&types::Operation::default(), steps),
+            Start::Forward(0)
+        );
+        assert!(matches!(
+            start_of(&at("drain_victims"), steps),
+            Start::Back(0, _)
+        ));
+        assert_eq!(
+            start_of(&at("remove_victim_members"), steps),
+            Start::Forward(1)
+        );
+        assert!(matches!(
+            start_of(&at("undo:drain_victims"), steps),
+            Start::Back(0, _)
+        ));
+        let out = plan::steps(types::OperationKind::ScaleOut);
+        assert!(matches!(
+            start_of(&at("wait_healthy"), out),
+            Start::Back(2, _)
+        ));
+        assert_eq!(start_of(&at("delete_snapshot"), out), Start::Forward(6));
+    }
+}

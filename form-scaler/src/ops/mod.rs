@@ -1,0 +1,145 @@
+//! Operations: scale-out, scale-in, replacement and resize, each a list of steps with
+//! an undo, recorded in form-state before each step runs (see docs/operations.md).
+
+pub mod create;
+pub mod engine;
+pub mod plan;
+pub mod record;
+pub mod remove;
+pub mod resize;
+
+use form_proto::types::v1 as types;
+
+/// One step of an operation. Every step and every undo may run again after a crash,
+/// so each is idempotent: it checks what exists before it acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Resize each member in place, one at a time; members that cannot be resized in
+    /// place become victims to be replaced by resized clones.
+    ResizeInPlace,
+    /// Record the new resources on the cluster (future clones get them).
+    StoreResources,
+    /// Snapshot the source instance (the template, or a healthy member).
+    SnapshotSource,
+    /// Clone the planned new instances from the snapshot.
+    CloneInstances,
+    /// Wait until every new instance runs and answers its health path.
+    WaitHealthy,
+    /// Add the new instances as members (starting: not yet routed).
+    AddMembers,
+    /// Mark the new members active: the balancer routes to them.
+    ActivateMembers,
+    /// Wait until the balancer has every new instance as an active backend.
+    WaitServing,
+    /// Make a new instance the template when the template is a victim.
+    PromoteReplacement,
+    /// Mark victims draining and, with `drain_connections`, wait for their drain.
+    DrainVictims,
+    /// Remove the victims' members. From here an operation only goes forward.
+    RemoveVictimMembers,
+    /// Delete the victims' instances.
+    DeleteVictimInstances,
+    /// Delete the snapshot the clones came from.
+    DeleteSnapshot,
+}
+
+/// Every step, for name lookups.
+const ALL: [Step; 13] = [
+    Step::ResizeInPlace,
+    Step::StoreResources,
+    Step::SnapshotSource,
+    Step::CloneInstances,
+    Step::WaitHealthy,
+    Step::AddMembers,
+    Step::ActivateMembers,
+    Step::WaitServing,
+    Step::PromoteReplacement,
+    Step::DrainVictims,
+    Step::RemoveVictimMembers,
+    Step::DeleteVictimInstances,
+    Step::DeleteSnapshot,
+];
+
+/// Prefix of the recorded name of an undo step.
+pub const UNDO_PREFIX: &str = "undo:";
+
+impl Step {
+    /// The name recorded in form-state.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::ResizeInPlace => "resize_in_place",
+            Step::StoreResources => "store_resources",
+            Step::SnapshotSource => "snapshot_source",
+            Step::CloneInstances => "clone_instances",
+            Step::WaitHealthy => "wait_healthy",
+            Step::AddMembers => "add_members",
+            Step::ActivateMembers => "activate_members",
+            Step::WaitServing => "wait_serving",
+            Step::PromoteReplacement => "promote_replacement",
+            Step::DrainVictims => "drain_victims",
+            Step::RemoveVictimMembers => "remove_victim_members",
+            Step::DeleteVictimInstances => "delete_victim_instances",
+            Step::DeleteSnapshot => "delete_snapshot",
+        }
+    }
+
+    /// The step named `name`.
+    pub fn from_name(name: &str) -> Option<Step> {
+        ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Whether starting this step commits the operation: once it has started, a
+    /// failure or a restart finishes the operation instead of rolling it back (a
+    /// removed victim cannot be brought back).
+    pub fn commits(self) -> bool {
+        matches!(
+            self,
+            Step::RemoveVictimMembers | Step::DeleteVictimInstances | Step::DeleteSnapshot
+        )
+    }
+}
+
+/// The name of an operation kind as the API spells it.
+pub fn kind_name(kind: i32) -> &'static str {
+    match types::OperationKind::try_from(kind) {
+        Ok(types::OperationKind::ScaleOut) => "scale_out",
+        Ok(types::OperationKind::ScaleIn) => "scale_in",
+        Ok(types::OperationKind::ReplaceInstance) => "replace_instance",
+        Ok(types::OperationKind::Resize) => "resize",
+        _ => "unspecified",
+    }
+}
+
+/// Whether the operation has reached a terminal state.
+pub fn is_terminal(op: &types::Operation) -> bool {
+    use types::operation_status::State as S;
+    matches!(
+        op.status.as_ref().and_then(|s| s.state.as_ref()),
+        Some(S::Completed(_) | S::Failed(_) | S::RolledBack(_))
+    )
+}
+
+/// `requested`, `in_progress`, `completed`, `failed` or `rolled_back`.
+pub fn status_name(op: &types::Operation) -> &'static str {
+    use types::operation_status::State as S;
+    match op.status.as_ref().and_then(|s| s.state.as_ref()) {
+        None | Some(S::Requested(_)) => "requested",
+        Some(S::InProgress(_)) => "in_progress",
+        Some(S::Completed(_)) => "completed",
+        Some(S::Failed(_)) => "failed",
+        Some(S::RolledBack(_)) => "rolled_back",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_step_name_reads_back() {
+        for s in ALL {
+            assert_eq!(Step::from_name(s.name()), Some(s));
+        }
+        assert_eq!(Step::from_name("nope"), None);
+    }
+}

@@ -1,0 +1,302 @@
+//! Planning an operation, before any step runs: the steps of its kind, the ids of the
+//! instances it will create (fixed now, so an undo after a crash knows what to delete),
+//! its victims and the instance clones are made from. Pure: the caller reads the
+//! cluster and the balancer's figures and passes them in.
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use sha2::{Digest, Sha256};
+use tonic::Status;
+
+use super::Step;
+use crate::policy;
+use crate::victims::{self, Candidate};
+
+/// The steps of an operation of `kind`, in order.
+pub fn steps(kind: types::OperationKind) -> &'static [Step] {
+    use Step::*;
+    const CREATE: [Step; 6] = [
+        SnapshotSource,
+        CloneInstances,
+        WaitHealthy,
+        AddMembers,
+        ActivateMembers,
+        WaitServing,
+    ];
+    const OUT: [Step; 7] = [
+        CREATE[0],
+        CREATE[1],
+        CREATE[2],
+        CREATE[3],
+        CREATE[4],
+        CREATE[5],
+        DeleteSnapshot,
+    ];
+    const IN: [Step; 3] = [DrainVictims, RemoveVictimMembers, DeleteVictimInstances];
+    const REPLACE: [Step; 11] = [
+        CREATE[0],
+        CREATE[1],
+        CREATE[2],
+        CREATE[3],
+        CREATE[4],
+        CREATE[5],
+        PromoteReplacement,
+        IN[0],
+        IN[1],
+        IN[2],
+        DeleteSnapshot,
+    ];
+    const RESIZE: [Step; 13] = [
+        ResizeInPlace,
+        StoreResources,
+        REPLACE[0],
+        REPLACE[1],
+        REPLACE[2],
+        REPLACE[3],
+        REPLACE[4],
+        REPLACE[5],
+        REPLACE[6],
+        REPLACE[7],
+        REPLACE[8],
+        REPLACE[9],
+        REPLACE[10],
+    ];
+    match kind {
+        types::OperationKind::ScaleOut => &OUT,
+        types::OperationKind::ScaleIn => &IN,
+        types::OperationKind::ReplaceInstance => &REPLACE,
+        types::OperationKind::Resize => &RESIZE,
+        types::OperationKind::Unspecified => &[],
+    }
+}
+
+/// The id of the `k`-th (0-based) instance created by operation `op_id` of `cluster`:
+/// the same on every controller and after every restart.
+pub fn new_instance_id(cluster: &str, op_id: &str, k: usize) -> String {
+    let h = Sha256::digest(op_id.as_bytes());
+    let prefix: String = cluster.chars().take(100).collect();
+    format!(
+        "{prefix}-{:02x}{:02x}{:02x}{:02x}-{}",
+        h[0],
+        h[1],
+        h[2],
+        h[3],
+        k + 1
+    )
+}
+
+/// A request, as the API or the autoscaler makes it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Request {
+    /// Operation id (already chosen).
+    pub operation_id: String,
+    /// What to do.
+    pub kind: i32,
+    /// Instances wanted; 0 means one more (scale-out) or one fewer (scale-in).
+    pub target_count: u32,
+    /// New resources (resize).
+    pub target_resources: Option<types::Resources>,
+    /// Instance to replace (replace).
+    pub instance_id: String,
+    /// Drain victims before removing them.
+    pub drain_connections: bool,
+    /// Skip cooldowns.
+    pub immediate: bool,
+    /// Why, e.g. "api" or a decision's reason.
+    pub reason: String,
+}
+
+/// Whether a member counts as healthy (no health event, or a healthy one last).
+pub fn member_healthy(m: &state_pb::Member) -> bool {
+    m.health_history
+        .last()
+        .is_none_or(|e| e.state != state_pb::HealthState::Unhealthy as i32)
+        && m.status != state_pb::MemberStatus::Stopped as i32
+}
+
+/// The members that count: every member that is not on its way out.
+pub fn counted_members(c: &state_pb::Cluster) -> Vec<&state_pb::Member> {
+    let mut v: Vec<&state_pb::Member> = c
+        .members
+        .values()
+        .filter(|m| {
+            m.status != state_pb::MemberStatus::Draining as i32
+                && m.status != state_pb::MemberStatus::Stopped as i32
+        })
+        .collect();
+    v.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+    v
+}
+
+/// The policy in force for `c`.
+pub fn policy_of(c: &state_pb::Cluster) -> types::ScalingPolicy {
+    c.scaling_policy.unwrap_or_else(policy::default_policy)
+}
+
+/// The operation for `req` on `cluster`, or an error naming what is wrong and what is
+/// accepted. `candidates` are the members as a scale-in sees them.
+pub fn build(
+    req: &Request,
+    cluster: &state_pb::Cluster,
+    candidates: &[Candidate],
+    owner: &str,
+    now_ms: u64,
+) -> Result<types::Operation, Status> {
+    let kind =
+        types::OperationKind::try_from(req.kind).unwrap_or(types::OperationKind::Unspecified);
+    let policy = policy_of(cluster);
+    let counted = counted_members(cluster);
+    let current = counted.len() as u32;
+    let id = cluster.cluster_id.as_str();
+    let mut op = types::Operation {
+        operation_id: req.operation_id.clone(),
+        cluster_id: cluster.cluster_id.clone(),
+        kind: kind as i32,
+        status: Some(types::OperationStatus {
+            state: Some(types::operation_status::State::Requested(
+                types::Requested {},
+            )),
+        }),
+        drain_connections: req.drain_connections,
+        immediate: req.immediate,
+        owner: owner.to_owned(),
+        created_at_ms: now_ms,
+        updated_at_ms: now_ms,
+        reason: req.reason.clone(),
+        previous_resources: cluster.resources,
+        steps: steps(kind).iter().map(|s| s.name().to_owned()).collect(),
+        ..Default::default()
+    };
+    let new_ids = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|k| new_instance_id(id, &req.operation_id, k))
+            .collect()
+    };
+    match kind {
+        types::OperationKind::ScaleOut => {
+            let target = if req.target_count == 0 {
+                current + 1
+            } else {
+                req.target_count
+            };
+            if target <= current || target > policy.max_instances {
+                return Err(Status::invalid_argument(format!(
+                    "target_count {target} is not accepted for scale_out of cluster {id}: it has {current} instances; expected {} to {} (the policy's max_instances)",
+                    current + 1,
+                    policy.max_instances
+                )));
+            }
+            op.target_count = target;
+            op.source_instance_id = source(cluster, &[])?;
+            op.new_instances = new_ids((target - current) as usize);
+        }
+        types::OperationKind::ScaleIn => {
+            let target = if req.target_count == 0 {
+                current.saturating_sub(1)
+            } else {
+                req.target_count
+            };
+            if target >= current || target < policy.min_instances {
+                return Err(Status::invalid_argument(format!(
+                    "target_count {target} is not accepted for scale_in of cluster {id}: it has {current} instances; expected {} to {} (the policy's min_instances up to one fewer than now)",
+                    policy.min_instances,
+                    current.saturating_sub(1)
+                )));
+            }
+            op.target_count = target;
+            op.victims = victims::choose(candidates, (current - target) as usize, target);
+            if op.victims.len() < (current - target) as usize {
+                return Err(Status::failed_precondition(format!(
+                    "cluster {id} cannot lose {} instances: only {} are not the template",
+                    current - target,
+                    op.victims.len()
+                )));
+            }
+        }
+        types::OperationKind::ReplaceInstance => {
+            if !cluster.members.contains_key(&req.instance_id) {
+                return Err(Status::invalid_argument(format!(
+                    "instance_id '{}' is not a member of cluster {id}; expected one of: {}",
+                    req.instance_id,
+                    member_list(cluster)
+                )));
+            }
+            op.instance_id = req.instance_id.clone();
+            op.target_count = current;
+            op.victims = vec![req.instance_id.clone()];
+            op.source_instance_id = source(cluster, &op.victims)?;
+            op.new_instances = new_ids(1);
+        }
+        types::OperationKind::Resize => {
+            let r = req.target_resources.ok_or_else(|| {
+                Status::invalid_argument(
+                    "target_resources is missing; expected {vcpus >= 1, memory_mib >= 64} for resize",
+                )
+            })?;
+            if r.vcpus == 0 || r.memory_mib < 64 {
+                return Err(Status::invalid_argument(format!(
+                    "target_resources {{vcpus: {}, memory_mib: {}}} is not accepted; expected vcpus >= 1 and memory_mib >= 64",
+                    r.vcpus, r.memory_mib
+                )));
+            }
+            op.target_resources = Some(r);
+            // A cluster that never recorded resources: its members' are what an undo
+            // restores.
+            op.previous_resources = cluster
+                .resources
+                .or_else(|| counted.iter().find_map(|m| m.resources));
+            op.target_count = current;
+            op.source_instance_id = source(cluster, &[])?;
+        }
+        types::OperationKind::Unspecified => {
+            return Err(Status::invalid_argument(format!(
+                "kind {} is not accepted; expected SCALE_OUT, SCALE_IN, REPLACE_INSTANCE or RESIZE",
+                req.kind
+            )));
+        }
+    }
+    op.affected_instances = affected(&op);
+    Ok(op)
+}
+
+/// `new_instances` and `victims` together.
+pub fn affected(op: &types::Operation) -> Vec<String> {
+    let mut v = op.new_instances.clone();
+    v.extend(op.victims.iter().cloned());
+    v
+}
+
+fn member_list(c: &state_pb::Cluster) -> String {
+    let mut ids: Vec<&str> = c.members.keys().map(String::as_str).collect();
+    ids.sort_unstable();
+    if ids.is_empty() {
+        "(no members)".into()
+    } else {
+        ids.join(", ")
+    }
+}
+
+/// The instance clones are made from: the template when it is healthy and not leaving,
+/// otherwise the first healthy member that is not leaving.
+fn source(c: &state_pb::Cluster, leaving: &[String]) -> Result<String, Status> {
+    let usable = |m: &state_pb::Member| {
+        member_healthy(m)
+            && !leaving.contains(&m.instance_id)
+            && m.status != state_pb::MemberStatus::Draining as i32
+    };
+    if let Some(t) = c.members.get(&c.template_instance_id)
+        && usable(t)
+    {
+        return Ok(t.instance_id.clone());
+    }
+    counted_members(c)
+        .into_iter()
+        .find(|m| usable(m))
+        .map(|m| m.instance_id.clone())
+        .ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "cluster {} has no healthy member to clone from (template: '{}')",
+                c.cluster_id, c.template_instance_id
+            ))
+        })
+}

@@ -1,0 +1,95 @@
+//! Steps that take victims out: drain them on the balancer, remove their members,
+//! delete their instances, and drop the snapshot. Removing a member commits the
+//! operation: from there it only goes forward.
+
+use form_proto::rplb::v1 as rplb_pb;
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use tokio::task::JoinSet;
+
+use super::Step;
+use super::create::{delete_instances, delete_snapshots, join_all, remove_members, set_status};
+use super::engine::Engine;
+use crate::platform::{OpError, not_found};
+
+/// Runs `step` (one of this module's).
+pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+    match step {
+        Step::DrainVictims => drain(e, op).await,
+        Step::RemoveVictimMembers => remove_members(e, &op.cluster_id, &op.victims).await,
+        Step::DeleteVictimInstances => delete_instances(e, &op.victims).await,
+        Step::DeleteSnapshot => delete_snapshots(e, op).await,
+        _ => Err(OpError(format!("{} is not a removal step", step.name()))),
+    }
+}
+
+/// Undoes `step`: only a drain can be undone (the victims become active again); the
+/// later steps commit the operation and are never undone.
+pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+    if step != Step::DrainVictims {
+        return Ok(());
+    }
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    let draining: Vec<String> = op
+        .victims
+        .iter()
+        .filter(|id| {
+            cluster
+                .members
+                .get(*id)
+                .is_some_and(|m| m.status == state_pb::MemberStatus::Draining as i32)
+        })
+        .cloned()
+        .collect();
+    set_status(e, op, &draining, state_pb::MemberStatus::Active).await
+}
+
+async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
+    if op.victims.is_empty() {
+        return Ok(());
+    }
+    set_status(e, op, &op.victims, state_pb::MemberStatus::Draining).await?;
+    let Some(rplb) = e.platform.rplb.clone() else {
+        return Ok(());
+    };
+    if !op.drain_connections {
+        return Ok(());
+    }
+    let domain = e.platform.cluster(&op.cluster_id).await?.domain;
+    let mut set = JoinSet::new();
+    for id in op.victims.clone() {
+        let mut rplb = rplb.clone();
+        let domain = domain.clone();
+        let timeout = e.limits.drain_timeout;
+        set.spawn(async move {
+            let req = rplb_pb::DrainBackendRequest {
+                domain: domain.clone(),
+                backend_id: id.clone(),
+                drain: None,
+            };
+            let follow = async {
+                let mut stream = match rplb.drain_backend(req).await {
+                    Ok(s) => s.into_inner(),
+                    // Not on the balancer (never routed, or already gone): nothing to drain.
+                    Err(s) if not_found(&s) => return Ok(()),
+                    Err(s) => return Err(OpError::rpc(format!("draining {id}"), &s)),
+                };
+                while let Some(p) = stream
+                    .message()
+                    .await
+                    .map_err(|s| OpError::rpc(format!("draining {id}"), &s))?
+                {
+                    if p.result != rplb_pb::DrainResult::Unspecified as i32 {
+                        tracing::info!(backend = %id, result = p.result, in_flight = p.in_flight, "drain ended");
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            };
+            tokio::time::timeout(timeout, follow)
+                .await
+                .unwrap_or_else(|_| Err(OpError(format!("drain of {id} on {domain} took longer than {timeout:?}"))))
+        });
+    }
+    join_all(set).await
+}

@@ -1,0 +1,125 @@
+//! Vertical scaling: members are resized in place one at a time; a member the backend
+//! cannot resize in place (`enforced: false`) becomes a victim, replaced by a clone
+//! with the new resources in the steps that follow.
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as vmm_pb;
+
+use super::Step;
+use super::engine::Engine;
+use super::plan;
+use crate::platform::OpError;
+
+/// Runs `step` (one of this module's).
+pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+    match step {
+        Step::ResizeInPlace => in_place(e, op).await,
+        Step::StoreResources => store(e, op, op.target_resources).await,
+        _ => Err(OpError(format!("{} is not a resize step", step.name()))),
+    }
+}
+
+/// Undoes `step`: members back to the earlier resources; the cluster's too.
+pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+    match step {
+        Step::ResizeInPlace => match op.previous_resources {
+            Some(prev) => {
+                let done: Vec<String> =
+                    plan::counted_members(&e.platform.cluster(&op.cluster_id).await?)
+                        .into_iter()
+                        .map(|m| m.instance_id.clone())
+                        .filter(|id| !op.victims.contains(id))
+                        .collect();
+                for id in done {
+                    resize_one(e, op, &id, prev).await?;
+                }
+                Ok(())
+            }
+            // The cluster had no recorded resources: nothing to go back to.
+            None => Ok(()),
+        },
+        Step::StoreResources => match op.previous_resources {
+            Some(prev) => store(e, op, Some(prev)).await,
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+async fn in_place(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
+    let target = op
+        .target_resources
+        .ok_or_else(|| OpError("resize without target_resources".into()))?;
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    let ids: Vec<String> = plan::counted_members(&cluster)
+        .into_iter()
+        .map(|m| m.instance_id.clone())
+        .collect();
+    for id in ids {
+        if op.victims.contains(&id) || op.new_instances.contains(&id) {
+            continue;
+        }
+        if !resize_one(e, op, &id, target).await? {
+            let k = op.new_instances.len();
+            op.victims.push(id.clone());
+            op.new_instances
+                .push(plan::new_instance_id(&op.cluster_id, &op.operation_id, k));
+        }
+    }
+    Ok(())
+}
+
+/// Resizes one member; false when the backend could not apply it in place.
+async fn resize_one(
+    e: &Engine,
+    op: &types::Operation,
+    id: &str,
+    to: types::Resources,
+) -> Result<bool, OpError> {
+    let reply = e
+        .platform
+        .vmm()?
+        .resize(vmm_pb::ResizeRequest {
+            instance_id: id.to_owned(),
+            resources: Some(to),
+        })
+        .await
+        .map_err(|s| OpError::rpc(format!("resizing {id}"), &s))?
+        .into_inner();
+    if !reply.enforced {
+        tracing::info!(instance = id, message = %reply.message, "cannot resize in place; it will be replaced by a resized clone");
+        return Ok(false);
+    }
+    let req = state_pb::UpdateMemberRequest {
+        cluster_id: op.cluster_id.clone(),
+        instance_id: id.to_owned(),
+        resources: Some(to),
+        ..Default::default()
+    };
+    e.platform
+        .state
+        .clone()
+        .update_member(req)
+        .await
+        .map_err(|s| OpError::rpc(format!("recording the resources of {id}"), &s))?;
+    Ok(true)
+}
+
+async fn store(
+    e: &Engine,
+    op: &types::Operation,
+    resources: Option<types::Resources>,
+) -> Result<(), OpError> {
+    let req = state_pb::PutClusterRequest {
+        cluster_id: op.cluster_id.clone(),
+        resources,
+        ..Default::default()
+    };
+    e.platform
+        .put_cluster(
+            req,
+            format!("storing the resources of cluster {}", op.cluster_id),
+        )
+        .await
+}

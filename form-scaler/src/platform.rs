@@ -1,0 +1,115 @@
+//! The services an operation acts on: form-state (the operation record, the cluster
+//! and its members), form-vmm-service (instances and snapshots) and form-rplb
+//! (draining, and whether a new instance serves). One vmm node is used: snapshots of the
+//! process backend live on the node that took them, so clones must be made there.
+
+use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
+use form_proto::state::v1 as state_pb;
+use form_proto::state::v1::state_service_client::StateServiceClient;
+use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
+use form_runtime::ConfigError;
+use form_runtime::addr::HostPort;
+use form_runtime::upstream::{PROBE_TIMEOUT, Upstream};
+use tonic::transport::{Channel, Endpoint};
+
+/// Why a step (or a request) could not be carried out, for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OpError(pub String);
+
+impl OpError {
+    /// `what` failed with the gRPC status `e`.
+    pub fn rpc(what: impl std::fmt::Display, e: &tonic::Status) -> Self {
+        Self(format!("{what}: {} ({:?})", e.message(), e.code()))
+    }
+}
+
+/// Whether `e` says the thing does not exist (so deleting it again is done).
+pub fn not_found(e: &tonic::Status) -> bool {
+    e.code() == tonic::Code::NotFound
+}
+
+/// The result of a removal: done, or already gone (also done), or an error about `what`.
+pub fn gone_ok<T>(
+    r: Result<T, tonic::Status>,
+    what: impl std::fmt::Display,
+) -> Result<(), OpError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if not_found(&e) => Ok(()),
+        Err(e) => Err(OpError::rpc(what, &e)),
+    }
+}
+
+/// Clients of the other services. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Platform {
+    /// form-state replicas, balanced.
+    pub state: StateServiceClient<Channel>,
+    /// The form-vmm-service node that makes instances, if configured.
+    pub vmm: Option<VmmServiceClient<Channel>>,
+    /// form-rplb's control plane, if configured.
+    pub rplb: Option<RplbControlClient<Channel>>,
+}
+
+impl Platform {
+    /// Clients over `state` and the first of `vmm` and of `rplb`.
+    pub fn new(state: &Upstream, vmm: &[HostPort], rplb: &[HostPort]) -> Result<Self, ConfigError> {
+        Ok(Self {
+            state: StateServiceClient::new(state.channel()),
+            vmm: first(vmm, "vmm")?.map(VmmServiceClient::new),
+            rplb: first(rplb, "rplb")?.map(RplbControlClient::new),
+        })
+    }
+
+    /// The vmm client, or an error saying none is configured.
+    pub fn vmm(&self) -> Result<VmmServiceClient<Channel>, OpError> {
+        self.vmm.clone().ok_or_else(|| {
+            OpError("no form-vmm-service configured (--vmm); instances cannot be made".into())
+        })
+    }
+
+    /// Writes cluster fields (`what` names the change in errors).
+    pub async fn put_cluster(
+        &self,
+        req: state_pb::PutClusterRequest,
+        what: impl std::fmt::Display,
+    ) -> Result<(), OpError> {
+        self.state
+            .clone()
+            .put_cluster(req)
+            .await
+            .map(|_| ())
+            .map_err(|e| OpError::rpc(what, &e))
+    }
+
+    /// The cluster as form-state has it.
+    pub async fn cluster(&self, id: &str) -> Result<state_pb::Cluster, OpError> {
+        self.state
+            .clone()
+            .get_cluster(state_pb::GetClusterRequest {
+                cluster_id: id.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| OpError::rpc(format!("reading cluster {id}"), &e))
+    }
+}
+
+fn first(list: &[HostPort], name: &str) -> Result<Option<Channel>, ConfigError> {
+    let Some(hp) = list.first() else {
+        return Ok(None);
+    };
+    if list.len() > 1 {
+        tracing::warn!(
+            upstream = name,
+            using = %hp,
+            "several addresses given; operations use the first"
+        );
+    }
+    let ep = Endpoint::from_shared(hp.http_uri())
+        .map_err(|e| ConfigError::invalid(name, format!("'{hp}': {e}")))?
+        .connect_timeout(PROBE_TIMEOUT)
+        .tcp_nodelay(true);
+    Ok(Some(ep.connect_lazy()))
+}

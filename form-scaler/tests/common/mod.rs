@@ -1,0 +1,416 @@
+//! The real platform for the controller's tests: a form-state replica, form-vmm-service
+//! with the process backend running form-demo-app, form-rplb following the state, and
+//! form-scaler, each a process on free ports. A demo cluster has a template instance
+//! holding keys that clones must carry.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use form_proto::rplb::v1 as rplb_pb;
+use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
+use form_proto::scaler::v1 as pb;
+use form_proto::scaler::v1::scaler_service_client::ScalerServiceClient;
+use form_proto::state::v1 as state_pb;
+use form_proto::state::v1::state_service_client::StateServiceClient;
+use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as vmm_pb;
+use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
+use form_testkit::conformance::PORT0_ARGS;
+use form_testkit::replicas::{ReplicaOptions, Replicas};
+use form_testkit::{ChildService, Signal, TestDir, probe, start, workspace_bin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_form-scaler");
+pub const CLUSTER: &str = "demo";
+pub const DOMAIN: &str = "demo.test";
+pub const TEMPLATE: &str = "demo-0";
+
+/// The running platform.
+pub struct Stack {
+    pub dir: TestDir,
+    pub replicas: Replicas,
+    pub vmm: ChildService,
+    pub rplb: ChildService,
+    pub scaler: Option<ChildService>,
+    pub http: SocketAddr,
+    pub state: StateServiceClient<Channel>,
+    pub vmm_client: VmmServiceClient<Channel>,
+    pub rplb_client: RplbControlClient<Channel>,
+    scaler_args: Vec<String>,
+}
+
+impl Stack {
+    /// Starts everything but the controller, and the demo cluster with its template.
+    pub async fn start(label: &str) -> Self {
+        let replicas = Replicas::start(
+            &workspace_bin("form-state"),
+            &format!("{label}-state"),
+            ReplicaOptions::new(1),
+        )
+        .await;
+        let state_addr = replicas.addrs[0].to_string();
+        let dir = TestDir::new(label);
+        let data = dir.path().join("vmm-data");
+        let vmm_args: Vec<&str> = PORT0_ARGS
+            .iter()
+            .copied()
+            .chain([
+                "--state",
+                &state_addr,
+                "--heartbeat-interval-ms",
+                "200",
+                "--data-dir",
+                data.to_str().expect("utf-8"),
+            ])
+            .collect();
+        let vmm = start(&dir, "vmm", workspace_bin("form-vmm-service"), &vmm_args).await;
+        let rplb_args: Vec<&str> = PORT0_ARGS
+            .iter()
+            .copied()
+            .chain(["--listen-http", "127.0.0.1:0", "--state", &state_addr])
+            .collect();
+        let rplb = start(&dir, "rplb", workspace_bin("form-rplb"), &rplb_args).await;
+        let http = rplb.addr("http").expect("http");
+        let state = replicas.client(0).await;
+        let vmm_client = VmmServiceClient::new(
+            probe::channel(vmm.addr("grpc").expect("grpc"))
+                .await
+                .expect("vmm"),
+        );
+        let rplb_client = RplbControlClient::new(
+            probe::channel(rplb.addr("grpc").expect("grpc"))
+                .await
+                .expect("rplb"),
+        );
+        let scaler_args = vec![
+            "--state".to_owned(),
+            state_addr,
+            "--vmm".to_owned(),
+            vmm.addr("grpc").expect("grpc").to_string(),
+            "--rplb".to_owned(),
+            rplb.addr("grpc").expect("grpc").to_string(),
+            "--heartbeat-interval-ms".to_owned(),
+            "200".to_owned(),
+        ];
+        let mut s = Self {
+            dir,
+            replicas,
+            vmm,
+            rplb,
+            scaler: None,
+            http,
+            state,
+            vmm_client,
+            rplb_client,
+            scaler_args,
+        };
+        s.create_demo().await;
+        s
+    }
+
+    async fn create_demo(&mut self) {
+        let resources = types::Resources {
+            vcpus: 1,
+            memory_mib: 256,
+        };
+        let workload = types::Workload {
+            command: workspace_bin("form-demo-app").display().to_string(),
+            health_path: "/healthz".into(),
+            ..Default::default()
+        };
+        self.state
+            .put_cluster(state_pb::PutClusterRequest {
+                cluster_id: CLUSTER.into(),
+                domain: Some(DOMAIN.into()),
+                workload: Some(workload.clone()),
+                scaling_policy: Some(types::ScalingPolicy {
+                    min_instances: 1,
+                    max_instances: 5,
+                    target_cpu_utilization: 0.5,
+                    scale_out_cooldown_seconds: 0,
+                    scale_in_cooldown_seconds: 0,
+                    ..Default::default()
+                }),
+                affinity: Some(types::AffinityMethod {
+                    method: Some(types::affinity_method::Method::Cookie(
+                        types::CookieAffinity {
+                            name: "FORM_SESSION".into(),
+                            ttl_seconds: 3600,
+                        },
+                    )),
+                }),
+                resources: Some(resources),
+                ..Default::default()
+            })
+            .await
+            .expect("cluster");
+        let i = self
+            .vmm_client
+            .create_instance(vmm_pb::CreateInstanceRequest {
+                instance_id: TEMPLATE.into(),
+                cluster_id: CLUSTER.into(),
+                workload: Some(workload),
+                resources: Some(resources),
+            })
+            .await
+            .expect("template instance")
+            .into_inner();
+        self.state
+            .add_member(state_pb::AddMemberRequest {
+                cluster_id: CLUSTER.into(),
+                member: Some(state_pb::Member {
+                    instance_id: TEMPLATE.into(),
+                    node_id: i.node_id.clone(),
+                    addresses: vec![i.address.clone()],
+                    status: state_pb::MemberStatus::Active as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("member");
+        self.state
+            .put_cluster(state_pb::PutClusterRequest {
+                cluster_id: CLUSTER.into(),
+                template_instance_id: Some(TEMPLATE.into()),
+                ..Default::default()
+            })
+            .await
+            .expect("template");
+        let addr: SocketAddr = i.address.parse().expect("address");
+        for k in ["alpha", "beta"] {
+            let (code, _) = probe::http_request(
+                addr,
+                "PUT",
+                &format!("/kv/{k}"),
+                format!("value-{k}").as_bytes(),
+            )
+            .await
+            .expect("put key");
+            assert!((200..300).contains(&code), "PUT /kv/{k}: {code}");
+        }
+    }
+
+    /// Starts the controller with `extra` flags (autoscaling off unless they say).
+    pub async fn start_scaler(&mut self, extra: &[&str]) -> ScalerServiceClient<Channel> {
+        let mut args: Vec<&str> = PORT0_ARGS.to_vec();
+        args.extend(self.scaler_args.iter().map(String::as_str));
+        if !extra.contains(&"--autoscale") {
+            args.extend(["--autoscale", "false"]);
+        }
+        args.extend(extra);
+        let svc = start(&self.dir, "scaler", Path::new(BIN), &args).await;
+        let client = ScalerServiceClient::new(
+            probe::channel(svc.addr("grpc").expect("grpc"))
+                .await
+                .expect("scaler"),
+        );
+        self.scaler = Some(svc);
+        client
+    }
+
+    /// Stops the controller with SIGTERM.
+    pub async fn stop_scaler(&mut self) {
+        if let Some(mut s) = self.scaler.take() {
+            let _ = s.stop(Signal::SIGTERM, Duration::from_secs(10)).await;
+        }
+    }
+
+    /// Kills the controller with SIGKILL.
+    pub async fn kill_scaler(&mut self) {
+        if let Some(mut s) = self.scaler.take() {
+            let _ = s.stop(Signal::SIGKILL, Duration::from_secs(5)).await;
+        }
+    }
+
+    /// The cluster as form-state has it.
+    pub async fn cluster(&mut self) -> state_pb::Cluster {
+        self.state
+            .get_cluster(state_pb::GetClusterRequest {
+                cluster_id: CLUSTER.into(),
+            })
+            .await
+            .expect("cluster")
+            .into_inner()
+    }
+
+    /// Member ids, sorted.
+    pub async fn members(&mut self) -> Vec<String> {
+        let mut v: Vec<String> = self.cluster().await.members.into_keys().collect();
+        v.sort();
+        v
+    }
+
+    /// Instance ids on the vmm node, sorted.
+    pub async fn instances(&mut self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .vmm_client
+            .list_instances(vmm_pb::ListInstancesRequest::default())
+            .await
+            .expect("instances")
+            .into_inner()
+            .instances
+            .into_iter()
+            .map(|i| i.instance_id)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Snapshot ids on the vmm node.
+    pub async fn snapshots(&mut self) -> Vec<String> {
+        self.vmm_client
+            .list_snapshots(vmm_pb::ListSnapshotsRequest::default())
+            .await
+            .expect("snapshots")
+            .into_inner()
+            .snapshots
+            .into_iter()
+            .map(|s| s.snapshot_id)
+            .collect()
+    }
+
+    /// Backend ids of the demo route on the balancer, with their states, sorted.
+    pub async fn backends(&mut self) -> Vec<(String, i32)> {
+        let stats = self
+            .rplb_client
+            .get_stats(rplb_pb::GetStatsRequest {
+                domain: DOMAIN.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .unwrap_or_default();
+        let mut v: Vec<(String, i32)> = stats
+            .routes
+            .into_iter()
+            .flat_map(|r| r.backends)
+            .map(|b| (b.id, b.state))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether members, instances and balancer backends are the same set, and no
+    /// snapshot is left.
+    pub async fn agree(&mut self) -> bool {
+        let members = self.members().await;
+        let instances = self.instances().await;
+        let backends: Vec<String> = self
+            .backends()
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        members == instances && members == backends && self.snapshots().await.is_empty()
+    }
+
+    /// Stops every process, the vmm node last-but-one so it deletes its instances.
+    pub async fn stop(mut self) {
+        if let Some(mut s) = self.scaler.take() {
+            let _ = s.stop(Signal::SIGTERM, Duration::from_secs(10)).await;
+        }
+        let _ = self
+            .rplb
+            .stop(Signal::SIGTERM, Duration::from_secs(10))
+            .await;
+        let _ = self
+            .vmm
+            .stop(Signal::SIGTERM, Duration::from_secs(20))
+            .await;
+        self.replicas.stop().await;
+    }
+}
+
+/// Waits until operation `id` ends and returns it.
+pub async fn wait_op(
+    scaler: &mut ScalerServiceClient<Channel>,
+    id: &str,
+    within: Duration,
+) -> types::Operation {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(op) = scaler
+            .get_operation(pb::GetOperationRequest {
+                operation_id: id.into(),
+            })
+            .await
+        {
+            let op = op.into_inner();
+            if terminal(&op) {
+                return op;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "operation {id} not ended within {within:?}: {op:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `op` has ended.
+pub fn terminal(op: &types::Operation) -> bool {
+    use types::operation_status::State as S;
+    matches!(
+        op.status.as_ref().and_then(|s| s.state.as_ref()),
+        Some(S::Completed(_) | S::Failed(_) | S::RolledBack(_))
+    )
+}
+
+/// The status name of `op`.
+pub fn status(op: &types::Operation) -> String {
+    use types::operation_status::State as S;
+    match op.status.as_ref().and_then(|s| s.state.as_ref()) {
+        Some(S::Completed(_)) => "completed".into(),
+        Some(S::Failed(f)) => format!("failed: {}", f.error),
+        Some(S::RolledBack(r)) => format!("rolled_back: {}", r.reason),
+        Some(S::InProgress(p)) => format!("in_progress: {}", p.step),
+        _ => "requested".into(),
+    }
+}
+
+/// A scale request.
+pub fn scale(kind: types::OperationKind, to: u32) -> pb::ScaleRequest {
+    pb::ScaleRequest {
+        cluster_id: CLUSTER.into(),
+        kind: kind as i32,
+        target_count: to,
+        drain_connections: true,
+        ..Default::default()
+    }
+}
+
+/// `GET path` through the balancer for the demo domain: status, body, headers.
+pub async fn via_lb(
+    http: SocketAddr,
+    path: &str,
+    cookie: Option<&str>,
+) -> anyhow::Result<(u16, String, String)> {
+    let mut s = tokio::net::TcpStream::connect(http).await?;
+    let cookie = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {DOMAIN}\r\n{cookie}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_owned(), head.to_owned()))
+}
+
+/// The value of key `k` on the instance at `address`.
+pub async fn key_on(address: &str, k: &str) -> Option<String> {
+    let addr: SocketAddr = address.parse().ok()?;
+    match probe::http_get(addr, &format!("/kv/{k}")).await {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
+}

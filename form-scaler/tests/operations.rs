@@ -1,0 +1,221 @@
+//! Operations against the real platform (form-state, form-vmm-service with the process
+//! backend and form-demo-app, form-rplb): scale-out and scale-in through the API, with
+//! clones carrying the template's keys; idempotent ids; refusals; a controller killed
+//! mid-operation; a fault at every step.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use form_proto::rplb::v1 as rplb_pb;
+use form_proto::scaler::v1 as pb;
+use form_proto::types::v1::OperationKind;
+use form_testkit::assert_eventually;
+
+const OP_DEADLINE: Duration = Duration::from_secs(60);
+
+async fn routed_template(stack: &mut Stack) {
+    assert_eventually!(
+        deadline = Duration::from_secs(20),
+        async {
+            stack.backends().await
+                == vec![(TEMPLATE.to_owned(), rplb_pb::BackendState::Active as i32)]
+        },
+        "the balancer routes the demo cluster to its template"
+    );
+}
+
+#[tokio::test]
+async fn scale_out_and_in_through_the_api_keep_state_members_and_balancer_in_agreement() {
+    let mut stack = Stack::start("ops-out-in").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    routed_template(&mut stack).await;
+
+    let mut req = scale(OperationKind::ScaleOut, 3);
+    req.operation_id = "grow-1".into();
+    let reply = scaler
+        .scale(req.clone())
+        .await
+        .expect("scale out")
+        .into_inner();
+    assert_eq!(reply.operation_id, "grow-1");
+    let op = wait_op(&mut scaler, "grow-1", OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    assert_eq!(op.new_instances.len(), 2);
+    let cluster = stack.cluster().await;
+    assert_eq!(cluster.members.len(), 3);
+    for m in cluster.members.values() {
+        assert_eq!(
+            m.status,
+            form_proto::state::v1::MemberStatus::Active as i32,
+            "{m:?}"
+        );
+        for k in ["alpha", "beta"] {
+            assert_eq!(
+                key_on(&m.addresses[0], k).await.as_deref(),
+                Some(format!("value-{k}").as_str()),
+                "{} lacks the template's key {k}",
+                m.instance_id
+            );
+        }
+    }
+    assert!(
+        stack.agree().await,
+        "members, instances and backends differ"
+    );
+    assert!(
+        stack
+            .backends()
+            .await
+            .iter()
+            .all(|(_, s)| *s == rplb_pb::BackendState::Active as i32)
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (code, body, _) = via_lb(stack.http, "/whoami", None).await.expect("request");
+        assert_eq!(code, 200, "{body}");
+        seen.insert(body);
+    }
+    assert!(
+        seen.len() >= 2,
+        "new sessions reach the clones too: {seen:?}"
+    );
+
+    // The same id again: the same operation, nothing new.
+    let again = scaler.scale(req).await.expect("repeat").into_inner();
+    assert_eq!(again.operation_id, "grow-1");
+    assert_eq!(stack.members().await.len(), 3);
+
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleIn, 1))
+        .await
+        .expect("scale in")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    assert_eq!(stack.members().await, vec![TEMPLATE.to_owned()]);
+    assert_eventually!(
+        stack.agree(),
+        "after scale-in: {:?} {:?}",
+        stack.members().await,
+        stack.instances().await
+    );
+
+    let st = scaler
+        .get_status(pb::GetStatusRequest {
+            cluster_id: CLUSTER.into(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(st.instances, 1);
+    assert_eq!(st.scaling_status, "idle");
+    assert_eq!(
+        st.last_operation.map(|o| o.operation_id),
+        Some(reply.operation_id)
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_naming_the_field_and_what_is_accepted() {
+    let mut stack = Stack::start("ops-refuse").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    let e = scaler
+        .scale(scale(OperationKind::ScaleOut, 9))
+        .await
+        .expect_err("above max");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("target_count 9") && e.message().contains("2 to 5"),
+        "{e:?}"
+    );
+    let e = scaler
+        .scale(scale(OperationKind::ScaleIn, 0))
+        .await
+        .expect_err("below min");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let mut req = scale(OperationKind::ScaleOut, 2);
+    req.cluster_id = "nope".into();
+    let e = scaler.scale(req).await.expect_err("unknown cluster");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let mut req = scale(OperationKind::ScaleOut, 2);
+    req.operation_id = "bad id".into();
+    let e = scaler.scale(req).await.expect_err("bad id");
+    assert!(e.message().contains("operation_id"), "{e:?}");
+    let e = scaler
+        .scale(scale(OperationKind::Unspecified, 2))
+        .await
+        .expect_err("no kind");
+    assert!(e.message().contains("SCALE_OUT"), "{e:?}");
+    let e = scaler
+        .set_policy(pb::SetPolicyRequest {
+            cluster_id: CLUSTER.into(),
+            policy: Some(form_proto::types::v1::ScalingPolicy {
+                min_instances: 3,
+                max_instances: 2,
+                target_cpu_utilization: 0.5,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("min > max");
+    assert!(e.message().contains("min_instances"), "{e:?}");
+    assert_eq!(stack.members().await, vec![TEMPLATE.to_owned()]);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_controller_killed_mid_scale_out_rolls_it_back_after_restart_and_refuses_a_second_meanwhile()
+ {
+    let mut stack = Stack::start("ops-kill").await;
+    let mut scaler = stack
+        .start_scaler(&["--inject-fault", "wait_serving=hang"])
+        .await;
+    routed_template(&mut stack).await;
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 3))
+        .await
+        .expect("scale out")
+        .into_inner();
+    let id = reply.operation_id.clone();
+    // The clones exist and are members when the controller dies.
+    assert_eventually!(
+        deadline = Duration::from_secs(30),
+        async {
+            scaler
+                .get_operation(pb::GetOperationRequest {
+                    operation_id: id.clone(),
+                })
+                .await
+                .is_ok_and(|o| status(o.get_ref()) == "in_progress: wait_serving")
+        },
+        "the operation reaches wait_serving"
+    );
+    assert_eq!(stack.members().await.len(), 3);
+    let e = scaler
+        .scale(scale(OperationKind::ScaleIn, 1))
+        .await
+        .expect_err("busy");
+    assert_eq!(e.code(), tonic::Code::Aborted);
+    assert!(
+        e.message().contains(&id),
+        "the refusal names the running operation: {e:?}"
+    );
+
+    stack.kill_scaler().await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    let op = wait_op(&mut scaler, &id, OP_DEADLINE).await;
+    assert!(status(&op).starts_with("rolled_back"), "{op:?}");
+    assert_eventually!(
+        stack.agree(),
+        "after the restart nothing is left: members {:?}, instances {:?}, backends {:?}, snapshots {:?}",
+        stack.members().await,
+        stack.instances().await,
+        stack.backends().await,
+        stack.snapshots().await
+    );
+    assert_eq!(stack.members().await, vec![TEMPLATE.to_owned()]);
+    stack.stop().await;
+}
