@@ -4,7 +4,7 @@
 //! decision asks for. Unfinished operations found in form-state are adopted on each
 //! round too, so a restarted controller picks up what its predecessor left.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use form_runtime::shutdown::Shutdown;
 
 use crate::controller::{LastDecision, Shared};
 use crate::decide::{self, Observation};
+use crate::health_round as health;
 use crate::ops::plan::{self, Request};
 use crate::ops::record::now_ms;
 
@@ -30,6 +31,8 @@ pub struct Settings {
     pub heartbeat: Duration,
     /// Whether decisions are acted on (false: only operations are resumed).
     pub act: bool,
+    /// An instance unhealthy this long is replaced.
+    pub replace_after: Duration,
 }
 
 /// Runs until shutdown.
@@ -38,9 +41,7 @@ pub async fn run(shared: Arc<Shared>, settings: Settings, mut shutdown: Shutdown
         if let Err(e) = shared.resume().await {
             tracing::debug!(error = %e.message(), "cannot read operations to resume yet");
         }
-        if settings.act
-            && let Err(e) = round(&shared, &settings).await
-        {
+        if let Err(e) = round(&shared, &settings).await {
             tracing::debug!(error = %e.message(), "evaluation round failed");
         }
         tokio::select! {
@@ -50,8 +51,15 @@ pub async fn run(shared: Arc<Shared>, settings: Settings, mut shutdown: Shutdown
     }
 }
 
-async fn in_flight(shared: &Shared) -> HashMap<String, f64> {
-    let mut out = HashMap::new();
+/// What the balancer says per `cluster/backend`.
+#[derive(Debug, Default)]
+struct Balancer {
+    in_flight: HashMap<String, f64>,
+    ejected: HashSet<String>,
+}
+
+async fn balancer(shared: &Shared) -> Balancer {
+    let mut out = Balancer::default();
     if let Some(mut rplb) = shared.engine.platform.rplb.clone()
         && let Ok(s) = rplb
             .get_stats(rplb_pb::GetStatsRequest {
@@ -61,7 +69,11 @@ async fn in_flight(shared: &Shared) -> HashMap<String, f64> {
     {
         for r in s.into_inner().routes {
             for b in r.backends {
-                out.insert(format!("{}/{}", r.cluster_id, b.id), f64::from(b.in_flight));
+                let key = format!("{}/{}", r.cluster_id, b.id);
+                if b.state == rplb_pb::BackendState::Ejected as i32 {
+                    out.ejected.insert(key.clone());
+                }
+                out.in_flight.insert(key, f64::from(b.in_flight));
             }
         }
     }
@@ -78,15 +90,18 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
         .await?
         .into_inner()
         .clusters;
-    let loads = in_flight(shared).await;
+    let lb = balancer(shared).await;
     let now = now_ms();
     let stale_ms = settings.heartbeat.as_millis() as u64 * STALE_HEARTBEATS;
     for c in clusters {
         if c.template_instance_id.is_empty() || shared.running(&c.cluster_id).is_some() {
             continue;
         }
+        if health::round(shared, &c, &lb.ejected, now, settings).await || !settings.act {
+            continue;
+        }
         let policy = plan::policy_of(&c);
-        let obs = observations(shared, &c, &policy, &loads, now, stale_ms);
+        let obs = observations(shared, &c, &policy, &lb.in_flight, now, stale_ms);
         if obs.is_empty() {
             continue;
         }

@@ -39,6 +39,8 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// Injected faults, `STEP[=fail|hang]` (tests of rollback and restarts).
     pub inject_fault: Vec<String>,
+    /// Milliseconds an instance stays unhealthy before it is replaced.
+    pub replace_after_ms: u64,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             ready_timeout_ms: 60_000,
             drain_timeout_ms: 120_000,
             inject_fault: Vec::new(),
+            replace_after_ms: 10_000,
         }
     }
 }
@@ -82,6 +85,7 @@ impl ServiceConfig for Config {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("ready_timeout_ms", self.ready_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
+            ("replace_after_ms", self.replace_after_ms),
         ] {
             if !(10..=3_600_000).contains(&v) {
                 return Err(ConfigError::invalid(
@@ -152,6 +156,10 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub ready_timeout_ms: Option<u64>,
 
+    /// Milliseconds an instance stays unhealthy before it is replaced
+    #[arg(long, value_name = "MS")]
+    pub replace_after_ms: Option<u64>,
+
     /// Inject a fault at a step, STEP[=fail|hang] (tests of rollback and restarts)
     #[arg(long, value_name = "STEP[=fail|hang]")]
     pub inject_fault: Vec<String>,
@@ -188,6 +196,9 @@ impl Args {
             }
             if let Some(v) = self.ready_timeout_ms {
                 c.ready_timeout_ms = v;
+            }
+            if let Some(v) = self.replace_after_ms {
+                c.replace_after_ms = v;
             }
             if !self.inject_fault.is_empty() {
                 c.inject_fault = self.inject_fault;

@@ -7,6 +7,8 @@ pub mod config;
 pub mod controller;
 pub mod decide;
 pub mod faults;
+pub mod health;
+pub mod health_round;
 pub mod ops;
 pub mod ownership;
 pub mod platform;
@@ -92,6 +94,7 @@ impl Service for Controller {
             interval: Duration::from_millis(c.evaluate_interval_ms),
             heartbeat: Duration::from_millis(c.heartbeat_interval_ms),
             act: c.autoscale,
+            replace_after: Duration::from_millis(c.replace_after_ms),
         };
         tokio::spawn(autoscale::run(
             shared.clone(),

@@ -277,7 +277,8 @@ fn member_list(c: &state_pb::Cluster) -> String {
 }
 
 /// The instance clones are made from: the template when it is healthy and not leaving,
-/// otherwise the first healthy member that is not leaving.
+/// otherwise the first healthy member that is not leaving, otherwise the template if
+/// it is active and not leaving.
 fn source(c: &state_pb::Cluster, leaving: &[String]) -> Result<String, Status> {
     let usable = |m: &state_pb::Member| {
         member_healthy(m)
@@ -289,9 +290,15 @@ fn source(c: &state_pb::Cluster, leaving: &[String]) -> Result<String, Status> {
     {
         return Ok(t.instance_id.clone());
     }
+    // When every member looks unhealthy (heartbeats lost, say), a running template is
+    // still the best source.
+    let running_template = c.members.get(&c.template_instance_id).filter(|t| {
+        !leaving.contains(&t.instance_id) && t.status == state_pb::MemberStatus::Active as i32
+    });
     counted_members(c)
         .into_iter()
         .find(|m| usable(m))
+        .or(running_template)
         .map(|m| m.instance_id.clone())
         .ok_or_else(|| {
             Status::failed_precondition(format!(

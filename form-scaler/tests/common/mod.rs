@@ -307,7 +307,7 @@ impl Stack {
     }
 
     /// Stops every process, the vmm node last-but-one so it deletes its instances.
-    pub async fn stop(mut self) {
+    pub async fn stop(&mut self) {
         if let Some(mut s) = self.scaler.take() {
             let _ = s.stop(Signal::SIGTERM, Duration::from_secs(10)).await;
         }
@@ -320,6 +320,19 @@ impl Stack {
             .stop(Signal::SIGTERM, Duration::from_secs(20))
             .await;
         self.replicas.stop().await;
+    }
+}
+
+impl Drop for Stack {
+    /// A test that panicked: stop the vmm node with SIGTERM so it deletes its
+    /// instances (a SIGKILL would leave them running).
+    fn drop(&mut self) {
+        if self.vmm.signal(Signal::SIGTERM).is_ok() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline && matches!(self.vmm.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }
 

@@ -1,0 +1,126 @@
+//! Judging an instance's health from what form-state and the balancer say: its status
+//! (a failed instance is reported stopped by form-vmm-service), the last health event,
+//! how late its heartbeat is, and whether the balancer ejected it. Pure.
+
+use form_proto::state::v1 as state_pb;
+
+/// Heartbeats missed before an instance is degraded.
+pub const DEGRADED_AFTER: u64 = 3;
+/// Heartbeats missed before an instance is unhealthy.
+pub const UNHEALTHY_AFTER: u64 = 6;
+
+/// An instance's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Serving as it should.
+    Healthy,
+    /// Serving, with a problem.
+    Degraded(String),
+    /// Not serving.
+    Unhealthy(String),
+}
+
+impl Health {
+    /// The state recorded in form-state.
+    pub fn state(&self) -> state_pb::HealthState {
+        match self {
+            Health::Healthy => state_pb::HealthState::Healthy,
+            Health::Degraded(_) => state_pb::HealthState::Degraded,
+            Health::Unhealthy(_) => state_pb::HealthState::Unhealthy,
+        }
+    }
+
+    /// Why, for people.
+    pub fn reason(&self) -> &str {
+        match self {
+            Health::Healthy => "",
+            Health::Degraded(r) | Health::Unhealthy(r) => r,
+        }
+    }
+}
+
+/// The health of active member `m` at `now_ms`, with heartbeats due every
+/// `heartbeat_ms` and `ejected` when the balancer took it out of rotation.
+pub fn judge(m: &state_pb::Member, now_ms: u64, heartbeat_ms: u64, ejected: bool) -> Health {
+    if m.status == state_pb::MemberStatus::Stopped as i32 {
+        let why = m
+            .health_history
+            .last()
+            .map(|e| e.reason.clone())
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "stopped".into());
+        return Health::Unhealthy(format!("instance stopped: {why}"));
+    }
+    let missed = if m.last_heartbeat_ms == 0 {
+        0
+    } else {
+        now_ms.saturating_sub(m.last_heartbeat_ms) / heartbeat_ms.max(1)
+    };
+    let late = format!("no heartbeat for {missed} intervals");
+    match (missed, ejected) {
+        (n, true) if n >= DEGRADED_AFTER => {
+            Health::Unhealthy(format!("{late}, ejected by the balancer"))
+        }
+        (n, _) if n >= UNHEALTHY_AFTER => Health::Unhealthy(late),
+        (n, _) if n >= DEGRADED_AFTER => Health::Degraded(late),
+        (_, true) => Health::Degraded("ejected by the balancer".into()),
+        _ => Health::Healthy,
+    }
+}
+
+/// Since when `m` has been unhealthy by its recorded history, if it is.
+pub fn unhealthy_since(m: &state_pb::Member) -> Option<u64> {
+    m.health_history
+        .last()
+        .filter(|e| e.state == state_pb::HealthState::Unhealthy as i32)
+        .map(|e| e.at_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(status: state_pb::MemberStatus, hb: u64) -> state_pb::Member {
+        state_pb::Member {
+            status: status as i32,
+            last_heartbeat_ms: hb,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_heartbeats_and_ejection_decide() {
+        let active = state_pb::MemberStatus::Active;
+        assert_eq!(
+            judge(&member(active, 10_000), 10_500, 1000, false),
+            Health::Healthy
+        );
+        assert_eq!(
+            judge(&member(active, 0), 99_000, 1000, false),
+            Health::Healthy
+        );
+        assert!(matches!(
+            judge(&member(active, 10_000), 13_500, 1000, false),
+            Health::Degraded(_)
+        ));
+        assert!(matches!(
+            judge(&member(active, 10_000), 16_000, 1000, false),
+            Health::Unhealthy(_)
+        ));
+        assert!(matches!(
+            judge(&member(active, 10_000), 10_100, 1000, true),
+            Health::Degraded(_)
+        ));
+        assert!(matches!(
+            judge(&member(active, 10_000), 13_000, 1000, true),
+            Health::Unhealthy(_)
+        ));
+        let stopped = judge(
+            &member(state_pb::MemberStatus::Stopped, 10_000),
+            10_000,
+            1000,
+            false,
+        );
+        assert!(matches!(stopped, Health::Unhealthy(ref r) if r.contains("stopped")));
+    }
+}

@@ -1,0 +1,108 @@
+//! The health part of an evaluation round: judge each member, record changes of
+//! judgement in form-state (the member's health history), and replace a member that
+//! has been unhealthy longer than the threshold. One replacement at a time per
+//! cluster (operations are one at a time), which keeps any cluster above
+//! max(1, 10%) of its members in flight; when every member looks unhealthy, one is
+//! replaced and the situation reported, never all.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+
+use crate::autoscale::Settings;
+use crate::controller::Shared;
+use crate::health::{self, Health};
+use crate::ops::plan::Request;
+
+/// Judges `c`'s members, records changes, and starts a replacement when one is due.
+/// True when an operation was started (the round's decision waits for the next).
+pub async fn round(
+    shared: &Arc<Shared>,
+    c: &state_pb::Cluster,
+    ejected: &HashSet<String>,
+    now: u64,
+    settings: &Settings,
+) -> bool {
+    let heartbeat = settings.heartbeat.as_millis() as u64;
+    let mut ids: Vec<&String> = c.members.keys().collect();
+    ids.sort();
+    let mut due = Vec::new();
+    let mut judged = 0usize;
+    for id in ids {
+        let m = &c.members[id];
+        let active = m.status == state_pb::MemberStatus::Active as i32;
+        if !active && m.status != state_pb::MemberStatus::Stopped as i32 {
+            continue;
+        }
+        judged += 1;
+        let h = health::judge(
+            m,
+            now,
+            heartbeat,
+            ejected.contains(&format!("{}/{id}", c.cluster_id)),
+        );
+        let recorded = m.health_history.last().map(|e| e.state);
+        if recorded != Some(h.state() as i32) && !(recorded.is_none() && h == Health::Healthy) {
+            record(shared, c, id, &h, now).await;
+        }
+        if let Health::Unhealthy(why) = &h {
+            let since = health::unhealthy_since(m).unwrap_or(now);
+            if now.saturating_sub(since) >= settings.replace_after.as_millis() as u64 {
+                due.push((id.clone(), why.clone()));
+            }
+        }
+    }
+    let Some((victim, why)) = due.first().cloned() else {
+        return false;
+    };
+    if due.len() == judged && judged > 1 {
+        tracing::error!(cluster = %c.cluster_id, unhealthy = due.len(), "every instance looks unhealthy; replacing one, not all");
+    }
+    let req = Request {
+        kind: types::OperationKind::ReplaceInstance as i32,
+        instance_id: victim.clone(),
+        drain_connections: false,
+        reason: format!("{victim} unhealthy: {why}"),
+        ..Default::default()
+    };
+    match shared.submit(&c.cluster_id, req, false).await {
+        Ok(op) => {
+            tracing::warn!(cluster = %c.cluster_id, instance = %victim, operation = %op.operation_id, reason = %why, "replacing an unhealthy instance");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(cluster = %c.cluster_id, instance = %victim, error = %e.message(), "cannot replace an unhealthy instance");
+            false
+        }
+    }
+}
+
+async fn record(shared: &Shared, c: &state_pb::Cluster, id: &str, h: &Health, now: u64) {
+    let req = state_pb::UpdateMemberRequest {
+        cluster_id: c.cluster_id.clone(),
+        instance_id: id.to_owned(),
+        health: Some(state_pb::HealthEvent {
+            state: h.state() as i32,
+            reason: h.reason().to_owned(),
+            at_ms: now,
+        }),
+        ..Default::default()
+    };
+    match shared
+        .engine
+        .platform
+        .state
+        .clone()
+        .update_member(req)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(cluster = %c.cluster_id, instance = id, health = ?h, "health changed")
+        }
+        Err(e) => {
+            tracing::debug!(cluster = %c.cluster_id, instance = id, error = %e.message(), "cannot record health")
+        }
+    }
+}
