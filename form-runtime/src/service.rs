@@ -75,6 +75,11 @@ impl RunContext {
             .ok_or_else(|| RuntimeError::Service(format!("no listener named {name}")))
     }
 
+    /// The bound address of listener `name`, while it has not been taken.
+    pub fn local_addr(&self, name: &str) -> Option<std::net::SocketAddr> {
+        self.listeners.get(name).and_then(|l| l.local_addr().ok())
+    }
+
     /// Tells the runtime that the service serves; writes the ready file.
     pub fn ready(&mut self) {
         if let Some(tx) = self.ready.take() {

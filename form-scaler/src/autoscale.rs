@@ -94,7 +94,10 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
     let now = now_ms();
     let stale_ms = settings.heartbeat.as_millis() as u64 * STALE_HEARTBEATS;
     for c in clusters {
-        if c.template_instance_id.is_empty() || shared.running(&c.cluster_id).is_some() {
+        if c.template_instance_id.is_empty()
+            || shared.running(&c.cluster_id).is_some()
+            || !shared.peers.owns(&c.cluster_id)
+        {
             continue;
         }
         if health::round(shared, &c, &lb.ejected, now, settings).await || !settings.act {

@@ -41,6 +41,10 @@ pub struct Config {
     pub inject_fault: Vec<String>,
     /// Milliseconds an instance stays unhealthy before it is replaced.
     pub replace_after_ms: u64,
+    /// Milliseconds between two heartbeats of this controller into form-state.
+    pub controller_heartbeat_ms: u64,
+    /// A controller silent this many milliseconds is dead: its clusters move.
+    pub controller_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -60,6 +64,8 @@ impl Default for Config {
             drain_timeout_ms: 120_000,
             inject_fault: Vec::new(),
             replace_after_ms: 10_000,
+            controller_heartbeat_ms: 1000,
+            controller_ttl_ms: 5000,
         }
     }
 }
@@ -86,6 +92,8 @@ impl ServiceConfig for Config {
             ("ready_timeout_ms", self.ready_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
             ("replace_after_ms", self.replace_after_ms),
+            ("controller_heartbeat_ms", self.controller_heartbeat_ms),
+            ("controller_ttl_ms", self.controller_ttl_ms),
         ] {
             if !(10..=3_600_000).contains(&v) {
                 return Err(ConfigError::invalid(
@@ -93,6 +101,15 @@ impl ServiceConfig for Config {
                     format!("{v} is not accepted; expected 10 to 3600000 milliseconds"),
                 ));
             }
+        }
+        if self.controller_ttl_ms < 2 * self.controller_heartbeat_ms {
+            return Err(ConfigError::invalid(
+                "controller_ttl_ms",
+                format!(
+                    "{} is not accepted; expected at least twice controller_heartbeat_ms ({})",
+                    self.controller_ttl_ms, self.controller_heartbeat_ms
+                ),
+            ));
         }
         if self.max_instances_cap == 0 {
             return Err(ConfigError::invalid(
@@ -160,6 +177,14 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub replace_after_ms: Option<u64>,
 
+    /// Milliseconds between two heartbeats of this controller into form-state
+    #[arg(long, value_name = "MS")]
+    pub controller_heartbeat_ms: Option<u64>,
+
+    /// Milliseconds of silence after which a controller is dead and its clusters move
+    #[arg(long, value_name = "MS")]
+    pub controller_ttl_ms: Option<u64>,
+
     /// Inject a fault at a step, STEP[=fail|hang] (tests of rollback and restarts)
     #[arg(long, value_name = "STEP[=fail|hang]")]
     pub inject_fault: Vec<String>,
@@ -199,6 +224,12 @@ impl Args {
             }
             if let Some(v) = self.replace_after_ms {
                 c.replace_after_ms = v;
+            }
+            if let Some(v) = self.controller_heartbeat_ms {
+                c.controller_heartbeat_ms = v;
+            }
+            if let Some(v) = self.controller_ttl_ms {
+                c.controller_ttl_ms = v;
             }
             if !self.inject_fault.is_empty() {
                 c.inject_fault = self.inject_fault;

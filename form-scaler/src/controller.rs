@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use form_proto::rplb::v1 as rplb_pb;
 use form_proto::state::v1 as state_pb;
@@ -17,6 +18,7 @@ use crate::decide::{Decision, History};
 use crate::ops::engine::Engine;
 use crate::ops::plan::{self, Request};
 use crate::ops::{self, record};
+use crate::peers::Peers;
 use crate::victims::Candidate;
 
 /// The latest decision of a cluster and when it was made.
@@ -45,6 +47,8 @@ pub struct Shared {
     pub decisions: Mutex<HashMap<String, LastDecision>>,
     /// When each instance created by a scale-out became active (warm-up).
     pub activated: Mutex<HashMap<String, u64>>,
+    /// The other controllers, and who owns which cluster.
+    pub peers: Peers,
     submit: tokio::sync::Mutex<()>,
     counter: AtomicU64,
 }
@@ -59,8 +63,9 @@ fn state_err(what: &str, e: Status) -> Status {
 
 impl Shared {
     /// A controller named `id`.
-    pub fn new(id: String, engine: Engine, cap: u32) -> Self {
+    pub fn new(id: String, engine: Engine, cap: u32, peers_ttl: Duration) -> Self {
         Self {
+            peers: Peers::new(id.clone(), peers_ttl),
             id,
             engine,
             cap,
@@ -129,15 +134,19 @@ impl Shared {
             self.refuse_in_cooldown(&cluster, req.kind)?;
         }
         let candidates = self.candidates(&cluster).await;
-        let op = plan::build(&req, &cluster, &candidates, &self.id, record::now_ms())?;
+        let owner = self.peers.owner_of(cluster_id);
+        let op = plan::build(&req, &cluster, &candidates, &owner, record::now_ms())?;
         state
             .put_operation(state_pb::PutOperationRequest {
                 operation: Some(op.clone()),
             })
             .await
             .map_err(|e| state_err("recording the operation", e))?;
-        tracing::info!(operation = %op.operation_id, cluster = cluster_id, kind = ops::kind_name(op.kind), target = op.target_count, reason = %op.reason, "operation accepted");
-        self.launch(op.clone());
+        tracing::info!(operation = %op.operation_id, cluster = cluster_id, kind = ops::kind_name(op.kind), target = op.target_count, reason = %op.reason, owner = %owner, "operation accepted");
+        if owner == self.id {
+            self.launch(op.clone());
+        }
+        // Otherwise the cluster's owner finds it in form-state and runs it.
         Ok(op)
     }
 
@@ -269,8 +278,11 @@ impl Shared {
         }
     }
 
-    /// Adopts the unfinished operations in form-state that are not running here: each
-    /// is resumed (forward after its commit, back before it).
+    /// Adopts the unfinished operations in form-state that are not running here and
+    /// are this controller's: recorded with it as owner, or left by a dead controller
+    /// on a cluster this one now owns. Each is resumed (forward after its commit, back
+    /// before it). An operation of a live controller stays with it, even when its
+    /// cluster has moved: two controllers never run one operation.
     pub async fn resume(self: &Arc<Self>) -> Result<usize, Status> {
         let listed = self
             .engine
@@ -286,6 +298,11 @@ impl Shared {
         let mut adopted = 0;
         for op in listed.operations {
             if ops::is_terminal(&op) || self.running(&op.cluster_id).is_some() {
+                continue;
+            }
+            let mine = op.owner == self.id
+                || (!self.peers.is_live(&op.owner) && self.peers.owns(&op.cluster_id));
+            if !mine {
                 continue;
             }
             tracing::warn!(operation = %op.operation_id, cluster = %op.cluster_id, status = ops::status_name(&op), step = record::current_step(&op).unwrap_or(""), "resuming an unfinished operation");

@@ -11,6 +11,7 @@ pub mod health;
 pub mod health_round;
 pub mod ops;
 pub mod ownership;
+pub mod peers;
 pub mod platform;
 pub mod policy;
 pub mod probe;
@@ -89,7 +90,24 @@ impl Service for Controller {
             },
             faults: Faults::parse(&c.inject_fault)?,
         };
-        let shared = Arc::new(Shared::new(c.id.clone(), engine, c.max_instances_cap));
+        let shared = Arc::new(Shared::new(
+            c.id.clone(),
+            engine,
+            c.max_instances_cap,
+            Duration::from_millis(c.controller_ttl_ms),
+        ));
+        {
+            let shared = shared.clone();
+            let client = shared.engine.platform.state.clone();
+            let address = ctx
+                .local_addr(GRPC_LISTENER)
+                .map_or_else(|| c.listen.to_string(), |a| a.to_string());
+            let interval = Duration::from_millis(c.controller_heartbeat_ms);
+            let shutdown = ctx.shutdown.clone();
+            tokio::spawn(
+                async move { shared.peers.run(client, address, interval, shutdown).await },
+            );
+        }
         let settings = autoscale::Settings {
             interval: Duration::from_millis(c.evaluate_interval_ms),
             heartbeat: Duration::from_millis(c.heartbeat_interval_ms),

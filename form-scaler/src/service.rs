@@ -163,6 +163,7 @@ impl ScalerService for Api {
             members,
             last_decision,
             policy: Some(plan::policy_of(&c)),
+            owner: self.shared.peers.owner_of(&c.cluster_id),
         }))
     }
 

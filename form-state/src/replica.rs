@@ -265,7 +265,7 @@ impl Replica {
         self.state.join(other);
         let changed = before != self.state;
         let mut touched: Vec<(Space, String)> = Vec::new();
-        for space in [Space::Cluster, Space::Operation] {
+        for space in [Space::Cluster, Space::Operation, Space::Controller] {
             let mut ids: Vec<&str> = before.ids(space);
             ids.extend(self.state.ids(space));
             ids.sort_unstable();

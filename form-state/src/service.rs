@@ -123,6 +123,26 @@ impl StateService for StateApi {
         Ok(self.reply(w))
     }
 
+    async fn controller_heartbeat(
+        &self,
+        req: Request<pb::ControllerHeartbeatRequest>,
+    ) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::controller_heartbeat(s, a, now_ms(), &r))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn list_controllers(
+        &self,
+        _req: Request<pb::ListControllersRequest>,
+    ) -> Result<pb::ListControllersReply> {
+        let controllers = read::controllers(self.store.lock().state());
+        Ok(Response::new(pb::ListControllersReply { controllers }))
+    }
+
     async fn put_operation(&self, req: Request<pb::PutOperationRequest>) -> Result<pb::WriteReply> {
         let r = req.into_inner();
         let w = self

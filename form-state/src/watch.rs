@@ -140,6 +140,8 @@ fn event(
             }
             Change::Operation(op)
         }
+        // Controller heartbeats are not watched: they change every second.
+        Space::Controller => return None,
     };
     Some(pb::WatchEvent {
         sequence: lsn,

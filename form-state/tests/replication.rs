@@ -161,3 +161,47 @@ async fn prioritized_sync_pushes_membership_writes_at_once() {
     );
     pair.stop().await;
 }
+
+#[tokio::test]
+async fn controller_heartbeats_replicate_and_only_a_newer_one_counts() {
+    use form_proto::state::v1 as pb;
+    let trio = replicas("controllers", 2, true).await;
+    let mut a = trio.client(0).await;
+    let mut b = trio.client(1).await;
+    let beat = |id: &str, at: u64| pb::ControllerHeartbeatRequest {
+        controller_id: id.into(),
+        at_ms: at,
+        address: format!("{id}:3006"),
+    };
+    a.controller_heartbeat(beat("ctl-1", 2000))
+        .await
+        .expect("beat");
+    b.controller_heartbeat(beat("ctl-2", 1000))
+        .await
+        .expect("beat");
+    a.controller_heartbeat(beat("ctl-1", 1500))
+        .await
+        .expect("older beat");
+    let e = a
+        .controller_heartbeat(beat("bad id", 1))
+        .await
+        .expect_err("bad id");
+    assert!(e.message().contains("controller_id"), "{e:?}");
+    for mut c in [a, b] {
+        assert_eventually!(
+            async {
+                let list = c
+                    .list_controllers(pb::ListControllersRequest {})
+                    .await
+                    .expect("list")
+                    .into_inner()
+                    .controllers;
+                list.iter()
+                    .map(|i| (i.controller_id.as_str(), i.last_heartbeat_ms))
+                    .collect::<Vec<_>>()
+                    == [("ctl-1", 2000), ("ctl-2", 1000)]
+            },
+            "both replicas list both controllers with their newest heartbeat"
+        );
+    }
+}

@@ -211,6 +211,11 @@ impl Stack {
         client
     }
 
+    /// The flags that point a controller at this platform.
+    pub fn scaler_args(&self) -> &[String] {
+        &self.scaler_args
+    }
+
     /// Stops the controller with SIGTERM.
     pub async fn stop_scaler(&mut self) {
         if let Some(mut s) = self.scaler.take() {

@@ -11,6 +11,8 @@ pub enum Space {
     Cluster,
     /// Operations (id = operation id, sub = "").
     Operation,
+    /// Scaling controllers (id = controller id, sub = "").
+    Controller,
 }
 
 /// A field of a cluster, member or operation.
@@ -52,6 +54,8 @@ pub enum Field {
     OperationBody,
     /// Operation status: rank = position in the status order, value = encoded status.
     OperationStatus,
+    /// A controller's latest heartbeat: rank = time in ms, value = its address.
+    ControllerHeartbeat,
 }
 
 /// How the entries of one field are read when concurrent writes left several.
@@ -69,7 +73,7 @@ impl Field {
     /// How this field's entries are read.
     pub fn resolve(self) -> Resolve {
         match self {
-            Field::Heartbeat | Field::OperationStatus => Resolve::Max,
+            Field::Heartbeat | Field::OperationStatus | Field::ControllerHeartbeat => Resolve::Max,
             Field::Health => Resolve::History,
             _ => Resolve::LastWriterWins,
         }
@@ -114,6 +118,16 @@ impl Key {
     pub fn operation(id: &str, field: Field) -> Self {
         Self {
             space: Space::Operation,
+            id: id.to_owned(),
+            sub: String::new(),
+            field,
+        }
+    }
+
+    /// A field of controller `id`.
+    pub fn controller(id: &str, field: Field) -> Self {
+        Self {
+            space: Space::Controller,
             id: id.to_owned(),
             sub: String::new(),
             field,

@@ -101,6 +101,26 @@ pub fn clusters(state: &State) -> Vec<pb::Cluster> {
         .collect()
 }
 
+/// Every controller that sent a heartbeat, ordered by id.
+pub fn controllers(state: &State) -> Vec<pb::ControllerInfo> {
+    state
+        .ids(Space::Controller)
+        .into_iter()
+        .filter_map(|id| {
+            let e = state.get(&Key::controller(id, Field::ControllerHeartbeat))?;
+            let address = match &e.value {
+                Value::Text(t) => t.clone(),
+                _ => String::new(),
+            };
+            Some(pb::ControllerInfo {
+                controller_id: id.to_owned(),
+                last_heartbeat_ms: e.rank,
+                address,
+            })
+        })
+        .collect()
+}
+
 /// One operation, or `None`.
 pub fn operation(state: &State, id: &str) -> Option<types::Operation> {
     let body: types::Operation = decode(state.get(&Key::operation(id, Field::OperationBody)))?;

@@ -308,6 +308,30 @@ pub fn heartbeat(
     Ok(b.build())
 }
 
+/// `ControllerHeartbeat`: the controller's latest heartbeat (older ones are ignored).
+pub fn controller_heartbeat(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::ControllerHeartbeatRequest,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("controller_id", &r.controller_id)?;
+    if r.address.len() > 256 {
+        return Err(StateError::invalid(
+            "address",
+            format!("is {} bytes long; at most 256 accepted", r.address.len()),
+        ));
+    }
+    let at = if r.at_ms == 0 { now } else { r.at_ms };
+    let key = Key::controller(&r.controller_id, Field::ControllerHeartbeat);
+    if state.get(&key).is_some_and(|e| e.rank >= at) {
+        return Ok(None);
+    }
+    let mut b = DeltaBuilder::new(state, actor);
+    b.set(key, Value::Text(r.address.clone()), at, now);
+    Ok(b.build())
+}
+
 /// `PutOperation`: creates or advances an operation; its status never moves back.
 pub fn put_operation(
     state: &State,
