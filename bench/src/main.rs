@@ -11,12 +11,14 @@
 //! ./target/release/form-bench rplb-pick
 //! ./target/release/form-bench rplb-http      # needs wrk, nginx-light, haproxy
 //! ./target/release/form-bench scaler-decide
+//! ./target/release/form-bench scaler-scale-out
 //! ```
 
 mod load;
 mod rplb_http;
 mod rplb_pick;
 mod scaler_decide;
+mod scaler_scale_out;
 mod state_apply;
 mod state_bytes;
 mod state_convergence;
@@ -98,6 +100,15 @@ enum Command {
         #[arg(long, default_value_t = 1_000)]
         clusters: usize,
     },
+    /// Time from a scale-out request until the new instance serves through the balancer.
+    ScalerScaleOut {
+        /// Scale-outs measured.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Guest directory (deploy/guest/build.sh) to measure the qemu backend too.
+        #[arg(long, value_name = "DIR")]
+        guest_dir: Option<PathBuf>,
+    },
     /// Snapshot and clone-to-serving time of the VMM service's backends.
     VmmClone {
         /// Snapshots and clones measured.
@@ -148,6 +159,9 @@ fn main() -> ExitCode {
                 seconds,
                 rate,
             } => rplb_http::run(&bin_dir, runs, seconds, rate).await,
+            Command::ScalerScaleOut { runs, guest_dir } => {
+                scaler_scale_out::run(&bin_dir, runs, guest_dir.as_deref()).await
+            }
             Command::VmmClone {
                 runs,
                 keys,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use form_proto::scaler::v1 as pb;
 use form_proto::types::v1::ScalingPolicy;
-use form_testkit::{assert_eventually, probe};
+use form_testkit::assert_eventually;
 
 const LOOP: &[&str] = &[
     "--autoscale",
@@ -189,14 +189,7 @@ async fn a_killed_instance_is_replaced_and_its_sessions_re_pinned_with_one_retry
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let victim = op.new_instances[0].clone();
-    let pids = probe::pids_with_env("FORM_INSTANCE_ID", &victim);
-    assert!(!pids.is_empty(), "the process of {victim}");
-    for pid in pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    stack.kill_member(&victim).await;
     assert_eventually!(
         deadline = Duration::from_secs(30),
         async {

@@ -219,3 +219,94 @@ async fn a_controller_killed_mid_scale_out_rolls_it_back_after_restart_and_refus
     assert_eq!(stack.members().await, vec![TEMPLATE.to_owned()]);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn resize_gives_every_member_the_new_resources_in_place_or_by_a_resized_clone() {
+    let mut stack = Stack::start("ops-resize").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect("scale out")
+        .into_inner();
+    assert_eq!(
+        status(&wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await),
+        "completed"
+    );
+    let target = form_proto::types::v1::Resources {
+        vcpus: 1,
+        memory_mib: 192,
+    };
+    let reply = scaler
+        .scale(pb::ScaleRequest {
+            target_resources: Some(target),
+            ..scale(OperationKind::Resize, 0)
+        })
+        .await
+        .expect("resize")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let cluster = stack.cluster().await;
+    assert_eq!(cluster.resources, Some(target));
+    assert_eq!(cluster.members.len(), 2);
+    for id in cluster.members.keys() {
+        let i = stack
+            .vmm_client
+            .get_instance(form_proto::vmm::v1::InstanceRef {
+                instance_id: id.clone(),
+            })
+            .await
+            .expect("instance")
+            .into_inner();
+        assert_eq!(i.resources, Some(target), "{id} has the new resources");
+    }
+    // Replaced members (if any) carry the state, and the template is still a member.
+    assert!(cluster.members.contains_key(&cluster.template_instance_id));
+    for m in cluster.members.values() {
+        assert_eq!(
+            key_on(&m.addresses[0], "alpha").await.as_deref(),
+            Some("value-alpha")
+        );
+    }
+    assert_eventually!(stack.agree(), "members, instances and backends agree");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_template_is_replaced_by_a_clone_of_a_healthy_member_which_becomes_the_template() {
+    let mut stack = Stack::start("ops-template").await;
+    let mut scaler = stack
+        .start_scaler(&["--replace-after-ms", "200", "--evaluate-interval-ms", "100"])
+        .await;
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect("scale out")
+        .into_inner();
+    assert_eq!(
+        status(&wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await),
+        "completed"
+    );
+    stack.kill_member(TEMPLATE).await;
+    assert_eventually!(
+        deadline = Duration::from_secs(30),
+        async {
+            let c = stack.cluster().await;
+            c.members.len() == 2
+                && !c.members.contains_key(TEMPLATE)
+                && c.template_instance_id != TEMPLATE
+                && c.members.contains_key(&c.template_instance_id)
+        },
+        "the template is replaced and its replacement promoted: {:?}",
+        stack.cluster().await
+    );
+    let c = stack.cluster().await;
+    let t = &c.members[&c.template_instance_id];
+    assert_eq!(
+        key_on(&t.addresses[0], "beta").await.as_deref(),
+        Some("value-beta")
+    );
+    assert_eventually!(stack.agree(), "members, instances and backends agree");
+    stack.stop().await;
+}

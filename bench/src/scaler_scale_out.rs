@@ -1,0 +1,331 @@
+//! Scale-to-serving: from a `Scale` request to the controller until a request through
+//! the balancer is answered by the new instance, with the real services (one form-state
+//! replica, form-vmm-service, form-rplb following the state, form-scaler). Beside it,
+//! in the same run, the bare path without controller or balancer: Snapshot + Clone +
+//! first answer of the clone, so the controller's share is the difference.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use form_proto::scaler::v1 as scaler_pb;
+use form_proto::scaler::v1::scaler_service_client::ScalerServiceClient;
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as vmm_pb;
+use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
+use form_scaler::ops::plan::new_instance_id;
+use form_testkit::replicas::{ReplicaOptions, Replicas};
+use form_testkit::{ChildService, TestDir, probe, start};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::quantile;
+
+const CLUSTER: &str = "bench";
+const DOMAIN: &str = "bench.test";
+
+pub(crate) async fn run(
+    bin_dir: &Path,
+    runs: usize,
+    guest_dir: Option<&Path>,
+) -> anyhow::Result<()> {
+    println!(
+        "scaler-scale-out: scale-out by one instance, {runs} runs per backend (qemu: at most 5, TCG)"
+    );
+    println!(
+        "| backend | request -> serving through the balancer p50 ms | max ms | bare snapshot+clone+first answer p50 ms | target |"
+    );
+    println!("|---|---:|---:|---:|---|");
+    let (s, bare) = measure(bin_dir, &[], runs).await?;
+    row("process", &s, &bare, "p50 <= 300");
+    match guest_dir {
+        Some(g) => {
+            let g = g.to_str().unwrap_or_default();
+            let args = [
+                "--backend",
+                "qemu",
+                "--guest-dir",
+                g,
+                "--ready-timeout-ms",
+                "60000",
+            ];
+            let (s, bare) = measure(bin_dir, &args, runs.min(5)).await?;
+            row("qemu (TCG)", &s, &bare, "p50 <= 1500");
+        }
+        None => println!(
+            "| qemu | - | - | - | not measured: pass --guest-dir (deploy/guest/build.sh) |"
+        ),
+    }
+    Ok(())
+}
+
+fn row(name: &str, s: &[f64], bare: &[f64], target: &str) {
+    println!(
+        "| {name} | {:.0} | {:.0} | {:.0} | {target} |",
+        quantile(s, 0.5),
+        quantile(s, 1.0),
+        quantile(bare, 0.5)
+    );
+}
+
+struct Stack {
+    _dir: TestDir,
+    replicas: Replicas,
+    services: Vec<ChildService>,
+    http: SocketAddr,
+    vmm: VmmServiceClient<tonic::transport::Channel>,
+    scaler: ScalerServiceClient<tonic::transport::Channel>,
+}
+
+async fn stack(bin_dir: &Path, backend: &[&str]) -> anyhow::Result<Stack> {
+    let replicas = Replicas::start(
+        &bin_dir.join("form-state"),
+        "bench-scale-state",
+        ReplicaOptions::new(1),
+    )
+    .await;
+    let state_addr = replicas.addrs[0].to_string();
+    let dir = TestDir::new("bench-scale");
+    let data = dir.path().join("vmm");
+    let port0 = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"];
+    let mut vmm_args: Vec<&str> = port0.to_vec();
+    vmm_args.extend([
+        "--state",
+        &state_addr,
+        "--data-dir",
+        data.to_str().unwrap_or("vmm"),
+    ]);
+    vmm_args.extend(backend);
+    let vmm_svc = start(&dir, "vmm", bin_dir.join("form-vmm-service"), &vmm_args).await;
+    let vmm_addr = vmm_svc
+        .addr("grpc")
+        .unwrap_or_else(|| unreachable!())
+        .to_string();
+    let mut rplb_args: Vec<&str> = port0.to_vec();
+    rplb_args.extend(["--listen-http", "127.0.0.1:0", "--state", &state_addr]);
+    let rplb_svc = start(&dir, "rplb", bin_dir.join("form-rplb"), &rplb_args).await;
+    let rplb_addr = rplb_svc
+        .addr("grpc")
+        .unwrap_or_else(|| unreachable!())
+        .to_string();
+    let http = rplb_svc.addr("http").unwrap_or_else(|| unreachable!());
+    let mut scaler_args: Vec<&str> = port0.to_vec();
+    scaler_args.extend([
+        "--state",
+        &state_addr,
+        "--vmm",
+        &vmm_addr,
+        "--rplb",
+        &rplb_addr,
+        "--autoscale",
+        "false",
+        "--ready-timeout-ms",
+        "120000",
+    ]);
+    let scaler_svc = start(&dir, "scaler", bin_dir.join("form-scaler"), &scaler_args).await;
+    let scaler = ScalerServiceClient::new(
+        probe::channel(scaler_svc.addr("grpc").unwrap_or_else(|| unreachable!())).await?,
+    );
+    let vmm = VmmServiceClient::new(
+        probe::channel_with_timeout(
+            vmm_svc.addr("grpc").unwrap_or_else(|| unreachable!()),
+            Duration::from_secs(120),
+        )
+        .await?,
+    );
+    Ok(Stack {
+        _dir: dir,
+        replicas,
+        services: vec![scaler_svc, rplb_svc, vmm_svc],
+        http,
+        vmm,
+        scaler,
+    })
+}
+
+async fn demo(s: &mut Stack, bin_dir: &Path) -> anyhow::Result<()> {
+    let mut state = s.replicas.client(0).await;
+    let resources = types::Resources {
+        vcpus: 1,
+        memory_mib: 128,
+    };
+    let workload = types::Workload {
+        command: bin_dir.join("form-demo-app").display().to_string(),
+        health_path: "/healthz".into(),
+        ..Default::default()
+    };
+    state
+        .put_cluster(state_pb::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            domain: Some(DOMAIN.into()),
+            workload: Some(workload.clone()),
+            resources: Some(resources),
+            scaling_policy: Some(types::ScalingPolicy {
+                min_instances: 1,
+                max_instances: 4,
+                target_cpu_utilization: 0.5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?;
+    let t = s
+        .vmm
+        .create_instance(vmm_pb::CreateInstanceRequest {
+            instance_id: "bench-0".into(),
+            cluster_id: CLUSTER.into(),
+            workload: Some(workload),
+            resources: Some(resources),
+        })
+        .await?
+        .into_inner();
+    anyhow::ensure!(
+        t.status == vmm_pb::InstanceStatus::Running as i32,
+        "template failed: {}",
+        t.failure
+    );
+    let addr: SocketAddr = t.address.parse()?;
+    for k in 0..100 {
+        probe::http_request(addr, "PUT", &format!("/kv/k{k}"), b"v").await?;
+    }
+    state
+        .add_member(state_pb::AddMemberRequest {
+            cluster_id: CLUSTER.into(),
+            member: Some(state_pb::Member {
+                instance_id: "bench-0".into(),
+                node_id: t.node_id,
+                addresses: vec![t.address],
+                status: state_pb::MemberStatus::Active as i32,
+                ..Default::default()
+            }),
+        })
+        .await?;
+    state
+        .put_cluster(state_pb::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            template_instance_id: Some("bench-0".into()),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+/// `GET /whoami` through the balancer; the body.
+async fn whoami(http: SocketAddr) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(http).await.ok()?;
+    let req = format!("GET /whoami HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.starts_with("HTTP/1.1 200").then_some(text)
+}
+
+async fn scale(s: &mut Stack, kind: types::OperationKind, to: u32, id: &str) -> anyhow::Result<()> {
+    s.scaler
+        .scale(scaler_pb::ScaleRequest {
+            cluster_id: CLUSTER.into(),
+            operation_id: id.into(),
+            kind: kind as i32,
+            target_count: to,
+            immediate: true,
+            drain_connections: false,
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+async fn wait_done(s: &mut Stack, id: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let op = s
+            .scaler
+            .get_operation(scaler_pb::GetOperationRequest {
+                operation_id: id.into(),
+            })
+            .await?
+            .into_inner();
+        use types::operation_status::State as S;
+        match op.status.and_then(|s| s.state) {
+            Some(S::Completed(_)) => return Ok(()),
+            Some(S::Failed(f)) => anyhow::bail!("operation {id} failed: {}", f.error),
+            Some(S::RolledBack(r)) => anyhow::bail!("operation {id} rolled back: {}", r.reason),
+            _ => {}
+        }
+        anyhow::ensure!(Instant::now() < deadline, "operation {id} did not end");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn measure(
+    bin_dir: &Path,
+    backend: &[&str],
+    runs: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let mut s = stack(bin_dir, backend).await?;
+    demo(&mut s, bin_dir).await?;
+    let mut serving = Vec::new();
+    let mut bare = Vec::new();
+    for n in 0..runs {
+        let id = format!("out-{n}");
+        let new = new_instance_id(CLUSTER, &id, 0);
+        let t0 = Instant::now();
+        scale(&mut s, types::OperationKind::ScaleOut, 2, &id).await?;
+        loop {
+            if whoami(s.http).await.is_some_and(|b| b.contains(&new)) {
+                break;
+            }
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(180),
+                "{new} never served"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        serving.push(t0.elapsed().as_secs_f64() * 1000.0);
+        wait_done(&mut s, &id).await?;
+        let back = format!("in-{n}");
+        scale(&mut s, types::OperationKind::ScaleIn, 1, &back).await?;
+        wait_done(&mut s, &back).await?;
+
+        let t0 = Instant::now();
+        let snap = s
+            .vmm
+            .snapshot(vmm_pb::SnapshotRequest {
+                instance_id: "bench-0".into(),
+                resume: Some(true),
+            })
+            .await?
+            .into_inner();
+        let clone = VmmServiceClient::clone(
+            &mut s.vmm,
+            vmm_pb::CloneRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                instance_id: format!("bare-{n}"),
+                resources: None,
+            },
+        )
+        .await?
+        .into_inner();
+        let (code, _) = probe::http_get(clone.address.parse()?, "/kv/k0").await?;
+        anyhow::ensure!(code == 200, "bare clone answered {code}");
+        bare.push(t0.elapsed().as_secs_f64() * 1000.0);
+        s.vmm
+            .delete_instance(vmm_pb::InstanceRef {
+                instance_id: clone.instance_id,
+            })
+            .await?;
+        s.vmm
+            .delete_snapshot(vmm_pb::DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id,
+            })
+            .await?;
+    }
+    for mut svc in s.services.drain(..) {
+        form_testkit::conformance::stop_gracefully(&mut svc).await;
+    }
+    s.replicas.stop().await;
+    serving.sort_by(f64::total_cmp);
+    bare.sort_by(f64::total_cmp);
+    Ok((serving, bare))
+}
