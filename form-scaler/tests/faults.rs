@@ -109,5 +109,30 @@ async fn a_fault_at_every_step_rolls_back_or_completes_and_leaks_nothing() {
             stack.stop_scaler().await;
         }
     }
+    // Replacing the template: a fault before the commit restores it as the template.
+    for step in plan::steps(OperationKind::ReplaceInstance) {
+        if step.commits() {
+            continue;
+        }
+        prepare(&mut stack, 2).await;
+        let members = stack.members().await;
+        assert!(members.contains(&TEMPLATE.to_owned()));
+        let mut scaler = stack.start_scaler(&["--inject-fault", step.name()]).await;
+        let req = pb::ScaleRequest {
+            instance_id: TEMPLATE.into(),
+            ..scale(OperationKind::ReplaceInstance, 0)
+        };
+        let outcome = run(&mut scaler, req).await;
+        let what = format!("replacing the template with a fault at {}", step.name());
+        assert!(outcome.starts_with("rolled_back"), "{what}: {outcome}");
+        assert_eq!(
+            stack.cluster().await.template_instance_id,
+            TEMPLATE,
+            "{what}"
+        );
+        assert_eq!(stack.members().await, members, "{what}");
+        assert_eventually!(stack.agree(), "{what}: nothing leaked");
+        stack.stop_scaler().await;
+    }
     stack.stop().await;
 }

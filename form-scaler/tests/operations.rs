@@ -288,6 +288,7 @@ async fn a_lost_template_is_replaced_by_a_clone_of_a_healthy_member_which_become
         status(&wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await),
         "completed"
     );
+    let healthy = op_new(&stack.members().await);
     stack.kill_member(TEMPLATE).await;
     assert_eventually!(
         deadline = Duration::from_secs(30),
@@ -302,6 +303,10 @@ async fn a_lost_template_is_replaced_by_a_clone_of_a_healthy_member_which_become
         stack.cluster().await
     );
     let c = stack.cluster().await;
+    assert_eq!(
+        c.template_instance_id, healthy,
+        "the healthy member is promoted"
+    );
     let t = &c.members[&c.template_instance_id];
     assert_eq!(
         key_on(&t.addresses[0], "beta").await.as_deref(),
@@ -309,4 +314,13 @@ async fn a_lost_template_is_replaced_by_a_clone_of_a_healthy_member_which_become
     );
     assert_eventually!(stack.agree(), "members, instances and backends agree");
     stack.stop().await;
+}
+
+/// The member that is not the template.
+fn op_new(members: &[String]) -> String {
+    members
+        .iter()
+        .find(|m| *m != TEMPLATE)
+        .expect("a member besides the template")
+        .clone()
 }

@@ -338,16 +338,34 @@ async fn wait_serving(e: &Engine, op: &types::Operation) -> Result<(), OpError> 
     }
 }
 
-/// Makes the replacement of a victim template the template (`back`: the reverse).
+/// When the template is a victim, promotes a healthy member: the source of the
+/// clones when it stays, otherwise the template's own replacement. `back` restores
+/// the template recorded before the operation.
 async fn promote(e: &Engine, op: &types::Operation, back: bool) -> Result<(), OpError> {
-    let cluster = e.platform.cluster(&op.cluster_id).await?;
-    let pairs = op.victims.iter().zip(&op.new_instances);
-    let change = pairs
-        .map(|(old, new)| if back { (new, old) } else { (old, new) })
-        .find(|(from, _)| **from == cluster.template_instance_id);
-    let Some((_, to)) = change else {
+    let previous = &op.previous_template_instance_id;
+    if previous.is_empty() {
         return Ok(());
+    }
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    let to = if back {
+        previous.clone()
+    } else if cluster.template_instance_id != *previous {
+        // Promoted already (a step run again after a restart).
+        return Ok(());
+    } else if !op.victims.contains(&op.source_instance_id)
+        && cluster.members.contains_key(&op.source_instance_id)
+    {
+        op.source_instance_id.clone()
+    } else {
+        let k = op.victims.iter().position(|v| v == previous);
+        match k.and_then(|k| op.new_instances.get(k)) {
+            Some(new) => new.clone(),
+            None => return Err(OpError(format!("no successor for template {previous}"))),
+        }
     };
+    if cluster.template_instance_id == to {
+        return Ok(());
+    }
     let req = state_pb::PutClusterRequest {
         cluster_id: op.cluster_id.clone(),
         template_instance_id: Some(to.clone()),

@@ -224,6 +224,9 @@ pub fn build(
             op.instance_id = req.instance_id.clone();
             op.target_count = current;
             op.victims = vec![req.instance_id.clone()];
+            if req.instance_id == cluster.template_instance_id {
+                op.previous_template_instance_id = req.instance_id.clone();
+            }
             op.source_instance_id = source(cluster, &op.victims)?;
             op.new_instances = new_ids(1);
         }

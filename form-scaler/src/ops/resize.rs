@@ -62,6 +62,9 @@ async fn in_place(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> 
         }
         if !resize_one(e, op, &id, target).await? {
             let k = op.new_instances.len();
+            if id == cluster.template_instance_id {
+                op.previous_template_instance_id = id.clone();
+            }
             op.victims.push(id.clone());
             op.new_instances
                 .push(plan::new_instance_id(&op.cluster_id, &op.operation_id, k));
