@@ -38,6 +38,12 @@ pub struct Settings {
 /// Runs until shutdown.
 pub async fn run(shared: Arc<Shared>, settings: Settings, mut shutdown: Shutdown) {
     loop {
+        if !shared.peers.ready() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => continue,
+                _ = shutdown.requested() => return,
+            }
+        }
         if let Err(e) = shared.resume().await {
             tracing::debug!(error = %e.message(), "cannot read operations to resume yet");
         }

@@ -99,6 +99,7 @@ impl Shared {
             form_runtime::ids::check(&req.operation_id)
                 .map_err(|e| Status::invalid_argument(format!("operation_id {e}")))?;
         }
+        self.wait_ready().await?;
         let _one_at_a_time = self.submit.lock().await;
         let mut state = self.engine.platform.state.clone();
         match state
@@ -129,13 +130,14 @@ impl Shared {
             .await
             .map_err(|e| state_err(&format!("cluster {cluster_id}"), e))?
             .into_inner();
+        // A request that can never run is refused as such, before busy or cooldown.
+        let candidates = self.candidates(&cluster).await;
+        let owner = self.peers.owner_of(cluster_id);
+        let op = plan::build(&req, &cluster, &candidates, &owner, record::now_ms())?;
         self.refuse_if_busy(cluster_id).await?;
         if check_cooldown && !req.immediate {
             self.refuse_in_cooldown(&cluster, req.kind)?;
         }
-        let candidates = self.candidates(&cluster).await;
-        let owner = self.peers.owner_of(cluster_id);
-        let op = plan::build(&req, &cluster, &candidates, &owner, record::now_ms())?;
         state
             .put_operation(state_pb::PutOperationRequest {
                 operation: Some(op.clone()),
@@ -148,6 +150,20 @@ impl Shared {
         }
         // Otherwise the cluster's owner finds it in form-state and runs it.
         Ok(op)
+    }
+
+    /// Waits (briefly) until the view of the other controllers has been read.
+    async fn wait_ready(&self) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.peers.ready() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(
+                    "the controller cannot read the other controllers from form-state yet; retry",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     async fn refuse_if_busy(&self, cluster_id: &str) -> Result<(), Status> {

@@ -4,6 +4,7 @@
 //! among the live ones (this controller always counts itself live). Clocks of the
 //! controllers are compared, so they should agree to well within the TTL.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ pub struct Peers {
     me: String,
     ttl_ms: u64,
     view: Mutex<Vec<Controller>>,
+    ready: AtomicBool,
 }
 
 impl Peers {
@@ -30,7 +32,14 @@ impl Peers {
             me,
             ttl_ms: ttl.as_millis() as u64,
             view: Mutex::default(),
+            ready: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the view has been read once. Before that this controller would think
+    /// itself alone and adopt every operation, so it neither resumes nor evaluates.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     fn live_ids(&self) -> Vec<String> {
@@ -66,6 +75,7 @@ impl Peers {
 
     fn set(&self, controllers: Vec<Controller>) {
         *self.view.lock().unwrap_or_else(PoisonError::into_inner) = controllers;
+        self.ready.store(true, Ordering::Release);
     }
 
     /// Sends heartbeats and refreshes the view every `interval`, until shutdown.

@@ -11,15 +11,38 @@ use form_proto::scaler::v1 as pb;
 use form_proto::scaler::v1::scaler_service_client::ScalerServiceClient;
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1::OperationKind;
-use form_testkit::{Signal, assert_eventually, probe, start};
+use form_testkit::{ChildService, Signal, assert_eventually, probe, start};
 use tonic::transport::Channel;
 
 const BEAT: &[&str] = &[
     "--controller-heartbeat-ms",
-    "100",
+    "200",
     "--controller-ttl-ms",
-    "600",
+    "2000",
 ];
+
+/// Starts a second controller named `id` beside the stack's.
+async fn second(
+    stack: &Stack,
+    id: &str,
+    extra: &[&str],
+) -> (ChildService, ScalerServiceClient<Channel>) {
+    let args: Vec<&str> = form_testkit::conformance::PORT0_ARGS
+        .iter()
+        .copied()
+        .chain(stack.scaler_args().iter().map(String::as_str))
+        .chain(["--autoscale", "false", "--id", id])
+        .chain(BEAT.iter().copied())
+        .chain(extra.iter().copied())
+        .collect();
+    let svc = start(&stack.dir, id, std::path::Path::new(BIN), &args).await;
+    let client = ScalerServiceClient::new(
+        probe::channel(svc.addr("grpc").expect("grpc"))
+            .await
+            .expect("second controller"),
+    );
+    (svc, client)
+}
 
 async fn owner(c: &mut ScalerServiceClient<Channel>, cluster: &str) -> String {
     c.get_status(pb::GetStatusRequest {
@@ -47,19 +70,7 @@ async fn each_cluster_has_one_controller_and_a_dead_ones_clusters_move() {
     let mut a = stack
         .start_scaler(&[&["--id", "ctl-a"], BEAT].concat())
         .await;
-    let b_args: Vec<&str> = form_testkit::conformance::PORT0_ARGS
-        .iter()
-        .copied()
-        .chain(stack.scaler_args().iter().map(String::as_str))
-        .chain(["--autoscale", "false", "--id", "ctl-b"])
-        .chain(BEAT.iter().copied())
-        .collect();
-    let mut b_svc = start(&stack.dir, "scaler-b", std::path::Path::new(BIN), &b_args).await;
-    let mut b = ScalerServiceClient::new(
-        probe::channel(b_svc.addr("grpc").expect("grpc"))
-            .await
-            .expect("b"),
-    );
+    let (mut b_svc, mut b) = second(&stack, "ctl-b", &[]).await;
 
     let mut all = extra.clone();
     all.push(CLUSTER.into());
@@ -130,6 +141,63 @@ async fn each_cluster_has_one_controller_and_a_dead_ones_clusters_move() {
     assert_eq!(status(&op), "completed", "{op:?}");
     assert_eq!(op.owner, survivor);
     assert_eventually!(stack.agree(), "members, instances and backends agree");
+    let _ = b_svc.stop(Signal::SIGTERM, Duration::from_secs(5)).await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_starting_controller_leaves_a_live_ones_operation_alone_and_adopts_it_once_that_one_dies()
+{
+    let mut stack = Stack::start("owners-adopt").await;
+    let mut a = stack
+        .start_scaler(
+            &[
+                &["--id", "ctl-a", "--inject-fault", "wait_serving=hang"],
+                BEAT,
+            ]
+            .concat(),
+        )
+        .await;
+    let reply = a
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect("accepted")
+        .into_inner();
+    let id = reply.operation_id;
+    let at_wait_serving =
+        |op: &form_proto::types::v1::Operation| status(op) == "in_progress: wait_serving";
+    assert_eventually!(
+        deadline = Duration::from_secs(30),
+        async {
+            a.get_operation(pb::GetOperationRequest {
+                operation_id: id.clone(),
+            })
+            .await
+            .is_ok_and(|o| at_wait_serving(o.get_ref()))
+        },
+        "ctl-a runs the operation up to wait_serving"
+    );
+    let (mut b_svc, mut b) = second(&stack, "ctl-b", &[]).await;
+    // ctl-b starts, reads the controllers, and leaves ctl-a's operation alone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let op = b
+        .get_operation(pb::GetOperationRequest {
+            operation_id: id.clone(),
+        })
+        .await
+        .expect("op")
+        .into_inner();
+    assert!(
+        at_wait_serving(&op),
+        "a live controller's operation is not adopted: {op:?}"
+    );
+    assert_eq!(stack.members().await.len(), 2);
+
+    stack.kill_scaler().await;
+    let op = wait_op(&mut b, &id, Duration::from_secs(60)).await;
+    assert!(status(&op).starts_with("rolled_back"), "{op:?}");
+    assert_eventually!(stack.agree(), "nothing of the operation is left");
+    assert_eq!(stack.members().await, vec![TEMPLATE.to_owned()]);
     let _ = b_svc.stop(Signal::SIGTERM, Duration::from_secs(5)).await;
     stack.stop().await;
 }

@@ -253,10 +253,15 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             r.instance_id
         };
         spec::id("instance_id", &instance_id)?;
+        // Held by the task until the clone exists: a delete of the new id sent while the
+        // clone runs (a caller that gave up and rolls back) waits, then deletes it,
+        // instead of finding nothing and leaving the clone behind.
+        let guard = self.lifecycle(&instance_id).await;
         let started = std::time::Instant::now();
         let (hv, store) = (self.hv.clone(), self.snapshots.clone());
         let requested = r.resources;
         let task = tokio::spawn(async move {
+            let _guard = guard;
             let id = r.snapshot_id.clone();
             let verify_store = store.clone();
             let manifest = tokio::task::spawn_blocking(move || verify_store.verify(&id))

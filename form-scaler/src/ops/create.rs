@@ -81,8 +81,12 @@ pub async fn delete_snapshots(e: &Engine, op: &types::Operation) -> Result<(), O
         .await
         .map_err(|s| OpError::rpc("listing snapshots", &s))?
         .into_inner();
+    // The vmm node's clock may be behind the controller's: a minute of slack. Any other
+    // snapshot of the source in that window is a leftover too (one operation runs per
+    // cluster, and each deletes its snapshot).
+    let since = op.created_at_ms.saturating_sub(60_000);
     for s in listed.snapshots {
-        if s.created_at_ms >= op.created_at_ms && !ids.contains(&s.snapshot_id) {
+        if s.created_at_ms >= since && !ids.contains(&s.snapshot_id) {
             ids.push(s.snapshot_id);
         }
     }

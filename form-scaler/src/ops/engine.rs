@@ -1,9 +1,12 @@
 //! Running an operation: each step is recorded in form-state, then run. A step that
 //! fails before the operation commits rolls back: the undo of that step and of every
 //! earlier one, in reverse, each recorded as `undo:STEP`. A step that fails after the
-//! commit is retried; if it keeps failing the operation ends `Failed`. A run resumed
-//! after a restart continues from the recorded step: forward if it had committed,
-//! otherwise back.
+//! commit, or an undo that fails, is retried; if it keeps failing the run is suspended
+//! (the operation stays in progress) and the next evaluation round resumes it, so
+//! nothing it made is ever abandoned. A run resumed after a restart continues from the
+//! recorded step: forward if it had committed, otherwise back. An operation that has
+//! not started is checked against the cluster first: planned earlier, it may no longer
+//! fit.
 
 use std::time::Duration;
 
@@ -96,13 +99,27 @@ impl Engine {
         let mut seq = record::next_seq(&op);
         let outcome = match start_of(&op, steps) {
             Start::Done => return op,
+            Start::Forward(0) if record::current_step(&op).is_none() => {
+                match self.platform.cluster(&op.cluster_id).await {
+                    Ok(c) => match plan::still_valid(&op, &c) {
+                        Ok(()) => self.forward(&mut op, steps, 0, &mut seq).await,
+                        Err(why) => Ok(State::RolledBack(types::RolledBack {
+                            reason: format!(
+                                "not started: the cluster changed since the request ({why})"
+                            ),
+                        })),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
             Start::Forward(i) => self.forward(&mut op, steps, i, &mut seq).await,
             Start::Back(i, why) => self.back(&mut op, steps, i, why, &mut seq).await,
         };
         let end = match outcome {
             Ok(end) => end,
             Err(e) => {
-                tracing::error!(operation = %op.operation_id, error = %e, "operation left to be resumed: it cannot be recorded");
+                tracing::warn!(operation = %op.operation_id, error = %e, "operation suspended; the next round resumes it");
+                metrics::counter!("form_scaler_operations_suspended_total").increment(1);
                 return op;
             }
         };
@@ -142,8 +159,8 @@ impl Engine {
         record::put(&self.platform, op).await
     }
 
-    /// The terminal state reached going forward from `from`; `Err` when a record
-    /// failed.
+    /// The terminal state reached going forward from `from`; `Err` when the run is
+    /// suspended (a record failed, or a committed step keeps failing).
     async fn forward(
         &self,
         op: &mut types::Operation,
@@ -184,12 +201,10 @@ impl Engine {
             if let Err(e) = result {
                 tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "step failed");
                 if step.commits() {
-                    return Ok(State::Failed(types::Failed {
-                        error: format!(
-                            "step {} failed after the operation committed: {e}",
-                            step.name()
-                        ),
-                    }));
+                    return Err(OpError(format!(
+                        "step {} keeps failing after the operation committed: {e}",
+                        step.name()
+                    )));
                 }
                 let why = format!("step {} failed: {e}", step.name());
                 return self.back(op, steps, i, why, seq).await;
@@ -198,7 +213,8 @@ impl Engine {
         Ok(State::Completed(types::Completed {}))
     }
 
-    /// Undoes `steps[..=from]` in reverse.
+    /// Undoes `steps[..=from]` in reverse; `Err` when the run is suspended (a record
+    /// failed, or an undo keeps failing: the rollback resumes there).
     async fn back(
         &self,
         op: &mut types::Operation,
@@ -223,12 +239,10 @@ impl Engine {
                         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                     }
                     Err(e) => {
-                        return Ok(State::Failed(types::Failed {
-                            error: format!(
-                                "undo of {} failed: {e} (rolling back because {why})",
-                                step.name()
-                            ),
-                        }));
+                        return Err(OpError(format!(
+                            "undo of {} keeps failing: {e} (rolling back because {why})",
+                            step.name()
+                        )));
                     }
                 }
             }

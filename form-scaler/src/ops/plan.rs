@@ -233,12 +233,12 @@ pub fn build(
         types::OperationKind::Resize => {
             let r = req.target_resources.ok_or_else(|| {
                 Status::invalid_argument(
-                    "target_resources is missing; expected {vcpus >= 1, memory_mib >= 64} for resize",
+                    "target_resources is missing; expected {vcpus: 1-256, memory_mib: 16-4194304} for resize",
                 )
             })?;
-            if r.vcpus == 0 || r.memory_mib < 64 {
+            if !(1..=256).contains(&r.vcpus) || !(16..=4 * 1024 * 1024).contains(&r.memory_mib) {
                 return Err(Status::invalid_argument(format!(
-                    "target_resources {{vcpus: {}, memory_mib: {}}} is not accepted; expected vcpus >= 1 and memory_mib >= 64",
+                    "target_resources {{vcpus: {}, memory_mib: {}}} is not accepted; expected vcpus 1-256 and memory_mib 16-4194304",
                     r.vcpus, r.memory_mib
                 )));
             }
@@ -260,6 +260,43 @@ pub fn build(
     }
     op.affected_instances = affected(&op);
     Ok(op)
+}
+
+/// Whether an operation planned earlier (and not started) still fits `cluster`: a
+/// request accepted by one controller while another ran an operation may have been
+/// planned from a count that has changed since.
+pub fn still_valid(op: &types::Operation, cluster: &state_pb::Cluster) -> Result<(), String> {
+    let policy = policy_of(cluster);
+    let counted = counted_members(cluster);
+    let current = counted.len() as u32;
+    let member = |id: &String| counted.iter().any(|m| m.instance_id == *id);
+    let kind = types::OperationKind::try_from(op.kind).unwrap_or(types::OperationKind::Unspecified);
+    match kind {
+        types::OperationKind::ScaleOut
+            if current + op.new_instances.len() as u32 > policy.max_instances =>
+        {
+            Err(format!(
+                "{current} instances now; {} more would pass max_instances {}",
+                op.new_instances.len(),
+                policy.max_instances
+            ))
+        }
+        types::OperationKind::ScaleIn
+            if !op.victims.iter().all(member)
+                || current.saturating_sub(op.victims.len() as u32) < policy.min_instances =>
+        {
+            Err(format!(
+                "the victims {:?} are no longer all members, or removing them would go below min_instances {}",
+                op.victims, policy.min_instances
+            ))
+        }
+        types::OperationKind::ReplaceInstance
+            if !op.victims.iter().all(|v| cluster.members.contains_key(v)) =>
+        {
+            Err(format!("{:?} is no longer a member", op.victims))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `new_instances` and `victims` together.
@@ -309,4 +346,66 @@ fn source(c: &state_pb::Cluster, leaving: &[String]) -> Result<String, Status> {
                 c.cluster_id, c.template_instance_id
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(members: usize) -> state_pb::Cluster {
+        state_pb::Cluster {
+            cluster_id: "web".into(),
+            template_instance_id: "m0".into(),
+            scaling_policy: Some(types::ScalingPolicy {
+                min_instances: 1,
+                max_instances: 3,
+                target_cpu_utilization: 0.5,
+                ..Default::default()
+            }),
+            members: (0..members)
+                .map(|i| {
+                    let id = format!("m{i}");
+                    let m = state_pb::Member {
+                        instance_id: id.clone(),
+                        status: state_pb::MemberStatus::Active as i32,
+                        ..Default::default()
+                    };
+                    (id, m)
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_operation_planned_from_an_older_count_is_refused_before_it_starts() {
+        let out = types::Operation {
+            kind: types::OperationKind::ScaleOut as i32,
+            new_instances: vec!["n1".into()],
+            ..Default::default()
+        };
+        assert!(still_valid(&out, &cluster(2)).is_ok());
+        let e = still_valid(&out, &cluster(3)).expect_err("over max");
+        assert!(e.contains("max_instances 3"), "{e}");
+        let scale_in = types::Operation {
+            kind: types::OperationKind::ScaleIn as i32,
+            victims: vec!["m1".into()],
+            ..Default::default()
+        };
+        assert!(still_valid(&scale_in, &cluster(2)).is_ok());
+        assert!(still_valid(&scale_in, &cluster(1)).is_err(), "victim gone");
+    }
+
+    #[test]
+    fn instance_ids_are_fixed_by_the_operation_id() {
+        assert_eq!(
+            new_instance_id("web", "op-1", 0),
+            new_instance_id("web", "op-1", 0)
+        );
+        assert_ne!(
+            new_instance_id("web", "op-1", 0),
+            new_instance_id("web", "op-2", 0)
+        );
+        assert!(form_runtime::ids::check(&new_instance_id(&"c".repeat(128), "op", 9)).is_ok());
+    }
 }

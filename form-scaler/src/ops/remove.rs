@@ -5,6 +5,7 @@
 use form_proto::rplb::v1 as rplb_pb;
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as vmm_pb;
 use tokio::task::JoinSet;
 
 use super::Step;
@@ -23,25 +24,42 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
     }
 }
 
-/// Undoes `step`: only a drain can be undone (the victims become active again); the
-/// later steps commit the operation and are never undone.
+/// Undoes `step`: only a drain can be undone. A victim whose instance runs becomes
+/// active again; one whose instance does not (a dead member being replaced) goes back
+/// to stopped, so the balancer never routes to it. The later steps commit the
+/// operation and are never undone.
 pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
     if step != Step::DrainVictims {
         return Ok(());
     }
     let cluster = e.platform.cluster(&op.cluster_id).await?;
-    let draining: Vec<String> = op
-        .victims
-        .iter()
-        .filter(|id| {
-            cluster
-                .members
-                .get(*id)
-                .is_some_and(|m| m.status == state_pb::MemberStatus::Draining as i32)
-        })
-        .cloned()
-        .collect();
-    set_status(e, op, &draining, state_pb::MemberStatus::Active).await
+    let mut vmm = e.platform.vmm()?;
+    for id in &op.victims {
+        if cluster
+            .members
+            .get(id)
+            .is_none_or(|m| m.status != state_pb::MemberStatus::Draining as i32)
+        {
+            continue;
+        }
+        let running = match vmm
+            .get_instance(vmm_pb::InstanceRef {
+                instance_id: id.clone(),
+            })
+            .await
+        {
+            Ok(i) => i.into_inner().status == vmm_pb::InstanceStatus::Running as i32,
+            Err(s) if not_found(&s) => false,
+            Err(s) => return Err(OpError::rpc(format!("reading instance {id}"), &s)),
+        };
+        let back = if running {
+            state_pb::MemberStatus::Active
+        } else {
+            state_pb::MemberStatus::Stopped
+        };
+        set_status(e, op, std::slice::from_ref(id), back).await?;
+    }
+    Ok(())
 }
 
 async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {

@@ -315,18 +315,27 @@ impl Stack {
         v
     }
 
-    /// Whether members, instances and balancer backends are the same set, and no
-    /// snapshot is left.
+    /// Whether members, instances and balancer backends are the same set, every member
+    /// is active and every backend serves, and no snapshot is left.
     pub async fn agree(&mut self) -> bool {
         let members = self.members().await;
         let instances = self.instances().await;
-        let backends: Vec<String> = self
-            .backends()
+        let backends = self.backends().await;
+        let ids: Vec<String> = backends.iter().map(|(id, _)| id.clone()).collect();
+        let all_active = self
+            .cluster()
             .await
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        members == instances && members == backends && self.snapshots().await.is_empty()
+            .members
+            .values()
+            .all(|m| m.status == state_pb::MemberStatus::Active as i32);
+        let all_serving = backends
+            .iter()
+            .all(|(_, s)| *s == rplb_pb::BackendState::Active as i32);
+        members == instances
+            && members == ids
+            && all_active
+            && all_serving
+            && self.snapshots().await.is_empty()
     }
 
     /// Stops every process, the vmm node last-but-one so it deletes its instances.
@@ -367,21 +376,21 @@ pub async fn wait_op(
 ) -> types::Operation {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if let Ok(op) = scaler
+        let last = scaler
             .get_operation(pb::GetOperationRequest {
                 operation_id: id.into(),
             })
             .await
+            .map(tonic::Response::into_inner);
+        if let Ok(op) = &last
+            && terminal(op)
         {
-            let op = op.into_inner();
-            if terminal(&op) {
-                return op;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "operation {id} not ended within {within:?}: {op:?}"
-            );
+            return op.clone();
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "operation {id} not ended within {within:?}: {last:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

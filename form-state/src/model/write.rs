@@ -357,6 +357,7 @@ pub fn put_operation(
             ),
         ));
     }
+    use types::operation_status::State as S;
     let current = read::operation(state, &op.operation_id);
     if current.is_none() {
         require_cluster(state, &op.cluster_id)?;
@@ -371,6 +372,19 @@ pub fn put_operation(
             op.operation_id,
             read::status_name(current.as_ref().and_then(|c| c.status.as_ref())),
             read::status_name(op.status.as_ref()),
+        )));
+    }
+    if let (Some(cur), Some(S::InProgress(new))) = (
+        current.as_ref(),
+        op.status.as_ref().and_then(|s| s.state.as_ref()),
+    ) && current_rank == Some(rank)
+        && let Some(S::InProgress(old)) = cur.status.as_ref().and_then(|s| s.state.as_ref())
+        && old.step != new.step
+    {
+        // Two runs of one operation: the second to record a step loses.
+        return Err(StateError::FailedPrecondition(format!(
+            "operation {} recorded step {} as '{}' already; '{}' is refused (is another controller running it?)",
+            op.operation_id, old.step_index, old.step, new.step
         )));
     }
     let body = types::Operation {
@@ -452,6 +466,18 @@ mod tests {
                 })),
             )
         });
+        let step = |name: &str| {
+            op(S::InProgress(types::InProgress {
+                step_index: 2,
+                step: name.into(),
+            }))
+        };
+        assert!(
+            put_operation(&s, "a", 3, &step("clone")).is_ok(),
+            "the same step again (what it learned) is accepted"
+        );
+        let e = put_operation(&s, "a", 3, &step("undo:clone")).expect_err("other step");
+        assert!(e.to_string().contains("another controller"), "{e}");
         let e = put_operation(&s, "a", 3, &op(S::Requested(types::Requested {})))
             .expect_err("backwards");
         assert!(e.to_string().contains("cannot move back"), "{e}");
