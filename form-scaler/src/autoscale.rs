@@ -119,6 +119,14 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
                 .scale_in_stabilization_seconds
                 .max(policy.scale_out_stabilization_seconds),
         ) * 1000;
+        if !shared
+            .histories
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&c.cluster_id)
+        {
+            shared.seed_history(&c.cluster_id).await;
+        }
         let d = {
             let mut h = shared
                 .histories

@@ -136,6 +136,9 @@ impl Shared {
         let op = plan::build(&req, &cluster, &candidates, &owner, record::now_ms())?;
         self.refuse_if_busy(cluster_id).await?;
         if check_cooldown && !req.immediate {
+            if !lock(&self.histories).contains_key(cluster_id) {
+                self.seed_history(cluster_id).await;
+            }
             self.refuse_in_cooldown(&cluster, req.kind)?;
         }
         state
@@ -292,6 +295,43 @@ impl Shared {
                 a.insert(id.clone(), now);
             }
         }
+    }
+
+    /// Starts the decision history of a cluster new to this controller (after a restart
+    /// or a change of owner) from its operations in form-state, so the cooldowns hold
+    /// across controllers.
+    pub async fn seed_history(&self, cluster_id: &str) {
+        let Ok(listed) = self
+            .engine
+            .platform
+            .state
+            .clone()
+            .list_operations(state_pb::ListOperationsRequest {
+                cluster_id: cluster_id.to_owned(),
+                limit: 20,
+            })
+            .await
+        else {
+            return;
+        };
+        let ops = listed.into_inner().operations;
+        let ended = |o: &&types::Operation| ops::is_terminal(o) && o.completed_at_ms > 0;
+        let h = History {
+            last_action_ms: ops.iter().filter(ended).map(|o| o.completed_at_ms).max(),
+            last_capacity_ready_ms: ops
+                .iter()
+                .filter(ended)
+                .filter(|o| {
+                    o.kind == types::OperationKind::ScaleOut as i32
+                        && ops::status_name(o) == "completed"
+                })
+                .map(|o| o.completed_at_ms)
+                .max(),
+            ..History::default()
+        };
+        lock(&self.histories)
+            .entry(cluster_id.to_owned())
+            .or_insert(h);
     }
 
     /// Adopts the unfinished operations in form-state that are not running here and

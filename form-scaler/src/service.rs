@@ -130,11 +130,13 @@ impl ScalerService for Api {
         } else {
             "healthy"
         };
-        let scaling_status = match self
-            .shared
-            .running(&id)
-            .map(|(_, k)| types::OperationKind::try_from(k))
-        {
+        // From form-state, so any controller answers the same as the owner.
+        let running = last_operation
+            .as_ref()
+            .filter(|o| !crate::ops::is_terminal(o))
+            .map(|o| o.kind)
+            .or_else(|| self.shared.running(&id).map(|(_, k)| k));
+        let scaling_status = match running.map(types::OperationKind::try_from) {
             Some(Ok(types::OperationKind::ScaleOut)) => "scaling_out",
             Some(Ok(types::OperationKind::ScaleIn)) => "scaling_in",
             Some(Ok(types::OperationKind::Resize)) => "resizing",

@@ -87,8 +87,30 @@ async fn scale_out_and_in_through_the_api_keep_state_members_and_balancer_in_agr
     assert_eq!(again.operation_id, "grow-1");
     assert_eq!(stack.members().await.len(), 3);
 
-    let reply = scaler
+    // Inside the scale-in cooldown a manual scale-in needs `immediate`.
+    let mut policy = stack.cluster().await.scaling_policy.expect("policy");
+    policy.scale_in_cooldown_seconds = 3600;
+    scaler
+        .set_policy(pb::SetPolicyRequest {
+            cluster_id: CLUSTER.into(),
+            policy: Some(policy),
+        })
+        .await
+        .expect("policy");
+    let e = scaler
         .scale(scale(OperationKind::ScaleIn, 1))
+        .await
+        .expect_err("cooldown");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("scale_in cooldown") && e.message().contains("immediate"),
+        "{e:?}"
+    );
+    let reply = scaler
+        .scale(pb::ScaleRequest {
+            immediate: true,
+            ..scale(OperationKind::ScaleIn, 1)
+        })
         .await
         .expect("scale in")
         .into_inner();
