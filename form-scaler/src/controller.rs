@@ -78,6 +78,27 @@ impl Shared {
         }
     }
 
+    /// The operations of `cluster` (all when empty) in form-state, newest first, at most
+    /// `limit` (0 = all).
+    pub async fn operations(
+        &self,
+        cluster: &str,
+        limit: u32,
+    ) -> Result<Vec<types::Operation>, Status> {
+        Ok(self
+            .engine
+            .platform
+            .state
+            .clone()
+            .list_operations(state_pb::ListOperationsRequest {
+                cluster_id: cluster.to_owned(),
+                limit,
+            })
+            .await?
+            .into_inner()
+            .operations)
+    }
+
     /// The running operation of `cluster`: (id, kind).
     pub fn running(&self, cluster: &str) -> Option<(String, i32)> {
         lock(&self.running).get(cluster).cloned()
@@ -174,18 +195,10 @@ impl Shared {
             return Err(busy(cluster_id, &id, kind, "running"));
         }
         let listed = self
-            .engine
-            .platform
-            .state
-            .clone()
-            .list_operations(state_pb::ListOperationsRequest {
-                cluster_id: cluster_id.to_owned(),
-                limit: 0,
-            })
+            .operations(cluster_id, 0)
             .await
-            .map_err(|e| state_err("reading operations", e))?
-            .into_inner();
-        if let Some(op) = listed.operations.iter().find(|o| !ops::is_terminal(o)) {
+            .map_err(|e| state_err("reading operations", e))?;
+        if let Some(op) = listed.iter().find(|o| !ops::is_terminal(o)) {
             return Err(busy(
                 cluster_id,
                 &op.operation_id,
@@ -301,20 +314,9 @@ impl Shared {
     /// or a change of owner) from its operations in form-state, so the cooldowns hold
     /// across controllers.
     pub async fn seed_history(&self, cluster_id: &str) {
-        let Ok(listed) = self
-            .engine
-            .platform
-            .state
-            .clone()
-            .list_operations(state_pb::ListOperationsRequest {
-                cluster_id: cluster_id.to_owned(),
-                limit: 20,
-            })
-            .await
-        else {
+        let Ok(ops) = self.operations(cluster_id, 20).await else {
             return;
         };
-        let ops = listed.into_inner().operations;
         let ended = |o: &&types::Operation| ops::is_terminal(o) && o.completed_at_ms > 0;
         let h = History {
             last_action_ms: ops.iter().filter(ended).map(|o| o.completed_at_ms).max(),
@@ -340,19 +342,9 @@ impl Shared {
     /// before it). An operation of a live controller stays with it, even when its
     /// cluster has moved: two controllers never run one operation.
     pub async fn resume(self: &Arc<Self>) -> Result<usize, Status> {
-        let listed = self
-            .engine
-            .platform
-            .state
-            .clone()
-            .list_operations(state_pb::ListOperationsRequest {
-                cluster_id: String::new(),
-                limit: 0,
-            })
-            .await?
-            .into_inner();
+        let listed = self.operations("", 0).await?;
         let mut adopted = 0;
-        for op in listed.operations {
+        for op in listed {
             if ops::is_terminal(&op) || self.running(&op.cluster_id).is_some() {
                 continue;
             }

@@ -41,19 +41,7 @@ impl Api {
     }
 
     async fn operations(&self, cluster: &str, limit: u32) -> Result<Vec<types::Operation>, Status> {
-        Ok(self
-            .shared
-            .engine
-            .platform
-            .state
-            .clone()
-            .list_operations(state_pb::ListOperationsRequest {
-                cluster_id: cluster.to_owned(),
-                limit,
-            })
-            .await?
-            .into_inner()
-            .operations)
+        self.shared.operations(cluster, limit).await
     }
 }
 
