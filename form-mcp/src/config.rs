@@ -23,6 +23,8 @@ pub struct Config {
     pub scaler: Vec<HostPort>,
     /// form-vmm-service nodes, `host:port` each.
     pub vmm: Vec<HostPort>,
+    /// Bearer tokens, one per line: `TOKEN admin|read [NAME]`.
+    pub tokens_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -33,6 +35,7 @@ impl Default for Config {
             state: Vec::new(),
             scaler: Vec::new(),
             vmm: Vec::new(),
+            tokens_file: None,
         }
     }
 }
@@ -83,6 +86,10 @@ pub struct Args {
     )]
     pub vmm: Option<Vec<HostPort>>,
 
+    /// File of bearer tokens, one per line: TOKEN admin|read [NAME]
+    #[arg(long, value_name = "PATH", env = "FORM_MCP_TOKENS_FILE")]
+    pub tokens_file: Option<std::path::PathBuf>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -100,6 +107,9 @@ impl Args {
             }
             if let Some(v) = self.vmm {
                 c.vmm = v;
+            }
+            if let Some(v) = self.tokens_file {
+                c.tokens_file = Some(v);
             }
         })?;
         Ok((config, self.common))

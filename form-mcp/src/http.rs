@@ -1,12 +1,16 @@
-//! The HTTP routes of the gateway.
+//! The HTTP routes of the gateway: the REST API, `/healthz` and `/metrics`.
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
 use axum::routing::get;
 
+use crate::rest::{self, App};
+
 /// Every route the gateway serves.
-pub(crate) fn router() -> Router {
-    Router::new()
+pub(crate) fn router(app: Arc<App>) -> Router {
+    rest::router(app)
         .route("/healthz", get(healthz))
         .route("/metrics", get(form_runtime::metrics::handler))
 }

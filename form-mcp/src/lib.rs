@@ -2,10 +2,17 @@
 //! Model Context Protocol (`/mcp`), `/healthz` and `/metrics` over HTTP, and talks to
 //! form-state, form-scaler and form-vmm-service over gRPC.
 
+pub mod api;
+pub mod auth;
 pub mod config;
+pub mod error;
 mod http;
+pub mod openapi;
+pub mod rest;
+pub mod time;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use form_runtime::cli::CommonArgs;
 use form_runtime::service::{METRICS_LISTENER, RunContext, Service};
@@ -56,10 +63,23 @@ impl Service for Gateway {
         for u in &upstreams {
             u.spawn_watcher(ctx.shutdown.clone());
         }
+        let tokens = match &self.config.tokens_file {
+            Some(path) => {
+                Some(auth::Tokens::load(path).map_err(|e| ConfigError::invalid("tokens_file", e))?)
+            }
+            None => {
+                tracing::warn!("no --tokens-file: every API and MCP request is refused");
+                None
+            }
+        };
+        let app = Arc::new(rest::App {
+            backends: api::backends::Backends::new(&upstreams),
+            tokens,
+        });
         let listener = ctx.take_listener(HTTP_LISTENER)?;
         let mut shutdown = ctx.shutdown.clone();
         ctx.ready();
-        axum::serve(listener, http::router())
+        axum::serve(listener, http::router(app))
             .with_graceful_shutdown(async move {
                 shutdown.requested().await;
             })

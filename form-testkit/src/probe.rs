@@ -87,6 +87,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     http_request(addr, "GET", path, b"").await
 }
 
+/// An HTTP/1.1 request with extra header lines (`Name: value`) and a body; returns the
+/// status code, the response head and the body.
+pub async fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, String, String)> {
+    exchange(addr, method, path, headers, body, Duration::from_secs(30)).await
+}
+
 /// An HTTP/1.1 request with a body; returns the status code and the body.
 pub async fn http_request(
     addr: SocketAddr,
@@ -94,21 +106,37 @@ pub async fn http_request(
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<(u16, String)> {
+    let (code, _, body) = exchange(addr, method, path, &[], body, PROBE_TIMEOUT).await?;
+    Ok((code, body))
+}
+
+async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<(u16, String, String)> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
             body.len()
         );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
         s.write_all(req.as_bytes()).await?;
         s.write_all(body).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         anyhow::Ok(buf)
     };
-    let buf = tokio::time::timeout(PROBE_TIMEOUT, fut)
+    let buf = tokio::time::timeout(timeout, fut)
         .await
-        .context("HTTP GET timed out")??;
+        .context("HTTP request timed out")??;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
     let status = head
@@ -119,14 +147,12 @@ pub async fn http_request(
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    Ok((
-        status,
-        if chunked {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        },
-    ))
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, head.to_owned(), body))
 }
 
 fn dechunk(mut body: &str) -> String {

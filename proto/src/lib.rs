@@ -50,6 +50,19 @@ pub mod scaler {
     }
 }
 
+/// The API name of an operation kind (`scale_out`, `scale_in`, `replace_instance`,
+/// `resize`, or `unspecified`), as logs, metrics and the REST API spell it.
+pub fn operation_kind_name(kind: i32) -> &'static str {
+    use types::v1::OperationKind as K;
+    match K::try_from(kind) {
+        Ok(K::ScaleOut) => "scale_out",
+        Ok(K::ScaleIn) => "scale_in",
+        Ok(K::ReplaceInstance) => "replace_instance",
+        Ok(K::Resize) => "resize",
+        _ => "unspecified",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message as _;

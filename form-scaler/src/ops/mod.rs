@@ -101,13 +101,7 @@ impl Step {
 
 /// The name of an operation kind as the API spells it.
 pub fn kind_name(kind: i32) -> &'static str {
-    match types::OperationKind::try_from(kind) {
-        Ok(types::OperationKind::ScaleOut) => "scale_out",
-        Ok(types::OperationKind::ScaleIn) => "scale_in",
-        Ok(types::OperationKind::ReplaceInstance) => "replace_instance",
-        Ok(types::OperationKind::Resize) => "resize",
-        _ => "unspecified",
-    }
+    form_proto::operation_kind_name(kind)
 }
 
 /// Whether the operation has reached a terminal state.

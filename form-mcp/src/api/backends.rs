@@ -1,0 +1,65 @@
+//! The services behind the gateway: form-state (clusters, members, operations),
+//! form-scaler (scaling, status, policies) and form-vmm-service (a new cluster's first
+//! instance, and a deleted cluster's instances).
+
+use form_proto::scaler::v1::scaler_service_client::ScalerServiceClient;
+use form_proto::state::v1::state_service_client::StateServiceClient;
+use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
+use form_runtime::upstream::Upstream;
+use tonic::transport::Channel;
+
+use crate::error::ApiError;
+
+/// Clients of the services behind the gateway; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    state: Option<StateServiceClient<Channel>>,
+    scaler: Option<ScalerServiceClient<Channel>>,
+    vmm: Option<VmmServiceClient<Channel>>,
+}
+
+fn missing(what: &str, flag: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!("the gateway has no {what} configured ({flag})"),
+    )
+}
+
+impl Backends {
+    /// Clients over the configured upstreams (by name: state, scaler, vmm).
+    pub fn new(upstreams: &[Upstream]) -> Self {
+        let find = |n: &str| {
+            upstreams
+                .iter()
+                .find(|u| u.name() == n)
+                .map(Upstream::channel)
+        };
+        Self {
+            state: find("state").map(StateServiceClient::new),
+            scaler: find("scaler").map(ScalerServiceClient::new),
+            vmm: find("vmm").map(VmmServiceClient::new),
+        }
+    }
+
+    /// form-state.
+    pub fn state(&self) -> Result<StateServiceClient<Channel>, ApiError> {
+        self.state
+            .clone()
+            .ok_or_else(|| missing("form-state", "--state"))
+    }
+
+    /// form-scaler.
+    pub fn scaler(&self) -> Result<ScalerServiceClient<Channel>, ApiError> {
+        self.scaler
+            .clone()
+            .ok_or_else(|| missing("form-scaler", "--scaler"))
+    }
+
+    /// form-vmm-service.
+    pub fn vmm(&self) -> Result<VmmServiceClient<Channel>, ApiError> {
+        self.vmm
+            .clone()
+            .ok_or_else(|| missing("form-vmm-service", "--vmm"))
+    }
+}

@@ -1,0 +1,520 @@
+//! The JSON shapes of the API (requests refuse unknown fields), with their schemas
+//! (for `/api/v1/openapi.json` and the MCP tools) and conversions from and to the
+//! gRPC messages.
+
+use std::collections::BTreeMap;
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What every instance of a cluster runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Program to start (the process backend) or to put in the guest (qemu).
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Port it listens on (0: the platform passes one in `PORT`).
+    #[serde(default)]
+    pub port: u32,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Path that answers 200 once an instance is ready, e.g. `/healthz`.
+    #[serde(default)]
+    pub health_path: String,
+}
+
+/// When and how far a cluster grows and shrinks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Never fewer instances (>= 1).
+    pub min_instances: u32,
+    /// Never more instances.
+    pub max_instances: u32,
+    /// Target mean CPU utilisation, in (0, 1].
+    pub target_cpu_utilization: f64,
+    /// Seconds after new capacity became ready before the next scale-out.
+    #[serde(default)]
+    pub scale_out_cooldown_seconds: u32,
+    /// Seconds after the last scaling action before the next scale-in.
+    #[serde(default)]
+    pub scale_in_cooldown_seconds: u32,
+    /// Target in-flight requests per instance (a second signal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_requests_per_instance: Option<f64>,
+    /// Band around the target in which nothing changes (0: 0.1).
+    #[serde(default)]
+    pub tolerance: f64,
+    /// Scale-out takes the lowest recommendation of this window.
+    #[serde(default)]
+    pub scale_out_stabilization_seconds: u32,
+    /// Scale-in takes the highest recommendation of this window.
+    #[serde(default)]
+    pub scale_in_stabilization_seconds: u32,
+    /// Seconds a new instance counts as capacity but not in metrics.
+    #[serde(default)]
+    pub warmup_seconds: u32,
+}
+
+/// How the balancer keeps a client on one instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Affinity {
+    /// None: power of two choices.
+    None,
+    /// Consistent hash of the client address.
+    ClientIp,
+    /// A balancer-issued cookie naming the instance.
+    Cookie {
+        /// Cookie name.
+        name: String,
+        /// Seconds a pin is honoured.
+        ttl_seconds: u64,
+    },
+    /// Consistent hash of a header, or `query:NAME`.
+    ConsistentHashing {
+        /// Header name or `query:NAME`.
+        parameter: String,
+    },
+}
+
+/// CPU and memory of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Virtual CPUs, 1-256.
+    pub vcpus: u32,
+    /// Memory in MiB, 16-4194304.
+    pub memory_mib: u64,
+}
+
+/// `POST /api/v1/clusters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCluster {
+    /// The cluster's id.
+    pub cluster_id: String,
+    /// Host name the balancer routes to it (default `{cluster_id}.fog`).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// What its instances run.
+    pub workload: Workload,
+    /// Its scaling policy (default: 1-10 instances at 60% CPU).
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    /// Session affinity (default none).
+    #[serde(default)]
+    pub affinity: Option<Affinity>,
+    /// Resources of each instance.
+    #[serde(default)]
+    pub resources: Option<Resources>,
+}
+
+/// What a scale request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleOperation {
+    /// Add instances cloned from the template.
+    ScaleOut,
+    /// Drain and remove instances.
+    ScaleIn,
+    /// Change every member's resources.
+    Resize,
+    /// Replace one instance by a fresh clone.
+    ReplaceInstance,
+}
+
+/// `POST /api/v1/clusters/{id}/scale`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    /// What to do.
+    pub operation: ScaleOperation,
+    /// Instances wanted (scale_out, scale_in); 0: one more or one fewer.
+    #[serde(default)]
+    pub target_count: u32,
+    /// Skip the cooldowns.
+    #[serde(default)]
+    pub immediate: bool,
+    /// Drain removed instances first (default true).
+    #[serde(default = "yes")]
+    pub drain_connections: bool,
+    /// New resources (resize).
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    /// Instance to replace (replace_instance).
+    #[serde(default)]
+    pub instance_id: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One member of a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Member {
+    /// Instance id.
+    pub instance_id: String,
+    /// starting, active, draining, paused or stopped.
+    pub status: String,
+    /// Where it serves.
+    pub addresses: Vec<String>,
+    /// healthy, degraded or unhealthy.
+    pub health: String,
+    /// Why, when not healthy.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub health_reason: String,
+    /// CPU utilisation from its latest heartbeat.
+    pub cpu_utilization: f64,
+    /// Whether it is the template clones are made from.
+    pub template: bool,
+}
+
+/// A cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Cluster {
+    /// Its id.
+    pub cluster_id: String,
+    /// Host name the balancer routes to it.
+    pub domain: String,
+    /// What its instances run.
+    pub workload: Option<Workload>,
+    /// Its scaling policy.
+    pub policy: Option<Policy>,
+    /// Session affinity.
+    pub affinity: Option<Affinity>,
+    /// Resources of new instances.
+    pub resources: Option<Resources>,
+    /// The template instance.
+    pub template_instance_id: String,
+    /// Its members, by id.
+    pub members: Vec<Member>,
+}
+
+/// `GET /api/v1/clusters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterList {
+    /// Every cluster.
+    pub clusters: Vec<Cluster>,
+}
+
+/// A scaling operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Operation {
+    /// Its id.
+    pub operation_id: String,
+    /// The cluster.
+    pub cluster_id: String,
+    /// scale_out, scale_in, resize or replace_instance.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// requested, in_progress, completed, failed or rolled_back.
+    pub status: String,
+    /// The step running (in_progress).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub step: String,
+    /// Steps recorded so far, undo steps included.
+    pub step_index: u32,
+    /// The planned steps.
+    pub steps: Vec<String>,
+    /// Instances wanted.
+    pub target_count: u32,
+    /// Instances it creates.
+    pub new_instances: Vec<String>,
+    /// Instances it removes.
+    pub victims: Vec<String>,
+    /// Why it was requested.
+    pub reason: String,
+    /// Why it failed or was rolled back.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// When it was requested (RFC 3339).
+    pub created_at: String,
+    /// When it ended (RFC 3339), if it has.
+    pub completed_at: Option<String>,
+}
+
+/// The latest operation, as the status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LastOperation {
+    /// Its id.
+    pub operation_id: String,
+    /// scale_out, scale_in, resize or replace_instance.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When it ended (RFC 3339), if it has.
+    pub completed_at: Option<String>,
+    /// Its status.
+    pub status: String,
+}
+
+/// The latest scaling decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Decision {
+    /// Instances wanted.
+    pub desired: u32,
+    /// Instances when decided.
+    pub current: u32,
+    /// Why.
+    pub reason: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// `GET /api/v1/clusters/{id}/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Status {
+    /// The cluster.
+    pub cluster_id: String,
+    /// Members that count (not draining or stopped).
+    pub instances: u32,
+    /// Members that are active.
+    pub ready_instances: u32,
+    /// idle, scaling_out, scaling_in, resizing or replacing.
+    pub scaling_status: String,
+    /// healthy, degraded or unhealthy.
+    pub health_status: String,
+    /// The latest operation.
+    pub last_operation: Option<LastOperation>,
+    /// Members with their health.
+    pub members: Vec<Member>,
+    /// The latest decision of the controller that owns the cluster.
+    pub last_decision: Option<Decision>,
+    /// The policy in force.
+    pub policy: Option<Policy>,
+    /// The controller that handles the cluster.
+    pub owner: String,
+}
+
+/// `202` reply to a scale request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScaleAccepted {
+    /// The operation's id (poll `GET /api/v1/operations/{id}`).
+    pub operation_id: String,
+    /// The operation as accepted.
+    pub operation: Operation,
+}
+
+/// `DELETE /api/v1/clusters/{id}` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Deleted {
+    /// The cluster.
+    pub cluster_id: String,
+    /// Instances deleted with it.
+    pub instances_deleted: Vec<String>,
+}
+
+/// `POST /api/v1/clusters/{id}/instances/{instance}/drain` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Drained {
+    /// The cluster.
+    pub cluster_id: String,
+    /// The instance now draining: no new unpinned request goes to it.
+    pub instance_id: String,
+}
+
+impl From<Workload> for types::Workload {
+    fn from(w: Workload) -> Self {
+        Self {
+            command: w.command,
+            args: w.args,
+            image: String::new(),
+            port: w.port,
+            env: w.env.into_iter().collect(),
+            health_path: w.health_path,
+        }
+    }
+}
+
+impl From<types::Workload> for Workload {
+    fn from(w: types::Workload) -> Self {
+        Self {
+            command: w.command,
+            args: w.args,
+            port: w.port,
+            env: w.env.into_iter().collect(),
+            health_path: w.health_path,
+        }
+    }
+}
+
+impl From<Policy> for types::ScalingPolicy {
+    fn from(p: Policy) -> Self {
+        Self {
+            min_instances: p.min_instances,
+            max_instances: p.max_instances,
+            target_cpu_utilization: p.target_cpu_utilization,
+            scale_out_cooldown_seconds: p.scale_out_cooldown_seconds,
+            scale_in_cooldown_seconds: p.scale_in_cooldown_seconds,
+            target_requests_per_instance: p.target_requests_per_instance,
+            tolerance: p.tolerance,
+            scale_out_stabilization_seconds: p.scale_out_stabilization_seconds,
+            scale_in_stabilization_seconds: p.scale_in_stabilization_seconds,
+            warmup_seconds: p.warmup_seconds,
+        }
+    }
+}
+
+impl From<types::ScalingPolicy> for Policy {
+    fn from(p: types::ScalingPolicy) -> Self {
+        Self {
+            min_instances: p.min_instances,
+            max_instances: p.max_instances,
+            target_cpu_utilization: p.target_cpu_utilization,
+            scale_out_cooldown_seconds: p.scale_out_cooldown_seconds,
+            scale_in_cooldown_seconds: p.scale_in_cooldown_seconds,
+            target_requests_per_instance: p.target_requests_per_instance,
+            tolerance: p.tolerance,
+            scale_out_stabilization_seconds: p.scale_out_stabilization_seconds,
+            scale_in_stabilization_seconds: p.scale_in_stabilization_seconds,
+            warmup_seconds: p.warmup_seconds,
+        }
+    }
+}
+
+impl From<Affinity> for types::AffinityMethod {
+    fn from(a: Affinity) -> Self {
+        use types::affinity_method::Method;
+        let method = match a {
+            Affinity::None => Method::None(types::NoAffinity {}),
+            Affinity::ClientIp => Method::ClientIp(types::ClientIpAffinity {}),
+            Affinity::Cookie { name, ttl_seconds } => {
+                Method::Cookie(types::CookieAffinity { name, ttl_seconds })
+            }
+            Affinity::ConsistentHashing { parameter } => {
+                Method::ConsistentHashing(types::ConsistentHashAffinity { parameter })
+            }
+        };
+        Self {
+            method: Some(method),
+        }
+    }
+}
+
+impl From<types::AffinityMethod> for Affinity {
+    fn from(a: types::AffinityMethod) -> Self {
+        use types::affinity_method::Method;
+        match a.method {
+            None | Some(Method::None(_)) => Affinity::None,
+            Some(Method::ClientIp(_)) => Affinity::ClientIp,
+            Some(Method::Cookie(c)) => Affinity::Cookie {
+                name: c.name,
+                ttl_seconds: c.ttl_seconds,
+            },
+            Some(Method::ConsistentHashing(h)) => Affinity::ConsistentHashing {
+                parameter: h.parameter,
+            },
+        }
+    }
+}
+
+impl From<Resources> for types::Resources {
+    fn from(r: Resources) -> Self {
+        Self {
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+        }
+    }
+}
+
+impl From<types::Resources> for Resources {
+    fn from(r: types::Resources) -> Self {
+        Self {
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+        }
+    }
+}
+
+fn member_status(s: i32) -> &'static str {
+    match state_pb::MemberStatus::try_from(s) {
+        Ok(state_pb::MemberStatus::Starting) => "starting",
+        Ok(state_pb::MemberStatus::Active) => "active",
+        Ok(state_pb::MemberStatus::Draining) => "draining",
+        Ok(state_pb::MemberStatus::Paused) => "paused",
+        Ok(state_pb::MemberStatus::Stopped) => "stopped",
+        _ => "unknown",
+    }
+}
+
+/// A member as the API shows it.
+pub fn member(m: &state_pb::Member, template: &str) -> Member {
+    let last = m.health_history.last();
+    let (health, reason) = match last.map(|e| state_pb::HealthState::try_from(e.state)) {
+        Some(Ok(state_pb::HealthState::Unhealthy)) => ("unhealthy", last.map(|e| e.reason.clone())),
+        Some(Ok(state_pb::HealthState::Degraded)) => ("degraded", last.map(|e| e.reason.clone())),
+        _ if m.status == state_pb::MemberStatus::Stopped as i32 => {
+            ("unhealthy", Some("stopped".into()))
+        }
+        _ => ("healthy", None),
+    };
+    Member {
+        instance_id: m.instance_id.clone(),
+        status: member_status(m.status).into(),
+        addresses: m.addresses.clone(),
+        health: health.into(),
+        health_reason: reason.unwrap_or_default(),
+        cpu_utilization: m.cpu_utilization,
+        template: m.instance_id == template,
+    }
+}
+
+/// A cluster as the API shows it.
+pub fn cluster(c: state_pb::Cluster) -> Cluster {
+    let mut members: Vec<Member> = c
+        .members
+        .values()
+        .map(|m| member(m, &c.template_instance_id))
+        .collect();
+    members.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+    Cluster {
+        cluster_id: c.cluster_id,
+        domain: c.domain,
+        workload: c.workload.map(Into::into),
+        policy: c.scaling_policy.map(Into::into),
+        affinity: c.affinity.map(Into::into),
+        resources: c.resources.map(Into::into),
+        template_instance_id: c.template_instance_id,
+        members,
+    }
+}
+
+/// The name of an operation kind as the API spells it.
+pub fn kind_name(kind: i32) -> &'static str {
+    form_proto::operation_kind_name(kind)
+}
+
+/// An operation as the API shows it.
+pub fn operation(o: types::Operation) -> Operation {
+    use types::operation_status::State as S;
+    let (status, step, step_index, error) = match o.status.and_then(|s| s.state) {
+        None | Some(S::Requested(_)) => ("requested", String::new(), 0, String::new()),
+        Some(S::InProgress(p)) => ("in_progress", p.step, p.step_index, String::new()),
+        Some(S::Completed(_)) => ("completed", String::new(), 0, String::new()),
+        Some(S::Failed(f)) => ("failed", String::new(), 0, f.error),
+        Some(S::RolledBack(r)) => ("rolled_back", String::new(), 0, r.reason),
+    };
+    Operation {
+        operation_id: o.operation_id,
+        cluster_id: o.cluster_id,
+        kind: kind_name(o.kind).into(),
+        status: status.into(),
+        step,
+        step_index,
+        steps: o.steps,
+        target_count: o.target_count,
+        new_instances: o.new_instances,
+        victims: o.victims,
+        reason: o.reason,
+        error,
+        created_at: crate::time::rfc3339(o.created_at_ms),
+        completed_at: (o.completed_at_ms > 0).then(|| crate::time::rfc3339(o.completed_at_ms)),
+    }
+}

@@ -1,0 +1,203 @@
+//! The REST API (`/api/v1`): each route parses its request into an [`Action`], checks the
+//! bearer token (401 without a known one, 403 for a read token on a write) and runs it.
+//! Bodies are JSON with unknown fields refused, at most [`BODY_LIMIT`] bytes.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::de::DeserializeOwned;
+
+use crate::api::action::Action;
+use crate::api::backends::Backends;
+use crate::api::model::{CreateCluster, Policy, ScaleRequest};
+use crate::auth::{self, Tokens};
+use crate::error::ApiError;
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What the routes share.
+#[derive(Debug)]
+pub struct App {
+    /// The services behind the gateway.
+    pub backends: Backends,
+    /// Accepted tokens; without any, every API request is refused.
+    pub tokens: Option<Tokens>,
+}
+
+type Shared = State<Arc<App>>;
+
+/// Every route of the REST API.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/api/v1/clusters", get(list).post(create))
+        .route("/api/v1/clusters/{id}", get(get_cluster).delete(delete))
+        .route("/api/v1/clusters/{id}/policy", put(set_policy))
+        .route("/api/v1/clusters/{id}/scale", post(scale))
+        .route("/api/v1/clusters/{id}/status", get(status))
+        .route(
+            "/api/v1/clusters/{id}/instances/{instance}/drain",
+            post(drain),
+        )
+        .route("/api/v1/operations/{id}", get(operation))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/{*rest}", axum::routing::any(unknown))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app)
+}
+
+/// Checks the token of `headers` for `action`, then runs it.
+pub async fn serve(app: &App, headers: &HeaderMap, action: Result<Action, ApiError>) -> Response {
+    let result = async {
+        let tokens = app.tokens.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the gateway has no tokens configured (--tokens-file); every API request is refused",
+            )
+        })?;
+        let (role, who) = tokens.check(headers)?;
+        let action = action?;
+        if action.writes() {
+            auth::require_write(role)?;
+        }
+        let name = action.name();
+        tracing::debug!(action = name, token = who, "request");
+        let r = action.run(&app.backends).await;
+        metrics::counter!("form_mcp_actions_total", "action" => name, "outcome" => if r.is_ok() { "ok" } else { "error" }).increment(1);
+        r
+    }
+    .await;
+    match result {
+        Ok((status, body)) => (status, axum::Json(body)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Parses a JSON body; the error names what was wrong.
+pub fn parse<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    shape: &str,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than {BODY_LIMIT} bytes"),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", r.body_text())
+        }
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is empty; expected JSON {shape}"),
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let code = if e.is_data() {
+            "invalid_argument"
+        } else {
+            "invalid_json"
+        };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!("{e}; expected JSON {shape}"),
+        )
+    })
+}
+
+async fn list(State(app): Shared, headers: HeaderMap) -> Response {
+    serve(&app, &headers, Ok(Action::ListClusters)).await
+}
+
+async fn create(
+    State(app): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let action = parse::<CreateCluster>(
+        body,
+        "{\"cluster_id\", \"workload\": {\"command\", ...}, ...}",
+    )
+    .map(Action::CreateCluster);
+    serve(&app, &headers, action).await
+}
+
+async fn get_cluster(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    serve(&app, &headers, Ok(Action::GetCluster(id))).await
+}
+
+async fn delete(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    serve(&app, &headers, Ok(Action::DeleteCluster(id))).await
+}
+
+async fn set_policy(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let action = parse::<Policy>(
+        body,
+        "{\"min_instances\", \"max_instances\", \"target_cpu_utilization\", ...}",
+    )
+    .map(|p| Action::SetPolicy(id, p));
+    serve(&app, &headers, action).await
+}
+
+async fn scale(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(str::to_owned));
+    let action = match key {
+        Some(Err(_)) => Err(ApiError::invalid("Idempotency-Key must be visible ASCII")),
+        Some(Ok(k)) => {
+            parse::<ScaleRequest>(body, SCALE_SHAPE).map(|r| Action::Scale(id, r, Some(k)))
+        }
+        None => parse::<ScaleRequest>(body, SCALE_SHAPE).map(|r| Action::Scale(id, r, None)),
+    };
+    serve(&app, &headers, action).await
+}
+
+const SCALE_SHAPE: &str = "{\"operation\": \"scale_out\" | \"scale_in\" | \"resize\" | \"replace_instance\", \"target_count\", \"immediate\", \"drain_connections\"}";
+
+async fn status(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    serve(&app, &headers, Ok(Action::Status(id))).await
+}
+
+async fn drain(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path((id, instance)): Path<(String, String)>,
+) -> Response {
+    serve(&app, &headers, Ok(Action::DrainInstance(id, instance))).await
+}
+
+async fn operation(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    serve(&app, &headers, Ok(Action::GetOperation(id))).await
+}
+
+async fn openapi() -> Response {
+    axum::Json(crate::openapi::document()).into_response()
+}
+
+async fn unknown(State(app): Shared, headers: HeaderMap) -> Response {
+    let e = ApiError::not_found("no such API route; see /api/v1/openapi.json");
+    serve(&app, &headers, Err(e)).await
+}

@@ -1,0 +1,351 @@
+//! Contract tests of the REST API against the real platform: every endpoint, the
+//! errors it names (401, 403, invalid JSON, unknown fields, a target outside the
+//! policy, an unknown cluster, a conflicting operation, a body too large), the
+//! Idempotency-Key, and the OpenAPI document.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn tokens_are_required_and_read_tokens_cannot_write() {
+    let mut g = Gateway::start("api-auth", &[]).await;
+    let (code, body) = g.call("GET", "/api/v1/clusters", None, None).await;
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (code, _) = g
+        .call(
+            "GET",
+            "/api/v1/clusters",
+            Some("wrong-token-wrong-token"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 401);
+    let (code, body) = g.call("GET", "/api/v1/clusters", Some(READER), None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["clusters"], json!([]));
+    let (code, body) = g
+        .call(
+            "POST",
+            "/api/v1/clusters",
+            Some(READER),
+            Some(&demo_cluster("ro")),
+        )
+        .await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(body["error"]["code"], "forbidden");
+    // Unauthenticated requests learn nothing about what exists.
+    let (code, _) = g.call("GET", "/api/v1/clusters/nope", None, None).await;
+    assert_eq!(code, 401);
+    // Health and the document are open.
+    let (code, _) = g.call("GET", "/healthz", None, None).await;
+    assert_eq!(code, 200);
+    let (code, doc) = g.call("GET", "/api/v1/openapi.json", None, None).await;
+    assert_eq!(code, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_deleted() {
+    let mut g = Gateway::start("api-life", &[]).await;
+    let (code, c) = g
+        .call(
+            "POST",
+            "/api/v1/clusters",
+            Some(ADMIN),
+            Some(&demo_cluster("web")),
+        )
+        .await;
+    assert_eq!(code, 201, "{c}");
+    assert_eq!(c["cluster_id"], "web");
+    assert_eq!(c["members"].as_array().map(Vec::len), Some(1));
+    assert_eq!(c["members"][0]["status"], "active");
+    assert_eq!(c["template_instance_id"], "web-0");
+    let (code, body) = g
+        .call(
+            "POST",
+            "/api/v1/clusters",
+            Some(ADMIN),
+            Some(&demo_cluster("web")),
+        )
+        .await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"]["code"], "already_exists");
+
+    let (code, list) = g.call("GET", "/api/v1/clusters", Some(READER), None).await;
+    assert_eq!(code, 200);
+    assert_eq!(list["clusters"][0]["cluster_id"], "web");
+    let (code, one) = g
+        .call("GET", "/api/v1/clusters/web", Some(READER), None)
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(one["domain"], "web.test");
+
+    let scale = json!({"operation": "scale_out", "target_count": 3, "immediate": true});
+    let key = [("Idempotency-Key", "retry-me-1")];
+    let (code, accepted) = g
+        .call_with(
+            "POST",
+            "/api/v1/clusters/web/scale",
+            Some(ADMIN),
+            &key,
+            Some(&scale.to_string()),
+        )
+        .await;
+    assert_eq!(code, 202, "{accepted}");
+    let id = accepted["operation_id"].as_str().expect("id").to_owned();
+    let (code, again) = g
+        .call_with(
+            "POST",
+            "/api/v1/clusters/web/scale",
+            Some(ADMIN),
+            &key,
+            Some(&scale.to_string()),
+        )
+        .await;
+    assert_eq!(code, 202, "{again}");
+    assert_eq!(
+        again["operation_id"],
+        id.as_str(),
+        "a retry returns the same operation"
+    );
+    let op = g.wait_op(&id).await;
+    assert_eq!(op["status"], "completed", "{op}");
+    assert_eq!(op["type"], "scale_out");
+    assert!(
+        op["completed_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+
+    let (code, st) = g
+        .call("GET", "/api/v1/clusters/web/status", Some(READER), None)
+        .await;
+    assert_eq!(code, 200, "{st}");
+    assert_eq!(st["cluster_id"], "web");
+    assert_eq!(st["instances"], 3);
+    assert_eq!(st["scaling_status"], "idle");
+    assert_eq!(st["health_status"], "healthy");
+    assert_eq!(st["last_operation"]["type"], "scale_out");
+    assert_eq!(st["last_operation"]["status"], "completed");
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(3));
+
+    let (code, p) = g
+        .call(
+            "PUT",
+            "/api/v1/clusters/web/policy",
+            Some(ADMIN),
+            Some(&json!({"min_instances": 2, "max_instances": 5, "target_cpu_utilization": 0.7})),
+        )
+        .await;
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["max_instances"], 5);
+
+    let victim = st["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["template"] == false))
+        .and_then(|m| m["instance_id"].as_str())
+        .expect("a clone")
+        .to_owned();
+    let (code, d) = g
+        .call(
+            "POST",
+            &format!("/api/v1/clusters/web/instances/{victim}/drain"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(code, 202, "{d}");
+    let (_, one) = g
+        .call("GET", "/api/v1/clusters/web", Some(READER), None)
+        .await;
+    let drained = one["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["instance_id"] == victim.as_str()))
+        .expect("member");
+    assert_eq!(drained["status"], "draining");
+
+    let (code, del) = g
+        .call("DELETE", "/api/v1/clusters/web", Some(ADMIN), None)
+        .await;
+    assert_eq!(code, 200, "{del}");
+    assert_eq!(del["instances_deleted"].as_array().map(Vec::len), Some(3));
+    let (code, body) = g
+        .call("GET", "/api/v1/clusters/web", Some(READER), None)
+        .await;
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_an_error_naming_what_was_wrong() {
+    let mut g = Gateway::start("api-errors", &["--inject-fault", "wait_serving=hang"]).await;
+    let (code, c) = g
+        .call(
+            "POST",
+            "/api/v1/clusters",
+            Some(ADMIN),
+            Some(&demo_cluster("web")),
+        )
+        .await;
+    assert_eq!(code, 201, "{c}");
+    let cases: Vec<(&str, &str, String, u16, &str, &str)> = vec![
+        (
+            "POST",
+            "/api/v1/clusters",
+            "{not json".into(),
+            400,
+            "invalid_json",
+            "expected JSON",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters",
+            "".into(),
+            400,
+            "invalid_json",
+            "empty",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters",
+            json!({"cluster_id": "x", "workload": {"command": "y"}, "colour": 1}).to_string(),
+            400,
+            "invalid_argument",
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters",
+            json!({"cluster_id": "bad id", "workload": {"command": "y"}}).to_string(),
+            400,
+            "invalid_argument",
+            "cluster_id",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters/web/scale",
+            json!({"operation": "scale_out", "target_count": 9}).to_string(),
+            400,
+            "invalid_argument",
+            "target_count 9",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters/web/scale",
+            json!({"operation": "explode"}).to_string(),
+            400,
+            "invalid_argument",
+            "unknown variant `explode`",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters/nope/scale",
+            json!({"operation": "scale_out", "target_count": 2}).to_string(),
+            404,
+            "not_found",
+            "nope",
+        ),
+        (
+            "PUT",
+            "/api/v1/clusters/web/policy",
+            json!({"min_instances": 3, "max_instances": 2, "target_cpu_utilization": 0.5})
+                .to_string(),
+            400,
+            "invalid_argument",
+            "min_instances",
+        ),
+        (
+            "GET",
+            "/api/v1/operations/none-such",
+            String::new(),
+            404,
+            "not_found",
+            "none-such",
+        ),
+        (
+            "GET",
+            "/api/v1/nothing",
+            String::new(),
+            404,
+            "not_found",
+            "openapi.json",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters",
+            "x".repeat(70_000),
+            413,
+            "payload_too_large",
+            "larger than",
+        ),
+    ];
+    for (method, path, body, want, code_name, says) in cases {
+        let body = (!body.is_empty()).then_some(body.as_str());
+        let (code, e) = g.call_with(method, path, Some(ADMIN), &[], body).await;
+        assert_eq!(code, want, "{method} {path}: {e}");
+        assert_eq!(e["error"]["code"], code_name, "{method} {path}: {e}");
+        let msg = e["error"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains(says), "{method} {path}: '{says}' not in {msg}");
+    }
+
+    // An operation that does not end (a fault holds it): a second one conflicts.
+    let scale = json!({"operation": "scale_out", "target_count": 2}).to_string();
+    let (code, first) = g
+        .call_with(
+            "POST",
+            "/api/v1/clusters/web/scale",
+            Some(ADMIN),
+            &[],
+            Some(&scale),
+        )
+        .await;
+    assert_eq!(code, 202, "{first}");
+    let id = first["operation_id"].as_str().expect("id").to_owned();
+    let (code, e) = g
+        .call_with(
+            "POST",
+            "/api/v1/clusters/web/scale",
+            Some(ADMIN),
+            &[],
+            Some(&scale),
+        )
+        .await;
+    assert_eq!(code, 409, "{e}");
+    assert_eq!(e["error"]["code"], "conflict");
+    assert!(
+        e["error"]["message"].as_str().unwrap_or("").contains(&id),
+        "{e}"
+    );
+    let (code, e) = g
+        .call("DELETE", "/api/v1/clusters/web", Some(ADMIN), None)
+        .await;
+    assert_eq!(
+        code, 409,
+        "a cluster with a running operation is not deleted: {e}"
+    );
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn every_route_of_the_openapi_document_is_served() {
+    let mut g = Gateway::start("api-doc", &[]).await;
+    let (_, doc) = g.call("GET", "/api/v1/openapi.json", None, None).await;
+    let paths = doc["paths"].as_object().expect("paths");
+    assert_eq!(paths.len(), 7);
+    for (path, ops) in paths {
+        for method in ops.as_object().expect("ops").keys() {
+            let concrete = path.replace("{id}", "x").replace("{instance}", "y");
+            let (code, body) = g.call(&method.to_uppercase(), &concrete, None, None).await;
+            assert_eq!(
+                code, 401,
+                "{method} {path} is served (it asks for a token): {body}"
+            );
+        }
+    }
+    g.stop().await;
+}
