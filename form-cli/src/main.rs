@@ -1,8 +1,16 @@
 //! formctl: the operator CLI of the platform. `formctl up` runs the whole stack on
-//! this machine as child processes and stops it cleanly on Ctrl-C.
+//! this machine as child processes and stops it cleanly on Ctrl-C; the other commands
+//! talk to form-mcp's REST API.
 
+mod client;
+mod clusters;
+mod demo;
+mod detach;
 mod plan;
+mod scale;
 mod state;
+mod status;
+mod tokens;
 mod up;
 
 use std::path::PathBuf;
@@ -14,15 +22,75 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "formctl", version, about, long_about = None)]
 struct Cli {
+    #[command(flatten)]
+    api: ApiArgs,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the API is and how to authenticate.
+#[derive(Debug, Clone, clap::Args)]
+struct ApiArgs {
+    /// URL of form-mcp's API
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FORM_API",
+        default_value = "http://127.0.0.1:3010",
+        global = true
+    )]
+    api: String,
+
+    /// Bearer token [default: the admin token in the tokens file `formctl up` made in
+    /// its data directory ($FORM_DATA_DIR, $XDG_DATA_HOME/form or ~/.local/share/form)]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FORM_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+impl ApiArgs {
+    /// The API client: the token given, or the local stack's admin token.
+    fn client(&self) -> client::Api {
+        let token = self.token.clone().or_else(|| {
+            let dir = std::env::var_os("FORM_DATA_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| up::default_data_dir().ok())?;
+            tokens::read(&tokens::path(&dir)).map(|t| t.admin)
+        });
+        client::Api::new(&self.api, token)
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start the whole stack on this machine (3 form-state replicas, form-vmm-service,
-    /// form-rplb, form-scaler, form-mcp) and stop it cleanly on Ctrl-C.
+    /// form-rplb, form-scaler, form-mcp) with a demo cluster; Ctrl-C stops it cleanly.
     Up(UpArgs),
+    /// Stop a stack started with `formctl up --detach`.
+    Down(DownArgs),
+    /// Create, list, read and delete clusters.
+    #[command(subcommand)]
+    Cluster(clusters::ClusterCommand),
+    /// Scale a cluster to a number of instances (out or in) and follow the operation.
+    Scale(scale::ScaleArgs),
+    /// Change the vCPUs and memory of every instance of a cluster.
+    Resize(scale::ResizeArgs),
+    /// Set a cluster's scaling policy.
+    #[command(subcommand)]
+    Policy(scale::PolicyCommand),
+    /// A cluster's instances, health and last operation.
+    Status(status::StatusArgs),
+    /// Follow a cluster live: members, health, operations with progress.
+    Watch(status::WatchArgs),
+    /// Drive load on the demo cluster, scale it out and in, and summarise what clients saw.
+    Demo(demo::DemoArgs),
     /// Inspect a form-state replica.
     #[command(subcommand)]
     State(state::StateCommand),
@@ -52,6 +120,31 @@ struct UpArgs {
     /// Write JSON with every service's addresses to this file once the stack is up.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
+
+    /// Instances run by form-vmm-service: `process` (default) or `qemu` (needs
+    /// --guest-dir, made by deploy/guest/build.sh).
+    #[arg(long, value_name = "BACKEND", default_value = "process", value_parser = ["process", "qemu"])]
+    backend: String,
+
+    /// Guest kernel and initramfs for `--backend qemu`.
+    #[arg(long, value_name = "DIR")]
+    guest_dir: Option<PathBuf>,
+
+    /// Do not create the demo cluster.
+    #[arg(long)]
+    no_demo: bool,
+
+    /// Run in the background (log in DATA_DIR/formctl.log); stop with `formctl down`.
+    #[arg(long)]
+    detach: bool,
+}
+
+/// Flags of `formctl down`.
+#[derive(Debug, Clone, clap::Args)]
+struct DownArgs {
+    /// Data directory of the stack [default: $XDG_DATA_HOME/form or ~/.local/share/form]
+    #[arg(long, value_name = "DIR", env = "FORM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -70,7 +163,16 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Up(args) if args.detach => detach::up(args),
         Command::Up(args) => runtime.block_on(up::run(args)),
+        Command::Down(args) => detach::down(args),
+        Command::Cluster(cmd) => runtime.block_on(clusters::run(&cli.api.client(), cmd)),
+        Command::Scale(args) => runtime.block_on(scale::scale(&cli.api.client(), args)),
+        Command::Resize(args) => runtime.block_on(scale::resize(&cli.api.client(), args)),
+        Command::Policy(cmd) => runtime.block_on(scale::policy(&cli.api.client(), cmd)),
+        Command::Status(args) => runtime.block_on(status::status(&cli.api.client(), args)),
+        Command::Watch(args) => runtime.block_on(status::watch(&cli.api.client(), args)),
+        Command::Demo(args) => runtime.block_on(demo::run(&cli.api.client(), args)),
         Command::State(cmd) => runtime.block_on(state::run(cmd)),
     };
     match result {

@@ -139,6 +139,10 @@ pub(crate) fn stack(host: IpAddr, ports: &Ports, http_port: u16, data_dir: &Path
             ("--state", state_list),
             ("--scaler", list(&[scaler])),
             ("--vmm", list(&[vmm])),
+            (
+                "--tokens-file",
+                crate::tokens::path(data_dir).display().to_string(),
+            ),
         ],
     );
     out
@@ -181,6 +185,7 @@ mod tests {
         assert_eq!(arg(&plan[5], "--rplb"), "127.0.0.1:3005");
         assert_eq!(arg(&plan[6], "--scaler"), "127.0.0.1:3006");
         assert_eq!(arg(&plan[6], "--listen"), "127.0.0.1:3010");
+        assert_eq!(arg(&plan[6], "--tokens-file"), "/d/tokens");
         let mut all: Vec<SocketAddr> = plan.iter().flat_map(|p| [p.listen, p.metrics]).collect();
         all.sort();
         all.dedup();

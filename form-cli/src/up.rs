@@ -44,12 +44,27 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         plan::DEFAULT_HTTP_PORT
     };
-    let plan = plan::stack(args.host, &ports, http_port, &data_dir);
+    let mut plan = plan::stack(args.host, &ports, http_port, &data_dir);
+    if args.backend == "qemu" {
+        let guest = args
+            .guest_dir
+            .as_ref()
+            .context("--backend qemu needs --guest-dir (make one with deploy/guest/build.sh)")?;
+        if let Some(vmm) = plan.iter_mut().find(|p| p.bin == "form-vmm-service") {
+            vmm.args.extend([
+                "--backend".into(),
+                "qemu".into(),
+                "--guest-dir".into(),
+                guest.clone().into_os_string(),
+            ]);
+        }
+    }
     check_binaries(&bin_dir, &plan)?;
     let run_dir = data_dir.join("run");
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
     write_authorized_keys(&bin_dir, &plan, &data_dir)?;
+    let tokens = crate::tokens::ensure(&data_dir)?;
 
     let (handle, mut stop) = shutdown::channel();
     shutdown::spawn_signal_listener(handle)?;
@@ -72,7 +87,56 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let api_addr = children
+        .iter()
+        .find(|c| c.name() == "form-mcp")
+        .and_then(|c| c.addr("http"))
+        .context("form-mcp has no HTTP address")?;
+    let balancer = children
+        .iter()
+        .find(|c| c.name() == "form-rplb")
+        .and_then(|c| c.addr("http"))
+        .context("form-rplb has no HTTP address")?;
+    let api = crate::client::Api::new(&format!("http://{api_addr}"), Some(tokens.admin.clone()));
+    if !args.no_demo {
+        println!("formctl: creating the demo cluster");
+        tokio::select! {
+            made = crate::demo::ensure(&api, &bin_dir, balancer) => {
+                if let Err(e) = made {
+                    stop_all(&mut children).await;
+                    bail!("{e:#}");
+                }
+            }
+            _ = stop.requested() => {
+                stop_all(&mut children).await;
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
     print_summary(&plan, &children, &data_dir);
+    println!(
+        "API: {}  (token: {}, read-only: {})",
+        api.base(),
+        tokens.admin,
+        tokens.read
+    );
+    println!(
+        "  export FORM_API={} FORM_TOKEN={}",
+        api.base(),
+        tokens.admin
+    );
+    if !args.no_demo {
+        println!(
+            "Demo: curl http://{}:{}/whoami   (or curl -H 'Host: {}' http://{balancer}/whoami)",
+            crate::demo::DEMO_DOMAIN,
+            balancer.port(),
+            crate::demo::DEMO_DOMAIN
+        );
+        println!(
+            "  formctl scale demo --to 3; formctl status demo; formctl demo --balancer http://{balancer}"
+        );
+    }
+    println!("Press Ctrl-C to stop.");
     if let Some(path) = &args.ready_file {
         ready::write(path, &summary(&children))?;
     }
@@ -125,7 +189,7 @@ fn write_authorized_keys(bin_dir: &Path, plan: &[Process], data_dir: &Path) -> a
     std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))
 }
 
-fn default_data_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_data_dir() -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(d).join("form"));
     }
@@ -207,10 +271,6 @@ fn print_summary(plan: &[Process], children: &[ChildService], data_dir: &Path) {
     {
         println!("Balancer (HTTP): http://{http}/");
     }
-    if let Some(api) = plan.last() {
-        println!("API: http://{}/healthz", api.listen);
-    }
-    println!("Press Ctrl-C to stop.");
 }
 
 fn exited(children: &mut [ChildService]) -> Option<String> {

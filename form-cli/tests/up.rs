@@ -67,7 +67,7 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
     let s1 = addresses["form-state-1/grpc"];
     let mut c = StateServiceClient::new(probe::channel(s1).await.expect("connect"));
     c.put_cluster(pb::PutClusterRequest {
-        cluster_id: "demo".into(),
+        cluster_id: "probe".into(),
         ..Default::default()
     })
     .await
@@ -97,8 +97,98 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         &addresses["form-state-3/grpc"].to_string(),
     ]);
     let v: serde_json::Value = serde_json::from_str(&dump).expect("JSON");
-    assert_eq!(v["clusters"][0]["cluster_id"], "demo");
-    assert_eq!(v["clusters"][0]["domain"], "demo.fog");
+    let probe_cluster = v["clusters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["cluster_id"] == "probe"))
+        .expect("the write is on replica 3");
+    assert_eq!(probe_cluster["domain"], "probe.fog");
+
+    // The demo cluster answers through the balancer; scaled to 3 through formctl, every
+    // instance serves the primary's keys.
+    let balancer = addresses["form-rplb/http"];
+    let (code, _, who) = probe::http_call(
+        balancer,
+        "GET",
+        "/whoami",
+        &[("Host", "demo.localhost")],
+        b"",
+    )
+    .await
+    .expect("demo through the balancer");
+    assert_eq!(code, 200, "{who}");
+    let (code, _, _) = probe::http_call(
+        balancer,
+        "PUT",
+        "/kv/alpha",
+        &[("Host", "demo.localhost")],
+        b"one",
+    )
+    .await
+    .expect("PUT a key");
+    assert!((200..300).contains(&code));
+    let api = format!("http://{}", addresses["form-mcp/http"]);
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(FORMCTL)
+            .args(args)
+            .env("FORM_API", &api)
+            .env("FORM_DATA_DIR", &data)
+            .env_remove("FORM_TOKEN")
+            .output()
+            .expect("run formctl")
+    };
+    let out = ctl(&["scale", "demo", "--to", "3"]);
+    assert!(
+        out.status.success(),
+        "scale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&["status", "demo", "--json"]);
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(st["instances"], 3, "{st}");
+    let members: Vec<std::net::SocketAddr> = st["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            m["addresses"][0]
+                .as_str()
+                .expect("address")
+                .parse()
+                .expect("addr")
+        })
+        .collect();
+    assert_eq!(members.len(), 3);
+    for m in &members {
+        assert_eq!(
+            probe::http_get(*m, "/kv/alpha").await.expect("GET key"),
+            (200, "one".to_owned()),
+            "{m} carries the primary's key"
+        );
+    }
+
+    // Clear errors, non-zero exits.
+    for (args, says) in [
+        (
+            vec!["--api", "http://127.0.0.1:9", "status", "demo"],
+            "cannot reach the API",
+        ),
+        (
+            vec!["--token", "wrong-token-wrong-token", "status", "demo"],
+            "401",
+        ),
+        (vec!["status", "nope"], "404"),
+        (vec!["scale", "demo", "--to", "99"], "target_count 99"),
+    ] {
+        let out = ctl(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: '{says}' not in {err}");
+    }
 
     let status = up
         .stop(Signal::SIGINT, Duration::from_secs(30))
@@ -116,4 +206,53 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
             "{name} still listens on {addr} after formctl stopped"
         );
     }
+    for m in members {
+        assert!(
+            tokio::net::TcpStream::connect(m).await.is_err(),
+            "a demo instance still listens on {m} after formctl stopped"
+        );
+    }
+}
+
+#[tokio::test]
+async fn up_detach_runs_in_the_background_and_down_stops_it() {
+    let dir = TestDir::new("formctl-detach");
+    let data = dir.path().join("data");
+    let data_s = data.to_str().expect("utf-8");
+    let out = formctl(&[
+        "up",
+        "--detach",
+        "--auto-ports",
+        "--no-demo",
+        "--data-dir",
+        data_s,
+    ]);
+    assert!(out.contains("formctl down"), "{out}");
+    let ready: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data.join("formctl.ready.json")).expect("ready file"),
+    )
+    .expect("JSON");
+    let api: std::net::SocketAddr = ready["addresses"]["form-mcp/http"]
+        .as_str()
+        .expect("api")
+        .parse()
+        .expect("addr");
+    assert_eq!(
+        probe::http_get(api, "/healthz").await.expect("healthz").0,
+        200
+    );
+    let again = std::process::Command::new(FORMCTL)
+        .args(["up", "--detach", "--auto-ports", "--data-dir", data_s])
+        .output()
+        .expect("run");
+    assert!(
+        !again.status.success(),
+        "a second stack on the same data is refused"
+    );
+    let out = formctl(&["down", "--data-dir", data_s]);
+    assert!(out.contains("stopped"), "{out}");
+    assert!(
+        tokio::net::TcpStream::connect(api).await.is_err(),
+        "the API still listens after formctl down"
+    );
 }

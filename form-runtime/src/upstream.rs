@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -135,17 +136,76 @@ impl Upstream {
     }
 
     async fn probe(&self) -> bool {
-        let mut client = HealthClient::new(self.channel.clone());
-        let req = HealthCheckRequest {
-            service: String::new(),
-        };
-        matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, client.check(req)).await,
-            Ok(Ok(resp)) if resp.get_ref().status() == ServingStatus::Serving
-        )
+        serving(&self.channel).await
+    }
+
+    /// A channel that sends every request to one endpoint, and moves to the next one
+    /// that answers when it stops answering: a client of a replicated store then reads
+    /// its own writes (the balanced [`Upstream::channel`] may read from a replica the
+    /// write has not reached yet). Must be called inside a tokio runtime.
+    pub fn sticky_channel(&self) -> Channel {
+        let eps: Vec<Endpoint> = self
+            .endpoints
+            .iter()
+            .filter_map(|hp| {
+                Endpoint::from_shared(hp.http_uri())
+                    .ok()
+                    .map(|e| e.connect_timeout(PROBE_TIMEOUT).tcp_nodelay(true))
+            })
+            .collect();
+        let (channel, tx) = Channel::balance_channel::<usize>(64);
+        let name = self.name;
+        tokio::spawn(async move {
+            let Some(first) = eps.first() else { return };
+            if tx.send(Change::Insert(0, first.clone())).await.is_err() {
+                return;
+            }
+            let probes: Vec<Channel> = eps.iter().map(Endpoint::connect_lazy).collect();
+            let mut current = 0;
+            loop {
+                tokio::time::sleep(CHECK_INTERVAL.min(Duration::from_millis(500))).await;
+                if tx.is_closed() {
+                    return;
+                }
+                if serving(&probes[current]).await {
+                    continue;
+                }
+                for k in 1..eps.len() {
+                    let j = (current + k) % eps.len();
+                    if serving(&probes[j]).await {
+                        tracing::warn!(
+                            upstream = name,
+                            from = current,
+                            to = j,
+                            "endpoint stopped answering; requests move to the next one"
+                        );
+                        if tx.send(Change::Insert(j, eps[j].clone())).await.is_err()
+                            || tx.send(Change::Remove(current)).await.is_err()
+                        {
+                            return;
+                        }
+                        current = j;
+                        break;
+                    }
+                }
+            }
+        });
+        channel
     }
 
     fn endpoints_str(&self) -> Vec<String> {
         self.endpoints.iter().map(ToString::to_string).collect()
     }
+}
+
+/// Whether the service behind `channel` answers its health check with SERVING.
+async fn serving(channel: &Channel) -> bool {
+    let mut client = HealthClient::new(channel.clone());
+    let req = HealthCheckRequest {
+        service: String::new(),
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, client.check(req)).await,
+        Ok(Ok(resp)) if resp.get_ref().status() == ServingStatus::Serving
+    )
 }

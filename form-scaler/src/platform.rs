@@ -56,7 +56,8 @@ impl Platform {
     /// Clients over `state` and the first of `vmm` and of `rplb`.
     pub fn new(state: &Upstream, vmm: &[HostPort], rplb: &[HostPort]) -> Result<Self, ConfigError> {
         Ok(Self {
-            state: StateServiceClient::new(state.channel()),
+            // One replica at a time: an operation reads back what it wrote.
+            state: StateServiceClient::new(state.sticky_channel()),
             vmm: first(vmm, "vmm")?.map(VmmServiceClient::new),
             rplb: first(rplb, "rplb")?.map(RplbControlClient::new),
         })

@@ -205,3 +205,43 @@ async fn controller_heartbeats_replicate_and_only_a_newer_one_counts() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_sticky_client_reads_its_own_writes_and_moves_when_its_replica_stops() {
+    use form_proto::state::v1::state_service_client::StateServiceClient;
+    use form_runtime::addr::HostPort;
+    use form_runtime::upstream::Upstream;
+    let mut trio = replicas("sticky", 3, false).await;
+    let endpoints: Vec<HostPort> = trio
+        .addrs
+        .iter()
+        .map(|a| a.to_string().parse().expect("host:port"))
+        .collect();
+    let up = Upstream::new("state", &endpoints).expect("upstream");
+    let mut c = StateServiceClient::new(up.sticky_channel());
+    // Every write is read back at once, which a client balanced over replicas that
+    // have not gossiped yet would not see.
+    for i in 0..30 {
+        let id = format!("c{i}");
+        c.put_cluster(cluster(&id)).await.expect("write");
+        c.add_member(member(&id, "m0"))
+            .await
+            .expect("the cluster just written is there");
+    }
+    // The replica in use stops: requests move to another one.
+    if let Some(p) = trio.procs[0].as_mut() {
+        form_testkit::conformance::stop_gracefully(p).await;
+    }
+    trio.procs[0] = None;
+    assert_eventually!(
+        deadline = std::time::Duration::from_secs(10),
+        async { c.put_cluster(cluster("after")).await.is_ok() },
+        "writes go on after the first replica stopped"
+    );
+    // The replica now in use has the earlier writes (gossiped before the stop).
+    assert_eventually!(
+        async { members(&mut c, "c0").await == ["m0"] },
+        "the next replica serves what was written"
+    );
+    trio.stop().await;
+}

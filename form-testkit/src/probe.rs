@@ -87,8 +87,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     http_request(addr, "GET", path, b"").await
 }
 
-/// An HTTP/1.1 request with extra header lines (`Name: value`) and a body; returns the
-/// status code, the response head and the body.
+/// An HTTP/1.1 request with extra header lines (`Name: value`, a `Host` among them
+/// replaces the default) and a body; returns the status code, the response head and the
+/// body.
 pub async fn http_call(
     addr: SocketAddr,
     method: &str,
@@ -121,9 +122,12 @@ async fn exchange(
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n",
             body.len()
         );
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.push_str(&format!("Host: {addr}\r\n"));
+        }
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }

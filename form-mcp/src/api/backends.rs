@@ -29,16 +29,12 @@ fn missing(what: &str, flag: &str) -> ApiError {
 impl Backends {
     /// Clients over the configured upstreams (by name: state, scaler, vmm).
     pub fn new(upstreams: &[Upstream]) -> Self {
-        let find = |n: &str| {
-            upstreams
-                .iter()
-                .find(|u| u.name() == n)
-                .map(Upstream::channel)
-        };
+        let find = |n: &str| upstreams.iter().find(|u| u.name() == n);
         Self {
-            state: find("state").map(StateServiceClient::new),
-            scaler: find("scaler").map(ScalerServiceClient::new),
-            vmm: find("vmm").map(VmmServiceClient::new),
+            // One replica at a time: a request reads back what it wrote.
+            state: find("state").map(|u| StateServiceClient::new(u.sticky_channel())),
+            scaler: find("scaler").map(|u| ScalerServiceClient::new(u.channel())),
+            vmm: find("vmm").map(|u| VmmServiceClient::new(u.channel())),
         }
     }
 

@@ -1,0 +1,146 @@
+//! A client of form-mcp's REST API. Errors say what to do: an unreachable server names
+//! the URL and how to point formctl elsewhere, a 401 how to pass a token, other
+//! statuses the API's own message.
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// An error of the API, or of reaching it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    /// No answer.
+    #[error(
+        "cannot reach the API at {url}: {reason}; is `formctl up` running? (set --api or FORM_API)"
+    )]
+    Unreachable { url: String, reason: String },
+    /// 401.
+    #[error("the API refused the token (401): {0}; pass --token or set FORM_TOKEN")]
+    Unauthorized(String),
+    /// Any other error status.
+    #[error("{status}: {message}")]
+    Status {
+        /// HTTP status.
+        status: StatusCode,
+        /// The API's message.
+        message: String,
+    },
+}
+
+impl ApiError {
+    /// The HTTP status, if the API answered.
+    pub(crate) fn status(&self) -> Option<StatusCode> {
+        match self {
+            ApiError::Unreachable { .. } => None,
+            ApiError::Unauthorized(_) => Some(StatusCode::UNAUTHORIZED),
+            ApiError::Status { status, .. } => Some(*status),
+        }
+    }
+}
+
+/// The API at `base` (e.g. `http://127.0.0.1:3010`) with a bearer token.
+#[derive(Debug, Clone)]
+pub(crate) struct Api {
+    base: String,
+    token: Option<String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    /// A client of `base`.
+    pub(crate) fn new(base: &str, token: Option<String>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(3)));
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    /// The base URL.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `method path` with an optional JSON body and extra headers; the JSON reply.
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Value, ApiError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method).uri(&url);
+        if let Some(t) = &self.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let bytes = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(b.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let unreachable = |reason: String| ApiError::Unreachable {
+            url: self.base.clone(),
+            reason,
+        };
+        let req = req
+            .body(Full::new(bytes))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg = format!("{msg}: {s}");
+                    src = s.source();
+                }
+                unreachable(msg)
+            })?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, ApiError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(60), call)
+            .await
+            .map_err(|_| unreachable("no answer within 60 s".into()))??;
+        let json: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        if status.is_success() {
+            return Ok(json);
+        }
+        let message = json["error"]["message"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| json.to_string());
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(ApiError::Unauthorized(message));
+        }
+        Err(ApiError::Status { status, message })
+    }
+
+    /// `GET path`.
+    pub(crate) async fn get(&self, path: &str) -> Result<Value, ApiError> {
+        self.call(Method::GET, path, None, &[]).await
+    }
+
+    /// `POST path` with `body`.
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        self.call(Method::POST, path, Some(body), &[]).await
+    }
+}
