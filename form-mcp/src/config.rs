@@ -25,6 +25,9 @@ pub struct Config {
     pub vmm: Vec<HostPort>,
     /// Bearer tokens, one per line: `TOKEN admin|read [NAME]`.
     pub tokens_file: Option<std::path::PathBuf>,
+    /// Host names (or `host:port`) accepted in `Host` by `/mcp` besides loopback, e.g.
+    /// `form-mcp:3010` in a container network.
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
 impl Default for Config {
@@ -36,6 +39,7 @@ impl Default for Config {
             scaler: Vec::new(),
             vmm: Vec::new(),
             tokens_file: None,
+            mcp_allowed_hosts: Vec::new(),
         }
     }
 }
@@ -90,6 +94,15 @@ pub struct Args {
     #[arg(long, value_name = "PATH", env = "FORM_MCP_TOKENS_FILE")]
     pub tokens_file: Option<std::path::PathBuf>,
 
+    /// Comma-separated hosts (or host:port) /mcp accepts in Host besides loopback
+    #[arg(
+        long,
+        value_name = "HOST[:PORT],...",
+        env = "FORM_MCP_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub mcp_allowed_hosts: Option<Vec<String>>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -110,6 +123,9 @@ impl Args {
             }
             if let Some(v) = self.tokens_file {
                 c.tokens_file = Some(v);
+            }
+            if let Some(v) = self.mcp_allowed_hosts {
+                c.mcp_allowed_hosts = v;
             }
         })?;
         Ok((config, self.common))

@@ -1,4 +1,4 @@
-//! The HTTP routes of the gateway: the REST API, `/healthz` and `/metrics`.
+//! The HTTP routes of the gateway: the REST API, MCP, `/healthz` and `/metrics`.
 
 use std::sync::Arc;
 
@@ -9,8 +9,9 @@ use axum::routing::get;
 use crate::rest::{self, App};
 
 /// Every route the gateway serves.
-pub(crate) fn router(app: Arc<App>) -> Router {
-    rest::router(app)
+pub(crate) fn router(app: Arc<App>, mcp_hosts: Vec<String>) -> Router {
+    rest::router(app.clone())
+        .merge(crate::mcp::router(app, mcp_hosts))
         .route("/healthz", get(healthz))
         .route("/metrics", get(form_runtime::metrics::handler))
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod http;
+pub mod mcp;
 pub mod openapi;
 pub mod rest;
 pub mod time;
@@ -79,7 +80,10 @@ impl Service for Gateway {
         let listener = ctx.take_listener(HTTP_LISTENER)?;
         let mut shutdown = ctx.shutdown.clone();
         ctx.ready();
-        axum::serve(listener, http::router(app))
+        let mut hosts = self.config.mcp_allowed_hosts.clone();
+        hosts.push(self.config.listen.ip().to_string());
+        let hosts = mcp::allowed_hosts(&hosts);
+        axum::serve(listener, http::router(app, hosts))
             .with_graceful_shutdown(async move {
                 shutdown.requested().await;
             })

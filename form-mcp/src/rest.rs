@@ -52,28 +52,51 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Checks the token of `headers` for `action`, then runs it.
-pub async fn serve(app: &App, headers: &HeaderMap, action: Result<Action, ApiError>) -> Response {
-    let result = async {
-        let tokens = app.tokens.as_ref().ok_or_else(|| {
+impl App {
+    /// Whether the bearer token of `headers` may run `action`: 401 without a known
+    /// token, 403 for a read token on a write. Returns who it is, for logs.
+    pub fn authorize(&self, headers: &HeaderMap, action: &Action) -> Result<String, ApiError> {
+        let (role, who) = self.authenticate(headers)?;
+        if action.writes() {
+            auth::require_write(role)?;
+        }
+        Ok(who)
+    }
+
+    /// The role of the bearer token of `headers`, or 401.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<(auth::Role, String), ApiError> {
+        let tokens = self.tokens.as_ref().ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "the gateway has no tokens configured (--tokens-file); every API request is refused",
             )
         })?;
-        let (role, who) = tokens.check(headers)?;
-        let action = action?;
-        if action.writes() {
-            auth::require_write(role)?;
-        }
+        tokens.check(headers).map(|(r, who)| (r, who.to_owned()))
+    }
+
+    /// Runs `action` for the holder of `headers`' token; the JSON reply.
+    pub async fn execute(
+        &self,
+        headers: &HeaderMap,
+        action: Action,
+    ) -> Result<crate::api::action::Reply, ApiError> {
+        let who = self.authorize(headers, &action)?;
         let name = action.name();
-        tracing::debug!(action = name, token = who, "request");
-        let r = action.run(&app.backends).await;
+        tracing::debug!(action = name, token = %who, "request");
+        let r = action.run(&self.backends).await;
         metrics::counter!("form_mcp_actions_total", "action" => name, "outcome" => if r.is_ok() { "ok" } else { "error" }).increment(1);
         r
     }
-    .await;
+}
+
+/// Checks the token of `headers` for `action`, then runs it.
+pub async fn serve(app: &App, headers: &HeaderMap, action: Result<Action, ApiError>) -> Response {
+    let result = match action {
+        // An unauthenticated request learns nothing from validation errors.
+        Err(e) => app.authenticate(headers).and(Err(e)),
+        Ok(a) => app.execute(headers, a).await,
+    };
     match result {
         Ok((status, body)) => (status, axum::Json(body)).into_response(),
         Err(e) => e.into_response(),

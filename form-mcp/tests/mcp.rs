@@ -1,0 +1,222 @@
+//! An MCP client (rmcp's) lists and calls the gateway's tools over both protocol
+//! generations: 2025-11-25 (initialize, a session) and 2026-07-28 (stateless), with
+//! the same bearer tokens as the REST API.
+
+mod common;
+
+use common::*;
+use rmcp::model::{CallToolRequestParams, ClientConfig, ProtocolVersion};
+use rmcp::service::{RoleClient, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientLifecycleMode, ClientServiceExt};
+use serde_json::{Value, json};
+
+async fn connect(
+    g: &Gateway,
+    token: &str,
+    mode: ClientLifecycleMode,
+    version: ProtocolVersion,
+) -> RunningService<RoleClient, ClientConfig> {
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(format!("http://{}/mcp", g.http))
+            .auth_header(token),
+    );
+    ClientConfig::default()
+        .with_protocol_version(version)
+        .serve_with_lifecycle(transport, mode)
+        .await
+        .expect("MCP client connects")
+}
+
+async fn call(
+    c: &RunningService<RoleClient, ClientConfig>,
+    tool: &str,
+    args: Value,
+) -> (bool, Value) {
+    let Value::Object(args) = args else {
+        panic!("arguments are an object")
+    };
+    let mut params = CallToolRequestParams::new(tool.to_owned());
+    params.arguments = Some(args);
+    let r = c.call_tool(params).await.expect("tools/call answered");
+    (
+        r.is_error.unwrap_or(false),
+        r.structured_content.unwrap_or(Value::Null),
+    )
+}
+
+async fn exercise(g: &Gateway, mode: ClientLifecycleMode, version: ProtocolVersion, cluster: &str) {
+    let c = connect(g, ADMIN, mode, version.clone()).await;
+    let tools = c.list_tools(None).await.expect("tools/list");
+    let mut names: Vec<String> = tools.tools.iter().map(|t| t.name.to_string()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "create_cluster",
+            "drain_instance",
+            "get_cluster_status",
+            "get_operation",
+            "list_clusters",
+            "scale_cluster",
+            "set_scaling_policy"
+        ]
+    );
+    let scale = tools
+        .tools
+        .iter()
+        .find(|t| t.name == "scale_cluster")
+        .expect("scale_cluster");
+    assert!(
+        scale
+            .input_schema
+            .get("properties")
+            .is_some_and(|p| p.get("target_count").is_some())
+    );
+
+    let (err, created) = call(&c, "create_cluster", demo_cluster(cluster)).await;
+    assert!(!err, "{created}");
+    assert_eq!(created["cluster_id"], cluster);
+    let (err, list) = call(&c, "list_clusters", json!({})).await;
+    assert!(!err);
+    assert!(
+        list["clusters"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["cluster_id"] == cluster))
+    );
+    let (err, accepted) = call(
+        &c,
+        "scale_cluster",
+        json!({"cluster_id": cluster, "operation": "scale_out", "target_count": 2, "immediate": true}),
+    )
+    .await;
+    assert!(!err, "{accepted}");
+    let id = accepted["operation_id"].as_str().expect("id").to_owned();
+    let op = g.wait_op(&id).await;
+    assert_eq!(op["status"], "completed", "{op}");
+    let (err, op) = call(&c, "get_operation", json!({"operation_id": id})).await;
+    assert!(!err);
+    assert_eq!(op["status"], "completed");
+    let (err, st) = call(&c, "get_cluster_status", json!({"cluster_id": cluster})).await;
+    assert!(!err);
+    assert_eq!(st["instances"], 2);
+    let (err, p) = call(
+        &c,
+        "set_scaling_policy",
+        json!({"cluster_id": cluster, "policy": {"min_instances": 1, "max_instances": 3, "target_cpu_utilization": 0.5}}),
+    )
+    .await;
+    assert!(!err, "{p}");
+    // Errors of the API come back as tool errors naming what was wrong.
+    let (err, e) = call(
+        &c,
+        "scale_cluster",
+        json!({"cluster_id": cluster, "operation": "scale_out", "target_count": 50}),
+    )
+    .await;
+    assert!(err);
+    assert_eq!(e["status"], 400);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("target_count 50"),
+        "{e}"
+    );
+    let (err, e) = call(&c, "get_cluster_status", json!({"cluster_id": "missing"})).await;
+    assert!(err);
+    assert_eq!(e["status"], 404);
+    let bad = c
+        .call_tool({
+            let mut p = CallToolRequestParams::new("scale_cluster");
+            p.arguments = json!({"cluster_id": cluster}).as_object().cloned();
+            p
+        })
+        .await;
+    assert!(bad.is_err(), "arguments without an operation are refused");
+    c.cancel().await.expect("close");
+
+    // A read token lists but cannot scale.
+    let r = connect(g, READER, mode_again(version.clone()), version).await;
+    let (err, _) = call(&r, "list_clusters", json!({})).await;
+    assert!(!err);
+    let (err, e) = call(
+        &r,
+        "scale_cluster",
+        json!({"cluster_id": cluster, "operation": "scale_in", "target_count": 1}),
+    )
+    .await;
+    assert!(err);
+    assert_eq!(e["status"], 403, "{e}");
+    r.cancel().await.expect("close");
+}
+
+fn mode_again(version: ProtocolVersion) -> ClientLifecycleMode {
+    if version == ProtocolVersion::V_2025_11_25 {
+        ClientLifecycleMode::Initialize
+    } else {
+        ClientLifecycleMode::Discover {
+            preferred_versions: vec![version],
+        }
+    }
+}
+
+#[tokio::test]
+async fn tools_over_the_session_protocol_of_2025_11_25() {
+    let mut g = Gateway::start("mcp-2025", &[]).await;
+    exercise(
+        &g,
+        ClientLifecycleMode::Initialize,
+        ProtocolVersion::V_2025_11_25,
+        "legacy",
+    )
+    .await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn tools_over_the_stateless_protocol_of_2026_07_28() {
+    let mut g = Gateway::start("mcp-2026", &[]).await;
+    let v = ProtocolVersion::V_2026_07_28;
+    exercise(&g, mode_again(v.clone()), v, "stateless").await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn the_endpoint_wants_a_token_and_an_allowed_host() {
+    let mut g = Gateway::start("mcp-auth", &[]).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+    .to_string();
+    let accept = ("Accept", "application/json, text/event-stream");
+    let (code, body) = g
+        .call_with("POST", "/mcp", None, &[accept], Some(&init))
+        .await;
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = g
+        .call_with(
+            "POST",
+            "/mcp",
+            Some("not-a-token-not-a-token"),
+            &[accept],
+            Some(&init),
+        )
+        .await;
+    assert_eq!(code, 401);
+    let (code, _) = g
+        .call_with("POST", "/mcp", Some(ADMIN), &[accept], Some(&init))
+        .await;
+    assert_eq!(code, 200);
+    let (code, body) = g
+        .call_with(
+            "POST",
+            "/mcp",
+            Some(ADMIN),
+            &[accept, ("Host", "evil.example")],
+            Some(&init),
+        )
+        .await;
+    assert_eq!(code, 403, "a host that is not allowed is refused: {body}");
+    g.stop().await;
+}
