@@ -75,6 +75,17 @@ impl Api {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Result<Value, ApiError> {
+        if let Some(bad) = path
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-')))
+        {
+            return Err(ApiError::Status {
+                status: StatusCode::BAD_REQUEST,
+                message: format!(
+                    "{bad:?} in '{path}' is not accepted; names are letters, digits, '.', '_' and '-'"
+                ),
+            });
+        }
         let url = format!("{}{path}", self.base);
         let mut req = Request::builder().method(method).uri(&url);
         if let Some(t) = &self.token {

@@ -26,18 +26,21 @@ pub(crate) const DEMO_DOMAIN: &str = "demo.localhost";
 /// (Re)creates the demo cluster running `bin_dir/form-demo-app`, and waits until the
 /// balancer at `balancer` serves it.
 pub(crate) async fn ensure(api: &Api, bin_dir: &Path, balancer: SocketAddr) -> anyhow::Result<()> {
-    match api
-        .call(
-            http::Method::DELETE,
-            &format!("/api/v1/clusters/{DEMO}"),
-            None,
-            &[],
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.status() == Some(http::StatusCode::NOT_FOUND) => {}
-        Err(e) => return Err(e).context("removing the previous demo cluster"),
+    // An operation left by the previous run finishes (or rolls back) first.
+    let patience = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let path = format!("/api/v1/clusters/{DEMO}");
+        match api.call(http::Method::DELETE, &path, None, &[]).await {
+            Ok(_) => break,
+            Err(e) if e.status() == Some(http::StatusCode::NOT_FOUND) => break,
+            Err(e)
+                if e.status() == Some(http::StatusCode::CONFLICT)
+                    && tokio::time::Instant::now() < patience =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("removing the previous demo cluster"),
+        }
     }
     let body = json!({
         "cluster_id": DEMO,
@@ -327,9 +330,15 @@ pub(crate) async fn run(api: &Api, a: DemoArgs) -> anyhow::Result<ExitCode> {
         members.len(),
         a.keys
     );
-    Ok(if s.failed == 0 && with_state == members.len() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if s.failed == 0
+            && !members.is_empty()
+            && with_state == members.len()
+            && kept == s.sessions.len()
+        {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 
 use crate::{DownArgs, UpArgs};
@@ -18,8 +19,18 @@ fn pid_file(data_dir: &Path) -> PathBuf {
     data_dir.join("formctl.pid")
 }
 
+/// Whether `pid` is a live `formctl` (not a pid reused by another program after a
+/// reboot, nor a zombie).
 fn running(pid: i32) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'));
     kill(Pid::from_raw(pid), None).is_ok()
+        && !zombie
+        && String::from_utf8_lossy(&cmdline).contains("formctl")
 }
 
 fn read_pid(data_dir: &Path) -> Option<i32> {
@@ -48,7 +59,13 @@ pub(crate) fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let ready = data_dir.join("formctl.ready.json");
     drop(std::fs::remove_file(&ready));
     let log_path = data_dir.join("formctl.log");
-    let log = std::fs::File::create(&log_path)
+    // The log holds the API token `up` prints: readable by the user only.
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
@@ -85,6 +102,10 @@ pub(crate) fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !ready.exists() {
         if !matches!(child.try_wait(), Ok(None)) || Instant::now() > deadline {
+            // Whatever started stops: `down` would not find it otherwise.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            drop(child.wait());
+            drop(std::fs::remove_file(pid_file(&data_dir)));
             bail!("the stack did not come up; see {}", log_path.display());
         }
         std::thread::sleep(Duration::from_millis(100));

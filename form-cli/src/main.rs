@@ -42,8 +42,9 @@ struct ApiArgs {
     )]
     api: String,
 
-    /// Bearer token [default: the admin token in the tokens file `formctl up` made in
-    /// its data directory ($FORM_DATA_DIR, $XDG_DATA_HOME/form or ~/.local/share/form)]
+    /// Bearer token [default, for an API on this machine: the admin token in the tokens
+    /// file `formctl up` made in its data directory ($FORM_DATA_DIR,
+    /// $XDG_DATA_HOME/form or ~/.local/share/form)]
     #[arg(
         long,
         value_name = "TOKEN",
@@ -57,7 +58,14 @@ struct ApiArgs {
 impl ApiArgs {
     /// The API client: the token given, or the local stack's admin token.
     fn client(&self) -> client::Api {
+        // The local stack's token goes only to an API on this machine.
+        let local = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
+            .iter()
+            .any(|p| self.api.starts_with(p));
         let token = self.token.clone().or_else(|| {
+            if !local {
+                return None;
+            }
             let dir = std::env::var_os("FORM_DATA_DIR")
                 .filter(|d| !d.is_empty())
                 .map(PathBuf::from)

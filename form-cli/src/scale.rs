@@ -17,9 +17,10 @@ pub(crate) struct ScaleArgs {
     /// Instances wanted.
     #[arg(long, value_name = "N")]
     to: u32,
-    /// Drain removed instances before deleting them.
+    /// Remove instances without draining them first (by default their in-flight
+    /// requests finish and new sessions go elsewhere before they go).
     #[arg(long)]
-    drain: bool,
+    no_drain: bool,
     /// Skip the cooldowns.
     #[arg(long)]
     immediate: bool,
@@ -96,7 +97,7 @@ pub(crate) async fn scale(api: &Api, a: ScaleArgs) -> anyhow::Result<ExitCode> {
         "operation": operation,
         "target_count": a.to,
         "immediate": a.immediate,
-        "drain_connections": a.drain,
+        "drain_connections": !a.no_drain,
     });
     submit(api, &a.name, &body, a.no_wait).await
 }

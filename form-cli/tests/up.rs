@@ -190,6 +190,34 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         assert!(err.contains(says), "{args:?}: '{says}' not in {err}");
     }
 
+    // `formctl demo`: sticky clients through the balancer while the cluster scales in
+    // to 1, out to 2 and in again; no request fails and every instance has the keys.
+    let out = ctl(&[
+        "demo",
+        "--balancer",
+        &format!("http://{balancer}"),
+        "--to",
+        "2",
+        "--clients",
+        "4",
+        "--keys",
+        "5",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("requests failed:               0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("state on every instance:       2 of 2"),
+        "{stdout}"
+    );
+
     let status = up
         .stop(Signal::SIGINT, Duration::from_secs(30))
         .await

@@ -9,9 +9,13 @@ use axum::routing::get;
 use crate::rest::{self, App};
 
 /// Every route the gateway serves.
-pub(crate) fn router(app: Arc<App>, mcp_hosts: Vec<String>) -> Router {
+pub(crate) fn router(
+    app: Arc<App>,
+    mcp_hosts: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Router {
     rest::router(app.clone())
-        .merge(crate::mcp::router(app, mcp_hosts))
+        .merge(crate::mcp::router(app, mcp_hosts, stop))
         .route("/healthz", get(healthz))
         .route("/metrics", get(form_runtime::metrics::handler))
 }

@@ -81,11 +81,16 @@ impl Service for Gateway {
         let mut shutdown = ctx.shutdown.clone();
         ctx.ready();
         let mut hosts = self.config.mcp_allowed_hosts.clone();
-        hosts.push(self.config.listen.ip().to_string());
+        if !self.config.listen.ip().is_unspecified() {
+            hosts.push(self.config.listen.ip().to_string());
+        }
         let hosts = mcp::allowed_hosts(&hosts);
-        axum::serve(listener, http::router(app, hosts))
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stop_mcp = stop.clone();
+        axum::serve(listener, http::router(app, hosts, stop_mcp))
             .with_graceful_shutdown(async move {
                 shutdown.requested().await;
+                stop.cancel();
             })
             .await
             .map_err(|e| RuntimeError::Serve {

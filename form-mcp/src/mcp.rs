@@ -279,10 +279,16 @@ impl WithText for CallToolResult {
 }
 
 /// The `/mcp` service: token check first, then rmcp's Streamable HTTP transport.
-pub fn router(app: Arc<App>, allowed_hosts: Vec<String>) -> axum::Router {
+pub fn router(
+    app: Arc<App>,
+    allowed_hosts: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> axum::Router {
     let mcp = Mcp { app: app.clone() };
     let config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(allowed_hosts)
+        // Open sessions and streams end when the gateway stops.
+        .with_cancellation_token(stop)
         .with_max_request_body_bytes(crate::rest::BODY_LIMIT);
     let service: StreamableHttpService<Mcp, LocalSessionManager> =
         StreamableHttpService::new(move || Ok(mcp.clone()), Arc::default(), config);

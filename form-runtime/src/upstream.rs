@@ -23,6 +23,10 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Delay between probes of an upstream that is up.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest a request on a sticky channel may take.
+pub const STICKY_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Failed probes in a row before a sticky channel moves to the next endpoint.
+pub const STICKY_MISSES: u32 = 2;
 /// Time a connection attempt or probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -148,9 +152,13 @@ impl Upstream {
             .endpoints
             .iter()
             .filter_map(|hp| {
-                Endpoint::from_shared(hp.http_uri())
-                    .ok()
-                    .map(|e| e.connect_timeout(PROBE_TIMEOUT).tcp_nodelay(true))
+                Endpoint::from_shared(hp.http_uri()).ok().map(|e| {
+                    e.connect_timeout(PROBE_TIMEOUT)
+                        .tcp_nodelay(true)
+                        // A replica that accepts but never answers must not hold a
+                        // request forever.
+                        .timeout(STICKY_REQUEST_TIMEOUT)
+                })
             })
             .collect();
         let (channel, tx) = Channel::balance_channel::<usize>(64);
@@ -162,14 +170,23 @@ impl Upstream {
             }
             let probes: Vec<Channel> = eps.iter().map(Endpoint::connect_lazy).collect();
             let mut current = 0;
+            let mut misses = 0;
             loop {
                 tokio::time::sleep(CHECK_INTERVAL.min(Duration::from_millis(500))).await;
                 if tx.is_closed() {
                     return;
                 }
                 if serving(&probes[current]).await {
+                    misses = 0;
                     continue;
                 }
+                // One missed probe on a loaded machine is not a dead replica: moving
+                // costs read-your-writes until the next replica has caught up.
+                misses += 1;
+                if misses < STICKY_MISSES {
+                    continue;
+                }
+                misses = 0;
                 for k in 1..eps.len() {
                     let j = (current + k) % eps.len();
                     if serving(&probes[j]).await {

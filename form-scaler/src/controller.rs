@@ -131,8 +131,15 @@ impl Shared {
         {
             Ok(existing) => {
                 let op = existing.into_inner();
-                if op.cluster_id == cluster_id && op.kind == req.kind {
+                let same_target = req.target_count == 0 || req.target_count == op.target_count;
+                if op.cluster_id == cluster_id && op.kind == req.kind && same_target {
                     return Ok(op);
+                }
+                if op.cluster_id == cluster_id && op.kind == req.kind {
+                    return Err(Status::already_exists(format!(
+                        "operation {} was requested with target_count {}, not {}; an id names one request",
+                        op.operation_id, op.target_count, req.target_count
+                    )));
                 }
                 return Err(Status::already_exists(format!(
                     "operation {} exists for cluster {} ({}); an id names one request",

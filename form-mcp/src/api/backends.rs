@@ -34,7 +34,8 @@ impl Backends {
             // One replica at a time: a request reads back what it wrote.
             state: find("state").map(|u| StateServiceClient::new(u.sticky_channel())),
             scaler: find("scaler").map(|u| ScalerServiceClient::new(u.channel())),
-            vmm: find("vmm").map(|u| VmmServiceClient::new(u.channel())),
+            // One node at a time, like the controller: a cluster's instances are there.
+            vmm: find("vmm").map(|u| VmmServiceClient::new(u.sticky_channel())),
         }
     }
 

@@ -65,7 +65,10 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
         })
         .await
         .map_err(|s| ApiError::upstream("creating the cluster", &s))?;
-    let template = format!("{}-0", id.chars().take(120).collect::<String>());
+    // A name of its own: two concurrent creates of one id each clean up only their own
+    // instance, and ids sharing a long prefix never share a template name.
+    let template = template_name(&id);
+    let mut created = false;
     let made = async {
         let i = vmm
             .create_instance(vmm_pb::CreateInstanceRequest {
@@ -77,6 +80,7 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
             .await
             .map_err(|s| ApiError::upstream("starting the first instance", &s))?
             .into_inner();
+        created = true;
         state
             .add_member(state_pb::AddMemberRequest {
                 cluster_id: id.clone(),
@@ -104,23 +108,46 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
     }
     .await;
     if let Err(e) = made {
-        let _ = vmm
-            .delete_instance(vmm_pb::InstanceRef {
-                instance_id: template,
-            })
-            .await;
-        let _ = state
+        if created
+            && let Err(s) = vmm
+                .delete_instance(vmm_pb::InstanceRef {
+                    instance_id: template.clone(),
+                })
+                .await
+        {
+            tracing::error!(cluster = %id, instance = %template, error = %s.message(), "cleanup after a failed create left the instance");
+        }
+        if let Err(s) = state
             .delete_cluster(state_pb::DeleteClusterRequest {
                 cluster_id: id.clone(),
             })
-            .await;
+            .await
+        {
+            tracing::error!(cluster = %id, error = %s.message(), "cleanup after a failed create left the cluster");
+        }
         return Err(e);
     }
     tracing::info!(cluster = %id, "cluster created");
     get(b, &id).await
 }
 
-/// Deletes the cluster's instances, then the cluster.
+/// The first instance's id: the cluster's id (shortened) and a random suffix.
+fn template_name(cluster: &str) -> String {
+    use sha2::{Digest, Sha256};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let h = Sha256::digest(format!("{cluster}/{now}/{n}/{}", std::process::id()).as_bytes());
+    let prefix: String = cluster.chars().take(110).collect();
+    format!("{prefix}-t{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
+}
+
+/// Deletes the cluster, then its instances: once the cluster is gone from form-state
+/// the balancer stops routing to it and no controller starts an operation on it, so
+/// nothing new appears while its instances go.
 pub async fn delete(b: &Backends, id: &str) -> Result<Deleted, ApiError> {
     let c = get(b, id).await?;
     let mut state = b.state()?;
@@ -145,7 +172,14 @@ pub async fn delete(b: &Backends, id: &str) -> Result<Deleted, ApiError> {
             op.operation_id
         )));
     }
+    state
+        .delete_cluster(state_pb::DeleteClusterRequest {
+            cluster_id: id.to_owned(),
+        })
+        .await
+        .map_err(|s| ApiError::upstream("deleting the cluster", &s))?;
     let mut deleted = Vec::new();
+    let mut left = Vec::new();
     if !c.members.is_empty() {
         let mut vmm = b.vmm()?;
         let mut ids: Vec<&String> = c.members.keys().collect();
@@ -159,16 +193,22 @@ pub async fn delete(b: &Backends, id: &str) -> Result<Deleted, ApiError> {
             {
                 Ok(_) => deleted.push(m.clone()),
                 Err(s) if s.code() == tonic::Code::NotFound => {}
-                Err(s) => return Err(ApiError::upstream(&format!("deleting instance {m}"), &s)),
+                Err(s) => {
+                    tracing::error!(cluster = id, instance = %m, error = %s.message(), "instance of a deleted cluster not deleted");
+                    left.push(format!("{m} ({})", s.message()));
+                }
             }
         }
     }
-    state
-        .delete_cluster(state_pb::DeleteClusterRequest {
-            cluster_id: id.to_owned(),
-        })
-        .await
-        .map_err(|s| ApiError::upstream("deleting the cluster", &s))?;
+    if !left.is_empty() {
+        return Err(ApiError::upstream(
+            "deleting the cluster's instances",
+            &tonic::Status::unavailable(format!(
+                "cluster {id} is deleted but these instances are not: {}",
+                left.join(", ")
+            )),
+        ));
+    }
     tracing::info!(cluster = id, instances = deleted.len(), "cluster deleted");
     Ok(Deleted {
         cluster_id: id.to_owned(),
