@@ -6,6 +6,7 @@ mod client;
 mod clusters;
 mod demo;
 mod detach;
+mod ops_tools;
 mod plan;
 mod scale;
 mod state;
@@ -102,6 +103,13 @@ enum Command {
     /// Inspect a form-state replica.
     #[command(subcommand)]
     State(state::StateCommand),
+    /// Health probes for containers (exit 0 when healthy).
+    #[command(subcommand)]
+    Probe(ops_tools::ProbeCommand),
+    /// Make the state replicas' keys and the authorized keys file they share.
+    Keys(ops_tools::KeysArgs),
+    /// Create the demo cluster through an API (what `formctl up` does; for containers).
+    DemoSetup(ops_tools::DemoSetupArgs),
 }
 
 /// Flags of `formctl up`.
@@ -182,6 +190,9 @@ fn main() -> ExitCode {
         Command::Watch(args) => runtime.block_on(status::watch(&cli.api.client(), args)),
         Command::Demo(args) => runtime.block_on(demo::run(&cli.api.client(), args)),
         Command::State(cmd) => runtime.block_on(state::run(cmd)),
+        Command::Probe(cmd) => runtime.block_on(ops_tools::probe(cmd)),
+        Command::Keys(args) => ops_tools::keys(args),
+        Command::DemoSetup(args) => runtime.block_on(ops_tools::demo_setup(args)),
     };
     match result {
         Ok(code) => code,

@@ -215,6 +215,14 @@ impl Upstream {
     }
 }
 
+/// Whether the gRPC service at `addr` answers its health check with SERVING.
+pub async fn serving_at(addr: &HostPort) -> bool {
+    match Endpoint::from_shared(addr.http_uri()) {
+        Ok(e) => serving(&e.connect_timeout(PROBE_TIMEOUT).connect_lazy()).await,
+        Err(_) => false,
+    }
+}
+
 /// Whether the service behind `channel` answers its health check with SERVING.
 async fn serving(channel: &Channel) -> bool {
     let mut client = HealthClient::new(channel.clone());

@@ -1,0 +1,191 @@
+//! The Kubernetes manifests in deploy/k8s parse, use only the image the build script
+//! makes, and every port and address they name exists: container ports match the
+//! services' listen flags, Services point at named ports of their pods, and every
+//! `host:port` a service is given is a Service (or StatefulSet pod) with that port.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s")
+}
+
+fn objects() -> Vec<Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
+        .expect("deploy/k8s")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7, "{files:?}");
+    let mut out = Vec::new();
+    for f in files {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&f).expect("read"))
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        if v["kind"] == "List" {
+            out.extend(v["items"].as_array().expect("items").iter().cloned());
+        } else {
+            out.push(v);
+        }
+    }
+    for o in &out {
+        assert!(o["apiVersion"].is_string() && o["kind"].is_string(), "{o}");
+        assert!(o["metadata"]["name"].is_string(), "{o}");
+    }
+    out
+}
+
+fn pod_spec(o: &Value) -> Option<&Value> {
+    match o["kind"].as_str()? {
+        "Deployment" | "StatefulSet" | "Job" => Some(&o["spec"]["template"]["spec"]),
+        _ => None,
+    }
+}
+
+#[test]
+fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
+    let objs = objects();
+    let build = std::fs::read_to_string(dir().join("../docker/build.sh")).expect("build.sh");
+    let config: BTreeMap<String, String> = objs
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap")
+        .flat_map(|o| o["data"].as_object().cloned().unwrap_or_default())
+        .map(|(k, v)| (k, v.as_str().unwrap_or("").to_owned()))
+        .collect();
+
+    // Reachable names: each Service's ports; a headless Service's StatefulSet pods too.
+    let mut reachable: BTreeSet<String> = BTreeSet::new();
+    let mut pods_by_app: BTreeMap<String, (Vec<String>, BTreeMap<String, u64>)> = BTreeMap::new();
+    for o in &objs {
+        let Some(spec) = pod_spec(o) else { continue };
+        let app = o["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        let mut ports = BTreeMap::new();
+        let mut images = Vec::new();
+        for c in spec["containers"].as_array().expect("containers") {
+            let image = c["image"].as_str().expect("image").to_owned();
+            assert!(
+                image == "form-platform:local" && build.contains("-t form-platform:local"),
+                "{app} uses {image}, which deploy/docker/build.sh does not make"
+            );
+            images.push(image);
+            for p in c["ports"].as_array().into_iter().flatten() {
+                ports.insert(
+                    p["name"].as_str().expect("port name").to_owned(),
+                    p["containerPort"].as_u64().expect("port"),
+                );
+            }
+            // Every `--listen*` flag binds a declared container port.
+            let args: Vec<&str> = c["args"]
+                .as_array()
+                .expect("args")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            for w in args.windows(2) {
+                if w[0].starts_with("--listen") || w[0] == "--metrics-listen" {
+                    let port: u64 = w[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .expect("port");
+                    assert!(
+                        ports.values().any(|p| *p == port),
+                        "{app}: {} {} is not a containerPort",
+                        w[0],
+                        w[1]
+                    );
+                }
+            }
+            // Probes run formctl, which the image holds.
+            for probe in ["readinessProbe", "livenessProbe"] {
+                if let Some(cmd) = c[probe]["exec"]["command"].as_array() {
+                    assert_eq!(cmd[0], "formctl", "{app} {probe}");
+                }
+            }
+        }
+        pods_by_app.insert(app, (images, ports));
+    }
+    for o in objs.iter().filter(|o| o["kind"] == "Service") {
+        let name = o["metadata"]["name"].as_str().expect("name");
+        let app = o["spec"]["selector"]["app"].as_str().expect("selector");
+        let (_, ports) = pods_by_app
+            .get(app)
+            .unwrap_or_else(|| panic!("Service {name} selects no workload {app}"));
+        for p in o["spec"]["ports"].as_array().expect("ports") {
+            let target = p["targetPort"].as_str().expect("named targetPort");
+            let port = p["port"].as_u64().expect("port");
+            assert_eq!(
+                ports.get(target),
+                Some(&port),
+                "Service {name} port {target}"
+            );
+            reachable.insert(format!("{name}:{port}"));
+            if o["spec"]["clusterIP"] == "None" {
+                let sts = objs
+                    .iter()
+                    .find(|s| s["kind"] == "StatefulSet" && s["spec"]["serviceName"] == name)
+                    .expect("a StatefulSet behind the headless Service");
+                for i in 0..sts["spec"]["replicas"].as_u64().expect("replicas") {
+                    reachable.insert(format!("{name}-{i}.{name}:{port}"));
+                }
+            }
+        }
+    }
+    // Every address handed to a service exists.
+    let mut named = 0;
+    for o in &objs {
+        let Some(spec) = pod_spec(o) else { continue };
+        for c in spec["containers"].as_array().expect("containers") {
+            for a in c["args"]
+                .as_array()
+                .expect("args")
+                .iter()
+                .filter_map(Value::as_str)
+            {
+                let expanded = if a == "$(FORM_STATE_PEERS)" {
+                    config
+                        .get("FORM_STATE_PEERS")
+                        .cloned()
+                        .expect("peers in the ConfigMap")
+                } else {
+                    a.to_owned()
+                };
+                for addr in expanded.split(',') {
+                    let addr = addr.trim_start_matches("http://");
+                    let Some((host, port)) = addr.rsplit_once(':') else {
+                        continue;
+                    };
+                    if host.starts_with(|c: char| c.is_ascii_alphabetic())
+                        && port.parse::<u16>().is_ok()
+                    {
+                        named += 1;
+                        let short = host.trim_end_matches(".form.svc").trim_end_matches(".form");
+                        assert!(
+                            reachable.contains(&format!("{short}:{port}")),
+                            "{addr} (in {}) is no Service port",
+                            o["metadata"]["name"]
+                        );
+                    }
+                }
+            }
+            for v in spec["volumes"].as_array().into_iter().flatten() {
+                if let Some(secret) = v["secret"]["secretName"].as_str() {
+                    assert_eq!(secret, "form-keys");
+                }
+            }
+        }
+    }
+    assert!(named >= 8, "addresses checked: {named}");
+    let script = std::fs::read_to_string(dir().join("make-secret.sh")).expect("make-secret.sh");
+    for key in [
+        "form-keys",
+        "authorized_keys",
+        "tokens",
+        "form-state-{i}.key",
+    ] {
+        assert!(script.contains(key), "make-secret.sh makes {key}");
+    }
+}
