@@ -186,7 +186,12 @@ pub struct Args {
     pub controller_ttl_ms: Option<u64>,
 
     /// Inject a fault at a step, STEP[=fail|hang] (tests of rollback and restarts)
-    #[arg(long, value_name = "STEP[=fail|hang]")]
+    #[arg(
+        long,
+        value_name = "STEP[=fail|hang]",
+        env = "FORM_SCALER_INJECT_FAULT",
+        value_delimiter = ','
+    )]
     pub inject_fault: Vec<String>,
 
     /// Flags every service shares.

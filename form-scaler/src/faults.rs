@@ -27,8 +27,8 @@ impl Faults {
     /// Parses `STEP[=fail|hang]` entries; an unknown step or mode is an error naming it.
     pub fn parse(specs: &[String]) -> Result<Self, ConfigError> {
         let mut map = HashMap::new();
-        for spec in specs {
-            let (name, mode) = spec.split_once('=').unwrap_or((spec.as_str(), "fail"));
+        for spec in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            let (name, mode) = spec.split_once('=').unwrap_or((spec, "fail"));
             let step = Step::from_name(name).ok_or_else(|| {
                 ConfigError::invalid(
                     "inject_fault",

@@ -1,0 +1,209 @@
+//! A compose project of the repository's docker-compose.yml for the Docker tests: the
+//! image built from the project's binaries, host ports and a subnet of its own, and
+//! helpers to reach containers and services.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use form_testkit::probe;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds form-platform:local from this tree (debug binaries).
+pub fn build_image() {
+    let out = Command::new("bash")
+        .current_dir(repo())
+        .args(["deploy/docker/build.sh", "debug"])
+        .output()
+        .expect("build.sh");
+    assert!(
+        out.status.success(),
+        "deploy/docker/build.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A compose project, removed with its volumes on drop.
+pub struct Compose {
+    pub project: String,
+    pub env: Vec<(String, String)>,
+    pub files: Vec<String>,
+}
+
+impl Compose {
+    /// A project named after `label` and this process, on a /24 of its own.
+    pub fn new(label: &str, files: &[&str]) -> Self {
+        let n = (std::process::id() + label.len() as u32 * 37) % 250 + 1;
+        let mut all = vec!["docker-compose.yml".to_owned()];
+        all.extend(files.iter().map(|f| (*f).to_owned()));
+        Self {
+            project: format!("form{label}{}", std::process::id()),
+            env: vec![
+                ("FORM_HTTP_PORT".into(), "127.0.0.1:".into()),
+                ("FORM_API_PORT".into(), "127.0.0.1:".into()),
+                ("FORM_SUBNET".into(), format!("172.30.{n}.0/24")),
+                ("FORM_VMM_IP".into(), format!("172.30.{n}.20")),
+            ],
+            files: all,
+        }
+    }
+
+    /// Runs docker-compose with `args` (and extra environment).
+    pub fn cmd_env(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
+        let mut c = Command::new("docker-compose");
+        c.current_dir(repo()).arg("-p").arg(&self.project);
+        for f in &self.files {
+            c.arg("-f").arg(f);
+        }
+        c.args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
+            .output()
+            .expect("docker-compose")
+    }
+
+    /// Runs docker-compose with `args`; its stdout, or a panic with its stderr.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.ok_env(args, &[])
+    }
+
+    /// Like [`Compose::ok`] with extra environment.
+    pub fn ok_env(&self, args: &[&str], extra: &[(&str, &str)]) -> String {
+        let out = self.cmd_env(args, extra);
+        assert!(
+            out.status.success(),
+            "docker-compose {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The host address a container port is published on.
+    pub fn port(&self, service: &str, port: u16) -> SocketAddr {
+        let out = self.ok(&["port", service, &port.to_string()]);
+        let hp = out.trim().rsplit(':').next().expect("port").to_owned();
+        format!("127.0.0.1:{hp}").parse().expect("addr")
+    }
+
+    /// The container id of `service`.
+    pub fn container(&self, service: &str) -> String {
+        self.ok(&["ps", "-q", service]).trim().to_owned()
+    }
+
+    /// The address of `service` on network `net` of the project (`form`, ...).
+    pub fn ip(&self, service: &str, net: &str) -> String {
+        let fmt = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}_{net}\").IPAddress}}}}",
+            self.project
+        );
+        docker(&["inspect", "-f", &fmt, &self.container(service)])
+            .trim()
+            .to_owned()
+    }
+
+    /// `service:port` on the compose network, from the host.
+    pub fn addr(&self, service: &str, port: u16) -> SocketAddr {
+        format!("{}:{port}", self.ip(service, "form"))
+            .parse()
+            .expect("addr")
+    }
+
+    /// Starts the stack and waits until the demo answers through the balancer.
+    pub async fn up_with_demo(&self) -> SocketAddr {
+        self.ok(&["up", "-d"]);
+        let lb = self.port("form-rplb", 8080);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Ok((200, _, _)) = probe::http_call(lb, "GET", "/whoami", &DEMO_HOST, b"").await {
+                return lb;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the demo never answered on {lb}: {}",
+                self.ok(&["logs", "--tail", "20"])
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The API's admin token (form-keys prints it).
+    pub fn token(&self) -> String {
+        self.ok(&["logs", "form-keys"])
+            .lines()
+            .find_map(|l| l.split("API token (admin): ").nth(1))
+            .expect("the admin token in form-keys' log")
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.cmd_env(&["down", "-v", "--remove-orphans", "-t", "5"], &[]);
+    }
+}
+
+/// Runs `docker` with `args`; its stdout.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().expect("docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The demo cluster's Host header.
+pub const DEMO_HOST: [(&str, &str); 1] = [("Host", "demo.localhost")];
+
+/// A JSON call to the API.
+pub async fn api(
+    api: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (code, _, text) = probe::http_call(api, method, path, &headers, body.as_bytes())
+        .await
+        .expect("API call");
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// Waits until operation `id` ends; its final JSON.
+pub async fn wait_op(addr: SocketAddr, token: &str, id: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, op) = api(
+            addr,
+            token,
+            "GET",
+            &format!("/api/v1/operations/{id}"),
+            None,
+        )
+        .await;
+        if ["completed", "failed", "rolled_back"].contains(&op["status"].as_str().unwrap_or("")) {
+            return op;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "operation {id}: {op}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

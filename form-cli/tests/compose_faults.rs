@@ -1,0 +1,341 @@
+//! The platform's promises under faults, across real container network boundaries, on
+//! the compose stack:
+//! - a form-state container killed (`docker kill`) while a client writes: after it
+//!   comes back, every acknowledged write is there;
+//! - a replica disconnected from the network (`docker network disconnect`) while both
+//!   sides take writes: reconnected, every replica has the same digest within 5 s;
+//! - form-scaler killed during a scale-out: restarted, the operation rolls back and
+//!   state, balancer and instances agree;
+//! - a scale-in under steady sticky load through the published port: 0 failed requests.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use form_proto::rplb::v1 as rplb_pb;
+use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
+use form_proto::state::v1 as state_pb;
+use form_proto::state::v1::state_service_client::StateServiceClient;
+use form_proto::vmm::v1 as vmm_pb;
+use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
+use form_testkit::probe;
+use serde_json::json;
+use tonic::transport::Channel;
+
+async fn state(addr: SocketAddr) -> StateServiceClient<Channel> {
+    StateServiceClient::new(probe::channel(addr).await.expect("state channel"))
+}
+
+async fn digest(addr: SocketAddr) -> Option<Vec<u8>> {
+    let mut c = StateServiceClient::new(probe::channel(addr).await.ok()?);
+    Some(
+        c.digest(state_pb::DigestRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .sha256,
+    )
+}
+
+fn cluster(id: &str) -> state_pb::PutClusterRequest {
+    state_pb::PutClusterRequest {
+        cluster_id: id.into(),
+        ..Default::default()
+    }
+}
+
+async fn killed_replica_keeps_every_acknowledged_write(c: &Compose) {
+    let addr = c.addr("form-state-1", 3004);
+    let mut s1 = state(addr).await;
+    let mut acked = Vec::new();
+    let mut killed_at = None;
+    for i in 0.. {
+        if i == 100 {
+            docker(&["kill", &c.container("form-state-1")]);
+            killed_at = Some(tokio::time::Instant::now());
+        }
+        // Writes go on for a while after the kill; a write to the dead replica fails
+        // (or times out) and is not acknowledged.
+        if killed_at.is_some_and(|t| t.elapsed() > Duration::from_millis(1500)) {
+            break;
+        }
+        let id = format!("ack-{i}");
+        let put = s1.put_cluster(cluster(&id));
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), put).await {
+            acked.push(id);
+        }
+    }
+    assert!(acked.len() >= 100, "{} writes acknowledged", acked.len());
+    c.ok(&["start", "form-state-1"]);
+    let addr = c.addr("form-state-1", 3004);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut s1 = loop {
+        if let Ok(ch) = probe::channel(addr).await {
+            let mut s = StateServiceClient::new(ch);
+            if s.list_clusters(state_pb::ListClustersRequest {})
+                .await
+                .is_ok()
+            {
+                break s;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "form-state-1 did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for id in &acked {
+        let got = s1
+            .get_cluster(state_pb::GetClusterRequest {
+                cluster_id: id.clone(),
+            })
+            .await;
+        assert!(got.is_ok(), "acknowledged write {id} lost after the kill");
+    }
+}
+
+async fn partitioned_replica_converges_within_5_s(c: &Compose) {
+    let side = format!("{}:3004", c.ip("form-state-3", "side"))
+        .parse()
+        .expect("addr");
+    let s1_addr = c.addr("form-state-1", 3004);
+    let s2_addr = c.addr("form-state-2", 3004);
+    let net = format!("{}_form", c.project);
+    let s3 = c.container("form-state-3");
+    docker(&["network", "disconnect", &net, &s3]);
+    let (mut a, mut b) = (state(s1_addr).await, state(side).await);
+    for i in 0..20 {
+        a.put_cluster(cluster(&format!("left-{i}")))
+            .await
+            .expect("write on the majority side");
+        b.put_cluster(cluster(&format!("right-{i}")))
+            .await
+            .expect("write on the cut-off replica");
+    }
+    assert_ne!(
+        digest(s1_addr).await,
+        digest(side).await,
+        "the partition holds"
+    );
+    docker(&["network", "connect", &net, &s3]);
+    let healed = tokio::time::Instant::now();
+    loop {
+        let (d1, d2, d3) = (
+            digest(s1_addr).await,
+            digest(s2_addr).await,
+            digest(side).await,
+        );
+        if d1.is_some() && d1 == d2 && d2 == d3 {
+            break;
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(5),
+            "digests differ 5 s after reconnecting"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Members (API), instances (vmm) and balancer backends of the demo are one set, and
+/// no snapshot is left.
+async fn demo_agrees(c: &Compose, api_addr: SocketAddr, token: &str) -> bool {
+    let (_, cl) = api(api_addr, token, "GET", "/api/v1/clusters/demo", None).await;
+    let mut members: Vec<String> = cl["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["instance_id"].as_str().map(str::to_owned))
+        .collect();
+    members.sort();
+    let Ok(ch) = probe::channel(c.addr("form-vmm", 3002)).await else {
+        return false;
+    };
+    let mut vmm = VmmServiceClient::new(ch);
+    let Ok(list) = vmm
+        .list_instances(vmm_pb::ListInstancesRequest::default())
+        .await
+    else {
+        return false;
+    };
+    let mut instances: Vec<String> = list
+        .into_inner()
+        .instances
+        .into_iter()
+        .map(|i| i.instance_id)
+        .collect();
+    instances.sort();
+    let snapshots = vmm
+        .list_snapshots(vmm_pb::ListSnapshotsRequest::default())
+        .await
+        .map(|r| r.into_inner().snapshots.len())
+        .unwrap_or(1);
+    let Ok(ch) = probe::channel(c.addr("form-rplb", 3005)).await else {
+        return false;
+    };
+    let stats = RplbControlClient::new(ch)
+        .get_stats(rplb_pb::GetStatsRequest {
+            domain: "demo.localhost".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .unwrap_or_default();
+    let mut backends: Vec<String> = stats
+        .routes
+        .into_iter()
+        .flat_map(|r| r.backends)
+        .map(|b| b.id)
+        .collect();
+    backends.sort();
+    !members.is_empty() && members == instances && members == backends && snapshots == 0
+}
+
+async fn scaler_killed_mid_scale_out_rolls_back(c: &Compose, api_addr: SocketAddr, token: &str) {
+    // The scaler, recreated with a fault that holds scale-outs before wait_serving.
+    c.ok_env(
+        &["up", "-d", "form-scaler"],
+        &[("FORM_SCALER_INJECT_FAULT", "wait_serving=hang")],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let (code, v) = api(
+            api_addr,
+            token,
+            "POST",
+            "/api/v1/clusters/demo/scale",
+            Some(json!({"operation": "scale_out", "target_count": 3, "immediate": true})),
+        )
+        .await;
+        if code == 202 {
+            break v["operation_id"].as_str().expect("id").to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scale-out refused: {code} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, op) = api(
+            api_addr,
+            token,
+            "GET",
+            &format!("/api/v1/operations/{id}"),
+            None,
+        )
+        .await;
+        if op["step"] == "wait_serving" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached wait_serving: {op}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    docker(&["kill", &c.container("form-scaler")]);
+    c.ok(&["up", "-d", "form-scaler"]);
+    let op = wait_op(api_addr, token, &id).await;
+    assert_eq!(op["status"], "rolled_back", "{op}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !demo_agrees(c, api_addr, token).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "state, balancer and instances disagree after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn scale_in_under_load_fails_no_request(lb: SocketAddr, api_addr: SocketAddr, token: &str) {
+    let scale = |to: u32| {
+        json!({"operation": if to > 1 { "scale_out" } else { "scale_in" }, "target_count": to,
+               "immediate": true, "drain_connections": true})
+    };
+    let (code, v) = api(
+        api_addr,
+        token,
+        "POST",
+        "/api/v1/clusters/demo/scale",
+        Some(scale(3)),
+    )
+    .await;
+    assert_eq!(code, 202, "{v}");
+    let op = wait_op(api_addr, token, v["operation_id"].as_str().expect("id")).await;
+    assert_eq!(op["status"], "completed", "{op}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut cookie: Option<String> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut headers: Vec<(&str, &str)> = DEMO_HOST.to_vec();
+                    if let Some(c) = &cookie {
+                        headers.push(("Cookie", c));
+                    }
+                    match probe::http_call(lb, "GET", "/session", &headers, b"").await {
+                        Ok((200, head, _)) => {
+                            if let Some(c) = head.lines().find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .starts_with("set-cookie: form_session=")
+                                    .then(|| {
+                                        l[12..].split(';').next().unwrap_or("").trim().to_owned()
+                                    })
+                            }) {
+                                cookie = Some(c);
+                            }
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (code, v) = api(
+        api_addr,
+        token,
+        "POST",
+        "/api/v1/clusters/demo/scale",
+        Some(scale(1)),
+    )
+    .await;
+    assert_eq!(code, 202, "{v}");
+    let op = wait_op(api_addr, token, v["operation_id"].as_str().expect("id")).await;
+    assert_eq!(op["status"], "completed", "{op}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        let _ = t.await;
+    }
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(sent > 100, "{sent} requests sent");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {sent} requests failed during the scale-in"
+    );
+}
+
+#[tokio::test]
+async fn the_compose_stack_keeps_its_promises_under_faults() {
+    build_image();
+    let c = Compose::new("faults", &["form-cli/tests/compose-side.yml"]);
+    let lb = c.up_with_demo().await;
+    let (api_addr, token) = (c.port("form-mcp", 3010), c.token());
+    killed_replica_keeps_every_acknowledged_write(&c).await;
+    partitioned_replica_converges_within_5_s(&c).await;
+    scale_in_under_load_fails_no_request(lb, api_addr, &token).await;
+    scaler_killed_mid_scale_out_rolls_back(&c, api_addr, &token).await;
+}
