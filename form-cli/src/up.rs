@@ -60,6 +60,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     check_binaries(&bin_dir, &plan)?;
+    if !args.no_demo && !bin_dir.join("form-demo-app").is_file() {
+        bail!(
+            "form-demo-app (the demo cluster's program) not found in {}; build it with `cargo build --release` or pass --no-demo",
+            bin_dir.display()
+        );
+    }
     let run_dir = data_dir.join("run");
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
