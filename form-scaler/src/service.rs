@@ -45,19 +45,6 @@ impl Api {
     }
 }
 
-fn health_name(m: &state_pb::Member) -> (&'static str, String) {
-    match m.health_history.last() {
-        Some(e) if e.state == state_pb::HealthState::Unhealthy as i32 => {
-            ("unhealthy", e.reason.clone())
-        }
-        Some(e) if e.state == state_pb::HealthState::Degraded as i32 => {
-            ("degraded", e.reason.clone())
-        }
-        _ if m.status == state_pb::MemberStatus::Stopped as i32 => ("unhealthy", "stopped".into()),
-        _ => ("healthy", String::new()),
-    }
-}
-
 #[tonic::async_trait]
 impl ScalerService for Api {
     async fn scale(
@@ -93,7 +80,7 @@ impl ScalerService for Api {
             .members
             .values()
             .map(|m| {
-                let (health, reason) = health_name(m);
+                let (health, reason) = form_proto::member_health(m);
                 pb::MemberHealth {
                     instance_id: m.instance_id.clone(),
                     health: health.into(),

@@ -63,6 +63,27 @@ pub fn operation_kind_name(kind: i32) -> &'static str {
     }
 }
 
+/// Whether an operation has reached a terminal state (completed, failed, rolled back).
+pub fn operation_is_terminal(op: &types::v1::Operation) -> bool {
+    use types::v1::operation_status::State as S;
+    matches!(
+        op.status.as_ref().and_then(|s| s.state.as_ref()),
+        Some(S::Completed(_) | S::Failed(_) | S::RolledBack(_))
+    )
+}
+
+/// A member's health as people read it, `healthy`, `degraded` or `unhealthy`, with the
+/// reason: the last recorded health event, or `stopped` for a stopped member.
+pub fn member_health(m: &state::v1::Member) -> (&'static str, String) {
+    use state::v1::{HealthState, MemberStatus};
+    match m.health_history.last() {
+        Some(e) if e.state == HealthState::Unhealthy as i32 => ("unhealthy", e.reason.clone()),
+        Some(e) if e.state == HealthState::Degraded as i32 => ("degraded", e.reason.clone()),
+        _ if m.status == MemberStatus::Stopped as i32 => ("unhealthy", "stopped".into()),
+        _ => ("healthy", String::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message as _;

@@ -160,13 +160,7 @@ pub async fn delete(b: &Backends, id: &str) -> Result<Deleted, ApiError> {
         .map_err(|s| ApiError::upstream("reading operations", &s))?
         .into_inner()
         .operations;
-    if let Some(op) = ops.iter().find(|o| {
-        use types::operation_status::State as S;
-        !matches!(
-            o.status.as_ref().and_then(|s| s.state.as_ref()),
-            Some(S::Completed(_) | S::Failed(_) | S::RolledBack(_))
-        )
-    }) {
+    if let Some(op) = ops.iter().find(|o| !form_proto::operation_is_terminal(o)) {
         return Err(ApiError::conflict(format!(
             "cluster {id} has an operation in progress: {}; delete it when the operation ends",
             op.operation_id

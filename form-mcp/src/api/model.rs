@@ -446,21 +446,13 @@ fn member_status(s: i32) -> &'static str {
 
 /// A member as the API shows it.
 pub fn member(m: &state_pb::Member, template: &str) -> Member {
-    let last = m.health_history.last();
-    let (health, reason) = match last.map(|e| state_pb::HealthState::try_from(e.state)) {
-        Some(Ok(state_pb::HealthState::Unhealthy)) => ("unhealthy", last.map(|e| e.reason.clone())),
-        Some(Ok(state_pb::HealthState::Degraded)) => ("degraded", last.map(|e| e.reason.clone())),
-        _ if m.status == state_pb::MemberStatus::Stopped as i32 => {
-            ("unhealthy", Some("stopped".into()))
-        }
-        _ => ("healthy", None),
-    };
+    let (health, health_reason) = form_proto::member_health(m);
     Member {
         instance_id: m.instance_id.clone(),
         status: member_status(m.status).into(),
         addresses: m.addresses.clone(),
         health: health.into(),
-        health_reason: reason.unwrap_or_default(),
+        health_reason,
         cpu_utilization: m.cpu_utilization,
         template: m.instance_id == template,
     }

@@ -106,11 +106,7 @@ pub fn kind_name(kind: i32) -> &'static str {
 
 /// Whether the operation has reached a terminal state.
 pub fn is_terminal(op: &types::Operation) -> bool {
-    use types::operation_status::State as S;
-    matches!(
-        op.status.as_ref().and_then(|s| s.state.as_ref()),
-        Some(S::Completed(_) | S::Failed(_) | S::RolledBack(_))
-    )
+    form_proto::operation_is_terminal(op)
 }
 
 /// `requested`, `in_progress`, `completed`, `failed` or `rolled_back`.

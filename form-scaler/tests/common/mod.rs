@@ -397,11 +397,7 @@ pub async fn wait_op(
 
 /// Whether `op` has ended.
 pub fn terminal(op: &types::Operation) -> bool {
-    use types::operation_status::State as S;
-    matches!(
-        op.status.as_ref().and_then(|s| s.state.as_ref()),
-        Some(S::Completed(_) | S::Failed(_) | S::RolledBack(_))
-    )
+    form_proto::operation_is_terminal(op)
 }
 
 /// The status name of `op`.
