@@ -29,12 +29,9 @@ pub(crate) struct WatchArgs {
     interval_ms: u64,
 }
 
-/// The status of `name`, with its members' addresses and statuses from the cluster.
+/// The status of `name` (its members come with their statuses and addresses).
 async fn read(api: &Api, name: &str) -> anyhow::Result<Value> {
-    let mut st = api.get(&format!("/api/v1/clusters/{name}/status")).await?;
-    let c = api.get(&format!("/api/v1/clusters/{name}")).await?;
-    st["members"] = c["members"].clone();
-    Ok(st)
+    Ok(api.get(&format!("/api/v1/clusters/{name}/status")).await?)
 }
 
 fn print(st: &Value) {
