@@ -15,6 +15,7 @@
 //! ```
 
 mod load;
+mod proc_cost;
 mod rplb_http;
 mod rplb_pick;
 mod scaler_decide;
@@ -90,6 +91,10 @@ enum Command {
         /// Fixed request rate of the latency measurement.
         #[arg(long, default_value_t = 5000)]
         rate: u64,
+        /// Also count each proxy's system calls per request during its first run
+        /// (`perf stat`, from Debian's linux-perf; run as root).
+        #[arg(long)]
+        syscalls: bool,
     },
     /// Cost of one scaling decision, and of one evaluation round over many clusters.
     ScalerDecide {
@@ -158,7 +163,8 @@ fn main() -> ExitCode {
                 runs,
                 seconds,
                 rate,
-            } => rplb_http::run(&bin_dir, runs, seconds, rate).await,
+                syscalls,
+            } => rplb_http::run(&bin_dir, runs, seconds, rate, syscalls).await,
             Command::ScalerScaleOut { runs, guest_dir } => {
                 scaler_scale_out::run(&bin_dir, runs, guest_dir.as_deref()).await
             }

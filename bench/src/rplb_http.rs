@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::process::{Child, Command};
 
+use crate::proc_cost::{EVENTS, SyscallCount, TICKS_PER_SECOND, cpu_ticks};
 use crate::quantile;
 
 const DOMAIN: &str = "bench.fog";
@@ -30,39 +31,6 @@ struct Target {
     /// Processes whose CPU time counts for this target (none for the direct one).
     pids: Vec<u32>,
 }
-
-/// User plus system CPU time of `pid` and its child processes, in clock ticks.
-fn cpu_ticks(pids: &[u32]) -> u64 {
-    let stat = |pid: u32| -> Option<(u64, u32)> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let rest = &text[text.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // After the name: state(0) ppid(1) ... utime(11) stime(12).
-        Some((
-            f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
-            f.get(1)?.parse().ok()?,
-        ))
-    };
-    let mut total = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some((ticks, ppid)) = stat(pid)
-            && (pids.contains(&pid) || pids.contains(&ppid))
-        {
-            total += ticks;
-        }
-    }
-    total
-}
-
-/// Clock ticks per second of `/proc/*/stat` (USER_HZ).
-const TICKS_PER_SECOND: f64 = 100.0;
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -241,6 +209,7 @@ pub(crate) async fn run(
     runs: usize,
     seconds: u64,
     rate: u64,
+    syscalls: bool,
 ) -> anyhow::Result<()> {
     let dir = TestDir::new("rplb-http");
     let d = dir.path();
@@ -332,16 +301,48 @@ pub(crate) async fn run(
     }
     let mut rps: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut calls: Vec<Option<f64>> = vec![None; targets.len()];
     for run in 0..runs {
         for (i, t) in targets.iter().enumerate() {
+            let counting = if syscalls && run == 0 && !t.pids.is_empty() {
+                Some(SyscallCount::start(&t.pids, d, &t.name.replace(' ', "-")).await?)
+            } else {
+                None
+            };
             let before = cpu_ticks(&t.pids);
             let v = wrk(t.addr, seconds, 64).await?;
-            let used = (cpu_ticks(&t.pids) - before) as f64 / TICKS_PER_SECOND;
-            let per_request = used * 1e6 / (v * seconds as f64);
+            let used = cpu_ticks(&t.pids).since(before);
+            let us_per_request =
+                |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / (v * seconds as f64);
+            let per_request = us_per_request(used.total());
+            if let Some(c) = counting {
+                let counts = c.finish().await?;
+                let requests = v * seconds as f64;
+                let (sched, calls_by_name): (Vec<_>, Vec<_>) = counts
+                    .iter()
+                    .partition(|(name, _)| EVENTS.contains(&name.as_str()));
+                let total: u64 = calls_by_name.iter().map(|(_, n)| n).sum();
+                let per = |list: &[&(String, u64)], n: usize| {
+                    list.iter()
+                        .take(n)
+                        .map(|(name, c)| format!("{name} {:.2}", *c as f64 / requests))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                eprintln!(
+                    "{:<22} {:.2} system calls per request: {}; {}",
+                    t.name,
+                    total as f64 / requests,
+                    per(&calls_by_name, 8),
+                    per(&sched, 2)
+                );
+                calls[i] = Some(total as f64 / requests);
+            }
             eprintln!(
-                "run {}/{runs} {:<22} {v:>10.0} req/s, {per_request:.1} us CPU per request",
+                "run {}/{runs} {:<22} {v:>10.0} req/s, {per_request:.1} us CPU per request ({:.1} in the kernel)",
                 run + 1,
-                t.name
+                t.name,
+                us_per_request(used.system)
             );
             rps[i].push(v);
             cpu_us[i].push(per_request);
@@ -364,9 +365,9 @@ pub(crate) async fn run(
         "\nrplb-http: wrk -t2 -c64 -d{seconds}s, median of {runs} runs; latency at {rate} req/s over 50 connections, {seconds} s"
     );
     println!(
-        "| target | req/s (median) | runs | proxy CPU us/request | p50 ms | p99 ms | added p50 us | added p99 us |"
+        "| target | req/s (median) | runs | proxy CPU us/request | syscalls/request | p50 ms | p99 ms | added p50 us | added p99 us |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let (d50, d99) = lat[0];
     for (i, t) in targets.iter().enumerate() {
         let runs_s: Vec<String> = rps[i].iter().map(|v| format!("{v:.0}")).collect();
@@ -379,7 +380,7 @@ pub(crate) async fn run(
             }
         };
         println!(
-            "| {} | {:.0} | {} | {} | {p50:.3} | {p99:.3} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {p50:.3} | {p99:.3} | {} | {} |",
             t.name,
             median(&rps[i]),
             runs_s.join(" "),
@@ -388,6 +389,7 @@ pub(crate) async fn run(
             } else {
                 format!("{:.1}", median(&cpu_us[i]))
             },
+            calls[i].map_or_else(|| "-".to_owned(), |c| format!("{c:.2}")),
             added(p50, d50),
             added(p99, d99)
         );

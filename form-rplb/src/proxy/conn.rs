@@ -20,7 +20,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+use super::direct::{self, End, pool::RawPool};
 use super::upstream::Pool;
+
+/// The upstream pools of one data-plane thread.
+type Pools = (Arc<Pool>, Arc<RawPool>);
 use crate::core::Core;
 
 /// What the request handler knows of its connection.
@@ -28,8 +32,10 @@ use crate::core::Core;
 pub struct ConnCtx {
     /// The client's address.
     pub peer: SocketAddr,
-    /// The upstream connections of this connection's thread.
+    /// The upstream connections of this connection's thread (general path).
     pub pool: Arc<Pool>,
+    /// The upstream connections of this connection's thread (direct path).
+    pub raw: Arc<RawPool>,
     epoch: Instant,
     active: AtomicU32,
     last_ms: AtomicU64,
@@ -38,10 +44,11 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
-    fn new(peer: SocketAddr, pool: Arc<Pool>) -> Self {
+    fn new(peer: SocketAddr, pools: &Pools) -> Self {
         Self {
             peer,
-            pool,
+            pool: pools.0.clone(),
+            raw: pools.1.clone(),
             epoch: Instant::now(),
             active: AtomicU32::new(0),
             last_ms: AtomicU64::new(0),
@@ -75,7 +82,20 @@ impl ConnCtx {
         }
     }
 
-    fn idle_for(&self) -> Option<Duration> {
+    /// Whether the connection was asked to close (see [`Self::go_away`]).
+    pub fn wants_close(&self) -> bool {
+        self.goaway.load(Ordering::Relaxed)
+    }
+
+    /// Completes when the connection is asked to close.
+    pub async fn go_away_asked(&self) {
+        if !self.wants_close() {
+            self.notify.notified().await;
+        }
+    }
+
+    /// How long the connection has been without a request, if it has none now.
+    pub fn idle_for(&self) -> Option<Duration> {
         if self.active.load(Ordering::Relaxed) > 0 {
             return None;
         }
@@ -182,7 +202,7 @@ async fn worker(
     grace: Duration,
 ) {
     let builder = Arc::new(builder(&core));
-    let pool = Arc::new(Pool::default());
+    let pools: Pools = (Arc::default(), Arc::default());
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     loop {
@@ -190,7 +210,7 @@ async fn worker(
             handed = incoming.recv() => match handed {
                 Some((stream, peer)) => match TcpStream::from_std(stream) {
                     Ok(stream) => {
-                        conns.spawn(connection(builder.clone(), core.clone(), pool.clone(), stream, peer, closing_rx.clone()));
+                        conns.spawn(connection(builder.clone(), core.clone(), pools.clone(), stream, peer, closing_rx.clone()));
                     }
                     Err(e) => {
                         open.fetch_sub(1, Ordering::Relaxed);
@@ -224,13 +244,17 @@ async fn worker(
 async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     core: Arc<Core>,
-    pool: Arc<Pool>,
+    pools: Pools,
     stream: TcpStream,
     peer: SocketAddr,
     mut closing: watch::Receiver<bool>,
 ) {
-    let ctx = Arc::new(ConnCtx::new(peer, pool));
+    let ctx = Arc::new(ConnCtx::new(peer, &pools));
     ctx.touch();
+    let stream = match direct::serve(stream, &core, &ctx, &mut closing).await {
+        End::Closed => return,
+        End::Handoff(rest) => rest,
+    };
     let idle = Duration::from_millis(core.config.idle_timeout_ms);
     let svc = {
         let ctx = ctx.clone();

@@ -14,9 +14,10 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
+use super::answer::Answer;
 use super::body::{Guard, ResBody, UpBody};
 use super::conn::ConnCtx;
-use super::headers;
+use super::headers::{self, Fields};
 use super::upstream::Lease;
 use crate::balance::p2c::Rng;
 use crate::balance::select::{Affinity, Decision, Loads, RequestKey};
@@ -78,16 +79,21 @@ pub fn local(status: StatusCode, text: String) -> Response<ResBody> {
     r
 }
 
-struct Choice {
-    decision: Decision,
-    session: Option<u64>,
+/// A backend chosen for a request.
+pub(super) struct Choice {
+    /// The selector's decision.
+    pub(super) decision: Decision,
+    /// The session (hash of its cookie) the request belongs to, if any.
+    pub(super) session: Option<u64>,
 }
 
-fn choose(
+/// The backend for a request with `req_headers` and `query` from `client_ip` (not
+/// `exclude`, the one a connect just failed to), and the session it belongs to.
+pub(super) fn choose(
     core: &Core,
     route: &RouteView,
-    req_headers: &http::HeaderMap,
-    uri: &Uri,
+    req_headers: &impl Fields,
+    query: Option<&str>,
     client_ip: std::net::IpAddr,
     exclude: Option<usize>,
 ) -> Option<Choice> {
@@ -97,7 +103,7 @@ fn choose(
         _ => None,
     };
     let hash_value = match affinity {
-        Affinity::Hash { parameter } => headers::hash_value(parameter, req_headers, uri.query()),
+        Affinity::Hash { parameter } => headers::hash_value(parameter, req_headers, query),
         _ => None,
     };
     let key = RequestKey {
@@ -140,22 +146,23 @@ async fn proxy(
     let host = match headers::host(req.uri(), req.headers()) {
         Some(h) => h.into_owned(),
         None => {
-            return Err(local(
-                StatusCode::BAD_REQUEST,
-                "request names no host: send a Host header (or an :authority) with the cluster's domain\n".into(),
-            ));
+            return Err(answer(Answer::NoHost));
         }
     };
     let Some(route) = core.table.get(&host) else {
-        return Err(local(
-            StatusCode::NOT_FOUND,
-            format!("no route for host '{host}'\n"),
-        ));
+        return Err(answer(Answer::NoRoute(&host)));
     };
     let peer = conn.peer.ip();
     let peer_trusted = core.trusted.contains(peer);
     let client_ip = headers::client_ip(peer, req.headers(), &core.trusted);
-    let Some(mut choice) = choose(core, &route, req.headers(), req.uri(), client_ip, None) else {
+    let Some(mut choice) = choose(
+        core,
+        &route,
+        req.headers(),
+        req.uri().query(),
+        client_ip,
+        None,
+    ) else {
         return Err(no_backend(&host));
     };
 
@@ -185,21 +192,13 @@ async fn proxy(
     let mut fresh = false;
     let timeout = Duration::from_millis(core.config.request_timeout_ms);
     loop {
-        let backend = route.backends[choice.decision.backend].clone();
-        if let Some(s) = choice.session {
-            backend.touch_session(s, Instant::now());
-        }
-        let start = Instant::now();
-        // Counted in flight from now: a drain waiting for zero sees the connect too.
-        guard.to_backend(backend.clone());
+        let attempt = Attempt::begin(&route, &choice, guard);
+        let backend = attempt.backend.clone();
         // A connection first: a failed connect is known before anything is sent.
         let up = match conn.pool.get(&backend.authority, fresh).await {
             Ok(up) => up,
             Err(e) => {
-                guard.release_backend();
-                let now = Instant::now();
-                backend.stats.record(now - start, false, now);
-                passive(core, &route, &backend, false, now);
+                attempt.failed(core, &route, guard);
                 let Some(req) = pending.as_ref() else {
                     return Err(no_backend(&host));
                 };
@@ -211,7 +210,7 @@ async fn proxy(
                         core,
                         &route,
                         req.headers(),
-                        req.uri(),
+                        req.uri().query(),
                         client_ip,
                         Some(choice.decision.backend),
                     )
@@ -219,10 +218,7 @@ async fn proxy(
                     continue;
                 }
                 tracing::warn!(domain = %host, backend = %backend.id, error = %e, "backend unreachable");
-                return Err(local(
-                    StatusCode::BAD_GATEWAY,
-                    format!("the backend of '{host}' is unreachable\n"),
-                ));
+                return Err(answer(Answer::Unreachable(&host)));
             }
         };
         let Some(req) = pending.take() else {
@@ -238,22 +234,14 @@ async fn proxy(
         });
         let mut sender = up.sender;
         let result = tokio::time::timeout(timeout, sender.try_send_request(req)).await;
-        let now = Instant::now();
         match result {
             Ok(Ok(mut resp)) => {
-                let ok = !resp.status().is_server_error();
-                backend.stats.record(now - start, ok, now);
-                passive(core, &route, &backend, ok, now);
+                attempt.answered(core, &route, !resp.status().is_server_error());
                 headers::strip_hop_by_hop(resp.headers_mut());
-                if let (Some(c), Affinity::Cookie { name, ttl_seconds }) =
-                    (&choice.decision.set_cookie, &route.settings.affinity)
+                if let Some(v) = session_cookie(&choice, &route)
+                    && let Ok(v) = HeaderValue::from_str(&v)
                 {
-                    let v = format!(
-                        "{name}={c}; Path=/; Max-Age={ttl_seconds}; HttpOnly; SameSite=Lax"
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&v) {
-                        resp.headers_mut().append(header::SET_COOKIE, v);
-                    }
+                    resp.headers_mut().append(header::SET_COOKIE, v);
                 }
                 if backend.notifies_clients() {
                     if version == Version::HTTP_2 {
@@ -288,40 +276,34 @@ async fn proxy(
                     continue;
                 }
                 let e = e.into_error();
-                backend.stats.record(now - start, false, now);
-                passive(core, &route, &backend, false, now);
+                attempt.answered(core, &route, false);
                 tracing::debug!(backend = %backend.id, error = %e, "backend request failed");
                 tracing::warn!(domain = %host, backend = %backend.id, error = %error_chain(&e), "backend request failed");
-                return Err(local(
-                    StatusCode::BAD_GATEWAY,
-                    format!("the backend of '{host}' failed to answer\n"),
-                ));
+                return Err(answer(Answer::Failed(&host)));
             }
             Err(_) => {
                 guard.release_backend();
-                backend.stats.record(now - start, false, now);
                 // A request whose body the client never finished may time out through
                 // no fault of the backend: only body-less ones count against it.
+                let now = attempt.recorded(false);
                 if repeatable {
                     passive(core, &route, &backend, false, now);
                 }
-                return Err(local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "the backend of '{host}' sent no response within {} ms\n",
-                        core.config.request_timeout_ms
-                    ),
-                ));
+                return Err(answer(Answer::Timeout(
+                    &host,
+                    core.config.request_timeout_ms,
+                )));
             }
         }
     }
 }
 
 fn no_backend(host: &str) -> Response<ResBody> {
-    local(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("no backend of '{host}' can take the request now; retry shortly\n"),
-    )
+    answer(Answer::NoBackend(host))
+}
+
+fn answer(a: Answer<'_>) -> Response<ResBody> {
+    local(a.status(), a.text())
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -335,8 +317,62 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// One attempt of a request at a backend, counted in its in-flight requests from the
+/// start (a drain waiting for zero sees the connect too), its session touched.
+pub(super) struct Attempt {
+    /// The backend.
+    pub(super) backend: Arc<BackendRt>,
+    start: Instant,
+}
+
+impl Attempt {
+    /// Begins an attempt at the backend of `choice`.
+    pub(super) fn begin(route: &RouteView, choice: &Choice, guard: &mut Guard) -> Self {
+        let backend = route.backends[choice.decision.backend].clone();
+        if let Some(s) = choice.session {
+            backend.touch_session(s, Instant::now());
+        }
+        guard.to_backend(backend.clone());
+        Self {
+            backend,
+            start: Instant::now(),
+        }
+    }
+
+    /// The attempt failed (to connect, or to get a response): it leaves the backend's
+    /// in-flight requests and counts against it.
+    pub(super) fn failed(&self, core: &Core, route: &RouteView, guard: &mut Guard) {
+        guard.release_backend();
+        self.answered(core, route, false);
+    }
+
+    /// The attempt ended with a response head (`ok` unless a server error) or failed:
+    /// recorded in the backend's statistics and health.
+    pub(super) fn answered(&self, core: &Core, route: &RouteView, ok: bool) {
+        let now = self.recorded(ok);
+        passive(core, route, &self.backend, ok, now);
+    }
+
+    /// Records the attempt in the backend's statistics only; the time now.
+    pub(super) fn recorded(&self, ok: bool) -> Instant {
+        let now = Instant::now();
+        self.backend.stats.record(now - self.start, ok, now);
+        now
+    }
+}
+
+/// The `Set-Cookie` value that pins the request's new (or re-pinned) session.
+pub(super) fn session_cookie(choice: &Choice, route: &RouteView) -> Option<String> {
+    match (&choice.decision.set_cookie, &route.settings.affinity) {
+        (Some(c), Affinity::Cookie { name, ttl_seconds }) => Some(format!(
+            "{name}={c}; Path=/; Max-Age={ttl_seconds}; HttpOnly; SameSite=Lax"
+        )),
+        _ => None,
+    }
+}
+
 /// Records a request outcome in the backend's health; a change rebuilds the route.
-fn passive(core: &Core, route: &RouteView, backend: &BackendRt, ok: bool, now: Instant) {
+pub(super) fn passive(core: &Core, route: &RouteView, backend: &BackendRt, ok: bool, now: Instant) {
     if backend.with_health(|h| h.on_request(ok, now)) {
         tracing::warn!(domain = %route.settings.domain, backend = %backend.id, "backend ejected after consecutive failures");
         core.table.refresh(&route.settings.domain);

@@ -9,6 +9,32 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::trusted::Trusted;
 
+/// The header fields of a message as the functions here read them: hyper's
+/// [`HeaderMap`] or the fields the direct HTTP/1 path parsed in place.
+pub trait Fields {
+    /// Every value of field `name` (lowercase), in order.
+    fn values<'a>(&'a self, name: &str) -> impl DoubleEndedIterator<Item = &'a [u8]>;
+}
+
+impl Fields for HeaderMap {
+    fn values<'a>(&'a self, name: &str) -> impl DoubleEndedIterator<Item = &'a [u8]> {
+        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
+    }
+}
+
+/// Fields parsed in place by httparse.
+#[derive(Debug, Clone, Copy)]
+pub struct Parsed<'h, 'b>(pub &'h [httparse::Header<'b>]);
+
+impl Fields for Parsed<'_, '_> {
+    fn values<'a>(&'a self, name: &str) -> impl DoubleEndedIterator<Item = &'a [u8]> {
+        self.0
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -25,6 +51,28 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
+
+/// The field names a message's `Connection` fields list (hop-by-hop too).
+pub fn connection_tokens(fields: &impl Fields) -> Vec<&[u8]> {
+    fields
+        .values("connection")
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether field `name` is hop-by-hop (RFC 9110 7.6.1, with `Upgrade`: the balancer
+/// does not tunnel upgraded protocols), or one of the message's `Connection` tokens.
+pub fn is_hop_by_hop(name: &str, tokens: &[&[u8]]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+        || name.eq_ignore_ascii_case("upgrade")
+        || tokens
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+}
 
 /// Removes hop-by-hop fields, including those the `Connection` field names. `Upgrade`
 /// goes too: the balancer does not tunnel upgraded protocols.
@@ -48,13 +96,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The client's address: the peer's, or, when the peer is a trusted proxy, the last
 /// untrusted address of `X-Forwarded-For` (read right to left).
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &Trusted) -> IpAddr {
+pub fn client_ip(peer: IpAddr, headers: &impl Fields, trusted: &Trusted) -> IpAddr {
     if !trusted.contains(peer) {
         return peer;
     }
     let mut last = None;
-    for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
-        let Ok(list) = value.to_str() else {
+    for value in headers.values("x-forwarded-for").rev() {
+        let Ok(list) = std::str::from_utf8(value) else {
             return peer;
         };
         for item in list.rsplit(',') {
@@ -72,10 +120,10 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &Trusted) -> IpAddr
 
 /// Every line of field `name`, joined with ", " (a list field may be split over
 /// several lines); `None` when absent or not text.
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+fn joined(headers: &impl Fields, name: &str) -> Option<String> {
     let mut out: Option<String> = None;
-    for v in headers.get_all(name) {
-        let v = v.to_str().ok()?;
+    for v in headers.values(name) {
+        let v = std::str::from_utf8(v).ok()?;
         match out.as_mut() {
             Some(o) => {
                 o.push_str(", ");
@@ -87,45 +135,76 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     out
 }
 
-/// Sets the forwarding fields for a request from `peer` for `host`: appended to what a
+/// The forwarding fields of a request from `peer` for `host`: appended to what a
 /// trusted proxy sent, replacing what anyone else sent (a client cannot make a backend
 /// believe a forged chain).
+#[derive(Debug)]
+pub struct Forwarding {
+    /// `X-Forwarded-For`.
+    pub xff: String,
+    /// `Forwarded`.
+    pub forwarded: String,
+    /// Whether the request's own `X-Forwarded-Proto` stays (a trusted proxy's);
+    /// otherwise it is set to `http`.
+    pub keep_proto: bool,
+}
+
+impl Forwarding {
+    /// The fields for a request with `headers` from `peer` for `host`.
+    pub fn new(headers: &impl Fields, peer: IpAddr, host: &str, peer_trusted: bool) -> Self {
+        let peer_s = peer.to_string();
+        let xff = match joined(headers, "x-forwarded-for") {
+            Some(prev) if peer_trusted => format!("{prev}, {peer_s}"),
+            _ => peer_s.clone(),
+        };
+        let node = if peer.is_ipv6() {
+            format!("\"[{peer_s}]\"")
+        } else {
+            peer_s
+        };
+        let quoted_host: String = host.chars().filter(|c| *c != '"' && *c != '\\').collect();
+        let element = format!("for={node};proto=http;host=\"{quoted_host}\"");
+        let forwarded = match joined(headers, "forwarded") {
+            Some(prev) if peer_trusted => format!("{prev}, {element}"),
+            _ => element,
+        };
+        let keep_proto = peer_trusted && headers.values("x-forwarded-proto").next().is_some();
+        Self {
+            xff,
+            forwarded,
+            keep_proto,
+        }
+    }
+
+    /// Whether field `name` of the request is replaced by these.
+    pub fn replaces(&self, name: &str) -> bool {
+        name.eq_ignore_ascii_case("x-forwarded-for")
+            || name.eq_ignore_ascii_case("forwarded")
+            || (!self.keep_proto && name.eq_ignore_ascii_case("x-forwarded-proto"))
+    }
+}
+
+/// Sets the forwarding fields for a request from `peer` for `host` ([`Forwarding`]).
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: &str, peer_trusted: bool) {
-    let peer_s = peer.to_string();
-    let xff = match joined(headers, &X_FORWARDED_FOR) {
-        Some(prev) if peer_trusted => format!("{prev}, {peer_s}"),
-        _ => peer_s.clone(),
-    };
-    let node = if peer.is_ipv6() {
-        format!("\"[{peer_s}]\"")
-    } else {
-        peer_s
-    };
-    let quoted_host: String = host.chars().filter(|c| *c != '"' && *c != '\\').collect();
-    let element = format!("for={node};proto=http;host=\"{quoted_host}\"");
-    let forwarded = match joined(headers, &header::FORWARDED) {
-        Some(prev) if peer_trusted => format!("{prev}, {element}"),
-        _ => element,
-    };
-    if !(peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+    let f = Forwarding::new(headers, peer, host, peer_trusted);
+    if !f.keep_proto {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     headers.remove(&X_FORWARDED_FOR);
     headers.remove(header::FORWARDED);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = HeaderValue::from_str(&f.xff) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Ok(v) = HeaderValue::from_str(&f.forwarded) {
         headers.insert(header::FORWARDED, v);
     }
 }
 
 /// The value of cookie `name` in the request's `Cookie` fields.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub fn cookie<'a>(headers: &'a impl Fields, name: &str) -> Option<&'a str> {
     headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .values("cookie")
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
@@ -136,7 +215,7 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// The value of the hash parameter: a header, or `query:NAME` from the query string.
 pub fn hash_value<'a>(
     parameter: &str,
-    headers: &'a HeaderMap,
+    headers: &'a impl Fields,
     query: Option<&'a str>,
 ) -> Option<&'a [u8]> {
     match parameter.strip_prefix("query:") {
@@ -144,28 +223,34 @@ pub fn hash_value<'a>(
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             (k == name).then_some(v.as_bytes())
         }),
-        None => headers.get(parameter).map(HeaderValue::as_bytes),
+        None => headers.values(parameter).next(),
     }
 }
 
 /// The request's host, lowercase and without the port: the URI's authority (HTTP/2,
 /// absolute-form) or the `Host` field.
 pub fn host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<std::borrow::Cow<'a, str>> {
-    let raw = match uri.authority() {
-        Some(a) => a.host(),
-        None => {
-            let h = headers.get(header::HOST)?.to_str().ok()?;
-            match h.rsplit_once(':') {
-                Some((name, port))
-                    if port.bytes().all(|b| b.is_ascii_digit())
-                        && (!name.contains(':') || name.ends_with(']')) =>
-                {
-                    name
-                }
-                _ => h,
-            }
+    match uri.authority() {
+        Some(a) => normalized(a.host()),
+        None => host_field(headers.get(header::HOST)?.to_str().ok()?),
+    }
+}
+
+/// The host of a `Host` field's value, lowercase and without the port.
+pub fn host_field(h: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let name = match h.rsplit_once(':') {
+        Some((name, port))
+            if port.bytes().all(|b| b.is_ascii_digit())
+                && (!name.contains(':') || name.ends_with(']')) =>
+        {
+            name
         }
+        _ => h,
     };
+    normalized(name)
+}
+
+fn normalized(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
     let raw = raw.trim_end_matches('.');
     if raw.is_empty() {
         return None;
