@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Http, Lb};
+use form_proto::rplb::v1 as pb;
 use form_testkit::conformance::stop_gracefully;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -66,7 +67,20 @@ async fn framing_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                     let reply: Vec<u8> = match (req.method.as_str(), req.path.as_str()) {
                         (_, "/chunked") => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
                         (_, "/hints") => b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                        // A buggy backend: a body after the head of a HEAD response.
+                        ("HEAD", "/buggy") => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123456789".to_vec(),
                         ("HEAD", _) => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n".to_vec(),
+                        (_, "/hang") => {
+                            // Never answers; holds the connection until the client's
+                            // side goes.
+                            let mut rest = [0u8; 64];
+                            while let Ok(n) = s.read(&mut rest).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                            return;
+                        }
                         (_, "/close") => {
                             let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil close").await;
                             return;
@@ -218,6 +232,101 @@ async fn pipelined_requests_are_answered_in_order_across_a_handoff_to_the_genera
         unknown.ends_with("no route for host 'nowhere.fog'\n"),
         "{unknown}"
     );
+    task.abort();
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
+async fn bytes_a_backend_sends_beyond_its_response_never_reach_the_next_request() {
+    let mut lb = Lb::start("direct-beyond", &[]).await;
+    let (addr, task) = framing_backend().await;
+    lb.route_to("demo.fog", "b", addr).await;
+    let out = exchange(
+        lb.http,
+        b"HEAD /buggy HTTP/1.1\r\nhost: demo.fog\r\n\r\nGET /next HTTP/1.1\r\nhost: demo.fog\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!out.contains("0123456789"), "{out}");
+    assert!(
+        out.contains("content-length: 10\r\n\r\nHTTP/1.1 200 OK"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("GET /next body= conn=1"),
+        "a new backend connection: {out}"
+    );
+    task.abort();
+    stop_gracefully(&mut lb.svc).await;
+}
+
+/// Requests in flight to the route's only backend.
+async fn in_flight(lb: &mut Lb) -> u32 {
+    let stats = lb
+        .control
+        .get_stats(pb::GetStatsRequest {
+            domain: "demo.fog".into(),
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    stats.routes[0].backends[0].in_flight
+}
+
+#[tokio::test]
+async fn slow_heads_idle_connections_and_clients_that_hang_up_are_let_go() {
+    let dir = form_testkit::TestDir::new("direct-timeouts-conf");
+    let conf = dir.path().join("rplb.toml");
+    std::fs::write(&conf, "header_read_timeout_ms = 400\n").expect("config");
+    let conf = conf.display().to_string();
+    let mut lb = Lb::start("direct-timeouts", &["--config", &conf]).await;
+    let (addr, task) = framing_backend().await;
+    lb.route_to("demo.fog", "b", addr).await;
+
+    // A head that never ends, and a connection idle after a request: both closed
+    // after the header timeout, not the minute of the idle timeout.
+    let mut slow = TcpStream::connect(lb.http).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: demo.fog\r\n")
+        .await
+        .expect("write");
+    let mut idle = TcpStream::connect(lb.http).await.expect("connect");
+    idle.write_all(b"GET /a HTTP/1.1\r\nhost: demo.fog\r\n\r\n")
+        .await
+        .expect("write");
+    for (name, s) in [("slow head", &mut slow), ("idle", &mut idle)] {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: still open after 5 s"))
+            .expect("read");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            !text.contains("400") && !text.contains("408"),
+            "{name}: {text}"
+        );
+    }
+
+    // A client that hangs up while the backend works frees its place at once.
+    let mut gone = TcpStream::connect(lb.http).await.expect("connect");
+    gone.write_all(b"GET /hang HTTP/1.1\r\nhost: demo.fog\r\n\r\n")
+        .await
+        .expect("write");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_flight(&mut lb).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(gone);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_flight(&mut lb).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still in flight 5 s after the client left (the request timeout is 60 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     task.abort();
     stop_gracefully(&mut lb.svc).await;
 }

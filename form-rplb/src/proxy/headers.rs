@@ -52,13 +52,18 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// The field names a message's `Connection` fields list (hop-by-hop too).
+/// Fields that frame or route a message: a `Connection` field naming them does not
+/// make them hop-by-hop (a relayed body would lose its length, a request its host).
+const NEVER_HOP_BY_HOP: [&[u8]; 3] = [b"content-length", b"host", b"transfer-encoding"];
+
+/// The field names a message's `Connection` fields list (hop-by-hop too), except
+/// those that frame or route the message.
 pub fn connection_tokens(fields: &impl Fields) -> Vec<&[u8]> {
     fields
         .values("connection")
         .flat_map(|v| v.split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty() && !NEVER_HOP_BY_HOP.iter().any(|n| t.eq_ignore_ascii_case(n)))
         .collect()
 }
 
@@ -77,13 +82,9 @@ pub fn is_hop_by_hop(name: &str, tokens: &[&[u8]]) -> bool {
 /// Removes hop-by-hop fields, including those the `Connection` field names. `Upgrade`
 /// goes too: the balancer does not tunnel upgraded protocols.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|list| list.split(','))
-        .map(str::trim)
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .into_iter()
+        .filter_map(|n| HeaderName::from_bytes(n).ok())
         .collect();
     for n in named {
         headers.remove(n);
@@ -281,8 +282,10 @@ mod tests {
     fn hop_by_hop_fields_and_those_connection_names_go() {
         let mut h = map(&[
             ("connection", "keep-alive, x-secret"),
-            ("connection", "x-other"),
+            ("connection", "x-other, Content-Length, host"),
             ("x-other", "2"),
+            ("content-length", "2"),
+            ("host", "a"),
             ("keep-alive", "timeout=5"),
             ("x-secret", "1"),
             ("te", "trailers"),
@@ -291,8 +294,11 @@ mod tests {
             ("x-kept", "yes"),
         ]);
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("x-kept"));
+        // A Connection field cannot unframe or unroute a message.
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert!(
+            h.contains_key("x-kept") && h.contains_key("content-length") && h.contains_key("host")
+        );
     }
 
     #[test]

@@ -59,6 +59,8 @@ enum Failure {
     Other(String),
     /// Nothing within the request timeout.
     Timeout,
+    /// The client closed its connection meanwhile.
+    ClientGone,
 }
 
 impl Client {
@@ -83,19 +85,21 @@ impl Client {
     ) -> Next {
         let core = self.core.clone();
         let ctx = self.ctx.clone();
+        let mut guard = Guard::new(ctx.clone());
         let host: &str = &req.host;
+        // The balancer's own answers close the connection when it is asked to close.
+        let close_asked = req.close || *closing.borrow() || ctx.wants_close();
         let Some(route) = core.table.get(host) else {
-            return self.answer(Answer::NoRoute(host), req.close).await;
+            return self.answer(Answer::NoRoute(host), close_asked).await;
         };
         let peer = ctx.peer.ip();
         let peer_trusted = core.trusted.contains(peer);
         let client_ip = headers::client_ip(peer, &req.fields, &core.trusted);
         let pick = |exclude| choose(&core, &route, &req.fields, req.query(), client_ip, exclude);
         let Some(mut choice) = pick(None) else {
-            return self.answer(Answer::NoBackend(host), req.close).await;
+            return self.answer(Answer::NoBackend(host), close_asked).await;
         };
         req.write_upstream(buf, &req.forwarding(peer, peer_trusted), &mut self.req_out);
-        let mut guard = Guard::new(ctx.clone());
         let timeout = Duration::from_millis(core.config.request_timeout_ms);
         let (mut retried, mut fresh) = (false, false);
         loop {
@@ -107,14 +111,14 @@ impl Client {
                     attempt.failed(&core, &route, &mut guard);
                     if retried {
                         tracing::warn!(domain = %host, backend = %backend.id, error = %e, "backend unreachable");
-                        return self.answer(Answer::Unreachable(host), req.close).await;
+                        return self.answer(Answer::Unreachable(host), close_asked).await;
                     }
                     retried = true;
                     fresh = false;
                     tracing::debug!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
                     match pick(Some(choice.decision.backend)) {
                         Some(c) => choice = c,
-                        None => return self.answer(Answer::NoBackend(host), req.close).await,
+                        None => return self.answer(Answer::NoBackend(host), close_asked).await,
                     }
                     continue;
                 }
@@ -138,6 +142,11 @@ impl Client {
                         Ok(Err(f)) => f,
                         _ => Failure::Timeout,
                     };
+                    if let Failure::ClientGone = failure {
+                        // Not the backend's fault: nothing is recorded against it.
+                        guard.release_backend();
+                        return Next::Abort;
+                    }
                     if let Failure::Closed = failure
                         && reused
                         && !fresh
@@ -153,15 +162,15 @@ impl Client {
                     return match failure {
                         Failure::Timeout => {
                             let ms = core.config.request_timeout_ms;
-                            self.answer(Answer::Timeout(host, ms), req.close).await
+                            self.answer(Answer::Timeout(host, ms), close_asked).await
                         }
-                        Failure::Closed | Failure::Other(_) => {
+                        Failure::Closed | Failure::Other(_) | Failure::ClientGone => {
                             let why = match &failure {
                                 Failure::Other(w) => w.as_str(),
                                 _ => "connection closed before a response",
                             };
                             tracing::warn!(domain = %host, backend = %backend.id, error = why, "backend request failed");
-                            self.answer(Answer::Failed(host), req.close).await
+                            self.answer(Answer::Failed(host), close_asked).await
                         }
                     };
                 }
@@ -207,13 +216,15 @@ impl Client {
             });
         }
         let mut got_any = false;
+        let mut watch_client = true;
+        let mut probe = [0u8; 1];
         loop {
             if !self.up_buf.is_empty() {
                 match response::read(&self.up_buf, to_head, extra, &mut self.out) {
                     response::Read::Head(h) if h.interim() => {
                         self.up_buf.advance(h.len);
                         if self.stream.write_all(&self.out).await.is_err() {
-                            return Err(Failure::Other("client gone".into()));
+                            return Err(Failure::ClientGone);
                         }
                         continue;
                     }
@@ -227,7 +238,23 @@ impl Client {
             if self.up_buf.capacity() - self.up_buf.len() < READ_SIZE / 4 {
                 self.up_buf.reserve(READ_SIZE);
             }
-            match up.read_buf(&mut self.up_buf).await {
+            // While the backend works, a client that hangs up ends the request (bytes
+            // it sends meanwhile are its next request, and wait in the socket).
+            let read = if watch_client {
+                tokio::select! {
+                    r = up.read_buf(&mut self.up_buf) => r,
+                    p = self.stream.peek(&mut probe) => match p {
+                        Ok(0) | Err(_) => return Err(Failure::ClientGone),
+                        Ok(_) => {
+                            watch_client = false;
+                            continue;
+                        }
+                    },
+                }
+            } else {
+                up.read_buf(&mut self.up_buf).await
+            };
+            match read {
                 Ok(0) if !got_any => return Err(Failure::Closed),
                 Ok(0) => return Err(Failure::Other("the backend closed mid-head".into())),
                 Ok(_) => got_any = true,

@@ -49,21 +49,31 @@ impl Framing {
     }
 }
 
-/// Where a scan of chunked framing is.
+/// Where a scan of chunked framing is. Lines end with CRLF; a bare LF, or anything
+/// but a chunk extension after a size, is refused, so the balancer never finds the end
+/// somewhere a strict client would not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum At {
     /// In a chunk-size line's digits.
     Size,
-    /// In a chunk-size line after its digits (extensions), up to its LF.
+    /// In a chunk-size line's extensions (after `;` or whitespace), up to its CR.
     SizeRest,
+    /// At the LF of a chunk-size line.
+    SizeLf,
     /// In chunk data, with this many bytes left.
     Data(u64),
-    /// At the CRLF after chunk data.
-    DataEnd,
+    /// At the CR after chunk data.
+    DataCr,
+    /// At the LF after chunk data.
+    DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    /// In a trailer line, up to its LF.
+    /// In a trailer line, up to its CR.
     Trailer,
+    /// At the LF of a trailer line.
+    TrailerLf,
+    /// At the LF of the final empty line.
+    FinalLf,
     /// After the final empty line.
     Done,
 }
@@ -73,7 +83,9 @@ enum At {
 pub struct Chunks {
     at: At,
     size: u64,
+    /// Digits of the size read, and of them those after leading zeros.
     digits: u8,
+    significant: u8,
 }
 
 impl Default for Chunks {
@@ -82,6 +94,7 @@ impl Default for Chunks {
             at: At::Size,
             size: 0,
             digits: 0,
+            significant: 0,
         }
     }
 }
@@ -99,7 +112,7 @@ impl Chunks {
                     i += take;
                     let left = left - take as u64;
                     self.at = if left == 0 {
-                        At::DataEnd
+                        At::DataCr
                     } else {
                         At::Data(left)
                     };
@@ -111,26 +124,29 @@ impl Chunks {
             i += 1;
             self.at = match (self.at, b) {
                 (At::Size, b) if b.is_ascii_hexdigit() => {
-                    // 15 hex digits already exceed any body worth relaying.
-                    if self.digits >= 15 {
-                        return Err(Invalid);
+                    self.digits = self.digits.saturating_add(1);
+                    if self.size > 0 || b != b'0' {
+                        // 15 significant hex digits exceed any body worth relaying.
+                        self.significant += 1;
+                        if self.significant > 15 {
+                            return Err(Invalid);
+                        }
                     }
-                    self.digits += 1;
                     self.size = self.size * 16 + u64::from(hex(b));
                     At::Size
                 }
-                (At::Size, b';' | b' ' | b'\t' | b'\r') if self.digits > 0 => At::SizeRest,
-                (At::Size | At::SizeRest, b'\n') if self.digits > 0 => self.end_size_line(),
-                (At::Size, _) => return Err(Invalid),
-                (At::SizeRest, _) => At::SizeRest,
-                (At::DataEnd, b'\r') => At::DataEnd,
-                (At::DataEnd, b'\n') => At::Size,
-                (At::DataEnd, _) => return Err(Invalid),
-                (At::TrailerStart, b'\r') => At::TrailerStart,
-                (At::TrailerStart, b'\n') => At::Done,
-                (At::Trailer, b'\n') => At::TrailerStart,
-                (At::TrailerStart | At::Trailer, _) => At::Trailer,
-                (At::Data(_) | At::Done, _) => unreachable!("handled above"),
+                (At::Size, b';' | b' ' | b'\t') if self.digits > 0 => At::SizeRest,
+                (At::Size | At::SizeRest, b'\r') if self.digits > 0 => At::SizeLf,
+                (At::SizeRest, b) if b != b'\n' => At::SizeRest,
+                (At::SizeLf, b'\n') => self.end_size_line(),
+                (At::DataCr, b'\r') => At::DataLf,
+                (At::DataLf, b'\n') => At::Size,
+                (At::TrailerStart, b'\r') => At::FinalLf,
+                (At::FinalLf, b'\n') => At::Done,
+                (At::Trailer, b'\r') => At::TrailerLf,
+                (At::TrailerStart | At::Trailer, b) if b != b'\n' => At::Trailer,
+                (At::TrailerLf, b'\n') => At::TrailerStart,
+                _ => return Err(Invalid),
             };
         }
         Ok((i, self.at == At::Done))
@@ -139,6 +155,7 @@ impl Chunks {
     fn end_size_line(&mut self) -> At {
         let size = std::mem::take(&mut self.size);
         self.digits = 0;
+        self.significant = 0;
         if size == 0 {
             At::TrailerStart
         } else {
@@ -191,6 +208,18 @@ mod tests {
         assert_eq!(scan(b"\r\n", 64), Err(Invalid));
         assert_eq!(scan(b"2\r\nabX", 64), Err(Invalid));
         assert_eq!(scan(b"ffffffffffffffff\r\n", 64), Err(Invalid));
+        // Bare LFs, stray CRs and junk after a size.
+        assert_eq!(scan(b"2\nab\r\n", 64), Err(Invalid));
+        assert_eq!(scan(b"2\r\nab\n0\r\n\r\n", 64), Err(Invalid));
+        assert_eq!(scan(b"2\r\nab\r\r\n", 64), Err(Invalid));
+        assert_eq!(scan(b"2x\r\nab\r\n", 64), Err(Invalid));
+        assert_eq!(scan(b"0\r\n\n", 64), Err(Invalid));
+        assert_eq!(scan(b"0\r\nx-t: 1\n\r\n", 64), Err(Invalid));
+        // Leading zeros are not significant.
+        assert_eq!(
+            scan(b"00000000000000000002\r\nab\r\n0\r\n\r\n", 1),
+            Ok((31, true))
+        );
     }
 
     #[test]

@@ -58,7 +58,10 @@ pub async fn serve(
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
     let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
     let max_head = cfg.max_header_bytes.min(MAX_MESSAGE);
-    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
+    // Between requests a connection may wait for the next head as long as a head may
+    // take to arrive, as on the general path, and never longer than the idle timeout.
+    let keep_alive = idle.min(header_timeout);
+    let mut tick = tokio::time::interval((keep_alive / 4).max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut client = Client::new(stream, core.clone(), ctx.clone());
     let mut buf = BytesMut::with_capacity(READ_SIZE);
@@ -107,9 +110,15 @@ pub async fn serve(
             },
             _ = closing.wait_for(|c| *c), if buf.is_empty() => return End::Closed,
             _ = ctx.go_away_asked(), if buf.is_empty() => return End::Closed,
-            _ = tick.tick() => {
-                let slow = started.is_some_and(|s| s.elapsed() >= header_timeout);
-                if slow || ctx.idle_for().is_some_and(|d| d >= idle) {
+            // A message begun must arrive whole within the header timeout (a timer
+            // only for messages that did not come in one read).
+            _ = async {
+                if let Some(s) = started {
+                    tokio::time::sleep_until((s + header_timeout).into()).await;
+                }
+            }, if started.is_some() => return End::Closed,
+            _ = tick.tick(), if started.is_none() => {
+                if ctx.idle_for().is_some_and(|d| d >= keep_alive) {
                     return End::Closed;
                 }
             }

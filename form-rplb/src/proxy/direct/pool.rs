@@ -20,7 +20,14 @@ const MAX_IDLE: usize = 512;
 /// The direct path's upstream connections of one data-plane thread.
 #[derive(Debug, Default)]
 pub struct RawPool {
-    idle: Mutex<HashMap<Authority, VecDeque<(TcpStream, Instant)>>>,
+    idle: Mutex<Idle>,
+}
+
+/// Idle connections by backend, and when they were last all looked at.
+#[derive(Debug, Default)]
+struct Idle {
+    by_backend: HashMap<Authority, VecDeque<(TcpStream, Instant)>>,
+    swept: Option<Instant>,
 }
 
 impl RawPool {
@@ -46,7 +53,7 @@ impl RawPool {
 
     fn pop(&self, to: &Authority) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(to)?;
+        let list = idle.by_backend.get_mut(to)?;
         while let Some((s, since)) = list.pop_back() {
             if since.elapsed() < IDLE && quiet(&s) {
                 return Some(s);
@@ -58,15 +65,27 @@ impl RawPool {
     /// Keeps a connection whose response ended cleanly for the next request.
     pub fn put(&self, to: &Authority, stream: TcpStream) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(to.clone()).or_default();
-        // The oldest are in front: those past their time go.
         let now = Instant::now();
-        while list.front().is_some_and(|(_, since)| now - *since >= IDLE) {
-            list.pop_front();
+        // Every backend's list, those of backends no longer used too, now and then.
+        if idle.swept.is_none_or(|t| now - t >= IDLE) {
+            idle.swept = Some(now);
+            idle.by_backend.retain(|_, list| {
+                expire(list, now);
+                !list.is_empty()
+            });
         }
+        let list = idle.by_backend.entry(to.clone()).or_default();
+        expire(list, now);
         if list.len() < MAX_IDLE {
             list.push_back((stream, now));
         }
+    }
+}
+
+/// Drops the connections idle for too long (the oldest are in front).
+fn expire(list: &mut VecDeque<(TcpStream, Instant)>, now: Instant) {
+    while list.front().is_some_and(|(_, since)| now - *since >= IDLE) {
+        list.pop_front();
     }
 }
 

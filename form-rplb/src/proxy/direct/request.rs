@@ -120,7 +120,7 @@ pub fn read<'h, 'b>(buf: &'b [u8], fields: &'h mut [httparse::Header<'b>]) -> Re
         return Read::Other;
     };
     let fields: &'h [httparse::Header<'b>] = fields;
-    if !path.starts_with('/') {
+    if !path.starts_with('/') || method == "CONNECT" {
         return Read::Other;
     }
     let mut host = None;
@@ -218,8 +218,30 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_field_cannot_strip_the_length_or_the_host() {
+        let buf = b"POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length, host\r\nContent-Length: 5\r\n\r\nGET /";
+        with(buf, |r| {
+            let Read::Plain(p) = r else {
+                panic!("not plain: {r:?}")
+            };
+            let mut out = Vec::new();
+            p.write_upstream(
+                buf,
+                &p.forwarding("10.0.0.1".parse().expect("ip"), false),
+                &mut out,
+            );
+            let text = String::from_utf8(out).expect("text");
+            assert!(text.contains("\r\nHost: a\r\n"), "{text}");
+            assert!(text.contains("\r\nContent-Length: 5\r\n"), "{text}");
+            assert!(!text.contains("Connection"), "{text}");
+            assert!(text.ends_with("\r\n\r\nGET /"), "{text}");
+        });
+    }
+
+    #[test]
     fn anything_but_a_plain_request_goes_to_hyper_or_waits() {
-        let other: [&[u8]; 9] = [
+        let other: [&[u8]; 10] = [
+            b"CONNECT /x HTTP/1.1\r\nhost: a\r\n\r\n",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             b"GET / HTTP/1.0\r\nhost: a\r\n\r\n",
             b"GET http://a/ HTTP/1.1\r\nhost: a\r\n\r\n",

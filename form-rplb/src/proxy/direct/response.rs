@@ -198,6 +198,14 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_field_cannot_strip_the_length() {
+        let buf = b"HTTP/1.1 200 OK\r\nconnection: content-length, transfer-encoding\r\ncontent-length: 2\r\n\r\nok";
+        let (h, text) = head(buf, false, &Extra::default());
+        assert_eq!(h.framing, Framing::Length(2));
+        assert_eq!(text, "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n");
+    }
+
+    #[test]
     fn broken_heads_are_refused_and_partial_ones_wait() {
         let mut out = Vec::new();
         let e = Extra::default();
