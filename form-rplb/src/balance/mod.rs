@@ -61,17 +61,50 @@ impl Backend {
     }
 }
 
-/// A stable 64-bit hash (FNV-1a, then a SplitMix64 finaliser for spread): the same key
-/// maps to the same backend across restarts and balancer replicas.
-pub fn hash64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// The hasher of the data plane's maps, whose keys the operator chooses (domains,
+/// backend addresses): FNV-1a with [`hash64`]'s finaliser, fast on short keys. Lookups
+/// by a client's key cannot flood a map whose entries only the operator adds.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        Self(FNV_OFFSET)
     }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(FNV_PRIME);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        mix(self.0)
+    }
+}
+
+/// Builds [`KeyHasher`]s.
+pub type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// SplitMix64's finaliser.
+fn mix(mut h: u64) -> u64 {
     h ^= h >> 30;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
+}
+
+/// A stable 64-bit hash (FNV-1a, then a SplitMix64 finaliser for spread): the same key
+/// maps to the same backend across restarts and balancer replicas.
+pub fn hash64(bytes: &[u8]) -> u64 {
+    let mut h = KeyHasher::default();
+    std::hash::Hasher::write(&mut h, bytes);
+    std::hash::Hasher::finish(&h)
 }

@@ -17,6 +17,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use super::body::UpBody;
+use crate::balance::KeyHash;
 
 /// Time to open a TCP connection to a backend before the attempt counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,7 +57,7 @@ type Idle = Vec<(SendRequest<UpBody>, Instant)>;
 /// The pool of one data-plane thread.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Authority, Idle>>,
+    idle: Mutex<HashMap<Authority, Idle, KeyHash>>,
 }
 
 impl Pool {

@@ -8,6 +8,8 @@ pub mod backend;
 pub mod settings;
 
 use std::collections::HashMap;
+
+use crate::balance::KeyHash;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -83,7 +85,7 @@ pub struct Change {
 /// The route table.
 #[derive(Debug)]
 pub struct Table {
-    routes: RwLock<HashMap<String, Arc<RouteView>>>,
+    routes: RwLock<HashMap<String, Arc<RouteView>, KeyHash>>,
     passive: HealthConfig,
 }
 
@@ -101,7 +103,7 @@ impl Table {
     /// from each route).
     pub fn new(passive: HealthConfig) -> Self {
         Self {
-            routes: RwLock::new(HashMap::new()),
+            routes: RwLock::new(HashMap::default()),
             passive,
         }
     }
@@ -204,11 +206,11 @@ impl Table {
         backend.set_removed();
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<RouteView>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<RouteView>, KeyHash>> {
         self.routes.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<RouteView>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<RouteView>, KeyHash>> {
         self.routes.write().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use http::uri::Authority;
 use tokio::net::TcpStream;
 
+use crate::balance::KeyHash;
 use crate::proxy::upstream::{CONNECT_TIMEOUT, ConnectError, IDLE};
 
 /// Idle connections kept per backend.
@@ -26,7 +27,7 @@ pub struct RawPool {
 /// Idle connections by backend, and when they were last all looked at.
 #[derive(Debug, Default)]
 struct Idle {
-    by_backend: HashMap<Authority, VecDeque<(TcpStream, Instant)>>,
+    by_backend: HashMap<Authority, VecDeque<(TcpStream, Instant)>, KeyHash>,
     swept: Option<Instant>,
 }
 
