@@ -52,6 +52,19 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// [`HOP_BY_HOP`] and `Upgrade` as text, for fields parsed in place.
+const HOP_BY_HOP_NAMES: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// Fields that frame or route a message: a `Connection` field naming them does not
 /// make them hop-by-hop (a relayed body would lose its length, a request its host).
 const NEVER_HOP_BY_HOP: [&[u8]; 3] = [b"content-length", b"host", b"transfer-encoding"];
@@ -70,10 +83,9 @@ pub fn connection_tokens(fields: &impl Fields) -> Vec<&[u8]> {
 /// Whether field `name` is hop-by-hop (RFC 9110 7.6.1, with `Upgrade`: the balancer
 /// does not tunnel upgraded protocols), or one of the message's `Connection` tokens.
 pub fn is_hop_by_hop(name: &str, tokens: &[&[u8]]) -> bool {
-    HOP_BY_HOP
+    HOP_BY_HOP_NAMES
         .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-        || name.eq_ignore_ascii_case("upgrade")
+        .any(|h| name.eq_ignore_ascii_case(h))
         || tokens
             .iter()
             .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))

@@ -67,6 +67,11 @@ pub async fn serve(
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     // When the first byte of a message not yet whole arrived.
     let mut started: Option<Instant> = None;
+    // Waits that last the connection's life: registered once, not per request.
+    let mut stop = closing.clone();
+    let stop = stop.wait_for(|c| *c);
+    let go_away = ctx.go_away_asked();
+    tokio::pin!(stop, go_away);
     loop {
         if !buf.is_empty() {
             let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
@@ -108,8 +113,8 @@ pub async fn serve(
                 Ok(0) | Err(_) => return End::Closed,
                 Ok(_) => {}
             },
-            _ = closing.wait_for(|c| *c), if buf.is_empty() => return End::Closed,
-            _ = ctx.go_away_asked(), if buf.is_empty() => return End::Closed,
+            _ = &mut stop, if buf.is_empty() => return End::Closed,
+            _ = &mut go_away, if buf.is_empty() => return End::Closed,
             // A message begun must arrive whole within the header timeout (a timer
             // only for messages that did not come in one read).
             _ = async {
