@@ -23,7 +23,8 @@ pub struct CookieSigner {
     keyed: HmacSha256,
     /// Cookie values already verified, with their expiry and the length of the backend
     /// id: a session's later requests skip the HMAC. Only authentic values get in.
-    verified: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, usize)>>>,
+    /// (Only the balancer's own values get in, so a client cannot choose the keys.)
+    verified: std::sync::Arc<std::sync::Mutex<Verified>>,
     /// Sessions issued so far (mixed with the key into each session part).
     issued: std::sync::Arc<std::sync::atomic::AtomicU64>,
     salt: u64,
@@ -38,9 +39,19 @@ impl std::fmt::Debug for CookieSigner {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex of a MAC, on the stack.
+fn hex(bytes: &[u8; MAC_BYTES]) -> [u8; 2 * MAC_BYTES] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 2 * MAC_BYTES];
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
 }
+
+/// Verified cookie values: their expiry and the length of their backend id.
+type Verified = std::collections::HashMap<String, (u64, usize), super::KeyHash>;
 
 impl CookieSigner {
     /// A signer with `key` (32 random bytes, shared by every balancer replica).
@@ -82,6 +93,8 @@ impl CookieSigner {
             now_unix.saturating_add(ttl_seconds)
         );
         let mac = hex(&self.mac(&payload));
+        // Hex digits are ASCII.
+        let mac = std::str::from_utf8(&mac).unwrap_or_default();
         format!("{payload}~{mac}")
     }
 
@@ -126,7 +139,7 @@ impl CookieSigner {
         let same = mac.len() == expected.len()
             && mac
                 .bytes()
-                .zip(expected.bytes())
+                .zip(expected)
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         (same && now_unix < expiry && !backend.is_empty()).then_some(backend)
