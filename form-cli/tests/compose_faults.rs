@@ -271,9 +271,12 @@ async fn scale_in_under_load_fails_no_request(lb: SocketAddr, api_addr: SocketAd
 
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // What the first failures were, for the assertion's message.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let clients: Vec<_> = (0..6)
         .map(|_| {
             let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            let seen = seen.clone();
             tokio::spawn(async move {
                 let mut cookie: Option<String> = None;
                 while !stop.load(Ordering::Relaxed) {
@@ -293,8 +296,16 @@ async fn scale_in_under_load_fails_no_request(lb: SocketAddr, api_addr: SocketAd
                                 cookie = Some(c);
                             }
                         }
-                        _ => {
+                        other => {
                             failed.fetch_add(1, Ordering::Relaxed);
+                            let what = match other {
+                                Ok((code, head, body)) => format!("{code} {head:?} {body:?}"),
+                                Err(e) => format!("{e:#}"),
+                            };
+                            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                            if seen.len() < 5 {
+                                seen.push(what);
+                            }
                         }
                     }
                     sent.fetch_add(1, Ordering::Relaxed);
@@ -323,8 +334,10 @@ async fn scale_in_under_load_fails_no_request(lb: SocketAddr, api_addr: SocketAd
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(sent > 100, "{sent} requests sent");
     assert_eq!(
-        failed, 0,
-        "{failed} of {sent} requests failed during the scale-in"
+        failed,
+        0,
+        "{failed} of {sent} requests failed during the scale-in: {:?}",
+        seen.lock().unwrap_or_else(|p| p.into_inner())
     );
 }
 

@@ -127,13 +127,24 @@ async fn run(
             None
         };
         match result {
-            Some(r) => {
+            Some(mut r) => {
                 backend.set_admin(Admin::Drained);
                 if backend.is_leaving() {
                     core.table.drop_backend(&domain, &backend);
                 } else {
                     core.table.refresh(&domain);
                 }
+                // A request that chose this backend before it was marked drained and
+                // counted itself in flight before it could see the mark goes on
+                // (`Attempt::begin`); it finishes before the drain is reported done.
+                while r == pb::DrainResult::Completed && backend.in_flight() > 0 {
+                    if Instant::now() >= until {
+                        r = pb::DrainResult::TimedOut;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let now = Instant::now();
                 tx.send_replace(progress(&backend, until, now, r));
                 tracing::info!(domain, backend = %backend.id, result = ?r, "drain ended");
                 return;

@@ -23,7 +23,7 @@ use crate::balance::p2c::Rng;
 use crate::balance::select::{Affinity, Decision, Loads, RequestKey};
 use crate::core::Core;
 use crate::routes::RouteView;
-use crate::routes::backend::BackendRt;
+use crate::routes::backend::{Admin, BackendRt};
 
 thread_local! {
     static RNG: RefCell<Rng> = RefCell::new(Rng::new(seed()));
@@ -78,6 +78,9 @@ pub fn local(status: StatusCode, text: String) -> Response<ResBody> {
     }
     r
 }
+
+/// Choices made again because the chosen backend's drain had just ended, at most.
+pub(super) const MAX_REDRAWS: u32 = 3;
 
 /// A backend chosen for a request.
 pub(super) struct Choice {
@@ -149,7 +152,7 @@ async fn proxy(
             return Err(answer(Answer::NoHost));
         }
     };
-    let Some(route) = core.table.get(&host) else {
+    let Some(mut route) = core.table.get(&host) else {
         return Err(answer(Answer::NoRoute(&host)));
     };
     let peer = conn.peer.ip();
@@ -191,8 +194,26 @@ async fn proxy(
     let mut retried = false;
     let mut fresh = false;
     let timeout = Duration::from_millis(core.config.request_timeout_ms);
+    let mut redrawn = 0;
     loop {
-        let attempt = Attempt::begin(&route, &choice, guard);
+        let Some(attempt) = Attempt::begin(&route, &choice, guard) else {
+            redrawn += 1;
+            let (Some(req), Some(now)) = (pending.as_ref(), core.table.get(&host)) else {
+                return Err(no_backend(&host));
+            };
+            route = now;
+            choice = choose(
+                core,
+                &route,
+                req.headers(),
+                req.uri().query(),
+                client_ip,
+                None,
+            )
+            .filter(|_| redrawn <= MAX_REDRAWS)
+            .ok_or_else(|| no_backend(&host))?;
+            continue;
+        };
         let backend = attempt.backend.clone();
         // A connection first: a failed connect is known before anything is sent.
         let up = match conn.pool.get(&backend.authority, fresh).await {
@@ -326,17 +347,27 @@ pub(super) struct Attempt {
 }
 
 impl Attempt {
-    /// Begins an attempt at the backend of `choice`.
-    pub(super) fn begin(route: &RouteView, choice: &Choice, guard: &mut Guard) -> Self {
+    /// Begins an attempt at the backend of `choice`; `None` when that backend's drain
+    /// ended since the choice (choose again, on the route as it is now).
+    ///
+    /// The request counts in flight before it reads the drain state, and a drain sets
+    /// that state before it waits for zero in flight (both under the state's lock):
+    /// either the drain sees this request and waits for it, or this request sees the
+    /// drain's end and goes elsewhere. No request reaches a backend reported drained.
+    pub(super) fn begin(route: &RouteView, choice: &Choice, guard: &mut Guard) -> Option<Self> {
         let backend = route.backends[choice.decision.backend].clone();
+        guard.to_backend(backend.clone());
+        if backend.admin() == Admin::Drained {
+            guard.release_backend();
+            return None;
+        }
         if let Some(s) = choice.session {
             backend.touch_session(s, Instant::now());
         }
-        guard.to_backend(backend.clone());
-        Self {
+        Some(Self {
             backend,
             start: Instant::now(),
-        }
+        })
     }
 
     /// The attempt failed (to connect, or to get a response): it leaves the backend's

@@ -20,8 +20,9 @@ use crate::core::Core;
 use crate::proxy::answer::Answer;
 use crate::proxy::body::Guard;
 use crate::proxy::conn::ConnCtx;
-use crate::proxy::handler::{Attempt, choose, session_cookie};
+use crate::proxy::handler::{Attempt, MAX_REDRAWS, choose, session_cookie};
 use crate::proxy::headers;
+use crate::routes::RouteView;
 
 /// Read buffer of an upstream response.
 const READ_SIZE: usize = 16 * 1024;
@@ -89,21 +90,38 @@ impl Client {
         let host: &str = &req.host;
         // The balancer's own answers close the connection when it is asked to close.
         let close_asked = req.close || *closing.borrow() || ctx.wants_close();
-        let Some(route) = core.table.get(host) else {
+        let Some(mut route) = core.table.get(host) else {
             return self.answer(Answer::NoRoute(host), close_asked).await;
         };
         let peer = ctx.peer.ip();
         let peer_trusted = core.trusted.contains(peer);
         let client_ip = headers::client_ip(peer, &req.fields, &core.trusted);
-        let pick = |exclude| choose(&core, &route, &req.fields, req.query(), client_ip, exclude);
-        let Some(mut choice) = pick(None) else {
+        let pick = |route: &RouteView, exclude| {
+            choose(&core, route, &req.fields, req.query(), client_ip, exclude)
+        };
+        let Some(mut choice) = pick(&route, None) else {
             return self.answer(Answer::NoBackend(host), close_asked).await;
         };
         req.write_upstream(buf, &req.forwarding(peer, peer_trusted), &mut self.req_out);
         let timeout = Duration::from_millis(core.config.request_timeout_ms);
         let (mut retried, mut fresh) = (false, false);
+        let mut redrawn = 0;
         loop {
-            let attempt = Attempt::begin(&route, &choice, &mut guard);
+            let Some(attempt) = Attempt::begin(&route, &choice, &mut guard) else {
+                redrawn += 1;
+                let again = match core.table.get(host) {
+                    Some(now) if redrawn <= MAX_REDRAWS => {
+                        route = now;
+                        pick(&route, None)
+                    }
+                    _ => None,
+                };
+                match again {
+                    Some(c) => choice = c,
+                    None => return self.answer(Answer::NoBackend(host), close_asked).await,
+                }
+                continue;
+            };
             let backend = attempt.backend.clone();
             let (mut up, reused) = match ctx.raw.get(&backend.authority, fresh).await {
                 Ok(c) => c,
@@ -116,7 +134,7 @@ impl Client {
                     retried = true;
                     fresh = false;
                     tracing::debug!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
-                    match pick(Some(choice.decision.backend)) {
+                    match pick(&route, Some(choice.decision.backend)) {
                         Some(c) => choice = c,
                         None => return self.answer(Answer::NoBackend(host), close_asked).await,
                     }
