@@ -1,10 +1,12 @@
-//! Client connections: HTTP/1.1 or cleartext HTTP/2 (told apart by the preface), each
-//! served by one task that also closes it gracefully (GOAWAY on HTTP/2) when the
-//! balancer stops, when a draining backend asks clients to reconnect, or when it has
-//! been idle too long.
+//! Client connections: HTTP/1.1 or cleartext HTTP/2, each served by one task. The
+//! task starts on the direct path ([`super::direct`]), which serves plain HTTP/1.1
+//! requests; the first message it does not take hands the connection to hyper's server
+//! (HTTP/1.1 or HTTP/2, told apart by the preface). Either closes the connection
+//! gracefully (GOAWAY on HTTP/2) when the balancer stops, when a draining backend asks
+//! clients to reconnect, or when it has been idle too long.
 //!
 //! The data plane runs on `http_workers` threads, each with a single-threaded runtime
-//! and its own upstream pool (as nginx's workers do): a request, its upstream
+//! and its own upstream pools (as nginx's workers do): a request, its upstream
 //! connection and both their tasks stay on one thread, and no wake-up crosses threads.
 //! One acceptor hands each new connection to the thread with the fewest.
 
@@ -22,10 +24,11 @@ use tokio::task::JoinSet;
 
 use super::direct::{self, End, pool::RawPool};
 use super::upstream::Pool;
-
-/// The upstream pools of one data-plane thread.
-type Pools = (Arc<Pool>, Arc<RawPool>);
 use crate::core::Core;
+
+/// The upstream pools of one data-plane thread: the general path's and the direct
+/// path's.
+type Pools = (Arc<Pool>, Arc<RawPool>);
 
 /// What the request handler knows of its connection.
 #[derive(Debug)]

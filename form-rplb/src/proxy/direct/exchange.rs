@@ -194,7 +194,7 @@ impl Client {
                 }
             };
             attempt.answered(&core, &route, head.status < 500);
-            let reusable = self.relay_body(&mut up, &head).await;
+            let reusable = self.relay_body(&mut up, &head, &mut guard).await;
             let next = match reusable {
                 Some(true) => {
                     if head.keep_alive {
@@ -288,13 +288,25 @@ impl Client {
     /// when the body ended with nothing after it (the backend connection can be
     /// reused), `Some(false)` when it ended otherwise, `None` when it could not be
     /// finished (the client connection must be dropped).
-    async fn relay_body(&mut self, up: &mut TcpStream, head: &Head) -> Option<bool> {
+    ///
+    /// The request leaves the backend's in-flight count as soon as the backend sent
+    /// the last byte, before the client has it (as on the general path): whoever reads
+    /// the statistics after the response sees it done.
+    async fn relay_body(
+        &mut self,
+        up: &mut TcpStream,
+        head: &Head,
+        guard: &mut Guard,
+    ) -> Option<bool> {
         self.up_buf.advance(head.len);
         let mut framing = head.framing;
         let (n, mut done) = framing.feed(&self.up_buf).ok()?;
         self.out.extend_from_slice(&self.up_buf[..n]);
         let mut clean = n == self.up_buf.len();
         self.up_buf.advance(n);
+        if done {
+            guard.release_backend();
+        }
         self.stream.write_all(&self.out).await.ok()?;
         while !done {
             self.up_buf.clear();
@@ -302,13 +314,19 @@ impl Client {
                 self.up_buf.reserve(READ_SIZE);
             }
             match up.read_buf(&mut self.up_buf).await {
-                Ok(0) if framing == Framing::UntilClose => return Some(false),
+                Ok(0) if framing == Framing::UntilClose => {
+                    guard.release_backend();
+                    return Some(false);
+                }
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
             let (n, end) = framing.feed(&self.up_buf).ok()?;
             done = end;
             clean = n == self.up_buf.len();
+            if done {
+                guard.release_backend();
+            }
             self.stream.write_all(&self.up_buf[..n]).await.ok()?;
         }
         Some(clean && framing.keeps_connection())
