@@ -274,11 +274,7 @@ async fn in_flight(lb: &mut Lb) -> u32 {
 
 #[tokio::test]
 async fn slow_heads_idle_connections_and_clients_that_hang_up_are_let_go() {
-    let dir = form_testkit::TestDir::new("direct-timeouts-conf");
-    let conf = dir.path().join("rplb.toml");
-    std::fs::write(&conf, "header_read_timeout_ms = 400\n").expect("config");
-    let conf = conf.display().to_string();
-    let mut lb = Lb::start("direct-timeouts", &["--config", &conf]).await;
+    let mut lb = Lb::start_configured("direct-timeouts", "header_read_timeout_ms = 400\n").await;
     let (addr, task) = framing_backend().await;
     lb.route_to("demo.fog", "b", addr).await;
 

@@ -517,11 +517,7 @@ async fn early_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) 
 
 #[tokio::test]
 async fn a_connection_still_uploading_an_earlier_body_is_not_reused() {
-    let dir = form_testkit::TestDir::new("early-conf");
-    let conf = dir.path().join("rplb.toml");
-    std::fs::write(&conf, "http_workers = 1\n").expect("config");
-    let conf = conf.display().to_string();
-    let mut lb = Lb::start("early", &["--config", &conf]).await;
+    let mut lb = Lb::start_configured("early", "http_workers = 1\n").await;
     let (addr, task) = early_backend().await;
     lb.route_to("demo.fog", "early", addr).await;
     // An upload that stalls after its first bytes, answered early.

@@ -158,14 +158,10 @@ async fn proxy(
     let peer = conn.peer.ip();
     let peer_trusted = core.trusted.contains(peer);
     let client_ip = headers::client_ip(peer, req.headers(), &core.trusted);
-    let Some(mut choice) = choose(
-        core,
-        &route,
-        req.headers(),
-        req.uri().query(),
-        client_ip,
-        None,
-    ) else {
+    let pick = |route: &RouteView, fields: &http::HeaderMap, query: Option<&str>, exclude| {
+        choose(core, route, fields, query, client_ip, exclude)
+    };
+    let Some(mut choice) = pick(&route, req.headers(), req.uri().query(), None) else {
         return Err(no_backend(&host));
     };
 
@@ -202,16 +198,9 @@ async fn proxy(
                 return Err(no_backend(&host));
             };
             route = now;
-            choice = choose(
-                core,
-                &route,
-                req.headers(),
-                req.uri().query(),
-                client_ip,
-                None,
-            )
-            .filter(|_| redrawn <= MAX_REDRAWS)
-            .ok_or_else(|| no_backend(&host))?;
+            choice = pick(&route, req.headers(), req.uri().query(), None)
+                .filter(|_| redrawn <= MAX_REDRAWS)
+                .ok_or_else(|| no_backend(&host))?;
             continue;
         };
         let backend = attempt.backend.clone();
@@ -227,12 +216,10 @@ async fn proxy(
                     retried = true;
                     fresh = false;
                     tracing::debug!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
-                    choice = choose(
-                        core,
+                    choice = pick(
                         &route,
                         req.headers(),
                         req.uri().query(),
-                        client_ip,
                         Some(choice.decision.backend),
                     )
                     .ok_or_else(|| no_backend(&host))?;

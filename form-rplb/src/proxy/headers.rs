@@ -40,19 +40,8 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 /// `X-Forwarded-Proto`.
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Hop-by-hop fields (RFC 9110 7.6.1), never forwarded.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// [`HOP_BY_HOP`] and `Upgrade` as text, for fields parsed in place.
+/// Hop-by-hop fields (RFC 9110 7.6.1) and `Upgrade` (the balancer does not tunnel
+/// upgraded protocols), never forwarded.
 const HOP_BY_HOP_NAMES: [&str; 9] = [
     "connection",
     "keep-alive",
@@ -80,8 +69,8 @@ pub fn connection_tokens(fields: &impl Fields) -> Vec<&[u8]> {
         .collect()
 }
 
-/// Whether field `name` is hop-by-hop (RFC 9110 7.6.1, with `Upgrade`: the balancer
-/// does not tunnel upgraded protocols), or one of the message's `Connection` tokens.
+/// Whether field `name` is hop-by-hop ([`HOP_BY_HOP_NAMES`]) or one of the message's
+/// `Connection` tokens.
 pub fn is_hop_by_hop(name: &str, tokens: &[&[u8]]) -> bool {
     HOP_BY_HOP_NAMES
         .iter()
@@ -101,10 +90,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for name in &HOP_BY_HOP {
+    for name in HOP_BY_HOP_NAMES {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// The client's address: the peer's, or, when the peer is a trusted proxy, the last

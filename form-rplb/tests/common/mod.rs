@@ -53,6 +53,15 @@ impl Lb {
         }
     }
 
+    /// Starts the balancer with a configuration file holding `toml` (read at start).
+    pub async fn start_configured(name: &str, toml: &str) -> Self {
+        let conf_dir = TestDir::new(&format!("{name}-conf"));
+        let conf = conf_dir.path().join("rplb.toml");
+        std::fs::write(&conf, toml).expect("config");
+        let conf = conf.display().to_string();
+        Self::start(name, &["--config", &conf]).await
+    }
+
     /// Creates or replaces route `domain` over `backends`.
     pub async fn route(
         &mut self,

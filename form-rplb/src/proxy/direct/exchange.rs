@@ -88,10 +88,11 @@ impl Client {
         let ctx = self.ctx.clone();
         let mut guard = Guard::new(ctx.clone());
         let host: &str = &req.host;
-        // The balancer's own answers close the connection when it is asked to close.
-        let close_asked = req.close || *closing.borrow() || ctx.wants_close();
+        // Whether the client or the balancer asked to close the connection (read again
+        // when the response is ready: a stop may come meanwhile).
+        let close_asked = || req.close || *closing.borrow() || ctx.wants_close();
         let Some(mut route) = core.table.get(host) else {
-            return self.answer(Answer::NoRoute(host), close_asked).await;
+            return self.answer(Answer::NoRoute(host), close_asked()).await;
         };
         let peer = ctx.peer.ip();
         let peer_trusted = core.trusted.contains(peer);
@@ -100,7 +101,7 @@ impl Client {
             choose(&core, route, &req.fields, req.query(), client_ip, exclude)
         };
         let Some(mut choice) = pick(&route, None) else {
-            return self.answer(Answer::NoBackend(host), close_asked).await;
+            return self.answer(Answer::NoBackend(host), close_asked()).await;
         };
         req.write_upstream(buf, &req.forwarding(peer, peer_trusted), &mut self.req_out);
         let timeout = Duration::from_millis(core.config.request_timeout_ms);
@@ -118,7 +119,7 @@ impl Client {
                 };
                 match again {
                     Some(c) => choice = c,
-                    None => return self.answer(Answer::NoBackend(host), close_asked).await,
+                    None => return self.answer(Answer::NoBackend(host), close_asked()).await,
                 }
                 continue;
             };
@@ -129,20 +130,19 @@ impl Client {
                     attempt.failed(&core, &route, &mut guard);
                     if retried {
                         tracing::warn!(domain = %host, backend = %backend.id, error = %e, "backend unreachable");
-                        return self.answer(Answer::Unreachable(host), close_asked).await;
+                        return self.answer(Answer::Unreachable(host), close_asked()).await;
                     }
                     retried = true;
                     fresh = false;
                     tracing::debug!(backend = %backend.id, error = %e, "connect failed; retrying on another backend");
                     match pick(&route, Some(choice.decision.backend)) {
                         Some(c) => choice = c,
-                        None => return self.answer(Answer::NoBackend(host), close_asked).await,
+                        None => return self.answer(Answer::NoBackend(host), close_asked()).await,
                     }
                     continue;
                 }
             };
-            let close =
-                req.close || backend.notifies_clients() || *closing.borrow() || ctx.wants_close();
+            let close = close_asked() || backend.notifies_clients();
             let cookie = session_cookie(&choice, &route);
             let extra = Extra {
                 set_cookie: cookie.as_deref(),
@@ -180,7 +180,7 @@ impl Client {
                     return match failure {
                         Failure::Timeout => {
                             let ms = core.config.request_timeout_ms;
-                            self.answer(Answer::Timeout(host, ms), close_asked).await
+                            self.answer(Answer::Timeout(host, ms), close_asked()).await
                         }
                         Failure::Closed | Failure::Other(_) | Failure::ClientGone => {
                             let why = match &failure {
@@ -188,7 +188,7 @@ impl Client {
                                 _ => "connection closed before a response",
                             };
                             tracing::warn!(domain = %host, backend = %backend.id, error = why, "backend request failed");
-                            self.answer(Answer::Failed(host), close_asked).await
+                            self.answer(Answer::Failed(host), close_asked()).await
                         }
                     };
                 }
