@@ -93,7 +93,7 @@ impl Loads for Vec<u64> {
 pub struct Selector {
     backends: Vec<Backend>,
     ring: Ring,
-    index: std::collections::HashMap<String, usize>,
+    index: std::collections::HashMap<String, usize, super::KeyHash>,
     /// Indices of the backends taking new requests.
     open: Vec<usize>,
 }
@@ -101,19 +101,18 @@ pub struct Selector {
 impl Selector {
     /// The selector of `backends`.
     pub fn new(backends: Vec<Backend>) -> Self {
+        let open: Vec<usize> = (0..backends.len())
+            .filter(|i| backends[*i].takes_new())
+            .collect();
+        // A ring position is a position in `open`.
         let ring = Ring::new(
-            backends
-                .iter()
-                .filter(|b| b.takes_new())
-                .map(|b| (b.id.as_str(), b.weight)),
+            open.iter()
+                .map(|i| (backends[*i].id.as_str(), backends[*i].weight)),
         );
         let index = backends
             .iter()
             .enumerate()
             .map(|(i, b)| (b.id.clone(), i))
-            .collect();
-        let open = (0..backends.len())
-            .filter(|i| backends[*i].takes_new())
             .collect();
         Self {
             backends,
@@ -184,10 +183,11 @@ impl Selector {
             pinned: false,
             set_cookie: None,
         };
+        // The ring holds the open backends, in order.
         let by_ring = |k: &[u8]| {
             self.ring
-                .lookup(k)
-                .and_then(|id| self.index_of(id))
+                .position(k)
+                .map(|p| self.open[p])
                 .filter(|i| Some(*i) != exclude)
         };
         match affinity {
