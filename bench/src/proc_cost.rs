@@ -146,3 +146,19 @@ impl SyscallCount {
         Ok(counts)
     }
 }
+
+/// TCP segments sent by the whole machine so far (`OutSegs` of `/proc/net/snmp`): on
+/// loopback every segment of wrk, the proxy and the backends.
+pub(crate) fn tcp_segments_sent() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut rows = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "OutSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -3,8 +3,10 @@
 //! (a) peak requests/s with `wrk` (median of `runs` runs per proxy, interleaved);
 //! (b) latency added over a direct connection at a fixed request rate, measured by an
 //!     open-loop generator (a request that had to wait for the previous one counts
-//!     from its scheduled time, so a stall is not hidden);
-//! and the proxy's CPU time per request during (a), from `/proc`.
+//!     from its scheduled time, so a stall is not hidden), median of `runs` runs'
+//!     percentiles, interleaved;
+//! and the proxy's CPU time per request during (a), from `/proc`, with the TCP segments
+//! the machine sent per request (the network work every proxy makes its peers do).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,7 +22,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::process::{Child, Command};
 
-use crate::proc_cost::{EVENTS, SyscallCount, TICKS_PER_SECOND, cpu_ticks};
+use crate::proc_cost::{EVENTS, SyscallCount, TICKS_PER_SECOND, cpu_ticks, tcp_segments_sent};
 use crate::quantile;
 
 const DOMAIN: &str = "bench.fog";
@@ -303,6 +305,7 @@ pub(crate) async fn run(
     let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     let mut kernel_us: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     let mut calls: Vec<Option<f64>> = vec![None; targets.len()];
+    let mut segments: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for run in 0..runs {
         for (i, t) in targets.iter().enumerate() {
             let counting = if syscalls && run == 0 && !t.pids.is_empty() {
@@ -311,8 +314,11 @@ pub(crate) async fn run(
                 None
             };
             let before = cpu_ticks(&t.pids);
+            let sent = tcp_segments_sent();
             let v = wrk(t.addr, seconds, 64).await?;
             let used = cpu_ticks(&t.pids).since(before);
+            segments[i]
+                .push(tcp_segments_sent().saturating_sub(sent) as f64 / (v * seconds as f64));
             let us_per_request =
                 |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / (v * seconds as f64);
             let per_request = us_per_request(used.total());
@@ -350,26 +356,41 @@ pub(crate) async fn run(
             kernel_us[i].push(us_per_request(used.system));
         }
     }
-    let mut lat = Vec::new();
-    for t in &targets {
-        let l = fixed_rate(t.addr, rate, 50, seconds)
-            .await
-            .with_context(|| t.name)?;
-        eprintln!("{:<22} {} requests at {rate}/s", t.name, l.len());
-        lat.push((quantile(&l, 0.5), quantile(&l, 0.99)));
-    }
     let median = |v: &[f64]| {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
         quantile(&s, 0.5)
     };
+    // One run's p99 is its 1% slowest requests, which one stall of the machine decides:
+    // the runs are interleaved like wrk's and the medians of their percentiles count.
+    let mut p50s: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for run in 0..runs {
+        for (i, t) in targets.iter().enumerate() {
+            let l = fixed_rate(t.addr, rate, 50, seconds)
+                .await
+                .with_context(|| t.name)?;
+            let (p50, p99) = (quantile(&l, 0.5), quantile(&l, 0.99));
+            eprintln!(
+                "latency {}/{runs} {:<22} {} requests at {rate}/s: p50 {p50:.3} ms, p99 {p99:.3} ms",
+                run + 1,
+                t.name,
+                l.len()
+            );
+            p50s[i].push(p50);
+            p99s[i].push(p99);
+        }
+    }
+    let lat: Vec<(f64, f64)> = (0..targets.len())
+        .map(|i| (median(&p50s[i]), median(&p99s[i])))
+        .collect();
     println!(
-        "\nrplb-http: wrk -t2 -c64 -d{seconds}s, median of {runs} runs; latency at {rate} req/s over 50 connections, {seconds} s"
+        "\nrplb-http: wrk -t2 -c64 -d{seconds}s, median of {runs} runs; latency at {rate} req/s over 50 connections, {seconds} s, median of {runs} runs' percentiles"
     );
     println!(
-        "| target | req/s (median) | runs | proxy CPU us/request | of it in the kernel | syscalls/request | p50 ms | p99 ms | added p50 us | added p99 us |"
+        "| target | req/s (median) | runs | proxy CPU us/request | of it in the kernel | syscalls/request | TCP segments/request | p50 ms | p99 ms | added p50 us | added p99 us |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let (d50, d99) = lat[0];
     for (i, t) in targets.iter().enumerate() {
         let runs_s: Vec<String> = rps[i].iter().map(|v| format!("{v:.0}")).collect();
@@ -382,7 +403,7 @@ pub(crate) async fn run(
             }
         };
         println!(
-            "| {} | {:.0} | {} | {} | {} | {} | {p50:.3} | {p99:.3} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {:.2} | {p50:.3} | {p99:.3} | {} | {} |",
             t.name,
             median(&rps[i]),
             runs_s.join(" "),
@@ -397,6 +418,7 @@ pub(crate) async fn run(
                 format!("{:.1}", median(&kernel_us[i]))
             },
             calls[i].map_or_else(|| "-".to_owned(), |c| format!("{c:.2}")),
+            median(&segments[i]),
             added(p50, d50),
             added(p99, d99)
         );
