@@ -1,49 +1,76 @@
-//! Prometheus metrics: the same per-backend figures as `GetStats`, published every
-//! [`EVERY`] (the request path only touches atomics and its backend's window).
+//! Prometheus metrics: the same per-backend figures as `GetStats`, read from the live
+//! routes at each scrape, so a removed backend's series leave with it.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::fmt::Write as _;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
 
-use form_runtime::shutdown::Shutdown;
+use form_proto::rplb::v1 as pb;
+use form_runtime::metrics::{add_section, label_value};
 
 use crate::control::route_stats;
 use crate::core::Core;
 
-/// Publication interval.
-pub const EVERY: Duration = Duration::from_secs(1);
+/// One per-backend metric: name, Prometheus type, how it is read.
+type Family = (&'static str, &'static str, fn(&pb::BackendStats) -> f64);
 
-/// Publishes until shutdown.
-pub async fn run(core: Arc<Core>, mut shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(EVERY);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => publish(&core),
-            _ = shutdown.requested() => return,
-        }
-    }
+const FAMILIES: [Family; 8] = [
+    ("form_rplb_backend_in_flight", "gauge", |b| {
+        f64::from(b.in_flight)
+    }),
+    ("form_rplb_backend_requests_total", "counter", |b| {
+        b.requests_total as f64
+    }),
+    ("form_rplb_backend_errors_total", "counter", |b| {
+        b.errors_total as f64
+    }),
+    ("form_rplb_backend_latency_p50_seconds", "gauge", |b| {
+        b.latency_p50_ms / 1000.0
+    }),
+    ("form_rplb_backend_latency_p99_seconds", "gauge", |b| {
+        b.latency_p99_ms / 1000.0
+    }),
+    ("form_rplb_backend_pinned_sessions", "gauge", |b| {
+        f64::from(b.pinned_sessions)
+    }),
+    ("form_rplb_backend_requests_per_second", "gauge", |b| {
+        b.requests_per_second
+    }),
+    ("form_rplb_backend_state", "gauge", |b| f64::from(b.state)),
+];
+
+/// Adds the balancer's metrics to every scrape of this process while `core` lives.
+pub fn register(core: &Arc<Core>) {
+    let core: Weak<Core> = Arc::downgrade(core);
+    add_section(move || core.upgrade().map(|c| render(&c)));
 }
 
-fn publish(core: &Core) {
+/// The exposition of the routes' count and of every backend's figures.
+fn render(core: &Core) -> String {
     let now = Instant::now();
-    let routes = core.table.list();
-    metrics::gauge!("form_rplb_routes").set(routes.len() as f64);
-    for r in routes {
-        let s = route_stats(&r, now);
-        for b in s.backends {
-            let labels = [("domain", s.domain.clone()), ("backend", b.id.clone())];
-            metrics::gauge!("form_rplb_backend_in_flight", &labels).set(f64::from(b.in_flight));
-            metrics::counter!("form_rplb_backend_requests_total", &labels)
-                .absolute(b.requests_total);
-            metrics::counter!("form_rplb_backend_errors_total", &labels).absolute(b.errors_total);
-            metrics::gauge!("form_rplb_backend_latency_p50_seconds", &labels)
-                .set(b.latency_p50_ms / 1000.0);
-            metrics::gauge!("form_rplb_backend_latency_p99_seconds", &labels)
-                .set(b.latency_p99_ms / 1000.0);
-            metrics::gauge!("form_rplb_backend_pinned_sessions", &labels)
-                .set(f64::from(b.pinned_sessions));
-            metrics::gauge!("form_rplb_backend_requests_per_second", &labels)
-                .set(b.requests_per_second);
-            metrics::gauge!("form_rplb_backend_state", &labels).set(f64::from(b.state));
+    let routes: Vec<pb::RouteStats> = core
+        .table
+        .list()
+        .iter()
+        .map(|r| route_stats(r, now))
+        .collect();
+    let mut out = format!(
+        "# TYPE form_rplb_routes gauge\nform_rplb_routes {}\n",
+        routes.len()
+    );
+    for (name, kind, read) in FAMILIES {
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for r in &routes {
+            let domain = label_value(&r.domain);
+            for b in &r.backends {
+                let _ = writeln!(
+                    out,
+                    "{name}{{domain=\"{domain}\",backend=\"{}\"}} {}",
+                    label_value(&b.id),
+                    read(b)
+                );
+            }
         }
     }
+    out
 }

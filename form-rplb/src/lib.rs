@@ -130,7 +130,7 @@ impl Service for Balancer {
             tokio::spawn(follow::run(core.clone(), u.clone(), ctx.shutdown.clone()));
             upstreams.push(u);
         }
-        tokio::spawn(export::run(core.clone(), ctx.shutdown.clone()));
+        export::register(&core);
         let data = tokio::spawn(proxy::conn::serve(
             http,
             core.clone(),

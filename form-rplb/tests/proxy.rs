@@ -292,6 +292,18 @@ async fn stats_count_requests_latency_and_errors_per_backend() {
         },
         "metrics published"
     );
+    // A backend taken out of the route takes its series with it.
+    let b1 = HttpBackend::start("b1").await;
+    lb.route("demo.fog", none(), None, &[&b1]).await;
+    let (_, body) = form_testkit::probe::http_get(metrics, "/metrics")
+        .await
+        .expect("metrics");
+    assert!(!body.contains("backend=\"b0\""), "{body}");
+    assert!(
+        body.contains("form_rplb_backend_in_flight{domain=\"demo.fog\",backend=\"b1\"} 0"),
+        "{body}"
+    );
+    assert!(body.contains("form_rplb_routes 1\n"), "{body}");
     stop_gracefully(&mut lb.svc).await;
 }
 

@@ -14,6 +14,29 @@ use crate::shutdown::Shutdown;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Renders part of the exposition at scrape time; `None` once its source is gone.
+type Section = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Sections rendered at every scrape, after the recorder's metrics.
+static SECTIONS: std::sync::Mutex<Vec<Section>> = std::sync::Mutex::new(Vec::new());
+
+/// Adds `section` to every scrape: for series read from live state when scraped, which
+/// disappear with what they describe (a recorder keeps a series it has seen forever).
+/// The section is dropped the first time it returns `None`.
+pub fn add_section(section: impl Fn() -> Option<String> + Send + Sync + 'static) {
+    SECTIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Box::new(section));
+}
+
+/// A label value escaped for the text exposition (backslash, quote, newline).
+pub fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Installs the Prometheus recorder once per process (later calls reuse it) and
 /// returns its handle. Without it, `metrics` macros record nothing.
 pub fn install() -> &'static PrometheusHandle {
@@ -26,11 +49,23 @@ pub fn install() -> &'static PrometheusHandle {
     })
 }
 
-/// The Prometheus text exposition of every metric recorded in this process.
+/// The Prometheus text exposition of every metric recorded in this process, and of
+/// every live section.
 pub fn render() -> String {
     let handle = install();
     handle.run_upkeep();
-    handle.render()
+    let mut out = handle.render();
+    SECTIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|section| match section() {
+            Some(text) => {
+                out.push_str(&text);
+                true
+            }
+            None => false,
+        });
+    out
 }
 
 /// An axum handler answering with [`render`].
@@ -57,4 +92,25 @@ pub async fn serve(listener: TcpListener, mut shutdown: Shutdown) -> Result<(), 
             name: "metrics",
             message: e.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_rendered_until_their_source_is_gone() {
+        let source = std::sync::Arc::new("x_live 1\n".to_owned());
+        let weak = std::sync::Arc::downgrade(&source);
+        add_section(move || weak.upgrade().map(|s| s.to_string()));
+        assert!(render().contains("x_live 1\n"));
+        drop(source);
+        assert!(!render().contains("x_live"));
+        assert!(!render().contains("x_live"), "and it stays gone");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }
