@@ -9,4 +9,5 @@ pub mod conn;
 pub mod direct;
 pub mod handler;
 pub mod headers;
+pub mod idle;
 pub mod upstream;

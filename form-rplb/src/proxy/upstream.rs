@@ -8,25 +8,18 @@
 //! was abandoned is closed. Idle connections older than [`IDLE`] are dropped (backends
 //! close theirs too), and a pooled one that turns out closed is skipped.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::uri::Authority;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use super::body::UpBody;
-use crate::balance::KeyHash;
+use super::idle::{IDLE, IdleLists};
 
 /// Time to open a TCP connection to a backend before the attempt counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Idle connections are kept this long: less than the shortest keep-alive timeout
-/// backends commonly have (Node.js closes after 5 s), so the balancer rarely picks one
-/// the backend is closing.
-pub const IDLE: Duration = Duration::from_secs(4);
-/// Idle connections kept per backend.
-const MAX_IDLE: usize = 512;
 
 /// A connection ready for one request.
 #[derive(Debug)]
@@ -51,13 +44,10 @@ pub enum ConnectError {
     Handshake(String, hyper::Error),
 }
 
-/// Idle connections of one backend, with when each became idle.
-type Idle = Vec<(SendRequest<UpBody>, Instant)>;
-
 /// The pool of one data-plane thread.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Authority, Idle, KeyHash>>,
+    idle: Mutex<IdleLists<SendRequest<UpBody>>>,
 }
 
 impl Pool {
@@ -98,21 +88,7 @@ impl Pool {
     /// for later; closed and expired ones go.
     fn pop_ready(&self, to: &Authority) -> Option<SendRequest<UpBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(to)?;
-        let mut busy = Vec::new();
-        let mut found = None;
-        while let Some((s, since)) = list.pop() {
-            if s.is_closed() || since.elapsed() >= IDLE {
-                continue;
-            }
-            if s.is_ready() {
-                found = Some(s);
-                break;
-            }
-            busy.push((s, since));
-        }
-        list.extend(busy.into_iter().rev());
-        found
+        idle.pop(to, |s| (!s.is_closed()).then(|| s.is_ready()))
     }
 
     /// Takes back a connection whose response ended.
@@ -121,10 +97,7 @@ impl Pool {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(to.clone()).or_default();
-        if list.len() < MAX_IDLE {
-            list.push((sender, Instant::now()));
-        }
+        idle.put(to, sender);
     }
 }
 

@@ -4,31 +4,19 @@
 //! the stream not readable, and any event since (the backend closing it, or sending
 //! what nobody asked for) means it cannot be reused.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 use http::uri::Authority;
 use tokio::net::TcpStream;
 
-use crate::balance::KeyHash;
-use crate::proxy::upstream::{CONNECT_TIMEOUT, ConnectError, IDLE};
-
-/// Idle connections kept per backend.
-const MAX_IDLE: usize = 512;
+use crate::proxy::idle::IdleLists;
+use crate::proxy::upstream::{CONNECT_TIMEOUT, ConnectError};
 
 /// The direct path's upstream connections of one data-plane thread.
 #[derive(Debug, Default)]
 pub struct RawPool {
-    idle: Mutex<Idle>,
-}
-
-/// Idle connections by backend, and when they were last all looked at.
-#[derive(Debug, Default)]
-struct Idle {
-    by_backend: HashMap<Authority, VecDeque<(TcpStream, Instant)>, KeyHash>,
-    swept: Option<Instant>,
+    idle: Mutex<IdleLists<TcpStream>>,
 }
 
 impl RawPool {
@@ -54,39 +42,13 @@ impl RawPool {
 
     fn pop(&self, to: &Authority) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.by_backend.get_mut(to)?;
-        while let Some((s, since)) = list.pop_back() {
-            if since.elapsed() < IDLE && quiet(&s) {
-                return Some(s);
-            }
-        }
-        None
+        idle.pop(to, |s| quiet(s).then_some(true))
     }
 
     /// Keeps a connection whose response ended cleanly for the next request.
     pub fn put(&self, to: &Authority, stream: TcpStream) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        // Every backend's list, those of backends no longer used too, now and then.
-        if idle.swept.is_none_or(|t| now - t >= IDLE) {
-            idle.swept = Some(now);
-            idle.by_backend.retain(|_, list| {
-                expire(list, now);
-                !list.is_empty()
-            });
-        }
-        let list = idle.by_backend.entry(to.clone()).or_default();
-        expire(list, now);
-        if list.len() < MAX_IDLE {
-            list.push_back((stream, now));
-        }
-    }
-}
-
-/// Drops the connections idle for too long (the oldest are in front).
-fn expire(list: &mut VecDeque<(TcpStream, Instant)>, now: Instant) {
-    while list.front().is_some_and(|(_, since)| now - *since >= IDLE) {
-        list.pop_front();
+        idle.put(to, stream);
     }
 }
 
