@@ -244,6 +244,39 @@ async fn a_killed_backend_leaves_rotation_within_interval_times_fall_and_comes_b
 }
 
 #[tokio::test]
+async fn failures_every_backend_shares_eject_at_most_half_of_them() {
+    let mut lb = Lb::start("eject-half", &[]).await;
+    let bs = [
+        HttpBackend::start("b0").await,
+        HttpBackend::start("b1").await,
+    ];
+    // Both answer 503 on /healthz: an error of the application, not of one instance.
+    for b in &bs {
+        b.set_healthy(false);
+    }
+    lb.route("demo.fog", none(), None, &[&bs[0], &bs[1]]).await;
+    let http = Http::new(lb.http);
+    for i in 0..40 {
+        let r = http
+            .get("demo.fog", "/healthz", &[])
+            .await
+            .expect("request");
+        assert_eq!(r.status.as_u16(), 503, "request {i}");
+        assert!(
+            r.headers.get("retry-after").is_none(),
+            "request {i} was answered by the balancer, not a backend: every backend ejected"
+        );
+    }
+    let states = lb.states("demo.fog").await;
+    let ejected = states
+        .iter()
+        .filter(|(_, s)| *s == pb::BackendState::Ejected)
+        .count();
+    assert_eq!(ejected, 1, "one of two may go, not both: {states:?}");
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
 async fn stats_count_requests_latency_and_errors_per_backend() {
     let mut lb = Lb::start("stats", &[]).await;
     let b = HttpBackend::start("b0").await;

@@ -1,7 +1,9 @@
 //! Health of one backend as a state machine, without I/O: active checks (`rise`
 //! consecutive successes bring an ejected backend back, `fall` consecutive failures
 //! eject it) and passive ejection (`passive_failures` consecutive failed requests eject
-//! it for `cool_off`, after which it is checked again before it takes traffic).
+//! it for `cool_off`, after which it is checked again before it takes traffic, unless
+//! the route may not lose another backend to passive ejection: then it is held in
+//! rotation, and ejected by the first failure once that is allowed).
 //!
 //! ```text
 //!            fall failed checks / passive failures
@@ -46,6 +48,17 @@ pub enum Health {
         /// When the next check may bring it back (the end of a cool-off).
         recheck_at: Instant,
     },
+}
+
+/// What a failed request did to a backend's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passive {
+    /// Nothing changed.
+    Unchanged,
+    /// The backend was ejected.
+    Ejected,
+    /// It reached the threshold but was kept in rotation (ejection not allowed).
+    Held,
 }
 
 /// The health of one backend.
@@ -114,21 +127,30 @@ impl HealthTracker {
         self.health != before
     }
 
-    /// Records the outcome of a proxied request; returns true when the health changed.
-    pub fn on_request(&mut self, ok: bool, now: Instant) -> bool {
+    /// Records the outcome of a proxied request; `may_eject` says whether its route can
+    /// lose this backend to passive ejection now. [`Passive::Held`] is reported once,
+    /// when the threshold is first reached without leave to eject.
+    pub fn on_request(&mut self, ok: bool, now: Instant, may_eject: bool) -> Passive {
         if ok {
             self.failed_requests = 0;
-            return false;
+            return Passive::Unchanged;
         }
         self.failed_requests = self.failed_requests.saturating_add(1);
-        if self.is_healthy() && self.failed_requests >= self.config.passive_failures {
-            self.health = Health::Ejected {
-                recheck_at: now + self.config.cool_off,
-            };
-            self.passed = 0;
-            return true;
+        if !self.is_healthy() || self.failed_requests < self.config.passive_failures {
+            return Passive::Unchanged;
         }
-        false
+        if !may_eject {
+            return if self.failed_requests == self.config.passive_failures {
+                Passive::Held
+            } else {
+                Passive::Unchanged
+            };
+        }
+        self.health = Health::Ejected {
+            recheck_at: now + self.config.cool_off,
+        };
+        self.passed = 0;
+        Passive::Ejected
     }
 }
 
@@ -169,13 +191,21 @@ mod tests {
         let now = Instant::now();
         let mut h = HealthTracker::new(config());
         for _ in 0..4 {
-            assert!(!h.on_request(false, now));
+            assert_eq!(h.on_request(false, now, true), Passive::Unchanged);
         }
-        assert!(!h.on_request(true, now), "a success resets the count");
+        assert_eq!(
+            h.on_request(true, now, true),
+            Passive::Unchanged,
+            "a success resets the count"
+        );
         for _ in 0..4 {
-            h.on_request(false, now);
+            h.on_request(false, now, true);
         }
-        assert!(h.on_request(false, now), "five in a row eject");
+        assert_eq!(
+            h.on_request(false, now, true),
+            Passive::Ejected,
+            "five in a row eject"
+        );
         assert!(
             !h.check_due(now + Duration::from_secs(9)),
             "resting during the cool-off"
@@ -185,5 +215,22 @@ mod tests {
         h.on_check(true, later);
         assert!(h.on_check(true, later), "back after `rise` passes");
         assert!(h.is_healthy());
+    }
+
+    #[test]
+    fn a_backend_the_route_cannot_lose_is_held_until_it_can() {
+        let now = Instant::now();
+        let mut h = HealthTracker::new(config());
+        for _ in 0..4 {
+            h.on_request(false, now, false);
+        }
+        assert_eq!(h.on_request(false, now, false), Passive::Held, "said once");
+        assert_eq!(h.on_request(false, now, false), Passive::Unchanged);
+        assert!(h.is_healthy(), "still in rotation");
+        assert_eq!(
+            h.on_request(false, now, true),
+            Passive::Ejected,
+            "the first failure once it may go"
+        );
     }
 }

@@ -19,6 +19,7 @@ use super::body::{Guard, ResBody, UpBody};
 use super::conn::ConnCtx;
 use super::headers::{self, Fields};
 use super::upstream::Lease;
+use crate::balance::health::Passive;
 use crate::balance::p2c::Rng;
 use crate::balance::select::{Affinity, Decision, Loads, RequestKey};
 use crate::core::Core;
@@ -390,9 +391,28 @@ pub(super) fn session_cookie(choice: &Choice, route: &RouteView) -> Option<Strin
 }
 
 /// Records a request outcome in the backend's health; a change rebuilds the route.
+/// Passive ejection may take at most half of a route's backends out, and never the
+/// last one (Envoy's maximum ejection percentage): failures that every backend shares,
+/// an application error or an overload, must not turn into no backend at all.
 pub(super) fn passive(core: &Core, route: &RouteView, backend: &BackendRt, ok: bool, now: Instant) {
-    if backend.with_health(|h| h.on_request(ok, now)) {
-        tracing::warn!(domain = %route.settings.domain, backend = %backend.id, "backend ejected after consecutive failures");
-        core.table.refresh(&route.settings.domain);
+    // Read before taking this backend's lock (it is one of them).
+    let may_eject = !ok && {
+        let out = route
+            .backends
+            .iter()
+            .filter(|b| !b.with_health(|h| h.is_healthy()))
+            .count();
+        out < route.backends.len() / 2
+    };
+    let domain = &route.settings.domain;
+    match backend.with_health(|h| h.on_request(ok, now, may_eject)) {
+        Passive::Unchanged => {}
+        Passive::Ejected => {
+            tracing::warn!(%domain, backend = %backend.id, "backend ejected after consecutive failures");
+            core.table.refresh(domain);
+        }
+        Passive::Held => {
+            tracing::warn!(%domain, backend = %backend.id, "backend failing but kept in rotation: half of the route's backends are ejected already");
+        }
     }
 }
