@@ -277,6 +277,60 @@ async fn failures_every_backend_shares_eject_at_most_half_of_them() {
 }
 
 #[tokio::test]
+async fn passive_ejection_never_takes_the_last_backend_serving_new_requests() {
+    let mut lb = Lb::start("eject-last", &[]).await;
+    let (old, new) = (
+        HttpBackend::start("old").await,
+        HttpBackend::start("new").await,
+    );
+    for b in [&old, &new] {
+        b.set_healthy(false);
+    }
+    // A rolling replacement: `old` drains for a minute, `new` alone takes new requests.
+    lb.control
+        .upsert_route(pb::UpsertRouteRequest {
+            route: Some(pb::Route {
+                domain: "demo.fog".into(),
+                cluster_id: "demo".into(),
+                drain: Some(pb::ConnectionDrainConfig {
+                    grace_period_seconds: 60,
+                    wait_for_connections: false,
+                    notify_clients: false,
+                }),
+                backends: vec![common::backend(&old), common::backend(&new)],
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("route");
+    lb.set_backends_draining("demo.fog", &[&new]).await;
+    assert!(
+        lb.states("demo.fog")
+            .await
+            .contains(&("old".into(), pb::BackendState::Draining)),
+        "old drains"
+    );
+    let http = Http::new(lb.http);
+    for i in 0..20 {
+        let r = http
+            .get("demo.fog", "/healthz", &[])
+            .await
+            .expect("request");
+        assert_eq!(r.status.as_u16(), 503, "request {i}");
+        assert!(
+            r.headers.get("retry-after").is_none(),
+            "request {i} was answered by the balancer: the only serving backend was ejected"
+        );
+    }
+    let states = lb.states("demo.fog").await;
+    assert!(
+        states.contains(&("new".into(), pb::BackendState::Active)),
+        "{states:?}"
+    );
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
 async fn stats_count_requests_latency_and_errors_per_backend() {
     let mut lb = Lb::start("stats", &[]).await;
     let b = HttpBackend::start("b0").await;

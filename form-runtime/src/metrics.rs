@@ -22,7 +22,8 @@ static SECTIONS: std::sync::Mutex<Vec<Section>> = std::sync::Mutex::new(Vec::new
 
 /// Adds `section` to every scrape: for series read from live state when scraped, which
 /// disappear with what they describe (a recorder keeps a series it has seen forever).
-/// The section is dropped the first time it returns `None`.
+/// The section is dropped the first time it returns `None`. Each section must own its
+/// metric names (its `# TYPE` lines): a family written twice makes the scrape invalid.
 pub fn add_section(section: impl Fn() -> Option<String> + Send + Sync + 'static) {
     SECTIONS
         .lock()

@@ -127,6 +127,11 @@ impl HealthTracker {
         self.health != before
     }
 
+    /// Whether one more failed request would eject it (if allowed).
+    pub fn failure_reaches_threshold(&self) -> bool {
+        self.is_healthy() && self.failed_requests.saturating_add(1) >= self.config.passive_failures
+    }
+
     /// Records the outcome of a proxied request; `may_eject` says whether its route can
     /// lose this backend to passive ejection now. [`Passive::Held`] is reported once,
     /// when the threshold is first reached without leave to eject.
@@ -222,9 +227,12 @@ mod tests {
         let now = Instant::now();
         let mut h = HealthTracker::new(config());
         for _ in 0..4 {
+            assert!(!h.failure_reaches_threshold());
             h.on_request(false, now, false);
         }
+        assert!(h.failure_reaches_threshold());
         assert_eq!(h.on_request(false, now, false), Passive::Held, "said once");
+        assert!(h.failure_reaches_threshold(), "every failure asks again");
         assert_eq!(h.on_request(false, now, false), Passive::Unchanged);
         assert!(h.is_healthy(), "still in rotation");
         assert_eq!(

@@ -390,29 +390,51 @@ pub(super) fn session_cookie(choice: &Choice, route: &RouteView) -> Option<Strin
     }
 }
 
+/// Passive ejections are decided one at a time, so two cannot both pass the limit.
+static EJECTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Records a request outcome in the backend's health; a change rebuilds the route.
-/// Passive ejection may take at most half of a route's backends out, and never the
-/// last one (Envoy's maximum ejection percentage): failures that every backend shares,
-/// an application error or an overload, must not turn into no backend at all.
+/// Passive ejection may take at most half of a route's serving backends out, and never
+/// the last one (Envoy's maximum ejection percentage): failures that every backend
+/// shares, an application error or an overload, must not turn into no backend at all.
 pub(super) fn passive(core: &Core, route: &RouteView, backend: &BackendRt, ok: bool, now: Instant) {
-    // Read before taking this backend's lock (it is one of them).
-    let may_eject = !ok && {
-        let out = route
-            .backends
-            .iter()
-            .filter(|b| !b.with_health(|h| h.is_healthy()))
-            .count();
-        out < route.backends.len() / 2
-    };
+    if ok || !backend.with_health(|h| h.failure_reaches_threshold()) {
+        // Nothing to decide (a failure counted meanwhile elsewhere lets the next decide).
+        backend.with_health(|h| h.on_request(ok, now, false));
+        return;
+    }
+    let _one_at_a_time = EJECTING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let may_eject = route_may_lose(route, backend);
     let domain = &route.settings.domain;
-    match backend.with_health(|h| h.on_request(ok, now, may_eject)) {
+    match backend.with_health(|h| h.on_request(false, now, may_eject)) {
         Passive::Unchanged => {}
         Passive::Ejected => {
             tracing::warn!(%domain, backend = %backend.id, "backend ejected after consecutive failures");
             core.table.refresh(domain);
         }
         Passive::Held => {
-            tracing::warn!(%domain, backend = %backend.id, "backend failing but kept in rotation: half of the route's backends are ejected already");
+            tracing::warn!(%domain, backend = %backend.id, "backend failing but kept in rotation: half of the route's serving backends are ejected already");
         }
     }
+}
+
+/// Whether `route` can lose `backend` to passive ejection: one that takes no new
+/// requests anyway (draining, leaving) always; a serving one while, with it out, at
+/// most half of the serving backends would be ejected. Each backend's lock is taken
+/// alone, `backend`'s too.
+fn route_may_lose(route: &RouteView, backend: &BackendRt) -> bool {
+    let serving = |b: &BackendRt| b.admin() == Admin::Active && !b.is_leaving();
+    if !serving(backend) {
+        return true;
+    }
+    let (mut serving_n, mut out) = (0, 0);
+    for b in route.backends.iter().filter(|b| serving(b)) {
+        serving_n += 1;
+        if !b.with_health(|h| h.is_healthy()) {
+            out += 1;
+        }
+    }
+    (out + 1) * 2 <= serving_n
 }

@@ -1,7 +1,8 @@
 //! Idle upstream connections by backend, as both paths' pools keep them: the newest
 //! is reused first, none is kept longer than [`IDLE`], and every backend's list (those
-//! of backends no longer in any route too) is swept once an [`IDLE`] at most, so
-//! nothing is left behind for a backend that is gone.
+//! of backends no longer in any route too) is swept at most once an [`IDLE`], by the
+//! pool's next use, so nothing is left behind for a backend that is gone while its
+//! data-plane thread serves requests.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -38,8 +39,9 @@ impl<C> IdleLists<C> {
     /// (`Some(true)`); those it rejects (`None`) are dropped, those it skips for now
     /// (`Some(false)`) stay, in their order.
     pub fn pop(&mut self, to: &Authority, mut usable: impl FnMut(&C) -> Option<bool>) -> Option<C> {
-        let list = self.by_backend.get_mut(to)?;
         let now = Instant::now();
+        self.sweep(now);
+        let list = self.by_backend.get_mut(to)?;
         let mut skipped = Vec::new();
         let mut found = None;
         while let Some((c, since)) = list.pop_back() {
@@ -62,18 +64,25 @@ impl<C> IdleLists<C> {
     /// Keeps `c` for the next request to `to` (unless `MAX_IDLE` are kept already).
     pub fn put(&mut self, to: &Authority, c: C) {
         let now = Instant::now();
-        if self.swept.is_none_or(|t| now - t >= IDLE) {
-            self.swept = Some(now);
-            self.by_backend.retain(|_, list| {
-                expire(list, now);
-                !list.is_empty()
-            });
-        }
+        self.sweep(now);
         let list = self.by_backend.entry(to.clone()).or_default();
         expire(list, now);
         if list.len() < MAX_IDLE {
             list.push_back((c, now));
         }
+    }
+
+    /// Drops every list's expired connections, and the lists left empty, once an
+    /// [`IDLE`] at most.
+    fn sweep(&mut self, now: Instant) {
+        if self.swept.is_some_and(|t| now - t < IDLE) {
+            return;
+        }
+        self.swept = Some(now);
+        self.by_backend.retain(|_, list| {
+            expire(list, now);
+            !list.is_empty()
+        });
     }
 
     /// Backends with idle connections kept.
@@ -140,5 +149,13 @@ mod tests {
         idle.put(&used, 3);
         assert_eq!(idle.backends(), 1, "the backend no longer used left");
         assert_eq!(idle.pop(&used, |_| Some(true)), Some(3));
+        // Taking connections sweeps too.
+        idle.put(&gone, 4);
+        idle.by_backend
+            .values_mut()
+            .for_each(|l| l.iter_mut().for_each(|e| e.1 = old));
+        idle.swept = Some(old);
+        assert_eq!(idle.pop(&used, |_| Some(true)), None);
+        assert_eq!(idle.backends(), 0, "swept by a pop");
     }
 }
