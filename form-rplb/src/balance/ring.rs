@@ -16,7 +16,6 @@ pub const POINTS_PER_WEIGHT: u32 = 1024;
 #[derive(Debug, Clone, Default)]
 pub struct Ring {
     points: Vec<(u64, u32)>,
-    ids: Vec<String>,
     /// `starts[b]`: the first point whose hash has `b` as its top `bits` bits; one more
     /// entry holds the number of points.
     starts: Vec<u32>,
@@ -27,13 +26,11 @@ impl Ring {
     /// The ring of `(id, weight)` backends.
     pub fn new<'a>(backends: impl IntoIterator<Item = (&'a str, u32)>) -> Self {
         let mut points = Vec::new();
-        let mut ids = Vec::new();
         for (i, (id, weight)) in backends.into_iter().enumerate() {
             let n = POINTS_PER_WEIGHT * weight.max(1);
             for p in 0..n {
                 points.push((hash64(format!("{id}-{p}").as_bytes()), i as u32));
             }
-            ids.push(id.to_owned());
         }
         points.sort_unstable();
         // About two points a bucket.
@@ -50,7 +47,6 @@ impl Ring {
         starts.push(points.len() as u32);
         Self {
             points,
-            ids,
             starts,
             bits,
         }
@@ -59,11 +55,6 @@ impl Ring {
     /// Whether the ring has no backend.
     pub fn is_empty(&self) -> bool {
         self.points.is_empty()
-    }
-
-    /// The backend owning `key`.
-    pub fn lookup(&self, key: &[u8]) -> Option<&str> {
-        self.position(key).map(|i| self.ids[i].as_str())
     }
 
     /// The position, in the order the ring was built from, of the backend owning `key`.
@@ -104,6 +95,11 @@ mod tests {
         Ring::new(ids.iter().map(|s| (s.as_str(), 1)))
     }
 
+    /// The id of the backend owning `key` in `r`, built from `ids`.
+    fn owner<'a>(r: &Ring, ids: &'a [String], key: &[u8]) -> Option<&'a str> {
+        r.position(key).map(|i| ids[i].as_str())
+    }
+
     #[test]
     fn spread_is_within_15_percent_of_even_at_10_backends() {
         let ids = backends(10);
@@ -113,7 +109,7 @@ mod tests {
         for k in 0..keys {
             *counts
                 .entry(
-                    r.lookup(format!("10.0.{}.{}", k / 256, k % 256).as_bytes())
+                    owner(&r, &ids, format!("10.0.{}.{}", k / 256, k % 256).as_bytes())
                         .expect("backend"),
                 )
                 .or_default() += 1;
@@ -141,8 +137,8 @@ mod tests {
         for k in 0..50_000u32 {
             let key = k.to_le_bytes();
             let (a, b) = (
-                before.lookup(&key).expect("b"),
-                after.lookup(&key).expect("a"),
+                owner(&before, &ids, &key).expect("b"),
+                owner(&after, &rest, &key).expect("a"),
             );
             if a == removed {
                 moved_from_removed += 1;
@@ -181,6 +177,6 @@ mod tests {
 
     #[test]
     fn an_empty_ring_has_no_backend() {
-        assert_eq!(Ring::default().lookup(b"x"), None);
+        assert_eq!(Ring::default().position(b"x"), None);
     }
 }
