@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Http, Lb};
-use form_proto::rplb::v1 as pb;
 use form_testkit::conformance::stop_gracefully;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -261,15 +260,7 @@ async fn bytes_a_backend_sends_beyond_its_response_never_reach_the_next_request(
 
 /// Requests in flight to the route's only backend.
 async fn in_flight(lb: &mut Lb) -> u32 {
-    let stats = lb
-        .control
-        .get_stats(pb::GetStatsRequest {
-            domain: "demo.fog".into(),
-        })
-        .await
-        .expect("stats")
-        .into_inner();
-    stats.routes[0].backends[0].in_flight
+    lb.stats("demo.fog").await.backends[0].in_flight
 }
 
 #[tokio::test]

@@ -243,6 +243,24 @@ async fn a_killed_backend_leaves_rotation_within_interval_times_fall_and_comes_b
     stop_gracefully(&mut lb.svc).await;
 }
 
+/// Sends `n` requests to `/healthz` of demo.fog, whose backends all answer 503: each
+/// must get a backend's 503, not the balancer's own (which has `Retry-After`), so no
+/// ejection left the route without a backend taking new requests.
+async fn all_answered_by_a_failing_backend(lb: &Lb, n: usize) {
+    let http = Http::new(lb.http);
+    for i in 0..n {
+        let r = http
+            .get("demo.fog", "/healthz", &[])
+            .await
+            .expect("request");
+        assert_eq!(r.status.as_u16(), 503, "request {i}");
+        assert!(
+            r.headers.get("retry-after").is_none(),
+            "request {i} was answered by the balancer, not a backend: no backend serving"
+        );
+    }
+}
+
 #[tokio::test]
 async fn failures_every_backend_shares_eject_at_most_half_of_them() {
     let mut lb = Lb::start("eject-half", &[]).await;
@@ -255,18 +273,7 @@ async fn failures_every_backend_shares_eject_at_most_half_of_them() {
         b.set_healthy(false);
     }
     lb.route("demo.fog", none(), None, &[&bs[0], &bs[1]]).await;
-    let http = Http::new(lb.http);
-    for i in 0..40 {
-        let r = http
-            .get("demo.fog", "/healthz", &[])
-            .await
-            .expect("request");
-        assert_eq!(r.status.as_u16(), 503, "request {i}");
-        assert!(
-            r.headers.get("retry-after").is_none(),
-            "request {i} was answered by the balancer, not a backend: every backend ejected"
-        );
-    }
+    all_answered_by_a_failing_backend(&lb, 40).await;
     let states = lb.states("demo.fog").await;
     let ejected = states
         .iter()
@@ -310,18 +317,7 @@ async fn passive_ejection_never_takes_the_last_backend_serving_new_requests() {
             .contains(&("old".into(), pb::BackendState::Draining)),
         "old drains"
     );
-    let http = Http::new(lb.http);
-    for i in 0..20 {
-        let r = http
-            .get("demo.fog", "/healthz", &[])
-            .await
-            .expect("request");
-        assert_eq!(r.status.as_u16(), 503, "request {i}");
-        assert!(
-            r.headers.get("retry-after").is_none(),
-            "request {i} was answered by the balancer: the only serving backend was ejected"
-        );
-    }
+    all_answered_by_a_failing_backend(&lb, 20).await;
     let states = lb.states("demo.fog").await;
     assert!(
         states.contains(&("new".into(), pb::BackendState::Active)),
@@ -339,15 +335,8 @@ async fn stats_count_requests_latency_and_errors_per_backend() {
     for _ in 0..10 {
         http.get("demo.fog", "/slow/5", &[]).await.expect("request");
     }
-    let stats = lb
-        .control
-        .get_stats(pb::GetStatsRequest {
-            domain: "demo.fog".into(),
-        })
-        .await
-        .expect("stats")
-        .into_inner();
-    let s = &stats.routes[0].backends[0];
+    let stats = lb.stats("demo.fog").await;
+    let s = &stats.backends[0];
     assert_eq!(
         (s.id.as_str(), s.requests_total, s.errors_total, s.in_flight),
         ("b0", 10, 0, 0)

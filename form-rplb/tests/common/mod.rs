@@ -149,6 +149,21 @@ impl Lb {
             .expect("route listed")
     }
 
+    /// The statistics of route `domain`.
+    pub async fn stats(&mut self, domain: &str) -> pb::RouteStats {
+        self.control
+            .get_stats(pb::GetStatsRequest {
+                domain: domain.into(),
+            })
+            .await
+            .expect("stats")
+            .into_inner()
+            .routes
+            .into_iter()
+            .next()
+            .expect("the route's statistics")
+    }
+
     /// The backend states of `domain`, by id.
     pub async fn states(&mut self, domain: &str) -> Vec<(String, pb::BackendState)> {
         self.listed(domain)
