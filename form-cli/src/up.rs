@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use form_runtime::child::{ChildService, LaunchSpec};
+use form_runtime::child::{ChildError, ChildService, LaunchSpec};
 use form_runtime::ready::{self, ReadyInfo};
 use form_runtime::shutdown;
 use nix::sys::signal::Signal;
@@ -18,15 +18,18 @@ use crate::plan::{self, DEFAULT_PORTS, Ports, Process};
 
 /// Time each service gets to stop after SIGTERM (the services promise 5 s).
 const STOP_DEADLINE: Duration = Duration::from_secs(6);
+/// Starts of the stack on fresh free ports (`--auto-ports`) when one chosen for it was
+/// taken by another process before its service bound it.
+const PORT_ATTEMPTS: usize = 5;
 /// How often children are checked for an unexpected exit.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
-    let data_dir = match args.data_dir {
+    let data_dir = match args.data_dir.clone() {
         Some(d) => d,
         None => default_data_dir()?,
     };
-    let bin_dir = match args.bin_dir {
+    let bin_dir = match args.bin_dir.clone() {
         Some(d) => d,
         None => std::env::current_exe()?
             .parent()
@@ -38,27 +41,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         DEFAULT_PORTS
     };
-    // With free ports the balancer's data plane takes port 0 (its ready file tells).
-    let http_port = if args.auto_ports {
-        0
-    } else {
-        plan::DEFAULT_HTTP_PORT
-    };
-    let mut plan = plan::stack(args.host, &ports, http_port, &data_dir);
-    if args.backend == "qemu" {
-        let guest = args
-            .guest_dir
-            .as_ref()
-            .context("--backend qemu needs --guest-dir (make one with deploy/guest/build.sh)")?;
-        if let Some(vmm) = plan.iter_mut().find(|p| p.bin == "form-vmm-service") {
-            vmm.args.extend([
-                "--backend".into(),
-                "qemu".into(),
-                "--guest-dir".into(),
-                guest.clone().into_os_string(),
-            ]);
-        }
-    }
+    let mut plan = stack_plan(&args, &ports, &data_dir)?;
     check_binaries(&bin_dir, &plan)?;
     if !args.no_demo && !bin_dir.join("form-demo-app").is_file() {
         bail!(
@@ -75,24 +58,25 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let (handle, mut stop) = shutdown::channel();
     shutdown::spawn_signal_listener(handle)?;
 
-    let mut children: Vec<ChildService> = Vec::new();
-    for p in &plan {
-        let spec =
-            LaunchSpec::new(&p.name, bin_dir.join(p.bin), &run_dir).args(p.args.iter().cloned());
-        tokio::select! {
-            started = ChildService::start(spec) => match started {
-                Ok(c) => children.push(c),
-                Err(e) => {
-                    stop_all(&mut children).await;
-                    bail!("{e}");
-                }
-            },
-            _ = stop.requested() => {
-                stop_all(&mut children).await;
-                return Ok(ExitCode::SUCCESS);
+    let mut attempt = 1;
+    let mut children = loop {
+        match start_all(&plan, &bin_dir, &run_dir, &mut stop).await {
+            Ok(Some(children)) => break children,
+            Ok(None) => return Ok(ExitCode::SUCCESS),
+            // Another process took a port between free_ports and the service's bind.
+            Err(e) if args.auto_ports && e.is_addr_in_use() && attempt < PORT_ATTEMPTS => {
+                eprintln!("formctl: {e}\nformctl: starting again on other free ports");
+                attempt += 1;
+                plan = stack_plan(&args, &free_ports(args.host)?, &data_dir)?;
             }
+            Err(e) if e.is_addr_in_use() && !args.auto_ports => {
+                bail!(
+                    "{e}\na documented port is taken: stop what listens there, or pass --auto-ports"
+                )
+            }
+            Err(e) => bail!("{e}"),
         }
-    }
+    };
     let api_addr = children
         .iter()
         .find(|c| c.name() == "form-mcp")
@@ -170,6 +154,61 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The stack's processes on `ports`, with the flags `args` ask for.
+fn stack_plan(args: &UpArgs, ports: &Ports, data_dir: &Path) -> anyhow::Result<Vec<Process>> {
+    // With free ports the balancer's data plane takes port 0 (its ready file tells).
+    let http_port = if args.auto_ports {
+        0
+    } else {
+        plan::DEFAULT_HTTP_PORT
+    };
+    let mut plan = plan::stack(args.host, ports, http_port, data_dir);
+    if args.backend == "qemu" {
+        let guest = args
+            .guest_dir
+            .as_ref()
+            .context("--backend qemu needs --guest-dir (make one with deploy/guest/build.sh)")?;
+        if let Some(vmm) = plan.iter_mut().find(|p| p.bin == "form-vmm-service") {
+            vmm.args.extend([
+                "--backend".into(),
+                "qemu".into(),
+                "--guest-dir".into(),
+                guest.clone().into_os_string(),
+            ]);
+        }
+    }
+    Ok(plan)
+}
+
+/// Starts the processes of `plan` in order, each once the one before is ready. None if
+/// a stop was asked for meanwhile; on an error the ones started are stopped.
+async fn start_all(
+    plan: &[Process],
+    bin_dir: &Path,
+    run_dir: &Path,
+    stop: &mut shutdown::Shutdown,
+) -> Result<Option<Vec<ChildService>>, ChildError> {
+    let mut children: Vec<ChildService> = Vec::new();
+    for p in plan {
+        let spec =
+            LaunchSpec::new(&p.name, bin_dir.join(p.bin), run_dir).args(p.args.iter().cloned());
+        tokio::select! {
+            started = ChildService::start(spec) => match started {
+                Ok(c) => children.push(c),
+                Err(e) => {
+                    stop_all(&mut children).await;
+                    return Err(e);
+                }
+            },
+            _ = stop.requested() => {
+                stop_all(&mut children).await;
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(children))
 }
 
 /// Creates each state replica's node key (if missing) and writes the authorized keys

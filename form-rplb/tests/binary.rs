@@ -19,6 +19,11 @@ async fn sigint_exits_at_once() {
     conformance::sigint_exits_fast_with(Path::new(BIN), "form-rplb", HTTP0).await;
 }
 
+#[tokio::test]
+async fn an_address_in_use_exits_75_naming_it() {
+    conformance::refuses_address_in_use(Path::new(BIN), "form-rplb", "--listen-http", &[]).await;
+}
+
 #[test]
 fn bad_flags_and_config_exit_2_naming_the_value() {
     conformance::rejects_bad_configuration(Path::new(BIN));

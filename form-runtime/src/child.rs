@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use crate::ready::{self, ReadyInfo};
+use crate::service::EXIT_ADDR_IN_USE;
 
 /// How often the ready file is looked for while a child starts.
 const READY_POLL: Duration = Duration::from_millis(20);
@@ -67,6 +68,15 @@ pub enum ChildError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+impl ChildError {
+    /// True if the child exited before it was ready because a listen address was
+    /// already in use ([`EXIT_ADDR_IN_USE`]).
+    pub fn is_addr_in_use(&self) -> bool {
+        matches!(self, Self::ExitedEarly { status, .. }
+            if status.code() == Some(i32::from(EXIT_ADDR_IN_USE)))
+    }
 }
 
 /// What to start.

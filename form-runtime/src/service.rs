@@ -3,7 +3,7 @@
 //! ```text
 //! parse flags ──bad──> one line, exit 2
 //!   │ load config file, apply env and flags, validate ──bad──> one line, exit 2
-//!   │ install logs and metrics, bind every listener ──fail──> exit 1
+//!   │ install logs and metrics, bind every listener ──in use──> exit 75, ──fail──> exit 1
 //!   │ run the service; when it says ready, write the ready file
 //!   │ SIGTERM: graceful, wait for the service up to GRACEFUL_DEADLINE, exit 0
 //!   └ SIGINT: exit 130 at once
@@ -29,6 +29,10 @@ use crate::{ConfigError, RuntimeError, logging, metrics};
 pub const METRICS_LISTENER: &str = "metrics";
 /// Exit code after SIGINT (128 + signal number, as shells report it).
 pub const EXIT_INTERRUPTED: u8 = 130;
+/// Exit code when a listen address is already in use (`EX_TEMPFAIL` of sysexits.h: the
+/// same command may succeed later, or on other ports). A supervisor that chose the
+/// ports itself (`formctl up --auto-ports`) picks new ones and starts again.
+pub const EXIT_ADDR_IN_USE: u8 = 75;
 /// Time left to blocking tasks when the runtime is torn down.
 const RUNTIME_TEARDOWN: Duration = Duration::from_millis(200);
 
@@ -135,7 +139,14 @@ async fn run_service<S: Service>(service: S, ready_file: Option<PathBuf>) -> Exi
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             eprintln!("{}: error: {e}", S::NAME);
-            return ExitCode::FAILURE;
+            return match e {
+                RuntimeError::Bind { source, .. }
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    ExitCode::from(EXIT_ADDR_IN_USE)
+                }
+                _ => ExitCode::FAILURE,
+            };
         }
     };
     if let Some(l) = listeners.remove(METRICS_LISTENER) {

@@ -17,6 +17,11 @@ async fn sigint_exits_at_once() {
     conformance::sigint_exits_fast(Path::new(BIN), "form-state").await;
 }
 
+#[tokio::test]
+async fn an_address_in_use_exits_75_naming_it() {
+    conformance::refuses_address_in_use(Path::new(BIN), "form-state", "--listen", &[]).await;
+}
+
 #[test]
 fn bad_flags_and_config_exit_2_naming_the_value() {
     conformance::rejects_bad_configuration(Path::new(BIN));

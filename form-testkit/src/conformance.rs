@@ -1,7 +1,8 @@
 //! Checks every service binary must pass: it starts on port 0 and says where it
 //! listens, answers health and reflection (or `/healthz`), exposes `/metrics`, stops
 //! with exit 0 within 5 s of SIGTERM, exits at once on SIGINT, and refuses bad flags
-//! and bad config files with one line and exit code 2 before binding anything.
+//! and bad config files with one line and exit code 2 before binding anything, and
+//! exits with code 75 when a listen address is already in use.
 
 use std::path::Path;
 use std::process::Command;
@@ -122,6 +123,36 @@ pub async fn sigint_exits_fast_with(bin: &Path, name: &str, extra_args: &[&str])
         "{name} after SIGINT: {status}; log:\n{}",
         svc.log_tail()
     );
+}
+
+/// Starts `bin` with the listener of `flag` on an address another socket holds, every
+/// other listener on port 0, then `extra_args`: it must exit before it is ready with
+/// [`form_runtime::service::EXIT_ADDR_IN_USE`], naming the address and the listener.
+pub async fn refuses_address_in_use(bin: &Path, name: &str, flag: &str, extra_args: &[&str]) {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to hold");
+    let taken = held.local_addr().expect("held address").to_string();
+    let mut args: Vec<&str> = PORT0_ARGS
+        .chunks(2)
+        .flat_map(|kv| [kv[0], if kv[0] == flag { &taken } else { kv[1] }])
+        .collect();
+    if !PORT0_ARGS.contains(&flag) {
+        args.extend([flag, &taken]);
+    }
+    args.extend(extra_args);
+    let dir = TestDir::new(name);
+    let spec = crate::LaunchSpec::new(name, bin, dir.path()).args(args.iter().copied());
+    match crate::ChildService::start(spec).await {
+        Ok(_) => panic!("{name} started with {flag} {taken}, an address in use"),
+        Err(e) => {
+            assert!(e.is_addr_in_use(), "{name}: {e}");
+            let message = e.to_string();
+            assert!(
+                message.contains(&format!("cannot listen on {taken}")),
+                "{message}"
+            );
+        }
+    }
+    drop(held);
 }
 
 /// Runs `bin` with `args` and expects exit code 2 and one line on stderr containing

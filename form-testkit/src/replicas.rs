@@ -10,7 +10,10 @@ use form_proto::state::v1::state_service_client::StateServiceClient;
 use tonic::transport::Channel;
 
 use crate::net::{Proxy, free_addrs};
-use crate::{ChildService, LaunchSpec, TestDir, probe};
+use crate::{ChildError, ChildService, LaunchSpec, TestDir, probe};
+
+/// Starts of the replicas on fresh free addresses when one was taken before its bind.
+const PORT_ATTEMPTS: usize = 5;
 
 /// Creates replica `replica_id`'s node key in `data_dir`; returns its authorized-keys line.
 pub fn keygen(bin: &Path, replica_id: &str, data_dir: &Path) -> String {
@@ -83,6 +86,25 @@ impl Replicas {
         }
         std::fs::write(dir.path().join("authorized_keys"), keys)
             .unwrap_or_else(|e| panic!("keys: {e}"));
+        let (mut dir, mut opts, mut attempt) = (dir, opts, 1);
+        loop {
+            match Self::start_on_free_ports(dir, bin.to_owned(), opts).await {
+                Ok(r) => return r,
+                // Another process took an address between free_addrs and the bind.
+                Err((e, back)) if e.is_addr_in_use() && attempt < PORT_ATTEMPTS => {
+                    (dir, opts) = back;
+                    attempt += 1;
+                }
+                Err((e, _)) => panic!("start: {e}"),
+            }
+        }
+    }
+
+    async fn start_on_free_ports(
+        dir: TestDir,
+        bin: PathBuf,
+        opts: ReplicaOptions,
+    ) -> Result<Self, (ChildError, (TestDir, ReplicaOptions))> {
         let addrs = free_addrs(opts.count);
         let mut proxies = Vec::new();
         for i in 0..opts.count {
@@ -98,17 +120,23 @@ impl Replicas {
         }
         let mut r = Self {
             dir,
-            bin: bin.to_owned(),
+            bin,
             opts,
             addrs,
             proxies,
             procs: Vec::new(),
         };
         for i in 0..r.opts.count {
-            let p = r.launch(i).await;
-            r.procs.push(Some(p));
+            match ChildService::start(r.spec(i)).await {
+                Ok(p) => r.procs.push(Some(p)),
+                Err(e) => {
+                    // Dropping the started ones kills them.
+                    r.procs.clear();
+                    return Err((e, (r.dir, r.opts)));
+                }
+            }
         }
-        r
+        Ok(r)
     }
 
     fn data_dir_in(dir: &Path, i: usize) -> PathBuf {
