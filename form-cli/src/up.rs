@@ -2,7 +2,7 @@
 //! them, and on Ctrl-C (or SIGTERM) stop them in reverse order with SIGTERM.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, TcpListener};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -63,7 +63,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         match start_all(&plan, &bin_dir, &run_dir, &mut stop).await {
             Ok(Some(children)) => break children,
             Ok(None) => return Ok(ExitCode::SUCCESS),
-            // Another process took a port between free_ports and the service's bind.
+            // Another process bound a port between free_ports and the service's bind.
             Err(e) if args.auto_ports && e.is_addr_in_use() && attempt < PORT_ATTEMPTS => {
                 eprintln!("formctl: {e}\nformctl: starting again on other free ports");
                 attempt += 1;
@@ -259,16 +259,10 @@ fn check_binaries(bin_dir: &Path, plan: &[Process]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Free ports on `host`: every listener is bound to port 0 at once, then released.
+/// Free ports on `host` for every listener (see `form_runtime::ports`).
 fn free_ports(host: IpAddr) -> anyhow::Result<Ports> {
-    let listeners = (0..DEFAULT_PORTS.len() * 2)
-        .map(|_| TcpListener::bind((host, 0)))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("binding free ports on {host}"))?;
-    let ports = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let ports = form_runtime::ports::choose_many(host, DEFAULT_PORTS.len() * 2)
+        .with_context(|| format!("choosing free ports on {host}"))?;
     let mut out = DEFAULT_PORTS;
     for (i, pair) in out.iter_mut().enumerate() {
         *pair = (ports[2 * i], ports[2 * i + 1]);

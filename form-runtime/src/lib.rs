@@ -9,7 +9,9 @@
 //! - [`grpc`]: a tonic server with `grpc.health.v1` and reflection (v1 and v1alpha);
 //! - [`shutdown`]: SIGTERM (graceful) and SIGINT (fast) as one signal for every task;
 //! - [`upstream`]: lazily connected gRPC channels to other services, watched with backoff;
-//! - [`service`]: the `main` every binary runs: parse, validate, bind, run, stop.
+//! - [`service`]: the `main` every binary runs: parse, validate, bind, run, stop;
+//! - [`ports`]: ports for listeners another process binds later, outside the range
+//!   port-0 binds draw from.
 
 pub mod addr;
 pub mod child;
@@ -20,6 +22,7 @@ pub mod grpc;
 pub mod ids;
 pub mod logging;
 pub mod metrics;
+pub mod ports;
 pub mod ready;
 pub mod service;
 pub mod shutdown;

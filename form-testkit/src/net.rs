@@ -8,15 +8,15 @@ use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
 
-/// `n` distinct free addresses on 127.0.0.1: bound to port 0 together, then released.
-/// For processes that must know each other's addresses before they start.
+/// `n` distinct free addresses on 127.0.0.1, from below the kernel's ephemeral range
+/// (see `form_runtime::ports`). For processes that must know each other's addresses
+/// before they start.
 pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}")))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}")))
+    let host = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    form_runtime::ports::choose_many(host, n)
+        .unwrap_or_else(|e| panic!("free ports: {e}"))
+        .into_iter()
+        .map(|p| SocketAddr::new(host, p))
         .collect()
 }
 

@@ -2,7 +2,7 @@
 //! process groups, the end of a log file.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -24,13 +24,20 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A port on `host` that was free a moment ago.
-pub(crate) fn free_port(host: IpAddr) -> Result<u16, VmmError> {
-    let l = std::net::TcpListener::bind((host, 0))
-        .map_err(VmmError::io(format!("finding a free port on {host}")))?;
-    Ok(l.local_addr()
-        .map_err(VmmError::io("finding a free port"))?
-        .port())
+/// An instance's service and admin addresses on `host`: two distinct free ports that
+/// no instance in `in_use` has (see `form_runtime::ports`).
+pub(crate) fn instance_addrs(
+    host: IpAddr,
+    in_use: impl IntoIterator<Item = SocketAddr>,
+) -> Result<(SocketAddr, SocketAddr), VmmError> {
+    let mut avoid: Vec<u16> = in_use.into_iter().map(|a| a.port()).collect();
+    let mut choose = || {
+        let port = form_runtime::ports::choose(host, &avoid)
+            .map_err(VmmError::io(format!("choosing a free port on {host}")))?;
+        avoid.push(port);
+        Ok::<_, VmmError>(SocketAddr::new(host, port))
+    };
+    Ok((choose()?, choose()?))
 }
 
 /// The end of a log file (only its last bytes are read).

@@ -28,7 +28,9 @@ use crate::hypervisor::{
 };
 use crate::procfs;
 use crate::snapshots::{Manifest, copy_tree, manifest_workload};
-use crate::supervise::{Table, claim_dir, free_port, now_ms, reap, serial, signal_group, tail};
+use crate::supervise::{
+    Table, claim_dir, instance_addrs, now_ms, reap, serial, signal_group, tail,
+};
 
 /// Time a workload gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -124,8 +126,13 @@ impl ProcessBackend {
             }
         };
         let host = self.inner.host;
-        let address = SocketAddr::new(host, free_port(host)?);
-        let admin = SocketAddr::new(host, free_port(host)?);
+        let in_use: Vec<SocketAddr> = self
+            .procs()
+            .values()
+            .flat_map(|p| [Some(p.info.address), p.info.admin_address])
+            .flatten()
+            .collect();
+        let (address, admin) = instance_addrs(host, in_use)?;
         let stdout = std::fs::File::create(dir.join("stdout.log"))
             .map_err(VmmError::io("creating stdout.log"))?;
         let stderr = std::fs::File::create(dir.join("stderr.log"))

@@ -33,7 +33,9 @@ use crate::hypervisor::{
     Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage, Window,
 };
 use crate::snapshots::Manifest;
-use crate::supervise::{Table, claim_dir, free_port, now_ms, reap, serial, signal_group, tail};
+use crate::supervise::{
+    Table, claim_dir, instance_addrs, now_ms, reap, serial, signal_group, tail,
+};
 
 /// Guest port of the workload.
 const GUEST_PORT: u16 = 8080;
@@ -236,8 +238,13 @@ impl QemuBackend {
         let dir = self.inner.root.join(&id);
         claim_dir(&dir, &id)?;
         let host = self.inner.host;
-        let address = SocketAddr::new(host, free_port(host)?);
-        let admin = SocketAddr::new(host, free_port(host)?);
+        let in_use: Vec<SocketAddr> = self
+            .vms()
+            .values()
+            .flat_map(|v| [Some(v.info.address), v.info.admin_address])
+            .flatten()
+            .collect();
+        let (address, admin) = instance_addrs(host, in_use)?;
         let qmp_path = dir.join("qmp.sock");
         let mut args = machine_args.clone();
         args.extend([
