@@ -12,6 +12,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::error::VmmError;
+use crate::hypervisor::InstanceInfo;
 
 /// Bytes of a log quoted when a child fails.
 const TAIL_BYTES: usize = 2000;
@@ -25,12 +26,17 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// An instance's service and admin addresses on `host`: two distinct free ports that
-/// no instance in `in_use` has (see `form_runtime::ports`).
-pub(crate) fn instance_addrs(
+/// none of `instances` has (see `form_runtime::ports`).
+pub(crate) fn instance_addrs<'a>(
     host: IpAddr,
-    in_use: impl IntoIterator<Item = SocketAddr>,
+    instances: impl IntoIterator<Item = &'a InstanceInfo>,
 ) -> Result<(SocketAddr, SocketAddr), VmmError> {
-    let mut avoid: Vec<u16> = in_use.into_iter().map(|a| a.port()).collect();
+    let mut avoid: Vec<u16> = instances
+        .into_iter()
+        .flat_map(|i| [Some(i.address), i.admin_address])
+        .flatten()
+        .map(|a| a.port())
+        .collect();
     let mut choose = || {
         let port = form_runtime::ports::choose(host, &avoid)
             .map_err(VmmError::io(format!("choosing a free port on {host}")))?;

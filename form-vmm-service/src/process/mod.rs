@@ -11,7 +11,7 @@
 mod cgroup;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -126,13 +126,7 @@ impl ProcessBackend {
             }
         };
         let host = self.inner.host;
-        let in_use: Vec<SocketAddr> = self
-            .procs()
-            .values()
-            .flat_map(|p| [Some(p.info.address), p.info.admin_address])
-            .flatten()
-            .collect();
-        let (address, admin) = instance_addrs(host, in_use)?;
+        let (address, admin) = instance_addrs(host, self.procs().values().map(|p| &p.info))?;
         let stdout = std::fs::File::create(dir.join("stdout.log"))
             .map_err(VmmError::io("creating stdout.log"))?;
         let stderr = std::fs::File::create(dir.join("stderr.log"))

@@ -17,7 +17,7 @@
 mod qmp;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -238,13 +238,7 @@ impl QemuBackend {
         let dir = self.inner.root.join(&id);
         claim_dir(&dir, &id)?;
         let host = self.inner.host;
-        let in_use: Vec<SocketAddr> = self
-            .vms()
-            .values()
-            .flat_map(|v| [Some(v.info.address), v.info.admin_address])
-            .flatten()
-            .collect();
-        let (address, admin) = instance_addrs(host, in_use)?;
+        let (address, admin) = instance_addrs(host, self.vms().values().map(|v| &v.info))?;
         let qmp_path = dir.join("qmp.sock");
         let mut args = machine_args.clone();
         args.extend([
