@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use form_runtime::child::{ChildError, ChildService, LaunchSpec};
+use form_runtime::child::{self, ChildError, ChildService, LaunchSpec};
 use form_runtime::ready::{self, ReadyInfo};
 use form_runtime::shutdown;
 use nix::sys::signal::Signal;
@@ -58,24 +58,34 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let (handle, mut stop) = shutdown::channel();
     shutdown::spawn_signal_listener(handle)?;
 
-    let mut attempt = 1;
-    let mut children = loop {
-        match start_all(&plan, &bin_dir, &run_dir, &mut stop).await {
-            Ok(Some(children)) => break children,
-            Ok(None) => return Ok(ExitCode::SUCCESS),
-            // Another process bound a port between free_ports and the service's bind.
-            Err(e) if args.auto_ports && e.is_addr_in_use() && attempt < PORT_ATTEMPTS => {
-                eprintln!("formctl: {e}\nformctl: starting again on other free ports");
-                attempt += 1;
-                plan = stack_plan(&args, &free_ports(args.host)?, &data_dir)?;
-            }
-            Err(e) if e.is_addr_in_use() && !args.auto_ports => {
-                bail!(
-                    "{e}\na documented port is taken: stop what listens there, or pass --auto-ports"
-                )
-            }
-            Err(e) => bail!("{e}"),
+    // With --auto-ports another process can take a chosen port before its service
+    // binds it: then stop, choose new ports and start again.
+    let attempts = if args.auto_ports { PORT_ATTEMPTS } else { 1 };
+    let in_use = |e: &anyhow::Error| {
+        e.downcast_ref::<ChildError>()
+            .is_some_and(ChildError::is_addr_in_use)
+    };
+    let started = child::retry_while(attempts, in_use, async |attempt| {
+        if attempt > 1 {
+            plan = stack_plan(&args, &free_ports(args.host)?, &data_dir)?;
         }
+        let started = start_all(&plan, &bin_dir, &run_dir, &mut stop).await;
+        if let Err(e) = &started
+            && e.is_addr_in_use()
+            && attempt < attempts
+        {
+            eprintln!("formctl: {e}\nformctl: starting again on other free ports");
+        }
+        Ok(started?)
+    })
+    .await;
+    let mut children = match started {
+        Ok(Some(children)) => children,
+        Ok(None) => return Ok(ExitCode::SUCCESS),
+        Err(e) if in_use(&e) && !args.auto_ports => {
+            bail!("{e}\na documented port is taken: stop what listens there, or pass --auto-ports")
+        }
+        Err(e) => return Err(e),
     };
     let api_addr = children
         .iter()

@@ -79,6 +79,25 @@ impl ChildError {
     }
 }
 
+/// Calls `start` with the attempt number (from 1) until it succeeds, fails with an
+/// error `retry` refuses, or `attempts` calls were made; returns the last result.
+/// For a supervisor that chose its children's ports: when one was taken before the
+/// child bound it ([`ChildError::is_addr_in_use`]), it stops what it started, chooses
+/// new ports and starts again.
+pub async fn retry_while<T, E>(
+    attempts: usize,
+    retry: impl Fn(&E) -> bool,
+    mut start: impl AsyncFnMut(usize) -> Result<T, E>,
+) -> Result<T, E> {
+    let mut attempt = 1;
+    loop {
+        match start(attempt).await {
+            Err(e) if attempt < attempts && retry(&e) => attempt += 1,
+            done => return done,
+        }
+    }
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
@@ -298,4 +317,64 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let start = text.len().saturating_sub(LOG_TAIL_BYTES);
     String::from_utf8_lossy(&text[start..]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    /// What a child that exited early with `code` gives.
+    fn exited(code: i32) -> ChildError {
+        ChildError::ExitedEarly {
+            name: "svc".into(),
+            status: ExitStatus::from_raw(code << 8),
+            log_tail: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_exit_75_means_an_address_in_use() {
+        assert!(exited(i32::from(EXIT_ADDR_IN_USE)).is_addr_in_use());
+        assert!(!exited(1).is_addr_in_use());
+        assert!(!exited(2).is_addr_in_use());
+    }
+
+    #[tokio::test]
+    async fn retries_an_address_in_use_until_it_starts_or_attempts_run_out() {
+        let mut calls = Vec::new();
+        let started = retry_while(5, ChildError::is_addr_in_use, async |attempt| {
+            calls.push(attempt);
+            if attempt < 3 {
+                Err(exited(i32::from(EXIT_ADDR_IN_USE)))
+            } else {
+                Ok(attempt)
+            }
+        })
+        .await;
+        assert_eq!(started.ok(), Some(3));
+        assert_eq!(calls, [1, 2, 3]);
+
+        let mut calls = 0;
+        let failed: Result<(), _> = retry_while(2, ChildError::is_addr_in_use, async |_| {
+            calls += 1;
+            Err(exited(i32::from(EXIT_ADDR_IN_USE)))
+        })
+        .await;
+        assert!(failed.is_err_and(|e| e.is_addr_in_use()));
+        assert_eq!(calls, 2, "no more than the attempts given");
+    }
+
+    #[tokio::test]
+    async fn another_failure_is_not_retried() {
+        let mut calls = 0;
+        let failed: Result<(), _> = retry_while(5, ChildError::is_addr_in_use, async |_| {
+            calls += 1;
+            Err(exited(1))
+        })
+        .await;
+        assert!(failed.is_err_and(|e| !e.is_addr_in_use()));
+        assert_eq!(calls, 1);
+    }
 }

@@ -5,13 +5,17 @@
 //! range, which every other port-0 bind draws from too: another process can take it
 //! before the one it was chosen for binds it. These ports come from below that range
 //! (as Nomad's dynamic ports do), where the kernel never hands out a port by itself,
-//! and are checked free by binding them once.
+//! and are checked free by binding them once. A port is not chosen twice by one
+//! process within [`HOLD`], so two children started at once cannot both get it before
+//! either binds it.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, TcpListener};
 use std::ops::RangeInclusive;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Where ports are chosen, capped below the kernel's ephemeral range.
 pub const RANGE: RangeInclusive<u16> = 20000..=32767;
@@ -19,18 +23,39 @@ pub const RANGE: RangeInclusive<u16> = 20000..=32767;
 const EPHEMERAL_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 /// The kernel's default low end of the ephemeral range.
 const DEFAULT_EPHEMERAL_LOW: u16 = 32768;
-/// Below this many ports left under the ephemeral range, ports come from port 0.
-const MIN_SPAN: u16 = 1000;
+/// With fewer ports than this left under the ephemeral range, ports come from port 0.
+const MIN_PORTS: u16 = 1000;
+/// How long a chosen port is not chosen again by this process: time for the process it
+/// was chosen for to bind it.
+pub const HOLD: Duration = Duration::from_secs(60);
 
-/// A port on `host` that is free now, is not in `avoid`, and that no port-0 bind can
-/// be given meanwhile (see the module documentation).
+/// Ports this process chose in the last [`HOLD`], oldest first.
+static CHOSEN: Mutex<Vec<(u16, Instant)>> = Mutex::new(Vec::new());
+
+/// A port on `host` that is free now, is not in `avoid`, was not chosen by this
+/// process in the last [`HOLD`], and that no port-0 bind can be given meanwhile (see
+/// the module documentation).
 pub fn choose(host: IpAddr, avoid: &[u16]) -> io::Result<u16> {
-    let lo = *RANGE.start();
-    let hi = (*RANGE.end()).min(ephemeral_low().saturating_sub(1));
-    if hi < lo || hi - lo < MIN_SPAN {
-        return from_port_zero(host, avoid);
-    }
-    choose_in(host, lo..=hi, avoid)
+    choose_from(host, usable_range(), avoid)
+}
+
+/// [`choose`] from `range`, or from port 0 when there is none.
+fn choose_from(host: IpAddr, range: Option<RangeInclusive<u16>>, avoid: &[u16]) -> io::Result<u16> {
+    let mut chosen = CHOSEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    chosen.retain(|(_, at)| at.elapsed() < HOLD);
+    let avoid: Vec<u16> = avoid
+        .iter()
+        .copied()
+        .chain(chosen.iter().map(|c| c.0))
+        .collect();
+    let port = match range {
+        Some(range) => choose_in(host, range, &avoid)?,
+        None => from_port_zero(host, &avoid)?,
+    };
+    chosen.push((port, Instant::now()));
+    Ok(port)
 }
 
 /// `n` distinct ports, as [`choose`] gives them.
@@ -76,6 +101,13 @@ fn from_port_zero(host: IpAddr, avoid: &[u16]) -> io::Result<u16> {
     }
 }
 
+/// [`RANGE`] below the kernel's ephemeral range, if at least [`MIN_PORTS`] are left.
+fn usable_range() -> Option<RangeInclusive<u16>> {
+    let lo = *RANGE.start();
+    let hi = (*RANGE.end()).min(ephemeral_low().saturating_sub(1));
+    (hi >= lo && hi - lo + 1 >= MIN_PORTS).then_some(lo..=hi)
+}
+
 /// The low end of the kernel's ephemeral port range.
 fn ephemeral_low() -> u16 {
     std::fs::read_to_string(EPHEMERAL_RANGE_FILE)
@@ -98,7 +130,12 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), 20, "{ports:?}");
         for p in ports {
-            assert!(RANGE.contains(&p) && p < ephemeral_low(), "{p}");
+            if let Some(range) = usable_range() {
+                assert!(
+                    range.contains(&p) && p < ephemeral_low(),
+                    "{p} not in {range:?}"
+                );
+            }
             drop(TcpListener::bind((LOCAL, p)).expect("the port is free"));
         }
     }
@@ -117,6 +154,11 @@ mod tests {
 
         let q = choose(LOCAL, &[p]).expect("another port");
         assert_ne!(q, p);
+        let r = choose(LOCAL, &[]).expect("a third port");
+        assert!(
+            r != p && r != q,
+            "a port chosen a moment ago is not chosen again"
+        );
         assert!(
             choose_in(LOCAL, q..=q, &[q]).is_err(),
             "an avoided port is not chosen"

@@ -4,16 +4,21 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+use form_runtime::child::retry_while;
 
 use form_proto::state::v1 as pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
 use tonic::transport::Channel;
 
 use crate::net::{Proxy, free_addrs};
-use crate::{ChildError, ChildService, LaunchSpec, TestDir, probe};
+use crate::{ChildError, ChildService, LaunchSpec, Signal, TestDir, probe};
 
 /// Starts of the replicas on fresh free addresses when one was taken before its bind.
 const PORT_ATTEMPTS: usize = 5;
+/// Time a killed replica gets to be reaped.
+const STOP_KILLED: Duration = Duration::from_secs(5);
 
 /// Creates replica `replica_id`'s node key in `data_dir`; returns its authorized-keys line.
 pub fn keygen(bin: &Path, replica_id: &str, data_dir: &Path) -> String {
@@ -86,57 +91,52 @@ impl Replicas {
         }
         std::fs::write(dir.path().join("authorized_keys"), keys)
             .unwrap_or_else(|e| panic!("keys: {e}"));
-        let (mut dir, mut opts, mut attempt) = (dir, opts, 1);
-        loop {
-            match Self::start_on_free_ports(dir, bin.to_owned(), opts).await {
-                Ok(r) => return r,
-                // Another process took an address between free_addrs and the bind.
-                Err((e, back)) if e.is_addr_in_use() && attempt < PORT_ATTEMPTS => {
-                    (dir, opts) = back;
-                    attempt += 1;
-                }
-                Err((e, _)) => panic!("start: {e}"),
-            }
-        }
+        let mut r = Self {
+            dir,
+            bin: bin.to_owned(),
+            opts,
+            addrs: Vec::new(),
+            proxies: Vec::new(),
+            procs: Vec::new(),
+        };
+        // Another process can take a chosen address before its replica binds it.
+        retry_while(PORT_ATTEMPTS, ChildError::is_addr_in_use, async |_| {
+            r.start_on_free_ports().await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+        r
     }
 
-    async fn start_on_free_ports(
-        dir: TestDir,
-        bin: PathBuf,
-        opts: ReplicaOptions,
-    ) -> Result<Self, (ChildError, (TestDir, ReplicaOptions))> {
-        let addrs = free_addrs(opts.count);
-        let mut proxies = Vec::new();
-        for i in 0..opts.count {
+    /// Chooses addresses, makes the proxies and starts every replica; if one fails,
+    /// stops the ones started.
+    async fn start_on_free_ports(&mut self) -> Result<(), ChildError> {
+        let count = self.opts.count;
+        self.addrs = free_addrs(count);
+        self.proxies.clear();
+        for i in 0..count {
             let mut row = Vec::new();
-            for (j, addr) in addrs.iter().enumerate() {
-                row.push(if i == j || !opts.proxied {
+            for (j, addr) in self.addrs.iter().enumerate() {
+                row.push(if i == j || !self.opts.proxied {
                     None
                 } else {
                     Some(Proxy::start(*addr).await)
                 });
             }
-            proxies.push(row);
+            self.proxies.push(row);
         }
-        let mut r = Self {
-            dir,
-            bin,
-            opts,
-            addrs,
-            proxies,
-            procs: Vec::new(),
-        };
-        for i in 0..r.opts.count {
-            match ChildService::start(r.spec(i)).await {
-                Ok(p) => r.procs.push(Some(p)),
+        for i in 0..count {
+            match ChildService::start(self.spec(i)).await {
+                Ok(p) => self.procs.push(Some(p)),
                 Err(e) => {
-                    // Dropping the started ones kills them.
-                    r.procs.clear();
-                    return Err((e, (r.dir, r.opts)));
+                    for mut p in self.procs.drain(..).flatten() {
+                        drop(p.stop(Signal::SIGKILL, STOP_KILLED).await);
+                    }
+                    return Err(e);
                 }
             }
         }
-        Ok(r)
+        Ok(())
     }
 
     fn data_dir_in(dir: &Path, i: usize) -> PathBuf {
