@@ -45,6 +45,10 @@ pub struct Config {
     pub passive_failures: u32,
     /// Milliseconds a passively ejected backend rests before it is checked again.
     pub cool_off_ms: u64,
+    /// Most of a route's serving backends that passive ejection may have out at once,
+    /// percent (Envoy's `max_ejection_percent`); 0 turns passive ejection off. The last
+    /// serving backend is never ejected.
+    pub max_ejection_percent: u8,
     /// Milliseconds in-flight requests get to finish after SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Threads of the data plane; 0 means one per CPU.
@@ -67,6 +71,7 @@ impl Default for Config {
             max_headers: 100,
             passive_failures: 5,
             cool_off_ms: 10_000,
+            max_ejection_percent: 50,
             shutdown_grace_ms: 3_000,
             http_workers: 0,
         }
@@ -101,6 +106,15 @@ impl Config {
                 format!(
                     "{} is out of range; expected 8192 to 1048576",
                     self.max_header_bytes
+                ),
+            ));
+        }
+        if self.max_ejection_percent > 100 {
+            return Err(ConfigError::invalid(
+                "max_ejection_percent",
+                format!(
+                    "{} is out of range; expected 0 (no passive ejection) to 100",
+                    self.max_ejection_percent
                 ),
             ));
         }

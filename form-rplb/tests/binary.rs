@@ -28,3 +28,20 @@ async fn an_address_in_use_exits_75_naming_it() {
 fn bad_flags_and_config_exit_2_naming_the_value() {
     conformance::rejects_bad_configuration(Path::new(BIN));
 }
+
+#[test]
+fn an_ejection_limit_over_100_percent_exits_2_naming_the_key() {
+    let dir = form_testkit::TestDir::new("rplb-config");
+    let file = dir.path().join("rplb.toml");
+    std::fs::write(&file, "max_ejection_percent = 101\n").expect("write config");
+    let file = file.to_str().expect("utf-8 path");
+    conformance::rejects_args(
+        Path::new(BIN),
+        &["--config", file],
+        &[
+            "max_ejection_percent",
+            "101",
+            "expected 0 (no passive ejection) to 100",
+        ],
+    );
+}

@@ -284,6 +284,34 @@ async fn failures_every_backend_shares_eject_at_most_half_of_them() {
 }
 
 #[tokio::test]
+async fn an_ejection_limit_of_0_keeps_a_failing_backend_in_rotation() {
+    let mut lb = Lb::start_configured("eject-off", "max_ejection_percent = 0\n").await;
+    let bs = [
+        HttpBackend::start("b0").await,
+        HttpBackend::start("b1").await,
+    ];
+    // b0 alone fails: with the default limit its fifth failure in a row ejects it.
+    bs[0].set_healthy(false);
+    lb.route("demo.fog", none(), None, &[&bs[0], &bs[1]]).await;
+    let http = Http::new(lb.http);
+    let mut failed = 0;
+    for _ in 0..40 {
+        let r = http
+            .get("demo.fog", "/healthz", &[])
+            .await
+            .expect("request");
+        failed += usize::from(r.status.as_u16() == 503);
+    }
+    assert!(failed >= 5, "b0 answered {failed} of 40 requests");
+    let states = lb.states("demo.fog").await;
+    assert!(
+        states.iter().all(|(_, s)| *s == pb::BackendState::Active),
+        "passive ejection is off: {states:?}"
+    );
+    stop_gracefully(&mut lb.svc).await;
+}
+
+#[tokio::test]
 async fn passive_ejection_never_takes_the_last_backend_serving_new_requests() {
     let mut lb = Lb::start("eject-last", &[]).await;
     let (old, new) = (

@@ -394,9 +394,10 @@ pub(super) fn session_cookie(choice: &Choice, route: &RouteView) -> Option<Strin
 static EJECTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Records a request outcome in the backend's health; a change rebuilds the route.
-/// Passive ejection may take at most half of a route's serving backends out, and never
-/// the last one (Envoy's maximum ejection percentage): failures that every backend
-/// shares, an application error or an overload, must not turn into no backend at all.
+/// Passive ejection may take at most `max_ejection_percent` of a route's serving
+/// backends out, and never the last one (Envoy's maximum ejection percentage):
+/// failures that every backend shares, an application error or an overload, must not
+/// turn into no backend at all.
 pub(super) fn passive(core: &Core, route: &RouteView, backend: &BackendRt, ok: bool, now: Instant) {
     if ok || !backend.with_health(|h| h.failure_reaches_threshold()) {
         // Nothing to decide (a failure counted meanwhile elsewhere lets the next decide).
@@ -406,7 +407,8 @@ pub(super) fn passive(core: &Core, route: &RouteView, backend: &BackendRt, ok: b
     let _one_at_a_time = EJECTING
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let may_eject = route_may_lose(route, backend);
+    let limit = core.config.max_ejection_percent;
+    let may_eject = route_may_lose(route, backend, limit);
     let domain = &route.settings.domain;
     match backend.with_health(|h| h.on_request(false, now, may_eject)) {
         Passive::Unchanged => {}
@@ -415,26 +417,26 @@ pub(super) fn passive(core: &Core, route: &RouteView, backend: &BackendRt, ok: b
             core.table.refresh(domain);
         }
         Passive::Held => {
-            tracing::warn!(%domain, backend = %backend.id, "backend failing but kept in rotation: half of the route's serving backends are ejected already");
+            tracing::warn!(%domain, backend = %backend.id, max_ejection_percent = limit, "backend failing but kept in rotation: the route's ejection limit is reached");
         }
     }
 }
 
 /// Whether `route` can lose `backend` to passive ejection: one that takes no new
 /// requests anyway (draining, leaving) always; a serving one while, with it out, at
-/// most half of the serving backends would be ejected. Each backend's lock is taken
-/// alone, `backend`'s too.
-fn route_may_lose(route: &RouteView, backend: &BackendRt) -> bool {
+/// most `limit_percent` of the serving backends would be ejected and one would still
+/// serve. Each backend's lock is taken alone, `backend`'s too.
+fn route_may_lose(route: &RouteView, backend: &BackendRt, limit_percent: u8) -> bool {
     let serving = |b: &BackendRt| b.admin() == Admin::Active && !b.is_leaving();
     if !serving(backend) {
         return true;
     }
-    let (mut serving_n, mut out) = (0, 0);
+    let (mut serving_n, mut out) = (0usize, 0usize);
     for b in route.backends.iter().filter(|b| serving(b)) {
         serving_n += 1;
         if !b.with_health(|h| h.is_healthy()) {
             out += 1;
         }
     }
-    (out + 1) * 2 <= serving_n
+    out + 1 < serving_n && (out + 1) * 100 <= serving_n * usize::from(limit_percent)
 }
