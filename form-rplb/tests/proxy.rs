@@ -531,6 +531,20 @@ async fn sigterm_stops_accepting_and_finishes_requests_in_flight() {
     );
 }
 
+/// Reads up to the end of a request head (with what came after it); None if the
+/// connection ended first.
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(got)
+}
+
 /// A backend that answers one request per connection without saying so (no
 /// `Connection: close`) and then closes it: every pooled connection goes stale.
 async fn closing_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
@@ -544,13 +558,8 @@ async fn closing_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>
                 return;
             };
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
@@ -584,6 +593,55 @@ async fn pooled_connections_closed_by_the_backend_are_replaced_without_failing_r
     stop_gracefully(&mut lb.svc).await;
 }
 
+/// A backend that answers one keep-alive request and reports when the balancer closes
+/// the connection.
+async fn one_request_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        if read_head(&mut s).await.is_none() {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nkept")
+            .await;
+        // Keep-alive as long as the balancer wants: until it closes its end.
+        let mut buf = [0u8; 512];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        let _ = closed_tx.send(());
+    });
+    (addr, closed_rx, task)
+}
+
+#[tokio::test]
+async fn an_idle_upstream_connection_closes_though_no_request_follows() {
+    let mut lb = Lb::start("idle-sweep", &[]).await;
+    let (addr, closed, task) = one_request_backend().await;
+    lb.route_to("demo.fog", "keeper", addr).await;
+    let r = Http::new(lb.http)
+        .get("demo.fog", "/", &[])
+        .await
+        .expect("request");
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "kept"));
+    // Expired after 4 s idle, swept by the thread's timer within another 4 s.
+    tokio::time::timeout(Duration::from_secs(20), closed)
+        .await
+        .expect("the pooled connection is closed within 20 s")
+        .expect("the backend saw the close");
+    task.abort();
+    stop_gracefully(&mut lb.svc).await;
+}
+
 /// A backend that answers a POST as soon as its head arrives (as a server refusing an
 /// upload does), then reads the body slowly; GETs get "get".
 async fn early_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
@@ -599,13 +657,9 @@ async fn early_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) 
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 loop {
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
+                    let Some(got) = read_head(&mut s).await else {
+                        return;
+                    };
                     let post = got.starts_with(b"POST");
                     let reply: &[u8] = if post {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly"

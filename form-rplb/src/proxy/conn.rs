@@ -23,6 +23,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use super::direct::{self, End, pool::RawPool};
+use super::idle::IDLE;
 use super::upstream::Pool;
 use crate::core::Core;
 
@@ -208,6 +209,9 @@ async fn worker(
     let pools: Pools = (Arc::default(), Arc::default());
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    // Idle upstream connections expire even when this thread gets no more requests.
+    let mut sweep = tokio::time::interval(IDLE);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             handed = incoming.recv() => match handed {
@@ -224,6 +228,10 @@ async fn worker(
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {
                 open.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ = sweep.tick() => {
+                pools.0.sweep();
+                pools.1.sweep();
             }
         }
     }

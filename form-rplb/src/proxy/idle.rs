@@ -1,8 +1,8 @@
 //! Idle upstream connections by backend, as both paths' pools keep them: the newest
 //! is reused first, none is kept longer than [`IDLE`], and every backend's list (those
 //! of backends no longer in any route too) is swept at most once an [`IDLE`], by the
-//! pool's next use, so nothing is left behind for a backend that is gone while its
-//! data-plane thread serves requests.
+//! pool's next use or by its data-plane thread's timer, so nothing is left behind for
+//! a backend that is gone, even on a thread that gets no more requests.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -72,12 +72,20 @@ impl<C> IdleLists<C> {
         }
     }
 
+    /// Drops every list's expired connections, and the lists left empty, now.
+    pub fn sweep_expired(&mut self) {
+        self.sweep_now(Instant::now());
+    }
+
     /// Drops every list's expired connections, and the lists left empty, once an
     /// [`IDLE`] at most.
     fn sweep(&mut self, now: Instant) {
-        if self.swept.is_some_and(|t| now - t < IDLE) {
-            return;
+        if self.swept.is_none_or(|t| now - t >= IDLE) {
+            self.sweep_now(now);
         }
+    }
+
+    fn sweep_now(&mut self, now: Instant) {
         self.swept = Some(now);
         self.by_backend.retain(|_, list| {
             expire(list, now);

@@ -99,6 +99,12 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.put(to, sender);
     }
+
+    /// Closes the connections idle for too long.
+    pub fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.sweep_expired();
+    }
 }
 
 /// A connection to give back once its response body ended.

@@ -50,6 +50,12 @@ impl RawPool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.put(to, stream);
     }
+
+    /// Closes the connections idle for too long.
+    pub fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.sweep_expired();
+    }
 }
 
 /// Whether nothing happened on an idle stream since its last read.
