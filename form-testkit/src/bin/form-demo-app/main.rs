@@ -1,9 +1,10 @@
 //! form-demo-app: the demo stateful workload. An HTTP service on `$PORT` whose state
-//! lives in memory, so only a snapshot carries it to a clone:
+//! lives in memory, so only a snapshot or the state contract carries it elsewhere:
 //!
 //! - `PUT /kv/{key}` stores the body; `GET /kv/{key}` returns it (404 when missing);
+//!   `DELETE /kv/{key}` deletes it;
 //! - `GET /session`: a per-session counter keyed by the `demo_session` cookie;
-//! - `GET /whoami`: `{instance_id, generation, restored_from}`;
+//! - `GET /whoami`: `{instance_id, generation, restored_from, keys}`;
 //! - `GET /burn?ms=N`: burns CPU for N ms (at most 10 s);
 //! - `GET /healthz`: 200 once serving.
 //!
@@ -12,8 +13,15 @@
 //! answering. A clone starts with `$FORM_RESTORE_DIR` pointing at such a directory and
 //! `$FORM_RESTORED_FROM` naming the snapshot; it takes its new `$FORM_INSTANCE_ID`.
 //! A VM clone restored from memory is given its identity with `POST /_form/identity`.
+//!
+//! State contract (docs/workload-contract.md), on the admin address too:
+//! `GET /_form/cursor`, `GET /_form/changes?since=&max_bytes=`, `POST /_form/merge`.
+//! The state is a CRDT (`store.rs`), so instances converge by merging each other's
+//! changes. `POST /_form/close` closes the admin address (for fault tests).
 
-use std::collections::BTreeMap;
+mod contract;
+mod store;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,21 +34,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use store::Store;
 
 /// Longest burn accepted.
 const MAX_BURN: Duration = Duration::from_secs(10);
 /// Largest value accepted by `PUT /kv/{key}`.
-const MAX_VALUE: usize = 1024 * 1024;
+const MAX_VALUE: usize = store::MAX_VALUE;
 /// Name of the session cookie.
 const COOKIE: &str = "demo_session";
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Saved {
-    kv: BTreeMap<String, String>,
-    sessions: BTreeMap<String, u64>,
-    generation: u64,
-    next_session: u64,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Identity {
@@ -62,15 +63,35 @@ struct NewIdentity {
 #[derive(Debug)]
 struct App {
     identity: Mutex<Identity>,
-    data: Mutex<Saved>,
+    data: Mutex<Store>,
+    /// Closes the admin address (`POST /_form/close`).
+    close_admin: tokio::sync::Notify,
 }
 
 type Shared = Arc<App>;
 
-fn lock(app: &App) -> std::sync::MutexGuard<'_, Saved> {
+fn lock(app: &App) -> std::sync::MutexGuard<'_, Store> {
     app.data
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A fresh number naming this run's change log in cursors.
+fn incarnation() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => now_ms() ^ (u64::from(std::process::id()) << 40),
+    }
 }
 
 async fn put_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>, body: Bytes) -> Response {
@@ -81,16 +102,36 @@ async fn put_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>, body: 
         )
             .into_response();
     }
+    if key.len() > store::MAX_KEY {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("key is {} bytes; at most {}\n", key.len(), store::MAX_KEY),
+        )
+            .into_response();
+    }
     let value = String::from_utf8_lossy(&body).into_owned();
-    lock(&app).kv.insert(key, value);
+    lock(&app).put(&key, Some(value), now_ms());
     StatusCode::NO_CONTENT.into_response()
 }
 
 async fn get_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>) -> Response {
-    match lock(&app).kv.get(&key) {
-        Some(v) => v.clone().into_response(),
+    match lock(&app).get(&key) {
+        Some(v) => v.to_owned().into_response(),
         None => (StatusCode::NOT_FOUND, format!("no key {key}\n")).into_response(),
     }
+}
+
+/// `DELETE /kv/{key}`: a delete marker, so no older write brings the key back.
+async fn delete_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>) -> Response {
+    if key.len() > store::MAX_KEY {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("key is {} bytes; at most {}\n", key.len(), store::MAX_KEY),
+        )
+            .into_response();
+    }
+    lock(&app).put(&key, None, now_ms());
+    StatusCode::NO_CONTENT.into_response()
 }
 
 fn identity(app: &App) -> Identity {
@@ -101,12 +142,16 @@ fn identity(app: &App) -> Identity {
 }
 
 async fn whoami(State(app): State<Shared>) -> Response {
-    let generation = lock(&app).generation;
+    let (generation, keys) = {
+        let s = lock(&app);
+        (s.generation, s.len())
+    };
     let id = identity(&app);
     axum::Json(serde_json::json!({
         "instance_id": id.instance_id,
         "generation": generation,
         "restored_from": id.restored_from,
+        "keys": keys,
     }))
     .into_response()
 }
@@ -140,6 +185,7 @@ async fn set_identity(State(app): State<Shared>, body: Bytes) -> Response {
             .is_ok();
     let mut data = lock(&app);
     data.generation += 1;
+    data.rename(&new.instance_id, incarnation());
     *app.identity
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Identity {
@@ -172,11 +218,7 @@ async fn session(State(app): State<Shared>, headers: HeaderMap) -> Response {
         data.next_session += 1;
         format!("{me}-{}", data.next_session)
     });
-    let count = {
-        let c = data.sessions.entry(id.clone()).or_insert(0);
-        *c += 1;
-        *c
-    };
+    let count = data.bump(&id);
     drop(data);
     let body = axum::Json(serde_json::json!({ "session": id, "count": count, "instance_id": me }));
     (
@@ -242,9 +284,12 @@ async fn snapshot(State(app): State<Shared>, body: Bytes) -> Response {
         )
             .into_response();
     };
-    let saved = lock(&app).clone();
-    match save(&dir, &saved) {
-        Ok(()) => (StatusCode::OK, format!("saved {} keys\n", saved.kv.len())).into_response(),
+    let (json, keys) = {
+        let s = lock(&app);
+        (serde_json::to_vec(&*s).unwrap_or_default(), s.len())
+    };
+    match save(&dir, &json) {
+        Ok(()) => (StatusCode::OK, format!("saved {keys} keys\n")).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot save to {}: {e}\n", dir.display()),
@@ -253,24 +298,26 @@ async fn snapshot(State(app): State<Shared>, body: Bytes) -> Response {
     }
 }
 
-fn save(dir: &Path, saved: &Saved) -> std::io::Result<()> {
+fn save(dir: &Path, json: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join("state.json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(saved).map_err(std::io::Error::other)?)?;
+    f.write_all(json)?;
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join("state.json"))
 }
 
-fn restore() -> Result<(Saved, Option<String>), String> {
+fn restore(me: &str) -> Result<(Store, Option<String>), String> {
     let Some(dir) = std::env::var_os("FORM_RESTORE_DIR").map(PathBuf::from) else {
-        return Ok((Saved::default(), None));
+        return Ok((Store::new(me, incarnation()), None));
     };
     let path = dir.join("state.json");
-    let mut saved: Saved = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display()))?,
+    let mut saved = match std::fs::read(&path) {
+        Ok(b) => {
+            Store::restore(&b, me, incarnation()).map_err(|e| format!("{}: {e}", path.display()))?
+        }
         // A snapshot taken without the hook (directory copy only) has no state file.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Store::new(me, incarnation()),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     saved.generation += 1;
@@ -278,6 +325,13 @@ fn restore() -> Result<(Saved, Option<String>), String> {
         .ok()
         .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()));
     Ok((saved, from))
+}
+
+/// `POST /_form/close`: stops listening on the admin address (a fault for tests: the
+/// platform then cannot read or merge this instance's changes).
+async fn close_admin(State(app): State<Shared>) -> Response {
+    app.close_admin.notify_one();
+    (StatusCode::OK, "admin address closing\n").into_response()
 }
 
 fn env_addr(name: &str, default_host: &str) -> Result<Option<std::net::SocketAddr>, String> {
@@ -310,16 +364,18 @@ async fn run() -> Result<(), String> {
     let addr =
         env_addr("PORT", &host)?.ok_or("PORT is not set; expected a port number or IP:PORT")?;
     let admin = env_addr("FORM_ADMIN_ADDR", &host)?;
-    let (saved, restored_from) = restore()?;
+    let me = std::env::var("FORM_INSTANCE_ID").unwrap_or_else(|_| "standalone".into());
+    let (saved, restored_from) = restore(&me)?;
     let app = Arc::new(App {
         identity: Mutex::new(Identity {
-            instance_id: std::env::var("FORM_INSTANCE_ID").unwrap_or_else(|_| "standalone".into()),
+            instance_id: me,
             restored_from,
         }),
         data: Mutex::new(saved),
+        close_admin: tokio::sync::Notify::new(),
     });
     let routes = Router::new()
-        .route("/kv/{key}", get(get_kv).put(put_kv))
+        .route("/kv/{key}", get(get_kv).put(put_kv).delete(delete_kv))
         .route("/whoami", get(whoami))
         .route("/session", get(session))
         .route("/burn", get(burn))
@@ -330,11 +386,21 @@ async fn run() -> Result<(), String> {
         let admin_routes = Router::new()
             .route("/_form/snapshot", post(snapshot))
             .route("/_form/identity", post(set_identity))
+            .route("/_form/cursor", get(contract::cursor))
+            .route("/_form/changes", get(contract::changes))
+            .route("/_form/merge", post(contract::merge))
+            .route("/_form/close", post(close_admin))
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(app.clone());
         let l = tokio::net::TcpListener::bind(admin)
             .await
             .map_err(|e| format!("cannot listen on {admin}: {e}"))?;
-        tokio::spawn(async move { axum::serve(l, admin_routes).await });
+        let closing = app.clone();
+        tokio::spawn(async move {
+            axum::serve(l, admin_routes)
+                .with_graceful_shutdown(async move { closing.close_admin.notified().await })
+                .await
+        });
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
