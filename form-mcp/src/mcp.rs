@@ -27,7 +27,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::api::action::Action;
-use crate::api::model::{CreateCluster, Policy, Resources, ScaleOperation, ScaleRequest};
+use crate::api::model::{
+    CreateCluster, Policy, Resources, ScaleOperation, ScaleRequest, StateSync,
+};
 use crate::rest::App;
 
 /// Arguments naming a cluster.
@@ -89,6 +91,16 @@ pub struct PolicyArgs {
     pub policy: Policy,
 }
 
+/// Arguments of `set_state_sync`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateSyncArgs {
+    /// The cluster.
+    pub cluster_id: String,
+    /// The new setting.
+    pub state_sync: StateSync,
+}
+
 /// Arguments of `drain_instance`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +157,12 @@ const TOOLS: &[Spec] = &[
         read_only: false,
     },
     Spec {
+        name: "set_state_sync",
+        description: "Set how a cluster's instances share application state: none, on_scale (clones catch up with their source, scale-in hands the removed instances' writes to the others) or continuous.",
+        schema: schema::<StateSyncArgs>,
+        read_only: false,
+    },
+    Spec {
         name: "drain_instance",
         description: "Start draining one instance: no new unpinned request goes to it.",
         schema: schema::<DrainArgs>,
@@ -170,7 +188,7 @@ fn action(name: &str, args: Value) -> Result<Action, String> {
             Action::ListClusters
         }
         "get_cluster_status" => Action::Status(parse::<ClusterArgs>(args)?.cluster_id),
-        "create_cluster" => Action::CreateCluster(parse(args)?),
+        "create_cluster" => Action::CreateCluster(Box::new(parse(args)?)),
         "scale_cluster" => {
             let a: ScaleArgs = parse(args)?;
             let req = ScaleRequest {
@@ -186,6 +204,10 @@ fn action(name: &str, args: Value) -> Result<Action, String> {
         "set_scaling_policy" => {
             let a: PolicyArgs = parse(args)?;
             Action::SetPolicy(a.cluster_id, a.policy)
+        }
+        "set_state_sync" => {
+            let a: StateSyncArgs = parse(args)?;
+            Action::SetStateSync(a.cluster_id, a.state_sync)
         }
         "drain_instance" => {
             let a: DrainArgs = parse(args)?;

@@ -83,6 +83,15 @@ pub const ROUTES: &[Route] = &[
         writes: true,
     },
     Route {
+        method: "put",
+        path: "/api/v1/clusters/{id}/state-sync",
+        id: "set_state_sync",
+        summary: "Set how a cluster's instances share application state: none, on_scale (clones catch up, victims hand off their writes) or continuous.",
+        request: Some(s::<model::StateSync>),
+        response: (200, s::<model::StateSync>),
+        writes: true,
+    },
+    Route {
         method: "post",
         path: "/api/v1/clusters/{id}/scale",
         id: "scale_cluster",

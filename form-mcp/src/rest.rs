@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::action::Action;
 use crate::api::backends::Backends;
-use crate::api::model::{CreateCluster, Policy, ScaleRequest};
+use crate::api::model::{CreateCluster, Policy, ScaleRequest, StateSync};
 use crate::auth::{self, Tokens};
 use crate::error::ApiError;
 
@@ -39,6 +39,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/clusters", get(list).post(create))
         .route("/api/v1/clusters/{id}", get(get_cluster).delete(delete))
         .route("/api/v1/clusters/{id}/policy", put(set_policy))
+        .route("/api/v1/clusters/{id}/state-sync", put(set_state_sync))
         .route("/api/v1/clusters/{id}/scale", post(scale))
         .route("/api/v1/clusters/{id}/status", get(status))
         .route(
@@ -153,7 +154,7 @@ async fn create(
         body,
         "{\"cluster_id\", \"workload\": {\"command\", ...}, ...}",
     )
-    .map(Action::CreateCluster);
+    .map(|c| Action::CreateCluster(Box::new(c)));
     serve(&app, &headers, action).await
 }
 
@@ -176,6 +177,20 @@ async fn set_policy(
         "{\"min_instances\", \"max_instances\", \"target_cpu_utilization\", ...}",
     )
     .map(|p| Action::SetPolicy(id, p));
+    serve(&app, &headers, action).await
+}
+
+async fn set_state_sync(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let action = parse::<StateSync>(
+        body,
+        "{\"mode\": \"none\"|\"on_scale\"|\"continuous\", \"interval_ms\", \"batch_bytes\", \"priority_prefixes\", \"refuse_unsynced_scale_in\"}",
+    )
+    .map(|s| Action::SetStateSync(id, s));
     serve(&app, &headers, action).await
 }
 

@@ -149,6 +149,71 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
     assert_eq!(st["last_operation"]["type"], "scale_out");
     assert_eq!(st["last_operation"]["status"], "completed");
     assert_eq!(st["members"].as_array().map(Vec::len), Some(3));
+    assert_eq!(st["state_sync"], "on_scale", "{st}");
+    assert_eq!(
+        op["state_transfer"]["contract"], "supported",
+        "the demo app implements the state contract: {op}"
+    );
+
+    // state_sync: read with the cluster, set with a check of every field.
+    assert_eq!(one["state_sync"]["mode"], "on_scale", "{one}");
+    for (bad, says) in [
+        (
+            json!({"mode": "continuous", "interval_ms": 10}),
+            "interval_ms",
+        ),
+        (json!({"mode": "sometimes"}), "mode"),
+        (json!({"mode": "none", "extra": 1}), "extra"),
+    ] {
+        let (code, e) = g
+            .call(
+                "PUT",
+                "/api/v1/clusters/web/state-sync",
+                Some(ADMIN),
+                Some(&bad),
+            )
+            .await;
+        assert_eq!(code, 400, "{bad}: {e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(says)),
+            "{bad}: {e}"
+        );
+    }
+    let (code, e) = g
+        .call(
+            "PUT",
+            "/api/v1/clusters/nope/state-sync",
+            Some(ADMIN),
+            Some(&json!({"mode": "none"})),
+        )
+        .await;
+    assert_eq!(code, 404, "{e}");
+    let (code, e) = g
+        .call(
+            "PUT",
+            "/api/v1/clusters/web/state-sync",
+            Some(READER),
+            Some(&json!({"mode": "none"})),
+        )
+        .await;
+    assert_eq!(code, 403, "{e}");
+    let (code, set) = g
+        .call(
+            "PUT",
+            "/api/v1/clusters/web/state-sync",
+            Some(ADMIN),
+            Some(&json!({"mode": "continuous", "interval_ms": 500, "refuse_unsynced_scale_in": true})),
+        )
+        .await;
+    assert_eq!(code, 200, "{set}");
+    assert_eq!(set["mode"], "continuous");
+    assert_eq!(set["interval_ms"], 500);
+    let (_, one) = g
+        .call("GET", "/api/v1/clusters/web", Some(READER), None)
+        .await;
+    assert_eq!(one["state_sync"]["refuse_unsynced_scale_in"], true, "{one}");
 
     let (code, p) = g
         .call(
@@ -355,7 +420,7 @@ async fn every_route_of_the_openapi_document_is_served() {
     let mut g = Gateway::start("api-doc", &[]).await;
     let (_, doc) = g.call("GET", "/api/v1/openapi.json", None, None).await;
     let paths = doc["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 7);
+    assert_eq!(paths.len(), 8);
     for (path, ops) in paths {
         for method in ops.as_object().expect("ops").keys() {
             let concrete = path.replace("{id}", "x").replace("{instance}", "y");

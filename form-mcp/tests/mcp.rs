@@ -60,7 +60,8 @@ async fn exercise(g: &Gateway, mode: ClientLifecycleMode, version: ProtocolVersi
             "get_operation",
             "list_clusters",
             "scale_cluster",
-            "set_scaling_policy"
+            "set_scaling_policy",
+            "set_state_sync"
         ]
     );
     let scale = tools
@@ -108,6 +109,26 @@ async fn exercise(g: &Gateway, mode: ClientLifecycleMode, version: ProtocolVersi
     )
     .await;
     assert!(!err, "{p}");
+    assert_eq!(st["state_sync"], "on_scale", "{st}");
+    let (err, sync) = call(
+        &c,
+        "set_state_sync",
+        json!({"cluster_id": cluster, "state_sync": {"mode": "none"}}),
+    )
+    .await;
+    assert!(!err, "{sync}");
+    assert_eq!(sync["mode"], "none");
+    let (err, e) = call(
+        &c,
+        "set_state_sync",
+        json!({"cluster_id": cluster, "state_sync": {"mode": "continuous", "batch_bytes": 1}}),
+    )
+    .await;
+    assert!(err);
+    assert!(
+        e["message"].as_str().unwrap_or("").contains("batch_bytes"),
+        "{e}"
+    );
     // Errors of the API come back as tool errors naming what was wrong.
     let (err, e) = call(
         &c,

@@ -37,7 +37,7 @@ pub struct Config {
     pub ready_timeout_ms: u64,
     /// Milliseconds a victim's drain may take.
     pub drain_timeout_ms: u64,
-    /// Injected faults, `STEP[=fail|hang]` (tests of rollback and restarts).
+    /// Injected faults, `STEP[=fail|hang|hold:FILE]` (tests of rollback and restarts).
     pub inject_fault: Vec<String>,
     /// Milliseconds an instance stays unhealthy before it is replaced.
     pub replace_after_ms: u64,
@@ -185,10 +185,11 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub controller_ttl_ms: Option<u64>,
 
-    /// Inject a fault at a step, STEP[=fail|hang] (tests of rollback and restarts)
+    /// Inject a fault at a step, STEP[=fail|hang|hold:FILE] (tests of rollback and
+    /// restarts; hold waits before the step until FILE exists)
     #[arg(
         long,
-        value_name = "STEP[=fail|hang]",
+        value_name = "STEP[=fail|hang|hold:FILE]",
         env = "FORM_SCALER_INJECT_FAULT",
         value_delimiter = ','
     )]

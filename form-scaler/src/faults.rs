@@ -1,22 +1,27 @@
-//! Fault injection for tests of rollback and restarts (`--inject-fault STEP[=fail|hang]`).
+//! Fault injection for tests of rollback and restarts (`--inject-fault STEP[=fail|hang|hold:FILE]`).
 //! `fail`: the step runs, then reports an error once, so its undo must clean up real
 //! work (a step after the commit is retried, and succeeds).
 //! `hang`: the step is recorded, then never runs (a controller killed mid-operation).
+//! `hold:FILE`: the step is recorded, then waits until FILE exists (a test does
+//! something in that window, then creates FILE).
 //! Faults apply to forward steps only, on every operation of this controller.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use form_runtime::ConfigError;
 
 use crate::ops::Step;
 
 /// What an injected fault does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// Run the step, then fail it.
     Fail,
     /// Stop before the step, forever.
     Hang,
+    /// Wait before the step until this file exists.
+    Hold(PathBuf),
 }
 
 /// The faults of this controller, by step.
@@ -24,7 +29,7 @@ pub enum Fault {
 pub struct Faults(HashMap<Step, Fault>);
 
 impl Faults {
-    /// Parses `STEP[=fail|hang]` entries; an unknown step or mode is an error naming it.
+    /// Parses `STEP[=fail|hang|hold:FILE]` entries; an unknown step or mode is an error naming it.
     pub fn parse(specs: &[String]) -> Result<Self, ConfigError> {
         let mut map = HashMap::new();
         for spec in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
@@ -35,13 +40,16 @@ impl Faults {
                     format!("unknown step '{name}'; expected a step name such as clone_instances"),
                 )
             })?;
-            let fault = match mode {
-                "fail" => Fault::Fail,
-                "hang" => Fault::Hang,
-                other => {
+            let fault = match mode.split_once(':') {
+                None if mode == "fail" => Fault::Fail,
+                None if mode == "hang" => Fault::Hang,
+                Some(("hold", file)) if !file.is_empty() => Fault::Hold(PathBuf::from(file)),
+                _ => {
                     return Err(ConfigError::invalid(
                         "inject_fault",
-                        format!("unknown mode '{other}' in '{spec}'; expected fail or hang"),
+                        format!(
+                            "unknown mode '{mode}' in '{spec}'; expected fail, hang or hold:FILE"
+                        ),
                     ));
                 }
             };
@@ -52,7 +60,7 @@ impl Faults {
 
     /// The fault at `step`, if any.
     pub fn at(&self, step: Step) -> Option<Fault> {
-        self.0.get(&step).copied()
+        self.0.get(&step).cloned()
     }
 }
 
@@ -70,6 +78,15 @@ mod tests {
         let e = Faults::parse(&["clone".into()]).expect_err("unknown");
         assert!(e.to_string().contains("unknown step 'clone'"), "{e}");
         let e = Faults::parse(&["add_members=boom".into()]).expect_err("mode");
-        assert!(e.to_string().contains("expected fail or hang"), "{e}");
+        assert!(
+            e.to_string().contains("expected fail, hang or hold:FILE"),
+            "{e}"
+        );
+        let f = Faults::parse(&["add_members=hold:/tmp/go".into()]).expect("hold");
+        assert_eq!(
+            f.at(Step::AddMembers),
+            Some(Fault::Hold(PathBuf::from("/tmp/go")))
+        );
+        assert!(Faults::parse(&["add_members=hold:".into()]).is_err());
     }
 }

@@ -12,6 +12,9 @@ use form_runtime::addr::HostPort;
 use form_runtime::upstream::{PROBE_TIMEOUT, Upstream};
 use tonic::transport::{Channel, Endpoint};
 
+/// Largest gRPC message to and from a vmm node: a batch of application changes.
+const MAX_BATCH_MESSAGE: usize = 17 * 1024 * 1024;
+
 /// Why a step (or a request) could not be carried out, for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -58,7 +61,12 @@ impl Platform {
         Ok(Self {
             // One replica at a time: an operation reads back what it wrote.
             state: StateServiceClient::new(state.sticky_channel()),
-            vmm: first(vmm, "vmm")?.map(VmmServiceClient::new),
+            // A batch of the state contract travels whole (up to 16 MiB).
+            vmm: first(vmm, "vmm")?.map(|c| {
+                VmmServiceClient::new(c)
+                    .max_decoding_message_size(MAX_BATCH_MESSAGE)
+                    .max_encoding_message_size(MAX_BATCH_MESSAGE)
+            }),
             rplb: first(rplb, "rplb")?.map(RplbControlClient::new),
         })
     }

@@ -15,22 +15,11 @@ use form_testkit::assert_eventually;
 
 const OP_DEADLINE: Duration = Duration::from_secs(60);
 
-async fn routed_template(stack: &mut Stack) {
-    assert_eventually!(
-        deadline = Duration::from_secs(20),
-        async {
-            stack.backends().await
-                == vec![(TEMPLATE.to_owned(), rplb_pb::BackendState::Active as i32)]
-        },
-        "the balancer routes the demo cluster to its template"
-    );
-}
-
 #[tokio::test]
 async fn scale_out_and_in_through_the_api_keep_state_members_and_balancer_in_agreement() {
     let mut stack = Stack::start("ops-out-in").await;
     let mut scaler = stack.start_scaler(&[]).await;
-    routed_template(&mut stack).await;
+    stack.routed_template().await;
 
     let mut req = scale(OperationKind::ScaleOut, 3);
     req.operation_id = "grow-1".into();
@@ -195,7 +184,7 @@ async fn a_controller_killed_mid_scale_out_rolls_it_back_after_restart_and_refus
     let mut scaler = stack
         .start_scaler(&["--inject-fault", "wait_serving=hang"])
         .await;
-    routed_template(&mut stack).await;
+    stack.routed_template().await;
     let reply = scaler
         .scale(scale(OperationKind::ScaleOut, 3))
         .await

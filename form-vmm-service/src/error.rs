@@ -48,6 +48,12 @@ pub enum VmmError {
     /// The workload or hypervisor misbehaved.
     #[error("{0}")]
     Backend(String),
+    /// The workload does not answer now (its admin address is closed, say).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A state contract cursor the workload no longer knows: read from the start.
+    #[error("{0}")]
+    CursorGone(String),
 }
 
 impl VmmError {
@@ -77,6 +83,8 @@ impl From<VmmError> for tonic::Status {
             }
             VmmError::Unsupported(_) => tonic::Status::unimplemented(msg),
             VmmError::Io { .. } | VmmError::Backend(_) => tonic::Status::internal(msg),
+            VmmError::Unavailable(_) => tonic::Status::unavailable(msg),
+            VmmError::CursorGone(_) => tonic::Status::out_of_range(msg),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! heartbeats them into form-state.
 
 pub mod config;
+pub mod contract;
 pub mod error;
 pub mod heartbeat;
 mod http;
@@ -102,7 +103,13 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
         ));
     }
     let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone());
-    let server = GrpcServer::new().add_service(VmmServiceServer::new(api));
+    // A merge request carries a whole batch of the state contract.
+    let limit = contract::MAX_BATCH + 64 * 1024;
+    let server = GrpcServer::new().add_service(
+        VmmServiceServer::new(api)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
+    );
     let served = form_runtime::grpc::run(ctx, server, &upstreams).await;
     // No instance outlives the service.
     hv.delete_all().await;

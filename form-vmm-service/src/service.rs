@@ -8,6 +8,7 @@ use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_server::VmmService;
 use tonic::{Request, Response, Status as GrpcStatus};
 
+use crate::contract::{self, Contracts};
 use crate::error::VmmError;
 use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Status, Window};
 use crate::snapshots::{FORMAT_VERSION, Manifest, SnapshotStore, workload_hex};
@@ -57,6 +58,7 @@ pub fn to_pb(i: &InstanceInfo, node_id: &str, backend: &str) -> pb::Instance {
         generation: i.generation,
         backend: backend.to_owned(),
         failure: i.failure.clone().unwrap_or_default(),
+        state_contract: String::new(),
     }
 }
 
@@ -78,6 +80,7 @@ fn snapshot_pb(m: &Manifest) -> pb::SnapshotInfo {
             })
             .collect(),
         generation: m.generation,
+        state_cursor: m.state_cursor.clone(),
     }
 }
 
@@ -90,6 +93,8 @@ pub struct VmmApi<H> {
     /// One lifecycle operation at a time per instance (a pause during a snapshot would
     /// otherwise be undone by the snapshot's resume).
     locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Which workloads implement the state contract.
+    contracts: Arc<Contracts>,
 }
 
 impl<H: Hypervisor> VmmApi<H> {
@@ -100,6 +105,7 @@ impl<H: Hypervisor> VmmApi<H> {
             snapshots,
             node_id,
             locks: Default::default(),
+            contracts: Default::default(),
         }
     }
 
@@ -116,7 +122,42 @@ impl<H: Hypervisor> VmmApi<H> {
     }
 
     fn out(&self, i: &InstanceInfo) -> Response<pb::Instance> {
-        Response::new(to_pb(i, &self.node_id, self.hv.name()))
+        Response::new(self.instance_pb(i))
+    }
+
+    fn instance_pb(&self, i: &InstanceInfo) -> pb::Instance {
+        let mut out = to_pb(i, &self.node_id, self.hv.name());
+        if let Some(c) = self.contracts.get(&i.spec.instance_id) {
+            out.state_contract = c.name();
+        }
+        out
+    }
+
+    /// Learns whether a new instance's workload implements the state contract.
+    async fn learn_contract(&self, i: &InstanceInfo) {
+        if i.status == Status::Running {
+            let c = self
+                .contracts
+                .probe(&i.spec.instance_id, i.admin_address)
+                .await;
+            tracing::debug!(instance = %i.spec.instance_id, contract = %c.name(), "state contract");
+        }
+    }
+
+    /// The admin address of a running instance, for the state contract.
+    async fn contract_target(
+        &self,
+        id: &str,
+    ) -> std::result::Result<Option<std::net::SocketAddr>, VmmError> {
+        spec::id("instance_id", id)?;
+        let i = self.hv.get(id).await?;
+        if !matches!(i.status, Status::Running | Status::Paused) {
+            return Err(VmmError::FailedPrecondition(format!(
+                "instance {id} is {:?}; the state of an instance that does not run cannot be read or merged",
+                i.status
+            )));
+        }
+        Ok(i.admin_address)
     }
 }
 
@@ -150,6 +191,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         };
         let info = self.hv.create(s).await?;
         metrics::counter!("form_vmm_instances_created_total").increment(1);
+        self.learn_contract(&info).await;
         Ok(self.out(&info))
     }
 
@@ -169,7 +211,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             .await
             .iter()
             .filter(|i| cluster.is_empty() || i.spec.cluster_id == cluster)
-            .map(|i| to_pb(i, &self.node_id, self.hv.name()))
+            .map(|i| self.instance_pb(i))
             .collect();
         instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         Ok(Response::new(pb::ListInstancesReply { instances }))
@@ -196,10 +238,17 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         let source = self.hv.get(&r.instance_id).await?;
         let started = std::time::Instant::now();
         let (hv, store) = (self.hv.clone(), self.snapshots.clone());
+        let contracts = self.contracts.clone();
         // A task of its own: a client that goes away must not cancel the snapshot half
         // way (with its instance stopped); hashing and copying run off the async workers.
         let task = tokio::spawn(async move {
             let _guard = guard;
+            // Read before the snapshot: every change after this cursor may be missing
+            // from it, so a sync from here misses nothing (a change both in the
+            // snapshot and after the cursor merges twice, which changes nothing).
+            let state_cursor = contract::cursor(&contracts, &r.instance_id, source.admin_address)
+                .await?
+                .unwrap_or_default();
             let snapshot_id = new_id("snap");
             let dir = store.create_dir(&snapshot_id)?;
             let taken = match hv.snapshot(&r.instance_id, &dir).await {
@@ -222,6 +271,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
                 machine_args: taken.machine_args,
                 created_at_ms: now_ms(),
                 files: Vec::new(),
+                state_cursor,
             };
             let digests = taken.digests;
             let sealed = tokio::task::spawn_blocking(move || store.seal(manifest, &digests))
@@ -285,6 +335,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         });
         let info = task.await.map_err(|e| VmmError::Backend(e.to_string()))??;
         metrics::histogram!("form_vmm_clone_seconds").record(started.elapsed().as_secs_f64());
+        self.learn_contract(&info).await;
         Ok(self.out(&info))
     }
 
@@ -299,7 +350,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         let _guard = self.lifecycle(&r.instance_id).await;
         let out = self.hv.resize(&r.instance_id, res).await?;
         Ok(Response::new(pb::ResizeReply {
-            instance: Some(to_pb(&out.info, &self.node_id, self.hv.name())),
+            instance: Some(self.instance_pb(&out.info)),
             enforced: out.enforced,
             message: out.message,
         }))
@@ -317,6 +368,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&id);
+        self.contracts.forget(&id);
         if !deleted {
             return Err(VmmError::NotFound {
                 what: "instance",
@@ -366,5 +418,31 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             deleted: true,
             freed_bytes,
         }))
+    }
+
+    async fn read_changes(&self, req: Request<pb::ReadChangesRequest>) -> Result<pb::ChangeBatch> {
+        let r = req.into_inner();
+        let admin = self.contract_target(&r.instance_id).await?;
+        let batch = contract::read(
+            &self.contracts,
+            &r.instance_id,
+            admin,
+            &r.since,
+            r.max_bytes,
+        )
+        .await?;
+        metrics::counter!("form_vmm_state_changes_read_total").increment(batch.changes);
+        Ok(Response::new(batch))
+    }
+
+    async fn merge_changes(
+        &self,
+        req: Request<pb::MergeChangesRequest>,
+    ) -> Result<pb::MergeChangesReply> {
+        let r = req.into_inner();
+        let admin = self.contract_target(&r.instance_id).await?;
+        let reply = contract::merge(&self.contracts, &r.instance_id, admin, &r.batch).await?;
+        metrics::counter!("form_vmm_state_changes_merged_total").increment(reply.applied);
+        Ok(Response::new(reply))
     }
 }

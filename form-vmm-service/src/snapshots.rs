@@ -67,6 +67,10 @@ pub struct Manifest {
     pub created_at_ms: u64,
     /// Every file but the manifest.
     pub files: Vec<FileEntry>,
+    /// The source's state contract cursor read just before the snapshot; empty when
+    /// its workload does not implement the contract.
+    #[serde(default)]
+    pub state_cursor: String,
 }
 
 impl Manifest {
@@ -332,6 +336,7 @@ mod tests {
             machine_args: Vec::new(),
             created_at_ms: 1,
             files: Vec::new(),
+            state_cursor: String::new(),
         }
     }
 

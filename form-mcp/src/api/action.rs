@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::backends::Backends;
 use super::clusters;
-use super::model::{self, CreateCluster, Policy, ScaleOperation, ScaleRequest};
+use super::model::{self, CreateCluster, Policy, ScaleOperation, ScaleRequest, StateSync};
 use crate::error::ApiError;
 
 /// One request of the API.
@@ -21,11 +21,13 @@ pub enum Action {
     /// One cluster.
     GetCluster(String),
     /// Create a cluster with its first instance.
-    CreateCluster(CreateCluster),
+    CreateCluster(Box<CreateCluster>),
     /// Delete a cluster and its instances.
     DeleteCluster(String),
     /// Set a cluster's scaling policy.
     SetPolicy(String, Policy),
+    /// Set how a cluster's instances share application state.
+    SetStateSync(String, StateSync),
     /// Scale a cluster; the idempotency key makes a retry return the same operation.
     Scale(String, ScaleRequest, Option<String>),
     /// A cluster's status.
@@ -65,6 +67,7 @@ impl Action {
             Action::CreateCluster(_)
                 | Action::DeleteCluster(_)
                 | Action::SetPolicy(..)
+                | Action::SetStateSync(..)
                 | Action::Scale(..)
                 | Action::DrainInstance(..)
         )
@@ -78,6 +81,7 @@ impl Action {
             Action::CreateCluster(_) => "create_cluster",
             Action::DeleteCluster(_) => "delete_cluster",
             Action::SetPolicy(..) => "set_scaling_policy",
+            Action::SetStateSync(..) => "set_state_sync",
             Action::Scale(..) => "scale_cluster",
             Action::Status(_) => "get_cluster_status",
             Action::GetOperation(_) => "get_operation",
@@ -104,7 +108,7 @@ impl Action {
                 json(StatusCode::OK, &model::cluster(c))
             }
             Action::CreateCluster(req) => {
-                let c = clusters::create(b, req).await?;
+                let c = clusters::create(b, *req).await?;
                 json(StatusCode::CREATED, &model::cluster(c))
             }
             Action::DeleteCluster(id) => {
@@ -125,6 +129,21 @@ impl Action {
                 let p: Policy = reply.policy.unwrap_or_default().into();
                 json(StatusCode::OK, &p)
             }
+            Action::SetStateSync(id, sync) => {
+                check_id("cluster_id", &id)?;
+                // A missing cluster is 404 (a write would create it).
+                clusters::get(b, &id).await?;
+                b.state()?
+                    .put_cluster(state_pb::PutClusterRequest {
+                        cluster_id: id.clone(),
+                        state_sync: Some(sync.into()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| ApiError::upstream("setting state_sync", &s))?;
+                let c = clusters::get(b, &id).await?;
+                json(StatusCode::OK, &model::StateSync::from(c.state_sync))
+            }
             Action::Scale(id, req, key) => {
                 check_id("cluster_id", &id)?;
                 scale(b, id, req, key).await
@@ -137,8 +156,9 @@ impl Action {
                     .await
                     .map_err(|s| ApiError::upstream("reading the status", &s))?
                     .into_inner();
-                let members = model::cluster(clusters::get(b, &s.cluster_id).await?).members;
-                json(StatusCode::OK, &status(s, members))
+                let cluster = model::cluster(clusters::get(b, &s.cluster_id).await?);
+                let sync = clusters::state_sync(b, &cluster).await;
+                json(StatusCode::OK, &status(s, cluster.members, sync))
             }
             Action::GetOperation(id) => {
                 check_id("operation_id", &id)?;
@@ -229,7 +249,11 @@ async fn scale(
     )
 }
 
-fn status(s: scaler_pb::ClusterStatus, members: Vec<model::Member>) -> model::Status {
+fn status(
+    s: scaler_pb::ClusterStatus,
+    members: Vec<model::Member>,
+    state_sync: String,
+) -> model::Status {
     model::Status {
         cluster_id: s.cluster_id,
         instances: s.instances,
@@ -243,6 +267,10 @@ fn status(s: scaler_pb::ClusterStatus, members: Vec<model::Member>) -> model::St
                 kind: o.kind,
                 completed_at: o.completed_at,
                 status: o.status,
+                not_handed_off: o
+                    .state_transfer
+                    .map(|t| t.not_handed_off)
+                    .unwrap_or_default(),
             }
         }),
         members,
@@ -254,6 +282,7 @@ fn status(s: scaler_pb::ClusterStatus, members: Vec<model::Member>) -> model::St
         }),
         policy: s.policy.map(Into::into),
         owner: s.owner,
+        state_sync,
     }
 }
 

@@ -23,6 +23,35 @@ pub async fn get(b: &Backends, id: &str) -> Result<state_pb::Cluster, ApiError> 
         .map_err(|s| ApiError::upstream("reading the cluster", &s))
 }
 
+/// The cluster's state sync as the status shows it: its mode, or `unsupported` when
+/// a member's workload does not implement the state contract (as the vmm node saw it
+/// start), since then a scale-in loses the removed instances' writes.
+pub async fn state_sync(b: &Backends, c: &super::model::Cluster) -> String {
+    let mode = super::model::state_sync_mode(&c.state_sync);
+    if mode == "none" {
+        return mode.into();
+    }
+    let Ok(mut vmm) = b.vmm() else {
+        return mode.into();
+    };
+    let listed = vmm
+        .list_instances(vmm_pb::ListInstancesRequest {
+            cluster_id: c.cluster_id.clone(),
+        })
+        .await;
+    let unsupported = listed.is_ok_and(|l| {
+        l.into_inner().instances.iter().any(|i| {
+            c.members.iter().any(|m| m.instance_id == i.instance_id)
+                && i.state_contract.starts_with("unsupported")
+        })
+    });
+    if unsupported {
+        "unsupported".into()
+    } else {
+        mode.into()
+    }
+}
+
 /// Creates the cluster and its first instance.
 pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluster, ApiError> {
     check_id("cluster_id", &req.cluster_id)?;
@@ -62,6 +91,7 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
             affinity: req.affinity.map(Into::into),
             resources,
             template_instance_id: None,
+            state_sync: req.state_sync.map(Into::into),
         })
         .await
         .map_err(|s| ApiError::upstream("creating the cluster", &s))?;

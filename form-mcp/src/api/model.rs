@@ -94,6 +94,52 @@ pub struct Resources {
     pub memory_mib: u64,
 }
 
+/// How a cluster's instances share application state (docs/workload-contract.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateSync {
+    /// `none`, `on_scale` (the default) or `continuous`.
+    pub mode: StateSyncMode,
+    /// continuous: milliseconds between exchanges, 50-600000 (0: 1000).
+    #[serde(default)]
+    pub interval_ms: u32,
+    /// continuous: largest batch in bytes, 4096-4194304 (0: 1048576).
+    #[serde(default)]
+    pub batch_bytes: u32,
+    /// continuous: keys with these prefixes go first (at most 16).
+    #[serde(default)]
+    pub priority_prefixes: Vec<String>,
+    /// Fail a scale-in whose victims' writes cannot be handed off (a workload without
+    /// the state contract).
+    #[serde(default)]
+    pub refuse_unsynced_scale_in: bool,
+}
+
+/// A state sync mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StateSyncMode {
+    /// Nothing is synced: a removed instance's writes are lost.
+    None,
+    /// Clones catch up with their source; victims hand off their writes.
+    OnScale,
+    /// As on_scale, and instances exchange changes all the time.
+    Continuous,
+}
+
+/// What an operation did with the application's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StateTransfer {
+    /// Changes read from sources and victims and merged into other instances.
+    pub changes: u64,
+    /// Bytes of the batches read.
+    pub bytes: u64,
+    /// Victims whose writes could not be handed off, with why (those writes are lost).
+    pub not_handed_off: Vec<String>,
+    /// `supported`, `unsupported`, or empty when nothing was asked of the workload.
+    pub contract: String,
+}
+
 /// `POST /api/v1/clusters`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +160,9 @@ pub struct CreateCluster {
     /// Resources of each instance.
     #[serde(default)]
     pub resources: Option<Resources>,
+    /// How instances share application state (default on_scale).
+    #[serde(default)]
+    pub state_sync: Option<StateSync>,
 }
 
 /// What a scale request does.
@@ -196,6 +245,8 @@ pub struct Cluster {
     pub template_instance_id: String,
     /// Its members, by id.
     pub members: Vec<Member>,
+    /// How its instances share application state.
+    pub state_sync: StateSync,
 }
 
 /// `GET /api/v1/clusters`.
@@ -239,6 +290,9 @@ pub struct Operation {
     pub created_at: String,
     /// When it ended (RFC 3339), if it has.
     pub completed_at: Option<String>,
+    /// What it did with the application's state (sync and handoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_transfer: Option<StateTransfer>,
 }
 
 /// The latest operation, as the status shows it.
@@ -253,6 +307,9 @@ pub struct LastOperation {
     pub completed_at: Option<String>,
     /// Its status.
     pub status: String,
+    /// Victims whose writes could not be handed off, with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_handed_off: Vec<String>,
 }
 
 /// The latest scaling decision.
@@ -291,6 +348,10 @@ pub struct Status {
     pub policy: Option<Policy>,
     /// The controller that handles the cluster.
     pub owner: String,
+    /// The state sync mode (`none`, `on_scale`, `continuous`), or `unsupported` when
+    /// the workload does not implement the state contract: then a scale-in loses the
+    /// removed instances' writes.
+    pub state_sync: String,
 }
 
 /// `202` reply to a scale request.
@@ -415,6 +476,59 @@ impl From<types::AffinityMethod> for Affinity {
     }
 }
 
+impl From<StateSync> for types::StateSync {
+    fn from(s: StateSync) -> Self {
+        use types::state_sync::Mode;
+        let mode = match s.mode {
+            StateSyncMode::None => Mode::None(types::StateSyncNone {}),
+            StateSyncMode::OnScale => Mode::OnScale(types::StateSyncOnScale {}),
+            StateSyncMode::Continuous => Mode::Continuous(types::StateSyncContinuous {
+                interval_ms: s.interval_ms,
+                batch_bytes: s.batch_bytes,
+                priority_prefixes: s.priority_prefixes,
+            }),
+        };
+        Self {
+            mode: Some(mode),
+            refuse_unsynced_scale_in: s.refuse_unsynced_scale_in,
+        }
+    }
+}
+
+impl From<Option<types::StateSync>> for StateSync {
+    fn from(s: Option<types::StateSync>) -> Self {
+        use types::state_sync::Mode;
+        let s = s.unwrap_or_default();
+        let mut out = StateSync {
+            mode: StateSyncMode::OnScale,
+            interval_ms: 0,
+            batch_bytes: 0,
+            priority_prefixes: Vec::new(),
+            refuse_unsynced_scale_in: s.refuse_unsynced_scale_in,
+        };
+        match s.mode {
+            Some(Mode::None(_)) => out.mode = StateSyncMode::None,
+            Some(Mode::Continuous(c)) => {
+                out.mode = StateSyncMode::Continuous;
+                out.interval_ms = c.interval_ms;
+                out.batch_bytes = c.batch_bytes;
+                out.priority_prefixes = c.priority_prefixes;
+            }
+            Some(Mode::OnScale(_)) | None => {}
+        }
+        out
+    }
+}
+
+/// The API's name of a state sync mode.
+pub fn state_sync_mode(s: &StateSync) -> &'static str {
+    match s.mode {
+        StateSyncMode::None => "none",
+        StateSyncMode::OnScale => "on_scale",
+        StateSyncMode::Continuous => "continuous",
+    }
+}
+
 impl From<Resources> for types::Resources {
     fn from(r: Resources) -> Self {
         Self {
@@ -475,6 +589,7 @@ pub fn cluster(c: state_pb::Cluster) -> Cluster {
         resources: c.resources.map(Into::into),
         template_instance_id: c.template_instance_id,
         members,
+        state_sync: c.state_sync.into(),
     }
 }
 
@@ -508,5 +623,11 @@ pub fn operation(o: types::Operation) -> Operation {
         error,
         created_at: crate::time::rfc3339(o.created_at_ms),
         completed_at: (o.completed_at_ms > 0).then(|| crate::time::rfc3339(o.completed_at_ms)),
+        state_transfer: o.state_transfer.map(|t| StateTransfer {
+            changes: t.changes,
+            bytes: t.bytes,
+            not_handed_off: t.not_handed_off,
+            contract: t.contract,
+        }),
     }
 }

@@ -60,6 +60,9 @@ async fn snapshot(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> 
         .map_err(|s| OpError::rpc(format!("snapshot of {}", op.source_instance_id), &s))?
         .into_inner();
     op.snapshot_id = info.snapshot_id;
+    // Where the source's change history stood at the snapshot: the sync steps start
+    // there (empty when the workload has no such history).
+    op.state_cursor = info.state_cursor;
     Ok(())
 }
 

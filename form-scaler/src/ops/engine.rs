@@ -13,7 +13,7 @@ use std::time::Duration;
 use form_proto::types::v1 as types;
 use types::operation_status::State;
 
-use super::{Step, UNDO_PREFIX, create, plan, record, remove, resize};
+use super::{Step, UNDO_PREFIX, create, plan, record, remove, resize, sync};
 use crate::faults::{Fault, Faults};
 use crate::platform::{OpError, Platform};
 
@@ -171,9 +171,18 @@ impl Engine {
         for (i, step) in steps.iter().copied().enumerate().skip(from) {
             self.step_record(op, step.name().to_owned(), seq).await?;
             let fault = self.faults.at(step);
-            if fault == Some(Fault::Hang) {
-                tracing::warn!(operation = %op.operation_id, step = step.name(), "injected fault: hanging before the step");
-                std::future::pending::<()>().await;
+            match &fault {
+                Some(Fault::Hang) => {
+                    tracing::warn!(operation = %op.operation_id, step = step.name(), "injected fault: hanging before the step");
+                    std::future::pending::<()>().await;
+                }
+                Some(Fault::Hold(file)) => {
+                    tracing::warn!(operation = %op.operation_id, step = step.name(), file = %file.display(), "injected fault: holding before the step until the file exists");
+                    while !file.exists() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                _ => {}
             }
             let mut attempt = 0;
             let result = loop {
@@ -253,6 +262,9 @@ impl Engine {
     async fn run_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
         match step {
             Step::ResizeInPlace | Step::StoreResources => resize::forward(self, step, op).await,
+            Step::SyncClones | Step::FinalSyncClones | Step::HandoffVictims => {
+                sync::forward(self, step, op).await
+            }
             Step::DrainVictims
             | Step::RemoveVictimMembers
             | Step::DeleteVictimInstances
@@ -264,6 +276,9 @@ impl Engine {
     async fn undo_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
         match step {
             Step::ResizeInPlace | Step::StoreResources => resize::undo(self, step, op).await,
+            // Changes merged into other instances stay: merging only moves their state
+            // forward, and the same changes merged again change nothing.
+            Step::SyncClones | Step::FinalSyncClones | Step::HandoffVictims => Ok(()),
             Step::DrainVictims
             | Step::RemoveVictimMembers
             | Step::DeleteVictimInstances
@@ -300,9 +315,13 @@ mod tests {
             start_of(&at("drain_victims"), steps),
             Start::Back(0, _)
         ));
+        assert!(matches!(
+            start_of(&at("handoff_victims"), steps),
+            Start::Back(1, _)
+        ));
         assert_eq!(
             start_of(&at("remove_victim_members"), steps),
-            Start::Forward(1)
+            Start::Forward(2)
         );
         assert!(matches!(
             start_of(&at("undo:drain_victims"), steps),
@@ -313,6 +332,6 @@ mod tests {
             start_of(&at("wait_healthy"), out),
             Start::Back(2, _)
         ));
-        assert_eq!(start_of(&at("delete_snapshot"), out), Start::Forward(6));
+        assert_eq!(start_of(&at("delete_snapshot"), out), Start::Forward(8));
     }
 }

@@ -7,6 +7,7 @@ pub mod plan;
 pub mod record;
 pub mod remove;
 pub mod resize;
+pub mod sync;
 
 use form_proto::types::v1 as types;
 
@@ -25,16 +26,24 @@ pub enum Step {
     CloneInstances,
     /// Wait until every new instance runs and answers its health path.
     WaitHealthy,
+    /// Merge the changes the source made since its snapshot into the new instances
+    /// (the workload state contract), before they take traffic.
+    SyncClones,
     /// Add the new instances as members (starting: not yet routed).
     AddMembers,
     /// Mark the new members active: the balancer routes to them.
     ActivateMembers,
     /// Wait until the balancer has every new instance as an active backend.
     WaitServing,
+    /// Merge the source's changes made since `SyncClones` into the new instances.
+    FinalSyncClones,
     /// Make a new instance the template when the template is a victim.
     PromoteReplacement,
-    /// Mark victims draining and, with `drain_connections`, wait for their drain.
+    /// Mark victims draining and, with `drain_connections` or state sync, wait for
+    /// their drain.
     DrainVictims,
+    /// Merge each drained victim's changes into the instances that remain.
+    HandoffVictims,
     /// Remove the victims' members. From here an operation only goes forward.
     RemoveVictimMembers,
     /// Delete the victims' instances.
@@ -44,17 +53,20 @@ pub enum Step {
 }
 
 /// Every step, for name lookups.
-const ALL: [Step; 13] = [
+const ALL: [Step; 16] = [
     Step::ResizeInPlace,
     Step::StoreResources,
     Step::SnapshotSource,
     Step::CloneInstances,
     Step::WaitHealthy,
+    Step::SyncClones,
     Step::AddMembers,
     Step::ActivateMembers,
     Step::WaitServing,
+    Step::FinalSyncClones,
     Step::PromoteReplacement,
     Step::DrainVictims,
+    Step::HandoffVictims,
     Step::RemoveVictimMembers,
     Step::DeleteVictimInstances,
     Step::DeleteSnapshot,
@@ -72,11 +84,14 @@ impl Step {
             Step::SnapshotSource => "snapshot_source",
             Step::CloneInstances => "clone_instances",
             Step::WaitHealthy => "wait_healthy",
+            Step::SyncClones => "sync_clones",
             Step::AddMembers => "add_members",
             Step::ActivateMembers => "activate_members",
             Step::WaitServing => "wait_serving",
+            Step::FinalSyncClones => "final_sync_clones",
             Step::PromoteReplacement => "promote_replacement",
             Step::DrainVictims => "drain_victims",
+            Step::HandoffVictims => "handoff_victims",
             Step::RemoveVictimMembers => "remove_victim_members",
             Step::DeleteVictimInstances => "delete_victim_instances",
             Step::DeleteSnapshot => "delete_snapshot",

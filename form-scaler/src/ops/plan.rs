@@ -15,38 +15,42 @@ use crate::victims::{self, Candidate};
 /// The steps of an operation of `kind`, in order.
 pub fn steps(kind: types::OperationKind) -> &'static [Step] {
     use Step::*;
-    const CREATE: [Step; 6] = [
+    const OUT: [Step; 9] = [
         SnapshotSource,
         CloneInstances,
         WaitHealthy,
+        SyncClones,
         AddMembers,
         ActivateMembers,
         WaitServing,
-    ];
-    const OUT: [Step; 7] = [
-        CREATE[0],
-        CREATE[1],
-        CREATE[2],
-        CREATE[3],
-        CREATE[4],
-        CREATE[5],
+        FinalSyncClones,
         DeleteSnapshot,
     ];
-    const IN: [Step; 3] = [DrainVictims, RemoveVictimMembers, DeleteVictimInstances];
-    const REPLACE: [Step; 11] = [
-        CREATE[0],
-        CREATE[1],
-        CREATE[2],
-        CREATE[3],
-        CREATE[4],
-        CREATE[5],
+    const IN: [Step; 4] = [
+        DrainVictims,
+        HandoffVictims,
+        RemoveVictimMembers,
+        DeleteVictimInstances,
+    ];
+    // The steps of a scale-out but the last, the template's promotion, the steps of a
+    // scale-in, then the snapshot's deletion.
+    const REPLACE: [Step; 14] = [
+        OUT[0],
+        OUT[1],
+        OUT[2],
+        OUT[3],
+        OUT[4],
+        OUT[5],
+        OUT[6],
+        OUT[7],
         PromoteReplacement,
         IN[0],
         IN[1],
         IN[2],
+        IN[3],
         DeleteSnapshot,
     ];
-    const RESIZE: [Step; 13] = [
+    const RESIZE: [Step; 16] = [
         ResizeInPlace,
         StoreResources,
         REPLACE[0],
@@ -60,6 +64,9 @@ pub fn steps(kind: types::OperationKind) -> &'static [Step] {
         REPLACE[8],
         REPLACE[9],
         REPLACE[10],
+        REPLACE[11],
+        REPLACE[12],
+        REPLACE[13],
     ];
     match kind {
         types::OperationKind::ScaleOut => &OUT,

@@ -70,10 +70,23 @@ async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
     let Some(rplb) = e.platform.rplb.clone() else {
         return Ok(());
     };
-    if !op.drain_connections {
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    // A victim whose changes are handed off must receive no request after the
+    // handoff reads them: without `drain_connections` the drain still waits, but only
+    // for the requests in flight (pinned sessions move at once).
+    let drain = if op.drain_connections {
+        None
+    } else if super::sync::enabled(&cluster) {
+        Some(rplb_pb::ConnectionDrainConfig {
+            grace_period_seconds: u32::try_from(e.limits.drain_timeout.as_secs())
+                .unwrap_or(u32::MAX),
+            wait_for_connections: true,
+            notify_clients: false,
+        })
+    } else {
         return Ok(());
-    }
-    let domain = e.platform.cluster(&op.cluster_id).await?.domain;
+    };
+    let domain = cluster.domain;
     let mut set = JoinSet::new();
     for id in op.victims.clone() {
         let mut rplb = rplb.clone();
@@ -83,7 +96,7 @@ async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
             let req = rplb_pb::DrainBackendRequest {
                 domain: domain.clone(),
                 backend_id: id.clone(),
-                drain: None,
+                drain,
             };
             let follow = async {
                 let mut stream = match rplb.drain_backend(req).await {

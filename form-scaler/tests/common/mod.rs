@@ -315,6 +315,18 @@ impl Stack {
         v
     }
 
+    /// Waits until the balancer routes the demo cluster to its template alone.
+    pub async fn routed_template(&mut self) {
+        form_testkit::assert_eventually!(
+            deadline = Duration::from_secs(20),
+            async {
+                self.backends().await
+                    == vec![(TEMPLATE.to_owned(), rplb_pb::BackendState::Active as i32)]
+            },
+            "the balancer routes the demo cluster to its template"
+        );
+    }
+
     /// Whether members, instances and balancer backends are the same set, every member
     /// is active and every backend serves, and no snapshot is left.
     pub async fn agree(&mut self) -> bool {
@@ -429,12 +441,28 @@ pub async fn via_lb(
     path: &str,
     cookie: Option<&str>,
 ) -> anyhow::Result<(u16, String, String)> {
+    lb_call(http, "GET", path, cookie, b"").await
+}
+
+/// `METHOD path` with `body` through the balancer for the demo domain: status, body,
+/// headers.
+pub async fn lb_call(
+    http: SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: &[u8],
+) -> anyhow::Result<(u16, String, String)> {
     let mut s = tokio::net::TcpStream::connect(http).await?;
     let cookie = cookie
         .map(|c| format!("Cookie: {c}\r\n"))
         .unwrap_or_default();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {DOMAIN}\r\n{cookie}Connection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {DOMAIN}\r\n{cookie}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     s.write_all(req.as_bytes()).await?;
+    s.write_all(body).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -445,6 +473,17 @@ pub async fn via_lb(
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     Ok((code, body.to_owned(), head.to_owned()))
+}
+
+/// The `name=value` of the balancer's affinity cookie set in a response head.
+pub fn session_cookie(head: &str) -> Option<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("set-cookie"))
+        .filter_map(|(_, v)| v.split(';').next())
+        .map(str::trim)
+        .find(|c| c.starts_with("FORM_SESSION="))
+        .map(str::to_owned)
 }
 
 /// The value of key `k` on the instance at `address`.

@@ -56,6 +56,8 @@ pub enum Field {
     OperationStatus,
     /// A controller's latest heartbeat: rank = time in ms, value = its address.
     ControllerHeartbeat,
+    /// Encoded `StateSync` of a cluster (last, so stored keys keep their encoding).
+    StateSync,
 }
 
 /// How the entries of one field are read when concurrent writes left several.

@@ -62,6 +62,7 @@ pub fn cluster(state: &State, id: &str) -> Option<pb::Cluster> {
         affinity: decode(get(Field::Affinity)),
         members,
         resources: decode(get(Field::ClusterResources)),
+        state_sync: decode(get(Field::StateSync)),
     })
 }
 

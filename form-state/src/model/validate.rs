@@ -105,6 +105,41 @@ pub fn policy(p: &pb::ScalingPolicy) -> Result<(), StateError> {
     Ok(())
 }
 
+/// A state sync setting: a continuous interval of 50 ms to 10 min and batches of
+/// 4 KiB to 4 MiB (0 picks the default of each), at most 16 priority prefixes of at
+/// most 256 bytes.
+pub fn state_sync(s: &pb::StateSync) -> Result<(), StateError> {
+    let Some(pb::state_sync::Mode::Continuous(c)) = &s.mode else {
+        return Ok(());
+    };
+    let f = |name: &str| format!("state_sync.continuous.{name}");
+    if c.interval_ms != 0 && !(50..=600_000).contains(&c.interval_ms) {
+        return Err(StateError::invalid(
+            f("interval_ms"),
+            format!(
+                "is {}; expected 50 to 600000 (or 0 for 1000)",
+                c.interval_ms
+            ),
+        ));
+    }
+    if c.batch_bytes != 0 && !(4096..=4_194_304).contains(&c.batch_bytes) {
+        return Err(StateError::invalid(
+            f("batch_bytes"),
+            format!(
+                "is {}; expected 4096 to 4194304 (or 0 for 1048576)",
+                c.batch_bytes
+            ),
+        ));
+    }
+    if c.priority_prefixes.len() > 16 || c.priority_prefixes.iter().any(|p| p.len() > 256) {
+        return Err(StateError::invalid(
+            f("priority_prefixes"),
+            "has more than 16 prefixes or one longer than 256 bytes; at most 16 of at most 256 bytes accepted",
+        ));
+    }
+    Ok(())
+}
+
 /// Resources: at least one vCPU and 16 MiB when set.
 pub fn resources(field: &str, r: &pb::Resources) -> Result<(), StateError> {
     if r.vcpus == 0 || r.vcpus > 256 {

@@ -110,6 +110,10 @@ pub fn put_cluster(
             now,
         );
     }
+    if let Some(s) = &r.state_sync {
+        validate::state_sync(s)?;
+        b.set(key(Field::StateSync), msg_value("state_sync", s)?, 0, now);
+    }
     Ok(b.build())
 }
 

@@ -1,0 +1,243 @@
+//! Steps that carry application state through the workload state contract
+//! (docs/workload-contract.md): bring new instances up to date with their source, and
+//! hand a drained victim's changes to the instances that remain. Changes travel as the
+//! workload's own batches, read from one instance and merged into others through the
+//! vmm node; merging is idempotent, so a step run again after a crash only repeats
+//! merges that change nothing.
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as vmm_pb;
+use tokio::task::JoinSet;
+use tonic::Code;
+
+use super::Step;
+use super::create::join_all;
+use super::engine::Engine;
+use crate::platform::OpError;
+
+/// Batch size of on-scale syncs and handoffs.
+const BATCH_BYTES: u32 = 2 * 1024 * 1024;
+
+/// The state sync mode of a cluster (unset means on_scale).
+pub fn mode_name(c: &state_pb::Cluster) -> &'static str {
+    use types::state_sync::Mode;
+    match c.state_sync.as_ref().and_then(|s| s.mode.as_ref()) {
+        Some(Mode::None(_)) => "none",
+        Some(Mode::Continuous(_)) => "continuous",
+        Some(Mode::OnScale(_)) | None => "on_scale",
+    }
+}
+
+/// Whether the cluster's instances share state at scaling operations.
+pub fn enabled(c: &state_pb::Cluster) -> bool {
+    mode_name(c) != "none"
+}
+
+/// Runs `step` (one of this module's).
+pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+    match step {
+        Step::SyncClones | Step::FinalSyncClones => sync_clones(e, op).await,
+        Step::HandoffVictims => handoff(e, op).await,
+        _ => Err(OpError(format!("{} is not a state step", step.name()))),
+    }
+}
+
+/// Why changes could not be carried.
+#[derive(Debug)]
+enum PumpError {
+    /// The workload does not implement the contract.
+    Unsupported(String),
+    /// The instance read from does not run.
+    Gone(String),
+    /// Anything else: the caller rolls back.
+    Failed(OpError),
+}
+
+/// What a pump carried.
+#[derive(Debug, Default)]
+struct Carried {
+    cursor: String,
+    changes: u64,
+    bytes: u64,
+}
+
+/// Reads `from`'s changes after `since` and merges each batch into every instance of
+/// `to`, until `from` has nothing more; a cursor `from` no longer knows (it restarted)
+/// starts again from the beginning.
+async fn pump(e: &Engine, from: &str, since: &str, to: &[String]) -> Result<Carried, PumpError> {
+    let vmm = e.platform.vmm().map_err(PumpError::Failed)?;
+    let mut out = Carried {
+        cursor: since.to_owned(),
+        ..Default::default()
+    };
+    let mut restarted = false;
+    loop {
+        let req = vmm_pb::ReadChangesRequest {
+            instance_id: from.to_owned(),
+            since: out.cursor.clone(),
+            max_bytes: BATCH_BYTES,
+        };
+        let batch = match vmm.clone().read_changes(req).await {
+            Ok(b) => b.into_inner(),
+            Err(s) if s.code() == Code::OutOfRange && !restarted && !out.cursor.is_empty() => {
+                tracing::warn!(instance = %from, cursor = %out.cursor, "cursor no longer known; reading everything");
+                restarted = true;
+                out.cursor.clear();
+                continue;
+            }
+            Err(s) if s.code() == Code::Unimplemented => {
+                return Err(PumpError::Unsupported(s.message().to_owned()));
+            }
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                return Err(PumpError::Gone(s.message().to_owned()));
+            }
+            Err(s) => {
+                return Err(PumpError::Failed(OpError::rpc(
+                    format!("reading the changes of {from}"),
+                    &s,
+                )));
+            }
+        };
+        if batch.changes > 0 {
+            let mut set = JoinSet::new();
+            for id in to {
+                let (mut vmm, id, bytes) = (vmm.clone(), id.clone(), batch.batch.clone());
+                let from = from.to_owned();
+                set.spawn(async move {
+                    let req = vmm_pb::MergeChangesRequest {
+                        instance_id: id.clone(),
+                        batch: bytes,
+                    };
+                    vmm.merge_changes(req).await.map(|_| ()).map_err(|s| {
+                        OpError::rpc(format!("merging the changes of {from} into {id}"), &s)
+                    })
+                });
+            }
+            join_all(set).await.map_err(PumpError::Failed)?;
+        }
+        out.changes += batch.changes;
+        out.bytes += batch.batch.len() as u64;
+        out.cursor = batch.next_cursor;
+        if !batch.more {
+            return Ok(out);
+        }
+    }
+}
+
+fn transfer(op: &mut types::Operation) -> &mut types::StateTransfer {
+    op.state_transfer.get_or_insert_with(Default::default)
+}
+
+/// Brings the new instances up to date with their source: every change the source made
+/// after the cursor its snapshot recorded (then after the last sync's cursor).
+async fn sync_clones(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
+    if op.new_instances.is_empty() || op.snapshot_id.is_empty() {
+        return Ok(());
+    }
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    if !enabled(&cluster) {
+        return Ok(());
+    }
+    if op.state_cursor.is_empty() {
+        // The snapshot recorded no cursor: the workload has no change history.
+        transfer(op).contract = "unsupported".into();
+        return Ok(());
+    }
+    let source = op.source_instance_id.clone();
+    match pump(e, &source, &op.state_cursor.clone(), &op.new_instances).await {
+        Ok(c) => {
+            let t = transfer(op);
+            t.contract = "supported".into();
+            t.changes += c.changes;
+            t.bytes += c.bytes;
+            op.state_cursor = c.cursor;
+            tracing::info!(operation = %op.operation_id, source = %source, changes = c.changes, "clones synced with their source");
+            Ok(())
+        }
+        Err(PumpError::Unsupported(why)) => {
+            transfer(op).contract = "unsupported".into();
+            tracing::info!(operation = %op.operation_id, %why, "no state sync");
+            Ok(())
+        }
+        Err(PumpError::Gone(why)) => Err(OpError(format!(
+            "the source {source} cannot give its changes: {why}"
+        ))),
+        Err(PumpError::Failed(e)) => Err(e),
+    }
+}
+
+/// Hands each victim's changes to the instances that remain. A victim that answers
+/// but refuses, or a survivor that refuses, fails the step (the operation rolls back
+/// and the victim serves again); a victim that does not run any more, or a workload
+/// without the contract, is recorded as not handed off.
+async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
+    if op.victims.is_empty() {
+        return Ok(());
+    }
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    if !enabled(&cluster) {
+        let lost = op
+            .victims
+            .iter()
+            .map(|v| format!("{v}: state_sync is none; its writes are lost"))
+            .collect();
+        transfer(op).not_handed_off = lost;
+        return Ok(());
+    }
+    let refuse = cluster
+        .state_sync
+        .as_ref()
+        .is_some_and(|s| s.refuse_unsynced_scale_in);
+    let survivors: Vec<String> = cluster
+        .members
+        .values()
+        .filter(|m| {
+            !op.victims.contains(&m.instance_id)
+                && m.status == state_pb::MemberStatus::Active as i32
+        })
+        .map(|m| m.instance_id.clone())
+        .collect();
+    if survivors.is_empty() {
+        return Err(OpError(format!(
+            "no active instance remains to take the changes of {:?}",
+            op.victims
+        )));
+    }
+    let mut lost = Vec::new();
+    for victim in op.victims.clone() {
+        match pump(e, &victim, "", &survivors).await {
+            Ok(c) => {
+                let t = transfer(op);
+                t.contract = "supported".into();
+                t.changes += c.changes;
+                t.bytes += c.bytes;
+                tracing::info!(operation = %op.operation_id, victim = %victim, changes = c.changes, survivors = ?survivors, "victim's changes handed off");
+            }
+            Err(PumpError::Unsupported(why)) if refuse => {
+                return Err(OpError(format!(
+                    "the changes of {victim} cannot be handed off ({why}) and the cluster's state_sync refuses such scale-ins"
+                )));
+            }
+            Err(PumpError::Unsupported(why)) => {
+                transfer(op).contract = "unsupported".into();
+                lost.push(format!(
+                    "{victim}: the workload does not implement the state contract ({why}); its writes are lost"
+                ));
+            }
+            Err(PumpError::Gone(why)) => {
+                lost.push(format!(
+                    "{victim}: it stopped before its handoff ({why}); its writes since the last sync are lost"
+                ));
+            }
+            Err(PumpError::Failed(err)) => {
+                return Err(OpError(format!("handoff of {victim} failed: {err}")));
+            }
+        }
+    }
+    if !lost.is_empty() {
+        tracing::warn!(operation = %op.operation_id, lost = ?lost, "victims not handed off");
+        transfer(op).not_handed_off = lost;
+    }
+    Ok(())
+}

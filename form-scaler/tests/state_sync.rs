@@ -1,0 +1,394 @@
+//! Application state through scaling, on the real platform (form-state, form-vmm-service
+//! with the process backend and form-demo-app, form-rplb, form-scaler): a write
+//! acknowledged on a clone survives the scale-in that removes it; writes to the source
+//! while a scale-out runs reach every clone; a handoff that cannot be made rolls the
+//! scale-in back; no acknowledged write is lost over cycles of scale-out and scale-in.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1::OperationKind;
+use form_proto::vmm::v1 as vmm_pb;
+use form_testkit::{assert_eventually, probe};
+
+const OP_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Runs a scale request to its end; returns the operation.
+async fn run(
+    scaler: &mut Scaler,
+    kind: OperationKind,
+    to: u32,
+    drain: bool,
+) -> form_proto::types::v1::Operation {
+    let mut req = scale(kind, to);
+    req.drain_connections = drain;
+    submit(scaler, req).await
+}
+
+/// Sends `req` and waits for the operation's end.
+async fn submit(
+    scaler: &mut Scaler,
+    req: form_proto::scaler::v1::ScaleRequest,
+) -> form_proto::types::v1::Operation {
+    let id = scaler
+        .scale(req)
+        .await
+        .expect("scale request")
+        .into_inner()
+        .operation_id;
+    wait_op(scaler, &id, OP_DEADLINE).await
+}
+
+type Scaler =
+    form_proto::scaler::v1::scaler_service_client::ScalerServiceClient<tonic::transport::Channel>;
+
+/// A session (the balancer's cookie) that the balancer pins to an instance other than
+/// the template, with that instance's id.
+async fn session_on_a_clone(http: SocketAddr) -> (String, String) {
+    for _ in 0..200 {
+        let (code, body, head) = via_lb(http, "/whoami", None).await.expect("whoami");
+        assert_eq!(code, 200, "{head}");
+        let who: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let id = who["instance_id"].as_str().unwrap_or_default().to_owned();
+        if id != TEMPLATE
+            && let Some(cookie) = session_cookie(&head)
+        {
+            return (cookie, id);
+        }
+    }
+    panic!("no new session landed on a clone in 200 tries");
+}
+
+async fn admin_of(stack: &mut Stack, id: &str) -> SocketAddr {
+    stack
+        .vmm_client
+        .get_instance(vmm_pb::InstanceRef {
+            instance_id: id.into(),
+        })
+        .await
+        .expect("instance")
+        .into_inner()
+        .admin_address
+        .parse()
+        .expect("admin address")
+}
+
+#[tokio::test]
+async fn a_write_on_a_clone_survives_the_scale_in_that_removes_it() {
+    let mut stack = Stack::start("sync-handoff").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    stack.routed_template().await;
+    let op = run(&mut scaler, OperationKind::ScaleOut, 2, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+
+    let (cookie, clone) = session_on_a_clone(stack.http).await;
+    let (code, _, head) = lb_call(stack.http, "PUT", "/kv/cart", Some(&cookie), b"3 apples")
+        .await
+        .expect("put");
+    assert_eq!(code, 204, "{head}");
+    let (code, body, _) = via_lb(stack.http, "/kv/cart", Some(&cookie))
+        .await
+        .expect("get");
+    assert_eq!((code, body.as_str()), (200, "3 apples"));
+    // The write is on the clone only.
+    let template = stack.cluster().await.members[TEMPLATE].addresses[0].clone();
+    assert_eq!(key_on(&template, "cart").await, None);
+
+    // Without draining first (formctl scale --immediate): the victim still hands off.
+    let op = run(&mut scaler, OperationKind::ScaleIn, 1, false).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    assert_eq!(op.victims, vec![clone.clone()]);
+    let t = op.state_transfer.clone().expect("state transfer recorded");
+    assert_eq!(t.contract, "supported", "{t:?}");
+    assert!(t.changes >= 1, "{t:?}");
+    assert!(t.not_handed_off.is_empty(), "{t:?}");
+    assert!(!stack.instances().await.contains(&clone), "victim deleted");
+
+    for c in [Some(cookie.as_str()), None] {
+        let (code, body, head) = via_lb(stack.http, "/kv/cart", c).await.expect("get");
+        assert_eq!(
+            (code, body.as_str()),
+            (200, "3 apples"),
+            "cookie {c:?}: {head}"
+        );
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn writes_to_the_source_during_a_scale_out_reach_every_clone() {
+    let mut stack = Stack::start("sync-window").await;
+    let release = stack.dir.path().join("release");
+    let fault = format!("add_members=hold:{}", release.display());
+    let mut scaler = stack.start_scaler(&["--inject-fault", &fault]).await;
+    stack.routed_template().await;
+    let template: SocketAddr = stack.cluster().await.members[TEMPLATE].addresses[0]
+        .parse()
+        .expect("address");
+
+    let id = scaler
+        .scale(scale(OperationKind::ScaleOut, 3))
+        .await
+        .expect("scale")
+        .into_inner()
+        .operation_id;
+    // The clones exist and were synced once; the operation holds before add_members.
+    assert_eventually!(
+        deadline = OP_DEADLINE,
+        async {
+            scaler
+                .get_operation(form_proto::scaler::v1::GetOperationRequest {
+                    operation_id: id.clone(),
+                })
+                .await
+                .is_ok_and(|op| status(op.get_ref()) == "in_progress: add_members")
+        },
+        "the scale-out holds before add_members"
+    );
+    for i in 0..20 {
+        let (code, _) = probe::http_request(
+            template,
+            "PUT",
+            &format!("/kv/late-{i}"),
+            format!("v{i}").as_bytes(),
+        )
+        .await
+        .expect("put");
+        assert_eq!(code, 204);
+    }
+    let (code, _) = probe::http_request(template, "DELETE", "/kv/alpha", b"")
+        .await
+        .expect("delete");
+    assert_eq!(code, 204);
+    std::fs::write(&release, b"go").expect("release");
+
+    let op = wait_op(&mut scaler, &id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let t = op.state_transfer.clone().expect("transfer");
+    assert!(t.changes >= 21, "{t:?}");
+    let cluster = stack.cluster().await;
+    for new in &op.new_instances {
+        let a = &cluster.members[new].addresses[0];
+        for i in 0..20 {
+            assert_eq!(
+                key_on(a, &format!("late-{i}")).await.as_deref(),
+                Some(format!("v{i}").as_str()),
+                "{new} lacks late-{i}"
+            );
+        }
+        assert_eq!(
+            key_on(a, "alpha").await,
+            None,
+            "{new}: the delete reached it"
+        );
+        assert_eq!(key_on(a, "beta").await.as_deref(), Some("value-beta"));
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_handoff_that_fails_rolls_the_scale_in_back_and_the_victim_keeps_serving() {
+    let mut stack = Stack::start("sync-fail").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    stack.routed_template().await;
+    let op = run(&mut scaler, OperationKind::ScaleOut, 2, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let clone = op.new_instances[0].clone();
+    let (cookie, on) = session_on_a_clone(stack.http).await;
+    assert_eq!(on, clone);
+    let (code, _, _) = lb_call(stack.http, "PUT", "/kv/order", Some(&cookie), b"42")
+        .await
+        .expect("put");
+    assert_eq!(code, 204);
+
+    // The clone's admin address closes: its changes cannot be read.
+    let admin = admin_of(&mut stack, &clone).await;
+    let (code, _) = probe::http_request(admin, "POST", "/_form/close", b"")
+        .await
+        .expect("close");
+    assert_eq!(code, 200);
+    assert_eventually!(
+        deadline = Duration::from_secs(10),
+        async { tokio::net::TcpStream::connect(admin).await.is_err() },
+        "the admin address is closed"
+    );
+
+    let op = run(&mut scaler, OperationKind::ScaleIn, 1, true).await;
+    let s = status(&op);
+    assert!(s.starts_with("rolled_back"), "{s}");
+    assert!(s.contains("handoff_victims") && s.contains(&clone), "{s}");
+    // Nothing was deleted, the victim is active again and still serves its session.
+    assert!(stack.instances().await.contains(&clone));
+    assert_eventually!(
+        deadline = Duration::from_secs(20),
+        async { stack.agree().await },
+        "members, instances and backends agree, every member active"
+    );
+    let (code, body, _) = via_lb(stack.http, "/kv/order", Some(&cookie))
+        .await
+        .expect("get");
+    assert_eq!((code, body.as_str()), (200, "42"));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_victim_is_reported_not_handed_off_and_state_sync_none_skips_it() {
+    let mut stack = Stack::start("sync-dead").await;
+    // The test replaces the dead instance itself, before the controller would.
+    let mut scaler = stack.start_scaler(&["--replace-after-ms", "600000"]).await;
+    stack.routed_template().await;
+    let op = run(&mut scaler, OperationKind::ScaleOut, 3, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+
+    // A victim that died: its replacement goes on and says what was lost.
+    let victim = op.new_instances[1].clone();
+    stack.kill_member(&victim).await;
+    let mut vmm = stack.vmm_client.clone();
+    assert_eventually!(
+        deadline = Duration::from_secs(10),
+        async {
+            vmm.get_instance(vmm_pb::InstanceRef {
+                instance_id: victim.clone(),
+            })
+            .await
+            .is_ok_and(|i| i.get_ref().status == vmm_pb::InstanceStatus::Failed as i32)
+        },
+        "the vmm node sees the victim dead"
+    );
+    let mut req = scale(OperationKind::ReplaceInstance, 0);
+    req.instance_id = victim.clone();
+    let op = submit(&mut scaler, req).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let t = op.state_transfer.clone().expect("transfer");
+    assert_eq!(t.not_handed_off.len(), 1, "{t:?}");
+    assert!(
+        t.not_handed_off[0].starts_with(&victim)
+            && t.not_handed_off[0].contains("stopped before its handoff"),
+        "{t:?}"
+    );
+
+    // With state_sync none nothing is handed off, and the operation says so.
+    stack
+        .state
+        .put_cluster(state_pb::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            state_sync: Some(form_proto::types::v1::StateSync {
+                mode: Some(form_proto::types::v1::state_sync::Mode::None(
+                    Default::default(),
+                )),
+                refuse_unsynced_scale_in: false,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("state_sync none");
+    let op = run(&mut scaler, OperationKind::ScaleIn, 1, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let t = op.state_transfer.clone().expect("transfer");
+    assert_eq!(t.changes, 0, "{t:?}");
+    assert_eq!(t.not_handed_off.len(), 2, "{t:?}");
+    assert!(t.not_handed_off[0].contains("state_sync is none"), "{t:?}");
+    stack.stop().await;
+}
+
+/// Sticky clients writing unique keys through the balancer until told to stop, each
+/// starting a new session every 25 writes; returns the keys whose write was
+/// acknowledged.
+fn writers(
+    http: SocketAddr,
+    n: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    (0..n)
+        .map(|w| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut cookie: Option<String> = None;
+                let mut acked = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    // A new session now and then, so that sessions land on the clones.
+                    if i.is_multiple_of(25) {
+                        cookie = None;
+                    }
+                    let key = format!("w{w}-{i}");
+                    let r = lb_call(
+                        http,
+                        "PUT",
+                        &format!("/kv/{key}"),
+                        cookie.as_deref(),
+                        key.as_bytes(),
+                    )
+                    .await;
+                    if let Ok((code, _, head)) = r {
+                        if let Some(c) = session_cookie(&head) {
+                            cookie = Some(c);
+                        }
+                        if code == 204 {
+                            acked.push(key);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
+    let mut stack = Stack::start("sync-soak").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    stack.routed_template().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = writers(stack.http, 8, stop.clone());
+    for cycle in 0..5 {
+        let op = run(&mut scaler, OperationKind::ScaleOut, 4, true).await;
+        assert_eq!(status(&op), "completed", "cycle {cycle} out: {op:?}");
+        let op = run(&mut scaler, OperationKind::ScaleIn, 1, cycle % 2 == 0).await;
+        assert_eq!(status(&op), "completed", "cycle {cycle} in: {op:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.expect("writer"));
+    }
+    let members = stack.members().await;
+    assert_eq!(members, vec![TEMPLATE.to_owned()]);
+    let template = stack.cluster().await.members[TEMPLATE].addresses[0].clone();
+    let mut lost = BTreeSet::new();
+    for k in &acked {
+        if key_on(&template, k).await.as_deref() != Some(k.as_str()) {
+            lost.insert(k.clone());
+        }
+    }
+    println!("writes acknowledged: {}, lost: {}", acked.len(), lost.len());
+    assert!(
+        acked.len() > 100,
+        "too few writes to mean anything: {}",
+        acked.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "lost {} of {}: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+    // And through the balancer, as a fresh client would read them.
+    for k in acked.iter().step_by(97) {
+        let (code, body, _) = via_lb(stack.http, &format!("/kv/{k}"), None)
+            .await
+            .expect("get");
+        assert_eq!((code, body.as_str()), (200, k.as_str()));
+    }
+    stack.stop().await;
+}
