@@ -12,6 +12,7 @@
 //! ./target/release/form-bench rplb-http      # needs wrk, nginx-light, haproxy
 //! ./target/release/form-bench scaler-decide
 //! ./target/release/form-bench scaler-scale-out
+//! ./target/release/form-bench state-handoff
 //! ```
 
 mod load;
@@ -23,6 +24,7 @@ mod scaler_scale_out;
 mod state_apply;
 mod state_bytes;
 mod state_convergence;
+mod state_handoff;
 mod state_recovery;
 mod vmm_clone;
 
@@ -114,6 +116,22 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         guest_dir: Option<PathBuf>,
     },
+    /// Handoff of an instance's application state to 3 others, and what the state
+    /// steps add to scale-out and scale-in (state_sync on_scale against none).
+    StateHandoff {
+        /// Handoffs measured.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Keys of 1 KiB the victim holds.
+        #[arg(long, default_value_t = 10_000)]
+        keys: usize,
+        /// Scale-outs and scale-ins measured per mode (0 skips them).
+        #[arg(long, default_value_t = 10)]
+        op_runs: usize,
+        /// Keys of 1 KiB the clone holds at each scale-in.
+        #[arg(long, default_value_t = 1_000)]
+        op_keys: usize,
+    },
     /// Snapshot and clone-to-serving time of the VMM service's backends.
     VmmClone {
         /// Snapshots and clones measured.
@@ -168,6 +186,12 @@ fn main() -> ExitCode {
             Command::ScalerScaleOut { runs, guest_dir } => {
                 scaler_scale_out::run(&bin_dir, runs, guest_dir.as_deref()).await
             }
+            Command::StateHandoff {
+                runs,
+                keys,
+                op_runs,
+                op_keys,
+            } => state_handoff::run(&bin_dir, runs, keys, op_runs, op_keys).await,
             Command::VmmClone {
                 runs,
                 keys,

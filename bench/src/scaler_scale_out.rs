@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::quantile;
 
-const CLUSTER: &str = "bench";
+pub(crate) const CLUSTER: &str = "bench";
 const DOMAIN: &str = "bench.test";
 
 pub(crate) async fn run(
@@ -68,16 +68,18 @@ fn row(name: &str, s: &[f64], bare: &[f64], target: &str) {
     );
 }
 
-struct Stack {
+/// The services of one measurement: one form-state replica, form-vmm-service,
+/// form-rplb and form-scaler.
+pub(crate) struct Stack {
     _dir: TestDir,
-    replicas: Replicas,
-    services: Vec<ChildService>,
+    pub(crate) replicas: Replicas,
+    pub(crate) services: Vec<ChildService>,
     http: SocketAddr,
-    vmm: VmmServiceClient<tonic::transport::Channel>,
-    scaler: ScalerServiceClient<tonic::transport::Channel>,
+    pub(crate) vmm: VmmServiceClient<tonic::transport::Channel>,
+    pub(crate) scaler: ScalerServiceClient<tonic::transport::Channel>,
 }
 
-async fn stack(bin_dir: &Path, backend: &[&str]) -> anyhow::Result<Stack> {
+pub(crate) async fn stack(bin_dir: &Path, backend: &[&str]) -> anyhow::Result<Stack> {
     let replicas = Replicas::start(
         &bin_dir.join("form-state"),
         "bench-scale-state",
@@ -143,7 +145,7 @@ async fn stack(bin_dir: &Path, backend: &[&str]) -> anyhow::Result<Stack> {
     })
 }
 
-async fn demo(s: &mut Stack, bin_dir: &Path) -> anyhow::Result<()> {
+pub(crate) async fn demo(s: &mut Stack, bin_dir: &Path) -> anyhow::Result<()> {
     let mut state = s.replicas.client(0).await;
     let resources = types::Resources {
         vcpus: 1,
@@ -221,7 +223,12 @@ async fn whoami(http: SocketAddr) -> Option<String> {
     text.starts_with("HTTP/1.1 200").then_some(text)
 }
 
-async fn scale(s: &mut Stack, kind: types::OperationKind, to: u32, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn scale(
+    s: &mut Stack,
+    kind: types::OperationKind,
+    to: u32,
+    id: &str,
+) -> anyhow::Result<()> {
     s.scaler
         .scale(scaler_pb::ScaleRequest {
             cluster_id: CLUSTER.into(),
@@ -236,7 +243,7 @@ async fn scale(s: &mut Stack, kind: types::OperationKind, to: u32, id: &str) -> 
     Ok(())
 }
 
-async fn wait_done(s: &mut Stack, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_done(s: &mut Stack, id: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let op = s

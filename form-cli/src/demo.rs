@@ -1,7 +1,8 @@
 //! The demo cluster: `formctl up` creates it (the demo app behind the balancer), and
 //! `formctl demo` drives sticky clients through the balancer while it scales the
-//! cluster out and back in, then says what the clients saw and whether every clone
-//! carried the primary's keys.
+//! cluster out and back in, then says what the clients saw: whether every clone
+//! carried the primary's keys, how many of the writes the clients made all along were
+//! lost (none should be), and whether the session counters kept their counts.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -146,6 +147,10 @@ struct Seen {
     failed: u64,
     /// Per session: the instances that answered it, in order.
     sessions: BTreeMap<usize, Vec<String>>,
+    /// Keys whose write was acknowledged (2xx), each written once.
+    acked: Vec<String>,
+    /// Per session: its cookies and the last count its counter answered.
+    counts: BTreeMap<usize, (String, u64)>,
 }
 
 fn cookies_of(head: &str) -> Vec<String> {
@@ -165,33 +170,53 @@ async fn client(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut jar: Vec<String> = Vec::new();
+    let mut i = 0u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        // A unique write in the session, then a visit of its counter.
+        let key = format!("c{n}-{i}");
         let cookie = (!jar.is_empty()).then(|| jar.join("; "));
+        let put = request(
+            lb,
+            "PUT",
+            DEMO_DOMAIN,
+            &format!("/kv/{key}"),
+            cookie.as_deref(),
+            Some(&key),
+        )
+        .await;
+        let written = matches!(put, Ok((code, _, _)) if (200..300).contains(&code));
         let r = get(lb, DEMO_DOMAIN, "/session", cookie.as_deref()).await;
         let mut who = None;
+        let mut count = None;
         if let Ok((200, head, body)) = &r {
             for c in cookies_of(head) {
                 let name = c.split('=').next().unwrap_or("").to_owned();
                 jar.retain(|j| !j.starts_with(&format!("{name}=")));
                 jar.push(c);
             }
-            who = Some(
-                serde_json::from_str::<Value>(body)
-                    .ok()
-                    .and_then(|v| v["instance_id"].as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-            );
+            let v = serde_json::from_str::<Value>(body).unwrap_or_default();
+            who = Some(v["instance_id"].as_str().unwrap_or_default().to_owned());
+            count = v["count"].as_u64();
         }
         {
             let mut s = seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            s.sent += 1;
+            s.sent += 2;
+            if written {
+                s.acked.push(key);
+            } else {
+                s.failed += 1;
+            }
             match who {
                 Some(who) => {
                     let h = s.sessions.entry(n).or_default();
                     if h.last() != Some(&who) {
                         h.push(who);
+                    }
+                    if let Some(c) = count {
+                        s.counts.insert(n, (jar.join("; "), c));
                     }
                 }
                 None => s.failed += 1,
@@ -199,6 +224,35 @@ async fn client(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Of `acked`, the keys a fresh client (no cookie) cannot read back through the
+/// balancer with the value written.
+async fn lost_writes(lb: SocketAddr, acked: &[String]) -> Vec<String> {
+    let mut lost = Vec::new();
+    for k in acked {
+        match get(lb, DEMO_DOMAIN, &format!("/kv/{k}"), None).await {
+            Ok((200, _, body)) if body == *k => {}
+            _ => lost.push(k.clone()),
+        }
+    }
+    lost
+}
+
+/// Of the sessions, how many count on from where they were (their last count + 1).
+async fn counters_kept(lb: SocketAddr, counts: &BTreeMap<usize, (String, u64)>) -> usize {
+    let mut kept = 0;
+    for (jar, last) in counts.values() {
+        if let Ok((200, _, body)) = get(lb, DEMO_DOMAIN, "/session", Some(jar)).await
+            && serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["count"].as_u64())
+                == Some(last + 1)
+        {
+            kept += 1;
+        }
+    }
+    kept
 }
 
 fn balancer_addr(url: &str) -> anyhow::Result<SocketAddr> {
@@ -308,9 +362,13 @@ pub(crate) async fn run(api: &Api, a: DemoArgs) -> anyhow::Result<ExitCode> {
     for t in tasks {
         let _ = t.await;
     }
-    let s = seen
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let s = std::mem::take(
+        &mut *seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let lost = lost_writes(lb, &s.acked).await;
+    let counters = counters_kept(lb, &s.counts).await;
     let template = cluster["template_instance_id"].as_str().unwrap_or("");
     let survivors: Vec<&str> = vec![template];
     let kept = s
@@ -330,11 +388,33 @@ pub(crate) async fn run(api: &Api, a: DemoArgs) -> anyhow::Result<ExitCode> {
         members.len(),
         a.keys
     );
+    println!(
+        "  writes acknowledged:           {} (through every instance, the whole run)",
+        s.acked.len()
+    );
+    println!(
+        "  writes lost:                   {}{}",
+        lost.len(),
+        if lost.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (e.g. {}; the cluster's state_sync is none, or its workload lacks the state contract?)",
+                lost[0]
+            )
+        }
+    );
+    println!(
+        "  session counters kept:         {counters} of {}",
+        s.counts.len()
+    );
     Ok(
         if s.failed == 0
             && !members.is_empty()
             && with_state == members.len()
             && kept == s.sessions.len()
+            && lost.is_empty()
+            && counters == s.counts.len()
         {
             ExitCode::SUCCESS
         } else {

@@ -94,6 +94,9 @@ enum Command {
     /// Set a cluster's scaling policy.
     #[command(subcommand)]
     Policy(scale::PolicyCommand),
+    /// Set how a cluster's instances share application state (none, on_scale,
+    /// continuous).
+    StateSync(scale::StateSyncArgs),
     /// A cluster's instances, health and last operation.
     Status(status::StatusArgs),
     /// Follow a cluster live: members, health, operations with progress.
@@ -186,6 +189,7 @@ fn main() -> ExitCode {
         Command::Scale(args) => runtime.block_on(scale::scale(&cli.api.client(), args)),
         Command::Resize(args) => runtime.block_on(scale::resize(&cli.api.client(), args)),
         Command::Policy(cmd) => runtime.block_on(scale::policy(&cli.api.client(), cmd)),
+        Command::StateSync(args) => runtime.block_on(scale::state_sync(&cli.api.client(), args)),
         Command::Status(args) => runtime.block_on(status::status(&cli.api.client(), args)),
         Command::Watch(args) => runtime.block_on(status::watch(&cli.api.client(), args)),
         Command::Demo(args) => runtime.block_on(demo::run(&cli.api.client(), args)),

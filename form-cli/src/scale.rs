@@ -183,6 +183,51 @@ pub(crate) async fn follow(api: &Api, id: &str) -> anyhow::Result<Value> {
     }
 }
 
+/// Flags of `formctl state-sync`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StateSyncArgs {
+    /// The cluster.
+    name: String,
+    /// none (nothing carried), on_scale (clones catch up with their source, a scale-in
+    /// hands the removed instances' writes to the others) or continuous.
+    #[arg(long, value_name = "MODE", value_parser = ["none", "on_scale", "continuous"])]
+    mode: String,
+    /// continuous: milliseconds between exchanges (50-600000).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    interval_ms: u32,
+    /// Fail a scale-in whose removed instances' writes cannot be handed off.
+    #[arg(long)]
+    refuse_unsynced_scale_in: bool,
+}
+
+/// `formctl state-sync NAME --mode MODE`.
+pub(crate) async fn state_sync(api: &Api, a: StateSyncArgs) -> anyhow::Result<ExitCode> {
+    let body = json!({
+        "mode": a.mode,
+        "interval_ms": if a.mode == "continuous" { a.interval_ms } else { 0 },
+        "refuse_unsynced_scale_in": a.refuse_unsynced_scale_in,
+    });
+    let stored = api
+        .call(
+            http::Method::PUT,
+            &format!("/api/v1/clusters/{}/state-sync", a.name),
+            Some(&body),
+            &[],
+        )
+        .await?;
+    println!(
+        "state sync of {}: {}{}",
+        a.name,
+        stored["mode"].as_str().unwrap_or(""),
+        if stored["refuse_unsynced_scale_in"] == true {
+            ", refusing scale-ins that would lose writes"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) async fn policy(api: &Api, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     let PolicyCommand::Set(p) = cmd;
     let body = json!({

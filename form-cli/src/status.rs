@@ -44,6 +44,13 @@ fn print(st: &Value) {
         st["scaling_status"].as_str().unwrap_or("")
     );
     print_members(&st["members"]);
+    match st["state_sync"].as_str().unwrap_or("") {
+        "unsupported" => println!(
+            "state sync: unsupported (the workload lacks the state contract: a scale-in loses the removed instances' writes)"
+        ),
+        "none" => println!("state sync: none (a scale-in loses the removed instances' writes)"),
+        mode => println!("state sync: {mode}"),
+    }
     if let Some(op) = st["last_operation"].as_object() {
         println!(
             "last operation: {} {} {}",
@@ -51,6 +58,14 @@ fn print(st: &Value) {
             op.get("status").and_then(Value::as_str).unwrap_or(""),
             op.get("completed_at").and_then(Value::as_str).unwrap_or("")
         );
+        for lost in op
+            .get("not_handed_off")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            println!("  not handed off: {}", lost.as_str().unwrap_or(""));
+        }
     }
     if let Some(d) = st["last_decision"].as_object() {
         println!(

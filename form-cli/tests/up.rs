@@ -171,6 +171,16 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         );
     }
 
+    let out = ctl(&["status", "demo"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("state sync: on_scale"), "{text}");
+    let out = ctl(&["state-sync", "demo", "--mode", "on_scale"]);
+    assert!(
+        out.status.success(),
+        "state-sync: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Clear errors, non-zero exits.
     for (args, says) in [
         (
@@ -183,6 +193,8 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         ),
         (vec!["status", "nope"], "404"),
         (vec!["scale", "demo", "--to", "99"], "target_count 99"),
+        (vec!["state-sync", "demo", "--mode", "often"], "on_scale"),
+        (vec!["state-sync", "nope", "--mode", "none"], "404"),
     ] {
         let out = ctl(&args);
         assert!(!out.status.success(), "{args:?} succeeded");
@@ -191,7 +203,8 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
     }
 
     // `formctl demo`: sticky clients through the balancer while the cluster scales in
-    // to 1, out to 2 and in again; no request fails and every instance has the keys.
+    // to 1, out to 2 and in again; no request fails, every instance has the keys, no
+    // write is lost and every session counter counts on.
     let out = ctl(&[
         "demo",
         "--balancer",
@@ -215,6 +228,14 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
     );
     assert!(
         stdout.contains("state on every instance:       2 of 2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("writes lost:                   0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("session counters kept:         4 of 4"),
         "{stdout}"
     );
 

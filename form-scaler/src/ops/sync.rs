@@ -8,8 +8,10 @@
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as vmm_pb;
+use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use tokio::task::JoinSet;
 use tonic::Code;
+use tonic::transport::Channel;
 
 use super::Step;
 use super::create::join_all;
@@ -17,7 +19,7 @@ use super::engine::Engine;
 use crate::platform::OpError;
 
 /// Batch size of on-scale syncs and handoffs.
-const BATCH_BYTES: u32 = 2 * 1024 * 1024;
+pub const BATCH_BYTES: u32 = 2 * 1024 * 1024;
 
 /// The state sync mode of a cluster (unset means on_scale).
 pub fn mode_name(c: &state_pb::Cluster) -> &'static str {
@@ -45,7 +47,7 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
 
 /// Why changes could not be carried.
 #[derive(Debug)]
-enum PumpError {
+pub enum PumpError {
     /// The workload does not implement the contract.
     Unsupported(String),
     /// The instance read from does not run.
@@ -56,17 +58,30 @@ enum PumpError {
 
 /// What a pump carried.
 #[derive(Debug, Default)]
-struct Carried {
-    cursor: String,
-    changes: u64,
-    bytes: u64,
+pub struct Carried {
+    /// Where `from`'s history was read up to.
+    pub cursor: String,
+    /// Changes read (and merged into every target).
+    pub changes: u64,
+    /// Bytes of the batches read.
+    pub bytes: u64,
 }
 
-/// Reads `from`'s changes after `since` and merges each batch into every instance of
-/// `to`, until `from` has nothing more; a cursor `from` no longer knows (it restarted)
-/// starts again from the beginning.
 async fn pump(e: &Engine, from: &str, since: &str, to: &[String]) -> Result<Carried, PumpError> {
     let vmm = e.platform.vmm().map_err(PumpError::Failed)?;
+    carry(&vmm, from, since, to, BATCH_BYTES).await
+}
+
+/// Reads `from`'s changes after `since` in batches of `batch_bytes` and merges each
+/// batch into every instance of `to` (at once), until `from` has nothing more; a
+/// cursor `from` no longer knows (it restarted) starts again from the beginning.
+pub async fn carry(
+    vmm: &VmmServiceClient<Channel>,
+    from: &str,
+    since: &str,
+    to: &[String],
+    batch_bytes: u32,
+) -> Result<Carried, PumpError> {
     let mut out = Carried {
         cursor: since.to_owned(),
         ..Default::default()
@@ -76,7 +91,7 @@ async fn pump(e: &Engine, from: &str, since: &str, to: &[String]) -> Result<Carr
         let req = vmm_pb::ReadChangesRequest {
             instance_id: from.to_owned(),
             since: out.cursor.clone(),
-            max_bytes: BATCH_BYTES,
+            max_bytes: batch_bytes,
         };
         let batch = match vmm.clone().read_changes(req).await {
             Ok(b) => b.into_inner(),
