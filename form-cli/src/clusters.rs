@@ -171,6 +171,14 @@ pub(crate) fn print_members(members: &Value) {
                 ""
             }
         );
+        if let Some(s) = m["state_sync"].as_object() {
+            println!(
+                "  {:<28} synced {} ({} changes in its last round)",
+                "",
+                s.get("synced_at").and_then(Value::as_str).unwrap_or(""),
+                s.get("changes_last_round").unwrap_or(&Value::Null)
+            );
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod autoscale;
 pub mod config;
+pub mod continuous;
 pub mod controller;
 pub mod decide;
 pub mod faults;
@@ -119,6 +120,7 @@ impl Service for Controller {
             settings,
             ctx.shutdown.clone(),
         ));
+        tokio::spawn(continuous::run(shared.clone(), ctx.shutdown.clone()));
         let server = GrpcServer::new().add_service(ScalerServiceServer::new(Api::new(shared)));
         form_runtime::grpc::run(ctx, server, &upstreams).await
     }

@@ -392,3 +392,128 @@ async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn continuous_sync_spreads_each_write_within_the_interval_and_survives_a_kill() {
+    let mut stack = Stack::start("sync-continuous").await;
+    // The test replaces the killed instance itself.
+    let mut scaler = stack.start_scaler(&["--replace-after-ms", "600000"]).await;
+    stack.routed_template().await;
+    let op = run(&mut scaler, OperationKind::ScaleOut, 3, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    const INTERVAL_MS: u32 = 200;
+    stack
+        .state
+        .put_cluster(state_pb::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            state_sync: Some(form_proto::types::v1::StateSync {
+                mode: Some(form_proto::types::v1::state_sync::Mode::Continuous(
+                    form_proto::types::v1::StateSyncContinuous {
+                        interval_ms: INTERVAL_MS,
+                        ..Default::default()
+                    },
+                )),
+                refuse_unsynced_scale_in: false,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("continuous");
+    let cluster = stack.cluster().await;
+    let mut members: Vec<(String, SocketAddr)> = cluster
+        .members
+        .values()
+        .map(|m| {
+            (
+                m.instance_id.clone(),
+                m.addresses[0].parse().expect("address"),
+            )
+        })
+        .collect();
+    members.sort();
+    let limit = Duration::from_millis(u64::from(INTERVAL_MS) + 1000);
+    // A write on any instance is readable on every instance within interval + 1 s.
+    for (n, (id, addr)) in members.iter().enumerate() {
+        let key = format!("everywhere-{n}");
+        let (code, _) = probe::http_request(*addr, "PUT", &format!("/kv/{key}"), id.as_bytes())
+            .await
+            .expect("put");
+        assert_eq!(code, 204);
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let mut everywhere = true;
+            for (_, a) in &members {
+                everywhere &= key_on(&a.to_string(), &key).await.as_deref() == Some(id.as_str());
+            }
+            if everywhere {
+                break;
+            }
+            assert!(
+                t0.elapsed() <= limit,
+                "{key}, written on {id}, is not on every instance within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!("{key} on every instance after {:?}", t0.elapsed());
+    }
+    // The cursors are recorded in form-state, so another owner resumes from them.
+    assert_eventually!(
+        deadline = Duration::from_secs(10),
+        async {
+            stack.cluster().await.members.values().all(|m| {
+                m.state_sync
+                    .as_ref()
+                    .is_some_and(|s| !s.cursor.is_empty() && s.synced_at_ms > 0)
+            })
+        },
+        "every member's sync cursor is recorded"
+    );
+
+    // kill -9 one instance after its write was synced: the write survives it.
+    let (victim, victim_addr) = members
+        .iter()
+        .find(|(id, _)| id != TEMPLATE)
+        .cloned()
+        .expect("a clone");
+    let (code, _) = probe::http_request(victim_addr, "PUT", "/kv/last-words", b"synced")
+        .await
+        .expect("put");
+    assert_eq!(code, 204);
+    let others: Vec<String> = members
+        .iter()
+        .filter(|(id, _)| *id != victim)
+        .map(|(_, a)| a.to_string())
+        .collect();
+    assert_eventually!(
+        deadline = limit,
+        async {
+            let mut all = true;
+            for a in &others {
+                all &= key_on(a, "last-words").await.as_deref() == Some("synced");
+            }
+            all
+        },
+        "the victim's write reached the others"
+    );
+    stack.kill_member(&victim).await;
+    let mut req = scale(OperationKind::ReplaceInstance, 0);
+    req.instance_id = victim.clone();
+    let op = submit(&mut scaler, req).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let t = op.state_transfer.clone().expect("transfer");
+    assert!(
+        t.not_handed_off
+            .iter()
+            .any(|l| l.contains("last continuous sync")),
+        "{t:?}"
+    );
+    for m in stack.cluster().await.members.values() {
+        assert_eq!(
+            key_on(&m.addresses[0], "last-words").await.as_deref(),
+            Some("synced"),
+            "{} lacks the dead instance's synced write",
+            m.instance_id
+        );
+    }
+    stack.stop().await;
+}

@@ -224,6 +224,18 @@ pub struct Member {
     pub cpu_utilization: f64,
     /// Whether it is the template clones are made from.
     pub template: bool,
+    /// Continuous state sync of its changes (state_sync continuous), once it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_sync: Option<MemberSync>,
+}
+
+/// Where continuous state sync stands for one member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MemberSync {
+    /// When a round last read its changes (RFC 3339).
+    pub synced_at: String,
+    /// Changes that round carried to the others: how far behind they were.
+    pub changes_last_round: u64,
 }
 
 /// A cluster.
@@ -569,6 +581,10 @@ pub fn member(m: &state_pb::Member, template: &str) -> Member {
         health_reason,
         cpu_utilization: m.cpu_utilization,
         template: m.instance_id == template,
+        state_sync: m.state_sync.as_ref().map(|s| MemberSync {
+            synced_at: crate::time::rfc3339(s.synced_at_ms),
+            changes_last_round: s.changes_last_round,
+        }),
     }
 }
 

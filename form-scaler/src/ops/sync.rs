@@ -241,8 +241,19 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
                 ));
             }
             Err(PumpError::Gone(why)) => {
+                let since = match cluster
+                    .members
+                    .get(&victim)
+                    .and_then(|m| m.state_sync.as_ref())
+                {
+                    Some(s) => format!(
+                        "its writes after its last continuous sync ({} ms before the handoff) are lost",
+                        crate::ops::record::now_ms().saturating_sub(s.synced_at_ms)
+                    ),
+                    None => "its writes since it was cloned are lost".to_owned(),
+                };
                 lost.push(format!(
-                    "{victim}: it stopped before its handoff ({why}); its writes since the last sync are lost"
+                    "{victim}: it stopped before its handoff ({why}); {since}"
                 ));
             }
             Err(PumpError::Failed(err)) => {

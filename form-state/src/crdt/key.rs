@@ -56,8 +56,11 @@ pub enum Field {
     OperationStatus,
     /// A controller's latest heartbeat: rank = time in ms, value = its address.
     ControllerHeartbeat,
-    /// Encoded `StateSync` of a cluster (last, so stored keys keep their encoding).
+    /// Encoded `StateSync` of a cluster (after the older fields, so stored keys keep
+    /// their encoding).
     StateSync,
+    /// Encoded `MemberStateSync` of a member.
+    MemberStateSync,
 }
 
 /// How the entries of one field are read when concurrent writes left several.

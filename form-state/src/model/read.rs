@@ -90,6 +90,7 @@ fn member(state: &State, id: &str, instance: &str) -> pb::Member {
         cpu_utilization: heartbeat
             .map(|e| f64::from_bits(num(Some(e))))
             .unwrap_or(0.0),
+        state_sync: decode(get(Field::MemberStateSync)),
     }
 }
 

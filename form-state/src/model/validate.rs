@@ -106,8 +106,8 @@ pub fn policy(p: &pb::ScalingPolicy) -> Result<(), StateError> {
 }
 
 /// A state sync setting: a continuous interval of 50 ms to 10 min and batches of
-/// 4 KiB to 4 MiB (0 picks the default of each), at most 16 priority prefixes of at
-/// most 256 bytes.
+/// 4 KiB to 4 MiB (0 picks the default of each), and no priority prefixes (not
+/// supported yet).
 pub fn state_sync(s: &pb::StateSync) -> Result<(), StateError> {
     let Some(pb::state_sync::Mode::Continuous(c)) = &s.mode else {
         return Ok(());
@@ -131,10 +131,12 @@ pub fn state_sync(s: &pb::StateSync) -> Result<(), StateError> {
             ),
         ));
     }
-    if c.priority_prefixes.len() > 16 || c.priority_prefixes.iter().any(|p| p.len() > 256) {
+    if !c.priority_prefixes.is_empty() {
+        // Refused rather than stored and ignored: the contract has no way yet to read
+        // the changes of some keys first.
         return Err(StateError::invalid(
             f("priority_prefixes"),
-            "has more than 16 prefixes or one longer than 256 bytes; at most 16 of at most 256 bytes accepted",
+            "is not supported yet (the state contract reads changes in the order they were made); expected an empty list",
         ));
     }
     Ok(())
@@ -160,6 +162,29 @@ pub fn resources(field: &str, r: &pb::Resources) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_sync_settings_name_what_is_out_of_range() {
+        let continuous = |interval_ms, batch_bytes, prefixes: &[&str]| pb::StateSync {
+            mode: Some(pb::state_sync::Mode::Continuous(pb::StateSyncContinuous {
+                interval_ms,
+                batch_bytes,
+                priority_prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+            })),
+            refuse_unsynced_scale_in: false,
+        };
+        assert!(state_sync(&pb::StateSync::default()).is_ok());
+        assert!(state_sync(&continuous(0, 0, &[])).is_ok());
+        assert!(state_sync(&continuous(50, 4096, &[])).is_ok());
+        for (bad, says) in [
+            (continuous(49, 0, &[]), "interval_ms"),
+            (continuous(0, 4095, &[]), "batch_bytes"),
+            (continuous(0, 0, &["cart/"]), "priority_prefixes"),
+        ] {
+            let e = state_sync(&bad).expect_err(says).to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
 
     #[test]
     fn ids_name_the_field_and_the_rule() {

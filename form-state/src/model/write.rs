@@ -272,6 +272,14 @@ pub fn update_member(
             HEALTH_HISTORY,
         );
     }
+    if let Some(sync) = &r.state_sync {
+        b.set(
+            key(Field::MemberStateSync),
+            msg_value("state_sync", sync)?,
+            0,
+            now,
+        );
+    }
     if let Some(n) = r.heartbeats_skipped {
         b.set(
             key(Field::HeartbeatsSkipped),

@@ -1,0 +1,147 @@
+//! Continuous state sync (`state_sync: continuous`, docs/workload-contract.md): every
+//! `interval_ms`, for each cluster this controller owns, each active member's changes
+//! since its recorded cursor are read and merged into every other active member, all
+//! members at once. A member's cursor advances only when every other member took its
+//! changes, and is recorded in form-state (the member's `state_sync`), so a restarted
+//! or new owner resumes where the last round stopped. Changes a member got by merging
+//! are passed on by it too: a member that missed a batch (it joined, or a merge into it
+//! failed) still gets those changes from another member in a later round.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_runtime::shutdown::Shutdown;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::controller::Shared;
+use crate::ops::record::now_ms;
+use crate::ops::sync::{PumpError, carry};
+
+/// How often the loop looks for clusters whose round is due.
+const TICK: Duration = Duration::from_millis(10);
+/// Interval when the setting says 0.
+const DEFAULT_INTERVAL_MS: u32 = 1000;
+/// Batch size when the setting says 0.
+const DEFAULT_BATCH_BYTES: u32 = 1024 * 1024;
+
+/// The continuous setting of `c`, if its mode is continuous.
+fn setting(c: &state_pb::Cluster) -> Option<types::StateSyncContinuous> {
+    match c.state_sync.as_ref().and_then(|s| s.mode.as_ref()) {
+        Some(types::state_sync::Mode::Continuous(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Runs until shutdown.
+pub async fn run(shared: Arc<Shared>, mut shutdown: Shutdown) {
+    let mut due: HashMap<String, Instant> = HashMap::new();
+    loop {
+        if shared.peers.ready() {
+            let listed = shared
+                .engine
+                .platform
+                .state
+                .clone()
+                .list_clusters(state_pb::ListClustersRequest {})
+                .await;
+            if let Ok(list) = listed {
+                let now = Instant::now();
+                for c in list.into_inner().clusters {
+                    let Some(s) = setting(&c) else { continue };
+                    if !shared.peers.owns(&c.cluster_id)
+                        || due.get(&c.cluster_id).is_some_and(|d| *d > now)
+                    {
+                        continue;
+                    }
+                    let interval = if s.interval_ms == 0 {
+                        DEFAULT_INTERVAL_MS
+                    } else {
+                        s.interval_ms
+                    };
+                    due.insert(
+                        c.cluster_id.clone(),
+                        now + Duration::from_millis(u64::from(interval)),
+                    );
+                    round(&shared, &c, &s).await;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = shutdown.requested() => return,
+        }
+    }
+}
+
+/// One exchange among the active members of `c`.
+async fn round(shared: &Shared, c: &state_pb::Cluster, s: &types::StateSyncContinuous) {
+    let Ok(vmm) = shared.engine.platform.vmm() else {
+        return;
+    };
+    let active: Vec<&state_pb::Member> = c
+        .members
+        .values()
+        .filter(|m| m.status == state_pb::MemberStatus::Active as i32)
+        .collect();
+    if active.len() < 2 {
+        return;
+    }
+    let ids: Vec<String> = active.iter().map(|m| m.instance_id.clone()).collect();
+    let batch = if s.batch_bytes == 0 {
+        DEFAULT_BATCH_BYTES
+    } else {
+        s.batch_bytes
+    };
+    let mut set = JoinSet::new();
+    for m in active {
+        let from = m.instance_id.clone();
+        let cursor = m
+            .state_sync
+            .as_ref()
+            .map(|s| s.cursor.clone())
+            .unwrap_or_default();
+        let others: Vec<String> = ids.iter().filter(|i| **i != from).cloned().collect();
+        let vmm = vmm.clone();
+        set.spawn(async move {
+            let r = carry(&vmm, &from, &cursor, &others, batch).await;
+            (from, cursor, r)
+        });
+    }
+    let mut state = shared.engine.platform.state.clone();
+    while let Some(done) = set.join_next().await {
+        let Ok((from, old, r)) = done else { continue };
+        match r {
+            Ok(carried) => {
+                metrics::counter!("form_scaler_state_sync_changes_total")
+                    .increment(carried.changes);
+                if carried.cursor == old {
+                    continue;
+                }
+                let req = state_pb::UpdateMemberRequest {
+                    cluster_id: c.cluster_id.clone(),
+                    instance_id: from.clone(),
+                    state_sync: Some(state_pb::MemberStateSync {
+                        cursor: carried.cursor,
+                        synced_at_ms: now_ms(),
+                        changes_last_round: carried.changes,
+                    }),
+                    ..Default::default()
+                };
+                if let Err(e) = state.update_member(req).await {
+                    tracing::debug!(instance = %from, error = %e.message(), "cannot record the sync cursor; the next round reads again");
+                }
+            }
+            Err(PumpError::Unsupported(why)) => {
+                tracing::debug!(instance = %from, %why, "no continuous sync");
+            }
+            Err(e) => {
+                metrics::counter!("form_scaler_state_sync_failures_total").increment(1);
+                tracing::warn!(cluster = %c.cluster_id, instance = %from, error = ?e, "continuous sync of a member failed; its cursor stays");
+            }
+        }
+    }
+}
