@@ -13,6 +13,7 @@
 //! ./target/release/form-bench scaler-decide
 //! ./target/release/form-bench scaler-scale-out
 //! ./target/release/form-bench state-handoff
+//! ./target/release/form-bench state-continuous
 //! ```
 
 mod load;
@@ -23,6 +24,7 @@ mod scaler_decide;
 mod scaler_scale_out;
 mod state_apply;
 mod state_bytes;
+mod state_continuous;
 mod state_convergence;
 mod state_handoff;
 mod state_recovery;
@@ -132,6 +134,22 @@ enum Command {
         #[arg(long, default_value_t = 1_000)]
         op_keys: usize,
     },
+    /// Continuous state sync: time until a write is on every instance, and the write
+    /// throughput it costs against state_sync none.
+    StateContinuous {
+        /// Instances.
+        #[arg(long, default_value_t = 10)]
+        instances: u32,
+        /// Background writes per second on each instance.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// The sync interval in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u32,
+        /// Seconds of each measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Snapshot and clone-to-serving time of the VMM service's backends.
     VmmClone {
         /// Snapshots and clones measured.
@@ -192,6 +210,12 @@ fn main() -> ExitCode {
                 op_runs,
                 op_keys,
             } => state_handoff::run(&bin_dir, runs, keys, op_runs, op_keys).await,
+            Command::StateContinuous {
+                instances,
+                rate,
+                interval_ms,
+                seconds,
+            } => state_continuous::run(&bin_dir, instances, rate, interval_ms, seconds).await,
             Command::VmmClone {
                 runs,
                 keys,

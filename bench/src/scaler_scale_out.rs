@@ -164,7 +164,7 @@ pub(crate) async fn demo(s: &mut Stack, bin_dir: &Path) -> anyhow::Result<()> {
             resources: Some(resources),
             scaling_policy: Some(types::ScalingPolicy {
                 min_instances: 1,
-                max_instances: 4,
+                max_instances: 10,
                 target_cpu_utilization: 0.5,
                 ..Default::default()
             }),

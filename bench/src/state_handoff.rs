@@ -158,7 +158,7 @@ async fn handoff(
             );
         }
         let t0 = Instant::now();
-        let carried = carry(&c, "victim", "", &survivors, BATCH_BYTES)
+        let carried = carry(&c, "victim", "", &survivors, BATCH_BYTES, false)
             .await
             .map_err(|e| anyhow::anyhow!("handoff: {e:?}"))?;
         handoff.push(t0.elapsed().as_secs_f64() * 1000.0);

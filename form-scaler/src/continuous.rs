@@ -1,11 +1,11 @@
 //! Continuous state sync (`state_sync: continuous`, docs/workload-contract.md): every
-//! `interval_ms`, for each cluster this controller owns, each active member's changes
-//! since its recorded cursor are read and merged into every other active member, all
-//! members at once. A member's cursor advances only when every other member took its
-//! changes, and is recorded in form-state (the member's `state_sync`), so a restarted
-//! or new owner resumes where the last round stopped. Changes a member got by merging
-//! are passed on by it too: a member that missed a batch (it joined, or a merge into it
-//! failed) still gets those changes from another member in a later round.
+//! `interval_ms`, for each cluster this controller owns, each active member's own
+//! writes since its recorded cursor are read and merged into every other active
+//! member, all members at once. A member's cursor advances only when every other
+//! member took its changes and the set of active members did not change meanwhile (a
+//! member that became active during the round gets them in the next one), and is
+//! recorded in form-state (the member's `state_sync`), so a restarted or new owner
+//! resumes where the last round stopped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,13 +107,37 @@ async fn round(shared: &Shared, c: &state_pb::Cluster, s: &types::StateSyncConti
         let others: Vec<String> = ids.iter().filter(|i| **i != from).cloned().collect();
         let vmm = vmm.clone();
         set.spawn(async move {
-            let r = carry(&vmm, &from, &cursor, &others, batch).await;
+            let r = carry(&vmm, &from, &cursor, &others, batch, true).await;
             (from, cursor, r)
         });
     }
-    let mut state = shared.engine.platform.state.clone();
+    let mut results = Vec::new();
     while let Some(done) = set.join_next().await {
-        let Ok((from, old, r)) = done else { continue };
+        if let Ok(r) = done {
+            results.push(r);
+        }
+    }
+    // A member that became active while the round ran was cloned from a source that
+    // may have got these changes after its last sync: the cursors stay, and the next
+    // round carries the same changes to it too.
+    let now_active = |cl: &state_pb::Cluster| -> Vec<String> {
+        let mut v: Vec<String> = cl
+            .members
+            .values()
+            .filter(|m| m.status == state_pb::MemberStatus::Active as i32)
+            .map(|m| m.instance_id.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut before = ids.clone();
+    before.sort();
+    match shared.engine.platform.cluster(&c.cluster_id).await {
+        Ok(cl) if now_active(&cl) == before => {}
+        _ => return,
+    }
+    let mut state = shared.engine.platform.state.clone();
+    for (from, old, r) in results {
         match r {
             Ok(carried) => {
                 metrics::counter!("form_scaler_state_sync_changes_total")

@@ -175,6 +175,7 @@ pub async fn read(
     admin: Option<SocketAddr>,
     since: &str,
     max_bytes: u32,
+    own: bool,
 ) -> Result<pb::ChangeBatch, VmmError> {
     let max = if max_bytes == 0 {
         DEFAULT_MAX_BYTES
@@ -194,8 +195,9 @@ pub async fn read(
         )));
     };
     let path = format!(
-        "/_form/changes?since={}&max_bytes={max}",
-        query_value(since)
+        "/_form/changes?since={}&max_bytes={max}{}",
+        query_value(since),
+        if own { "&own=true" } else { "" }
     );
     let what = "GET /_form/changes";
     let (code, body) = http::request_bytes(admin, "GET", &path, b"", TIMEOUT, MAX_BATCH)

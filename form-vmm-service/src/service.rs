@@ -429,6 +429,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             admin,
             &r.since,
             r.max_bytes,
+            r.own,
         )
         .await?;
         metrics::counter!("form_vmm_state_changes_read_total").increment(batch.changes);

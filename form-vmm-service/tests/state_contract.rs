@@ -72,6 +72,7 @@ async fn exchange(c: &mut Client, from: &str, to: &str) -> pb::ChangeBatch {
             instance_id: from.into(),
             since: String::new(),
             max_bytes: 0,
+            own: false,
         })
         .await
         .expect("read")
@@ -146,6 +147,7 @@ async fn instances_converge_by_merging_and_a_delete_is_never_undone() {
             instance_id: "a".into(),
             since: snap.state_cursor.clone(),
             max_bytes: 0,
+            own: false,
         })
         .await
         .expect("read since the snapshot")
@@ -163,6 +165,7 @@ async fn instances_converge_by_merging_and_a_delete_is_never_undone() {
             instance_id: "b".into(),
             since: snap.state_cursor,
             max_bytes: 0,
+            own: false,
         })
         .await
         .expect_err("foreign cursor");
@@ -239,6 +242,7 @@ async fn bad_batches_are_refused_and_change_nothing() {
             instance_id: "a".into(),
             since: String::new(),
             max_bytes: 10,
+            own: false,
         })
         .await
         .expect_err("tiny batch");
@@ -272,6 +276,7 @@ async fn a_workload_without_the_contract_is_told_apart_from_a_closed_admin_addre
             instance_id: "plain".into(),
             since: String::new(),
             max_bytes: 0,
+            own: false,
         })
         .await
         .expect_err("no contract");
@@ -307,6 +312,7 @@ async fn a_workload_without_the_contract_is_told_apart_from_a_closed_admin_addre
             instance_id: "a".into(),
             since: String::new(),
             max_bytes: 0,
+            own: false,
         })
         .await
         .expect_err("closed");

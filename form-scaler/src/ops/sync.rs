@@ -69,18 +69,20 @@ pub struct Carried {
 
 async fn pump(e: &Engine, from: &str, since: &str, to: &[String]) -> Result<Carried, PumpError> {
     let vmm = e.platform.vmm().map_err(PumpError::Failed)?;
-    carry(&vmm, from, since, to, BATCH_BYTES).await
+    carry(&vmm, from, since, to, BATCH_BYTES, false).await
 }
 
-/// Reads `from`'s changes after `since` in batches of `batch_bytes` and merges each
-/// batch into every instance of `to` (at once), until `from` has nothing more; a
-/// cursor `from` no longer knows (it restarted) starts again from the beginning.
+/// Reads `from`'s changes after `since` (with `own`, only its own writes) in batches
+/// of `batch_bytes` and merges each batch into every instance of `to` (at once), until
+/// `from` has nothing more; a cursor `from` no longer knows (it restarted) starts
+/// again from the beginning.
 pub async fn carry(
     vmm: &VmmServiceClient<Channel>,
     from: &str,
     since: &str,
     to: &[String],
     batch_bytes: u32,
+    own: bool,
 ) -> Result<Carried, PumpError> {
     let mut out = Carried {
         cursor: since.to_owned(),
@@ -92,6 +94,7 @@ pub async fn carry(
             instance_id: from.to_owned(),
             since: out.cursor.clone(),
             max_bytes: batch_bytes,
+            own,
         };
         let batch = match vmm.clone().read_changes(req).await {
             Ok(b) => b.into_inner(),

@@ -1,5 +1,5 @@
 //! The workload state contract on the admin address (docs/workload-contract.md):
-//! `GET /_form/cursor`, `GET /_form/changes?since=CURSOR&max_bytes=N` and
+//! `GET /_form/cursor`, `GET /_form/changes?since=CURSOR&max_bytes=N[&own=true]` and
 //! `POST /_form/merge`.
 
 use axum::body::Body;
@@ -46,6 +46,9 @@ pub(crate) struct ChangesQuery {
     #[serde(default)]
     since: String,
     max_bytes: Option<usize>,
+    /// Only this instance's own writes, not those it merged.
+    #[serde(default)]
+    own: bool,
 }
 
 /// `GET /_form/changes?since=CURSOR&max_bytes=N`.
@@ -57,7 +60,7 @@ pub(crate) async fn changes(State(app): State<Shared>, Query(q): Query<ChangesQu
             format!("max_bytes {max} is not accepted; expected {MIN_MAX_BYTES} to {MAX_MAX_BYTES}"),
         );
     }
-    match lock(&app).changes(&q.since, max) {
+    match lock(&app).changes(&q.since, max, q.own) {
         Ok(body) => json(body),
         Err(CursorError::Malformed(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(CursorError::Gone(e)) => error(StatusCode::GONE, e),

@@ -332,9 +332,25 @@ impl Store {
         }
     }
 
+    /// Whether the change at a log position is this instance's own write (not one it
+    /// merged from another instance).
+    fn own(&self, item: &Item) -> bool {
+        match item {
+            Item::Kv(key) => self.kv.get(key).is_some_and(|e| e.dot.0 == self.me),
+            Item::Counter(_, instance) => *instance == self.me,
+        }
+    }
+
     /// The changes after `since` as a batch in JSON, at most `max_bytes` long unless a
-    /// single change is longer (then it travels alone).
-    pub(crate) fn changes(&self, since: &str, max_bytes: usize) -> Result<Vec<u8>, CursorError> {
+    /// single change is longer (then it travels alone). With `own`, only this
+    /// instance's own writes: the others are skipped (the cursor still moves past
+    /// them).
+    pub(crate) fn changes(
+        &self,
+        since: &str,
+        max_bytes: usize,
+        own: bool,
+    ) -> Result<Vec<u8>, CursorError> {
         let from = self.position(since)?;
         let mut body = Vec::with_capacity(max_bytes.min(1 << 20));
         let mut last = from;
@@ -342,11 +358,15 @@ impl Store {
         // Room for the envelope's other fields.
         let budget = max_bytes.saturating_sub(512);
         for (&seq, item) in self.log.range(from + 1..) {
-            let Some(change) = self.change(item) else {
-                continue;
+            let change = match self.change(item) {
+                Some(c) if !own || self.own(item) => c,
+                _ => {
+                    last = seq;
+                    continue;
+                }
             };
             let one = serde_json::to_vec(&change).unwrap_or_default();
-            if last != from && body.len() + one.len() + 1 > budget {
+            if !body.is_empty() && body.len() + one.len() + 1 > budget {
                 more = true;
                 break;
             }
@@ -356,7 +376,11 @@ impl Store {
             body.extend_from_slice(&one);
             last = seq;
         }
-        let pending = self.log.range(last + 1..).count() as u64;
+        let pending = self
+            .log
+            .range(last + 1..)
+            .filter(|(_, item)| !own || self.own(item))
+            .count() as u64;
         let head = serde_json::json!({
             "format": FORMAT,
             "origin": self.me,
@@ -504,7 +528,7 @@ mod tests {
     const NOW: u64 = 1_000_000;
 
     fn batch(s: &Store, since: &str, max: usize) -> Batch {
-        serde_json::from_slice(&s.changes(since, max).expect("cursor")).expect("json")
+        serde_json::from_slice(&s.changes(since, max, false).expect("cursor")).expect("json")
     }
 
     /// Every change of `s`, in one batch or several.
@@ -583,7 +607,7 @@ mod tests {
         let mut seen = 0;
         let mut b = Store::new("b", 8);
         loop {
-            let bytes = a.changes(&cursor, 2048).expect("cursor");
+            let bytes = a.changes(&cursor, 2048, false).expect("cursor");
             assert!(bytes.len() <= 2048, "{} bytes", bytes.len());
             let batch: Batch = serde_json::from_slice(&bytes).expect("json");
             seen += batch.changes.len();
@@ -604,23 +628,52 @@ mod tests {
     }
 
     #[test]
+    fn own_changes_leave_out_what_was_merged_and_still_move_the_cursor() {
+        let mut a = Store::new("a", 1);
+        let mut b = Store::new("b", 2);
+        b.put("from-b", Some("1".into()), NOW);
+        b.bump("s");
+        a.put("mine", Some("2".into()), NOW);
+        a.merge(&all(&b));
+        a.bump("s");
+        let own: Batch =
+            serde_json::from_slice(&a.changes("", usize::MAX, true).expect("own")).expect("json");
+        let keys: Vec<String> = own
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Kv { key, .. } => key.clone(),
+                Change::Counter { instance, .. } => format!("counter of {instance}"),
+            })
+            .collect();
+        assert_eq!(keys, ["mine", "counter of a"]);
+        assert_eq!(
+            own.next_cursor,
+            a.cursor(),
+            "the cursor moves past merged changes"
+        );
+        assert_eq!(own.pending, 0);
+        assert_eq!(all(&a).changes.len(), 4, "without own: everything");
+    }
+
+    #[test]
     fn foreign_and_malformed_cursors_are_refused() {
         let mut a = Store::new("a", 1);
         a.put("k", Some("v".into()), NOW);
         let b = Store::new("b", 2);
         assert!(matches!(
-            b.changes(&a.cursor(), 100),
+            b.changes(&a.cursor(), 100, false),
             Err(CursorError::Gone(_))
         ));
         assert!(matches!(
-            a.changes("nonsense", 100),
+            a.changes("nonsense", 100, false),
             Err(CursorError::Malformed(_))
         ));
         // A clone restored from a's snapshot has a log of its own.
         let snap = serde_json::to_vec(&a).expect("json");
         let c = Store::restore(&snap, "c", 3).expect("restore");
         assert!(matches!(
-            c.changes(&a.cursor(), 100),
+            c.changes(&a.cursor(), 100, false),
             Err(CursorError::Gone(_))
         ));
         assert_eq!(c.get("k"), Some("v"));
