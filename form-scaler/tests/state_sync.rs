@@ -83,6 +83,24 @@ async fn admin_of(stack: &mut Stack, id: &str) -> SocketAddr {
 #[tokio::test]
 async fn a_write_on_a_clone_survives_the_scale_in_that_removes_it() {
     let mut stack = Stack::start("sync-handoff").await;
+    cart_survives_the_scale_in(&mut stack).await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_write_on_a_vm_clone_survives_the_scale_in_that_removes_it() {
+    let guest = tokio::task::spawn_blocking(form_testkit::guest::build)
+        .await
+        .expect("guest");
+    let mut stack = Stack::start_on("sync-handoff-vm", Backend::Qemu(guest)).await;
+    cart_survives_the_scale_in(&mut stack).await;
+    stack.stop().await;
+}
+
+/// The case from the issue: scale to 2, a sticky session on the clone writes its cart,
+/// the scale-in removes the clone (without draining first), and the cart is still
+/// there for that session and for a fresh client.
+async fn cart_survives_the_scale_in(stack: &mut Stack) {
     let mut scaler = stack.start_scaler(&[]).await;
     stack.routed_template().await;
     let op = run(&mut scaler, OperationKind::ScaleOut, 2, true).await;
@@ -119,7 +137,6 @@ async fn a_write_on_a_clone_survives_the_scale_in_that_removes_it() {
             "cookie {c:?}: {head}"
         );
     }
-    stack.stop().await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod conformance;
 pub mod dir;
+pub mod guest;
 pub mod net;
 pub mod probe;
 pub mod replicas;

@@ -1,57 +1,35 @@
 //! The qemu backend end to end with real VMs (TCG where KVM cannot run the guest):
 //! boot the demo guest, write keys, snapshot, clone 2; each clone serves the keys on
-//! its own port with a new identity. Needs qemu-system-x86, busybox-static and cpio
+//! its own port with a new identity; the guest serves the state contract, so writes
+//! after the snapshot reach a clone and a clone's writes reach the primary. Needs qemu-system-x86, busybox-static and cpio
 //! (`.ci/run` installs them); the guest is built by `deploy/guest/build.sh`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_testkit::conformance::{PORT0_ARGS, stop_gracefully};
-use form_testkit::{TestDir, probe, start, workspace_bin};
+use form_testkit::{TestDir, probe, start};
 
 const BIN: &str = env!("CARGO_BIN_EXE_form-vmm-service");
 
-/// Builds the guest around this workspace's demo app, under the target directory.
-fn guest() -> PathBuf {
-    for (tool, package) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("busybox", "busybox-static"),
-        ("cpio", "cpio"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            found,
-            "{tool} is missing: apt-get install qemu-system-x86 busybox-static cpio ({package})"
-        );
-    }
-    // A statically linked build when one is given (CI builds it), else this build of the
-    // demo app with its libraries.
-    let demo = std::env::var_os("FORM_GUEST_WORKLOAD")
-        .map_or_else(|| workspace_bin("form-demo-app"), PathBuf::from);
-    let out = workspace_bin("form-demo-app")
-        .parent()
-        .expect("target dir")
-        .join("form-guest");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/guest/build.sh");
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(&demo)
-        .arg(&out)
-        .status()
-        .expect("run build.sh");
-    assert!(status.success(), "deploy/guest/build.sh failed");
-    out
+/// What the node learned of the primary's workload and the state contract.
+async fn primary_contract(c: &mut VmmServiceClient<tonic::transport::Channel>) -> String {
+    c.get_instance(pb::InstanceRef {
+        instance_id: "vm-primary".into(),
+    })
+    .await
+    .expect("get")
+    .into_inner()
+    .state_contract
 }
 
 #[tokio::test]
 async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
-    let guest = tokio::task::spawn_blocking(guest).await.expect("guest");
+    let guest = tokio::task::spawn_blocking(form_testkit::guest::build)
+        .await
+        .expect("guest");
     let dir = TestDir::new("vmm-qemu");
     let data = dir.path().join("data");
     let args = [
@@ -167,6 +145,73 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
         probe::http_get(paddr, "/kv/x").await.expect("GET").1,
         "after",
         "the primary runs on"
+    );
+
+    // The guest serves the state contract: the write made on the primary after the
+    // snapshot reaches a clone from the snapshot's cursor, and a clone's own write is
+    // handed to the primary.
+    assert_eq!(primary_contract(&mut c).await, "supported");
+    assert!(!snap.state_cursor.is_empty(), "{snap:?}");
+    let since = c
+        .read_changes(pb::ReadChangesRequest {
+            instance_id: "vm-primary".into(),
+            since: snap.state_cursor.clone(),
+            max_bytes: 0,
+            own: false,
+        })
+        .await
+        .expect("read the primary's changes since the snapshot")
+        .into_inner();
+    assert_eq!(
+        since.changes,
+        1,
+        "{}",
+        String::from_utf8_lossy(&since.batch)
+    );
+    c.merge_changes(pb::MergeChangesRequest {
+        instance_id: "vm-clone-0".into(),
+        batch: since.batch,
+    })
+    .await
+    .expect("merge into a clone");
+    let clone0: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().expect("addr");
+    assert_eq!(
+        probe::http_get(clone0, "/kv/x").await.expect("GET"),
+        (200, "after".into()),
+        "the primary's write after the snapshot reached the clone"
+    );
+    let clone1: std::net::SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().expect("addr");
+    assert_eq!(
+        probe::http_request(clone1, "PUT", "/kv/cart", b"on a clone")
+            .await
+            .expect("PUT")
+            .0,
+        204
+    );
+    let all = c
+        .read_changes(pb::ReadChangesRequest {
+            instance_id: "vm-clone-1".into(),
+            since: String::new(),
+            max_bytes: 0,
+            own: false,
+        })
+        .await
+        .expect("read a clone's changes")
+        .into_inner();
+    c.merge_changes(pb::MergeChangesRequest {
+        instance_id: "vm-primary".into(),
+        batch: all.batch,
+    })
+    .await
+    .expect("hand off to the primary");
+    assert_eq!(
+        probe::http_get(paddr, "/kv/cart").await.expect("GET"),
+        (200, "on a clone".into())
+    );
+    assert_eq!(
+        probe::http_get(paddr, "/kv/x").await.expect("GET").1,
+        "after",
+        "the clone's older x did not undo the primary's newer write"
     );
 
     let resized = c

@@ -75,7 +75,8 @@ async fn pump(e: &Engine, from: &str, since: &str, to: &[String]) -> Result<Carr
 /// Reads `from`'s changes after `since` (with `own`, only its own writes) in batches
 /// of `batch_bytes` and merges each batch into every instance of `to` (at once), until
 /// `from` has nothing more; a cursor `from` no longer knows (it restarted) starts
-/// again from the beginning.
+/// again from the beginning. The next batch is read while the last one merges; the
+/// cursor returned is that of the last batch every target merged.
 pub async fn carry(
     vmm: &VmmServiceClient<Channel>,
     from: &str,
@@ -84,38 +85,24 @@ pub async fn carry(
     batch_bytes: u32,
     own: bool,
 ) -> Result<Carried, PumpError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let reader = tokio::spawn(read_batches(
+        vmm.clone(),
+        from.to_owned(),
+        since.to_owned(),
+        batch_bytes,
+        own,
+        tx,
+    ));
     let mut out = Carried {
         cursor: since.to_owned(),
         ..Default::default()
     };
-    let mut restarted = false;
-    loop {
-        let req = vmm_pb::ReadChangesRequest {
-            instance_id: from.to_owned(),
-            since: out.cursor.clone(),
-            max_bytes: batch_bytes,
-            own,
-        };
-        let batch = match vmm.clone().read_changes(req).await {
-            Ok(b) => b.into_inner(),
-            Err(s) if s.code() == Code::OutOfRange && !restarted && !out.cursor.is_empty() => {
-                tracing::warn!(instance = %from, cursor = %out.cursor, "cursor no longer known; reading everything");
-                restarted = true;
-                out.cursor.clear();
-                continue;
-            }
-            Err(s) if s.code() == Code::Unimplemented => {
-                return Err(PumpError::Unsupported(s.message().to_owned()));
-            }
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
-                return Err(PumpError::Gone(s.message().to_owned()));
-            }
-            Err(s) => {
-                return Err(PumpError::Failed(OpError::rpc(
-                    format!("reading the changes of {from}"),
-                    &s,
-                )));
-            }
+    let result = loop {
+        let batch = match rx.recv().await {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
         };
         if batch.changes > 0 {
             let mut set = JoinSet::new();
@@ -132,13 +119,64 @@ pub async fn carry(
                     })
                 });
             }
-            join_all(set).await.map_err(PumpError::Failed)?;
+            if let Err(e) = join_all(set).await {
+                break Err(PumpError::Failed(e));
+            }
         }
         out.changes += batch.changes;
         out.bytes += batch.batch.len() as u64;
         out.cursor = batch.next_cursor;
-        if !batch.more {
-            return Ok(out);
+    };
+    reader.abort();
+    result.map(|()| out)
+}
+
+/// Reads `from`'s batches one after another into `tx` until one says there is no more
+/// (or the receiver is gone); an error ends the stream.
+async fn read_batches(
+    vmm: VmmServiceClient<Channel>,
+    from: String,
+    mut cursor: String,
+    batch_bytes: u32,
+    own: bool,
+    tx: tokio::sync::mpsc::Sender<Result<vmm_pb::ChangeBatch, PumpError>>,
+) {
+    let mut restarted = false;
+    loop {
+        let req = vmm_pb::ReadChangesRequest {
+            instance_id: from.clone(),
+            since: cursor.clone(),
+            max_bytes: batch_bytes,
+            own,
+        };
+        let r = match vmm.clone().read_changes(req).await {
+            Ok(b) => Ok(b.into_inner()),
+            Err(s) if s.code() == Code::OutOfRange && !restarted && !cursor.is_empty() => {
+                tracing::warn!(instance = %from, %cursor, "cursor no longer known; reading everything");
+                restarted = true;
+                cursor.clear();
+                continue;
+            }
+            Err(s) if s.code() == Code::Unimplemented => {
+                Err(PumpError::Unsupported(s.message().to_owned()))
+            }
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                Err(PumpError::Gone(s.message().to_owned()))
+            }
+            Err(s) => Err(PumpError::Failed(OpError::rpc(
+                format!("reading the changes of {from}"),
+                &s,
+            ))),
+        };
+        let last = match &r {
+            Ok(b) => {
+                cursor = b.next_cursor.clone();
+                !b.more
+            }
+            Err(_) => true,
+        };
+        if tx.send(r).await.is_err() || last {
+            return;
         }
     }
 }

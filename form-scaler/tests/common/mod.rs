@@ -40,11 +40,27 @@ pub struct Stack {
     pub vmm_client: VmmServiceClient<Channel>,
     pub rplb_client: RplbControlClient<Channel>,
     scaler_args: Vec<String>,
+    /// The workload's command (the demo app, on the host or in the guest).
+    command: String,
+}
+
+/// What runs the instances.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Processes of this build's form-demo-app.
+    Process,
+    /// VMs of this guest directory (`form_testkit::guest::build`).
+    Qemu(std::path::PathBuf),
 }
 
 impl Stack {
     /// Starts everything but the controller, and the demo cluster with its template.
     pub async fn start(label: &str) -> Self {
+        Self::start_on(label, Backend::Process).await
+    }
+
+    /// [`Stack::start`] with instances run by `backend`.
+    pub async fn start_on(label: &str, backend: Backend) -> Self {
         let replicas = Replicas::start(
             &workspace_bin("form-state"),
             &format!("{label}-state"),
@@ -54,7 +70,7 @@ impl Stack {
         let state_addr = replicas.addrs[0].to_string();
         let dir = TestDir::new(label);
         let data = dir.path().join("vmm-data");
-        let vmm_args: Vec<&str> = PORT0_ARGS
+        let mut vmm_args: Vec<&str> = PORT0_ARGS
             .iter()
             .copied()
             .chain([
@@ -66,6 +82,20 @@ impl Stack {
                 data.to_str().expect("utf-8"),
             ])
             .collect();
+        let command = match &backend {
+            Backend::Process => workspace_bin("form-demo-app").display().to_string(),
+            Backend::Qemu(guest) => {
+                vmm_args.extend([
+                    "--backend",
+                    "qemu",
+                    "--guest-dir",
+                    guest.to_str().expect("utf-8"),
+                    "--ready-timeout-ms",
+                    "90000",
+                ]);
+                "form-demo-app".to_owned()
+            }
+        };
         let vmm = start(&dir, "vmm", workspace_bin("form-vmm-service"), &vmm_args).await;
         let rplb_args: Vec<&str> = PORT0_ARGS
             .iter()
@@ -98,6 +128,7 @@ impl Stack {
             "1000".to_owned(),
         ];
         let mut s = Self {
+            command,
             dir,
             replicas,
             vmm,
@@ -119,7 +150,7 @@ impl Stack {
             memory_mib: 256,
         };
         let workload = types::Workload {
-            command: workspace_bin("form-demo-app").display().to_string(),
+            command: self.command.clone(),
             health_path: "/healthz".into(),
             ..Default::default()
         };

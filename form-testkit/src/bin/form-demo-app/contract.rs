@@ -67,6 +67,32 @@ pub(crate) async fn changes(State(app): State<Shared>, Query(q): Query<ChangesQu
     }
 }
 
+/// Why a body that is not a batch was refused: another format version is named as
+/// such (read from the body alone, only on this error path), anything else is
+/// malformed.
+fn refused(bytes: &[u8], e: serde_json::Error) -> Response {
+    #[derive(Deserialize)]
+    struct Head {
+        format: Option<String>,
+    }
+    match serde_json::from_slice::<Head>(bytes) {
+        Ok(Head { format: Some(f) }) if f != FORMAT => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("batch format '{f}' is not accepted; expected '{FORMAT}'"),
+        ),
+        Ok(_) => error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the batch is malformed: {e}; expected the body of GET /_form/changes ({FORMAT})"
+            ),
+        ),
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            format!("the batch is not JSON: {e}; expected the body of GET /_form/changes"),
+        ),
+    }
+}
+
 /// `POST /_form/merge` with a batch: all of it is merged, or nothing.
 pub(crate) async fn merge(State(app): State<Shared>, body: Body) -> Response {
     let bytes = match axum::body::to_bytes(body, MAX_MERGE).await {
@@ -80,38 +106,9 @@ pub(crate) async fn merge(State(app): State<Shared>, body: Body) -> Response {
             );
         }
     };
-    // The format first, so a batch of another version is named as such.
-    #[derive(Deserialize)]
-    struct Head {
-        format: Option<String>,
-    }
-    match serde_json::from_slice::<Head>(&bytes) {
-        Ok(Head {
-            format: Some(f), ..
-        }) if f != FORMAT => {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("batch format '{f}' is not accepted; expected '{FORMAT}'"),
-            );
-        }
-        Ok(_) => {}
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the batch is not JSON: {e}; expected the body of GET /_form/changes"),
-            );
-        }
-    }
     let batch: Batch = match serde_json::from_slice(&bytes) {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the batch is malformed: {e}; expected the body of GET /_form/changes ({FORMAT})"
-                ),
-            );
-        }
+        Err(e) => return refused(&bytes, e),
     };
     if let Err(e) = Store::check(&batch, now_ms()) {
         return error(
@@ -119,6 +116,6 @@ pub(crate) async fn merge(State(app): State<Shared>, body: Body) -> Response {
             format!("batch refused: {e}"),
         );
     }
-    let merged = lock(&app).merge(&batch);
+    let merged = lock(&app).merge(batch);
     json(serde_json::to_vec(&merged).unwrap_or_default())
 }

@@ -216,7 +216,7 @@ impl Store {
         let ts = self.hlc.tick(now_ms);
         self.counter += 1;
         let dot = Dot(self.me.clone(), self.counter);
-        self.set_entry(key, value, ts, dot);
+        self.set_entry(key.to_owned(), value, ts, dot);
     }
 
     fn next_seq(&mut self, item: Item, old: Option<u64>) -> u64 {
@@ -228,11 +228,11 @@ impl Store {
         self.seq
     }
 
-    fn set_entry(&mut self, key: &str, value: Option<String>, ts: Hlc, dot: Dot) {
-        let old = self.kv.get(key).map(|e| e.seq);
-        let seq = self.next_seq(Item::Kv(key.to_owned()), old);
+    fn set_entry(&mut self, key: String, value: Option<String>, ts: Hlc, dot: Dot) {
+        let old = self.kv.get(&key).map(|e| e.seq);
+        let seq = self.next_seq(Item::Kv(key.clone()), old);
         self.kv.insert(
-            key.to_owned(),
+            key,
             Entry {
                 value,
                 ts,
@@ -454,9 +454,9 @@ impl Store {
     }
 
     /// Merges a checked batch.
-    pub(crate) fn merge(&mut self, batch: &Batch) -> Merged {
+    pub(crate) fn merge(&mut self, batch: Batch) -> Merged {
         let mut m = Merged::default();
-        for c in &batch.changes {
+        for c in batch.changes {
             match c {
                 Change::Kv {
                     key,
@@ -464,17 +464,17 @@ impl Store {
                     ts,
                     dot,
                 } => {
-                    self.hlc = self.hlc.max(*ts);
+                    self.hlc = self.hlc.max(ts);
                     if dot.0 == self.me {
                         // Never issue this dot again.
                         self.counter = self.counter.max(dot.1);
                     }
-                    let incoming = (*ts, dot, value);
-                    match self.kv.get(key) {
+                    let incoming = (ts, &dot, &value);
+                    match self.kv.get(&key) {
                         Some(e) if e.rank() == incoming => m.duplicates += 1,
                         Some(e) if e.rank() > incoming => m.stale += 1,
                         _ => {
-                            self.set_entry(key, value.clone(), *ts, dot.clone());
+                            self.set_entry(key, value, ts, dot);
                             m.applied += 1;
                         }
                     }
@@ -486,14 +486,14 @@ impl Store {
                 } => {
                     let here = self
                         .counters
-                        .get(session)
-                        .and_then(|c| c.get(instance))
+                        .get(&session)
+                        .and_then(|c| c.get(&instance))
                         .map(|c| c.count);
                     match here {
-                        Some(h) if h == *count => m.duplicates += 1,
-                        Some(h) if h > *count => m.stale += 1,
+                        Some(h) if h == count => m.duplicates += 1,
+                        Some(h) if h > count => m.stale += 1,
                         _ => {
-                            self.set_cell(session, instance, *count);
+                            self.set_cell(&session, &instance, count);
                             m.applied += 1;
                         }
                     }
@@ -543,16 +543,16 @@ mod tests {
         a.put("k", Some("from a".into()), NOW);
         b.put("k", Some("from b".into()), NOW); // same ms: the dot decides, b > a
         let (ba, bb) = (all(&a), all(&b));
-        a.merge(&bb);
-        b.merge(&ba);
+        a.merge(bb.clone());
+        b.merge(ba.clone());
         assert_eq!(a.get("k"), Some("from b"));
         assert_eq!(b.get("k"), Some("from b"));
         // a deletes after seeing b's write; an older write replayed later changes nothing.
         a.put("k", None, NOW);
-        b.merge(&all(&a));
+        b.merge(all(&a));
         assert_eq!(b.get("k"), None);
         let old = bb.clone();
-        let m = b.merge(&old);
+        let m = b.merge(old.clone());
         assert_eq!(m.applied, 0, "{m:?}");
         assert_eq!(
             b.get("k"),
@@ -567,10 +567,10 @@ mod tests {
         a.put("x", Some("1".into()), NOW);
         a.bump("s");
         let mut b = Store::new("b", 2);
-        let first = b.merge(&all(&a));
+        let first = b.merge(all(&a));
         assert_eq!(first.applied, 2);
         let head = b.head();
-        let again = b.merge(&all(&a));
+        let again = b.merge(all(&a));
         assert_eq!(
             again,
             Merged {
@@ -590,8 +590,8 @@ mod tests {
         a.bump("s");
         b.bump("s");
         let ba = all(&a);
-        b.merge(&ba);
-        a.merge(&all(&b));
+        b.merge(ba.clone());
+        a.merge(all(&b));
         assert_eq!(a.count("s"), 3);
         assert_eq!(b.count("s"), 3);
         assert_eq!(b.bump("s"), 4);
@@ -612,7 +612,7 @@ mod tests {
             let batch: Batch = serde_json::from_slice(&bytes).expect("json");
             seen += batch.changes.len();
             assert_eq!(batch.pending as usize, 50 - seen);
-            b.merge(&batch);
+            b.merge(batch.clone());
             cursor = batch.next_cursor;
             if !batch.more {
                 break;
@@ -634,7 +634,7 @@ mod tests {
         b.put("from-b", Some("1".into()), NOW);
         b.bump("s");
         a.put("mine", Some("2".into()), NOW);
-        a.merge(&all(&b));
+        a.merge(all(&b));
         a.bump("s");
         let own: Batch =
             serde_json::from_slice(&a.changes("", usize::MAX, true).expect("own")).expect("json");
@@ -722,13 +722,13 @@ mod tests {
             // Random exchanges first (some repeated), then everyone from everyone twice.
             for (from, to) in order {
                 let b = all(&s[from]);
-                s[to].merge(&b);
+                s[to].merge(b.clone());
             }
             for _ in 0..2 {
                 for from in 0..3 {
                     let b = all(&s[from]);
                     for to in s.iter_mut() {
-                        to.merge(&b);
+                        to.merge(b.clone());
                     }
                 }
             }
@@ -747,16 +747,16 @@ mod tests {
             }
             let (a, b, c) = (all(&s[0]), all(&s[1]), all(&s[2]));
             let mut x = Store::new("x", 10);
-            for batch in [&a, &b, &c] { x.merge(batch); }
+            for batch in [&a, &b, &c] { x.merge(batch.clone()); }
             let mut y = Store::new("y", 11);
-            for batch in [&c, &a, &b, &a, &c] { y.merge(batch); }
+            for batch in [&c, &a, &b, &a, &c] { y.merge(batch.clone()); }
             // (b . c) first, as one batch, then a.
             let mut bc = Store::new("bc", 12);
-            bc.merge(&b);
-            bc.merge(&c);
+            bc.merge(b.clone());
+            bc.merge(c.clone());
             let mut z = Store::new("z", 13);
-            z.merge(&all(&bc));
-            z.merge(&a);
+            z.merge(all(&bc));
+            z.merge(a.clone());
             prop_assert_eq!(x.view(), y.view());
             prop_assert_eq!(x.view(), z.view());
         }
