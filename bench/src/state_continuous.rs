@@ -2,8 +2,9 @@
 //! instances each take `rate` writes/s. Measured, with `state_sync: continuous`: the
 //! time from a write's acknowledgement until every instance answers it (probe writes
 //! on each instance in turn, every instance polled); and, against `state_sync: none`
-//! in the same run, the write throughput of one instance driven flat out by 4
-//! connections while the background writes (and the sync) run.
+//! in the same run, the throughput of one instance driven flat out by 4 connections
+//! (reads of one key, then writes of new keys, which the sync must carry too) while
+//! the background writes (and the sync) run.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -67,7 +68,9 @@ pub(crate) async fn run(
             .await?;
         let stop = Arc::new(AtomicBool::new(false));
         let background = writers(&addrs, rate, stop.clone());
-        let throughput = flat_out(addrs[0], Duration::from_secs(seconds)).await;
+        probe::http_request(addrs[0], "PUT", "/kv/read-me", b"r").await?;
+        let reads = flat_out(addrs[0], Duration::from_secs(seconds), true).await;
+        let writes = flat_out(addrs[0], Duration::from_secs(seconds), false).await;
         let spread = if mode == "continuous" {
             spread(&addrs, Duration::from_secs(seconds)).await?
         } else {
@@ -78,17 +81,17 @@ pub(crate) async fn run(
         for t in background {
             sent += t.await.unwrap_or(0);
         }
-        results.push((mode, throughput, spread, sent));
+        results.push((mode, reads, writes, spread, sent));
     }
     println!(
         "state-continuous: {instances} instances x {rate} writes/s, interval {interval_ms} ms, {seconds} s per measurement"
     );
     println!(
-        "| state_sync | flat-out writes/s on one instance | write -> on every instance p50 ms | p99 ms | background writes sent | targets |"
+        "| state_sync | flat-out reads/s on one instance | flat-out writes/s on one instance | write -> on every instance p50 ms | p99 ms | background writes sent | targets |"
     );
-    println!("|---|---:|---:|---:|---:|---|");
-    let base = results[0].1;
-    for (mode, tput, spread, sent) in &results {
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    let (base_reads, base_writes) = (results[0].1, results[0].2);
+    for (mode, reads, writes, spread, sent) in &results {
         let (p50, p99) = if spread.is_empty() {
             ("-".to_owned(), "-".to_owned())
         } else {
@@ -101,12 +104,13 @@ pub(crate) async fn run(
             "peer".to_owned()
         } else {
             format!(
-                "p99 <= {} ms; throughput >= 90% of none ({:.0}%)",
+                "p99 <= {} ms; throughput >= 90% of none (reads {:.0}%, writes {:.0}%)",
                 interval_ms + 50,
-                tput / base * 100.0
+                reads / base_reads * 100.0,
+                writes / base_writes * 100.0
             )
         };
-        println!("| {mode} | {tput:.0} | {p50} | {p99} | {sent} | {target} |");
+        println!("| {mode} | {reads:.0} | {writes:.0} | {p50} | {p99} | {sent} | {target} |");
     }
     for mut svc in s.services.drain(..) {
         form_testkit::conformance::stop_gracefully(&mut svc).await;
@@ -141,8 +145,9 @@ fn writers(
         .collect()
 }
 
-/// Writes per second one instance takes from 4 connections sending as fast as they can.
-async fn flat_out(addr: SocketAddr, d: Duration) -> f64 {
+/// Requests per second one instance answers from 4 connections sending as fast as they
+/// can: writes of new keys, or reads of one key.
+async fn flat_out(addr: SocketAddr, d: Duration, read: bool) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + d;
     let mut tasks = Vec::new();
@@ -152,9 +157,16 @@ async fn flat_out(addr: SocketAddr, d: Duration) -> f64 {
             let mut n = 0u64;
             while Instant::now() < end {
                 n += 1;
-                if let Ok((204, _)) =
-                    probe::http_request(addr, "PUT", &format!("/kv/flat-{w}-{n}"), b"v").await
-                {
+                let ok = if read {
+                    matches!(probe::http_get(addr, "/kv/read-me").await, Ok((200, _)))
+                } else {
+                    let path = format!("/kv/flat-{w}-{n}");
+                    matches!(
+                        probe::http_request(addr, "PUT", &path, b"v").await,
+                        Ok((204, _))
+                    )
+                };
+                if ok {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }

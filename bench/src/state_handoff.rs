@@ -34,24 +34,40 @@ pub(crate) async fn run(
     op_runs: usize,
     op_keys: usize,
 ) -> anyhow::Result<()> {
-    let (handoff, snapshot, bytes) = handoff(bin_dir, runs, keys).await?;
+    let h = handoff(bin_dir, runs, keys).await?;
     println!(
         "state-handoff: {keys} keys of {VALUE} B ({:.1} MiB of batches) from one instance to 3, {runs} runs",
-        bytes as f64 / (1024.0 * 1024.0)
+        h.bytes as f64 / (1024.0 * 1024.0)
     );
     println!("| what | p50 ms | max ms | target |");
     println!("|---|---:|---:|---|");
-    println!(
-        "| handoff to 3 survivors (read + merge, batches of {} MiB) | {:.0} | {:.0} | p50 <= 100 |",
-        BATCH_BYTES / (1024 * 1024),
-        quantile(&handoff, 0.5),
-        quantile(&handoff, 1.0)
-    );
-    println!(
-        "| peer: snapshot of the same instance (process backend) | {:.0} | {:.0} | - |",
-        quantile(&snapshot, 0.5),
-        quantile(&snapshot, 1.0)
-    );
+    for (what, v, target) in [
+        (
+            format!(
+                "handoff to 3 survivors (read + merge, batches of {} MiB)",
+                BATCH_BYTES / (1024 * 1024)
+            ),
+            &h.handoff,
+            "p50 <= 100",
+        ),
+        ("  part: reading every batch".to_owned(), &h.read_only, "-"),
+        (
+            "  part: merging every batch into one instance".to_owned(),
+            &h.merge_one,
+            "-",
+        ),
+        (
+            "peer: snapshot of the same instance (process backend)".to_owned(),
+            &h.snapshot,
+            "-",
+        ),
+    ] {
+        println!(
+            "| {what} | {:.0} | {:.0} | {target} |",
+            quantile(v, 0.5),
+            quantile(v, 1.0)
+        );
+    }
     if op_runs == 0 {
         return Ok(());
     }
@@ -124,11 +140,18 @@ async fn fill(addr: SocketAddr, prefix: &str, keys: usize) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn handoff(
-    bin_dir: &Path,
-    runs: usize,
-    keys: usize,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>, u64)> {
+/// Milliseconds of each run, sorted.
+struct Handoff {
+    handoff: Vec<f64>,
+    snapshot: Vec<f64>,
+    /// Reading every batch, nothing merged.
+    read_only: Vec<f64>,
+    /// Merging every batch into one instance (it already has them: duplicates).
+    merge_one: Vec<f64>,
+    bytes: u64,
+}
+
+async fn handoff(bin_dir: &Path, runs: usize, keys: usize) -> anyhow::Result<Handoff> {
     let dir = TestDir::new("bench-handoff");
     let data = dir.path().join("data");
     let args = [
@@ -148,6 +171,7 @@ async fn handoff(
     let victim = create(&mut c, bin_dir, "victim").await?;
     fill(victim.address.parse()?, "k", keys).await?;
     let (mut handoff, mut snapshot, mut bytes) = (Vec::new(), Vec::new(), 0);
+    let (mut read_only, mut merge_one) = (Vec::new(), Vec::new());
     for n in 0..runs {
         let mut survivors = Vec::new();
         for s in 0..3 {
@@ -157,6 +181,37 @@ async fn handoff(
                     .instance_id,
             );
         }
+        // The parts: reading alone, then merging into one survivor alone.
+        let t0 = Instant::now();
+        let mut batches = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let b = c
+                .read_changes(pb::ReadChangesRequest {
+                    instance_id: "victim".into(),
+                    since: cursor.clone(),
+                    max_bytes: BATCH_BYTES,
+                    own: false,
+                })
+                .await?
+                .into_inner();
+            cursor = b.next_cursor.clone();
+            let more = b.more;
+            batches.push(b.batch);
+            if !more {
+                break;
+            }
+        }
+        read_only.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let t0 = Instant::now();
+        for b in batches {
+            c.merge_changes(pb::MergeChangesRequest {
+                instance_id: survivors[0].clone(),
+                batch: b,
+            })
+            .await?;
+        }
+        merge_one.push(t0.elapsed().as_secs_f64() * 1000.0);
         let t0 = Instant::now();
         let carried = carry(&c, "victim", "", &survivors, BATCH_BYTES, false)
             .await
@@ -201,9 +256,16 @@ async fn handoff(
         .await?;
     }
     form_testkit::conformance::stop_gracefully(&mut svc).await;
-    handoff.sort_by(f64::total_cmp);
-    snapshot.sort_by(f64::total_cmp);
-    Ok((handoff, snapshot, bytes))
+    for v in [&mut handoff, &mut snapshot, &mut read_only, &mut merge_one] {
+        v.sort_by(f64::total_cmp);
+    }
+    Ok(Handoff {
+        handoff,
+        snapshot,
+        read_only,
+        merge_one,
+        bytes,
+    })
 }
 
 async fn operations(

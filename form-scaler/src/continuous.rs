@@ -4,8 +4,9 @@
 //! member, all members at once. A member's cursor advances only when every other
 //! member took its changes and the set of active members did not change meanwhile (a
 //! member that became active during the round gets them in the next one), and is
-//! recorded in form-state (the member's `state_sync`), so a restarted or new owner
-//! resumes where the last round stopped.
+//! recorded in form-state (the member's `state_sync`, at most every 2 s), so a
+//! restarted or new owner resumes from there (carrying again at most the last 2 s of
+//! changes, which merging ignores).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,8 +22,14 @@ use crate::controller::Shared;
 use crate::ops::record::now_ms;
 use crate::ops::sync::{PumpError, carry};
 
-/// How often the loop looks for clusters whose round is due.
-const TICK: Duration = Duration::from_millis(10);
+/// A member's cursor is written to form-state at most this often (each round uses the
+/// one kept here; a controller that starts over from an older recorded cursor only
+/// carries some changes again, which merging ignores).
+const RECORD_EVERY: Duration = Duration::from_secs(2);
+/// How often the clusters in continuous mode are listed.
+const LIST_EVERY: Duration = Duration::from_millis(250);
+/// Retry delay before the controller knows its peers.
+const TICK: Duration = Duration::from_millis(20);
 /// Interval when the setting says 0.
 const DEFAULT_INTERVAL_MS: u32 = 1000;
 /// Batch size when the setting says 0.
@@ -36,11 +43,17 @@ fn setting(c: &state_pb::Cluster) -> Option<types::StateSyncContinuous> {
     }
 }
 
-/// Runs until shutdown.
+/// Runs until shutdown. The clusters in continuous mode are listed every
+/// [`LIST_EVERY`]; between two listings the loop sleeps until the next round is due,
+/// and reads that cluster afresh (members and cursors) when it is.
 pub async fn run(shared: Arc<Shared>, mut shutdown: Shutdown) {
+    // Cluster -> when its next round is due.
     let mut due: HashMap<String, Instant> = HashMap::new();
+    let mut cursors = Cursors::default();
+    let mut listed_at: Option<Instant> = None;
     loop {
-        if shared.peers.ready() {
+        let now = Instant::now();
+        if shared.peers.ready() && listed_at.is_none_or(|t| now >= t + LIST_EVERY) {
             let listed = shared
                 .engine
                 .platform
@@ -49,36 +62,65 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: Shutdown) {
                 .list_clusters(state_pb::ListClustersRequest {})
                 .await;
             if let Ok(list) = listed {
-                let now = Instant::now();
+                listed_at = Some(now);
+                let mut seen = HashMap::new();
                 for c in list.into_inner().clusters {
-                    let Some(s) = setting(&c) else { continue };
-                    if !shared.peers.owns(&c.cluster_id)
-                        || due.get(&c.cluster_id).is_some_and(|d| *d > now)
-                    {
-                        continue;
+                    if setting(&c).is_some() && shared.peers.owns(&c.cluster_id) {
+                        let at = due.get(&c.cluster_id).copied().unwrap_or(now);
+                        seen.insert(c.cluster_id, at);
                     }
-                    let interval = if s.interval_ms == 0 {
-                        DEFAULT_INTERVAL_MS
-                    } else {
-                        s.interval_ms
-                    };
-                    due.insert(
-                        c.cluster_id.clone(),
-                        now + Duration::from_millis(u64::from(interval)),
-                    );
-                    round(&shared, &c, &s).await;
                 }
+                due = seen;
             }
         }
+        let now = Instant::now();
+        let ready: Vec<String> = due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ready {
+            let Ok(c) = shared.engine.platform.cluster(&id).await else {
+                due.remove(&id);
+                continue;
+            };
+            let Some(s) = setting(&c) else {
+                due.remove(&id);
+                continue;
+            };
+            let interval = if s.interval_ms == 0 {
+                DEFAULT_INTERVAL_MS
+            } else {
+                s.interval_ms
+            };
+            due.insert(id, now + Duration::from_millis(u64::from(interval)));
+            round(&shared, &c, &s, &mut cursors).await;
+        }
+        let next_list = listed_at.map_or(Instant::now() + TICK, |t| t + LIST_EVERY);
+        let wake = due
+            .values()
+            .copied()
+            .min()
+            .map_or(next_list, |d| d.min(next_list));
         tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep_until(wake.max(Instant::now() + Duration::from_millis(1))) => {}
             _ = shutdown.requested() => return,
         }
     }
 }
 
+/// Where each member's changes were carried up to, and when that was last recorded in
+/// form-state.
+#[derive(Debug, Default)]
+struct Cursors(HashMap<String, (String, Option<Instant>)>);
+
 /// One exchange among the active members of `c`.
-async fn round(shared: &Shared, c: &state_pb::Cluster, s: &types::StateSyncContinuous) {
+async fn round(
+    shared: &Shared,
+    c: &state_pb::Cluster,
+    s: &types::StateSyncContinuous,
+    cursors: &mut Cursors,
+) {
     let Ok(vmm) = shared.engine.platform.vmm() else {
         return;
     };
@@ -99,11 +141,14 @@ async fn round(shared: &Shared, c: &state_pb::Cluster, s: &types::StateSyncConti
     let mut set = JoinSet::new();
     for m in active {
         let from = m.instance_id.clone();
-        let cursor = m
-            .state_sync
-            .as_ref()
-            .map(|s| s.cursor.clone())
-            .unwrap_or_default();
+        let cursor = match cursors.0.get(&from) {
+            Some((c, _)) => c.clone(),
+            None => m
+                .state_sync
+                .as_ref()
+                .map(|s| s.cursor.clone())
+                .unwrap_or_default(),
+        };
         let others: Vec<String> = ids.iter().filter(|i| **i != from).cloned().collect();
         let vmm = vmm.clone();
         set.spawn(async move {
@@ -145,6 +190,17 @@ async fn round(shared: &Shared, c: &state_pb::Cluster, s: &types::StateSyncConti
                 if carried.cursor == old {
                     continue;
                 }
+                let recorded = cursors.0.get(&from).and_then(|(_, at)| *at);
+                let record = recorded.is_none_or(|at| at.elapsed() >= RECORD_EVERY);
+                let at = if record {
+                    Some(Instant::now())
+                } else {
+                    recorded
+                };
+                cursors.0.insert(from.clone(), (carried.cursor.clone(), at));
+                if !record {
+                    continue;
+                }
                 let req = state_pb::UpdateMemberRequest {
                     cluster_id: c.cluster_id.clone(),
                     instance_id: from.clone(),
@@ -156,7 +212,10 @@ async fn round(shared: &Shared, c: &state_pb::Cluster, s: &types::StateSyncConti
                     ..Default::default()
                 };
                 if let Err(e) = state.update_member(req).await {
-                    tracing::debug!(instance = %from, error = %e.message(), "cannot record the sync cursor; the next round reads again");
+                    tracing::debug!(instance = %from, error = %e.message(), "cannot record the sync cursor; it is recorded again later");
+                    if let Some(k) = cursors.0.get_mut(&from) {
+                        k.1 = None;
+                    }
                 }
             }
             Err(PumpError::Unsupported(why)) => {
@@ -168,4 +227,6 @@ async fn round(shared: &Shared, c: &state_pb::Cluster, s: &types::StateSyncConti
             }
         }
     }
+    // Members that left are forgotten.
+    cursors.0.retain(|id, _| c.members.contains_key(id));
 }

@@ -291,6 +291,96 @@ pub async fn cursor(
     }
 }
 
+/// An instance with its admin address.
+pub type Target = (String, Option<SocketAddr>);
+
+/// Reads `from`'s changes after `since` batch by batch and merges each into every
+/// instance of `to` at once; the next batch is read while the last merges. A cursor
+/// `from` no longer knows starts again from the beginning. The reply's cursor is that
+/// of the last batch every target merged.
+pub async fn copy(
+    contracts: std::sync::Arc<Contracts>,
+    from: Target,
+    to: Vec<Target>,
+    since: String,
+    max_bytes: u32,
+    own: bool,
+) -> Result<pb::CopyChangesReply, VmmError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<pb::ChangeBatch, VmmError>>(1);
+    let reader = {
+        let contracts = contracts.clone();
+        let mut cursor = since.clone();
+        tokio::spawn(async move {
+            let mut restarted = false;
+            loop {
+                let r = read(&contracts, &from.0, from.1, &cursor, max_bytes, own).await;
+                let r = match r {
+                    Err(VmmError::CursorGone(_)) if !restarted && !cursor.is_empty() => {
+                        restarted = true;
+                        cursor.clear();
+                        continue;
+                    }
+                    r => r,
+                };
+                let last = match &r {
+                    Ok(b) => {
+                        cursor = b.next_cursor.clone();
+                        !b.more
+                    }
+                    Err(_) => true,
+                };
+                if tx.send(r).await.is_err() || last {
+                    return;
+                }
+            }
+        })
+    };
+    let mut out = pb::CopyChangesReply {
+        next_cursor: since,
+        ..Default::default()
+    };
+    let result = loop {
+        let batch = match rx.recv().await {
+            Some(Ok(b)) => std::sync::Arc::new(b),
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
+        };
+        if batch.changes > 0 {
+            let mut set = tokio::task::JoinSet::new();
+            for (id, admin) in to.iter().cloned() {
+                let (contracts, batch) = (contracts.clone(), batch.clone());
+                set.spawn(async move {
+                    merge(&contracts, &id, admin, &batch.batch)
+                        .await
+                        .map_err(|e| VmmError::MergeFailed(format!("merging into {id}: {e}")))
+                });
+            }
+            let mut failed = None;
+            while let Some(r) = set.join_next().await {
+                match r {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        failed.get_or_insert(e);
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(VmmError::MergeFailed(format!(
+                            "a merge task failed: {e}"
+                        )));
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+        }
+        out.changes += batch.changes;
+        out.bytes += batch.batch.len() as u64;
+        out.next_cursor = batch.next_cursor.clone();
+    };
+    reader.abort();
+    result.map(|()| out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,6 +54,9 @@ pub enum VmmError {
     /// A state contract cursor the workload no longer knows: read from the start.
     #[error("{0}")]
     CursorGone(String),
+    /// A copy of changes stopped because a target instance did not merge a batch.
+    #[error("{0}")]
+    MergeFailed(String),
 }
 
 impl VmmError {
@@ -85,6 +88,7 @@ impl From<VmmError> for tonic::Status {
             VmmError::Io { .. } | VmmError::Backend(_) => tonic::Status::internal(msg),
             VmmError::Unavailable(_) => tonic::Status::unavailable(msg),
             VmmError::CursorGone(_) => tonic::Status::out_of_range(msg),
+            VmmError::MergeFailed(_) => tonic::Status::aborted(msg),
         }
     }
 }

@@ -436,6 +436,36 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         Ok(Response::new(batch))
     }
 
+    async fn copy_changes(
+        &self,
+        req: Request<pb::CopyChangesRequest>,
+    ) -> Result<pb::CopyChangesReply> {
+        let r = req.into_inner();
+        let from = (
+            r.from_instance_id.clone(),
+            self.contract_target(&r.from_instance_id).await?,
+        );
+        let mut to = Vec::new();
+        for id in &r.to_instance_ids {
+            let admin = self
+                .contract_target(id)
+                .await
+                .map_err(|e| VmmError::MergeFailed(format!("merging into {id}: {e}")))?;
+            to.push((id.clone(), admin));
+        }
+        let reply = contract::copy(
+            self.contracts.clone(),
+            from,
+            to,
+            r.since,
+            r.max_bytes,
+            r.own,
+        )
+        .await?;
+        metrics::counter!("form_vmm_state_changes_read_total").increment(reply.changes);
+        Ok(Response::new(reply))
+    }
+
     async fn merge_changes(
         &self,
         req: Request<pb::MergeChangesRequest>,

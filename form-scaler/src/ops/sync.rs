@@ -9,17 +9,15 @@ use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as vmm_pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
-use tokio::task::JoinSet;
 use tonic::Code;
 use tonic::transport::Channel;
 
 use super::Step;
-use super::create::join_all;
 use super::engine::Engine;
 use crate::platform::OpError;
 
 /// Batch size of on-scale syncs and handoffs.
-pub const BATCH_BYTES: u32 = 2 * 1024 * 1024;
+pub const BATCH_BYTES: u32 = 4 * 1024 * 1024;
 
 /// The state sync mode of a cluster (unset means on_scale).
 pub fn mode_name(c: &state_pb::Cluster) -> &'static str {
@@ -73,10 +71,11 @@ async fn pump(e: &Engine, from: &str, since: &str, to: &[String]) -> Result<Carr
 }
 
 /// Reads `from`'s changes after `since` (with `own`, only its own writes) in batches
-/// of `batch_bytes` and merges each batch into every instance of `to` (at once), until
-/// `from` has nothing more; a cursor `from` no longer knows (it restarted) starts
-/// again from the beginning. The next batch is read while the last one merges; the
-/// cursor returned is that of the last batch every target merged.
+/// of `batch_bytes` and merges each batch into every instance of `to`, until `from`
+/// has nothing more, on the vmm node (`CopyChanges`: the batches do not travel through
+/// the controller; the node reads the next batch while the last merges, and reads from
+/// the start when `from` no longer knows the cursor). The cursor returned is that of
+/// the last batch every target merged.
 pub async fn carry(
     vmm: &VmmServiceClient<Channel>,
     from: &str,
@@ -85,99 +84,32 @@ pub async fn carry(
     batch_bytes: u32,
     own: bool,
 ) -> Result<Carried, PumpError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let reader = tokio::spawn(read_batches(
-        vmm.clone(),
-        from.to_owned(),
-        since.to_owned(),
-        batch_bytes,
+    let req = vmm_pb::CopyChangesRequest {
+        from_instance_id: from.to_owned(),
+        to_instance_ids: to.to_vec(),
+        since: since.to_owned(),
+        max_bytes: batch_bytes,
         own,
-        tx,
-    ));
-    let mut out = Carried {
-        cursor: since.to_owned(),
-        ..Default::default()
     };
-    let result = loop {
-        let batch = match rx.recv().await {
-            Some(Ok(b)) => b,
-            Some(Err(e)) => break Err(e),
-            None => break Ok(()),
-        };
-        if batch.changes > 0 {
-            let mut set = JoinSet::new();
-            for id in to {
-                let (mut vmm, id, bytes) = (vmm.clone(), id.clone(), batch.batch.clone());
-                let from = from.to_owned();
-                set.spawn(async move {
-                    let req = vmm_pb::MergeChangesRequest {
-                        instance_id: id.clone(),
-                        batch: bytes,
-                    };
-                    vmm.merge_changes(req).await.map(|_| ()).map_err(|s| {
-                        OpError::rpc(format!("merging the changes of {from} into {id}"), &s)
-                    })
-                });
-            }
-            if let Err(e) = join_all(set).await {
-                break Err(PumpError::Failed(e));
-            }
+    match vmm.clone().copy_changes(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            Ok(Carried {
+                cursor: r.next_cursor,
+                changes: r.changes,
+                bytes: r.bytes,
+            })
         }
-        out.changes += batch.changes;
-        out.bytes += batch.batch.len() as u64;
-        out.cursor = batch.next_cursor;
-    };
-    reader.abort();
-    result.map(|()| out)
-}
-
-/// Reads `from`'s batches one after another into `tx` until one says there is no more
-/// (or the receiver is gone); an error ends the stream.
-async fn read_batches(
-    vmm: VmmServiceClient<Channel>,
-    from: String,
-    mut cursor: String,
-    batch_bytes: u32,
-    own: bool,
-    tx: tokio::sync::mpsc::Sender<Result<vmm_pb::ChangeBatch, PumpError>>,
-) {
-    let mut restarted = false;
-    loop {
-        let req = vmm_pb::ReadChangesRequest {
-            instance_id: from.clone(),
-            since: cursor.clone(),
-            max_bytes: batch_bytes,
-            own,
-        };
-        let r = match vmm.clone().read_changes(req).await {
-            Ok(b) => Ok(b.into_inner()),
-            Err(s) if s.code() == Code::OutOfRange && !restarted && !cursor.is_empty() => {
-                tracing::warn!(instance = %from, %cursor, "cursor no longer known; reading everything");
-                restarted = true;
-                cursor.clear();
-                continue;
-            }
-            Err(s) if s.code() == Code::Unimplemented => {
-                Err(PumpError::Unsupported(s.message().to_owned()))
-            }
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
-                Err(PumpError::Gone(s.message().to_owned()))
-            }
-            Err(s) => Err(PumpError::Failed(OpError::rpc(
-                format!("reading the changes of {from}"),
-                &s,
-            ))),
-        };
-        let last = match &r {
-            Ok(b) => {
-                cursor = b.next_cursor.clone();
-                !b.more
-            }
-            Err(_) => true,
-        };
-        if tx.send(r).await.is_err() || last {
-            return;
+        Err(s) if s.code() == Code::Unimplemented => {
+            Err(PumpError::Unsupported(s.message().to_owned()))
         }
+        Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+            Err(PumpError::Gone(s.message().to_owned()))
+        }
+        Err(s) => Err(PumpError::Failed(OpError::rpc(
+            format!("carrying the changes of {from}"),
+            &s,
+        ))),
     }
 }
 
