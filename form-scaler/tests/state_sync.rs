@@ -66,6 +66,21 @@ async fn session_on_a_clone(http: SocketAddr) -> (String, String) {
     panic!("no new session landed on a clone in 200 tries");
 }
 
+/// A session (the balancer's cookie) that the balancer pins to instance `id`.
+async fn session_on(http: SocketAddr, id: &str) -> String {
+    for _ in 0..400 {
+        let (code, body, head) = via_lb(http, "/whoami", None).await.expect("whoami");
+        assert_eq!(code, 200, "{head}");
+        let who: serde_json::Value = serde_json::from_str(&body).expect("json");
+        if who["instance_id"] == id
+            && let Some(cookie) = session_cookie(&head)
+        {
+            return cookie;
+        }
+    }
+    panic!("no new session landed on {id} in 400 tries");
+}
+
 async fn admin_of(stack: &mut Stack, id: &str) -> SocketAddr {
     stack
         .vmm_client
@@ -532,5 +547,80 @@ async fn continuous_sync_spreads_each_write_within_the_interval_and_survives_a_k
             m.instance_id
         );
     }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_rollback_hands_back_what_a_new_instance_took_before_deleting_it() {
+    let mut stack = Stack::start("sync-giveback").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    stack.routed_template().await;
+    let op = run(&mut scaler, OperationKind::ScaleOut, 2, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let victim = op.new_instances[0].clone();
+    stack.stop_scaler().await;
+    let release = stack.dir.path().join("release");
+    let faults = format!(
+        "final_sync_clones=hold:{},drain_victims=fail",
+        release.display()
+    );
+    let mut scaler = stack
+        .start_scaler(&["--inject-fault", &faults, "--replace-after-ms", "600000"])
+        .await;
+    // Replace the clone: its replacement serves, then the operation fails and rolls
+    // back.
+    let mut req = scale(OperationKind::ReplaceInstance, 0);
+    req.instance_id = victim.clone();
+    let id = scaler
+        .scale(req)
+        .await
+        .expect("replace")
+        .into_inner()
+        .operation_id;
+    let mut new = String::new();
+    assert_eventually!(
+        deadline = OP_DEADLINE,
+        async {
+            match scaler
+                .get_operation(form_proto::scaler::v1::GetOperationRequest {
+                    operation_id: id.clone(),
+                })
+                .await
+            {
+                Ok(op) if status(op.get_ref()) == "in_progress: final_sync_clones" => {
+                    new = op.get_ref().new_instances[0].clone();
+                    true
+                }
+                _ => false,
+            }
+        },
+        "the replacement serves and the operation holds"
+    );
+    let cookie = session_on(stack.http, &new).await;
+    let (code, _, _) = lb_call(stack.http, "PUT", "/kv/on-new", Some(&cookie), b"kept")
+        .await
+        .expect("put");
+    assert_eq!(code, 204);
+    std::fs::write(&release, b"go").expect("release");
+    let op = wait_op(&mut scaler, &id, OP_DEADLINE).await;
+    assert!(status(&op).starts_with("rolled_back"), "{}", status(&op));
+    assert!(
+        !stack.instances().await.contains(&new),
+        "the replacement is deleted"
+    );
+    let cluster = stack.cluster().await;
+    for stays in [TEMPLATE, victim.as_str()] {
+        assert_eq!(
+            key_on(&cluster.members[stays].addresses[0], "on-new")
+                .await
+                .as_deref(),
+            Some("kept"),
+            "{stays}: the write the replacement took was handed back before it was deleted"
+        );
+    }
+    let (code, body, _) = via_lb(stack.http, "/kv/on-new", Some(&cookie))
+        .await
+        .expect("get");
+    assert_eq!((code, body.as_str()), (200, "kept"));
     stack.stop().await;
 }

@@ -37,9 +37,11 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
         Step::SnapshotSource => delete_snapshots(e, op).await,
         Step::CloneInstances => delete_instances(e, &op.new_instances).await,
         Step::AddMembers => remove_members(e, &op.cluster_id, &op.new_instances).await,
+        // New instances that served may hold writes: they go to the members that stay
+        // before the instances are removed.
+        Step::ActivateMembers => super::sync::give_back(e, op).await,
         Step::PromoteReplacement => promote(e, op, true).await,
-        // Nothing to undo: waiting changes nothing, and activated members leave with
-        // the undo of add_members.
+        // Nothing to undo: waiting changes nothing.
         _ => Ok(()),
     }
 }

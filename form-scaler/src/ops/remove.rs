@@ -3,10 +3,12 @@
 //! operation: from there it only goes forward.
 
 use form_proto::rplb::v1 as rplb_pb;
+use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as vmm_pb;
 use tokio::task::JoinSet;
+use tonic::transport::Channel;
 
 use super::Step;
 use super::create::{delete_instances, delete_snapshots, join_all, remove_members, set_status};
@@ -62,11 +64,50 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
     Ok(())
 }
 
+/// Waits until the balancer has no request in flight to backend `id` of `domain` (or no
+/// longer has the backend).
+async fn in_flight_done(
+    rplb: &mut RplbControlClient<Channel>,
+    domain: &str,
+    id: &str,
+    poll: std::time::Duration,
+) -> Result<(), OpError> {
+    loop {
+        let stats = rplb
+            .get_stats(rplb_pb::GetStatsRequest {
+                domain: domain.to_owned(),
+            })
+            .await
+            .map_err(|s| OpError::rpc(format!("balancer stats of {domain}"), &s))?
+            .into_inner();
+        let busy = stats
+            .routes
+            .iter()
+            .flat_map(|r| &r.backends)
+            .any(|b| b.id == id && b.in_flight > 0);
+        if !busy {
+            return Ok(());
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
-    if op.victims.is_empty() {
+    drain_members(e, op, &op.victims, op.drain_connections).await
+}
+
+/// Marks `ids` draining and, with `drain_connections` or state sync, follows their
+/// drain on the balancer until no request reaches them.
+pub async fn drain_members(
+    e: &Engine,
+    op: &types::Operation,
+    ids: &[String],
+    drain_connections: bool,
+) -> Result<(), OpError> {
+    if ids.is_empty() {
         return Ok(());
     }
-    set_status(e, op, &op.victims, state_pb::MemberStatus::Draining).await?;
+    set_status(e, op, ids, state_pb::MemberStatus::Draining).await?;
     let Some(rplb) = e.platform.rplb.clone() else {
         return Ok(());
     };
@@ -74,7 +115,7 @@ async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
     // A victim whose changes are handed off must receive no request after the
     // handoff reads them: without `drain_connections` the drain still waits, but only
     // for the requests in flight (pinned sessions move at once).
-    let drain = if op.drain_connections {
+    let drain = if drain_connections {
         None
     } else if super::sync::enabled(&cluster) {
         Some(rplb_pb::ConnectionDrainConfig {
@@ -86,12 +127,15 @@ async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
     } else {
         return Ok(());
     };
+    let synced = super::sync::enabled(&cluster);
     let domain = cluster.domain;
     let mut set = JoinSet::new();
-    for id in op.victims.clone() {
+    for id in ids {
+        let id = id.clone();
         let mut rplb = rplb.clone();
         let domain = domain.clone();
         let timeout = e.limits.drain_timeout;
+        let poll = e.limits.poll;
         set.spawn(async move {
             let req = rplb_pb::DrainBackendRequest {
                 domain: domain.clone(),
@@ -112,6 +156,11 @@ async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
                 {
                     if p.result != rplb_pb::DrainResult::Unspecified as i32 {
                         tracing::info!(backend = %id, result = p.result, in_flight = p.in_flight, "drain ended");
+                        if synced && p.in_flight > 0 {
+                            // The grace period ended with requests still running: their
+                            // writes must land before the handoff reads the victim.
+                            in_flight_done(&mut rplb, &domain, &id, poll).await?;
+                        }
                         return Ok(());
                     }
                 }

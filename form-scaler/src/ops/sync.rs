@@ -113,6 +113,108 @@ pub async fn carry(
     }
 }
 
+/// The undo of `activate_members`: new instances that served may have taken writes.
+/// They are drained and everything they hold is merged into the running members that
+/// stay, before a later undo removes and deletes them. When that cannot be done the
+/// undo fails (retried, then the rollback is suspended and resumed later): an instance
+/// holding writes is never deleted.
+pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
+    if op.new_instances.is_empty() {
+        return Ok(());
+    }
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    if !enabled(&cluster) {
+        return Ok(());
+    }
+    let served: Vec<String> = op
+        .new_instances
+        .iter()
+        .filter(|id| {
+            cluster.members.get(*id).is_some_and(|m| {
+                m.status == state_pb::MemberStatus::Active as i32
+                    || m.status == state_pb::MemberStatus::Draining as i32
+            })
+        })
+        .cloned()
+        .collect();
+    if served.is_empty() {
+        return Ok(());
+    }
+    super::remove::drain_members(e, op, &served, false).await?;
+    let mut vmm = e.platform.vmm()?;
+    let mut stay = Vec::new();
+    for m in cluster.members.values() {
+        if op.new_instances.contains(&m.instance_id)
+            || m.status != state_pb::MemberStatus::Active as i32
+        {
+            continue;
+        }
+        let running = vmm
+            .get_instance(vmm_pb::InstanceRef {
+                instance_id: m.instance_id.clone(),
+            })
+            .await
+            .is_ok_and(|i| i.get_ref().status == vmm_pb::InstanceStatus::Running as i32);
+        if running {
+            stay.push(m.instance_id.clone());
+        }
+    }
+    if stay.is_empty() {
+        return Err(OpError(format!(
+            "no running member stays to take the changes of {served:?}; they are kept until one does"
+        )));
+    }
+    let vmm = e.platform.vmm()?;
+    for new in &served {
+        match carry(&vmm, new, "", &stay, BATCH_BYTES, false).await {
+            Ok(c) => {
+                tracing::info!(operation = %op.operation_id, instance = %new, changes = c.changes, "a new instance's changes handed back before its removal");
+            }
+            // Nothing can be read: no contract, or the instance does not run any more.
+            Err(PumpError::Unsupported(_) | PumpError::Gone(_)) => {}
+            Err(PumpError::Failed(err)) => {
+                return Err(OpError(format!(
+                    "handing back the changes of {new} failed: {err}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Victims listed by name at most; the operation record must stay small (form-state
+/// takes 16 KiB per value).
+const LISTED: usize = 16;
+/// Longest entry kept.
+const ENTRY: usize = 300;
+
+/// `lost` cut to [`LISTED`] entries of at most [`ENTRY`] bytes, the rest counted.
+fn bounded(lost: Vec<String>) -> Vec<String> {
+    let n = lost.len();
+    let mut out: Vec<String> = lost
+        .into_iter()
+        .take(LISTED)
+        .map(|mut l| {
+            if l.len() > ENTRY {
+                let mut cut = ENTRY;
+                while !l.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                l.truncate(cut);
+                l.push_str("...");
+            }
+            l
+        })
+        .collect();
+    if n > LISTED {
+        out.push(format!(
+            "and {} more victims, for the same reasons",
+            n - LISTED
+        ));
+    }
+    out
+}
+
 fn transfer(op: &mut types::Operation) -> &mut types::StateTransfer {
     op.state_transfer.get_or_insert_with(Default::default)
 }
@@ -170,7 +272,7 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
             .iter()
             .map(|v| format!("{v}: state_sync is none; its writes are lost"))
             .collect();
-        transfer(op).not_handed_off = lost;
+        transfer(op).not_handed_off = bounded(lost);
         return Ok(());
     }
     let refuse = cluster
@@ -236,7 +338,27 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
     }
     if !lost.is_empty() {
         tracing::warn!(operation = %op.operation_id, lost = ?lost, "victims not handed off");
-        transfer(op).not_handed_off = lost;
+        transfer(op).not_handed_off = bounded(lost);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_of_victims_not_handed_off_stays_small() {
+        let lost: Vec<String> = (0..100)
+            .map(|i| format!("v{i}: {}", "é".repeat(400)))
+            .collect();
+        let b = bounded(lost);
+        assert_eq!(b.len(), LISTED + 1);
+        assert!(b.iter().all(|l| l.len() <= ENTRY + 3));
+        assert_eq!(b[LISTED], "and 84 more victims, for the same reasons");
+        assert_eq!(
+            bounded(vec!["v: short".into()]),
+            vec!["v: short".to_owned()]
+        );
+    }
 }

@@ -105,8 +105,9 @@ impl Stack {
         let rplb = start(&dir, "rplb", workspace_bin("form-rplb"), &rplb_args).await;
         let http = rplb.addr("http").expect("http");
         let state = replicas.client(0).await;
+        // A VM boots (TCG, on a loaded machine) within the vmm node's ready timeout.
         let vmm_client = VmmServiceClient::new(
-            probe::channel(vmm.addr("grpc").expect("grpc"))
+            probe::channel_with_timeout(vmm.addr("grpc").expect("grpc"), Duration::from_secs(120))
                 .await
                 .expect("vmm"),
         );
