@@ -195,6 +195,9 @@ pub(crate) struct StateSyncArgs {
     /// continuous: milliseconds between exchanges (50-600000).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     interval_ms: u32,
+    /// continuous: largest batch read from one instance, in bytes (4096-4194304).
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
+    batch_bytes: u32,
     /// Fail a scale-in whose removed instances' writes cannot be handed off.
     #[arg(long)]
     refuse_unsynced_scale_in: bool,
@@ -205,6 +208,7 @@ pub(crate) async fn state_sync(api: &Api, a: StateSyncArgs) -> anyhow::Result<Ex
     let body = json!({
         "mode": a.mode,
         "interval_ms": if a.mode == "continuous" { a.interval_ms } else { 0 },
+        "batch_bytes": if a.mode == "continuous" { a.batch_bytes } else { 0 },
         "refuse_unsynced_scale_in": a.refuse_unsynced_scale_in,
     });
     let stored = api

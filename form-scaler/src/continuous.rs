@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as vmm_pb;
 use form_runtime::shutdown::Shutdown;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -110,9 +111,16 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: Shutdown) {
 }
 
 /// Where each member's changes were carried up to, and when that was last recorded in
-/// form-state.
+/// form-state, by (cluster, instance).
 #[derive(Debug, Default)]
-struct Cursors(HashMap<String, (String, Option<Instant>)>);
+struct Cursors(HashMap<(String, String), (String, Option<Instant>)>);
+
+/// Whether a member takes part in rounds: active, or draining (a drain may be undone,
+/// and the member must not come back behind the others).
+fn in_round(m: &state_pb::Member) -> bool {
+    m.status == state_pb::MemberStatus::Active as i32
+        || m.status == state_pb::MemberStatus::Draining as i32
+}
 
 /// One exchange among the active members of `c`.
 async fn round(
@@ -124,10 +132,28 @@ async fn round(
     let Ok(vmm) = shared.engine.platform.vmm() else {
         return;
     };
+    // Members that serve, or did until a drain that may still be undone, and whose
+    // instance runs: one dead member must not hold up the others' rounds.
+    let running: Vec<String> = match vmm
+        .clone()
+        .list_instances(vmm_pb::ListInstancesRequest {
+            cluster_id: c.cluster_id.clone(),
+        })
+        .await
+    {
+        Ok(l) => l
+            .into_inner()
+            .instances
+            .into_iter()
+            .filter(|i| i.status == vmm_pb::InstanceStatus::Running as i32)
+            .map(|i| i.instance_id)
+            .collect(),
+        Err(_) => return,
+    };
     let active: Vec<&state_pb::Member> = c
         .members
         .values()
-        .filter(|m| m.status == state_pb::MemberStatus::Active as i32)
+        .filter(|m| in_round(m) && running.contains(&m.instance_id))
         .collect();
     if active.len() < 2 {
         return;
@@ -141,7 +167,7 @@ async fn round(
     let mut set = JoinSet::new();
     for m in active {
         let from = m.instance_id.clone();
-        let cursor = match cursors.0.get(&from) {
+        let cursor = match cursors.0.get(&(c.cluster_id.clone(), from.clone())) {
             Some((c, _)) => c.clone(),
             None => m
                 .state_sync
@@ -169,7 +195,7 @@ async fn round(
         let mut v: Vec<String> = cl
             .members
             .values()
-            .filter(|m| m.status == state_pb::MemberStatus::Active as i32)
+            .filter(|m| in_round(m) && running.contains(&m.instance_id))
             .map(|m| m.instance_id.clone())
             .collect();
         v.sort();
@@ -190,14 +216,15 @@ async fn round(
                 if carried.cursor == old {
                     continue;
                 }
-                let recorded = cursors.0.get(&from).and_then(|(_, at)| *at);
+                let key = (c.cluster_id.clone(), from.clone());
+                let recorded = cursors.0.get(&key).and_then(|(_, at)| *at);
                 let record = recorded.is_none_or(|at| at.elapsed() >= RECORD_EVERY);
                 let at = if record {
                     Some(Instant::now())
                 } else {
                     recorded
                 };
-                cursors.0.insert(from.clone(), (carried.cursor.clone(), at));
+                cursors.0.insert(key.clone(), (carried.cursor.clone(), at));
                 if !record {
                     continue;
                 }
@@ -213,7 +240,7 @@ async fn round(
                 };
                 if let Err(e) = state.update_member(req).await {
                     tracing::debug!(instance = %from, error = %e.message(), "cannot record the sync cursor; it is recorded again later");
-                    if let Some(k) = cursors.0.get_mut(&from) {
+                    if let Some(k) = cursors.0.get_mut(&key) {
                         k.1 = None;
                     }
                 }
@@ -227,6 +254,8 @@ async fn round(
             }
         }
     }
-    // Members that left are forgotten.
-    cursors.0.retain(|id, _| c.members.contains_key(id));
+    // Members of this cluster that left are forgotten.
+    cursors
+        .0
+        .retain(|(cluster, id), _| *cluster != c.cluster_id || c.members.contains_key(id));
 }

@@ -154,12 +154,65 @@ async fn cart_survives_the_scale_in(stack: &mut Stack) {
     }
 }
 
+/// Waits until operation `id` records `step` as running.
+async fn held_at(scaler: &mut Scaler, id: &str, step: &str) -> form_proto::types::v1::Operation {
+    let deadline = tokio::time::Instant::now() + OP_DEADLINE;
+    loop {
+        if let Ok(op) = scaler
+            .get_operation(form_proto::scaler::v1::GetOperationRequest {
+                operation_id: id.into(),
+            })
+            .await
+            && status(op.get_ref()) == format!("in_progress: {step}")
+        {
+            return op.into_inner();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "operation {id} never held at {step}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `late-{from}..late-{to}` to the instance at `addr`.
+async fn write_late(addr: SocketAddr, keys: std::ops::Range<u32>) {
+    for i in keys {
+        let (code, _) = probe::http_request(
+            addr,
+            "PUT",
+            &format!("/kv/late-{i}"),
+            format!("v{i}").as_bytes(),
+        )
+        .await
+        .expect("put");
+        assert_eq!(code, 204);
+    }
+}
+
+/// Whether the instance at `addr` has `late-{i}` for every `i` of `keys`.
+async fn has_late(addr: &str, keys: std::ops::Range<u32>) -> bool {
+    for i in keys {
+        if key_on(addr, &format!("late-{i}")).await.as_deref() != Some(format!("v{i}").as_str()) {
+            return false;
+        }
+    }
+    true
+}
+
 #[tokio::test]
 async fn writes_to_the_source_during_a_scale_out_reach_every_clone() {
     let mut stack = Stack::start("sync-window").await;
-    let release = stack.dir.path().join("release");
-    let fault = format!("add_members=hold:{}", release.display());
-    let mut scaler = stack.start_scaler(&["--inject-fault", &fault]).await;
+    let (first, second) = (
+        stack.dir.path().join("first"),
+        stack.dir.path().join("second"),
+    );
+    let faults = format!(
+        "sync_clones=hold:{},add_members=hold:{}",
+        first.display(),
+        second.display()
+    );
+    let mut scaler = stack.start_scaler(&["--inject-fault", &faults]).await;
     stack.routed_template().await;
     let template: SocketAddr = stack.cluster().await.members[TEMPLATE].addresses[0]
         .parse()
@@ -171,35 +224,36 @@ async fn writes_to_the_source_during_a_scale_out_reach_every_clone() {
         .expect("scale")
         .into_inner()
         .operation_id;
-    // The clones exist and were synced once; the operation holds before add_members.
-    assert_eventually!(
-        deadline = OP_DEADLINE,
-        async {
-            scaler
-                .get_operation(form_proto::scaler::v1::GetOperationRequest {
-                    operation_id: id.clone(),
-                })
-                .await
-                .is_ok_and(|op| status(op.get_ref()) == "in_progress: add_members")
-        },
-        "the scale-out holds before add_members"
-    );
-    for i in 0..20 {
-        let (code, _) = probe::http_request(
-            template,
-            "PUT",
-            &format!("/kv/late-{i}"),
-            format!("v{i}").as_bytes(),
-        )
-        .await
-        .expect("put");
-        assert_eq!(code, 204);
+    // The clones run, made from a snapshot older than these writes.
+    let op = held_at(&mut scaler, &id, "sync_clones").await;
+    write_late(template, 0..10).await;
+    std::fs::write(&first, b"go").expect("release");
+    // Before the clones are members (so before they serve), sync_clones gave them the
+    // writes made since the snapshot.
+    held_at(&mut scaler, &id, "add_members").await;
+    for new in &op.new_instances {
+        let a = stack
+            .vmm_client
+            .get_instance(vmm_pb::InstanceRef {
+                instance_id: new.clone(),
+            })
+            .await
+            .expect("clone")
+            .into_inner()
+            .address;
+        assert!(
+            has_late(&a, 0..10).await,
+            "{new} lacks the writes before sync_clones"
+        );
+        assert!(!has_late(&a, 10..11).await);
     }
+    // Writes while the clones are being added: the final sync carries them.
+    write_late(template, 10..20).await;
     let (code, _) = probe::http_request(template, "DELETE", "/kv/alpha", b"")
         .await
         .expect("delete");
     assert_eq!(code, 204);
-    std::fs::write(&release, b"go").expect("release");
+    std::fs::write(&second, b"go").expect("release");
 
     let op = wait_op(&mut scaler, &id, OP_DEADLINE).await;
     assert_eq!(status(&op), "completed", "{op:?}");
@@ -208,13 +262,10 @@ async fn writes_to_the_source_during_a_scale_out_reach_every_clone() {
     let cluster = stack.cluster().await;
     for new in &op.new_instances {
         let a = &cluster.members[new].addresses[0];
-        for i in 0..20 {
-            assert_eq!(
-                key_on(a, &format!("late-{i}")).await.as_deref(),
-                Some(format!("v{i}").as_str()),
-                "{new} lacks late-{i}"
-            );
-        }
+        assert!(
+            has_late(a, 0..20).await,
+            "{new} lacks a write made during the scale-out"
+        );
         assert_eq!(
             key_on(a, "alpha").await,
             None,
@@ -433,7 +484,7 @@ async fn continuous_sync_spreads_each_write_within_the_interval_and_survives_a_k
     stack.routed_template().await;
     let op = run(&mut scaler, OperationKind::ScaleOut, 3, true).await;
     assert_eq!(status(&op), "completed", "{op:?}");
-    const INTERVAL_MS: u32 = 200;
+    const INTERVAL_MS: u32 = 500;
     stack
         .state
         .put_cluster(state_pb::PutClusterRequest {

@@ -23,6 +23,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_BATCH: usize = 16 * 1024 * 1024;
 /// Batch size when the caller does not say.
 const DEFAULT_MAX_BYTES: u32 = 1024 * 1024;
+/// Longest cursor accepted from a workload.
+const MAX_CURSOR: usize = 1024;
 /// Range of `max_bytes` accepted.
 const MAX_BYTES_RANGE: std::ops::RangeInclusive<u32> = 4096..=4 * 1024 * 1024;
 
@@ -72,22 +74,31 @@ impl Contracts {
     }
 
     /// Asks instance `id` at `admin` whether it implements the contract, and records
-    /// the answer (a workload that is still starting its admin listener is taken as
-    /// not implementing it: the admin address must answer before the health path).
-    pub async fn probe(&self, id: &str, admin: Option<SocketAddr>) -> Contract {
+    /// a definite answer: a valid cursor (supported), a 404, 405 or 501, or nothing
+    /// listening on the admin address (unsupported: the workload is healthy, so its
+    /// admin listener would be up; the admin address must answer before the health
+    /// path). A timeout or another error records nothing: later exchanges decide.
+    pub async fn probe(&self, id: &str, admin: Option<SocketAddr>) -> Option<Contract> {
         let c = match admin {
-            None => Contract::Unsupported("the instance has no admin address".into()),
+            None => Some(Contract::Unsupported(
+                "the instance has no admin address".into(),
+            )),
             Some(a) => match http::request(a, "GET", "/_form/cursor", b"", PROBE_TIMEOUT).await {
                 Ok((200, body)) if serde_json::from_str::<CursorReply>(&body).is_ok() => {
-                    Contract::Supported
+                    Some(Contract::Supported)
                 }
-                Ok((code, _)) => {
-                    Contract::Unsupported(format!("GET /_form/cursor answered {code}"))
-                }
-                Err(e) => Contract::Unsupported(format!("GET /_form/cursor on {a}: {e}")),
+                Ok((code @ (404 | 405 | 501), _)) => Some(Contract::Unsupported(format!(
+                    "GET /_form/cursor answered {code}"
+                ))),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(
+                    Contract::Unsupported(format!("nothing listens on its admin address {a}")),
+                ),
+                Ok(_) | Err(_) => None,
             },
         };
-        self.set(id, c.clone());
+        if let Some(c) = &c {
+            self.set(id, c.clone());
+        }
         c
     }
 }
@@ -150,12 +161,16 @@ fn unreachable(id: &str, known: Option<Contract>, what: &str, e: std::io::Error)
     }
 }
 
-/// The answer of a workload that says no: 404 means no contract, others are errors.
-fn refused(id: &str, what: &str, code: u16, text: &[u8]) -> VmmError {
+/// The answer of a workload that says no: 404 means no contract (unless it showed it
+/// had one: then it is unavailable), others are errors.
+fn refused(id: &str, known: Option<&Contract>, what: &str, code: u16, text: &[u8]) -> VmmError {
     let text = String::from_utf8_lossy(&text[..text.len().min(500)])
         .trim()
         .to_owned();
     match code {
+        404 | 405 | 501 if known == Some(&Contract::Supported) => VmmError::Unavailable(format!(
+            "instance {id} answered {code} to {what}, though its workload implements the state contract"
+        )),
         404 | 405 | 501 => VmmError::Unsupported(format!(
             "instance {id}'s workload does not implement the state contract ({what} answered {code})"
         )),
@@ -204,7 +219,7 @@ pub async fn read(
         .await
         .map_err(|e| unreachable(id, known, what, e))?;
     if code != 200 {
-        return Err(refused(id, what, code, &body));
+        return Err(refused(id, contracts.get(id).as_ref(), what, code, &body));
     }
     contracts.set(id, Contract::Supported);
     let env: Envelope = serde_json::from_slice(&body).map_err(|e| {
@@ -212,6 +227,19 @@ pub async fn read(
             "instance {id} answered {what} with a malformed batch: {e}"
         ))
     })?;
+    // What the platform keeps and sends back must be sane, and a batch that says more
+    // follows must move on.
+    if env.next_cursor.is_empty() || env.next_cursor.len() > MAX_CURSOR {
+        return Err(VmmError::Backend(format!(
+            "instance {id} answered {what} with a next_cursor of {} bytes; expected 1 to {MAX_CURSOR}",
+            env.next_cursor.len()
+        )));
+    }
+    if env.more && env.next_cursor == since {
+        return Err(VmmError::Backend(format!(
+            "instance {id} answered {what} with more: true but the same cursor; it would be read for ever"
+        )));
+    }
     Ok(pb::ChangeBatch {
         changes: env.changes.len() as u64,
         next_cursor: env.next_cursor,
@@ -247,7 +275,7 @@ pub async fn merge(
             .await
             .map_err(|e| unreachable(id, known, what, e))?;
     if code != 200 {
-        return Err(refused(id, what, code, &body));
+        return Err(refused(id, contracts.get(id).as_ref(), what, code, &body));
     }
     contracts.set(id, Contract::Supported);
     let r: MergeReply = serde_json::from_slice(&body)
@@ -278,7 +306,13 @@ pub async fn cursor(
             contracts.set(id, Contract::Supported);
             Ok(Some(r.cursor))
         }
-        Ok((code, body)) => match refused(id, "GET /_form/cursor", code, body.as_bytes()) {
+        Ok((code, body)) => match refused(
+            id,
+            known.as_ref(),
+            "GET /_form/cursor",
+            code,
+            body.as_bytes(),
+        ) {
             VmmError::Unsupported(_) => Ok(None),
             e => Err(e),
         },
@@ -306,6 +340,12 @@ pub async fn copy(
     max_bytes: u32,
     own: bool,
 ) -> Result<pb::CopyChangesReply, VmmError> {
+    if to.is_empty() {
+        return Err(VmmError::invalid(
+            "to_instance_ids",
+            "is empty; expected the instances to merge into",
+        ));
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<pb::ChangeBatch, VmmError>>(1);
     let reader = {
         let contracts = contracts.clone();

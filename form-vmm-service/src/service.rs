@@ -140,7 +140,7 @@ impl<H: Hypervisor> VmmApi<H> {
                 .contracts
                 .probe(&i.spec.instance_id, i.admin_address)
                 .await;
-            tracing::debug!(instance = %i.spec.instance_id, contract = %c.name(), "state contract");
+            tracing::debug!(instance = %i.spec.instance_id, contract = ?c.map(|c| c.name()), "state contract");
         }
     }
 

@@ -236,6 +236,27 @@ async fn bad_batches_are_refused_and_change_nothing() {
         String::from_utf8_lossy(&after),
         String::from_utf8_lossy(&before)
     );
+    // Local writes that the other instances would refuse in a batch are refused (or
+    // ignored) where they are made: a value that grows past 1 MiB as UTF-8, an empty or
+    // oversized session id. Every batch of this instance still merges elsewhere.
+    let (code, text) = call(&a, "PUT", "/kv/wide", &vec![0xFF; 600 * 1024]).await;
+    assert_eq!(code, 413, "{text}");
+    for bad in [String::new(), "s".repeat(300)] {
+        let (code, _, _) = probe::http_call(
+            addr(&a),
+            "GET",
+            "/session",
+            &[("Cookie", format!("demo_session={bad}").as_str())],
+            b"",
+        )
+        .await
+        .expect("session");
+        assert_eq!(code, 200);
+    }
+    let b = instance(&mut c, "b", &demo_app()).await;
+    exchange(&mut c, "a", "b").await;
+    assert_eq!(call(&b, "GET", "/kv/k", b"").await, (200, "v".into()));
+
     // max_bytes out of range names the range.
     let e = c
         .read_changes(pb::ReadChangesRequest {

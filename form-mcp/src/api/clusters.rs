@@ -25,7 +25,8 @@ pub async fn get(b: &Backends, id: &str) -> Result<state_pb::Cluster, ApiError> 
 
 /// The cluster's state sync as the status shows it: its mode, or `unsupported` when
 /// a member's workload does not implement the state contract (as the vmm node saw it
-/// start), since then a scale-in loses the removed instances' writes.
+/// start), since then a scale-in loses the removed instances' writes, or `unknown`
+/// when the vmm node cannot be asked.
 pub async fn state_sync(b: &Backends, c: &super::model::Cluster) -> String {
     let mode = super::model::state_sync_mode(&c.state_sync);
     if mode == "none" {
@@ -39,11 +40,13 @@ pub async fn state_sync(b: &Backends, c: &super::model::Cluster) -> String {
             cluster_id: c.cluster_id.clone(),
         })
         .await;
-    let unsupported = listed.is_ok_and(|l| {
-        l.into_inner().instances.iter().any(|i| {
-            c.members.iter().any(|m| m.instance_id == i.instance_id)
-                && i.state_contract.starts_with("unsupported")
-        })
+    let Ok(listed) = listed else {
+        // Without the vmm node's word, no promise either way.
+        return "unknown".into();
+    };
+    let unsupported = listed.into_inner().instances.iter().any(|i| {
+        c.members.iter().any(|m| m.instance_id == i.instance_id)
+            && i.state_contract.starts_with("unsupported")
     });
     if unsupported {
         "unsupported".into()

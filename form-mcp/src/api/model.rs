@@ -106,7 +106,7 @@ pub struct StateSync {
     /// continuous: largest batch in bytes, 4096-4194304 (0: 1048576).
     #[serde(default)]
     pub batch_bytes: u32,
-    /// continuous: keys with these prefixes go first (at most 16).
+    /// continuous: keys with these prefixes first; not supported yet, must be empty.
     #[serde(default)]
     pub priority_prefixes: Vec<String>,
     /// Fail a scale-in whose victims' writes cannot be handed off (a workload without
@@ -361,8 +361,8 @@ pub struct Status {
     /// The controller that handles the cluster.
     pub owner: String,
     /// The state sync mode (`none`, `on_scale`, `continuous`), or `unsupported` when
-    /// the workload does not implement the state contract: then a scale-in loses the
-    /// removed instances' writes.
+    /// the workload does not implement the state contract (then a scale-in loses the
+    /// removed instances' writes), or `unknown` when the vmm node cannot be asked.
     pub state_sync: String,
 }
 

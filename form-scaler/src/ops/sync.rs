@@ -16,6 +16,10 @@ use super::Step;
 use super::engine::Engine;
 use crate::platform::OpError;
 
+/// Longest a copy of one instance's changes may take (a workload that never says it
+/// is done must not hold the operation for ever).
+const COPY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Batch size of on-scale syncs and handoffs.
 pub const BATCH_BYTES: u32 = 4 * 1024 * 1024;
 
@@ -91,7 +95,14 @@ pub async fn carry(
         max_bytes: batch_bytes,
         own,
     };
-    match vmm.clone().copy_changes(req).await {
+    let copied = tokio::time::timeout(COPY_DEADLINE, vmm.clone().copy_changes(req))
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no end within {COPY_DEADLINE:?}"
+            )))
+        });
+    match copied {
         Ok(r) => {
             let r = r.into_inner();
             Ok(Carried {

@@ -46,6 +46,8 @@ const MAX_BURN: Duration = Duration::from_secs(10);
 const MAX_VALUE: usize = store::MAX_VALUE;
 /// Name of the session cookie.
 const COOKIE: &str = "demo_session";
+/// Name of the cookie carrying the clock reading of the session's last write.
+const HLC_COOKIE: &str = "demo_hlc";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Identity {
@@ -98,24 +100,76 @@ fn incarnation() -> u64 {
     }
 }
 
-async fn put_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>, body: Bytes) -> Response {
-    if body.len() > MAX_VALUE {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("value is {} bytes; at most {MAX_VALUE}\n", body.len()),
-        )
-            .into_response();
-    }
+/// A cookie named `name` of the request.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('='))
+                .map(str::to_owned)
+        })
+}
+
+fn bad(code: StatusCode, text: String) -> Response {
+    (code, format!("{text}\n")).into_response()
+}
+
+/// A write of `key` (`None` deletes) with the rules every instance checks when it
+/// merges, so no local write can make a batch that others refuse. The session's
+/// `demo_hlc` cookie (the clock reading of its last write, on whichever instance)
+/// is observed first, so a session's write is ordered after its earlier writes even
+/// when it moved to an instance whose clock is behind; the answer sets it anew.
+fn write(app: &App, headers: &HeaderMap, key: &str, value: Option<String>) -> Response {
     if key.len() > store::MAX_KEY {
-        return (
+        return bad(
             StatusCode::BAD_REQUEST,
-            format!("key is {} bytes; at most {}\n", key.len(), store::MAX_KEY),
-        )
-            .into_response();
+            format!("key is {} bytes; at most {}", key.len(), store::MAX_KEY),
+        );
+    }
+    if let Some(v) = &value
+        && v.len() > MAX_VALUE
+    {
+        return bad(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("value is {} bytes as UTF-8; at most {MAX_VALUE}", v.len()),
+        );
+    }
+    let now = now_ms();
+    let mut data = lock(app);
+    if let Some(seen) = cookie(headers, HLC_COOKIE).and_then(|c| store::Hlc::parse(&c)) {
+        data.observe(seen, now);
+    }
+    let ts = data.put(key, value, now);
+    drop(data);
+    (
+        StatusCode::NO_CONTENT,
+        [(
+            header::SET_COOKIE,
+            format!("{HLC_COOKIE}={}; Path=/; HttpOnly", ts.text()),
+        )],
+    )
+        .into_response()
+}
+
+async fn put_kv(
+    State(app): State<Shared>,
+    UrlPath(key): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if body.len() > MAX_VALUE {
+        return bad(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("value is {} bytes; at most {MAX_VALUE}", body.len()),
+        );
     }
     let value = String::from_utf8_lossy(&body).into_owned();
-    lock(&app).put(&key, Some(value), now_ms());
-    StatusCode::NO_CONTENT.into_response()
+    write(&app, &headers, &key, Some(value))
 }
 
 async fn get_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>) -> Response {
@@ -126,16 +180,12 @@ async fn get_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>) -> Res
 }
 
 /// `DELETE /kv/{key}`: a delete marker, so no older write brings the key back.
-async fn delete_kv(State(app): State<Shared>, UrlPath(key): UrlPath<String>) -> Response {
-    if key.len() > store::MAX_KEY {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("key is {} bytes; at most {}\n", key.len(), store::MAX_KEY),
-        )
-            .into_response();
-    }
-    lock(&app).put(&key, None, now_ms());
-    StatusCode::NO_CONTENT.into_response()
+async fn delete_kv(
+    State(app): State<Shared>,
+    UrlPath(key): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    write(&app, &headers, &key, None)
 }
 
 fn identity(app: &App) -> Identity {
@@ -205,17 +255,8 @@ async fn set_identity(State(app): State<Shared>, body: Bytes) -> Response {
 }
 
 async fn session(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    let existing = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| {
-            c.trim()
-                .strip_prefix(&format!("{COOKIE}="))
-                .map(str::to_owned)
-        })
-        .next();
+    // A session id the others would refuse in a batch starts a new session instead.
+    let existing = cookie(&headers, COOKIE).filter(|c| store::id_ok(c));
     let me = identity(&app).instance_id;
     let mut data = lock(&app);
     let id = existing.unwrap_or_else(|| {

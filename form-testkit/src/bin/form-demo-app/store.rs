@@ -24,8 +24,15 @@ pub(crate) const MAX_KEY: usize = 1024;
 pub(crate) const MAX_VALUE: usize = 1024 * 1024;
 /// Longest instance or session id accepted in a batch.
 const MAX_ID: usize = 256;
+/// Largest dot counter and counter cell accepted in a batch (far from overflow).
+const MAX_COUNT: u64 = 1 << 62;
 /// How far ahead of this instance's clock a merged change may be.
 const MAX_DRIFT_MS: u64 = 60_000;
+
+/// Whether `s` is an acceptable instance or session id: 1 to 256 bytes.
+pub(crate) fn id_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID
+}
 
 /// A hybrid logical clock reading: milliseconds since the Unix epoch, then a counter
 /// that orders writes within one millisecond. Written `[ms, n]`.
@@ -33,6 +40,17 @@ const MAX_DRIFT_MS: u64 = 60_000;
 pub(crate) struct Hlc(pub(crate) u64, pub(crate) u32);
 
 impl Hlc {
+    /// `ms.n`, as a cookie carries it.
+    pub(crate) fn text(self) -> String {
+        format!("{}.{}", self.0, self.1)
+    }
+
+    /// A reading written by [`Hlc::text`].
+    pub(crate) fn parse(s: &str) -> Option<Hlc> {
+        let (ms, n) = s.split_once('.')?;
+        Some(Hlc(ms.parse().ok()?, n.parse().ok()?))
+    }
+
     /// The reading of a new local write at wall time `now_ms`: after every reading seen.
     fn tick(&mut self, now_ms: u64) -> Hlc {
         if now_ms > self.0 {
@@ -211,12 +229,22 @@ impl Store {
         self.kv.values().filter(|e| e.value.is_some()).count()
     }
 
-    /// Writes `value` (`None` deletes) at wall time `now_ms`.
-    pub(crate) fn put(&mut self, key: &str, value: Option<String>, now_ms: u64) {
+    /// Writes `value` (`None` deletes) at wall time `now_ms`; returns its clock reading.
+    pub(crate) fn put(&mut self, key: &str, value: Option<String>, now_ms: u64) -> Hlc {
         let ts = self.hlc.tick(now_ms);
-        self.counter += 1;
+        self.counter = self.counter.saturating_add(1);
         let dot = Dot(self.me.clone(), self.counter);
         self.set_entry(key.to_owned(), value, ts, dot);
+        ts
+    }
+
+    /// Takes a reading seen elsewhere (a session's last write) into this instance's
+    /// clock, unless it is more than a minute ahead of `now_ms` (a client's value is
+    /// not trusted further).
+    pub(crate) fn observe(&mut self, seen: Hlc, now_ms: u64) {
+        if seen.0 <= now_ms + MAX_DRIFT_MS {
+            self.hlc = self.hlc.max(seen);
+        }
     }
 
     fn next_seq(&mut self, item: Item, old: Option<u64>) -> u64 {
@@ -264,7 +292,7 @@ impl Store {
             .get(session)
             .and_then(|c| c.get(&me))
             .map_or(0, |c| c.count);
-        self.set_cell(session, &me, mine + 1);
+        self.set_cell(session, &me, mine.saturating_add(1));
         self.count(session)
     }
 
@@ -272,7 +300,7 @@ impl Store {
     pub(crate) fn count(&self, session: &str) -> u64 {
         self.counters
             .get(session)
-            .map_or(0, |c| c.values().map(|c| c.count).sum())
+            .map_or(0, |c| c.values().fold(0, |a, c| a.saturating_add(c.count)))
     }
 
     /// The cursor after every change made so far.
@@ -407,7 +435,6 @@ impl Store {
                 batch.format
             ));
         }
-        let id_ok = |s: &str| !s.is_empty() && s.len() <= MAX_ID;
         if !id_ok(&batch.origin) {
             return Err(format!("origin must be 1 to {MAX_ID} bytes"));
         }
@@ -427,9 +454,9 @@ impl Store {
                             "changes[{i}].value is longer than {MAX_VALUE} bytes"
                         ));
                     }
-                    if !id_ok(&dot.0) || dot.1 == 0 {
+                    if !id_ok(&dot.0) || dot.1 == 0 || dot.1 > MAX_COUNT {
                         return Err(format!(
-                            "changes[{i}].dot must be [instance of 1 to {MAX_ID} bytes, counter >= 1]"
+                            "changes[{i}].dot must be [instance of 1 to {MAX_ID} bytes, counter 1 to {MAX_COUNT}]"
                         ));
                     }
                     if ts.0 > now_ms + MAX_DRIFT_MS {
@@ -440,11 +467,13 @@ impl Store {
                     }
                 }
                 Change::Counter {
-                    session, instance, ..
+                    session,
+                    instance,
+                    count,
                 } => {
-                    if !id_ok(session) || !id_ok(instance) {
+                    if !id_ok(session) || !id_ok(instance) || *count > MAX_COUNT {
                         return Err(format!(
-                            "changes[{i}]: session and instance must be 1 to {MAX_ID} bytes"
+                            "changes[{i}]: session and instance must be 1 to {MAX_ID} bytes and count at most {MAX_COUNT}"
                         ));
                     }
                 }
@@ -558,6 +587,36 @@ mod tests {
             b.get("k"),
             None,
             "a delete is never undone by an older write"
+        );
+    }
+
+    #[test]
+    fn a_session_that_moved_keeps_its_last_write_even_against_a_clock_ahead() {
+        // The victim's clock runs 500 ms ahead; the session wrote A there, moved, and
+        // wrote B on the survivor, carrying the reading of A in its cookie.
+        let mut victim = Store::new("v", 1);
+        let mut survivor = Store::new("s", 2);
+        let a = victim.put("cart", Some("A".into()), NOW + 500);
+        survivor.observe(Hlc::parse(&a.text()).expect("cookie"), NOW);
+        let b = survivor.put("cart", Some("B".into()), NOW);
+        assert!(b > a, "{b:?} after {a:?}");
+        survivor.merge(all(&victim));
+        assert_eq!(
+            survivor.get("cart"),
+            Some("B"),
+            "the handoff of A does not undo B"
+        );
+        // Without the cookie the older A would win: the clock alone cannot tell.
+        let mut other = Store::new("o", 3);
+        other.put("cart", Some("B".into()), NOW);
+        other.merge(all(&victim));
+        assert_eq!(other.get("cart"), Some("A"));
+        // A reading far ahead is not taken from a client.
+        let before = survivor.put("x", None, NOW);
+        survivor.observe(Hlc(NOW + 3_600_000, 0), NOW);
+        assert!(
+            survivor.put("y", None, NOW).0 < NOW + 3_600_000,
+            "{before:?}"
         );
     }
 
