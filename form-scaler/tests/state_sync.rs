@@ -675,3 +675,65 @@ async fn a_rollback_hands_back_what_a_new_instance_took_before_deleting_it() {
     assert_eq!((code, body.as_str()), (200, "kept"));
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_workload_without_the_contract_scales_in_as_before_unless_the_cluster_refuses() {
+    // The demo app with its admin address taken away: no snapshot hook, no contract.
+    let dir = form_testkit::TestDir::new("sync-plain-bin");
+    let script = dir.path().join("plain.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec env -u FORM_ADMIN_ADDR {}\n",
+            form_testkit::workspace_bin("form-demo-app").display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let mut stack = Stack::start_on(
+        "sync-plain",
+        Backend::Command(script.display().to_string()),
+    )
+    .await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    stack.routed_template().await;
+    let op = run(&mut scaler, OperationKind::ScaleOut, 2, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    assert_eq!(
+        op.state_transfer.clone().expect("transfer").contract,
+        "unsupported"
+    );
+    let op = run(&mut scaler, OperationKind::ScaleIn, 1, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let t = op.state_transfer.clone().expect("transfer");
+    assert!(
+        t.not_handed_off.len() == 1 && t.not_handed_off[0].contains("does not implement"),
+        "{t:?}"
+    );
+
+    // With refuse_unsynced_scale_in the same scale-in is refused and rolled back.
+    stack
+        .state
+        .put_cluster(state_pb::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            state_sync: Some(form_proto::types::v1::StateSync {
+                mode: None,
+                refuse_unsynced_scale_in: true,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("refuse");
+    let op = run(&mut scaler, OperationKind::ScaleOut, 2, true).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let clone = op.new_instances[0].clone();
+    let op = run(&mut scaler, OperationKind::ScaleIn, 1, true).await;
+    let s = status(&op);
+    assert!(
+        s.starts_with("rolled_back") && s.contains("refuses such scale-ins"),
+        "{s}"
+    );
+    assert!(stack.instances().await.contains(&clone), "nothing deleted");
+    stack.stop().await;
+}

@@ -49,6 +49,8 @@ pub struct Stack {
 pub enum Backend {
     /// Processes of this build's form-demo-app.
     Process,
+    /// Processes of this command (another workload).
+    Command(String),
     /// VMs of this guest directory (`form_testkit::guest::build`).
     Qemu(std::path::PathBuf),
 }
@@ -84,6 +86,7 @@ impl Stack {
             .collect();
         let command = match &backend {
             Backend::Process => workspace_bin("form-demo-app").display().to_string(),
+            Backend::Command(c) => c.clone(),
             Backend::Qemu(guest) => {
                 vmm_args.extend([
                     "--backend",
