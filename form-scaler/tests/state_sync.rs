@@ -381,47 +381,84 @@ async fn a_dead_victim_is_reported_not_handed_off_and_state_sync_none_skips_it()
     stack.stop().await;
 }
 
-/// Sticky clients writing unique keys through the balancer until told to stop, each
-/// starting a new session every 25 writes; returns the keys whose write was
-/// acknowledged.
+/// What one writer had acknowledged: its unique keys, and the last value of the key
+/// it overwrites every time.
+struct Written {
+    unique: Vec<String>,
+    last: Option<(String, u64)>,
+}
+
+/// The `name=value` of a cookie set in a response head.
+fn set_cookie(head: &str, name: &str) -> Option<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("set-cookie"))
+        .filter_map(|(_, v)| v.split(';').next())
+        .map(str::trim)
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+/// Sticky clients writing through the balancer until told to stop: each writes a
+/// unique key, then overwrites its own `w{n}-last` with a growing number, and starts
+/// a new session every 25 writes (so sessions land on the clones). Like a browser,
+/// each keeps the cookies it is given (the balancer's, and the demo app's clock
+/// reading of its last write).
 fn writers(
     http: SocketAddr,
     n: usize,
     stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+) -> Vec<tokio::task::JoinHandle<Written>> {
     (0..n)
         .map(|w| {
             let stop = stop.clone();
             tokio::spawn(async move {
-                let mut cookie: Option<String> = None;
-                let mut acked = Vec::new();
+                let (mut session, mut hlc): (Option<String>, Option<String>) = (None, None);
+                let mut out = Written {
+                    unique: Vec::new(),
+                    last: None,
+                };
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
-                    // A new session now and then, so that sessions land on the clones.
                     if i.is_multiple_of(25) {
-                        cookie = None;
+                        session = None;
                     }
-                    let key = format!("w{w}-{i}");
-                    let r = lb_call(
-                        http,
-                        "PUT",
-                        &format!("/kv/{key}"),
-                        cookie.as_deref(),
-                        key.as_bytes(),
-                    )
-                    .await;
-                    if let Ok((code, _, head)) = r {
-                        if let Some(c) = session_cookie(&head) {
-                            cookie = Some(c);
-                        }
-                        if code == 204 {
-                            acked.push(key);
+                    let last = format!("w{w}-last");
+                    for (key, value) in [(format!("w{w}-{i}"), None), (last.clone(), Some(i))] {
+                        let body = value.map_or_else(|| key.clone(), |v| v.to_string());
+                        let jar: Vec<&str> = session
+                            .iter()
+                            .chain(hlc.iter())
+                            .map(String::as_str)
+                            .collect();
+                        let jar = (!jar.is_empty()).then(|| jar.join("; "));
+                        let r = lb_call(
+                            http,
+                            "PUT",
+                            &format!("/kv/{key}"),
+                            jar.as_deref(),
+                            body.as_bytes(),
+                        )
+                        .await;
+                        if let Ok((code, _, head)) = r {
+                            if let Some(c) = session_cookie(&head) {
+                                session = Some(c);
+                            }
+                            if let Some(c) = set_cookie(&head, "demo_hlc") {
+                                hlc = Some(c);
+                            }
+                            if code == 204 {
+                                match value {
+                                    None => out.unique.push(key),
+                                    Some(v) => out.last = Some((key, v)),
+                                }
+                            }
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                acked
+                out
             })
         })
         .collect()
@@ -442,8 +479,11 @@ async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
     }
     stop.store(true, Ordering::Relaxed);
     let mut acked = Vec::new();
+    let mut lasts = Vec::new();
     for t in tasks {
-        acked.extend(t.await.expect("writer"));
+        let w = t.await.expect("writer");
+        acked.extend(w.unique);
+        lasts.extend(w.last);
     }
     let members = stack.members().await;
     assert_eq!(members, vec![TEMPLATE.to_owned()]);
@@ -454,7 +494,18 @@ async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
             lost.insert(k.clone());
         }
     }
+    // Each overwritten key holds the last value its writer had acknowledged: no
+    // handoff brought back an older write.
+    let mut stale = Vec::new();
+    for (key, v) in &lasts {
+        let now = key_on(&template, key).await;
+        if now.as_deref() != Some(v.to_string().as_str()) {
+            stale.push(format!("{key}: {now:?}, last acknowledged {v}"));
+        }
+    }
+    assert_eq!(lasts.len(), 8);
     println!("writes acknowledged: {}, lost: {}", acked.len(), lost.len());
+    assert!(stale.is_empty(), "overwrites undone: {stale:?}");
     assert!(
         acked.len() > 100,
         "too few writes to mean anything: {}",
@@ -691,11 +742,8 @@ async fn a_workload_without_the_contract_scales_in_as_before_unless_the_cluster_
     .expect("script");
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
-    let mut stack = Stack::start_on(
-        "sync-plain",
-        Backend::Command(script.display().to_string()),
-    )
-    .await;
+    let mut stack =
+        Stack::start_on("sync-plain", Backend::Command(script.display().to_string())).await;
     let mut scaler = stack.start_scaler(&[]).await;
     stack.routed_template().await;
     let op = run(&mut scaler, OperationKind::ScaleOut, 2, true).await;
