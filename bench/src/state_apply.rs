@@ -56,6 +56,7 @@ pub(crate) fn run(n: usize) -> anyhow::Result<()> {
             instance_id: format!("i-{}", t % members),
             at_ms: t,
             cpu_utilization: 0.5,
+            state_writes: None,
         };
         let d = write::heartbeat(&state, actor, t, &hb)?;
         mk(&mut state, &mut deltas, d);

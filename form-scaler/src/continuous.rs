@@ -235,6 +235,7 @@ async fn round(
                         cursor: carried.cursor,
                         synced_at_ms: now_ms(),
                         changes_last_round: carried.changes,
+                        writes_synced: carried.writes,
                     }),
                     ..Default::default()
                 };

@@ -330,8 +330,18 @@ async fn a_dead_victim_is_reported_not_handed_off_and_state_sync_none_skips_it()
     let op = run(&mut scaler, OperationKind::ScaleOut, 3, true).await;
     assert_eq!(status(&op), "completed", "{op:?}");
 
-    // A victim that died: its replacement goes on and says what was lost.
+    // A victim that died: its replacement goes on and says what was lost, counted by
+    // the victim's heartbeats while it lived.
     let victim = op.new_instances[1].clone();
+    let addr: SocketAddr = stack.cluster().await.members[&victim].addresses[0]
+        .parse()
+        .expect("address");
+    write_late(addr, 0..5).await;
+    assert_eventually!(
+        deadline = Duration::from_secs(10),
+        async { stack.cluster().await.members[&victim].state_writes >= 5 },
+        "the victim's heartbeats count its writes"
+    );
     stack.kill_member(&victim).await;
     let mut vmm = stack.vmm_client.clone();
     assert_eventually!(
@@ -356,6 +366,13 @@ async fn a_dead_victim_is_reported_not_handed_off_and_state_sync_none_skips_it()
             && t.not_handed_off[0].contains("stopped before its handoff"),
         "{t:?}"
     );
+    let counted: u64 = t.not_handed_off[0]
+        .split(" counted by its last heartbeat")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {t:?}"));
+    assert!(counted >= 5, "{t:?}");
 
     // With state_sync none nothing is handed off, and the operation says so.
     stack

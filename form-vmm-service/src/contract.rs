@@ -107,6 +107,17 @@ impl Contracts {
 #[derive(Debug, Deserialize)]
 struct CursorReply {
     cursor: String,
+    #[serde(default)]
+    writes: Option<u64>,
+}
+
+/// The writes instance `admin` counts (`GET /_form/cursor`), if it answers with them:
+/// for heartbeats, so that a victim that dies is reported with what it held.
+pub async fn writes(admin: SocketAddr) -> Option<u64> {
+    match http::request(admin, "GET", "/_form/cursor", b"", PROBE_TIMEOUT).await {
+        Ok((200, body)) => serde_json::from_str::<CursorReply>(&body).ok()?.writes,
+        _ => None,
+    }
 }
 
 /// The envelope of a batch; its changes are counted, not read.
@@ -120,6 +131,8 @@ struct Envelope {
     more: bool,
     #[serde(default)]
     pending: u64,
+    #[serde(default)]
+    writes: u64,
     changes: Vec<serde::de::IgnoredAny>,
 }
 
@@ -246,6 +259,7 @@ pub async fn read(
         more: env.more,
         origin: env.origin,
         pending: env.pending,
+        writes: env.writes,
         batch: body,
     })
 }
@@ -416,6 +430,7 @@ pub async fn copy(
         out.changes += batch.changes;
         out.bytes += batch.batch.len() as u64;
         out.next_cursor = batch.next_cursor.clone();
+        out.writes = batch.writes;
     };
     reader.abort();
     result.map(|()| out)

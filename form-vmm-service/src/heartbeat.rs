@@ -1,5 +1,7 @@
 //! Heartbeats of this node's instances into form-state, every `heartbeat_interval_ms`:
-//! running instances report their CPU utilisation; an instance that failed is
+//! running instances report their CPU utilisation and, when their workload implements
+//! the state contract, how many writes it made (so a victim that dies before its
+//! handoff is reported with what it held); an instance that failed is
 //! reported once as stopped and unhealthy, with the reason. Members the controller has
 //! not registered yet (NOT_FOUND) are skipped quietly.
 
@@ -51,11 +53,16 @@ pub async fn run<H: Hypervisor>(
                         .await
                         .map(|u| u.cpu_utilization)
                         .unwrap_or(0.0);
+                    let state_writes = match i.admin_address {
+                        Some(a) => crate::contract::writes(a).await,
+                        None => None,
+                    };
                     let req = pb::HeartbeatRequest {
                         cluster_id: cluster,
                         instance_id: id.clone(),
                         at_ms: now_ms(),
                         cpu_utilization: cpu,
+                        state_writes,
                     };
                     match client.heartbeat(req).await {
                         Ok(_) => metrics::counter!("form_vmm_heartbeats_total").increment(1),

@@ -67,6 +67,8 @@ pub struct Carried {
     pub changes: u64,
     /// Bytes of the batches read.
     pub bytes: u64,
+    /// `from`'s own writes counted when its last batch was made.
+    pub writes: u64,
 }
 
 async fn pump(e: &Engine, from: &str, since: &str, to: &[String]) -> Result<Carried, PumpError> {
@@ -109,6 +111,7 @@ pub async fn carry(
                 cursor: r.next_cursor,
                 changes: r.changes,
                 bytes: r.bytes,
+                writes: r.writes,
             })
         }
         Err(s) if s.code() == Code::Unimplemented => {
@@ -327,16 +330,19 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
                 ));
             }
             Err(PumpError::Gone(why)) => {
-                let since = match cluster
-                    .members
-                    .get(&victim)
-                    .and_then(|m| m.state_sync.as_ref())
-                {
+                let member = cluster.members.get(&victim);
+                let synced = member.and_then(|m| m.state_sync.as_ref());
+                // What its last heartbeat counted, less what the last round carried.
+                let counted = member.map_or(0, |m| m.state_writes);
+                let unsynced = counted.saturating_sub(synced.map_or(0, |s| s.writes_synced));
+                let since = match synced {
                     Some(s) => format!(
-                        "its writes after its last continuous sync ({} ms before the handoff) are lost",
+                        "its writes after its last continuous sync ({} ms before the handoff) are lost: {unsynced} counted by its last heartbeat",
                         crate::ops::record::now_ms().saturating_sub(s.synced_at_ms)
                     ),
-                    None => "its writes since it was cloned are lost".to_owned(),
+                    None => format!(
+                        "its writes since it was cloned are lost: {unsynced} counted by its last heartbeat"
+                    ),
                 };
                 lost.push(format!(
                     "{victim}: it stopped before its handoff ({why}); {since}"

@@ -61,6 +61,8 @@ pub enum Field {
     StateSync,
     /// Encoded `MemberStateSync` of a member.
     MemberStateSync,
+    /// A member's own writes as its workload counted them: rank = the count (max).
+    StateWrites,
 }
 
 /// How the entries of one field are read when concurrent writes left several.
@@ -78,7 +80,10 @@ impl Field {
     /// How this field's entries are read.
     pub fn resolve(self) -> Resolve {
         match self {
-            Field::Heartbeat | Field::OperationStatus | Field::ControllerHeartbeat => Resolve::Max,
+            Field::Heartbeat
+            | Field::OperationStatus
+            | Field::ControllerHeartbeat
+            | Field::StateWrites => Resolve::Max,
             Field::Health => Resolve::History,
             _ => Resolve::LastWriterWins,
         }

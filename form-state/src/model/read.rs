@@ -91,6 +91,7 @@ fn member(state: &State, id: &str, instance: &str) -> pb::Member {
             .map(|e| f64::from_bits(num(Some(e))))
             .unwrap_or(0.0),
         state_sync: decode(get(Field::MemberStateSync)),
+        state_writes: get(Field::StateWrites).map(|e| e.rank).unwrap_or(0),
     }
 }
 

@@ -312,11 +312,16 @@ pub fn heartbeat(
     require_member(state, &r.cluster_id, &r.instance_id)?;
     let at = if r.at_ms == 0 { now } else { r.at_ms };
     let key = Key::member(&r.cluster_id, &r.instance_id, Field::Heartbeat);
-    if state.get(&key).is_some_and(|e| e.rank >= at) {
-        return Ok(None);
-    }
     let mut b = DeltaBuilder::new(state, actor);
-    b.set(key, Value::U64(r.cpu_utilization.to_bits()), at, now);
+    if state.get(&key).is_none_or(|e| e.rank < at) {
+        b.set(key, Value::U64(r.cpu_utilization.to_bits()), at, now);
+    }
+    if let Some(n) = r.state_writes {
+        let key = Key::member(&r.cluster_id, &r.instance_id, Field::StateWrites);
+        if state.get(&key).is_none_or(|e| e.rank < n) {
+            b.set(key, Value::Unit, n, now);
+        }
+    }
     Ok(b.build())
 }
 
@@ -634,6 +639,7 @@ mod tests {
             instance_id: "i1".into(),
             at_ms: at,
             cpu_utilization: 0.5,
+            state_writes: None,
         };
         apply(&mut s, |s| heartbeat(s, "a", 10, &hb(100)));
         assert!(matches!(heartbeat(&s, "a", 11, &hb(50)), Ok(None)));

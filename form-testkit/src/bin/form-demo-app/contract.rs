@@ -36,6 +36,7 @@ pub(crate) async fn cursor(State(app): State<Shared>) -> Response {
         "origin": s.me,
         "cursor": s.cursor(),
         "head": s.head(),
+        "writes": s.writes(),
     });
     json(body.to_string().into_bytes())
 }

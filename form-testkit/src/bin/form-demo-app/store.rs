@@ -185,6 +185,9 @@ pub(crate) struct Store {
     /// Position -> what changed there.
     #[serde(skip)]
     log: BTreeMap<u64, Item>,
+    /// Writes made here under the current identity (puts, deletes, counter visits).
+    #[serde(skip)]
+    writes: u64,
 }
 
 impl Store {
@@ -217,6 +220,12 @@ impl Store {
     pub(crate) fn rename(&mut self, me: &str, incarnation: u64) {
         self.me = me.to_owned();
         self.incarnation = incarnation;
+        self.writes = 0;
+    }
+
+    /// Writes made here under the current identity.
+    pub(crate) fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// The value of `key`, unless missing or deleted.
@@ -233,6 +242,7 @@ impl Store {
     pub(crate) fn put(&mut self, key: &str, value: Option<String>, now_ms: u64) -> Hlc {
         let ts = self.hlc.tick(now_ms);
         self.counter = self.counter.saturating_add(1);
+        self.writes = self.writes.saturating_add(1);
         let dot = Dot(self.me.clone(), self.counter);
         self.set_entry(key.to_owned(), value, ts, dot);
         ts
@@ -293,6 +303,7 @@ impl Store {
             .and_then(|c| c.get(&me))
             .map_or(0, |c| c.count);
         self.set_cell(session, &me, mine.saturating_add(1));
+        self.writes = self.writes.saturating_add(1);
         self.count(session)
     }
 
@@ -416,6 +427,7 @@ impl Store {
             "next_cursor": self.cursor_at(last),
             "more": more,
             "pending": pending,
+            "writes": self.writes,
         })
         .to_string();
         // `{...head fields..., "changes": [ ... ]}`
