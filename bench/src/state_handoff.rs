@@ -192,6 +192,7 @@ async fn handoff(bin_dir: &Path, runs: usize, keys: usize) -> anyhow::Result<Han
                     since: cursor.clone(),
                     max_bytes: BATCH_BYTES,
                     own: false,
+                    prefixes: Vec::new(),
                 })
                 .await?
                 .into_inner();

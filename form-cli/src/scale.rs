@@ -198,6 +198,9 @@ pub(crate) struct StateSyncArgs {
     /// continuous: largest batch read from one instance, in bytes (4096-4194304).
     #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
     batch_bytes: u32,
+    /// continuous: keys with this prefix are carried first in each round (repeatable).
+    #[arg(long = "priority-prefix", value_name = "PREFIX")]
+    priority_prefixes: Vec<String>,
     /// Fail a scale-in whose removed instances' writes cannot be handed off.
     #[arg(long)]
     refuse_unsynced_scale_in: bool,
@@ -209,6 +212,7 @@ pub(crate) async fn state_sync(api: &Api, a: StateSyncArgs) -> anyhow::Result<Ex
         "mode": a.mode,
         "interval_ms": if a.mode == "continuous" { a.interval_ms } else { 0 },
         "batch_bytes": if a.mode == "continuous" { a.batch_bytes } else { 0 },
+        "priority_prefixes": a.priority_prefixes,
         "refuse_unsynced_scale_in": a.refuse_unsynced_scale_in,
     });
     let stored = api

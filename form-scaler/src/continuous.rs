@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::controller::Shared;
 use crate::ops::record::now_ms;
-use crate::ops::sync::{PumpError, carry};
+use crate::ops::sync::{PumpError, carry, carry_keys};
 
 /// A member's cursor is written to form-state at most this often (each round uses the
 /// one kept here; a controller that starts over from an older recorded cursor only
@@ -177,7 +177,17 @@ async fn round(
         };
         let others: Vec<String> = ids.iter().filter(|i| **i != from).cloned().collect();
         let vmm = vmm.clone();
+        let priority = s.priority_prefixes.clone();
         set.spawn(async move {
+            if !priority.is_empty() {
+                // The keys that matter most first; the full pass below carries them
+                // again (merging ignores them), and only its cursor is kept.
+                if let Err(e) =
+                    carry_keys(&vmm, &from, &cursor, &others, batch, true, &priority).await
+                {
+                    tracing::debug!(instance = %from, error = ?e, "priority pass failed");
+                }
+            }
             let r = carry(&vmm, &from, &cursor, &others, batch, true).await;
             (from, cursor, r)
         });

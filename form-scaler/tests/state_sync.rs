@@ -561,6 +561,7 @@ async fn continuous_sync_spreads_each_write_within_the_interval_and_survives_a_k
                 mode: Some(form_proto::types::v1::state_sync::Mode::Continuous(
                     form_proto::types::v1::StateSyncContinuous {
                         interval_ms: INTERVAL_MS,
+                        priority_prefixes: vec!["everywhere-".into()],
                         ..Default::default()
                     },
                 )),

@@ -204,6 +204,7 @@ pub async fn read(
     since: &str,
     max_bytes: u32,
     own: bool,
+    prefixes: &[String],
 ) -> Result<pb::ChangeBatch, VmmError> {
     let max = if max_bytes == 0 {
         DEFAULT_MAX_BYTES
@@ -222,11 +223,25 @@ pub async fn read(
             "instance {id} has no admin address, so no state contract"
         )));
     };
-    let path = format!(
+    if prefixes.len() > 16
+        || prefixes
+            .iter()
+            .any(|p| p.is_empty() || p.len() > 256 || p.contains(','))
+    {
+        return Err(VmmError::invalid(
+            "prefixes",
+            "expected at most 16 prefixes of 1 to 256 bytes without ','",
+        ));
+    }
+    let mut path = format!(
         "/_form/changes?since={}&max_bytes={max}{}",
         query_value(since),
         if own { "&own=true" } else { "" }
     );
+    if !prefixes.is_empty() {
+        path.push_str("&prefixes=");
+        path.push_str(&query_value(&prefixes.join(",")));
+    }
     let what = "GET /_form/changes";
     let (code, body) = http::request_bytes(admin, "GET", &path, b"", TIMEOUT, MAX_BATCH)
         .await
@@ -353,6 +368,7 @@ pub async fn copy(
     since: String,
     max_bytes: u32,
     own: bool,
+    prefixes: Vec<String>,
 ) -> Result<pb::CopyChangesReply, VmmError> {
     if to.is_empty() {
         return Err(VmmError::invalid(
@@ -367,7 +383,10 @@ pub async fn copy(
         tokio::spawn(async move {
             let mut restarted = false;
             loop {
-                let r = read(&contracts, &from.0, from.1, &cursor, max_bytes, own).await;
+                let r = read(
+                    &contracts, &from.0, from.1, &cursor, max_bytes, own, &prefixes,
+                )
+                .await;
                 let r = match r {
                     Err(VmmError::CursorGone(_)) if !restarted && !cursor.is_empty() => {
                         restarted = true;

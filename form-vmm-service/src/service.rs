@@ -430,6 +430,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             &r.since,
             r.max_bytes,
             r.own,
+            &r.prefixes,
         )
         .await?;
         metrics::counter!("form_vmm_state_changes_read_total").increment(batch.changes);
@@ -460,6 +461,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             r.since,
             r.max_bytes,
             r.own,
+            r.prefixes,
         )
         .await?;
         metrics::counter!("form_vmm_state_changes_read_total").increment(reply.changes);

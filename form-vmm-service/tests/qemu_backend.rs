@@ -158,6 +158,7 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
             since: snap.state_cursor.clone(),
             max_bytes: 0,
             own: false,
+            prefixes: Vec::new(),
         })
         .await
         .expect("read the primary's changes since the snapshot")
@@ -194,6 +195,7 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
             since: String::new(),
             max_bytes: 0,
             own: false,
+            prefixes: Vec::new(),
         })
         .await
         .expect("read a clone's changes")

@@ -73,6 +73,7 @@ async fn exchange(c: &mut Client, from: &str, to: &str) -> pb::ChangeBatch {
             since: String::new(),
             max_bytes: 0,
             own: false,
+            prefixes: Vec::new(),
         })
         .await
         .expect("read")
@@ -148,6 +149,7 @@ async fn instances_converge_by_merging_and_a_delete_is_never_undone() {
             since: snap.state_cursor.clone(),
             max_bytes: 0,
             own: false,
+            prefixes: Vec::new(),
         })
         .await
         .expect("read since the snapshot")
@@ -159,6 +161,36 @@ async fn instances_converge_by_merging_and_a_delete_is_never_undone() {
         String::from_utf8_lossy(&after.batch)
     );
     assert!(!after.more);
+    // A read of some keys only: the others are left out.
+    assert_eq!(call(&a, "PUT", "/kv/cart-1", b"c").await.0, 204);
+    let some = c
+        .read_changes(pb::ReadChangesRequest {
+            instance_id: "a".into(),
+            since: snap.state_cursor.clone(),
+            max_bytes: 0,
+            own: false,
+            prefixes: vec!["cart-".into()],
+        })
+        .await
+        .expect("read some keys")
+        .into_inner();
+    let text = String::from_utf8_lossy(&some.batch);
+    assert_eq!(some.changes, 1, "{text}");
+    assert!(
+        text.contains("cart-1") && !text.contains("\"after\""),
+        "{text}"
+    );
+    let e = c
+        .read_changes(pb::ReadChangesRequest {
+            instance_id: "a".into(),
+            since: String::new(),
+            max_bytes: 0,
+            own: false,
+            prefixes: vec!["a,b".into()],
+        })
+        .await
+        .expect_err("a comma");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // A cursor of another instance is refused, not read from the start silently.
     let e = c
         .read_changes(pb::ReadChangesRequest {
@@ -166,6 +198,7 @@ async fn instances_converge_by_merging_and_a_delete_is_never_undone() {
             since: snap.state_cursor,
             max_bytes: 0,
             own: false,
+            prefixes: Vec::new(),
         })
         .await
         .expect_err("foreign cursor");
@@ -264,6 +297,7 @@ async fn bad_batches_are_refused_and_change_nothing() {
             since: String::new(),
             max_bytes: 10,
             own: false,
+            prefixes: Vec::new(),
         })
         .await
         .expect_err("tiny batch");
@@ -298,6 +332,7 @@ async fn a_workload_without_the_contract_is_told_apart_from_a_closed_admin_addre
             since: String::new(),
             max_bytes: 0,
             own: false,
+            prefixes: Vec::new(),
         })
         .await
         .expect_err("no contract");
@@ -334,6 +369,7 @@ async fn a_workload_without_the_contract_is_told_apart_from_a_closed_admin_addre
             since: String::new(),
             max_bytes: 0,
             own: false,
+            prefixes: Vec::new(),
         })
         .await
         .expect_err("closed");

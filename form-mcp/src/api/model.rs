@@ -106,7 +106,8 @@ pub struct StateSync {
     /// continuous: largest batch in bytes, 4096-4194304 (0: 1048576).
     #[serde(default)]
     pub batch_bytes: u32,
-    /// continuous: keys with these prefixes first; not supported yet, must be empty.
+    /// continuous: keys with these prefixes are carried first in each round (at most
+    /// 16, of 1-256 bytes, without ',').
     #[serde(default)]
     pub priority_prefixes: Vec<String>,
     /// Fail a scale-in whose victims' writes cannot be handed off (a workload without

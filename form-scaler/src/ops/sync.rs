@@ -90,12 +90,27 @@ pub async fn carry(
     batch_bytes: u32,
     own: bool,
 ) -> Result<Carried, PumpError> {
+    carry_keys(vmm, from, since, to, batch_bytes, own, &[]).await
+}
+
+/// [`carry`] of the keys with one of `prefixes` only (none: every change). The cursor
+/// it returns is a preview's: it must not be kept as `from`'s.
+pub async fn carry_keys(
+    vmm: &VmmServiceClient<Channel>,
+    from: &str,
+    since: &str,
+    to: &[String],
+    batch_bytes: u32,
+    own: bool,
+    prefixes: &[String],
+) -> Result<Carried, PumpError> {
     let req = vmm_pb::CopyChangesRequest {
         from_instance_id: from.to_owned(),
         to_instance_ids: to.to_vec(),
         since: since.to_owned(),
         max_bytes: batch_bytes,
         own,
+        prefixes: prefixes.to_vec(),
     };
     let copied = tokio::time::timeout(COPY_DEADLINE, vmm.clone().copy_changes(req))
         .await

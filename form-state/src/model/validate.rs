@@ -106,8 +106,8 @@ pub fn policy(p: &pb::ScalingPolicy) -> Result<(), StateError> {
 }
 
 /// A state sync setting: a continuous interval of 50 ms to 10 min and batches of
-/// 4 KiB to 4 MiB (0 picks the default of each), and no priority prefixes (not
-/// supported yet).
+/// 4 KiB to 4 MiB (0 picks the default of each), at most 16 priority prefixes of 1 to
+/// 256 bytes without ','.
 pub fn state_sync(s: &pb::StateSync) -> Result<(), StateError> {
     let Some(pb::state_sync::Mode::Continuous(c)) = &s.mode else {
         return Ok(());
@@ -131,12 +131,14 @@ pub fn state_sync(s: &pb::StateSync) -> Result<(), StateError> {
             ),
         ));
     }
-    if !c.priority_prefixes.is_empty() {
-        // Refused rather than stored and ignored: the contract has no way yet to read
-        // the changes of some keys first.
+    if c.priority_prefixes.len() > 16
+        || c.priority_prefixes
+            .iter()
+            .any(|p| p.is_empty() || p.len() > 256 || p.contains(','))
+    {
         return Err(StateError::invalid(
             f("priority_prefixes"),
-            "is not supported yet (the state contract reads changes in the order they were made); expected an empty list",
+            "expected at most 16 prefixes of 1 to 256 bytes without ','",
         ));
     }
     Ok(())
@@ -176,10 +178,12 @@ mod tests {
         assert!(state_sync(&pb::StateSync::default()).is_ok());
         assert!(state_sync(&continuous(0, 0, &[])).is_ok());
         assert!(state_sync(&continuous(50, 4096, &[])).is_ok());
+        assert!(state_sync(&continuous(0, 0, &["cart/"])).is_ok());
         for (bad, says) in [
             (continuous(49, 0, &[]), "interval_ms"),
             (continuous(0, 4095, &[]), "batch_bytes"),
-            (continuous(0, 0, &["cart/"]), "priority_prefixes"),
+            (continuous(0, 0, &[""]), "priority_prefixes"),
+            (continuous(0, 0, &["a,b"]), "priority_prefixes"),
         ] {
             let e = state_sync(&bad).expect_err(says).to_string();
             assert!(e.contains(says), "{e}");

@@ -1,6 +1,6 @@
 //! The workload state contract on the admin address (docs/workload-contract.md):
-//! `GET /_form/cursor`, `GET /_form/changes?since=CURSOR&max_bytes=N[&own=true]` and
-//! `POST /_form/merge`.
+//! `GET /_form/cursor`, `GET /_form/changes?since=CURSOR&max_bytes=N[&own=true]
+//! [&prefixes=P,Q]` and `POST /_form/merge`.
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -50,6 +50,9 @@ pub(crate) struct ChangesQuery {
     /// Only this instance's own writes, not those it merged.
     #[serde(default)]
     own: bool,
+    /// Only keys with one of these prefixes, comma-separated.
+    #[serde(default)]
+    prefixes: String,
 }
 
 /// `GET /_form/changes?since=CURSOR&max_bytes=N`.
@@ -61,7 +64,13 @@ pub(crate) async fn changes(State(app): State<Shared>, Query(q): Query<ChangesQu
             format!("max_bytes {max} is not accepted; expected {MIN_MAX_BYTES} to {MAX_MAX_BYTES}"),
         );
     }
-    match lock(&app).changes(&q.since, max, q.own) {
+    let prefixes: Vec<String> = q
+        .prefixes
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    match lock(&app).changes(&q.since, max, q.own, &prefixes) {
         Ok(body) => json(body),
         Err(CursorError::Malformed(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(CursorError::Gone(e)) => error(StatusCode::GONE, e),

@@ -380,15 +380,23 @@ impl Store {
         }
     }
 
+    /// Whether the change at a log position is of a key with one of `prefixes`
+    /// (every change when there are none; counters never when there are).
+    fn matches(item: &Item, prefixes: &[String]) -> bool {
+        prefixes.is_empty()
+            || matches!(item, Item::Kv(key) if prefixes.iter().any(|p| key.starts_with(p.as_str())))
+    }
+
     /// The changes after `since` as a batch in JSON, at most `max_bytes` long unless a
     /// single change is longer (then it travels alone). With `own`, only this
-    /// instance's own writes: the others are skipped (the cursor still moves past
-    /// them).
+    /// instance's own writes; with `prefixes`, only keys with one of them. What is
+    /// left out is skipped: the cursor still moves past it.
     pub(crate) fn changes(
         &self,
         since: &str,
         max_bytes: usize,
         own: bool,
+        prefixes: &[String],
     ) -> Result<Vec<u8>, CursorError> {
         let from = self.position(since)?;
         let mut body = Vec::with_capacity(max_bytes.min(1 << 20));
@@ -398,7 +406,7 @@ impl Store {
         let budget = max_bytes.saturating_sub(512);
         for (&seq, item) in self.log.range(from + 1..) {
             let change = match self.change(item) {
-                Some(c) if !own || self.own(item) => c,
+                Some(c) if (!own || self.own(item)) && Self::matches(item, prefixes) => c,
                 _ => {
                     last = seq;
                     continue;
@@ -418,7 +426,7 @@ impl Store {
         let pending = self
             .log
             .range(last + 1..)
-            .filter(|(_, item)| !own || self.own(item))
+            .filter(|(_, item)| (!own || self.own(item)) && Self::matches(item, prefixes))
             .count() as u64;
         let head = serde_json::json!({
             "format": FORMAT,
@@ -569,7 +577,7 @@ mod tests {
     const NOW: u64 = 1_000_000;
 
     fn batch(s: &Store, since: &str, max: usize) -> Batch {
-        serde_json::from_slice(&s.changes(since, max, false).expect("cursor")).expect("json")
+        serde_json::from_slice(&s.changes(since, max, false, &[]).expect("cursor")).expect("json")
     }
 
     /// Every change of `s`, in one batch or several.
@@ -678,7 +686,7 @@ mod tests {
         let mut seen = 0;
         let mut b = Store::new("b", 8);
         loop {
-            let bytes = a.changes(&cursor, 2048, false).expect("cursor");
+            let bytes = a.changes(&cursor, 2048, false, &[]).expect("cursor");
             assert!(bytes.len() <= 2048, "{} bytes", bytes.len());
             let batch: Batch = serde_json::from_slice(&bytes).expect("json");
             seen += batch.changes.len();
@@ -708,7 +716,8 @@ mod tests {
         a.merge(all(&b));
         a.bump("s");
         let own: Batch =
-            serde_json::from_slice(&a.changes("", usize::MAX, true).expect("own")).expect("json");
+            serde_json::from_slice(&a.changes("", usize::MAX, true, &[]).expect("own"))
+                .expect("json");
         let keys: Vec<String> = own
             .changes
             .iter()
@@ -728,23 +737,48 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_read_gives_only_those_keys_and_moves_the_cursor_past_the_rest() {
+        let mut a = Store::new("a", 1);
+        a.put("cart/1", Some("x".into()), NOW);
+        a.put("other", Some("y".into()), NOW);
+        a.bump("s");
+        a.put("cart/2", Some("z".into()), NOW);
+        let b: Batch = serde_json::from_slice(
+            &a.changes("", usize::MAX, false, &["cart/".into()])
+                .expect("prefix"),
+        )
+        .expect("json");
+        let keys: Vec<String> = b
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Kv { key, .. } => Some(key.clone()),
+                Change::Counter { .. } => None,
+            })
+            .collect();
+        assert_eq!(keys, ["cart/1", "cart/2"]);
+        assert_eq!(b.changes.len(), 2, "no counters");
+        assert_eq!(b.next_cursor, a.cursor());
+    }
+
+    #[test]
     fn foreign_and_malformed_cursors_are_refused() {
         let mut a = Store::new("a", 1);
         a.put("k", Some("v".into()), NOW);
         let b = Store::new("b", 2);
         assert!(matches!(
-            b.changes(&a.cursor(), 100, false),
+            b.changes(&a.cursor(), 100, false, &[]),
             Err(CursorError::Gone(_))
         ));
         assert!(matches!(
-            a.changes("nonsense", 100, false),
+            a.changes("nonsense", 100, false, &[]),
             Err(CursorError::Malformed(_))
         ));
         // A clone restored from a's snapshot has a log of its own.
         let snap = serde_json::to_vec(&a).expect("json");
         let c = Store::restore(&snap, "c", 3).expect("restore");
         assert!(matches!(
-            c.changes(&a.cursor(), 100, false),
+            c.changes(&a.cursor(), 100, false, &[]),
             Err(CursorError::Gone(_))
         ));
         assert_eq!(c.get("k"), Some("v"));
