@@ -212,6 +212,26 @@ pub(crate) async fn demo(s: &mut Stack, bin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets the bench cluster's state sync `mode`.
+pub(crate) async fn set_state_sync(
+    s: &mut Stack,
+    mode: types::state_sync::Mode,
+) -> anyhow::Result<()> {
+    s.replicas
+        .client(0)
+        .await
+        .put_cluster(state_pb::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            state_sync: Some(types::StateSync {
+                mode: Some(mode),
+                refuse_unsynced_scale_in: false,
+            }),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
 /// `GET /whoami` through the balancer; the body.
 async fn whoami(http: SocketAddr) -> Option<String> {
     let mut s = tokio::net::TcpStream::connect(http).await.ok()?;

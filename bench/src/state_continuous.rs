@@ -56,16 +56,7 @@ pub(crate) async fn run(
                 ..Default::default()
             })
         };
-        state
-            .put_cluster(state_pb::PutClusterRequest {
-                cluster_id: CLUSTER.into(),
-                state_sync: Some(types::StateSync {
-                    mode: Some(m),
-                    refuse_unsynced_scale_in: false,
-                }),
-                ..Default::default()
-            })
-            .await?;
+        stack::set_state_sync(&mut s, m).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let background = writers(&addrs, rate, stop.clone());
         probe::http_request(addrs[0], "PUT", "/kv/read-me", b"r").await?;

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
 
-use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
@@ -282,18 +281,7 @@ async fn operations(
     } else {
         types::state_sync::Mode::OnScale(types::StateSyncOnScale {})
     };
-    s.replicas
-        .client(0)
-        .await
-        .put_cluster(state_pb::PutClusterRequest {
-            cluster_id: CLUSTER.into(),
-            state_sync: Some(types::StateSync {
-                mode: Some(m),
-                refuse_unsynced_scale_in: false,
-            }),
-            ..Default::default()
-        })
-        .await?;
+    stack::set_state_sync(&mut s, m).await?;
     let (mut out, mut inn) = (Vec::new(), Vec::new());
     for n in 0..runs {
         let id = format!("{mode}-out-{n}");

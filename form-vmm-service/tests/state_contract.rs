@@ -65,6 +65,24 @@ async fn call(i: &pb::Instance, method: &str, path: &str, body: &[u8]) -> (u16, 
         .expect("request")
 }
 
+/// `ReadChanges` of `id` after `since` (with `prefixes`, only those keys).
+async fn read(
+    c: &mut Client,
+    id: &str,
+    since: &str,
+    prefixes: &[&str],
+) -> Result<pb::ChangeBatch, tonic::Status> {
+    c.read_changes(pb::ReadChangesRequest {
+        instance_id: id.into(),
+        since: since.into(),
+        max_bytes: 0,
+        own: false,
+        prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 /// Everything `from` has, merged into `to`; returns the batch.
 async fn exchange(c: &mut Client, from: &str, to: &str) -> pb::ChangeBatch {
     let b = c
@@ -143,17 +161,9 @@ async fn instances_converge_by_merging_and_a_delete_is_never_undone() {
         .into_inner();
     assert!(!snap.state_cursor.is_empty(), "{snap:?}");
     assert_eq!(call(&a, "PUT", "/kv/after", b"1").await.0, 204);
-    let after = c
-        .read_changes(pb::ReadChangesRequest {
-            instance_id: "a".into(),
-            since: snap.state_cursor.clone(),
-            max_bytes: 0,
-            own: false,
-            prefixes: Vec::new(),
-        })
+    let after = read(&mut c, "a", &snap.state_cursor, &[])
         .await
-        .expect("read since the snapshot")
-        .into_inner();
+        .expect("read since the snapshot");
     assert_eq!(
         after.changes,
         1,
@@ -163,43 +173,19 @@ async fn instances_converge_by_merging_and_a_delete_is_never_undone() {
     assert!(!after.more);
     // A read of some keys only: the others are left out.
     assert_eq!(call(&a, "PUT", "/kv/cart-1", b"c").await.0, 204);
-    let some = c
-        .read_changes(pb::ReadChangesRequest {
-            instance_id: "a".into(),
-            since: snap.state_cursor.clone(),
-            max_bytes: 0,
-            own: false,
-            prefixes: vec!["cart-".into()],
-        })
+    let some = read(&mut c, "a", &snap.state_cursor, &["cart-"])
         .await
-        .expect("read some keys")
-        .into_inner();
+        .expect("read some keys");
     let text = String::from_utf8_lossy(&some.batch);
     assert_eq!(some.changes, 1, "{text}");
     assert!(
         text.contains("cart-1") && !text.contains("\"after\""),
         "{text}"
     );
-    let e = c
-        .read_changes(pb::ReadChangesRequest {
-            instance_id: "a".into(),
-            since: String::new(),
-            max_bytes: 0,
-            own: false,
-            prefixes: vec!["a,b".into()],
-        })
-        .await
-        .expect_err("a comma");
+    let e = read(&mut c, "a", "", &["a,b"]).await.expect_err("a comma");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // A cursor of another instance is refused, not read from the start silently.
-    let e = c
-        .read_changes(pb::ReadChangesRequest {
-            instance_id: "b".into(),
-            since: snap.state_cursor,
-            max_bytes: 0,
-            own: false,
-            prefixes: Vec::new(),
-        })
+    let e = read(&mut c, "b", &snap.state_cursor, &[])
         .await
         .expect_err("foreign cursor");
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
@@ -326,14 +312,7 @@ async fn a_workload_without_the_contract_is_told_apart_from_a_closed_admin_addre
         .expect("chmod");
     let plain = instance(&mut c, "plain", script.to_str().expect("utf-8")).await;
     assert!(plain.state_contract.starts_with("unsupported"), "{plain:?}");
-    let e = c
-        .read_changes(pb::ReadChangesRequest {
-            instance_id: "plain".into(),
-            since: String::new(),
-            max_bytes: 0,
-            own: false,
-            prefixes: Vec::new(),
-        })
+    let e = read(&mut c, "plain", "", &[])
         .await
         .expect_err("no contract");
     assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
@@ -363,16 +342,7 @@ async fn a_workload_without_the_contract_is_told_apart_from_a_closed_admin_addre
         async { tokio::net::TcpStream::connect(admin).await.is_err() },
         "the admin address closed"
     );
-    let e = c
-        .read_changes(pb::ReadChangesRequest {
-            instance_id: "a".into(),
-            since: String::new(),
-            max_bytes: 0,
-            own: false,
-            prefixes: Vec::new(),
-        })
-        .await
-        .expect_err("closed");
+    let e = read(&mut c, "a", "", &[]).await.expect_err("closed");
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     stop_gracefully(&mut svc).await;
 }
