@@ -169,7 +169,6 @@ pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError>
     if served.is_empty() {
         return Ok(());
     }
-    super::remove::drain_members(e, op, &served, false).await?;
     let mut vmm = e.platform.vmm()?;
     let mut stay = Vec::new();
     for m in cluster.members.values() {
@@ -189,10 +188,12 @@ pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError>
         }
     }
     if stay.is_empty() {
+        // They keep serving: draining them would leave nothing that serves.
         return Err(OpError(format!(
-            "no running member stays to take the changes of {served:?}; they are kept until one does"
+            "no running member stays to take the changes of {served:?}; they are kept, serving, until one does"
         )));
     }
+    super::remove::drain_members(e, op, &served, false).await?;
     let vmm = e.platform.vmm()?;
     for new in &served {
         match carry(&vmm, new, "", &stay, BATCH_BYTES, false).await {
