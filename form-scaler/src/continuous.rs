@@ -14,14 +14,13 @@ use std::time::Duration;
 
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
-use form_proto::vmm::v1 as vmm_pb;
 use form_runtime::shutdown::Shutdown;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::controller::Shared;
 use crate::ops::record::now_ms;
-use crate::ops::sync::{PumpError, carry, carry_keys};
+use crate::ops::sync::{PumpError, carry, carry_keys, running};
 
 /// A member's cursor is written to form-state at most this often (each round uses the
 /// one kept here; a controller that starts over from an older recorded cursor only
@@ -115,11 +114,21 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: Shutdown) {
 #[derive(Debug, Default)]
 struct Cursors(HashMap<(String, String), (String, Option<Instant>)>);
 
-/// Whether a member takes part in rounds: active, or draining (a drain may be undone,
-/// and the member must not come back behind the others).
-fn in_round(m: &state_pb::Member) -> bool {
-    m.status == state_pb::MemberStatus::Active as i32
-        || m.status == state_pb::MemberStatus::Draining as i32
+/// The members of `c` that take part in a round, by id: active, or draining (a drain
+/// may be undone, and the member must not come back behind the others), and running
+/// (a dead member must not hold up the others).
+fn round_members<'a>(c: &'a state_pb::Cluster, running: &[String]) -> Vec<&'a state_pb::Member> {
+    let mut v: Vec<&state_pb::Member> = c
+        .members
+        .values()
+        .filter(|m| {
+            (m.status == state_pb::MemberStatus::Active as i32
+                || m.status == state_pb::MemberStatus::Draining as i32)
+                && running.contains(&m.instance_id)
+        })
+        .collect();
+    v.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+    v
 }
 
 /// One exchange among the active members of `c`.
@@ -132,29 +141,10 @@ async fn round(
     let Ok(vmm) = shared.engine.platform.vmm() else {
         return;
     };
-    // Members that serve, or did until a drain that may still be undone, and whose
-    // instance runs: one dead member must not hold up the others' rounds.
-    let running: Vec<String> = match vmm
-        .clone()
-        .list_instances(vmm_pb::ListInstancesRequest {
-            cluster_id: c.cluster_id.clone(),
-        })
-        .await
-    {
-        Ok(l) => l
-            .into_inner()
-            .instances
-            .into_iter()
-            .filter(|i| i.status == vmm_pb::InstanceStatus::Running as i32)
-            .map(|i| i.instance_id)
-            .collect(),
-        Err(_) => return,
+    let Ok(running) = running(&vmm, &c.cluster_id).await else {
+        return;
     };
-    let active: Vec<&state_pb::Member> = c
-        .members
-        .values()
-        .filter(|m| in_round(m) && running.contains(&m.instance_id))
-        .collect();
+    let active = round_members(c, &running);
     if active.len() < 2 {
         return;
     }
@@ -201,20 +191,12 @@ async fn round(
     // A member that became active while the round ran was cloned from a source that
     // may have got these changes after its last sync: the cursors stay, and the next
     // round carries the same changes to it too.
-    let now_active = |cl: &state_pb::Cluster| -> Vec<String> {
-        let mut v: Vec<String> = cl
-            .members
-            .values()
-            .filter(|m| in_round(m) && running.contains(&m.instance_id))
-            .map(|m| m.instance_id.clone())
-            .collect();
-        v.sort();
-        v
-    };
-    let mut before = ids.clone();
-    before.sort();
     match shared.engine.platform.cluster(&c.cluster_id).await {
-        Ok(cl) if now_active(&cl) == before => {}
+        Ok(cl)
+            if round_members(&cl, &running)
+                .iter()
+                .map(|m| &m.instance_id)
+                .eq(ids.iter()) => {}
         _ => return,
     }
     let mut state = shared.engine.platform.state.clone();

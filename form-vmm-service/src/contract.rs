@@ -245,9 +245,9 @@ pub async fn read(
     let what = "GET /_form/changes";
     let (code, body) = http::request_bytes(admin, "GET", &path, b"", TIMEOUT, MAX_BATCH)
         .await
-        .map_err(|e| unreachable(id, known, what, e))?;
+        .map_err(|e| unreachable(id, known.clone(), what, e))?;
     if code != 200 {
-        return Err(refused(id, contracts.get(id).as_ref(), what, code, &body));
+        return Err(refused(id, known.as_ref(), what, code, &body));
     }
     contracts.set(id, Contract::Supported);
     let env: Envelope = serde_json::from_slice(&body).map_err(|e| {
@@ -302,9 +302,9 @@ pub async fn merge(
     let (code, body) =
         http::request_bytes(admin, "POST", "/_form/merge", batch, TIMEOUT, 64 * 1024)
             .await
-            .map_err(|e| unreachable(id, known, what, e))?;
+            .map_err(|e| unreachable(id, known.clone(), what, e))?;
     if code != 200 {
-        return Err(refused(id, contracts.get(id).as_ref(), what, code, &body));
+        return Err(refused(id, known.as_ref(), what, code, &body));
     }
     contracts.set(id, Contract::Supported);
     let r: MergeReply = serde_json::from_slice(&body)
@@ -345,11 +345,14 @@ pub async fn cursor(
             VmmError::Unsupported(_) => Ok(None),
             e => Err(e),
         },
-        Err(e) => match unreachable(id, known, "GET /_form/cursor", e) {
-            VmmError::Unsupported(_) => Ok(None),
+        Err(e) => match (
+            &known,
+            unreachable(id, known.clone(), "GET /_form/cursor", e),
+        ) {
+            (_, VmmError::Unsupported(_)) => Ok(None),
             // Never seen answering: a workload without an admin listener.
-            VmmError::Unavailable(_) if contracts.get(id).is_none() => Ok(None),
-            e => Err(e),
+            (None, VmmError::Unavailable(_)) => Ok(None),
+            (_, e) => Err(e),
         },
     }
 }

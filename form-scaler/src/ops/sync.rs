@@ -23,19 +23,32 @@ const COPY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 /// Batch size of on-scale syncs and handoffs.
 pub const BATCH_BYTES: u32 = 4 * 1024 * 1024;
 
-/// The state sync mode of a cluster (unset means on_scale).
-pub fn mode_name(c: &state_pb::Cluster) -> &'static str {
-    use types::state_sync::Mode;
-    match c.state_sync.as_ref().and_then(|s| s.mode.as_ref()) {
-        Some(Mode::None(_)) => "none",
-        Some(Mode::Continuous(_)) => "continuous",
-        Some(Mode::OnScale(_)) | None => "on_scale",
-    }
+/// Whether the cluster's instances share state at scaling operations: every mode but
+/// `none` (unset means on_scale).
+pub fn enabled(c: &state_pb::Cluster) -> bool {
+    !matches!(
+        c.state_sync.as_ref().and_then(|s| s.mode.as_ref()),
+        Some(types::state_sync::Mode::None(_))
+    )
 }
 
-/// Whether the cluster's instances share state at scaling operations.
-pub fn enabled(c: &state_pb::Cluster) -> bool {
-    mode_name(c) != "none"
+/// The instances of `cluster` that the vmm node runs now.
+pub async fn running(
+    vmm: &VmmServiceClient<Channel>,
+    cluster: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    Ok(vmm
+        .clone()
+        .list_instances(vmm_pb::ListInstancesRequest {
+            cluster_id: cluster.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .instances
+        .into_iter()
+        .filter(|i| i.status == vmm_pb::InstanceStatus::Running as i32)
+        .map(|i| i.instance_id)
+        .collect())
 }
 
 /// Runs `step` (one of this module's).
@@ -169,24 +182,20 @@ pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError>
     if served.is_empty() {
         return Ok(());
     }
-    let mut vmm = e.platform.vmm()?;
-    let mut stay = Vec::new();
-    for m in cluster.members.values() {
-        if op.new_instances.contains(&m.instance_id)
-            || m.status != state_pb::MemberStatus::Active as i32
-        {
-            continue;
-        }
-        let running = vmm
-            .get_instance(vmm_pb::InstanceRef {
-                instance_id: m.instance_id.clone(),
-            })
-            .await
-            .is_ok_and(|i| i.get_ref().status == vmm_pb::InstanceStatus::Running as i32);
-        if running {
-            stay.push(m.instance_id.clone());
-        }
-    }
+    let vmm = e.platform.vmm()?;
+    let running = running(&vmm, &op.cluster_id)
+        .await
+        .map_err(|s| OpError::rpc("listing the running instances", &s))?;
+    let stay: Vec<String> = cluster
+        .members
+        .values()
+        .filter(|m| {
+            !op.new_instances.contains(&m.instance_id)
+                && m.status == state_pb::MemberStatus::Active as i32
+                && running.contains(&m.instance_id)
+        })
+        .map(|m| m.instance_id.clone())
+        .collect();
     if stay.is_empty() {
         // They keep serving: draining them would leave nothing that serves.
         return Err(OpError(format!(
@@ -194,7 +203,6 @@ pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError>
         )));
     }
     super::remove::drain_members(e, op, &served, false).await?;
-    let vmm = e.platform.vmm()?;
     for new in &served {
         match carry(&vmm, new, "", &stay, BATCH_BYTES, false).await {
             Ok(c) => {
