@@ -37,6 +37,9 @@ pub struct Config {
     pub ready_timeout_ms: u64,
     /// Milliseconds a victim's drain may take.
     pub drain_timeout_ms: u64,
+    /// Milliseconds from its request in which an operation must finish; past it the
+    /// operation is rolled back and ends `failed`.
+    pub operation_timeout_ms: u64,
     /// Injected faults, `STEP[=fail|hang|hold:FILE]` (tests of rollback and restarts).
     pub inject_fault: Vec<String>,
     /// Milliseconds an instance stays unhealthy before it is replaced.
@@ -62,6 +65,7 @@ impl Default for Config {
             max_instances_cap: 100,
             ready_timeout_ms: 60_000,
             drain_timeout_ms: 120_000,
+            operation_timeout_ms: 600_000,
             inject_fault: Vec::new(),
             replace_after_ms: 10_000,
             controller_heartbeat_ms: 1000,
@@ -91,6 +95,7 @@ impl ServiceConfig for Config {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("ready_timeout_ms", self.ready_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
+            ("operation_timeout_ms", self.operation_timeout_ms),
             ("replace_after_ms", self.replace_after_ms),
             ("controller_heartbeat_ms", self.controller_heartbeat_ms),
             ("controller_ttl_ms", self.controller_ttl_ms),
@@ -177,6 +182,11 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub replace_after_ms: Option<u64>,
 
+    /// Milliseconds from its request in which an operation must finish; past it the
+    /// operation is rolled back and ends failed [default: 600000]
+    #[arg(long, value_name = "MS")]
+    pub operation_timeout_ms: Option<u64>,
+
     /// Milliseconds between two heartbeats of this controller into form-state
     #[arg(long, value_name = "MS")]
     pub controller_heartbeat_ms: Option<u64>,
@@ -230,6 +240,9 @@ impl Args {
             }
             if let Some(v) = self.replace_after_ms {
                 c.replace_after_ms = v;
+            }
+            if let Some(v) = self.operation_timeout_ms {
+                c.operation_timeout_ms = v;
             }
             if let Some(v) = self.controller_heartbeat_ms {
                 c.controller_heartbeat_ms = v;

@@ -17,13 +17,47 @@ const MAX_BATCH_MESSAGE: usize = 17 * 1024 * 1024;
 
 /// Why a step (or a request) could not be carried out, for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct OpError(pub String);
+#[error("{message}")]
+pub struct OpError {
+    /// What went wrong.
+    pub message: String,
+    /// The platform refused what was asked (it cannot be done, trying again will not
+    /// help), as opposed to a failure that may pass.
+    pub refused: bool,
+}
 
 impl OpError {
-    /// `what` failed with the gRPC status `e`.
+    /// A failure that may pass.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            refused: false,
+        }
+    }
+
+    /// A definite refusal: what was asked cannot be done.
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            refused: true,
+        }
+    }
+
+    /// `what` failed with the gRPC status `e`; a refusal when the code says the request
+    /// itself cannot be carried out.
     pub fn rpc(what: impl std::fmt::Display, e: &tonic::Status) -> Self {
-        Self(format!("{what}: {} ({:?})", e.message(), e.code()))
+        use tonic::Code;
+        Self {
+            message: format!("{what}: {} ({:?})", e.message(), e.code()),
+            refused: matches!(
+                e.code(),
+                Code::FailedPrecondition
+                    | Code::InvalidArgument
+                    | Code::OutOfRange
+                    | Code::ResourceExhausted
+                    | Code::Unimplemented
+            ),
+        }
     }
 }
 
@@ -74,7 +108,7 @@ impl Platform {
     /// The vmm client, or an error saying none is configured.
     pub fn vmm(&self) -> Result<VmmServiceClient<Channel>, OpError> {
         self.vmm.clone().ok_or_else(|| {
-            OpError("no form-vmm-service configured (--vmm); instances cannot be made".into())
+            OpError::new("no form-vmm-service configured (--vmm); instances cannot be made")
         })
     }
 

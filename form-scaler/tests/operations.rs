@@ -11,7 +11,7 @@ use common::*;
 use form_proto::rplb::v1 as rplb_pb;
 use form_proto::scaler::v1 as pb;
 use form_proto::types::v1::OperationKind;
-use form_testkit::assert_eventually;
+use form_testkit::{assert_eventually, probe};
 
 const OP_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -231,8 +231,24 @@ async fn a_controller_killed_mid_scale_out_rolls_it_back_after_restart_and_refus
     stack.stop().await;
 }
 
+/// Resizes the cluster and waits for the operation's end.
+async fn resize_to(
+    scaler: &mut pb::scaler_service_client::ScalerServiceClient<tonic::transport::Channel>,
+    target: form_proto::types::v1::Resources,
+) -> form_proto::types::v1::Operation {
+    let reply = scaler
+        .scale(pb::ScaleRequest {
+            target_resources: Some(target),
+            ..scale(OperationKind::Resize, 0)
+        })
+        .await
+        .expect("resize")
+        .into_inner();
+    wait_op(scaler, &reply.operation_id, OP_DEADLINE).await
+}
+
 #[tokio::test]
-async fn resize_gives_every_member_the_new_resources_in_place_or_by_a_resized_clone() {
+async fn resize_gives_every_member_the_new_limits_as_the_instances_see_them() {
     let mut stack = Stack::start("ops-resize").await;
     let mut scaler = stack.start_scaler(&[]).await;
     let reply = scaler
@@ -248,39 +264,102 @@ async fn resize_gives_every_member_the_new_resources_in_place_or_by_a_resized_cl
         vcpus: 1,
         memory_mib: 192,
     };
-    let reply = scaler
-        .scale(pb::ScaleRequest {
-            target_resources: Some(target),
-            ..scale(OperationKind::Resize, 0)
-        })
-        .await
-        .expect("resize")
-        .into_inner();
-    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
-    assert_eq!(status(&op), "completed", "{op:?}");
+    let op = resize_to(&mut scaler, target).await;
     let cluster = stack.cluster().await;
+    if status(&op).starts_with("failed") {
+        // This machine cannot write cgroups: the failure says so and nothing changed.
+        assert!(status(&op).contains("cannot be enforced"), "{op:?}");
+        assert_ne!(cluster.resources, Some(target));
+        stack.stop().await;
+        return;
+    }
+    assert_eq!(status(&op), "completed", "{op:?}");
     assert_eq!(cluster.resources, Some(target));
     assert_eq!(cluster.members.len(), 2);
-    for id in cluster.members.keys() {
-        let i = stack
-            .vmm_client
-            .get_instance(form_proto::vmm::v1::InstanceRef {
-                instance_id: id.clone(),
-            })
-            .await
-            .expect("instance")
-            .into_inner();
-        assert_eq!(i.resources, Some(target), "{id} has the new resources");
-    }
-    // Replaced members (if any) carry the state, and the template is still a member.
-    assert!(cluster.members.contains_key(&cluster.template_instance_id));
     for m in cluster.members.values() {
+        // Read from inside the instance: the limits of its cgroup.
+        let seen = probe::resources_seen(m.addresses[0].parse().expect("addr"))
+            .await
+            .expect("seen");
+        assert_eq!(seen["cpu_limit"], 1.0, "{}: {seen}", m.instance_id);
+        assert_eq!(seen["memory_limit_mib"], 192, "{}: {seen}", m.instance_id);
+        assert_eq!(m.resources, Some(target));
         assert_eq!(
             key_on(&m.addresses[0], "alpha").await.as_deref(),
             Some("value-alpha")
         );
     }
     assert_eventually!(stack.agree(), "members, instances and backends agree");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_resize_the_node_cannot_enforce_fails_with_its_reason_and_changes_nothing() {
+    let mut stack = Stack::start_on("ops-resize-refused", Backend::ProcessWithoutCgroups).await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    let before = stack.cluster().await;
+    let target = form_proto::types::v1::Resources {
+        vcpus: 1,
+        memory_mib: 192,
+    };
+    let op = resize_to(&mut scaler, target).await;
+    let s = status(&op);
+    assert!(
+        s.starts_with("failed") && s.contains("cannot be enforced") && s.contains("undone"),
+        "{s}"
+    );
+    let after = stack.cluster().await;
+    assert_eq!(
+        after.resources, before.resources,
+        "the cluster keeps its size"
+    );
+    for (id, m) in &after.members {
+        assert_eq!(m.resources, before.members[id].resources, "{id}");
+        let seen = probe::resources_seen(m.addresses[0].parse().expect("addr"))
+            .await
+            .expect("seen");
+        assert_eq!(seen["memory_limit_mib"], serde_json::Value::Null, "{seen}");
+    }
+    // The cluster takes the next operation.
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect("scale out after the failure")
+        .into_inner();
+    assert_eq!(
+        status(&wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await),
+        "completed"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn an_operation_past_its_deadline_is_rolled_back_and_fails_naming_the_step() {
+    let mut stack = Stack::start("ops-deadline").await;
+    let never = stack.dir.path().join("never");
+    let hold = format!("wait_healthy=hold:{}", never.display());
+    let mut scaler = stack
+        .start_scaler(&["--operation-timeout-ms", "1500", "--inject-fault", &hold])
+        .await;
+    stack.routed_template().await;
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect("scale out")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    let s = status(&op);
+    assert!(
+        s.starts_with("failed") && s.contains("deadline") && s.contains("wait_healthy"),
+        "{s}"
+    );
+    assert_eventually!(
+        stack.agree(),
+        "nothing of the failed operation is left: members {:?}, instances {:?}",
+        stack.members().await,
+        stack.instances().await
+    );
+    assert_eq!(stack.members().await, vec![TEMPLATE.to_owned()]);
     stack.stop().await;
 }
 

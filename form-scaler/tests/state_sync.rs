@@ -778,7 +778,7 @@ async fn a_workload_without_the_contract_scales_in_as_before_unless_the_cluster_
         "{t:?}"
     );
 
-    // With refuse_unsynced_scale_in the same scale-in is refused and rolled back.
+    // With refuse_unsynced_scale_in the same scale-in is refused: it fails, undone.
     stack
         .state
         .put_cluster(state_pb::PutClusterRequest {
@@ -797,7 +797,7 @@ async fn a_workload_without_the_contract_scales_in_as_before_unless_the_cluster_
     let op = run(&mut scaler, OperationKind::ScaleIn, 1, true).await;
     let s = status(&op);
     assert!(
-        s.starts_with("rolled_back") && s.contains("refuses such scale-ins"),
+        s.starts_with("failed") && s.contains("refuses such scale-ins") && s.contains("undone"),
         "{s}"
     );
     assert!(stack.instances().await.contains(&clone), "nothing deleted");

@@ -111,6 +111,34 @@ pub async fn http_request(
     Ok((code, body))
 }
 
+/// What an instance of the demo app sees of its CPUs and memory from inside
+/// (`/whoami`'s `resources`: `cpus_online`, `memory_total_mib`, `cpu_limit`,
+/// `memory_limit_mib`, `effective_cpus`, `effective_memory_mib`).
+pub async fn resources_seen(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let (code, body) = http_get(addr, "/whoami").await?;
+    anyhow::ensure!(code == 200, "/whoami answered {code}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).context("/whoami is not JSON")?;
+    Ok(v["resources"].clone())
+}
+
+/// Waits up to `within` until what the instance sees satisfies `ok` (a guest brings
+/// hot-plugged CPUs online, gives balloon pages back, at its own pace); returns the last
+/// view either way, for the caller's assertion.
+pub async fn wait_resources(
+    addr: SocketAddr,
+    within: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let seen = resources_seen(addr).await.unwrap_or_default();
+        if ok(&seen) || tokio::time::Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn exchange(
     addr: SocketAddr,
     method: &str,

@@ -27,6 +27,12 @@ pub struct Config {
     pub guest_dir: Option<std::path::PathBuf>,
     /// qemu backend: acceleration, `auto` (KVM where it works, else TCG), `kvm` or `tcg`.
     pub accel: crate::qemu::Accel,
+    /// qemu backend: vCPUs a VM can be resized to in place (its `maxcpus`).
+    pub qemu_max_vcpus: u32,
+    /// qemu backend: memory a VM can be resized to in place, MiB (its `maxmem`).
+    pub qemu_max_memory_mib: u64,
+    /// process backend: where the cgroup file systems are mounted.
+    pub cgroup_root: std::path::PathBuf,
     /// Directory of instance working directories and the snapshot store.
     pub data_dir: std::path::PathBuf,
     /// IP address instances listen on and are reached at.
@@ -50,6 +56,9 @@ impl Default for Config {
             backend: "process".to_owned(),
             guest_dir: None,
             accel: crate::qemu::Accel::Auto,
+            qemu_max_vcpus: 8,
+            cgroup_root: "/sys/fs/cgroup".into(),
+            qemu_max_memory_mib: 8192,
             data_dir: "form-vmm-data".into(),
             instance_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             heartbeat_interval_ms: 1000,
@@ -93,6 +102,21 @@ impl ServiceConfig for Config {
             return Err(ConfigError::invalid(
                 "--guest-dir",
                 "is required with --backend qemu; expected the directory deploy/guest/build.sh wrote",
+            ));
+        }
+        if !(1..=240).contains(&self.qemu_max_vcpus) {
+            return Err(ConfigError::invalid(
+                "--qemu-max-vcpus",
+                format!("{} is out of range; expected 1-240", self.qemu_max_vcpus),
+            ));
+        }
+        if !(128..=1_048_576).contains(&self.qemu_max_memory_mib) {
+            return Err(ConfigError::invalid(
+                "--qemu-max-memory-mib",
+                format!(
+                    "{} is out of range; expected 128-1048576",
+                    self.qemu_max_memory_mib
+                ),
             ));
         }
         for (flag, v) in [
@@ -140,6 +164,20 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "ACCEL", env = "FORM_VMM_ACCEL")]
     pub accel: Option<crate::qemu::Accel>,
 
+    /// qemu backend: vCPUs a VM can be resized to in place by hot-plug [default: 8]
+    #[arg(long, value_name = "N", env = "FORM_VMM_QEMU_MAX_VCPUS")]
+    pub qemu_max_vcpus: Option<u32>,
+
+    /// qemu backend: memory a VM can be resized to in place by hot-plug, MiB [default: 8192]
+    #[arg(long, value_name = "MIB", env = "FORM_VMM_QEMU_MAX_MEMORY_MIB")]
+    pub qemu_max_memory_mib: Option<u64>,
+
+    /// process backend: where the cgroup file systems are mounted; limits are enforced
+    /// with the cgroups found there, and a resize fails where none can be written
+    /// [default: /sys/fs/cgroup]
+    #[arg(long, value_name = "DIR", env = "FORM_VMM_CGROUP_ROOT")]
+    pub cgroup_root: Option<std::path::PathBuf>,
+
     /// Directory of instance working directories and snapshots [default: ./form-vmm-data]
     #[arg(long, value_name = "DIR", env = "FORM_VMM_DATA_DIR")]
     pub data_dir: Option<std::path::PathBuf>,
@@ -179,6 +217,15 @@ impl Args {
             }
             if let Some(v) = self.accel {
                 c.accel = v;
+            }
+            if let Some(v) = self.qemu_max_vcpus {
+                c.qemu_max_vcpus = v;
+            }
+            if let Some(v) = self.qemu_max_memory_mib {
+                c.qemu_max_memory_mib = v;
+            }
+            if let Some(v) = self.cgroup_root {
+                c.cgroup_root = v;
             }
             if let Some(v) = self.data_dir {
                 c.data_dir = v;

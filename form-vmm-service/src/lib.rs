@@ -34,7 +34,7 @@ use form_proto::vmm::v1::vmm_service_server::VmmServiceServer;
 use crate::error::VmmError;
 use crate::hypervisor::Hypervisor;
 use crate::process::ProcessBackend;
-use crate::qemu::{Guest, QemuBackend};
+use crate::qemu::{Guest, QemuBackend, Room};
 use crate::service::VmmApi;
 use crate::snapshots::SnapshotStore;
 
@@ -76,13 +76,23 @@ impl Service for VmmNode {
         match (c.backend.as_str(), &c.guest_dir) {
             ("qemu", Some(guest)) => {
                 let guest = Guest::in_dir(guest).map_err(service_error)?;
-                let hv = QemuBackend::new(instances, c.instance_host, c.accel, guest, ready)
+                let room = Room {
+                    max_vcpus: c.qemu_max_vcpus,
+                    max_memory_mib: c.qemu_max_memory_mib,
+                };
+                let hv = QemuBackend::new(instances, c.instance_host, c.accel, guest, room, ready)
                     .map_err(service_error)?;
                 serve(c, Arc::new(hv), ctx).await
             }
             _ => {
-                let hv = ProcessBackend::new(instances, c.instance_host, &c.node_id, ready)
-                    .map_err(service_error)?;
+                let hv = ProcessBackend::new(
+                    instances,
+                    c.instance_host,
+                    &c.node_id,
+                    &c.cgroup_root,
+                    ready,
+                )
+                .map_err(service_error)?;
                 serve(c, Arc::new(hv), ctx).await
             }
         }

@@ -332,21 +332,29 @@ async fn resize_enforces_the_cpu_limit_where_cgroups_allow() {
             instance_id: "busy".into(),
             resources: Some(types::Resources {
                 vcpus: 1,
-                memory_mib: 256,
+                memory_mib: 192,
             }),
         })
-        .await
-        .expect("resize")
-        .into_inner();
-    if !resized.enforced {
-        assert!(
-            resized.message.contains("not enforced"),
-            "{}",
-            resized.message
-        );
-        stop_gracefully(&mut svc).await;
-        return;
-    }
+        .await;
+    let resized = match resized {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            // No writable cgroups on this machine: the refusal says why.
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert!(
+                e.message().contains("cannot be enforced"),
+                "{}",
+                e.message()
+            );
+            stop_gracefully(&mut svc).await;
+            return;
+        }
+    };
+    assert!(resized.enforced, "{}", resized.message);
+    // The instance itself sees the limits in its cgroup.
+    let seen = probe::resources_seen(addr(&inst)).await.expect("seen");
+    assert_eq!(seen["cpu_limit"], 1.0, "{seen}");
+    assert_eq!(seen["memory_limit_mib"], 192, "{seen}");
     // Two threads burn CPU; with a 1-vCPU limit they get about one core together.
     let a = addr(&inst);
     let burners: Vec<_> = (0..2)
@@ -380,5 +388,70 @@ async fn resize_enforces_the_cpu_limit_where_cgroups_allow() {
         "the burn ran ({:.2})",
         stats.cpu_utilization
     );
+    stop_gracefully(&mut svc).await;
+}
+
+#[tokio::test]
+async fn resize_fails_where_limits_cannot_be_enforced_and_changes_nothing() {
+    let dir = TestDir::new("vmm-resize-nocg");
+    let data = dir.path().join("vmm-data");
+    // A cgroup root with no cgroup file system in it: nothing can be enforced.
+    let fake = dir.path().join("no-cgroups");
+    std::fs::create_dir_all(&fake).expect("dir");
+    let args = [
+        PORT0_ARGS,
+        &[
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--cgroup-root",
+            fake.to_str().expect("utf-8"),
+        ],
+    ]
+    .concat();
+    let mut svc = start(&dir, "vmm", Path::new(BIN), &args).await;
+    let mut c = VmmServiceClient::new(
+        probe::channel(svc.addr("grpc").expect("grpc"))
+            .await
+            .expect("connect"),
+    );
+    let mut req = demo("free");
+    req.resources = Some(types::Resources {
+        vcpus: 2,
+        memory_mib: 256,
+    });
+    let inst = c.create_instance(req).await.expect("create").into_inner();
+    let e = c
+        .resize(pb::ResizeRequest {
+            instance_id: "free".into(),
+            resources: Some(types::Resources {
+                vcpus: 1,
+                memory_mib: 128,
+            }),
+        })
+        .await
+        .expect_err("nothing can enforce the limits");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("cannot be enforced") && e.message().contains("cgroup"),
+        "{}",
+        e.message()
+    );
+    let now = c
+        .get_instance(pb::InstanceRef {
+            instance_id: "free".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        now.resources.expect("resources"),
+        types::Resources {
+            vcpus: 2,
+            memory_mib: 256
+        },
+        "the record keeps what the instance has"
+    );
+    let seen = probe::resources_seen(addr(&inst)).await.expect("seen");
+    assert_eq!(seen["memory_limit_mib"], serde_json::Value::Null, "{seen}");
     stop_gracefully(&mut svc).await;
 }

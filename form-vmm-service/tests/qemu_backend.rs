@@ -43,6 +43,10 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
             data.to_str().expect("utf-8"),
             "--ready-timeout-ms",
             "60000",
+            "--qemu-max-vcpus",
+            "2",
+            "--qemu-max-memory-mib",
+            "512",
         ],
     ]
     .concat();
@@ -216,24 +220,73 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
         "the clone's older x did not undo the primary's newer write"
     );
 
-    let resized = c
-        .resize(pb::ResizeRequest {
+    resize_in_place_as_the_guest_sees_it(&mut c, clone0).await;
+
+    // A clone of the resized VM's snapshot is started with its devices: it has the two
+    // vCPUs too; a clone asked for another size is resized to it.
+    let snap2 = c
+        .snapshot(pb::SnapshotRequest {
             instance_id: "vm-clone-0".into(),
+            resume: None,
+        })
+        .await
+        .expect("snapshot of the resized VM")
+        .into_inner();
+    let grown = VmmServiceClient::clone(
+        &mut c,
+        pb::CloneRequest {
+            snapshot_id: snap2.snapshot_id.clone(),
+            instance_id: "vm-clone-2".into(),
+            resources: None,
+        },
+    )
+    .await
+    .expect("clone of the resized VM")
+    .into_inner();
+    let seen = probe::wait_resources(
+        grown.address.parse().expect("addr"),
+        std::time::Duration::from_secs(20),
+        |r| r["cpus_online"] == 2,
+    )
+    .await;
+    assert_eq!(seen["cpus_online"], 2, "{seen}");
+    let asked = VmmServiceClient::clone(
+        &mut c,
+        pb::CloneRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            instance_id: "vm-clone-3".into(),
             resources: Some(types::Resources {
                 vcpus: 2,
                 memory_mib: 256,
             }),
-        })
-        .await
-        .expect("resize")
-        .into_inner();
-    assert!(
-        !resized.enforced && resized.message.contains("not supported"),
-        "{}",
-        resized.message
+        },
+    )
+    .await
+    .expect("clone of another size")
+    .into_inner();
+    assert_eq!(
+        asked.resources.expect("resources"),
+        types::Resources {
+            vcpus: 2,
+            memory_mib: 256
+        }
     );
+    let seen = probe::wait_resources(
+        asked.address.parse().expect("addr"),
+        std::time::Duration::from_secs(20),
+        |r| r["cpus_online"] == 2 && r["memory_total_mib"].as_u64() > Some(180),
+    )
+    .await;
+    assert_eq!(seen["cpus_online"], 2, "{seen}");
+    assert!(seen["memory_total_mib"].as_u64() > Some(180), "{seen}");
 
-    for id in ["vm-primary", "vm-clone-0", "vm-clone-1"] {
+    for id in [
+        "vm-primary",
+        "vm-clone-0",
+        "vm-clone-1",
+        "vm-clone-2",
+        "vm-clone-3",
+    ] {
         c.delete_instance(pb::InstanceRef {
             instance_id: id.into(),
         })
@@ -248,4 +301,85 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
         "no VM files left"
     );
     stop_gracefully(&mut svc).await;
+}
+
+/// Resizes a running VM up and down in place and reads the result from inside the
+/// guest (its CPUs online, its `MemTotal`); a size past the VM's room is refused,
+/// naming the limit, and changes nothing.
+async fn resize_in_place_as_the_guest_sees_it(
+    c: &mut VmmServiceClient<tonic::transport::Channel>,
+    addr: std::net::SocketAddr,
+) {
+    let secs = std::time::Duration::from_secs;
+    let before = probe::resources_seen(addr).await.expect("seen");
+    assert_eq!(before["cpus_online"], 1, "{before}");
+    let mem0 = before["memory_total_mib"].as_u64().expect("memory");
+    let mut resize = async |vcpus, memory_mib| {
+        c.resize(pb::ResizeRequest {
+            instance_id: "vm-clone-0".into(),
+            resources: Some(types::Resources { vcpus, memory_mib }),
+        })
+        .await
+    };
+
+    let up = resize(2, 384).await.expect("grow").into_inner();
+    assert!(up.enforced, "{}", up.message);
+    assert_eq!(
+        up.instance.expect("instance").resources.expect("resources"),
+        types::Resources {
+            vcpus: 2,
+            memory_mib: 384
+        }
+    );
+    let seen = probe::wait_resources(addr, secs(20), |r| {
+        r["cpus_online"] == 2 && r["memory_total_mib"].as_u64() >= Some(mem0 + 200)
+    })
+    .await;
+    assert_eq!(
+        seen["cpus_online"], 2,
+        "the guest sees the hot-plugged vCPU: {seen}"
+    );
+    assert!(
+        seen["memory_total_mib"].as_u64() >= Some(mem0 + 200),
+        "the guest sees the hot-plugged memory ({mem0} MiB before): {seen}"
+    );
+
+    let e = resize(3, 384).await.expect_err("past maxcpus");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("maxcpus"), "{}", e.message());
+    let e = resize(2, 1024).await.expect_err("past maxmem");
+    assert!(e.message().contains("maxmem"), "{}", e.message());
+
+    // Memory goes back through the balloon. vCPUs go only under KVM: under TCG the
+    // refusal says why, and the VM keeps what it has.
+    let kvm = qemu_accel_is_kvm();
+    let down = resize(if kvm { 1 } else { 2 }, 160)
+        .await
+        .expect("shrink")
+        .into_inner();
+    assert!(down.enforced, "{}", down.message);
+    let cpus = if kvm { 1 } else { 2 };
+    let seen = probe::wait_resources(addr, secs(20), |r| {
+        r["cpus_online"] == cpus && r["memory_total_mib"].as_u64() < Some(mem0 + 40)
+    })
+    .await;
+    assert_eq!(seen["cpus_online"], cpus, "{seen}");
+    assert!(
+        seen["memory_total_mib"].as_u64() < Some(mem0 + 40),
+        "the balloon took the memory back ({mem0} MiB at 128): {seen}"
+    );
+    if kvm {
+        resize(2, 192).await.expect("two vCPUs again");
+    } else {
+        let e = resize(1, 160).await.expect_err("vCPU unplug under TCG");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("TCG"), "{}", e.message());
+        let seen = probe::resources_seen(addr).await.expect("seen");
+        assert_eq!(seen["cpus_online"], 2, "nothing was unplugged: {seen}");
+    }
+}
+
+/// Whether the backend runs guests under KVM here (`--accel auto`).
+fn qemu_accel_is_kvm() -> bool {
+    form_vmm_service::qemu::Accel::Auto.resolve() == "kvm"
 }

@@ -284,7 +284,8 @@ pub struct Operation {
     /// The step running (in_progress).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub step: String,
-    /// Steps recorded so far, undo steps included.
+    /// Steps recorded so far, undo steps included: the running step's 0-based index
+    /// while in progress, the number recorded once it ended (it never goes back).
     pub step_index: u32,
     /// The planned steps.
     pub steps: Vec<String>,
@@ -299,6 +300,9 @@ pub struct Operation {
     /// Why it failed or was rolled back.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// What a failed operation could not clean up, each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_behind: Vec<String>,
     /// When it was requested (RFC 3339).
     pub created_at: String,
     /// When it ended (RFC 3339), if it has.
@@ -618,12 +622,13 @@ pub fn kind_name(kind: i32) -> &'static str {
 /// An operation as the API shows it.
 pub fn operation(o: types::Operation) -> Operation {
     use types::operation_status::State as S;
-    let (status, step, step_index, error) = match o.status.and_then(|s| s.state) {
-        None | Some(S::Requested(_)) => ("requested", String::new(), 0, String::new()),
-        Some(S::InProgress(p)) => ("in_progress", p.step, p.step_index, String::new()),
-        Some(S::Completed(_)) => ("completed", String::new(), 0, String::new()),
-        Some(S::Failed(f)) => ("failed", String::new(), 0, f.error),
-        Some(S::RolledBack(r)) => ("rolled_back", String::new(), 0, r.reason),
+    let done = o.steps_recorded;
+    let (status, step, step_index, error, left_behind) = match o.status.and_then(|s| s.state) {
+        None | Some(S::Requested(_)) => ("requested", String::new(), 0, String::new(), vec![]),
+        Some(S::InProgress(p)) => ("in_progress", p.step, p.step_index, String::new(), vec![]),
+        Some(S::Completed(_)) => ("completed", String::new(), done, String::new(), vec![]),
+        Some(S::Failed(f)) => ("failed", String::new(), done, f.error, f.left_behind),
+        Some(S::RolledBack(r)) => ("rolled_back", String::new(), done, r.reason, vec![]),
     };
     Operation {
         operation_id: o.operation_id,
@@ -638,6 +643,7 @@ pub fn operation(o: types::Operation) -> Operation {
         victims: o.victims,
         reason: o.reason,
         error,
+        left_behind,
         created_at: crate::time::rfc3339(o.created_at_ms),
         completed_at: (o.completed_at_ms > 0).then(|| crate::time::rfc3339(o.completed_at_ms)),
         state_transfer: o.state_transfer.map(|t| StateTransfer {

@@ -27,7 +27,10 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
         }
         Step::WaitServing => wait_serving(e, op).await,
         Step::PromoteReplacement => promote(e, op, false).await,
-        _ => Err(OpError(format!("{} is not a create step", step.name()))),
+        _ => Err(OpError::new(format!(
+            "{} is not a create step",
+            step.name()
+        ))),
     }
 }
 
@@ -111,10 +114,7 @@ async fn clone_all(e: &Engine, op: &mut types::Operation) -> Result<(), OpError>
         return Ok(());
     }
     let vmm = e.platform.vmm()?;
-    let resources = match op.target_resources {
-        Some(r) if op.kind == types::OperationKind::Resize as i32 => Some(r),
-        _ => e.platform.cluster(&op.cluster_id).await?.resources,
-    };
+    let resources = e.platform.cluster(&op.cluster_id).await?.resources;
     let mut set = JoinSet::new();
     for id in op.new_instances.clone() {
         let mut vmm = vmm.clone();
@@ -159,7 +159,7 @@ async fn clone_all(e: &Engine, op: &mut types::Operation) -> Result<(), OpError>
 pub async fn join_all(mut set: JoinSet<Result<(), OpError>>) -> Result<(), OpError> {
     let mut first = None;
     while let Some(r) = set.join_next().await {
-        let r = r.unwrap_or_else(|j| Err(OpError(format!("task failed: {j}"))));
+        let r = r.unwrap_or_else(|j| Err(OpError::new(format!("task failed: {j}"))));
         if let Err(err) = r {
             first.get_or_insert(err);
         }
@@ -207,7 +207,7 @@ async fn wait_healthy(e: &Engine, op: &types::Operation) -> Result<(), OpError> 
                 .map_err(|s| OpError::rpc(format!("reading instance {id}"), &s))?
                 .into_inner();
             if i.status == vmm_pb::InstanceStatus::Failed as i32 {
-                return Err(OpError(format!("instance {id} failed: {}", i.failure)));
+                return Err(OpError::new(format!("instance {id} failed: {}", i.failure)));
             }
             let running = i.status == vmm_pb::InstanceStatus::Running as i32;
             if running
@@ -217,7 +217,7 @@ async fn wait_healthy(e: &Engine, op: &types::Operation) -> Result<(), OpError> 
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(OpError(format!(
+                return Err(OpError::new(format!(
                     "instance {id} not healthy within {:?} (status {}, {path} on {})",
                     e.limits.ready_timeout, i.status, i.address
                 )));
@@ -338,7 +338,7 @@ async fn wait_serving(e: &Engine, op: &types::Operation) -> Result<(), OpError> 
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(OpError(format!(
+            return Err(OpError::new(format!(
                 "the balancer does not serve {missing:?} on {domain} within {:?}",
                 e.limits.ready_timeout
             )));
@@ -369,7 +369,11 @@ async fn promote(e: &Engine, op: &types::Operation, back: bool) -> Result<(), Op
         let k = op.victims.iter().position(|v| v == previous);
         match k.and_then(|k| op.new_instances.get(k)) {
             Some(new) => new.clone(),
-            None => return Err(OpError(format!("no successor for template {previous}"))),
+            None => {
+                return Err(OpError::new(format!(
+                    "no successor for template {previous}"
+                )));
+            }
         }
     };
     if cluster.template_instance_id == to {

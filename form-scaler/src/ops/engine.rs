@@ -2,11 +2,20 @@
 //! fails before the operation commits rolls back: the undo of that step and of every
 //! earlier one, in reverse, each recorded as `undo:STEP`. A step that fails after the
 //! commit, or an undo that fails, is retried; if it keeps failing the run is suspended
-//! (the operation stays in progress) and the next evaluation round resumes it, so
-//! nothing it made is ever abandoned. A run resumed after a restart continues from the
-//! recorded step: forward if it had committed, otherwise back. An operation that has
-//! not started is checked against the cluster first: planned earlier, it may no longer
-//! fit.
+//! (the operation stays in progress) and the next evaluation round resumes it. A run
+//! resumed after a restart continues from the recorded step: forward if it had
+//! committed, otherwise back. An operation that has not started is checked against the
+//! cluster first: planned earlier, it may no longer fit.
+//!
+//! How it ends (docs/operations.md, "Outcomes"):
+//! - `completed`: every step ran;
+//! - `rolled_back`: a step failed in a way that may pass (a timeout, a service down),
+//!   and everything was undone;
+//! - `failed`: the platform refused what was asked (a size a VM has no room for,
+//!   limits a node cannot enforce), or the operation passed its deadline
+//!   (`--operation-timeout-ms`, from its request); what could be undone was, and what
+//!   could not (an undo refused, or still failing at the deadline) is listed in
+//!   `left_behind`, so the operation ends and the cluster takes new ones.
 
 use std::time::Duration;
 
@@ -29,6 +38,8 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Delay between two looks at something awaited.
     pub poll: Duration,
+    /// An operation not done this long after its request is rolled back and fails.
+    pub operation_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -37,6 +48,7 @@ impl Default for Limits {
             ready_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(120),
             poll: Duration::from_millis(20),
+            operation_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -50,6 +62,31 @@ pub struct Engine {
     pub limits: Limits,
     /// Injected faults (tests).
     pub faults: Faults,
+}
+
+/// Why a rollback happens, and whether the operation then fails.
+#[derive(Debug, Clone)]
+struct Ending {
+    why: String,
+    /// `failed` rather than `rolled_back`.
+    fails: bool,
+}
+
+impl Ending {
+    /// A failure that may pass: `rolled_back`.
+    fn transient(why: String) -> Self {
+        Self { why, fails: false }
+    }
+
+    /// The platform refused what was asked: `failed`.
+    fn refused(why: String) -> Self {
+        Self { why, fails: true }
+    }
+
+    /// The deadline passed: `failed`.
+    fn deadline(why: String) -> Self {
+        Self { why, fails: true }
+    }
 }
 
 /// Where a run starts.
@@ -113,7 +150,14 @@ impl Engine {
                 }
             }
             Start::Forward(i) => self.forward(&mut op, steps, i, &mut seq).await,
-            Start::Back(i, why) => self.back(&mut op, steps, i, why, &mut seq).await,
+            Start::Back(i, why) => {
+                let end = if self.deadline_passed(&op) {
+                    Ending::deadline(why)
+                } else {
+                    Ending::transient(why)
+                };
+                self.back(&mut op, steps, i, end, &mut seq).await
+            }
         };
         let end = match outcome {
             Ok(end) => end,
@@ -159,8 +203,21 @@ impl Engine {
         record::put(&self.platform, op).await
     }
 
+    /// Time left before `op`'s deadline (zero once it has passed).
+    fn remaining(&self, op: &types::Operation) -> Duration {
+        let deadline = op
+            .created_at_ms
+            .saturating_add(self.limits.operation_timeout.as_millis() as u64);
+        Duration::from_millis(deadline.saturating_sub(record::now_ms()))
+    }
+
+    fn deadline_passed(&self, op: &types::Operation) -> bool {
+        self.remaining(op).is_zero()
+    }
+
     /// The terminal state reached going forward from `from`; `Err` when the run is
-    /// suspended (a record failed, or a committed step keeps failing).
+    /// suspended (a record failed, or a committed step keeps failing before the
+    /// deadline).
     async fn forward(
         &self,
         op: &mut types::Operation,
@@ -169,69 +226,125 @@ impl Engine {
         seq: &mut u32,
     ) -> Result<State, OpError> {
         for (i, step) in steps.iter().copied().enumerate().skip(from) {
-            self.step_record(op, step.name().to_owned(), seq).await?;
-            let fault = self.faults.at(step);
-            match &fault {
-                Some(Fault::Hang) => {
-                    tracing::warn!(operation = %op.operation_id, step = step.name(), "injected fault: hanging before the step");
-                    std::future::pending::<()>().await;
-                }
-                Some(Fault::Hold(file)) => {
-                    tracing::warn!(operation = %op.operation_id, step = step.name(), file = %file.display(), "injected fault: holding before the step until the file exists");
-                    while !file.exists() {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                _ => {}
+            if !step.commits() && self.deadline_passed(op) {
+                let why = self.deadline_reason(step);
+                return self.back(op, steps, i, Ending::deadline(why), seq).await;
             }
-            let mut attempt = 0;
-            let result = loop {
-                attempt += 1;
-                let before = op.clone();
-                let mut r = self.run_step(step, op).await;
-                if r.is_ok() && fault == Some(Fault::Fail) && attempt == 1 {
-                    r = Err(OpError(format!(
-                        "injected fault after step {}",
-                        step.name()
-                    )));
-                }
-                if r.is_ok() && *op != before {
-                    // What the step learned (a snapshot id, new victims) is kept at once.
-                    record::put(&self.platform, op).await?;
-                }
-                match r {
-                    Err(e) if step.commits() && attempt < ATTEMPTS => {
-                        tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "committed step failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            self.step_record(op, step.name().to_owned(), seq).await?;
+            let remaining = self.remaining(op);
+            let ran = self.attempt(step, op);
+            let result = if step.commits() {
+                ran.await?
+            } else {
+                match tokio::time::timeout(remaining, ran).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        let why = self.deadline_reason(step);
+                        return self.back(op, steps, i, Ending::deadline(why), seq).await;
                     }
-                    r => break r,
                 }
             };
             if let Err(e) = result {
                 tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "step failed");
                 if step.commits() {
-                    return Err(OpError(format!(
+                    if self.deadline_passed(op) || e.refused {
+                        // It cannot go back after the commit: end, naming what is left.
+                        let left = steps[i..]
+                            .iter()
+                            .map(|s| format!("step {} not done", s.name()));
+                        return Ok(State::Failed(types::Failed {
+                            error: format!(
+                                "step {} failed after the operation committed: {e}",
+                                step.name()
+                            ),
+                            left_behind: left.collect(),
+                        }));
+                    }
+                    return Err(OpError::new(format!(
                         "step {} keeps failing after the operation committed: {e}",
                         step.name()
                     )));
                 }
                 let why = format!("step {} failed: {e}", step.name());
-                return self.back(op, steps, i, why, seq).await;
+                let end = if e.refused {
+                    Ending::refused(why)
+                } else {
+                    Ending::transient(why)
+                };
+                return self.back(op, steps, i, end, seq).await;
             }
         }
         Ok(State::Completed(types::Completed {}))
     }
 
+    fn deadline_reason(&self, step: Step) -> String {
+        format!(
+            "the operation did not finish within its deadline of {:?} (--operation-timeout-ms); it was at step {}",
+            self.limits.operation_timeout,
+            step.name()
+        )
+    }
+
+    /// Runs `step` (after an injected fault, in tests), retrying a committed one.
+    /// The outer `Err` is a record that failed (the run is suspended); the inner one,
+    /// the step's failure.
+    async fn attempt(
+        &self,
+        step: Step,
+        op: &mut types::Operation,
+    ) -> Result<Result<(), OpError>, OpError> {
+        let fault = self.faults.at(step);
+        match &fault {
+            Some(Fault::Hang) => {
+                tracing::warn!(operation = %op.operation_id, step = step.name(), "injected fault: hanging before the step");
+                std::future::pending::<()>().await;
+            }
+            Some(Fault::Hold(file)) => {
+                tracing::warn!(operation = %op.operation_id, step = step.name(), file = %file.display(), "injected fault: holding before the step until the file exists");
+                while !file.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            _ => {}
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let before = op.clone();
+            let mut r = self.run_step(step, op).await;
+            if r.is_ok() && fault == Some(Fault::Fail) && attempt == 1 {
+                r = Err(OpError::new(format!(
+                    "injected fault after step {}",
+                    step.name()
+                )));
+            }
+            if r.is_ok() && *op != before {
+                // What the step learned (a snapshot id, new victims) is kept at once.
+                record::put(&self.platform, op).await?;
+            }
+            match r {
+                Err(e) if step.commits() && !e.refused && attempt < ATTEMPTS => {
+                    tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "committed step failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                r => return Ok(r),
+            }
+        }
+    }
+
     /// Undoes `steps[..=from]` in reverse; `Err` when the run is suspended (a record
-    /// failed, or an undo keeps failing: the rollback resumes there).
+    /// failed, or an undo keeps failing before the deadline: the rollback resumes
+    /// there). An undo refused, or still failing at the deadline, is listed as left
+    /// behind and the rollback goes on.
     async fn back(
         &self,
         op: &mut types::Operation,
         steps: &[Step],
         from: usize,
-        why: String,
+        end: Ending,
         seq: &mut u32,
     ) -> Result<State, OpError> {
+        let mut left_behind = Vec::new();
         for step in steps.iter().take(from + 1).rev().copied() {
             if step.commits() {
                 continue;
@@ -243,20 +356,37 @@ impl Engine {
                 attempt += 1;
                 match self.undo_step(step, op).await {
                     Ok(()) => break,
+                    Err(e) if e.refused || (attempt >= ATTEMPTS && self.deadline_passed(op)) => {
+                        tracing::error!(operation = %op.operation_id, step = step.name(), error = %e, "undo given up; left behind");
+                        left_behind.push(format!("undo of {}: {e}", step.name()));
+                        break;
+                    }
                     Err(e) if attempt < ATTEMPTS => {
                         tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "undo failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                     }
                     Err(e) => {
-                        return Err(OpError(format!(
-                            "undo of {} keeps failing: {e} (rolling back because {why})",
-                            step.name()
+                        return Err(OpError::new(format!(
+                            "undo of {} keeps failing: {e} (rolling back because {})",
+                            step.name(),
+                            end.why
                         )));
                     }
                 }
             }
         }
-        Ok(State::RolledBack(types::RolledBack { reason: why }))
+        if end.fails || !left_behind.is_empty() {
+            let undone = if left_behind.is_empty() {
+                "everything it changed was undone"
+            } else {
+                "some of what it changed could not be undone (left_behind)"
+            };
+            return Ok(State::Failed(types::Failed {
+                error: format!("{}; {undone}", end.why),
+                left_behind,
+            }));
+        }
+        Ok(State::RolledBack(types::RolledBack { reason: end.why }))
     }
 
     async fn run_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {

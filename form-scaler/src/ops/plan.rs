@@ -50,24 +50,9 @@ pub fn steps(kind: types::OperationKind) -> &'static [Step] {
         IN[3],
         DeleteSnapshot,
     ];
-    const RESIZE: [Step; 16] = [
-        ResizeInPlace,
-        StoreResources,
-        REPLACE[0],
-        REPLACE[1],
-        REPLACE[2],
-        REPLACE[3],
-        REPLACE[4],
-        REPLACE[5],
-        REPLACE[6],
-        REPLACE[7],
-        REPLACE[8],
-        REPLACE[9],
-        REPLACE[10],
-        REPLACE[11],
-        REPLACE[12],
-        REPLACE[13],
-    ];
+    // In place only: a size a member cannot take in place fails the operation (a
+    // memory snapshot cannot change a VM's shape).
+    const RESIZE: [Step; 2] = [ResizeInPlace, StoreResources];
     match kind {
         types::OperationKind::ScaleOut => &OUT,
         types::OperationKind::ScaleIn => &IN,

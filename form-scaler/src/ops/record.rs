@@ -48,6 +48,9 @@ pub fn set(op: &mut types::Operation, state: State) {
         op.completed_at_ms = now;
     }
     op.updated_at_ms = now;
+    if let State::InProgress(p) = &state {
+        op.steps_recorded = op.steps_recorded.max(p.step_index + 1);
+    }
     op.status = Some(types::OperationStatus { state: Some(state) });
     op.affected_instances = super::plan::affected(op);
 }

@@ -22,7 +22,10 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
         Step::RemoveVictimMembers => remove_members(e, &op.cluster_id, &op.victims).await,
         Step::DeleteVictimInstances => delete_instances(e, &op.victims).await,
         Step::DeleteSnapshot => delete_snapshots(e, op).await,
-        _ => Err(OpError(format!("{} is not a removal step", step.name()))),
+        _ => Err(OpError::new(format!(
+            "{} is not a removal step",
+            step.name()
+        ))),
     }
 }
 
@@ -168,7 +171,7 @@ pub async fn drain_members(
             };
             tokio::time::timeout(timeout, follow)
                 .await
-                .unwrap_or_else(|_| Err(OpError(format!("drain of {id} on {domain} took longer than {timeout:?}"))))
+                .unwrap_or_else(|_| Err(OpError::new(format!("drain of {id} on {domain} took longer than {timeout:?}"))))
         });
     }
     join_all(set).await

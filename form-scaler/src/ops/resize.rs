@@ -1,6 +1,7 @@
-//! Vertical scaling: members are resized in place one at a time; a member the backend
-//! cannot resize in place (`enforced: false`) becomes a victim, replaced by a clone
-//! with the new resources in the steps that follow.
+//! Vertical scaling: members are resized in place one at a time, each checked by the
+//! node (a VM by hot-plug within the room it was started with, a process by cgroup
+//! limits read back). A member the node cannot resize fails the operation with the
+//! node's reason, and the members already resized go back to the earlier size.
 
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
@@ -16,7 +17,10 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
     match step {
         Step::ResizeInPlace => in_place(e, op).await,
         Step::StoreResources => store(e, op, op.target_resources).await,
-        _ => Err(OpError(format!("{} is not a resize step", step.name()))),
+        _ => Err(OpError::new(format!(
+            "{} is not a resize step",
+            step.name()
+        ))),
     }
 }
 
@@ -29,7 +33,6 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
                     plan::counted_members(&e.platform.cluster(&op.cluster_id).await?)
                         .into_iter()
                         .map(|m| m.instance_id.clone())
-                        .filter(|id| !op.victims.contains(id))
                         .collect();
                 for id in done {
                     resize_one(e, op, &id, prev).await?;
@@ -50,36 +53,25 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
 async fn in_place(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
     let target = op
         .target_resources
-        .ok_or_else(|| OpError("resize without target_resources".into()))?;
+        .ok_or_else(|| OpError::new("resize without target_resources"))?;
     let cluster = e.platform.cluster(&op.cluster_id).await?;
     let ids: Vec<String> = plan::counted_members(&cluster)
         .into_iter()
         .map(|m| m.instance_id.clone())
         .collect();
     for id in ids {
-        if op.victims.contains(&id) || op.new_instances.contains(&id) {
-            continue;
-        }
-        if !resize_one(e, op, &id, target).await? {
-            let k = op.new_instances.len();
-            if id == cluster.template_instance_id {
-                op.previous_template_instance_id = id.clone();
-            }
-            op.victims.push(id.clone());
-            op.new_instances
-                .push(plan::new_instance_id(&op.cluster_id, &op.operation_id, k));
-        }
+        resize_one(e, op, &id, target).await?;
     }
     Ok(())
 }
 
-/// Resizes one member; false when the backend could not apply it in place.
+/// Resizes one member and records what the node reports it has.
 async fn resize_one(
     e: &Engine,
     op: &types::Operation,
     id: &str,
     to: types::Resources,
-) -> Result<bool, OpError> {
+) -> Result<(), OpError> {
     let reply = e
         .platform
         .vmm()?
@@ -91,13 +83,16 @@ async fn resize_one(
         .map_err(|s| OpError::rpc(format!("resizing {id}"), &s))?
         .into_inner();
     if !reply.enforced {
-        tracing::info!(instance = id, message = %reply.message, "cannot resize in place; it will be replaced by a resized clone");
-        return Ok(false);
+        return Err(OpError::refused(format!(
+            "instance {id} cannot be resized to {} vCPUs and {} MiB: {}",
+            to.vcpus, to.memory_mib, reply.message
+        )));
     }
     let req = state_pb::UpdateMemberRequest {
         cluster_id: op.cluster_id.clone(),
         instance_id: id.to_owned(),
-        resources: Some(to),
+        // What the node says the instance has, not what was asked.
+        resources: reply.instance.and_then(|i| i.resources).or(Some(to)),
         ..Default::default()
     };
     e.platform
@@ -106,7 +101,7 @@ async fn resize_one(
         .update_member(req)
         .await
         .map_err(|s| OpError::rpc(format!("recording the resources of {id}"), &s))?;
-    Ok(true)
+    Ok(())
 }
 
 async fn store(

@@ -56,7 +56,7 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
     match step {
         Step::SyncClones | Step::FinalSyncClones => sync_clones(e, op).await,
         Step::HandoffVictims => handoff(e, op).await,
-        _ => Err(OpError(format!("{} is not a state step", step.name()))),
+        _ => Err(OpError::new(format!("{} is not a state step", step.name()))),
     }
 }
 
@@ -198,7 +198,7 @@ pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError>
         .collect();
     if stay.is_empty() {
         // They keep serving: draining them would leave nothing that serves.
-        return Err(OpError(format!(
+        return Err(OpError::new(format!(
             "no running member stays to take the changes of {served:?}; they are kept, serving, until one does"
         )));
     }
@@ -211,7 +211,7 @@ pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError>
             // Nothing can be read: no contract, or the instance does not run any more.
             Err(PumpError::Unsupported(_) | PumpError::Gone(_)) => {}
             Err(PumpError::Failed(err)) => {
-                return Err(OpError(format!(
+                return Err(OpError::new(format!(
                     "handing back the changes of {new} failed: {err}"
                 )));
             }
@@ -288,7 +288,7 @@ async fn sync_clones(e: &Engine, op: &mut types::Operation) -> Result<(), OpErro
             tracing::info!(operation = %op.operation_id, %why, "no state sync");
             Ok(())
         }
-        Err(PumpError::Gone(why)) => Err(OpError(format!(
+        Err(PumpError::Gone(why)) => Err(OpError::new(format!(
             "the source {source} cannot give its changes: {why}"
         ))),
         Err(PumpError::Failed(e)) => Err(e),
@@ -327,7 +327,7 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
         .map(|m| m.instance_id.clone())
         .collect();
     if survivors.is_empty() {
-        return Err(OpError(format!(
+        return Err(OpError::new(format!(
             "no active instance remains to take the changes of {:?}",
             op.victims
         )));
@@ -343,7 +343,7 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
                 tracing::info!(operation = %op.operation_id, victim = %victim, changes = c.changes, survivors = ?survivors, "victim's changes handed off");
             }
             Err(PumpError::Unsupported(why)) if refuse => {
-                return Err(OpError(format!(
+                return Err(OpError::refused(format!(
                     "the changes of {victim} cannot be handed off ({why}) and the cluster's state_sync refuses such scale-ins"
                 )));
             }
@@ -373,7 +373,7 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
                 ));
             }
             Err(PumpError::Failed(err)) => {
-                return Err(OpError(format!("handoff of {victim} failed: {err}")));
+                return Err(OpError::new(format!("handoff of {victim} failed: {err}")));
             }
         }
     }

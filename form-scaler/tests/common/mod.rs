@@ -53,6 +53,9 @@ pub enum Backend {
     Command(String),
     /// VMs of this guest directory (`form_testkit::guest::build`).
     Qemu(std::path::PathBuf),
+    /// Processes of form-demo-app on a node whose cgroups cannot be written (its
+    /// `--cgroup-root` holds none): limits cannot be enforced there.
+    ProcessWithoutCgroups,
 }
 
 impl Stack {
@@ -84,8 +87,14 @@ impl Stack {
                 data.to_str().expect("utf-8"),
             ])
             .collect();
+        let no_cgroups = dir.path().join("no-cgroups");
         let command = match &backend {
             Backend::Process => workspace_bin("form-demo-app").display().to_string(),
+            Backend::ProcessWithoutCgroups => {
+                std::fs::create_dir_all(&no_cgroups).expect("dir");
+                vmm_args.extend(["--cgroup-root", no_cgroups.to_str().expect("utf-8")]);
+                workspace_bin("form-demo-app").display().to_string()
+            }
             Backend::Command(c) => c.clone(),
             Backend::Qemu(guest) => {
                 vmm_args.extend([

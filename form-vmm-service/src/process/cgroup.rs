@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 
 /// Period of the CPU quota, microseconds (the kernel default).
 const CPU_PERIOD_US: u64 = 100_000;
-/// Root of the cgroup filesystems.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Which cgroup interface is usable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,10 +29,10 @@ fn writable_dir(parent: &Path, name: &str) -> Result<PathBuf, String> {
 }
 
 impl Cgroups {
-    /// Finds a usable interface and creates `form-vmm-<node>` in it.
-    pub(crate) fn detect(node: &str) -> Self {
+    /// Finds a usable interface under `root` (normally `/sys/fs/cgroup`) and creates
+    /// `form-vmm-<node>` in it.
+    pub(crate) fn detect(root: &Path, node: &str) -> Self {
         let name = format!("form-vmm-{node}");
-        let root = Path::new(CGROUP_ROOT);
         let controllers =
             std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
         if controllers.split_whitespace().any(|c| c == "cpu") {
@@ -94,6 +92,9 @@ impl Cgroups {
                 write(&dir.join("cgroup.procs"), &pid.to_string())?;
                 write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
                 write(&dir.join("memory.max"), &bytes.to_string())?;
+                read_back(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                read_back(&dir.join("memory.max"), &bytes.to_string())?;
+                read_back_member(&dir, pid)?;
                 Ok(format!(
                     "enforced with cgroup v2: cpu.max {quota}/{CPU_PERIOD_US}, memory.max {bytes}"
                 ))
@@ -103,11 +104,16 @@ impl Cgroups {
                 write(&dir.join("cgroup.procs"), &pid.to_string())?;
                 write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                 write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                read_back(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                read_back(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                read_back_member(&dir, pid)?;
                 let mem = match memory {
                     Some(m) => {
                         let mdir = writable_dir(m, instance)?;
                         write(&mdir.join("cgroup.procs"), &pid.to_string())?;
                         write(&mdir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                        read_back(&mdir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                        read_back_member(&mdir, pid)?;
                         format!("memory.limit_in_bytes {bytes}")
                     }
                     None => "memory not limited (no writable v1 memory hierarchy)".into(),
@@ -138,6 +144,32 @@ impl Cgroups {
             let _ = std::fs::remove_dir(d);
         }
     }
+}
+
+/// Reads a limit back after writing it: a file system that accepts the write and keeps
+/// another value (or none) does not enforce the limit.
+fn read_back(path: &Path, want: &str) -> Result<(), String> {
+    let got = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read back {}: {e}", path.display()))?;
+    if got.trim() != want {
+        return Err(format!(
+            "{} reads {:?} after writing {want:?}",
+            path.display(),
+            got.trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `pid` is in the group whose limits were written.
+fn read_back_member(dir: &Path, pid: u32) -> Result<(), String> {
+    let procs = dir.join("cgroup.procs");
+    let list = std::fs::read_to_string(&procs)
+        .map_err(|e| format!("cannot read back {}: {e}", procs.display()))?;
+    if !list.lines().any(|l| l.trim() == pid.to_string()) {
+        return Err(format!("process {pid} is not in {}", procs.display()));
+    }
+    Ok(())
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {

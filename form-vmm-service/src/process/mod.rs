@@ -69,11 +69,12 @@ impl ProcessBackend {
         root: PathBuf,
         host: IpAddr,
         node_id: &str,
+        cgroup_root: &std::path::Path,
         ready_timeout: Duration,
     ) -> Result<Self, VmmError> {
         std::fs::create_dir_all(&root)
             .map_err(VmmError::io(format!("creating {}", root.display())))?;
-        let cgroups = Cgroups::detect(node_id);
+        let cgroups = Cgroups::detect(cgroup_root, node_id);
         match &cgroups {
             Cgroups::Unavailable(why) => {
                 tracing::warn!(reason = %why, "resource limits will be recorded, not enforced")
@@ -417,6 +418,12 @@ impl Hypervisor for ProcessBackend {
             self.inner
                 .cgroups
                 .apply(id, pid, resources.vcpus, resources.memory_mib);
+        if !enforced {
+            // Recording a size the instance does not have would be a lie: refuse.
+            return Err(VmmError::FailedPrecondition(format!(
+                "cannot resize instance {id}: the new limits cannot be enforced on this node ({message})"
+            )));
+        }
         let info = self.with(id, |p| {
             p.info.spec.resources = resources;
             Ok(p.info.clone())

@@ -11,10 +11,12 @@
 //!
 //! The host port forwards belong to the QEMU that runs, not to the snapshot: every clone
 //! gets its own ports. The guest's workload listens on 8080 and its admin endpoint on 8081.
-//! Resize: memory through the virtio balloon (down, and back up to the boot size);
-//! vCPUs are not hot-plugged and the reply says so.
+//! Resize in place by hot-plug of vCPUs and DIMMs and the balloon, within the room a VM
+//! is started with (`shape.rs`, `resize.rs`).
 
 mod qmp;
+mod resize;
+mod shape;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -28,6 +30,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
 use self::qmp::Qmp;
+use self::shape::Shape;
 use crate::error::VmmError;
 use crate::hypervisor::{
     Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage, Window,
@@ -91,6 +94,16 @@ pub struct Guest {
     pub initrd: PathBuf,
 }
 
+/// The room a VM is started with for resizes in place (raised to its size where that
+/// is larger).
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    /// vCPUs it can be given by hot-plug.
+    pub max_vcpus: u32,
+    /// Memory it can be given by hot-plug, MiB.
+    pub max_memory_mib: u64,
+}
+
 impl Guest {
     /// The guest in `dir` (as `deploy/guest/build.sh` writes it).
     pub fn in_dir(dir: &Path) -> Result<Self, VmmError> {
@@ -127,11 +140,12 @@ struct Vm {
     serial: u64,
     pid: u32,
     dir: PathBuf,
-    machine_args: Vec<String>,
+    /// Machine arguments other than the shape.
+    base_args: Vec<String>,
+    shape: Shape,
     exit: watch::Receiver<Option<String>>,
     started: Instant,
     cpu: [crate::procfs::CpuSampler; 2],
-    boot_memory_mib: u64,
 }
 
 #[derive(Debug)]
@@ -140,6 +154,7 @@ struct Inner {
     host: IpAddr,
     accel: &'static str,
     guest: Guest,
+    room: Room,
     ready_timeout: Duration,
     vms: Table<Vm>,
 }
@@ -157,6 +172,7 @@ impl QemuBackend {
         host: IpAddr,
         accel: Accel,
         guest: Guest,
+        room: Room,
         ready_timeout: Duration,
     ) -> Result<Self, VmmError> {
         std::fs::create_dir_all(&root)
@@ -169,6 +185,7 @@ impl QemuBackend {
                 host,
                 accel,
                 guest,
+                room,
                 ready_timeout,
                 vms: Table::new(),
             }),
@@ -187,10 +204,9 @@ impl QemuBackend {
         self.inner.vms.with(id, f)
     }
 
-    /// The arguments that define the machine (the same for a snapshot and its clones).
+    /// The arguments that define the machine (the same for a snapshot and its clones),
+    /// apart from its shape.
     fn machine_args(&self, spec: &InstanceSpec) -> Vec<String> {
-        let r = spec.resources;
-        let memory = r.memory_mib.max(MIN_MEMORY_MIB);
         [
             "-M",
             "pc",
@@ -198,10 +214,6 @@ impl QemuBackend {
             self.inner.accel,
             "-cpu",
             "max",
-            "-m",
-            &memory.to_string(),
-            "-smp",
-            &r.vcpus.max(1).to_string(),
             "-nographic",
             "-nodefaults",
             "-no-reboot",
@@ -209,9 +221,12 @@ impl QemuBackend {
             &self.inner.guest.kernel.display().to_string(),
             "-initrd",
             &self.inner.guest.initrd.display().to_string(),
+            // Hot-pluggable memory lies above 4 GiB: the kernel would then take 64 MiB
+            // of a small guest for DMA bounce buffers (`swiotlb`); 1 MiB is plenty for
+            // virtio. Hot-added memory is onlined by the kernel itself.
             "-append",
             &format!(
-                "console=ttyS0 quiet panic=-1 form.instance={}",
+                "console=ttyS0 quiet panic=-1 memhp_default_state=online swiotlb=512 form.instance={}",
                 spec.instance_id
             ),
             "-device",
@@ -229,18 +244,18 @@ impl QemuBackend {
     async fn launch(
         &self,
         spec: InstanceSpec,
-        machine_args: Vec<String>,
+        (base_args, shape): (Vec<String>, Shape),
         incoming: Option<(&Path, String)>,
         generation: u64,
     ) -> Result<InstanceInfo, VmmError> {
         let id = spec.instance_id.clone();
-        let boot_memory_mib = memory_of(&machine_args).unwrap_or(spec.resources.memory_mib);
         let dir = self.inner.root.join(&id);
         claim_dir(&dir, &id)?;
         let host = self.inner.host;
         let (address, admin) = instance_addrs(host, self.vms().values().map(|v| &v.info))?;
         let qmp_path = dir.join("qmp.sock");
-        let mut args = machine_args.clone();
+        let mut args = base_args.clone();
+        args.extend(shape.args());
         args.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path.display()),
@@ -296,11 +311,11 @@ impl QemuBackend {
                 serial,
                 pid,
                 dir: dir.clone(),
-                machine_args,
+                base_args,
+                shape,
                 exit: rx.clone(),
                 started: Instant::now(),
                 cpu: [crate::procfs::CpuSampler::new(); 2],
-                boot_memory_mib,
             },
         );
         let inner = self.inner.clone();
@@ -432,13 +447,6 @@ impl QemuBackend {
     }
 }
 
-/// The `-m` value of machine arguments, in MiB.
-fn memory_of(args: &[String]) -> Option<u64> {
-    args.iter()
-        .position(|a| a == "-m")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-}
-
 /// 32 fresh random bytes from the host, hex, for a clone's entropy pool.
 fn seed() -> Result<String, VmmError> {
     use std::io::Read;
@@ -473,9 +481,18 @@ impl Hypervisor for QemuBackend {
         "qemu"
     }
 
-    async fn create(&self, spec: InstanceSpec) -> Result<InstanceInfo, VmmError> {
+    async fn create(&self, mut spec: InstanceSpec) -> Result<InstanceInfo, VmmError> {
         let args = self.machine_args(&spec);
-        self.launch(spec, args, None, 0).await
+        let room = self.inner.room;
+        spec.resources.memory_mib = spec.resources.memory_mib.max(MIN_MEMORY_MIB);
+        let shape = Shape::new(
+            spec.resources.vcpus,
+            spec.resources.memory_mib,
+            room.max_vcpus,
+            room.max_memory_mib,
+        );
+        spec.resources.vcpus = shape.vcpus;
+        self.launch(spec, (args, shape), None, 0).await
     }
 
     async fn get(&self, id: &str) -> Result<InstanceInfo, VmmError> {
@@ -510,7 +527,9 @@ impl Hypervisor for QemuBackend {
                     vm.info.status
                 )));
             }
-            Ok(vm.machine_args.clone())
+            let mut args = vm.base_args.clone();
+            args.extend(vm.shape.args());
+            Ok(args)
         })?;
         let mut qmp = self.qmp(id).await?;
         let memory = dir.join(MEMORY_FILE);
@@ -594,87 +613,92 @@ impl Hypervisor for QemuBackend {
                 manifest.snapshot_id
             )));
         }
-        // A clone runs the snapshot's machine: its resources are the machine's, whatever
-        // was asked (resize afterwards changes memory through the balloon).
-        let args = &manifest.machine_args;
-        let smp = args
-            .iter()
-            .position(|a| a == "-smp")
-            .and_then(|i| args.get(i + 1)?.parse().ok());
-        let resources = types::Resources {
-            vcpus: smp.unwrap_or(spec.resources.vcpus),
-            memory_mib: memory_of(args).unwrap_or(spec.resources.memory_mib),
+        // A clone starts as the snapshot's machine (memory snapshots cannot change its
+        // devices), then is resized in place to what was asked.
+        let (base, shape) = Shape::split(&manifest.machine_args).ok_or_else(|| {
+            VmmError::FailedPrecondition(format!(
+                "snapshot {} was made by a qemu backend without hot-plug room; take a new snapshot",
+                manifest.snapshot_id
+            ))
+        })?;
+        // The same floor as a new VM's.
+        let want = types::Resources {
+            vcpus: spec.resources.vcpus.max(1),
+            memory_mib: spec.resources.memory_mib.max(MIN_MEMORY_MIB),
         };
         let spec = InstanceSpec {
             workload: crate::snapshots::manifest_workload(manifest)?,
             cluster_id: manifest.cluster_id.clone(),
-            resources,
+            resources: types::Resources {
+                vcpus: shape.vcpus,
+                memory_mib: manifest.memory_mib.max(MIN_MEMORY_MIB),
+            },
             ..spec
         };
+        let id = spec.instance_id.clone();
         let memory = dir.join(MEMORY_FILE);
-        self.launch(
-            spec,
-            manifest.machine_args.clone(),
-            Some((&memory, manifest.snapshot_id.clone())),
-            manifest.generation + 1,
-        )
-        .await
-    }
-
-    async fn resize(&self, id: &str, resources: types::Resources) -> Result<Resized, VmmError> {
-        let (now, boot_mib) =
-            self.with(id, |vm| Ok((vm.info.spec.resources, vm.boot_memory_mib)))?;
-        let mut notes = Vec::new();
-        let mut enforced = true;
-        if resources.vcpus != now.vcpus {
-            enforced = false;
-            notes.push(format!(
-                "vCPU hot-plug is not supported by this machine type: {} vCPUs stay (clone with the new resources instead)",
-                now.vcpus
-            ));
+        let info = self
+            .launch(
+                spec,
+                (base, shape),
+                Some((&memory, manifest.snapshot_id.clone())),
+                manifest.generation + 1,
+            )
+            .await?;
+        if info.status != Status::Running {
+            return Ok(info);
         }
-        let mut memory = now.memory_mib;
-        if resources.memory_mib != now.memory_mib {
-            if resources.memory_mib > boot_mib {
-                enforced = false;
-                notes.push(format!(
-                    "memory cannot grow past the {boot_mib} MiB the VM booted with: {} MiB stay",
-                    now.memory_mib
-                ));
-            } else {
-                // The balloon takes memory back from the guest (or returns it, up to boot size).
-                let mut qmp = self.qmp(id).await?;
-                qmp.execute(
-                    "balloon",
-                    Some(serde_json::json!({ "value": resources.memory_mib << 20 })),
-                )
-                .await?;
-                let actual = qmp.execute("query-balloon", None).await?["actual"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    >> 20;
-                memory = resources.memory_mib;
-                notes.push(format!(
-                    "balloon target {memory} MiB (guest reports {actual} MiB so far)"
-                ));
+        let held = resize::actual_mib(&mut self.qmp(&id).await?).await?;
+        self.with(&id, |vm| {
+            vm.info.spec.resources.memory_mib = held;
+            Ok(())
+        })?;
+        if info.spec.resources.vcpus == want.vcpus && held == want.memory_mib {
+            return self.get(&id).await;
+        }
+        match self.resize(&id, want).await {
+            Ok(r) => Ok(r.info),
+            Err(e) => {
+                // A clone of another size than asked is not the clone that was asked for.
+                let _ = self.delete(&id).await;
+                Err(e)
             }
         }
+    }
+
+    async fn resize(&self, id: &str, want: types::Resources) -> Result<Resized, VmmError> {
+        let mut shape = self.with(id, |vm| {
+            if vm.info.status != Status::Running {
+                return Err(VmmError::FailedPrecondition(format!(
+                    "instance {id} is {:?}; only a running VM can be resized",
+                    vm.info.status
+                )));
+            }
+            Ok(vm.shape.clone())
+        })?;
+        resize::check(&shape, want, self.inner.accel)?;
+        let mut qmp = self.qmp(id).await?;
+        let changed = async {
+            resize::vcpus(&mut qmp, &mut shape, want.vcpus).await?;
+            resize::memory(&mut qmp, &mut shape, want.memory_mib).await
+        }
+        .await;
+        // What the VM has now, whether or not every change went through: the record
+        // follows the machine, not the request.
+        let held = resize::actual_mib(&mut qmp).await.unwrap_or(0);
         let info = self.with(id, |vm| {
+            vm.shape = shape.clone();
             vm.info.spec.resources = types::Resources {
-                vcpus: now.vcpus,
-                memory_mib: memory,
+                vcpus: shape.vcpus,
+                memory_mib: held,
             };
             Ok(vm.info.clone())
         })?;
-        let message = if notes.is_empty() {
-            "no change".to_owned()
-        } else {
-            notes.join("; ")
-        };
+        changed?;
         Ok(Resized {
             info,
-            enforced,
-            message,
+            enforced: true,
+            message: resize::describe(&shape, held),
         })
     }
 

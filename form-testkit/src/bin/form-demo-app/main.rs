@@ -4,7 +4,8 @@
 //! - `PUT /kv/{key}` stores the body; `GET /kv/{key}` returns it (404 when missing);
 //!   `DELETE /kv/{key}` deletes it;
 //! - `GET /session`: a per-session counter keyed by the `demo_session` cookie;
-//! - `GET /whoami`: `{instance_id, generation, restored_from, keys}`;
+//! - `GET /whoami`: `{instance_id, generation, restored_from, keys, resources}`, where
+//!   `resources` is what the instance sees of its CPUs and memory (`resources.rs`);
 //! - `GET /burn?ms=N`: burns CPU for N ms (at most 10 s);
 //! - `GET /healthz`: 200 once serving.
 //!
@@ -20,6 +21,7 @@
 //! changes. `POST /_form/close` closes the admin address (for fault tests).
 
 mod contract;
+mod resources;
 mod store;
 
 /// Merges allocate a string per key and value; mimalloc keeps that cheap.
@@ -206,6 +208,7 @@ async fn whoami(State(app): State<Shared>) -> Response {
         "generation": generation,
         "restored_from": id.restored_from,
         "keys": keys,
+        "resources": resources::seen(),
     }))
     .into_response()
 }
