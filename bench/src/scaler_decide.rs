@@ -20,7 +20,7 @@ pub(crate) fn run(calls: usize, clusters: usize) -> anyhow::Result<()> {
             instance_id: format!("i-{i}"),
             ready: true,
             cpu: Some(0.2 + 0.01 * f64::from(i)),
-            in_flight: Some(10.0),
+            requests_per_second: Some(10.0),
         })
         .collect();
     let mut history = History::default();

@@ -57,6 +57,7 @@ pub(crate) fn run(n: usize) -> anyhow::Result<()> {
             at_ms: t,
             cpu_utilization: 0.5,
             state_writes: None,
+            usage: None,
         };
         let d = write::heartbeat(&state, actor, t, &hb)?;
         mk(&mut state, &mut deltas, d);

@@ -1,7 +1,7 @@
 //! The control loop: every evaluation interval, for each cluster with a template and
-//! no running operation, observe (CPU from the heartbeats in form-state, in-flight
-//! requests from the balancer), decide, and submit the scale-out or scale-in the
-//! decision asks for. Unfinished operations found in form-state are adopted on each
+//! no running operation, observe (CPU from the heartbeats in form-state, the request
+//! rate from the balancer, each the mean of its metric window: `observe.rs`), decide,
+//! and submit the scale-out or scale-in the decision asks for. Unfinished operations found in form-state are adopted on each
 //! round too, so a restarted controller picks up what its predecessor left.
 
 use std::collections::{HashMap, HashSet};
@@ -14,8 +14,9 @@ use form_proto::types::v1 as types;
 use form_runtime::shutdown::Shutdown;
 
 use crate::controller::{LastDecision, Shared};
-use crate::decide::{self, Observation};
+use crate::decide;
 use crate::health_round as health;
+use crate::observe::{Load, Round};
 use crate::ops::plan::{self, Request};
 use crate::ops::record::now_ms;
 
@@ -33,6 +34,8 @@ pub struct Settings {
     pub act: bool,
     /// An instance unhealthy this long is replaced.
     pub replace_after: Duration,
+    /// Span of the mean each decision takes of a metric.
+    pub metric_window: Duration,
 }
 
 /// Runs until shutdown.
@@ -60,7 +63,7 @@ pub async fn run(shared: Arc<Shared>, settings: Settings, mut shutdown: Shutdown
 /// What the balancer says per `cluster/backend`.
 #[derive(Debug, Default)]
 struct Balancer {
-    in_flight: HashMap<String, f64>,
+    loads: HashMap<String, Load>,
     ejected: HashSet<String>,
 }
 
@@ -79,7 +82,12 @@ async fn balancer(shared: &Shared) -> Balancer {
                 if b.state == rplb_pb::BackendState::Ejected as i32 {
                     out.ejected.insert(key.clone());
                 }
-                out.in_flight.insert(key, f64::from(b.in_flight));
+                out.loads.insert(
+                    key,
+                    Load {
+                        requests_per_second: b.requests_per_second,
+                    },
+                );
             }
         }
     }
@@ -99,6 +107,10 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
     let lb = balancer(shared).await;
     let now = now_ms();
     let stale_ms = settings.heartbeat.as_millis() as u64 * STALE_HEARTBEATS;
+    {
+        let alive: HashSet<&String> = clusters.iter().flat_map(|c| c.members.keys()).collect();
+        lock(&shared.observer).retain(|id| alive.contains(&id.to_owned()));
+    }
     for c in clusters {
         if c.template_instance_id.is_empty()
             || shared.running(&c.cluster_id).is_some()
@@ -110,7 +122,17 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
             continue;
         }
         let policy = plan::policy_of(&c);
-        let obs = observations(shared, &c, &policy, &lb.in_flight, now, stale_ms);
+        let obs = {
+            let activated = lock(&shared.activated);
+            let round = Round {
+                loads: &lb.loads,
+                activated: &activated,
+                now_ms: now,
+                stale_ms,
+                window_ms: settings.metric_window.as_millis() as u64,
+            };
+            lock(&shared.observer).observe(&c, &policy, round)
+        };
         if obs.is_empty() {
             continue;
         }
@@ -177,37 +199,6 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
     Ok(())
 }
 
-/// The counted members of `c` as `decide` sees them.
-fn observations(
-    shared: &Shared,
-    c: &state_pb::Cluster,
-    policy: &types::ScalingPolicy,
-    loads: &HashMap<String, f64>,
-    now: u64,
-    stale_ms: u64,
-) -> Vec<Observation> {
-    let activated = shared
-        .activated
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    let warm_ms = u64::from(policy.warmup_seconds) * 1000;
-    plan::counted_members(c)
-        .into_iter()
-        .map(|m| {
-            let active = m.status == state_pb::MemberStatus::Active as i32;
-            let warming = activated
-                .get(&m.instance_id)
-                .is_some_and(|t| now < t + warm_ms);
-            let fresh =
-                m.last_heartbeat_ms > 0 && now.saturating_sub(m.last_heartbeat_ms) <= stale_ms;
-            Observation {
-                instance_id: m.instance_id.clone(),
-                ready: active && !warming,
-                cpu: fresh.then_some(m.cpu_utilization),
-                in_flight: loads
-                    .get(&format!("{}/{}", c.cluster_id, m.instance_id))
-                    .copied(),
-            }
-        })
-        .collect()
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -40,6 +40,8 @@ pub struct Config {
     /// Milliseconds from its request in which an operation must finish; past it the
     /// operation is rolled back and ends `failed`.
     pub operation_timeout_ms: u64,
+    /// Milliseconds of samples whose mean a decision takes (CPU, request rate).
+    pub metric_window_ms: u64,
     /// Injected faults, `STEP[=fail|hang|hold:FILE]` (tests of rollback and restarts).
     pub inject_fault: Vec<String>,
     /// Milliseconds an instance stays unhealthy before it is replaced.
@@ -66,6 +68,7 @@ impl Default for Config {
             ready_timeout_ms: 60_000,
             drain_timeout_ms: 120_000,
             operation_timeout_ms: 600_000,
+            metric_window_ms: 15_000,
             inject_fault: Vec::new(),
             replace_after_ms: 10_000,
             controller_heartbeat_ms: 1000,
@@ -96,6 +99,7 @@ impl ServiceConfig for Config {
             ("ready_timeout_ms", self.ready_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
             ("operation_timeout_ms", self.operation_timeout_ms),
+            ("metric_window_ms", self.metric_window_ms),
             ("replace_after_ms", self.replace_after_ms),
             ("controller_heartbeat_ms", self.controller_heartbeat_ms),
             ("controller_ttl_ms", self.controller_ttl_ms),
@@ -187,6 +191,11 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub operation_timeout_ms: Option<u64>,
 
+    /// Milliseconds of samples whose mean a decision takes (CPU from heartbeats, the
+    /// balancer's request rate) [default: 15000]
+    #[arg(long, value_name = "MS")]
+    pub metric_window_ms: Option<u64>,
+
     /// Milliseconds between two heartbeats of this controller into form-state
     #[arg(long, value_name = "MS")]
     pub controller_heartbeat_ms: Option<u64>,
@@ -243,6 +252,9 @@ impl Args {
             }
             if let Some(v) = self.operation_timeout_ms {
                 c.operation_timeout_ms = v;
+            }
+            if let Some(v) = self.metric_window_ms {
+                c.metric_window_ms = v;
             }
             if let Some(v) = self.controller_heartbeat_ms {
                 c.controller_heartbeat_ms = v;

@@ -47,6 +47,8 @@ pub struct Shared {
     pub decisions: Mutex<HashMap<String, LastDecision>>,
     /// When each instance created by a scale-out became active (warm-up).
     pub activated: Mutex<HashMap<String, u64>>,
+    /// Metric windows of every instance (what decisions are taken on).
+    pub observer: Mutex<crate::observe::Observer>,
     /// The other controllers, and who owns which cluster.
     pub peers: Peers,
     submit: tokio::sync::Mutex<()>,
@@ -73,6 +75,7 @@ impl Shared {
             histories: Mutex::default(),
             decisions: Mutex::default(),
             activated: Mutex::default(),
+            observer: Mutex::default(),
             submit: tokio::sync::Mutex::new(()),
             counter: AtomicU64::new(0),
         }

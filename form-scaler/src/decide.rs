@@ -3,7 +3,8 @@
 //!
 //! 1. Capacity is every instance that is ready or warming up. Warming instances count as
 //!    capacity but are left out of the metrics.
-//! 2. Per signal (CPU; in-flight requests when the policy targets them), the ratio is
+//! 2. Per signal (CPU; requests per second when the policy sets
+//!    `target_requests_per_instance`), the ratio is
 //!    the mean observed value over the target, across ready instances with a fresh value.
 //!    - Within the tolerance band: hold.
 //!    - Above it: `ceil(sum / target)` instances. Instances without a value count as idle
@@ -33,8 +34,8 @@ pub struct Observation {
     pub ready: bool,
     /// CPU utilisation in [0, 1], if fresh.
     pub cpu: Option<f64>,
-    /// Requests in flight, if fresh (from the balancer).
-    pub in_flight: Option<f64>,
+    /// Requests per second, if fresh (from the balancer).
+    pub requests_per_second: Option<f64>,
 }
 
 /// What happened before, as `decide` needs it.
@@ -164,9 +165,12 @@ pub fn decide(
     )];
     if let Some(t) = policy.target_requests_per_instance {
         signals.push(signal(
-            "in-flight requests",
+            "requests/s",
             t,
-            &ready.iter().map(|o| o.in_flight).collect::<Vec<_>>(),
+            &ready
+                .iter()
+                .map(|o| o.requests_per_second)
+                .collect::<Vec<_>>(),
             current,
             tolerance,
         ));

@@ -68,6 +68,16 @@ pub fn judge(m: &state_pb::Member, now_ms: u64, heartbeat_ms: u64, ejected: bool
     }
 }
 
+/// Heartbeats `m` skipped at `now_ms`: whole intervals since its last one, beyond the
+/// one in progress; 0 before its first.
+pub fn skipped(m: &state_pb::Member, now_ms: u64, heartbeat_ms: u64) -> u32 {
+    if m.last_heartbeat_ms == 0 {
+        return 0;
+    }
+    let intervals = now_ms.saturating_sub(m.last_heartbeat_ms) / heartbeat_ms.max(1);
+    u32::try_from(intervals.saturating_sub(1)).unwrap_or(u32::MAX)
+}
+
 /// Since when `m` has been unhealthy by its recorded history, if it is.
 pub fn unhealthy_since(m: &state_pb::Member) -> Option<u64> {
     m.health_history

@@ -1,5 +1,7 @@
 //! The health part of an evaluation round: judge each member, record changes of
-//! judgement in form-state (the member's health history), and replace a member that
+//! judgement in form-state (the member's health history) and of its count of skipped
+//! heartbeats (`heartbeats_skipped`: whole heartbeat intervals without one, beyond the
+//! one being waited for), and replace a member that
 //! has been unhealthy longer than the threshold. One replacement at a time per
 //! cluster (operations are one at a time), which keeps any cluster above
 //! max(1, 10%) of its members in flight; when every member looks unhealthy, one is
@@ -44,8 +46,11 @@ pub async fn round(
             ejected.contains(&format!("{}/{id}", c.cluster_id)),
         );
         let recorded = m.health_history.last().map(|e| e.state);
-        if recorded != Some(h.state() as i32) && !(recorded.is_none() && h == Health::Healthy) {
-            record(shared, c, id, &h, now).await;
+        let health_changed =
+            recorded != Some(h.state() as i32) && !(recorded.is_none() && h == Health::Healthy);
+        let skipped = health::skipped(m, now, heartbeat);
+        if health_changed || skipped != m.heartbeats_skipped {
+            record(shared, c, id, health_changed.then_some(&h), skipped, now).await;
         }
         if let Health::Unhealthy(why) = &h {
             let since = health::unhealthy_since(m).unwrap_or(now);
@@ -79,15 +84,23 @@ pub async fn round(
     }
 }
 
-async fn record(shared: &Shared, c: &state_pb::Cluster, id: &str, h: &Health, now: u64) {
+async fn record(
+    shared: &Shared,
+    c: &state_pb::Cluster,
+    id: &str,
+    h: Option<&Health>,
+    skipped: u32,
+    now: u64,
+) {
     let req = state_pb::UpdateMemberRequest {
         cluster_id: c.cluster_id.clone(),
         instance_id: id.to_owned(),
-        health: Some(state_pb::HealthEvent {
+        health: h.map(|h| state_pb::HealthEvent {
             state: h.state() as i32,
             reason: h.reason().to_owned(),
             at_ms: now,
         }),
+        heartbeats_skipped: Some(skipped),
         ..Default::default()
     };
     match shared
@@ -99,7 +112,7 @@ async fn record(shared: &Shared, c: &state_pb::Cluster, id: &str, h: &Health, no
         .await
     {
         Ok(_) => {
-            tracing::info!(cluster = %c.cluster_id, instance = id, health = ?h, "health changed")
+            tracing::info!(cluster = %c.cluster_id, instance = id, health = ?h, "member health recorded")
         }
         Err(e) => {
             tracing::debug!(cluster = %c.cluster_id, instance = id, error = %e.message(), "cannot record health")

@@ -10,6 +10,7 @@ pub mod decide;
 pub mod faults;
 pub mod health;
 pub mod health_round;
+pub mod observe;
 pub mod ops;
 pub mod ownership;
 pub mod peers;
@@ -115,6 +116,7 @@ impl Service for Controller {
             heartbeat: Duration::from_millis(c.heartbeat_interval_ms),
             act: c.autoscale,
             replace_after: Duration::from_millis(c.replace_after_ms),
+            metric_window: Duration::from_millis(c.metric_window_ms),
         };
         tokio::spawn(autoscale::run(
             shared.clone(),

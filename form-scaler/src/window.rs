@@ -1,6 +1,7 @@
 //! Smoothing of per-instance metrics: the mean of the samples of the last `span`,
 //! and nothing when the newest sample is older than `stale` (a stale metric must not
-//! drive a decision). Heartbeats bring a CPU sample every few seconds; deciding on the
+//! drive a decision) or when the samples cover less than half the span (a controller
+//! that just started, or an instance just seen, has too few to be a mean). Heartbeats bring a CPU sample every few seconds; deciding on the
 //! mean of a minute keeps a noisy but steady load from moving the cluster.
 
 use std::collections::VecDeque;
@@ -28,10 +29,11 @@ impl MetricWindow {
     }
 
     /// The mean over the last `span_ms` at `now_ms`, if the newest sample is at most
-    /// `stale_ms` old.
+    /// `stale_ms` old and the samples span at least half of `span_ms`.
     pub fn mean(&self, now_ms: u64, span_ms: u64, stale_ms: u64) -> Option<f64> {
         let (newest, _) = self.samples.back()?;
-        if now_ms.saturating_sub(*newest) > stale_ms {
+        let (oldest, _) = self.samples.front()?;
+        if now_ms.saturating_sub(*newest) > stale_ms || newest - oldest < span_ms / 2 {
             return None;
         }
         let from = now_ms.saturating_sub(span_ms);
@@ -57,6 +59,14 @@ mod tests {
         let m = w.mean(119_000, 60_000, 10_000).expect("fresh");
         assert!((m - 0.8).abs() < 0.02, "{m}");
         assert_eq!(w.mean(200_000, 60_000, 10_000), None, "stale");
+        let mut young = MetricWindow::default();
+        young.push(1000, 0.9, 60_000);
+        young.push(2000, 0.9, 60_000);
+        assert_eq!(
+            young.mean(2000, 60_000, 10_000),
+            None,
+            "2 s of a 60 s window"
+        );
         w.push(119_000, 5.0, 60_000);
         assert!(
             (w.mean(119_000, 60_000, 10_000).expect("fresh") - m).abs() < 1e-9,

@@ -211,3 +211,176 @@ async fn a_killed_instance_is_replaced_and_its_sessions_re_pinned_with_one_retry
     assert!(history.members.len() == 3);
     stack.stop().await;
 }
+
+/// The template's uptime as its last heartbeat reported it.
+async fn template_uptime(stack: &mut Stack) -> f64 {
+    stack.cluster().await.members[TEMPLATE]
+        .usage
+        .map_or(0.0, |u| u.uptime_seconds)
+}
+
+/// Burns CPU on the template through the balancer until `until` says stop (within a
+/// minute).
+async fn burn_until(stack: &mut Stack, until: impl AsyncFn(&mut Stack) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = via_lb(stack.http, "/burn?ms=300", None).await;
+        if until(stack).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the condition did not come within a minute"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_booting_template_is_not_load_until_its_warmup_has_passed() {
+    const WARMUP: u32 = 8;
+    let mut stack = Stack::start("auto-warmup").await;
+    let mut scaler = stack
+        .start_scaler(&[LOOP, &["--metric-window-ms", "1000"]].concat())
+        .await;
+    scaler
+        .set_policy(pb::SetPolicyRequest {
+            cluster_id: CLUSTER.into(),
+            policy: Some(ScalingPolicy {
+                min_instances: 1,
+                max_instances: 2,
+                target_cpu_utilization: 0.3,
+                warmup_seconds: WARMUP,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("policy");
+    assert_eventually!(
+        async { template_uptime(&mut stack).await > 0.0 },
+        "the heartbeats carry the template's uptime"
+    );
+    let start = template_uptime(&mut stack).await;
+    assert!(
+        start < 5.0,
+        "the template is young enough to test ({start} s)"
+    );
+    // Busy while warming up (as a VM is while it boots): not load.
+    burn_until(&mut stack, async |s| template_uptime(s).await >= 6.0).await;
+    let ops = stack
+        .state
+        .list_operations(form_proto::state::v1::ListOperationsRequest {
+            cluster_id: CLUSTER.into(),
+            limit: 0,
+        })
+        .await
+        .expect("operations")
+        .into_inner()
+        .operations;
+    assert!(
+        ops.is_empty(),
+        "a warming template scaled the cluster: {ops:?}"
+    );
+    assert_eq!(stack.members().await.len(), 1);
+    // Once warm, the same load is load.
+    burn_until(&mut stack, async |s| s.members().await.len() == 2).await;
+    assert!(
+        template_uptime(&mut stack).await >= f64::from(WARMUP),
+        "the scale-out came after the warm-up"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn skipped_heartbeats_are_counted_on_the_member_and_reset_when_they_come_back() {
+    let mut stack = Stack::start("auto-skipped").await;
+    let _scaler = stack
+        .start_scaler(&[
+            "--evaluate-interval-ms",
+            "100",
+            "--replace-after-ms",
+            "600000",
+        ])
+        .await;
+    let skipped = async |s: &mut Stack| s.cluster().await.members[TEMPLATE].heartbeats_skipped;
+    assert_eventually!(
+        async { stack.cluster().await.members[TEMPLATE].last_heartbeat_ms > 0 },
+        "the template heartbeats"
+    );
+    assert_eq!(skipped(&mut stack).await, 0);
+    // The node stops (frozen): its heartbeats stop.
+    stack
+        .vmm
+        .signal(nix::sys::signal::Signal::SIGSTOP)
+        .expect("SIGSTOP");
+    assert_eventually!(
+        deadline = Duration::from_secs(20),
+        async { skipped(&mut stack).await >= 3 },
+        "the controller counts the skipped heartbeats: {}",
+        skipped(&mut stack).await
+    );
+    stack
+        .vmm
+        .signal(nix::sys::signal::Signal::SIGCONT)
+        .expect("SIGCONT");
+    assert_eventually!(
+        deadline = Duration::from_secs(20),
+        async { skipped(&mut stack).await == 0 },
+        "back to 0 once heartbeats come again"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_request_rate_is_a_second_signal_that_scales_out_an_idle_cpu() {
+    let mut stack = Stack::start("auto-rate").await;
+    let mut scaler = stack
+        .start_scaler(&[LOOP, &["--metric-window-ms", "1000"]].concat())
+        .await;
+    scaler
+        .set_policy(pb::SetPolicyRequest {
+            cluster_id: CLUSTER.into(),
+            policy: Some(ScalingPolicy {
+                min_instances: 1,
+                max_instances: 2,
+                // Light requests: the CPU stays far below this.
+                target_cpu_utilization: 0.9,
+                target_requests_per_instance: Some(5.0),
+                warmup_seconds: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("policy");
+    // About 50 requests per second, 10 times the target of one instance.
+    let clients = Clients::start(stack.http, 1, false);
+    assert_eventually!(
+        deadline = Duration::from_secs(40),
+        async { stack.members().await.len() == 2 },
+        "the request rate scales the cluster out"
+    );
+    let _ = clients.stop().await;
+    let st = scaler
+        .get_status(pb::GetStatusRequest {
+            cluster_id: CLUSTER.into(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    let ops = stack
+        .state
+        .list_operations(form_proto::state::v1::ListOperationsRequest {
+            cluster_id: CLUSTER.into(),
+            limit: 0,
+        })
+        .await
+        .expect("operations")
+        .into_inner()
+        .operations;
+    assert!(
+        ops.iter().any(|o| o.reason.contains("requests/s")),
+        "the scale-out names the request rate: {:?} (last decision {:?})",
+        ops.iter().map(|o| &o.reason).collect::<Vec<_>>(),
+        st.last_decision
+    );
+    stack.stop().await;
+}

@@ -14,7 +14,7 @@ fn obs(cpus: &[Option<f64>]) -> Vec<Observation> {
             instance_id: format!("i{i}"),
             ready: true,
             cpu: *c,
-            in_flight: None,
+            requests_per_second: None,
         })
         .collect()
 }
@@ -230,19 +230,19 @@ fn any_signal_scales_out_and_all_must_agree_to_scale_in() {
         target_requests_per_instance: Some(10.0),
         ..policy()
     };
-    let with = |cpu: f64, inflight: f64| -> Vec<Observation> {
+    let with = |cpu: f64, rate: f64| -> Vec<Observation> {
         (0..4)
             .map(|i| Observation {
                 instance_id: format!("i{i}"),
                 ready: true,
                 cpu: Some(cpu),
-                in_flight: Some(inflight),
+                requests_per_second: Some(rate),
             })
             .collect()
     };
     let d = decide(&p, &with(0.1, 20.0), &History::default(), NOW);
     assert_eq!(d.desired, 8, "{}", d.reason);
-    assert!(d.reason.contains("in-flight requests"), "{}", d.reason);
+    assert!(d.reason.contains("requests/s"), "{}", d.reason);
     let d = decide(&p, &with(0.1, 10.0), &History::default(), NOW);
     assert_eq!(d.desired, 4, "cpu says in, requests say hold: {}", d.reason);
     let d = decide(&p, &with(0.1, 5.0), &History::default(), NOW);
@@ -300,7 +300,7 @@ fn simulate(
                 instance_id: format!("i{i}"),
                 ready: true,
                 cpu: w.mean(at, SPAN_MS, 5_000),
-                in_flight: None,
+                requests_per_second: None,
             })
             .collect();
         let d = decide(p, &observations, &history, at);

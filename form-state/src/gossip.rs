@@ -52,7 +52,7 @@ pub fn high_priority_fields(groups: &[String]) -> Result<Vec<crate::crdt::Field>
         out.extend_from_slice(match g.as_str() {
             "members" => &[F::MemberPresence, F::NodeId, F::Addresses, F::MemberStatus, F::Generation, F::MemberResources, F::MemberStateSync][..],
             "health" => &[F::Health, F::HeartbeatsSkipped][..],
-            "heartbeats" => &[F::Heartbeat, F::StateWrites][..],
+            "heartbeats" => &[F::Heartbeat, F::StateWrites, F::HeartbeatUsage][..],
             "operations" => &[F::OperationBody, F::OperationStatus][..],
             "clusters" => &[F::ClusterPresence, F::Domain, F::Workload, F::Policy, F::Template, F::Affinity, F::ClusterResources, F::StateSync][..],
             other => {

@@ -48,11 +48,7 @@ pub async fn run<H: Hypervisor>(
             let (id, cluster) = (i.spec.instance_id.clone(), i.spec.cluster_id.clone());
             match i.status {
                 Status::Running => {
-                    let cpu = hv
-                        .stats(&id, Window::Heartbeat)
-                        .await
-                        .map(|u| u.cpu_utilization)
-                        .unwrap_or(0.0);
+                    let usage = hv.stats(&id, Window::Heartbeat).await.ok();
                     let state_writes = match i.admin_address {
                         Some(a) => crate::contract::writes(a).await,
                         None => None,
@@ -61,8 +57,12 @@ pub async fn run<H: Hypervisor>(
                         cluster_id: cluster,
                         instance_id: id.clone(),
                         at_ms: now_ms(),
-                        cpu_utilization: cpu,
+                        cpu_utilization: usage.map_or(0.0, |u| u.cpu_utilization),
                         state_writes,
+                        usage: usage.map(|u| pb::InstanceUsage {
+                            memory_bytes: u.memory_bytes,
+                            uptime_seconds: u.uptime_seconds,
+                        }),
                     };
                     match client.heartbeat(req).await {
                         Ok(_) => metrics::counter!("form_vmm_heartbeats_total").increment(1),

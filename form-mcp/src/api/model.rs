@@ -45,7 +45,7 @@ pub struct Policy {
     /// Seconds after the last scaling action before the next scale-in.
     #[serde(default)]
     pub scale_in_cooldown_seconds: u32,
-    /// Target in-flight requests per instance (a second signal).
+    /// Target requests per second per instance, from the balancer (a second signal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_requests_per_instance: Option<f64>,
     /// Band around the target in which nothing changes (0: 0.1).

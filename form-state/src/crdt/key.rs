@@ -63,6 +63,9 @@ pub enum Field {
     MemberStateSync,
     /// A member's own writes as its workload counted them: rank = the count (max).
     StateWrites,
+    /// A member's memory and uptime: rank = heartbeat time in ms, value = encoded
+    /// `InstanceUsage` (max).
+    HeartbeatUsage,
 }
 
 /// How the entries of one field are read when concurrent writes left several.
@@ -83,7 +86,8 @@ impl Field {
             Field::Heartbeat
             | Field::OperationStatus
             | Field::ControllerHeartbeat
-            | Field::StateWrites => Resolve::Max,
+            | Field::StateWrites
+            | Field::HeartbeatUsage => Resolve::Max,
             Field::Health => Resolve::History,
             _ => Resolve::LastWriterWins,
         }

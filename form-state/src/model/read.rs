@@ -92,6 +92,7 @@ fn member(state: &State, id: &str, instance: &str) -> pb::Member {
             .unwrap_or(0.0),
         state_sync: decode(get(Field::MemberStateSync)),
         state_writes: get(Field::StateWrites).map(|e| e.rank).unwrap_or(0),
+        usage: decode(get(Field::HeartbeatUsage)),
     }
 }
 

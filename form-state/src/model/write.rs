@@ -316,6 +316,18 @@ pub fn heartbeat(
     if state.get(&key).is_none_or(|e| e.rank < at) {
         b.set(key, Value::U64(r.cpu_utilization.to_bits()), at, now);
     }
+    if let Some(u) = &r.usage {
+        if !(0.0..=1e10).contains(&u.uptime_seconds) {
+            return Err(StateError::invalid(
+                "usage.uptime_seconds",
+                format!("is {}; expected seconds >= 0", u.uptime_seconds),
+            ));
+        }
+        let key = Key::member(&r.cluster_id, &r.instance_id, Field::HeartbeatUsage);
+        if state.get(&key).is_none_or(|e| e.rank < at) {
+            b.set(key, msg_value("usage", u)?, at, now);
+        }
+    }
     if let Some(n) = r.state_writes {
         let key = Key::member(&r.cluster_id, &r.instance_id, Field::StateWrites);
         if state.get(&key).is_none_or(|e| e.rank < n) {
@@ -640,11 +652,23 @@ mod tests {
             at_ms: at,
             cpu_utilization: 0.5,
             state_writes: None,
+            usage: Some(pb::InstanceUsage {
+                memory_bytes: at * 1000,
+                uptime_seconds: at as f64,
+            }),
         };
         apply(&mut s, |s| heartbeat(s, "a", 10, &hb(100)));
         assert!(matches!(heartbeat(&s, "a", 11, &hb(50)), Ok(None)));
         let c = read::cluster(&s, "web").expect("cluster");
         assert_eq!(c.members["i1"].last_heartbeat_ms, 100);
+        // Memory and uptime come with the newest heartbeat, like the CPU.
+        assert_eq!(
+            c.members["i1"].usage,
+            Some(pb::InstanceUsage {
+                memory_bytes: 100_000,
+                uptime_seconds: 100.0
+            })
+        );
         assert_eq!(c.domain, "web.fog");
     }
 }
