@@ -266,16 +266,7 @@ async fn a_booting_template_is_not_load_until_its_warmup_has_passed() {
     );
     // Busy while warming up (as a VM is while it boots): not load.
     burn_until(&mut stack, async |s| template_uptime(s).await >= 6.0).await;
-    let ops = stack
-        .state
-        .list_operations(form_proto::state::v1::ListOperationsRequest {
-            cluster_id: CLUSTER.into(),
-            limit: 0,
-        })
-        .await
-        .expect("operations")
-        .into_inner()
-        .operations;
+    let ops = stack.operations().await;
     assert!(
         ops.is_empty(),
         "a warming template scaled the cluster: {ops:?}"
@@ -366,16 +357,7 @@ async fn the_request_rate_is_a_second_signal_that_scales_out_an_idle_cpu() {
         .await
         .expect("status")
         .into_inner();
-    let ops = stack
-        .state
-        .list_operations(form_proto::state::v1::ListOperationsRequest {
-            cluster_id: CLUSTER.into(),
-            limit: 0,
-        })
-        .await
-        .expect("operations")
-        .into_inner()
-        .operations;
+    let ops = stack.operations().await;
     assert!(
         ops.iter().any(|o| o.reason.contains("requests/s")),
         "the scale-out names the request rate: {:?} (last decision {:?})",

@@ -277,6 +277,18 @@ impl Stack {
     }
 
     /// The cluster as form-state has it.
+    pub async fn operations(&mut self) -> Vec<types::Operation> {
+        self.state
+            .list_operations(state_pb::ListOperationsRequest {
+                cluster_id: CLUSTER.into(),
+                limit: 0,
+            })
+            .await
+            .expect("operations")
+            .into_inner()
+            .operations
+    }
+
     pub async fn cluster(&mut self) -> state_pb::Cluster {
         self.state
             .get_cluster(state_pb::GetClusterRequest {
