@@ -137,7 +137,7 @@ impl Api {
         }
         let message = json["error"]["message"]
             .as_str()
-            .map(str::to_owned)
+            .map(cli_words)
             .unwrap_or_else(|| json.to_string());
         if status == StatusCode::UNAUTHORIZED {
             return Err(ApiError::Unauthorized(message));
@@ -153,5 +153,21 @@ impl Api {
     /// `POST path` with `body`.
     pub(crate) async fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
         self.call(Method::POST, path, Some(body), &[]).await
+    }
+}
+
+/// The API's message in the words of this CLI: fields named as the flags a user types.
+fn cli_words(message: &str) -> String {
+    message.replace("set immediate to", "pass --immediate to")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_fields_are_named_as_flags() {
+        assert_eq!(
+            super::cli_words("in its cooldown for 60 more seconds; set immediate to skip it"),
+            "in its cooldown for 60 more seconds; pass --immediate to skip it"
+        );
     }
 }

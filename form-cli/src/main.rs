@@ -6,6 +6,7 @@ mod client;
 mod clusters;
 mod demo;
 mod detach;
+mod drain;
 mod ops_tools;
 mod plan;
 mod scale;
@@ -97,6 +98,12 @@ enum Command {
     /// Set how a cluster's instances share application state (none, on_scale,
     /// continuous).
     StateSync(scale::StateSyncArgs),
+    /// Take one instance out of rotation: no new session goes to it.
+    Drain(drain::InstanceArgs),
+    /// Put a draining instance back in rotation.
+    Undrain(drain::InstanceArgs),
+    /// Set how a cluster's scale-ins drain the instances they remove.
+    DrainSettings(drain::SettingsArgs),
     /// A cluster's instances, health and last operation.
     Status(status::StatusArgs),
     /// Follow a cluster live: members, health, operations with progress.
@@ -190,6 +197,9 @@ fn main() -> ExitCode {
         Command::Resize(args) => runtime.block_on(scale::resize(&cli.api.client(), args)),
         Command::Policy(cmd) => runtime.block_on(scale::policy(&cli.api.client(), cmd)),
         Command::StateSync(args) => runtime.block_on(scale::state_sync(&cli.api.client(), args)),
+        Command::Drain(args) => runtime.block_on(drain::instance(&cli.api.client(), args, false)),
+        Command::Undrain(args) => runtime.block_on(drain::instance(&cli.api.client(), args, true)),
+        Command::DrainSettings(args) => runtime.block_on(drain::set(&cli.api.client(), args)),
         Command::Status(args) => runtime.block_on(status::status(&cli.api.client(), args)),
         Command::Watch(args) => runtime.block_on(status::watch(&cli.api.client(), args)),
         Command::Demo(args) => runtime.block_on(demo::run(&cli.api.client(), args)),

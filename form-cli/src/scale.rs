@@ -14,9 +14,20 @@ use crate::client::Api;
 pub(crate) struct ScaleArgs {
     /// The cluster.
     name: String,
-    /// Instances wanted.
-    #[arg(long, value_name = "N")]
-    to: u32,
+    /// Instances wanted (with --remove: optional, and must agree).
+    #[arg(long, value_name = "N", required_unless_present = "remove")]
+    to: Option<u32>,
+    /// Remove this instance (repeatable): a scale-in of the named instances instead of
+    /// the ones the controller would choose; a drained instance may be named.
+    #[arg(long, value_name = "ID")]
+    remove: Vec<String>,
+    /// Seconds sessions pinned to a removed instance may still use it [default: the
+    /// cluster's drain settings]
+    #[arg(long, value_name = "S")]
+    grace_seconds: Option<u32>,
+    /// Keep pinned sessions on removed instances for the whole grace period.
+    #[arg(long, requires = "grace_seconds")]
+    keep_sessions: bool,
     /// Remove instances without draining them first (by default their in-flight
     /// requests finish and new sessions go elsewhere before they go).
     #[arg(long)]
@@ -88,17 +99,24 @@ pub(crate) async fn scale(api: &Api, a: ScaleArgs) -> anyhow::Result<ExitCode> {
         .get(&format!("/api/v1/clusters/{}/status", a.name))
         .await?;
     let now = st["instances"].as_u64().unwrap_or(0) as u32;
-    if now == a.to {
+    if a.remove.is_empty() && a.to == Some(now) {
         println!("{} has {now} instances already", a.name);
         return Ok(ExitCode::SUCCESS);
     }
-    let operation = if a.to > now { "scale_out" } else { "scale_in" };
-    let body = json!({
+    let operation = match a.to {
+        Some(to) if to > now => "scale_out",
+        _ => "scale_in",
+    };
+    let mut body = json!({
         "operation": operation,
-        "target_count": a.to,
+        "target_count": a.to.unwrap_or(0),
         "immediate": a.immediate,
         "drain_connections": !a.no_drain,
+        "instance_ids_to_remove": a.remove,
     });
+    if let Some(g) = a.grace_seconds {
+        body["drain"] = crate::drain::settings(g, a.keep_sessions, true);
+    }
     submit(api, &a.name, &body, a.no_wait).await
 }
 

@@ -181,6 +181,42 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // One instance out of rotation and back, then removed by name.
+    let clone = st["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["template"] == false))
+        .and_then(|m| m["instance_id"].as_str())
+        .expect("a clone")
+        .to_owned();
+    for args in [
+        vec!["drain", "demo", clone.as_str()],
+        vec!["undrain", "demo", clone.as_str()],
+        vec!["drain-settings", "demo", "--grace-seconds", "5"],
+        vec![
+            "scale",
+            "demo",
+            "--remove",
+            clone.as_str(),
+            "--grace-seconds",
+            "1",
+            "--immediate",
+        ],
+    ] {
+        let out = ctl(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = ctl(&["status", "demo", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(st["instances"], 2, "{st}");
+    assert!(
+        !st.to_string().contains(&clone),
+        "{clone} was removed: {st}"
+    );
+
     // Clear errors, non-zero exits.
     for (args, says) in [
         (
@@ -195,6 +231,11 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         (vec!["scale", "demo", "--to", "99"], "target_count 99"),
         (vec!["state-sync", "demo", "--mode", "often"], "on_scale"),
         (vec!["state-sync", "nope", "--mode", "none"], "404"),
+        (
+            vec!["scale", "demo", "--remove", "ghost", "--immediate"],
+            "not a member",
+        ),
+        (vec!["scale", "demo", "--to", "1"], "pass --immediate"),
     ] {
         let out = ctl(&args);
         assert!(!out.status.success(), "{args:?} succeeded");

@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::api::action::Action;
 use crate::api::model::{
-    CreateCluster, Policy, Resources, ScaleOperation, ScaleRequest, StateSync,
+    CreateCluster, Drain, Policy, Resources, ScaleOperation, ScaleRequest, StateSync,
 };
 use crate::rest::App;
 
@@ -79,6 +79,22 @@ pub struct ScaleArgs {
     /// Makes a repeated call return the same operation.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Instances to remove (scale_in), instead of letting the controller choose.
+    #[serde(default)]
+    pub instance_ids_to_remove: Vec<String>,
+    /// How to drain the removed instances (default: the cluster's settings).
+    #[serde(default)]
+    pub drain: Option<Drain>,
+}
+
+/// Arguments of `set_drain`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetDrainArgs {
+    /// The cluster.
+    pub cluster_id: String,
+    /// The new settings.
+    pub drain: Drain,
 }
 
 /// Arguments of `set_scaling_policy`.
@@ -115,8 +131,29 @@ struct Spec {
     name: &'static str,
     description: &'static str,
     schema: fn() -> JsonObject,
-    read_only: bool,
+    hints: Hints,
 }
+
+/// The tool annotations: what a client may assume of a call.
+#[derive(Clone, Copy)]
+struct Hints {
+    read_only: bool,
+    /// It may remove something (instances, a cluster).
+    destructive: bool,
+    /// The same call twice has the effect of one.
+    idempotent: bool,
+}
+
+const READ: Hints = Hints {
+    read_only: true,
+    destructive: false,
+    idempotent: true,
+};
+const SET: Hints = Hints {
+    read_only: false,
+    destructive: false,
+    idempotent: true,
+};
 
 fn schema<T: JsonSchema>() -> JsonObject {
     match serde_json::to_value(schemars::schema_for!(T)) {
@@ -130,49 +167,85 @@ const TOOLS: &[Spec] = &[
         name: "list_clusters",
         description: "List every cluster with its members.",
         schema: schema::<NoArgs>,
-        read_only: true,
+        hints: READ,
+    },
+    Spec {
+        name: "get_cluster",
+        description: "Read one cluster: its workload, policy, affinity, resources, drain and state sync settings, and members.",
+        schema: schema::<ClusterArgs>,
+        hints: READ,
+    },
+    Spec {
+        name: "delete_cluster",
+        description: "Delete a cluster and every instance of it (refused while an operation runs).",
+        schema: schema::<ClusterArgs>,
+        hints: Hints {
+            read_only: false,
+            destructive: true,
+            idempotent: true,
+        },
     },
     Spec {
         name: "get_cluster_status",
         description: "Instances, health, the last operation and the last scaling decision of a cluster.",
         schema: schema::<ClusterArgs>,
-        read_only: true,
+        hints: READ,
     },
     Spec {
         name: "create_cluster",
         description: "Create a cluster of stateful instances and start its first instance (the template clones are made from).",
         schema: schema::<CreateCluster>,
-        read_only: false,
+        hints: Hints {
+            read_only: false,
+            destructive: false,
+            idempotent: false,
+        },
     },
     Spec {
         name: "scale_cluster",
         description: "Scale a cluster out or in to target_count, resize its instances, or replace one; returns the operation (follow it with get_operation).",
         schema: schema::<ScaleArgs>,
-        read_only: false,
+        hints: Hints {
+            read_only: false,
+            destructive: true,
+            idempotent: false,
+        },
     },
     Spec {
         name: "set_scaling_policy",
         description: "Validate and store a cluster's scaling policy.",
         schema: schema::<PolicyArgs>,
-        read_only: false,
+        hints: SET,
     },
     Spec {
         name: "set_state_sync",
         description: "Set how a cluster's instances share application state: none, on_scale (clones catch up with their source, scale-in hands the removed instances' writes to the others) or continuous.",
         schema: schema::<StateSyncArgs>,
-        read_only: false,
+        hints: SET,
     },
     Spec {
         name: "drain_instance",
         description: "Start draining one instance: no new unpinned request goes to it.",
         schema: schema::<DrainArgs>,
-        read_only: false,
+        hints: SET,
+    },
+    Spec {
+        name: "undrain_instance",
+        description: "Make a draining instance serve again (undo drain_instance).",
+        schema: schema::<DrainArgs>,
+        hints: SET,
+    },
+    Spec {
+        name: "set_drain",
+        description: "Set how a cluster's scale-ins drain their victims: the grace period of pinned sessions, and whether the drain ends once nothing is in flight.",
+        schema: schema::<SetDrainArgs>,
+        hints: SET,
     },
     Spec {
         name: "get_operation",
         description: "Read one scaling operation with its progress.",
         schema: schema::<OperationArgs>,
-        read_only: true,
+        hints: READ,
     },
 ];
 
@@ -188,6 +261,8 @@ fn action(name: &str, args: Value) -> Result<Action, String> {
             Action::ListClusters
         }
         "get_cluster_status" => Action::Status(parse::<ClusterArgs>(args)?.cluster_id),
+        "get_cluster" => Action::GetCluster(parse::<ClusterArgs>(args)?.cluster_id),
+        "delete_cluster" => Action::DeleteCluster(parse::<ClusterArgs>(args)?.cluster_id),
         "create_cluster" => Action::CreateCluster(Box::new(parse(args)?)),
         "scale_cluster" => {
             let a: ScaleArgs = parse(args)?;
@@ -198,6 +273,8 @@ fn action(name: &str, args: Value) -> Result<Action, String> {
                 drain_connections: a.drain_connections.unwrap_or(true),
                 resources: a.resources,
                 instance_id: a.instance_id,
+                instance_ids_to_remove: a.instance_ids_to_remove,
+                drain: a.drain,
             };
             Action::Scale(a.cluster_id, req, a.idempotency_key)
         }
@@ -212,6 +289,14 @@ fn action(name: &str, args: Value) -> Result<Action, String> {
         "drain_instance" => {
             let a: DrainArgs = parse(args)?;
             Action::DrainInstance(a.cluster_id, a.instance_id)
+        }
+        "undrain_instance" => {
+            let a: DrainArgs = parse(args)?;
+            Action::UndrainInstance(a.cluster_id, a.instance_id)
+        }
+        "set_drain" => {
+            let a: SetDrainArgs = parse(args)?;
+            Action::SetDrain(a.cluster_id, a.drain)
         }
         "get_operation" => Action::GetOperation(parse::<OperationArgs>(args)?.operation_id),
         other => {
@@ -252,8 +337,10 @@ impl rmcp::ServerHandler for Mcp {
                 let mut tool = Tool::new(t.name, t.description, (t.schema)());
                 tool.annotations = Some(
                     ToolAnnotations::new()
-                        .read_only(t.read_only)
-                        .destructive(t.name == "drain_instance"),
+                        .read_only(t.hints.read_only)
+                        .destructive(t.hints.destructive)
+                        .idempotent(t.hints.idempotent)
+                        .open_world(false),
                 );
                 tool
             })

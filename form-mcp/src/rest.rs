@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::action::Action;
 use crate::api::backends::Backends;
-use crate::api::model::{CreateCluster, Policy, ScaleRequest, StateSync};
+use crate::api::model::{CreateCluster, Drain, Policy, ScaleRequest, StateSync};
 use crate::auth::{self, Tokens};
 use crate::error::ApiError;
 
@@ -46,6 +46,11 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/clusters/{id}/instances/{instance}/drain",
             post(drain),
         )
+        .route(
+            "/api/v1/clusters/{id}/instances/{instance}/undrain",
+            post(undrain),
+        )
+        .route("/api/v1/clusters/{id}/drain", put(set_drain))
         .route("/api/v1/operations/{id}", get(operation))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/{*rest}", axum::routing::any(unknown))
@@ -213,7 +218,7 @@ async fn scale(
     serve(&app, &headers, action).await
 }
 
-const SCALE_SHAPE: &str = "{\"operation\": \"scale_out\" | \"scale_in\" | \"resize\" | \"replace_instance\", \"target_count\", \"immediate\", \"drain_connections\"}";
+const SCALE_SHAPE: &str = "{\"operation\": \"scale_out\" | \"scale_in\" | \"resize\" | \"replace_instance\", \"target_count\", \"immediate\", \"drain_connections\", \"drain\", \"instance_ids_to_remove\", \"resources\", \"instance_id\"}";
 
 async fn status(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
     serve(&app, &headers, Ok(Action::Status(id))).await
@@ -225,6 +230,28 @@ async fn drain(
     Path((id, instance)): Path<(String, String)>,
 ) -> Response {
     serve(&app, &headers, Ok(Action::DrainInstance(id, instance))).await
+}
+
+async fn undrain(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path((id, instance)): Path<(String, String)>,
+) -> Response {
+    serve(&app, &headers, Ok(Action::UndrainInstance(id, instance))).await
+}
+
+async fn set_drain(
+    State(app): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let action = parse::<Drain>(
+        body,
+        "{\"grace_period_seconds\": 0-3600, \"wait_for_connections\": bool, \"notify_clients\": bool}",
+    )
+    .map(|d| Action::SetDrain(id, d));
+    serve(&app, &headers, action).await
 }
 
 async fn operation(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {

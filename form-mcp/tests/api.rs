@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn tokens_are_required_and_read_tokens_cannot_write() {
@@ -249,18 +249,109 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
         .and_then(|m| m.iter().find(|m| m["instance_id"] == victim.as_str()))
         .expect("member");
     assert_eq!(drained["status"], "draining");
+    drain_undrain_and_remove_by_name(&g, &victim).await;
 
     let (code, del) = g
         .call("DELETE", "/api/v1/clusters/web", Some(ADMIN), None)
         .await;
     assert_eq!(code, 200, "{del}");
-    assert_eq!(del["instances_deleted"].as_array().map(Vec::len), Some(3));
+    assert_eq!(del["instances_deleted"].as_array().map(Vec::len), Some(2));
     let (code, body) = g
         .call("GET", "/api/v1/clusters/web", Some(READER), None)
         .await;
     assert_eq!(code, 404, "{body}");
     assert_eq!(body["error"]["code"], "not_found");
     g.stop().await;
+}
+
+/// The status of `instance` in cluster `web`.
+async fn member_status(g: &Gateway, instance: &str) -> Value {
+    let (_, one) = g
+        .call("GET", "/api/v1/clusters/web", Some(READER), None)
+        .await;
+    one["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["instance_id"] == instance))
+        .map_or(Value::Null, |m| m["status"].clone())
+}
+
+/// `victim` is draining: undrain it, set the cluster's drain settings, drain it again
+/// and remove it by name; the last serving member cannot be drained.
+async fn drain_undrain_and_remove_by_name(g: &Gateway, victim: &str) {
+    let instance = |verb: &str| format!("/api/v1/clusters/web/instances/{victim}/{verb}");
+    let (code, u) = g
+        .call("POST", &instance("undrain"), Some(ADMIN), None)
+        .await;
+    assert_eq!(code, 200, "{u}");
+    assert_eq!(member_status(g, victim).await, "active");
+
+    let (code, d) = g
+        .call(
+            "PUT",
+            "/api/v1/clusters/web/drain",
+            Some(ADMIN),
+            Some(&json!({"grace_period_seconds": 5, "wait_for_connections": false})),
+        )
+        .await;
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(d["wait_for_connections"], false);
+    let (_, one) = g
+        .call("GET", "/api/v1/clusters/web", Some(READER), None)
+        .await;
+    assert_eq!(one["drain"]["grace_period_seconds"], 5, "{one}");
+    let (code, e) = g
+        .call(
+            "PUT",
+            "/api/v1/clusters/web/drain",
+            Some(ADMIN),
+            Some(&json!({"grace_period_seconds": 4000})),
+        )
+        .await;
+    assert_eq!(code, 400, "{e}");
+    assert!(e.to_string().contains("grace_period_seconds"), "{e}");
+
+    let (code, _) = g.call("POST", &instance("drain"), Some(ADMIN), None).await;
+    assert_eq!(code, 202);
+    let (code, accepted) = g
+        .call(
+            "POST",
+            "/api/v1/clusters/web/scale",
+            Some(ADMIN),
+            Some(&json!({
+                "operation": "scale_in",
+                "instance_ids_to_remove": [victim],
+                "drain": {"grace_period_seconds": 1}
+            })),
+        )
+        .await;
+    assert_eq!(code, 202, "{accepted}");
+    let op = g
+        .wait_op(accepted["operation_id"].as_str().expect("id"))
+        .await;
+    assert_eq!(op["status"], "completed", "{op}");
+    assert_eq!(member_status(g, victim).await, Value::Null, "removed");
+
+    // Template and one clone left: the clone may drain, then the template may not.
+    let (_, one) = g
+        .call("GET", "/api/v1/clusters/web", Some(READER), None)
+        .await;
+    let members = one["members"].as_array().cloned().unwrap_or_default();
+    let id_of = |template: bool| {
+        members
+            .iter()
+            .find(|m| m["template"] == template)
+            .and_then(|m| m["instance_id"].as_str())
+            .expect("member")
+            .to_owned()
+    };
+    let (clone, template) = (id_of(false), id_of(true));
+    let path = |id: &str| format!("/api/v1/clusters/web/instances/{id}/drain");
+    let (code, _) = g.call("POST", &path(&clone), Some(ADMIN), None).await;
+    assert_eq!(code, 202);
+    let (code, e) = g.call("POST", &path(&template), Some(ADMIN), None).await;
+    assert_eq!(code, 409, "{e}");
+    assert!(e.to_string().contains("no serving instance"), "{e}");
+    assert_eq!(member_status(g, &template).await, "active");
 }
 
 #[tokio::test]
@@ -420,7 +511,7 @@ async fn every_route_of_the_openapi_document_is_served() {
     let mut g = Gateway::start("api-doc", &[]).await;
     let (_, doc) = g.call("GET", "/api/v1/openapi.json", None, None).await;
     let paths = doc["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 8);
+    assert_eq!(paths.len(), 10);
     for (path, ops) in paths {
         for method in ops.as_object().expect("ops").keys() {
             let concrete = path.replace("{id}", "x").replace("{instance}", "y");

@@ -55,15 +55,46 @@ async fn exercise(g: &Gateway, mode: ClientLifecycleMode, version: ProtocolVersi
         names,
         [
             "create_cluster",
+            "delete_cluster",
             "drain_instance",
+            "get_cluster",
             "get_cluster_status",
             "get_operation",
             "list_clusters",
             "scale_cluster",
+            "set_drain",
             "set_scaling_policy",
-            "set_state_sync"
+            "set_state_sync",
+            "undrain_instance",
         ]
     );
+    // Every tool says whether it reads only, may destroy, and may be repeated.
+    for t in &tools.tools {
+        let a = t.annotations.as_ref().expect("annotations");
+        let (ro, destructive, idempotent) = (
+            a.read_only_hint.expect("readOnlyHint"),
+            a.destructive_hint.expect("destructiveHint"),
+            a.idempotent_hint.expect("idempotentHint"),
+        );
+        assert_eq!(
+            ro,
+            t.name.starts_with("get_") || t.name.starts_with("list_"),
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            destructive,
+            ["delete_cluster", "scale_cluster"].contains(&t.name.as_ref()),
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            idempotent,
+            !["create_cluster", "scale_cluster"].contains(&t.name.as_ref()),
+            "{}",
+            t.name
+        );
+    }
     let scale = tools
         .tools
         .iter()
@@ -156,6 +187,23 @@ async fn exercise(g: &Gateway, mode: ClientLifecycleMode, version: ProtocolVersi
         })
         .await;
     assert!(bad.is_err(), "arguments without an operation are refused");
+    let (err, one) = call(&c, "get_cluster", json!({"cluster_id": cluster})).await;
+    assert!(!err, "{one}");
+    assert_eq!(one["cluster_id"], cluster);
+    assert_eq!(one["drain"]["wait_for_connections"], true, "{one}");
+    let (err, d) = call(
+        &c,
+        "set_drain",
+        json!({"cluster_id": cluster, "drain": {"grace_period_seconds": 7}}),
+    )
+    .await;
+    assert!(!err, "{d}");
+    assert_eq!(d["grace_period_seconds"], 7);
+    let (err, gone) = call(&c, "delete_cluster", json!({"cluster_id": cluster})).await;
+    assert!(!err, "{gone}");
+    let (err, e) = call(&c, "get_cluster", json!({"cluster_id": cluster})).await;
+    assert!(err);
+    assert_eq!(e["status"], 404, "{e}");
     c.cancel().await.expect("close");
 
     // A read token lists but cannot scale.

@@ -104,8 +104,24 @@ fn remove_cluster(core: &Core, cluster_id: &str, keep: Option<&str>) {
     }
 }
 
-/// The backends of a cluster: its active and draining members with an address.
-fn member_backends(c: &pb::Cluster) -> (Vec<BackendSpec>, Vec<String>) {
+/// How a draining member is drained: its own settings (written by the operation that
+/// drains it), else its cluster's; `None` leaves the route's.
+fn member_drain(c: &pb::Cluster, m: &pb::Member) -> Option<DrainSettings> {
+    let d = m.drain.or(c.drain)?;
+    Some(DrainSettings {
+        grace: std::time::Duration::from_secs(u64::from(if d.grace_period_seconds == 0 {
+            30
+        } else {
+            d.grace_period_seconds
+        })),
+        wait_for_connections: d.wait_for_connections,
+        notify_clients: d.notify_clients,
+    })
+}
+
+/// The backends of a cluster: its active and draining members with an address, and
+/// the draining ones with their drain settings.
+fn member_backends(c: &pb::Cluster) -> (Vec<BackendSpec>, Vec<(String, Option<DrainSettings>)>) {
     let mut specs = Vec::new();
     let mut draining = Vec::new();
     let mut ids: Vec<&String> = c.members.keys().collect();
@@ -131,7 +147,7 @@ fn member_backends(c: &pb::Cluster) -> (Vec<BackendSpec>, Vec<String>) {
         match settings::backend(&b) {
             Ok(mut spec) => {
                 if status == pb::MemberStatus::Draining {
-                    draining.push(spec.id.clone());
+                    draining.push((spec.id.clone(), member_drain(c, m)));
                     spec.active = false;
                 }
                 specs.push(spec);
@@ -209,11 +225,12 @@ fn apply_cluster(core: &Arc<Core>, c: &pb::Cluster) {
         tracing::info!(domain, cluster = %c.cluster_id, backends = view.backends.len(), "route follows the cluster");
     }
     if let Some(view) = core.table.get(&domain) {
-        for id in draining {
+        for (id, drain) in draining {
             if view
                 .backend(&id)
                 .is_some_and(|b| b.admin() == crate::routes::backend::Admin::Active)
-                && let Err(e) = crate::drain::start(core, &domain, &id, view.settings.drain)
+                && let Err(e) =
+                    crate::drain::start(core, &domain, &id, drain.unwrap_or(view.settings.drain))
             {
                 tracing::warn!(domain, backend = %id, error = %e, "cannot drain a draining member");
             }

@@ -61,6 +61,8 @@ impl ScalerService for Api {
             drain_connections: r.drain_connections,
             immediate: r.immediate,
             reason: "api".into(),
+            remove: r.instance_ids_to_remove,
+            drain: r.drain,
         };
         let op = self.shared.submit(&r.cluster_id, request, true).await?;
         Ok(Response::new(pb::ScaleReply {

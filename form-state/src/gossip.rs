@@ -50,11 +50,11 @@ pub fn high_priority_fields(groups: &[String]) -> Result<Vec<crate::crdt::Field>
     let mut out = Vec::new();
     for g in groups {
         out.extend_from_slice(match g.as_str() {
-            "members" => &[F::MemberPresence, F::NodeId, F::Addresses, F::MemberStatus, F::Generation, F::MemberResources, F::MemberStateSync][..],
+            "members" => &[F::MemberPresence, F::NodeId, F::Addresses, F::MemberStatus, F::Generation, F::MemberResources, F::MemberStateSync, F::MemberDrain][..],
             "health" => &[F::Health, F::HeartbeatsSkipped][..],
             "heartbeats" => &[F::Heartbeat, F::StateWrites, F::HeartbeatUsage][..],
             "operations" => &[F::OperationBody, F::OperationStatus][..],
-            "clusters" => &[F::ClusterPresence, F::Domain, F::Workload, F::Policy, F::Template, F::Affinity, F::ClusterResources, F::StateSync][..],
+            "clusters" => &[F::ClusterPresence, F::Domain, F::Workload, F::Policy, F::Template, F::Affinity, F::ClusterResources, F::StateSync, F::Drain][..],
             other => {
                 return Err(format!(
                     "'{other}' is not a field group; expected members, health, heartbeats, operations or clusters"

@@ -36,6 +36,10 @@ pub enum Action {
     GetOperation(String),
     /// Start draining one instance of a cluster.
     DrainInstance(String, String),
+    /// Make a draining instance serve again.
+    UndrainInstance(String, String),
+    /// Set how a cluster's scale-ins drain their victims.
+    SetDrain(String, model::Drain),
 }
 
 /// A reply: status and JSON body.
@@ -70,6 +74,8 @@ impl Action {
                 | Action::SetStateSync(..)
                 | Action::Scale(..)
                 | Action::DrainInstance(..)
+                | Action::UndrainInstance(..)
+                | Action::SetDrain(..)
         )
     }
 
@@ -86,6 +92,8 @@ impl Action {
             Action::Status(_) => "get_cluster_status",
             Action::GetOperation(_) => "get_operation",
             Action::DrainInstance(..) => "drain_instance",
+            Action::UndrainInstance(..) => "undrain_instance",
+            Action::SetDrain(..) => "set_drain",
         }
     }
 
@@ -173,15 +181,7 @@ impl Action {
             Action::DrainInstance(cluster, instance) => {
                 check_id("cluster_id", &cluster)?;
                 check_id("instance_id", &instance)?;
-                b.state()?
-                    .update_member(state_pb::UpdateMemberRequest {
-                        cluster_id: cluster.clone(),
-                        instance_id: instance.clone(),
-                        status: Some(state_pb::MemberStatus::Draining as i32),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|s| ApiError::upstream("draining the instance", &s))?;
+                clusters::drain_member(b, &cluster, &instance, true).await?;
                 json(
                     StatusCode::ACCEPTED,
                     &model::Drained {
@@ -189,6 +189,32 @@ impl Action {
                         instance_id: instance,
                     },
                 )
+            }
+            Action::UndrainInstance(cluster, instance) => {
+                check_id("cluster_id", &cluster)?;
+                check_id("instance_id", &instance)?;
+                clusters::drain_member(b, &cluster, &instance, false).await?;
+                json(
+                    StatusCode::OK,
+                    &model::Drained {
+                        cluster_id: cluster,
+                        instance_id: instance,
+                    },
+                )
+            }
+            Action::SetDrain(id, drain) => {
+                check_id("cluster_id", &id)?;
+                clusters::get(b, &id).await?;
+                b.state()?
+                    .put_cluster(state_pb::PutClusterRequest {
+                        cluster_id: id.clone(),
+                        drain: Some(drain.into()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| ApiError::upstream("setting the drain settings", &s))?;
+                let c = clusters::get(b, &id).await?;
+                json(StatusCode::OK, &model::Drain::from(c.drain))
             }
         }
     }
@@ -232,6 +258,8 @@ async fn scale(
         immediate: req.immediate,
         drain_connections: req.drain_connections,
         instance_id: req.instance_id.unwrap_or_default(),
+        drain: req.drain.map(Into::into),
+        instance_ids_to_remove: req.instance_ids_to_remove,
     };
     let reply = b
         .scaler()?

@@ -23,6 +23,63 @@ pub async fn get(b: &Backends, id: &str) -> Result<state_pb::Cluster, ApiError> 
         .map_err(|s| ApiError::upstream("reading the cluster", &s))
 }
 
+/// Drains a member (`drain`) or makes a draining one serve again. Draining is refused
+/// when no other member would serve; undraining, for a member that is not draining or
+/// active. Draining twice, or undraining an active member, changes nothing.
+pub async fn drain_member(
+    b: &Backends,
+    cluster: &str,
+    instance: &str,
+    drain: bool,
+) -> Result<(), ApiError> {
+    use state_pb::MemberStatus as S;
+    let c = get(b, cluster).await?;
+    let Some(m) = c.members.get(instance) else {
+        let mut ids: Vec<&String> = c.members.keys().collect();
+        ids.sort();
+        return Err(ApiError::not_found(format!(
+            "instance {instance} is not a member of cluster {cluster}; its members are {ids:?}"
+        )));
+    };
+    let now = S::try_from(m.status).unwrap_or(S::Unspecified);
+    let (want, what) = match (drain, now) {
+        (true, S::Draining) | (false, S::Active) => return Ok(()),
+        (true, S::Active) => {
+            let others = c
+                .members
+                .values()
+                .filter(|o| o.instance_id != instance && o.status == S::Active as i32)
+                .count();
+            if others == 0 {
+                return Err(ApiError::conflict(format!(
+                    "draining {instance} would leave cluster {cluster} with no serving instance; scale out first"
+                )));
+            }
+            (S::Draining, "draining the instance")
+        }
+        (false, S::Draining) => (S::Active, "undraining the instance"),
+        (_, other) => {
+            return Err(ApiError::conflict(format!(
+                "instance {instance} is {}; only an active instance can be drained and only a draining one undrained",
+                other
+                    .as_str_name()
+                    .trim_start_matches("MEMBER_STATUS_")
+                    .to_lowercase()
+            )));
+        }
+    };
+    b.state()?
+        .update_member(state_pb::UpdateMemberRequest {
+            cluster_id: cluster.to_owned(),
+            instance_id: instance.to_owned(),
+            status: Some(want as i32),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| ApiError::upstream(what, &s))?;
+    Ok(())
+}
+
 /// The cluster's state sync as the status shows it: its mode, or `unsupported` when
 /// a member's workload does not implement the state contract (as the vmm node saw it
 /// start), since then a scale-in loses the removed instances' writes, or `unknown`
@@ -95,6 +152,7 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
             resources,
             template_instance_id: None,
             state_sync: req.state_sync.map(Into::into),
+            drain: req.drain.map(Into::into),
         })
         .await
         .map_err(|s| ApiError::upstream("creating the cluster", &s))?;

@@ -164,6 +164,57 @@ pub struct CreateCluster {
     /// How instances share application state (default on_scale).
     #[serde(default)]
     pub state_sync: Option<StateSync>,
+    /// How a scale-in drains its victims (default 30 s, sessions move once nothing is
+    /// in flight).
+    #[serde(default)]
+    pub drain: Option<Drain>,
+}
+
+/// How a scale-in drains an instance before removing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    /// Seconds sessions pinned to the instance may still use it (0: 30; at most 3600).
+    #[serde(default)]
+    #[schemars(range(max = 3600))]
+    pub grace_period_seconds: u32,
+    /// End the drain as soon as no request is in flight, moving pinned sessions at
+    /// once (true), or keep them on the instance for the whole grace period (false).
+    #[serde(default = "yes")]
+    pub wait_for_connections: bool,
+    /// Ask clients to reconnect (`Connection: close`, GOAWAY).
+    #[serde(default = "yes")]
+    pub notify_clients: bool,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            grace_period_seconds: 30,
+            wait_for_connections: true,
+            notify_clients: true,
+        }
+    }
+}
+
+impl From<Drain> for types::DrainSettings {
+    fn from(d: Drain) -> Self {
+        Self {
+            grace_period_seconds: d.grace_period_seconds,
+            wait_for_connections: d.wait_for_connections,
+            notify_clients: d.notify_clients,
+        }
+    }
+}
+
+impl From<Option<types::DrainSettings>> for Drain {
+    fn from(d: Option<types::DrainSettings>) -> Self {
+        d.map_or_else(Drain::default, |d| Self {
+            grace_period_seconds: d.grace_period_seconds,
+            wait_for_connections: d.wait_for_connections,
+            notify_clients: d.notify_clients,
+        })
+    }
 }
 
 /// What a scale request does.
@@ -201,6 +252,13 @@ pub struct ScaleRequest {
     /// Instance to replace (replace_instance).
     #[serde(default)]
     pub instance_id: Option<String>,
+    /// Instances to remove (scale_in), instead of letting the controller choose; a
+    /// drained instance may be named. `target_count`, when set, must agree.
+    #[serde(default)]
+    pub instance_ids_to_remove: Vec<String>,
+    /// How to drain the removed instances (default: the cluster's drain settings).
+    #[serde(default)]
+    pub drain: Option<Drain>,
 }
 
 fn yes() -> bool {
@@ -260,6 +318,8 @@ pub struct Cluster {
     pub members: Vec<Member>,
     /// How its instances share application state.
     pub state_sync: StateSync,
+    /// How a scale-in drains its victims.
+    pub drain: Drain,
 }
 
 /// `GET /api/v1/clusters`.
@@ -611,6 +671,7 @@ pub fn cluster(c: state_pb::Cluster) -> Cluster {
         template_instance_id: c.template_instance_id,
         members,
         state_sync: c.state_sync.into(),
+        drain: c.drain.into(),
     }
 }
 

@@ -288,12 +288,24 @@ pub async fn set_status(
     ids: &[String],
     status: state_pb::MemberStatus,
 ) -> Result<(), OpError> {
+    set_status_with(e, op, ids, status, None).await
+}
+
+/// [`set_status`], with drain settings for the members when given.
+pub async fn set_status_with(
+    e: &Engine,
+    op: &types::Operation,
+    ids: &[String],
+    status: state_pb::MemberStatus,
+    drain: Option<types::DrainSettings>,
+) -> Result<(), OpError> {
     let mut state = e.platform.state.clone();
     for id in ids {
         let req = state_pb::UpdateMemberRequest {
             cluster_id: op.cluster_id.clone(),
             instance_id: id.clone(),
             status: Some(status as i32),
+            drain,
             ..Default::default()
         };
         gone_ok(

@@ -96,6 +96,19 @@ pub struct Request {
     pub immediate: bool,
     /// Why, e.g. "api" or a decision's reason.
     pub reason: String,
+    /// Scale-in: the instances to remove (empty: the controller chooses).
+    pub remove: Vec<String>,
+    /// How to drain the victims (unset: the cluster's settings).
+    pub drain: Option<types::DrainSettings>,
+}
+
+/// The drain of a cluster whose settings are unset: the balancer's default drain.
+pub fn default_drain() -> types::DrainSettings {
+    types::DrainSettings {
+        grace_period_seconds: 30,
+        wait_for_connections: true,
+        notify_clients: true,
+    }
 }
 
 /// Whether a member counts as healthy (no health event, or a healthy one last).
@@ -123,6 +136,57 @@ pub fn counted_members(c: &state_pb::Cluster) -> Vec<&state_pb::Member> {
 /// The policy in force for `c`.
 pub fn policy_of(c: &state_pb::Cluster) -> types::ScalingPolicy {
     c.scaling_policy.unwrap_or_else(policy::default_policy)
+}
+
+/// A scale-in of the instances the request names: each a member other than the
+/// template, once; the counted ones lower the count (within the policy's minimum), a
+/// drained one is removed without changing it.
+fn named_victims(
+    op: &mut types::Operation,
+    req: &Request,
+    cluster: &state_pb::Cluster,
+    policy: &types::ScalingPolicy,
+    current: u32,
+) -> Result<(), Status> {
+    let id = cluster.cluster_id.as_str();
+    let mut counted = 0u32;
+    for (k, v) in req.remove.iter().enumerate() {
+        let Some(m) = cluster.members.get(v) else {
+            return Err(Status::invalid_argument(format!(
+                "instance_ids_to_remove[{k}] '{v}' is not a member of cluster {id}; expected some of: {}",
+                member_list(cluster)
+            )));
+        };
+        if req.remove[..k].contains(v) {
+            return Err(Status::invalid_argument(format!(
+                "instance_ids_to_remove[{k}] '{v}' is named twice"
+            )));
+        }
+        if *v == cluster.template_instance_id {
+            return Err(Status::invalid_argument(format!(
+                "instance_ids_to_remove[{k}] '{v}' is the template of cluster {id}, which a scale-in never removes; replace it instead"
+            )));
+        }
+        if counted_members(cluster).contains(&m) {
+            counted += 1;
+        }
+    }
+    let target = current - counted;
+    if req.target_count != 0 && req.target_count != target {
+        return Err(Status::invalid_argument(format!(
+            "target_count {} does not agree with instance_ids_to_remove: removing them leaves {target} of {current} instances",
+            req.target_count
+        )));
+    }
+    if counted > 0 && target < policy.min_instances {
+        return Err(Status::invalid_argument(format!(
+            "removing {counted} serving instances leaves {target}, below the policy's min_instances {}",
+            policy.min_instances
+        )));
+    }
+    op.target_count = target;
+    op.victims = req.remove.clone();
+    Ok(())
 }
 
 /// The operation for `req` on `cluster`, or an error naming what is wrong and what is
@@ -156,6 +220,7 @@ pub fn build(
         updated_at_ms: now_ms,
         reason: req.reason.clone(),
         previous_resources: cluster.resources,
+        drain: Some(req.drain.or(cluster.drain).unwrap_or_else(default_drain)),
         steps: steps(kind).iter().map(|s| s.name().to_owned()).collect(),
         ..Default::default()
     };
@@ -181,6 +246,9 @@ pub fn build(
             op.target_count = target;
             op.source_instance_id = source(cluster, &[])?;
             op.new_instances = new_ids((target - current) as usize);
+        }
+        types::OperationKind::ScaleIn if !req.remove.is_empty() => {
+            named_victims(&mut op, req, cluster, &policy, current)?;
         }
         types::OperationKind::ScaleIn => {
             let target = if req.target_count == 0 {
@@ -273,9 +341,12 @@ pub fn still_valid(op: &types::Operation, cluster: &state_pb::Cluster) -> Result
                 policy.max_instances
             ))
         }
+        // A drained victim (named by the request) is a member that does not count.
         types::OperationKind::ScaleIn
-            if !op.victims.iter().all(member)
-                || current.saturating_sub(op.victims.len() as u32) < policy.min_instances =>
+            if !op.victims.iter().all(|v| cluster.members.contains_key(v))
+                || current
+                    .saturating_sub(op.victims.iter().filter(|v| member(v)).count() as u32)
+                    < policy.min_instances =>
         {
             Err(format!(
                 "the victims {:?} are no longer all members, or removing them would go below min_instances {}",

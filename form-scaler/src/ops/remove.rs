@@ -99,6 +99,18 @@ async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
     drain_members(e, op, &op.victims, op.drain_connections).await
 }
 
+fn drain_config(d: types::DrainSettings) -> rplb_pb::ConnectionDrainConfig {
+    rplb_pb::ConnectionDrainConfig {
+        grace_period_seconds: if d.grace_period_seconds == 0 {
+            30
+        } else {
+            d.grace_period_seconds
+        },
+        wait_for_connections: d.wait_for_connections,
+        notify_clients: d.notify_clients,
+    }
+}
+
 /// Marks `ids` draining and, with `drain_connections` or state sync, follows their
 /// drain on the balancer until no request reaches them.
 pub async fn drain_members(
@@ -110,7 +122,10 @@ pub async fn drain_members(
     if ids.is_empty() {
         return Ok(());
     }
-    set_status(e, op, ids, state_pb::MemberStatus::Draining).await?;
+    // The balancer drains a DRAINING member as the member says: the operation's
+    // settings (the request's, else the cluster's).
+    let settings = drain_connections.then(|| op.drain.unwrap_or_else(super::plan::default_drain));
+    super::create::set_status_with(e, op, ids, state_pb::MemberStatus::Draining, settings).await?;
     let Some(rplb) = e.platform.rplb.clone() else {
         return Ok(());
     };
@@ -119,7 +134,10 @@ pub async fn drain_members(
     // handoff reads them: without `drain_connections` the drain still waits, but only
     // for the requests in flight (pinned sessions move at once).
     let drain = if drain_connections {
-        None
+        // The request's settings, else the cluster's, recorded with the operation.
+        Some(drain_config(
+            op.drain.unwrap_or_else(super::plan::default_drain),
+        ))
     } else if super::sync::enabled(&cluster) {
         Some(rplb_pb::ConnectionDrainConfig {
             grace_period_seconds: u32::try_from(e.limits.drain_timeout.as_secs())
@@ -137,7 +155,11 @@ pub async fn drain_members(
         let id = id.clone();
         let mut rplb = rplb.clone();
         let domain = domain.clone();
-        let timeout = e.limits.drain_timeout;
+        // A grace period longer than the drain timeout is the operator's choice.
+        let timeout = e.limits.drain_timeout.max(
+            std::time::Duration::from_secs(drain.map_or(0, |d| u64::from(d.grace_period_seconds)))
+                + std::time::Duration::from_secs(10),
+        );
         let poll = e.limits.poll;
         set.spawn(async move {
             let req = rplb_pb::DrainBackendRequest {

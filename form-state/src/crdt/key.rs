@@ -66,6 +66,10 @@ pub enum Field {
     /// A member's memory and uptime: rank = heartbeat time in ms, value = encoded
     /// `InstanceUsage` (max).
     HeartbeatUsage,
+    /// Encoded `DrainSettings` of a cluster.
+    Drain,
+    /// Encoded `DrainSettings` of a member.
+    MemberDrain,
 }
 
 /// How the entries of one field are read when concurrent writes left several.

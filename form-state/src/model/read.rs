@@ -63,6 +63,7 @@ pub fn cluster(state: &State, id: &str) -> Option<pb::Cluster> {
         members,
         resources: decode(get(Field::ClusterResources)),
         state_sync: decode(get(Field::StateSync)),
+        drain: decode(get(Field::Drain)),
     })
 }
 
@@ -93,6 +94,7 @@ fn member(state: &State, id: &str, instance: &str) -> pb::Member {
         state_sync: decode(get(Field::MemberStateSync)),
         state_writes: get(Field::StateWrites).map(|e| e.rank).unwrap_or(0),
         usage: decode(get(Field::HeartbeatUsage)),
+        drain: decode(get(Field::MemberDrain)),
     }
 }
 

@@ -105,6 +105,23 @@ pub fn policy(p: &pb::ScalingPolicy) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Longest drain grace period accepted, seconds.
+pub const MAX_DRAIN_GRACE_SECONDS: u32 = 3600;
+
+/// Checks drain settings.
+pub fn drain(d: &pb::DrainSettings) -> Result<(), StateError> {
+    if d.grace_period_seconds > MAX_DRAIN_GRACE_SECONDS {
+        return Err(StateError::invalid(
+            "drain.grace_period_seconds",
+            format!(
+                "is {}; expected 0 (30) to {MAX_DRAIN_GRACE_SECONDS}",
+                d.grace_period_seconds
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A state sync setting: a continuous interval of 50 ms to 10 min and batches of
 /// 4 KiB to 4 MiB (0 picks the default of each), at most 16 priority prefixes of 1 to
 /// 256 bytes without ','.

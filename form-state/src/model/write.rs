@@ -110,6 +110,10 @@ pub fn put_cluster(
             now,
         );
     }
+    if let Some(d) = &r.drain {
+        validate::drain(d)?;
+        b.set(key(Field::Drain), msg_value("drain", d)?, 0, now);
+    }
     if let Some(s) = &r.state_sync {
         validate::state_sync(s)?;
         b.set(key(Field::StateSync), msg_value("state_sync", s)?, 0, now);
@@ -271,6 +275,10 @@ pub fn update_member(
             now,
             HEALTH_HISTORY,
         );
+    }
+    if let Some(d) = &r.drain {
+        validate::drain(d)?;
+        b.set(key(Field::MemberDrain), msg_value("drain", d)?, 0, now);
     }
     if let Some(sync) = &r.state_sync {
         b.set(
