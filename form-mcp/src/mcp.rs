@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::api::action::Action;
 use crate::api::model::{
-    CreateCluster, Drain, Policy, Resources, ScaleOperation, ScaleRequest, StateSync,
+    CreateCluster, Drain, PolicyUpdate, Resources, ScaleOperation, ScaleRequest, StateSync,
 };
 use crate::rest::App;
 
@@ -103,8 +103,8 @@ pub struct SetDrainArgs {
 pub struct PolicyArgs {
     /// The cluster.
     pub cluster_id: String,
-    /// The new policy.
-    pub policy: Policy,
+    /// The fields to change; the others keep the values of the policy in force.
+    pub policy: PolicyUpdate,
 }
 
 /// Arguments of `set_state_sync`.

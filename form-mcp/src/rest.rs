@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::action::Action;
 use crate::api::backends::Backends;
-use crate::api::model::{CreateCluster, Drain, Policy, ScaleRequest, StateSync};
+use crate::api::model::{CreateCluster, Drain, PolicyUpdate, ScaleRequest, StateSync};
 use crate::auth::{self, Tokens};
 use crate::error::ApiError;
 
@@ -177,9 +177,9 @@ async fn set_policy(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let action = parse::<Policy>(
+    let action = parse::<PolicyUpdate>(
         body,
-        "{\"min_instances\", \"max_instances\", \"target_cpu_utilization\", ...}",
+        "{\"min_instances\"?, \"max_instances\"?, \"target_cpu_utilization\"?, ...} (fields left out keep their values)",
     )
     .map(|p| Action::SetPolicy(id, p));
     serve(&app, &headers, action).await

@@ -225,6 +225,26 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
         .await;
     assert_eq!(code, 200, "{p}");
     assert_eq!(p["max_instances"], 5);
+    // Fields left out keep the values in force, not zero.
+    assert_eq!(
+        p["scale_in_cooldown_seconds"], st["policy"]["scale_in_cooldown_seconds"],
+        "{p} {st}"
+    );
+    let (code, p2) = g
+        .call(
+            "PUT",
+            "/api/v1/clusters/web/policy",
+            Some(ADMIN),
+            Some(&json!({"warmup_seconds": 12})),
+        )
+        .await;
+    assert_eq!(code, 200, "{p2}");
+    assert_eq!(p2["warmup_seconds"], 12);
+    assert_eq!(
+        (p2["min_instances"].clone(), p2["max_instances"].clone()),
+        (json!(2), json!(5))
+    );
+    assert_eq!(p2["target_cpu_utilization"], 0.7);
 
     let victim = st["members"]
         .as_array()
@@ -319,6 +339,7 @@ async fn drain_undrain_and_remove_by_name(g: &Gateway, victim: &str) {
             Some(ADMIN),
             Some(&json!({
                 "operation": "scale_in",
+                "immediate": true,
                 "instance_ids_to_remove": [victim],
                 "drain": {"grace_period_seconds": 1}
             })),
@@ -366,6 +387,24 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
         )
         .await;
     assert_eq!(code, 201, "{c}");
+    // A cluster created without a policy, or with part of one, shows the policy the
+    // controller applies: the defaults filled in.
+    let mut bare = demo_cluster("bare");
+    bare["policy"] = json!({"max_instances": 3});
+    let (code, made) = g
+        .call("POST", "/api/v1/clusters", Some(ADMIN), Some(&bare))
+        .await;
+    assert_eq!(code, 201, "{made}");
+    let (_, st) = g
+        .call("GET", "/api/v1/clusters/bare/status", Some(ADMIN), None)
+        .await;
+    assert_eq!(made["policy"], st["policy"], "GET and status agree");
+    assert_eq!(made["policy"]["max_instances"], 3);
+    assert_eq!(made["policy"]["scale_in_cooldown_seconds"], 60, "{made}");
+    let (code, _) = g
+        .call("DELETE", "/api/v1/clusters/bare", Some(ADMIN), None)
+        .await;
+    assert_eq!(code, 200);
     let cases: Vec<(&str, &str, String, u16, &str, &str)> = vec![
         (
             "POST",
@@ -398,6 +437,26 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
             400,
             "invalid_argument",
             "cluster_id",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters",
+            json!({"cluster_id": "x", "workload": {"command": "y"},
+                   "affinity": {"method": "cookie", "name": "bad name", "ttl_seconds": 60}})
+            .to_string(),
+            400,
+            "invalid_argument",
+            "affinity.cookie.name",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters",
+            json!({"cluster_id": "x", "workload": {"command": "y"},
+                   "affinity": {"method": "consistent_hashing", "parameter": "a b"}})
+            .to_string(),
+            400,
+            "invalid_argument",
+            "affinity.consistent_hashing.parameter",
         ),
         (
             "POST",

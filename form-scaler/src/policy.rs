@@ -117,18 +117,7 @@ pub fn tolerance(p: &ScalingPolicy) -> f64 {
 /// A policy for clusters that never set one: 1 to 10 instances at 60% CPU, HPA's
 /// windows (scale-in looks back 300 s), 60 s cooldowns, 30 s warm-up.
 pub fn default_policy() -> ScalingPolicy {
-    ScalingPolicy {
-        min_instances: 1,
-        max_instances: 10,
-        target_cpu_utilization: 0.6,
-        scale_out_cooldown_seconds: 60,
-        scale_in_cooldown_seconds: 60,
-        target_requests_per_instance: None,
-        tolerance: DEFAULT_TOLERANCE,
-        scale_out_stabilization_seconds: 0,
-        scale_in_stabilization_seconds: 300,
-        warmup_seconds: 30,
-    }
+    form_proto::default_scaling_policy()
 }
 
 #[cfg(test)]

@@ -72,6 +72,67 @@ pub fn operation_is_terminal(op: &types::v1::Operation) -> bool {
     )
 }
 
+/// The policy of a cluster that never set one, and the values a partial policy's
+/// missing fields take: 1 to 10 instances at 60% CPU, HPA's windows (scale-in looks
+/// back 300 s, tolerance 0.1), 60 s cooldowns, 30 s warm-up.
+pub fn default_scaling_policy() -> types::v1::ScalingPolicy {
+    types::v1::ScalingPolicy {
+        min_instances: 1,
+        max_instances: 10,
+        target_cpu_utilization: 0.6,
+        scale_out_cooldown_seconds: 60,
+        scale_in_cooldown_seconds: 60,
+        target_requests_per_instance: None,
+        tolerance: 0.1,
+        scale_out_stabilization_seconds: 0,
+        scale_in_stabilization_seconds: 300,
+        warmup_seconds: 30,
+    }
+}
+
+/// Longest cookie affinity TTL accepted: a year.
+pub const MAX_COOKIE_TTL: u64 = 365 * 24 * 3600;
+
+/// Whether `name` is an HTTP token (RFC 9110): a header or cookie name.
+pub fn is_http_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Checks an affinity as the balancer applies it; the error names the field and what
+/// is accepted. Every writer of a cluster checks it, so the balancer never has to drop
+/// an affinity it cannot apply.
+pub fn check_affinity(a: &types::v1::AffinityMethod) -> Result<(), String> {
+    use types::v1::affinity_method::Method;
+    match &a.method {
+        None | Some(Method::None(_)) | Some(Method::ClientIp(_)) => Ok(()),
+        Some(Method::Cookie(c)) if !is_http_token(&c.name) => Err(format!(
+            "affinity.cookie.name '{}': expected a cookie name of letters, digits and !#$%&'*+-.^_`|~",
+            c.name
+        )),
+        Some(Method::Cookie(c)) if c.ttl_seconds == 0 || c.ttl_seconds > MAX_COOKIE_TTL => {
+            Err(format!(
+                "affinity.cookie.ttl_seconds {}: expected 1 to {MAX_COOKIE_TTL}",
+                c.ttl_seconds
+            ))
+        }
+        Some(Method::Cookie(_)) => Ok(()),
+        Some(Method::ConsistentHashing(h)) => {
+            let p = h.parameter.trim();
+            if is_http_token(p.strip_prefix("query:").unwrap_or(p)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "affinity.consistent_hashing.parameter '{}': expected a header name or query:NAME",
+                    h.parameter
+                ))
+            }
+        }
+    }
+}
+
 /// A member's health as people read it, `healthy`, `degraded` or `unhealthy`, with the
 /// reason: the last recorded health event, or `stopped` for a stopped member.
 pub fn member_health(m: &state::v1::Member) -> (&'static str, String) {

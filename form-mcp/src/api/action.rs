@@ -10,7 +10,9 @@ use sha2::{Digest, Sha256};
 
 use super::backends::Backends;
 use super::clusters;
-use super::model::{self, CreateCluster, Policy, ScaleOperation, ScaleRequest, StateSync};
+use super::model::{
+    self, CreateCluster, Policy, PolicyUpdate, ScaleOperation, ScaleRequest, StateSync,
+};
 use crate::error::ApiError;
 
 /// One request of the API.
@@ -24,8 +26,9 @@ pub enum Action {
     CreateCluster(Box<CreateCluster>),
     /// Delete a cluster and its instances.
     DeleteCluster(String),
-    /// Set a cluster's scaling policy.
-    SetPolicy(String, Policy),
+    /// Change a cluster's scaling policy: the fields given; the others keep the values
+    /// of the policy in force.
+    SetPolicy(String, PolicyUpdate),
     /// Set how a cluster's instances share application state.
     SetStateSync(String, StateSync),
     /// Scale a cluster; the idempotency key makes a retry return the same operation.
@@ -123,8 +126,21 @@ impl Action {
                 check_id("cluster_id", &id)?;
                 json(StatusCode::OK, &clusters::delete(b, &id).await?)
             }
-            Action::SetPolicy(id, policy) => {
+            Action::SetPolicy(id, update) => {
                 check_id("cluster_id", &id)?;
+                // The policy in force, as the controller applies it (defaults included).
+                let current: Policy = b
+                    .scaler()?
+                    .get_status(scaler_pb::GetStatusRequest {
+                        cluster_id: id.clone(),
+                    })
+                    .await
+                    .map_err(|s| ApiError::upstream("reading the policy in force", &s))?
+                    .into_inner()
+                    .policy
+                    .unwrap_or_default()
+                    .into();
+                let policy = update.apply(current);
                 let reply = b
                     .scaler()?
                     .set_policy(scaler_pb::SetPolicyRequest {

@@ -147,7 +147,14 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
             cluster_id: id.clone(),
             domain: req.domain,
             workload: Some(workload.clone()),
-            scaling_policy: req.policy.map(Into::into),
+            // Stored whole, defaults filled in: what GET shows is what the controller
+            // applies.
+            scaling_policy: Some(
+                req.policy
+                    .unwrap_or_default()
+                    .apply(form_proto::default_scaling_policy().into())
+                    .into(),
+            ),
             affinity: req.affinity.map(Into::into),
             resources,
             template_instance_id: None,

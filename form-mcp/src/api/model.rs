@@ -152,9 +152,10 @@ pub struct CreateCluster {
     pub domain: Option<String>,
     /// What its instances run.
     pub workload: Workload,
-    /// Its scaling policy (default: 1-10 instances at 60% CPU).
+    /// Its scaling policy; fields left out take the defaults (1-10 instances at 60%
+    /// CPU, 60 s cooldowns, 300 s scale-in window, 30 s warm-up).
     #[serde(default)]
-    pub policy: Option<Policy>,
+    pub policy: Option<PolicyUpdate>,
     /// Session affinity (default none).
     #[serde(default)]
     pub affinity: Option<Affinity>,
@@ -479,6 +480,65 @@ impl From<types::Workload> for Workload {
             port: w.port,
             env: w.env.into_iter().collect(),
             health_path: w.health_path,
+        }
+    }
+}
+
+/// `PUT /api/v1/clusters/{id}/policy`: the fields to change. A field left out keeps
+/// the value of the policy in force (the cluster's, or the defaults when it has none).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyUpdate {
+    /// Never fewer instances (>= 1).
+    #[schemars(range(min = 1))]
+    pub min_instances: Option<u32>,
+    /// Never more instances (>= min_instances, at most the controller's cap).
+    pub max_instances: Option<u32>,
+    /// Target mean CPU utilisation, in (0, 1].
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub target_cpu_utilization: Option<f64>,
+    /// Seconds after new capacity became ready before the next scale-out (at most a day).
+    pub scale_out_cooldown_seconds: Option<u32>,
+    /// Seconds after the last scaling action before the next scale-in (at most a day).
+    pub scale_in_cooldown_seconds: Option<u32>,
+    /// Target requests per second per instance, from the balancer (a second signal).
+    pub target_requests_per_instance: Option<f64>,
+    /// Band around the target in which nothing changes, in [0, 1) (0: 0.1).
+    pub tolerance: Option<f64>,
+    /// Scale-out takes the lowest recommendation of this window (seconds).
+    pub scale_out_stabilization_seconds: Option<u32>,
+    /// Scale-in takes the highest recommendation of this window (seconds).
+    pub scale_in_stabilization_seconds: Option<u32>,
+    /// Seconds a new instance counts as capacity but not in metrics.
+    pub warmup_seconds: Option<u32>,
+}
+
+impl PolicyUpdate {
+    /// `current` with the fields this update sets.
+    pub fn apply(self, current: Policy) -> Policy {
+        Policy {
+            min_instances: self.min_instances.unwrap_or(current.min_instances),
+            max_instances: self.max_instances.unwrap_or(current.max_instances),
+            target_cpu_utilization: self
+                .target_cpu_utilization
+                .unwrap_or(current.target_cpu_utilization),
+            scale_out_cooldown_seconds: self
+                .scale_out_cooldown_seconds
+                .unwrap_or(current.scale_out_cooldown_seconds),
+            scale_in_cooldown_seconds: self
+                .scale_in_cooldown_seconds
+                .unwrap_or(current.scale_in_cooldown_seconds),
+            target_requests_per_instance: self
+                .target_requests_per_instance
+                .or(current.target_requests_per_instance),
+            tolerance: self.tolerance.unwrap_or(current.tolerance),
+            scale_out_stabilization_seconds: self
+                .scale_out_stabilization_seconds
+                .unwrap_or(current.scale_out_stabilization_seconds),
+            scale_in_stabilization_seconds: self
+                .scale_in_stabilization_seconds
+                .unwrap_or(current.scale_in_stabilization_seconds),
+            warmup_seconds: self.warmup_seconds.unwrap_or(current.warmup_seconds),
         }
     }
 }

@@ -90,8 +90,6 @@ pub struct BackendSpec {
 
 /// Longest accepted domain (DNS limit).
 const MAX_DOMAIN: usize = 253;
-/// Longest accepted cookie TTL (one year).
-const MAX_COOKIE_TTL: u64 = 365 * 24 * 3600;
 /// Largest accepted weight.
 const MAX_WEIGHT: u32 = 100;
 
@@ -121,44 +119,19 @@ pub fn domain(value: &str) -> Result<String, String> {
 /// The balancer's affinity from the contract's (unset means none).
 pub fn affinity(method: Option<&types::AffinityMethod>) -> Result<Affinity, String> {
     use types::affinity_method::Method;
+    if let Some(m) = method {
+        form_proto::check_affinity(m)?;
+    }
     Ok(match method.and_then(|m| m.method.as_ref()) {
         None | Some(Method::None(_)) => Affinity::None,
         Some(Method::ClientIp(_)) => Affinity::ClientIp,
-        Some(Method::Cookie(c)) => {
-            let valid_name = !c.name.is_empty()
-                && c.name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if !valid_name {
-                return Err(format!(
-                    "affinity.cookie.name '{}': expected a cookie name of letters, digits and !#$%&'*+-.^_`|~",
-                    c.name
-                ));
-            }
-            if c.ttl_seconds == 0 || c.ttl_seconds > MAX_COOKIE_TTL {
-                return Err(format!(
-                    "affinity.cookie.ttl_seconds {}: expected 1 to {MAX_COOKIE_TTL}",
-                    c.ttl_seconds
-                ));
-            }
-            Affinity::Cookie {
-                name: c.name.clone(),
-                ttl_seconds: c.ttl_seconds,
-            }
-        }
-        Some(Method::ConsistentHashing(h)) => {
-            let p = h.parameter.trim();
-            let name = p.strip_prefix("query:").unwrap_or(p);
-            if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                return Err(format!(
-                    "affinity.consistent_hashing.parameter '{}': expected a header name or query:NAME",
-                    h.parameter
-                ));
-            }
-            Affinity::Hash {
-                parameter: p.to_ascii_lowercase(),
-            }
-        }
+        Some(Method::Cookie(c)) => Affinity::Cookie {
+            name: c.name.clone(),
+            ttl_seconds: c.ttl_seconds,
+        },
+        Some(Method::ConsistentHashing(h)) => Affinity::Hash {
+            parameter: h.parameter.trim().to_ascii_lowercase(),
+        },
     })
 }
 

@@ -99,6 +99,7 @@ pub fn put_cluster(
         b.set(key(Field::Template), Value::Text(t.clone()), 0, now);
     }
     if let Some(a) = &r.affinity {
+        form_proto::check_affinity(a).map_err(|e| StateError::invalid("affinity", e))?;
         b.set(key(Field::Affinity), msg_value("affinity", a)?, 0, now);
     }
     if let Some(res) = &r.resources {
