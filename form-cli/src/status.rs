@@ -94,7 +94,7 @@ pub(crate) async fn watch(api: &Api, a: WatchArgs) -> anyhow::Result<ExitCode> {
         print!("\x1b[2J\x1b[H");
         print(&st);
         if let Some(id) = st["last_operation"]["operation_id"].as_str()
-            && st["scaling_status"] != "idle"
+            && st["scaling_status"] != "stable"
             && let Ok(op) = api.get(&format!("/api/v1/operations/{id}")).await
         {
             println!("running: {}", progress_line(&op));

@@ -129,6 +129,19 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
         .await;
     assert_eq!(code, 409, "the key names another request: {e}");
     assert_eq!(e["error"]["code"], "already_exists");
+    // The whole request counts: the same count without immediate is another request.
+    let flags = json!({"operation": "scale_out", "target_count": 3, "drain_connections": false, "immediate": true});
+    let (code, e) = g
+        .call_with(
+            "POST",
+            "/api/v1/clusters/web/scale",
+            Some(ADMIN),
+            &key,
+            Some(&flags.to_string()),
+        )
+        .await;
+    assert_eq!(code, 409, "a flag differs: {e}");
+    assert!(e.to_string().contains("another request"), "{e}");
     let op = g.wait_op(&id).await;
     assert_eq!(op["status"], "completed", "{op}");
     assert_eq!(op["type"], "scale_out");
@@ -144,7 +157,7 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["cluster_id"], "web");
     assert_eq!(st["instances"], 3);
-    assert_eq!(st["scaling_status"], "idle");
+    assert_eq!(st["scaling_status"], "stable");
     assert_eq!(st["health_status"], "healthy");
     assert_eq!(st["last_operation"]["type"], "scale_out");
     assert_eq!(st["last_operation"]["status"], "completed");

@@ -118,6 +118,7 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
         {
             continue;
         }
+        shared.forget_if_recreated(&c);
         if health::round(shared, &c, &lb.ejected, now, settings).await || !settings.act {
             continue;
         }

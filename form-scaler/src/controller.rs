@@ -49,6 +49,9 @@ pub struct Shared {
     pub activated: Mutex<HashMap<String, u64>>,
     /// Metric windows of every instance (what decisions are taken on).
     pub observer: Mutex<crate::observe::Observer>,
+    /// When each cluster whose history is kept was created: a cluster made again with
+    /// the same id starts with no history (no cooldown, no decision window).
+    created: Mutex<HashMap<String, u64>>,
     /// The other controllers, and who owns which cluster.
     pub peers: Peers,
     submit: tokio::sync::Mutex<()>,
@@ -76,6 +79,7 @@ impl Shared {
             decisions: Mutex::default(),
             activated: Mutex::default(),
             observer: Mutex::default(),
+            created: Mutex::default(),
             submit: tokio::sync::Mutex::new(()),
             counter: AtomicU64::new(0),
         }
@@ -134,6 +138,17 @@ impl Shared {
         {
             Ok(existing) => {
                 let op = existing.into_inner();
+                if op.cluster_id == cluster_id
+                    && !op.request_digest.is_empty()
+                    && op.request_digest != req.digest()
+                {
+                    return Err(Status::already_exists(format!(
+                        "operation {} was made by another request (its kind, counts, \
+                         instances or flags such as immediate and drain_connections differ); \
+                         an operation id (Idempotency-Key) names one request",
+                        op.operation_id
+                    )));
+                }
                 let same_target = req.target_count == 0 || req.target_count == op.target_count;
                 if op.cluster_id == cluster_id && op.kind == req.kind && same_target {
                     return Ok(op);
@@ -161,6 +176,7 @@ impl Shared {
             .await
             .map_err(|e| state_err(&format!("cluster {cluster_id}"), e))?
             .into_inner();
+        self.forget_if_recreated(&cluster);
         // A request that can never run is refused as such, before busy or cooldown.
         let candidates = self.candidates(&cluster).await;
         let owner = self.peers.owner_of(cluster_id);
@@ -317,6 +333,15 @@ impl Shared {
             for id in &op.new_instances {
                 a.insert(id.clone(), now);
             }
+        }
+    }
+
+    /// Forgets the history of `c`'s id when it belongs to an earlier cluster of that id.
+    pub fn forget_if_recreated(&self, c: &state_pb::Cluster) {
+        let mut created = lock(&self.created);
+        if created.insert(c.cluster_id.clone(), c.created_at_ms) != Some(c.created_at_ms) {
+            lock(&self.histories).remove(&c.cluster_id);
+            lock(&self.decisions).remove(&c.cluster_id);
         }
     }
 

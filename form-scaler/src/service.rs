@@ -118,7 +118,7 @@ impl ScalerService for Api {
             Some(Ok(types::OperationKind::ScaleIn)) => "scaling_in",
             Some(Ok(types::OperationKind::Resize)) => "resizing",
             Some(Ok(types::OperationKind::ReplaceInstance)) => "replacing",
-            _ => "idle",
+            _ => "stable",
         };
         let last_decision = self
             .shared

@@ -121,7 +121,7 @@ async fn scale_out_and_in_through_the_api_keep_state_members_and_balancer_in_agr
         .expect("status")
         .into_inner();
     assert_eq!(st.instances, 1);
-    assert_eq!(st.scaling_status, "idle");
+    assert_eq!(st.scaling_status, "stable");
     assert_eq!(
         st.last_operation.map(|o| o.operation_id),
         Some(reply.operation_id)
@@ -413,4 +413,95 @@ fn op_new(members: &[String]) -> String {
         .find(|m| *m != TEMPLATE)
         .expect("a member besides the template")
         .clone()
+}
+
+#[tokio::test]
+async fn a_cluster_made_again_with_its_id_starts_with_no_history_and_no_cooldown() {
+    let mut stack = Stack::start("ops-recreate").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    let mut policy = stack.cluster().await.scaling_policy.expect("policy");
+    policy.scale_out_cooldown_seconds = 600;
+    stack
+        .state
+        .put_cluster(form_proto::state::v1::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            scaling_policy: Some(policy),
+            ..Default::default()
+        })
+        .await
+        .expect("policy");
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect("scale out")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed");
+    let e = scaler
+        .scale(scale(OperationKind::ScaleOut, 3))
+        .await
+        .expect_err("cooldown");
+    assert!(e.message().contains("cooldown"), "{e:?}");
+
+    // Deleted (its clone too) and made again with the same id and template.
+    let old = stack.cluster().await;
+    stack
+        .state
+        .delete_cluster(form_proto::state::v1::DeleteClusterRequest {
+            cluster_id: CLUSTER.into(),
+        })
+        .await
+        .expect("delete");
+    for id in &op.new_instances {
+        let _ = stack
+            .vmm_client
+            .delete_instance(form_proto::vmm::v1::InstanceRef {
+                instance_id: id.clone(),
+            })
+            .await;
+    }
+    assert!(
+        stack.operations().await.is_empty(),
+        "its operations went with it"
+    );
+    stack
+        .state
+        .put_cluster(form_proto::state::v1::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            domain: Some(old.domain.clone()),
+            workload: old.workload.clone(),
+            scaling_policy: old.scaling_policy,
+            affinity: old.affinity.clone(),
+            resources: old.resources,
+            ..Default::default()
+        })
+        .await
+        .expect("made again");
+    let mut template = old.members[TEMPLATE].clone();
+    template.health_history.clear();
+    stack
+        .state
+        .add_member(form_proto::state::v1::AddMemberRequest {
+            cluster_id: CLUSTER.into(),
+            member: Some(template),
+        })
+        .await
+        .expect("template member");
+    stack
+        .state
+        .put_cluster(form_proto::state::v1::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            template_instance_id: Some(TEMPLATE.into()),
+            ..Default::default()
+        })
+        .await
+        .expect("template");
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect("the new cluster is in no cooldown")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    stack.stop().await;
 }

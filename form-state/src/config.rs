@@ -56,6 +56,8 @@ pub struct Config {
     pub buffer_limit: usize,
     /// Deltas kept in memory for gossip.
     pub delta_log_limit: usize,
+    /// Finished operations kept per cluster; older ones are deleted when one ends.
+    pub operations_kept_per_cluster: usize,
 }
 
 impl Default for Config {
@@ -75,6 +77,7 @@ impl Default for Config {
             snapshot_every: 10_000,
             buffer_limit: 10_000,
             delta_log_limit: 100_000,
+            operations_kept_per_cluster: 100,
         }
     }
 }
@@ -102,7 +105,7 @@ impl ServiceConfig for Config {
         }
         crate::model::validate::id("replica_id", &self.replica_id)
             .map_err(|e| ConfigError::invalid("--replica-id", e.to_string()))?;
-        let ranges: [(&str, u64, u64, u64); 6] = [
+        let ranges: [(&str, u64, u64, u64); 7] = [
             ("--sync-interval-ms", self.sync_interval_ms, 1, 60_000),
             (
                 "--anti-entropy-interval-ms",
@@ -118,6 +121,12 @@ impl ServiceConfig for Config {
                 self.delta_log_limit as u64,
                 1,
                 100_000_000,
+            ),
+            (
+                "--operations-kept-per-cluster",
+                self.operations_kept_per_cluster as u64,
+                1,
+                100_000,
             ),
         ];
         for (flag, v, lo, hi) in ranges {
@@ -214,6 +223,11 @@ pub struct Args {
     #[arg(long, value_name = "N", env = "FORM_STATE_DELTA_LOG_LIMIT")]
     pub delta_log_limit: Option<usize>,
 
+    /// Finished operations kept per cluster; the oldest go when another ends
+    /// [default: 100]
+    #[arg(long, value_name = "N", env = "FORM_STATE_OPERATIONS_KEPT_PER_CLUSTER")]
+    pub operations_kept_per_cluster: Option<usize>,
+
     /// Print '<replica-id> <public key hex>' for the authorized keys file (creating the
     /// node key if missing) and exit
     #[arg(long)]
@@ -266,6 +280,9 @@ impl Args {
             }
             if let Some(v) = self.buffer_limit {
                 c.buffer_limit = v;
+            }
+            if let Some(v) = self.operations_kept_per_cluster {
+                c.operations_kept_per_cluster = v;
             }
             if let Some(v) = self.delta_log_limit {
                 c.delta_log_limit = v;

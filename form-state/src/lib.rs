@@ -145,8 +145,11 @@ impl Service for StateReplica {
         ));
         let server = GrpcServer::new()
             .add_service(
-                StateServiceServer::new(StateApi::new(store.clone()))
-                    .max_decoding_message_size(gossip::MAX_MESSAGE),
+                StateServiceServer::new(StateApi::new(
+                    store.clone(),
+                    c.operations_kept_per_cluster,
+                ))
+                .max_decoding_message_size(gossip::MAX_MESSAGE),
             )
             .add_service(
                 GossipServiceServer::new(GossipApi::new(store, peers, c.batch_size))

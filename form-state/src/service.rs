@@ -21,12 +21,18 @@ use crate::watch;
 #[derive(Debug, Clone)]
 pub struct StateApi {
     store: Arc<Store>,
+    /// Finished operations kept per cluster (older ones are deleted).
+    operations_kept: usize,
 }
 
 impl StateApi {
-    /// The service over `store`.
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+    /// The service over `store`, keeping `operations_kept` finished operations per
+    /// cluster.
+    pub fn new(store: Arc<Store>, operations_kept: usize) -> Self {
+        Self {
+            store,
+            operations_kept,
+        }
     }
 
     fn reply(&self, w: Written) -> Response<pb::WriteReply> {
@@ -147,7 +153,7 @@ impl StateService for StateApi {
         let r = req.into_inner();
         let w = self
             .store
-            .write(|s, a| write::put_operation(s, a, now_ms(), &r))
+            .write(|s, a| write::put_operation(s, a, now_ms(), &r, self.operations_kept))
             .await?;
         Ok(self.reply(w))
     }

@@ -102,6 +102,35 @@ pub struct Request {
     pub drain: Option<types::DrainSettings>,
 }
 
+impl Request {
+    /// SHA-256 (hex) of every field of the request but its reason: two requests with
+    /// one operation id must be the same request.
+    pub fn digest(&self) -> String {
+        let r = self.target_resources.unwrap_or_default();
+        let d = self.drain.unwrap_or_default();
+        let canonical = format!(
+            "kind={}\ntarget={}\nresources={}/{}/{}\ninstance={}\ndrain_connections={}\nimmediate={}\nremove={}\ndrain={}/{}/{}/{}",
+            self.kind,
+            self.target_count,
+            self.target_resources.is_some(),
+            r.vcpus,
+            r.memory_mib,
+            self.instance_id,
+            self.drain_connections,
+            self.immediate,
+            self.remove.join(","),
+            self.drain.is_some(),
+            d.grace_period_seconds,
+            d.wait_for_connections,
+            d.notify_clients,
+        );
+        Sha256::digest(canonical.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
 /// The drain of a cluster whose settings are unset: the balancer's default drain.
 pub fn default_drain() -> types::DrainSettings {
     types::DrainSettings {
@@ -221,6 +250,7 @@ pub fn build(
         reason: req.reason.clone(),
         previous_resources: cluster.resources,
         drain: Some(req.drain.or(cluster.drain).unwrap_or_else(default_drain)),
+        request_digest: req.digest(),
         steps: steps(kind).iter().map(|s| s.name().to_owned()).collect(),
         ..Default::default()
     };

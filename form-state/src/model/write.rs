@@ -128,6 +128,11 @@ pub fn delete_cluster(state: &State, actor: &str, id: &str) -> Result<Option<Del
     require_cluster(state, id)?;
     let mut b = DeltaBuilder::new(state, actor);
     b.remove_scope(Space::Cluster, id, None);
+    // Its operations go with it: a cluster made again with this id starts with no
+    // history (and no cooldown).
+    for op in read::operations(state, id, 0) {
+        b.remove_scope(Space::Operation, &op.operation_id, None);
+    }
     Ok(b.build())
 }
 
@@ -376,6 +381,7 @@ pub fn put_operation(
     actor: &str,
     now: u64,
     r: &pb::PutOperationRequest,
+    keep: usize,
 ) -> Result<Option<Delta>, StateError> {
     let op = r
         .operation
@@ -455,6 +461,18 @@ pub fn put_operation(
             rank,
             now,
         );
+        if form_proto::operation_is_terminal(op) {
+            // The oldest finished operations of the cluster beyond `keep` go.
+            let finished: Vec<types::Operation> = read::operations(state, &op.cluster_id, 0)
+                .into_iter()
+                .filter(|o| {
+                    o.operation_id != op.operation_id && form_proto::operation_is_terminal(o)
+                })
+                .collect();
+            for old in finished.iter().skip(keep.saturating_sub(1)) {
+                b.remove_scope(Space::Operation, &old.operation_id, None);
+            }
+        }
     }
     Ok(b.build())
 }
@@ -467,6 +485,55 @@ mod tests {
         if let Some(d) = write(state).expect("valid write") {
             state.apply(&d);
         }
+    }
+
+    #[test]
+    fn finished_operations_are_bounded_per_cluster_and_go_with_their_cluster() {
+        use types::operation_status::State as S;
+        let mut s = State::default();
+        for c in ["web", "db"] {
+            apply(&mut s, |s| {
+                put_cluster(
+                    s,
+                    "a",
+                    1,
+                    &pb::PutClusterRequest {
+                        cluster_id: c.into(),
+                        ..Default::default()
+                    },
+                )
+            });
+        }
+        let done = |id: String, cluster: &str, at: u64| pb::PutOperationRequest {
+            operation: Some(types::Operation {
+                operation_id: id,
+                cluster_id: cluster.into(),
+                kind: types::OperationKind::ScaleOut as i32,
+                created_at_ms: at,
+                status: Some(types::OperationStatus {
+                    state: Some(S::Completed(types::Completed {})),
+                }),
+                ..Default::default()
+            }),
+        };
+        for k in 0..5u64 {
+            apply(&mut s, |s| {
+                put_operation(s, "a", 10 + k, &done(format!("w{k}"), "web", k), 3)
+            });
+        }
+        apply(&mut s, |s| {
+            put_operation(s, "a", 20, &done("d0".into(), "db", 1), 3)
+        });
+        let ids = |s: &State, c: &str| -> Vec<String> {
+            read::operations(s, c, 0)
+                .into_iter()
+                .map(|o| o.operation_id)
+                .collect()
+        };
+        assert_eq!(ids(&s, "web"), ["w4", "w3", "w2"], "the newest 3 are kept");
+        apply(&mut s, |s| delete_cluster(s, "a", "web"));
+        assert!(ids(&s, "web").is_empty(), "deleted with their cluster");
+        assert_eq!(ids(&s, "db"), ["d0"], "another cluster's stay");
     }
 
     #[test]
@@ -502,6 +569,7 @@ mod tests {
                     step_index: 2,
                     step: "clone".into(),
                 })),
+                100,
             )
         });
         let step = |name: &str| {
@@ -511,16 +579,16 @@ mod tests {
             }))
         };
         assert!(
-            put_operation(&s, "a", 3, &step("clone")).is_ok(),
+            put_operation(&s, "a", 3, &step("clone"), 100).is_ok(),
             "the same step again (what it learned) is accepted"
         );
-        let e = put_operation(&s, "a", 3, &step("undo:clone")).expect_err("other step");
+        let e = put_operation(&s, "a", 3, &step("undo:clone"), 100).expect_err("other step");
         assert!(e.to_string().contains("another controller"), "{e}");
-        let e = put_operation(&s, "a", 3, &op(S::Requested(types::Requested {})))
+        let e = put_operation(&s, "a", 3, &op(S::Requested(types::Requested {})), 100)
             .expect_err("backwards");
         assert!(e.to_string().contains("cannot move back"), "{e}");
         apply(&mut s, |s| {
-            put_operation(s, "a", 4, &op(S::Completed(types::Completed {})))
+            put_operation(s, "a", 4, &op(S::Completed(types::Completed {})), 100)
         });
         assert_eq!(
             status_rank(read::operation(&s, "op1").expect("op").status.as_ref()),
@@ -528,7 +596,7 @@ mod tests {
         );
         assert!(
             matches!(
-                put_operation(&s, "a", 5, &op(S::Completed(types::Completed {}))),
+                put_operation(&s, "a", 5, &op(S::Completed(types::Completed {})), 100),
                 Ok(None)
             ),
             "a repeat is a no-op"
