@@ -29,8 +29,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ErrorDetail {
     /// Machine-readable code: invalid_json, invalid_argument, unauthorized, forbidden,
-    /// not_found, conflict, already_exists, failed_precondition, payload_too_large,
-    /// unavailable, internal.
+    /// not_found, method_not_allowed, conflict, already_exists, failed_precondition,
+    /// payload_too_large, unsupported_media_type, unavailable, internal.
     pub code: String,
     /// What was wrong and what is accepted.
     pub message: String,

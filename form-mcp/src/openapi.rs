@@ -158,7 +158,11 @@ fn error_responses(g: &mut SchemaGenerator, writes: bool) -> Map<String, Value> 
     };
     add(
         "400",
-        "Invalid JSON, an unknown field, or a value outside what is accepted",
+        "Invalid JSON, an unknown or wrong-typed field (named), or a value outside what is accepted",
+    );
+    add(
+        "405",
+        "The route does not take this method (Allow lists those it takes)",
     );
     add("401", "Missing or unknown bearer token");
     add("404", "No such cluster, instance or operation");
@@ -170,8 +174,17 @@ fn error_responses(g: &mut SchemaGenerator, writes: bool) -> Map<String, Value> 
             "Conflicts with a running operation, an existing id, or a cooldown",
         );
         add("413", "The body is too large");
+        add("415", "The body's Content-Type is not application/json");
     }
     out
+}
+
+/// The ids of clusters, instances and operations (`form_runtime::ids`).
+fn id_schema() -> Value {
+    json!({
+        "type": "string", "minLength": 1, "maxLength": form_runtime::ids::MAX_ID_LEN,
+        "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"
+    })
 }
 
 /// The whole document.
@@ -185,12 +198,19 @@ pub fn document() -> Value {
         let mut op = Map::new();
         op.insert("operationId".into(), json!(r.id));
         op.insert("summary".into(), json!(r.summary));
-        let params: Vec<Value> = r
+        let mut params: Vec<Value> = r
             .path
             .split('/')
             .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
-            .map(|p| json!({ "name": p, "in": "path", "required": true, "schema": { "type": "string" } }))
+            .map(|p| json!({ "name": p, "in": "path", "required": true, "schema": id_schema() }))
             .collect();
+        if r.id == "scale_cluster" {
+            params.push(json!({
+                "name": "Idempotency-Key", "in": "header", "required": false,
+                "description": "Names one request per cluster: a retry with the same key and the same body returns the first operation; another body gets 409.",
+                "schema": { "type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[\\x21-\\x7e]+$" }
+            }));
+        }
         if !params.is_empty() {
             op.insert("parameters".into(), Value::Array(params));
         }
@@ -233,6 +253,32 @@ pub fn document() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_constraints_the_server_enforces_are_in_the_schemas() {
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(schemas["Resources"]["properties"]["vcpus"]["maximum"], 256);
+        assert_eq!(
+            schemas["Policy"]["properties"]["min_instances"]["minimum"],
+            1
+        );
+        assert_eq!(
+            schemas["Policy"]["properties"]["target_cpu_utilization"]["maximum"],
+            1.0
+        );
+        assert_eq!(schemas["Workload"]["properties"]["command"]["minLength"], 1);
+        assert!(schemas["CreateCluster"]["properties"]["cluster_id"]["pattern"].is_string());
+        let scale = &doc["paths"]["/api/v1/clusters/{id}/scale"]["post"];
+        let params = scale["parameters"].as_array().expect("parameters");
+        assert!(params.iter().any(|p| p["name"] == "Idempotency-Key"));
+        assert!(
+            params
+                .iter()
+                .any(|p| p["name"] == "id" && p["schema"]["maxLength"] == 128)
+        );
+        assert!(scale["responses"]["415"].is_object());
+    }
 
     #[test]
     fn every_reference_resolves_and_every_route_has_an_operation() {

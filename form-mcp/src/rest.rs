@@ -55,7 +55,46 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/{*rest}", axum::routing::any(unknown))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(app)
+}
+
+/// Every error of the API is the documented JSON: an error that axum answers itself
+/// (405 for a method a route lacks, 400 for a path that is not UTF-8 ...) gets the
+/// same `{"error": {"code", "message"}}` as the gateway's own.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
+    let text = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            format!(
+                "this route does not take that method; it takes {}",
+                allow
+                    .as_ref()
+                    .and_then(|a| a.to_str().ok())
+                    .unwrap_or("the methods of the OpenAPI document")
+            ),
+        ),
+        StatusCode::BAD_REQUEST => ("invalid_argument", text),
+        _ => ("internal", text),
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    if let Some(a) = allow {
+        out.headers_mut().insert(axum::http::header::ALLOW, a);
+    }
+    out
 }
 
 impl App {
@@ -109,11 +148,30 @@ pub async fn serve(app: &App, headers: &HeaderMap, action: Result<Action, ApiErr
     }
 }
 
-/// Parses a JSON body; the error names what was wrong.
+/// Refuses a body that says it is not JSON (a missing Content-Type is taken as JSON).
+pub fn json_content(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence == "application/json" || essence.ends_with("+json") {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("Content-Type '{ct}' is not accepted; send application/json"),
+    ))
+}
+
+/// Parses a JSON body; the error names what was wrong (the field, for a wrong type).
 pub fn parse<T: DeserializeOwned>(
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     shape: &str,
 ) -> Result<T, ApiError> {
+    json_content(headers)?;
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -132,16 +190,24 @@ pub fn parse<T: DeserializeOwned>(
             format!("the body is empty; expected JSON {shape}"),
         ));
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        let code = if e.is_data() {
-            "invalid_argument"
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let (code, message) = if inner.is_data() {
+            let field = if path == "." {
+                String::new()
+            } else {
+                format!("{path}: ")
+            };
+            ("invalid_argument", format!("{field}{inner}"))
         } else {
-            "invalid_json"
+            ("invalid_json", inner.to_string())
         };
         ApiError::new(
             StatusCode::BAD_REQUEST,
             code,
-            format!("{e}; expected JSON {shape}"),
+            format!("{message}; expected JSON {shape}"),
         )
     })
 }
@@ -156,6 +222,7 @@ async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let action = parse::<CreateCluster>(
+        &headers,
         body,
         "{\"cluster_id\", \"workload\": {\"command\", ...}, ...}",
     )
@@ -178,6 +245,7 @@ async fn set_policy(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let action = parse::<PolicyUpdate>(
+        &headers,
         body,
         "{\"min_instances\"?, \"max_instances\"?, \"target_cpu_utilization\"?, ...} (fields left out keep their values)",
     )
@@ -192,6 +260,7 @@ async fn set_state_sync(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let action = parse::<StateSync>(
+        &headers,
         body,
         "{\"mode\": \"none\"|\"on_scale\"|\"continuous\", \"interval_ms\", \"batch_bytes\", \"priority_prefixes\", \"refuse_unsynced_scale_in\"}",
     )
@@ -210,10 +279,11 @@ async fn scale(
         .map(|v| v.to_str().map(str::to_owned));
     let action = match key {
         Some(Err(_)) => Err(ApiError::invalid("Idempotency-Key must be visible ASCII")),
-        Some(Ok(k)) => {
-            parse::<ScaleRequest>(body, SCALE_SHAPE).map(|r| Action::Scale(id, r, Some(k)))
+        Some(Ok(k)) => parse::<ScaleRequest>(&headers, body, SCALE_SHAPE)
+            .map(|r| Action::Scale(id, r, Some(k))),
+        None => {
+            parse::<ScaleRequest>(&headers, body, SCALE_SHAPE).map(|r| Action::Scale(id, r, None))
         }
-        None => parse::<ScaleRequest>(body, SCALE_SHAPE).map(|r| Action::Scale(id, r, None)),
     };
     serve(&app, &headers, action).await
 }
@@ -247,6 +317,7 @@ async fn set_drain(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let action = parse::<Drain>(
+        &headers,
         body,
         "{\"grace_period_seconds\": 0-3600, \"wait_for_connections\": bool, \"notify_clients\": bool}",
     )

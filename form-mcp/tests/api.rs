@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use form_testkit::probe;
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -388,6 +389,68 @@ async fn drain_undrain_and_remove_by_name(g: &Gateway, victim: &str) {
     assert_eq!(member_status(g, &template).await, "active");
 }
 
+/// What fuzzing from the OpenAPI document found: every error is the documented JSON,
+/// a wrong-typed field is named, a body that is not JSON by its type gets 415.
+async fn fuzzed_requests_get_the_documented_json(g: &Gateway) {
+    let auth = format!("Bearer {ADMIN}");
+    let raw = |method: &'static str,
+               path: &'static str,
+               headers: Vec<(&'static str, String)>,
+               body: &'static str| {
+        let auth = auth.clone();
+        async move {
+            let mut h: Vec<(&str, &str)> = vec![("Authorization", auth.as_str())];
+            h.extend(headers.iter().map(|(k, v)| (*k, v.as_str())));
+            let (code, head, text) = probe::http_call(g.http, method, path, &h, body.as_bytes())
+                .await
+                .expect("request");
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {head}{text}"));
+            (code, v)
+        }
+    };
+    let json_type = || vec![("Content-Type", "application/json".to_owned())];
+    let (code, e) = raw("PATCH", "/api/v1/clusters/web", vec![], "").await;
+    assert_eq!(code, 405, "{e}");
+    assert_eq!(e["error"]["code"], "method_not_allowed", "{e}");
+    let (code, e) = raw("GET", "/api/v1/clusters/%FF%FE", vec![], "").await;
+    assert_eq!(code, 400, "{e}");
+    let (code, e) = raw(
+        "POST",
+        "/api/v1/clusters/web/scale",
+        vec![("Content-Type", "text/plain".to_owned())],
+        r#"{"operation": "scale_out"}"#,
+    )
+    .await;
+    assert_eq!(code, 415, "{e}");
+    assert!(e.to_string().contains("application/json"), "{e}");
+    let (code, e) = raw(
+        "POST",
+        "/api/v1/clusters/web/scale",
+        json_type(),
+        r#"{"operation": "scale_out", "target_count": "three"}"#,
+    )
+    .await;
+    assert_eq!(code, 400, "{e}");
+    assert_eq!(e["error"]["code"], "invalid_argument", "{e}");
+    assert!(
+        e.to_string().contains("target_count"),
+        "the field is named: {e}"
+    );
+    let (code, e) = raw(
+        "POST",
+        "/api/v1/clusters/web/scale",
+        json_type(),
+        r#"{"operation": "scale_out", "target_count": 2.0}"#,
+    )
+    .await;
+    assert_eq!(code, 400, "{e}");
+    assert!(
+        e.to_string().contains("target_count") && e.to_string().contains("u32"),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn bad_requests_get_an_error_naming_what_was_wrong() {
     let mut g = Gateway::start("api-errors", &["--inject-fault", "wait_serving=hang"]).await;
@@ -537,6 +600,7 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
         let msg = e["error"]["message"].as_str().unwrap_or("");
         assert!(msg.contains(says), "{method} {path}: '{says}' not in {msg}");
     }
+    fuzzed_requests_get_the_documented_json(&g).await;
 
     // An operation that does not end (a fault holds it): a second one conflicts.
     let scale = json!({"operation": "scale_out", "target_count": 2}).to_string();

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct Workload {
     /// Program to start (the process backend) or to put in the guest (qemu).
+    #[schemars(length(min = 1))]
     pub command: String,
     /// Its arguments.
     #[serde(default)]
@@ -34,10 +35,14 @@ pub struct Workload {
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Never fewer instances (>= 1).
+    #[schemars(range(min = 1))]
     pub min_instances: u32,
-    /// Never more instances.
+    /// Never more instances (>= min_instances; at most the controller's cap, 100 by
+    /// default).
+    #[schemars(range(min = 1))]
     pub max_instances: u32,
     /// Target mean CPU utilisation, in (0, 1].
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub target_cpu_utilization: f64,
     /// Seconds after new capacity became ready before the next scale-out.
     #[serde(default)]
@@ -89,8 +94,10 @@ pub enum Affinity {
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// Virtual CPUs, 1-256.
+    #[schemars(range(min = 1, max = 256))]
     pub vcpus: u32,
     /// Memory in MiB, 16-4194304.
+    #[schemars(range(min = 16, max = 4_194_304))]
     pub memory_mib: u64,
 }
 
@@ -145,7 +152,12 @@ pub struct StateTransfer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCluster {
-    /// The cluster's id.
+    /// The cluster's id: 1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter
+    /// or digit.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
     pub cluster_id: String,
     /// Host name the balancer routes to it (default `{cluster_id}.fog`).
     #[serde(default)]
@@ -493,6 +505,7 @@ pub struct PolicyUpdate {
     #[schemars(range(min = 1))]
     pub min_instances: Option<u32>,
     /// Never more instances (>= min_instances, at most the controller's cap).
+    #[schemars(range(min = 1))]
     pub max_instances: Option<u32>,
     /// Target mean CPU utilisation, in (0, 1].
     #[schemars(range(min = 0.0, max = 1.0))]
