@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 mod http;
 pub mod mcp;
+pub mod mcp_guard;
 pub mod openapi;
 pub mod rest;
 pub mod time;

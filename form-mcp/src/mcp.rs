@@ -399,10 +399,16 @@ pub fn router(
         // Open sessions and streams end when the gateway stops.
         .with_cancellation_token(stop)
         .with_max_request_body_bytes(crate::rest::BODY_LIMIT);
+    let manager: Arc<LocalSessionManager> = Arc::default();
+    let sessions = Arc::new(crate::mcp_guard::Sessions::new(manager.clone()));
     let service: StreamableHttpService<Mcp, LocalSessionManager> =
-        StreamableHttpService::new(move || Ok(mcp.clone()), Arc::default(), config);
+        StreamableHttpService::new(move || Ok(mcp.clone()), manager, config);
     axum::Router::new()
         .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn_with_state(
+            sessions,
+            crate::mcp_guard::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(app, require_token))
 }
 

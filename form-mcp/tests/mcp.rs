@@ -289,3 +289,58 @@ async fn the_endpoint_wants_a_token_and_an_allowed_host() {
     assert_eq!(code, 403, "a host that is not allowed is refused: {body}");
     g.stop().await;
 }
+
+#[tokio::test]
+async fn malformed_messages_get_json_rpc_errors_and_a_session_delete_answers_200() {
+    let mut g = Gateway::start("mcp-errors", &[]).await;
+    let auth = format!("Bearer {ADMIN}");
+    let post = async |body: &str| {
+        let h = [
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+        ];
+        let (code, _, text) =
+            form_testkit::probe::http_call(g.http, "POST", "/mcp", &h, body.as_bytes())
+                .await
+                .expect("POST /mcp");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        (code, v["error"]["code"].as_i64())
+    };
+    assert_eq!(post("{nope").await, (400, Some(-32700)));
+    assert_eq!(post("[]").await, (400, Some(-32600)));
+    assert_eq!(
+        post(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}"#).await,
+        (400, Some(-32602))
+    );
+
+    // A 2025-11-25 session ends with 200.
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let h = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json, text/event-stream"),
+    ];
+    let (code, head, _) =
+        form_testkit::probe::http_call(g.http, "POST", "/mcp", &h, init.as_bytes())
+            .await
+            .expect("initialize");
+    assert_eq!(code, 200, "{head}");
+    let session = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("mcp-session-id")
+                .then(|| v.trim().to_owned())
+        })
+        .expect("a session id");
+    let h = [
+        ("Authorization", auth.as_str()),
+        ("Mcp-Session-Id", session.as_str()),
+    ];
+    let (code, _, body) = form_testkit::probe::http_call(g.http, "DELETE", "/mcp", &h, b"")
+        .await
+        .expect("DELETE");
+    assert_eq!(code, 200, "{body}");
+    g.stop().await;
+}
