@@ -158,6 +158,7 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
             let h = h.entry(c.cluster_id.clone()).or_default();
             let d = decide::decide(&policy, &obs, h, now);
             h.record(now, d.raw, keep_ms);
+            crate::series::cluster(&c, &policy, &obs, &d, h, now);
             d
         };
         shared
@@ -171,8 +172,6 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
                     at_ms: now,
                 },
             );
-        metrics::gauge!("form_scaler_desired_instances", "cluster" => c.cluster_id.clone())
-            .set(f64::from(d.desired));
         if !d.changes() {
             continue;
         }

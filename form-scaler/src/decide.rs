@@ -69,6 +69,27 @@ pub struct Decision {
     pub raw: u32,
     /// Why, for people.
     pub reason: String,
+    /// Why, for machines (the `form_scaler_decision` gauge).
+    pub why: Why,
+}
+
+/// The kind of a decision, as a stable number for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Within the band, or every signal holds.
+    Hold = 0,
+    /// A signal asks for more instances and nothing holds it back.
+    ScaleOut = 1,
+    /// Every signal asks for fewer instances and nothing holds it back.
+    ScaleIn = 2,
+    /// A change is wanted, but a cooldown holds it.
+    Cooldown = 3,
+    /// A change is wanted, but the stabilization window holds it.
+    Stabilizing = 4,
+    /// Fewer instances than the policy's minimum.
+    BelowMin = 5,
+    /// More instances than the policy's maximum.
+    AboveMax = 6,
 }
 
 impl Decision {
@@ -134,17 +155,19 @@ pub fn decide(
         policy.min_instances,
         policy.max_instances.max(policy.min_instances),
     );
-    let done = |desired: u32, raw: u32, reason: String| Decision {
+    let done = |desired: u32, raw: u32, reason: String, why: Why| Decision {
         desired,
         current,
         raw,
         reason,
+        why,
     };
     if current < min {
         return done(
             min,
             min,
             format!("{current} instances, below the minimum {min}"),
+            Why::BelowMin,
         );
     }
     if current > max {
@@ -152,6 +175,7 @@ pub fn decide(
             max,
             max,
             format!("{current} instances, above the maximum {max}"),
+            Why::AboveMax,
         );
     }
     let ready: Vec<&Observation> = observations.iter().filter(|o| o.ready).collect();
@@ -216,7 +240,7 @@ pub fn decide(
     };
     let raw = raw.clamp(min, max);
     if raw == current {
-        return done(current, raw, format!("hold: {why}"));
+        return done(current, raw, format!("hold: {why}"), Why::Hold);
     }
     let window = |secs: u32| {
         let from = now_ms.saturating_sub(u64::from(secs) * 1000);
@@ -239,6 +263,7 @@ pub fn decide(
                     "hold: {why}, but the scale-out window ({} s) saw {stable}",
                     policy.scale_out_stabilization_seconds
                 ),
+                Why::Stabilizing,
             );
         }
         let cooldown = u64::from(policy.scale_out_cooldown_seconds) * 1000;
@@ -253,12 +278,14 @@ pub fn decide(
                     "hold: {why}, but scale-out cools down for {} s more",
                     (t + cooldown - now_ms).div_ceil(1000)
                 ),
+                Why::Cooldown,
             );
         }
         return done(
             stable,
             raw,
             format!("scale out {current} -> {stable}: {why}"),
+            Why::ScaleOut,
         );
     }
     let stable = window(policy.scale_in_stabilization_seconds)
@@ -272,6 +299,7 @@ pub fn decide(
                 "hold: {why}, but the scale-in window ({} s) saw {stable}",
                 policy.scale_in_stabilization_seconds
             ),
+            Why::Stabilizing,
         );
     }
     let cooldown = u64::from(policy.scale_in_cooldown_seconds) * 1000;
@@ -283,11 +311,13 @@ pub fn decide(
                 "hold: {why}, but scale-in cools down for {} s more",
                 (t + cooldown - now_ms).div_ceil(1000)
             ),
+            Why::Cooldown,
         );
     }
     done(
         stable,
         raw,
         format!("scale in {current} -> {stable}: {why}"),
+        Why::ScaleIn,
     )
 }

@@ -17,6 +17,7 @@ pub mod peers;
 pub mod platform;
 pub mod policy;
 pub mod probe;
+pub mod series;
 pub mod service;
 pub mod victims;
 pub mod window;

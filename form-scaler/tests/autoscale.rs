@@ -364,5 +364,30 @@ async fn the_request_rate_is_a_second_signal_that_scales_out_an_idle_cpu() {
         ops.iter().map(|o| &o.reason).collect::<Vec<_>>(),
         st.last_decision
     );
+    // The controller's series per cluster.
+    let metrics = stack
+        .scaler
+        .as_ref()
+        .and_then(|s| s.addr("metrics"))
+        .expect("metrics address");
+    assert_eventually!(
+        async {
+            let text = form_testkit::probe::http_get(metrics, "/metrics")
+                .await
+                .map(|r| r.1)
+                .unwrap_or_default();
+            [
+                "form_scaler_instances{cluster=\"demo\"} 2",
+                "form_scaler_ready_instances{cluster=\"demo\"}",
+                "form_scaler_decision{cluster=\"demo\"}",
+                "form_scaler_cooldown_remaining_seconds{cluster=\"demo\",direction=\"in\"}",
+                "form_scaler_members{cluster=\"demo\",health=\"healthy\"} 2",
+                "form_scaler_operation_duration_seconds_count{kind=\"scale_out\",outcome=\"completed\"} 1",
+            ]
+            .iter()
+            .all(|s| text.contains(s))
+        },
+        "the controller exports its series per cluster"
+    );
     stack.stop().await;
 }

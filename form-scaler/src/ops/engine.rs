@@ -178,6 +178,7 @@ impl Engine {
             Ok(()) => {
                 tracing::info!(operation = %op.operation_id, cluster = %op.cluster_id, kind = super::kind_name(op.kind), status = name, "operation ended");
                 metrics::counter!("form_scaler_operations_total", "kind" => super::kind_name(op.kind), "status" => name).increment(1);
+                crate::series::operation_ended(&op, name);
             }
             Err(e) => {
                 tracing::error!(operation = %op.operation_id, error = %e, "the end of the operation cannot be recorded; it will be resumed");
