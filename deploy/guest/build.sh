@@ -32,7 +32,8 @@ pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-ima
 [ -n "$pkg" ] || { echo "build.sh: cannot resolve linux-image-amd64 (run apt-get update)" >&2; exit 1; }
 deb=$(ls "$out/cache/${pkg}"_*.deb 2>/dev/null | head -1 || true)
 if [ -z "$deb" ]; then
-    (cd "$out/cache" && apt-get download "$pkg" >/dev/null)
+    echo "build.sh: downloading Debian's kernel package $pkg once (about 70 MB) into $out/cache" >&2
+    (cd "$out/cache" && apt-get download "$pkg" >&2)
     deb=$(ls "$out/cache/${pkg}"_*.deb | head -1)
 fi
 kroot="$out/cache/kernel-$pkg"

@@ -34,15 +34,10 @@ struct Cli {
 /// Where the API is and how to authenticate.
 #[derive(Debug, Clone, clap::Args)]
 struct ApiArgs {
-    /// URL of form-mcp's API
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "FORM_API",
-        default_value = "http://127.0.0.1:3010",
-        global = true
-    )]
-    api: String,
+    /// URL of form-mcp's API [default: that of the stack `formctl up` runs from its data
+    /// directory (also with --auto-ports), else http://127.0.0.1:3010]
+    #[arg(long, value_name = "URL", env = "FORM_API", global = true)]
+    api: Option<String>,
 
     /// Bearer token [default, for an API on this machine: the admin token in the tokens
     /// file `formctl up` made in its data directory ($FORM_DATA_DIR,
@@ -60,21 +55,26 @@ struct ApiArgs {
 impl ApiArgs {
     /// The API client: the token given, or the local stack's admin token.
     fn client(&self) -> client::Api {
+        let dir = std::env::var_os("FORM_DATA_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| up::default_data_dir().ok());
+        let api = self
+            .api
+            .clone()
+            .or_else(|| dir.as_deref().and_then(up::running_api))
+            .unwrap_or_else(|| "http://127.0.0.1:3010".to_owned());
         // The local stack's token goes only to an API on this machine.
         let local = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
             .iter()
-            .any(|p| self.api.starts_with(p));
+            .any(|p| api.starts_with(p));
         let token = self.token.clone().or_else(|| {
             if !local {
                 return None;
             }
-            let dir = std::env::var_os("FORM_DATA_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-                .or_else(|| up::default_data_dir().ok())?;
-            tokens::read(&tokens::path(&dir)).map(|t| t.admin)
+            tokens::read(&tokens::path(dir.as_deref()?)).map(|t| t.admin)
         });
-        client::Api::new(&self.api, token)
+        client::Api::new(&api, token)
     }
 }
 
@@ -173,7 +173,26 @@ struct DownArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// Output into a closed pipe (`formctl status | head`) ends the program quietly, as it
+/// does other command-line tools, instead of a panic about a broken pipe.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = match form_runtime::cli::parse::<Cli>() {
         Ok(c) => c,
         Err(code) => return code,

@@ -140,6 +140,10 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.ready_file {
         ready::write(path, &summary(&children))?;
     }
+    // Where the stack listens, for formctl commands without --api (its ports may be
+    // chosen at run time with --auto-ports).
+    let addresses = stack_file(&data_dir);
+    ready::write(&addresses, &summary(&children))?;
 
     let mut failed = false;
     loop {
@@ -155,6 +159,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!("formctl: stopping");
+    drop(std::fs::remove_file(&addresses));
     failed |= !stop_all(&mut children).await;
     if let Some(path) = &args.ready_file {
         drop(std::fs::remove_file(path));
@@ -267,6 +272,18 @@ fn check_binaries(bin_dir: &Path, plan: &[Process]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The file where a running stack of `data_dir` lists its addresses.
+pub(crate) fn stack_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("stack.json")
+}
+
+/// The API a stack of `data_dir` serves, if one runs (its addresses file exists).
+pub(crate) fn running_api(data_dir: &Path) -> Option<String> {
+    let info = ready::read(&stack_file(data_dir)).ok()??;
+    let addr = info.addresses.get("form-mcp/http")?;
+    Some(format!("http://{addr}"))
 }
 
 /// Free ports on `host` for every listener (see `form_runtime::ports`).

@@ -181,6 +181,39 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Output into a closed pipe (`formctl status | head`) ends quietly.
+    let mut piped = std::process::Command::new(FORMCTL)
+        .args(["status", "demo"])
+        .env("FORM_API", &api)
+        .env("FORM_DATA_DIR", &data)
+        .env_remove("FORM_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run formctl");
+    drop(piped.stdout.take());
+    let out = piped.wait_with_output().expect("formctl ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.is_empty(),
+        "{:?}: {err}",
+        out.status
+    );
+    // Without --api, formctl finds the stack of its data directory (here on ports
+    // chosen at run time).
+    let found = std::process::Command::new(FORMCTL)
+        .args(["status", "demo", "--json"])
+        .env("FORM_DATA_DIR", &data)
+        .env_remove("FORM_API")
+        .env_remove("FORM_TOKEN")
+        .output()
+        .expect("run formctl");
+    assert!(
+        found.status.success(),
+        "formctl without --api: {}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+
     // One instance out of rotation and back, then removed by name.
     let clone = st["members"]
         .as_array()
