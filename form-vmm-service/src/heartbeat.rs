@@ -2,8 +2,11 @@
 //! running instances report their CPU utilisation and, when their workload implements
 //! the state contract, how many writes it made (so a victim that dies before its
 //! handoff is reported with what it held); an instance that failed is
-//! reported once as stopped and unhealthy, with the reason. Members the controller has
-//! not registered yet (NOT_FOUND) are skipped quietly.
+//! reported once as stopped and unhealthy, with the reason. A paused instance is
+//! reported once as `PAUSED` (the balancer then leaves it out, the controller neither
+//! counts its load nor replaces it), and `ACTIVE` again when it runs, unless something
+//! else changed the member's status meanwhile. Members the controller has not
+//! registered yet (NOT_FOUND) are skipped quietly.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,6 +33,55 @@ fn log_error(instance: &str, e: &tonic::Status) {
     }
 }
 
+async fn set_status(
+    client: &mut StateServiceClient<tonic::transport::Channel>,
+    cluster: &str,
+    id: &str,
+    status: pb::MemberStatus,
+) -> Result<(), ()> {
+    let req = pb::UpdateMemberRequest {
+        cluster_id: cluster.to_owned(),
+        instance_id: id.to_owned(),
+        status: Some(status as i32),
+        ..Default::default()
+    };
+    match client.update_member(req).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
+        Err(e) => {
+            log_error(id, &e);
+            Err(())
+        }
+    }
+}
+
+/// A member this node reported paused runs again: `ACTIVE`, if it is still `PAUSED`.
+async fn resumed(
+    client: &mut StateServiceClient<tonic::transport::Channel>,
+    cluster: &str,
+    id: &str,
+) -> Result<(), ()> {
+    let c = match client
+        .get_cluster(pb::GetClusterRequest {
+            cluster_id: cluster.to_owned(),
+        })
+        .await
+    {
+        Ok(c) => c.into_inner(),
+        Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
+        Err(e) => {
+            log_error(id, &e);
+            return Err(());
+        }
+    };
+    match c.members.get(id) {
+        Some(m) if m.status == pb::MemberStatus::Paused as i32 => {
+            set_status(client, cluster, id, pb::MemberStatus::Active).await
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs until shutdown.
 pub async fn run<H: Hypervisor>(
     hv: Arc<H>,
@@ -39,6 +91,7 @@ pub async fn run<H: Hypervisor>(
 ) {
     let mut client = StateServiceClient::new(state.channel());
     let mut reported_failed: BTreeSet<String> = BTreeSet::new();
+    let mut reported_paused: BTreeSet<String> = BTreeSet::new();
     loop {
         tokio::select! {
             _ = shutdown.requested() => return,
@@ -47,6 +100,19 @@ pub async fn run<H: Hypervisor>(
         for i in hv.list().await {
             let (id, cluster) = (i.spec.instance_id.clone(), i.spec.cluster_id.clone());
             match i.status {
+                Status::Paused if !reported_paused.contains(&id) => {
+                    let r = set_status(&mut client, &cluster, &id, pb::MemberStatus::Paused).await;
+                    if r.is_ok() {
+                        reported_paused.insert(id);
+                    }
+                }
+                // Running again after a pause: ACTIVE first (a heartbeat if that fails).
+                Status::Running
+                    if reported_paused.contains(&id)
+                        && resumed(&mut client, &cluster, &id).await.is_ok() =>
+                {
+                    reported_paused.remove(&id);
+                }
                 Status::Running => {
                     let usage = hv.stats(&id, Window::Heartbeat).await.ok();
                     let state_writes = match i.admin_address {

@@ -26,6 +26,16 @@ pub fn workload(w: Option<&types::Workload>) -> Result<types::Workload, VmmError
             "is empty; expected the program to run",
         ));
     }
+    if !w.image.is_empty() {
+        return Err(VmmError::invalid(
+            "workload.image",
+            format!(
+                "'{}' is not accepted: no backend of form-vmm-service boots images (the process \
+                 backend runs `command`, the qemu backend puts `command` in its guest); leave it empty",
+                w.image
+            ),
+        ));
+    }
     if w.port > 65535 {
         return Err(VmmError::invalid(
             "workload.port",

@@ -1,5 +1,5 @@
-//! Instances are heartbeaten into form-state; a crashed instance shows there as
-//! stopped and unhealthy, with the reason.
+//! Instances are heartbeaten into form-state; a paused instance shows there as paused,
+//! and a crashed one as stopped and unhealthy, with the reason.
 
 use std::path::Path;
 
@@ -91,6 +91,23 @@ async fn heartbeats_reach_form_state_and_a_crash_is_visible_there() {
                 .is_some_and(|m| m.last_heartbeat_ms > 0)
         },
         "a heartbeat arrives"
+    );
+
+    // Paused, the member says so (the balancer leaves it out, the controller neither
+    // counts its load nor replaces it); running again, it is active.
+    let status = async || member(&replicas).await.map_or(0, |m| m.status);
+    let iref = || pb::InstanceRef {
+        instance_id: "i-1".into(),
+    };
+    v.pause(iref()).await.expect("pause");
+    assert_eventually!(
+        async { status().await == state::MemberStatus::Paused as i32 },
+        "a paused instance is PAUSED in form-state"
+    );
+    v.resume(iref()).await.expect("resume");
+    assert_eventually!(
+        async { status().await == state::MemberStatus::Active as i32 },
+        "a resumed instance is ACTIVE again"
     );
 
     // Crash the workload: the next round reports it.

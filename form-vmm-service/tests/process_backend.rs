@@ -276,6 +276,35 @@ async fn corrupt_snapshots_crashing_workloads_and_bad_specs_are_refused() {
     let e = c.create_instance(no_command).await.expect_err("no command");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("workload.command"), "{}", e.message());
+    // A port or an image the backend would ignore is refused, naming why.
+    for (w, field, says) in [
+        (
+            types::Workload {
+                port: 9090,
+                ..demo("x").workload.expect("w")
+            },
+            "workload.port",
+            "free port",
+        ),
+        (
+            types::Workload {
+                image: "debian:12".into(),
+                ..demo("x").workload.expect("w")
+            },
+            "workload.image",
+            "boots images",
+        ),
+    ] {
+        let mut req = demo("bad");
+        req.workload = Some(w);
+        let e = c.create_instance(req).await.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains(field) && e.message().contains(says),
+            "{}",
+            e.message()
+        );
+    }
     let mut no_memory = demo("bad");
     no_memory.resources = Some(types::Resources {
         vcpus: 1,

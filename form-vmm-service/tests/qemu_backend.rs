@@ -63,6 +63,9 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
         workload: Some(types::Workload {
             command: "form-demo-app".into(),
             health_path: "/healthz".into(),
+            // Inside the guest the workload listens on this port (the host forwards
+            // the instance's own port to it).
+            port: 9090,
             ..Default::default()
         }),
         resources: Some(types::Resources {

@@ -19,7 +19,8 @@ pub struct Workload {
     /// Its arguments.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Port it listens on (0: the platform passes one in `PORT`).
+    /// Port it listens on inside a VM (qemu backend; 0: 8080). The process backend
+    /// needs 0: it passes each instance a free port in `PORT`.
     #[serde(default)]
     pub port: u32,
     /// Extra environment variables.

@@ -290,6 +290,17 @@ impl Hypervisor for ProcessBackend {
     }
 
     async fn create(&self, spec: InstanceSpec) -> Result<InstanceInfo, VmmError> {
+        if spec.workload.port != 0 {
+            // Processes of one node share its addresses: each gets a free port of its own.
+            return Err(VmmError::invalid(
+                "workload.port",
+                format!(
+                    "is {}; the process backend gives each instance a free port of its own in \
+                     PORT, so set 0 (the qemu backend honours a port: inside each VM)",
+                    spec.workload.port
+                ),
+            ));
+        }
         self.start(spec, None, 0, |_| Ok(Vec::new())).await
     }
 

@@ -40,7 +40,7 @@ use crate::supervise::{
     Table, claim_dir, instance_addrs, now_ms, reap, serial, signal_group, tail,
 };
 
-/// Guest port of the workload.
+/// Guest port of the workload when its `port` is 0.
 const GUEST_PORT: u16 = 8080;
 /// Guest port of the workload's admin endpoint.
 const GUEST_ADMIN_PORT: u16 = 8081;
@@ -226,8 +226,9 @@ impl QemuBackend {
             // virtio. Hot-added memory is onlined by the kernel itself.
             "-append",
             &format!(
-                "console=ttyS0 quiet panic=-1 memhp_default_state=online swiotlb=512 form.instance={}",
-                spec.instance_id
+                "console=ttyS0 quiet panic=-1 memhp_default_state=online swiotlb=512 form.instance={} form.port={}",
+                spec.instance_id,
+                guest_port(&spec.workload)
             ),
             "-device",
             "virtio-net-pci,netdev=n0",
@@ -263,8 +264,9 @@ impl QemuBackend {
             format!("file:{}", dir.join("console.log").display()),
             "-netdev".into(),
             format!(
-                "user,id=n0,hostfwd=tcp:{host}:{}-:{GUEST_PORT},hostfwd=tcp:{host}:{}-:{GUEST_ADMIN_PORT}",
+                "user,id=n0,hostfwd=tcp:{host}:{}-:{},hostfwd=tcp:{host}:{}-:{GUEST_ADMIN_PORT}",
                 address.port(),
+                guest_port(&spec.workload),
                 admin.port()
             ),
         ]);
@@ -447,6 +449,14 @@ impl QemuBackend {
     }
 }
 
+/// The port the workload listens on inside the guest: its `port`, or 8080.
+fn guest_port(w: &types::Workload) -> u16 {
+    u16::try_from(w.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .unwrap_or(GUEST_PORT)
+}
+
 /// 32 fresh random bytes from the host, hex, for a clone's entropy pool.
 fn seed() -> Result<String, VmmError> {
     use std::io::Read;
@@ -482,6 +492,12 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn create(&self, mut spec: InstanceSpec) -> Result<InstanceInfo, VmmError> {
+        if guest_port(&spec.workload) == GUEST_ADMIN_PORT {
+            return Err(VmmError::invalid(
+                "workload.port",
+                format!("{GUEST_ADMIN_PORT} is the guest's admin port; choose another"),
+            ));
+        }
         let args = self.machine_args(&spec);
         let room = self.inner.room;
         spec.resources.memory_mib = spec.resources.memory_mib.max(MIN_MEMORY_MIB);
