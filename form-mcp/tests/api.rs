@@ -536,6 +536,26 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
         ),
         (
             "POST",
+            "/api/v1/clusters",
+            json!({"cluster_id": "big", "workload": {"command": "y"},
+                   "policy": {"max_instances": 500}})
+            .to_string(),
+            400,
+            "invalid_argument",
+            "max_instances",
+        ),
+        (
+            "POST",
+            "/api/v1/clusters",
+            json!({"cluster_id": "slow", "workload": {"command": "y"},
+                   "policy": {"scale_in_cooldown_seconds": 999_999}})
+            .to_string(),
+            400,
+            "invalid_argument",
+            "scale_in_cooldown_seconds",
+        ),
+        (
+            "POST",
             "/api/v1/clusters/web/scale",
             json!({"operation": "scale_out", "target_count": 9}).to_string(),
             400,

@@ -142,19 +142,28 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
     let mut vmm = b.vmm()?;
     let workload: types::Workload = req.workload.into();
     let resources = req.resources.map(Into::into);
+    // Stored whole, defaults filled in: what GET shows is what the controller applies;
+    // and checked by the controller as a policy change is (its cap on max_instances,
+    // the ranges of cooldowns and windows) before anything is created.
+    let policy: types::ScalingPolicy = req
+        .policy
+        .unwrap_or_default()
+        .apply(form_proto::default_scaling_policy().into())
+        .into();
+    b.scaler()?
+        .set_policy(form_proto::scaler::v1::SetPolicyRequest {
+            cluster_id: id.clone(),
+            validate_only: true,
+            policy: Some(policy),
+        })
+        .await
+        .map_err(|s| ApiError::upstream("checking the policy", &s))?;
     state
         .put_cluster(state_pb::PutClusterRequest {
             cluster_id: id.clone(),
             domain: req.domain,
             workload: Some(workload.clone()),
-            // Stored whole, defaults filled in: what GET shows is what the controller
-            // applies.
-            scaling_policy: Some(
-                req.policy
-                    .unwrap_or_default()
-                    .apply(form_proto::default_scaling_policy().into())
-                    .into(),
-            ),
+            scaling_policy: Some(policy),
             affinity: req.affinity.map(Into::into),
             resources,
             template_instance_id: None,
