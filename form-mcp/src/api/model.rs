@@ -260,10 +260,10 @@ pub struct ScaleRequest {
     /// Drain removed instances first (default true).
     #[serde(default = "yes")]
     pub drain_connections: bool,
-    /// New resources (resize).
+    /// New resources: required when `operation` is `resize`, ignored otherwise.
     #[serde(default)]
     pub resources: Option<Resources>,
-    /// Instance to replace (replace_instance).
+    /// Instance to replace: required when `operation` is `replace_instance`.
     #[serde(default)]
     pub instance_id: Option<String>,
     /// Instances to remove (scale_in), instead of letting the controller choose; a
