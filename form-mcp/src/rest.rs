@@ -129,7 +129,23 @@ impl App {
         let who = self.authorize(headers, &action)?;
         let name = action.name();
         tracing::debug!(action = name, token = %who, "request");
-        let r = action.run(&self.backends).await;
+        let r = if action.writes() {
+            // A write runs to its end in a task of its own: a client that goes away
+            // mid-create (or mid-delete) must not leave a cluster half made, a template
+            // instance without its member, or an instance without its cluster.
+            let backends = self.backends.clone();
+            tokio::spawn(async move { action.run(&backends).await })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        format!("the request's task failed: {e}"),
+                    ))
+                })
+        } else {
+            action.run(&self.backends).await
+        };
         metrics::counter!("form_mcp_actions_total", "action" => name, "outcome" => if r.is_ok() { "ok" } else { "error" }).increment(1);
         r
     }

@@ -481,6 +481,42 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
         .call("DELETE", "/api/v1/clusters/bare", Some(ADMIN), None)
         .await;
     assert_eq!(code, 200);
+
+    // A client that goes away right after sending a create: the create still runs to
+    // its end (a cluster with its template serving), not half way.
+    let body = demo_cluster("left").to_string();
+    let request = format!(
+        "POST /api/v1/clusters HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        g.http,
+        body.len()
+    );
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(g.http)
+            .await
+            .expect("connect");
+        s.write_all(request.as_bytes()).await.expect("send");
+    }
+    form_testkit::assert_eventually!(
+        async {
+            let (code, c) = g
+                .call("GET", "/api/v1/clusters/left", Some(ADMIN), None)
+                .await;
+            code == 200
+                && c["members"]
+                    .as_array()
+                    .is_some_and(|m| m.len() == 1 && m[0]["status"] == "active")
+                && c["template_instance_id"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty())
+        },
+        "the create of a client that left completes"
+    );
+    let (code, _) = g
+        .call("DELETE", "/api/v1/clusters/left", Some(ADMIN), None)
+        .await;
+    assert_eq!(code, 200);
     let cases: Vec<(&str, &str, String, u16, &str, &str)> = vec![
         (
             "POST",
