@@ -67,7 +67,7 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
     assert!(
         c["template_instance_id"]
             .as_str()
-            .is_some_and(|t| t.starts_with("web-t")),
+            .is_some_and(|t| t.starts_with("web-")),
         "{c}"
     );
     let (code, body) = g

@@ -202,6 +202,93 @@ impl Shared {
         Ok(op)
     }
 
+    /// Accepts the creation of the cluster `spec` describes as an operation: checked
+    /// (id, command, policy with this controller's cap, affinity), refused when the
+    /// cluster exists or an operation on its id runs, recorded, and run by the owner.
+    pub async fn submit_create(
+        self: &Arc<Self>,
+        mut spec: state_pb::PutClusterRequest,
+        operation_id: String,
+    ) -> Result<types::Operation, Status> {
+        let id = spec.cluster_id.clone();
+        form_runtime::ids::check(&id)
+            .map_err(|e| Status::invalid_argument(format!("cluster.cluster_id {e}")))?;
+        let operation_id = if operation_id.is_empty() {
+            self.new_operation_id(&id)
+        } else {
+            form_runtime::ids::check(&operation_id)
+                .map_err(|e| Status::invalid_argument(format!("operation_id {e}")))?;
+            operation_id
+        };
+        if spec
+            .workload
+            .as_ref()
+            .is_none_or(|w| w.command.trim().is_empty())
+        {
+            return Err(Status::invalid_argument(
+                "cluster.workload.command is empty; expected the program every instance runs",
+            ));
+        }
+        let policy = *spec
+            .scaling_policy
+            .get_or_insert_with(crate::policy::default_policy);
+        crate::policy::validate(&policy, self.cap)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(a) = &spec.affinity {
+            form_proto::check_affinity(a).map_err(Status::invalid_argument)?;
+        }
+        spec.template_instance_id = None;
+        self.wait_ready().await?;
+        let _one_at_a_time = self.submit.lock().await;
+        let mut state = self.engine.platform.state.clone();
+        let owner = self.peers.owner_of(&id);
+        let op = plan::create_cluster(&operation_id, &spec, &owner, record::now_ms());
+        match state
+            .get_operation(state_pb::GetOperationRequest {
+                operation_id: operation_id.clone(),
+            })
+            .await
+        {
+            Ok(existing) => {
+                let existing = existing.into_inner();
+                if existing.request_digest == op.request_digest {
+                    return Ok(existing);
+                }
+                return Err(Status::already_exists(format!(
+                    "operation {operation_id} was made by another request; an operation id names one request"
+                )));
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(state_err("reading operations", e)),
+        }
+        match state
+            .get_cluster(state_pb::GetClusterRequest {
+                cluster_id: id.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                return Err(Status::already_exists(format!(
+                    "cluster {id} exists; delete it first or choose another id"
+                )));
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(state_err(&format!("cluster {id}"), e)),
+        }
+        self.refuse_if_busy(&id).await?;
+        state
+            .put_operation(state_pb::PutOperationRequest {
+                operation: Some(op.clone()),
+            })
+            .await
+            .map_err(|e| state_err("recording the operation", e))?;
+        tracing::info!(operation = %op.operation_id, cluster = %id, owner = %owner, "cluster creation accepted");
+        if owner == self.id {
+            self.launch(op.clone());
+        }
+        Ok(op)
+    }
+
     /// Waits (briefly) until the view of the other controllers has been read.
     async fn wait_ready(&self) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -319,7 +406,8 @@ impl Shared {
     }
 
     fn finished(&self, op: &types::Operation) {
-        if !ops::is_terminal(op) {
+        // A cluster's creation is not a scaling action: no cooldown follows it.
+        if !ops::is_terminal(op) || op.kind == types::OperationKind::CreateCluster as i32 {
             return;
         }
         let now = record::now_ms();
@@ -352,7 +440,11 @@ impl Shared {
         let Ok(ops) = self.operations(cluster_id, 20).await else {
             return;
         };
-        let ended = |o: &&types::Operation| ops::is_terminal(o) && o.completed_at_ms > 0;
+        let ended = |o: &&types::Operation| {
+            ops::is_terminal(o)
+                && o.completed_at_ms > 0
+                && o.kind != types::OperationKind::CreateCluster as i32
+        };
         let h = History {
             last_action_ms: ops.iter().filter(ended).map(|o| o.completed_at_ms).max(),
             last_capacity_ready_ms: ops

@@ -118,6 +118,7 @@ impl ScalerService for Api {
             Some(Ok(types::OperationKind::ScaleIn)) => "scaling_in",
             Some(Ok(types::OperationKind::Resize)) => "resizing",
             Some(Ok(types::OperationKind::ReplaceInstance)) => "replacing",
+            Some(Ok(types::OperationKind::CreateCluster)) => "creating",
             _ => "stable",
         };
         let last_decision = self
@@ -173,6 +174,21 @@ impl ScalerService for Api {
         }
         Ok(Response::new(pb::ListOperationsReply {
             operations: self.operations(&r.cluster_id, r.limit).await?,
+        }))
+    }
+
+    async fn create_cluster(
+        &self,
+        req: Request<pb::CreateClusterRequest>,
+    ) -> Result<Response<pb::ScaleReply>, Status> {
+        let r = req.into_inner();
+        let spec = r.cluster.ok_or_else(|| {
+            Status::invalid_argument("cluster is missing; expected the cluster to create")
+        })?;
+        let op = self.shared.submit_create(spec, r.operation_id).await?;
+        Ok(Response::new(pb::ScaleReply {
+            operation_id: op.operation_id.clone(),
+            operation: Some(op),
         }))
     }
 

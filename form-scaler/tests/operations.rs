@@ -507,3 +507,102 @@ async fn a_cluster_made_again_with_its_id_starts_with_no_history_and_no_cooldown
     assert_eq!(status(&op), "completed", "{op:?}");
     stack.stop().await;
 }
+
+/// The request that creates cluster `id` running the demo app.
+fn create_request(id: &str) -> pb::CreateClusterRequest {
+    pb::CreateClusterRequest {
+        operation_id: format!("create-{id}"),
+        cluster: Some(form_proto::state::v1::PutClusterRequest {
+            cluster_id: id.into(),
+            workload: Some(form_proto::types::v1::Workload {
+                command: form_testkit::workspace_bin("form-demo-app")
+                    .display()
+                    .to_string(),
+                health_path: "/healthz".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_is_created_by_an_operation_that_a_restarted_controller_rolls_back() {
+    let mut stack = Stack::start("ops-create").await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    // Created as an operation: the cluster with its template serving, the defaults of
+    // the policy stored.
+    let reply = scaler
+        .create_cluster(create_request("second"))
+        .await
+        .expect("create")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let c = stack
+        .state
+        .get_cluster(form_proto::state::v1::GetClusterRequest {
+            cluster_id: "second".into(),
+        })
+        .await
+        .expect("cluster")
+        .into_inner();
+    assert_eq!(c.template_instance_id, op.new_instances[0]);
+    assert_eq!(
+        c.members[&c.template_instance_id].status,
+        form_proto::state::v1::MemberStatus::Active as i32
+    );
+    assert_eq!(c.scaling_policy, Some(form_proto::default_scaling_policy()));
+    let e = scaler
+        .create_cluster(pb::CreateClusterRequest {
+            operation_id: String::new(),
+            ..create_request("second")
+        })
+        .await
+        .expect_err("exists");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+
+    // A controller killed in the middle of a create: after its restart the create is
+    // rolled back as a whole, the template instance deleted.
+    stack.kill_scaler().await;
+    let mut scaler = stack
+        .start_scaler(&["--inject-fault", "template_serving=hang"])
+        .await;
+    let reply = scaler
+        .create_cluster(create_request("third"))
+        .await
+        .expect("create")
+        .into_inner();
+    let id = reply.operation_id.clone();
+    let template = reply.operation.expect("op").new_instances[0].clone();
+    assert_eventually!(
+        deadline = Duration::from_secs(30),
+        async {
+            scaler
+                .get_operation(pb::GetOperationRequest {
+                    operation_id: id.clone(),
+                })
+                .await
+                .is_ok_and(|o| status(o.get_ref()) == "in_progress: template_serving")
+        },
+        "the create reaches template_serving"
+    );
+    assert!(stack.instances().await.contains(&template));
+    stack.kill_scaler().await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    let op = wait_op(&mut scaler, &id, OP_DEADLINE).await;
+    assert!(status(&op).starts_with("rolled_back"), "{op:?}");
+    assert!(
+        !stack.instances().await.contains(&template),
+        "the template is deleted"
+    );
+    let gone = stack
+        .state
+        .get_cluster(form_proto::state::v1::GetClusterRequest {
+            cluster_id: "third".into(),
+        })
+        .await
+        .expect_err("no cluster");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    stack.stop().await;
+}

@@ -59,6 +59,7 @@ pub fn operation_kind_name(kind: i32) -> &'static str {
         Ok(K::ScaleIn) => "scale_in",
         Ok(K::ReplaceInstance) => "replace_instance",
         Ok(K::Resize) => "resize",
+        Ok(K::CreateCluster) => "create_cluster",
         _ => "unspecified",
     }
 }

@@ -127,7 +127,6 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
         )));
     }
     let id = req.cluster_id.clone();
-    let mut state = b.state()?;
     match get(b, &id).await {
         Ok(_) => {
             return Err(ApiError::new(
@@ -139,117 +138,81 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
         Err(e) if e.code == "not_found" => {}
         Err(e) => return Err(e),
     }
-    let mut vmm = b.vmm()?;
     let workload: types::Workload = req.workload.into();
     let resources = req.resources.map(Into::into);
-    // Stored whole, defaults filled in: what GET shows is what the controller applies;
-    // and checked by the controller as a policy change is (its cap on max_instances,
-    // the ranges of cooldowns and windows) before anything is created.
+    // Stored whole, defaults filled in: what GET shows is what the controller applies.
     let policy: types::ScalingPolicy = req
         .policy
         .unwrap_or_default()
         .apply(form_proto::default_scaling_policy().into())
         .into();
-    b.scaler()?
-        .set_policy(form_proto::scaler::v1::SetPolicyRequest {
-            cluster_id: id.clone(),
-            validate_only: true,
-            policy: Some(policy),
-        })
-        .await
-        .map_err(|s| ApiError::upstream("checking the policy", &s))?;
-    state
-        .put_cluster(state_pb::PutClusterRequest {
-            cluster_id: id.clone(),
-            domain: req.domain,
-            workload: Some(workload.clone()),
-            scaling_policy: Some(policy),
-            affinity: req.affinity.map(Into::into),
-            resources,
-            template_instance_id: None,
-            state_sync: req.state_sync.map(Into::into),
-            drain: req.drain.map(Into::into),
-        })
-        .await
-        .map_err(|s| ApiError::upstream("creating the cluster", &s))?;
-    // A name of its own: two concurrent creates of one id each clean up only their own
-    // instance, and ids sharing a long prefix never share a template name.
-    let template = template_name(&id);
-    let mut created = false;
-    let made = async {
-        let i = vmm
-            .create_instance(vmm_pb::CreateInstanceRequest {
-                instance_id: template.clone(),
+    // The controller creates it as an operation: checked (its policy against its cap),
+    // recorded, resumed by any controller if this one dies, rolled back as a whole if
+    // a step fails. The gateway waits for its end.
+    let accepted = b
+        .scaler()?
+        .create_cluster(form_proto::scaler::v1::CreateClusterRequest {
+            operation_id: String::new(),
+            cluster: Some(state_pb::PutClusterRequest {
                 cluster_id: id.clone(),
+                domain: req.domain,
                 workload: Some(workload),
+                scaling_policy: Some(policy),
+                affinity: req.affinity.map(Into::into),
                 resources,
-            })
-            .await
-            .map_err(|s| ApiError::upstream("starting the first instance", &s))?
-            .into_inner();
-        created = true;
-        state
-            .add_member(state_pb::AddMemberRequest {
-                cluster_id: id.clone(),
-                member: Some(state_pb::Member {
-                    instance_id: template.clone(),
-                    node_id: i.node_id,
-                    addresses: vec![i.address],
-                    status: state_pb::MemberStatus::Active as i32,
-                    generation: i.generation,
-                    resources: i.resources,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map_err(|s| ApiError::upstream("adding the first member", &s))?;
-        state
-            .put_cluster(state_pb::PutClusterRequest {
-                cluster_id: id.clone(),
-                template_instance_id: Some(template.clone()),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| ApiError::upstream("setting the template", &s))?;
-        Ok::<(), ApiError>(())
+                template_instance_id: None,
+                state_sync: req.state_sync.map(Into::into),
+                drain: req.drain.map(Into::into),
+            }),
+        })
+        .await
+        .map_err(|s| ApiError::upstream("creating the cluster", &s))?
+        .into_inner();
+    let op = wait_end(b, &accepted.operation_id).await?;
+    let outcome = super::model::operation(op);
+    if outcome.status != "completed" {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "failed_precondition",
+            format!(
+                "cluster {id} was not created ({}, operation {}): {}",
+                outcome.status, outcome.operation_id, outcome.error
+            ),
+        ));
     }
-    .await;
-    if let Err(e) = made {
-        if created
-            && let Err(s) = vmm
-                .delete_instance(vmm_pb::InstanceRef {
-                    instance_id: template.clone(),
-                })
-                .await
-        {
-            tracing::error!(cluster = %id, instance = %template, error = %s.message(), "cleanup after a failed create left the instance");
-        }
-        if let Err(s) = state
-            .delete_cluster(state_pb::DeleteClusterRequest {
-                cluster_id: id.clone(),
-            })
-            .await
-        {
-            tracing::error!(cluster = %id, error = %s.message(), "cleanup after a failed create left the cluster");
-        }
-        return Err(e);
-    }
-    tracing::info!(cluster = %id, "cluster created");
+    tracing::info!(cluster = %id, operation = %outcome.operation_id, "cluster created");
     get(b, &id).await
 }
 
-/// The first instance's id: the cluster's id (shortened) and a random suffix.
-fn template_name(cluster: &str) -> String {
-    use sha2::{Digest, Sha256};
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let h = Sha256::digest(format!("{cluster}/{now}/{n}/{}", std::process::id()).as_bytes());
-    let prefix: String = cluster.chars().take(110).collect();
-    format!("{prefix}-t{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
+/// Waits for operation `id` to end (as long as a template may take to start, with
+/// the controller's margin); returns it.
+async fn wait_end(b: &Backends, id: &str) -> Result<types::Operation, ApiError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let op = b
+            .state()?
+            .get_operation(state_pb::GetOperationRequest {
+                operation_id: id.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner);
+        match op {
+            Ok(op) if form_proto::operation_is_terminal(&op) => return Ok(op),
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return Err(ApiError::upstream("following the operation", &s)),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ApiError::new(
+                axum::http::StatusCode::GATEWAY_TIMEOUT,
+                "unavailable",
+                format!(
+                    "operation {id} did not end in time; follow it with GET /api/v1/operations/{id}"
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Deletes the cluster, then its instances: once the cluster is gone from form-state

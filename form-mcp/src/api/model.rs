@@ -425,7 +425,8 @@ pub struct Status {
     pub instances: u32,
     /// Members that are active.
     pub ready_instances: u32,
-    /// stable (no operation runs), scaling_out, scaling_in, resizing or replacing.
+    /// stable (no operation runs), scaling_out, scaling_in, resizing, replacing or
+    /// creating.
     pub scaling_status: String,
     /// healthy, degraded or unhealthy.
     pub health_status: String,

@@ -22,7 +22,7 @@ use std::time::Duration;
 use form_proto::types::v1 as types;
 use types::operation_status::State;
 
-use super::{Step, UNDO_PREFIX, create, plan, record, remove, resize, sync};
+use super::{Step, UNDO_PREFIX, create, lifecycle, plan, record, remove, resize, sync};
 use crate::faults::{Fault, Faults};
 use crate::platform::{OpError, Platform};
 
@@ -136,6 +136,10 @@ impl Engine {
         let mut seq = record::next_seq(&op);
         let outcome = match start_of(&op, steps) {
             Start::Done => return op,
+            // A create precedes its cluster: the controller checked it was absent.
+            Start::Forward(0) if kind == types::OperationKind::CreateCluster => {
+                self.forward(&mut op, steps, 0, &mut seq).await
+            }
             Start::Forward(0) if record::current_step(&op).is_none() => {
                 match self.platform.cluster(&op.cluster_id).await {
                     Ok(c) => match plan::still_valid(&op, &c) {
@@ -392,6 +396,10 @@ impl Engine {
 
     async fn run_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
         match step {
+            Step::StoreCluster | Step::CreateTemplate | Step::AddTemplate => {
+                lifecycle::forward(self, step, op).await
+            }
+            Step::TemplateServing => create::forward(self, Step::WaitServing, op).await,
             Step::ResizeInPlace | Step::StoreResources => resize::forward(self, step, op).await,
             Step::SyncClones | Step::FinalSyncClones | Step::HandoffVictims => {
                 sync::forward(self, step, op).await
@@ -406,6 +414,10 @@ impl Engine {
 
     async fn undo_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
         match step {
+            Step::StoreCluster | Step::CreateTemplate | Step::AddTemplate => {
+                lifecycle::undo(self, step, op).await
+            }
+            Step::TemplateServing => Ok(()),
             Step::ResizeInPlace | Step::StoreResources => resize::undo(self, step, op).await,
             // Changes merged into other instances stay: merging only moves their state
             // forward, and the same changes merged again change nothing.

@@ -3,6 +3,7 @@
 
 pub mod create;
 pub mod engine;
+pub mod lifecycle;
 pub mod plan;
 pub mod record;
 pub mod remove;
@@ -50,10 +51,18 @@ pub enum Step {
     DeleteVictimInstances,
     /// Delete the snapshot the clones came from.
     DeleteSnapshot,
+    /// Store the cluster of a create (`cluster_spec`); its undo deletes it.
+    StoreCluster,
+    /// Start the template instance (`new_instances[0]`); its undo deletes it.
+    CreateTemplate,
+    /// Add the template as an active member and make it the cluster's template.
+    AddTemplate,
+    /// Wait until the balancer serves the template (as `WaitServing`).
+    TemplateServing,
 }
 
 /// Every step, for name lookups.
-const ALL: [Step; 16] = [
+const ALL: [Step; 20] = [
     Step::ResizeInPlace,
     Step::StoreResources,
     Step::SnapshotSource,
@@ -70,6 +79,10 @@ const ALL: [Step; 16] = [
     Step::RemoveVictimMembers,
     Step::DeleteVictimInstances,
     Step::DeleteSnapshot,
+    Step::StoreCluster,
+    Step::CreateTemplate,
+    Step::AddTemplate,
+    Step::TemplateServing,
 ];
 
 /// Prefix of the recorded name of an undo step.
@@ -95,6 +108,10 @@ impl Step {
             Step::RemoveVictimMembers => "remove_victim_members",
             Step::DeleteVictimInstances => "delete_victim_instances",
             Step::DeleteSnapshot => "delete_snapshot",
+            Step::StoreCluster => "store_cluster",
+            Step::CreateTemplate => "create_template",
+            Step::AddTemplate => "add_template",
+            Step::TemplateServing => "template_serving",
         }
     }
 

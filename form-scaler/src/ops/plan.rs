@@ -53,7 +53,10 @@ pub fn steps(kind: types::OperationKind) -> &'static [Step] {
     // In place only: a size a member cannot take in place fails the operation (a
     // memory snapshot cannot change a VM's shape).
     const RESIZE: [Step; 2] = [ResizeInPlace, StoreResources];
+    // Every step undoable: a create that fails anywhere leaves nothing.
+    const CREATE: [Step; 4] = [StoreCluster, CreateTemplate, AddTemplate, TemplateServing];
     match kind {
+        types::OperationKind::CreateCluster => &CREATE,
         types::OperationKind::ScaleOut => &OUT,
         types::OperationKind::ScaleIn => &IN,
         types::OperationKind::ReplaceInstance => &REPLACE,
@@ -165,6 +168,44 @@ pub fn counted_members(c: &state_pb::Cluster) -> Vec<&state_pb::Member> {
 /// The policy in force for `c`.
 pub fn policy_of(c: &state_pb::Cluster) -> types::ScalingPolicy {
     c.scaling_policy.unwrap_or_else(policy::default_policy)
+}
+
+/// The operation that creates the cluster of `spec` with its template instance.
+pub fn create_cluster(
+    operation_id: &str,
+    spec: &state_pb::PutClusterRequest,
+    owner: &str,
+    now_ms: u64,
+) -> types::Operation {
+    let kind = types::OperationKind::CreateCluster;
+    let id = spec.cluster_id.as_str();
+    let mut op = types::Operation {
+        operation_id: operation_id.to_owned(),
+        cluster_id: id.to_owned(),
+        kind: kind as i32,
+        status: Some(types::OperationStatus {
+            state: Some(types::operation_status::State::Requested(
+                types::Requested {},
+            )),
+        }),
+        owner: owner.to_owned(),
+        created_at_ms: now_ms,
+        updated_at_ms: now_ms,
+        reason: "api".into(),
+        target_count: 1,
+        steps: steps(kind).iter().map(|s| s.name().to_owned()).collect(),
+        // The template's id is fixed before anything is made, so an undo after a crash
+        // knows what to delete; the operation id makes it the same on every controller.
+        new_instances: vec![new_instance_id(id, operation_id, 0)],
+        cluster_spec: prost::Message::encode_to_vec(spec),
+        request_digest: Sha256::digest(prost::Message::encode_to_vec(spec))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        ..Default::default()
+    };
+    op.affected_instances = affected(&op);
+    op
 }
 
 /// A scale-in of the instances the request names: each a member other than the
@@ -341,9 +382,9 @@ pub fn build(
             op.target_count = current;
             op.source_instance_id = source(cluster, &[])?;
         }
-        types::OperationKind::Unspecified => {
+        types::OperationKind::Unspecified | types::OperationKind::CreateCluster => {
             return Err(Status::invalid_argument(format!(
-                "kind {} is not accepted; expected SCALE_OUT, SCALE_IN, REPLACE_INSTANCE or RESIZE",
+                "kind {} is not accepted; expected SCALE_OUT, SCALE_IN, REPLACE_INSTANCE or RESIZE (CreateCluster makes clusters)",
                 req.kind
             )));
         }

@@ -396,14 +396,15 @@ pub fn put_operation(
         return Err(StateError::invalid(
             "operation.kind",
             format!(
-                "{} is not accepted; expected SCALE_OUT, SCALE_IN, REPLACE_INSTANCE or RESIZE",
+                "{} is not accepted; expected SCALE_OUT, SCALE_IN, REPLACE_INSTANCE, RESIZE or CREATE_CLUSTER",
                 op.kind
             ),
         ));
     }
     use types::operation_status::State as S;
     let current = read::operation(state, &op.operation_id);
-    if current.is_none() {
+    // A create precedes its cluster; every other operation acts on one that exists.
+    if current.is_none() && op.kind != types::OperationKind::CreateCluster as i32 {
         require_cluster(state, &op.cluster_id)?;
     }
     let rank = status_rank(op.status.as_ref());
