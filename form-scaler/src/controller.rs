@@ -407,7 +407,10 @@ impl Shared {
 
     fn finished(&self, op: &types::Operation) {
         // A cluster's creation is not a scaling action: no cooldown follows it.
-        if !ops::is_terminal(op) || op.kind == types::OperationKind::CreateCluster as i32 {
+        if !ops::is_terminal(op)
+            || op.kind == types::OperationKind::CreateCluster as i32
+            || op.kind == types::OperationKind::DeleteCluster as i32
+        {
             return;
         }
         let now = record::now_ms();
@@ -444,6 +447,7 @@ impl Shared {
             ops::is_terminal(o)
                 && o.completed_at_ms > 0
                 && o.kind != types::OperationKind::CreateCluster as i32
+                && o.kind != types::OperationKind::DeleteCluster as i32
         };
         let h = History {
             last_action_ms: ops.iter().filter(ended).map(|o| o.completed_at_ms).max(),

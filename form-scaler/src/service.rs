@@ -119,6 +119,7 @@ impl ScalerService for Api {
             Some(Ok(types::OperationKind::Resize)) => "resizing",
             Some(Ok(types::OperationKind::ReplaceInstance)) => "replacing",
             Some(Ok(types::OperationKind::CreateCluster)) => "creating",
+            Some(Ok(types::OperationKind::DeleteCluster)) => "deleting",
             _ => "stable",
         };
         let last_decision = self
@@ -186,6 +187,24 @@ impl ScalerService for Api {
             Status::invalid_argument("cluster is missing; expected the cluster to create")
         })?;
         let op = self.shared.submit_create(spec, r.operation_id).await?;
+        Ok(Response::new(pb::ScaleReply {
+            operation_id: op.operation_id.clone(),
+            operation: Some(op),
+        }))
+    }
+
+    async fn delete_cluster(
+        &self,
+        req: Request<pb::DeleteClusterRequest>,
+    ) -> Result<Response<pb::ScaleReply>, Status> {
+        let r = req.into_inner();
+        let request = plan::Request {
+            operation_id: r.operation_id,
+            kind: types::OperationKind::DeleteCluster as i32,
+            reason: "api".into(),
+            ..Default::default()
+        };
+        let op = self.shared.submit(&r.cluster_id, request, false).await?;
         Ok(Response::new(pb::ScaleReply {
             operation_id: op.operation_id.clone(),
             operation: Some(op),

@@ -527,7 +527,7 @@ fn create_request(id: &str) -> pb::CreateClusterRequest {
 }
 
 #[tokio::test]
-async fn a_cluster_is_created_by_an_operation_that_a_restarted_controller_rolls_back() {
+async fn clusters_are_created_and_deleted_by_operations_and_a_killed_create_rolls_back() {
     let mut stack = Stack::start("ops-create").await;
     let mut scaler = stack.start_scaler(&[]).await;
     // Created as an operation: the cluster with its template serving, the defaults of
@@ -561,6 +561,30 @@ async fn a_cluster_is_created_by_an_operation_that_a_restarted_controller_rolls_
         .await
         .expect_err("exists");
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+
+    // Deleted by an operation too: the record, then the instances; the operation
+    // stays readable after its cluster is gone.
+    let template = c.template_instance_id.clone();
+    let reply = scaler
+        .delete_cluster(pb::DeleteClusterRequest {
+            cluster_id: "second".into(),
+            operation_id: String::new(),
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    assert_eq!(op.victims, std::slice::from_ref(&template));
+    assert!(!stack.instances().await.contains(&template));
+    let gone = stack
+        .state
+        .get_cluster(form_proto::state::v1::GetClusterRequest {
+            cluster_id: "second".into(),
+        })
+        .await
+        .expect_err("deleted");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
 
     // A controller killed in the middle of a create: after its restart the create is
     // rolled back as a whole, the template instance deleted.

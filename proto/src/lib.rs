@@ -60,6 +60,7 @@ pub fn operation_kind_name(kind: i32) -> &'static str {
         Ok(K::ReplaceInstance) => "replace_instance",
         Ok(K::Resize) => "resize",
         Ok(K::CreateCluster) => "create_cluster",
+        Ok(K::DeleteCluster) => "delete_cluster",
         _ => "unspecified",
     }
 }

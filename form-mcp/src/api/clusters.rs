@@ -215,67 +215,41 @@ async fn wait_end(b: &Backends, id: &str) -> Result<types::Operation, ApiError> 
     }
 }
 
-/// Deletes the cluster, then its instances: once the cluster is gone from form-state
-/// the balancer stops routing to it and no controller starts an operation on it, so
-/// nothing new appears while its instances go.
+/// Deletes the cluster and its instances through the controller's delete operation
+/// (its record first: the balancer stops routing to it and no operation starts on it;
+/// then its members' instances), refused while another operation runs on it.
 pub async fn delete(b: &Backends, id: &str) -> Result<Deleted, ApiError> {
-    let c = get(b, id).await?;
-    let mut state = b.state()?;
-    let ops = state
-        .list_operations(state_pb::ListOperationsRequest {
+    get(b, id).await?;
+    let accepted = b
+        .scaler()?
+        .delete_cluster(form_proto::scaler::v1::DeleteClusterRequest {
             cluster_id: id.to_owned(),
-            limit: 0,
+            operation_id: String::new(),
         })
         .await
-        .map_err(|s| ApiError::upstream("reading operations", &s))?
-        .into_inner()
-        .operations;
-    if let Some(op) = ops.iter().find(|o| !form_proto::operation_is_terminal(o)) {
-        return Err(ApiError::conflict(format!(
-            "cluster {id} has an operation in progress: {}; delete it when the operation ends",
-            op.operation_id
-        )));
-    }
-    state
-        .delete_cluster(state_pb::DeleteClusterRequest {
-            cluster_id: id.to_owned(),
-        })
-        .await
-        .map_err(|s| ApiError::upstream("deleting the cluster", &s))?;
-    let mut deleted = Vec::new();
-    let mut left = Vec::new();
-    if !c.members.is_empty() {
-        let mut vmm = b.vmm()?;
-        let mut ids: Vec<&String> = c.members.keys().collect();
-        ids.sort();
-        for m in ids {
-            match vmm
-                .delete_instance(vmm_pb::InstanceRef {
-                    instance_id: m.clone(),
-                })
-                .await
-            {
-                Ok(_) => deleted.push(m.clone()),
-                Err(s) if s.code() == tonic::Code::NotFound => {}
-                Err(s) => {
-                    tracing::error!(cluster = id, instance = %m, error = %s.message(), "instance of a deleted cluster not deleted");
-                    left.push(format!("{m} ({})", s.message()));
-                }
-            }
-        }
-    }
-    if !left.is_empty() {
+        .map_err(|s| ApiError::upstream("deleting the cluster", &s))?
+        .into_inner();
+    let op = wait_end(b, &accepted.operation_id).await?;
+    let outcome = super::model::operation(op.clone());
+    if outcome.status != "completed" {
         return Err(ApiError::upstream(
-            "deleting the cluster's instances",
+            "deleting the cluster",
             &tonic::Status::unavailable(format!(
-                "cluster {id} is deleted but these instances are not: {}",
-                left.join(", ")
+                "cluster {id} is not wholly deleted ({}, operation {}): {}; left: {}",
+                outcome.status,
+                outcome.operation_id,
+                outcome.error,
+                outcome.left_behind.join(", ")
             )),
         ));
     }
-    tracing::info!(cluster = id, instances = deleted.len(), "cluster deleted");
+    tracing::info!(
+        cluster = id,
+        instances = op.victims.len(),
+        "cluster deleted"
+    );
     Ok(Deleted {
         cluster_id: id.to_owned(),
-        instances_deleted: deleted,
+        instances_deleted: op.victims,
     })
 }

@@ -396,9 +396,11 @@ impl Engine {
 
     async fn run_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
         match step {
-            Step::StoreCluster | Step::CreateTemplate | Step::AddTemplate => {
-                lifecycle::forward(self, step, op).await
-            }
+            Step::StoreCluster
+            | Step::CreateTemplate
+            | Step::AddTemplate
+            | Step::DeleteClusterRecord
+            | Step::DeleteClusterInstances => lifecycle::forward(self, step, op).await,
             Step::TemplateServing => create::forward(self, Step::WaitServing, op).await,
             Step::ResizeInPlace | Step::StoreResources => resize::forward(self, step, op).await,
             Step::SyncClones | Step::FinalSyncClones | Step::HandoffVictims => {

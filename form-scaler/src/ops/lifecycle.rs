@@ -1,3 +1,7 @@
+//! The steps of a cluster's deletion: its record first (the balancer stops routing to
+//! it, no controller starts an operation on it), then its members' instances; both go
+//! only forward.
+//!
 //! The steps of a cluster's creation: store the cluster (`cluster_spec`), start its
 //! template instance (`new_instances[0]`), add it as the active member and template;
 //! `wait_serving` follows. Each undo removes what its step made, so a create that fails
@@ -105,8 +109,31 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
                 )
                 .await
         }
+        Step::DeleteClusterRecord => gone_ok(
+            e.platform
+                .state
+                .clone()
+                .delete_cluster(state_pb::DeleteClusterRequest {
+                    cluster_id: op.cluster_id.clone(),
+                })
+                .await,
+            format!("deleting cluster {}", op.cluster_id),
+        ),
+        Step::DeleteClusterInstances => {
+            let mut vmm = e.platform.vmm()?;
+            for id in op.victims.clone() {
+                gone_ok(
+                    vmm.delete_instance(vmm_pb::InstanceRef {
+                        instance_id: id.clone(),
+                    })
+                    .await,
+                    format!("deleting instance {id}"),
+                )?;
+            }
+            Ok(())
+        }
         _ => Err(OpError::new(format!(
-            "{} is not a create step",
+            "{} is not a create or delete step",
             step.name()
         ))),
     }

@@ -59,10 +59,15 @@ pub enum Step {
     AddTemplate,
     /// Wait until the balancer serves the template (as `WaitServing`).
     TemplateServing,
+    /// Delete the cluster's record: the balancer stops routing to it and no
+    /// controller starts an operation on it. From here a delete only goes forward.
+    DeleteClusterRecord,
+    /// Delete the instances of its members (`victims`).
+    DeleteClusterInstances,
 }
 
 /// Every step, for name lookups.
-const ALL: [Step; 20] = [
+const ALL: [Step; 22] = [
     Step::ResizeInPlace,
     Step::StoreResources,
     Step::SnapshotSource,
@@ -83,6 +88,8 @@ const ALL: [Step; 20] = [
     Step::CreateTemplate,
     Step::AddTemplate,
     Step::TemplateServing,
+    Step::DeleteClusterRecord,
+    Step::DeleteClusterInstances,
 ];
 
 /// Prefix of the recorded name of an undo step.
@@ -112,6 +119,8 @@ impl Step {
             Step::CreateTemplate => "create_template",
             Step::AddTemplate => "add_template",
             Step::TemplateServing => "template_serving",
+            Step::DeleteClusterRecord => "delete_cluster_record",
+            Step::DeleteClusterInstances => "delete_cluster_instances",
         }
     }
 
@@ -126,7 +135,11 @@ impl Step {
     pub fn commits(self) -> bool {
         matches!(
             self,
-            Step::RemoveVictimMembers | Step::DeleteVictimInstances | Step::DeleteSnapshot
+            Step::RemoveVictimMembers
+                | Step::DeleteVictimInstances
+                | Step::DeleteSnapshot
+                | Step::DeleteClusterRecord
+                | Step::DeleteClusterInstances
         )
     }
 }

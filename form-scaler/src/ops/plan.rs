@@ -55,7 +55,9 @@ pub fn steps(kind: types::OperationKind) -> &'static [Step] {
     const RESIZE: [Step; 2] = [ResizeInPlace, StoreResources];
     // Every step undoable: a create that fails anywhere leaves nothing.
     const CREATE: [Step; 4] = [StoreCluster, CreateTemplate, AddTemplate, TemplateServing];
+    const DELETE: [Step; 2] = [DeleteClusterRecord, DeleteClusterInstances];
     match kind {
+        types::OperationKind::DeleteCluster => &DELETE,
         types::OperationKind::CreateCluster => &CREATE,
         types::OperationKind::ScaleOut => &OUT,
         types::OperationKind::ScaleIn => &IN,
@@ -381,6 +383,11 @@ pub fn build(
                 .or_else(|| counted.iter().find_map(|m| m.resources));
             op.target_count = current;
             op.source_instance_id = source(cluster, &[])?;
+        }
+        types::OperationKind::DeleteCluster => {
+            let mut ids: Vec<String> = cluster.members.keys().cloned().collect();
+            ids.sort();
+            op.victims = ids;
         }
         types::OperationKind::Unspecified | types::OperationKind::CreateCluster => {
             return Err(Status::invalid_argument(format!(

@@ -129,9 +129,12 @@ pub fn delete_cluster(state: &State, actor: &str, id: &str) -> Result<Option<Del
     let mut b = DeltaBuilder::new(state, actor);
     b.remove_scope(Space::Cluster, id, None);
     // Its operations go with it: a cluster made again with this id starts with no
-    // history (and no cooldown).
+    // history (and no cooldown). A delete operation stays: it is still running, and
+    // says what became of the cluster.
     for op in read::operations(state, id, 0) {
-        b.remove_scope(Space::Operation, &op.operation_id, None);
+        if op.kind != types::OperationKind::DeleteCluster as i32 {
+            b.remove_scope(Space::Operation, &op.operation_id, None);
+        }
     }
     Ok(b.build())
 }
@@ -396,7 +399,7 @@ pub fn put_operation(
         return Err(StateError::invalid(
             "operation.kind",
             format!(
-                "{} is not accepted; expected SCALE_OUT, SCALE_IN, REPLACE_INSTANCE, RESIZE or CREATE_CLUSTER",
+                "{} is not accepted; expected SCALE_OUT, SCALE_IN, REPLACE_INSTANCE, RESIZE, CREATE_CLUSTER or DELETE_CLUSTER",
                 op.kind
             ),
         ));
@@ -532,8 +535,23 @@ mod tests {
                 .collect()
         };
         assert_eq!(ids(&s, "web"), ["w4", "w3", "w2"], "the newest 3 are kept");
+        let mut del = done("del".into(), "web", 9);
+        if let Some(o) = del.operation.as_mut() {
+            o.kind = types::OperationKind::DeleteCluster as i32;
+            o.status = Some(types::OperationStatus {
+                state: Some(S::InProgress(types::InProgress {
+                    step_index: 0,
+                    step: "delete_cluster_record".into(),
+                })),
+            });
+        }
+        apply(&mut s, |s| put_operation(s, "a", 30, &del, 3));
         apply(&mut s, |s| delete_cluster(s, "a", "web"));
-        assert!(ids(&s, "web").is_empty(), "deleted with their cluster");
+        assert_eq!(
+            ids(&s, "web"),
+            ["del"],
+            "deleted with their cluster, but for the delete itself"
+        );
         assert_eq!(ids(&s, "db"), ["d0"], "another cluster's stay");
     }
 
