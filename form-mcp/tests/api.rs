@@ -482,8 +482,8 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
         .await;
     assert_eq!(code, 200);
 
-    // A client that goes away right after sending a create: the create still runs to
-    // its end (a cluster with its template serving), not half way.
+    // A client that goes away in the middle of a create (once the cluster is stored,
+    // before its template serves): the create still runs to its end, not half way.
     let body = demo_cluster("left").to_string();
     let request = format!(
         "POST /api/v1/clusters HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {ADMIN}\r\n\
@@ -497,8 +497,19 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
             .await
             .expect("connect");
         s.write_all(request.as_bytes()).await.expect("send");
+        form_testkit::assert_eventually!(
+            deadline = std::time::Duration::from_secs(60),
+            async {
+                g.call("GET", "/api/v1/clusters/left", Some(ADMIN), None)
+                    .await
+                    .0
+                    == 200
+            },
+            "the create has begun"
+        );
     }
     form_testkit::assert_eventually!(
+        deadline = std::time::Duration::from_secs(60),
         async {
             let (code, c) = g
                 .call("GET", "/api/v1/clusters/left", Some(ADMIN), None)
@@ -511,7 +522,9 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
                     .as_str()
                     .is_some_and(|t| !t.is_empty())
         },
-        "the create of a client that left completes"
+        "the create of a client that left completes: {:?}",
+        g.call("GET", "/api/v1/clusters/left", Some(ADMIN), None)
+            .await
     );
     let (code, _) = g
         .call("DELETE", "/api/v1/clusters/left", Some(ADMIN), None)
