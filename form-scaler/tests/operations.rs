@@ -508,6 +508,20 @@ async fn a_cluster_made_again_with_its_id_starts_with_no_history_and_no_cooldown
     stack.stop().await;
 }
 
+/// Cluster `id` as form-state has it.
+async fn cluster_named(
+    stack: &mut Stack,
+    id: &str,
+) -> Result<form_proto::state::v1::Cluster, tonic::Status> {
+    stack
+        .state
+        .get_cluster(form_proto::state::v1::GetClusterRequest {
+            cluster_id: id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// The request that creates cluster `id` running the demo app.
 fn create_request(id: &str) -> pb::CreateClusterRequest {
     pb::CreateClusterRequest {
@@ -539,14 +553,7 @@ async fn clusters_are_created_and_deleted_by_operations_and_a_killed_create_roll
         .into_inner();
     let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
     assert_eq!(status(&op), "completed", "{op:?}");
-    let c = stack
-        .state
-        .get_cluster(form_proto::state::v1::GetClusterRequest {
-            cluster_id: "second".into(),
-        })
-        .await
-        .expect("cluster")
-        .into_inner();
+    let c = cluster_named(&mut stack, "second").await.expect("cluster");
     assert_eq!(c.template_instance_id, op.new_instances[0]);
     assert_eq!(
         c.members[&c.template_instance_id].status,
@@ -577,11 +584,7 @@ async fn clusters_are_created_and_deleted_by_operations_and_a_killed_create_roll
     assert_eq!(status(&op), "completed", "{op:?}");
     assert_eq!(op.victims, std::slice::from_ref(&template));
     assert!(!stack.instances().await.contains(&template));
-    let gone = stack
-        .state
-        .get_cluster(form_proto::state::v1::GetClusterRequest {
-            cluster_id: "second".into(),
-        })
+    let gone = cluster_named(&mut stack, "second")
         .await
         .expect_err("deleted");
     assert_eq!(gone.code(), tonic::Code::NotFound);
@@ -620,11 +623,7 @@ async fn clusters_are_created_and_deleted_by_operations_and_a_killed_create_roll
         !stack.instances().await.contains(&template),
         "the template is deleted"
     );
-    let gone = stack
-        .state
-        .get_cluster(form_proto::state::v1::GetClusterRequest {
-            cluster_id: "third".into(),
-        })
+    let gone = cluster_named(&mut stack, "third")
         .await
         .expect_err("no cluster");
     assert_eq!(gone.code(), tonic::Code::NotFound);

@@ -29,6 +29,20 @@ fn template(op: &types::Operation) -> Result<String, OpError> {
         .ok_or_else(|| OpError::new("a create without its template's id"))
 }
 
+/// Deletes the cluster's record (already gone counts as done).
+async fn delete_record(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
+    gone_ok(
+        e.platform
+            .state
+            .clone()
+            .delete_cluster(state_pb::DeleteClusterRequest {
+                cluster_id: op.cluster_id.clone(),
+            })
+            .await,
+        format!("deleting cluster {}", op.cluster_id),
+    )
+}
+
 /// Runs `step` (one of this module's).
 pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
     match step {
@@ -109,16 +123,7 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
                 )
                 .await
         }
-        Step::DeleteClusterRecord => gone_ok(
-            e.platform
-                .state
-                .clone()
-                .delete_cluster(state_pb::DeleteClusterRequest {
-                    cluster_id: op.cluster_id.clone(),
-                })
-                .await,
-            format!("deleting cluster {}", op.cluster_id),
-        ),
+        Step::DeleteClusterRecord => delete_record(e, op).await,
         Step::DeleteClusterInstances => {
             let mut vmm = e.platform.vmm()?;
             for id in op.victims.clone() {
@@ -142,16 +147,7 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
 /// Undoes `step`.
 pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
     match step {
-        Step::StoreCluster => gone_ok(
-            e.platform
-                .state
-                .clone()
-                .delete_cluster(state_pb::DeleteClusterRequest {
-                    cluster_id: op.cluster_id.clone(),
-                })
-                .await,
-            format!("deleting cluster {}", op.cluster_id),
-        ),
+        Step::StoreCluster => delete_record(e, op).await,
         Step::CreateTemplate => {
             let id = template(op)?;
             gone_ok(
