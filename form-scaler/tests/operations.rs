@@ -194,18 +194,7 @@ async fn a_controller_killed_mid_scale_out_rolls_it_back_after_restart_and_refus
         .into_inner();
     let id = reply.operation_id.clone();
     // The clones exist and are members when the controller dies.
-    assert_eventually!(
-        deadline = Duration::from_secs(30),
-        async {
-            scaler
-                .get_operation(pb::GetOperationRequest {
-                    operation_id: id.clone(),
-                })
-                .await
-                .is_ok_and(|o| status(o.get_ref()) == "in_progress: wait_serving")
-        },
-        "the operation reaches wait_serving"
-    );
+    reaches(&mut scaler, &id, "wait_serving").await;
     assert_eq!(stack.members().await.len(), 3);
     let e = scaler
         .scale(scale(OperationKind::ScaleIn, 1))
@@ -508,6 +497,27 @@ async fn a_cluster_made_again_with_its_id_starts_with_no_history_and_no_cooldown
     stack.stop().await;
 }
 
+/// Waits until operation `id` runs `step` (a fault holds it there).
+async fn reaches(
+    scaler: &mut pb::scaler_service_client::ScalerServiceClient<tonic::transport::Channel>,
+    id: &str,
+    step: &str,
+) {
+    let want = format!("in_progress: {step}");
+    assert_eventually!(
+        deadline = Duration::from_secs(30),
+        async {
+            scaler
+                .get_operation(pb::GetOperationRequest {
+                    operation_id: id.to_owned(),
+                })
+                .await
+                .is_ok_and(|o| status(o.get_ref()) == want)
+        },
+        "operation {id} reaches {step}"
+    );
+}
+
 /// Cluster `id` as form-state has it.
 async fn cluster_named(
     stack: &mut Stack,
@@ -602,18 +612,7 @@ async fn clusters_are_created_and_deleted_by_operations_and_a_killed_create_roll
         .into_inner();
     let id = reply.operation_id.clone();
     let template = reply.operation.expect("op").new_instances[0].clone();
-    assert_eventually!(
-        deadline = Duration::from_secs(30),
-        async {
-            scaler
-                .get_operation(pb::GetOperationRequest {
-                    operation_id: id.clone(),
-                })
-                .await
-                .is_ok_and(|o| status(o.get_ref()) == "in_progress: template_serving")
-        },
-        "the create reaches template_serving"
-    );
+    reaches(&mut scaler, &id, "template_serving").await;
     assert!(stack.instances().await.contains(&template));
     stack.kill_scaler().await;
     let mut scaler = stack.start_scaler(&[]).await;

@@ -74,7 +74,19 @@ impl ProcessBackend {
     ) -> Result<Self, VmmError> {
         std::fs::create_dir_all(&root)
             .map_err(VmmError::io(format!("creating {}", root.display())))?;
-        let cgroups = Cgroups::detect(cgroup_root, node_id);
+        // Named for this node and its data directory: two nodes on one host (or two
+        // tests) with the same node id and instance ids must not share cgroups, where
+        // one's limits would overwrite the other's.
+        let root_abs = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
+        let tag: String = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            root_abs.as_os_str().as_encoded_bytes(),
+        ))
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+        let cgroups = Cgroups::detect(cgroup_root, &format!("{node_id}-{tag}"));
         match &cgroups {
             Cgroups::Unavailable(why) => {
                 tracing::warn!(reason = %why, "resource limits will be recorded, not enforced")
