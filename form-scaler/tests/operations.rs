@@ -628,3 +628,59 @@ async fn clusters_are_created_and_deleted_by_operations_and_a_killed_create_roll
     assert_eq!(gone.code(), tonic::Code::NotFound);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn an_undo_that_cannot_finish_by_the_deadline_is_listed_and_the_cluster_goes_on() {
+    let mut stack = Stack::start("ops-left-behind").await;
+    let never = stack.dir.path().join("never");
+    let hold = format!("wait_healthy=hold:{}", never.display());
+    let mut scaler = stack
+        .start_scaler(&[
+            "--operation-timeout-ms",
+            "3000",
+            "--replace-after-ms",
+            "600000",
+            "--inject-fault",
+            &hold,
+        ])
+        .await;
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect("scale out")
+        .into_inner();
+    reaches(&mut scaler, &reply.operation_id, "wait_healthy").await;
+    // The node freezes: the undos of the rollback (delete the clone, the snapshot)
+    // cannot be done before the deadline.
+    stack
+        .vmm
+        .signal(nix::sys::signal::Signal::SIGSTOP)
+        .expect("SIGSTOP");
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    stack
+        .vmm
+        .signal(nix::sys::signal::Signal::SIGCONT)
+        .expect("SIGCONT");
+    let s = status(&op);
+    assert!(s.starts_with("failed") && s.contains("left_behind"), "{s}");
+    let Some(form_proto::types::v1::operation_status::State::Failed(f)) =
+        op.status.as_ref().and_then(|s| s.state.clone())
+    else {
+        panic!("{op:?}")
+    };
+    assert!(
+        f.left_behind.iter().any(|l| l.contains("clone_instances")),
+        "{:?}",
+        f.left_behind
+    );
+    // The cluster is usable: no operation holds it, the next one is accepted.
+    let reply = scaler
+        .scale(pb::ScaleRequest {
+            immediate: true,
+            ..scale(OperationKind::ScaleOut, 2)
+        })
+        .await
+        .expect("the next operation is accepted");
+    assert_ne!(reply.into_inner().operation_id, op.operation_id);
+    stack.stop().await;
+}

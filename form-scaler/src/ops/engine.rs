@@ -359,7 +359,19 @@ impl Engine {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                match self.undo_step(step, op).await {
+                // A service that hangs must not hold the rollback for ever: each attempt
+                // has a quarter of the operation's time (1 to 30 s).
+                let limit = (self.limits.operation_timeout / 4)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(30));
+                let undone = tokio::time::timeout(limit, self.undo_step(step, op))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(OpError::new(format!(
+                            "the undo of {} did not answer within {limit:?}",
+                            step.name()
+                        )))
+                    });
+                match undone {
                     Ok(()) => break,
                     Err(e) if e.refused || (attempt >= ATTEMPTS && self.deadline_passed(op)) => {
                         tracing::error!(operation = %op.operation_id, step = step.name(), error = %e, "undo given up; left behind");
