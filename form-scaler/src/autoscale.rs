@@ -1,8 +1,9 @@
 //! The control loop: every evaluation interval, for each cluster with a template and
 //! no running operation, observe (CPU from the heartbeats in form-state, the request
 //! rate from the balancer, each the mean of its metric window: `observe.rs`), decide,
-//! and submit the scale-out or scale-in the decision asks for. Unfinished operations found in form-state are adopted on each
-//! round too, so a restarted controller picks up what its predecessor left.
+//! and submit the scale-out or scale-in the decision asks for. Unfinished operations
+//! found in form-state are adopted on each round too, so a restarted controller picks
+//! up what its predecessor left.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError};

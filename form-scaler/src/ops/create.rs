@@ -326,14 +326,18 @@ async fn wait_serving(e: &Engine, op: &types::Operation) -> Result<(), OpError> 
     let domain = e.platform.cluster(&op.cluster_id).await?.domain;
     let deadline = tokio::time::Instant::now() + e.limits.ready_timeout;
     loop {
-        let stats = rplb
+        let stats = match rplb
             .clone()
             .get_stats(rplb_pb::GetStatsRequest {
                 domain: domain.clone(),
             })
             .await
-            .map_err(|s| OpError::rpc(format!("balancer stats of {domain}"), &s))?
-            .into_inner();
+        {
+            Ok(s) => s.into_inner(),
+            // A cluster just created: the balancer has not made its route yet.
+            Err(s) if s.code() == tonic::Code::NotFound => rplb_pb::StatsReply::default(),
+            Err(s) => return Err(OpError::rpc(format!("balancer stats of {domain}"), &s)),
+        };
         let active: Vec<&str> = stats
             .routes
             .iter()
