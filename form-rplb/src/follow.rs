@@ -109,11 +109,7 @@ fn remove_cluster(core: &Core, cluster_id: &str, keep: Option<&str>) {
 fn member_drain(c: &pb::Cluster, m: &pb::Member) -> Option<DrainSettings> {
     let d = m.drain.or(c.drain)?;
     Some(DrainSettings {
-        grace: std::time::Duration::from_secs(u64::from(if d.grace_period_seconds == 0 {
-            30
-        } else {
-            d.grace_period_seconds
-        })),
+        grace: std::time::Duration::from_secs(u64::from(form_proto::drain_grace_seconds(&d))),
         wait_for_connections: d.wait_for_connections,
         notify_clients: d.notify_clients,
     })

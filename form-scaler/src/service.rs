@@ -221,9 +221,6 @@ impl ScalerService for Api {
         })?;
         policy::validate(&p, self.shared.cap)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if r.validate_only {
-            return Ok(Response::new(pb::SetPolicyReply { policy: Some(p) }));
-        }
         self.cluster(&r.cluster_id).await?;
         self.shared
             .engine

@@ -105,7 +105,6 @@ async fn cpu_load_scales_out_and_idle_scales_in_to_min_without_a_failed_request(
     scaler
         .set_policy(pb::SetPolicyRequest {
             cluster_id: CLUSTER.into(),
-            validate_only: false,
             policy: Some(ScalingPolicy {
                 min_instances: 1,
                 max_instances: 3,
@@ -246,7 +245,6 @@ async fn a_booting_template_is_not_load_until_its_warmup_has_passed() {
     scaler
         .set_policy(pb::SetPolicyRequest {
             cluster_id: CLUSTER.into(),
-            validate_only: false,
             policy: Some(ScalingPolicy {
                 min_instances: 1,
                 max_instances: 2,
@@ -332,7 +330,6 @@ async fn the_request_rate_is_a_second_signal_that_scales_out_an_idle_cpu() {
     scaler
         .set_policy(pb::SetPolicyRequest {
             cluster_id: CLUSTER.into(),
-            validate_only: false,
             policy: Some(ScalingPolicy {
                 min_instances: 1,
                 max_instances: 2,

@@ -82,7 +82,6 @@ async fn scale_out_and_in_through_the_api_keep_state_members_and_balancer_in_agr
     scaler
         .set_policy(pb::SetPolicyRequest {
             cluster_id: CLUSTER.into(),
-            validate_only: false,
             policy: Some(policy),
         })
         .await
@@ -164,7 +163,6 @@ async fn bad_requests_are_refused_naming_the_field_and_what_is_accepted() {
     let e = scaler
         .set_policy(pb::SetPolicyRequest {
             cluster_id: CLUSTER.into(),
-            validate_only: false,
             policy: Some(form_proto::types::v1::ScalingPolicy {
                 min_instances: 3,
                 max_instances: 2,

@@ -92,6 +92,25 @@ pub fn default_scaling_policy() -> types::v1::ScalingPolicy {
     }
 }
 
+/// The drain of a cluster whose settings are unset: the balancer's default drain (30 s,
+/// sessions move once nothing is in flight, clients asked to reconnect).
+pub fn default_drain_settings() -> types::v1::DrainSettings {
+    types::v1::DrainSettings {
+        grace_period_seconds: 30,
+        wait_for_connections: true,
+        notify_clients: true,
+    }
+}
+
+/// The grace period of drain settings, seconds: 0 means 30 (the balancer's default).
+pub fn drain_grace_seconds(d: &types::v1::DrainSettings) -> u32 {
+    if d.grace_period_seconds == 0 {
+        30
+    } else {
+        d.grace_period_seconds
+    }
+}
+
 /// Longest cookie affinity TTL accepted: a year.
 pub const MAX_COOKIE_TTL: u64 = 365 * 24 * 3600;
 

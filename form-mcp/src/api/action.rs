@@ -145,7 +145,6 @@ impl Action {
                     .scaler()?
                     .set_policy(scaler_pb::SetPolicyRequest {
                         cluster_id: id,
-                        validate_only: false,
                         policy: Some(policy.into()),
                     })
                     .await

@@ -127,17 +127,6 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
         )));
     }
     let id = req.cluster_id.clone();
-    match get(b, &id).await {
-        Ok(_) => {
-            return Err(ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "already_exists",
-                format!("cluster {id} exists; delete it first or choose another id"),
-            ));
-        }
-        Err(e) if e.code == "not_found" => {}
-        Err(e) => return Err(e),
-    }
     let workload: types::Workload = req.workload.into();
     let resources = req.resources.map(Into::into);
     // Stored whole, defaults filled in: what GET shows is what the controller applies.

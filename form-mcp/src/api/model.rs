@@ -201,16 +201,6 @@ pub struct Drain {
     pub notify_clients: bool,
 }
 
-impl Default for Drain {
-    fn default() -> Self {
-        Self {
-            grace_period_seconds: 30,
-            wait_for_connections: true,
-            notify_clients: true,
-        }
-    }
-}
-
 impl From<Drain> for types::DrainSettings {
     fn from(d: Drain) -> Self {
         Self {
@@ -223,11 +213,12 @@ impl From<Drain> for types::DrainSettings {
 
 impl From<Option<types::DrainSettings>> for Drain {
     fn from(d: Option<types::DrainSettings>) -> Self {
-        d.map_or_else(Drain::default, |d| Self {
+        let d = d.unwrap_or_else(form_proto::default_drain_settings);
+        Self {
             grace_period_seconds: d.grace_period_seconds,
             wait_for_connections: d.wait_for_connections,
             notify_clients: d.notify_clients,
-        })
+        }
     }
 }
 

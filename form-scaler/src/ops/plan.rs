@@ -136,15 +136,6 @@ impl Request {
     }
 }
 
-/// The drain of a cluster whose settings are unset: the balancer's default drain.
-pub fn default_drain() -> types::DrainSettings {
-    types::DrainSettings {
-        grace_period_seconds: 30,
-        wait_for_connections: true,
-        notify_clients: true,
-    }
-}
-
 /// Whether a member counts as healthy (no health event, or a healthy one last).
 pub fn member_healthy(m: &state_pb::Member) -> bool {
     m.health_history
@@ -292,7 +283,11 @@ pub fn build(
         updated_at_ms: now_ms,
         reason: req.reason.clone(),
         previous_resources: cluster.resources,
-        drain: Some(req.drain.or(cluster.drain).unwrap_or_else(default_drain)),
+        drain: Some(
+            req.drain
+                .or(cluster.drain)
+                .unwrap_or_else(form_proto::default_drain_settings),
+        ),
         request_digest: req.digest(),
         steps: steps(kind).iter().map(|s| s.name().to_owned()).collect(),
         ..Default::default()

@@ -101,11 +101,7 @@ async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
 
 fn drain_config(d: types::DrainSettings) -> rplb_pb::ConnectionDrainConfig {
     rplb_pb::ConnectionDrainConfig {
-        grace_period_seconds: if d.grace_period_seconds == 0 {
-            30
-        } else {
-            d.grace_period_seconds
-        },
+        grace_period_seconds: form_proto::drain_grace_seconds(&d),
         wait_for_connections: d.wait_for_connections,
         notify_clients: d.notify_clients,
     }
@@ -124,7 +120,8 @@ pub async fn drain_members(
     }
     // The balancer drains a DRAINING member as the member says: the operation's
     // settings (the request's, else the cluster's).
-    let settings = drain_connections.then(|| op.drain.unwrap_or_else(super::plan::default_drain));
+    let settings =
+        drain_connections.then(|| op.drain.unwrap_or_else(form_proto::default_drain_settings));
     super::create::set_status_with(e, op, ids, state_pb::MemberStatus::Draining, settings).await?;
     let Some(rplb) = e.platform.rplb.clone() else {
         return Ok(());
@@ -136,7 +133,7 @@ pub async fn drain_members(
     let drain = if drain_connections {
         // The request's settings, else the cluster's, recorded with the operation.
         Some(drain_config(
-            op.drain.unwrap_or_else(super::plan::default_drain),
+            op.drain.unwrap_or_else(form_proto::default_drain_settings),
         ))
     } else if super::sync::enabled(&cluster) {
         Some(rplb_pb::ConnectionDrainConfig {
