@@ -30,7 +30,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Machine-readable code: invalid_json, invalid_argument, unauthorized, forbidden,
     /// not_found, method_not_allowed, conflict, already_exists, failed_precondition,
-    /// payload_too_large, unsupported_media_type, unavailable, internal.
+    /// payload_too_large, unsupported_media_type, unavailable, internal; and for a
+    /// request that is not HTTP at all: invalid_request, uri_too_long, headers_too_large.
     pub code: String,
     /// What was wrong and what is accepted.
     pub message: String,

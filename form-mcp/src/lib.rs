@@ -10,6 +10,7 @@ mod http;
 pub mod mcp;
 pub mod mcp_guard;
 pub mod openapi;
+mod parse_errors;
 pub mod rest;
 pub mod time;
 
@@ -88,15 +89,18 @@ impl Service for Gateway {
         let hosts = mcp::allowed_hosts(&hosts);
         let stop = tokio_util::sync::CancellationToken::new();
         let stop_mcp = stop.clone();
-        axum::serve(listener, http::router(app, hosts, stop_mcp))
-            .with_graceful_shutdown(async move {
-                shutdown.requested().await;
-                stop.cancel();
-            })
-            .await
-            .map_err(|e| RuntimeError::Serve {
-                name: "http",
-                message: e.to_string(),
-            })
+        axum::serve(
+            parse_errors::JsonParseErrors(listener),
+            http::router(app, hosts, stop_mcp),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.requested().await;
+            stop.cancel();
+        })
+        .await
+        .map_err(|e| RuntimeError::Serve {
+            name: "http",
+            message: e.to_string(),
+        })
     }
 }

@@ -449,6 +449,36 @@ async fn fuzzed_requests_get_the_documented_json(g: &Gateway) {
         e.to_string().contains("target_count") && e.to_string().contains("u32"),
         "{e}"
     );
+    // What hyper answers before any route runs is JSON too.
+    let long = format!("/api/v1/clusters/{}", "a".repeat(100_000));
+    let big = "b".repeat(300_000);
+    let auth_h = ("Authorization", auth.as_str());
+    for (path, headers, status, code) in [
+        (long.as_str(), vec![auth_h], 414, "uri_too_long"),
+        (
+            "/api/v1/clusters",
+            vec![auth_h, ("X-One", big.as_str()), ("X-Two", big.as_str())],
+            431,
+            "headers_too_large",
+        ),
+        (
+            "/api/v1/clusters\tnot http",
+            vec![auth_h],
+            400,
+            "invalid_request",
+        ),
+    ] {
+        let (got, head, text) = probe::http_call(g.http, "GET", path, &headers, b"")
+            .await
+            .expect("request");
+        let e: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{code}: not JSON: {head}{text}"));
+        assert_eq!(got, status, "{e}");
+        assert_eq!(e["error"]["code"], code, "{e}");
+    }
+    // The gateway still answers after those (each closed only its own connection).
+    let (code, _) = raw("GET", "/api/v1/clusters", vec![], "").await;
+    assert_eq!(code, 200);
 }
 
 #[tokio::test]
@@ -526,10 +556,22 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
         g.call("GET", "/api/v1/clusters/left", Some(ADMIN), None)
             .await
     );
-    let (code, _) = g
+    form_testkit::assert_eventually!(
+        deadline = std::time::Duration::from_secs(60),
+        async {
+            let (_, st) = g
+                .call("GET", "/api/v1/clusters/left/status", Some(ADMIN), None)
+                .await;
+            st["scaling_status"] == "stable"
+        },
+        "the create's operation ends: {:?}",
+        g.call("GET", "/api/v1/clusters/left/status", Some(ADMIN), None)
+            .await
+    );
+    let (code, e) = g
         .call("DELETE", "/api/v1/clusters/left", Some(ADMIN), None)
         .await;
-    assert_eq!(code, 200);
+    assert_eq!(code, 200, "{e}");
     let cases: Vec<(&str, &str, String, u16, &str, &str)> = vec![
         (
             "POST",

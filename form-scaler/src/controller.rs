@@ -41,6 +41,9 @@ pub struct Shared {
     pub cap: u32,
     /// Running operations: cluster id -> (operation id, kind).
     running: Mutex<HashMap<String, (String, i32)>>,
+    /// The operations that ended here lately (newest last): a resume that listed one
+    /// before it ended must not run it again.
+    ended: Mutex<std::collections::VecDeque<String>>,
     /// Decision history per cluster.
     pub histories: Mutex<HashMap<String, History>>,
     /// Latest decision per cluster.
@@ -57,6 +60,9 @@ pub struct Shared {
     submit: tokio::sync::Mutex<()>,
     counter: AtomicU64,
 }
+
+/// How many ended operation ids a controller remembers (see `Shared::ended`).
+const ENDED_KEPT: usize = 1024;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -75,6 +81,7 @@ impl Shared {
             engine,
             cap,
             running: Mutex::default(),
+            ended: Mutex::default(),
             histories: Mutex::default(),
             decisions: Mutex::default(),
             activated: Mutex::default(),
@@ -401,6 +408,13 @@ impl Shared {
             let cluster = op.cluster_id.clone();
             let done = this.engine.run(op).await;
             this.finished(&done);
+            {
+                let mut ended = lock(&this.ended);
+                if ended.len() >= ENDED_KEPT {
+                    ended.pop_front();
+                }
+                ended.push_back(done.operation_id.clone());
+            }
             lock(&this.running).remove(&cluster);
         });
     }
@@ -473,10 +487,15 @@ impl Shared {
     /// before it). An operation of a live controller stays with it, even when its
     /// cluster has moved: two controllers never run one operation.
     pub async fn resume(self: &Arc<Self>) -> Result<usize, Status> {
+        // Not while a request is between recording its operation and launching it.
+        let _one_at_a_time = self.submit.lock().await;
         let listed = self.operations("", 0).await?;
         let mut adopted = 0;
         for op in listed {
-            if ops::is_terminal(&op) || self.running(&op.cluster_id).is_some() {
+            if ops::is_terminal(&op)
+                || self.running(&op.cluster_id).is_some()
+                || lock(&self.ended).contains(&op.operation_id)
+            {
                 continue;
             }
             let mine = op.owner == self.id
