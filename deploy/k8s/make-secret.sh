@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Prints the Secret `form-keys` (JSON) the manifests mount: a node key per form-state
-# replica (form-state-0.key ...), the authorized keys file listing them, and an API
-# tokens file (admin and read). Keep its output out of version control.
+# Prints the Secrets (a JSON List) the manifests mount: `form-keys`, with a node key
+# per form-state replica (form-state-0.key ...), the authorized keys file listing them
+# and an API tokens file (admin and read); and `form-tls`, with the TLS files of every
+# service (<id>.ca.pem, <id>.cert.pem, <id>.key.pem), issued by a CA kept in
+# ${FORM_CA_DIR:-./form-ca} (made there the first time; its key never goes into a
+# Secret). Keep the output and the CA out of version control.
+#
+# The certificates last FORM_CERT_HOURS (720) hours: run the script again and apply
+# its output before then; the services take the renewed files in without a restart.
 #
 # usage: deploy/k8s/make-secret.sh [BIN_DIR] > secret.json && kubectl apply -f secret.json
 #   BIN_DIR  where form-state and formctl are (default target/release)
@@ -18,12 +24,26 @@ done
 for i in 0 1 2; do
     cp "$tmp/form-state-$i/node.key" "$tmp/form-state-$i.key"
 done
-python3 - "$tmp" <<'PY'
+ca=${FORM_CA_DIR:-./form-ca}
+mkdir -p "$ca" "$tmp/tls"
+cp -r "$ca/." "$tmp/tls/ca" 2>/dev/null || true
+holders=(form-state-0=state form-state-1=state form-state-2=state form-vmm=vmm
+         form-rplb=rplb form-scaler=scaler form-mcp=gateway)
+args=()
+for h in "${holders[@]}"; do args+=(--holder "$h"); done
+"$bin/formctl" certs stack --dir "$tmp/tls" --lifetime-hours "${FORM_CERT_HOURS:-720}" \
+    "${args[@]}" >/dev/null
+cp "$tmp/tls/ca/ca.pem" "$tmp/tls/ca/ca-key.pem" "$ca/"
+python3 - "$tmp" "${holders[@]%%=*}" <<'PY'
 import base64, json, sys
-d = sys.argv[1]
+d, ids = sys.argv[1], sys.argv[2:]
+b64 = lambda p: base64.b64encode(open(p, "rb").read()).decode()
 files = ["authorized_keys", "tokens"] + [f"form-state-{i}.key" for i in range(3)]
-data = {f: base64.b64encode(open(f"{d}/{f}", "rb").read()).decode() for f in files}
-print(json.dumps({"apiVersion": "v1", "kind": "Secret",
-                  "metadata": {"name": "form-keys", "namespace": "form"},
-                  "type": "Opaque", "data": data}, indent=2))
+keys = {f: b64(f"{d}/{f}") for f in files}
+tls = {f"{i}.{f}": b64(f"{d}/tls/{i}/{f}") for i in ids for f in ("ca.pem", "cert.pem", "key.pem")}
+secret = lambda name, data: {"apiVersion": "v1", "kind": "Secret",
+                             "metadata": {"name": name, "namespace": "form"},
+                             "type": "Opaque", "data": data}
+print(json.dumps({"apiVersion": "v1", "kind": "List",
+                  "items": [secret("form-keys", keys), secret("form-tls", tls)]}, indent=2))
 PY

@@ -2,6 +2,7 @@
 //! this machine as child processes and stops it cleanly on Ctrl-C; the other commands
 //! talk to form-mcp's REST API.
 
+mod certs;
 mod client;
 mod clusters;
 mod demo;
@@ -26,6 +27,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     api: ApiArgs,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -78,6 +82,50 @@ impl ApiArgs {
     }
 }
 
+/// How formctl's gRPC commands (`state`, `probe grpc`) connect.
+#[derive(Debug, Clone, clap::Args)]
+struct TlsArgs {
+    /// formctl's TLS directory (ca.pem, cert.pem, key.pem) for gRPC commands; default:
+    /// the local stack's (DATA_DIR/tls/formctl).
+    #[arg(long, value_name = "DIR", env = "FORM_TLS_DIR", global = true)]
+    tls_dir: Option<PathBuf>,
+
+    /// Speak plaintext gRPC (to services started with --insecure-plaintext).
+    #[arg(long, env = "FORM_INSECURE_PLAINTEXT", global = true)]
+    insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    /// Sets how gRPC commands connect.
+    fn install(&self) -> anyhow::Result<()> {
+        let stack = || {
+            std::env::var_os("FORM_DATA_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| up::default_data_dir().ok())
+                .map(|d| certs::operator_dir(&d))
+                .filter(|d| d.is_dir())
+        };
+        let dir = match (&self.tls_dir, self.insecure_plaintext) {
+            (Some(d), _) => Some(d.clone()),
+            (None, false) => stack(),
+            (None, true) => None,
+        };
+        if dir.is_none() && !self.insecure_plaintext {
+            anyhow::bail!(
+                "no TLS directory for gRPC: give --tls-dir DIR (ca.pem, cert.pem, key.pem of a \
+                 certificate of kind operator), start a local stack with formctl up, or pass \
+                 --insecure-plaintext for services that run without TLS"
+            );
+        }
+        let mode =
+            form_runtime::tls::from_flags("formctl", dir.as_deref(), self.insecure_plaintext)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        form_runtime::tls::install(mode);
+        Ok(())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start the whole stack on this machine (3 form-state replicas, form-vmm-service,
@@ -118,6 +166,10 @@ enum Command {
     Probe(ops_tools::ProbeCommand),
     /// Make the state replicas' keys and the authorized keys file they share.
     Keys(ops_tools::KeysArgs),
+    /// Make a local certificate authority and the certificates of mutual TLS (for
+    /// compose and Kubernetes set-ups; `formctl up` makes its own).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Create the demo cluster through an API (what `formctl up` does; for containers).
     DemoSetup(ops_tools::DemoSetupArgs),
 }
@@ -163,6 +215,11 @@ struct UpArgs {
     /// Run in the background (log in DATA_DIR/formctl.log); stop with `formctl down`.
     #[arg(long)]
     detach: bool,
+
+    /// Lifetime of the stack's certificates, in hours; they are renewed while the
+    /// stack runs, once two thirds of it has passed.
+    #[arg(long, value_name = "HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
+    cert_lifetime_hours: u64,
 }
 
 /// Flags of `formctl down`.
@@ -222,9 +279,20 @@ fn main() -> ExitCode {
         Command::Status(args) => runtime.block_on(status::status(&cli.api.client(), args)),
         Command::Watch(args) => runtime.block_on(status::watch(&cli.api.client(), args)),
         Command::Demo(args) => runtime.block_on(demo::run(&cli.api.client(), args)),
-        Command::State(cmd) => runtime.block_on(state::run(cmd)),
-        Command::Probe(cmd) => runtime.block_on(ops_tools::probe(cmd)),
+        Command::State(cmd) => cli
+            .tls
+            .install()
+            .and_then(|()| runtime.block_on(state::run(cmd))),
+        Command::Probe(cmd) => {
+            let tls = if cmd.is_grpc() {
+                cli.tls.install()
+            } else {
+                Ok(())
+            };
+            tls.and_then(|()| runtime.block_on(ops_tools::probe(cmd)))
+        }
         Command::Keys(args) => ops_tools::keys(args),
+        Command::Certs(cmd) => certs::run(cmd),
         Command::DemoSetup(args) => runtime.block_on(ops_tools::demo_setup(args)),
     };
     match result {

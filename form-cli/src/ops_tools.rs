@@ -15,6 +15,9 @@ pub(crate) enum ProbeCommand {
     Grpc {
         /// The service's address.
         addr: HostPort,
+        /// What the service is (its certificate must say so): state, scaler, vmm or rplb.
+        #[arg(long, value_name = "KIND", value_parser = form_runtime::tls::Kind::parse)]
+        kind: form_runtime::tls::Kind,
     },
     /// Exit 0 when `GET PATH` on HOST:PORT answers 200.
     Http {
@@ -26,9 +29,16 @@ pub(crate) enum ProbeCommand {
     },
 }
 
+impl ProbeCommand {
+    /// Whether it speaks gRPC (and so needs formctl's TLS directory).
+    pub(crate) fn is_grpc(&self) -> bool {
+        matches!(self, ProbeCommand::Grpc { .. })
+    }
+}
+
 pub(crate) async fn probe(cmd: ProbeCommand) -> anyhow::Result<ExitCode> {
     let ok = match cmd {
-        ProbeCommand::Grpc { addr } => form_runtime::upstream::serving_at(&addr).await,
+        ProbeCommand::Grpc { addr, kind } => form_runtime::upstream::serving_at(&addr, kind).await,
         ProbeCommand::Http { addr, path } => {
             let api = crate::client::Api::new(&format!("http://{addr}"), None);
             api.get(&path).await.is_ok()

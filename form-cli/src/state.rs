@@ -7,7 +7,7 @@ use anyhow::Context;
 use form_proto::state::v1 as pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_runtime::addr::HostPort;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// `formctl state ...`.
 #[derive(Debug, clap::Subcommand)]
@@ -30,7 +30,8 @@ pub(crate) enum StateCommand {
 }
 
 async fn connect(addr: &HostPort) -> anyhow::Result<StateServiceClient<Channel>> {
-    let ch = Endpoint::from_shared(addr.http_uri())?
+    let ch = form_runtime::tls::client::endpoint(addr, form_runtime::tls::Kind::State)
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()

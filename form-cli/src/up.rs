@@ -52,6 +52,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let run_dir = data_dir.join("run");
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
+    // Mutual TLS: a local CA, and a certificate for each process and for formctl.
+    let lifetime = std::time::Duration::from_secs(args.cert_lifetime_hours * 3600);
+    crate::certs::issue_all(&data_dir, &holders(&plan, &data_dir)?, lifetime)?;
     write_authorized_keys(&bin_dir, &plan, &data_dir)?;
     let tokens = crate::tokens::ensure(&data_dir)?;
 
@@ -150,6 +153,13 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = stop.requested() => break,
             _ = tokio::time::sleep(WATCH_INTERVAL) => {
+                // Renewed in place: each process takes its new files in by itself.
+                if crate::certs::due(&crate::certs::operator_dir(&data_dir), lifetime) {
+                    match holders(&plan, &data_dir).and_then(|h| crate::certs::issue_all(&data_dir, &h, lifetime)) {
+                        Ok(()) => println!("formctl: certificates renewed"),
+                        Err(e) => eprintln!("formctl: renewing the certificates: {e:#}"),
+                    }
+                }
                 if let Some(name) = exited(&mut children) {
                     eprintln!("formctl: {name} exited unexpectedly; stopping the stack");
                     failed = true;
@@ -194,7 +204,22 @@ fn stack_plan(args: &UpArgs, ports: &Ports, data_dir: &Path) -> anyhow::Result<V
             ]);
         }
     }
+    for p in &mut plan {
+        p.args.extend([
+            "--tls-dir".into(),
+            crate::certs::process_dir(data_dir, &p.name).into_os_string(),
+        ]);
+    }
     Ok(plan)
+}
+
+/// Every certificate holder of `plan`'s stack.
+fn holders(
+    plan: &[Process],
+    data_dir: &Path,
+) -> anyhow::Result<Vec<(PathBuf, form_runtime::tls::Identity)>> {
+    let named: Vec<(String, &'static str)> = plan.iter().map(|p| (p.name.clone(), p.bin)).collect();
+    crate::certs::holders(data_dir, &named)
 }
 
 /// Starts the processes of `plan` in order, each once the one before is ready. None if

@@ -173,7 +173,21 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
             }
             for v in spec["volumes"].as_array().into_iter().flatten() {
                 if let Some(secret) = v["secret"]["secretName"].as_str() {
-                    assert_eq!(secret, "form-keys");
+                    assert!(
+                        ["form-keys", "form-tls"].contains(&secret),
+                        "{secret}: make-secret.sh makes form-keys and form-tls"
+                    );
+                }
+            }
+            // Every service runs with mutual TLS from the form-tls Secret.
+            for c in spec["containers"].as_array().into_iter().flatten() {
+                let command = c["command"][0].as_str().unwrap_or("");
+                if command.starts_with("form-") {
+                    let args = c["args"].to_string();
+                    assert!(
+                        args.contains("\"--tls-dir\""),
+                        "{command} runs without --tls-dir"
+                    );
                 }
             }
         }
@@ -182,6 +196,8 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
     let script = std::fs::read_to_string(dir().join("make-secret.sh")).expect("make-secret.sh");
     for key in [
         "form-keys",
+        "form-tls",
+        "certs stack",
         "authorized_keys",
         "tokens",
         "form-state-{i}.key",

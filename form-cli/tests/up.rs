@@ -6,7 +6,9 @@ use std::time::Duration;
 use form_proto::state::v1 as pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_testkit::{LaunchSpec, Signal, TestDir, assert_eventually, probe};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const FORMCTL: &str = env!("CARGO_BIN_EXE_formctl");
 
@@ -47,11 +49,38 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         6,
         "3 replicas, vmm, rplb, scaler: {addresses:?}"
     );
+    // Every service speaks mutual TLS with the stack's own CA: a certificate issued by
+    // it (here for a controller, with `formctl certs issue`) is accepted, one of
+    // another CA (the tests') is not.
+    let tls = data.join("tls");
+    let writer = dir.path().join("scaler-tls");
+    formctl(&[
+        "certs",
+        "issue",
+        "--ca",
+        &tls.join("ca").display().to_string(),
+        "--kind",
+        "scaler",
+        "--id",
+        "up-test",
+        "--out",
+        &writer.display().to_string(),
+    ]);
     for (name, addr) in &grpc {
-        let status = probe::health(*addr, "")
+        let ch = probe::channel_with(*addr, &writer)
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let status = HealthClient::new(ch)
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .into_inner()
+            .status();
         assert_eq!(status, ServingStatus::Serving, "{name}");
+        assert!(
+            probe::health(*addr, "").await.is_err(),
+            "{name} accepts a certificate of another CA"
+        );
     }
     let api = addresses["form-mcp/http"];
     assert_eq!(
@@ -65,17 +94,19 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
     // The replicas authorize each other: a write on one reaches the others, and
     // `formctl state` shows it.
     let s1 = addresses["form-state-1/grpc"];
-    let mut c = StateServiceClient::new(probe::channel(s1).await.expect("connect"));
+    let mut c = StateServiceClient::new(probe::channel_with(s1, &writer).await.expect("connect"));
     c.put_cluster(pb::PutClusterRequest {
         cluster_id: "probe".into(),
         ..Default::default()
     })
     .await
     .expect("write");
+    let operator = tls.join("formctl").display().to_string();
     let digest = |i: usize| {
+        let operator = operator.clone();
         let addr = addresses[&format!("form-state-{i}/grpc")].to_string();
         async move {
-            let out = formctl(&["state", "digest", "--addr", &addr]);
+            let out = formctl(&["state", "digest", "--addr", &addr, "--tls-dir", &operator]);
             out.lines()
                 .find(|l| l.starts_with("digest"))
                 .map(str::to_owned)
@@ -95,6 +126,8 @@ async fn up_starts_the_stack_and_ctrl_c_stops_it() {
         "--json",
         "--addr",
         &addresses["form-state-3/grpc"].to_string(),
+        "--tls-dir",
+        &operator,
     ]);
     let v: serde_json::Value = serde_json::from_str(&dump).expect("JSON");
     let probe_cluster = v["clusters"]

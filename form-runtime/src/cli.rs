@@ -52,6 +52,18 @@ pub struct CommonArgs {
         default_value_t
     )]
     pub log_format: LogFormat,
+
+    /// Directory of this process's TLS files: `ca.pem` (the authorities trusted),
+    /// `cert.pem` and `key.pem` (its own certificate, naming its kind and id). Every
+    /// gRPC connection, in and out, is mutual TLS with them; renewed files are taken in
+    /// without a restart. `formctl certs issue` makes one.
+    #[arg(long, value_name = "DIR", env = "FORM_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Speak plaintext gRPC and trust every caller, with no authorization (development
+    /// only; excludes --tls-dir).
+    #[arg(long, env = "FORM_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
 }
 
 /// Parses the process arguments. `--help` and `--version` print and exit 0; any error

@@ -7,7 +7,6 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -132,8 +131,12 @@ impl GrpcServer {
         Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .layer(crate::authz::AuthzLayer)
             .add_routes(self.routes.routes())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .serve_with_incoming_shutdown(
+                crate::tls::server::incoming(listener, crate::tls::mode()),
+                signal,
+            )
             .await
             .map_err(|e| RuntimeError::Serve {
                 name: "grpc",

@@ -14,6 +14,7 @@
 //!   port-0 binds draw from.
 
 pub mod addr;
+pub mod authz;
 pub mod child;
 pub mod cli;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod ports;
 pub mod ready;
 pub mod service;
 pub mod shutdown;
+pub mod tls;
 pub mod upstream;
 
 pub use error::{ConfigError, RuntimeError};

@@ -112,6 +112,27 @@ pub fn main<S: Service>() -> ExitCode {
         cli::usage_error(&e.to_string());
         return ExitCode::from(EXIT_USAGE);
     }
+    match crate::tls::from_flags(
+        S::NAME,
+        common.tls_dir.as_deref(),
+        common.insecure_plaintext,
+    ) {
+        Ok(mode) => {
+            match &mode {
+                crate::tls::Mode::Mutual(t) => {
+                    tracing::info!(identity = %t.identity(), "gRPC is mutual TLS");
+                }
+                crate::tls::Mode::Plaintext => tracing::warn!(
+                    "--insecure-plaintext: gRPC is plaintext and every caller is trusted; for development only"
+                ),
+            }
+            crate::tls::install(mode);
+        }
+        Err(e) => {
+            cli::usage_error(&e.to_string());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -130,6 +151,9 @@ pub fn main<S: Service>() -> ExitCode {
 async fn run_service<S: Service>(service: S, ready_file: Option<PathBuf>) -> ExitCode {
     metrics::install();
     let (handle, shutdown) = shutdown::channel();
+    if let Some(tls) = crate::tls::active() {
+        tls.spawn_reloader(shutdown.clone());
+    }
     if let Err(e) = shutdown::spawn_signal_listener(handle.clone()) {
         tracing::error!(error = %e, "cannot install signal handlers");
         return ExitCode::FAILURE;

@@ -16,6 +16,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::ConfigError;
 use crate::addr::HostPort;
 use crate::shutdown::Shutdown;
+use crate::tls::Kind;
 
 /// First retry delay after a failed probe.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -48,6 +49,7 @@ pub fn from_config(specs: &[(&'static str, &[HostPort])]) -> Result<Vec<Upstream
 #[derive(Debug, Clone)]
 pub struct Upstream {
     name: &'static str,
+    kind: Kind,
     endpoints: Vec<HostPort>,
     channel: Channel,
     up: Arc<AtomicBool>,
@@ -63,18 +65,15 @@ impl Upstream {
                 "no address given; expected HOST:PORT[,HOST:PORT...]",
             ));
         }
-        let eps = endpoints
-            .iter()
-            .map(|hp| {
-                Endpoint::from_shared(hp.http_uri())
-                    .map(|e| e.connect_timeout(PROBE_TIMEOUT).tcp_nodelay(true))
-                    .map_err(|e| ConfigError::invalid(name, format!("'{hp}': {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let channel = Channel::balance_list(eps.into_iter());
+        let kind = Kind::parse(name).map_err(|e| ConfigError::invalid(name, e))?;
+        let channel = crate::tls::client::channel(kind, endpoints, |e| {
+            e.connect_timeout(PROBE_TIMEOUT).tcp_nodelay(true)
+        })
+        .map_err(|e| ConfigError::invalid(name, e))?;
         metrics::gauge!("form_upstream_up", "upstream" => name).set(0.0);
         Ok(Self {
             name,
+            kind,
             endpoints: endpoints.to_vec(),
             channel,
             up: Arc::new(AtomicBool::new(false)),
@@ -148,19 +147,26 @@ impl Upstream {
     /// its own writes (the balanced [`Upstream::channel`] may read from a replica the
     /// write has not reached yet). Must be called inside a tokio runtime.
     pub fn sticky_channel(&self) -> Channel {
-        let eps: Vec<Endpoint> = self
-            .endpoints
-            .iter()
-            .filter_map(|hp| {
-                Endpoint::from_shared(hp.http_uri()).ok().map(|e| {
-                    e.connect_timeout(PROBE_TIMEOUT)
-                        .tcp_nodelay(true)
-                        // A replica that accepts but never answers must not hold a
-                        // request forever.
-                        .timeout(STICKY_REQUEST_TIMEOUT)
+        let kind = self.kind;
+        let addrs = self.endpoints.clone();
+        // Made again when the TLS files are renewed, so new connections present the
+        // new certificate.
+        let make = move || -> Vec<Endpoint> {
+            addrs
+                .iter()
+                .filter_map(|hp| {
+                    crate::tls::client::endpoint(hp, kind).ok().map(|e| {
+                        e.connect_timeout(PROBE_TIMEOUT)
+                            .tcp_nodelay(true)
+                            // A replica that accepts but never answers must not hold a
+                            // request forever.
+                            .timeout(STICKY_REQUEST_TIMEOUT)
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
+        let mut generation = crate::tls::active().map(|t| t.generation());
+        let mut eps = make();
         let (channel, tx) = Channel::balance_channel::<usize>(64);
         let name = self.name;
         tokio::spawn(async move {
@@ -168,13 +174,28 @@ impl Upstream {
             if tx.send(Change::Insert(0, first.clone())).await.is_err() {
                 return;
             }
-            let probes: Vec<Channel> = eps.iter().map(Endpoint::connect_lazy).collect();
+            let mut probes: Vec<Channel> = eps.iter().map(Endpoint::connect_lazy).collect();
             let mut current = 0;
             let mut misses = 0;
             loop {
                 tokio::time::sleep(CHECK_INTERVAL.min(Duration::from_millis(500))).await;
                 if tx.is_closed() {
                     return;
+                }
+                if generation
+                    .as_mut()
+                    .is_some_and(|g| g.has_changed().unwrap_or(false))
+                {
+                    if let Some(g) = generation.as_mut() {
+                        g.borrow_and_update();
+                    }
+                    eps = make();
+                    probes = eps.iter().map(Endpoint::connect_lazy).collect();
+                    if let Some(e) = eps.get(current)
+                        && tx.send(Change::Insert(current, e.clone())).await.is_err()
+                    {
+                        return;
+                    }
                 }
                 if serving(&probes[current]).await {
                     misses = 0;
@@ -215,9 +236,9 @@ impl Upstream {
     }
 }
 
-/// Whether the gRPC service at `addr` answers its health check with SERVING.
-pub async fn serving_at(addr: &HostPort) -> bool {
-    match Endpoint::from_shared(addr.http_uri()) {
+/// Whether the gRPC service of `kind` at `addr` answers its health check with SERVING.
+pub async fn serving_at(addr: &HostPort, kind: Kind) -> bool {
+    match crate::tls::client::endpoint(addr, kind) {
         Ok(e) => serving(&e.connect_timeout(PROBE_TIMEOUT).connect_lazy()).await,
         Err(_) => false,
     }

@@ -9,8 +9,9 @@ use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_runtime::ConfigError;
 use form_runtime::addr::HostPort;
+use form_runtime::tls::Kind;
 use form_runtime::upstream::{PROBE_TIMEOUT, Upstream};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Largest gRPC message to and from a vmm node: a batch of application changes.
 const MAX_BATCH_MESSAGE: usize = 17 * 1024 * 1024;
@@ -96,12 +97,12 @@ impl Platform {
             // One replica at a time: an operation reads back what it wrote.
             state: StateServiceClient::new(state.sticky_channel()),
             // A batch of the state contract travels whole (up to 16 MiB).
-            vmm: first(vmm, "vmm")?.map(|c| {
+            vmm: first(vmm, Kind::Vmm)?.map(|c| {
                 VmmServiceClient::new(c)
                     .max_decoding_message_size(MAX_BATCH_MESSAGE)
                     .max_encoding_message_size(MAX_BATCH_MESSAGE)
             }),
-            rplb: first(rplb, "rplb")?.map(RplbControlClient::new),
+            rplb: first(rplb, Kind::Rplb)?.map(RplbControlClient::new),
         })
     }
 
@@ -139,7 +140,8 @@ impl Platform {
     }
 }
 
-fn first(list: &[HostPort], name: &str) -> Result<Option<Channel>, ConfigError> {
+fn first(list: &[HostPort], kind: Kind) -> Result<Option<Channel>, ConfigError> {
+    let name = kind.as_str();
     let Some(hp) = list.first() else {
         return Ok(None);
     };
@@ -150,9 +152,9 @@ fn first(list: &[HostPort], name: &str) -> Result<Option<Channel>, ConfigError> 
             "several addresses given; operations use the first"
         );
     }
-    let ep = Endpoint::from_shared(hp.http_uri())
-        .map_err(|e| ConfigError::invalid(name, format!("'{hp}': {e}")))?
-        .connect_timeout(PROBE_TIMEOUT)
-        .tcp_nodelay(true);
-    Ok(Some(ep.connect_lazy()))
+    form_runtime::tls::client::channel(kind, std::slice::from_ref(hp), |e| {
+        e.connect_timeout(PROBE_TIMEOUT).tcp_nodelay(true)
+    })
+    .map(Some)
+    .map_err(|e| ConfigError::invalid(name, e))
 }

@@ -32,7 +32,13 @@ fn bad_flags_and_config_exit_2_naming_the_value() {
 #[test]
 fn without_form_state_it_refuses_to_run_and_says_what_is_needed() {
     let out = std::process::Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--insecure-plaintext",
+        ])
         .output()
         .expect("run");
     assert!(!out.status.success());

@@ -62,7 +62,12 @@ async fn operations_with_window(label: &str, window: u64, run: Duration) -> usiz
             .expect("member");
     }
     // Heartbeats as a node sends them: three samples at 0.68, three at 0.32, ...
-    let mut beats = state.clone();
+    // (as a vmm node: only nodes send instance heartbeats).
+    let mut beats = form_proto::state::v1::state_service_client::StateServiceClient::new(
+        form_testkit::probe::channel_as(replicas.addrs[0], form_runtime::tls::Kind::Vmm)
+            .await
+            .expect("connect as a node"),
+    );
     let writer = tokio::spawn(async move {
         for n in 0u64.. {
             let cpu = if (n / 3) % 2 == 0 { 0.68 } else { 0.32 };

@@ -19,7 +19,7 @@ use form_proto::state::v1::gossip_service_server::GossipService;
 use form_runtime::addr::HostPort;
 use form_runtime::shutdown::Shutdown;
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::codec;
@@ -313,14 +313,18 @@ pub async fn run(
 ) {
     let mut links = Vec::new();
     for p in &config.peers {
-        match Endpoint::from_shared(p.http_uri()) {
-            Ok(e) => {
-                let ch = e
-                    .connect_timeout(CALL_TIMEOUT)
-                    .timeout(CALL_TIMEOUT)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
+        let shape = |e: tonic::transport::Endpoint| {
+            e.connect_timeout(CALL_TIMEOUT)
+                .timeout(CALL_TIMEOUT)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+        };
+        match form_runtime::tls::client::channel(
+            form_runtime::tls::Kind::State,
+            std::slice::from_ref(p),
+            shape,
+        ) {
+            Ok(ch) => {
                 let client = GossipServiceClient::new(ch)
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE);

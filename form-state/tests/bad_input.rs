@@ -74,8 +74,14 @@ async fn bad_requests_get_clear_errors_and_nothing_changes() {
         instance_id: "ghost".into(),
         ..Default::default()
     };
+    // Instance heartbeats come from vmm nodes.
+    let mut node = form_proto::state::v1::state_service_client::StateServiceClient::new(
+        probe::channel_as(addr, form_runtime::tls::Kind::Vmm)
+            .await
+            .expect("connect"),
+    );
     expect(
-        c.heartbeat(hb).await,
+        node.heartbeat(hb).await,
         Code::NotFound,
         &["member", "web/ghost"],
     );

@@ -217,6 +217,7 @@ async fn a_sticky_client_reads_its_own_writes_and_moves_when_its_replica_stops()
         .iter()
         .map(|a| a.to_string().parse().expect("host:port"))
         .collect();
+    form_testkit::pki::install_client(form_runtime::tls::Kind::Scaler);
     let up = Upstream::new("state", &endpoints).expect("upstream");
     let mut c = StateServiceClient::new(up.sticky_channel());
     // Every write is read back at once, which a client balanced over replicas that

@@ -43,7 +43,13 @@ async fn forged_and_tampered_deltas_are_rejected_and_counted() {
     let pair = replicas("security", 2, false).await;
     let addr = pair.addrs[0];
     let metrics = pair.metrics_addr(0);
-    let mut gossip = GossipServiceClient::new(probe::channel(addr).await.expect("connect"));
+    // A replica's certificate: what is shown is that the signatures, not the
+    // connection, decide which deltas are taken.
+    let mut gossip = GossipServiceClient::new(
+        probe::channel_as(addr, form_runtime::tls::Kind::State)
+            .await
+            .expect("connect"),
+    );
     let mut state = form_proto::state::v1::state_service_client::StateServiceClient::new(
         probe::channel(addr).await.expect("connect"),
     );

@@ -140,7 +140,9 @@ pub async fn refuses_address_in_use(bin: &Path, name: &str, flag: &str, extra_ar
     }
     args.extend(extra_args);
     let dir = TestDir::new(name);
-    let spec = crate::LaunchSpec::new(name, bin, dir.path()).args(args.iter().copied());
+    let owned: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let tls = crate::pki::service_args(bin, name, &owned);
+    let spec = crate::LaunchSpec::new(name, bin, dir.path()).args(owned.into_iter().chain(tls));
     match crate::ChildService::start(spec).await {
         Ok(_) => panic!("{name} started with {flag} {taken}, an address in use"),
         Err(e) => {

@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod dir;
 pub mod guest;
 pub mod net;
+pub mod pki;
 pub mod probe;
 pub mod replicas;
 
@@ -44,7 +45,10 @@ pub async fn start(
     bin: impl Into<PathBuf>,
     args: &[&str],
 ) -> ChildService {
-    let spec = LaunchSpec::new(name, bin, dir.path()).args(args.iter().copied());
+    let bin = bin.into();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let tls = pki::service_args(&bin, name, &args);
+    let spec = LaunchSpec::new(name, bin, dir.path()).args(args.into_iter().chain(tls));
     ChildService::start(spec)
         .await
         .unwrap_or_else(|e| panic!("starting {name}: {e}"))

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use form_runtime::tls::Kind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -21,9 +22,50 @@ pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
 
 /// A connected gRPC channel to `addr` whose calls may take `timeout` (booting a VM
 /// under emulation on a busy machine takes longer than 5 s).
+///
+/// The test calls as the platform's own caller of the server it finds there (its
+/// certificate says what it is; see [`crate::pki::natural_caller`]).
 pub async fn channel_with_timeout(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(PROBE_TIMEOUT)
+    let kind = crate::pki::server_kind(addr)
+        .await
+        .with_context(|| format!("reading what the server at {addr} is"))?;
+    channel_as_with_timeout(addr, crate::pki::natural_caller(kind), timeout).await
+}
+
+/// A connected gRPC channel to `addr` as a caller of `kind` (mutual TLS with a
+/// certificate of the tests' CA).
+pub async fn channel_as(addr: SocketAddr, kind: Kind) -> anyhow::Result<Channel> {
+    channel_as_with_timeout(addr, kind, PROBE_TIMEOUT).await
+}
+
+/// [`channel_as`] whose calls may take `timeout`.
+pub async fn channel_as_with_timeout(
+    addr: SocketAddr,
+    kind: Kind,
+    timeout: Duration,
+) -> anyhow::Result<Channel> {
+    connect(crate::pki::endpoint_as(addr, kind)?, addr, timeout).await
+}
+
+/// A connected gRPC channel to `addr` presenting the certificate of the TLS
+/// directory `dir` (for a stack with a CA of its own, such as `formctl up`'s).
+pub async fn channel_with(addr: SocketAddr, dir: &std::path::Path) -> anyhow::Result<Channel> {
+    connect(crate::pki::endpoint_with(addr, dir)?, addr, PROBE_TIMEOUT).await
+}
+
+/// A connected plaintext gRPC channel to `addr` (to services started with
+/// `--insecure-plaintext`, or to show that a TLS server refuses plaintext).
+pub async fn plaintext_channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    connect(
+        Endpoint::from_shared(format!("http://{addr}"))?,
+        addr,
+        PROBE_TIMEOUT,
+    )
+    .await
+}
+
+async fn connect(e: Endpoint, addr: SocketAddr, timeout: Duration) -> anyhow::Result<Channel> {
+    e.connect_timeout(PROBE_TIMEOUT)
         .timeout(timeout)
         .connect()
         .await

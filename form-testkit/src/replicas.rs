@@ -200,7 +200,10 @@ impl Replicas {
 
     /// How replica `i` is launched.
     pub fn spec(&self, i: usize) -> LaunchSpec {
-        LaunchSpec::new(format!("state-{i}"), &self.bin, self.dir.path()).args(self.args(i))
+        let args = self.args(i);
+        let tls = crate::pki::service_args(&self.bin, &format!("state-{i}"), &args);
+        LaunchSpec::new(format!("state-{i}"), &self.bin, self.dir.path())
+            .args(args.into_iter().chain(tls))
     }
 
     /// Starts replica `i` (again).

@@ -166,6 +166,37 @@ pub fn member_health(m: &state::v1::Member) -> (&'static str, String) {
     }
 }
 
+/// What a secret value reads as wherever it is shown.
+pub const REDACTED: &str = "<redacted>";
+
+/// `w` with the values of its environment hidden (names kept): environment values
+/// carry secrets (`DB_PASSWORD`) and are never shown by a read (REST, MCP, a vmm
+/// node's instance listing).
+pub fn redact_env(mut w: types::v1::Workload) -> types::v1::Workload {
+    for v in w.env.values_mut() {
+        *v = REDACTED.to_owned();
+    }
+    w
+}
+
+/// Every gRPC method of the contracts, as `package.Service/Method`.
+pub fn methods() -> Vec<String> {
+    use prost::Message as _;
+    let Ok(fds) = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    fds.file
+        .iter()
+        .flat_map(|f| {
+            f.service.iter().flat_map(move |s| {
+                s.method
+                    .iter()
+                    .map(move |m| format!("{}.{}/{}", f.package(), s.name(), m.name()))
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message as _;

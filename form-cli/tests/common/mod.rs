@@ -33,14 +33,23 @@ pub struct Compose {
     pub project: String,
     pub env: Vec<(String, String)>,
     pub files: Vec<String>,
+    /// The certs volume's directory, holding the tests' CA.
+    pub certs: form_testkit::TestDir,
 }
 
 impl Compose {
     /// A project named after `label` and this process, on a /24 of its own.
     pub fn new(label: &str, files: &[&str]) -> Self {
         let n = (std::process::id() + label.len() as u32 * 37) % 250 + 1;
-        let mut all = vec!["docker-compose.yml".to_owned()];
+        let mut all = vec![
+            "docker-compose.yml".to_owned(),
+            "form-cli/tests/compose-certs.yml".to_owned(),
+        ];
         all.extend(files.iter().map(|f| (*f).to_owned()));
+        let certs = form_testkit::TestDir::new(&format!("compose-certs-{label}"));
+        form_testkit::pki::ca()
+            .save(&certs.path().join("ca"))
+            .unwrap_or_else(|e| panic!("{e}"));
         Self {
             project: format!("form{label}{}", std::process::id()),
             env: vec![
@@ -48,8 +57,10 @@ impl Compose {
                 ("FORM_API_PORT".into(), "127.0.0.1:".into()),
                 ("FORM_SUBNET".into(), format!("172.30.{n}.0/24")),
                 ("FORM_VMM_IP".into(), format!("172.30.{n}.20")),
+                ("FORM_TEST_CERTS".into(), certs.path().display().to_string()),
             ],
             files: all,
+            certs,
         }
     }
 
