@@ -28,6 +28,9 @@ pub struct Config {
     /// Host names (or `host:port`) accepted in `Host` by `/mcp` besides loopback, e.g.
     /// `form-mcp:3010` in a container network.
     pub mcp_allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host:port`, `:*` for any port) `/mcp` accepts in
+    /// `Origin`; a request with any other `Origin` is refused (403), one without passes.
+    pub mcp_allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -40,6 +43,7 @@ impl Default for Config {
             vmm: Vec::new(),
             tokens_file: None,
             mcp_allowed_hosts: Vec::new(),
+            mcp_allowed_origins: Vec::new(),
         }
     }
 }
@@ -103,6 +107,16 @@ pub struct Args {
     )]
     pub mcp_allowed_hosts: Option<Vec<String>>,
 
+    /// Comma-separated browser origins /mcp accepts in Origin (scheme://host:port, or
+    /// :* for any port); a request with another Origin is refused, one without passes
+    #[arg(
+        long,
+        value_name = "ORIGIN,...",
+        env = "FORM_MCP_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub mcp_allowed_origins: Option<Vec<String>>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -126,6 +140,9 @@ impl Args {
             }
             if let Some(v) = self.mcp_allowed_hosts {
                 c.mcp_allowed_hosts = v;
+            }
+            if let Some(v) = self.mcp_allowed_origins {
+                c.mcp_allowed_origins = v;
             }
         })?;
         Ok((config, self.common))

@@ -12,10 +12,11 @@ use crate::rest::{self, App};
 pub(crate) fn router(
     app: Arc<App>,
     mcp_hosts: Vec<String>,
+    mcp_origins: Vec<String>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Router {
     rest::router(app.clone())
-        .merge(crate::mcp::router(app, mcp_hosts, stop))
+        .merge(crate::mcp::router(app, mcp_hosts, mcp_origins, stop))
         .route("/healthz", get(healthz))
         .route("/metrics", get(form_runtime::metrics::handler))
 }

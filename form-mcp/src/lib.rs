@@ -91,7 +91,12 @@ impl Service for Gateway {
         let stop_mcp = stop.clone();
         axum::serve(
             parse_errors::JsonParseErrors(listener),
-            http::router(app, hosts, stop_mcp),
+            http::router(
+                app,
+                hosts,
+                self.config.mcp_allowed_origins.clone(),
+                stop_mcp,
+            ),
         )
         .with_graceful_shutdown(async move {
             shutdown.requested().await;

@@ -391,11 +391,16 @@ impl WithText for CallToolResult {
 pub fn router(
     app: Arc<App>,
     allowed_hosts: Vec<String>,
+    allowed_origins: Vec<String>,
     stop: tokio_util::sync::CancellationToken,
 ) -> axum::Router {
     let mcp = Mcp { app: app.clone() };
+    // A browser page of another site must not drive the API through a user's machine
+    // (DNS rebinding): any Origin not listed is refused, even with an empty list.
     let config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(allowed_hosts)
+        .with_allowed_origins(allowed_origins)
+        .enforce_origin_validation()
         // Open sessions and streams end when the gateway stops.
         .with_cancellation_token(stop)
         .with_max_request_body_bytes(crate::rest::BODY_LIMIT);

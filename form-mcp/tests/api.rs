@@ -778,3 +778,56 @@ async fn every_route_of_the_openapi_document_is_served() {
     }
     g.stop().await;
 }
+
+/// Environment values carry secrets: the workload gets them, no read shows them (REST,
+/// or a vmm node's instance listing to the gateway).
+#[tokio::test]
+async fn environment_values_reach_the_workload_and_no_read_shows_them() {
+    let g = Gateway::start("api-secrets", &[]).await;
+    let secret = "s3cret-value-17";
+    let mut spec = demo_cluster("vault");
+    spec["workload"]["env"] = json!({ "DB_PASSWORD": secret });
+    let (code, made) = g
+        .call("POST", "/api/v1/clusters", Some(ADMIN), Some(&spec))
+        .await;
+    assert_eq!(code, 201, "{made}");
+    assert_eq!(
+        made["workload"]["env"]["DB_PASSWORD"], "<redacted>",
+        "{made}"
+    );
+    for path in [
+        "/api/v1/clusters",
+        "/api/v1/clusters/vault",
+        "/api/v1/clusters/vault/status",
+    ] {
+        for token in [ADMIN, READER] {
+            let (code, body) = g.call("GET", path, Some(token), None).await;
+            assert_eq!(code, 200, "{path}: {body}");
+            assert!(
+                !body.to_string().contains(secret),
+                "{path} shows it: {body}"
+            );
+        }
+    }
+    assert!(
+        !probe::pids_with_env("DB_PASSWORD", secret).is_empty(),
+        "the workload got its environment"
+    );
+    let vmm = g
+        .services
+        .iter()
+        .find(|s| s.info().service == "form-vmm-service")
+        .and_then(|s| s.addr("grpc"))
+        .expect("vmm");
+    let listed = form_proto::vmm::v1::vmm_service_client::VmmServiceClient::new(
+        probe::channel_as(vmm, form_runtime::tls::Kind::Gateway)
+            .await
+            .expect("connect"),
+    )
+    .list_instances(form_proto::vmm::v1::ListInstancesRequest::default())
+    .await
+    .expect("list")
+    .into_inner();
+    assert!(!listed.instances.is_empty());
+    assert!(!format!("{listed:?}").contains(secret), "{listed:?}");
+}

@@ -287,6 +287,20 @@ async fn the_endpoint_wants_a_token_and_an_allowed_host() {
         )
         .await;
     assert_eq!(code, 403, "a host that is not allowed is refused: {body}");
+    // A page of another site (DNS rebinding) is refused by its Origin, with a token.
+    let (code, body) = g
+        .call_with(
+            "POST",
+            "/mcp",
+            Some(ADMIN),
+            &[accept, ("Origin", "http://evil.example")],
+            Some(&init),
+        )
+        .await;
+    assert_eq!(
+        code, 403,
+        "an origin that is not allowed is refused: {body}"
+    );
     g.stop().await;
 }
 

@@ -121,3 +121,81 @@ async fn forged_and_tampered_deltas_are_rejected_and_counted() {
     let ids: Vec<String> = clusters.into_iter().map(|c| c.cluster_id).collect();
     assert_eq!(ids, ["real"], "only the genuine delta was applied");
 }
+
+/// The attack of issue 17: controllers with heartbeats dated in the year 5138 took the
+/// ownership of every cluster. A replica keeps no heartbeat later than its own clock.
+#[tokio::test]
+async fn a_heartbeat_from_the_future_is_kept_at_the_replicas_time() {
+    let solo = replicas("future-beat", 1, false).await;
+    let addr = solo.addrs[0];
+    let year_5138 = 99_999_999_999_999u64;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_millis() as u64
+    };
+    let mut ctl = pb::state_service_client::StateServiceClient::new(
+        probe::channel_as(addr, form_runtime::tls::Kind::Scaler)
+            .await
+            .expect("connect"),
+    );
+    ctl.controller_heartbeat(pb::ControllerHeartbeatRequest {
+        controller_id: "intruder".into(),
+        at_ms: year_5138,
+        address: "intruder:3006".into(),
+    })
+    .await
+    .expect("a heartbeat");
+    let listed = ctl
+        .list_controllers(pb::ListControllersRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .controllers;
+    let beat = listed
+        .iter()
+        .find(|c| c.controller_id == "intruder")
+        .expect("listed")
+        .last_heartbeat_ms;
+    assert!(beat <= now(), "kept at {beat}, after the replica's clock");
+    // The same for an instance's heartbeat, sent by a node.
+    ctl.put_cluster(pb::PutClusterRequest {
+        cluster_id: "web".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    ctl.add_member(pb::AddMemberRequest {
+        cluster_id: "web".into(),
+        member: Some(pb::Member {
+            instance_id: "i1".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("member");
+    let mut node = pb::state_service_client::StateServiceClient::new(
+        probe::channel_as(addr, form_runtime::tls::Kind::Vmm)
+            .await
+            .expect("connect"),
+    );
+    node.heartbeat(pb::HeartbeatRequest {
+        cluster_id: "web".into(),
+        instance_id: "i1".into(),
+        at_ms: year_5138,
+        cpu_utilization: 0.1,
+        ..Default::default()
+    })
+    .await
+    .expect("a heartbeat");
+    let c = ctl
+        .get_cluster(pb::GetClusterRequest {
+            cluster_id: "web".into(),
+        })
+        .await
+        .expect("cluster")
+        .into_inner();
+    let beat = c.members["i1"].last_heartbeat_ms;
+    assert!(beat > 0 && beat <= now(), "kept at {beat}");
+}

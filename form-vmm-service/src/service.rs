@@ -49,7 +49,7 @@ pub fn to_pb(i: &InstanceInfo, node_id: &str, backend: &str) -> pb::Instance {
             Status::Stopped => pb::InstanceStatus::Stopped,
             Status::Failed => pb::InstanceStatus::Failed,
         } as i32,
-        workload: Some(i.spec.workload.clone()),
+        workload: Some(form_proto::redact_env(i.spec.workload.clone())),
         address: i.address.to_string(),
         admin_address: i.admin_address.map(|a| a.to_string()).unwrap_or_default(),
         resources: Some(i.spec.resources),

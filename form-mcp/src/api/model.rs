@@ -23,7 +23,8 @@ pub struct Workload {
     /// needs 0: it passes each instance a free port in `PORT`.
     #[serde(default)]
     pub port: u32,
-    /// Extra environment variables.
+    /// Extra environment variables. Their values are never shown by a read: each
+    /// reads `<redacted>`.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Path that answers 200 once an instance is ready, e.g. `/healthz`.
@@ -477,8 +478,10 @@ impl From<Workload> for types::Workload {
     }
 }
 
+/// A workload as the API shows it: environment values are never shown.
 impl From<types::Workload> for Workload {
     fn from(w: types::Workload) -> Self {
+        let w = form_proto::redact_env(w);
         Self {
             command: w.command,
             args: w.args,

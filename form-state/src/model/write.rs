@@ -308,6 +308,13 @@ pub fn update_member(
     Ok(b.build())
 }
 
+/// The time a heartbeat is kept with: the caller's (`0`: none given), but never later
+/// than the receiving replica's clock, so no caller can look alive, or hold a
+/// cluster's ownership, with a date in the future.
+fn heartbeat_time(at_ms: u64, now: u64) -> u64 {
+    if at_ms == 0 { now } else { at_ms.min(now) }
+}
+
 /// `Heartbeat`: a max register; a heartbeat older than the newest one changes nothing.
 pub fn heartbeat(
     state: &State,
@@ -327,7 +334,7 @@ pub fn heartbeat(
         ));
     }
     require_member(state, &r.cluster_id, &r.instance_id)?;
-    let at = if r.at_ms == 0 { now } else { r.at_ms };
+    let at = heartbeat_time(r.at_ms, now);
     let key = Key::member(&r.cluster_id, &r.instance_id, Field::Heartbeat);
     let mut b = DeltaBuilder::new(state, actor);
     if state.get(&key).is_none_or(|e| e.rank < at) {
@@ -368,7 +375,7 @@ pub fn controller_heartbeat(
             format!("is {} bytes long; at most 256 accepted", r.address.len()),
         ));
     }
-    let at = if r.at_ms == 0 { now } else { r.at_ms };
+    let at = heartbeat_time(r.at_ms, now);
     let key = Key::controller(&r.controller_id, Field::ControllerHeartbeat);
     if state.get(&key).is_some_and(|e| e.rank >= at) {
         return Ok(None);
@@ -753,8 +760,8 @@ mod tests {
                 uptime_seconds: at as f64,
             }),
         };
-        apply(&mut s, |s| heartbeat(s, "a", 10, &hb(100)));
-        assert!(matches!(heartbeat(&s, "a", 11, &hb(50)), Ok(None)));
+        apply(&mut s, |s| heartbeat(s, "a", 200, &hb(100)));
+        assert!(matches!(heartbeat(&s, "a", 211, &hb(50)), Ok(None)));
         let c = read::cluster(&s, "web").expect("cluster");
         assert_eq!(c.members["i1"].last_heartbeat_ms, 100);
         // Memory and uptime come with the newest heartbeat, like the CPU.
@@ -766,5 +773,9 @@ mod tests {
             })
         );
         assert_eq!(c.domain, "web.fog");
+        // A heartbeat dated after the replica's clock is kept at the replica's time.
+        apply(&mut s, |s| heartbeat(s, "a", 300, &hb(99_999_999)));
+        let c = read::cluster(&s, "web").expect("cluster");
+        assert_eq!(c.members["i1"].last_heartbeat_ms, 300);
     }
 }
