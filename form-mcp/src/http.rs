@@ -1,4 +1,5 @@
-//! The HTTP routes of the gateway: the REST API, MCP, `/healthz` and `/metrics`.
+//! The HTTP routes of the gateway: the REST API, MCP and `/healthz` (`/metrics` is on
+//! the metrics listener only).
 
 use std::sync::Arc;
 
@@ -17,8 +18,8 @@ pub(crate) fn router(
 ) -> Router {
     rest::router(app.clone())
         .merge(crate::mcp::router(app, mcp_hosts, mcp_origins, stop))
+        // /metrics only on --metrics-listen: the API port is for token holders.
         .route("/healthz", get(healthz))
-        .route("/metrics", get(form_runtime::metrics::handler))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

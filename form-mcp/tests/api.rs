@@ -46,6 +46,18 @@ async fn tokens_are_required_and_read_tokens_cannot_write() {
     let (code, doc) = g.call("GET", "/api/v1/openapi.json", None, None).await;
     assert_eq!(code, 200);
     assert_eq!(doc["openapi"], "3.1.0");
+    // Metrics are not on the API port (only on the metrics listener), not even to a
+    // token holder.
+    let (code, _, _) = probe::http_call(g.http, "GET", "/metrics", &[], b"")
+        .await
+        .expect("GET /metrics");
+    assert_eq!(code, 401);
+    let auth = format!("Bearer {READER}");
+    let (code, _, _) =
+        probe::http_call(g.http, "GET", "/metrics", &[("Authorization", &auth)], b"")
+            .await
+            .expect("GET /metrics");
+    assert_eq!(code, 404);
     g.stop().await;
 }
 

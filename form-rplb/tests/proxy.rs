@@ -481,6 +481,24 @@ async fn bad_control_requests_are_refused_with_what_is_accepted() {
         "{}",
         err.message()
     );
+    // The cloud metadata service is never a backend (it would hand out the node's
+    // credentials to whoever reaches the balancer).
+    let err = lb
+        .control
+        .set_backends(pb::SetBackendsRequest {
+            domain: "demo.fog".into(),
+            backends: vec![pb::Backend {
+                id: "meta".into(),
+                address: "169.254.169.254:80".into(),
+                weight: 1,
+                state: 0,
+            }],
+            drain_removed: false,
+        })
+        .await
+        .expect_err("metadata address");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("link-local"), "{}", err.message());
     let err = lb
         .control
         .drain_backend(pb::DrainBackendRequest {

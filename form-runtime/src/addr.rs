@@ -127,3 +127,72 @@ mod tests {
         );
     }
 }
+
+/// Why traffic must never be sent to `ip`, if it must not: addresses that name no
+/// instance (unspecified, broadcast, multicast) and link-local ones, where cloud
+/// metadata services answer (169.254.169.254) and a forwarded request would hand an
+/// attacker the node's credentials. IPv4-mapped IPv6 forms are judged as IPv4.
+pub fn forbidden_ip(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("unspecified"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("multicast"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local (cloud metadata lives there)"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("unspecified"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("multicast"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
+        _ => None,
+    }
+}
+
+/// Checks an instance's address as members carry it: `IP:PORT` (instances are
+/// reached by address, not by name), a port, and an IP that may receive traffic
+/// ([`forbidden_ip`]).
+pub fn check_instance_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    let a: std::net::SocketAddr = s.parse().map_err(|_| {
+        format!("'{s}' is not IP:PORT; expected an instance's address, e.g. 10.0.0.5:8080 or [fd00::5]:8080")
+    })?;
+    if a.port() == 0 {
+        return Err(format!(
+            "'{s}' has port 0; expected the port the instance serves on"
+        ));
+    }
+    if let Some(why) = forbidden_ip(a.ip()) {
+        return Err(format!("'{s}' is {why}: no traffic is ever sent there"));
+    }
+    Ok(a)
+}
+
+#[cfg(test)]
+mod backend_tests {
+    use super::*;
+
+    #[test]
+    fn metadata_link_local_and_non_addresses_are_refused() {
+        for bad in [
+            "169.254.169.254:80",
+            "[::ffff:169.254.169.254]:80",
+            "[fe80::1]:80",
+            "0.0.0.0:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "10.0.0.5:0",
+            "metadata.google.internal:80",
+        ] {
+            assert!(check_instance_address(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "10.0.0.5:8080",
+            "127.0.0.1:3000",
+            "[fd00::5]:8080",
+            "172.28.0.20:41000",
+        ] {
+            assert!(check_instance_address(good).is_ok(), "{good}");
+        }
+    }
+}

@@ -26,6 +26,16 @@ async fn bad_requests_get_clear_errors_and_nothing_changes() {
                 assert!(s.message().contains(w), "'{w}' not in '{}'", s.message());
             }
         };
+    // An instance address where cloud metadata answers is never a member.
+    let mut metadata = member("web", "i-meta");
+    if let Some(m) = metadata.member.as_mut() {
+        m.addresses = vec!["169.254.169.254:80".into()];
+    }
+    expect(
+        c.add_member(metadata).await,
+        Code::InvalidArgument,
+        &["member.addresses", "169.254.169.254:80", "link-local"],
+    );
     expect(
         c.add_member(member("nope", "i1")).await,
         Code::NotFound,

@@ -41,6 +41,9 @@ pub struct Config {
     pub heartbeat_interval_ms: u64,
     /// Milliseconds a new instance may take to serve before it is marked failed.
     pub ready_timeout_ms: u64,
+    /// Programs instances may run (absolute paths or names in PATH); `*` for any;
+    /// empty: the demo app beside this binary.
+    pub allowed_commands: Vec<String>,
 }
 
 /// Backends this build runs.
@@ -63,6 +66,7 @@ impl Default for Config {
             instance_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             heartbeat_interval_ms: 1000,
             ready_timeout_ms: 10_000,
+            allowed_commands: Vec::new(),
         }
     }
 }
@@ -82,6 +86,8 @@ impl ServiceConfig for Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        crate::allow::Allowed::from_config(&self.allowed_commands)
+            .map_err(|e| ConfigError::invalid("--allowed-commands", e))?;
         if self.node_id.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "--node-id",
@@ -194,6 +200,17 @@ pub struct Args {
     #[arg(long, value_name = "MS", env = "FORM_VMM_READY_TIMEOUT_MS")]
     pub ready_timeout_ms: Option<u64>,
 
+    /// Comma-separated programs instances may run (absolute paths, or names found in
+    /// PATH); '*' runs any (development only) [default: the form-demo-app beside
+    /// this binary]
+    #[arg(
+        long,
+        value_name = "PATH,...",
+        env = "FORM_VMM_ALLOWED_COMMANDS",
+        value_delimiter = ','
+    )]
+    pub allowed_commands: Option<Vec<String>>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -235,6 +252,9 @@ impl Args {
             }
             if let Some(v) = self.heartbeat_interval_ms {
                 c.heartbeat_interval_ms = v;
+            }
+            if let Some(v) = self.allowed_commands {
+                c.allowed_commands = v;
             }
             if let Some(v) = self.ready_timeout_ms {
                 c.ready_timeout_ms = v;

@@ -37,6 +37,9 @@ pub enum VmmError {
     /// The backend cannot do this.
     #[error("{0}")]
     Unsupported(String),
+    /// The node refuses to do this (a command off its allowlist).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A file or process operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -85,6 +88,7 @@ impl From<VmmError> for tonic::Status {
                 tonic::Status::failed_precondition(msg)
             }
             VmmError::Unsupported(_) => tonic::Status::unimplemented(msg),
+            VmmError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             VmmError::Io { .. } | VmmError::Backend(_) => tonic::Status::internal(msg),
             VmmError::Unavailable(_) => tonic::Status::unavailable(msg),
             VmmError::CursorGone(_) => tonic::Status::out_of_range(msg),

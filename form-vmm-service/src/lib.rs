@@ -2,6 +2,7 @@
 //! snapshots, clones, resizes and deletes instances through a hypervisor backend, and
 //! heartbeats them into form-state.
 
+mod allow;
 pub mod config;
 pub mod contract;
 pub mod error;
@@ -112,7 +113,24 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
             ctx.shutdown.clone(),
         ));
     }
-    let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone());
+    // A VM runs what its guest was built with (deploy/guest/build.sh); the command
+    // names it and runs nothing on this node.
+    let allowed = if c.backend == "qemu" {
+        allow::Allowed::Any
+    } else {
+        let a = allow::Allowed::from_config(&c.allowed_commands)
+            .map_err(|e| RuntimeError::Service(format!("--allowed-commands: {e}")))?;
+        match &a {
+            allow::Allowed::Any => tracing::warn!(
+                "--allowed-commands '*': instances may run any program; for development only"
+            ),
+            allow::Allowed::Only(list) => {
+                tracing::info!(allowed = ?list, "instances run only these programs")
+            }
+        }
+        a
+    };
+    let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone(), allowed);
     // A merge request carries a whole batch of the state contract.
     let limit = contract::MAX_BATCH + 64 * 1024;
     let server = GrpcServer::new().add_service(

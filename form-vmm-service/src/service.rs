@@ -95,17 +95,25 @@ pub struct VmmApi<H> {
     locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Which workloads implement the state contract.
     contracts: Arc<Contracts>,
+    /// What this node agrees to run.
+    allowed: crate::allow::Allowed,
 }
 
 impl<H: Hypervisor> VmmApi<H> {
     /// The service over `hv`.
-    pub fn new(hv: Arc<H>, snapshots: SnapshotStore, node_id: String) -> Self {
+    pub fn new(
+        hv: Arc<H>,
+        snapshots: SnapshotStore,
+        node_id: String,
+        allowed: crate::allow::Allowed,
+    ) -> Self {
         Self {
             hv,
             snapshots,
             node_id,
             locks: Default::default(),
             contracts: Default::default(),
+            allowed,
         }
     }
 
@@ -183,10 +191,12 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         };
         spec::id("instance_id", &instance_id)?;
         spec::id("cluster_id", &r.cluster_id)?;
+        let workload = spec::workload(r.workload.as_ref())?;
+        self.allowed.check(&workload)?;
         let s = InstanceSpec {
             instance_id,
             cluster_id: r.cluster_id,
-            workload: spec::workload(r.workload.as_ref())?,
+            workload,
             resources: spec::resources("resources", r.resources.as_ref())?,
         };
         let info = self.hv.create(s).await?;

@@ -20,7 +20,18 @@ const BIN: &str = env!("CARGO_BIN_EXE_form-vmm-service");
 
 async fn vmm(dir: &TestDir) -> (ChildService, VmmServiceClient<Channel>) {
     let data = dir.path().join("vmm-data");
-    let args = [PORT0_ARGS, &["--data-dir", data.to_str().expect("utf-8")]].concat();
+    // The demo app, and a shell for the workload that crashes at start.
+    let allowed = format!("{},/bin/sh", workspace_bin("form-demo-app").display());
+    let args = [
+        PORT0_ARGS,
+        &[
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--allowed-commands",
+            &allowed,
+        ],
+    ]
+    .concat();
     let svc = start(dir, "vmm", Path::new(BIN), &args).await;
     let client = VmmServiceClient::new(
         probe::channel(svc.addr("grpc").expect("grpc"))

@@ -143,6 +143,34 @@ async fn a_vmm_node_refuses_every_caller_the_platform_did_not_make() {
                 && l.contains("CreateInstance")),
         "{text}"
     );
+    // The controller itself may create instances, but only of programs on the node's
+    // allowlist (here the default: the demo app), and never with a loader variable.
+    let mut ctl = VmmServiceClient::new(
+        probe::channel_as(addr, Kind::Scaler)
+            .await
+            .expect("connect"),
+    );
+    let s = ctl
+        .create_instance(attack(&proof))
+        .await
+        .expect_err("not on the allowlist");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(
+        s.message().contains("allowlist") && s.message().contains("form-demo-app"),
+        "{}",
+        s.message()
+    );
+    let mut preload = attack(&proof);
+    if let Some(w) = preload.workload.as_mut() {
+        w.command = form_testkit::workspace_bin("form-demo-app")
+            .display()
+            .to_string();
+        w.args.clear();
+        w.env.insert("LD_PRELOAD".into(), "/tmp/evil.so".into());
+    }
+    let s = ctl.create_instance(preload).await.expect_err("LD_PRELOAD");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("LD_PRELOAD"), "{}", s.message());
     // The listing the gateway may read is still answered to it.
     let ch = probe::channel_as(addr, Kind::Gateway)
         .await

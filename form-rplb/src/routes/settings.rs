@@ -233,6 +233,14 @@ pub fn backend(b: &pb::Backend) -> Result<BackendSpec, String> {
         .address
         .parse()
         .map_err(|e| format!("backend '{}' address {e}", b.id))?;
+    if let Ok(ip) = addr.host().parse::<std::net::IpAddr>()
+        && let Some(why) = form_runtime::addr::forbidden_ip(ip)
+    {
+        return Err(format!(
+            "backend '{}' address '{}' is {why}: no traffic is ever sent there",
+            b.id, b.address
+        ));
+    }
     let authority: Authority = addr
         .to_string()
         .parse()

@@ -37,6 +37,15 @@ pub fn domain(value: &str) -> Result<(), StateError> {
     }
 }
 
+/// Members' addresses: each an instance's `IP:PORT` that may receive traffic (never
+/// link-local, where cloud metadata answers, nor an address of no host).
+pub fn instance_addresses(field: &str, list: &[String]) -> Result<(), StateError> {
+    for a in list {
+        form_runtime::addr::check_instance_address(a).map_err(|e| StateError::invalid(field, e))?;
+    }
+    Ok(())
+}
+
 /// An encoded value within [`MAX_VALUE_BYTES`].
 pub fn size(field: &str, bytes: &[u8]) -> Result<(), StateError> {
     if bytes.len() > MAX_VALUE_BYTES {

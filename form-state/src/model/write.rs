@@ -171,6 +171,7 @@ pub fn add_member(
     };
     let addresses = m.addresses.join(",");
     validate::size("member.addresses", addresses.as_bytes())?;
+    validate::instance_addresses("member.addresses", &m.addresses)?;
     let mut b = DeltaBuilder::new(state, actor);
     if !read::member_exists(state, &r.cluster_id, &m.instance_id) {
         // A new member must not inherit fields left by updates concurrent with a remove.
@@ -255,6 +256,7 @@ pub fn update_member(
     }
     if !r.addresses.is_empty() {
         validate::size("addresses", r.addresses.join(",").as_bytes())?;
+        validate::instance_addresses("addresses", &r.addresses)?;
         b.set(
             key(Field::Addresses),
             Value::Texts(r.addresses.clone()),
