@@ -22,6 +22,12 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a keepalive ping may go unanswered.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Requests one connection may have in progress at once.
+pub const MAX_CONCURRENT_PER_CONNECTION: usize = 256;
+/// Longest a request may take to be answered (a backstop: the platform's longest
+/// calls, an operation the gateway waits for, end within 600 s by their own deadline).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(900);
+
 /// Name of the gRPC listener in ready files.
 pub const GRPC_LISTENER: &str = "grpc";
 
@@ -129,6 +135,9 @@ impl GrpcServer {
             set_all(&reporter, &names, ServingStatus::NotServing).await;
         };
         Server::builder()
+            .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
+            .max_concurrent_streams(Some(MAX_CONCURRENT_PER_CONNECTION as u32))
+            .timeout(REQUEST_TIMEOUT)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .layer(crate::authz::AuthzLayer)

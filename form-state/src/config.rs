@@ -58,6 +58,8 @@ pub struct Config {
     pub delta_log_limit: usize,
     /// Finished operations kept per cluster; older ones are deleted when one ends.
     pub operations_kept_per_cluster: usize,
+    /// Clusters a replica accepts; a new one past it is refused (a quota).
+    pub max_clusters: usize,
 }
 
 impl Default for Config {
@@ -78,6 +80,7 @@ impl Default for Config {
             buffer_limit: 10_000,
             delta_log_limit: 100_000,
             operations_kept_per_cluster: 100,
+            max_clusters: 10_000,
         }
     }
 }
@@ -105,7 +108,7 @@ impl ServiceConfig for Config {
         }
         crate::model::validate::id("replica_id", &self.replica_id)
             .map_err(|e| ConfigError::invalid("--replica-id", e.to_string()))?;
-        let ranges: [(&str, u64, u64, u64); 7] = [
+        let ranges: [(&str, u64, u64, u64); 8] = [
             ("--sync-interval-ms", self.sync_interval_ms, 1, 60_000),
             (
                 "--anti-entropy-interval-ms",
@@ -128,6 +131,7 @@ impl ServiceConfig for Config {
                 1,
                 100_000,
             ),
+            ("--max-clusters", self.max_clusters as u64, 1, 10_000_000),
         ];
         for (flag, v, lo, hi) in ranges {
             if v < lo || v > hi {
@@ -228,6 +232,10 @@ pub struct Args {
     #[arg(long, value_name = "N", env = "FORM_STATE_OPERATIONS_KEPT_PER_CLUSTER")]
     pub operations_kept_per_cluster: Option<usize>,
 
+    /// Clusters this replica accepts; creating one more is refused [default: 10000]
+    #[arg(long, value_name = "N", env = "FORM_STATE_MAX_CLUSTERS")]
+    pub max_clusters: Option<usize>,
+
     /// Print '<replica-id> <public key hex>' for the authorized keys file (creating the
     /// node key if missing) and exit
     #[arg(long)]
@@ -280,6 +288,9 @@ impl Args {
             }
             if let Some(v) = self.buffer_limit {
                 c.buffer_limit = v;
+            }
+            if let Some(v) = self.max_clusters {
+                c.max_clusters = v;
             }
             if let Some(v) = self.operations_kept_per_cluster {
                 c.operations_kept_per_cluster = v;

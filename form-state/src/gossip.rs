@@ -179,15 +179,48 @@ fn open_state(store: &Store, s: &pb::SignedFullState) -> Result<State, StateErro
     codec::decode_state(&s.state).map_err(|e| reject("malformed", e.to_string()))
 }
 
+/// Counts a rejected delta (or full state); logs it with [`log_rejections`].
 fn count_rejection(e: &StateError) {
+    if let StateError::Rejected { reason, .. } = e {
+        metrics::counter!("form_state_rejected_deltas_total", "reason" => *reason).increment(1);
+    }
+}
+
+/// One log line for `n` rejections of which `first` is the first, at most one line a
+/// second: a peer that sends thousands of forged deltas cannot flood the log (the
+/// counter `form_state_rejected_deltas_total` counts every one).
+fn log_rejections(n: u64, first: &StateError) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) < 1000
+        || LAST_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        SUPPRESSED.fetch_add(n, Ordering::Relaxed);
+        return;
+    }
+    let earlier = SUPPRESSED.swap(0, Ordering::Relaxed);
     if let StateError::Rejected {
         reason,
         origin,
         message,
-    } = e
+    } = first
     {
-        tracing::warn!(reason, origin, message, "rejected a delta");
-        metrics::counter!("form_state_rejected_deltas_total", "reason" => *reason).increment(1);
+        tracing::warn!(
+            rejected = n,
+            also_rejected_since_last_line = earlier,
+            reason,
+            origin,
+            message,
+            "rejected deltas (the first is described)"
+        );
     }
 }
 
@@ -201,14 +234,19 @@ fn take_deltas(
     let results = authorized.verify_batch(signed.into_iter().map(Arc::new).collect());
     let mut good = Vec::new();
     let mut rejected = 0;
+    let mut first = None;
     for r in results {
         match r {
             Ok(v) => good.push(v),
             Err(e) => {
                 count_rejection(&e);
                 rejected += 1;
+                first.get_or_insert(e);
             }
         }
+    }
+    if let Some(e) = &first {
+        log_rejections(u64::from(rejected), e);
     }
     metrics::counter!("form_state_deltas_received_total").increment(good.len() as u64);
     let received = store.receive(good.clone())?;
@@ -263,6 +301,7 @@ impl GossipService for GossipApi {
                 Ok(s) => self.store.merge_state(&s)?,
                 Err(e) => {
                     count_rejection(&e);
+                    log_rejections(1, &e);
                     return Err(e.into());
                 }
             }
@@ -455,6 +494,7 @@ async fn pull(
             Ok(s) => store.merge_state(&s)?,
             Err(e) => {
                 count_rejection(&e);
+                log_rejections(1, &e);
                 return Err(e.into());
             }
         }

@@ -95,6 +95,9 @@ impl StateReplica {
     }
 }
 
+/// Largest request StateService decodes.
+pub const MAX_WRITE_MESSAGE: usize = 1024 * 1024;
+
 impl Service for StateReplica {
     const NAME: &'static str = "form-state";
     type Args = Args;
@@ -148,8 +151,12 @@ impl Service for StateReplica {
                 StateServiceServer::new(StateApi::new(
                     store.clone(),
                     c.operations_kept_per_cluster,
+                    c.max_clusters,
                 ))
-                .max_decoding_message_size(gossip::MAX_MESSAGE),
+                // A write is small (each value is at most 16 KiB); a 200 MiB request
+                // must not make the replica hold it.
+                .max_decoding_message_size(MAX_WRITE_MESSAGE)
+                .max_encoding_message_size(gossip::MAX_MESSAGE),
             )
             .add_service(
                 GossipServiceServer::new(GossipApi::new(store, peers, c.batch_size))

@@ -23,15 +23,17 @@ pub struct StateApi {
     store: Arc<Store>,
     /// Finished operations kept per cluster (older ones are deleted).
     operations_kept: usize,
+    max_clusters: usize,
 }
 
 impl StateApi {
     /// The service over `store`, keeping `operations_kept` finished operations per
-    /// cluster.
-    pub fn new(store: Arc<Store>, operations_kept: usize) -> Self {
+    /// cluster and at most `max_clusters` clusters.
+    pub fn new(store: Arc<Store>, operations_kept: usize, max_clusters: usize) -> Self {
         Self {
             store,
             operations_kept,
+            max_clusters,
         }
     }
 
@@ -53,6 +55,18 @@ type Result<T> = std::result::Result<Response<T>, Status>;
 impl StateService for StateApi {
     async fn put_cluster(&self, req: Request<pb::PutClusterRequest>) -> Result<pb::WriteReply> {
         let r = req.into_inner();
+        {
+            let g = self.store.lock();
+            let s = g.state();
+            if !read::cluster_exists(s, &r.cluster_id)
+                && read::cluster_count(s) >= self.max_clusters
+            {
+                return Err(Status::resource_exhausted(format!(
+                    "this replica holds {} clusters, its quota (--max-clusters); delete one first",
+                    self.max_clusters
+                )));
+            }
+        }
         let w = self
             .store
             .write(|s, a| write::put_cluster(s, a, now_ms(), &r))

@@ -114,3 +114,47 @@ async fn bad_requests_get_clear_errors_and_nothing_changes() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+/// Limits: a request over 1 MiB is refused before the replica holds it, and a replica
+/// takes no more clusters than its quota; it serves on after both.
+#[tokio::test]
+async fn oversized_writes_and_clusters_past_the_quota_are_refused() {
+    let mut extra = fast_gossip();
+    extra.extend(["--max-clusters".to_owned(), "2".to_owned()]);
+    let solo = form_testkit::replicas::Replicas::start(
+        std::path::Path::new(BIN),
+        "limits",
+        form_testkit::replicas::ReplicaOptions {
+            count: 1,
+            proxied: false,
+            extra_args: extra,
+        },
+    )
+    .await;
+    let addr = solo.addrs[0];
+    let mut c = form_proto::state::v1::state_service_client::StateServiceClient::new(
+        probe::channel(addr).await.expect("connect"),
+    );
+    let mut big = cluster("big");
+    big.workload = Some(types::Workload {
+        command: "x".repeat(2 * 1024 * 1024),
+        ..Default::default()
+    });
+    let s = c.put_cluster(big).await.expect_err("2 MiB");
+    assert!(
+        matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{s:?}"
+    );
+    assert!(s.message().contains("too large"), "{}", s.message());
+    c.put_cluster(cluster("one")).await.expect("first");
+    c.put_cluster(cluster("two")).await.expect("second");
+    let s = c.put_cluster(cluster("three")).await.expect_err("quota");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("--max-clusters"), "{}", s.message());
+    // Changing a cluster that exists is not a new one.
+    c.put_cluster(cluster("two")).await.expect("an update");
+    assert_eq!(
+        probe::health(addr, "").await.expect("health"),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}

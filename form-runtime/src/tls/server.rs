@@ -25,6 +25,8 @@ use super::{Identity, Mode, Peer, Tls};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; more wait for the accept loop.
 const MAX_HANDSHAKES: usize = 256;
+/// Connections served at once; more wait in the listen backlog until one closes.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 #[derive(Debug)]
 struct Current(Arc<Tls>);
@@ -99,6 +101,8 @@ pub fn config(tls: &Arc<Tls>) -> Result<Arc<rustls::ServerConfig>, String> {
 pub struct Conn {
     io: Io,
     peer: Peer,
+    /// Its place among [`MAX_CONNECTIONS`], given back when it closes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 #[derive(Debug)]
@@ -202,7 +206,11 @@ pub fn incoming(
     let plaintext = matches!(mode, Mode::Plaintext);
     tokio::spawn(async move {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let Ok(conn_slot) = open.clone().acquire_owned().await else {
+                return;
+            };
             let accepted = tokio::select! {
                 _ = tx.closed() => return,
                 a = listener.accept() => a,
@@ -225,6 +233,7 @@ pub fn incoming(
                     .send(Ok(Conn {
                         io: Io::Plain(tcp),
                         peer,
+                        _slot: conn_slot,
                     }))
                     .await
                     .is_err()
@@ -242,7 +251,7 @@ pub fn incoming(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                match handshake(acceptor, tcp, addr).await {
+                match handshake(acceptor, tcp, addr, conn_slot).await {
                     Ok(conn) => {
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -261,6 +270,7 @@ async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     addr: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Conn, String> {
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
@@ -280,5 +290,6 @@ async fn handshake(
             addr: Some(addr),
             identity: Some(identity),
         },
+        _slot: slot,
     })
 }

@@ -102,6 +102,15 @@ fn member(state: &State, id: &str, instance: &str) -> pb::Member {
     }
 }
 
+/// How many clusters exist.
+pub fn cluster_count(state: &State) -> usize {
+    state
+        .ids(Space::Cluster)
+        .into_iter()
+        .filter(|id| cluster_exists(state, id))
+        .count()
+}
+
 /// Every existing cluster, ordered by id.
 pub fn clusters(state: &State) -> Vec<pb::Cluster> {
     state
