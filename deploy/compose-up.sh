@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/docker/build.sh "${1:-release}"
 docker-compose up -d
-docker-compose logs form-keys | grep -E "API token" || true
-echo "demo: curl http://demo.localhost:${FORM_HTTP_PORT:-8080}/whoami  (created by the form-demo service; docker-compose logs form-demo)"
+echo "API token (admin): $(docker-compose run --rm --no-deps form-keys tokens --tokens-dir /keys)"
+echo "demo: curl http://demo.localhost:8080/whoami  (created by the form-demo service; docker-compose logs form-demo)"

@@ -166,6 +166,8 @@ enum Command {
     Probe(ops_tools::ProbeCommand),
     /// Make the state replicas' keys and the authorized keys file they share.
     Keys(ops_tools::KeysArgs),
+    /// Print an API token of a tokens file (admin, or --read).
+    Tokens(ops_tools::TokensArgs),
     /// Make a local certificate authority and the certificates of mutual TLS (for
     /// compose and Kubernetes set-ups; `formctl up` makes its own).
     #[command(subcommand)]
@@ -293,6 +295,7 @@ fn main() -> ExitCode {
         }
         Command::Keys(args) => ops_tools::keys(args),
         Command::Certs(cmd) => certs::run(cmd),
+        Command::Tokens(args) => ops_tools::tokens(args),
         Command::DemoSetup(args) => runtime.block_on(ops_tools::demo_setup(args)),
     };
     match result {

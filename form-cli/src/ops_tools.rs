@@ -63,8 +63,8 @@ pub(crate) struct KeysArgs {
     /// The authorized keys file to write.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
-    /// Also make an API tokens file in this directory (kept if present) and print
-    /// its admin token.
+    /// Also make an API tokens file in this directory (kept if present); the tokens
+    /// are not printed (logs are not for secrets): `formctl tokens` shows them.
     #[arg(long, value_name = "DIR")]
     tokens_dir: Option<PathBuf>,
 }
@@ -92,10 +92,32 @@ pub(crate) fn keys(a: KeysArgs) -> anyhow::Result<ExitCode> {
     std::fs::write(&a.out, lines).with_context(|| format!("writing {}", a.out.display()))?;
     println!("wrote {} keys to {}", a.replicas.len(), a.out.display());
     if let Some(dir) = &a.tokens_dir {
-        let t = crate::tokens::ensure(dir)?;
-        println!("API token (admin): {}", t.admin);
-        println!("API token (read-only): {}", t.read);
+        crate::tokens::ensure(dir)?;
+        println!(
+            "API tokens in {} (formctl tokens --tokens-dir {} shows them)",
+            crate::tokens::path(dir).display(),
+            dir.display()
+        );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Flags of `formctl tokens`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TokensArgs {
+    /// Directory of the tokens file.
+    #[arg(long, value_name = "DIR")]
+    tokens_dir: PathBuf,
+    /// Print the read-only token instead of the admin token.
+    #[arg(long)]
+    read: bool,
+}
+
+/// Prints one API token of a tokens file, for the one who asks (not for logs).
+pub(crate) fn tokens(a: TokensArgs) -> anyhow::Result<ExitCode> {
+    let t = crate::tokens::read(&crate::tokens::path(&a.tokens_dir))
+        .with_context(|| format!("no tokens in {}", a.tokens_dir.display()))?;
+    println!("{}", if a.read { t.read } else { t.admin });
     Ok(ExitCode::SUCCESS)
 }
 

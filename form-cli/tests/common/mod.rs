@@ -142,14 +142,29 @@ impl Compose {
         }
     }
 
-    /// The API's admin token (form-keys prints it).
+    /// The API's admin token (`formctl tokens`; the logs do not show it).
     pub fn token(&self) -> String {
-        self.ok(&["logs", "form-keys"])
-            .lines()
-            .find_map(|l| l.split("API token (admin): ").nth(1))
-            .expect("the admin token in form-keys' log")
-            .trim()
-            .to_owned()
+        assert!(
+            !self
+                .ok(&["logs", "form-keys"])
+                .contains(&self.admin_token()),
+            "the admin token is in form-keys' log"
+        );
+        self.admin_token()
+    }
+
+    fn admin_token(&self) -> String {
+        self.ok(&[
+            "run",
+            "--rm",
+            "--no-deps",
+            "form-keys",
+            "tokens",
+            "--tokens-dir",
+            "/keys",
+        ])
+        .trim()
+        .to_owned()
     }
 }
 
