@@ -139,6 +139,7 @@ impl Service for StateReplica {
         if c.peers.is_empty() {
             tracing::warn!("no --peers given: this replica replicates to nobody");
         }
+        let wal_status = store.wal_status();
         let gossip_task = tokio::spawn(gossip::run(
             store.clone(),
             peers.clone(),
@@ -163,6 +164,29 @@ impl Service for StateReplica {
                     .max_decoding_message_size(gossip::MAX_MESSAGE)
                     .max_encoding_message_size(gossip::MAX_MESSAGE),
             );
+        // While the log cannot write, the replica says so: NOT_SERVING until it can.
+        let health = server.health();
+        let mut wal = wal_status;
+        tokio::spawn(async move {
+            loop {
+                let failing = wal.borrow_and_update().error.is_some();
+                let status = if failing {
+                    tonic_health::ServingStatus::NotServing
+                } else {
+                    tonic_health::ServingStatus::Serving
+                };
+                for name in [
+                    "",
+                    "form.state.v1.StateService",
+                    "form.state.v1.GossipService",
+                ] {
+                    health.set_service_status(name, status).await;
+                }
+                if wal.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         let served = form_runtime::grpc::run(ctx, server, &[]).await;
         gossip_task.abort();
         served

@@ -77,7 +77,7 @@ impl StateService for StateApi {
     async fn get_cluster(&self, req: Request<pb::GetClusterRequest>) -> Result<pb::Cluster> {
         let id = req.into_inner().cluster_id;
         validate::id("cluster_id", &id)?;
-        let c = read::cluster(self.store.lock().state(), &id);
+        let c = self.store.read(|r| read::cluster(r.state(), &id)).await?;
         c.map(Response::new).ok_or_else(|| {
             StateError::NotFound {
                 what: "cluster",
@@ -91,7 +91,7 @@ impl StateService for StateApi {
         &self,
         _: Request<pb::ListClustersRequest>,
     ) -> Result<pb::ListClustersReply> {
-        let clusters = read::clusters(self.store.lock().state());
+        let clusters = self.store.read(|r| read::clusters(r.state())).await?;
         Ok(Response::new(pb::ListClustersReply { clusters }))
     }
 
@@ -159,7 +159,7 @@ impl StateService for StateApi {
         &self,
         _req: Request<pb::ListControllersRequest>,
     ) -> Result<pb::ListControllersReply> {
-        let controllers = read::controllers(self.store.lock().state());
+        let controllers = self.store.read(|r| read::controllers(r.state())).await?;
         Ok(Response::new(pb::ListControllersReply { controllers }))
     }
 
@@ -178,7 +178,7 @@ impl StateService for StateApi {
     ) -> Result<types::Operation> {
         let id = req.into_inner().operation_id;
         validate::id("operation_id", &id)?;
-        let op = read::operation(self.store.lock().state(), &id);
+        let op = self.store.read(|r| read::operation(r.state(), &id)).await?;
         op.map(Response::new).ok_or_else(|| {
             StateError::NotFound {
                 what: "operation",
@@ -196,8 +196,10 @@ impl StateService for StateApi {
         if !r.cluster_id.is_empty() {
             validate::id("cluster_id", &r.cluster_id)?;
         }
-        let operations =
-            read::operations(self.store.lock().state(), &r.cluster_id, r.limit as usize);
+        let operations = self
+            .store
+            .read(|s| read::operations(s.state(), &r.cluster_id, r.limit as usize))
+            .await?;
         Ok(Response::new(pb::ListOperationsReply { operations }))
     }
 
@@ -216,18 +218,23 @@ impl StateService for StateApi {
     }
 
     async fn digest(&self, _: Request<pb::DigestRequest>) -> Result<pb::DigestReply> {
-        let r = self.store.lock();
-        let state = r.state();
-        let encoded = codec::encode_state(state);
-        Ok(Response::new(pb::DigestReply {
-            sha256: Sha256::digest(&encoded).to_vec(),
-            state_bytes: encoded.len() as u64,
-            version: Some(pb::VersionVector {
-                entries: r.version().into_iter().collect(),
-            }),
-            clusters: read::clusters(state).len() as u64,
-            operations: state.ids(Space::Operation).len() as u64,
-            replica_id: r.actor().to_owned(),
-        }))
+        let reply = self
+            .store
+            .read(|r| {
+                let state = r.state();
+                let encoded = codec::encode_state(state);
+                pb::DigestReply {
+                    sha256: Sha256::digest(&encoded).to_vec(),
+                    state_bytes: encoded.len() as u64,
+                    version: Some(pb::VersionVector {
+                        entries: r.version().into_iter().collect(),
+                    }),
+                    clusters: read::clusters(state).len() as u64,
+                    operations: state.ids(Space::Operation).len() as u64,
+                    replica_id: r.actor().to_owned(),
+                }
+            })
+            .await?;
+        Ok(Response::new(reply))
     }
 }

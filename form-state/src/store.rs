@@ -192,6 +192,33 @@ impl Store {
         self.wal.wait_durable(lsn).await
     }
 
+    /// What the log writer has made durable, and whether it is failing.
+    pub fn wal_status(&self) -> watch::Receiver<crate::storage::writer::Durable> {
+        self.wal.durable()
+    }
+
+    /// `f` of the replica, answered once everything it saw is durable: a read never
+    /// shows a change the log has not kept (while the log fails, reads are refused).
+    pub async fn read<T>(&self, f: impl FnOnce(&Replica) -> T) -> Result<T, StateError> {
+        let (lsn, out) = {
+            let r = self.lock();
+            (r.lsn(), f(&r))
+        };
+        self.wal.wait_durable(lsn).await?;
+        Ok(out)
+    }
+
+    /// Refuses a change while the log writer fails: it would be neither kept nor
+    /// acknowledged.
+    fn writable(&self) -> Result<(), StateError> {
+        match &self.wal.durable().borrow().error {
+            Some(e) => Err(StateError::Unavailable(format!(
+                "the write-ahead log cannot write ({e}); no change is taken until it can, retry later"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// A local write; returns once it is durable.
     pub async fn write(
         &self,
@@ -202,6 +229,7 @@ impl Store {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        self.writable()?;
         let (lsn, version, wake) = {
             let mut r = self.lock();
             let made = r.write(now_ms(), make)?;
@@ -230,6 +258,8 @@ impl Store {
 
     /// Applies received deltas (after verification) and logs those applied.
     pub fn receive(&self, deltas: Vec<VerifiedDelta>) -> Result<Received, StateError> {
+        // A peer's deltas wait (at the peer) while the log cannot keep them.
+        self.writable()?;
         let mut r = self.lock();
         let out = r.receive(deltas);
         if out.overflow > 0 {
@@ -244,6 +274,7 @@ impl Store {
 
     /// Joins a peer's whole state and logs it.
     pub fn merge_state(&self, state: &State) -> Result<(), StateError> {
+        self.writable()?;
         let mut r = self.lock();
         let (changed, applied) = r.merge_state(state);
         if changed {

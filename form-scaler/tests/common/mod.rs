@@ -95,7 +95,11 @@ impl Stack {
                 vmm_args.extend(["--cgroup-root", no_cgroups.to_str().expect("utf-8")]);
                 workspace_bin("form-demo-app").display().to_string()
             }
-            Backend::Command(c) => c.clone(),
+            Backend::Command(c) => {
+                // The node runs it: it is on the allowlist.
+                vmm_args.extend(["--allowed-commands", c.as_str()]);
+                c.clone()
+            }
             Backend::Qemu(guest) => {
                 vmm_args.extend([
                     "--backend",

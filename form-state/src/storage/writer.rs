@@ -1,6 +1,12 @@
 //! The log writer: one thread that appends records, fsyncs once per batch (group
 //! commit) and reports the highest durable `lsn`; it also rotates segments and writes
 //! snapshots, in order with the records.
+//!
+//! A batch that cannot be written (a full disk, an I/O error) is not dropped and does
+//! not stop the writer: the segment is cut back to its last good length (so no torn
+//! frame stays behind), the failure is published (the replica turns NOT_SERVING and
+//! acknowledges nothing more), and the same batch is tried again with a growing pause
+//! until it is written; then the failure is cleared and durability moves on.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,13 +22,17 @@ use crate::error::StateError;
 
 /// Records written per fsync at most.
 const MAX_BATCH: usize = 4096;
+/// First pause before a failed batch is tried again; it doubles up to the next.
+const RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the writer has made durable.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Durable {
     /// Every record up to this lsn is on disk.
     pub lsn: u64,
-    /// Set once the writer failed; no write is acknowledged after that.
+    /// Set while the writer fails (it keeps trying); no write past `lsn` is
+    /// acknowledged meanwhile.
     pub error: Option<String>,
 }
 
@@ -71,7 +81,8 @@ impl WalHandle {
             .map_err(|_| StateError::Unavailable("the log writer stopped".into()))?;
         match &d.error {
             Some(e) if d.lsn < lsn => Err(StateError::Unavailable(format!(
-                "write-ahead log failed: {e}"
+                "the write-ahead log cannot write ({e}); this change is not acknowledged: \
+                 it may still be kept once the log writes again, so retry it"
             ))),
             _ => Ok(()),
         }
@@ -119,6 +130,8 @@ fn run(
     durable: watch::Sender<Durable>,
 ) {
     let mut buf = Vec::new();
+    // The segment's length after the last successful flush.
+    let mut good_len = file.metadata().map(|m| m.len()).unwrap_or(0);
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -127,38 +140,91 @@ fn run(
                 Err(_) => break,
             }
         }
+        let mut pause = RETRY_MIN;
         let mut lsn = durable.borrow().lsn;
-        let result = (|| -> Result<(), StateError> {
-            for cmd in batch {
-                match cmd {
-                    Command::Append(l, record) => {
-                        frame::encode_record(&record, &mut buf);
-                        lsn = l;
-                    }
-                    Command::Snapshot(l, state) => {
-                        flush(&mut file, &mut buf, &segment_path(&dir, segment))?;
-                        write_snapshot(&dir, segment, &state)?;
-                        segment += 1;
-                        file = open_segment(&segment_path(&dir, segment))?;
-                        recover::remove_compacted(&dir, segment - 1)?;
-                        metrics::counter!("form_state_snapshots_total").increment(1);
-                        lsn = lsn.max(l);
-                    }
+        // Commands of the batch already on disk (those before a snapshot that was
+        // written): a retry starts after them.
+        let mut done = 0;
+        loop {
+            let result = write_batch(
+                &dir,
+                &mut segment,
+                &mut file,
+                &mut good_len,
+                &mut buf,
+                &batch[done..],
+                &mut done,
+                &mut lsn,
+            );
+            match result {
+                Ok(()) => {
+                    durable.send_modify(|d| {
+                        if d.error.take().is_some() {
+                            tracing::info!("write-ahead log writes again; writes are acknowledged");
+                        }
+                        d.lsn = d.lsn.max(lsn);
+                    });
+                    break;
                 }
-            }
-            flush(&mut file, &mut buf, &segment_path(&dir, segment))
-        })();
-        match result {
-            Ok(()) => {
-                durable.send_modify(|d| d.lsn = d.lsn.max(lsn));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "write-ahead log failed; no further write is acknowledged");
-                durable.send_modify(|d| d.error = Some(e.to_string()));
-                return;
+                Err(e) => {
+                    buf.clear();
+                    // No torn frame stays: the segment goes back to its last good end.
+                    let _ = file.set_len(good_len);
+                    if durable.borrow().error.is_none() {
+                        tracing::error!(error = %e, "write-ahead log failed; nothing more is acknowledged until it writes again (retrying)");
+                    }
+                    metrics::counter!("form_state_wal_failures_total").increment(1);
+                    durable.send_modify(|d| d.error = Some(e.to_string()));
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
             }
         }
     }
+}
+
+/// Writes `batch` (records, snapshots) and fsyncs; `lsn` ends at its last change and
+/// `done` grows by the commands made durable before a failure.
+#[allow(clippy::too_many_arguments)]
+fn write_batch(
+    dir: &Path,
+    segment: &mut u64,
+    file: &mut std::fs::File,
+    good_len: &mut u64,
+    buf: &mut Vec<u8>,
+    batch: &[Command],
+    done: &mut usize,
+    lsn: &mut u64,
+) -> Result<(), StateError> {
+    let mut pending = 0;
+    for cmd in batch {
+        pending += 1;
+        match cmd {
+            Command::Append(l, record) => {
+                frame::encode_record(record, buf);
+                *lsn = *l;
+            }
+            Command::Snapshot(l, state) => {
+                flush(file, buf, &segment_path(dir, *segment))?;
+                *good_len = file.metadata().map(|m| m.len()).unwrap_or(*good_len);
+                // The records before the snapshot are on disk now.
+                *done += pending - 1;
+                pending = 1;
+                write_snapshot(dir, *segment, state)?;
+                *segment += 1;
+                *file = open_segment(&segment_path(dir, *segment))?;
+                *good_len = 0;
+                recover::remove_compacted(dir, *segment - 1)?;
+                metrics::counter!("form_state_snapshots_total").increment(1);
+                *lsn = (*lsn).max(*l);
+                *done += pending;
+                pending = 0;
+            }
+        }
+    }
+    flush(file, buf, &segment_path(dir, *segment))?;
+    *good_len = file.metadata().map(|m| m.len()).unwrap_or(*good_len);
+    Ok(())
 }
 
 fn flush(file: &mut std::fs::File, buf: &mut Vec<u8>, path: &Path) -> Result<(), StateError> {
