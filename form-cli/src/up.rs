@@ -23,6 +23,8 @@ const STOP_DEADLINE: Duration = Duration::from_secs(6);
 const PORT_ATTEMPTS: usize = 5;
 /// How often children are checked for an unexpected exit.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the stack's certificates are checked for renewal.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let data_dir = match args.data_dir.clone() {
@@ -149,16 +151,22 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     ready::write(&addresses, &summary(&children))?;
 
     let mut failed = false;
+    let mut certs_checked = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.requested() => break,
             _ = tokio::time::sleep(WATCH_INTERVAL) => {
                 // Renewed in place: each process takes its new files in by itself.
-                if crate::certs::due(&crate::certs::operator_dir(&data_dir), lifetime) {
+                if certs_checked.elapsed() >= CERT_CHECK_INTERVAL
+                    && crate::certs::due(&crate::certs::operator_dir(&data_dir), lifetime)
+                {
                     match holders(&plan, &data_dir).and_then(|h| crate::certs::issue_all(&data_dir, &h, lifetime)) {
                         Ok(()) => println!("formctl: certificates renewed"),
                         Err(e) => eprintln!("formctl: renewing the certificates: {e:#}"),
                     }
+                }
+                if certs_checked.elapsed() >= CERT_CHECK_INTERVAL {
+                    certs_checked = std::time::Instant::now();
                 }
                 if let Some(name) = exited(&mut children) {
                     eprintln!("formctl: {name} exited unexpectedly; stopping the stack");
