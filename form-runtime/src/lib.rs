@@ -24,6 +24,7 @@ pub mod ids;
 pub mod logging;
 pub mod metrics;
 pub mod ports;
+pub mod procenv;
 pub mod ready;
 pub mod service;
 pub mod shutdown;

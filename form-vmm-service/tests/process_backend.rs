@@ -495,3 +495,75 @@ async fn resize_fails_where_limits_cannot_be_enforced_and_changes_nothing() {
     assert_eq!(seen["memory_limit_mib"], serde_json::Value::Null, "{seen}");
     stop_gracefully(&mut svc).await;
 }
+
+/// A workload that leaves its process group and session (`setsid`) does not outlive
+/// its deletion: with cgroups (the node kills what is in the instance's group) and
+/// without (it finds the instance's processes by their environment).
+#[tokio::test]
+async fn a_workload_that_calls_setsid_does_not_survive_its_deletion() {
+    for (label, with_cgroups) in [("with", true), ("without", false)] {
+        let dir = TestDir::new(&format!("vmm-setsid-{label}"));
+        let data = dir.path().join("vmm-data");
+        let fake = dir.path().join("no-cgroups");
+        std::fs::create_dir_all(&fake).expect("dir");
+        let allowed = "/bin/sh".to_owned();
+        let mut args: Vec<&str> = [
+            PORT0_ARGS,
+            &[
+                "--data-dir",
+                data.to_str().expect("utf-8"),
+                "--allowed-commands",
+                &allowed,
+            ],
+        ]
+        .concat();
+        if !with_cgroups {
+            args.extend(["--cgroup-root", fake.to_str().expect("utf-8")]);
+        }
+        let mut svc = start(&dir, "vmm", Path::new(BIN), &args).await;
+        let mut c = VmmServiceClient::new(
+            probe::channel(svc.addr("grpc").expect("grpc"))
+                .await
+                .expect("connect"),
+        );
+        let id = format!("escape-{label}");
+        let escape = pb::CreateInstanceRequest {
+            instance_id: id.clone(),
+            cluster_id: "web".into(),
+            workload: Some(types::Workload {
+                command: "/bin/sh".into(),
+                args: vec![
+                    "-c".into(),
+                    format!(
+                        "setsid sleep 300 < /dev/null > /dev/null 2>&1 & exec {}",
+                        workspace_bin("form-demo-app").display()
+                    ),
+                ],
+                health_path: "/healthz".into(),
+                ..Default::default()
+            }),
+            resources: None,
+        };
+        let i = c
+            .create_instance(escape)
+            .await
+            .expect("create")
+            .into_inner();
+        assert_eq!(i.status, pb::InstanceStatus::Running as i32, "{i:?}");
+        assert!(
+            processes_of(&id) >= 2,
+            "the workload and its escaped sleep run"
+        );
+        c.delete_instance(pb::InstanceRef {
+            instance_id: id.clone(),
+        })
+        .await
+        .expect("delete");
+        assert_eq!(
+            processes_of(&id),
+            0,
+            "{label} cgroups: a process of the instance survived its deletion"
+        );
+        stop_gracefully(&mut svc).await;
+    }
+}

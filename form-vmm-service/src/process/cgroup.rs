@@ -129,6 +129,19 @@ impl Cgroups {
         }
     }
 
+    /// The processes in the instance's group: its workload and everything it started,
+    /// also those that left its process group or session (`setsid`).
+    pub(crate) fn procs(&self, instance: &str) -> Vec<i32> {
+        let dir = match self {
+            Cgroups::V2(p) => p.join(instance),
+            Cgroups::V1 { cpu, .. } => cpu.join(instance),
+            Cgroups::Unavailable(_) => return Vec::new(),
+        };
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
     /// Removes the instance's group (after its processes exited).
     pub(crate) fn remove(&self, instance: &str) {
         let dirs: Vec<PathBuf> = match self {

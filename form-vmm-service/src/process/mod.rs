@@ -50,12 +50,19 @@ struct Proc {
 
 #[derive(Debug)]
 struct Inner {
+    /// This node's tag (node id and data directory): with an instance id, it names
+    /// the instance's processes in their environment (`FORM_INSTANCE_KEY`).
+    tag: String,
     root: PathBuf,
     host: IpAddr,
     cgroups: Cgroups,
     ready_timeout: Duration,
     procs: Table<Proc>,
 }
+
+/// The variable naming an instance's processes (node tag and instance id), so that
+/// what it left behind is found and killed on delete.
+const INSTANCE_KEY: &str = "FORM_INSTANCE_KEY";
 
 /// Instances as local processes.
 #[derive(Debug, Clone)]
@@ -86,7 +93,8 @@ impl ProcessBackend {
         .take(4)
         .map(|b| format!("{b:02x}"))
         .collect();
-        let cgroups = Cgroups::detect(cgroup_root, &format!("{node_id}-{tag}"));
+        let tag = format!("{node_id}-{tag}");
+        let cgroups = Cgroups::detect(cgroup_root, &tag);
         match &cgroups {
             Cgroups::Unavailable(why) => {
                 tracing::warn!(reason = %why, "resource limits will be recorded, not enforced")
@@ -95,6 +103,7 @@ impl ProcessBackend {
         }
         Ok(Self {
             inner: Arc::new(Inner {
+                tag,
                 root,
                 host,
                 cgroups,
@@ -102,6 +111,32 @@ impl ProcessBackend {
                 procs: Table::new(),
             }),
         })
+    }
+
+    /// The value of [`INSTANCE_KEY`] in the environment of `id`'s processes.
+    fn instance_key(&self, id: &str) -> String {
+        format!("{}/{id}", self.inner.tag)
+    }
+
+    /// Kills what is left of instance `id` once its process group is gone: processes
+    /// that left the group or the session (`setsid`) but not its cgroup, or (where no
+    /// cgroup is writable) that still carry its key in their environment.
+    async fn kill_survivors(&self, id: &str) {
+        let key = self.instance_key(id);
+        for _ in 0..20 {
+            let mut left = self.inner.cgroups.procs(id);
+            left.extend(form_runtime::procenv::pids_with_env(INSTANCE_KEY, &key));
+            left.retain(|p| *p > 1 && *p != std::process::id() as i32);
+            if left.is_empty() {
+                return;
+            }
+            tracing::info!(instance = %id, pids = ?left, "killing what is left of the instance");
+            for pid in left {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::warn!(instance = %id, "processes of the instance are still there after SIGKILL");
     }
 
     fn procs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Proc>> {
@@ -152,6 +187,7 @@ impl ProcessBackend {
             .env("PORT", address.port().to_string())
             .env("FORM_BIND_HOST", host.to_string())
             .env("FORM_INSTANCE_ID", &id)
+            .env(INSTANCE_KEY, self.instance_key(&id))
             .env("FORM_ADMIN_ADDR", admin.to_string())
             .envs(env)
             .stdin(Stdio::null())
@@ -478,6 +514,7 @@ impl Hypervisor for ProcessBackend {
                 let _ = tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some)).await;
             }
         }
+        self.kill_survivors(id).await;
         self.inner.cgroups.remove(id);
         self.procs().remove(id);
         std::fs::remove_dir_all(&dir)
