@@ -44,7 +44,42 @@ pub struct Config {
     /// Programs instances may run (absolute paths or names in PATH); `*` for any;
     /// empty: the demo app beside this binary.
     pub allowed_commands: Vec<String>,
+    /// The user process-backend workloads run as: `UID[:GID]`, or `same` for this
+    /// node's own; empty: 65534:65534 (nobody) when the node runs as root, else `same`.
+    pub workload_user: String,
 }
+
+impl Config {
+    /// The (uid, gid) workloads run as; `None`: this node's own user.
+    pub fn workload_user(&self) -> Result<Option<(u32, u32)>, String> {
+        let root = nix::unistd::geteuid().is_root();
+        let v = self.workload_user.trim();
+        if v == "same" || (v.is_empty() && !root) {
+            return Ok(None);
+        }
+        if v.is_empty() {
+            return Ok(Some((NOBODY, NOBODY)));
+        }
+        let num = |s: &str| {
+            s.parse::<u32>().map_err(|_| {
+                format!("'{v}' is not UID[:GID] or 'same'; expected numbers, e.g. 65534:65534")
+            })
+        };
+        let (u, g) = match v.split_once(':') {
+            Some((u, g)) => (num(u)?, num(g)?),
+            None => (num(v)?, num(v)?),
+        };
+        if !root && u != nix::unistd::geteuid().as_raw() {
+            return Err(format!(
+                "'{v}': running workloads as another user needs this node to run as root"
+            ));
+        }
+        Ok(Some((u, g)))
+    }
+}
+
+/// The user and group `nobody`.
+const NOBODY: u32 = 65534;
 
 /// Backends this build runs.
 pub const BACKENDS: &[&str] = &["process", "qemu"];
@@ -67,6 +102,7 @@ impl Default for Config {
             heartbeat_interval_ms: 1000,
             ready_timeout_ms: 10_000,
             allowed_commands: Vec::new(),
+            workload_user: String::new(),
         }
     }
 }
@@ -88,6 +124,8 @@ impl ServiceConfig for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         crate::allow::Allowed::from_config(&self.allowed_commands)
             .map_err(|e| ConfigError::invalid("--allowed-commands", e))?;
+        self.workload_user()
+            .map_err(|e| ConfigError::invalid("--workload-user", e))?;
         if self.node_id.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "--node-id",
@@ -211,6 +249,11 @@ pub struct Args {
     )]
     pub allowed_commands: Option<Vec<String>>,
 
+    /// User process-backend workloads run as: UID[:GID], or 'same' for this node's
+    /// own [default: 65534:65534 (nobody) when the node runs as root, else same]
+    #[arg(long, value_name = "UID[:GID]|same", env = "FORM_VMM_WORKLOAD_USER")]
+    pub workload_user: Option<String>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -255,6 +298,9 @@ impl Args {
             }
             if let Some(v) = self.allowed_commands {
                 c.allowed_commands = v;
+            }
+            if let Some(v) = self.workload_user {
+                c.workload_user = v;
             }
             if let Some(v) = self.ready_timeout_ms {
                 c.ready_timeout_ms = v;

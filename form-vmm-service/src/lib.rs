@@ -86,12 +86,16 @@ impl Service for VmmNode {
                 serve(c, Arc::new(hv), ctx).await
             }
             _ => {
+                let user = c
+                    .workload_user()
+                    .map_err(|e| RuntimeError::Service(format!("--workload-user: {e}")))?;
                 let hv = ProcessBackend::new(
                     instances,
                     c.instance_host,
                     &c.node_id,
                     &c.cgroup_root,
                     ready,
+                    user,
                 )
                 .map_err(service_error)?;
                 serve(c, Arc::new(hv), ctx).await

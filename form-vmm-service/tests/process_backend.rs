@@ -554,6 +554,19 @@ async fn a_workload_that_calls_setsid_does_not_survive_its_deletion() {
             processes_of(&id) >= 2,
             "the workload and its escaped sleep run"
         );
+        // A node running as root runs its workloads as nobody.
+        if nix::unistd::Uid::effective().is_root() {
+            for pid in probe::pids_with_env("FORM_INSTANCE_ID", &id) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let uid = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .unwrap_or("");
+                assert_eq!(uid, "65534", "process {pid} of {id} runs as uid {uid}");
+            }
+        }
         c.delete_instance(pb::InstanceRef {
             instance_id: id.clone(),
         })

@@ -53,11 +53,25 @@ struct Inner {
     /// This node's tag (node id and data directory): with an instance id, it names
     /// the instance's processes in their environment (`FORM_INSTANCE_KEY`).
     tag: String,
+    /// The (uid, gid) workloads run as; `None`: this node's own.
+    user: Option<(u32, u32)>,
     root: PathBuf,
     host: IpAddr,
     cgroups: Cgroups,
     ready_timeout: Duration,
     procs: Table<Proc>,
+}
+
+/// Gives `path` and everything under it to `uid`:`gid` (links themselves, not their
+/// targets).
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 /// The variable naming an instance's processes (node tag and instance id), so that
@@ -78,6 +92,7 @@ impl ProcessBackend {
         node_id: &str,
         cgroup_root: &std::path::Path,
         ready_timeout: Duration,
+        user: Option<(u32, u32)>,
     ) -> Result<Self, VmmError> {
         std::fs::create_dir_all(&root)
             .map_err(VmmError::io(format!("creating {}", root.display())))?;
@@ -104,6 +119,7 @@ impl ProcessBackend {
         Ok(Self {
             inner: Arc::new(Inner {
                 tag,
+                user,
                 root,
                 host,
                 cgroups,
@@ -179,8 +195,22 @@ impl ProcessBackend {
             .map_err(VmmError::io("creating stdout.log"))?;
         let stderr = std::fs::File::create(dir.join("stderr.log"))
             .map_err(VmmError::io("creating stderr.log"))?;
+        if let Some((uid, gid)) = self.inner.user
+            && let Err(e) = chown_tree(&dir, uid, gid)
+        {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(VmmError::io(format!(
+                "giving {} to uid {uid}",
+                dir.display()
+            ))(e));
+        }
         let w = &spec.workload;
-        let spawned = tokio::process::Command::new(&w.command)
+        let mut command = tokio::process::Command::new(&w.command);
+        if let Some((uid, gid)) = self.inner.user {
+            // Unprivileged: it cannot read this node's keys or touch other instances.
+            command.uid(uid).gid(gid);
+        }
+        let spawned = command
             .args(&w.args)
             .current_dir(&work)
             .envs(&w.env)
@@ -389,7 +419,19 @@ impl Hypervisor for ProcessBackend {
             Ok((p.pid, p.info.admin_address, p.dir.join("work")))
         })?;
         if let Some(admin) = admin {
-            let body = serde_json::json!({ "dir": dir.join("state") }).to_string();
+            // The workload (unprivileged) writes its state into a directory of its
+            // own, which goes back to this node once written: no workload can change
+            // a snapshot afterwards.
+            let state = dir.join("state");
+            std::fs::create_dir_all(&state)
+                .map_err(VmmError::io(format!("creating {}", state.display())))?;
+            if let Some((uid, gid)) = self.inner.user {
+                chown_tree(&state, uid, gid).map_err(VmmError::io(format!(
+                    "giving {} to uid {uid}",
+                    state.display()
+                )))?;
+            }
+            let body = serde_json::json!({ "dir": state }).to_string();
             match crate::http::request(
                 admin,
                 "POST",
@@ -415,6 +457,14 @@ impl Hypervisor for ProcessBackend {
                     )));
                 }
             }
+        }
+        if self.inner.user.is_some() {
+            let (uid, gid) = (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            );
+            chown_tree(&dir.join("state"), uid, gid)
+                .map_err(VmmError::io("taking the snapshot's state back"))?;
         }
         signal_group(pid, Signal::SIGSTOP);
         let copied = copy_tree(&work, &dir.join("workdir"));
