@@ -89,6 +89,30 @@ impl Service for VmmNode {
                 let user = c
                     .workload_user()
                     .map_err(|e| RuntimeError::Service(format!("--workload-user: {e}")))?;
+                let user = match user {
+                    Some((uid, gid)) => {
+                        std::fs::create_dir_all(&instances).map_err(|e| {
+                            RuntimeError::Service(format!("creating {}: {e}", instances.display()))
+                        })?;
+                        match process::unreachable_for(&instances, uid, gid) {
+                            None => Some((uid, gid)),
+                            // The default gives way (a data directory under /root, as
+                            // `formctl up` run by root has), saying so; an explicit
+                            // user does not.
+                            Some(dir) if c.workload_user.trim().is_empty() => {
+                                tracing::warn!(dir = %dir.display(), uid, "workloads run as this node's user: uid {uid} cannot enter the data directory; give a --data-dir it can reach to run them unprivileged");
+                                None
+                            }
+                            Some(dir) => {
+                                return Err(RuntimeError::Service(format!(
+                                    "--workload-user {uid}:{gid}: {} cannot be entered by that user; give a --data-dir it can reach",
+                                    dir.display()
+                                )));
+                            }
+                        }
+                    }
+                    None => None,
+                };
                 let hv = ProcessBackend::new(
                     instances,
                     c.instance_host,

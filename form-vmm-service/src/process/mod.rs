@@ -62,6 +62,27 @@ struct Inner {
     procs: Table<Proc>,
 }
 
+/// The first directory on the way to `path` (itself included) that `uid`:`gid` may
+/// not enter, if any.
+pub(crate) fn unreachable_for(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::fs::canonicalize(path).ok()?;
+    let mut dirs: Vec<&Path> = path.ancestors().collect();
+    dirs.reverse();
+    dirs.into_iter().find_map(|d| {
+        let m = std::fs::metadata(d).ok()?;
+        let mode = m.mode();
+        let enter = if m.uid() == uid {
+            mode & 0o100
+        } else if m.gid() == gid {
+            mode & 0o010
+        } else {
+            mode & 0o001
+        };
+        (enter == 0).then(|| d.to_owned())
+    })
+}
+
 /// Gives `path` and everything under it to `uid`:`gid` (links themselves, not their
 /// targets).
 fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
@@ -595,5 +616,27 @@ impl Hypervisor for ProcessBackend {
                 uptime_seconds: p.started.elapsed().as_secs_f64(),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod reach_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::unreachable_for;
+
+    #[test]
+    fn a_closed_directory_on_the_way_is_named() {
+        let base = std::env::temp_dir().join(format!("form-reach-{}", std::process::id()));
+        let inner = base.join("closed/instances");
+        std::fs::create_dir_all(&inner).expect("dirs");
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let closed = base.join("closed");
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        // Another user (not the owner, not its group) cannot enter it.
+        assert_eq!(unreachable_for(&inner, 65534, 65534), Some(closed.clone()));
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+        assert_eq!(unreachable_for(&inner, 65534, 65534), None);
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
