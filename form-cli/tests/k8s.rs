@@ -179,6 +179,20 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
                     );
                 }
             }
+            // The API tokens go only where form-mcp (or the demo job) runs.
+            for v in spec["volumes"].as_array().into_iter().flatten() {
+                if v["secret"]["secretName"] == "form-keys" {
+                    let items = v["secret"]["items"].as_array();
+                    let has_tokens = items.is_none_or(|i| i.iter().any(|x| x["key"] == "tokens"));
+                    let is_api = ["form-mcp", "form-demo"]
+                        .contains(&o["metadata"]["name"].as_str().unwrap_or(""));
+                    assert!(
+                        !has_tokens || is_api,
+                        "{} mounts the API tokens",
+                        o["metadata"]["name"]
+                    );
+                }
+            }
             // Every service runs with mutual TLS from the form-tls Secret.
             for c in spec["containers"].as_array().into_iter().flatten() {
                 let command = c["command"][0].as_str().unwrap_or("");
