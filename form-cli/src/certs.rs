@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use form_runtime::tls::pki::Ca;
@@ -121,7 +121,7 @@ pub(crate) fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
         }
         CertsCommand::Verify { tls_dir } => {
             let m = Material::load(&tls_dir).map_err(anyhow::Error::msg)?;
-            let left = m.not_after - now_secs();
+            let left = m.seconds_left();
             if left <= 0 {
                 anyhow::bail!(
                     "{}: the certificate of {} has expired",
@@ -133,13 +133,6 @@ pub(crate) fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// The TLS directories of a stack in `data_dir`.
@@ -198,5 +191,5 @@ pub(crate) fn due(dir: &Path, lifetime: Duration) -> bool {
     let Ok(m) = Material::load(dir) else {
         return true;
     };
-    m.not_after - now_secs() < (lifetime.as_secs() / 3) as i64
+    m.seconds_left() < (lifetime.as_secs() / 3) as i64
 }

@@ -211,7 +211,7 @@ impl Store {
     /// Refuses a change while the log writer fails: it would be neither kept nor
     /// acknowledged.
     fn writable(&self) -> Result<(), StateError> {
-        match &self.wal.durable().borrow().error {
+        match self.wal.failing() {
             Some(e) => Err(StateError::Unavailable(format!(
                 "the write-ahead log cannot write ({e}); no change is taken until it can, retry later"
             ))),

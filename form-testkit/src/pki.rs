@@ -85,6 +85,11 @@ pub fn tls_dir(kind: Kind, id: &str) -> PathBuf {
         .clone()
 }
 
+/// The TLS directory of a test calling as `kind` (its id: `test-<kind>`).
+fn caller_dir(kind: Kind) -> PathBuf {
+    tls_dir(kind, &format!("test-{kind}"))
+}
+
 /// The TLS directory a service binary gets when a test starts it (by its file name),
 /// with `id` as its id; `None` for a binary that is not a service.
 pub fn service_tls_dir(bin: &Path, id: &str) -> Option<PathBuf> {
@@ -220,7 +225,7 @@ pub fn endpoint_without_certificate(addr: std::net::SocketAddr) -> anyhow::Resul
 
 /// An endpoint to the service at `addr` as a caller of `kind`.
 pub fn endpoint_as(addr: std::net::SocketAddr, kind: Kind) -> anyhow::Result<Endpoint> {
-    endpoint_with(addr, &tls_dir(kind, &format!("test-{kind}")))
+    endpoint_with(addr, &caller_dir(kind))
 }
 
 /// The DER of the certificate the gRPC server at `addr` presents (the handshake is
@@ -277,7 +282,6 @@ pub fn natural_caller(kind: Kind) -> Kind {
 /// own clients (`form_runtime::upstream`, `form_runtime::tls::client`), for tests
 /// that use them in-process. Once per process: the first kind asked for stays.
 pub fn install_client(kind: Kind) {
-    let dir = tls_dir(kind, &format!("test-{kind}"));
-    let tls = form_runtime::tls::Tls::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let tls = form_runtime::tls::Tls::load(&caller_dir(kind)).unwrap_or_else(|e| panic!("{e}"));
     form_runtime::tls::install(form_runtime::tls::Mode::Mutual(tls));
 }

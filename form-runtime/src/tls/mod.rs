@@ -72,6 +72,15 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 impl Material {
+    /// Seconds until the certificate expires (negative once it has).
+    pub fn seconds_left(&self) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.not_after - now
+    }
+
     /// Reads `dir`; the error names the file and what is wrong with it.
     pub fn load(dir: &Path) -> Result<Self, String> {
         let read = |f: &str| {
@@ -232,18 +241,11 @@ impl Tls {
                     _ = tokio::time::sleep(RELOAD_CHECK) => {}
                 }
                 this.reload_if_changed();
-                let left = this.current().not_after - now_secs();
+                let left = this.current().seconds_left();
                 metrics::gauge!("form_tls_certificate_seconds_left").set(left as f64);
             }
         });
     }
-}
-
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn stamps(dir: &Path) -> Vec<Option<SystemTime>> {

@@ -88,6 +88,11 @@ impl WalHandle {
         }
     }
 
+    /// Why the writer fails, while it does.
+    pub fn failing(&self) -> Option<String> {
+        self.durable.borrow().error.clone()
+    }
+
     /// A receiver of durability updates.
     pub fn durable(&self) -> watch::Receiver<Durable> {
         self.durable.clone()
