@@ -56,6 +56,29 @@ pub(crate) enum CertsCommand {
         #[arg(long)]
         watch: bool,
     },
+    /// Issue a server certificate for the DNS names NAME... (e.g. demo.localhost,
+    /// *.apps.example), signed by the CA in --ca, as NAME.crt and NAME.key (or
+    /// --stem) in the public certificate directory --out that form-rplb's and the
+    /// gateway's --https-certs read. Clients must trust the CA's ca.pem; for a
+    /// public name use a certificate from a public authority instead.
+    Domain {
+        /// The CA's directory.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The DNS names the certificate serves.
+        #[arg(value_name = "NAME", required = true)]
+        names: Vec<String>,
+        /// The public certificate directory to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// File stem of the pair (`default` serves every name no other pair lists);
+        /// the first name, with `*` as `_`, unless given.
+        #[arg(long, value_name = "STEM")]
+        stem: Option<String>,
+        /// How long the certificate is valid, in hours.
+        #[arg(long, value_name = "HOURS", default_value_t = 24 * 90, value_parser = clap::value_parser!(u64).range(1..=8760))]
+        lifetime_hours: u64,
+    },
     /// Check that a TLS directory reads whole (the key fits the certificate, the CA
     /// reads) and print whom it names and until when.
     Verify {
@@ -94,6 +117,25 @@ pub(crate) fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
             ca.issue_into(&out, &who, Duration::from_secs(lifetime_hours * 3600))
                 .map_err(anyhow::Error::msg)?;
             println!("{who} in {}", out.display());
+        }
+        CertsCommand::Domain {
+            ca,
+            names,
+            out,
+            stem,
+            lifetime_hours,
+        } => {
+            let ca = Ca::load(&ca).map_err(anyhow::Error::msg)?;
+            let stem = stem.unwrap_or_else(|| names[0].replace('*', "_"));
+            if stem.is_empty() || stem.contains('/') || stem.starts_with('.') {
+                anyhow::bail!(
+                    "--stem '{stem}' cannot name a file: expected a plain name such as demo.localhost"
+                );
+            }
+            ca.issue_domains(&names, Duration::from_secs(lifetime_hours * 3600))
+                .and_then(|i| i.write_pair(&out, &stem))
+                .map_err(anyhow::Error::msg)?;
+            println!("{} in {}", names.join(", "), out.join(&stem).display());
         }
         CertsCommand::Stack {
             dir,

@@ -31,6 +31,9 @@ pub struct Config {
     /// Browser origins (`scheme://host:port`, `:*` for any port) `/mcp` accepts in
     /// `Origin`; a request with any other `Origin` is refused (403), one without passes.
     pub mcp_allowed_origins: Vec<String>,
+    /// Directory of HTTPS certificates (`<name>.crt` with `<name>.key`, picked by SNI;
+    /// `default.crt` serves other names): with it, `listen` serves HTTPS only.
+    pub https_certs: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -44,6 +47,7 @@ impl Default for Config {
             tokens_file: None,
             mcp_allowed_hosts: Vec::new(),
             mcp_allowed_origins: Vec::new(),
+            https_certs: None,
         }
     }
 }
@@ -94,6 +98,10 @@ pub struct Args {
     )]
     pub vmm: Option<Vec<HostPort>>,
 
+    /// Serve HTTPS only, with the certificates in DIR: <name>.crt with <name>.key, picked by SNI; default.crt serves other names
+    #[arg(long, value_name = "DIR", env = "FORM_MCP_HTTPS_CERTS")]
+    pub https_certs: Option<std::path::PathBuf>,
+
     /// File of bearer tokens, one per line: TOKEN admin|read [NAME]
     #[arg(long, value_name = "PATH", env = "FORM_MCP_TOKENS_FILE")]
     pub tokens_file: Option<std::path::PathBuf>,
@@ -134,6 +142,9 @@ impl Args {
             }
             if let Some(v) = self.vmm {
                 c.vmm = v;
+            }
+            if let Some(v) = self.https_certs {
+                c.https_certs = Some(v);
             }
             if let Some(v) = self.tokens_file {
                 c.tokens_file = Some(v);

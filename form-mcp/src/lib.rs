@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod http;
+mod https;
 pub mod mcp;
 pub mod mcp_guard;
 pub mod openapi;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use form_runtime::cli::CommonArgs;
 use form_runtime::service::{METRICS_LISTENER, RunContext, Service};
+use form_runtime::tls::public::PublicCerts;
 use form_runtime::upstream;
 use form_runtime::{ConfigError, RuntimeError};
 
@@ -31,12 +33,17 @@ pub const HTTP_LISTENER: &str = "http";
 #[derive(Debug)]
 pub struct Gateway {
     config: Config,
+    /// The HTTPS certificates, read at start (with `https_certs`).
+    https: Option<Arc<PublicCerts>>,
 }
 
 impl Gateway {
     /// The gateway with this configuration.
     pub fn new(config: Config) -> Self {
-        Self { config }
+        Self {
+            config,
+            https: None,
+        }
     }
 }
 
@@ -47,7 +54,19 @@ impl Service for Gateway {
 
     fn configure(args: Args) -> Result<(Self, CommonArgs), ConfigError> {
         let (config, common) = args.into_config()?;
-        Ok((Self::new(config), common))
+        let https = match &config.https_certs {
+            Some(dir) => {
+                Some(PublicCerts::load(dir).map_err(|e| ConfigError::invalid("https_certs", e))?)
+            }
+            None => None,
+        };
+        Ok((
+            Self {
+                https,
+                ..Self::new(config)
+            },
+            common,
+        ))
     }
 
     fn listen_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
@@ -89,21 +108,33 @@ impl Service for Gateway {
         let hosts = mcp::allowed_hosts(&hosts);
         let stop = tokio_util::sync::CancellationToken::new();
         let stop_mcp = stop.clone();
-        axum::serve(
-            parse_errors::JsonParseErrors(listener),
-            http::router(
-                app,
-                hosts,
-                self.config.mcp_allowed_origins.clone(),
-                stop_mcp,
-            ),
-        )
-        .with_graceful_shutdown(async move {
+        let router = http::router(
+            app,
+            hosts,
+            self.config.mcp_allowed_origins.clone(),
+            stop_mcp,
+        );
+        let stopped = async move {
             shutdown.requested().await;
             stop.cancel();
-        })
-        .await
-        .map_err(|e| RuntimeError::Serve {
+        };
+        let served = match &self.https {
+            None => {
+                axum::serve(parse_errors::JsonParseErrors(listener), router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            Some(certs) => {
+                certs.spawn_reloader(ctx.shutdown.clone());
+                tracing::info!(names = ?certs.names(), "serving HTTPS");
+                let tls = https::HttpsListener::new(listener, certs)
+                    .map_err(|e| RuntimeError::Service(format!("HTTPS: {e}")))?;
+                axum::serve(parse_errors::JsonParseErrors(tls), router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        };
+        served.map_err(|e| RuntimeError::Serve {
             name: "http",
             message: e.to_string(),
         })

@@ -23,6 +23,13 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Address of the HTTP data plane (HTTP/1.1 and cleartext HTTP/2).
     pub listen_http: SocketAddr,
+    /// Address of the HTTPS data plane (HTTP/1.1 and HTTP/2 over TLS), if any; needs
+    /// `https_certs`.
+    pub listen_https: Option<SocketAddr>,
+    /// Directory of the HTTPS certificates: `<name>.crt` with `<name>.key`, chosen by
+    /// SNI among their DNS names; `default.crt` serves unknown names (see
+    /// docs/rplb.md).
+    pub https_certs: Option<PathBuf>,
     /// form-state replicas to read routes from, `host:port` each.
     pub state: Vec<HostPort>,
     /// Peers whose `X-Forwarded-For` is believed (CIDR blocks).
@@ -61,6 +68,8 @@ impl Default for Config {
             listen: Self::DEFAULT_LISTEN,
             metrics_listen: Self::DEFAULT_METRICS_LISTEN,
             listen_http: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080),
+            listen_https: None,
+            https_certs: None,
             state: Vec::new(),
             trusted_proxies: Vec::new(),
             cookie_key_file: None,
@@ -84,11 +93,28 @@ const MAX_SHUTDOWN_GRACE_MS: u64 = 300_000;
 impl Config {
     /// Checks ranges; errors name the key and what is accepted.
     fn check_ranges(&self) -> Result<(), ConfigError> {
-        form_runtime::cli::distinct_listeners(&[
+        let mut listeners = vec![
             ("--listen", self.listen),
             ("--metrics-listen", self.metrics_listen),
             ("--listen-http", self.listen_http),
-        ])?;
+        ];
+        listeners.extend(self.listen_https.map(|a| ("--listen-https", a)));
+        form_runtime::cli::distinct_listeners(&listeners)?;
+        match (&self.listen_https, &self.https_certs) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "https_certs",
+                    "is required with listen_https: a directory of <name>.crt and <name>.key pairs",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "listen_https",
+                    "is required with https_certs: the address to serve HTTPS on",
+                ));
+            }
+            _ => {}
+        }
         let positive = |name: &str, v: u64| {
             if v == 0 {
                 Err(ConfigError::invalid(name, "must be at least 1"))
@@ -185,6 +211,14 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", env = "FORM_RPLB_LISTEN_HTTP", value_parser = form_runtime::addr::parse_listen)]
     pub listen_http: Option<SocketAddr>,
 
+    /// Address of the HTTPS data plane (needs --https-certs) [default: none]
+    #[arg(long, value_name = "ADDR", env = "FORM_RPLB_LISTEN_HTTPS", value_parser = form_runtime::addr::parse_listen)]
+    pub listen_https: Option<SocketAddr>,
+
+    /// Directory of HTTPS certificates: <name>.crt with <name>.key, picked by SNI; default.crt serves unknown names
+    #[arg(long, value_name = "DIR", env = "FORM_RPLB_HTTPS_CERTS")]
+    pub https_certs: Option<PathBuf>,
+
     /// Comma-separated addresses of form-state replicas to read routes from
     #[arg(
         long,
@@ -222,6 +256,12 @@ impl Args {
         let config = form_runtime::config::build(&self.common, |c: &mut Config| {
             if let Some(v) = self.listen_http {
                 c.listen_http = v;
+            }
+            if let Some(v) = self.listen_https {
+                c.listen_https = Some(v);
+            }
+            if let Some(v) = self.https_certs {
+                c.https_certs = Some(v);
             }
             if let Some(v) = self.state {
                 c.state = v;

@@ -24,6 +24,7 @@ use form_proto::rplb::v1::rplb_control_server::RplbControlServer;
 use form_runtime::cli::CommonArgs;
 use form_runtime::grpc::{GRPC_LISTENER, GrpcServer};
 use form_runtime::service::{METRICS_LISTENER, RunContext, Service};
+use form_runtime::tls::public::PublicCerts;
 use form_runtime::upstream::Upstream;
 use form_runtime::{ConfigError, RuntimeError};
 
@@ -31,12 +32,16 @@ pub use config::{Args, Config};
 
 /// Name of the HTTP data plane listener.
 pub const HTTP_LISTENER: &str = "http";
+/// Name of the HTTPS data plane listener.
+pub const HTTPS_LISTENER: &str = "https";
 
 /// The form-rplb service.
 #[derive(Debug)]
 pub struct Balancer {
     config: Config,
     key: [u8; 32],
+    /// The HTTPS certificates, read at start (with `listen_https`).
+    https: Option<Arc<PublicCerts>>,
 }
 
 /// Reads a cookie key file: 64 hex characters (surrounding white space ignored).
@@ -81,7 +86,11 @@ fn random_key() -> Result<[u8; 32], ConfigError> {
 impl Balancer {
     /// The service with this configuration and cookie key.
     pub fn new(config: Config, key: [u8; 32]) -> Self {
-        Self { config, key }
+        Self {
+            config,
+            key,
+            https: None,
+        }
     }
 }
 
@@ -96,15 +105,29 @@ impl Service for Balancer {
             Some(p) => read_key(p)?,
             None => random_key()?,
         };
-        Ok((Self::new(config, key), common))
+        let https = match &config.https_certs {
+            Some(dir) => {
+                Some(PublicCerts::load(dir).map_err(|e| ConfigError::invalid("https_certs", e))?)
+            }
+            None => None,
+        };
+        Ok((
+            Self {
+                https,
+                ..Self::new(config, key)
+            },
+            common,
+        ))
     }
 
     fn listen_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
-        vec![
+        let mut v = vec![
             (GRPC_LISTENER, self.config.listen),
             (METRICS_LISTENER, self.config.metrics_listen),
             (HTTP_LISTENER, self.config.listen_http),
-        ]
+        ];
+        v.extend(self.config.listen_https.map(|a| (HTTPS_LISTENER, a)));
+        v
     }
 
     fn graceful_deadline(&self) -> Duration {
@@ -121,7 +144,18 @@ impl Service for Balancer {
         let workers = self.config.workers();
         let state = self.config.state.clone();
         let core = Arc::new(core::Core::new(self.config, self.key));
-        let http = ctx.take_listener(HTTP_LISTENER)?;
+        let mut listeners = vec![proxy::conn::Listener {
+            socket: ctx.take_listener(HTTP_LISTENER)?,
+            tls: None,
+        }];
+        if let Some(certs) = &self.https {
+            certs.spawn_reloader(ctx.shutdown.clone());
+            tracing::info!(names = ?certs.names(), "serving HTTPS");
+            listeners.push(proxy::conn::Listener {
+                socket: ctx.take_listener(HTTPS_LISTENER)?,
+                tls: Some(certs.acceptor().map_err(RuntimeError::Service)?),
+            });
+        }
         let grpc = ctx.take_listener(GRPC_LISTENER)?;
         let mut upstreams = Vec::new();
         if !state.is_empty() {
@@ -132,7 +166,7 @@ impl Service for Balancer {
         }
         export::register(&core);
         let data = tokio::spawn(proxy::conn::serve(
-            http,
+            listeners,
             core.clone(),
             ctx.shutdown.clone(),
             grace,

@@ -190,27 +190,103 @@ async fn exchange(
     timeout: Duration,
 ) -> anyhow::Result<(u16, String, String)> {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n",
-            body.len()
-        );
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-            req.push_str(&format!("Host: {addr}\r\n"));
-        }
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).await?;
-        s.write_all(body).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(buf)
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        exchange_on(s, addr, method, path, headers, body).await
     };
-    let buf = tokio::time::timeout(timeout, fut)
+    tokio::time::timeout(timeout, fut)
         .await
-        .context("HTTP request timed out")??;
+        .context("HTTP request timed out")?
+}
+
+/// A client of a public HTTPS server: the authority it trusts (PEM) and the name it
+/// asks for (SNI).
+#[derive(Debug, Clone)]
+pub struct HttpsClient {
+    /// The trusted authority, PEM.
+    pub ca_pem: String,
+    /// The server name asked for.
+    pub sni: String,
+}
+
+impl HttpsClient {
+    /// A TLS connection to `addr` offering the ALPN protocols `alpn`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName};
+        let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots
+                .add(c.map_err(|e| invalid(e.to_string()))?)
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(form_runtime::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = ServerName::try_from(self.sni.clone()).map_err(|e| invalid(e.to_string()))?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+    }
+
+    /// An HTTP/1.1 request over TLS (as [`http_call`]): status, head and body.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<(u16, String, String)> {
+        let fut = async {
+            let s = self.connect(addr, &[b"http/1.1"]).await?;
+            exchange_on(s, addr, method, path, headers, body).await
+        };
+        tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .context("HTTPS request timed out")?
+    }
+}
+
+/// One request on `s` (closed after it): status, head and body.
+async fn exchange_on(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, String, String)> {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await?;
+    s.write_all(body).await?;
+    s.flush().await?;
+    let mut buf = Vec::new();
+    if let Err(e) = s.read_to_end(&mut buf).await {
+        // A TLS peer that closes without close_notify still sent the whole answer.
+        anyhow::ensure!(
+            e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty(),
+            e
+        );
+    }
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
     let status = head

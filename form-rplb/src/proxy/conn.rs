@@ -1,5 +1,6 @@
-//! Client connections: HTTP/1.1 or cleartext HTTP/2, each served by one task. The
-//! task starts on the direct path ([`super::direct`]), which serves plain HTTP/1.1
+//! Client connections: HTTP/1.1 or HTTP/2, in cleartext or over TLS (the HTTPS
+//! listener: certificates by SNI, see `form_runtime::tls::public`), each served by one
+//! task. The task starts on the direct path ([`super::direct`]), which serves plain HTTP/1.1
 //! requests; the first message it does not take hands the connection to hyper's server
 //! (HTTP/1.1 or HTTP/2, told apart by the preface). Either closes the connection
 //! gracefully (GOAWAY on HTTP/2) when the balancer stops, when a draining backend asks
@@ -22,6 +23,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+use tokio_rustls::TlsAcceptor;
+
+use super::client_io::ClientIo;
 use super::direct::{self, End, pool::RawPool};
 use super::idle::IDLE;
 use super::upstream::Pool;
@@ -36,6 +40,8 @@ type Pools = (Arc<Pool>, Arc<RawPool>);
 pub struct ConnCtx {
     /// The client's address.
     pub peer: SocketAddr,
+    /// Whether the client came over TLS (the HTTPS listener).
+    pub tls: bool,
     /// The upstream connections of this connection's thread (general path).
     pub pool: Arc<Pool>,
     /// The upstream connections of this connection's thread (direct path).
@@ -48,9 +54,10 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
-    fn new(peer: SocketAddr, pools: &Pools) -> Self {
+    fn new(peer: SocketAddr, tls: bool, pools: &Pools) -> Self {
         Self {
             peer,
+            tls,
             pool: pools.0.clone(),
             raw: pools.1.clone(),
             epoch: Instant::now(),
@@ -59,6 +66,11 @@ impl ConnCtx {
             goaway: AtomicBool::new(false),
             notify: Notify::new(),
         }
+    }
+
+    /// `https` or `http`: how the client reached the balancer.
+    pub fn scheme(&self) -> &'static str {
+        super::headers::scheme(self.tls)
     }
 
     fn touch(&self) {
@@ -127,20 +139,41 @@ fn builder(core: &Core) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// A data-plane listener: plain HTTP, or HTTPS with this acceptor.
+pub struct Listener {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// The TLS acceptor of an HTTPS listener.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("socket", &self.socket)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// A connection handed to a worker thread.
+type Handed = (std::net::TcpStream, SocketAddr, Option<TlsAcceptor>);
+
 /// A worker thread as the acceptor sees it.
 struct Lane {
-    tx: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>,
+    tx: tokio::sync::mpsc::UnboundedSender<Handed>,
     open: Arc<AtomicUsize>,
 }
 
-/// Serves the data plane until `stop`: this task accepts and hands each connection to
-/// the worker thread with the fewest open connections; on `stop` it stops accepting,
-/// and each worker lets its connections finish their requests (HTTP/1 closes after the
-/// current response, HTTP/2 gets a GOAWAY) for up to `grace`.
+/// Serves the data plane until `stop`: one task per listener accepts and hands each
+/// connection to the worker thread with the fewest open connections; on `stop` they
+/// stop accepting, and each worker lets its connections finish their requests
+/// (HTTP/1 closes after the current response, HTTP/2 gets a GOAWAY) for up to
+/// `grace`. The TLS handshake of an HTTPS connection runs on its worker thread.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     core: Arc<Core>,
-    mut stop: form_runtime::shutdown::Shutdown,
+    stop: form_runtime::shutdown::Shutdown,
     grace: Duration,
     workers: usize,
 ) -> std::io::Result<()> {
@@ -166,9 +199,24 @@ pub async fn serve(
         lanes.push(Lane { tx, open });
         done.push(done_rx);
     }
+    let lanes = Arc::new(lanes);
+    let mut accepting = JoinSet::new();
+    for l in listeners {
+        accepting.spawn(accept(l, lanes.clone(), stop.clone()));
+    }
+    while accepting.join_next().await.is_some() {}
+    drop(lanes);
+    for rx in done {
+        let _ = rx.await;
+    }
+    Ok(())
+}
+
+/// Accepts on one listener until `stop`.
+async fn accept(l: Listener, lanes: Arc<Vec<Lane>>, mut stop: form_runtime::shutdown::Shutdown) {
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = l.socket.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let lane = lanes
@@ -177,7 +225,7 @@ pub async fn serve(
                         .unwrap_or_else(|| unreachable!("at least one worker"));
                     lane.open.fetch_add(1, Ordering::Relaxed);
                     if let Ok(std_stream) = stream.into_std() {
-                        let _ = lane.tx.send((std_stream, peer));
+                        let _ = lane.tx.send((std_stream, peer, l.tls.clone()));
                     }
                 }
                 Err(e) => {
@@ -186,21 +234,15 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = stop.requested() => break,
+            _ = stop.requested() => return,
         }
     }
-    drop(listener);
-    drop(lanes);
-    for rx in done {
-        let _ = rx.await;
-    }
-    Ok(())
 }
 
 /// One data-plane thread: serves the connections handed to it until the acceptor
 /// stops, then finishes them within `grace`.
 async fn worker(
-    mut incoming: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<Handed>,
     core: Arc<Core>,
     open: Arc<AtomicUsize>,
     grace: Duration,
@@ -215,9 +257,9 @@ async fn worker(
     loop {
         tokio::select! {
             handed = incoming.recv() => match handed {
-                Some((stream, peer)) => match TcpStream::from_std(stream) {
+                Some((stream, peer, tls)) => match TcpStream::from_std(stream) {
                     Ok(stream) => {
-                        conns.spawn(connection(builder.clone(), core.clone(), pools.clone(), stream, peer, closing_rx.clone()));
+                        conns.spawn(connection(builder.clone(), core.clone(), pools.clone(), (stream, tls), peer, closing_rx.clone()));
                     }
                     Err(e) => {
                         open.fetch_sub(1, Ordering::Relaxed);
@@ -256,11 +298,31 @@ async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     core: Arc<Core>,
     pools: Pools,
-    stream: TcpStream,
+    (stream, tls): (TcpStream, Option<TlsAcceptor>),
     peer: SocketAddr,
     mut closing: watch::Receiver<bool>,
 ) {
-    let ctx = Arc::new(ConnCtx::new(peer, &pools));
+    let stream = match tls {
+        None => ClientIo::Plain(stream),
+        Some(acceptor) => {
+            // A client gets as long for its handshake as for a request head.
+            let limit = Duration::from_millis(core.config.header_read_timeout_ms);
+            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => ClientIo::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    metrics::counter!("form_rplb_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("form_rplb_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
+    let ctx = Arc::new(ConnCtx::new(peer, stream.is_tls(), &pools));
     ctx.touch();
     let stream = match direct::serve(stream, &core, &ctx, &mut closing).await {
         End::Closed => return,

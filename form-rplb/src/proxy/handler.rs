@@ -169,7 +169,7 @@ async fn proxy(
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
     headers::strip_hop_by_hop(&mut parts.headers);
-    headers::set_forwarded(&mut parts.headers, peer, &host, peer_trusted);
+    headers::set_forwarded(&mut parts.headers, peer, &host, peer_trusted, conn.scheme());
     if !parts.headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())

@@ -146,13 +146,27 @@ pub struct Forwarding {
     /// `Forwarded`.
     pub forwarded: String,
     /// Whether the request's own `X-Forwarded-Proto` stays (a trusted proxy's);
-    /// otherwise it is set to `http`.
+    /// otherwise it is set to [`Self::proto`].
     pub keep_proto: bool,
+    /// How the client reached the balancer: `http` or `https`.
+    pub proto: &'static str,
+}
+
+/// The scheme a client used: `https` over TLS, else `http`.
+pub fn scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
 }
 
 impl Forwarding {
-    /// The fields for a request with `headers` from `peer` for `host`.
-    pub fn new(headers: &impl Fields, peer: IpAddr, host: &str, peer_trusted: bool) -> Self {
+    /// The fields for a request with `headers` from `peer` for `host`, which came
+    /// over `proto` (`http` or `https`).
+    pub fn new(
+        headers: &impl Fields,
+        peer: IpAddr,
+        host: &str,
+        peer_trusted: bool,
+        proto: &'static str,
+    ) -> Self {
         let peer_s = peer.to_string();
         let xff = match joined(headers, "x-forwarded-for") {
             Some(prev) if peer_trusted => format!("{prev}, {peer_s}"),
@@ -164,7 +178,7 @@ impl Forwarding {
             peer_s
         };
         let quoted_host: String = host.chars().filter(|c| *c != '"' && *c != '\\').collect();
-        let element = format!("for={node};proto=http;host=\"{quoted_host}\"");
+        let element = format!("for={node};proto={proto};host=\"{quoted_host}\"");
         let forwarded = match joined(headers, "forwarded") {
             Some(prev) if peer_trusted => format!("{prev}, {element}"),
             _ => element,
@@ -174,6 +188,7 @@ impl Forwarding {
             xff,
             forwarded,
             keep_proto,
+            proto,
         }
     }
 
@@ -185,11 +200,18 @@ impl Forwarding {
     }
 }
 
-/// Sets the forwarding fields for a request from `peer` for `host` ([`Forwarding`]).
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: &str, peer_trusted: bool) {
-    let f = Forwarding::new(headers, peer, host, peer_trusted);
+/// Sets the forwarding fields for a request from `peer` for `host`, which came over
+/// `proto` ([`Forwarding`]).
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    host: &str,
+    peer_trusted: bool,
+    proto: &'static str,
+) {
+    let f = Forwarding::new(headers, peer, host, peer_trusted, proto);
     if !f.keep_proto {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     headers.remove(&X_FORWARDED_FOR);
     headers.remove(header::FORWARDED);
@@ -314,7 +336,7 @@ mod tests {
         assert_eq!(client_ip(outsider, &h, &trusted), outsider);
 
         let mut forged = h.clone();
-        set_forwarded(&mut forged, outsider, "demo.fog", false);
+        set_forwarded(&mut forged, outsider, "demo.fog", false, "http");
         assert_eq!(forged["x-forwarded-for"], "198.51.100.1");
         assert_eq!(
             forged["forwarded"],
@@ -322,19 +344,26 @@ mod tests {
         );
         assert_eq!(forged["x-forwarded-proto"], "http");
         let mut chained = h.clone();
-        set_forwarded(&mut chained, proxy, "demo.fog", true);
+        set_forwarded(&mut chained, proxy, "demo.fog", true, "http");
         assert_eq!(
             chained["x-forwarded-for"],
             "203.0.113.7, 10.0.0.2, 10.0.0.1"
         );
         let mut v6 = HeaderMap::new();
-        set_forwarded(&mut v6, "::1".parse().expect("ip"), "demo.fog", false);
+        set_forwarded(
+            &mut v6,
+            "::1".parse().expect("ip"),
+            "demo.fog",
+            false,
+            "https",
+        );
         assert!(
             v6["forwarded"]
                 .to_str()
                 .expect("ascii")
-                .starts_with("for=\"[::1]\"")
+                .starts_with("for=\"[::1]\";proto=https;")
         );
+        assert_eq!(v6["x-forwarded-proto"], "https");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod body;
+pub mod client_io;
 pub mod conn;
 pub mod direct;
 pub mod handler;

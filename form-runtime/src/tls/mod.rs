@@ -14,6 +14,7 @@
 pub mod client;
 pub mod identity;
 pub mod pki;
+pub mod public;
 pub mod server;
 
 use std::path::{Path, PathBuf};
@@ -232,20 +233,30 @@ impl Tls {
     }
 
     /// Checks the files every [`RELOAD_CHECK`] until `shutdown`.
-    pub fn spawn_reloader(self: &Arc<Self>, mut shutdown: crate::shutdown::Shutdown) {
+    pub fn spawn_reloader(self: &Arc<Self>, shutdown: crate::shutdown::Shutdown) {
         let this = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.requested() => return,
-                    _ = tokio::time::sleep(RELOAD_CHECK) => {}
-                }
-                this.reload_if_changed();
-                let left = this.current().seconds_left();
-                metrics::gauge!("form_tls_certificate_seconds_left").set(left as f64);
-            }
+        every_reload_check(shutdown, move || {
+            this.reload_if_changed();
+            let left = this.current().seconds_left();
+            metrics::gauge!("form_tls_certificate_seconds_left").set(left as f64);
         });
     }
+}
+
+/// Runs `check` every [`RELOAD_CHECK`] until `shutdown`.
+pub(crate) fn every_reload_check(
+    mut shutdown: crate::shutdown::Shutdown,
+    check: impl Fn() + Send + 'static,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.requested() => return,
+                _ = tokio::time::sleep(RELOAD_CHECK) => {}
+            }
+            check();
+        }
+    });
 }
 
 fn stamps(dir: &Path) -> Vec<Option<SystemTime>> {

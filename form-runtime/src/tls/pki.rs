@@ -123,10 +123,6 @@ impl Ca {
         lifetime: Duration,
         backdate: Duration,
     ) -> Result<Issued, String> {
-        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(err("reading the CA key"))?;
-        let issuer =
-            Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(err("reading the CA"))?;
-        let key = KeyPair::generate().map_err(err("making a key"))?;
         let mut params =
             CertificateParams::new(vec![who.kind.dns_name()]).map_err(err("certificate"))?;
         let uri = who
@@ -141,8 +137,17 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut params, lifetime, backdate);
+        self.sign(params)
+    }
+
+    /// Signs `params` (a leaf for digital signatures) for a new key.
+    fn sign(&self, mut params: CertificateParams) -> Result<Issued, String> {
+        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(err("reading the CA key"))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(err("reading the CA"))?;
+        let key = KeyPair::generate().map_err(err("making a key"))?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params
             .signed_by(&key, &issuer)
             .map_err(err("signing the certificate"))?;
@@ -150,6 +155,30 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// A server certificate for the DNS names `names` (a public HTTPS listener's:
+    /// see [`super::public`]), valid from now for `lifetime`.
+    pub fn issue_domains(&self, names: &[String], lifetime: Duration) -> Result<Issued, String> {
+        if names.is_empty() {
+            return Err("no DNS name to certify".into());
+        }
+        for name in names {
+            let bare = name.strip_prefix("*.").unwrap_or(name);
+            if rustls::pki_types::DnsName::try_from(bare).is_err() || bare.contains('*') {
+                return Err(format!(
+                    "'{name}' is not a DNS name: expected names such as demo.localhost or *.apps.example"
+                ));
+            }
+        }
+        let mut params = CertificateParams::new(names.to_vec())
+            .map_err(|e| format!("{}: {e}", names.join(", ")))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, &names[0]);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        validity(&mut params, lifetime, BACKDATE);
+        self.sign(params)
     }
 
     /// Issues a certificate for `who` into the TLS directory `dir` (with this CA as
@@ -172,6 +201,16 @@ impl Issued {
         write_file(dir, CA_FILE, trusted, 0o644)?;
         write_file(dir, KEY_FILE, &self.key_pem, 0o600)?;
         write_file(dir, CERT_FILE, &self.cert_pem, 0o644)
+    }
+}
+
+impl Issued {
+    /// Writes the pair `<stem>.key` and `<stem>.crt` of a public certificate
+    /// directory (see [`super::public`]), the key first.
+    pub fn write_pair(&self, dir: &Path, stem: &str) -> Result<(), String> {
+        use super::public::{CERT_EXT, KEY_EXT};
+        write_file(dir, &format!("{stem}.{KEY_EXT}"), &self.key_pem, 0o600)?;
+        write_file(dir, &format!("{stem}.{CERT_EXT}"), &self.cert_pem, 0o644)
     }
 }
 

@@ -192,7 +192,6 @@ pub fn incoming(
     listener: TcpListener,
     mode: Mode,
 ) -> impl tokio_stream::Stream<Item = io::Result<Conn>> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Conn>>(64);
     let acceptor = match &mode {
         Mode::Mutual(tls) => match config(tls) {
             Ok(c) => Some(TlsAcceptor::from(c)),
@@ -204,6 +203,27 @@ pub fn incoming(
         Mode::Plaintext => None,
     };
     let plaintext = matches!(mode, Mode::Plaintext);
+    accept_loop(listener, (!plaintext).then_some(acceptor), true)
+}
+
+/// The connections accepted on `listener` for a public HTTPS server (the gateway's):
+/// as [`incoming`], with the certificates of `certs` chosen by SNI and no client
+/// certificate asked for.
+pub fn incoming_public(
+    listener: TcpListener,
+    certs: &Arc<super::public::PublicCerts>,
+) -> Result<impl tokio_stream::Stream<Item = io::Result<Conn>> + Send + 'static, String> {
+    Ok(accept_loop(listener, Some(Some(certs.acceptor()?)), false))
+}
+
+/// Accepts on `listener`: plaintext when `tls` is `None`, else TLS with the acceptor
+/// (none: every connection refused); `identify` requires a client certificate.
+fn accept_loop(
+    listener: TcpListener,
+    tls: Option<Option<TlsAcceptor>>,
+    identify: bool,
+) -> impl tokio_stream::Stream<Item = io::Result<Conn>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Conn>>(64);
     tokio::spawn(async move {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -224,7 +244,7 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            if plaintext {
+            let Some(acceptor) = &tls else {
                 let peer = Peer {
                     addr: Some(addr),
                     identity: None,
@@ -241,7 +261,7 @@ pub fn incoming(
                     return;
                 }
                 continue;
-            }
+            };
             let Some(acceptor) = acceptor.clone() else {
                 continue;
             };
@@ -251,7 +271,7 @@ pub fn incoming(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                match handshake(acceptor, tcp, addr, conn_slot).await {
+                match handshake(acceptor, tcp, addr, conn_slot, identify).await {
                     Ok(conn) => {
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -271,24 +291,27 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
     slot: tokio::sync::OwnedSemaphorePermit,
+    identify: bool,
 ) -> Result<Conn, String> {
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
-    let identity = {
+    let identity = if !identify {
+        None
+    } else {
         let (_, session) = tls.get_ref();
         let leaf = session
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or("no client certificate")?;
-        Identity::from_der(leaf)?
+        Some(Identity::from_der(leaf)?)
     };
     Ok(Conn {
         io: Io::Tls(Box::new(tls)),
         peer: Peer {
             addr: Some(addr),
-            identity: Some(identity),
+            identity,
         },
         _slot: slot,
     })

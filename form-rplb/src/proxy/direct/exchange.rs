@@ -19,6 +19,7 @@ use super::response::{self, Extra, Head};
 use crate::core::Core;
 use crate::proxy::answer::Answer;
 use crate::proxy::body::Guard;
+use crate::proxy::client_io::ClientIo;
 use crate::proxy::conn::ConnCtx;
 use crate::proxy::handler::{Attempt, MAX_REDRAWS, choose, session_cookie};
 use crate::proxy::headers;
@@ -41,7 +42,7 @@ pub(super) enum Next {
 /// A client connection on the direct path, with its buffers.
 pub(super) struct Client {
     /// The client's stream.
-    pub(super) stream: TcpStream,
+    pub(super) stream: ClientIo,
     core: Arc<Core>,
     ctx: Arc<ConnCtx>,
     /// The request for the backend.
@@ -66,7 +67,7 @@ enum Failure {
 
 impl Client {
     /// Wraps a client connection.
-    pub(super) fn new(stream: TcpStream, core: Arc<Core>, ctx: Arc<ConnCtx>) -> Self {
+    pub(super) fn new(stream: ClientIo, core: Arc<Core>, ctx: Arc<ConnCtx>) -> Self {
         Self {
             stream,
             core,
@@ -103,7 +104,11 @@ impl Client {
         let Some(mut choice) = pick(&route, None) else {
             return self.answer(Answer::NoBackend(host), close_asked()).await;
         };
-        req.write_upstream(buf, &req.forwarding(peer, peer_trusted), &mut self.req_out);
+        req.write_upstream(
+            buf,
+            &req.forwarding(peer, peer_trusted, ctx.scheme()),
+            &mut self.req_out,
+        );
         let timeout = Duration::from_millis(core.config.request_timeout_ms);
         let (mut retried, mut fresh) = (false, false);
         let mut redrawn = 0;
@@ -241,7 +246,7 @@ impl Client {
                 match response::read(&self.up_buf, to_head, extra, &mut self.out) {
                     response::Read::Head(h) if h.interim() => {
                         self.up_buf.advance(h.len);
-                        if self.stream.write_all(&self.out).await.is_err() {
+                        if send(&mut self.stream, &self.out).await.is_err() {
                             return Err(Failure::ClientGone);
                         }
                         continue;
@@ -261,7 +266,7 @@ impl Client {
             let read = if watch_client {
                 tokio::select! {
                     r = up.read_buf(&mut self.up_buf) => r,
-                    p = self.stream.peek(&mut probe) => match p {
+                    p = self.stream.tcp().peek(&mut probe) => match p {
                         Ok(0) | Err(_) => return Err(Failure::ClientGone),
                         Ok(_) => {
                             watch_client = false;
@@ -307,7 +312,7 @@ impl Client {
         if done {
             guard.release_backend();
         }
-        self.stream.write_all(&self.out).await.ok()?;
+        send(&mut self.stream, &self.out).await.ok()?;
         while !done {
             self.up_buf.clear();
             if self.up_buf.capacity() < READ_SIZE / 4 {
@@ -327,7 +332,7 @@ impl Client {
             if done {
                 guard.release_backend();
             }
-            self.stream.write_all(&self.up_buf[..n]).await.ok()?;
+            send(&mut self.stream, &self.up_buf[..n]).await.ok()?;
         }
         Some(clean && framing.keeps_connection())
     }
@@ -353,10 +358,17 @@ impl Client {
         }
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(text.as_bytes());
-        match self.stream.write_all(&self.out).await {
+        match send(&mut self.stream, &self.out).await {
             Ok(()) if close => Next::Close,
             Ok(()) => Next::KeepAlive,
             Err(_) => Next::Abort,
         }
     }
+}
+
+/// Writes `bytes` to the client and flushes them (TLS keeps what it could not send in
+/// its session until a flush).
+async fn send(stream: &mut ClientIo, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }

@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use self::exchange::{Client, Next};
 use self::prefixed::Prefixed;
 use self::request::{MAX_FIELDS, Read};
+use super::client_io::ClientIo;
 use super::conn::ConnCtx;
 use crate::core::Core;
 
@@ -49,7 +49,7 @@ pub enum End {
 /// (`closing`), the connection is asked to go away, it idles too long, or a message
 /// comes that the direct path does not take.
 pub async fn serve(
-    stream: TcpStream,
+    stream: ClientIo,
     core: &Arc<Core>,
     ctx: &Arc<ConnCtx>,
     closing: &mut watch::Receiver<bool>,

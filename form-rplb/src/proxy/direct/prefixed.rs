@@ -7,18 +7,19 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use crate::proxy::client_io::ClientIo;
 
 /// A socket with bytes already read from it in front.
 #[derive(Debug)]
 pub struct Prefixed {
     prefix: BytesMut,
-    stream: TcpStream,
+    stream: ClientIo,
 }
 
 impl Prefixed {
     /// `stream`, whose next bytes are `prefix`.
-    pub fn new(prefix: BytesMut, stream: TcpStream) -> Self {
+    pub fn new(prefix: BytesMut, stream: ClientIo) -> Self {
         Self { prefix, stream }
     }
 }

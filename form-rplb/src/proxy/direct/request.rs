@@ -67,7 +67,7 @@ impl Plain<'_, '_> {
             push_field(out, h.name.as_bytes(), h.value);
         }
         if !fwd.keep_proto {
-            push_field(out, b"x-forwarded-proto", b"http");
+            push_field(out, b"x-forwarded-proto", fwd.proto.as_bytes());
         }
         push_field(out, b"x-forwarded-for", fwd.xff.as_bytes());
         push_field(out, b"forwarded", fwd.forwarded.as_bytes());
@@ -76,8 +76,8 @@ impl Plain<'_, '_> {
     }
 
     /// The forwarding fields for this request from `peer`.
-    pub fn forwarding(&self, peer: IpAddr, peer_trusted: bool) -> Forwarding {
-        Forwarding::new(&self.fields, peer, &self.host, peer_trusted)
+    pub fn forwarding(&self, peer: IpAddr, peer_trusted: bool, proto: &'static str) -> Forwarding {
+        Forwarding::new(&self.fields, peer, &self.host, peer_trusted, proto)
     }
 }
 
@@ -204,7 +204,7 @@ mod tests {
             assert_eq!((p.body_len, p.close, p.query()), (3, true, Some("u=1")));
             assert_eq!(p.message_len(), buf.len() - 3);
             assert!(!p.idempotent());
-            let fwd = p.forwarding("10.1.2.3".parse().expect("ip"), false);
+            let fwd = p.forwarding("10.1.2.3".parse().expect("ip"), false, "http");
             let mut out = Vec::new();
             p.write_upstream(buf, &fwd, &mut out);
             let text = String::from_utf8(out).expect("text");
@@ -227,7 +227,7 @@ mod tests {
             let mut out = Vec::new();
             p.write_upstream(
                 buf,
-                &p.forwarding("10.0.0.1".parse().expect("ip"), false),
+                &p.forwarding("10.0.0.1".parse().expect("ip"), false, "http"),
                 &mut out,
             );
             let text = String::from_utf8(out).expect("text");
