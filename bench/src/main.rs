@@ -28,6 +28,7 @@ mod state_continuous;
 mod state_convergence;
 mod state_handoff;
 mod state_recovery;
+mod tls_cost;
 mod vmm_clone;
 
 use std::path::PathBuf;
@@ -99,6 +100,9 @@ enum Command {
         /// (`perf stat`, from Debian's linux-perf; run as root).
         #[arg(long)]
         syscalls: bool,
+        /// Clients speak HTTPS (TLS 1.3) to every proxy, each with the same certificate.
+        #[arg(long)]
+        https: bool,
     },
     /// Cost of one scaling decision, and of one evaluation round over many clusters.
     ScalerDecide {
@@ -150,6 +154,19 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// What mutual TLS costs the control plane: gossip convergence and scale-out, with
+    /// TLS and in plaintext, alternated in one run.
+    TlsCost {
+        /// Rounds, each measuring both modes.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Writes per round and mode (convergence).
+        #[arg(long, default_value_t = 100)]
+        writes: usize,
+        /// Scale-outs per round and mode.
+        #[arg(long, default_value_t = 5)]
+        scale_outs: usize,
+    },
     /// Snapshot and clone-to-serving time of the VMM service's backends.
     VmmClone {
         /// Snapshots and clones measured.
@@ -200,7 +217,8 @@ fn main() -> ExitCode {
                 seconds,
                 rate,
                 syscalls,
-            } => rplb_http::run(&bin_dir, runs, seconds, rate, syscalls).await,
+                https,
+            } => rplb_http::run(&bin_dir, runs, seconds, rate, syscalls, https).await,
             Command::ScalerScaleOut { runs, guest_dir } => {
                 scaler_scale_out::run(&bin_dir, runs, guest_dir.as_deref()).await
             }
@@ -216,6 +234,11 @@ fn main() -> ExitCode {
                 interval_ms,
                 seconds,
             } => state_continuous::run(&bin_dir, instances, rate, interval_ms, seconds).await,
+            Command::TlsCost {
+                rounds,
+                writes,
+                scale_outs,
+            } => tls_cost::run(&bin_dir, rounds, writes, scale_outs).await,
             Command::VmmClone {
                 runs,
                 keys,

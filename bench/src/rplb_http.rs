@@ -7,6 +7,8 @@
 //!     percentiles, interleaved;
 //! and the proxy's CPU time per request during (a), from `/proc`, with the TCP segments
 //! the machine sent per request (the network work every proxy makes its peers do).
+//! With `--https`, clients speak HTTPS (TLS 1.3) to every proxy, each serving the same
+//! certificate; the proxies still reach the backends in plain HTTP.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,6 +19,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use form_proto::rplb::v1 as pb;
 use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
+use form_testkit::probe::HttpsClient;
 use form_testkit::{TestDir, probe, start};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -30,6 +33,8 @@ const DOMAIN: &str = "bench.fog";
 struct Target {
     name: &'static str,
     addr: SocketAddr,
+    /// How to reach it over TLS (none: plain HTTP).
+    tls: Option<HttpsClient>,
     /// Processes whose CPU time counts for this target (none for the direct one).
     pids: Vec<u32>,
 }
@@ -76,9 +81,21 @@ fn spawn(cmd: &str, args: &[&str], log: &Path) -> anyhow::Result<Peer> {
         })
 }
 
+/// A client connection's stream, plain or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A connection to `addr`, over TLS with `tls`.
+async fn dial(addr: SocketAddr, tls: Option<&HttpsClient>) -> anyhow::Result<Box<dyn Stream>> {
+    Ok(match tls {
+        None => Box::new(tokio::net::TcpStream::connect(addr).await?),
+        Some(c) => Box::new(c.connect(addr, &[b"http/1.1"]).await?),
+    })
+}
+
 /// One `GET /` for the benchmark's domain; its status.
-async fn get_status(addr: SocketAddr) -> anyhow::Result<u16> {
-    let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
+async fn get_status(addr: SocketAddr, tls: Option<&HttpsClient>) -> anyhow::Result<u16> {
+    let io = TokioIo::new(dial(addr, tls).await?);
     let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
     let req = http::Request::builder()
@@ -88,10 +105,10 @@ async fn get_status(addr: SocketAddr) -> anyhow::Result<u16> {
     Ok(send.send_request(req).await?.status().as_u16())
 }
 
-async fn wait_http(addr: SocketAddr) -> anyhow::Result<()> {
+async fn wait_http(addr: SocketAddr, tls: Option<&HttpsClient>) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if let Ok(200) = get_status(addr).await {
+        if let Ok(200) = get_status(addr, tls).await {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -110,28 +127,46 @@ fn nginx_backend(dir: &Path, a: u16, b: u16) -> String {
     )
 }
 
-fn nginx_proxy(dir: &Path, port: u16, a: u16, b: u16) -> String {
+fn nginx_proxy(dir: &Path, port: u16, a: u16, b: u16, https: bool) -> String {
+    let listen = if https {
+        format!(
+            "listen 127.0.0.1:{port} ssl; ssl_certificate {c}; ssl_certificate_key {k}; ssl_protocols TLSv1.3;",
+            c = dir.join("certs/default.crt").display(),
+            k = dir.join("certs/default.key").display()
+        )
+    } else {
+        format!("listen 127.0.0.1:{port};")
+    };
     format!(
         "worker_processes 2;\ndaemon off;\npid {d}/proxy.pid;\nerror_log {d}/proxy-error.log;\n\
          events {{ worker_connections 8192; }}\n\
          http {{\n access_log off;\n keepalive_requests 10000000;\n client_body_temp_path {d}/p-body;\n proxy_temp_path {d}/p-proxy;\n fastcgi_temp_path {d}/p-fcgi;\n uwsgi_temp_path {d}/p-uwsgi;\n scgi_temp_path {d}/p-scgi;\n\
          upstream be {{ server 127.0.0.1:{a}; server 127.0.0.1:{b}; keepalive 256; }}\n\
-         server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; }} }}\n}}\n",
+         server {{ {listen} location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; }} }}\n}}\n",
         d = dir.display()
     )
 }
 
-fn haproxy(port: u16, a: u16, b: u16) -> String {
+fn haproxy(port: u16, a: u16, b: u16, pem: Option<&Path>) -> String {
+    let tls = pem
+        .map(|p| format!(" ssl crt {} ssl-min-ver TLSv1.3", p.display()))
+        .unwrap_or_default();
     format!(
         "global\n  nbthread 2\n  maxconn 4000\n\
          defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\
-         frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
+         frontend f\n  bind 127.0.0.1:{port}{tls}\n  default_backend b\n\
          backend b\n  balance roundrobin\n  server a 127.0.0.1:{a}\n  server b 127.0.0.1:{b}\n"
     )
 }
 
 /// Requests/s of one `wrk` run, refusing runs with errors.
-async fn wrk(addr: SocketAddr, seconds: u64, connections: usize) -> anyhow::Result<f64> {
+async fn wrk(
+    addr: SocketAddr,
+    https: bool,
+    seconds: u64,
+    connections: usize,
+) -> anyhow::Result<f64> {
+    let scheme = if https { "https" } else { "http" };
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -139,7 +174,7 @@ async fn wrk(addr: SocketAddr, seconds: u64, connections: usize) -> anyhow::Resu
             &format!("-d{seconds}s"),
             "-H",
             &format!("Host: {DOMAIN}"),
-            &format!("http://{addr}/"),
+            &format!("{scheme}://{addr}/"),
         ])
         .output()
         .await
@@ -158,6 +193,7 @@ async fn wrk(addr: SocketAddr, seconds: u64, connections: usize) -> anyhow::Resu
 /// counted from its scheduled send time.
 async fn fixed_rate(
     addr: SocketAddr,
+    tls: Option<&HttpsClient>,
     rate: u64,
     conns: usize,
     seconds: u64,
@@ -167,8 +203,9 @@ async fn fixed_rate(
     let end = start + Duration::from_secs(seconds);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..conns {
+        let tls = tls.cloned();
         tasks.spawn(async move {
-            let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
+            let io = TokioIo::new(dial(addr, tls.as_ref()).await?);
             let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
             tokio::spawn(conn);
             let mut out = Vec::new();
@@ -212,14 +249,53 @@ pub(crate) async fn run(
     seconds: u64,
     rate: u64,
     syscalls: bool,
+    https: bool,
 ) -> anyhow::Result<()> {
     let dir = TestDir::new("rplb-http");
     let d = dir.path();
     let (a, b, np) = (free_port()?, free_port()?, free_port()?);
     let hp = free_port()?;
+    // One certificate for the benchmark's domain, served by every proxy.
+    let client = if https {
+        let ca =
+            form_runtime::tls::pki::Ca::generate("form-bench CA").map_err(anyhow::Error::msg)?;
+        let pair = ca
+            .issue_domains(&[DOMAIN.to_owned()], Duration::from_secs(24 * 3600))
+            .map_err(anyhow::Error::msg)?;
+        pair.write_pair(&d.join("certs"), "default")
+            .map_err(anyhow::Error::msg)?;
+        std::fs::write(
+            d.join("haproxy.pem"),
+            format!("{}{}", pair.cert_pem, pair.key_pem),
+        )?;
+        Some(HttpsClient {
+            ca_pem: ca.cert_pem.clone(),
+            sni: DOMAIN.to_owned(),
+        })
+    } else {
+        None
+    };
+    let pem = d.join("haproxy.pem");
     std::fs::write(d.join("backend.conf"), nginx_backend(d, a, b))?;
-    std::fs::write(d.join("proxy.conf"), nginx_proxy(d, np, a, b))?;
-    std::fs::write(d.join("haproxy.cfg"), haproxy(hp, a, b))?;
+    std::fs::write(d.join("proxy.conf"), nginx_proxy(d, np, a, b, https))?;
+    std::fs::write(
+        d.join("haproxy.cfg"),
+        haproxy(hp, a, b, https.then_some(pem.as_path())),
+    )?;
+    let certs = d.join("certs").display().to_string();
+    let mut rplb_args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--listen-http",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+    ];
+    if https {
+        rplb_args.extend(["--listen-https", "127.0.0.1:0", "--https-certs", &certs]);
+    }
     let conf = |n: &str| d.join(n).display().to_string();
     let _backend = spawn(
         "nginx",
@@ -236,23 +312,9 @@ pub(crate) async fn run(
         &["-db", "-f", &conf("haproxy.cfg")],
         &d.join("haproxy.log"),
     )?;
-    let mut rplb = start(
-        &dir,
-        "rplb",
-        bin_dir.join("form-rplb"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--listen-http",
-            "127.0.0.1:0",
-            "--log",
-            "warn",
-        ],
-    )
-    .await;
-    let rplb_http = rplb.addr("http").context("rplb http address")?;
+    let mut rplb = start(&dir, "rplb", bin_dir.join("form-rplb"), &rplb_args).await;
+    let listener = if https { "https" } else { "http" };
+    let rplb_http = rplb.addr(listener).context("rplb data plane address")?;
     let mut control =
         RplbControlClient::new(probe::channel(rplb.addr("grpc").context("grpc")?).await?);
     let backend = |id: &str, port: u16| pb::Backend {
@@ -276,30 +338,36 @@ pub(crate) async fn run(
         Target {
             name: "direct (one backend)",
             addr: loopback(a),
+            tls: None,
             pids: vec![],
         },
         Target {
             name: "form-rplb",
             addr: rplb_http,
+            tls: client.clone(),
             pids: vec![rplb.info().pid],
         },
         Target {
             name: "nginx",
             addr: loopback(np),
+            tls: client.clone(),
             pids: nginx.id().into_iter().collect(),
         },
         Target {
             name: "HAProxy",
             addr: loopback(hp),
+            tls: client.clone(),
             pids: ha.id().into_iter().collect(),
         },
     ];
     for t in &targets {
-        wait_http(t.addr).await.with_context(|| t.name)?;
+        wait_http(t.addr, t.tls.as_ref())
+            .await
+            .with_context(|| t.name)?;
     }
     eprintln!("warming up");
     for t in &targets {
-        wrk(t.addr, 2, 64).await?;
+        wrk(t.addr, t.tls.is_some(), 2, 64).await?;
     }
     let mut rps: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
@@ -315,7 +383,7 @@ pub(crate) async fn run(
             };
             let before = cpu_ticks(&t.pids);
             let sent = tcp_segments_sent();
-            let v = wrk(t.addr, seconds, 64).await?;
+            let v = wrk(t.addr, t.tls.is_some(), seconds, 64).await?;
             let used = cpu_ticks(&t.pids).since(before);
             segments[i]
                 .push(tcp_segments_sent().saturating_sub(sent) as f64 / (v * seconds as f64));
@@ -367,7 +435,7 @@ pub(crate) async fn run(
     let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for run in 0..runs {
         for (i, t) in targets.iter().enumerate() {
-            let l = fixed_rate(t.addr, rate, 50, seconds)
+            let l = fixed_rate(t.addr, t.tls.as_ref(), rate, 50, seconds)
                 .await
                 .with_context(|| t.name)?;
             let (p50, p99) = (quantile(&l, 0.5), quantile(&l, 0.99));
@@ -385,7 +453,12 @@ pub(crate) async fn run(
         .map(|i| (median(&p50s[i]), median(&p99s[i])))
         .collect();
     println!(
-        "\nrplb-http: wrk -t2 -c64 -d{seconds}s, median of {runs} runs; latency at {rate} req/s over 50 connections, {seconds} s, median of {runs} runs' percentiles"
+        "\nrplb-http{}: wrk -t2 -c64 -d{seconds}s, median of {runs} runs; latency at {rate} req/s over 50 connections, {seconds} s, median of {runs} runs' percentiles",
+        if https {
+            " (HTTPS, TLS 1.3, to every proxy)"
+        } else {
+            ""
+        }
     );
     println!(
         "| target | req/s (median) | runs | proxy CPU us/request | of it in the kernel | syscalls/request | TCP segments/request | p50 ms | p99 ms | added p50 us | added p99 us |"

@@ -285,7 +285,7 @@ pub(crate) async fn wait_done(s: &mut Stack, id: &str) -> anyhow::Result<()> {
     }
 }
 
-async fn measure(
+pub(crate) async fn measure(
     bin_dir: &Path,
     backend: &[&str],
     runs: usize,

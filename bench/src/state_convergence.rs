@@ -37,7 +37,12 @@ pub(crate) async fn run(bin_dir: &Path, writes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(bin: &Path, n: usize, policy: &str, writes: usize) -> anyhow::Result<Vec<f64>> {
+pub(crate) async fn measure(
+    bin: &Path,
+    n: usize,
+    policy: &str,
+    writes: usize,
+) -> anyhow::Result<Vec<f64>> {
     let extra = ["--sync-interval-ms", "100", "--replication", policy]
         .map(String::from)
         .to_vec();

@@ -108,13 +108,31 @@ pub fn service_tls_dir(bin: &Path, id: &str) -> Option<PathBuf> {
     Some(tls_dir(kind, &id))
 }
 
-/// The flags that give `bin` its certificate, unless `args` already choose.
+static PLAINTEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, services started by this process speak plaintext gRPC
+/// (`--insecure-plaintext`) and [`crate::probe`]'s channels do too (`false` goes back
+/// to mutual TLS). For benchmarks that compare the two; tests keep TLS.
+pub fn use_plaintext(on: bool) {
+    PLAINTEXT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`use_plaintext`] is on.
+pub fn plaintext() -> bool {
+    PLAINTEXT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The flags that give `bin` its certificate (or, after [`use_plaintext`], that make
+/// it speak plaintext), unless `args` already choose.
 pub fn service_args(bin: &Path, id: &str, args: &[String]) -> Vec<String> {
     if args
         .iter()
         .any(|a| a == "--tls-dir" || a == "--insecure-plaintext")
     {
         return Vec::new();
+    }
+    if plaintext() && service_tls_dir(bin, id).is_some() {
+        return vec!["--insecure-plaintext".to_owned()];
     }
     service_tls_dir(bin, id)
         .map(|d| vec!["--tls-dir".to_owned(), d.display().to_string()])
