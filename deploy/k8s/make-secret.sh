@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Prints the Secrets (a JSON List) the manifests mount: `form-keys`, with a node key
-# per form-state replica (form-state-0.key ...), the authorized keys file listing them
-# and an API tokens file (admin and read); and `form-tls`, with the TLS files of every
-# service (<id>.ca.pem, <id>.cert.pem, <id>.key.pem), issued by a CA kept in
-# ${FORM_CA_DIR:-./form-ca} (made there the first time; its key never goes into a
-# Secret). Keep the output and the CA out of version control.
+# Prints the Secrets (a JSON List) the manifests mount:
+# - `form-keys`: the authorized keys file listing the replicas' public keys, and an API
+#   tokens file (admin and read), mounted only where form-mcp and the demo job run;
+# - `form-state-{i}` for i in 0 1 2: one replica's own node key (node.key) and TLS
+#   files (ca.pem, cert.pem, key.pem), mounted by that replica's pod only;
+# - `form-tls`: the TLS files of the other services (<id>.ca.pem, <id>.cert.pem,
+#   <id>.key.pem), each workload mounting only its own items.
+# Certificates are issued by a CA kept in ${FORM_CA_DIR:-./form-ca} (made there the
+# first time; its key never goes into a Secret). Keep the output and the CA out of
+# version control.
 #
 # The certificates last FORM_CERT_HOURS (720) hours: run the script again and apply
 # its output before then; the services take the renewed files in without a restart.
@@ -21,9 +25,6 @@ for i in 0 1 2; do
 done
 "$bin/formctl" keys --form-state "$bin/form-state" "${replicas[@]}" \
     --out "$tmp/authorized_keys" --tokens-dir "$tmp" >/dev/null
-for i in 0 1 2; do
-    cp "$tmp/form-state-$i/node.key" "$tmp/form-state-$i.key"
-done
 ca=${FORM_CA_DIR:-./form-ca}
 mkdir -p "$ca" "$tmp/tls"
 cp -r "$ca/." "$tmp/tls/ca" 2>/dev/null || true
@@ -38,12 +39,16 @@ python3 - "$tmp" "${holders[@]%%=*}" <<'PY'
 import base64, json, sys
 d, ids = sys.argv[1], sys.argv[2:]
 b64 = lambda p: base64.b64encode(open(p, "rb").read()).decode()
-files = ["authorized_keys", "tokens"] + [f"form-state-{i}.key" for i in range(3)]
-keys = {f: b64(f"{d}/{f}") for f in files}
-tls = {f"{i}.{f}": b64(f"{d}/tls/{i}/{f}") for i in ids for f in ("ca.pem", "cert.pem", "key.pem")}
+pems = ("ca.pem", "cert.pem", "key.pem")
+keys = {f: b64(f"{d}/{f}") for f in ("authorized_keys", "tokens")}
+replicas = [f"form-state-{i}" for i in range(3)]
+own = {r: {"node.key": b64(f"{d}/{r}/node.key"),
+           **{f: b64(f"{d}/tls/{r}/{f}") for f in pems}} for r in replicas}
+tls = {f"{i}.{f}": b64(f"{d}/tls/{i}/{f}") for i in ids if i not in replicas for f in pems}
 secret = lambda name, data: {"apiVersion": "v1", "kind": "Secret",
                              "metadata": {"name": name, "namespace": "form"},
                              "type": "Opaque", "data": data}
-print(json.dumps({"apiVersion": "v1", "kind": "List",
-                  "items": [secret("form-keys", keys), secret("form-tls", tls)]}, indent=2))
+items = [secret("form-keys", keys), secret("form-tls", tls)]
+items += [secret(r, own[r]) for r in replicas]
+print(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
 PY

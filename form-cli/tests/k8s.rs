@@ -61,7 +61,12 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
     let mut pods_by_app: BTreeMap<String, (Vec<String>, BTreeMap<String, u64>)> = BTreeMap::new();
     for o in &objs {
         let Some(spec) = pod_spec(o) else { continue };
-        let app = o["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        // Services select pods by their `app` label (the workload's name without one).
+        let app = o["spec"]["template"]["metadata"]["labels"]["app"]
+            .as_str()
+            .or(o["metadata"]["name"].as_str())
+            .unwrap_or("")
+            .to_owned();
         let mut ports = BTreeMap::new();
         let mut images = Vec::new();
         for c in spec["containers"].as_array().expect("containers") {
@@ -124,12 +129,19 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
             );
             reachable.insert(format!("{name}:{port}"));
             if o["spec"]["clusterIP"] == "None" {
-                let sts = objs
+                let behind: Vec<&Value> = objs
                     .iter()
-                    .find(|s| s["kind"] == "StatefulSet" && s["spec"]["serviceName"] == name)
-                    .expect("a StatefulSet behind the headless Service");
-                for i in 0..sts["spec"]["replicas"].as_u64().expect("replicas") {
-                    reachable.insert(format!("{name}-{i}.{name}:{port}"));
+                    .filter(|s| s["kind"] == "StatefulSet" && s["spec"]["serviceName"] == name)
+                    .collect();
+                assert!(
+                    !behind.is_empty(),
+                    "a StatefulSet behind the headless Service {name}"
+                );
+                for sts in behind {
+                    let sts_name = sts["metadata"]["name"].as_str().expect("name");
+                    for i in 0..sts["spec"]["replicas"].as_u64().expect("replicas") {
+                        reachable.insert(format!("{sts_name}-{i}.{name}:{port}"));
+                    }
                 }
             }
         }
@@ -174,8 +186,33 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
             for v in spec["volumes"].as_array().into_iter().flatten() {
                 if let Some(secret) = v["secret"]["secretName"].as_str() {
                     assert!(
-                        ["form-keys", "form-tls"].contains(&secret),
-                        "{secret}: make-secret.sh makes form-keys and form-tls"
+                        [
+                            "form-keys",
+                            "form-tls",
+                            "form-state-0",
+                            "form-state-1",
+                            "form-state-2"
+                        ]
+                        .contains(&secret),
+                        "{secret}: make-secret.sh makes form-keys, form-tls and form-state-<i>"
+                    );
+                    // A replica's own Secret goes to that replica only.
+                    if secret.starts_with("form-state-") {
+                        assert_eq!(
+                            o["metadata"]["name"].as_str(),
+                            Some(secret),
+                            "{} mounts the Secret of {secret}",
+                            o["metadata"]["name"]
+                        );
+                    }
+                }
+                // No other Secret carries a node key.
+                for item in v["secret"]["items"].as_array().into_iter().flatten() {
+                    let key = item["key"].as_str().unwrap_or("");
+                    assert!(
+                        !key.ends_with(".key") || key.ends_with(".key.pem"),
+                        "{} mounts the node key {key}",
+                        o["metadata"]["name"]
                     );
                 }
             }
@@ -214,7 +251,8 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
         "certs stack",
         "authorized_keys",
         "tokens",
-        "form-state-{i}.key",
+        "f\"form-state-{i}\"",
+        "node.key",
     ] {
         assert!(script.contains(key), "make-secret.sh makes {key}");
     }
