@@ -35,6 +35,8 @@ pub(crate) const DEFAULT_PORTS: Ports = [
 ];
 
 const STATE_REPLICAS: usize = 3;
+/// Where `formctl up`'s instances serve (its vmm node's instance host is loopback).
+const LOOPBACK_NETWORKS: &str = "127.0.0.0/8,::1/128";
 
 /// The authorized keys file the state replicas share.
 pub(crate) fn authorized_keys(data_dir: &Path) -> std::path::PathBuf {
@@ -79,6 +81,9 @@ pub(crate) fn stack(host: IpAddr, ports: &Ports, http_port: u16, data_dir: &Path
             format!("state-{}", i + 1).into(),
             "--authorized-keys".into(),
             authorized_keys(data_dir).into_os_string(),
+            // Instances serve on this host's loopback, and nowhere else.
+            "--member-networks".into(),
+            LOOPBACK_NETWORKS.into(),
         ]);
         out.push(Process {
             name,
@@ -121,6 +126,7 @@ pub(crate) fn stack(host: IpAddr, ports: &Ports, http_port: u16, data_dir: &Path
                 "--listen-http",
                 SocketAddr::new(host, http_port).to_string(),
             ),
+            ("--backend-networks", LOOPBACK_NETWORKS.into()),
         ],
     );
     with(

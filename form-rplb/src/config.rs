@@ -34,6 +34,9 @@ pub struct Config {
     pub state: Vec<HostPort>,
     /// Peers whose `X-Forwarded-For` is believed (CIDR blocks).
     pub trusted_proxies: Vec<Cidr>,
+    /// Networks backends' addresses must be in (CIDR blocks; the nodes' instance
+    /// networks); empty: any address that may receive traffic.
+    pub backend_networks: Vec<Cidr>,
     /// File holding the cookie HMAC key (64 hex characters), shared by every balancer
     /// replica; without it a random key is made at start (sessions re-pin after a
     /// restart).
@@ -72,6 +75,7 @@ impl Default for Config {
             https_certs: None,
             state: Vec::new(),
             trusted_proxies: Vec::new(),
+            backend_networks: Vec::new(),
             cookie_key_file: None,
             request_timeout_ms: 60_000,
             header_read_timeout_ms: 10_000,
@@ -237,6 +241,15 @@ pub struct Args {
     )]
     pub trusted_proxies: Option<Vec<Cidr>>,
 
+    /// Comma-separated CIDR blocks backends' addresses must be in (the nodes' instance networks) [default: any]
+    #[arg(
+        long,
+        value_name = "CIDR,...",
+        env = "FORM_RPLB_BACKEND_NETWORKS",
+        value_delimiter = ','
+    )]
+    pub backend_networks: Option<Vec<Cidr>>,
+
     /// File with the cookie HMAC key (64 hex characters), shared by balancer replicas
     #[arg(long, value_name = "PATH", env = "FORM_RPLB_COOKIE_KEY_FILE")]
     pub cookie_key_file: Option<PathBuf>,
@@ -268,6 +281,9 @@ impl Args {
             }
             if let Some(v) = self.trusted_proxies {
                 c.trusted_proxies = v;
+            }
+            if let Some(v) = self.backend_networks {
+                c.backend_networks = v;
             }
             if let Some(v) = self.cookie_key_file {
                 c.cookie_key_file = Some(v);

@@ -66,6 +66,8 @@ impl RplbControl for Control {
         })?;
         let s = settings::route(&route).map_err(Status::invalid_argument)?;
         let specs = settings::backends(&route.backends).map_err(Status::invalid_argument)?;
+        settings::within_networks(&specs, &self.core.config.backend_networks)
+            .map_err(Status::invalid_argument)?;
         let domain = s.domain.clone();
         let backends = (!specs.is_empty()).then_some(specs.as_slice());
         let (view, change) =
@@ -96,6 +98,8 @@ impl RplbControl for Control {
         let r = req.into_inner();
         let domain = settings::domain(&r.domain).map_err(Status::invalid_argument)?;
         let specs = settings::backends(&r.backends).map_err(Status::invalid_argument)?;
+        settings::within_networks(&specs, &self.core.config.backend_networks)
+            .map_err(Status::invalid_argument)?;
         let removal = if r.drain_removed {
             Removal::Drain
         } else {

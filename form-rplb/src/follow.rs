@@ -117,7 +117,10 @@ fn member_drain(c: &pb::Cluster, m: &pb::Member) -> Option<DrainSettings> {
 
 /// The backends of a cluster: its active and draining members with an address, and
 /// the draining ones with their drain settings.
-fn member_backends(c: &pb::Cluster) -> (Vec<BackendSpec>, Vec<(String, Option<DrainSettings>)>) {
+fn member_backends(
+    c: &pb::Cluster,
+    networks: &[form_runtime::cidr::Cidr],
+) -> (Vec<BackendSpec>, Vec<(String, Option<DrainSettings>)>) {
     let mut specs = Vec::new();
     let mut draining = Vec::new();
     let mut ids: Vec<&String> = c.members.keys().collect();
@@ -140,7 +143,10 @@ fn member_backends(c: &pb::Cluster) -> (Vec<BackendSpec>, Vec<(String, Option<Dr
             weight: 1,
             state: 0,
         };
-        match settings::backend(&b) {
+        let checked = settings::backend(&b).and_then(|spec| {
+            settings::within_networks(std::slice::from_ref(&spec), networks).map(|()| spec)
+        });
+        match checked {
             Ok(mut spec) => {
                 if status == pb::MemberStatus::Draining {
                     draining.push((spec.id.clone(), member_drain(c, m)));
@@ -177,7 +183,7 @@ fn apply_cluster(core: &Arc<Core>, c: &pb::Cluster) {
             crate::balance::select::Affinity::None
         }
     };
-    let (specs, draining) = member_backends(c);
+    let (specs, draining) = member_backends(c, &core.config.backend_networks);
     let existing = core.table.get(&domain);
     if let Some(r) = &existing
         && r.source == Source::Control

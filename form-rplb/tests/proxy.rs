@@ -737,3 +737,58 @@ async fn a_connection_still_uploading_an_earlier_body_is_not_reused() {
     task.abort();
     stop_gracefully(&mut lb.svc).await;
 }
+
+#[tokio::test]
+async fn backends_outside_the_backend_networks_are_refused_naming_them() {
+    let mut lb = Lb::start(
+        "rplb-backend-networks",
+        &["--backend-networks", "10.9.0.0/16"],
+    )
+    .await;
+    let set = |address: &str| pb::SetBackendsRequest {
+        domain: "demo.fog".into(),
+        backends: vec![pb::Backend {
+            id: "b".into(),
+            address: address.into(),
+            weight: 1,
+            state: 0,
+        }],
+        drain_removed: false,
+    };
+    let err = lb
+        .control
+        .upsert_route(pb::UpsertRouteRequest {
+            route: Some(pb::Route {
+                domain: "demo.fog".into(),
+                cluster_id: "demo".into(),
+                backends: set("127.0.0.1:8080").backends,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("loopback is outside");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    for w in ["backend 'b' address", "127.0.0.1", "10.9.0.0/16"] {
+        assert!(err.message().contains(w), "'{w}' not in {}", err.message());
+    }
+    // A name could resolve anywhere: with networks set, only IPs are taken.
+    let err = lb
+        .control
+        .set_backends(set("instance.example:8080"))
+        .await
+        .expect_err("a name");
+    assert!(err.message().contains("is a name"), "{}", err.message());
+    lb.control
+        .upsert_route(pb::UpsertRouteRequest {
+            route: Some(pb::Route {
+                domain: "demo.fog".into(),
+                cluster_id: "demo".into(),
+                backends: set("10.9.1.2:8080").backends,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("inside the networks");
+    assert_eq!(lb.listed("demo.fog").await.backends.len(), 1);
+    stop_gracefully(&mut lb.svc).await;
+}

@@ -16,6 +16,7 @@
 pub mod addr;
 pub mod authz;
 pub mod child;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -60,6 +60,9 @@ pub struct Config {
     pub operations_kept_per_cluster: usize,
     /// Clusters a replica accepts; a new one past it is refused (a quota).
     pub max_clusters: usize,
+    /// Networks members' addresses must be in (CIDR blocks); empty: any address that
+    /// may receive traffic.
+    pub member_networks: Vec<form_runtime::cidr::Cidr>,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             delta_log_limit: 100_000,
             operations_kept_per_cluster: 100,
             max_clusters: 10_000,
+            member_networks: Vec::new(),
         }
     }
 }
@@ -236,6 +240,16 @@ pub struct Args {
     #[arg(long, value_name = "N", env = "FORM_STATE_MAX_CLUSTERS")]
     pub max_clusters: Option<usize>,
 
+    /// Comma-separated CIDR blocks members' addresses must be in (the nodes' instance
+    /// networks) [default: any address that may receive traffic]
+    #[arg(
+        long,
+        value_name = "CIDR,...",
+        env = "FORM_STATE_MEMBER_NETWORKS",
+        value_delimiter = ','
+    )]
+    pub member_networks: Option<Vec<form_runtime::cidr::Cidr>>,
+
     /// Print '<replica-id> <public key hex>' for the authorized keys file (creating the
     /// node key if missing) and exit
     #[arg(long)]
@@ -291,6 +305,9 @@ impl Args {
             }
             if let Some(v) = self.max_clusters {
                 c.max_clusters = v;
+            }
+            if let Some(v) = self.member_networks {
+                c.member_networks = v;
             }
             if let Some(v) = self.operations_kept_per_cluster {
                 c.operations_kept_per_cluster = v;

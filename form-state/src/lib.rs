@@ -149,11 +149,10 @@ impl Service for StateReplica {
         ));
         let server = GrpcServer::new()
             .add_service(
-                StateServiceServer::new(StateApi::new(
-                    store.clone(),
-                    c.operations_kept_per_cluster,
-                    c.max_clusters,
-                ))
+                StateServiceServer::new(
+                    StateApi::new(store.clone(), c.operations_kept_per_cluster, c.max_clusters)
+                        .with_member_networks(c.member_networks.clone()),
+                )
                 // A write is small (each value is at most 16 KiB); a 200 MiB request
                 // must not make the replica hold it.
                 .max_decoding_message_size(MAX_WRITE_MESSAGE)

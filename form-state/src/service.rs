@@ -24,6 +24,8 @@ pub struct StateApi {
     /// Finished operations kept per cluster (older ones are deleted).
     operations_kept: usize,
     max_clusters: usize,
+    /// Networks members' addresses must be in (empty: any).
+    member_networks: Vec<form_runtime::cidr::Cidr>,
 }
 
 impl StateApi {
@@ -34,7 +36,30 @@ impl StateApi {
             store,
             operations_kept,
             max_clusters,
+            member_networks: Vec::new(),
         }
+    }
+
+    /// Refuses members whose addresses are outside `networks` (none: any address).
+    pub fn with_member_networks(mut self, networks: Vec<form_runtime::cidr::Cidr>) -> Self {
+        self.member_networks = networks;
+        self
+    }
+
+    /// Checks `addresses` (field `field`) against the member networks; an address
+    /// that is not `IP:PORT` is left to the write's own validation.
+    fn within_networks(
+        &self,
+        field: &str,
+        addresses: &[String],
+    ) -> std::result::Result<(), Status> {
+        for a in addresses {
+            if let Ok(sa) = a.parse::<std::net::SocketAddr>() {
+                form_runtime::cidr::check_within(field, sa.ip(), &self.member_networks)
+                    .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+            }
+        }
+        Ok(())
     }
 
     fn reply(&self, w: Written) -> Response<pb::WriteReply> {
@@ -109,6 +134,9 @@ impl StateService for StateApi {
 
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<pb::WriteReply> {
         let r = req.into_inner();
+        if let Some(m) = &r.member {
+            self.within_networks("member.addresses", &m.addresses)?;
+        }
         let w = self
             .store
             .write(|s, a| write::add_member(s, a, now_ms(), &r))
@@ -127,6 +155,7 @@ impl StateService for StateApi {
 
     async fn update_member(&self, req: Request<pb::UpdateMemberRequest>) -> Result<pb::WriteReply> {
         let r = req.into_inner();
+        self.within_networks("addresses", &r.addresses)?;
         let w = self
             .store
             .write(|s, a| write::update_member(s, a, now_ms(), &r))

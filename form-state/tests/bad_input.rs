@@ -158,3 +158,56 @@ async fn oversized_writes_and_clusters_past_the_quota_are_refused() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+#[tokio::test]
+async fn members_outside_the_member_networks_are_refused_naming_them() {
+    let mut extra = fast_gossip();
+    extra.extend([
+        "--member-networks".to_owned(),
+        "10.9.0.0/16,fd00::/8".to_owned(),
+    ]);
+    let solo = form_testkit::replicas::Replicas::start(
+        std::path::Path::new(BIN),
+        "member-networks",
+        form_testkit::replicas::ReplicaOptions {
+            count: 1,
+            proxied: false,
+            extra_args: extra,
+        },
+    )
+    .await;
+    let mut c = solo.client(0).await;
+    c.put_cluster(cluster("web")).await.expect("valid write");
+    // Loopback: a real address, but not one of this platform's instance networks.
+    let s = c
+        .add_member(member("web", "i-out"))
+        .await
+        .expect_err("outside the networks");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    for w in ["member.addresses", "127.0.0.1", "10.9.0.0/16", "fd00::/8"] {
+        assert!(s.message().contains(w), "'{w}' not in '{}'", s.message());
+    }
+    let mut inside = member("web", "i-in");
+    if let Some(m) = inside.member.as_mut() {
+        m.addresses = vec!["10.9.3.4:8080".into(), "[fd00::5]:8080".into()];
+    }
+    c.add_member(inside).await.expect("inside the networks");
+    // An update cannot move it out either.
+    let s = c
+        .update_member(pb::UpdateMemberRequest {
+            cluster_id: "web".into(),
+            instance_id: "i-in".into(),
+            addresses: vec!["192.168.1.1:80".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("moved outside");
+    assert!(s.message().contains("192.168.1.1"), "{}", s.message());
+    assert_eq!(members(&mut c, "web").await, ["i-in"]);
+    // A bad setting stops the replica at start, naming it.
+    form_testkit::conformance::rejects_args(
+        std::path::Path::new(BIN),
+        &["--member-networks", "10.9.0.0/33"],
+        &["member-networks", "10.9.0.0/33", "prefix length"],
+    );
+}

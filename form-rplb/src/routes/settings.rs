@@ -226,6 +226,32 @@ pub fn drain_to_pb(d: &DrainSettings) -> pb::ConnectionDrainConfig {
     }
 }
 
+/// Checks that every backend's address is an IP in one of `networks` (none given:
+/// any address); the error names the backend, its address and the networks.
+pub fn within_networks(
+    specs: &[BackendSpec],
+    networks: &[form_runtime::cidr::Cidr],
+) -> Result<(), String> {
+    if networks.is_empty() {
+        return Ok(());
+    }
+    for s in specs {
+        let host = s
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let ip: std::net::IpAddr = host.parse().map_err(|_| {
+            format!(
+                "backend '{}' address '{}' is a name; with backend_networks set, expected an IP address in them",
+                s.id, s.authority
+            )
+        })?;
+        form_runtime::cidr::check_within(&format!("backend '{}' address", s.id), ip, networks)?;
+    }
+    Ok(())
+}
+
 /// A backend from the contract's, checked.
 pub fn backend(b: &pb::Backend) -> Result<BackendSpec, String> {
     form_runtime::ids::check(&b.id).map_err(|e| format!("backend id: {e}"))?;
