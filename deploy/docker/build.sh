@@ -25,8 +25,14 @@ cargo build --locked "${flag[@]}" -p form-state -p form-rplb -p form-vmm-service
 ctx=target/docker
 root="$ctx/rootfs"
 rm -rf "$ctx"
-mkdir -p "$root"/{usr/local/bin,etc,tmp,data,keys}
+mkdir -p "$root"/{usr/local/bin,etc,tmp}
 chmod 1777 "$root/tmp"
+# The directories the services write, owned by the unprivileged user they run as
+# (uid 65532): a named volume mounted there for the first time takes this owner. The
+# certificate directories are those of docker-compose.yml's holders.
+owned="$ctx/owned"
+mkdir -p "$owned"/{data,keys,tokens,v/state-1,v/state-2,v/state-3} \
+    "$owned"/certs/{ca,formctl,state-1,state-2,state-3,vmm-1,rplb-1,scaler-1,mcp-1}
 
 copy_lib() {
     local lib=$1
@@ -45,12 +51,13 @@ for nss in libnss_files.so.2 libnss_dns.so.2 libresolv.so.2; do
     [ -e "$libdir/$nss" ] && copy_lib "$libdir/$nss"
 done
 printf 'hosts: files dns\n' > "$root/etc/nsswitch.conf"
-printf 'root:x:0:0:root:/:/usr/local/bin/formctl\n' > "$root/etc/passwd"
-printf 'root:x:0:\n' > "$root/etc/group"
+printf 'root:x:0:0:root:/:/usr/local/bin/formctl\nform:x:65532:65532:form:/data:/usr/local/bin/formctl\nnobody:x:65534:65534:nobody:/:/usr/local/bin/formctl\n' > "$root/etc/passwd"
+printf 'root:x:0:\nform:x:65532:\nnogroup:x:65534:\n' > "$root/etc/group"
 
 cat > "$ctx/Dockerfile" <<'DOCKERFILE'
 FROM scratch
 COPY rootfs/ /
+COPY --chown=65532:65532 owned/ /
 ENV PATH=/usr/local/bin
 WORKDIR /data
 DOCKERFILE

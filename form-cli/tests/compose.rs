@@ -47,4 +47,85 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         assert_eq!((code, val.as_str()), (200, "one"));
     }
     assert!(seen.len() >= 2, "both instances serve: {seen:?}");
+
+    // What each container's process is, from the kernel: no root and no capability
+    // (form-vmm: root, with the six it needs to run workloads as nobody), no privilege
+    // gain, a read-only root file system.
+    const VMM_CAPS: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 5) | (1 << 6) | (1 << 7);
+    for service in [
+        "form-state-1",
+        "form-state-2",
+        "form-state-3",
+        "form-rplb",
+        "form-scaler",
+        "form-mcp",
+        "form-certs",
+        "form-vmm",
+    ] {
+        let container = c.container(service);
+        let (uids, caps, no_new_privs) = process_status(&container);
+        if service == "form-vmm" {
+            assert_eq!(caps, VMM_CAPS, "{service}: CapEff {caps:x}");
+        } else {
+            assert!(
+                uids.iter().all(|u| *u == SERVICE_UID),
+                "{service}: uids {uids:?}"
+            );
+            assert_eq!(caps, 0, "{service}: CapEff {caps:x}");
+        }
+        assert!(no_new_privs, "{service} may gain privileges");
+        let ro = docker(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.ReadonlyRootfs}}",
+            &container,
+        ]);
+        assert_eq!(ro.trim(), "true", "{service}: writable root file system");
+    }
+    // Each container holds its own secrets only: another service's TLS key is not
+    // there, and the API tokens are only where the API runs.
+    let exec_ok = |service: &str, args: &[&str]| {
+        std::process::Command::new("docker")
+            .args(["exec", &c.container(service), "formctl"])
+            .args(args)
+            .output()
+            .expect("docker exec")
+            .status
+            .success()
+    };
+    assert!(exec_ok(
+        "form-state-1",
+        &["certs", "verify", "--tls-dir", "/certs/state-1"]
+    ));
+    for (service, other) in [
+        ("form-state-1", "rplb-1"),
+        ("form-rplb", "state-1"),
+        ("form-vmm", "mcp-1"),
+    ] {
+        let dir = format!("/certs/{other}");
+        assert!(
+            !exec_ok(service, &["certs", "verify", "--tls-dir", &dir]),
+            "{service} can read {dir}"
+        );
+    }
+    assert!(exec_ok("form-mcp", &["tokens", "--tokens-dir", "/tokens"]));
+    for service in ["form-state-1", "form-rplb", "form-scaler", "form-vmm"] {
+        for dir in ["/tokens", "/keys"] {
+            assert!(
+                !exec_ok(service, &["tokens", "--tokens-dir", dir]),
+                "{service} can read the API tokens in {dir}"
+            );
+        }
+    }
+    // The demo's workloads run as nobody, not as the node's root (`docker top`: every
+    // process of the container, with its uid as the host's kernel sees it).
+    let top = docker(&["top", &c.container("form-vmm"), "-eo", "pid,uid,comm"]);
+    let workloads: Vec<&str> = top
+        .lines()
+        .filter(|l| l.contains("form-demo-app"))
+        .collect();
+    assert!(!workloads.is_empty(), "form-vmm runs no workload: {top}");
+    for w in workloads {
+        assert_eq!(w.split_whitespace().nth(1), Some("65534"), "{top}");
+    }
 }

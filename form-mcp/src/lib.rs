@@ -54,12 +54,7 @@ impl Service for Gateway {
 
     fn configure(args: Args) -> Result<(Self, CommonArgs), ConfigError> {
         let (config, common) = args.into_config()?;
-        let https = match &config.https_certs {
-            Some(dir) => {
-                Some(PublicCerts::load(dir).map_err(|e| ConfigError::invalid("https_certs", e))?)
-            }
-            None => None,
-        };
+        let https = PublicCerts::from_setting(config.https_certs.as_deref())?;
         Ok((
             Self {
                 https,

@@ -105,12 +105,7 @@ impl Service for Balancer {
             Some(p) => read_key(p)?,
             None => random_key()?,
         };
-        let https = match &config.https_certs {
-            Some(dir) => {
-                Some(PublicCerts::load(dir).map_err(|e| ConfigError::invalid("https_certs", e))?)
-            }
-            None => None,
-        };
+        let https = PublicCerts::from_setting(config.https_certs.as_deref())?;
         Ok((
             Self {
                 https,

@@ -50,6 +50,14 @@ impl Compose {
         form_testkit::pki::ca()
             .save(&certs.path().join("ca"))
             .unwrap_or_else(|e| panic!("{e}"));
+        // A directory per certificate volume (compose-certs.yml binds them).
+        for holder in [
+            "formctl", "state-1", "state-2", "state-3", "vmm-1", "rplb-1", "scaler-1", "mcp-1",
+        ] {
+            std::fs::create_dir_all(certs.path().join(holder)).expect("certs dir");
+        }
+        // form-certs runs as the image's unprivileged user.
+        chown_tree(certs.path(), SERVICE_UID);
         Self {
             project: format!("form{label}{}", std::process::id()),
             env: vec![
@@ -161,7 +169,7 @@ impl Compose {
             "form-keys",
             "tokens",
             "--tokens-dir",
-            "/keys",
+            "/tokens",
         ])
         .trim()
         .to_owned()
@@ -172,6 +180,42 @@ impl Drop for Compose {
     fn drop(&mut self) {
         let _ = self.cmd_env(&["down", "-v", "--remove-orphans", "-t", "5"], &[]);
     }
+}
+
+/// The user the stack's containers run as (all but form-vmm).
+pub const SERVICE_UID: u32 = 65532;
+
+fn chown_tree(path: &std::path::Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).expect("read_dir").flatten() {
+            chown_tree(&e.path(), uid);
+        }
+    }
+}
+
+/// What the kernel says of a container's main process: its real, effective, saved
+/// and file-system uids (`Uid:`), effective capabilities (`CapEff:`, hex) and
+/// `NoNewPrivs:`, read from the host's /proc.
+pub fn process_status(container: &str) -> (Vec<u32>, u64, bool) {
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", container]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))
+        .unwrap_or_else(|e| panic!("status of {container}: {e}"));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+            .to_owned()
+    };
+    let uids = field("Uid:")
+        .split_whitespace()
+        .map(|u| u.parse().expect("uid"))
+        .collect();
+    let caps = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
+    (uids, caps, field("NoNewPrivs:") == "1")
 }
 
 /// Runs `docker` with `args`; its stdout.
