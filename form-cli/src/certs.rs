@@ -126,15 +126,17 @@ pub(crate) fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
             lifetime_hours,
         } => {
             let ca = Ca::load(&ca).map_err(anyhow::Error::msg)?;
+            // The names are checked first: a stem taken from a bad name is the name's fault.
+            let issued = ca
+                .issue_domains(&names, Duration::from_secs(lifetime_hours * 3600))
+                .map_err(anyhow::Error::msg)?;
             let stem = stem.unwrap_or_else(|| names[0].replace('*', "_"));
             if stem.is_empty() || stem.contains('/') || stem.starts_with('.') {
                 anyhow::bail!(
                     "--stem '{stem}' cannot name a file: expected a plain name such as demo.localhost"
                 );
             }
-            ca.issue_domains(&names, Duration::from_secs(lifetime_hours * 3600))
-                .and_then(|i| i.write_pair(&out, &stem))
-                .map_err(anyhow::Error::msg)?;
+            issued.write_pair(&out, &stem).map_err(anyhow::Error::msg)?;
             println!("{} in {}", names.join(", "), out.join(&stem).display());
         }
         CertsCommand::Stack {

@@ -239,3 +239,37 @@ fn apply_cluster(core: &Arc<Core>, c: &pb::Cluster) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, address: &str) -> pb::Member {
+        pb::Member {
+            instance_id: id.into(),
+            addresses: vec![address.into()],
+            status: pb::MemberStatus::Active as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn members_outside_the_backend_networks_are_skipped() {
+        let c = pb::Cluster {
+            cluster_id: "web".into(),
+            members: [
+                ("in".to_owned(), member("in", "10.9.1.2:8080")),
+                ("out".to_owned(), member("out", "127.0.0.1:8080")),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let nets: Vec<form_runtime::cidr::Cidr> = vec!["10.9.0.0/16".parse().expect("cidr")];
+        let (specs, _) = member_backends(&c, &nets);
+        let ids: Vec<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["in"]);
+        let (specs, _) = member_backends(&c, &[]);
+        assert_eq!(specs.len(), 2, "no networks: both");
+    }
+}

@@ -280,3 +280,78 @@ fn https_settings_that_cannot_serve_exit_2_naming_what_is_wrong() {
         &["b.crt", "does not fit the certificate"],
     );
 }
+
+/// A backend that answers every request on a connection with `size` bytes
+/// (keep-alive), counting the requests.
+async fn big_backend(size: usize) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let body = vec![b'x'; size];
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                        if s.write_all(head.as_bytes()).await.is_err()
+                            || s.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn large_responses_arrive_whole_on_a_kept_alive_tls_connection() {
+    const SIZE: usize = 3 * 1024 * 1024;
+    let (mut lb, ca, _certs, https) = start("rplb-https-keepalive").await;
+    lb.route_to("a.test", "big", big_backend(SIZE).await).await;
+    // A client with a small receive buffer that reads slowly: the balancer's socket is
+    // full when it writes a response's last bytes, which TLS then holds in its session;
+    // they must still arrive, and the next request on the connection be answered.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(https).await.expect("connect");
+    let mut s = client(&ca, "a.test")
+        .handshake(tcp, &[b"http/1.1"])
+        .await
+        .expect("TLS");
+    for i in 0..3 {
+        s.write_all(b"GET /big HTTP/1.1\r\nhost: a.test\r\n\r\n")
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        let whole = loop {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("response {i} stalled at {} bytes", got.len()))
+                .expect("read");
+            assert!(n > 0, "closed during response {i}");
+            got.extend_from_slice(&chunk[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n")
+                && got.len() >= end + 4 + SIZE
+            {
+                break end + 4 + SIZE;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        assert!(got.starts_with(b"HTTP/1.1 200"), "response {i}");
+        assert_eq!(got.len(), whole, "response {i}: nothing after the body");
+    }
+    stop_gracefully(&mut lb.svc).await;
+}

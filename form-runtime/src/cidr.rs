@@ -57,6 +57,16 @@ impl FromStr for Cidr {
                     format!("'{s}': prefix length must be 0 to {max}; {ACCEPTED}")
                 })?,
             };
+        // An IPv4-mapped network is the IPv4 one: addresses are compared as IPv4.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            return Ok(Self {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
         Ok(Self { addr, prefix })
     }
 }
@@ -122,5 +132,8 @@ mod tests {
         let e = check_within("member", "10.0.0.5".parse().expect("ip"), &nets).expect_err("out");
         assert!(e.contains("10.0.0.5") && e.contains("172.28.0.0/16"), "{e}");
         assert!(check_within("member", "10.0.0.5".parse().expect("ip"), &[]).is_ok());
+        let mapped: Cidr = "::ffff:10.0.0.0/104".parse().expect("mapped");
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!(mapped.contains("10.1.2.3".parse().expect("ip")));
     }
 }

@@ -55,7 +55,7 @@ impl StateApi {
     ) -> std::result::Result<(), Status> {
         for a in addresses {
             if let Ok(sa) = a.parse::<std::net::SocketAddr>() {
-                form_runtime::cidr::check_within(field, sa.ip(), &self.member_networks)
+                form_runtime::cidr::check_within("address", sa.ip(), &self.member_networks)
                     .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
             }
         }

@@ -219,6 +219,16 @@ impl HttpsClient {
         addr: SocketAddr,
         alpn: &[&[u8]],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        self.handshake(tcp, alpn).await
+    }
+
+    /// A TLS connection over a TCP stream the caller made (to set its buffers).
+    pub async fn handshake(
+        &self,
+        tcp: tokio::net::TcpStream,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, ServerName};
         let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
@@ -235,7 +245,6 @@ impl HttpsClient {
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let name = ServerName::try_from(self.sni.clone()).map_err(|e| invalid(e.to_string()))?;
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
         tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
             .connect(name, tcp)
             .await

@@ -247,7 +247,7 @@ async fn proxy(
             Ok(Ok(mut resp)) => {
                 attempt.answered(core, &route, !resp.status().is_server_error());
                 headers::strip_hop_by_hop(resp.headers_mut());
-                if let Some(v) = session_cookie(&choice, &route)
+                if let Some(v) = session_cookie(&choice, &route, conn.tls)
                     && let Ok(v) = HeaderValue::from_str(&v)
                 {
                     resp.headers_mut().append(header::SET_COOKIE, v);
@@ -381,10 +381,12 @@ impl Attempt {
 }
 
 /// The `Set-Cookie` value that pins the request's new (or re-pinned) session.
-pub(super) fn session_cookie(choice: &Choice, route: &RouteView) -> Option<String> {
+pub(super) fn session_cookie(choice: &Choice, route: &RouteView, tls: bool) -> Option<String> {
+    // Over HTTPS the browser must not send it back in clear.
+    let secure = if tls { "; Secure" } else { "" };
     match (&choice.decision.set_cookie, &route.settings.affinity) {
         (Some(c), Affinity::Cookie { name, ttl_seconds }) => Some(format!(
-            "{name}={c}; Path=/; Max-Age={ttl_seconds}; HttpOnly; SameSite=Lax"
+            "{name}={c}; Path=/; Max-Age={ttl_seconds}; HttpOnly; SameSite=Lax{secure}"
         )),
         _ => None,
     }

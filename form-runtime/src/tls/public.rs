@@ -169,7 +169,8 @@ fn stamps(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>)> {
         .flatten()
         .flatten()
         .map(|e| {
-            let m = e.metadata().and_then(|m| m.modified()).ok();
+            // Through symlinks: an ACME client renews the file a link points to.
+            let m = std::fs::metadata(e.path()).and_then(|m| m.modified()).ok();
             (e.path(), m)
         })
         .collect();

@@ -23,6 +23,8 @@ use super::{Identity, Mode, Peer, Tls};
 
 /// Longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a public client (the gateway's HTTPS) may take for its handshake.
+pub const PUBLIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once; more wait for the accept loop.
 const MAX_HANDSHAKES: usize = 256;
 /// Connections served at once; more wait in the listen backlog until one closes.
@@ -265,8 +267,22 @@ fn accept_loop(
             let Some(acceptor) = acceptor.clone() else {
                 continue;
             };
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
+            // The public side drops a connection when every handshake slot is taken
+            // (silent clients must not stall the port); platform callers wait.
+            let slot = if identify {
+                match slots.clone().acquire_owned().await {
+                    Ok(s) => s,
+                    Err(_) => return,
+                }
+            } else {
+                match slots.clone().try_acquire_owned() {
+                    Ok(s) => s,
+                    Err(tokio::sync::TryAcquireError::Closed) => return,
+                    Err(tokio::sync::TryAcquireError::NoPermits) => {
+                        metrics::counter!("form_tls_handshakes_refused_total").increment(1);
+                        continue;
+                    }
+                }
             };
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -277,7 +293,12 @@ fn accept_loop(
                     }
                     Err(reason) => {
                         metrics::counter!("form_tls_handshakes_refused_total").increment(1);
-                        tracing::info!(peer = %addr, reason = %reason, "TLS handshake refused");
+                        // Anyone may knock on the public side: not worth a line each.
+                        if identify {
+                            tracing::info!(peer = %addr, reason = %reason, "TLS handshake refused");
+                        } else {
+                            tracing::debug!(peer = %addr, reason = %reason, "TLS handshake refused");
+                        }
                     }
                 }
             });
@@ -293,9 +314,14 @@ async fn handshake(
     slot: tokio::sync::OwnedSemaphorePermit,
     identify: bool,
 ) -> Result<Conn, String> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let limit = if identify {
+        HANDSHAKE_TIMEOUT
+    } else {
+        PUBLIC_HANDSHAKE_TIMEOUT
+    };
+    let tls = tokio::time::timeout(limit, acceptor.accept(tcp))
         .await
-        .map_err(|_| format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|_| format!("no handshake within {limit:?}"))?
         .map_err(|e| e.to_string())?;
     let identity = if !identify {
         None

@@ -148,7 +148,7 @@ impl Client {
                 }
             };
             let close = close_asked() || backend.notifies_clients();
-            let cookie = session_cookie(&choice, &route);
+            let cookie = session_cookie(&choice, &route, ctx.tls);
             let extra = Extra {
                 set_cookie: cookie.as_deref(),
                 close,
