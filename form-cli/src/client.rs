@@ -1,14 +1,15 @@
-//! A client of form-mcp's REST API. Errors say what to do: an unreachable server names
-//! the URL and how to point formctl elsewhere, a 401 how to pass a token, other
-//! statuses the API's own message.
+//! A client of form-mcp's REST API, over HTTP or HTTPS ([`crate::transport`]). Errors
+//! say what to do: an unreachable server names the URL and how to point formctl
+//! elsewhere, a 401 how to pass a token, other statuses the API's own message.
+//! Each call is one connection: a CLI makes few.
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
+
+use crate::transport::Target;
 
 /// An error of the API, or of reaching it.
 #[derive(Debug, thiserror::Error)]
@@ -42,23 +43,24 @@ impl ApiError {
     }
 }
 
-/// The API at `base` (e.g. `http://127.0.0.1:3010`) with a bearer token.
+/// The API at `base` (e.g. `http://127.0.0.1:3010`, `https://api.example:3010`) with a
+/// bearer token.
 #[derive(Debug, Clone)]
 pub(crate) struct Api {
     base: String,
     token: Option<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// Where to connect, or why `base` cannot be reached.
+    target: Result<Target, String>,
 }
 
 impl Api {
     /// A client of `base`.
     pub(crate) fn new(base: &str, token: Option<String>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(3)));
+        let base = base.trim_end_matches('/').to_owned();
         Self {
-            base: base.trim_end_matches('/').to_owned(),
+            target: Target::parse(&base),
+            base,
             token,
-            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 
@@ -86,8 +88,15 @@ impl Api {
                 ),
             });
         }
-        let url = format!("{}{path}", self.base);
-        let mut req = Request::builder().method(method).uri(&url);
+        let unreachable = |reason: String| ApiError::Unreachable {
+            url: self.base.clone(),
+            reason,
+        };
+        let target = self.target.as_ref().map_err(|e| unreachable(e.clone()))?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, target.host_header());
         if let Some(t) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -101,15 +110,20 @@ impl Api {
             }
             None => Bytes::new(),
         };
-        let unreachable = |reason: String| ApiError::Unreachable {
-            url: self.base.clone(),
-            reason,
-        };
         let req = req
             .body(Full::new(bytes))
             .map_err(|e| unreachable(e.to_string()))?;
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| {
+            let stream = target
+                .connect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let driver = tokio::spawn(conn);
+            let sent = send.send_request(req).await;
+            let resp = sent.map_err(|e| {
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
@@ -125,6 +139,7 @@ impl Api {
                 .await
                 .map_err(|e| unreachable(e.to_string()))?
                 .to_bytes();
+            driver.abort();
             Ok::<_, ApiError>((status, body))
         };
         let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(60), call)

@@ -14,6 +14,7 @@ mod scale;
 mod state;
 mod status;
 mod tokens;
+mod transport;
 mod up;
 
 use std::path::PathBuf;

@@ -26,6 +26,9 @@ pub(crate) enum ProbeCommand {
         /// The path.
         #[arg(default_value = "/healthz")]
         path: String,
+        /// Speak HTTPS (trusting FORM_API_CA, else the system's authorities).
+        #[arg(long)]
+        https: bool,
     },
 }
 
@@ -39,8 +42,9 @@ impl ProbeCommand {
 pub(crate) async fn probe(cmd: ProbeCommand) -> anyhow::Result<ExitCode> {
     let ok = match cmd {
         ProbeCommand::Grpc { addr, kind } => form_runtime::upstream::serving_at(&addr, kind).await,
-        ProbeCommand::Http { addr, path } => {
-            let api = crate::client::Api::new(&format!("http://{addr}"), None);
+        ProbeCommand::Http { addr, path, https } => {
+            let scheme = if https { "https" } else { "http" };
+            let api = crate::client::Api::new(&format!("{scheme}://{addr}"), None);
             api.get(&path).await.is_ok()
         }
     };
@@ -124,7 +128,7 @@ pub(crate) fn tokens(a: TokensArgs) -> anyhow::Result<ExitCode> {
 /// Flags of `formctl demo-setup`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoSetupArgs {
-    /// The API, http://HOST:PORT.
+    /// The API, http://HOST:PORT or https://HOST:PORT.
     #[arg(long, value_name = "URL")]
     api: String,
     /// Directory of the tokens file (its admin token is used).

@@ -26,9 +26,12 @@ async fn serves_the_api_over_https_only() {
     let dir = TestDir::new("mcp-https");
     let ca = Ca::generate("gateway https test").expect("CA");
     let certs = dir.path().join("certs");
-    ca.issue_domains(&["api.localhost".into()], Duration::from_secs(3600))
-        .and_then(|i| i.write_pair(&certs, "api.localhost"))
-        .expect("certificate");
+    ca.issue_domains(
+        &["api.localhost".into(), "localhost".into()],
+        Duration::from_secs(3600),
+    )
+    .and_then(|i| i.write_pair(&certs, "api.localhost"))
+    .expect("certificate");
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("{ADMIN} admin tests\n")).expect("tokens");
     let state = replicas.addrs[0].to_string();
@@ -94,6 +97,48 @@ async fn serves_the_api_over_https_only() {
         sni: "api.localhost".into(),
     };
     assert!(stranger.connect(addr, &[]).await.is_err());
+
+    // formctl speaks HTTPS to it, trusting the authority in FORM_API_CA.
+    let ca_file = dir.path().join("api-ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).expect("CA file");
+    let url = format!("https://localhost:{}", addr.port());
+    let formctl = |args: &[&str], ca: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(workspace_bin("formctl"));
+        c.args(args).env_remove("FORM_API_CA");
+        if let Some(ca) = ca {
+            c.env("FORM_API_CA", ca);
+        }
+        c.output().expect("run formctl")
+    };
+    let listed = formctl(
+        &["--api", &url, "--token", ADMIN, "cluster", "list", "--json"],
+        Some(&ca_file),
+    );
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let hostport = format!("localhost:{}", addr.port());
+    let probe = formctl(&["probe", "http", &hostport, "--https"], Some(&ca_file));
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    // Without the authority (the system's are trusted instead), or with a file that
+    // holds none, the server is not trusted, and formctl says what to set.
+    for ca in [None, Some(dir.path().join("tokens"))] {
+        let untrusted = formctl(
+            &["--api", &url, "--token", ADMIN, "cluster", "list"],
+            ca.as_deref(),
+        );
+        let err = String::from_utf8_lossy(&untrusted.stderr);
+        assert!(
+            !untrusted.status.success() && err.contains("FORM_API_CA"),
+            "{err}"
+        );
+    }
     stop_gracefully(&mut mcp).await;
 }
 
