@@ -21,6 +21,7 @@ mod proc_cost;
 mod rplb_http;
 mod rplb_pick;
 mod scaler_decide;
+mod scaler_place;
 mod scaler_scale_out;
 mod state_apply;
 mod state_bytes;
@@ -110,6 +111,15 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         calls: usize,
         /// Clusters in the evaluation round.
+        #[arg(long, default_value_t = 1_000)]
+        clusters: usize,
+    },
+    /// Cost of placing a new instance on a fleet of nodes (pure placement, no I/O).
+    ScalerPlace {
+        /// Nodes in the fleet.
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        /// Clusters of 10 instances on it.
         #[arg(long, default_value_t = 1_000)]
         clusters: usize,
     },
@@ -212,6 +222,7 @@ fn main() -> ExitCode {
             Command::StateRecovery { members } => state_recovery::run(&bin_dir, members).await,
             Command::RplbPick { picks } => rplb_pick::run(picks),
             Command::ScalerDecide { calls, clusters } => scaler_decide::run(calls, clusters),
+            Command::ScalerPlace { nodes, clusters } => scaler_place::run(nodes, clusters),
             Command::RplbHttp {
                 runs,
                 seconds,

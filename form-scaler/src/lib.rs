@@ -14,6 +14,7 @@ pub mod observe;
 pub mod ops;
 pub mod ownership;
 pub mod peers;
+pub mod placement;
 pub mod platform;
 pub mod policy;
 pub mod probe;
