@@ -8,6 +8,7 @@ mod clusters;
 mod demo;
 mod detach;
 mod drain;
+mod nodes;
 mod ops_tools;
 mod plan;
 mod scale;
@@ -137,6 +138,9 @@ enum Command {
     /// Create, list, read and delete clusters.
     #[command(subcommand)]
     Cluster(clusters::ClusterCommand),
+    /// List the nodes (capacity, usage, labels), cordon and uncordon them.
+    #[command(subcommand)]
+    Nodes(nodes::NodesCommand),
     /// Scale a cluster to a number of instances (out or in) and follow the operation.
     Scale(scale::ScaleArgs),
     /// Change the vCPUs and memory of every instance of a cluster.
@@ -272,6 +276,7 @@ fn main() -> ExitCode {
         Command::Up(args) => runtime.block_on(up::run(args)),
         Command::Down(args) => detach::down(args),
         Command::Cluster(cmd) => runtime.block_on(clusters::run(&cli.api.client(), cmd)),
+        Command::Nodes(cmd) => runtime.block_on(nodes::run(&cli.api.client(), cmd)),
         Command::Scale(args) => runtime.block_on(scale::scale(&cli.api.client(), args)),
         Command::Resize(args) => runtime.block_on(scale::resize(&cli.api.client(), args)),
         Command::Policy(cmd) => runtime.block_on(scale::policy(&cli.api.client(), cmd)),

@@ -48,6 +48,14 @@ pub struct OperationArgs {
     pub operation_id: String,
 }
 
+/// Arguments of `cordon_node` and `uncordon_node`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeArgs {
+    /// The node's id.
+    pub node_id: String,
+}
+
 /// Arguments of `list_clusters`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -242,6 +250,24 @@ const TOOLS: &[Spec] = &[
         hints: SET,
     },
     Spec {
+        name: "list_nodes",
+        description: "List the form-vmm-service nodes: capacity, what their instances use, labels, backend, latest heartbeat and whether they are cordoned.",
+        schema: schema::<NoArgs>,
+        hints: READ,
+    },
+    Spec {
+        name: "cordon_node",
+        description: "Cordon a node: it takes no new instance; the instances it runs keep running.",
+        schema: schema::<NodeArgs>,
+        hints: SET,
+    },
+    Spec {
+        name: "uncordon_node",
+        description: "Lift a node's cordon (undo cordon_node).",
+        schema: schema::<NodeArgs>,
+        hints: SET,
+    },
+    Spec {
         name: "get_operation",
         description: "Read one scaling operation with its progress.",
         schema: schema::<OperationArgs>,
@@ -299,6 +325,12 @@ fn action(name: &str, args: Value) -> Result<Action, String> {
             Action::SetDrain(a.cluster_id, a.drain)
         }
         "get_operation" => Action::GetOperation(parse::<OperationArgs>(args)?.operation_id),
+        "list_nodes" => {
+            parse::<NoArgs>(args)?;
+            Action::ListNodes
+        }
+        "cordon_node" => Action::CordonNode(parse::<NodeArgs>(args)?.node_id, true),
+        "uncordon_node" => Action::CordonNode(parse::<NodeArgs>(args)?.node_id, false),
         other => {
             let names: Vec<&str> = TOOLS.iter().map(|t| t.name).collect();
             return Err(format!(

@@ -52,6 +52,9 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/v1/clusters/{id}/drain", put(set_drain))
         .route("/api/v1/operations/{id}", get(operation))
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/nodes/{id}/cordon", post(cordon))
+        .route("/api/v1/nodes/{id}/uncordon", post(uncordon))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/{*rest}", axum::routing::any(unknown))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -305,6 +308,18 @@ async fn scale(
 }
 
 const SCALE_SHAPE: &str = "{\"operation\": \"scale_out\" | \"scale_in\" | \"resize\" | \"replace_instance\", \"target_count\", \"immediate\", \"drain_connections\", \"drain\", \"instance_ids_to_remove\", \"resources\", \"instance_id\"}";
+
+async fn nodes(State(app): Shared, headers: HeaderMap) -> Response {
+    serve(&app, &headers, Ok(Action::ListNodes)).await
+}
+
+async fn cordon(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    serve(&app, &headers, Ok(Action::CordonNode(id, true))).await
+}
+
+async fn uncordon(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    serve(&app, &headers, Ok(Action::CordonNode(id, false))).await
+}
 
 async fn status(State(app): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
     serve(&app, &headers, Ok(Action::Status(id))).await

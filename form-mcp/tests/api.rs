@@ -770,7 +770,7 @@ async fn every_route_of_the_openapi_document_is_served() {
     let mut g = Gateway::start("api-doc", &[]).await;
     let (_, doc) = g.call("GET", "/api/v1/openapi.json", None, None).await;
     let paths = doc["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 10);
+    assert_eq!(paths.len(), 13);
     for (path, ops) in paths {
         for method in ops.as_object().expect("ops").keys() {
             let concrete = path.replace("{id}", "x").replace("{instance}", "y");
@@ -842,4 +842,74 @@ async fn environment_values_reach_the_workload_and_no_read_shows_them() {
     .into_inner();
     assert!(!listed.instances.is_empty());
     assert!(!format!("{listed:?}").contains(secret), "{listed:?}");
+}
+
+#[tokio::test]
+async fn nodes_are_listed_and_cordoned_and_formctl_shows_them() {
+    let mut g = Gateway::start("api-nodes", &[]).await;
+    // The vmm node records itself within a heartbeat or two.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let nodes = loop {
+        let (code, v) = g.call("GET", "/api/v1/nodes", Some(READER), None).await;
+        assert_eq!(code, 200, "{v}");
+        if v["nodes"].as_array().is_some_and(|n| !n.is_empty()) {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no node: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let n = &nodes["nodes"][0];
+    assert_eq!(n["node_id"], "node-1");
+    assert_eq!(n["backend"], "process");
+    assert!(n["capacity"]["instance_slots"].as_u64() > Some(0), "{n}");
+    assert_eq!(n["cordoned"], false);
+
+    // A read token cannot cordon; an admin can, and an unknown node is 404.
+    let (code, _) = g
+        .call("POST", "/api/v1/nodes/node-1/cordon", Some(READER), None)
+        .await;
+    assert_eq!(code, 403);
+    let (code, v) = g
+        .call("POST", "/api/v1/nodes/node-1/cordon", Some(ADMIN), None)
+        .await;
+    assert_eq!((code, v["cordoned"].as_bool()), (200, Some(true)), "{v}");
+    let (code, v) = g
+        .call("POST", "/api/v1/nodes/ghost/cordon", Some(ADMIN), None)
+        .await;
+    assert_eq!(code, 404, "{v}");
+    assert!(v.to_string().contains("ghost"), "{v}");
+
+    // formctl shows it, cordoned, and lifts the cordon.
+    let api = format!("http://{}", g.http);
+    let formctl = |args: &[&str]| {
+        std::process::Command::new(form_testkit::workspace_bin("formctl"))
+            .args(["--api", &api, "--token", ADMIN])
+            .args(args)
+            .output()
+            .expect("formctl")
+    };
+    let out = formctl(&["nodes", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("node-1"))
+        .unwrap_or_else(|| panic!("no node-1 in {table}"));
+    assert!(
+        row.contains("process") && row.contains("cordoned"),
+        "{table}"
+    );
+    let out = formctl(&["nodes", "uncordon", "node-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, v) = g.call("GET", "/api/v1/nodes", Some(READER), None).await;
+    assert_eq!(v["nodes"][0]["cordoned"], false, "{v}");
+    g.stop().await;
 }

@@ -54,6 +54,7 @@ async fn exercise(g: &Gateway, mode: ClientLifecycleMode, version: ProtocolVersi
     assert_eq!(
         names,
         [
+            "cordon_node",
             "create_cluster",
             "delete_cluster",
             "drain_instance",
@@ -61,13 +62,36 @@ async fn exercise(g: &Gateway, mode: ClientLifecycleMode, version: ProtocolVersi
             "get_cluster_status",
             "get_operation",
             "list_clusters",
+            "list_nodes",
             "scale_cluster",
             "set_drain",
             "set_scaling_policy",
             "set_state_sync",
+            "uncordon_node",
             "undrain_instance",
         ]
     );
+    // The nodes, and a cordon set and lifted.
+    // (The vmm node records itself with its first heartbeat.)
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (err, nodes) = call(&c, "list_nodes", json!({})).await;
+        assert!(!err, "{nodes}");
+        if nodes["nodes"][0]["node_id"] == "node-1" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{nodes}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (err, n) = call(&c, "cordon_node", json!({"node_id": "node-1"})).await;
+    assert!(!err && n["cordoned"] == true, "{n}");
+    let (err, n) = call(
+        &c,
+        "uncordon_node",
+        serde_json::json!({"node_id": "node-1"}),
+    )
+    .await;
+    assert!(!err && n["cordoned"] == false, "{n}");
     // Every tool says whether it reads only, may destroy, and may be repeated.
     for t in &tools.tools {
         let a = t.annotations.as_ref().expect("annotations");

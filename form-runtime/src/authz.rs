@@ -54,6 +54,14 @@ pub const TABLE: &[(&str, &str, &[Kind])] = &[
         &[Scaler],
     ),
     ("form.state.v1.StateService", "ListControllers", READERS),
+    // Only a vmm node reports itself; operators and the gateway cordon.
+    ("form.state.v1.StateService", "NodeHeartbeat", &[Vmm]),
+    ("form.state.v1.StateService", "ListNodes", READERS),
+    (
+        "form.state.v1.StateService",
+        "SetNodeCordon",
+        &[Gateway, Operator],
+    ),
     // Gossip between replicas only.
     ("form.state.v1.GossipService", "PushDeltas", &[State]),
     ("form.state.v1.GossipService", "AntiEntropy", &[State]),

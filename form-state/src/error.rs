@@ -16,7 +16,7 @@ pub enum StateError {
     /// A cluster, member or operation does not exist.
     #[error("{what} '{id}' not found")]
     NotFound {
-        /// `cluster`, `member` or `operation`.
+        /// `cluster`, `member`, `operation` or `node`.
         what: &'static str,
         /// Its id.
         id: String,

@@ -184,6 +184,35 @@ impl StateService for StateApi {
         Ok(self.reply(w))
     }
 
+    async fn node_heartbeat(
+        &self,
+        req: Request<pb::NodeHeartbeatRequest>,
+    ) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::node_heartbeat(s, a, now_ms(), &r))
+            .await?;
+        Ok(self.reply(w))
+    }
+
+    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<pb::ListNodesReply> {
+        let nodes = self.store.read(|r| read::nodes(r.state())).await?;
+        Ok(Response::new(pb::ListNodesReply { nodes }))
+    }
+
+    async fn set_node_cordon(
+        &self,
+        req: Request<pb::SetNodeCordonRequest>,
+    ) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let w = self
+            .store
+            .write(|s, a| write::set_node_cordon(s, a, now_ms(), &r))
+            .await?;
+        Ok(self.reply(w))
+    }
+
     async fn list_controllers(
         &self,
         _req: Request<pb::ListControllersRequest>,

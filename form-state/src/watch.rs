@@ -140,8 +140,9 @@ fn event(
             }
             Change::Operation(op)
         }
-        // Controller heartbeats are not watched: they change every second.
-        Space::Controller => return None,
+        // Controller and node heartbeats are not watched: they change every second
+        // (ListNodes reads nodes).
+        Space::Controller | Space::Node => return None,
     };
     Some(pb::WatchEvent {
         sequence: lsn,

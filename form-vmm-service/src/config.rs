@@ -47,6 +47,18 @@ pub struct Config {
     /// The user process-backend workloads run as: `UID[:GID]`, or `same` for this
     /// node's own; empty: 65534:65534 (nobody) when the node runs as root, else `same`.
     pub workload_user: String,
+    /// Where other services reach this node's API (`host:port`), as its record in
+    /// form-state says; unset: the listen address, with the instance host when it
+    /// listens on every interface.
+    pub advertise: Option<HostPort>,
+    /// Instances this node runs at most (its record's slots).
+    pub instance_slots: u32,
+    /// vCPUs this node offers; 0: this host's CPUs.
+    pub capacity_vcpus: u32,
+    /// Memory this node offers, MiB; 0: this host's memory.
+    pub capacity_memory_mib: u64,
+    /// Labels of this node, `key=value` each (placement matches them).
+    pub labels: Vec<String>,
 }
 
 impl Config {
@@ -103,6 +115,11 @@ impl Default for Config {
             ready_timeout_ms: 10_000,
             allowed_commands: Vec::new(),
             workload_user: String::new(),
+            advertise: None,
+            instance_slots: 100,
+            capacity_vcpus: 0,
+            capacity_memory_mib: 0,
+            labels: Vec::new(),
         }
     }
 }
@@ -126,6 +143,13 @@ impl ServiceConfig for Config {
             .map_err(|e| ConfigError::invalid("--allowed-commands", e))?;
         self.workload_user()
             .map_err(|e| ConfigError::invalid("--workload-user", e))?;
+        crate::node::labels(&self.labels).map_err(|e| ConfigError::invalid("--labels", e))?;
+        if self.instance_slots == 0 {
+            return Err(ConfigError::invalid(
+                "--instance-slots",
+                "must be at least 1",
+            ));
+        }
         if self.node_id.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "--node-id",
@@ -254,6 +278,32 @@ pub struct Args {
     #[arg(long, value_name = "UID[:GID]|same", env = "FORM_VMM_WORKLOAD_USER")]
     pub workload_user: Option<String>,
 
+    /// Where other services reach this node's API, HOST:PORT [default: the listen
+    /// address, with --instance-host when it listens on every interface]
+    #[arg(long, value_name = "HOST:PORT", env = "FORM_VMM_ADVERTISE")]
+    pub advertise: Option<HostPort>,
+
+    /// Instances this node runs at most [default: 100]
+    #[arg(long, value_name = "N", env = "FORM_VMM_INSTANCE_SLOTS")]
+    pub instance_slots: Option<u32>,
+
+    /// vCPUs this node offers [default: this host's CPUs]
+    #[arg(long, value_name = "N", env = "FORM_VMM_CAPACITY_VCPUS")]
+    pub capacity_vcpus: Option<u32>,
+
+    /// Memory this node offers, MiB [default: this host's memory]
+    #[arg(long, value_name = "MIB", env = "FORM_VMM_CAPACITY_MEMORY_MIB")]
+    pub capacity_memory_mib: Option<u64>,
+
+    /// Comma-separated labels of this node, key=value (e.g. zone=eu-1,disk=ssd)
+    #[arg(
+        long,
+        value_name = "KEY=VALUE,...",
+        env = "FORM_VMM_LABELS",
+        value_delimiter = ','
+    )]
+    pub labels: Option<Vec<String>>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -301,6 +351,21 @@ impl Args {
             }
             if let Some(v) = self.workload_user {
                 c.workload_user = v;
+            }
+            if let Some(v) = self.advertise {
+                c.advertise = Some(v);
+            }
+            if let Some(v) = self.instance_slots {
+                c.instance_slots = v;
+            }
+            if let Some(v) = self.capacity_vcpus {
+                c.capacity_vcpus = v;
+            }
+            if let Some(v) = self.capacity_memory_mib {
+                c.capacity_memory_mib = v;
+            }
+            if let Some(v) = self.labels {
+                c.labels = v;
             }
             if let Some(v) = self.ready_timeout_ms {
                 c.ready_timeout_ms = v;

@@ -1,4 +1,6 @@
-//! Heartbeats of this node's instances into form-state, every `heartbeat_interval_ms`:
+//! Heartbeats of this node and its instances into form-state, every
+//! `heartbeat_interval_ms`. The node's own comes first, with its record
+//! ([`crate::node`]). Then the instances':
 //! running instances report their CPU utilisation and, when their workload implements
 //! the state contract, how many writes it made (so a victim that dies before its
 //! handoff is reported with what it held); an instance that failed is
@@ -86,6 +88,7 @@ async fn resumed(
 pub async fn run<H: Hypervisor>(
     hv: Arc<H>,
     state: Upstream,
+    record: crate::node::Record,
     interval: Duration,
     mut shutdown: Shutdown,
 ) {
@@ -97,7 +100,18 @@ pub async fn run<H: Hypervisor>(
             _ = shutdown.requested() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        for i in hv.list().await {
+        let instances = hv.list().await;
+        match client
+            .node_heartbeat(record.heartbeat(&instances, now_ms()))
+            .await
+        {
+            Ok(_) => metrics::counter!("form_vmm_node_heartbeats_total").increment(1),
+            Err(e) => {
+                tracing::debug!(error = %e, "node heartbeat failed");
+                metrics::counter!("form_vmm_heartbeat_errors_total").increment(1);
+            }
+        }
+        for i in instances {
             let (id, cluster) = (i.spec.instance_id.clone(), i.spec.cluster_id.clone());
             match i.status {
                 Status::Paused if !reported_paused.contains(&id) => {

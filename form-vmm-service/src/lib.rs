@@ -9,6 +9,7 @@ pub mod error;
 pub mod heartbeat;
 mod http;
 pub mod hypervisor;
+pub mod node;
 pub mod process;
 mod procfs;
 pub mod qemu;
@@ -134,9 +135,14 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
         .map_err(|e| RuntimeError::Service(e.to_string()))?;
     let upstreams = upstream::from_config(&[("state", &c.state)])?;
     if let Some(state) = upstreams.first() {
+        let listening = ctx
+            .local_addr(GRPC_LISTENER)
+            .ok_or_else(|| RuntimeError::Service("no gRPC listener".into()))?;
+        let record = node::Record::new(c, listening).map_err(RuntimeError::Service)?;
         tokio::spawn(heartbeat::run(
             hv.clone(),
             state.clone(),
+            record,
             Duration::from_millis(c.heartbeat_interval_ms),
             ctx.shutdown.clone(),
         ));

@@ -21,3 +21,23 @@ async fn sigint_exits_at_once() {
 fn bad_flags_and_config_exit_2_naming_the_value() {
     conformance::rejects_bad_configuration(Path::new(BIN));
 }
+
+#[test]
+fn node_record_settings_that_cannot_serve_exit_2_naming_them() {
+    let bin = Path::new(BIN);
+    conformance::rejects_args(
+        bin,
+        &["--labels", "Zone=eu"],
+        &["--labels", "Zone=eu", "a-z 0-9"],
+    );
+    conformance::rejects_args(
+        bin,
+        &["--labels", "zone=eu,zone=us"],
+        &["--labels", "'zone' is given twice"],
+    );
+    conformance::rejects_args(
+        bin,
+        &["--instance-slots", "0"],
+        &["--instance-slots", "at least 1"],
+    );
+}

@@ -132,3 +132,129 @@ async fn heartbeats_reach_form_state_and_a_crash_is_visible_there() {
         inst.instance_id
     );
 }
+
+#[tokio::test]
+async fn the_node_records_itself_with_capacity_usage_and_labels_and_can_be_cordoned() {
+    use form_runtime::tls::Kind;
+    let replicas = Replicas::start(
+        &workspace_bin("form-state"),
+        "node-state",
+        ReplicaOptions::new(1),
+    )
+    .await;
+    let dir = TestDir::new("node-vmm");
+    let data = dir.path().join("data");
+    let state_addr = replicas.addrs[0].to_string();
+    let args = [
+        PORT0_ARGS,
+        &[
+            "--state",
+            &state_addr,
+            "--heartbeat-interval-ms",
+            "100",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--node-id",
+            "node-7",
+            "--labels",
+            "zone=eu-1,disk=ssd",
+            "--instance-slots",
+            "12",
+            "--capacity-memory-mib",
+            "4096",
+        ],
+    ]
+    .concat();
+    let vmm = start(&dir, "vmm", Path::new(BIN), &args).await;
+    let grpc = vmm.addr("grpc").expect("grpc");
+    let nodes = async || {
+        let mut c = replicas.client(0).await;
+        c.list_nodes(state::ListNodesRequest {})
+            .await
+            .expect("list nodes")
+            .into_inner()
+            .nodes
+    };
+    assert_eventually!(
+        async { nodes().await.len() == 1 },
+        "the node's record arrives"
+    );
+    let n = nodes().await.remove(0);
+    assert_eq!(n.node_id, "node-7");
+    assert_eq!(n.addresses, [grpc.to_string()], "where its API is reached");
+    assert_eq!(n.backend, "process");
+    assert_eq!(n.labels["zone"], "eu-1");
+    let cap = n.capacity.expect("capacity");
+    assert_eq!((cap.instance_slots, cap.memory_mib), (12, 4096));
+    assert!(cap.vcpus >= 1, "this host's CPUs");
+    assert_eq!(n.used.map(|u| u.instance_slots), Some(0));
+
+    // An instance shows in what the node uses.
+    let mut v = VmmServiceClient::new(probe::channel(grpc).await.expect("connect"));
+    v.create_instance(pb::CreateInstanceRequest {
+        instance_id: "i-9".into(),
+        cluster_id: "web".into(),
+        workload: Some(types::Workload {
+            command: workspace_bin("form-demo-app").display().to_string(),
+            health_path: "/healthz".into(),
+            ..Default::default()
+        }),
+        resources: Some(types::Resources {
+            vcpus: 1,
+            memory_mib: 256,
+        }),
+    })
+    .await
+    .expect("create");
+    assert_eventually!(
+        async {
+            nodes().await[0]
+                .used
+                .is_some_and(|u| u.instance_slots == 1 && u.memory_mib == 256 && u.vcpus == 1)
+        },
+        "the instance counts in the node's usage"
+    );
+
+    // Operators cordon it; a vmm node may not (only its own heartbeat is its to send).
+    let cordon = |on: bool| state::SetNodeCordonRequest {
+        node_id: "node-7".into(),
+        cordoned: on,
+    };
+    let mut as_vmm = form_proto::state::v1::state_service_client::StateServiceClient::new(
+        probe::channel_as(replicas.addrs[0], Kind::Vmm)
+            .await
+            .expect("connect"),
+    );
+    let e = as_vmm
+        .set_node_cordon(cordon(true))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let mut op = form_proto::state::v1::state_service_client::StateServiceClient::new(
+        probe::channel_as(replicas.addrs[0], Kind::Operator)
+            .await
+            .expect("connect"),
+    );
+    op.set_node_cordon(cordon(true)).await.expect("cordon");
+    assert!(nodes().await[0].cordoned);
+    // A heartbeat keeps the cordon.
+    let seen = nodes().await[0].last_heartbeat_ms;
+    assert_eventually!(
+        async { nodes().await[0].last_heartbeat_ms > seen },
+        "another heartbeat"
+    );
+    assert!(nodes().await[0].cordoned);
+    op.set_node_cordon(cordon(false)).await.expect("uncordon");
+    assert!(!nodes().await[0].cordoned);
+    // Only a vmm node sends node heartbeats.
+    let e = op
+        .node_heartbeat(state::NodeHeartbeatRequest {
+            node_id: "node-fake".into(),
+            addresses: vec!["127.0.0.1:1".into()],
+            backend: "process".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+}

@@ -43,6 +43,10 @@ pub enum Action {
     UndrainInstance(String, String),
     /// Set how a cluster's scale-ins drain their victims.
     SetDrain(String, model::Drain),
+    /// Every node.
+    ListNodes,
+    /// Cordon a node (true) or lift its cordon (false).
+    CordonNode(String, bool),
 }
 
 /// A reply: status and JSON body.
@@ -57,6 +61,19 @@ fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Result<Reply, ApiErro
 /// Checks an id from a path or body; the error names the field.
 pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
     form_runtime::ids::check(value).map_err(|e| ApiError::invalid(format!("{field} {e}")))
+}
+
+/// Every node, from form-state.
+async fn nodes(b: &Backends) -> Result<model::NodeList, ApiError> {
+    let list = b
+        .state()?
+        .list_nodes(state_pb::ListNodesRequest {})
+        .await
+        .map_err(|s| ApiError::upstream("listing nodes", &s))?
+        .into_inner();
+    Ok(model::NodeList {
+        nodes: list.nodes.into_iter().map(model::Node::from).collect(),
+    })
 }
 
 /// The operation id an idempotency key stands for on `cluster`.
@@ -79,6 +96,7 @@ impl Action {
                 | Action::DrainInstance(..)
                 | Action::UndrainInstance(..)
                 | Action::SetDrain(..)
+                | Action::CordonNode(..)
         )
     }
 
@@ -97,6 +115,9 @@ impl Action {
             Action::DrainInstance(..) => "drain_instance",
             Action::UndrainInstance(..) => "undrain_instance",
             Action::SetDrain(..) => "set_drain",
+            Action::ListNodes => "list_nodes",
+            Action::CordonNode(_, true) => "cordon_node",
+            Action::CordonNode(_, false) => "uncordon_node",
         }
     }
 
@@ -183,6 +204,24 @@ impl Action {
                 let cluster = model::cluster(clusters::get(b, &s.cluster_id).await?);
                 let sync = clusters::state_sync(b, &cluster).await;
                 json(StatusCode::OK, &status(s, cluster.members, sync))
+            }
+            Action::ListNodes => json(StatusCode::OK, &nodes(b).await?),
+            Action::CordonNode(id, on) => {
+                check_id("node_id", &id)?;
+                b.state()?
+                    .set_node_cordon(state_pb::SetNodeCordonRequest {
+                        node_id: id.clone(),
+                        cordoned: on,
+                    })
+                    .await
+                    .map_err(|s| ApiError::upstream("cordoning the node", &s))?;
+                let node = nodes(b)
+                    .await?
+                    .nodes
+                    .into_iter()
+                    .find(|n| n.node_id == id)
+                    .ok_or_else(|| ApiError::not_found(format!("node '{id}' not found")))?;
+                json(StatusCode::OK, &node)
             }
             Action::GetOperation(id) => {
                 check_id("operation_id", &id)?;

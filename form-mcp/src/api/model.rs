@@ -335,6 +335,71 @@ pub struct ClusterList {
     pub clusters: Vec<Cluster>,
 }
 
+/// Resources of a node: what it has, or what its instances take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeAmount {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Instances.
+    pub instance_slots: u32,
+}
+
+impl From<Option<form_proto::state::v1::NodeCapacity>> for NodeAmount {
+    fn from(c: Option<form_proto::state::v1::NodeCapacity>) -> Self {
+        let c = c.unwrap_or_default();
+        Self {
+            vcpus: c.vcpus,
+            memory_mib: c.memory_mib,
+            instance_slots: c.instance_slots,
+        }
+    }
+}
+
+/// A form-vmm-service node as form-state last heard of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Node {
+    /// Its id.
+    pub node_id: String,
+    /// Where its API is reached.
+    pub addresses: Vec<String>,
+    /// What it has in all.
+    pub capacity: NodeAmount,
+    /// What its instances took at its latest heartbeat.
+    pub used: NodeAmount,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its backend: process or qemu.
+    pub backend: String,
+    /// Its latest heartbeat, milliseconds since the Unix epoch.
+    pub last_heartbeat_ms: u64,
+    /// Cordoned: takes no new instance.
+    pub cordoned: bool,
+}
+
+impl From<form_proto::state::v1::NodeInfo> for Node {
+    fn from(n: form_proto::state::v1::NodeInfo) -> Self {
+        Self {
+            node_id: n.node_id,
+            addresses: n.addresses,
+            capacity: n.capacity.into(),
+            used: n.used.into(),
+            labels: n.labels.into_iter().collect(),
+            backend: n.backend,
+            last_heartbeat_ms: n.last_heartbeat_ms,
+            cordoned: n.cordoned,
+        }
+    }
+}
+
+/// `GET /api/v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeList {
+    /// Every node, ordered by id.
+    pub nodes: Vec<Node>,
+}
+
 /// A scaling operation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Operation {

@@ -13,6 +13,8 @@ pub enum Space {
     Operation,
     /// Scaling controllers (id = controller id, sub = "").
     Controller,
+    /// form-vmm-service nodes (id = node id, sub = "").
+    Node,
 }
 
 /// A field of a cluster, member or operation.
@@ -70,6 +72,11 @@ pub enum Field {
     Drain,
     /// Encoded `DrainSettings` of a member.
     MemberDrain,
+    /// A node's latest heartbeat: rank = time in ms, value = the encoded
+    /// `NodeHeartbeatRequest` (max).
+    NodeHeartbeat,
+    /// Whether a node is cordoned (`U64` 1 or 0).
+    NodeCordon,
 }
 
 /// How the entries of one field are read when concurrent writes left several.
@@ -91,7 +98,8 @@ impl Field {
             | Field::OperationStatus
             | Field::ControllerHeartbeat
             | Field::StateWrites
-            | Field::HeartbeatUsage => Resolve::Max,
+            | Field::HeartbeatUsage
+            | Field::NodeHeartbeat => Resolve::Max,
             Field::Health => Resolve::History,
             _ => Resolve::LastWriterWins,
         }
@@ -146,6 +154,16 @@ impl Key {
     pub fn controller(id: &str, field: Field) -> Self {
         Self {
             space: Space::Controller,
+            id: id.to_owned(),
+            sub: String::new(),
+            field,
+        }
+    }
+
+    /// A field of node `id`.
+    pub fn node(id: &str, field: Field) -> Self {
+        Self {
+            space: Space::Node,
             id: id.to_owned(),
             sub: String::new(),
             field,

@@ -140,6 +140,34 @@ pub fn controllers(state: &State) -> Vec<pb::ControllerInfo> {
         .collect()
 }
 
+/// Every node that sent a heartbeat, ordered by id.
+pub fn nodes(state: &State) -> Vec<pb::NodeInfo> {
+    state
+        .ids(Space::Node)
+        .into_iter()
+        .filter_map(|id| {
+            let e = state.get(&Key::node(id, Field::NodeHeartbeat))?;
+            let r: pb::NodeHeartbeatRequest = decode(Some(e))?;
+            let cordoned = matches!(
+                state
+                    .get(&Key::node(id, Field::NodeCordon))
+                    .map(|c| &c.value),
+                Some(Value::U64(1))
+            );
+            Some(pb::NodeInfo {
+                node_id: id.to_owned(),
+                addresses: r.addresses,
+                capacity: r.capacity,
+                used: r.used,
+                labels: r.labels,
+                backend: r.backend,
+                last_heartbeat_ms: e.rank,
+                cordoned,
+            })
+        })
+        .collect()
+}
+
 /// One operation, or `None`.
 pub fn operation(state: &State, id: &str) -> Option<types::Operation> {
     let body: types::Operation = decode(state.get(&Key::operation(id, Field::OperationBody)))?;

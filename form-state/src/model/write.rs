@@ -387,6 +387,99 @@ pub fn controller_heartbeat(
     Ok(b.build())
 }
 
+/// Most labels a node may carry, and their longest key and value.
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_KEY: usize = 63;
+const MAX_LABEL_VALUE: usize = 256;
+
+/// `NodeHeartbeat`: the node's latest record (older ones are ignored).
+pub fn node_heartbeat(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::NodeHeartbeatRequest,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("node_id", &r.node_id)?;
+    if r.addresses.is_empty() || r.addresses.len() > 8 {
+        return Err(StateError::invalid(
+            "addresses",
+            format!(
+                "has {} entries; expected 1 to 8 host:port addresses of the node's API",
+                r.addresses.len()
+            ),
+        ));
+    }
+    for a in &r.addresses {
+        a.parse::<form_runtime::addr::HostPort>()
+            .map_err(|e| StateError::invalid("addresses", format!("'{a}': {e}")))?;
+    }
+    if r.labels.len() > MAX_LABELS {
+        return Err(StateError::invalid(
+            "labels",
+            format!(
+                "has {} labels; at most {MAX_LABELS} accepted",
+                r.labels.len()
+            ),
+        ));
+    }
+    for (k, v) in &r.labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE {
+            return Err(StateError::invalid(
+                "labels",
+                format!(
+                    "'{k}={v}': expected a key of 1 to {MAX_LABEL_KEY} bytes and a value of at most {MAX_LABEL_VALUE}"
+                ),
+            ));
+        }
+    }
+    if !matches!(r.backend.as_str(), "process" | "qemu") {
+        return Err(StateError::invalid(
+            "backend",
+            format!("'{}' is not a backend; expected process or qemu", r.backend),
+        ));
+    }
+    let at = heartbeat_time(r.at_ms, now);
+    let key = Key::node(&r.node_id, Field::NodeHeartbeat);
+    if state.get(&key).is_some_and(|e| e.rank >= at) {
+        return Ok(None);
+    }
+    let record = pb::NodeHeartbeatRequest {
+        at_ms: at,
+        ..r.clone()
+    };
+    let value = msg_value("node", &record)?;
+    let mut b = DeltaBuilder::new(state, actor);
+    b.set(key, value, at, now);
+    Ok(b.build())
+}
+
+/// `SetNodeCordon`: cordons a node that has sent a heartbeat, or lifts its cordon.
+pub fn set_node_cordon(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::SetNodeCordonRequest,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("node_id", &r.node_id)?;
+    if state
+        .get(&Key::node(&r.node_id, Field::NodeHeartbeat))
+        .is_none()
+    {
+        return Err(StateError::NotFound {
+            what: "node",
+            id: r.node_id.clone(),
+        });
+    }
+    let mut b = DeltaBuilder::new(state, actor);
+    b.set(
+        Key::node(&r.node_id, Field::NodeCordon),
+        Value::U64(u64::from(r.cordoned)),
+        0,
+        now,
+    );
+    Ok(b.build())
+}
+
 /// `PutOperation`: creates or advances an operation; its status never moves back.
 pub fn put_operation(
     state: &State,
@@ -498,6 +591,121 @@ mod tests {
         if let Some(d) = write(state).expect("valid write") {
             state.apply(&d);
         }
+    }
+
+    fn node(id: &str, at_ms: u64) -> pb::NodeHeartbeatRequest {
+        pb::NodeHeartbeatRequest {
+            node_id: id.into(),
+            at_ms,
+            addresses: vec!["10.0.0.7:3002".into()],
+            capacity: Some(pb::NodeCapacity {
+                vcpus: 8,
+                memory_mib: 16384,
+                instance_slots: 100,
+            }),
+            used: Some(pb::NodeCapacity {
+                vcpus: 2,
+                memory_mib: 1024,
+                instance_slots: 2,
+            }),
+            labels: [("zone".to_owned(), "eu-1".to_owned())].into(),
+            backend: "process".into(),
+        }
+    }
+
+    #[test]
+    fn nodes_keep_their_newest_record_never_dated_after_the_replica() {
+        let mut s = State::default();
+        apply(&mut s, |s| node_heartbeat(s, "a", 1_000, &node("n1", 900)));
+        let mut older = node("n1", 800);
+        older.used = None;
+        assert!(
+            node_heartbeat(&s, "a", 1_000, &older)
+                .expect("valid")
+                .is_none()
+        );
+        // A heartbeat from the future is kept at the replica's time.
+        apply(&mut s, |s| {
+            node_heartbeat(s, "a", 2_000, &node("n1", 99_999_999))
+        });
+        let listed = read::nodes(&s);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].last_heartbeat_ms, 2_000);
+        assert_eq!(listed[0].used.map(|u| u.instance_slots), Some(2));
+        assert_eq!(listed[0].labels["zone"], "eu-1");
+        assert!(!listed[0].cordoned);
+        apply(&mut s, |s| {
+            set_node_cordon(
+                s,
+                "a",
+                2_001,
+                &pb::SetNodeCordonRequest {
+                    node_id: "n1".into(),
+                    cordoned: true,
+                },
+            )
+        });
+        assert!(read::nodes(&s)[0].cordoned);
+        let e = set_node_cordon(
+            &s,
+            "a",
+            2_002,
+            &pb::SetNodeCordonRequest {
+                node_id: "ghost".into(),
+                cordoned: true,
+            },
+        )
+        .expect_err("unknown node");
+        assert_eq!(e.to_string(), "node 'ghost' not found");
+    }
+
+    #[test]
+    fn bad_node_records_are_refused_naming_the_field() {
+        let s = State::default();
+        let check = |r: pb::NodeHeartbeatRequest, words: &[&str]| {
+            let e = node_heartbeat(&s, "a", 1, &r)
+                .expect_err("refused")
+                .to_string();
+            for w in words {
+                assert!(e.contains(w), "'{w}' not in '{e}'");
+            }
+        };
+        check(
+            pb::NodeHeartbeatRequest {
+                backend: "docker".into(),
+                ..node("n", 1)
+            },
+            &["backend", "docker", "process or qemu"],
+        );
+        check(
+            pb::NodeHeartbeatRequest {
+                addresses: vec![],
+                ..node("n", 1)
+            },
+            &["addresses", "1 to 8"],
+        );
+        check(
+            pb::NodeHeartbeatRequest {
+                addresses: vec!["nope".into()],
+                ..node("n", 1)
+            },
+            &["addresses", "'nope'"],
+        );
+        check(
+            pb::NodeHeartbeatRequest {
+                node_id: "a b".into(),
+                ..node("n", 1)
+            },
+            &["node_id"],
+        );
+        let many = (0..40).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+        check(
+            pb::NodeHeartbeatRequest {
+                labels: many,
+                ..node("n", 1)
+            },
+            &["labels", "at most 32"],
+        );
     }
 
     #[test]
