@@ -70,25 +70,30 @@ struct Balancer {
 
 async fn balancer(shared: &Shared) -> Balancer {
     let mut out = Balancer::default();
-    if let Some(mut rplb) = shared.engine.platform.rplb.clone()
-        && let Ok(s) = rplb
+    // Each balancer serves a share of the clients: an instance's load is the sum, and
+    // one balancer's ejection counts.
+    for (_, rplb) in &shared.engine.platform.balancers {
+        let Ok(s) = rplb
+            .clone()
             .get_stats(rplb_pb::GetStatsRequest {
                 domain: String::new(),
             })
             .await
-    {
+        else {
+            continue;
+        };
         for r in s.into_inner().routes {
             for b in r.backends {
                 let key = format!("{}/{}", r.cluster_id, b.id);
                 if b.state == rplb_pb::BackendState::Ejected as i32 {
                     out.ejected.insert(key.clone());
                 }
-                out.loads.insert(
-                    key,
-                    Load {
-                        requests_per_second: b.requests_per_second,
-                    },
-                );
+                out.loads
+                    .entry(key)
+                    .or_insert(Load {
+                        requests_per_second: 0.0,
+                    })
+                    .requests_per_second += b.requests_per_second;
             }
         }
     }

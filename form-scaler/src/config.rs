@@ -37,6 +37,9 @@ pub struct Config {
     pub ready_timeout_ms: u64,
     /// Milliseconds a victim's drain may take.
     pub drain_timeout_ms: u64,
+    /// Milliseconds an unreachable balancer may hold up a drain or the wait for a new
+    /// instance to serve; then the operation goes on without it, saying so.
+    pub balancer_timeout_ms: u64,
     /// Milliseconds from its request in which an operation must finish; past it the
     /// operation is rolled back and ends `failed`.
     pub operation_timeout_ms: u64,
@@ -67,6 +70,7 @@ impl Default for Config {
             max_instances_cap: 100,
             ready_timeout_ms: 60_000,
             drain_timeout_ms: 120_000,
+            balancer_timeout_ms: 30_000,
             operation_timeout_ms: 600_000,
             metric_window_ms: 15_000,
             inject_fault: Vec::new(),
@@ -98,6 +102,7 @@ impl ServiceConfig for Config {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("ready_timeout_ms", self.ready_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
+            ("balancer_timeout_ms", self.balancer_timeout_ms),
             ("operation_timeout_ms", self.operation_timeout_ms),
             ("metric_window_ms", self.metric_window_ms),
             ("replace_after_ms", self.replace_after_ms),
@@ -186,6 +191,11 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub replace_after_ms: Option<u64>,
 
+    /// Milliseconds an unreachable balancer may hold up a drain or a new instance's
+    /// wait to serve; then the operation goes on without it and notes it [default: 30000]
+    #[arg(long, value_name = "MS")]
+    pub balancer_timeout_ms: Option<u64>,
+
     /// Milliseconds from its request in which an operation must finish; past it the
     /// operation is rolled back and ends failed [default: 600000]
     #[arg(long, value_name = "MS")]
@@ -249,6 +259,9 @@ impl Args {
             }
             if let Some(v) = self.replace_after_ms {
                 c.replace_after_ms = v;
+            }
+            if let Some(v) = self.balancer_timeout_ms {
+                c.balancer_timeout_ms = v;
             }
             if let Some(v) = self.operation_timeout_ms {
                 c.operation_timeout_ms = v;

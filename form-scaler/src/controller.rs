@@ -367,15 +367,21 @@ impl Shared {
     /// The members as a scale-in sees them, with the balancer's figures when it answers.
     async fn candidates(&self, c: &state_pb::Cluster) -> Vec<Candidate> {
         let mut load: HashMap<String, (u32, u32)> = HashMap::new();
-        if let Some(mut rplb) = self.engine.platform.rplb.clone()
-            && let Ok(stats) = rplb
+        // Summed over the balancers: each pins its own clients.
+        for (_, rplb) in &self.engine.platform.balancers {
+            let Ok(stats) = rplb
+                .clone()
                 .get_stats(rplb_pb::GetStatsRequest {
                     domain: c.domain.clone(),
                 })
                 .await
-        {
+            else {
+                continue;
+            };
             for b in stats.into_inner().routes.iter().flat_map(|r| &r.backends) {
-                load.insert(b.id.clone(), (b.pinned_sessions, b.in_flight));
+                let l = load.entry(b.id.clone()).or_default();
+                l.0 += b.pinned_sessions;
+                l.1 += b.in_flight;
             }
         }
         plan::counted_members(c)

@@ -90,6 +90,7 @@ impl Service for Controller {
             limits: Limits {
                 ready_timeout: Duration::from_millis(c.ready_timeout_ms),
                 drain_timeout: Duration::from_millis(c.drain_timeout_ms),
+                balancer_timeout: Duration::from_millis(c.balancer_timeout_ms),
                 operation_timeout: Duration::from_millis(c.operation_timeout_ms),
                 ..Limits::default()
             },

@@ -2,6 +2,8 @@
 //! and its members), form-vmm-service (instances and snapshots) and form-rplb
 //! (draining, and whether a new instance serves). One vmm node is used: snapshots of the
 //! process backend live on the node that took them, so clones must be made there.
+//! Every balancer given is followed: a drain and a new instance's wait end when each
+//! has done its part, or has been unreachable for the balancer timeout.
 
 use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
 use form_proto::state::v1 as state_pb;
@@ -86,12 +88,13 @@ pub struct Platform {
     pub state: StateServiceClient<Channel>,
     /// The form-vmm-service node that makes instances, if configured.
     pub vmm: Option<VmmServiceClient<Channel>>,
-    /// form-rplb's control plane, if configured.
-    pub rplb: Option<RplbControlClient<Channel>>,
+    /// Every form-rplb given, with its address: drains and new instances are followed
+    /// on each.
+    pub balancers: Vec<(String, RplbControlClient<Channel>)>,
 }
 
 impl Platform {
-    /// Clients over `state` and the first of `vmm` and of `rplb`.
+    /// Clients over `state`, the first of `vmm`, and every one of `rplb`.
     pub fn new(state: &Upstream, vmm: &[HostPort], rplb: &[HostPort]) -> Result<Self, ConfigError> {
         Ok(Self {
             // One replica at a time: an operation reads back what it wrote.
@@ -102,7 +105,15 @@ impl Platform {
                     .max_decoding_message_size(MAX_BATCH_MESSAGE)
                     .max_encoding_message_size(MAX_BATCH_MESSAGE)
             }),
-            rplb: first(rplb, Kind::Rplb)?.map(RplbControlClient::new),
+            balancers: rplb
+                .iter()
+                .map(|hp| {
+                    Ok((
+                        hp.to_string(),
+                        RplbControlClient::new(dial(hp, Kind::Rplb)?),
+                    ))
+                })
+                .collect::<Result<_, ConfigError>>()?,
         })
     }
 
@@ -152,9 +163,13 @@ fn first(list: &[HostPort], kind: Kind) -> Result<Option<Channel>, ConfigError> 
             "several addresses given; operations use the first"
         );
     }
+    dial(hp, kind).map(Some)
+}
+
+/// A channel to the service of `kind` at `hp`.
+fn dial(hp: &HostPort, kind: Kind) -> Result<Channel, ConfigError> {
     form_runtime::tls::client::channel(kind, std::slice::from_ref(hp), |e| {
         e.connect_timeout(PROBE_TIMEOUT).tcp_nodelay(true)
     })
-    .map(Some)
-    .map_err(|e| ConfigError::invalid(name, e))
+    .map_err(|e| ConfigError::invalid(kind.as_str(), e))
 }

@@ -441,6 +441,9 @@ pub struct Operation {
     /// What it did with the application's state (sync and handoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_transfer: Option<StateTransfer>,
+    /// What the run noted on its way, e.g. a balancer it stopped waiting for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The latest operation, as the status shows it.
@@ -847,5 +850,6 @@ pub fn operation(o: types::Operation) -> Operation {
             not_handed_off: t.not_handed_off,
             contract: t.contract,
         }),
+        notes: o.notes,
     }
 }

@@ -316,49 +316,89 @@ pub async fn set_status_with(
     Ok(())
 }
 
-async fn wait_serving(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
-    let Some(rplb) = e.platform.rplb.clone() else {
-        return Ok(());
-    };
-    if op.new_instances.is_empty() {
+/// Waits until every balancer serves the new instances. A balancer that cannot be
+/// reached for `balancer_timeout` is not waited for: the operation notes it.
+async fn wait_serving(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
+    if op.new_instances.is_empty() || e.platform.balancers.is_empty() {
         return Ok(());
     }
     let domain = e.platform.cluster(&op.cluster_id).await?.domain;
     let deadline = tokio::time::Instant::now() + e.limits.ready_timeout;
+    let mut waiting = e.platform.balancers.clone();
+    // Since when each balancer has not answered.
+    let mut silent: std::collections::HashMap<String, tokio::time::Instant> =
+        std::collections::HashMap::new();
     loop {
-        let stats = match rplb
-            .clone()
-            .get_stats(rplb_pb::GetStatsRequest {
-                domain: domain.clone(),
-            })
-            .await
-        {
-            Ok(s) => s.into_inner(),
-            // A cluster just created: the balancer has not made its route yet.
-            Err(s) if s.code() == tonic::Code::NotFound => rplb_pb::StatsReply::default(),
-            Err(s) => return Err(OpError::rpc(format!("balancer stats of {domain}"), &s)),
-        };
-        let active: Vec<&str> = stats
-            .routes
-            .iter()
-            .flat_map(|r| &r.backends)
-            .filter(|b| b.state == rplb_pb::BackendState::Active as i32)
-            .map(|b| b.id.as_str())
-            .collect();
-        let missing: Vec<&String> = op
-            .new_instances
-            .iter()
-            .filter(|id| !active.contains(&id.as_str()))
-            .collect();
-        if missing.is_empty() {
+        let mut still = Vec::new();
+        let mut missing_anywhere: Vec<String> = Vec::new();
+        for (at, mut rplb) in waiting {
+            let stats = match rplb
+                .get_stats(rplb_pb::GetStatsRequest {
+                    domain: domain.clone(),
+                })
+                .await
+            {
+                Ok(s) => {
+                    silent.remove(&at);
+                    s.into_inner()
+                }
+                // A cluster just created: the balancer has not made its route yet.
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    silent.remove(&at);
+                    rplb_pb::StatsReply::default()
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    let since = *silent
+                        .entry(at.clone())
+                        .or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= e.limits.balancer_timeout {
+                        tracing::warn!(balancer = %at, error = %s, "balancer unreachable; not waiting for it to serve the new instances");
+                        op.notes.push(format!(
+                            "stopped waiting for balancer {at} to serve {:?}: unreachable for {:?} ({})",
+                            op.new_instances,
+                            e.limits.balancer_timeout,
+                            s.message()
+                        ));
+                    } else {
+                        still.push((at, rplb));
+                    }
+                    continue;
+                }
+                Err(s) => {
+                    return Err(OpError::rpc(
+                        format!("balancer {at}: stats of {domain}"),
+                        &s,
+                    ));
+                }
+            };
+            let active: Vec<&str> = stats
+                .routes
+                .iter()
+                .flat_map(|r| &r.backends)
+                .filter(|b| b.state == rplb_pb::BackendState::Active as i32)
+                .map(|b| b.id.as_str())
+                .collect();
+            let missing: Vec<String> = op
+                .new_instances
+                .iter()
+                .filter(|id| !active.contains(&id.as_str()))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                missing_anywhere.extend(missing.into_iter().map(|m| format!("{m} on {at}")));
+                still.push((at, rplb));
+            }
+        }
+        if still.is_empty() {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(OpError::new(format!(
-                "the balancer does not serve {missing:?} on {domain} within {:?}",
+                "the balancers do not serve {missing_anywhere:?} on {domain} within {:?}",
                 e.limits.ready_timeout
             )));
         }
+        waiting = still;
         tokio::time::sleep(e.limits.poll).await;
     }
 }

@@ -36,6 +36,8 @@ pub struct Limits {
     pub ready_timeout: Duration,
     /// A victim's drain must end within this.
     pub drain_timeout: Duration,
+    /// An unreachable balancer holds up a drain or a wait at most this long.
+    pub balancer_timeout: Duration,
     /// Delay between two looks at something awaited.
     pub poll: Duration,
     /// An operation not done this long after its request is rolled back and fails.
@@ -47,6 +49,7 @@ impl Default for Limits {
         Self {
             ready_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(120),
+            balancer_timeout: Duration::from_secs(30),
             poll: Duration::from_millis(20),
             operation_timeout: Duration::from_secs(600),
         }

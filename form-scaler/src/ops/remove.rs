@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use super::Step;
-use super::create::{delete_instances, delete_snapshots, join_all, remove_members, set_status};
+use super::create::{delete_instances, delete_snapshots, remove_members, set_status};
 use super::engine::Engine;
 use crate::platform::{OpError, not_found};
 
@@ -95,8 +95,10 @@ async fn in_flight_done(
     }
 }
 
-async fn drain(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
-    drain_members(e, op, &op.victims, op.drain_connections).await
+async fn drain(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
+    let notes = drain_members(e, op, &op.victims, op.drain_connections).await?;
+    op.notes.extend(notes);
+    Ok(())
 }
 
 fn drain_config(d: types::DrainSettings) -> rplb_pb::ConnectionDrainConfig {
@@ -108,24 +110,25 @@ fn drain_config(d: types::DrainSettings) -> rplb_pb::ConnectionDrainConfig {
 }
 
 /// Marks `ids` draining and, with `drain_connections` or state sync, follows their
-/// drain on the balancer until no request reaches them.
+/// drain on every balancer until no request reaches them. A balancer that cannot be
+/// reached for `balancer_timeout` is not waited for; the notes returned say which.
 pub async fn drain_members(
     e: &Engine,
     op: &types::Operation,
     ids: &[String],
     drain_connections: bool,
-) -> Result<(), OpError> {
+) -> Result<Vec<String>, OpError> {
     if ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     // The balancer drains a DRAINING member as the member says: the operation's
     // settings (the request's, else the cluster's).
     let settings =
         drain_connections.then(|| op.drain.unwrap_or_else(form_proto::default_drain_settings));
     super::create::set_status_with(e, op, ids, state_pb::MemberStatus::Draining, settings).await?;
-    let Some(rplb) = e.platform.rplb.clone() else {
-        return Ok(());
-    };
+    if e.platform.balancers.is_empty() {
+        return Ok(Vec::new());
+    }
     let cluster = e.platform.cluster(&op.cluster_id).await?;
     // A victim whose changes are handed off must receive no request after the
     // handoff reads them: without `drain_connections` the drain still waits, but only
@@ -143,55 +146,123 @@ pub async fn drain_members(
             notify_clients: false,
         })
     } else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let synced = super::sync::enabled(&cluster);
     let domain = cluster.domain;
+    // A grace period longer than the drain timeout is the operator's choice.
+    let timeout = e.limits.drain_timeout.max(
+        std::time::Duration::from_secs(drain.map_or(0, |d| u64::from(d.grace_period_seconds)))
+            + std::time::Duration::from_secs(10),
+    );
     let mut set = JoinSet::new();
-    for id in ids {
-        let id = id.clone();
-        let mut rplb = rplb.clone();
-        let domain = domain.clone();
-        // A grace period longer than the drain timeout is the operator's choice.
-        let timeout = e.limits.drain_timeout.max(
-            std::time::Duration::from_secs(drain.map_or(0, |d| u64::from(d.grace_period_seconds)))
-                + std::time::Duration::from_secs(10),
-        );
-        let poll = e.limits.poll;
-        set.spawn(async move {
-            let req = rplb_pb::DrainBackendRequest {
+    for (at, rplb) in &e.platform.balancers {
+        for id in ids {
+            let follow = Follow {
+                at: at.clone(),
+                rplb: rplb.clone(),
                 domain: domain.clone(),
-                backend_id: id.clone(),
+                id: id.clone(),
                 drain,
+                synced,
+                poll: e.limits.poll,
+                patience: e.limits.balancer_timeout,
             };
-            let follow = async {
-                let mut stream = match rplb.drain_backend(req).await {
-                    Ok(s) => s.into_inner(),
-                    // Not on the balancer (never routed, or already gone): nothing to drain.
-                    Err(s) if not_found(&s) => return Ok(()),
-                    Err(s) => return Err(OpError::rpc(format!("draining {id}"), &s)),
-                };
-                while let Some(p) = stream
-                    .message()
+            set.spawn(async move {
+                let what = format!(
+                    "drain of {} on {} (balancer {})",
+                    follow.id, follow.domain, follow.at
+                );
+                tokio::time::timeout(timeout, follow.run())
                     .await
-                    .map_err(|s| OpError::rpc(format!("draining {id}"), &s))?
-                {
-                    if p.result != rplb_pb::DrainResult::Unspecified as i32 {
-                        tracing::info!(backend = %id, result = p.result, in_flight = p.in_flight, "drain ended");
-                        if synced && p.in_flight > 0 {
-                            // The grace period ended with requests still running: their
-                            // writes must land before the handoff reads the victim.
-                            in_flight_done(&mut rplb, &domain, &id, poll).await?;
-                        }
-                        return Ok(());
-                    }
-                }
-                Ok(())
-            };
-            tokio::time::timeout(timeout, follow)
-                .await
-                .unwrap_or_else(|_| Err(OpError::new(format!("drain of {id} on {domain} took longer than {timeout:?}"))))
-        });
+                    .unwrap_or_else(|_| {
+                        Err(OpError::new(format!("{what} took longer than {timeout:?}")))
+                    })
+            });
+        }
     }
-    join_all(set).await
+    // Every follow ends before the first error is returned (as `join_all` does).
+    let (mut notes, mut first) = (Vec::new(), None);
+    while let Some(r) = set.join_next().await {
+        match r.unwrap_or_else(|j| Err(OpError::new(format!("task failed: {j}")))) {
+            Ok(Some(note)) => notes.push(note),
+            Ok(None) => {}
+            Err(err) => {
+                first.get_or_insert(err);
+            }
+        }
+    }
+    if let Some(err) = first {
+        return Err(err);
+    }
+    notes.sort();
+    notes.dedup();
+    Ok(notes)
+}
+
+/// One victim's drain followed on one balancer.
+struct Follow {
+    at: String,
+    rplb: RplbControlClient<Channel>,
+    domain: String,
+    id: String,
+    drain: Option<rplb_pb::ConnectionDrainConfig>,
+    synced: bool,
+    poll: std::time::Duration,
+    patience: std::time::Duration,
+}
+
+impl Follow {
+    /// Follows the drain to its end; `Some(note)` when the balancer could not be
+    /// reached within `patience` and was not waited for.
+    async fn run(mut self) -> Result<Option<String>, OpError> {
+        let id = self.id.clone();
+        let started = tokio::time::Instant::now();
+        let mut stream = loop {
+            let req = rplb_pb::DrainBackendRequest {
+                domain: self.domain.clone(),
+                backend_id: id.clone(),
+                drain: self.drain,
+            };
+            match self.rplb.drain_backend(req).await {
+                Ok(s) => break s.into_inner(),
+                // Not on the balancer (never routed, or already gone): nothing to drain.
+                Err(s) if not_found(&s) => return Ok(None),
+                Err(s) if unreachable(&s) && started.elapsed() < self.patience => {
+                    tokio::time::sleep(self.poll.max(std::time::Duration::from_millis(200))).await;
+                }
+                Err(s) if unreachable(&s) => {
+                    tracing::warn!(balancer = %self.at, backend = %id, error = %s, "balancer unreachable; not waiting for its drain");
+                    return Ok(Some(format!(
+                        "stopped waiting for balancer {} to drain {id}: unreachable for {:?} ({})",
+                        self.at,
+                        self.patience,
+                        s.message()
+                    )));
+                }
+                Err(s) => return Err(OpError::rpc(format!("draining {id} on {}", self.at), &s)),
+            }
+        };
+        while let Some(p) = stream
+            .message()
+            .await
+            .map_err(|s| OpError::rpc(format!("draining {id} on {}", self.at), &s))?
+        {
+            if p.result != rplb_pb::DrainResult::Unspecified as i32 {
+                tracing::info!(balancer = %self.at, backend = %id, result = p.result, in_flight = p.in_flight, "drain ended");
+                if self.synced && p.in_flight > 0 {
+                    // The grace period ended with requests still running: their
+                    // writes must land before the handoff reads the victim.
+                    in_flight_done(&mut self.rplb, &self.domain, &id, self.poll).await?;
+                }
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Whether `s` says the balancer could not be reached (as opposed to answering).
+fn unreachable(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
 }

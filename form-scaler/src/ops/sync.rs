@@ -160,7 +160,7 @@ pub async fn carry_keys(
 /// stay, before a later undo removes and deletes them. When that cannot be done the
 /// undo fails (retried, then the rollback is suspended and resumed later): an instance
 /// holding writes is never deleted.
-pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
+pub async fn give_back(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
     if op.new_instances.is_empty() {
         return Ok(());
     }
@@ -202,7 +202,8 @@ pub async fn give_back(e: &Engine, op: &types::Operation) -> Result<(), OpError>
             "no running member stays to take the changes of {served:?}; they are kept, serving, until one does"
         )));
     }
-    super::remove::drain_members(e, op, &served, false).await?;
+    let notes = super::remove::drain_members(e, op, &served, false).await?;
+    op.notes.extend(notes);
     for new in &served {
         match carry(&vmm, new, "", &stay, BATCH_BYTES, false).await {
             Ok(c) => {
