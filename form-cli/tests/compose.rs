@@ -47,6 +47,24 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         assert_eq!((code, val.as_str()), (200, "one"));
     }
     assert!(seen.len() >= 2, "both instances serve: {seen:?}");
+    // The second balancer serves the same cluster, the clone included.
+    let lb2 = c.port("form-rplb-2", 8080);
+    let mut seen2 = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (code, _, who) = probe::http_call(lb2, "GET", "/whoami", &DEMO_HOST, b"")
+            .await
+            .expect("whoami via the second balancer");
+        assert_eq!(code, 200);
+        seen2.insert(who);
+        let (code, _, val) = probe::http_call(lb2, "GET", "/kv/alpha", &DEMO_HOST, b"")
+            .await
+            .expect("kv via the second balancer");
+        assert_eq!((code, val.as_str()), (200, "one"));
+    }
+    assert!(
+        seen2.len() >= 2,
+        "both instances serve through form-rplb-2: {seen2:?}"
+    );
 
     // What each container's process is, from the kernel: no root and no capability
     // (form-vmm: root, with the six it needs to run workloads as nobody), no privilege
@@ -57,6 +75,7 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         "form-state-2",
         "form-state-3",
         "form-rplb",
+        "form-rplb-2",
         "form-scaler",
         "form-mcp",
         "form-certs",

@@ -52,7 +52,8 @@ impl Compose {
             .unwrap_or_else(|e| panic!("{e}"));
         // A directory per certificate volume (compose-certs.yml binds them).
         for holder in [
-            "formctl", "state-1", "state-2", "state-3", "vmm-1", "rplb-1", "scaler-1", "mcp-1",
+            "formctl", "state-1", "state-2", "state-3", "vmm-1", "rplb-1", "rplb-2", "scaler-1",
+            "mcp-1",
         ] {
             std::fs::create_dir_all(certs.path().join(holder)).expect("certs dir");
         }
@@ -62,6 +63,7 @@ impl Compose {
             project: format!("form{label}{}", std::process::id()),
             env: vec![
                 ("FORM_HTTP_PORT".into(), "127.0.0.1:".into()),
+                ("FORM_HTTP_PORT_2".into(), "127.0.0.1:".into()),
                 ("FORM_API_PORT".into(), "127.0.0.1:".into()),
                 ("FORM_SUBNET".into(), format!("172.30.{n}.0/24")),
                 ("FORM_VMM_IP".into(), format!("172.30.{n}.20")),
