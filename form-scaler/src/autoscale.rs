@@ -66,6 +66,8 @@ pub async fn run(shared: Arc<Shared>, settings: Settings, mut shutdown: Shutdown
 struct Balancer {
     loads: HashMap<String, Load>,
     ejected: HashSet<String>,
+    /// A balancer did not answer: `loads` stays empty this round.
+    incomplete: bool,
 }
 
 async fn balancer(shared: &Shared) -> Balancer {
@@ -73,13 +75,15 @@ async fn balancer(shared: &Shared) -> Balancer {
     // Each balancer serves a share of the clients: an instance's load is the sum, and
     // one balancer's ejection counts.
     for (_, rplb) in &shared.engine.platform.balancers {
-        let Ok(s) = rplb
-            .clone()
-            .get_stats(rplb_pb::GetStatsRequest {
-                domain: String::new(),
-            })
-            .await
-        else {
+        let mut rplb = rplb.clone();
+        let call = rplb.get_stats(rplb_pb::GetStatsRequest {
+            domain: String::new(),
+        });
+        let Ok(Ok(s)) = tokio::time::timeout(crate::platform::BALANCER_CALL, call).await else {
+            // A balancer that does not answer would make every instance look less
+            // busy than it is: no request rate this round (CPU still counts).
+            out.loads.clear();
+            out.incomplete = true;
             continue;
         };
         for r in s.into_inner().routes {
@@ -87,6 +91,9 @@ async fn balancer(shared: &Shared) -> Balancer {
                 let key = format!("{}/{}", r.cluster_id, b.id);
                 if b.state == rplb_pb::BackendState::Ejected as i32 {
                     out.ejected.insert(key.clone());
+                }
+                if out.incomplete {
+                    continue;
                 }
                 out.loads
                     .entry(key)

@@ -116,6 +116,17 @@ impl ServiceConfig for Config {
                 ));
             }
         }
+        // An unreachable balancer is given up before the step itself times out.
+        let limit = self.ready_timeout_ms.min(self.drain_timeout_ms);
+        if self.balancer_timeout_ms >= limit {
+            return Err(ConfigError::invalid(
+                "balancer_timeout_ms",
+                format!(
+                    "{} is not accepted; expected less than ready_timeout_ms ({}) and drain_timeout_ms ({}), so that an operation goes on without an unreachable balancer",
+                    self.balancer_timeout_ms, self.ready_timeout_ms, self.drain_timeout_ms
+                ),
+            ));
+        }
         if self.controller_ttl_ms < 2 * self.controller_heartbeat_ms {
             return Err(ConfigError::invalid(
                 "controller_ttl_ms",

@@ -369,12 +369,11 @@ impl Shared {
         let mut load: HashMap<String, (u32, u32)> = HashMap::new();
         // Summed over the balancers: each pins its own clients.
         for (_, rplb) in &self.engine.platform.balancers {
-            let Ok(stats) = rplb
-                .clone()
-                .get_stats(rplb_pb::GetStatsRequest {
-                    domain: c.domain.clone(),
-                })
-                .await
+            let mut rplb = rplb.clone();
+            let call = rplb.get_stats(rplb_pb::GetStatsRequest {
+                domain: c.domain.clone(),
+            });
+            let Ok(Ok(stats)) = tokio::time::timeout(crate::platform::BALANCER_CALL, call).await
             else {
                 continue;
             };

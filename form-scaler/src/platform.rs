@@ -166,10 +166,19 @@ fn first(list: &[HostPort], kind: Kind) -> Result<Option<Channel>, ConfigError> 
     dial(hp, kind).map(Some)
 }
 
-/// A channel to the service of `kind` at `hp`.
+/// A channel to the service of `kind` at `hp`. HTTP/2 pings find a peer that went
+/// away while a call (a drain's stream) was open.
 fn dial(hp: &HostPort, kind: Kind) -> Result<Channel, ConfigError> {
     form_runtime::tls::client::channel(kind, std::slice::from_ref(hp), |e| {
-        e.connect_timeout(PROBE_TIMEOUT).tcp_nodelay(true)
+        e.connect_timeout(PROBE_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(BALANCER_CALL)
+            .keep_alive_timeout(BALANCER_CALL)
+            .keep_alive_while_idle(true)
     })
     .map_err(|e| ConfigError::invalid(kind.as_str(), e))
 }
+
+/// Longest a balancer may take to answer one call (its statistics, the start of a
+/// drain) before it counts as unreachable.
+pub const BALANCER_CALL: std::time::Duration = std::time::Duration::from_secs(3);

@@ -20,14 +20,12 @@ const OP_DEADLINE: Duration = Duration::from_secs(60);
 async fn backends_on(
     rplb: &mut RplbControlClient<tonic::transport::Channel>,
 ) -> Vec<(String, i32)> {
-    let Ok(stats) = rplb
+    let stats = rplb
         .get_stats(rplb_pb::GetStatsRequest {
             domain: DOMAIN.into(),
         })
         .await
-    else {
-        return Vec::new();
-    };
+        .expect("the balancer's statistics");
     let mut v: Vec<(String, i32)> = stats
         .into_inner()
         .routes
@@ -37,6 +35,16 @@ async fn backends_on(
         .collect();
     v.sort();
     v
+}
+
+/// The operation `id` as form-state has it.
+async fn scaler_op(stack: &mut Stack, id: &str) -> form_proto::types::v1::Operation {
+    stack
+        .operations()
+        .await
+        .into_iter()
+        .find(|o| o.operation_id == id)
+        .expect("the operation")
 }
 
 #[tokio::test]
@@ -55,8 +63,19 @@ async fn operations_follow_every_balancer_and_go_on_without_a_dead_one() {
             .await
             .expect("rplb 2"),
     );
+    // Scale-ins stop before their victims leave the members, until `go` exists: the
+    // test then sees what each balancer made of the drain.
+    let go = stack.dir.path().join("go");
+    let hold = format!("remove_victim_members=hold:{}", go.display());
     let mut scaler = stack
-        .start_scaler(&["--rplb", &second_addr, "--balancer-timeout-ms", "1500"])
+        .start_scaler(&[
+            "--rplb",
+            &second_addr,
+            "--balancer-timeout-ms",
+            "1500",
+            "--inject-fault",
+            &hold,
+        ])
         .await;
 
     // Scale out: when the operation completes, both balancers serve the clone.
@@ -80,25 +99,34 @@ async fn operations_follow_every_balancer_and_go_on_without_a_dead_one() {
         );
     }
 
-    // Scale in: when it completes, neither balancer routes to the victim.
+    // Scale in: once its drain step is done, both balancers have drained the victim.
     let reply = scaler
         .scale(scale(OperationKind::ScaleIn, 1))
         .await
         .expect("scale in")
         .into_inner();
+    form_testkit::assert_eventually!(
+        async {
+            status(&scaler_op(&mut stack, &reply.operation_id).await)
+                == "in_progress: remove_victim_members"
+        },
+        "the scale-in reaches remove_victim_members"
+    );
+    let victim = scaler_op(&mut stack, &reply.operation_id).await.victims[0].clone();
+    let drained = rplb_pb::BackendState::Drained as i32;
+    for (name, backends) in [
+        ("first", stack.backends().await),
+        ("second", backends_on(&mut second_client).await),
+    ] {
+        assert!(
+            backends.contains(&(victim.clone(), drained)),
+            "the {name} balancer has not drained {victim}: {backends:?}"
+        );
+    }
+    std::fs::write(&go, "").expect("release the hold");
     let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
     assert_eq!(status(&op), "completed", "{op:?}");
     assert!(op.notes.is_empty(), "{:?}", op.notes);
-    let victim = op.victims[0].clone();
-    for backends in [
-        stack.backends().await,
-        backends_on(&mut second_client).await,
-    ] {
-        assert!(
-            !backends.iter().any(|(id, s)| *id == victim && *s == active),
-            "{victim} still served: {backends:?}"
-        );
-    }
 
     // The second balancer dies: operations still complete, after the timeout, and say
     // which balancer they stopped waiting for.

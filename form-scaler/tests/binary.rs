@@ -45,3 +45,12 @@ fn without_form_state_it_refuses_to_run_and_says_what_is_needed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--state HOST:PORT"), "{stderr}");
 }
+
+#[test]
+fn a_balancer_timeout_past_the_step_timeouts_exits_2_naming_them() {
+    form_testkit::conformance::rejects_args(
+        std::path::Path::new(env!("CARGO_BIN_EXE_form-scaler")),
+        &["--balancer-timeout-ms", "60000"],
+        &["balancer_timeout_ms", "60000", "less than ready_timeout_ms"],
+    );
+}

@@ -188,10 +188,16 @@ impl StateService for StateApi {
         &self,
         req: Request<pb::NodeHeartbeatRequest>,
     ) -> Result<pb::WriteReply> {
+        let sender = req
+            .extensions()
+            .get::<form_runtime::tls::Peer>()
+            .and_then(|p| p.identity.as_ref())
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let r = req.into_inner();
         let w = self
             .store
-            .write(|s, a| write::node_heartbeat(s, a, now_ms(), &r))
+            .write(|s, a| write::node_heartbeat(s, a, now_ms(), &r, &sender))
             .await?;
         Ok(self.reply(w))
     }

@@ -150,6 +150,10 @@ impl ServiceConfig for Config {
                 "must be at least 1",
             ));
         }
+        if !self.node_id.trim().is_empty() {
+            form_runtime::ids::check(&self.node_id)
+                .map_err(|e| ConfigError::invalid("--node-id", e))?;
+        }
         if self.node_id.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "--node-id",

@@ -97,6 +97,8 @@ impl Record {
             used: Some(used),
             labels: self.labels.clone().into_iter().collect(),
             backend: self.backend.clone(),
+            // The replica sets it from this node's certificate.
+            identity: String::new(),
         }
     }
 }

@@ -40,4 +40,5 @@ fn node_record_settings_that_cannot_serve_exit_2_naming_them() {
         &["--instance-slots", "0"],
         &["--instance-slots", "at least 1"],
     );
+    conformance::rejects_args(bin, &["--node-id", "node 1"], &["--node-id", "node 1"]);
 }

@@ -215,7 +215,7 @@ async fn the_node_records_itself_with_capacity_usage_and_labels_and_can_be_cordo
         "the instance counts in the node's usage"
     );
 
-    // Operators cordon it; a vmm node may not (only its own heartbeat is its to send).
+    // Operators cordon it; a vmm node may not (only its own record is its to write).
     let cordon = |on: bool| state::SetNodeCordonRequest {
         node_id: "node-7".into(),
         cordoned: on,
@@ -230,6 +230,23 @@ async fn the_node_records_itself_with_capacity_usage_and_labels_and_can_be_cordo
         .await
         .expect_err("refused");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Another vmm's certificate cannot take this node's record over.
+    let e = as_vmm
+        .node_heartbeat(state::NodeHeartbeatRequest {
+            node_id: "node-7".into(),
+            addresses: vec!["127.0.0.1:1".into()],
+            backend: "process".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not its record");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("is recorded by vmm/"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(nodes().await[0].addresses, [grpc.to_string()]);
     let mut op = form_proto::state::v1::state_service_client::StateServiceClient::new(
         probe::channel_as(replicas.addrs[0], Kind::Operator)
             .await

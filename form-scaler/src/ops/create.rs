@@ -332,12 +332,18 @@ async fn wait_serving(e: &Engine, op: &mut types::Operation) -> Result<(), OpErr
         let mut still = Vec::new();
         let mut missing_anywhere: Vec<String> = Vec::new();
         for (at, mut rplb) in waiting {
-            let stats = match rplb
-                .get_stats(rplb_pb::GetStatsRequest {
-                    domain: domain.clone(),
-                })
+            let call = rplb.get_stats(rplb_pb::GetStatsRequest {
+                domain: domain.clone(),
+            });
+            let answer = tokio::time::timeout(crate::platform::BALANCER_CALL, call)
                 .await
-            {
+                .unwrap_or_else(|_| {
+                    Err(tonic::Status::unavailable(format!(
+                        "no answer within {:?}",
+                        crate::platform::BALANCER_CALL
+                    )))
+                });
+            let stats = match answer {
                 Ok(s) => {
                     silent.remove(&at);
                     s.into_inner()
@@ -353,12 +359,13 @@ async fn wait_serving(e: &Engine, op: &mut types::Operation) -> Result<(), OpErr
                         .or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= e.limits.balancer_timeout {
                         tracing::warn!(balancer = %at, error = %s, "balancer unreachable; not waiting for it to serve the new instances");
-                        op.notes.push(format!(
+                        let note = format!(
                             "stopped waiting for balancer {at} to serve {:?}: unreachable for {:?} ({})",
                             op.new_instances,
                             e.limits.balancer_timeout,
                             s.message()
-                        ));
+                        );
+                        super::remove::add_notes(op, vec![note]);
                     } else {
                         still.push((at, rplb));
                     }

@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use super::Step;
 use super::create::{delete_instances, delete_snapshots, remove_members, set_status};
 use super::engine::Engine;
-use crate::platform::{OpError, not_found};
+use crate::platform::{BALANCER_CALL, OpError, not_found};
 
 /// Runs `step` (one of this module's).
 pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
@@ -74,14 +74,16 @@ async fn in_flight_done(
     domain: &str,
     id: &str,
     poll: std::time::Duration,
-) -> Result<(), OpError> {
+) -> Result<(), tonic::Status> {
     loop {
-        let stats = rplb
-            .get_stats(rplb_pb::GetStatsRequest {
-                domain: domain.to_owned(),
-            })
+        let call = rplb.get_stats(rplb_pb::GetStatsRequest {
+            domain: domain.to_owned(),
+        });
+        let stats = tokio::time::timeout(BALANCER_CALL, call)
             .await
-            .map_err(|s| OpError::rpc(format!("balancer stats of {domain}"), &s))?
+            .map_err(|_| {
+                tonic::Status::unavailable(format!("no answer within {BALANCER_CALL:?}"))
+            })??
             .into_inner();
         let busy = stats
             .routes
@@ -97,8 +99,17 @@ async fn in_flight_done(
 
 async fn drain(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
     let notes = drain_members(e, op, &op.victims, op.drain_connections).await?;
-    op.notes.extend(notes);
+    add_notes(op, notes);
     Ok(())
+}
+
+/// Adds `notes` to the operation's, each once (a step run again says it again).
+pub fn add_notes(op: &mut types::Operation, notes: Vec<String>) {
+    for n in notes {
+        if !op.notes.contains(&n) {
+            op.notes.push(n);
+        }
+    }
 }
 
 fn drain_config(d: types::DrainSettings) -> rplb_pb::ConnectionDrainConfig {
@@ -214,51 +225,66 @@ struct Follow {
 
 impl Follow {
     /// Follows the drain to its end; `Some(note)` when the balancer could not be
-    /// reached within `patience` and was not waited for.
+    /// reached for `patience` (it refused connections, did not answer within
+    /// [`BALANCER_CALL`], or its stream broke and it could not be asked again) and
+    /// was not waited for any longer.
     async fn run(mut self) -> Result<Option<String>, OpError> {
         let id = self.id.clone();
-        let started = tokio::time::Instant::now();
-        let mut stream = loop {
+        // Since when the balancer has not been reachable.
+        let mut silent: Option<tokio::time::Instant> = None;
+        loop {
             let req = rplb_pb::DrainBackendRequest {
                 domain: self.domain.clone(),
                 backend_id: id.clone(),
                 drain: self.drain,
             };
-            match self.rplb.drain_backend(req).await {
-                Ok(s) => break s.into_inner(),
+            let lost = match tokio::time::timeout(BALANCER_CALL, self.rplb.drain_backend(req)).await
+            {
+                Ok(Ok(s)) => match self.follow(s.into_inner()).await {
+                    Ok(()) => return Ok(None),
+                    Err(s) if unreachable(&s) => s.message().to_owned(),
+                    Err(s) => {
+                        return Err(OpError::rpc(format!("draining {id} on {}", self.at), &s));
+                    }
+                },
                 // Not on the balancer (never routed, or already gone): nothing to drain.
-                Err(s) if not_found(&s) => return Ok(None),
-                Err(s) if unreachable(&s) && started.elapsed() < self.patience => {
-                    tokio::time::sleep(self.poll.max(std::time::Duration::from_millis(200))).await;
+                Ok(Err(s)) if not_found(&s) => return Ok(None),
+                Ok(Err(s)) if unreachable(&s) => s.message().to_owned(),
+                Ok(Err(s)) => {
+                    return Err(OpError::rpc(format!("draining {id} on {}", self.at), &s));
                 }
-                Err(s) if unreachable(&s) => {
-                    tracing::warn!(balancer = %self.at, backend = %id, error = %s, "balancer unreachable; not waiting for its drain");
-                    return Ok(Some(format!(
-                        "stopped waiting for balancer {} to drain {id}: unreachable for {:?} ({})",
-                        self.at,
-                        self.patience,
-                        s.message()
-                    )));
-                }
-                Err(s) => return Err(OpError::rpc(format!("draining {id} on {}", self.at), &s)),
+                Err(_) => format!("no answer within {BALANCER_CALL:?}"),
+            };
+            let since = *silent.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= self.patience {
+                tracing::warn!(balancer = %self.at, backend = %id, error = %lost, "balancer unreachable; not waiting for its drain");
+                return Ok(Some(format!(
+                    "stopped waiting for balancer {} to drain {id}: unreachable for {:?} ({lost})",
+                    self.at, self.patience
+                )));
             }
-        };
-        while let Some(p) = stream
-            .message()
-            .await
-            .map_err(|s| OpError::rpc(format!("draining {id} on {}", self.at), &s))?
-        {
+            tokio::time::sleep(self.poll.max(std::time::Duration::from_millis(200))).await;
+        }
+    }
+
+    /// Reads the drain's progress until it ends (then waits for the requests in flight
+    /// when the handoff needs it).
+    async fn follow(
+        &mut self,
+        mut stream: tonic::Streaming<rplb_pb::DrainProgress>,
+    ) -> Result<(), tonic::Status> {
+        while let Some(p) = stream.message().await? {
             if p.result != rplb_pb::DrainResult::Unspecified as i32 {
-                tracing::info!(balancer = %self.at, backend = %id, result = p.result, in_flight = p.in_flight, "drain ended");
+                tracing::info!(balancer = %self.at, backend = %self.id, result = p.result, in_flight = p.in_flight, "drain ended");
                 if self.synced && p.in_flight > 0 {
                     // The grace period ended with requests still running: their
                     // writes must land before the handoff reads the victim.
-                    in_flight_done(&mut self.rplb, &self.domain, &id, self.poll).await?;
+                    in_flight_done(&mut self.rplb, &self.domain, &self.id, self.poll).await?;
                 }
-                return Ok(None);
+                return Ok(());
             }
         }
-        Ok(None)
+        Ok(())
     }
 }
 

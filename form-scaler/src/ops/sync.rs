@@ -203,7 +203,7 @@ pub async fn give_back(e: &Engine, op: &mut types::Operation) -> Result<(), OpEr
         )));
     }
     let notes = super::remove::drain_members(e, op, &served, false).await?;
-    op.notes.extend(notes);
+    super::remove::add_notes(op, notes);
     for new in &served {
         match carry(&vmm, new, "", &stay, BATCH_BYTES, false).await {
             Ok(c) => {

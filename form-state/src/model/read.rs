@@ -140,6 +140,12 @@ pub fn controllers(state: &State) -> Vec<pb::ControllerInfo> {
         .collect()
 }
 
+/// The identity that writes node `id`'s record, if it has one.
+pub fn node_identity(state: &State, id: &str) -> Option<String> {
+    let r: pb::NodeHeartbeatRequest = decode(state.get(&Key::node(id, Field::NodeHeartbeat)))?;
+    Some(r.identity)
+}
+
 /// Every node that sent a heartbeat, ordered by id.
 pub fn nodes(state: &State) -> Vec<pb::NodeInfo> {
     state
@@ -163,6 +169,7 @@ pub fn nodes(state: &State) -> Vec<pb::NodeInfo> {
                 backend: r.backend,
                 last_heartbeat_ms: e.rank,
                 cordoned,
+                identity: r.identity,
             })
         })
         .collect()

@@ -392,14 +392,32 @@ const MAX_LABELS: usize = 32;
 const MAX_LABEL_KEY: usize = 63;
 const MAX_LABEL_VALUE: usize = 256;
 
-/// `NodeHeartbeat`: the node's latest record (older ones are ignored).
+/// `NodeHeartbeat` from `sender` (its certificate identity; empty in plaintext): the
+/// node's latest record (older ones are ignored). The first identity to write a
+/// node's record keeps it: another vmm cannot take the record over.
 pub fn node_heartbeat(
     state: &State,
     actor: &str,
     now: u64,
     r: &pb::NodeHeartbeatRequest,
+    sender: &str,
 ) -> Result<Option<Delta>, StateError> {
     validate::id("node_id", &r.node_id)?;
+    let key = Key::node(&r.node_id, Field::NodeHeartbeat);
+    if let Some(owner) = read::node_identity(state, &r.node_id)
+        && !owner.is_empty()
+        && owner != sender
+    {
+        return Err(StateError::FailedPrecondition(format!(
+            "node '{}' is recorded by {owner}; {} may not write its record",
+            r.node_id,
+            if sender.is_empty() {
+                "an unidentified caller"
+            } else {
+                sender
+            }
+        )));
+    }
     if r.addresses.is_empty() || r.addresses.len() > 8 {
         return Err(StateError::invalid(
             "addresses",
@@ -439,12 +457,12 @@ pub fn node_heartbeat(
         ));
     }
     let at = heartbeat_time(r.at_ms, now);
-    let key = Key::node(&r.node_id, Field::NodeHeartbeat);
     if state.get(&key).is_some_and(|e| e.rank >= at) {
         return Ok(None);
     }
     let record = pb::NodeHeartbeatRequest {
         at_ms: at,
+        identity: sender.to_owned(),
         ..r.clone()
     };
     let value = msg_value("node", &record)?;
@@ -610,23 +628,26 @@ mod tests {
             }),
             labels: [("zone".to_owned(), "eu-1".to_owned())].into(),
             backend: "process".into(),
+            identity: String::new(),
         }
     }
 
     #[test]
     fn nodes_keep_their_newest_record_never_dated_after_the_replica() {
         let mut s = State::default();
-        apply(&mut s, |s| node_heartbeat(s, "a", 1_000, &node("n1", 900)));
+        apply(&mut s, |s| {
+            node_heartbeat(s, "a", 1_000, &node("n1", 900), "vmm/n1")
+        });
         let mut older = node("n1", 800);
         older.used = None;
         assert!(
-            node_heartbeat(&s, "a", 1_000, &older)
+            node_heartbeat(&s, "a", 1_000, &older, "vmm/n1")
                 .expect("valid")
                 .is_none()
         );
         // A heartbeat from the future is kept at the replica's time.
         apply(&mut s, |s| {
-            node_heartbeat(s, "a", 2_000, &node("n1", 99_999_999))
+            node_heartbeat(s, "a", 2_000, &node("n1", 99_999_999), "vmm/n1")
         });
         let listed = read::nodes(&s);
         assert_eq!(listed.len(), 1);
@@ -646,6 +667,15 @@ mod tests {
             )
         });
         assert!(read::nodes(&s)[0].cordoned);
+        assert_eq!(read::nodes(&s)[0].identity, "vmm/n1");
+        // Another vmm cannot take the record over.
+        let e = node_heartbeat(&s, "a", 3_000, &node("n1", 0), "vmm/intruder")
+            .expect_err("not its record")
+            .to_string();
+        assert!(
+            e.contains("recorded by vmm/n1") && e.contains("vmm/intruder"),
+            "{e}"
+        );
         let e = set_node_cordon(
             &s,
             "a",
@@ -663,7 +693,7 @@ mod tests {
     fn bad_node_records_are_refused_naming_the_field() {
         let s = State::default();
         let check = |r: pb::NodeHeartbeatRequest, words: &[&str]| {
-            let e = node_heartbeat(&s, "a", 1, &r)
+            let e = node_heartbeat(&s, "a", 1, &r, "vmm/n")
                 .expect_err("refused")
                 .to_string();
             for w in words {
