@@ -76,17 +76,14 @@ async fn balancer(shared: &Shared) -> Balancer {
     // one balancer's ejection counts.
     for (_, rplb) in &shared.engine.platform.balancers {
         let mut rplb = rplb.clone();
-        let call = rplb.get_stats(rplb_pb::GetStatsRequest {
-            domain: String::new(),
-        });
-        let Ok(Ok(s)) = tokio::time::timeout(crate::platform::BALANCER_CALL, call).await else {
+        let Ok(s) = crate::platform::balancer_stats(&mut rplb, "").await else {
             // A balancer that does not answer would make every instance look less
             // busy than it is: no request rate this round (CPU still counts).
             out.loads.clear();
             out.incomplete = true;
             continue;
         };
-        for r in s.into_inner().routes {
+        for r in s.routes {
             for b in r.backends {
                 let key = format!("{}/{}", r.cluster_id, b.id);
                 if b.state == rplb_pb::BackendState::Ejected as i32 {

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use form_proto::rplb::v1 as rplb_pb;
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use tonic::Status;
@@ -370,14 +369,10 @@ impl Shared {
         // Summed over the balancers: each pins its own clients.
         for (_, rplb) in &self.engine.platform.balancers {
             let mut rplb = rplb.clone();
-            let call = rplb.get_stats(rplb_pb::GetStatsRequest {
-                domain: c.domain.clone(),
-            });
-            let Ok(Ok(stats)) = tokio::time::timeout(crate::platform::BALANCER_CALL, call).await
-            else {
+            let Ok(stats) = crate::platform::balancer_stats(&mut rplb, &c.domain).await else {
                 continue;
             };
-            for b in stats.into_inner().routes.iter().flat_map(|r| &r.backends) {
+            for b in stats.routes.iter().flat_map(|r| &r.backends) {
                 let l = load.entry(b.id.clone()).or_default();
                 l.0 += b.pinned_sessions;
                 l.1 += b.in_flight;

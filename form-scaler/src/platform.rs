@@ -182,3 +182,20 @@ fn dial(hp: &HostPort, kind: Kind) -> Result<Channel, ConfigError> {
 /// Longest a balancer may take to answer one call (its statistics, the start of a
 /// drain) before it counts as unreachable.
 pub const BALANCER_CALL: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A balancer's statistics of `domain` ("" for every route); no answer within
+/// [`BALANCER_CALL`] is `UNAVAILABLE`, as a refused connection is.
+pub async fn balancer_stats(
+    rplb: &mut RplbControlClient<Channel>,
+    domain: &str,
+) -> Result<form_proto::rplb::v1::StatsReply, tonic::Status> {
+    let call = rplb.get_stats(form_proto::rplb::v1::GetStatsRequest {
+        domain: domain.to_owned(),
+    });
+    match tokio::time::timeout(BALANCER_CALL, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::unavailable(format!(
+            "no answer within {BALANCER_CALL:?}"
+        ))),
+    }
+}

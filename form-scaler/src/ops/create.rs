@@ -332,21 +332,10 @@ async fn wait_serving(e: &Engine, op: &mut types::Operation) -> Result<(), OpErr
         let mut still = Vec::new();
         let mut missing_anywhere: Vec<String> = Vec::new();
         for (at, mut rplb) in waiting {
-            let call = rplb.get_stats(rplb_pb::GetStatsRequest {
-                domain: domain.clone(),
-            });
-            let answer = tokio::time::timeout(crate::platform::BALANCER_CALL, call)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(tonic::Status::unavailable(format!(
-                        "no answer within {:?}",
-                        crate::platform::BALANCER_CALL
-                    )))
-                });
-            let stats = match answer {
+            let stats = match crate::platform::balancer_stats(&mut rplb, &domain).await {
                 Ok(s) => {
                     silent.remove(&at);
-                    s.into_inner()
+                    s
                 }
                 // A cluster just created: the balancer has not made its route yet.
                 Err(s) if s.code() == tonic::Code::NotFound => {

@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use super::Step;
 use super::create::{delete_instances, delete_snapshots, remove_members, set_status};
 use super::engine::Engine;
-use crate::platform::{BALANCER_CALL, OpError, not_found};
+use crate::platform::{BALANCER_CALL, OpError, balancer_stats, not_found};
 
 /// Runs `step` (one of this module's).
 pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
@@ -76,15 +76,7 @@ async fn in_flight_done(
     poll: std::time::Duration,
 ) -> Result<(), tonic::Status> {
     loop {
-        let call = rplb.get_stats(rplb_pb::GetStatsRequest {
-            domain: domain.to_owned(),
-        });
-        let stats = tokio::time::timeout(BALANCER_CALL, call)
-            .await
-            .map_err(|_| {
-                tonic::Status::unavailable(format!("no answer within {BALANCER_CALL:?}"))
-            })??
-            .into_inner();
+        let stats = balancer_stats(rplb, domain).await?;
         let busy = stats
             .routes
             .iter()
