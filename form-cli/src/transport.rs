@@ -111,27 +111,12 @@ impl Target {
 
 /// A TLS client trusting `FORM_API_CA` or the system's authorities.
 fn connector() -> Result<TlsConnector, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     let path = std::env::var("FORM_API_CA").unwrap_or_else(|_| SYSTEM_ROOTS.to_owned());
     let pem = std::fs::read(&path).map_err(|e| {
         format!("reading the authorities to trust for HTTPS, {path}: {e}; set FORM_API_CA to the PEM file of the API's authority")
     })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        let c = c.map_err(|e| format!("{path}: {e}"))?;
-        // A bundle may hold certificates rustls cannot use; the others still count.
-        let _ = roots.add(c);
-    }
-    if roots.is_empty() {
-        return Err(format!(
-            "{path} holds no usable PEM certificate; set FORM_API_CA to the API's authority"
-        ));
-    }
-    let config = rustls::ClientConfig::builder_with_provider(form_runtime::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = form_runtime::tls::public::client_config(&pem, &[]).map_err(|e| {
+        format!("{path}: {e}; set FORM_API_CA to the PEM file of the API's authority")
+    })?;
     Ok(TlsConnector::from(Arc::new(config)))
 }

@@ -229,21 +229,10 @@ impl HttpsClient {
         tcp: tokio::net::TcpStream,
         alpn: &[&[u8]],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, ServerName};
+        use rustls::pki_types::ServerName;
         let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
-            roots
-                .add(c.map_err(|e| invalid(e.to_string()))?)
-                .map_err(|e| invalid(e.to_string()))?;
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(form_runtime::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| invalid(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let config = form_runtime::tls::public::client_config(self.ca_pem.as_bytes(), alpn)
+            .map_err(invalid)?;
         let name = ServerName::try_from(self.sni.clone()).map_err(|e| invalid(e.to_string()))?;
         tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
             .connect(name, tcp)

@@ -286,6 +286,27 @@ impl PublicCerts {
     }
 }
 
+/// A client of public HTTPS servers that trusts the authorities in `roots_pem` (a
+/// bundle may hold certificates rustls cannot use: the others still count) and offers
+/// the ALPN protocols `alpn`; an error when none is usable.
+pub fn client_config(roots_pem: &[u8], alpn: &[&[u8]]) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(roots_pem) {
+        let _ = roots.add(c.map_err(|e| e.to_string())?);
+    }
+    if roots.is_empty() {
+        return Err("no usable PEM certificate".into());
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(super::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 #[derive(Debug)]
 struct Resolver(Arc<PublicCerts>);
 
