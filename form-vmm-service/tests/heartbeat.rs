@@ -25,6 +25,32 @@ async fn member(r: &Replicas) -> Option<state::Member> {
     cluster.members.get("i-1").cloned()
 }
 
+/// A vmm node beating every 100 ms into the replica of `replicas`, with `extra` flags.
+async fn start_vmm(
+    replicas: &Replicas,
+    label: &str,
+    extra: &[&str],
+) -> (TestDir, form_testkit::ChildService) {
+    let dir = TestDir::new(label);
+    let data = dir.path().join("data");
+    let state_addr = replicas.addrs[0].to_string();
+    let args = [
+        PORT0_ARGS,
+        &[
+            "--state",
+            &state_addr,
+            "--heartbeat-interval-ms",
+            "100",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+        ],
+        extra,
+    ]
+    .concat();
+    let vmm = start(&dir, "vmm", Path::new(BIN), &args).await;
+    (dir, vmm)
+}
+
 #[tokio::test]
 async fn heartbeats_reach_form_state_and_a_crash_is_visible_there() {
     let replicas = Replicas::start(
@@ -52,22 +78,7 @@ async fn heartbeats_reach_form_state_and_a_crash_is_visible_there() {
     .await
     .expect("member");
 
-    let dir = TestDir::new("hb-vmm");
-    let data = dir.path().join("data");
-    let state_addr = replicas.addrs[0].to_string();
-    let args = [
-        PORT0_ARGS,
-        &[
-            "--state",
-            &state_addr,
-            "--heartbeat-interval-ms",
-            "100",
-            "--data-dir",
-            data.to_str().expect("utf-8"),
-        ],
-    ]
-    .concat();
-    let _vmm = start(&dir, "vmm", Path::new(BIN), &args).await;
+    let (_dir, _vmm) = start_vmm(&replicas, "hb-vmm", &[]).await;
     let mut v = VmmServiceClient::new(
         probe::channel(_vmm.addr("grpc").expect("grpc"))
             .await
@@ -142,18 +153,10 @@ async fn the_node_records_itself_with_capacity_usage_and_labels_and_can_be_cordo
         ReplicaOptions::new(1),
     )
     .await;
-    let dir = TestDir::new("node-vmm");
-    let data = dir.path().join("data");
-    let state_addr = replicas.addrs[0].to_string();
-    let args = [
-        PORT0_ARGS,
+    let (_dir, vmm) = start_vmm(
+        &replicas,
+        "node-vmm",
         &[
-            "--state",
-            &state_addr,
-            "--heartbeat-interval-ms",
-            "100",
-            "--data-dir",
-            data.to_str().expect("utf-8"),
             "--node-id",
             "node-7",
             "--labels",
@@ -163,9 +166,8 @@ async fn the_node_records_itself_with_capacity_usage_and_labels_and_can_be_cordo
             "--capacity-memory-mib",
             "4096",
         ],
-    ]
-    .concat();
-    let vmm = start(&dir, "vmm", Path::new(BIN), &args).await;
+    )
+    .await;
     let grpc = vmm.addr("grpc").expect("grpc");
     let nodes = async || {
         let mut c = replicas.client(0).await;
