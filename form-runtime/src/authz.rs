@@ -98,6 +98,10 @@ pub const TABLE: &[(&str, &str, &[Kind])] = &[
     ("form.vmm.v1.VmmService", "ReadChanges", &[Scaler, Vmm]),
     ("form.vmm.v1.VmmService", "MergeChanges", &[Scaler, Vmm]),
     ("form.vmm.v1.VmmService", "CopyChanges", &[Scaler]),
+    // Snapshots travel node to node: a node reads another's files when the controller
+    // asks it to pull them.
+    ("form.vmm.v1.VmmService", "ReadSnapshot", &[Vmm]),
+    ("form.vmm.v1.VmmService", "PullSnapshot", &[Scaler]),
     // form-rplb: routes and backends from the controller only.
     ("form.rplb.v1.RplbControl", "UpsertRoute", &[Scaler]),
     ("form.rplb.v1.RplbControl", "RemoveRoute", &[Scaler]),

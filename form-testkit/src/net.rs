@@ -2,7 +2,7 @@
 //! and heal a link, so real processes can be partitioned from each other.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -21,11 +21,13 @@ pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
 }
 
 /// A TCP proxy on 127.0.0.1 to one target. `cut` drops every connection and refuses
-/// new ones until `heal`.
+/// new ones until `heal`; `bytes_down` counts what the target sent, so a test can cut
+/// a transfer halfway.
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    down: Arc<AtomicU64>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
     task: JoinHandle<()>,
 }
@@ -52,19 +54,26 @@ impl Proxy {
             .local_addr()
             .unwrap_or_else(|e| panic!("local_addr: {e}"));
         let cut = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicU64::new(0));
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (c, k) = (cut.clone(), conns.clone());
+        let (c, k, d) = (cut.clone(), conns.clone(), down.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if c.load(Ordering::SeqCst) {
                     continue; // dropped: the link is cut
                 }
-                let cut = c.clone();
+                let (cut, down) = (c.clone(), d.clone());
                 let h = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await
+                    if let Ok(outbound) = TcpStream::connect(target).await
                         && !cut.load(Ordering::SeqCst)
                     {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let (mut in_r, mut in_w) = inbound.split();
+                        let (mut out_r, mut out_w) = outbound.into_split();
+                        let up = copy_counted(&mut in_r, &mut out_w, None);
+                        let back = copy_counted(&mut out_r, &mut in_w, Some(&down));
+                        // Each direction ends on its own (a client may close its side
+                        // and still read the answer).
+                        let _ = tokio::join!(up, back);
                     }
                 });
                 let mut conns = k.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -75,9 +84,15 @@ impl Proxy {
         Self {
             addr,
             cut,
+            down,
             conns,
             task,
         }
+    }
+
+    /// Bytes the target has sent through the proxy so far.
+    pub fn bytes_down(&self) -> u64 {
+        self.down.load(Ordering::SeqCst)
     }
 
     /// Where clients connect.
@@ -101,6 +116,27 @@ impl Proxy {
     /// Accepts connections again.
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` into `to` until the end (then closes `to`), adding each piece to
+/// `count`.
+async fn copy_counted(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    count: Option<&AtomicU64>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        if let Some(c) = count {
+            c.fetch_add(n as u64, Ordering::SeqCst);
+        }
     }
 }
 

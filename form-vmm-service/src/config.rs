@@ -59,6 +59,15 @@ pub struct Config {
     pub capacity_memory_mib: u64,
     /// Labels of this node, `key=value` each (placement matches them).
     pub labels: Vec<String>,
+    /// MiB per second a snapshot pulled from another node may take at most; 0: no
+    /// limit.
+    pub transfer_rate_mib: u64,
+    /// MiB the snapshot store may hold at most (pulls that would pass it are refused);
+    /// 0: what the disk has.
+    pub snapshot_store_max_mib: u64,
+    /// Test only: the chunk with this number that the node serves to a pulling node
+    /// goes out damaged (its hash does not match); 0: none.
+    pub fault_corrupt_chunk: u64,
 }
 
 impl Config {
@@ -120,6 +129,9 @@ impl Default for Config {
             capacity_vcpus: 0,
             capacity_memory_mib: 0,
             labels: Vec::new(),
+            transfer_rate_mib: 0,
+            snapshot_store_max_mib: 0,
+            fault_corrupt_chunk: 0,
         }
     }
 }
@@ -144,6 +156,17 @@ impl ServiceConfig for Config {
         self.workload_user()
             .map_err(|e| ConfigError::invalid("--workload-user", e))?;
         crate::node::labels(&self.labels).map_err(|e| ConfigError::invalid("--labels", e))?;
+        for (flag, v) in [
+            ("--transfer-rate-mib", self.transfer_rate_mib),
+            ("--snapshot-store-max-mib", self.snapshot_store_max_mib),
+        ] {
+            if v > 1 << 30 {
+                return Err(ConfigError::invalid(
+                    flag,
+                    format!("{v} is out of range; expected 0 (no limit) to 1073741824"),
+                ));
+            }
+        }
         if self.instance_slots == 0 {
             return Err(ConfigError::invalid(
                 "--instance-slots",
@@ -308,6 +331,20 @@ pub struct Args {
     )]
     pub labels: Option<Vec<String>>,
 
+    /// MiB per second a snapshot pulled from another node may take at most; 0 for
+    /// no limit [default: 0]
+    #[arg(long, value_name = "MIB", env = "FORM_VMM_TRANSFER_RATE_MIB")]
+    pub transfer_rate_mib: Option<u64>,
+
+    /// MiB the snapshot store may hold; a pull that would pass it is refused; 0 for
+    /// what the disk has [default: 0]
+    #[arg(long, value_name = "MIB", env = "FORM_VMM_SNAPSHOT_STORE_MAX_MIB")]
+    pub snapshot_store_max_mib: Option<u64>,
+
+    /// Test only: serve the Nth snapshot chunk damaged
+    #[arg(long, value_name = "N", hide = true)]
+    pub fault_corrupt_chunk: Option<u64>,
+
     /// Flags every service shares.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -373,6 +410,15 @@ impl Args {
             }
             if let Some(v) = self.ready_timeout_ms {
                 c.ready_timeout_ms = v;
+            }
+            if let Some(v) = self.transfer_rate_mib {
+                c.transfer_rate_mib = v;
+            }
+            if let Some(v) = self.snapshot_store_max_mib {
+                c.snapshot_store_max_mib = v;
+            }
+            if let Some(v) = self.fault_corrupt_chunk {
+                c.fault_corrupt_chunk = v;
             }
         })?;
         Ok((config, self.common))

@@ -60,6 +60,9 @@ pub enum VmmError {
     /// A copy of changes stopped because a target instance did not merge a batch.
     #[error("{0}")]
     MergeFailed(String),
+    /// The node has no room for what was asked (a snapshot pulled from another node).
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl VmmError {
@@ -93,6 +96,7 @@ impl From<VmmError> for tonic::Status {
             VmmError::Unavailable(_) => tonic::Status::unavailable(msg),
             VmmError::CursorGone(_) => tonic::Status::out_of_range(msg),
             VmmError::MergeFailed(_) => tonic::Status::aborted(msg),
+            VmmError::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod service;
 pub mod snapshots;
 pub mod spec;
 mod supervise;
+pub mod transfer;
 
 use std::net::SocketAddr;
 
@@ -133,6 +134,16 @@ impl Service for VmmNode {
 async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result<(), RuntimeError> {
     let snapshots = SnapshotStore::open(c.data_dir.join("snapshots"))
         .map_err(|e| RuntimeError::Service(e.to_string()))?;
+    // What pulls left an hour ago or more is not resumed by anyone.
+    let collected = snapshots.collect_incoming(Duration::from_secs(3600));
+    if collected > 0 {
+        tracing::info!(collected, "removed unfinished snapshot pulls");
+    }
+    let transfer = transfer::Settings::new(
+        c.transfer_rate_mib * 1024 * 1024,
+        c.snapshot_store_max_mib * 1024 * 1024,
+        c.fault_corrupt_chunk,
+    );
     let upstreams = upstream::from_config(&[("state", &c.state)])?;
     if let Some(state) = upstreams.first() {
         let listening = ctx
@@ -164,7 +175,8 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
         }
         a
     };
-    let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone(), allowed);
+    let api =
+        VmmApi::new(hv.clone(), snapshots, c.node_id.clone(), allowed).with_transfer(transfer);
     // A merge request carries a whole batch of the state contract.
     let limit = contract::MAX_BATCH + 64 * 1024;
     let server = GrpcServer::new().add_service(

@@ -97,6 +97,8 @@ pub struct VmmApi<H> {
     contracts: Arc<Contracts>,
     /// What this node agrees to run.
     allowed: crate::allow::Allowed,
+    /// Limits of snapshot transfers between nodes.
+    transfer: Arc<crate::transfer::Settings>,
 }
 
 impl<H: Hypervisor> VmmApi<H> {
@@ -114,7 +116,14 @@ impl<H: Hypervisor> VmmApi<H> {
             locks: Default::default(),
             contracts: Default::default(),
             allowed,
+            transfer: Default::default(),
         }
+    }
+
+    /// The service with these transfer limits.
+    pub fn with_transfer(mut self, t: crate::transfer::Settings) -> Self {
+        self.transfer = Arc::new(t);
+        self
     }
 
     /// Waits for instance `id`'s lifecycle lock.
@@ -475,6 +484,36 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         )
         .await?;
         metrics::counter!("form_vmm_state_changes_read_total").increment(reply.changes);
+        Ok(Response::new(reply))
+    }
+
+    type ReadSnapshotStream = crate::transfer::ChunkStream;
+
+    async fn read_snapshot(
+        &self,
+        req: Request<pb::ReadSnapshotRequest>,
+    ) -> Result<Self::ReadSnapshotStream> {
+        let stream =
+            crate::transfer::serve(&self.snapshots, self.transfer.clone(), req.into_inner())?;
+        Ok(Response::new(stream))
+    }
+
+    async fn pull_snapshot(
+        &self,
+        req: Request<pb::PullSnapshotRequest>,
+    ) -> Result<pb::PullSnapshotReply> {
+        let r = req.into_inner();
+        spec::id("snapshot_id", &r.snapshot_id)?;
+        // One pull of a snapshot at a time (two clones on this node need it once);
+        // "pull/" is not an id, so no instance shares the lock.
+        let _one = self.lifecycle(&format!("pull/{}", r.snapshot_id)).await;
+        let started = std::time::Instant::now();
+        let (m, mut reply) = crate::transfer::pull(&self.snapshots, &self.transfer, r).await?;
+        if !reply.already_present {
+            metrics::histogram!("form_vmm_pull_seconds").record(started.elapsed().as_secs_f64());
+            metrics::counter!("form_vmm_pull_bytes_total").increment(reply.bytes_received);
+        }
+        reply.snapshot = Some(snapshot_pb(&m));
         Ok(Response::new(reply))
     }
 

@@ -86,7 +86,8 @@ pub struct SnapshotStore {
     root: PathBuf,
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+/// SHA-256 (hex) and size of the file at `path`.
+pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -280,14 +281,92 @@ impl SnapshotStore {
         Ok(out)
     }
 
-    /// Deletes snapshot `id`; returns the bytes freed.
+    /// Deletes snapshot `id`, and what an unfinished pull of it left; returns the
+    /// bytes freed. Not found when neither exists.
     pub fn delete(&self, id: &str) -> Result<u64, VmmError> {
-        let m = self.manifest(id)?;
+        let partial = self.incoming(id);
+        let partial_bytes = tree_bytes(&partial);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)
+                .map_err(VmmError::io(format!("removing {}", partial.display())))?;
+        }
+        let m = match self.manifest(id) {
+            Ok(m) => m,
+            Err(VmmError::NotFound { .. }) if partial_bytes.is_some() => {
+                return Ok(partial_bytes.unwrap_or(0));
+            }
+            Err(e) => return Err(e),
+        };
         let dir = self.dir(id);
         std::fs::remove_dir_all(&dir)
             .map_err(VmmError::io(format!("removing {}", dir.display())))?;
-        Ok(m.size_bytes())
+        Ok(m.size_bytes() + partial_bytes.unwrap_or(0))
     }
+
+    /// Where a pull of snapshot `id` from another node keeps what it has received so
+    /// far (`.incoming/<id>`: not an id, so never listed as a snapshot).
+    pub fn incoming(&self, id: &str) -> PathBuf {
+        self.root.join(INCOMING).join(id)
+    }
+
+    /// Makes the finished pull of `id` a snapshot of the store (one rename).
+    pub fn install(&self, id: &str) -> Result<(), VmmError> {
+        let (from, to) = (self.incoming(id), self.dir(id));
+        std::fs::rename(&from, &to).map_err(VmmError::io(format!(
+            "moving {} to {}",
+            from.display(),
+            to.display()
+        )))
+    }
+
+    /// Bytes the store holds: its snapshots and unfinished pulls.
+    pub fn usage_bytes(&self) -> u64 {
+        tree_bytes(&self.root).unwrap_or(0)
+    }
+
+    /// Bytes free on the file system of the store, for an unprivileged writer.
+    pub fn free_bytes(&self) -> Result<u64, VmmError> {
+        let st = nix::sys::statvfs::statvfs(&self.root).map_err(|e| {
+            VmmError::io(format!("reading the free space of {}", self.root.display()))(e.into())
+        })?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    /// Removes what pulls left more than `age` ago (a pull that no caller resumed).
+    pub fn collect_incoming(&self, age: std::time::Duration) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.root.join(INCOMING)) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|d| d >= age);
+            if old && std::fs::remove_dir_all(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// Directory of unfinished pulls, under the store's root.
+const INCOMING: &str = ".incoming";
+
+/// Bytes of the files under `dir`; `None` when it does not exist.
+fn tree_bytes(dir: &Path) -> Option<u64> {
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files).ok()?;
+    Some(
+        files
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum(),
+    )
 }
 
 /// Workload of a manifest (hex of the encoded message).
