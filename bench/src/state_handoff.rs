@@ -16,7 +16,7 @@ use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_scaler::ops::plan::new_instance_id;
-use form_scaler::ops::sync::{BATCH_BYTES, carry};
+use form_scaler::ops::sync::{BATCH_BYTES, On, carry};
 use form_testkit::{TestDir, probe, start};
 use tonic::transport::Channel;
 
@@ -213,7 +213,13 @@ async fn handoff(bin_dir: &Path, runs: usize, keys: usize) -> anyhow::Result<Han
         }
         merge_one.push(t0.elapsed().as_secs_f64() * 1000.0);
         let t0 = Instant::now();
-        let carried = carry(&c, "victim", "", &survivors, BATCH_BYTES, false)
+        let on = |id: &str| On {
+            id: id.to_owned(),
+            node: String::new(),
+            vmm: c.clone(),
+        };
+        let to: Vec<On> = survivors.iter().map(|s| on(s)).collect();
+        let carried = carry(&on("victim"), "", &to, BATCH_BYTES, false)
             .await
             .map_err(|e| anyhow::anyhow!("handoff: {e:?}"))?;
         handoff.push(t0.elapsed().as_secs_f64() * 1000.0);

@@ -40,6 +40,9 @@ pub struct Config {
     /// Milliseconds an unreachable balancer may hold up a drain or the wait for a new
     /// instance to serve; then the operation goes on without it, saying so.
     pub balancer_timeout_ms: u64,
+    /// Milliseconds without a heartbeat after which a vmm node counts as lost: it takes
+    /// no new instance.
+    pub node_timeout_ms: u64,
     /// Milliseconds from its request in which an operation must finish; past it the
     /// operation is rolled back and ends `failed`.
     pub operation_timeout_ms: u64,
@@ -71,6 +74,7 @@ impl Default for Config {
             ready_timeout_ms: 60_000,
             drain_timeout_ms: 120_000,
             balancer_timeout_ms: 30_000,
+            node_timeout_ms: 15_000,
             operation_timeout_ms: 600_000,
             metric_window_ms: 15_000,
             inject_fault: Vec::new(),
@@ -103,6 +107,7 @@ impl ServiceConfig for Config {
             ("ready_timeout_ms", self.ready_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
             ("balancer_timeout_ms", self.balancer_timeout_ms),
+            ("node_timeout_ms", self.node_timeout_ms),
             ("operation_timeout_ms", self.operation_timeout_ms),
             ("metric_window_ms", self.metric_window_ms),
             ("replace_after_ms", self.replace_after_ms),
@@ -207,6 +212,11 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub balancer_timeout_ms: Option<u64>,
 
+    /// Milliseconds without a heartbeat after which a vmm node counts as lost and takes
+    /// no new instance [default: 15000]
+    #[arg(long, value_name = "MS")]
+    pub node_timeout_ms: Option<u64>,
+
     /// Milliseconds from its request in which an operation must finish; past it the
     /// operation is rolled back and ends failed [default: 600000]
     #[arg(long, value_name = "MS")]
@@ -273,6 +283,9 @@ impl Args {
             }
             if let Some(v) = self.balancer_timeout_ms {
                 c.balancer_timeout_ms = v;
+            }
+            if let Some(v) = self.node_timeout_ms {
+                c.node_timeout_ms = v;
             }
             if let Some(v) = self.operation_timeout_ms {
                 c.operation_timeout_ms = v;

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::controller::Shared;
 use crate::ops::record::now_ms;
-use crate::ops::sync::{PumpError, carry, carry_keys, running};
+use crate::ops::sync::{On, PumpError, carry, carry_keys, on_nodes, running};
 
 /// A member's cursor is written to form-state at most this often (each round uses the
 /// one kept here; a controller that starts over from an older recorded cursor only
@@ -138,10 +138,8 @@ async fn round(
     s: &types::StateSyncContinuous,
     cursors: &mut Cursors,
 ) {
-    let Ok(vmm) = shared.engine.platform.vmm() else {
-        return;
-    };
-    let Ok(running) = running(&vmm, &c.cluster_id).await else {
+    let platform = &shared.engine.platform;
+    let Ok(running) = running(platform, c).await else {
         return;
     };
     let active = round_members(c, &running);
@@ -149,6 +147,9 @@ async fn round(
         return;
     }
     let ids: Vec<String> = active.iter().map(|m| m.instance_id.clone()).collect();
+    let Ok(placed) = on_nodes(platform, None, c, &ids).await else {
+        return;
+    };
     let batch = if s.batch_bytes == 0 {
         DEFAULT_BATCH_BYTES
     } else {
@@ -165,20 +166,20 @@ async fn round(
                 .map(|s| s.cursor.clone())
                 .unwrap_or_default(),
         };
-        let others: Vec<String> = ids.iter().filter(|i| **i != from).cloned().collect();
-        let vmm = vmm.clone();
+        let Some(src) = placed.iter().find(|o| o.id == from).cloned() else {
+            continue;
+        };
+        let others: Vec<On> = placed.iter().filter(|o| o.id != from).cloned().collect();
         let priority = s.priority_prefixes.clone();
         set.spawn(async move {
             if !priority.is_empty() {
                 // The keys that matter most first; the full pass below carries them
                 // again (merging ignores them), and only its cursor is kept.
-                if let Err(e) =
-                    carry_keys(&vmm, &from, &cursor, &others, batch, true, &priority).await
-                {
+                if let Err(e) = carry_keys(&src, &cursor, &others, batch, true, &priority).await {
                     tracing::debug!(instance = %from, error = ?e, "priority pass failed");
                 }
             }
-            let r = carry(&vmm, &from, &cursor, &others, batch, true).await;
+            let r = carry(&src, &cursor, &others, batch, true).await;
             (from, cursor, r)
         });
     }

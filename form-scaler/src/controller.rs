@@ -186,7 +186,7 @@ impl Shared {
         // A request that can never run is refused as such, before busy or cooldown.
         let candidates = self.candidates(&cluster).await;
         let owner = self.peers.owner_of(cluster_id);
-        let op = plan::build(&req, &cluster, &candidates, &owner, record::now_ms())?;
+        let mut op = plan::build(&req, &cluster, &candidates, &owner, record::now_ms())?;
         self.refuse_if_busy(cluster_id).await?;
         if check_cooldown && !req.immediate {
             if !lock(&self.histories).contains_key(cluster_id) {
@@ -194,6 +194,7 @@ impl Shared {
             }
             self.refuse_in_cooldown(&cluster, req.kind)?;
         }
+        self.place(&mut op, Some(&cluster), None).await?;
         state
             .put_operation(state_pb::PutOperationRequest {
                 operation: Some(op.clone()),
@@ -248,7 +249,7 @@ impl Shared {
         let _one_at_a_time = self.submit.lock().await;
         let mut state = self.engine.platform.state.clone();
         let owner = self.peers.owner_of(&id);
-        let op = plan::create_cluster(&operation_id, &spec, &owner, record::now_ms());
+        let mut op = plan::create_cluster(&operation_id, &spec, &owner, record::now_ms());
         match state
             .get_operation(state_pb::GetOperationRequest {
                 operation_id: operation_id.clone(),
@@ -282,6 +283,7 @@ impl Shared {
             Err(e) => return Err(state_err(&format!("cluster {id}"), e)),
         }
         self.refuse_if_busy(&id).await?;
+        self.place(&mut op, None, spec.resources).await?;
         state
             .put_operation(state_pb::PutOperationRequest {
                 operation: Some(op.clone()),
@@ -306,6 +308,33 @@ impl Shared {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
+    }
+
+    /// Places the new instances of `op` (of `resources`, else the cluster's) on the
+    /// vmm nodes, and records where its victims run: refused, naming what each node
+    /// lacks, when no node can hold them.
+    async fn place(
+        &self,
+        op: &mut types::Operation,
+        cluster: Option<&state_pb::Cluster>,
+        resources: Option<types::Resources>,
+    ) -> Result<(), Status> {
+        if op.new_instances.is_empty() && op.victims.is_empty() {
+            return Ok(());
+        }
+        let p = &self.engine.platform;
+        let nodes = p
+            .fleet
+            .records(&p.state, true)
+            .await
+            .map_err(|e| Status::unavailable(e.message))?;
+        let lost_after = self.engine.limits.node_timeout.as_millis() as u64;
+        op.placements =
+            ops::place::placements(op, cluster, resources, &nodes, record::now_ms(), lost_after)
+                .map_err(|s| {
+                    Status::resource_exhausted(format!("cluster {}: {s}", op.cluster_id))
+                })?;
         Ok(())
     }
 

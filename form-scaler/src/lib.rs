@@ -8,6 +8,7 @@ pub mod continuous;
 pub mod controller;
 pub mod decide;
 pub mod faults;
+pub mod fleet;
 pub mod health;
 pub mod health_round;
 pub mod observe;
@@ -92,6 +93,7 @@ impl Service for Controller {
                 drain_timeout: Duration::from_millis(c.drain_timeout_ms),
                 balancer_timeout: Duration::from_millis(c.balancer_timeout_ms),
                 operation_timeout: Duration::from_millis(c.operation_timeout_ms),
+                node_timeout: Duration::from_millis(c.node_timeout_ms),
                 ..Limits::default()
             },
             faults: Faults::parse(&c.inject_fault)?,

@@ -1,22 +1,18 @@
 //! The services an operation acts on: form-state (the operation record, the cluster
-//! and its members), form-vmm-service (instances and snapshots) and form-rplb
-//! (draining, and whether a new instance serves). One vmm node is used: snapshots of the
-//! process backend live on the node that took them, so clones must be made there.
-//! Every balancer given is followed: a drain and a new instance's wait end when each
-//! has done its part, or has been unreachable for the balancer timeout.
+//! and its members), the form-vmm-service nodes (instances and snapshots, each on the
+//! node that runs it: [`crate::fleet`]) and form-rplb (draining, and whether a new
+//! instance serves). Every balancer given is followed: a drain and a new instance's
+//! wait end when each has done its part, or has been unreachable for the balancer
+//! timeout.
 
 use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
 use form_proto::state::v1 as state_pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
-use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_runtime::ConfigError;
 use form_runtime::addr::HostPort;
 use form_runtime::tls::Kind;
 use form_runtime::upstream::{PROBE_TIMEOUT, Upstream};
 use tonic::transport::Channel;
-
-/// Largest gRPC message to and from a vmm node: a batch of application changes.
-const MAX_BATCH_MESSAGE: usize = 17 * 1024 * 1024;
 
 /// Why a step (or a request) could not be carried out, for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,25 +82,21 @@ pub fn gone_ok<T>(
 pub struct Platform {
     /// form-state replicas, balanced.
     pub state: StateServiceClient<Channel>,
-    /// The form-vmm-service node that makes instances, if configured.
-    pub vmm: Option<VmmServiceClient<Channel>>,
+    /// The form-vmm-service nodes.
+    pub fleet: std::sync::Arc<crate::fleet::Fleet>,
     /// Every form-rplb given, with its address: drains and new instances are followed
     /// on each.
     pub balancers: Vec<(String, RplbControlClient<Channel>)>,
 }
 
 impl Platform {
-    /// Clients over `state`, the first of `vmm`, and every one of `rplb`.
+    /// Clients over `state`, the vmm nodes (found by their records, `vmm` before any),
+    /// and every one of `rplb`.
     pub fn new(state: &Upstream, vmm: &[HostPort], rplb: &[HostPort]) -> Result<Self, ConfigError> {
         Ok(Self {
             // One replica at a time: an operation reads back what it wrote.
             state: StateServiceClient::new(state.sticky_channel()),
-            // A batch of the state contract travels whole (up to 16 MiB).
-            vmm: first(vmm, Kind::Vmm)?.map(|c| {
-                VmmServiceClient::new(c)
-                    .max_decoding_message_size(MAX_BATCH_MESSAGE)
-                    .max_encoding_message_size(MAX_BATCH_MESSAGE)
-            }),
+            fleet: std::sync::Arc::new(crate::fleet::Fleet::new(vmm)?),
             balancers: rplb
                 .iter()
                 .map(|hp| {
@@ -117,11 +109,9 @@ impl Platform {
         })
     }
 
-    /// The vmm client, or an error saying none is configured.
-    pub fn vmm(&self) -> Result<VmmServiceClient<Channel>, OpError> {
-        self.vmm.clone().ok_or_else(|| {
-            OpError::new("no form-vmm-service configured (--vmm); instances cannot be made")
-        })
+    /// A client of vmm node `node` ("": the node given with `--vmm`).
+    pub async fn vmm_on(&self, node: &str) -> Result<crate::fleet::VmmClient, OpError> {
+        self.fleet.client(&self.state, node).await
     }
 
     /// Writes cluster fields (`what` names the change in errors).
@@ -151,24 +141,9 @@ impl Platform {
     }
 }
 
-fn first(list: &[HostPort], kind: Kind) -> Result<Option<Channel>, ConfigError> {
-    let name = kind.as_str();
-    let Some(hp) = list.first() else {
-        return Ok(None);
-    };
-    if list.len() > 1 {
-        tracing::warn!(
-            upstream = name,
-            using = %hp,
-            "several addresses given; operations use the first"
-        );
-    }
-    dial(hp, kind).map(Some)
-}
-
 /// A channel to the service of `kind` at `hp`. HTTP/2 pings find a peer that went
 /// away while a call (a drain's stream) was open.
-fn dial(hp: &HostPort, kind: Kind) -> Result<Channel, ConfigError> {
+pub fn dial(hp: &HostPort, kind: Kind) -> Result<Channel, ConfigError> {
     form_runtime::tls::client::channel(kind, std::slice::from_ref(hp), |e| {
         e.connect_timeout(PROBE_TIMEOUT)
             .tcp_nodelay(true)

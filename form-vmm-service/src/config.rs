@@ -53,7 +53,7 @@ pub struct Config {
     pub advertise: Option<HostPort>,
     /// Instances this node runs at most (its record's slots).
     pub instance_slots: u32,
-    /// vCPUs this node offers; 0: this host's CPUs.
+    /// vCPUs this node offers; 0: 8 per CPU of this host (vCPUs are time-shared).
     pub capacity_vcpus: u32,
     /// Memory this node offers, MiB; 0: this host's memory.
     pub capacity_memory_mib: u64,
@@ -314,7 +314,8 @@ pub struct Args {
     #[arg(long, value_name = "N", env = "FORM_VMM_INSTANCE_SLOTS")]
     pub instance_slots: Option<u32>,
 
-    /// vCPUs this node offers [default: this host's CPUs]
+    /// vCPUs this node offers [default: 8 per CPU of this host, as vCPUs are
+    /// time-shared]
     #[arg(long, value_name = "N", env = "FORM_VMM_CAPACITY_VCPUS")]
     pub capacity_vcpus: Option<u32>,
 

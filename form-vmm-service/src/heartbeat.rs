@@ -95,11 +95,16 @@ pub async fn run<H: Hypervisor>(
     let mut client = StateServiceClient::new(state.channel());
     let mut reported_failed: BTreeSet<String> = BTreeSet::new();
     let mut reported_paused: BTreeSet<String> = BTreeSet::new();
+    // The first round at once: the node's record is what controllers find it by.
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = shutdown.requested() => return,
-            _ = tokio::time::sleep(interval) => {}
+        if !first {
+            tokio::select! {
+                _ = shutdown.requested() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
         }
+        first = false;
         let instances = hv.list().await;
         match client
             .node_heartbeat(record.heartbeat(&instances, now_ms()))

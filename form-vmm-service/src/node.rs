@@ -61,7 +61,8 @@ impl Record {
             None => listening.to_string(),
         };
         let vcpus = match c.capacity_vcpus {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            // vCPUs are time-shared, as a cloud sells them: a host CPU runs several.
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32) * VCPUS_PER_CPU,
             n => n,
         };
         let memory_mib = match c.capacity_memory_mib {
@@ -102,6 +103,9 @@ impl Record {
         }
     }
 }
+
+/// vCPUs a node offers per CPU of its host, unless `--capacity-vcpus` says otherwise.
+pub const VCPUS_PER_CPU: u32 = 8;
 
 /// This host's memory (`MemTotal` of /proc/meminfo), MiB.
 fn host_memory_mib() -> Option<u64> {

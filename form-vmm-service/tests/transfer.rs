@@ -13,7 +13,7 @@ use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_testkit::conformance::PORT0_ARGS;
 use form_testkit::net::Proxy;
-use form_testkit::{ChildService, TestDir, probe, start, workspace_bin};
+use form_testkit::{ChildService, Signal, TestDir, probe, start, workspace_bin};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -22,11 +22,28 @@ const BIN: &str = env!("CARGO_BIN_EXE_form-vmm-service");
 /// Size of each value written to the source.
 const VALUE_BYTES: usize = 900 * 1024;
 
-async fn node(
-    dir: &TestDir,
-    name: &str,
-    extra: &[&str],
-) -> (ChildService, VmmServiceClient<Channel>) {
+/// A vmm node that is stopped with SIGTERM when dropped, so it deletes its instances
+/// (a test that fails must not leave workloads behind).
+struct Node(ChildService);
+
+impl Node {
+    fn addr(&self) -> SocketAddr {
+        self.0.addr("grpc").expect("grpc")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.0.signal(Signal::SIGTERM).is_ok() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+async fn node(dir: &TestDir, name: &str, extra: &[&str]) -> (Node, VmmServiceClient<Channel>) {
     let data = dir.path().join(format!("{name}-data"));
     let args = [
         PORT0_ARGS,
@@ -46,7 +63,7 @@ async fn node(
             .expect("connect"),
     )
     .max_decoding_message_size(8 * 1024 * 1024);
-    (svc, client)
+    (Node(svc), client)
 }
 
 fn value(i: usize) -> Vec<u8> {
@@ -122,14 +139,23 @@ async fn clone_holds_the_values(
     }
 }
 
-/// Waits until `proxy` has carried more than `bytes` from the source.
-async fn until_carried(proxy: &Proxy, bytes: u64) {
+/// Bytes the pulling node has written of `file` of snapshot `id` so far, read from its
+/// disk.
+fn pulled(dir: &TestDir, node: &str, id: &str, file: &str) -> u64 {
+    let path = dir
+        .path()
+        .join(format!("{node}-data/snapshots/.incoming/{id}/{file}"));
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Waits until node-b has written more than `bytes` of the snapshot's state.
+async fn until_pulled(dir: &TestDir, id: &str, bytes: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while proxy.bytes_down() <= bytes {
+    while pulled(dir, "node-b", id, "state/state.json") <= bytes {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "only {} bytes went through",
-            proxy.bytes_down()
+            "only {} bytes arrived",
+            pulled(dir, "node-b", id, "state/state.json")
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -145,7 +171,7 @@ async fn a_pull_broken_halfway_resumes_and_the_clone_has_the_state() {
     let values = 16;
     let snap = source(&mut a, values).await;
     assert!(snap.size_bytes >= (values * VALUE_BYTES) as u64, "{snap:?}");
-    let proxy = Proxy::start(_a.addr("grpc").expect("grpc")).await;
+    let proxy = Proxy::start(_a.addr()).await;
 
     // A pull given up by its caller halfway keeps what arrived ...
     let first = {
@@ -153,7 +179,7 @@ async fn a_pull_broken_halfway_resumes_and_the_clone_has_the_state() {
         let req = pull_req(&snap, proxy.addr());
         tokio::spawn(async move { b.pull_snapshot(req).await })
     };
-    until_carried(&proxy, 1024 * 1024).await;
+    until_pulled(&dir, &snap.snapshot_id, 1024 * 1024).await;
     first.abort();
     let _ = first.await;
     let listed = b
@@ -167,13 +193,13 @@ async fn a_pull_broken_halfway_resumes_and_the_clone_has_the_state() {
     );
 
     // ... and the next pull starts from there; its link is cut halfway and it goes on.
-    let carried = proxy.bytes_down();
+    let kept = pulled(&dir, "node-b", &snap.snapshot_id, "state/state.json");
     let second = {
         let mut b = b.clone();
         let req = pull_req(&snap, proxy.addr());
         tokio::spawn(async move { b.pull_snapshot(req).await })
     };
-    until_carried(&proxy, carried + 1024 * 1024).await;
+    until_pulled(&dir, &snap.snapshot_id, kept + 1024 * 1024).await;
     proxy.cut();
     proxy.heal();
     let reply = second
@@ -201,6 +227,8 @@ async fn a_pull_broken_halfway_resumes_and_the_clone_has_the_state() {
         again.already_present && again.bytes_received == 0,
         "{again:?}"
     );
+    drop((a, b, proxy));
+    drop((_a, _b));
 }
 
 #[tokio::test]
@@ -211,12 +239,14 @@ async fn a_damaged_chunk_is_refused_and_fetched_again() {
     let (_b, mut b) = node(&dir, "node-b", &[]).await;
     let snap = source(&mut a, 4).await;
     let reply = b
-        .pull_snapshot(pull_req(&snap, a_svc.addr("grpc").expect("grpc")))
+        .pull_snapshot(pull_req(&snap, a_svc.addr()))
         .await
         .expect("pull")
         .into_inner();
     assert_eq!(reply.chunks_refused, 1, "{reply:?}");
     clone_holds_the_values(&mut b, &snap, 4).await;
+    drop((a, b));
+    drop((a_svc, _b));
 }
 
 #[tokio::test]
@@ -225,7 +255,7 @@ async fn a_node_without_room_or_a_bad_request_gets_nothing() {
     let (a_svc, mut a) = node(&dir, "node-a", &[]).await;
     let (_c, mut c) = node(&dir, "node-c", &["--snapshot-store-max-mib", "2"]).await;
     let snap = source(&mut a, 4).await;
-    let from = a_svc.addr("grpc").expect("grpc");
+    let from = a_svc.addr();
 
     let e = c
         .pull_snapshot(pull_req(&snap, from))
@@ -308,4 +338,6 @@ async fn a_node_without_room_or_a_bad_request_gets_nothing() {
         .expect_err("unknown snapshot");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("cannot give"), "{}", e.message());
+    drop((a, c, peer));
+    drop((a_svc, _c));
 }

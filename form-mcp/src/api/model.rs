@@ -280,6 +280,9 @@ pub struct Member {
     pub status: String,
     /// Where it serves.
     pub addresses: Vec<String>,
+    /// The vmm node that runs it.
+    #[serde(default)]
+    pub node_id: String,
     /// healthy, degraded or unhealthy.
     pub health: String,
     /// Why, when not healthy.
@@ -444,6 +447,21 @@ pub struct Operation {
     /// What the run noted on its way, e.g. a balancer it stopped waiting for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// The node of each instance it touches: where a new one goes and why, where a
+    /// victim or the clones' source runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<Placement>,
+}
+
+/// The node of one instance of an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Placement {
+    /// The instance.
+    pub instance_id: String,
+    /// Its node.
+    pub node_id: String,
+    /// Why that node.
+    pub reason: String,
 }
 
 /// The latest operation, as the status shows it.
@@ -779,6 +797,7 @@ pub fn member(m: &state_pb::Member, template: &str) -> Member {
         instance_id: m.instance_id.clone(),
         status: member_status(m.status).into(),
         addresses: m.addresses.clone(),
+        node_id: m.node_id.clone(),
         health: health.into(),
         health_reason,
         cpu_utilization: m.cpu_utilization,
@@ -851,5 +870,14 @@ pub fn operation(o: types::Operation) -> Operation {
             contract: t.contract,
         }),
         notes: o.notes,
+        placements: o
+            .placements
+            .into_iter()
+            .map(|p| Placement {
+                instance_id: p.instance_id,
+                node_id: p.node_id,
+                reason: p.reason,
+            })
+            .collect(),
     }
 }

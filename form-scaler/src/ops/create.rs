@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use super::Step;
 use super::engine::Engine;
+use super::place::node_of;
 use crate::platform::{OpError, gone_ok, not_found};
 
 /// Runs `step` (one of this module's).
@@ -38,7 +39,7 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
 pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
     match step {
         Step::SnapshotSource => delete_snapshots(e, op).await,
-        Step::CloneInstances => delete_instances(e, &op.new_instances).await,
+        Step::CloneInstances => delete_instances(e, op, &op.new_instances).await,
         Step::AddMembers => remove_members(e, &op.cluster_id, &op.new_instances).await,
         // New instances that served may hold writes: they go to the members that stay
         // before the instances are removed.
@@ -57,9 +58,12 @@ async fn snapshot(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> 
         instance_id: op.source_instance_id.clone(),
         resume: Some(true),
     };
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    let node = node_of(op, Some(&cluster), &op.source_instance_id);
     let info = e
         .platform
-        .vmm()?
+        .vmm_on(&node)
+        .await?
         .snapshot(req)
         .await
         .map_err(|s| OpError::rpc(format!("snapshot of {}", op.source_instance_id), &s))?
@@ -72,12 +76,30 @@ async fn snapshot(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> 
 }
 
 /// Deletes the recorded snapshot and any snapshot of the source taken since the
-/// operation began (one taken just before a crash that was not recorded yet).
+/// operation began (one taken just before a crash that was not recorded yet), on the
+/// source's node and on every node the operation copied it to.
 pub async fn delete_snapshots(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
     if op.source_instance_id.is_empty() {
         return Ok(());
     }
-    let mut vmm = e.platform.vmm()?;
+    let mut nodes = vec![node_of(op, None, &op.source_instance_id)];
+    for id in &op.new_instances {
+        let n = node_of(op, None, id);
+        if !nodes.contains(&n) {
+            nodes.push(n);
+        }
+    }
+    for node in nodes {
+        let vmm = e.platform.vmm_on(&node).await?;
+        delete_snapshots_on(vmm, op).await?;
+    }
+    Ok(())
+}
+
+async fn delete_snapshots_on(
+    mut vmm: crate::fleet::VmmClient,
+    op: &types::Operation,
+) -> Result<(), OpError> {
     let mut ids = Vec::new();
     if !op.snapshot_id.is_empty() {
         ids.push(op.snapshot_id.clone());
@@ -113,11 +135,13 @@ async fn clone_all(e: &Engine, op: &mut types::Operation) -> Result<(), OpError>
     if op.new_instances.is_empty() {
         return Ok(());
     }
-    let vmm = e.platform.vmm()?;
-    let resources = e.platform.cluster(&op.cluster_id).await?.resources;
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    let resources = cluster.resources;
+    let notes = super::transfer::copy_snapshot(e, op, &cluster).await?;
+    super::remove::add_notes(op, notes);
     let mut set = JoinSet::new();
     for id in op.new_instances.clone() {
-        let mut vmm = vmm.clone();
+        let mut vmm = e.platform.vmm_on(&node_of(op, Some(&cluster), &id)).await?;
         let snapshot_id = op.snapshot_id.clone();
         let cluster = op.cluster_id.clone();
         set.spawn(async move {
@@ -167,13 +191,14 @@ pub async fn join_all(mut set: JoinSet<Result<(), OpError>>) -> Result<(), OpErr
     first.map_or(Ok(()), Err)
 }
 
-/// Deletes `ids` (already gone counts as deleted).
-pub async fn delete_instances(e: &Engine, ids: &[String]) -> Result<(), OpError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let mut vmm = e.platform.vmm()?;
+/// Deletes `ids` of `op`, each on its node (already gone counts as deleted).
+pub async fn delete_instances(
+    e: &Engine,
+    op: &types::Operation,
+    ids: &[String],
+) -> Result<(), OpError> {
     for id in ids {
+        let mut vmm = e.platform.vmm_on(&node_of(op, None, id)).await?;
         let r = vmm
             .delete_instance(vmm_pb::InstanceRef {
                 instance_id: id.clone(),
@@ -196,8 +221,8 @@ async fn wait_healthy(e: &Engine, op: &types::Operation) -> Result<(), OpError> 
         .map(|w| w.health_path)
         .unwrap_or_default();
     let deadline = tokio::time::Instant::now() + e.limits.ready_timeout;
-    let mut vmm = e.platform.vmm()?;
     for id in &op.new_instances {
+        let mut vmm = e.platform.vmm_on(&node_of(op, None, id)).await?;
         loop {
             let i = vmm
                 .get_instance(vmm_pb::InstanceRef {
@@ -233,12 +258,12 @@ async fn add_members(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
         return Ok(());
     }
     let cluster = e.platform.cluster(&op.cluster_id).await?;
-    let mut vmm = e.platform.vmm()?;
     let mut state = e.platform.state.clone();
     for id in &op.new_instances {
         if cluster.members.contains_key(id) {
             continue;
         }
+        let mut vmm = e.platform.vmm_on(&node_of(op, None, id)).await?;
         let i = vmm
             .get_instance(vmm_pb::InstanceRef {
                 instance_id: id.clone(),

@@ -42,6 +42,8 @@ pub struct Limits {
     pub poll: Duration,
     /// An operation not done this long after its request is rolled back and fails.
     pub operation_timeout: Duration,
+    /// A vmm node without a heartbeat this long is lost: placement skips it.
+    pub node_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -52,6 +54,7 @@ impl Default for Limits {
             balancer_timeout: Duration::from_secs(30),
             poll: Duration::from_millis(20),
             operation_timeout: Duration::from_secs(600),
+            node_timeout: Duration::from_secs(15),
         }
     }
 }

@@ -14,6 +14,7 @@ use prost::Message;
 
 use super::Step;
 use super::engine::Engine;
+use super::place::node_of;
 use crate::platform::{OpError, gone_ok};
 
 /// The cluster a create stores.
@@ -55,7 +56,7 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
         Step::CreateTemplate => {
             let id = template(op)?;
             let spec = spec(op)?;
-            let mut vmm = e.platform.vmm()?;
+            let mut vmm = e.platform.vmm_on(&node_of(op, None, &id)).await?;
             // Made already (a resumed run): nothing to do.
             if let Ok(i) = vmm
                 .get_instance(vmm_pb::InstanceRef {
@@ -88,7 +89,8 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
             let id = template(op)?;
             let i = e
                 .platform
-                .vmm()?
+                .vmm_on(&node_of(op, None, &id))
+                .await?
                 .get_instance(vmm_pb::InstanceRef {
                     instance_id: id.clone(),
                 })
@@ -125,8 +127,8 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
         }
         Step::DeleteClusterRecord => delete_record(e, op).await,
         Step::DeleteClusterInstances => {
-            let mut vmm = e.platform.vmm()?;
             for id in op.victims.clone() {
+                let mut vmm = e.platform.vmm_on(&node_of(op, None, &id)).await?;
                 gone_ok(
                     vmm.delete_instance(vmm_pb::InstanceRef {
                         instance_id: id.clone(),
@@ -152,7 +154,8 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
             let id = template(op)?;
             gone_ok(
                 e.platform
-                    .vmm()?
+                    .vmm_on(&node_of(op, None, &id))
+                    .await?
                     .delete_instance(vmm_pb::InstanceRef {
                         instance_id: id.clone(),
                     })

@@ -4,11 +4,13 @@
 pub mod create;
 pub mod engine;
 pub mod lifecycle;
+pub mod place;
 pub mod plan;
 pub mod record;
 pub mod remove;
 pub mod resize;
 pub mod sync;
+pub mod transfer;
 
 use form_proto::types::v1 as types;
 

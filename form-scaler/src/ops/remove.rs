@@ -20,7 +20,7 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
     match step {
         Step::DrainVictims => drain(e, op).await,
         Step::RemoveVictimMembers => remove_members(e, &op.cluster_id, &op.victims).await,
-        Step::DeleteVictimInstances => delete_instances(e, &op.victims).await,
+        Step::DeleteVictimInstances => delete_instances(e, op, &op.victims).await,
         Step::DeleteSnapshot => delete_snapshots(e, op).await,
         _ => Err(OpError::new(format!(
             "{} is not a removal step",
@@ -38,7 +38,6 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
         return Ok(());
     }
     let cluster = e.platform.cluster(&op.cluster_id).await?;
-    let mut vmm = e.platform.vmm()?;
     for id in &op.victims {
         if cluster
             .members
@@ -47,6 +46,10 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
         {
             continue;
         }
+        let mut vmm = e
+            .platform
+            .vmm_on(&super::place::node_of(op, Some(&cluster), id))
+            .await?;
         let running = match vmm
             .get_instance(vmm_pb::InstanceRef {
                 instance_id: id.clone(),

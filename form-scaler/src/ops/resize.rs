@@ -72,9 +72,11 @@ async fn resize_one(
     id: &str,
     to: types::Resources,
 ) -> Result<(), OpError> {
+    let node = super::place::node_of(op, Some(&e.platform.cluster(&op.cluster_id).await?), id);
     let reply = e
         .platform
-        .vmm()?
+        .vmm_on(&node)
+        .await?
         .resize(vmm_pb::ResizeRequest {
             instance_id: id.to_owned(),
             resources: Some(to),

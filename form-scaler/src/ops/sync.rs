@@ -1,20 +1,23 @@
 //! Steps that carry application state through the workload state contract
 //! (docs/workload-contract.md): bring new instances up to date with their source, and
 //! hand a drained victim's changes to the instances that remain. Changes travel as the
-//! workload's own batches, read from one instance and merged into others through the
-//! vmm node; merging is idempotent, so a step run again after a crash only repeats
-//! merges that change nothing.
+//! workload's own batches, read from one instance and merged into others: by the vmm
+//! node when they all run on one node (`CopyChanges`), through the controller when some
+//! run on another (`ReadChanges` on the source's node, `MergeChanges` on each target's).
+//! Merging is idempotent, so a step run again after a crash only repeats merges that
+//! change nothing.
 
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as vmm_pb;
-use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
+use tokio::task::JoinSet;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use super::Step;
 use super::engine::Engine;
-use crate::platform::OpError;
+use super::place::node_of;
+use crate::fleet::VmmClient;
+use crate::platform::{OpError, Platform};
 
 /// Longest a copy of one instance's changes may take (a workload that never says it
 /// is done must not hold the operation for ever).
@@ -32,23 +35,74 @@ pub fn enabled(c: &state_pb::Cluster) -> bool {
     )
 }
 
-/// The instances of `cluster` that the vmm node runs now.
-pub async fn running(
-    vmm: &VmmServiceClient<Channel>,
-    cluster: &str,
-) -> Result<Vec<String>, tonic::Status> {
-    Ok(vmm
-        .clone()
-        .list_instances(vmm_pb::ListInstancesRequest {
-            cluster_id: cluster.to_owned(),
-        })
-        .await?
-        .into_inner()
-        .instances
-        .into_iter()
-        .filter(|i| i.status == vmm_pb::InstanceStatus::Running as i32)
-        .map(|i| i.instance_id)
-        .collect())
+/// An instance, and a client of the node that runs it.
+#[derive(Debug, Clone)]
+pub struct On {
+    /// The instance.
+    pub id: String,
+    /// Its node ("" for the `--vmm` node).
+    pub node: String,
+    /// A client of that node.
+    pub vmm: VmmClient,
+}
+
+/// `ids` of `cluster`, each with its node: where `op` placed it, else where its member
+/// runs.
+pub async fn on_nodes(
+    p: &Platform,
+    op: Option<&types::Operation>,
+    cluster: &state_pb::Cluster,
+    ids: &[String],
+) -> Result<Vec<On>, OpError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let node = match op {
+            Some(op) => node_of(op, Some(cluster), id),
+            None => cluster
+                .members
+                .get(id)
+                .map(|m| m.node_id.clone())
+                .unwrap_or_default(),
+        };
+        let vmm = p.vmm_on(&node).await?;
+        out.push(On {
+            id: id.clone(),
+            node,
+            vmm,
+        });
+    }
+    Ok(out)
+}
+
+/// The members of `cluster` that run now, asked of each node its members are on.
+pub async fn running(p: &Platform, cluster: &state_pb::Cluster) -> Result<Vec<String>, OpError> {
+    let mut nodes: Vec<&str> = cluster
+        .members
+        .values()
+        .map(|m| m.node_id.as_str())
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let mut out = Vec::new();
+    for node in nodes {
+        let listed = p
+            .vmm_on(node)
+            .await?
+            .list_instances(vmm_pb::ListInstancesRequest {
+                cluster_id: cluster.cluster_id.clone(),
+            })
+            .await
+            .map_err(|s| OpError::rpc(format!("listing the instances of node {node}"), &s))?
+            .into_inner();
+        out.extend(
+            listed
+                .instances
+                .into_iter()
+                .filter(|i| i.status == vmm_pb::InstanceStatus::Running as i32)
+                .map(|i| i.instance_id),
+        );
+    }
+    Ok(out)
 }
 
 /// Runs `step` (one of this module's).
@@ -84,74 +138,178 @@ pub struct Carried {
     pub writes: u64,
 }
 
-async fn pump(e: &Engine, from: &str, since: &str, to: &[String]) -> Result<Carried, PumpError> {
-    let vmm = e.platform.vmm().map_err(PumpError::Failed)?;
-    carry(&vmm, from, since, to, BATCH_BYTES, false).await
+async fn pump(
+    e: &Engine,
+    op: &types::Operation,
+    cluster: &state_pb::Cluster,
+    from: &str,
+    since: &str,
+    to: &[String],
+) -> Result<Carried, PumpError> {
+    let from = on_nodes(
+        &e.platform,
+        Some(op),
+        cluster,
+        std::slice::from_ref(&from.to_owned()),
+    )
+    .await
+    .map_err(PumpError::Failed)?;
+    let to = on_nodes(&e.platform, Some(op), cluster, to)
+        .await
+        .map_err(PumpError::Failed)?;
+    carry(&from[0], since, &to, BATCH_BYTES, false).await
 }
 
 /// Reads `from`'s changes after `since` (with `own`, only its own writes) in batches
 /// of `batch_bytes` and merges each batch into every instance of `to`, until `from`
-/// has nothing more, on the vmm node (`CopyChanges`: the batches do not travel through
-/// the controller; the node reads the next batch while the last merges, and reads from
-/// the start when `from` no longer knows the cursor). The cursor returned is that of
-/// the last batch every target merged.
+/// has nothing more. When all run on one node, the node does it (`CopyChanges`: the
+/// batches do not travel through the controller; the node reads the next batch while
+/// the last merges); otherwise the controller relays each batch from `from`'s node to
+/// the targets' nodes. Either reads from the start when `from` no longer knows the
+/// cursor. The cursor returned is that of the last batch every target merged.
 pub async fn carry(
-    vmm: &VmmServiceClient<Channel>,
-    from: &str,
+    from: &On,
     since: &str,
-    to: &[String],
+    to: &[On],
     batch_bytes: u32,
     own: bool,
 ) -> Result<Carried, PumpError> {
-    carry_keys(vmm, from, since, to, batch_bytes, own, &[]).await
+    carry_keys(from, since, to, batch_bytes, own, &[]).await
 }
 
 /// [`carry`] of the keys with one of `prefixes` only (none: every change). The cursor
 /// it returns is a preview's: it must not be kept as `from`'s.
 pub async fn carry_keys(
-    vmm: &VmmServiceClient<Channel>,
-    from: &str,
+    from: &On,
     since: &str,
-    to: &[String],
+    to: &[On],
     batch_bytes: u32,
     own: bool,
     prefixes: &[String],
 ) -> Result<Carried, PumpError> {
+    let carried = if to.iter().all(|t| t.node == from.node) {
+        copy_on_node(from, since, to, batch_bytes, own, prefixes).await
+    } else {
+        relay(from, since, to, batch_bytes, own, prefixes).await
+    };
+    carried.map_err(|s| match s.code() {
+        Code::Unimplemented => PumpError::Unsupported(s.message().to_owned()),
+        Code::FailedPrecondition | Code::NotFound => PumpError::Gone(s.message().to_owned()),
+        _ => PumpError::Failed(OpError::rpc(
+            format!("carrying the changes of {}", from.id),
+            &s,
+        )),
+    })
+}
+
+/// [`carry_keys`] by `from`'s node.
+async fn copy_on_node(
+    from: &On,
+    since: &str,
+    to: &[On],
+    batch_bytes: u32,
+    own: bool,
+    prefixes: &[String],
+) -> Result<Carried, tonic::Status> {
     let req = vmm_pb::CopyChangesRequest {
-        from_instance_id: from.to_owned(),
-        to_instance_ids: to.to_vec(),
+        from_instance_id: from.id.clone(),
+        to_instance_ids: to.iter().map(|t| t.id.clone()).collect(),
         since: since.to_owned(),
         max_bytes: batch_bytes,
         own,
         prefixes: prefixes.to_vec(),
     };
-    let copied = tokio::time::timeout(COPY_DEADLINE, vmm.clone().copy_changes(req))
-        .await
-        .unwrap_or_else(|_| {
-            Err(tonic::Status::deadline_exceeded(format!(
-                "no end within {COPY_DEADLINE:?}"
-            )))
-        });
-    match copied {
-        Ok(r) => {
-            let r = r.into_inner();
-            Ok(Carried {
-                cursor: r.next_cursor,
-                changes: r.changes,
-                bytes: r.bytes,
-                writes: r.writes,
-            })
-        }
-        Err(s) if s.code() == Code::Unimplemented => {
-            Err(PumpError::Unsupported(s.message().to_owned()))
-        }
-        Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
-            Err(PumpError::Gone(s.message().to_owned()))
-        }
-        Err(s) => Err(PumpError::Failed(OpError::rpc(
-            format!("carrying the changes of {from}"),
-            &s,
+    let deadline = tokio::time::Instant::now() + COPY_DEADLINE;
+    let r = by(deadline, from.vmm.clone().copy_changes(req)).await?;
+    Ok(Carried {
+        cursor: r.next_cursor,
+        changes: r.changes,
+        bytes: r.bytes,
+        writes: r.writes,
+    })
+}
+
+/// The answer of `call`, or `DEADLINE_EXCEEDED` when it has none by `deadline` (a
+/// workload that never says it is done must not hold an operation for ever).
+async fn by<T>(
+    deadline: tokio::time::Instant,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout_at(deadline, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no end within {COPY_DEADLINE:?}"
         ))),
+    }
+}
+
+/// [`carry_keys`] through the controller: each batch read on `from`'s node and merged
+/// on every target's node at once, the next read after every target merged.
+async fn relay(
+    from: &On,
+    since: &str,
+    to: &[On],
+    batch_bytes: u32,
+    own: bool,
+    prefixes: &[String],
+) -> Result<Carried, tonic::Status> {
+    let deadline = tokio::time::Instant::now() + COPY_DEADLINE;
+    let mut out = Carried {
+        cursor: since.to_owned(),
+        ..Default::default()
+    };
+    let mut restarted = false;
+    loop {
+        let req = vmm_pb::ReadChangesRequest {
+            instance_id: from.id.clone(),
+            since: out.cursor.clone(),
+            max_bytes: batch_bytes,
+            own,
+            prefixes: prefixes.to_vec(),
+        };
+        let b = match by(deadline, from.vmm.clone().read_changes(req)).await {
+            Ok(b) => b,
+            // A cursor the workload no longer knows: everything again (merging what a
+            // target has changes nothing).
+            Err(s) if s.code() == Code::OutOfRange && !restarted && !out.cursor.is_empty() => {
+                restarted = true;
+                out.cursor.clear();
+                continue;
+            }
+            Err(s) => return Err(s),
+        };
+        if b.changes > 0 {
+            let batch = std::sync::Arc::new(b.batch.clone());
+            let mut set = JoinSet::new();
+            for t in to.iter().cloned() {
+                let batch = batch.clone();
+                set.spawn(async move {
+                    let req = vmm_pb::MergeChangesRequest {
+                        instance_id: t.id.clone(),
+                        batch: batch.as_ref().clone(),
+                    };
+                    t.vmm.clone().merge_changes(req).await.map_err(|s| {
+                        tonic::Status::aborted(format!(
+                            "merging into {} on node {}: {} ({:?})",
+                            t.id,
+                            t.node,
+                            s.message(),
+                            s.code()
+                        ))
+                    })
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r.map_err(|j| tonic::Status::internal(format!("a merge task failed: {j}")))??;
+            }
+        }
+        out.changes += b.changes;
+        out.bytes += b.batch.len() as u64;
+        out.cursor = b.next_cursor;
+        out.writes = b.writes;
+        if !b.more {
+            return Ok(out);
+        }
     }
 }
 
@@ -182,10 +340,7 @@ pub async fn give_back(e: &Engine, op: &mut types::Operation) -> Result<(), OpEr
     if served.is_empty() {
         return Ok(());
     }
-    let vmm = e.platform.vmm()?;
-    let running = running(&vmm, &op.cluster_id)
-        .await
-        .map_err(|s| OpError::rpc("listing the running instances", &s))?;
+    let running = running(&e.platform, &cluster).await?;
     let stay: Vec<String> = cluster
         .members
         .values()
@@ -205,7 +360,7 @@ pub async fn give_back(e: &Engine, op: &mut types::Operation) -> Result<(), OpEr
     let notes = super::remove::drain_members(e, op, &served, false).await?;
     super::remove::add_notes(op, notes);
     for new in &served {
-        match carry(&vmm, new, "", &stay, BATCH_BYTES, false).await {
+        match pump(e, op, &cluster, new, "", &stay).await {
             Ok(c) => {
                 tracing::info!(operation = %op.operation_id, instance = %new, changes = c.changes, "a new instance's changes handed back before its removal");
             }
@@ -274,7 +429,8 @@ async fn sync_clones(e: &Engine, op: &mut types::Operation) -> Result<(), OpErro
         return Ok(());
     }
     let source = op.source_instance_id.clone();
-    match pump(e, &source, &op.state_cursor.clone(), &op.new_instances).await {
+    let (since, to) = (op.state_cursor.clone(), op.new_instances.clone());
+    match pump(e, op, &cluster, &source, &since, &to).await {
         Ok(c) => {
             let t = transfer(op);
             t.contract = "supported".into();
@@ -335,7 +491,7 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
     }
     let mut lost = Vec::new();
     for victim in op.victims.clone() {
-        match pump(e, &victim, "", &survivors).await {
+        match pump(e, op, &cluster, &victim, "", &survivors).await {
             Ok(c) => {
                 let t = transfer(op);
                 t.contract = "supported".into();

@@ -42,6 +42,35 @@ pub struct Stack {
     scaler_args: Vec<String>,
     /// The workload's command (the demo app, on the host or in the guest).
     command: String,
+    /// The replica's address, for nodes added later.
+    state_addr: String,
+    /// What the backend adds to a vmm node's flags.
+    backend_args: Vec<String>,
+    /// Nodes started by [`Stack::add_node`].
+    pub nodes: Vec<ChildService>,
+}
+
+/// The flags of vmm node `id` of a stack.
+fn node_args(dir: &TestDir, state: &str, id: &str, backend: &[String]) -> Vec<String> {
+    let data = dir.path().join(format!("{id}-data"));
+    PORT0_ARGS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(
+            [
+                "--node-id",
+                id,
+                "--state",
+                state,
+                "--heartbeat-interval-ms",
+                "200",
+                "--data-dir",
+                data.to_str().expect("utf-8"),
+            ]
+            .map(str::to_owned),
+        )
+        .chain(backend.iter().cloned())
+        .collect()
 }
 
 /// What runs the instances.
@@ -74,45 +103,42 @@ impl Stack {
         .await;
         let state_addr = replicas.addrs[0].to_string();
         let dir = TestDir::new(label);
-        let data = dir.path().join("vmm-data");
-        let mut vmm_args: Vec<&str> = PORT0_ARGS
-            .iter()
-            .copied()
-            .chain([
-                "--state",
-                &state_addr,
-                "--heartbeat-interval-ms",
-                "200",
-                "--data-dir",
-                data.to_str().expect("utf-8"),
-            ])
-            .collect();
         let no_cgroups = dir.path().join("no-cgroups");
+        let mut backend_args: Vec<String> = Vec::new();
         let command = match &backend {
             Backend::Process => workspace_bin("form-demo-app").display().to_string(),
             Backend::ProcessWithoutCgroups => {
                 std::fs::create_dir_all(&no_cgroups).expect("dir");
-                vmm_args.extend(["--cgroup-root", no_cgroups.to_str().expect("utf-8")]);
+                backend_args.extend([
+                    "--cgroup-root".to_owned(),
+                    no_cgroups.to_str().expect("utf-8").to_owned(),
+                ]);
                 workspace_bin("form-demo-app").display().to_string()
             }
             Backend::Command(c) => {
                 // The node runs it: it is on the allowlist.
-                vmm_args.extend(["--allowed-commands", c.as_str()]);
+                backend_args.extend(["--allowed-commands".to_owned(), c.clone()]);
                 c.clone()
             }
             Backend::Qemu(guest) => {
-                vmm_args.extend([
-                    "--backend",
-                    "qemu",
-                    "--guest-dir",
-                    guest.to_str().expect("utf-8"),
-                    "--ready-timeout-ms",
-                    "90000",
-                ]);
+                backend_args.extend(
+                    [
+                        "--backend",
+                        "qemu",
+                        "--guest-dir",
+                        guest.to_str().expect("utf-8"),
+                        "--ready-timeout-ms",
+                        "90000",
+                    ]
+                    .map(str::to_owned),
+                );
                 "form-demo-app".to_owned()
             }
         };
+        let vmm_args = node_args(&dir, &state_addr, "node-1", &backend_args);
+        let vmm_args: Vec<&str> = vmm_args.iter().map(String::as_str).collect();
         let vmm = start(&dir, "vmm", workspace_bin("form-vmm-service"), &vmm_args).await;
+        let replicas_addr = state_addr.clone();
         let rplb_args: Vec<&str> = PORT0_ARGS
             .iter()
             .copied()
@@ -156,9 +182,27 @@ impl Stack {
             vmm_client,
             rplb_client,
             scaler_args,
+            state_addr: replicas_addr,
+            backend_args,
+            nodes: Vec::new(),
         };
         s.create_demo().await;
         s
+    }
+
+    /// Starts another vmm node with id `id`, on the same backend and state, and
+    /// returns a client of it.
+    pub async fn add_node(&mut self, id: &str) -> VmmServiceClient<Channel> {
+        let args = node_args(&self.dir, &self.state_addr, id, &self.backend_args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let svc = start(&self.dir, id, workspace_bin("form-vmm-service"), &args).await;
+        let client = VmmServiceClient::new(
+            probe::channel_with_timeout(svc.addr("grpc").expect("grpc"), Duration::from_secs(120))
+                .await
+                .expect("vmm"),
+        );
+        self.nodes.push(svc);
+        client
     }
 
     async fn create_demo(&mut self) {
@@ -419,6 +463,9 @@ impl Stack {
             .rplb
             .stop(Signal::SIGTERM, Duration::from_secs(10))
             .await;
+        for n in &mut self.nodes {
+            let _ = n.stop(Signal::SIGTERM, Duration::from_secs(20)).await;
+        }
         let _ = self
             .vmm
             .stop(Signal::SIGTERM, Duration::from_secs(20))
@@ -431,10 +478,12 @@ impl Drop for Stack {
     /// A test that panicked: stop the vmm node with SIGTERM so it deletes its
     /// instances (a SIGKILL would leave them running).
     fn drop(&mut self) {
-        if self.vmm.signal(Signal::SIGTERM).is_ok() {
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while std::time::Instant::now() < deadline && matches!(self.vmm.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
+        for node in std::iter::once(&mut self.vmm).chain(self.nodes.iter_mut()) {
+            if node.signal(Signal::SIGTERM).is_ok() {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while std::time::Instant::now() < deadline && matches!(node.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
     }

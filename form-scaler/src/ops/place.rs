@@ -1,0 +1,231 @@
+//! Where an operation's instances are: each new one placed on a node by
+//! [`crate::placement::place`] when the operation is accepted (before anything is
+//! made, so a request no node can hold is refused whole), each victim on the node its
+//! member records. Both go on the operation (`placements`), so every step, undo and
+//! controller that resumes it acts on the same nodes.
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+
+use crate::placement::{self, Amount, Node, Request, Shortfall};
+
+/// Reasons kept word for word; the rest are cut (an operation record stays small).
+const REASONS: usize = 16;
+
+/// Resources of a new instance when neither the request nor the cluster sets them
+/// (those a vmm node gives an instance without any).
+const DEFAULT_RESOURCES: types::Resources = types::Resources {
+    vcpus: 1,
+    memory_mib: 512,
+};
+
+/// The node of `id` for `op`: where the operation placed it, else what its member in
+/// `cluster` records, else "" (the `--vmm` node).
+pub fn node_of(op: &types::Operation, cluster: Option<&state_pb::Cluster>, id: &str) -> String {
+    op.placements
+        .iter()
+        .find(|p| p.instance_id == id)
+        .map(|p| p.node_id.clone())
+        .or_else(|| {
+            cluster
+                .and_then(|c| c.members.get(id))
+                .map(|m| m.node_id.clone())
+        })
+        .unwrap_or_default()
+}
+
+/// A node record as placement sees it: lost when its last heartbeat is more than
+/// `lost_after_ms` old at `now_ms`.
+pub fn node(r: &state_pb::NodeInfo, now_ms: u64, lost_after_ms: u64) -> Node {
+    let amount = |c: Option<&state_pb::NodeCapacity>| {
+        c.map(|c| Amount {
+            vcpus: c.vcpus,
+            memory_mib: c.memory_mib,
+            slots: c.instance_slots,
+        })
+        .unwrap_or_default()
+    };
+    Node {
+        id: r.node_id.clone(),
+        capacity: amount(r.capacity.as_ref()),
+        used: amount(r.used.as_ref()),
+        labels: r.labels.clone().into_iter().collect(),
+        cordoned: r.cordoned,
+        lost: now_ms.saturating_sub(r.last_heartbeat_ms) > lost_after_ms,
+    }
+}
+
+/// The placements of `op` on `cluster` (its `resources` those of each new instance):
+/// its new instances placed on `nodes`, its victims where they run. With no node
+/// records at all, new instances go to the `--vmm` node ("").
+pub fn placements(
+    op: &types::Operation,
+    cluster: Option<&state_pb::Cluster>,
+    resources: Option<types::Resources>,
+    nodes: &[state_pb::NodeInfo],
+    now_ms: u64,
+    lost_after_ms: u64,
+) -> Result<Vec<types::Placement>, Shortfall> {
+    let mut out = Vec::new();
+    if !op.new_instances.is_empty() {
+        if nodes.is_empty() {
+            out.extend(op.new_instances.iter().map(|id| types::Placement {
+                instance_id: id.clone(),
+                node_id: String::new(),
+                reason: "no vmm node has a record in form-state: the --vmm node".into(),
+            }));
+        } else {
+            let r = resources
+                .or_else(|| cluster.and_then(|c| c.resources))
+                .unwrap_or(DEFAULT_RESOURCES);
+            let existing_nodes = cluster
+                .map(|c| {
+                    c.members
+                        .values()
+                        .filter(|m| !op.victims.contains(&m.instance_id))
+                        .map(|m| m.node_id.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let req = Request {
+                cluster_id: op.cluster_id.clone(),
+                count: op.new_instances.len() as u32,
+                vcpus: r.vcpus,
+                memory_mib: r.memory_mib,
+                labels: Default::default(),
+                existing_nodes,
+            };
+            let fleet: Vec<Node> = nodes
+                .iter()
+                .map(|n| node(n, now_ms, lost_after_ms))
+                .collect();
+            let placed = placement::place(&fleet, &req)?;
+            for (k, (id, p)) in op.new_instances.iter().zip(placed).enumerate() {
+                out.push(types::Placement {
+                    instance_id: id.clone(),
+                    node_id: p.node_id,
+                    reason: if k < REASONS {
+                        p.reason
+                    } else {
+                        "placed as the ones before".into()
+                    },
+                });
+            }
+        }
+    }
+    for v in &op.victims {
+        if let Some(m) = cluster.and_then(|c| c.members.get(v)) {
+            out.push(types::Placement {
+                instance_id: v.clone(),
+                node_id: m.node_id.clone(),
+                reason: "runs there (to be removed)".into(),
+            });
+        }
+    }
+    let source = &op.source_instance_id;
+    if !op.new_instances.is_empty()
+        && !op.victims.contains(source)
+        && let Some(m) = cluster.and_then(|c| c.members.get(source))
+    {
+        out.push(types::Placement {
+            instance_id: source.clone(),
+            node_id: m.node_id.clone(),
+            reason: "runs there (the clones' source: its snapshot is taken there)".into(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, memory_mib: u64, heartbeat_ms: u64) -> state_pb::NodeInfo {
+        state_pb::NodeInfo {
+            node_id: id.into(),
+            addresses: vec![format!("{id}:3002")],
+            capacity: Some(state_pb::NodeCapacity {
+                vcpus: 8,
+                memory_mib,
+                instance_slots: 10,
+            }),
+            used: Some(state_pb::NodeCapacity::default()),
+            last_heartbeat_ms: heartbeat_ms,
+            ..Default::default()
+        }
+    }
+
+    fn member(id: &str, node: &str) -> (String, state_pb::Member) {
+        (
+            id.into(),
+            state_pb::Member {
+                instance_id: id.into(),
+                node_id: node.into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn new_instances_spread_victims_stay_where_they_run_and_lost_nodes_take_nothing() {
+        let cluster = state_pb::Cluster {
+            cluster_id: "web".into(),
+            members: [member("web-0", "n1"), member("web-1", "n1")]
+                .into_iter()
+                .collect(),
+            resources: Some(types::Resources {
+                vcpus: 1,
+                memory_mib: 256,
+            }),
+            ..Default::default()
+        };
+        let op = types::Operation {
+            cluster_id: "web".into(),
+            new_instances: vec!["a".into(), "b".into()],
+            victims: vec!["web-1".into()],
+            ..Default::default()
+        };
+        let now = 100_000;
+        let nodes = [
+            record("n1", 4096, now),
+            record("n2", 4096, now),
+            record("n3", 65536, now - 60_000),
+        ];
+        let p = placements(&op, Some(&cluster), None, &nodes, now, 10_000).expect("placed");
+        let at: Vec<(&str, &str)> = p
+            .iter()
+            .map(|p| (p.instance_id.as_str(), p.node_id.as_str()))
+            .collect();
+        // web-1 goes away: n1 keeps one, so n2 takes the first and both then tie.
+        assert_eq!(at, [("a", "n2"), ("b", "n1"), ("web-1", "n1")]);
+        assert!(p[0].reason.contains("n2"), "{}", p[0].reason);
+        let op = types::Operation {
+            placements: p,
+            ..op
+        };
+        assert_eq!(node_of(&op, Some(&cluster), "a"), "n2");
+        assert_eq!(node_of(&op, Some(&cluster), "web-0"), "n1");
+        assert_eq!(node_of(&op, None, "unknown"), "");
+    }
+
+    #[test]
+    fn no_room_is_a_shortfall_and_no_records_mean_the_given_node() {
+        let op = types::Operation {
+            cluster_id: "web".into(),
+            new_instances: vec!["a".into()],
+            ..Default::default()
+        };
+        let big = Some(types::Resources {
+            vcpus: 1,
+            memory_mib: 8192,
+        });
+        let e =
+            placements(&op, None, big, &[record("n1", 4096, 5)], 5, 10_000).expect_err("no room");
+        assert!(
+            e.to_string().contains("n1 has 4096 MiB free, needs 8192"),
+            "{e}"
+        );
+        let p = placements(&op, None, big, &[], 5, 10_000).expect("given node");
+        assert_eq!(p[0].node_id, "");
+    }
+}

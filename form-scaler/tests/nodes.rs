@@ -1,0 +1,205 @@
+//! Two vmm nodes: a scale-out spreads the new instances over both (placement), the
+//! snapshot is copied to the node that has none, every clone on either node has the
+//! source's state; a scale-in hands the victims' writes from one node to the instance
+//! that stays on the other; a request no node can hold is refused before anything is
+//! made, naming what each node lacks.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1::OperationKind;
+use form_proto::vmm::v1 as vmm_pb;
+use form_testkit::probe;
+
+const OP_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Members by node, from the cluster's record.
+fn by_node(c: &state_pb::Cluster) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in c.members.values() {
+        out.entry(m.node_id.clone())
+            .or_default()
+            .push(m.instance_id.clone());
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
+}
+
+#[tokio::test]
+async fn instances_spread_over_two_nodes_and_carry_the_state_across() {
+    let mut stack = Stack::start("nodes").await;
+    let mut node2 = stack.add_node("node-2").await;
+    form_testkit::assert_eventually!(
+        async {
+            let nodes = stack
+                .state
+                .list_nodes(state_pb::ListNodesRequest {})
+                .await
+                .map(|r| r.into_inner().nodes)
+                .unwrap_or_default();
+            nodes.len() == 2
+        },
+        "both nodes have a record"
+    );
+    let mut scaler = stack.start_scaler(&[]).await;
+
+    // 1 -> 4: two on each node, placed before anything is made, with reasons.
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 4))
+        .await
+        .expect("scale out")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let placed: Vec<&str> = op
+        .new_instances
+        .iter()
+        .map(|id| {
+            op.placements
+                .iter()
+                .find(|p| p.instance_id == *id)
+                .map(|p| p.node_id.as_str())
+                .expect("every new instance is placed")
+        })
+        .collect();
+    // node-2 has none of the cluster; then each has one and as much memory free, and
+    // the smaller id wins; then node-1 has two.
+    assert_eq!(
+        placed,
+        ["node-2", "node-1", "node-2"],
+        "{:?}",
+        op.placements
+    );
+    assert!(
+        op.placements.iter().all(|p| !p.reason.is_empty()),
+        "{:?}",
+        op.placements
+    );
+    assert!(
+        op.notes
+            .iter()
+            .any(|n| n.contains("copied from node node-1 to node node-2")),
+        "{:?}",
+        op.notes
+    );
+    let cluster = stack.cluster().await;
+    let nodes = by_node(&cluster);
+    assert_eq!(
+        nodes.values().map(Vec::len).collect::<Vec<_>>(),
+        [2, 2],
+        "{nodes:?}"
+    );
+    // What node-2 itself runs is what form-state says it runs.
+    let on_node2: Vec<String> = node2
+        .list_instances(vmm_pb::ListInstancesRequest {
+            cluster_id: CLUSTER.into(),
+        })
+        .await
+        .expect("node-2's instances")
+        .into_inner()
+        .instances
+        .into_iter()
+        .filter(|i| i.status == vmm_pb::InstanceStatus::Running as i32)
+        .map(|i| i.instance_id)
+        .collect();
+    assert_eq!(Some(&on_node2), nodes.get("node-2"));
+    // Every member, on either node, has the template's keys.
+    for m in cluster.members.values() {
+        for k in ["alpha", "beta"] {
+            assert_eq!(
+                key_on(&m.addresses[0], k).await.as_deref(),
+                Some(format!("value-{k}").as_str()),
+                "{k} on {} ({})",
+                m.instance_id,
+                m.node_id
+            );
+        }
+    }
+    // The snapshot and its copy are gone from both nodes.
+    assert!(stack.snapshots().await.is_empty());
+    let left = node2
+        .list_snapshots(vmm_pb::ListSnapshotsRequest::default())
+        .await
+        .expect("node-2's snapshots")
+        .into_inner()
+        .snapshots;
+    assert!(left.is_empty(), "{left:?}");
+
+    // Each clone takes a write of its own; a scale-in to the template alone hands
+    // them over, from node-2 to node-1 too.
+    for m in cluster
+        .members
+        .values()
+        .filter(|m| m.instance_id != TEMPLATE)
+    {
+        let at: SocketAddr = m.addresses[0].parse().expect("address");
+        let (code, _) = probe::http_request(
+            at,
+            "PUT",
+            &format!("/kv/from-{}", m.instance_id),
+            m.node_id.as_bytes(),
+        )
+        .await
+        .expect("PUT");
+        assert_eq!(code, 204);
+    }
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleIn, 1))
+        .await
+        .expect("scale in")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let after = stack.cluster().await;
+    let template = &after.members[TEMPLATE];
+    for m in cluster
+        .members
+        .values()
+        .filter(|m| m.instance_id != TEMPLATE)
+    {
+        assert_eq!(
+            key_on(&template.addresses[0], &format!("from-{}", m.instance_id))
+                .await
+                .as_deref(),
+            Some(m.node_id.as_str()),
+            "the write of {} on {} was not handed over",
+            m.instance_id,
+            m.node_id
+        );
+    }
+
+    // A size no node has is refused whole, before anything is made.
+    let mut state = stack.state.clone();
+    state
+        .put_cluster(state_pb::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            resources: Some(form_proto::types::v1::Resources {
+                vcpus: 1,
+                memory_mib: 4 * 1024 * 1024,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("huge resources");
+    let e = scaler
+        .scale(scale(OperationKind::ScaleOut, 2))
+        .await
+        .expect_err("no node can hold it");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    for n in ["node-1", "node-2"] {
+        assert!(
+            e.message().contains(&format!("{n} has")),
+            "{n}: {}",
+            e.message()
+        );
+    }
+    assert_eq!(stack.instances().await, [TEMPLATE]);
+    stack.stop().await;
+}
