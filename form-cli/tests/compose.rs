@@ -1,7 +1,8 @@
 //! The compose stack on this Docker host: the image is built from the project's
 //! binaries (deploy/docker/build.sh), `docker-compose up -d` brings up the platform and
 //! its demo cluster, the demo answers through the published balancer port, and a scale
-//! request through the published API adds an instance carrying the primary's state.
+//! request through the published API adds instances on both vmm nodes, each carrying
+//! the primary's state.
 //! Ports and the network are chosen for this run; the stack is removed at the end.
 
 mod common;
@@ -26,16 +27,37 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         &token,
         "POST",
         "/api/v1/clusters/demo/scale",
-        Some(json!({"operation": "scale_out", "target_count": 2, "immediate": true})),
+        Some(json!({"operation": "scale_out", "target_count": 4, "immediate": true})),
     )
     .await;
     assert_eq!(code, 202, "{v}");
     let op = wait_op(api_addr, &token, v["operation_id"].as_str().expect("id")).await;
     assert_eq!(op["status"], "completed", "{op}");
-    // Every instance, the new one too, answers with the primary's key through the
-    // balancer (new sessions are spread over both).
+    // Two instances on each node: the clones on node-2 were made from a snapshot
+    // copied there from node-1.
+    let (code, cluster) = api(api_addr, &token, "GET", "/api/v1/clusters/demo", None).await;
+    assert_eq!(code, 200, "{cluster}");
+    let mut per_node = std::collections::BTreeMap::new();
+    for m in cluster["members"].as_array().expect("members") {
+        *per_node
+            .entry(m["node_id"].as_str().expect("node_id").to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_node.into_iter().collect::<Vec<_>>(),
+        [("node-1".to_owned(), 2), ("node-2".to_owned(), 2)],
+        "{cluster}"
+    );
+    assert!(
+        op["notes"].as_array().is_some_and(|n| n
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.contains("to node node-2")))),
+        "{op}"
+    );
+    // Every instance, the new ones too, answers with the primary's key through the
+    // balancer (new sessions are spread over them).
     let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..40 {
+    for _ in 0..60 {
         let (code, _, who) = probe::http_call(lb, "GET", "/whoami", &DEMO_HOST, b"")
             .await
             .expect("whoami");
@@ -46,11 +68,11 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
             .expect("kv");
         assert_eq!((code, val.as_str()), (200, "one"));
     }
-    assert!(seen.len() >= 2, "both instances serve: {seen:?}");
+    assert!(seen.len() >= 4, "every instance serves: {seen:?}");
     // The second balancer serves the same cluster, the clone included.
     let lb2 = c.port("form-rplb-2", 8080);
     let mut seen2 = std::collections::BTreeSet::new();
-    for _ in 0..40 {
+    for _ in 0..60 {
         let (code, _, who) = probe::http_call(lb2, "GET", "/whoami", &DEMO_HOST, b"")
             .await
             .expect("whoami via the second balancer");
@@ -62,8 +84,8 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         assert_eq!((code, val.as_str()), (200, "one"));
     }
     assert!(
-        seen2.len() >= 2,
-        "both instances serve through form-rplb-2: {seen2:?}"
+        seen2.len() >= 4,
+        "every instance serves through form-rplb-2: {seen2:?}"
     );
 
     // What each container's process is, from the kernel: no root and no capability
@@ -80,10 +102,11 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         "form-mcp",
         "form-certs",
         "form-vmm",
+        "form-vmm-2",
     ] {
         let container = c.container(service);
         let (uids, caps, no_new_privs) = process_status(&container);
-        if service == "form-vmm" {
+        if service.starts_with("form-vmm") {
             assert_eq!(caps, VMM_CAPS, "{service}: CapEff {caps:x}");
         } else {
             assert!(
@@ -120,6 +143,7 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         ("form-state-1", "rplb-1"),
         ("form-rplb", "state-1"),
         ("form-vmm", "mcp-1"),
+        ("form-vmm-2", "vmm-1"),
     ] {
         let dir = format!("/certs/{other}");
         assert!(
@@ -128,7 +152,13 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         );
     }
     assert!(exec_ok("form-mcp", &["tokens", "--tokens-dir", "/tokens"]));
-    for service in ["form-state-1", "form-rplb", "form-scaler", "form-vmm"] {
+    for service in [
+        "form-state-1",
+        "form-rplb",
+        "form-scaler",
+        "form-vmm",
+        "form-vmm-2",
+    ] {
         for dir in ["/tokens", "/keys"] {
             assert!(
                 !exec_ok(service, &["tokens", "--tokens-dir", dir]),
@@ -138,13 +168,15 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
     }
     // The demo's workloads run as nobody, not as the node's root (`docker top`: every
     // process of the container, with its uid as the host's kernel sees it).
-    let top = docker(&["top", &c.container("form-vmm"), "-eo", "pid,uid,comm"]);
-    let workloads: Vec<&str> = top
-        .lines()
-        .filter(|l| l.contains("form-demo-app"))
-        .collect();
-    assert!(!workloads.is_empty(), "form-vmm runs no workload: {top}");
-    for w in workloads {
-        assert_eq!(w.split_whitespace().nth(1), Some("65534"), "{top}");
+    for node in ["form-vmm", "form-vmm-2"] {
+        let top = docker(&["top", &c.container(node), "-eo", "pid,uid,comm"]);
+        let workloads: Vec<&str> = top
+            .lines()
+            .filter(|l| l.contains("form-demo-app"))
+            .collect();
+        assert_eq!(workloads.len(), 2, "{node} runs its two workloads: {top}");
+        for w in workloads {
+            assert_eq!(w.split_whitespace().nth(1), Some("65534"), "{top}");
+        }
     }
 }

@@ -141,8 +141,8 @@ async fn partitioned_replica_converges_within_5_s(c: &Compose) {
     }
 }
 
-/// Members (API), instances (vmm) and balancer backends of the demo are one set, and
-/// no snapshot is left.
+/// Members (API), instances (both vmm nodes) and balancer backends of the demo are one
+/// set, and no snapshot is left on either node.
 async fn demo_agrees(c: &Compose, api_addr: SocketAddr, token: &str) -> bool {
     let (_, cl) = api(api_addr, token, "GET", "/api/v1/clusters/demo", None).await;
     let mut members: Vec<String> = cl["members"]
@@ -152,28 +152,32 @@ async fn demo_agrees(c: &Compose, api_addr: SocketAddr, token: &str) -> bool {
         .filter_map(|m| m["instance_id"].as_str().map(str::to_owned))
         .collect();
     members.sort();
-    let Ok(ch) = probe::channel(c.addr("form-vmm", 3002)).await else {
-        return false;
-    };
-    let mut vmm = VmmServiceClient::new(ch);
-    let Ok(list) = vmm
-        .list_instances(vmm_pb::ListInstancesRequest::default())
-        .await
-    else {
-        return false;
-    };
-    let mut instances: Vec<String> = list
-        .into_inner()
-        .instances
-        .into_iter()
-        .map(|i| i.instance_id)
-        .collect();
+    // The instances and snapshots of both vmm nodes.
+    let (mut instances, mut snapshots) = (Vec::new(), 0);
+    for node in ["form-vmm", "form-vmm-2"] {
+        let Ok(ch) = probe::channel(c.addr(node, 3002)).await else {
+            return false;
+        };
+        let mut vmm = VmmServiceClient::new(ch);
+        let Ok(list) = vmm
+            .list_instances(vmm_pb::ListInstancesRequest::default())
+            .await
+        else {
+            return false;
+        };
+        instances.extend(
+            list.into_inner()
+                .instances
+                .into_iter()
+                .map(|i| i.instance_id),
+        );
+        snapshots += vmm
+            .list_snapshots(vmm_pb::ListSnapshotsRequest::default())
+            .await
+            .map(|r| r.into_inner().snapshots.len())
+            .unwrap_or(1);
+    }
     instances.sort();
-    let snapshots = vmm
-        .list_snapshots(vmm_pb::ListSnapshotsRequest::default())
-        .await
-        .map(|r| r.into_inner().snapshots.len())
-        .unwrap_or(1);
     let Ok(ch) = probe::channel(c.addr("form-rplb", 3005)).await else {
         return false;
     };

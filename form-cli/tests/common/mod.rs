@@ -67,6 +67,7 @@ impl Compose {
                 ("FORM_API_PORT".into(), "127.0.0.1:".into()),
                 ("FORM_SUBNET".into(), format!("172.30.{n}.0/24")),
                 ("FORM_VMM_IP".into(), format!("172.30.{n}.20")),
+                ("FORM_VMM_IP_2".into(), format!("172.30.{n}.21")),
                 ("FORM_TEST_CERTS".into(), certs.path().display().to_string()),
             ],
             files: all,
