@@ -151,6 +151,24 @@ impl Fleet {
         Ok(c)
     }
 
+    /// Why node `id` is lost (no heartbeat for `timeout`), if it is; a node without a
+    /// record, or "", is not.
+    pub async fn lost(
+        &self,
+        state: &StateServiceClient<Channel>,
+        id: &str,
+        timeout: Duration,
+    ) -> Option<String> {
+        if id.is_empty() {
+            return None;
+        }
+        let records = self.records(state, false).await.ok()?;
+        let r = records.iter().find(|n| n.node_id == id)?;
+        let silent = crate::ops::record::now_ms().saturating_sub(r.last_heartbeat_ms);
+        (silent > timeout.as_millis() as u64)
+            .then(|| format!("node {id} is lost (no heartbeat for {silent} ms)"))
+    }
+
     /// The address of node `id` as other nodes reach it (a pull's source).
     pub async fn address(
         &self,

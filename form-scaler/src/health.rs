@@ -78,6 +78,42 @@ pub fn skipped(m: &state_pb::Member, now_ms: u64, heartbeat_ms: u64) -> u32 {
     u32::try_from(intervals.saturating_sub(1)).unwrap_or(u32::MAX)
 }
 
+/// What a member's node looks like, by its record's latest heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeHealth {
+    /// Heard from lately (or not known: a node without a record is not judged).
+    Up,
+    /// Silent for [`DEGRADED_AFTER`] heartbeats or more, not yet for the node timeout:
+    /// its instances are not replaced yet (placement would not avoid the node).
+    Silent,
+    /// Silent past the node timeout: its instances are replaced, on other nodes.
+    Lost(String),
+}
+
+/// The health of node `n` at `now_ms`, with heartbeats due every `heartbeat_ms` and
+/// `lost_after_ms` the node timeout.
+pub fn node(
+    n: Option<&state_pb::NodeInfo>,
+    now_ms: u64,
+    heartbeat_ms: u64,
+    lost_after_ms: u64,
+) -> NodeHealth {
+    let Some(n) = n else {
+        return NodeHealth::Up;
+    };
+    let silent = now_ms.saturating_sub(n.last_heartbeat_ms);
+    if silent > lost_after_ms {
+        NodeHealth::Lost(format!(
+            "its node {} is lost: no heartbeat for {} ms (node timeout {lost_after_ms} ms)",
+            n.node_id, silent
+        ))
+    } else if silent >= DEGRADED_AFTER * heartbeat_ms.max(1) {
+        NodeHealth::Silent
+    } else {
+        NodeHealth::Up
+    }
+}
+
 /// Since when `m` has been unhealthy by its recorded history, if it is.
 pub fn unhealthy_since(m: &state_pb::Member) -> Option<u64> {
     m.health_history
@@ -89,6 +125,22 @@ pub fn unhealthy_since(m: &state_pb::Member) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_node_is_waited_for_and_a_lost_one_named() {
+        let n = state_pb::NodeInfo {
+            node_id: "n2".into(),
+            last_heartbeat_ms: 10_000,
+            ..Default::default()
+        };
+        assert_eq!(node(None, 99_000, 1000, 15_000), NodeHealth::Up);
+        assert_eq!(node(Some(&n), 11_000, 1000, 15_000), NodeHealth::Up);
+        assert_eq!(node(Some(&n), 14_000, 1000, 15_000), NodeHealth::Silent);
+        assert!(matches!(
+            node(Some(&n), 25_001, 1000, 15_000),
+            NodeHealth::Lost(why) if why.contains("n2 is lost")
+        ));
+    }
 
     fn member(status: state_pb::MemberStatus, hb: u64) -> state_pb::Member {
         state_pb::Member {

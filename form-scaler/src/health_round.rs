@@ -28,6 +28,13 @@ pub async fn round(
     settings: &Settings,
 ) -> bool {
     let heartbeat = settings.heartbeat.as_millis() as u64;
+    let platform = &shared.engine.platform;
+    let lost_after = shared.engine.limits.node_timeout.as_millis() as u64;
+    let nodes = platform
+        .fleet
+        .records(&platform.state, false)
+        .await
+        .unwrap_or_default();
     let mut ids: Vec<&String> = c.members.keys().collect();
     ids.sort();
     let mut due = Vec::new();
@@ -39,12 +46,17 @@ pub async fn round(
             continue;
         }
         judged += 1;
-        let h = health::judge(
-            m,
-            now,
-            heartbeat,
-            ejected.contains(&format!("{}/{id}", c.cluster_id)),
-        );
+        let its_node = nodes.iter().find(|n| n.node_id == m.node_id);
+        let node = health::node(its_node, now, heartbeat, lost_after);
+        let h = match &node {
+            health::NodeHealth::Lost(why) => Health::Unhealthy(why.clone()),
+            _ => health::judge(
+                m,
+                now,
+                heartbeat,
+                ejected.contains(&format!("{}/{id}", c.cluster_id)),
+            ),
+        };
         let recorded = m.health_history.last().map(|e| e.state);
         let health_changed =
             recorded != Some(h.state() as i32) && !(recorded.is_none() && h == Health::Healthy);
@@ -52,11 +64,19 @@ pub async fn round(
         if health_changed || skipped != m.heartbeats_skipped {
             record(shared, c, id, health_changed.then_some(&h), skipped, now).await;
         }
-        if let Health::Unhealthy(why) = &h {
-            let since = health::unhealthy_since(m).unwrap_or(now);
-            if now.saturating_sub(since) >= settings.replace_after.as_millis() as u64 {
+        match (&h, &node) {
+            (Health::Unhealthy(why), health::NodeHealth::Lost(_)) => {
                 due.push((id.clone(), why.clone()));
             }
+            // Its node may be lost: wait until it is, or until it speaks again.
+            (Health::Unhealthy(_), health::NodeHealth::Silent) => {}
+            (Health::Unhealthy(why), health::NodeHealth::Up) => {
+                let since = health::unhealthy_since(m).unwrap_or(now);
+                if now.saturating_sub(since) >= settings.replace_after.as_millis() as u64 {
+                    due.push((id.clone(), why.clone()));
+                }
+            }
+            _ => {}
         }
     }
     let Some((victim, why)) = due.first().cloned() else {

@@ -109,6 +109,11 @@ impl Platform {
         })
     }
 
+    /// Why `node` is lost (no heartbeat for the node timeout), if it is.
+    pub async fn lost(&self, node: &str, timeout: std::time::Duration) -> Option<String> {
+        self.fleet.lost(&self.state, node, timeout).await
+    }
+
     /// A client of vmm node `node` ("": the node given with `--vmm`).
     pub async fn vmm_on(&self, node: &str) -> Result<crate::fleet::VmmClient, OpError> {
         self.fleet.client(&self.state, node).await

@@ -203,3 +203,143 @@ async fn instances_spread_over_two_nodes_and_carry_the_state_across() {
     assert_eq!(stack.instances().await, [TEMPLATE]);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_lost_node_s_instances_are_replaced_elsewhere_and_stopped_when_it_returns() {
+    const NODE_TIMEOUT_MS: u64 = 2000;
+    let mut stack = Stack::start("nodes-lost").await;
+    let mut node2 = stack.add_node("node-2").await;
+    form_testkit::assert_eventually!(
+        async {
+            let nodes = stack
+                .state
+                .list_nodes(state_pb::ListNodesRequest {})
+                .await
+                .map(|r| r.into_inner().nodes)
+                .unwrap_or_default();
+            nodes.len() == 2
+        },
+        "both nodes have a record"
+    );
+    let timeout = NODE_TIMEOUT_MS.to_string();
+    let mut scaler = stack
+        .start_scaler(&["--node-timeout-ms", &timeout, "--replace-after-ms", "1000"])
+        .await;
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 4))
+        .await
+        .expect("scale out")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    stack
+        .state
+        .clone()
+        .put_cluster(state_pb::PutClusterRequest {
+            cluster_id: CLUSTER.into(),
+            state_sync: Some(form_proto::types::v1::StateSync {
+                mode: Some(form_proto::types::v1::state_sync::Mode::Continuous(
+                    form_proto::types::v1::StateSyncContinuous {
+                        interval_ms: 100,
+                        ..Default::default()
+                    },
+                )),
+                refuse_unsynced_scale_in: false,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("continuous sync");
+
+    // Writes acknowledged by node-2's instances, carried to node-1 by continuous sync.
+    let before = by_node(&stack.cluster().await);
+    let on_node2 = before["node-2"].clone();
+    let cluster = stack.cluster().await;
+    for id in &on_node2 {
+        let at: SocketAddr = cluster.members[id].addresses[0].parse().expect("address");
+        let (code, _) = probe::http_request(at, "PUT", &format!("/kv/w-{id}"), id.as_bytes())
+            .await
+            .expect("PUT");
+        assert_eq!(code, 204);
+    }
+    let template_at = cluster.members[TEMPLATE].addresses[0].clone();
+    for id in &on_node2 {
+        form_testkit::assert_eventually!(
+            async {
+                key_on(&template_at, &format!("w-{id}")).await.as_deref() == Some(id.as_str())
+            },
+            "continuous sync carries node-2's writes to node-1"
+        );
+    }
+
+    // node-2 stops answering (its vmm frozen; its instances still run).
+    let node2_svc = stack.nodes.pop().expect("node-2");
+    node2_svc
+        .signal(form_testkit::Signal::SIGSTOP)
+        .expect("SIGSTOP");
+    let t0 = tokio::time::Instant::now();
+    form_testkit::assert_eventually!(
+        deadline = Duration::from_secs(60),
+        async {
+            let c = stack.cluster().await;
+            c.members.len() == 4 && c.members.values().all(|m| m.node_id == "node-1")
+        },
+        "node-2's instances are replaced on node-1"
+    );
+    let took = t0.elapsed();
+    assert!(
+        took <= Duration::from_millis(NODE_TIMEOUT_MS + 10_000),
+        "replaced after {took:?}"
+    );
+    let after = stack.cluster().await;
+    for m in after.members.values() {
+        for id in &on_node2 {
+            assert_eq!(
+                key_on(&m.addresses[0], &format!("w-{id}")).await.as_deref(),
+                Some(id.as_str()),
+                "the write acknowledged by {id} is missing on {}",
+                m.instance_id
+            );
+        }
+    }
+    let replaced: Vec<_> = stack
+        .operations()
+        .await
+        .into_iter()
+        .filter(|o| o.kind == OperationKind::ReplaceInstance as i32)
+        .collect();
+    assert_eq!(replaced.len(), on_node2.len(), "{replaced:?}");
+    for o in &replaced {
+        assert_eq!(status(o), "completed", "{o:?}");
+        assert!(
+            o.notes.iter().any(|n| n.contains("node-2 is lost")),
+            "{:?}",
+            o.notes
+        );
+    }
+
+    // node-2 comes back: it stops the instances its cluster no longer has.
+    node2_svc
+        .signal(form_testkit::Signal::SIGCONT)
+        .expect("SIGCONT");
+    stack.nodes.push(node2_svc);
+    form_testkit::assert_eventually!(
+        deadline = Duration::from_secs(60),
+        async {
+            node2
+                .list_instances(vmm_pb::ListInstancesRequest {
+                    cluster_id: CLUSTER.into(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().instances.is_empty())
+        },
+        "node-2 stops its replaced instances"
+    );
+    for id in &on_node2 {
+        assert!(
+            probe::pids_with_env("FORM_INSTANCE_ID", id).is_empty(),
+            "{id} still runs on node-2"
+        );
+    }
+    stack.stop().await;
+}

@@ -8,7 +8,9 @@
 //! reported once as `PAUSED` (the balancer then leaves it out, the controller neither
 //! counts its load nor replaces it), and `ACTIVE` again when it runs, unless something
 //! else changed the member's status meanwhile. Members the controller has not
-//! registered yet (NOT_FOUND) are skipped quietly.
+//! registered yet (NOT_FOUND) are skipped quietly; an instance that was a member and
+//! whose cluster no longer has it (replaced while this node was cut off) is stopped
+//! ([`crate::orphans`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use form_runtime::shutdown::Shutdown;
 use form_runtime::upstream::Upstream;
 
 use crate::hypervisor::{Hypervisor, Status, Window};
+use crate::orphans::Seen;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -84,6 +87,25 @@ async fn resumed(
     }
 }
 
+/// Whether `cluster` (as one replica has it) has `id` as a member; `Unknown` when the
+/// cluster cannot be read or does not exist.
+async fn membership(
+    client: &mut StateServiceClient<tonic::transport::Channel>,
+    cluster: &str,
+    id: &str,
+) -> Seen {
+    match client
+        .get_cluster(pb::GetClusterRequest {
+            cluster_id: cluster.to_owned(),
+        })
+        .await
+    {
+        Ok(c) if c.get_ref().members.contains_key(id) => Seen::Member,
+        Ok(_) => Seen::NotMember,
+        Err(_) => Seen::Unknown,
+    }
+}
+
 /// Runs until shutdown.
 pub async fn run<H: Hypervisor>(
     hv: Arc<H>,
@@ -95,6 +117,7 @@ pub async fn run<H: Hypervisor>(
     let mut client = StateServiceClient::new(state.channel());
     let mut reported_failed: BTreeSet<String> = BTreeSet::new();
     let mut reported_paused: BTreeSet<String> = BTreeSet::new();
+    let mut orphans = crate::orphans::Orphans::default();
     // The first round at once: the node's record is what controllers find it by.
     let mut first = true;
     loop {
@@ -106,6 +129,12 @@ pub async fn run<H: Hypervisor>(
         }
         first = false;
         let instances = hv.list().await;
+        orphans.keep(
+            &instances
+                .iter()
+                .map(|i| i.spec.instance_id.clone())
+                .collect(),
+        );
         match client
             .node_heartbeat(record.heartbeat(&instances, now_ms()))
             .await
@@ -139,7 +168,7 @@ pub async fn run<H: Hypervisor>(
                         None => None,
                     };
                     let req = pb::HeartbeatRequest {
-                        cluster_id: cluster,
+                        cluster_id: cluster.clone(),
                         instance_id: id.clone(),
                         at_ms: now_ms(),
                         cpu_utilization: usage.map_or(0.0, |u| u.cpu_utilization),
@@ -149,9 +178,27 @@ pub async fn run<H: Hypervisor>(
                             uptime_seconds: u.uptime_seconds,
                         }),
                     };
-                    match client.heartbeat(req).await {
-                        Ok(_) => metrics::counter!("form_vmm_heartbeats_total").increment(1),
-                        Err(e) => log_error(&id, &e),
+                    let seen = match client.heartbeat(req).await {
+                        Ok(_) => {
+                            metrics::counter!("form_vmm_heartbeats_total").increment(1);
+                            Seen::Member
+                        }
+                        Err(e) if e.code() == tonic::Code::NotFound && orphans.was_member(&id) => {
+                            membership(&mut client, &cluster, &id).await
+                        }
+                        Err(e) => {
+                            log_error(&id, &e);
+                            Seen::Unknown
+                        }
+                    };
+                    if orphans.saw(&id, seen, std::time::Instant::now()) {
+                        tracing::warn!(instance = %id, cluster = %cluster, "stopping an instance its cluster no longer has (replaced while this node was cut off)");
+                        metrics::counter!("form_vmm_orphans_stopped_total").increment(1);
+                        if let Err(e) = hv.delete(&id).await {
+                            tracing::warn!(instance = %id, error = %e, "cannot stop the orphan; tried again next round");
+                        } else {
+                            orphans.forget(&id);
+                        }
                     }
                 }
                 Status::Failed if !reported_failed.contains(&id) => {

@@ -10,6 +10,7 @@ pub mod heartbeat;
 mod http;
 pub mod hypervisor;
 pub mod node;
+pub mod orphans;
 pub mod process;
 mod procfs;
 pub mod qemu;

@@ -153,7 +153,7 @@ async fn the_node_records_itself_with_capacity_usage_and_labels_and_can_be_cordo
         ReplicaOptions::new(1),
     )
     .await;
-    let (_dir, vmm) = start_vmm(
+    let (_dir, mut vmm) = start_vmm(
         &replicas,
         "node-vmm",
         &[
@@ -276,4 +276,6 @@ async fn the_node_records_itself_with_capacity_usage_and_labels_and_can_be_cordo
         .await
         .expect_err("refused");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Stopped with SIGTERM, the node stops its instance (a kill would leave it).
+    form_testkit::conformance::stop_gracefully(&mut vmm).await;
 }

@@ -39,7 +39,11 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
 pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
     match step {
         Step::SnapshotSource => delete_snapshots(e, op).await,
-        Step::CloneInstances => delete_instances(e, op, &op.new_instances).await,
+        Step::CloneInstances => {
+            let notes = delete_instances(e, op, &op.new_instances).await?;
+            super::remove::add_notes(op, notes);
+            Ok(())
+        }
         Step::AddMembers => remove_members(e, &op.cluster_id, &op.new_instances).await,
         // New instances that served may hold writes: they go to the members that stay
         // before the instances are removed.
@@ -191,14 +195,24 @@ pub async fn join_all(mut set: JoinSet<Result<(), OpError>>) -> Result<(), OpErr
     first.map_or(Ok(()), Err)
 }
 
-/// Deletes `ids` of `op`, each on its node (already gone counts as deleted).
+/// Deletes `ids` of `op`, each on its node (already gone counts as deleted). An
+/// instance on a lost node is not waited for: the node stops it when it comes back
+/// (docs/operations.md, "A lost node"); the returned notes say so.
 pub async fn delete_instances(
     e: &Engine,
     op: &types::Operation,
     ids: &[String],
-) -> Result<(), OpError> {
+) -> Result<Vec<String>, OpError> {
+    let mut notes = Vec::new();
     for id in ids {
-        let mut vmm = e.platform.vmm_on(&node_of(op, None, id)).await?;
+        let node = node_of(op, None, id);
+        if let Some(why) = e.platform.lost(&node, e.limits.node_timeout).await {
+            notes.push(format!(
+                "instance {id} not deleted: {why}; the node stops it when it comes back"
+            ));
+            continue;
+        }
+        let mut vmm = e.platform.vmm_on(&node).await?;
         let r = vmm
             .delete_instance(vmm_pb::InstanceRef {
                 instance_id: id.clone(),
@@ -206,7 +220,7 @@ pub async fn delete_instances(
             .await;
         gone_ok(r, format!("deleting instance {id}"))?;
     }
-    Ok(())
+    Ok(notes)
 }
 
 async fn wait_healthy(e: &Engine, op: &types::Operation) -> Result<(), OpError> {

@@ -20,7 +20,11 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
     match step {
         Step::DrainVictims => drain(e, op).await,
         Step::RemoveVictimMembers => remove_members(e, &op.cluster_id, &op.victims).await,
-        Step::DeleteVictimInstances => delete_instances(e, op, &op.victims).await,
+        Step::DeleteVictimInstances => {
+            let notes = delete_instances(e, op, &op.victims).await?;
+            add_notes(op, notes);
+            Ok(())
+        }
         Step::DeleteSnapshot => delete_snapshots(e, op).await,
         _ => Err(OpError::new(format!(
             "{} is not a removal step",

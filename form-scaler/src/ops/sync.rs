@@ -74,7 +74,12 @@ pub async fn on_nodes(
     Ok(out)
 }
 
-/// The members of `cluster` that run now, asked of each node its members are on.
+/// Longest a node may take to list its instances: one that does not answer (stopped,
+/// cut off) has none running as far as a sync is concerned.
+const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The members of `cluster` that run now, asked of each node its members are on. A
+/// node that does not answer within [`LIST_TIMEOUT`] counts as running none of them.
 pub async fn running(p: &Platform, cluster: &state_pb::Cluster) -> Result<Vec<String>, OpError> {
     let mut nodes: Vec<&str> = cluster
         .members
@@ -85,15 +90,25 @@ pub async fn running(p: &Platform, cluster: &state_pb::Cluster) -> Result<Vec<St
     nodes.dedup();
     let mut out = Vec::new();
     for node in nodes {
-        let listed = p
-            .vmm_on(node)
-            .await?
-            .list_instances(vmm_pb::ListInstancesRequest {
-                cluster_id: cluster.cluster_id.clone(),
-            })
-            .await
-            .map_err(|s| OpError::rpc(format!("listing the instances of node {node}"), &s))?
-            .into_inner();
+        let req = vmm_pb::ListInstancesRequest {
+            cluster_id: cluster.cluster_id.clone(),
+        };
+        let listed =
+            tokio::time::timeout(LIST_TIMEOUT, p.vmm_on(node).await?.list_instances(req)).await;
+        let listed = match listed {
+            Ok(Ok(l)) => l.into_inner(),
+            Ok(Err(s)) => {
+                tracing::warn!(node, error = %s.message(), "a node cannot list its instances; none of them counts as running");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    node,
+                    "a node does not list its instances within {LIST_TIMEOUT:?}; none of them counts as running"
+                );
+                continue;
+            }
+        };
         out.extend(
             listed
                 .instances
@@ -491,7 +506,14 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
     }
     let mut lost = Vec::new();
     for victim in op.victims.clone() {
-        match pump(e, op, &cluster, &victim, "", &survivors).await {
+        // A victim on a lost node cannot give anything: what continuous sync carried
+        // before is all there is.
+        let node = node_of(op, Some(&cluster), &victim);
+        let carried = match e.platform.lost(&node, e.limits.node_timeout).await {
+            Some(why) => Err(PumpError::Gone(why)),
+            None => pump(e, op, &cluster, &victim, "", &survivors).await,
+        };
+        match carried {
             Ok(c) => {
                 let t = transfer(op);
                 t.contract = "supported".into();
