@@ -6,7 +6,11 @@
 //!   sides take writes: reconnected, every replica has the same digest within 5 s;
 //! - form-scaler killed during a scale-out: restarted, the operation rolls back and
 //!   state, balancer and instances agree;
-//! - a scale-in under steady sticky load through the published port: 0 failed requests.
+//! - a scale-in under steady sticky load through the published port: 0 failed requests;
+//! - a vmm node killed (`docker kill`) while clients write through the balancer, the
+//!   cluster syncing continuously: its instances are replaced on the other node within
+//!   the node timeout + 10 s, every write acknowledged more than a sync interval before
+//!   the kill is on every instance, and the node, started again, runs none of them.
 
 mod common;
 
@@ -345,6 +349,160 @@ async fn scale_in_under_load_fails_no_request(lb: SocketAddr, api_addr: SocketAd
     );
 }
 
+/// The demo's members, each with its node and address, from the API.
+async fn members(api_addr: SocketAddr, token: &str) -> Vec<(String, String, String)> {
+    let (_, cl) = api(api_addr, token, "GET", "/api/v1/clusters/demo", None).await;
+    cl["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let s = |k: &str| m[k].as_str().unwrap_or_default().to_owned();
+            (
+                s("instance_id"),
+                s("node_id"),
+                m["addresses"][0].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Node timeout of the compose controller (form-scaler's default).
+const NODE_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn killed_vmm_node_is_replaced(
+    c: &Compose,
+    lb: SocketAddr,
+    api_addr: SocketAddr,
+    token: &str,
+) {
+    const INTERVAL_MS: u64 = 200;
+    let (code, v) = api(
+        api_addr,
+        token,
+        "PUT",
+        "/api/v1/clusters/demo/state-sync",
+        Some(json!({"mode": "continuous", "interval_ms": INTERVAL_MS})),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = api(
+        api_addr,
+        token,
+        "POST",
+        "/api/v1/clusters/demo/scale",
+        Some(json!({"operation": "scale_out", "target_count": 4, "immediate": true})),
+    )
+    .await;
+    assert_eq!(code, 202, "{v}");
+    let op = wait_op(api_addr, token, v["operation_id"].as_str().expect("id")).await;
+    assert_eq!(op["status"], "completed", "{op}");
+    let on_node2 = members(api_addr, token)
+        .await
+        .into_iter()
+        .filter(|m| m.1 == "node-2")
+        .count();
+    assert_eq!(on_node2, 2, "{:?}", members(api_addr, token).await);
+
+    // Clients write through the balancer; each acknowledged write is kept with when.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(std::sync::Mutex::new(
+        Vec::<(String, tokio::time::Instant)>::new(),
+    ));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, acked) = (stop.clone(), acked.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("load-{w}-{n}");
+                    let path = format!("/kv/{key}");
+                    let put = probe::http_call(lb, "PUT", &path, &DEMO_HOST, key.as_bytes());
+                    if let Ok((204, _, _)) = put.await {
+                        acked
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((key, tokio::time::Instant::now()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    docker(&["kill", &c.container("form-vmm-2")]);
+    let killed = tokio::time::Instant::now();
+    let deadline = killed + Duration::from_secs(120);
+    loop {
+        let m = members(api_addr, token).await;
+        if m.len() == 4 && m.iter().all(|m| m.1 == "node-1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not replaced: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = killed.elapsed();
+    assert!(
+        took <= NODE_TIMEOUT + Duration::from_secs(10),
+        "replaced after {took:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    // Every write acknowledged more than a sync interval (and a round) before the kill
+    // is on every instance that serves now.
+    let horizon = killed - Duration::from_millis(INTERVAL_MS + 1000);
+    let old: Vec<String> = acked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(_, at)| *at < horizon)
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(
+        old.len() > 20,
+        "too few writes before the kill: {}",
+        old.len()
+    );
+    for (id, _, address) in members(api_addr, token).await {
+        let at: SocketAddr = address.parse().expect("address");
+        for k in &old {
+            let got = probe::http_get(at, &format!("/kv/{k}")).await;
+            assert_eq!(
+                got.ok(),
+                Some((200, k.clone())),
+                "the acknowledged write {k} is missing on {id}"
+            );
+        }
+    }
+    // Started again, the node runs none of the replaced instances.
+    c.ok(&["start", "form-vmm-2"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = match probe::channel(c.addr("form-vmm-2", 3002)).await {
+            Ok(ch) => VmmServiceClient::new(ch)
+                .list_instances(vmm_pb::ListInstancesRequest::default())
+                .await
+                .ok()
+                .map(|r| r.into_inner().instances.len()),
+            Err(_) => None,
+        };
+        if listed == Some(0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "form-vmm-2: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_compose_stack_keeps_its_promises_under_faults() {
     build_image();
@@ -355,4 +513,5 @@ async fn the_compose_stack_keeps_its_promises_under_faults() {
     partitioned_replica_converges_within_5_s(&c).await;
     scale_in_under_load_fails_no_request(lb, api_addr, &token).await;
     scaler_killed_mid_scale_out_rolls_back(&c, api_addr, &token).await;
+    killed_vmm_node_is_replaced(&c, lb, api_addr, &token).await;
 }
