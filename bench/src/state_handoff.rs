@@ -18,7 +18,6 @@ use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_scaler::ops::plan::new_instance_id;
 use form_scaler::ops::sync::{BATCH_BYTES, On, carry};
 use form_testkit::{TestDir, probe, start};
-use tonic::transport::Channel;
 
 use crate::quantile;
 use crate::scaler_scale_out::{self as stack, CLUSTER};
@@ -92,7 +91,7 @@ pub(crate) async fn run(
 }
 
 async fn create(
-    c: &mut VmmServiceClient<Channel>,
+    c: &mut VmmServiceClient<form_scaler::fencing::Ch>,
     bin_dir: &Path,
     id: &str,
 ) -> anyhow::Result<pb::Instance> {
@@ -162,9 +161,9 @@ async fn handoff(bin_dir: &Path, runs: usize, keys: usize) -> anyhow::Result<Han
         data.to_str().unwrap_or("data"),
     ];
     let mut svc = start(&dir, "vmm", bin_dir.join("form-vmm-service"), &args).await;
-    let mut c = VmmServiceClient::new(
+    let mut c = VmmServiceClient::new(form_scaler::fencing::fenced(
         probe::channel(svc.addr("grpc").unwrap_or_else(|| unreachable!())).await?,
-    )
+    ))
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
     let victim = create(&mut c, bin_dir, "victim").await?;

@@ -127,14 +127,16 @@ impl RplbControl for Control {
         &self,
         req: Request<pb::DrainBackendRequest>,
     ) -> Result<Self::DrainBackendStream> {
+        let fence = form_runtime::fence::Fence::of(&req)?;
         let r = req.into_inner();
         let domain = settings::domain(&r.domain).map_err(Status::invalid_argument)?;
-        let route_drain = self
+        let (route_drain, cluster) = self
             .core
             .table
             .get(&domain)
-            .map(|v| v.settings.drain)
+            .map(|v| (v.settings.drain, v.settings.cluster_id.clone()))
             .ok_or_else(|| Status::not_found(format!("no route for domain '{domain}'")))?;
+        self.core.fences.check(&cluster, fence.as_ref())?;
         let drain_settings = r
             .drain
             .as_ref()

@@ -36,6 +36,9 @@ pub struct Core {
     pub trusted: Trusted,
     /// Client for active health checks (a pool of its own).
     pub check_client: Client<HttpConnector, Empty<Bytes>>,
+    /// The highest fence seen per cluster, from controllers' calls and from form-state
+    /// (docs/fencing.md).
+    pub fences: form_runtime::fence::Fences,
 }
 
 fn connector() -> HttpConnector {
@@ -63,6 +66,7 @@ impl Core {
             signer: CookieSigner::new(key),
             check_client,
             config,
+            fences: Default::default(),
         }
     }
 

@@ -75,6 +75,15 @@ fn on_event(core: &Arc<Core>, ev: pb::WatchEvent, seen: &mut Option<HashSet<Stri
             if let Some(s) = seen.as_mut() {
                 s.insert(c.cluster_id.clone());
             }
+            // The cluster's fence, as form-state has it: a stale controller's drain is
+            // refused even before the new owner calls this balancer.
+            if let Some(f) = &c.fence {
+                let f = form_runtime::fence::Fence {
+                    epoch: f.epoch,
+                    owner: f.owner.clone(),
+                };
+                let _ = core.fences.check(&c.cluster_id, Some(&f));
+            }
             apply_cluster(core, &c);
         }
         Some(Change::ClusterDeleted(id)) => remove_cluster(core, &id, None),

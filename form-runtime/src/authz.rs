@@ -62,6 +62,7 @@ pub const TABLE: &[(&str, &str, &[Kind])] = &[
         "SetNodeCordon",
         &[Gateway, Operator],
     ),
+    ("form.state.v1.StateService", "ClaimCluster", &[Scaler]),
     // Gossip between replicas only.
     ("form.state.v1.GossipService", "PushDeltas", &[State]),
     ("form.state.v1.GossipService", "AntiEntropy", &[State]),

@@ -20,6 +20,7 @@ pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fence;
 pub mod grpc;
 pub mod ids;
 pub mod logging;

@@ -171,7 +171,7 @@ async fn round(
         };
         let others: Vec<On> = placed.iter().filter(|o| o.id != from).cloned().collect();
         let priority = s.priority_prefixes.clone();
-        set.spawn(async move {
+        set.spawn(crate::fencing::scoped(async move {
             if !priority.is_empty() {
                 // The keys that matter most first; the full pass below carries them
                 // again (merging ignores them), and only its cursor is kept.
@@ -181,7 +181,7 @@ async fn round(
             }
             let r = carry(&src, &cursor, &others, batch, true).await;
             (from, cursor, r)
-        });
+        }));
     }
     let mut results = Vec::new();
     while let Some(done) = set.join_next().await {

@@ -56,6 +56,8 @@ pub struct Shared {
     created: Mutex<HashMap<String, u64>>,
     /// The other controllers, and who owns which cluster.
     pub peers: Peers,
+    /// The clusters' epochs this controller holds (docs/fencing.md).
+    pub epochs: crate::fencing::Epochs,
     submit: tokio::sync::Mutex<()>,
     counter: AtomicU64,
 }
@@ -86,6 +88,7 @@ impl Shared {
             activated: Mutex::default(),
             observer: Mutex::default(),
             created: Mutex::default(),
+            epochs: Default::default(),
             submit: tokio::sync::Mutex::new(()),
             counter: AtomicU64::new(0),
         }
@@ -435,7 +438,19 @@ impl Shared {
         let this = self.clone();
         tokio::spawn(async move {
             let cluster = op.cluster_id.clone();
-            let done = this.engine.run(op).await;
+            // Every change the operation makes carries this controller's epoch.
+            let platform = &this.engine.platform;
+            let done = match this.epochs.hold(&this.id, &platform.state, &cluster).await {
+                Ok(f) => crate::fencing::with(f, this.engine.run(op)).await,
+                Err(e) => {
+                    tracing::warn!(operation = %op.operation_id, error = %e, "cannot claim the cluster's fence; the operation is resumed later");
+                    op
+                }
+            };
+            if !ops::is_terminal(&done) {
+                // Refused as stale, perhaps: the next run claims anew if it may.
+                this.epochs.forget(&cluster);
+            }
             this.finished(&done);
             {
                 let mut ended = lock(&this.ended);

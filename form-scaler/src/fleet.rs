@@ -26,7 +26,7 @@ const MAX_BATCH_MESSAGE: usize = 17 * 1024 * 1024;
 const RECORDS_FRESH: Duration = Duration::from_secs(1);
 
 /// A client of a vmm node.
-pub type VmmClient = VmmServiceClient<Channel>;
+pub type VmmClient = VmmServiceClient<crate::fencing::Ch>;
 
 /// The nodes, and a client of each one used so far.
 #[derive(Debug, Default)]
@@ -41,7 +41,7 @@ pub struct Fleet {
 
 fn client_of(ch: Channel) -> VmmClient {
     // A batch of the state contract travels whole (up to 16 MiB).
-    VmmServiceClient::new(ch)
+    VmmServiceClient::new(crate::fencing::fenced(ch))
         .max_decoding_message_size(MAX_BATCH_MESSAGE)
         .max_encoding_message_size(MAX_BATCH_MESSAGE)
 }
@@ -76,7 +76,7 @@ impl Fleet {
     /// or when `fresh`).
     pub async fn records(
         &self,
-        state: &StateServiceClient<Channel>,
+        state: &StateServiceClient<crate::fencing::Ch>,
         fresh: bool,
     ) -> Result<Arc<Vec<state_pb::NodeInfo>>, OpError> {
         if !fresh
@@ -100,7 +100,7 @@ impl Fleet {
     /// The record of node `id`, read again once when it is not known yet.
     pub async fn record(
         &self,
-        state: &StateServiceClient<Channel>,
+        state: &StateServiceClient<crate::fencing::Ch>,
         id: &str,
     ) -> Result<Option<state_pb::NodeInfo>, OpError> {
         for fresh in [false, true] {
@@ -121,7 +121,7 @@ impl Fleet {
     /// instance recorded without a node) or while no node has a record.
     pub async fn client(
         &self,
-        state: &StateServiceClient<Channel>,
+        state: &StateServiceClient<crate::fencing::Ch>,
         id: &str,
     ) -> Result<VmmClient, OpError> {
         let record = if id.is_empty() {
@@ -155,7 +155,7 @@ impl Fleet {
     /// record, or "", is not.
     pub async fn lost(
         &self,
-        state: &StateServiceClient<Channel>,
+        state: &StateServiceClient<crate::fencing::Ch>,
         id: &str,
         timeout: Duration,
     ) -> Option<String> {
@@ -172,7 +172,7 @@ impl Fleet {
     /// The address of node `id` as other nodes reach it (a pull's source).
     pub async fn address(
         &self,
-        state: &StateServiceClient<Channel>,
+        state: &StateServiceClient<crate::fencing::Ch>,
         id: &str,
     ) -> Result<String, OpError> {
         match self.record(state, id).await? {

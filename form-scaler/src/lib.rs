@@ -8,6 +8,7 @@ pub mod continuous;
 pub mod controller;
 pub mod decide;
 pub mod faults;
+pub mod fencing;
 pub mod fleet;
 pub mod health;
 pub mod health_round;

@@ -11,7 +11,6 @@ use std::time::Duration;
 use form_proto::state::v1 as state_pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_runtime::shutdown::Shutdown;
-use tonic::transport::Channel;
 
 use crate::ops::record::now_ms;
 use crate::ownership::{self, Controller};
@@ -81,7 +80,7 @@ impl Peers {
     /// Sends heartbeats and refreshes the view every `interval`, until shutdown.
     pub async fn run(
         &self,
-        mut state: StateServiceClient<Channel>,
+        mut state: StateServiceClient<crate::fencing::Ch>,
         address: String,
         interval: Duration,
         mut shutdown: Shutdown,

@@ -81,12 +81,12 @@ pub fn gone_ok<T>(
 #[derive(Debug, Clone)]
 pub struct Platform {
     /// form-state replicas, balanced.
-    pub state: StateServiceClient<Channel>,
+    pub state: StateServiceClient<crate::fencing::Ch>,
     /// The form-vmm-service nodes.
     pub fleet: std::sync::Arc<crate::fleet::Fleet>,
     /// Every form-rplb given, with its address: drains and new instances are followed
     /// on each.
-    pub balancers: Vec<(String, RplbControlClient<Channel>)>,
+    pub balancers: Vec<(String, RplbControlClient<crate::fencing::Ch>)>,
 }
 
 impl Platform {
@@ -95,14 +95,14 @@ impl Platform {
     pub fn new(state: &Upstream, vmm: &[HostPort], rplb: &[HostPort]) -> Result<Self, ConfigError> {
         Ok(Self {
             // One replica at a time: an operation reads back what it wrote.
-            state: StateServiceClient::new(state.sticky_channel()),
+            state: StateServiceClient::new(crate::fencing::fenced(state.sticky_channel())),
             fleet: std::sync::Arc::new(crate::fleet::Fleet::new(vmm)?),
             balancers: rplb
                 .iter()
                 .map(|hp| {
                     Ok((
                         hp.to_string(),
-                        RplbControlClient::new(dial(hp, Kind::Rplb)?),
+                        RplbControlClient::new(crate::fencing::fenced(dial(hp, Kind::Rplb)?)),
                     ))
                 })
                 .collect::<Result<_, ConfigError>>()?,
@@ -166,7 +166,7 @@ pub const BALANCER_CALL: std::time::Duration = std::time::Duration::from_secs(3)
 /// A balancer's statistics of `domain` ("" for every route); no answer within
 /// [`BALANCER_CALL`] is `UNAVAILABLE`, as a refused connection is.
 pub async fn balancer_stats(
-    rplb: &mut RplbControlClient<Channel>,
+    rplb: &mut RplbControlClient<crate::fencing::Ch>,
     domain: &str,
 ) -> Result<form_proto::rplb::v1::StatsReply, tonic::Status> {
     let call = rplb.get_stats(form_proto::rplb::v1::GetStatsRequest {

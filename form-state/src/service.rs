@@ -62,6 +62,33 @@ impl StateApi {
         Ok(())
     }
 
+    /// The fence `req` carries (docs/fencing.md): refused when older than the
+    /// fence of `cluster`, recorded when newer (for a cluster that exists); the write
+    /// checks it again, atomically with itself.
+    async fn fence_of<T>(
+        &self,
+        req: &Request<T>,
+        cluster: &str,
+    ) -> std::result::Result<Option<types::Fence>, Status> {
+        let Some(f) = form_runtime::fence::Fence::of(req)? else {
+            return Ok(None);
+        };
+        let f = types::Fence {
+            epoch: f.epoch,
+            owner: f.owner,
+        };
+        self.store
+            .write(|s, a| {
+                if read::cluster_exists(s, cluster) {
+                    write::claim_fence(s, a, now_ms(), cluster, &f)
+                } else {
+                    Ok(None)
+                }
+            })
+            .await?;
+        Ok(Some(f))
+    }
+
     fn reply(&self, w: Written) -> Response<pb::WriteReply> {
         let actor = self.store.lock().actor().to_owned();
         Response::new(pb::WriteReply {
@@ -79,6 +106,7 @@ type Result<T> = std::result::Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl StateService for StateApi {
     async fn put_cluster(&self, req: Request<pb::PutClusterRequest>) -> Result<pb::WriteReply> {
+        let f = self.fence_of(&req, &req.get_ref().cluster_id).await?;
         let r = req.into_inner();
         {
             let g = self.store.lock();
@@ -94,7 +122,10 @@ impl StateService for StateApi {
         }
         let w = self
             .store
-            .write(|s, a| write::put_cluster(s, a, now_ms(), &r))
+            .write(|s, a| {
+                write::check_fence(s, &r.cluster_id, f.as_ref())?;
+                write::put_cluster(s, a, now_ms(), &r)
+            })
             .await?;
         Ok(self.reply(w))
     }
@@ -120,45 +151,73 @@ impl StateService for StateApi {
         Ok(Response::new(pb::ListClustersReply { clusters }))
     }
 
+    async fn claim_cluster(&self, req: Request<pb::ClaimClusterRequest>) -> Result<pb::WriteReply> {
+        let r = req.into_inner();
+        let f = r
+            .fence
+            .ok_or_else(|| Status::invalid_argument("fence is missing; expected {epoch, owner}"))?;
+        let w = self
+            .store
+            .write(|s, a| write::claim_fence(s, a, now_ms(), &r.cluster_id, &f))
+            .await?;
+        Ok(self.reply(w))
+    }
+
     async fn delete_cluster(
         &self,
         req: Request<pb::DeleteClusterRequest>,
     ) -> Result<pb::WriteReply> {
+        let f = self.fence_of(&req, &req.get_ref().cluster_id).await?;
         let id = req.into_inner().cluster_id;
         let w = self
             .store
-            .write(|s, a| write::delete_cluster(s, a, &id))
+            .write(|s, a| {
+                write::check_fence(s, &id, f.as_ref())?;
+                write::delete_cluster(s, a, &id)
+            })
             .await?;
         Ok(self.reply(w))
     }
 
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<pb::WriteReply> {
+        let f = self.fence_of(&req, &req.get_ref().cluster_id).await?;
         let r = req.into_inner();
         if let Some(m) = &r.member {
             self.within_networks("member.addresses", &m.addresses)?;
         }
         let w = self
             .store
-            .write(|s, a| write::add_member(s, a, now_ms(), &r))
+            .write(|s, a| {
+                write::check_fence(s, &r.cluster_id, f.as_ref())?;
+                write::add_member(s, a, now_ms(), &r)
+            })
             .await?;
         Ok(self.reply(w))
     }
 
     async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<pb::WriteReply> {
+        let f = self.fence_of(&req, &req.get_ref().cluster_id).await?;
         let r = req.into_inner();
         let w = self
             .store
-            .write(|s, a| write::remove_member(s, a, &r.cluster_id, &r.instance_id))
+            .write(|s, a| {
+                write::check_fence(s, &r.cluster_id, f.as_ref())?;
+                write::remove_member(s, a, &r.cluster_id, &r.instance_id)
+            })
             .await?;
         Ok(self.reply(w))
     }
 
     async fn update_member(&self, req: Request<pb::UpdateMemberRequest>) -> Result<pb::WriteReply> {
+        let f = self.fence_of(&req, &req.get_ref().cluster_id).await?;
         let r = req.into_inner();
         self.within_networks("addresses", &r.addresses)?;
         let w = self
             .store
-            .write(|s, a| write::update_member(s, a, now_ms(), &r))
+            .write(|s, a| {
+                write::check_fence(s, &r.cluster_id, f.as_ref())?;
+                write::update_member(s, a, now_ms(), &r)
+            })
             .await?;
         Ok(self.reply(w))
     }
@@ -228,10 +287,20 @@ impl StateService for StateApi {
     }
 
     async fn put_operation(&self, req: Request<pb::PutOperationRequest>) -> Result<pb::WriteReply> {
+        let cluster = req
+            .get_ref()
+            .operation
+            .as_ref()
+            .map(|o| o.cluster_id.clone())
+            .unwrap_or_default();
+        let f = self.fence_of(&req, &cluster).await?;
         let r = req.into_inner();
         let w = self
             .store
-            .write(|s, a| write::put_operation(s, a, now_ms(), &r, self.operations_kept))
+            .write(|s, a| {
+                write::check_fence(s, &cluster, f.as_ref())?;
+                write::put_operation(s, a, now_ms(), &r, self.operations_kept)
+            })
             .await?;
         Ok(self.reply(w))
     }

@@ -8,6 +8,8 @@ use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_server::VmmService;
 use tonic::{Request, Response, Status as GrpcStatus};
 
+use form_runtime::fence::Fence;
+
 use crate::contract::{self, Contracts};
 use crate::error::VmmError;
 use crate::hypervisor::{Hypervisor, InstanceInfo, InstanceSpec, Status, Window};
@@ -99,6 +101,8 @@ pub struct VmmApi<H> {
     allowed: crate::allow::Allowed,
     /// Limits of snapshot transfers between nodes.
     transfer: Arc<crate::transfer::Settings>,
+    /// The highest fence seen per cluster (docs/fencing.md).
+    fences: Arc<form_runtime::fence::Fences>,
 }
 
 impl<H: Hypervisor> VmmApi<H> {
@@ -117,6 +121,46 @@ impl<H: Hypervisor> VmmApi<H> {
             contracts: Default::default(),
             allowed,
             transfer: Default::default(),
+            fences: Default::default(),
+        }
+    }
+
+    /// The service with these fences (kept in a file by the node).
+    pub fn with_fences(mut self, f: form_runtime::fence::Fences) -> Self {
+        self.fences = Arc::new(f);
+        self
+    }
+
+    /// Checks the fence `req` carries for the cluster of instance `id` (an instance
+    /// that does not exist: the call answers that itself).
+    async fn fenced<T>(&self, req: &Request<T>, id: &str) -> std::result::Result<(), GrpcStatus> {
+        let Some(f) = Fence::of(req)? else {
+            return Ok(());
+        };
+        match self.hv.get(id).await {
+            Ok(i) => self.fences.check(&i.spec.cluster_id, Some(&f)),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Checks the fence `req` carries for `cluster`.
+    fn fenced_cluster<T>(
+        &self,
+        req: &Request<T>,
+        cluster: &str,
+    ) -> std::result::Result<(), GrpcStatus> {
+        self.fences.check(cluster, Fence::of(req)?.as_ref())
+    }
+
+    /// Checks the fence `req` carries for the cluster of snapshot `id`.
+    fn fenced_snapshot<T>(
+        &self,
+        req: &Request<T>,
+        id: &str,
+    ) -> std::result::Result<(), GrpcStatus> {
+        match self.snapshots.manifest(id) {
+            Ok(m) => self.fenced_cluster(req, &m.cluster_id),
+            Err(_) => Ok(()),
         }
     }
 
@@ -192,6 +236,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         &self,
         req: Request<pb::CreateInstanceRequest>,
     ) -> Result<pb::Instance> {
+        self.fenced_cluster(&req, &req.get_ref().cluster_id)?;
         let r = req.into_inner();
         let instance_id = if r.instance_id.is_empty() {
             new_id("i")
@@ -237,6 +282,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
     }
 
     async fn pause(&self, req: Request<pb::InstanceRef>) -> Result<pb::Instance> {
+        self.fenced(&req, &req.get_ref().instance_id).await?;
         let id = instance_ref(req)?;
         let _guard = self.lifecycle(&id).await;
         let info = self.hv.pause(&id).await?;
@@ -244,6 +290,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
     }
 
     async fn resume(&self, req: Request<pb::InstanceRef>) -> Result<pb::Instance> {
+        self.fenced(&req, &req.get_ref().instance_id).await?;
         let id = instance_ref(req)?;
         let _guard = self.lifecycle(&id).await;
         let info = self.hv.resume(&id).await?;
@@ -251,6 +298,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
     }
 
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<pb::SnapshotInfo> {
+        self.fenced(&req, &req.get_ref().instance_id).await?;
         let r = req.into_inner();
         spec::id("instance_id", &r.instance_id)?;
         let guard = self.lifecycle(&r.instance_id).await;
@@ -314,6 +362,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
     }
 
     async fn clone(&self, req: Request<pb::CloneRequest>) -> Result<pb::Instance> {
+        self.fenced_snapshot(&req, &req.get_ref().snapshot_id)?;
         let r = req.into_inner();
         spec::id("snapshot_id", &r.snapshot_id)?;
         let instance_id = if r.instance_id.is_empty() {
@@ -359,6 +408,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
     }
 
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<pb::ResizeReply> {
+        self.fenced(&req, &req.get_ref().instance_id).await?;
         let r = req.into_inner();
         spec::id("instance_id", &r.instance_id)?;
         let res = r
@@ -379,6 +429,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         &self,
         req: Request<pb::InstanceRef>,
     ) -> Result<pb::DeleteInstanceReply> {
+        self.fenced(&req, &req.get_ref().instance_id).await?;
         let id = instance_ref(req)?;
         let guard = self.lifecycle(&id).await;
         let deleted = self.hv.delete(&id).await?;
@@ -430,6 +481,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<pb::DeleteSnapshotReply> {
+        self.fenced_snapshot(&req, &req.get_ref().snapshot_id)?;
         let id = req.into_inner().snapshot_id;
         spec::id("snapshot_id", &id)?;
         let freed_bytes = self.snapshots.delete(&id)?;
@@ -460,6 +512,9 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         &self,
         req: Request<pb::CopyChangesRequest>,
     ) -> Result<pb::CopyChangesReply> {
+        for id in &req.get_ref().to_instance_ids {
+            self.fenced(&req, id).await?;
+        }
         let r = req.into_inner();
         let from = (
             r.from_instance_id.clone(),
@@ -521,6 +576,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         &self,
         req: Request<pb::MergeChangesRequest>,
     ) -> Result<pb::MergeChangesReply> {
+        self.fenced(&req, &req.get_ref().instance_id).await?;
         let r = req.into_inner();
         let admin = self.contract_target(&r.instance_id).await?;
         let reply = contract::merge(&self.contracts, &r.instance_id, admin, &r.batch).await?;

@@ -193,7 +193,16 @@ async fn a_pull_broken_halfway_resumes_and_the_clone_has_the_state() {
     );
 
     // ... and the next pull starts from there; its link is cut halfway and it goes on.
-    let kept = pulled(&dir, "node-b", &snap.snapshot_id, "state/state.json");
+    // What the given-up pull kept, once it has stopped writing.
+    let mut kept = pulled(&dir, "node-b", &snap.snapshot_id, "state/state.json");
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = pulled(&dir, "node-b", &snap.snapshot_id, "state/state.json");
+        if now == kept {
+            break;
+        }
+        kept = now;
+    }
     let second = {
         let mut b = b.clone();
         let req = pull_req(&snap, proxy.addr());

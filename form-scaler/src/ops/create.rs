@@ -148,7 +148,7 @@ async fn clone_all(e: &Engine, op: &mut types::Operation) -> Result<(), OpError>
         let mut vmm = e.platform.vmm_on(&node_of(op, Some(&cluster), &id)).await?;
         let snapshot_id = op.snapshot_id.clone();
         let cluster = op.cluster_id.clone();
-        set.spawn(async move {
+        set.spawn(crate::fencing::scoped(async move {
             match vmm
                 .get_instance(vmm_pb::InstanceRef {
                     instance_id: id.clone(),
@@ -178,7 +178,7 @@ async fn clone_all(e: &Engine, op: &mut types::Operation) -> Result<(), OpError>
                 .await
                 .map(|_| ())
                 .map_err(|s| OpError::rpc(format!("clone {id} of cluster {cluster}"), &s))
-        });
+        }));
     }
     join_all(set).await
 }

@@ -257,6 +257,11 @@ impl Engine {
             };
             if let Err(e) = result {
                 tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "step failed");
+                if e.message.contains("stale fence") {
+                    // Another controller claimed the cluster: it carries the
+                    // operation on; this one neither goes on nor rolls back.
+                    return Err(e);
+                }
                 if step.commits() {
                     if self.deadline_passed(op) || e.refused {
                         // It cannot go back after the commit: end, naming what is left.

@@ -8,7 +8,6 @@ use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as vmm_pb;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use super::Step;
 use super::create::{delete_instances, delete_snapshots, remove_members, set_status};
@@ -77,7 +76,7 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
 /// Waits until the balancer has no request in flight to backend `id` of `domain` (or no
 /// longer has the backend).
 async fn in_flight_done(
-    rplb: &mut RplbControlClient<Channel>,
+    rplb: &mut RplbControlClient<crate::fencing::Ch>,
     domain: &str,
     id: &str,
     poll: std::time::Duration,
@@ -178,7 +177,7 @@ pub async fn drain_members(
                 poll: e.limits.poll,
                 patience: e.limits.balancer_timeout,
             };
-            set.spawn(async move {
+            set.spawn(crate::fencing::scoped(async move {
                 let what = format!(
                     "drain of {} on {} (balancer {})",
                     follow.id, follow.domain, follow.at
@@ -188,7 +187,7 @@ pub async fn drain_members(
                     .unwrap_or_else(|_| {
                         Err(OpError::new(format!("{what} took longer than {timeout:?}")))
                     })
-            });
+            }));
         }
     }
     // Every follow ends before the first error is returned (as `join_all` does).
@@ -213,7 +212,7 @@ pub async fn drain_members(
 /// One victim's drain followed on one balancer.
 struct Follow {
     at: String,
-    rplb: RplbControlClient<Channel>,
+    rplb: RplbControlClient<crate::fencing::Ch>,
     domain: String,
     id: String,
     drain: Option<rplb_pb::ConnectionDrainConfig>,

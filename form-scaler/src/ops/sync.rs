@@ -298,7 +298,7 @@ async fn relay(
             let mut set = JoinSet::new();
             for t in to.iter().cloned() {
                 let batch = batch.clone();
-                set.spawn(async move {
+                set.spawn(crate::fencing::scoped(async move {
                     let req = vmm_pb::MergeChangesRequest {
                         instance_id: t.id.clone(),
                         batch: batch.as_ref().clone(),
@@ -312,7 +312,7 @@ async fn relay(
                             s.code()
                         ))
                     })
-                });
+                }));
             }
             while let Some(r) = set.join_next().await {
                 r.map_err(|j| tonic::Status::internal(format!("a merge task failed: {j}")))??;

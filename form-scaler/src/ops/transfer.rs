@@ -63,7 +63,7 @@ pub async fn copy_snapshot(
             max_bytes_per_second: 0,
         };
         let (id, source) = (op.snapshot_id.clone(), source.clone());
-        set.spawn(async move {
+        set.spawn(crate::fencing::scoped(async move {
             let r = vmm
                 .pull_snapshot(req)
                 .await
@@ -79,7 +79,7 @@ pub async fn copy_snapshot(
                     r.bytes_received, r.duration_ms, r.bytes_resumed, r.reconnects, r.chunks_refused
                 ))
             })
-        });
+        }));
     }
     let mut notes = Vec::new();
     let mut first = None;

@@ -77,6 +77,8 @@ pub enum Field {
     NodeHeartbeat,
     /// Whether a node is cordoned (`U64` 1 or 0).
     NodeCordon,
+    /// A cluster's fence: rank = the epoch, value = the owner that claimed it (max).
+    Fence,
 }
 
 /// How the entries of one field are read when concurrent writes left several.
@@ -99,7 +101,8 @@ impl Field {
             | Field::ControllerHeartbeat
             | Field::StateWrites
             | Field::HeartbeatUsage
-            | Field::NodeHeartbeat => Resolve::Max,
+            | Field::NodeHeartbeat
+            | Field::Fence => Resolve::Max,
             Field::Health => Resolve::History,
             _ => Resolve::LastWriterWins,
         }

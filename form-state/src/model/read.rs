@@ -68,7 +68,21 @@ pub fn cluster(state: &State, id: &str) -> Option<pb::Cluster> {
             .entries(&Key::cluster(id, Field::ClusterPresence))
             .and_then(|e| e.values().map(|e| e.at_ms).min())
             .unwrap_or(0),
+        fence: fence(state, id),
     })
+}
+
+/// The highest fence claimed for cluster `id`, if any.
+pub fn fence(state: &State, id: &str) -> Option<types::Fence> {
+    state
+        .get(&Key::cluster(id, Field::Fence))
+        .map(|e| types::Fence {
+            epoch: e.rank,
+            owner: match &e.value {
+                Value::Text(s) => s.clone(),
+                _ => String::new(),
+            },
+        })
 }
 
 fn member(state: &State, id: &str, instance: &str) -> pb::Member {

@@ -471,6 +471,49 @@ pub fn node_heartbeat(
     Ok(b.build())
 }
 
+/// Refuses a write of `cluster` that carries fence `f` older than the cluster's
+/// (docs/fencing.md); a write without a fence is not fenced.
+pub fn check_fence(
+    state: &State,
+    cluster: &str,
+    f: Option<&types::Fence>,
+) -> Result<(), StateError> {
+    match (f, read::fence(state, cluster)) {
+        (Some(f), Some(seen)) if seen.epoch > f.epoch => {
+            Err(StateError::FailedPrecondition(format!(
+                "stale fence: epoch {} of {} for cluster {cluster} is older than epoch {} of {} seen here; another controller owns the cluster now",
+                f.epoch, f.owner, seen.epoch, seen.owner
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `ClaimCluster`, and the fence any fenced write carries: refused when older than
+/// the cluster's, recorded when newer (the same one again changes nothing).
+pub fn claim_fence(
+    state: &State,
+    actor: &str,
+    now: u64,
+    cluster: &str,
+    f: &types::Fence,
+) -> Result<Option<Delta>, StateError> {
+    validate::id("cluster_id", cluster)?;
+    validate::id("fence.owner", &f.owner)?;
+    check_fence(state, cluster, Some(f))?;
+    if read::fence(state, cluster).is_some_and(|seen| seen.epoch == f.epoch) {
+        return Ok(None);
+    }
+    let mut b = DeltaBuilder::new(state, actor);
+    b.set(
+        Key::cluster(cluster, Field::Fence),
+        Value::Text(f.owner.clone()),
+        f.epoch,
+        now,
+    );
+    Ok(b.build())
+}
+
 /// `SetNodeCordon`: cordons a node that has sent a heartbeat, or lifts its cordon.
 pub fn set_node_cordon(
     state: &State,

@@ -1,0 +1,210 @@
+//! Fencing tokens of cluster ownership (docs/fencing.md). The controller that owns a
+//! cluster claims an epoch in form-state and passes it, in the `form-fence` header, on
+//! every call that changes the cluster's instances, members or routes; a vmm node, a
+//! balancer or a form-state replica refuses a call whose epoch is lower than the
+//! highest it has seen for that cluster, and raises its highest to any higher one a
+//! call carries.
+//!
+//! An epoch is one `u64`: a counter in the high 44 bits, and 20 bits of a hash of the
+//! owner's id in the low ones, so that two controllers that claim at once (a partition)
+//! never claim the same epoch (one of a million pairs of ids collide: they then hold
+//! the same epoch, and the refusal falls back on the counter).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+/// The gRPC metadata key that carries a fence: `<epoch>/<owner>`.
+pub const HEADER: &str = "form-fence";
+
+/// Bits of the epoch that hold the owner's hash.
+const OWNER_BITS: u32 = 20;
+
+/// A cluster's epoch, with the controller that claimed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The epoch: higher is newer.
+    pub epoch: u64,
+    /// The controller that claimed it.
+    pub owner: String,
+}
+
+impl Fence {
+    /// The epoch after `highest` (0: none yet) claimed by `owner`.
+    pub fn next(highest: u64, owner: &str) -> Self {
+        let counter = (highest >> OWNER_BITS) + 1;
+        let h = Sha256::digest(owner.as_bytes());
+        let low = u64::from_be_bytes([0, 0, 0, 0, 0, h[0], h[1], h[2]]) & ((1 << OWNER_BITS) - 1);
+        Self {
+            epoch: (counter << OWNER_BITS) | low,
+            owner: owner.to_owned(),
+        }
+    }
+
+    /// The header value.
+    pub fn header(&self) -> String {
+        format!("{}/{}", self.epoch, self.owner)
+    }
+
+    /// Parses a header value; an error names what is accepted.
+    pub fn parse(v: &str) -> Result<Self, String> {
+        let (epoch, owner) = v
+            .split_once('/')
+            .ok_or_else(|| format!("'{v}' is not EPOCH/OWNER"))?;
+        let epoch = epoch
+            .parse()
+            .map_err(|_| format!("'{v}': the epoch is not a number"))?;
+        crate::ids::check(owner).map_err(|e| format!("'{v}': the owner {e}"))?;
+        Ok(Self {
+            epoch,
+            owner: owner.to_owned(),
+        })
+    }
+
+    /// The fence a request carries, if any; a malformed one is an error.
+    pub fn of<T>(req: &tonic::Request<T>) -> Result<Option<Self>, tonic::Status> {
+        let Some(v) = req.metadata().get(HEADER) else {
+            return Ok(None);
+        };
+        let v = v
+            .to_str()
+            .map_err(|_| tonic::Status::invalid_argument(format!("{HEADER} is not text")))?;
+        Self::parse(v)
+            .map(Some)
+            .map_err(|e| tonic::Status::invalid_argument(format!("{HEADER}: {e}")))
+    }
+}
+
+/// Why a call was refused: its fence is older than one seen for the cluster.
+pub fn stale(cluster: &str, call: &Fence, seen: &Fence) -> tonic::Status {
+    tonic::Status::failed_precondition(format!(
+        "stale fence: epoch {} of {} for cluster {cluster} is older than epoch {} of {} seen here; another controller owns the cluster now",
+        call.epoch, call.owner, seen.epoch, seen.owner
+    ))
+}
+
+/// Whether `s` is a refusal for a stale fence.
+pub fn is_stale(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::FailedPrecondition && s.message().starts_with("stale fence")
+}
+
+/// The highest fence seen per cluster, by a vmm node or a balancer; kept in a file
+/// when given one, so a restart does not forget it.
+#[derive(Debug, Default)]
+pub struct Fences {
+    seen: Mutex<HashMap<String, Fence>>,
+    file: Option<PathBuf>,
+}
+
+impl Fences {
+    /// Fences kept in `file` (read now when it exists; an unreadable file is an error).
+    pub fn in_file(file: PathBuf) -> Result<Self, String> {
+        let seen = match std::fs::read_to_string(&file) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| {
+                    let (cluster, f) = l.split_once(' ').ok_or_else(|| {
+                        format!("{}: '{l}' is not CLUSTER EPOCH/OWNER", file.display())
+                    })?;
+                    Ok((cluster.to_owned(), Fence::parse(f)?))
+                })
+                .collect::<Result<HashMap<_, _>, String>>()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => return Err(format!("{}: {e}", file.display())),
+        };
+        Ok(Self {
+            seen: Mutex::new(seen),
+            file: Some(file),
+        })
+    }
+
+    /// Checks a call on `cluster` carrying `fence` (none: not fenced, as an operator's
+    /// call): refused when older than the highest seen, else raises the highest.
+    pub fn check(&self, cluster: &str, fence: Option<&Fence>) -> Result<(), tonic::Status> {
+        let Some(f) = fence else {
+            return Ok(());
+        };
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match seen.get(cluster) {
+            Some(s) if s.epoch > f.epoch => return Err(stale(cluster, f, s)),
+            Some(s) if s.epoch == f.epoch => return Ok(()),
+            _ => {}
+        }
+        seen.insert(cluster.to_owned(), f.clone());
+        if let Some(file) = &self.file {
+            let mut lines: Vec<String> = seen
+                .iter()
+                .map(|(c, f)| format!("{c} {}", f.header()))
+                .collect();
+            lines.sort();
+            let tmp = file.with_extension("tmp");
+            let written = std::fs::write(&tmp, lines.join("\n") + "\n")
+                .and_then(|()| std::fs::rename(&tmp, file));
+            if let Err(e) = written {
+                tracing::warn!(file = %file.display(), error = %e, "cannot keep the fences; a restart forgets them");
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest fence seen for `cluster`.
+    pub fn highest(&self, cluster: &str) -> Option<Fence> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(cluster)
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_grow_and_differ_by_owner() {
+        let a = Fence::next(0, "scaler-a");
+        let b = Fence::next(0, "scaler-b");
+        assert_ne!(a.epoch, b.epoch, "two claims at once differ");
+        let c = Fence::next(a.epoch.max(b.epoch), "scaler-a");
+        assert!(c.epoch > a.epoch && c.epoch > b.epoch);
+        assert_eq!(Fence::parse(&c.header()), Ok(c));
+        for bad in ["12", "x/scaler", "12/", "12/../x"] {
+            assert!(Fence::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn older_fences_are_refused_newer_ones_raise_and_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("fences-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("fences");
+        let f = Fences::in_file(file.clone()).expect("fences");
+        let old = Fence::next(0, "a");
+        let new = Fence::next(old.epoch, "b");
+        assert!(f.check("web", None).is_ok(), "unfenced calls pass");
+        assert!(f.check("web", Some(&old)).is_ok());
+        assert!(f.check("web", Some(&new)).is_ok());
+        let e = f.check("web", Some(&old)).expect_err("stale");
+        assert!(is_stale(&e), "{e:?}");
+        assert!(
+            e.message().contains("another controller owns"),
+            "{}",
+            e.message()
+        );
+        assert!(f.check("other", Some(&old)).is_ok(), "per cluster");
+        let again = Fences::in_file(file).expect("read back");
+        assert!(
+            again.check("web", Some(&old)).is_err(),
+            "kept across a restart"
+        );
+        assert_eq!(again.highest("web"), Some(new));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
