@@ -99,6 +99,7 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         "form-rplb",
         "form-rplb-2",
         "form-scaler",
+        "form-scaler-2",
         "form-mcp",
         "form-certs",
         "form-vmm",

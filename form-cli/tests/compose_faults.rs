@@ -10,7 +10,10 @@
 //! - a vmm node killed (`docker kill`) while clients write through the balancer, the
 //!   cluster syncing continuously: its instances are replaced on the other node within
 //!   the node timeout + 10 s, every write acknowledged more than a sync interval before
-//!   the kill is on every instance, and the node, started again, runs none of them.
+//!   the kill is on every instance, and the node, started again, runs none of them;
+//! - two controllers acting on one cluster, the owner cut off from the network mid
+//!   operation: the other adopts and ends it; back, the first is refused as stale and
+//!   the cluster keeps the members the second left.
 
 mod common;
 
@@ -24,6 +27,7 @@ use form_proto::rplb::v1 as rplb_pb;
 use form_proto::rplb::v1::rplb_control_client::RplbControlClient;
 use form_proto::state::v1 as state_pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
+use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as vmm_pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_testkit::probe;
@@ -202,31 +206,40 @@ async fn demo_agrees(c: &Compose, api_addr: SocketAddr, token: &str) -> bool {
     !members.is_empty() && members == instances && members == backends && snapshots == 0
 }
 
-async fn scaler_killed_mid_scale_out_rolls_back(c: &Compose, api_addr: SocketAddr, token: &str) {
-    // The scaler, recreated with a fault that holds scale-outs before wait_serving.
-    c.ok_env(
-        &["up", "-d", "form-scaler"],
-        &[("FORM_SCALER_INJECT_FAULT", "wait_serving=hang")],
-    );
+/// Asks the API to scale the demo out to `target`, again while a controller is not
+/// ready to take it (a recreated one); the operation's id.
+async fn scale_out_to(api_addr: SocketAddr, token: &str, target: usize) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let id = loop {
+    loop {
         let (code, v) = api(
             api_addr,
             token,
             "POST",
             "/api/v1/clusters/demo/scale",
-            Some(json!({"operation": "scale_out", "target_count": 3, "immediate": true})),
+            Some(json!({"operation": "scale_out", "target_count": target, "immediate": true})),
         )
         .await;
         if code == 202 {
-            break v["operation_id"].as_str().expect("id").to_owned();
+            return v["operation_id"].as_str().expect("id").to_owned();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "scale-out refused: {code} {v}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    }
+}
+
+async fn scaler_killed_mid_scale_out_rolls_back(c: &Compose, api_addr: SocketAddr, token: &str) {
+    // The controllers, recreated with a fault that holds scale-outs before wait_serving.
+    c.ok_env(
+        &["up", "-d", "form-scaler", "form-scaler-2"],
+        &[
+            ("FORM_SCALER_INJECT_FAULT_1", "wait_serving=hang"),
+            ("FORM_SCALER_INJECT_FAULT_2", "wait_serving=hang"),
+        ],
+    );
+    let id = scale_out_to(api_addr, token, 3).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (_, op) = api(
@@ -246,8 +259,20 @@ async fn scaler_killed_mid_scale_out_rolls_back(c: &Compose, api_addr: SocketAdd
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    docker(&["kill", &c.container("form-scaler")]);
-    c.ok(&["up", "-d", "form-scaler"]);
+    // The controller that runs it (the cluster's owner) is killed, then started again
+    // without the fault; so is the other.
+    let owner = state(c.addr("form-state-1", 3004))
+        .await
+        .get_operation(state_pb::GetOperationRequest {
+            operation_id: id.clone(),
+        })
+        .await
+        .expect("the operation")
+        .into_inner()
+        .owner;
+    let owner = scaler_service(&owner);
+    docker(&["kill", &c.container(owner)]);
+    c.ok(&["up", "-d", "form-scaler", "form-scaler-2"]);
     let op = wait_op(api_addr, token, &id).await;
     assert_eq!(op["status"], "rolled_back", "{op}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -347,6 +372,153 @@ async fn scale_in_under_load_fails_no_request(lb: SocketAddr, api_addr: SocketAd
         "{failed} of {sent} requests failed during the scale-in: {:?}",
         seen.lock().unwrap_or_else(|p| p.into_inner())
     );
+}
+
+/// The compose service of controller `id`.
+fn scaler_service(id: &str) -> &'static str {
+    match id {
+        "scaler-1" => "form-scaler",
+        "scaler-2" => "form-scaler-2",
+        other => panic!("no controller {other} in the stack"),
+    }
+}
+
+/// Two controllers both act on the demo: its owner, held before clone_instances, is
+/// cut off from the network; the other adopts its operation and ends it; back on the
+/// network and released, the first is refused everywhere (its epoch is older) and the
+/// cluster keeps exactly the members the second left.
+async fn stale_controller_is_fenced(c: &Compose, api_addr: SocketAddr, token: &str) {
+    // A hold each controller can be released from: a file the certificate service
+    // writes into that controller's (read-only) certificate volume.
+    c.ok_env(
+        &["up", "-d", "form-scaler", "form-scaler-2"],
+        &[
+            (
+                "FORM_SCALER_INJECT_FAULT_1",
+                "clone_instances=hold:/certs/scaler-1/go.crt",
+            ),
+            (
+                "FORM_SCALER_INJECT_FAULT_2",
+                "clone_instances=hold:/certs/scaler-2/go.crt",
+            ),
+        ],
+    );
+    let target = members(api_addr, token).await.len() + 1;
+    let id = scale_out_to(api_addr, token, target).await;
+    let mut st = state(c.addr("form-state-1", 3004)).await;
+    let op = |st: &mut StateServiceClient<Channel>| {
+        let mut st = st.clone();
+        let id = id.clone();
+        async move {
+            st.get_operation(state_pb::GetOperationRequest { operation_id: id })
+                .await
+                .map(|r| r.into_inner())
+                .ok()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let owner = loop {
+        if let Some(o) = op(&mut st).await
+            && let Some(types::operation_status::State::InProgress(p)) =
+                o.status.as_ref().and_then(|s| s.state.clone())
+            && p.step == "clone_instances"
+        {
+            break o.owner;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never held at clone_instances"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (stale, stale_svc) = (owner.clone(), scaler_service(&owner));
+    let other = if stale == "scaler-1" {
+        "scaler-2"
+    } else {
+        "scaler-1"
+    };
+    let net = format!("{}_form", c.project);
+    docker(&["network", "disconnect", &net, &c.container(stale_svc)]);
+    // The other controller sees the owner silent, adopts the operation and ends it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        if let Some(o) = op(&mut st).await
+            && matches!(
+                o.status.as_ref().and_then(|s| s.state.as_ref()),
+                Some(
+                    types::operation_status::State::RolledBack(_)
+                        | types::operation_status::State::Completed(_)
+                        | types::operation_status::State::Failed(_)
+                )
+            )
+        {
+            break o;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{other} never ended the operation"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let cluster = st
+        .get_cluster(state_pb::GetClusterRequest {
+            cluster_id: "demo".into(),
+        })
+        .await
+        .expect("demo")
+        .into_inner();
+    assert_eq!(
+        cluster.fence.as_ref().map(|f| f.owner.as_str()),
+        Some(other),
+        "{cluster:?}"
+    );
+    let mut wanted: Vec<String> = cluster.members.keys().cloned().collect();
+    wanted.sort();
+    // The stale controller is back, and goes on from where it was held.
+    docker(&["network", "connect", &net, &c.container(stale_svc)]);
+    let out = format!("/certs/{stale}");
+    c.ok(&[
+        "exec",
+        "-T",
+        "form-certs",
+        "formctl",
+        "certs",
+        "domain",
+        "go",
+        "--ca",
+        "/certs/ca",
+        "--out",
+        &out,
+    ]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !c.ok(&["logs", stale_svc]).contains("stale fence") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stale} was never refused as stale"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let again = op(&mut st).await.expect("the operation");
+    assert_eq!(again.status, ended.status, "the operation's end changed");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut now: Vec<String> = members(api_addr, token)
+            .await
+            .into_iter()
+            .map(|m| m.0)
+            .collect();
+        now.sort();
+        if now == wanted && demo_agrees(c, api_addr, token).await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members {now:?}, wanted {wanted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Both controllers again, without faults.
+    c.ok(&["up", "-d", "form-scaler", "form-scaler-2"]);
 }
 
 /// The demo's members, each with its node and address, from the API.
@@ -514,4 +686,5 @@ async fn the_compose_stack_keeps_its_promises_under_faults() {
     scale_in_under_load_fails_no_request(lb, api_addr, &token).await;
     scaler_killed_mid_scale_out_rolls_back(&c, api_addr, &token).await;
     killed_vmm_node_is_replaced(&c, lb, api_addr, &token).await;
+    stale_controller_is_fenced(&c, api_addr, &token).await;
 }
