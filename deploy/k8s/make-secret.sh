@@ -4,6 +4,8 @@
 #   tokens file (admin and read), mounted only where form-mcp and the demo job run;
 # - `form-state-{i}` for i in 0 1 2: one replica's own node key (node.key) and TLS
 #   files (ca.pem, cert.pem, key.pem), mounted by that replica's pod only;
+# - `form-vmm-{i}` for i below FORM_VMM_NODES (2): one vmm node's own TLS files, so
+#   each node has an identity of its own (the first to write a node record keeps it);
 # - `form-tls`: the TLS files of the other services (<id>.ca.pem, <id>.cert.pem,
 #   <id>.key.pem), each workload mounting only its own items.
 # Certificates are issued by a CA kept in ${FORM_CA_DIR:-./form-ca} (made there the
@@ -28,7 +30,10 @@ done
 ca=${FORM_CA_DIR:-./form-ca}
 mkdir -p "$ca" "$tmp/tls"
 cp -r "$ca/." "$tmp/tls/ca" 2>/dev/null || true
-holders=(form-state-0=state form-state-1=state form-state-2=state form-vmm=vmm
+nodes=${FORM_VMM_NODES:-2}
+vmm=()
+for ((i = 0; i < nodes; i++)); do vmm+=("form-vmm-$i=vmm"); done
+holders=(form-state-0=state form-state-1=state form-state-2=state "${vmm[@]}"
          form-rplb=rplb form-scaler=scaler form-mcp=gateway)
 args=()
 for h in "${holders[@]}"; do args+=(--holder "$h"); done
@@ -42,13 +47,15 @@ b64 = lambda p: base64.b64encode(open(p, "rb").read()).decode()
 pems = ("ca.pem", "cert.pem", "key.pem")
 keys = {f: b64(f"{d}/{f}") for f in ("authorized_keys", "tokens")}
 replicas = [f"form-state-{i}" for i in range(3)]
+nodes = [i for i in ids if i.startswith("form-vmm-")]
 own = {r: {"node.key": b64(f"{d}/{r}/node.key"),
            **{f: b64(f"{d}/tls/{r}/{f}") for f in pems}} for r in replicas}
-tls = {f"{i}.{f}": b64(f"{d}/tls/{i}/{f}") for i in ids if i not in replicas for f in pems}
+own.update({n: {f: b64(f"{d}/tls/{n}/{f}") for f in pems} for n in nodes})
+tls = {f"{i}.{f}": b64(f"{d}/tls/{i}/{f}") for i in ids if i not in own for f in pems}
 secret = lambda name, data: {"apiVersion": "v1", "kind": "Secret",
                              "metadata": {"name": name, "namespace": "form"},
                              "type": "Opaque", "data": data}
 items = [secret("form-keys", keys), secret("form-tls", tls)]
-items += [secret(r, own[r]) for r in replicas]
+items += [secret(r, own[r]) for r in replicas + nodes]
 print(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
 PY

@@ -191,13 +191,15 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
                             "form-tls",
                             "form-state-0",
                             "form-state-1",
-                            "form-state-2"
+                            "form-state-2",
+                            "form-vmm-0",
+                            "form-vmm-1"
                         ]
                         .contains(&secret),
-                        "{secret}: make-secret.sh makes form-keys, form-tls and form-state-<i>"
+                        "{secret}: make-secret.sh makes form-keys, form-tls, form-state-<i> and form-vmm-<i>"
                     );
-                    // A replica's own Secret goes to that replica only.
-                    if secret.starts_with("form-state-") {
+                    // A replica's (or a vmm node's) own Secret goes to it only.
+                    if secret.starts_with("form-state-") || secret.starts_with("form-vmm-") {
                         assert_eq!(
                             o["metadata"]["name"].as_str(),
                             Some(secret),
@@ -256,4 +258,88 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
     ] {
         assert!(script.contains(key), "make-secret.sh makes {key}");
     }
+}
+
+/// Several nodes: the vmm nodes run one per Kubernetes node (as a DaemonSet would),
+/// each a StatefulSet with its own node id, certificate and volume; two balancers and
+/// two controllers run, and the controllers are given every balancer, not a Service
+/// that would hide all but one.
+#[test]
+fn vmm_nodes_have_their_own_identities_and_controllers_reach_every_balancer() {
+    let objs = objects();
+    let arg = |o: &Value, flag: &str| -> Option<String> {
+        let args = pod_spec(o)?["containers"][0]["args"].as_array()?.clone();
+        let i = args.iter().position(|a| a == flag)?;
+        args.get(i + 1)?.as_str().map(str::to_owned)
+    };
+    let vmm: Vec<&Value> = objs
+        .iter()
+        .filter(|o| {
+            o["kind"] == "StatefulSet"
+                && o["spec"]["template"]["metadata"]["labels"]["app"] == "form-vmm"
+        })
+        .collect();
+    assert!(vmm.len() >= 2, "vmm nodes: {}", vmm.len());
+    let mut ids = BTreeSet::new();
+    for o in &vmm {
+        let name = o["metadata"]["name"].as_str().expect("name");
+        assert_eq!(o["spec"]["replicas"], 1, "{name}");
+        assert_eq!(
+            arg(o, "--node-id").as_deref(),
+            Some(name),
+            "{name}'s node id"
+        );
+        ids.insert(name.to_owned());
+        let spec = pod_spec(o).expect("pod");
+        let secrets: Vec<&str> = spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["secret"]["secretName"].as_str())
+            .collect();
+        assert_eq!(secrets, [name], "{name} mounts its own certificate only");
+        let anti = &spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            [0];
+        assert_eq!(anti["topologyKey"], "kubernetes.io/hostname", "{name}");
+        assert_eq!(
+            anti["labelSelector"]["matchLabels"]["app"], "form-vmm",
+            "{name}"
+        );
+        assert!(
+            o["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data",
+            "{name} keeps its instances and fences on a volume of its own"
+        );
+    }
+    assert_eq!(ids.len(), vmm.len(), "node ids are distinct");
+    let script = std::fs::read_to_string(dir().join("make-secret.sh")).expect("make-secret.sh");
+    assert!(
+        script.contains("form-vmm-$i=vmm"),
+        "make-secret.sh issues one certificate per node"
+    );
+
+    let rplb = objs
+        .iter()
+        .find(|o| o["metadata"]["name"] == "form-rplb" && pod_spec(o).is_some())
+        .expect("form-rplb");
+    let balancers = rplb["spec"]["replicas"].as_u64().expect("replicas");
+    assert!(balancers >= 2, "balancers: {balancers}");
+    let scaler = objs
+        .iter()
+        .find(|o| o["metadata"]["name"] == "form-scaler" && pod_spec(o).is_some())
+        .expect("form-scaler");
+    assert!(
+        scaler["spec"]["replicas"].as_u64() >= Some(2),
+        "controllers"
+    );
+    let given = arg(scaler, "--rplb").expect("--rplb");
+    assert_eq!(
+        given.split(',').count() as u64,
+        balancers,
+        "the controllers are given every balancer: {given}"
+    );
+    assert_eq!(
+        arg(scaler, "--id").as_deref(),
+        Some("$(POD_NAME)"),
+        "one id per controller"
+    );
 }
