@@ -8,6 +8,8 @@
 //! ./target/release/form-bench state-bytes
 //! ./target/release/form-bench state-recovery
 //! ./target/release/form-bench vmm-clone
+//! ./target/release/form-bench vmm-transfer
+//! ./target/release/form-bench scaler-nodes
 //! ./target/release/form-bench rplb-pick
 //! ./target/release/form-bench rplb-http      # needs wrk, nginx-light, haproxy
 //! ./target/release/form-bench scaler-decide
@@ -21,6 +23,7 @@ mod proc_cost;
 mod rplb_http;
 mod rplb_pick;
 mod scaler_decide;
+mod scaler_nodes;
 mod scaler_place;
 mod scaler_scale_out;
 mod state_apply;
@@ -31,6 +34,7 @@ mod state_handoff;
 mod state_recovery;
 mod tls_cost;
 mod vmm_clone;
+mod vmm_transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -189,6 +193,27 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         guest_dir: Option<PathBuf>,
     },
+    /// Snapshot transfer throughput node to node against the link's, in the same run.
+    VmmTransfer {
+        /// Pulls measured per link.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// MiB of values the snapshotted instance holds.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// The shaped link's rate, MiB/s.
+        #[arg(long, default_value_t = 100)]
+        link_mib: u64,
+    },
+    /// Scale-out to serving with the clone on the snapshot's node and on another node.
+    ScalerNodes {
+        /// Scale-outs measured per placement.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Guest directory (deploy/guest/build.sh) to measure the qemu backend too.
+        #[arg(long, value_name = "DIR")]
+        guest_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -255,6 +280,14 @@ fn main() -> ExitCode {
                 keys,
                 guest_dir,
             } => vmm_clone::run(&bin_dir, runs, keys, guest_dir.as_deref()).await,
+            Command::VmmTransfer {
+                runs,
+                mib,
+                link_mib,
+            } => vmm_transfer::run(&bin_dir, runs, mib, link_mib).await,
+            Command::ScalerNodes { runs, guest_dir } => {
+                scaler_nodes::run(&bin_dir, runs, guest_dir.as_deref()).await
+            }
         }
     });
     match result {

@@ -40,15 +40,7 @@ pub(crate) async fn run(
     row("process", &s, &bare, "p50 <= 300");
     match guest_dir {
         Some(g) => {
-            let g = g.to_str().unwrap_or_default();
-            let args = [
-                "--backend",
-                "qemu",
-                "--guest-dir",
-                g,
-                "--ready-timeout-ms",
-                "60000",
-            ];
+            let args = qemu_args(g.to_str().unwrap_or_default());
             let (s, bare) = measure(bin_dir, &args, runs.min(5)).await?;
             row("qemu (TCG)", &s, &bare, "p50 <= 1500");
         }
@@ -57,6 +49,18 @@ pub(crate) async fn run(
         ),
     }
     Ok(())
+}
+
+/// The vmm node's arguments for the qemu backend with the guest in `guest_dir`.
+pub(crate) fn qemu_args(guest_dir: &str) -> [&str; 6] {
+    [
+        "--backend",
+        "qemu",
+        "--guest-dir",
+        guest_dir,
+        "--ready-timeout-ms",
+        "60000",
+    ]
 }
 
 fn row(name: &str, s: &[f64], bare: &[f64], target: &str) {
@@ -80,6 +84,16 @@ pub(crate) struct Stack {
 }
 
 pub(crate) async fn stack(bin_dir: &Path, backend: &[&str]) -> anyhow::Result<Stack> {
+    stack_on(bin_dir, backend, 1).await
+}
+
+/// The services with `nodes` vmm nodes (`node-1`, `node-2`, ...); `Stack::vmm` is
+/// node-1's, and the controller finds the others in their node records.
+pub(crate) async fn stack_on(
+    bin_dir: &Path,
+    backend: &[&str],
+    nodes: usize,
+) -> anyhow::Result<Stack> {
     let replicas = Replicas::start(
         &bin_dir.join("form-state"),
         "bench-scale-state",
@@ -88,17 +102,23 @@ pub(crate) async fn stack(bin_dir: &Path, backend: &[&str]) -> anyhow::Result<St
     .await;
     let state_addr = replicas.addrs[0].to_string();
     let dir = TestDir::new("bench-scale");
-    let data = dir.path().join("vmm");
     let port0 = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"];
-    let mut vmm_args: Vec<&str> = port0.to_vec();
-    vmm_args.extend([
-        "--state",
-        &state_addr,
-        "--data-dir",
-        data.to_str().unwrap_or("vmm"),
-    ]);
-    vmm_args.extend(backend);
-    let vmm_svc = start(&dir, "vmm", bin_dir.join("form-vmm-service"), &vmm_args).await;
+    let mut vmm_svcs = Vec::new();
+    for i in 1..=nodes {
+        let (id, data) = (format!("node-{i}"), dir.path().join(format!("vmm-{i}")));
+        let mut vmm_args: Vec<&str> = port0.to_vec();
+        vmm_args.extend([
+            "--node-id",
+            &id,
+            "--state",
+            &state_addr,
+            "--data-dir",
+            data.to_str().unwrap_or("vmm"),
+        ]);
+        vmm_args.extend(backend);
+        vmm_svcs.push(start(&dir, &id, bin_dir.join("form-vmm-service"), &vmm_args).await);
+    }
+    let vmm_svc = &vmm_svcs[0];
     let vmm_addr = vmm_svc
         .addr("grpc")
         .unwrap_or_else(|| unreachable!())
@@ -135,10 +155,12 @@ pub(crate) async fn stack(bin_dir: &Path, backend: &[&str]) -> anyhow::Result<St
         )
         .await?,
     );
+    let mut services = vec![scaler_svc, rplb_svc];
+    services.extend(vmm_svcs);
     Ok(Stack {
         _dir: dir,
         replicas,
-        services: vec![scaler_svc, rplb_svc, vmm_svc],
+        services,
         http,
         vmm,
         scaler,
@@ -285,6 +307,44 @@ pub(crate) async fn wait_done(s: &mut Stack, id: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Scales the bench cluster out to 2 and back to 1 (operations `out-TAG`, `in-TAG`);
+/// milliseconds from the scale-out request until the balancer answers from the new
+/// instance.
+pub(crate) async fn out_and_back(s: &mut Stack, tag: &str) -> anyhow::Result<f64> {
+    let ms = out_to_serving(s, tag).await?;
+    back(s, tag).await?;
+    Ok(ms)
+}
+
+/// Scales the bench cluster out to 2 (operation `out-TAG`) and waits for it to end;
+/// milliseconds from the request until the balancer answers from the new instance.
+pub(crate) async fn out_to_serving(s: &mut Stack, tag: &str) -> anyhow::Result<f64> {
+    let id = format!("out-{tag}");
+    let new = new_instance_id(CLUSTER, &id, 0);
+    let t0 = Instant::now();
+    scale(s, types::OperationKind::ScaleOut, 2, &id).await?;
+    loop {
+        if whoami(s.http).await.is_some_and(|b| b.contains(&new)) {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(180),
+            "{new} never served"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    wait_done(s, &id).await?;
+    Ok(ms)
+}
+
+/// Scales the bench cluster back to 1 (operation `in-TAG`) and waits for it to end.
+pub(crate) async fn back(s: &mut Stack, tag: &str) -> anyhow::Result<()> {
+    let id = format!("in-{tag}");
+    scale(s, types::OperationKind::ScaleIn, 1, &id).await?;
+    wait_done(s, &id).await
+}
+
 pub(crate) async fn measure(
     bin_dir: &Path,
     backend: &[&str],
@@ -295,25 +355,7 @@ pub(crate) async fn measure(
     let mut serving = Vec::new();
     let mut bare = Vec::new();
     for n in 0..runs {
-        let id = format!("out-{n}");
-        let new = new_instance_id(CLUSTER, &id, 0);
-        let t0 = Instant::now();
-        scale(&mut s, types::OperationKind::ScaleOut, 2, &id).await?;
-        loop {
-            if whoami(s.http).await.is_some_and(|b| b.contains(&new)) {
-                break;
-            }
-            anyhow::ensure!(
-                t0.elapsed() < Duration::from_secs(180),
-                "{new} never served"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        serving.push(t0.elapsed().as_secs_f64() * 1000.0);
-        wait_done(&mut s, &id).await?;
-        let back = format!("in-{n}");
-        scale(&mut s, types::OperationKind::ScaleIn, 1, &back).await?;
-        wait_done(&mut s, &back).await?;
+        serving.push(out_and_back(&mut s, &format!("{n}")).await?);
 
         let t0 = Instant::now();
         let snap = s
