@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use form_proto::scaler::v1 as scaler_pb;
 use form_proto::state::v1 as state_pb;
 
+use form_scaler::ops::plan::new_instance_id;
+
 use crate::quantile;
-use crate::scaler_scale_out::{Stack, back, demo, out_to_serving, qemu_args, stack_on};
+use crate::scaler_scale_out::{CLUSTER, Stack, back, demo, out_to_serving, qemu_args, stack_on};
 
 pub(crate) async fn run(
     bin_dir: &Path,
@@ -98,7 +100,8 @@ async fn cordon(s: &mut Stack, node: &str, cordoned: bool) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The node of operation `id`'s one placement.
+/// The node operation `id` placed its one new instance on (its placements also name
+/// the node of the clones' source).
 async fn placed_on(s: &mut Stack, id: &str) -> anyhow::Result<String> {
     let op = s
         .scaler
@@ -107,10 +110,12 @@ async fn placed_on(s: &mut Stack, id: &str) -> anyhow::Result<String> {
         })
         .await?
         .into_inner();
-    match op.placements.as_slice() {
-        [p] => Ok(p.node_id.clone()),
-        other => anyhow::bail!("{id} placed {} instances", other.len()),
-    }
+    let new = new_instance_id(CLUSTER, id, 0);
+    op.placements
+        .iter()
+        .find(|p| p.instance_id == new)
+        .map(|p| p.node_id.clone())
+        .ok_or_else(|| anyhow::anyhow!("{id} has no placement for {new}"))
 }
 
 async fn wait_for_nodes(s: &mut Stack, n: usize) -> anyhow::Result<()> {
