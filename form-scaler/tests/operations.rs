@@ -671,7 +671,9 @@ async fn an_undo_that_cannot_finish_by_the_deadline_is_listed_and_the_cluster_go
         "{:?}",
         f.left_behind
     );
-    // The cluster is usable: no operation holds it, the next one is accepted.
+    // The cluster is usable: no operation holds it, the next one is accepted (once the
+    // node, frozen longer than the node timeout, is no longer lost).
+    stack.wait_node_beating("node-1").await;
     let reply = scaler
         .scale(pb::ScaleRequest {
             immediate: true,

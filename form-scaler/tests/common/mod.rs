@@ -431,6 +431,29 @@ impl Stack {
         );
     }
 
+    /// Waits until node `id` has beaten within the last 2 s, as form-state holds it
+    /// (after a node was stopped longer than the node timeout, placement skips it until
+    /// then).
+    pub async fn wait_node_beating(&mut self, id: &str) {
+        form_testkit::assert_eventually!(
+            deadline = Duration::from_secs(20),
+            async {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                self.state
+                    .list_nodes(state_pb::ListNodesRequest {})
+                    .await
+                    .map(|r| r.into_inner().nodes)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|n| n.node_id == id && now.saturating_sub(n.last_heartbeat_ms) < 2_000)
+            },
+            "node {id} beats again"
+        );
+    }
+
     /// Whether members, instances and balancer backends are the same set, every member
     /// is active and every backend serves, and no snapshot is left.
     pub async fn agree(&mut self) -> bool {
