@@ -89,9 +89,12 @@ async fn measure(
 }
 
 async fn cordon(s: &mut Stack, node: &str, cordoned: bool) -> anyhow::Result<()> {
-    s.replicas
-        .client(0)
-        .await
+    // Cordoning is an operator's call (docs/security.md).
+    let ch =
+        form_testkit::probe::channel_as(s.replicas.addrs[0], form_runtime::tls::Kind::Operator)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    state_pb::state_service_client::StateServiceClient::new(ch)
         .set_node_cordon(state_pb::SetNodeCordonRequest {
             node_id: node.into(),
             cordoned,
