@@ -266,6 +266,7 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
         .await;
     assert_eq!(code, 200, "{p2}");
     assert_eq!(p2["warmup_seconds"], 12);
+    assert_eq!(p2["standby_snapshot_seconds"], 0, "none kept by default");
     assert_eq!(
         (p2["min_instances"].clone(), p2["max_instances"].clone()),
         (json!(2), json!(5))
@@ -689,6 +690,14 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
             400,
             "invalid_argument",
             "min_instances",
+        ),
+        (
+            "PUT",
+            "/api/v1/clusters/web/policy",
+            json!({"standby_snapshot_seconds": 5}).to_string(),
+            400,
+            "invalid_argument",
+            "standby_snapshot_seconds",
         ),
         (
             "GET",

@@ -129,7 +129,11 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
             continue;
         }
         shared.forget_if_recreated(&c);
-        if health::round(shared, &c, &lb.ejected, now, settings).await || !settings.act {
+        if health::round(shared, &c, &lb.ejected, now, settings).await {
+            continue;
+        }
+        crate::standby::spawn_if_due(shared, &c, now);
+        if !settings.act {
             continue;
         }
         let policy = plan::policy_of(&c);

@@ -333,11 +333,28 @@ impl Shared {
             .await
             .map_err(|e| Status::unavailable(e.message))?;
         let lost_after = self.engine.limits.node_timeout.as_millis() as u64;
-        op.placements =
-            ops::place::placements(op, cluster, resources, &nodes, record::now_ms(), lost_after)
-                .map_err(|s| {
-                    Status::resource_exhausted(format!("cluster {}: {s}", op.cluster_id))
-                })?;
+        let now = record::now_ms();
+        op.placements = ops::place::placements(op, cluster, resources, &nodes, now, lost_after)
+            .map_err(|s| Status::resource_exhausted(format!("cluster {}: {s}", op.cluster_id)))?;
+        // A replacement whose source is on a lost node too is made from the standby
+        // snapshot, when the cluster keeps one (docs/standby.md).
+        if op.kind == types::OperationKind::ReplaceInstance as i32
+            && op.snapshot_id.is_empty()
+            && let Some(sb) = cluster.and_then(|c| c.standby.as_ref())
+            && let Some(r) = nodes
+                .iter()
+                .find(|r| r.node_id == ops::place::node_of(op, cluster, &op.source_instance_id))
+            && ops::place::node(r, now, lost_after).lost
+        {
+            op.source_instance_id = sb.source_instance_id.clone();
+            op.snapshot_id = sb.snapshot_id.clone();
+            op.state_cursor = sb.state_cursor.clone();
+            op.snapshot_node_id = sb.node_ids.first().cloned().unwrap_or_default();
+        }
+        if !op.snapshot_node_id.is_empty() {
+            op.snapshot_node_id = ops::place::standby_node(op, cluster, &nodes, now, lost_after)
+                .map_err(Status::failed_precondition)?;
+        }
         Ok(())
     }
 

@@ -22,6 +22,7 @@ pub mod policy;
 pub mod probe;
 pub mod series;
 pub mod service;
+pub mod standby;
 pub mod victims;
 pub mod window;
 
@@ -98,6 +99,7 @@ impl Service for Controller {
                 ..Limits::default()
             },
             faults: Faults::parse(&c.inject_fault)?,
+            taking_standby: Default::default(),
         };
         let shared = Arc::new(Shared::new(
             c.id.clone(),

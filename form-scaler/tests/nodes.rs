@@ -32,33 +32,9 @@ fn by_node(c: &state_pb::Cluster) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-/// The stack with a second node, once both nodes have a record, and a client of it.
-async fn two_nodes(
-    label: &str,
-) -> (
-    Stack,
-    form_proto::vmm::v1::vmm_service_client::VmmServiceClient<tonic::transport::Channel>,
-) {
-    let mut stack = Stack::start(label).await;
-    let node2 = stack.add_node("node-2").await;
-    form_testkit::assert_eventually!(
-        async {
-            let nodes = stack
-                .state
-                .list_nodes(state_pb::ListNodesRequest {})
-                .await
-                .map(|r| r.into_inner().nodes)
-                .unwrap_or_default();
-            nodes.len() == 2
-        },
-        "both nodes have a record"
-    );
-    (stack, node2)
-}
-
 #[tokio::test]
 async fn instances_spread_over_two_nodes_and_carry_the_state_across() {
-    let (mut stack, mut node2) = two_nodes("nodes").await;
+    let (mut stack, mut node2) = Stack::two_nodes("nodes").await;
     let mut scaler = stack.start_scaler(&[]).await;
 
     // 1 -> 4: two on each node, placed before anything is made, with reasons.
@@ -218,7 +194,7 @@ async fn instances_spread_over_two_nodes_and_carry_the_state_across() {
 #[tokio::test]
 async fn a_lost_node_s_instances_are_replaced_elsewhere_and_stopped_when_it_returns() {
     const NODE_TIMEOUT_MS: u64 = 2000;
-    let (mut stack, mut node2) = two_nodes("nodes-lost").await;
+    let (mut stack, mut node2) = Stack::two_nodes("nodes-lost").await;
     let timeout = NODE_TIMEOUT_MS.to_string();
     let mut scaler = stack
         .start_scaler(&["--node-timeout-ms", &timeout, "--replace-after-ms", "1000"])

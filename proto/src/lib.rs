@@ -76,7 +76,7 @@ pub fn operation_is_terminal(op: &types::v1::Operation) -> bool {
 
 /// The policy of a cluster that never set one, and the values a partial policy's
 /// missing fields take: 1 to 10 instances at 60% CPU, HPA's windows (scale-in looks
-/// back 300 s, tolerance 0.1), 60 s cooldowns, 30 s warm-up.
+/// back 300 s, tolerance 0.1), 60 s cooldowns, 30 s warm-up, no standby snapshot.
 pub fn default_scaling_policy() -> types::v1::ScalingPolicy {
     types::v1::ScalingPolicy {
         min_instances: 1,
@@ -89,6 +89,7 @@ pub fn default_scaling_policy() -> types::v1::ScalingPolicy {
         scale_out_stabilization_seconds: 0,
         scale_in_stabilization_seconds: 300,
         warmup_seconds: 30,
+        standby_snapshot_seconds: 0,
     }
 }
 

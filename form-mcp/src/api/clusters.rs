@@ -152,6 +152,7 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
                 template_instance_id: None,
                 state_sync: req.state_sync.map(Into::into),
                 drain: req.drain.map(Into::into),
+                standby: None,
             }),
         })
         .await

@@ -67,6 +67,10 @@ pub struct Policy {
     /// Seconds a new instance counts as capacity but not in metrics.
     #[serde(default)]
     pub warmup_seconds: u32,
+    /// Keep a standby snapshot of the template no older than this, on two nodes, to
+    /// make the cluster again if every member's node is lost (0: none; else 10-86400).
+    #[serde(default)]
+    pub standby_snapshot_seconds: u32,
 }
 
 /// How the balancer keeps a client on one instance.
@@ -329,6 +333,22 @@ pub struct Cluster {
     pub state_sync: StateSync,
     /// How a scale-in drains its victims.
     pub drain: Drain,
+    /// The standby snapshot its controller keeps (`policy.standby_snapshot_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<Standby>,
+}
+
+/// A snapshot of the template kept on more than one node (docs/standby.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Standby {
+    /// The snapshot's id.
+    pub snapshot_id: String,
+    /// The instance it was taken of.
+    pub source_instance_id: String,
+    /// The nodes that hold it, the source's first.
+    pub node_ids: Vec<String>,
+    /// When it was taken (RFC 3339).
+    pub taken_at: String,
 }
 
 /// `GET /api/v1/clusters`.
@@ -606,6 +626,9 @@ pub struct PolicyUpdate {
     pub scale_in_stabilization_seconds: Option<u32>,
     /// Seconds a new instance counts as capacity but not in metrics.
     pub warmup_seconds: Option<u32>,
+    /// Keep a standby snapshot of the template no older than this (0: none; else
+    /// 10-86400).
+    pub standby_snapshot_seconds: Option<u32>,
 }
 
 impl PolicyUpdate {
@@ -634,6 +657,9 @@ impl PolicyUpdate {
                 .scale_in_stabilization_seconds
                 .unwrap_or(current.scale_in_stabilization_seconds),
             warmup_seconds: self.warmup_seconds.unwrap_or(current.warmup_seconds),
+            standby_snapshot_seconds: self
+                .standby_snapshot_seconds
+                .unwrap_or(current.standby_snapshot_seconds),
         }
     }
 }
@@ -651,6 +677,7 @@ impl From<Policy> for types::ScalingPolicy {
             scale_out_stabilization_seconds: p.scale_out_stabilization_seconds,
             scale_in_stabilization_seconds: p.scale_in_stabilization_seconds,
             warmup_seconds: p.warmup_seconds,
+            standby_snapshot_seconds: p.standby_snapshot_seconds,
         }
     }
 }
@@ -668,6 +695,7 @@ impl From<types::ScalingPolicy> for Policy {
             scale_out_stabilization_seconds: p.scale_out_stabilization_seconds,
             scale_in_stabilization_seconds: p.scale_in_stabilization_seconds,
             warmup_seconds: p.warmup_seconds,
+            standby_snapshot_seconds: p.standby_snapshot_seconds,
         }
     }
 }
@@ -828,6 +856,12 @@ pub fn cluster(c: state_pb::Cluster) -> Cluster {
         members,
         state_sync: c.state_sync.into(),
         drain: c.drain.into(),
+        standby: c.standby.map(|s| Standby {
+            snapshot_id: s.snapshot_id,
+            source_instance_id: s.source_instance_id,
+            node_ids: s.node_ids,
+            taken_at: crate::time::rfc3339(s.taken_at_ms),
+        }),
     }
 }
 

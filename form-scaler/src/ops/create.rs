@@ -82,20 +82,48 @@ async fn snapshot(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> 
 /// Deletes the recorded snapshot and any snapshot of the source taken since the
 /// operation began (one taken just before a crash that was not recorded yet), on the
 /// source's node and on every node the operation copied it to.
+/// The cluster's standby snapshot (docs/standby.md) is kept on the nodes that hold it,
+/// and leftovers are not looked for while a standby snapshot is being taken.
 pub async fn delete_snapshots(e: &Engine, op: &types::Operation) -> Result<(), OpError> {
     if op.source_instance_id.is_empty() {
         return Ok(());
     }
-    let mut nodes = vec![node_of(op, None, &op.source_instance_id)];
+    let mut nodes = vec![super::place::snapshot_node(op, None)];
     for id in &op.new_instances {
         let n = node_of(op, None, id);
         if !nodes.contains(&n) {
             nodes.push(n);
         }
     }
+    let read = e
+        .platform
+        .state
+        .clone()
+        .get_cluster(state_pb::GetClusterRequest {
+            cluster_id: op.cluster_id.clone(),
+        })
+        .await;
+    let standby = match read {
+        Ok(c) => c.into_inner().standby,
+        Err(s) if not_found(&s) => None,
+        Err(s) => {
+            return Err(OpError::rpc(
+                format!("reading cluster {}", op.cluster_id),
+                &s,
+            ));
+        }
+    };
+    let leftovers = !e.taking_standby.contains(&op.cluster_id);
     for node in nodes {
+        // A copy pulled to another node for this operation goes.
+        let keep: Vec<String> = standby
+            .as_ref()
+            .filter(|s| s.node_ids.contains(&node))
+            .map(|s| s.snapshot_id.clone())
+            .into_iter()
+            .collect();
         let vmm = e.platform.vmm_on(&node).await?;
-        delete_snapshots_on(vmm, op).await?;
+        delete_snapshots_on(vmm, op, &keep, leftovers).await?;
     }
     Ok(())
 }
@@ -103,36 +131,54 @@ pub async fn delete_snapshots(e: &Engine, op: &types::Operation) -> Result<(), O
 async fn delete_snapshots_on(
     mut vmm: crate::fleet::VmmClient,
     op: &types::Operation,
+    keep: &[String],
+    leftovers: bool,
 ) -> Result<(), OpError> {
     let mut ids = Vec::new();
-    if !op.snapshot_id.is_empty() {
+    if !op.snapshot_id.is_empty() && !keep.contains(&op.snapshot_id) {
         ids.push(op.snapshot_id.clone());
     }
-    let listed = vmm
-        .list_snapshots(vmm_pb::ListSnapshotsRequest {
-            source_instance_id: op.source_instance_id.clone(),
-        })
-        .await
-        .map_err(|s| OpError::rpc("listing snapshots", &s))?
-        .into_inner();
-    // The vmm node's clock may be behind the controller's: a minute of slack. Any other
-    // snapshot of the source in that window is a leftover too (one operation runs per
-    // cluster, and each deletes its snapshot).
-    let since = op.created_at_ms.saturating_sub(60_000);
-    for s in listed.snapshots {
-        if s.created_at_ms >= since && !ids.contains(&s.snapshot_id) {
-            ids.push(s.snapshot_id);
+    if leftovers {
+        // The vmm node's clock may be behind the controller's: a minute of slack. Any
+        // other snapshot of the source in that window is a leftover too (one operation
+        // runs per cluster, and each deletes its snapshot).
+        let since = op.created_at_ms.saturating_sub(60_000);
+        for s in list_snapshots(&mut vmm, &op.source_instance_id).await? {
+            if s.created_at_ms >= since
+                && !ids.contains(&s.snapshot_id)
+                && !keep.contains(&s.snapshot_id)
+            {
+                ids.push(s.snapshot_id);
+            }
         }
     }
     for id in ids {
-        let r = vmm
-            .delete_snapshot(vmm_pb::DeleteSnapshotRequest {
-                snapshot_id: id.clone(),
-            })
-            .await;
-        gone_ok(r, format!("deleting snapshot {id}"))?;
+        delete_snapshot(&mut vmm, &id).await?;
     }
     Ok(())
+}
+
+/// The snapshots on a node, of `source` ("" for all).
+pub async fn list_snapshots(
+    vmm: &mut crate::fleet::VmmClient,
+    source: &str,
+) -> Result<Vec<vmm_pb::SnapshotInfo>, OpError> {
+    vmm.list_snapshots(vmm_pb::ListSnapshotsRequest {
+        source_instance_id: source.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner().snapshots)
+    .map_err(|s| OpError::rpc("listing snapshots", &s))
+}
+
+/// Deletes snapshot `id` on a node (already gone counts as deleted).
+pub async fn delete_snapshot(vmm: &mut crate::fleet::VmmClient, id: &str) -> Result<(), OpError> {
+    let r = vmm
+        .delete_snapshot(vmm_pb::DeleteSnapshotRequest {
+            snapshot_id: id.to_owned(),
+        })
+        .await;
+    gone_ok(r, format!("deleting snapshot {id}"))
 }
 
 async fn clone_all(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {

@@ -68,6 +68,9 @@ pub struct Engine {
     pub limits: Limits,
     /// Injected faults (tests).
     pub faults: Faults,
+    /// Clusters whose standby snapshot is being taken (docs/standby.md): an operation
+    /// of theirs deletes only its own snapshot, not others of its source it finds.
+    pub taking_standby: crate::standby::Taking,
 }
 
 /// Why a rollback happens, and whether the operation then fails.

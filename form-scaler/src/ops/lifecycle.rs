@@ -137,7 +137,7 @@ pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Resul
                     format!("deleting instance {id}"),
                 )?;
             }
-            Ok(())
+            delete_cluster_snapshots(e, &op.cluster_id).await
         }
         _ => Err(OpError::new(format!(
             "{} is not a create or delete step",
@@ -179,4 +179,32 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
         }
         _ => Ok(()),
     }
+}
+
+/// Deletes every snapshot of `cluster` on every node that is not lost: its standby
+/// snapshot's copies, and what an interrupted operation left (docs/standby.md).
+async fn delete_cluster_snapshots(e: &Engine, cluster: &str) -> Result<(), OpError> {
+    let p = &e.platform;
+    let mut nodes: Vec<String> = p
+        .fleet
+        .records(&p.state, false)
+        .await?
+        .iter()
+        .map(|r| r.node_id.clone())
+        .collect();
+    if nodes.is_empty() {
+        nodes.push(String::new());
+    }
+    for node in nodes {
+        if p.lost(&node, e.limits.node_timeout).await.is_some() {
+            continue;
+        }
+        let mut vmm = p.vmm_on(&node).await?;
+        for s in super::create::list_snapshots(&mut vmm, "").await? {
+            if s.cluster_id == cluster {
+                super::create::delete_snapshot(&mut vmm, &s.snapshot_id).await?;
+            }
+        }
+    }
+    Ok(())
 }

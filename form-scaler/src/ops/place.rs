@@ -34,6 +34,52 @@ pub fn node_of(op: &types::Operation, cluster: Option<&state_pb::Cluster>, id: &
         .unwrap_or_default()
 }
 
+/// The node that holds the operation's snapshot: the one recorded when it was made
+/// from the cluster's standby snapshot (docs/standby.md), else the source's.
+pub fn snapshot_node(op: &types::Operation, cluster: Option<&state_pb::Cluster>) -> String {
+    if op.snapshot_node_id.is_empty() {
+        node_of(op, cluster, &op.source_instance_id)
+    } else {
+        op.snapshot_node_id.clone()
+    }
+}
+
+/// Which node holding the cluster's standby snapshot an operation made from it reads
+/// it on: one that is not lost, the new instance's own when it is one of them.
+pub fn standby_node(
+    op: &types::Operation,
+    cluster: Option<&state_pb::Cluster>,
+    nodes: &[state_pb::NodeInfo],
+    now_ms: u64,
+    lost_after_ms: u64,
+) -> Result<String, String> {
+    let held = cluster
+        .and_then(|c| c.standby.as_ref())
+        .map(|s| s.node_ids.clone())
+        .unwrap_or_default();
+    let live: Vec<&String> = held
+        .iter()
+        .filter(|id| {
+            nodes
+                .iter()
+                .any(|r| r.node_id == **id && !node(r, now_ms, lost_after_ms).lost)
+        })
+        .collect();
+    let target = op.new_instances.first().map(|id| node_of(op, cluster, id));
+    live.iter()
+        .find(|n| Some((**n).clone()) == target)
+        .or(live.first())
+        .map(|n| (*n).clone())
+        .ok_or_else(|| {
+            format!(
+                "cluster {} has no healthy member to clone from, and every node holding its standby snapshot {} ({}) is lost",
+                op.cluster_id,
+                op.snapshot_id,
+                held.join(", ")
+            )
+        })
+}
+
 /// A node record as placement sees it: lost when its last heartbeat is more than
 /// `lost_after_ms` old at `now_ms`.
 pub fn node(r: &state_pb::NodeInfo, now_ms: u64, lost_after_ms: u64) -> Node {
@@ -206,6 +252,53 @@ mod tests {
         assert_eq!(node_of(&op, Some(&cluster), "a"), "n2");
         assert_eq!(node_of(&op, Some(&cluster), "web-0"), "n1");
         assert_eq!(node_of(&op, None, "unknown"), "");
+    }
+
+    #[test]
+    fn a_standby_snapshot_is_read_on_a_live_node_holding_it_the_new_instance_s_first() {
+        let now = 100_000;
+        let cluster = |held: &[&str]| state_pb::Cluster {
+            cluster_id: "web".into(),
+            standby: Some(state_pb::StandbySnapshot {
+                snapshot_id: "snap-1".into(),
+                source_instance_id: "web-0".into(),
+                node_ids: held.iter().map(|n| (*n).to_owned()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let op = |new_on: &str| types::Operation {
+            cluster_id: "web".into(),
+            snapshot_id: "snap-1".into(),
+            new_instances: vec!["a".into()],
+            placements: vec![types::Placement {
+                instance_id: "a".into(),
+                node_id: new_on.into(),
+                reason: String::new(),
+            }],
+            ..Default::default()
+        };
+        let nodes = [
+            record("n1", 4096, now - 60_000),
+            record("n2", 4096, now),
+            record("n3", 4096, now),
+        ];
+        let pick = |held: &[&str], new_on: &str| {
+            standby_node(&op(new_on), Some(&cluster(held)), &nodes, now, 10_000)
+        };
+        assert_eq!(pick(&["n1", "n2"], "n3").as_deref(), Ok("n2"), "n1 is lost");
+        assert_eq!(
+            pick(&["n2", "n3"], "n3").as_deref(),
+            Ok("n3"),
+            "the new one's"
+        );
+        assert_eq!(pick(&["n2", "n3"], "n1").as_deref(), Ok("n2"), "the first");
+        let e = pick(&["n1", "n4"], "n2").expect_err("none live");
+        assert!(e.contains("snap-1") && e.contains("n1, n4"), "{e}");
+        let mut op = op("n2");
+        assert_eq!(snapshot_node(&op, None), "");
+        op.snapshot_node_id = "n3".into();
+        assert_eq!(snapshot_node(&op, None), "n3");
     }
 
     #[test]

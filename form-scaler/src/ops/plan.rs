@@ -355,7 +355,23 @@ pub fn build(
             if req.instance_id == cluster.template_instance_id {
                 op.previous_template_instance_id = req.instance_id.clone();
             }
-            op.source_instance_id = source(cluster, &op.victims)?;
+            match (source(cluster, &op.victims), &cluster.standby) {
+                (Ok(s), _) => op.source_instance_id = s,
+                // No member to clone from (every one on a lost node, say): the standby
+                // snapshot (docs/standby.md); the controller picks which of its nodes.
+                (Err(_), Some(sb)) if !sb.node_ids.is_empty() => {
+                    op.source_instance_id = sb.source_instance_id.clone();
+                    op.snapshot_id = sb.snapshot_id.clone();
+                    op.state_cursor = sb.state_cursor.clone();
+                    op.snapshot_node_id = sb.node_ids[0].clone();
+                }
+                (Err(e), _) => {
+                    return Err(Status::failed_precondition(format!(
+                        "{}; and it keeps no standby snapshot (scaling_policy.standby_snapshot_seconds)",
+                        e.message()
+                    )));
+                }
+            }
             op.new_instances = new_ids(1);
         }
         types::OperationKind::Resize => {

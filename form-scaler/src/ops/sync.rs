@@ -438,6 +438,17 @@ async fn sync_clones(e: &Engine, op: &mut types::Operation) -> Result<(), OpErro
     if !enabled(&cluster) {
         return Ok(());
     }
+    if !op.snapshot_node_id.is_empty() {
+        // Made from the standby snapshot: its source's node is lost.
+        super::remove::add_notes(
+            op,
+            vec![format!(
+                "made from the standby snapshot {} of {}: what the source wrote after it is lost",
+                op.snapshot_id, op.source_instance_id
+            )],
+        );
+        return Ok(());
+    }
     if op.state_cursor.is_empty() {
         // The snapshot recorded no cursor: the workload has no change history.
         transfer(op).contract = "unsupported".into();

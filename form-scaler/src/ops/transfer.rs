@@ -22,7 +22,7 @@ pub async fn copy_snapshot(
     op: &types::Operation,
     cluster: &state_pb::Cluster,
 ) -> Result<Vec<String>, OpError> {
-    let source = node_of(op, Some(cluster), &op.source_instance_id);
+    let source = super::place::snapshot_node(op, Some(cluster));
     let targets: BTreeSet<String> = op
         .new_instances
         .iter()

@@ -190,6 +190,26 @@ impl Stack {
         s
     }
 
+    /// A stack with a second node, "node-2", once both nodes have a record, and a
+    /// client of it.
+    pub async fn two_nodes(label: &str) -> (Self, VmmServiceClient<Channel>) {
+        let mut stack = Self::start(label).await;
+        let node2 = stack.add_node("node-2").await;
+        form_testkit::assert_eventually!(
+            async {
+                let nodes = stack
+                    .state
+                    .list_nodes(state_pb::ListNodesRequest {})
+                    .await
+                    .map(|r| r.into_inner().nodes)
+                    .unwrap_or_default();
+                nodes.len() == 2
+            },
+            "both nodes have a record"
+        );
+        (stack, node2)
+    }
+
     /// Starts another vmm node with id `id`, on the same backend and state, and
     /// returns a client of it.
     pub async fn add_node(&mut self, id: &str) -> VmmServiceClient<Channel> {

@@ -79,6 +79,8 @@ pub enum Field {
     NodeCordon,
     /// A cluster's fence: rank = the epoch, value = the owner that claimed it (max).
     Fence,
+    /// Encoded `StandbySnapshot` of a cluster (docs/standby.md).
+    Standby,
 }
 
 /// How the entries of one field are read when concurrent writes left several.

@@ -64,6 +64,8 @@ pub fn cluster(state: &State, id: &str) -> Option<pb::Cluster> {
         resources: decode(get(Field::ClusterResources)),
         state_sync: decode(get(Field::StateSync)),
         drain: decode(get(Field::Drain)),
+        standby: decode::<pb::StandbySnapshot>(get(Field::Standby))
+            .filter(|s| !s.snapshot_id.is_empty()),
         created_at_ms: state
             .entries(&Key::cluster(id, Field::ClusterPresence))
             .and_then(|e| e.values().map(|e| e.at_ms).min())

@@ -111,6 +111,39 @@ pub fn policy(p: &pb::ScalingPolicy) -> Result<(), StateError> {
             format!("is {r}; expected a positive number"),
         ));
     }
+    let sb = p.standby_snapshot_seconds;
+    if sb != 0 && !(MIN_STANDBY_SECONDS..=MAX_STANDBY_SECONDS).contains(&sb) {
+        return Err(StateError::invalid(
+            f("standby_snapshot_seconds"),
+            format!(
+                "is {sb}; expected 0 (no standby snapshot) or {MIN_STANDBY_SECONDS}-{MAX_STANDBY_SECONDS}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Shortest and longest standby snapshot interval accepted, seconds.
+pub const MIN_STANDBY_SECONDS: u32 = 10;
+/// See [`MIN_STANDBY_SECONDS`].
+pub const MAX_STANDBY_SECONDS: u32 = 86_400;
+
+/// A standby snapshot record: empty (cleared), or an id with a source and a node.
+pub fn standby(s: &form_proto::state::v1::StandbySnapshot) -> Result<(), StateError> {
+    if s.snapshot_id.is_empty() {
+        return Ok(());
+    }
+    id("standby.snapshot_id", &s.snapshot_id)?;
+    id("standby.source_instance_id", &s.source_instance_id)?;
+    if s.node_ids.is_empty() {
+        return Err(StateError::invalid(
+            "standby.node_ids",
+            "is empty; expected the nodes that hold the snapshot",
+        ));
+    }
+    for n in &s.node_ids {
+        id("standby.node_ids", n)?;
+    }
     Ok(())
 }
 
@@ -213,6 +246,24 @@ mod tests {
         ] {
             let e = state_sync(&bad).expect_err(says).to_string();
             assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_standby_interval_is_0_or_10_to_86400_seconds() {
+        let p = |standby_snapshot_seconds| pb::ScalingPolicy {
+            standby_snapshot_seconds,
+            ..form_proto::default_scaling_policy()
+        };
+        for ok in [0, 10, 86_400] {
+            assert!(policy(&p(ok)).is_ok(), "{ok}");
+        }
+        for bad in [1, 9, 86_401] {
+            let e = policy(&p(bad)).expect_err("out of range").to_string();
+            assert!(
+                e.contains("scaling_policy.standby_snapshot_seconds") && e.contains("10-86400"),
+                "{e}"
+            );
         }
     }
 

@@ -69,6 +69,13 @@ pub fn put_cluster(
     let mut b = DeltaBuilder::new(state, actor);
     let key = |f| Key::cluster(id, f);
     let exists = read::cluster_exists(state, id);
+    if !exists && r.standby.is_some() {
+        // Written by a controller's background round: it must not make a deleted
+        // cluster again.
+        return Err(StateError::FailedPrecondition(format!(
+            "cluster '{id}' does not exist; a standby snapshot is recorded only for an existing cluster"
+        )));
+    }
     if !exists {
         // Fields left by updates concurrent with an earlier delete are invisible; a new
         // cluster must not inherit them.
@@ -114,6 +121,10 @@ pub fn put_cluster(
     if let Some(d) = &r.drain {
         validate::drain(d)?;
         b.set(key(Field::Drain), msg_value("drain", d)?, 0, now);
+    }
+    if let Some(sb) = &r.standby {
+        validate::standby(sb)?;
+        b.set(key(Field::Standby), msg_value("standby", sb)?, 0, now);
     }
     if let Some(s) = &r.state_sync {
         validate::state_sync(s)?;
@@ -949,6 +960,55 @@ mod tests {
         )
         .expect_err("empty");
         assert!(e.to_string().contains("cluster_id"), "{e}");
+    }
+
+    #[test]
+    fn a_standby_snapshot_is_recorded_checked_and_cleared_but_never_makes_a_cluster() {
+        let mut s = State::default();
+        let standby = |id: &str, nodes: &[&str]| pb::PutClusterRequest {
+            cluster_id: "web".into(),
+            standby: Some(pb::StandbySnapshot {
+                snapshot_id: id.into(),
+                source_instance_id: "web-0".into(),
+                node_ids: nodes.iter().map(|n| (*n).to_owned()).collect(),
+                taken_at_ms: 5,
+                state_cursor: String::new(),
+            }),
+            ..Default::default()
+        };
+        let e = put_cluster(&s, "a", 1, &standby("snap-1", &["n1"])).expect_err("no cluster");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(read::cluster(&s, "web").is_none());
+        apply(&mut s, |s| {
+            put_cluster(
+                s,
+                "a",
+                1,
+                &pb::PutClusterRequest {
+                    cluster_id: "web".into(),
+                    ..Default::default()
+                },
+            )
+        });
+        apply(&mut s, |s| {
+            put_cluster(s, "a", 2, &standby("snap-1", &["n1", "n2"]))
+        });
+        let kept = read::cluster(&s, "web")
+            .and_then(|c| c.standby)
+            .expect("kept");
+        assert_eq!(
+            (kept.snapshot_id.as_str(), kept.node_ids.len()),
+            ("snap-1", 2)
+        );
+        let e = put_cluster(&s, "a", 3, &standby("snap-2", &[])).expect_err("no node");
+        assert!(e.to_string().contains("standby.node_ids"), "{e}");
+        let e = put_cluster(&s, "a", 3, &standby("snap 2", &["n1"])).expect_err("bad id");
+        assert!(e.to_string().contains("standby.snapshot_id"), "{e}");
+        apply(&mut s, |s| put_cluster(s, "a", 4, &standby("", &[])));
+        assert!(
+            read::cluster(&s, "web").expect("web").standby.is_none(),
+            "cleared"
+        );
     }
 
     #[test]
