@@ -520,6 +520,23 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
     assert_eq!(made["policy"], st["policy"], "GET and status agree");
     assert_eq!(made["policy"]["max_instances"], 3);
     assert_eq!(made["policy"]["scale_in_cooldown_seconds"], 60, "{made}");
+    // A node selector no node meets: refused before anything is made, naming the lack.
+    let mut pinned = demo_cluster("pinned");
+    pinned["node_selector"] = json!({"zone": "nowhere"});
+    let (code, body) = g
+        .call("POST", "/api/v1/clusters", Some(ADMIN), Some(&pinned))
+        .await;
+    assert_eq!(code, 429, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("lacks label zone=nowhere")),
+        "{body}"
+    );
+    let (code, _) = g
+        .call("GET", "/api/v1/clusters/pinned", Some(ADMIN), None)
+        .await;
+    assert_eq!(code, 404, "nothing made");
     let (code, _) = g
         .call("DELETE", "/api/v1/clusters/bare", Some(ADMIN), None)
         .await;

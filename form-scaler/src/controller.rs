@@ -286,7 +286,14 @@ impl Shared {
             Err(e) => return Err(state_err(&format!("cluster {id}"), e)),
         }
         self.refuse_if_busy(&id).await?;
-        self.place(&mut op, None, spec.resources).await?;
+        // Placed as the cluster it makes will be: its resources, its node selector.
+        let made = state_pb::Cluster {
+            cluster_id: id.clone(),
+            resources: spec.resources,
+            node_selector: spec.node_selector.clone(),
+            ..Default::default()
+        };
+        self.place(&mut op, Some(&made), None).await?;
         state
             .put_operation(state_pb::PutOperationRequest {
                 operation: Some(op.clone()),

@@ -327,3 +327,101 @@ async fn a_lost_node_s_instances_are_replaced_elsewhere_and_stopped_when_it_retu
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_node_selector_keeps_a_cluster_s_instances_on_the_nodes_with_its_labels() {
+    let (mut stack, _node2) = Stack::two_nodes_with("nodes-labels", &["--labels", "zone=b"]).await;
+    let mut scaler = stack.start_scaler(&[]).await;
+    let select = |zone: &str| state_pb::PutClusterRequest {
+        cluster_id: CLUSTER.into(),
+        node_selector: Some(state_pb::NodeSelector {
+            labels: [("zone".to_owned(), zone.to_owned())].into(),
+        }),
+        ..Default::default()
+    };
+    stack
+        .state
+        .clone()
+        .put_cluster(select("b"))
+        .await
+        .expect("selector");
+    // Spread would put one of the two on node-1: it lacks the label.
+    let reply = scaler
+        .scale(scale(OperationKind::ScaleOut, 3))
+        .await
+        .expect("scale out")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let placed = by_node(&stack.cluster().await);
+    assert_eq!(placed["node-2"].len(), 2, "{placed:?}");
+    assert_eq!(placed["node-1"], [TEMPLATE], "{placed:?}");
+    // No node has zone=c: refused before anything is made, naming each node's lack.
+    stack
+        .state
+        .clone()
+        .put_cluster(select("c"))
+        .await
+        .expect("selector");
+    let e = scaler
+        .scale(scale(OperationKind::ScaleOut, 4))
+        .await
+        .expect_err("no node");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    for says in [
+        "node-1 lacks label zone=c",
+        "node-2 has label zone=b, needs zone=c",
+    ] {
+        assert!(
+            e.message().contains(says),
+            "'{says}' not in {}",
+            e.message()
+        );
+    }
+    // A cluster made with a selector: its template goes to a node with the label.
+    let reply = scaler
+        .create_cluster({
+            let mut r = create_request("pinned");
+            if let Some(c) = r.cluster.as_mut() {
+                c.node_selector = select("b").node_selector;
+            }
+            r
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    let op = wait_op(&mut scaler, &reply.operation_id, OP_DEADLINE).await;
+    assert_eq!(status(&op), "completed", "{op:?}");
+    let pinned = stack
+        .state
+        .clone()
+        .get_cluster(state_pb::GetClusterRequest {
+            cluster_id: "pinned".into(),
+        })
+        .await
+        .expect("pinned")
+        .into_inner();
+    assert_eq!(pinned.node_selector.expect("kept").labels["zone"], "b");
+    assert_eq!(
+        pinned.members[&pinned.template_instance_id].node_id,
+        "node-2"
+    );
+    // A selector is checked like a node's labels.
+    let mut bad = select("b");
+    bad.node_selector = Some(state_pb::NodeSelector {
+        labels: [(String::new(), "x".to_owned())].into(),
+    });
+    let e = stack
+        .state
+        .clone()
+        .put_cluster(bad)
+        .await
+        .expect_err("empty key");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("node_selector.labels"),
+        "{}",
+        e.message()
+    );
+    stack.stop().await;
+}

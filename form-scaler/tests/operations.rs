@@ -531,23 +531,6 @@ async fn cluster_named(
 }
 
 /// The request that creates cluster `id` running the demo app.
-fn create_request(id: &str) -> pb::CreateClusterRequest {
-    pb::CreateClusterRequest {
-        operation_id: format!("create-{id}"),
-        cluster: Some(form_proto::state::v1::PutClusterRequest {
-            cluster_id: id.into(),
-            workload: Some(form_proto::types::v1::Workload {
-                command: form_testkit::workspace_bin("form-demo-app")
-                    .display()
-                    .to_string(),
-                health_path: "/healthz".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
-
 #[tokio::test]
 async fn clusters_are_created_and_deleted_by_operations_and_a_killed_create_rolls_back() {
     let mut stack = Stack::start("ops-create").await;

@@ -54,7 +54,7 @@ pub fn high_priority_fields(groups: &[String]) -> Result<Vec<crate::crdt::Field>
             "health" => &[F::Health, F::HeartbeatsSkipped][..],
             "heartbeats" => &[F::Heartbeat, F::StateWrites, F::HeartbeatUsage][..],
             "operations" => &[F::OperationBody, F::OperationStatus][..],
-            "clusters" => &[F::ClusterPresence, F::Domain, F::Workload, F::Policy, F::Template, F::Affinity, F::ClusterResources, F::StateSync, F::Drain, F::Standby][..],
+            "clusters" => &[F::ClusterPresence, F::Domain, F::Workload, F::Policy, F::Template, F::Affinity, F::ClusterResources, F::StateSync, F::Drain, F::Standby, F::NodeSelector][..],
             other => {
                 return Err(format!(
                     "'{other}' is not a field group; expected members, health, heartbeats, operations or clusters"

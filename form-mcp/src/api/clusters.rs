@@ -153,6 +153,9 @@ pub async fn create(b: &Backends, req: CreateCluster) -> Result<state_pb::Cluste
                 state_sync: req.state_sync.map(Into::into),
                 drain: req.drain.map(Into::into),
                 standby: None,
+                node_selector: req.node_selector.map(|labels| state_pb::NodeSelector {
+                    labels: labels.into_iter().collect(),
+                }),
             }),
         })
         .await

@@ -187,6 +187,10 @@ pub struct CreateCluster {
     /// in flight).
     #[serde(default)]
     pub drain: Option<Drain>,
+    /// Labels a node must carry to take the cluster's instances (`{"zone": "eu-1"}`);
+    /// none: any node.
+    #[serde(default)]
+    pub node_selector: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// How a scale-in drains an instance before removing it.
@@ -333,6 +337,9 @@ pub struct Cluster {
     pub state_sync: StateSync,
     /// How a scale-in drains its victims.
     pub drain: Drain,
+    /// Labels a node must carry to take its instances (empty: any node).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub node_selector: std::collections::BTreeMap<String, String>,
     /// The standby snapshot its controller keeps (`policy.standby_snapshot_seconds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<Standby>,
@@ -856,6 +863,10 @@ pub fn cluster(c: state_pb::Cluster) -> Cluster {
         members,
         state_sync: c.state_sync.into(),
         drain: c.drain.into(),
+        node_selector: c
+            .node_selector
+            .map(|s| s.labels.into_iter().collect())
+            .unwrap_or_default(),
         standby: c.standby.map(|s| Standby {
             snapshot_id: s.snapshot_id,
             source_instance_id: s.source_instance_id,

@@ -138,7 +138,10 @@ pub fn placements(
                 count: op.new_instances.len() as u32,
                 vcpus: r.vcpus,
                 memory_mib: r.memory_mib,
-                labels: Default::default(),
+                labels: cluster
+                    .and_then(|c| c.node_selector.as_ref())
+                    .map(|s| s.labels.clone().into_iter().collect())
+                    .unwrap_or_default(),
                 existing_nodes,
             };
             let fleet: Vec<Node> = nodes

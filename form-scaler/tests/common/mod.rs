@@ -193,8 +193,13 @@ impl Stack {
     /// A stack with a second node, "node-2", once both nodes have a record, and a
     /// client of it.
     pub async fn two_nodes(label: &str) -> (Self, VmmServiceClient<Channel>) {
+        Self::two_nodes_with(label, &[]).await
+    }
+
+    /// [`Stack::two_nodes`] with `extra` flags for node-2.
+    pub async fn two_nodes_with(label: &str, extra: &[&str]) -> (Self, VmmServiceClient<Channel>) {
         let mut stack = Self::start(label).await;
-        let node2 = stack.add_node("node-2").await;
+        let node2 = stack.add_node_with("node-2", extra).await;
         form_testkit::assert_eventually!(
             async {
                 let nodes = stack
@@ -213,7 +218,13 @@ impl Stack {
     /// Starts another vmm node with id `id`, on the same backend and state, and
     /// returns a client of it.
     pub async fn add_node(&mut self, id: &str) -> VmmServiceClient<Channel> {
-        let args = node_args(&self.dir, &self.state_addr, id, &self.backend_args);
+        self.add_node_with(id, &[]).await
+    }
+
+    /// [`Stack::add_node`] with `extra` flags (`--labels zone=b`, ...).
+    pub async fn add_node_with(&mut self, id: &str, extra: &[&str]) -> VmmServiceClient<Channel> {
+        let mut args = node_args(&self.dir, &self.state_addr, id, &self.backend_args);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let svc = start(&self.dir, id, workspace_bin("form-vmm-service"), &args).await;
         let client = VmmServiceClient::new(
@@ -644,5 +655,23 @@ pub async fn key_on(address: &str, k: &str) -> Option<String> {
     match probe::http_get(addr, &format!("/kv/{k}")).await {
         Ok((200, body)) => Some(body),
         _ => None,
+    }
+}
+
+/// A request to create cluster `id` running this build's form-demo-app.
+pub fn create_request(id: &str) -> pb::CreateClusterRequest {
+    pb::CreateClusterRequest {
+        operation_id: format!("create-{id}"),
+        cluster: Some(state_pb::PutClusterRequest {
+            cluster_id: id.into(),
+            workload: Some(types::Workload {
+                command: form_testkit::workspace_bin("form-demo-app")
+                    .display()
+                    .to_string(),
+                health_path: "/healthz".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
     }
 }

@@ -81,6 +81,8 @@ pub enum Field {
     Fence,
     /// Encoded `StandbySnapshot` of a cluster (docs/standby.md).
     Standby,
+    /// Encoded `NodeSelector` of a cluster: the labels its instances' nodes carry.
+    NodeSelector,
 }
 
 /// How the entries of one field are read when concurrent writes left several.

@@ -64,6 +64,7 @@ pub fn cluster(state: &State, id: &str) -> Option<pb::Cluster> {
         resources: decode(get(Field::ClusterResources)),
         state_sync: decode(get(Field::StateSync)),
         drain: decode(get(Field::Drain)),
+        node_selector: decode(get(Field::NodeSelector)),
         standby: decode::<pb::StandbySnapshot>(get(Field::Standby))
             .filter(|s| !s.snapshot_id.is_empty()),
         created_at_ms: state

@@ -123,6 +123,36 @@ pub fn policy(p: &pb::ScalingPolicy) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Most labels a node (or a selector) may carry, and their longest key and value.
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_KEY: usize = 63;
+const MAX_LABEL_VALUE: usize = 256;
+
+/// Node labels (`field` names them in errors): at most 32, keys of 1-63 bytes, values
+/// of at most 256.
+pub fn labels(
+    field: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<(), StateError> {
+    if labels.len() > MAX_LABELS {
+        return Err(StateError::invalid(
+            field,
+            format!("has {} labels; at most {MAX_LABELS} accepted", labels.len()),
+        ));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE {
+            return Err(StateError::invalid(
+                field,
+                format!(
+                    "'{k}={v}': expected a key of 1 to {MAX_LABEL_KEY} bytes and a value of at most {MAX_LABEL_VALUE}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Shortest and longest standby snapshot interval accepted, seconds.
 pub const MIN_STANDBY_SECONDS: u32 = 10;
 /// See [`MIN_STANDBY_SECONDS`].

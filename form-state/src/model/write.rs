@@ -122,6 +122,15 @@ pub fn put_cluster(
         validate::drain(d)?;
         b.set(key(Field::Drain), msg_value("drain", d)?, 0, now);
     }
+    if let Some(sel) = &r.node_selector {
+        validate::labels("node_selector.labels", &sel.labels)?;
+        b.set(
+            key(Field::NodeSelector),
+            msg_value("node_selector", sel)?,
+            0,
+            now,
+        );
+    }
     if let Some(sb) = &r.standby {
         validate::standby(sb)?;
         b.set(key(Field::Standby), msg_value("standby", sb)?, 0, now);
@@ -398,11 +407,6 @@ pub fn controller_heartbeat(
     Ok(b.build())
 }
 
-/// Most labels a node may carry, and their longest key and value.
-const MAX_LABELS: usize = 32;
-const MAX_LABEL_KEY: usize = 63;
-const MAX_LABEL_VALUE: usize = 256;
-
 /// `NodeHeartbeat` from `sender` (its certificate identity; empty in plaintext): the
 /// node's latest record (older ones are ignored). The first identity to write a
 /// node's record keeps it: another vmm cannot take the record over.
@@ -442,25 +446,7 @@ pub fn node_heartbeat(
         a.parse::<form_runtime::addr::HostPort>()
             .map_err(|e| StateError::invalid("addresses", format!("'{a}': {e}")))?;
     }
-    if r.labels.len() > MAX_LABELS {
-        return Err(StateError::invalid(
-            "labels",
-            format!(
-                "has {} labels; at most {MAX_LABELS} accepted",
-                r.labels.len()
-            ),
-        ));
-    }
-    for (k, v) in &r.labels {
-        if k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE {
-            return Err(StateError::invalid(
-                "labels",
-                format!(
-                    "'{k}={v}': expected a key of 1 to {MAX_LABEL_KEY} bytes and a value of at most {MAX_LABEL_VALUE}"
-                ),
-            ));
-        }
-    }
+    validate::labels("labels", &r.labels)?;
     if !matches!(r.backend.as_str(), "process" | "qemu") {
         return Err(StateError::invalid(
             "backend",
