@@ -60,8 +60,22 @@ async fn measure(
     runs: usize,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let mut s = stack_on(bin_dir, backend, 2).await?;
-    wait_for_nodes(&mut s, 2).await?;
-    demo(&mut s, bin_dir).await?;
+    // Stopped however the rounds end: a vmm node killed would leave its instances.
+    let r = rounds(&mut s, bin_dir, runs).await;
+    s.stop().await;
+    let (mut same, mut other) = r?;
+    same.sort_by(f64::total_cmp);
+    other.sort_by(f64::total_cmp);
+    Ok((same, other))
+}
+
+async fn rounds(
+    s: &mut Stack,
+    bin_dir: &Path,
+    runs: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    wait_for_nodes(s, 2).await?;
+    demo(s, bin_dir).await?;
     let (mut same, mut other) = (Vec::new(), Vec::new());
     for n in 0..runs {
         for (cordoned, on, times) in [
@@ -69,22 +83,16 @@ async fn measure(
             ("node-1", "node-2", &mut other),
         ] {
             let tag = format!("{on}-{n}");
-            cordon(&mut s, cordoned, true).await?;
-            let ms = out_to_serving(&mut s, &tag).await;
+            cordon(s, cordoned, true).await?;
+            let ms = out_to_serving(s, &tag).await;
             // Lifted before anything else: a scale-in prefers a cordoned node's members.
-            cordon(&mut s, cordoned, false).await?;
+            cordon(s, cordoned, false).await?;
             times.push(ms?);
-            let placed = placed_on(&mut s, &format!("out-{tag}")).await?;
+            let placed = placed_on(s, &format!("out-{tag}")).await?;
             anyhow::ensure!(placed == on, "out-{tag} placed its clone on {placed}");
-            back(&mut s, &tag).await?;
+            back(s, &tag).await?;
         }
     }
-    for mut svc in s.services.drain(..) {
-        form_testkit::conformance::stop_gracefully(&mut svc).await;
-    }
-    s.replicas.stop().await;
-    same.sort_by(f64::total_cmp);
-    other.sort_by(f64::total_cmp);
     Ok((same, other))
 }
 

@@ -83,6 +83,17 @@ pub(crate) struct Stack {
     pub(crate) scaler: ScalerServiceClient<tonic::transport::Channel>,
 }
 
+impl Stack {
+    /// Stops every service gracefully (a vmm node then deletes its instances) and the
+    /// replicas.
+    pub(crate) async fn stop(mut self) {
+        for mut svc in self.services.drain(..) {
+            form_testkit::conformance::stop_gracefully(&mut svc).await;
+        }
+        self.replicas.stop().await;
+    }
+}
+
 pub(crate) async fn stack(bin_dir: &Path, backend: &[&str]) -> anyhow::Result<Stack> {
     stack_on(bin_dir, backend, 1).await
 }
@@ -351,11 +362,26 @@ pub(crate) async fn measure(
     runs: usize,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let mut s = stack(bin_dir, backend).await?;
-    demo(&mut s, bin_dir).await?;
+    // Stopped however the rounds end: a vmm node killed would leave its instances.
+    let r = rounds(&mut s, bin_dir, runs).await;
+    s.stop().await;
+    let (mut serving, mut bare) = r?;
+    serving.sort_by(f64::total_cmp);
+    bare.sort_by(f64::total_cmp);
+    Ok((serving, bare))
+}
+
+async fn rounds(
+    s: &mut Stack,
+    bin_dir: &Path,
+    runs: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let s = &mut *s;
+    demo(s, bin_dir).await?;
     let mut serving = Vec::new();
     let mut bare = Vec::new();
     for n in 0..runs {
-        serving.push(out_and_back(&mut s, &format!("{n}")).await?);
+        serving.push(out_and_back(s, &format!("{n}")).await?);
 
         let t0 = Instant::now();
         let snap = s
@@ -390,11 +416,5 @@ pub(crate) async fn measure(
             })
             .await?;
     }
-    for mut svc in s.services.drain(..) {
-        form_testkit::conformance::stop_gracefully(&mut svc).await;
-    }
-    s.replicas.stop().await;
-    serving.sort_by(f64::total_cmp);
-    bare.sort_by(f64::total_cmp);
     Ok((serving, bare))
 }

@@ -16,6 +16,7 @@ pub(crate) async fn run(bin_dir: &Path, members: usize, n: usize) -> anyhow::Res
             count: n,
             proxied: false,
             extra_args: Vec::new(),
+            extra_peers: Vec::new(),
         },
     )
     .await;

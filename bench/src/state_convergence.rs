@@ -53,6 +53,7 @@ pub(crate) async fn measure(
             count: n,
             proxied: false,
             extra_args: extra,
+            extra_peers: Vec::new(),
         },
     )
     .await;

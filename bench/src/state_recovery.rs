@@ -27,6 +27,7 @@ pub(crate) async fn run(bin_dir: &Path, members: usize) -> anyhow::Result<()> {
                 count: 1,
                 proxied: false,
                 extra_args: extra,
+                extra_peers: Vec::new(),
             },
         )
         .await;

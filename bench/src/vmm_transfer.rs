@@ -29,9 +29,24 @@ pub(crate) async fn run(
     link_mib: u64,
 ) -> anyhow::Result<()> {
     let dir = TestDir::new("bench-transfer");
-    let (_a, mut a, a_addr) = node(bin_dir, &dir, "node-a").await?;
-    let (_b, mut b, _) = node(bin_dir, &dir, "node-b").await?;
-    let snap = source(bin_dir, &mut a, mib).await?;
+    let (mut a_svc, mut a, a_addr) = node(bin_dir, &dir, "node-a").await?;
+    let (mut b_svc, mut b, _) = node(bin_dir, &dir, "node-b").await?;
+    // Stopped however the measurement ends: a vmm node killed would leave its instance.
+    let r = measure_both(bin_dir, runs, mib, link_mib, (&mut a, a_addr), &mut b).await;
+    form_testkit::conformance::stop_gracefully(&mut b_svc).await;
+    form_testkit::conformance::stop_gracefully(&mut a_svc).await;
+    r
+}
+
+async fn measure_both(
+    bin_dir: &Path,
+    runs: usize,
+    mib: usize,
+    link_mib: u64,
+    (a, a_addr): (&mut VmmServiceClient<Channel>, SocketAddr),
+    b: &mut VmmServiceClient<Channel>,
+) -> anyhow::Result<()> {
+    let snap = source(bin_dir, a, mib).await?;
     let bytes: u64 = snap.files.iter().map(|f| f.size_bytes).sum();
     println!(
         "vmm-transfer: a snapshot of {:.1} MiB ({} files) pulled node to node, {runs} runs per link; the link measured with plain TCP for the same bytes in the same run",
@@ -41,14 +56,14 @@ pub(crate) async fn run(
     println!("| link | link MiB/s p50 | transfer MiB/s p50 | transfer / link | target |");
     println!("|---|---:|---:|---:|---|");
     let shaped = Shaped::start(a_addr, link_mib * 1024 * 1024).await?;
-    let (link, pull) = measure(&mut b, &snap, shaped.addr, runs, bytes, Some(link_mib)).await?;
+    let (link, pull) = measure(b, &snap, shaped.addr, runs, bytes, Some(link_mib)).await?;
     row(
         &format!("shaped to {link_mib} MiB/s"),
         &link,
         &pull,
         ">= 0.80",
     );
-    let (link, pull) = measure(&mut b, &snap, a_addr, runs, bytes, None).await?;
+    let (link, pull) = measure(b, &snap, a_addr, runs, bytes, None).await?;
     row("loopback, unshaped", &link, &pull, "-");
     Ok(())
 }

@@ -128,6 +128,7 @@ async fn oversized_writes_and_clusters_past_the_quota_are_refused() {
             count: 1,
             proxied: false,
             extra_args: extra,
+            extra_peers: Vec::new(),
         },
     )
     .await;
@@ -173,6 +174,7 @@ async fn members_outside_the_member_networks_are_refused_naming_them() {
             count: 1,
             proxied: false,
             extra_args: extra,
+            extra_peers: Vec::new(),
         },
     )
     .await;

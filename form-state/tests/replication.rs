@@ -102,6 +102,7 @@ async fn a_peer_behind_a_trimmed_log_gets_the_full_state() {
         count: 2,
         proxied: true,
         extra_args: extra,
+        extra_peers: Vec::new(),
     };
     let mut pair = Replicas::start(std::path::Path::new(BIN), "trimmed", opts).await;
     let mut a = pair.client(0).await;
@@ -146,6 +147,7 @@ async fn prioritized_sync_pushes_membership_writes_at_once() {
         count: 2,
         proxied: false,
         extra_args: extra,
+        extra_peers: Vec::new(),
     };
     let mut pair = Replicas::start(std::path::Path::new(BIN), "prioritized", opts).await;
     // Let both replicas make their first contact (anti-entropy at start).
@@ -245,4 +247,35 @@ async fn a_sticky_client_reads_its_own_writes_and_moves_when_its_replica_stops()
         "the next replica serves what was written"
     );
     trio.stop().await;
+}
+
+#[tokio::test]
+async fn a_black_holed_peer_does_not_delay_the_others() {
+    // Every replica also has a peer that accepts connections and never answers: each
+    // call to it hangs until the 5 s call timeout. With one round for all peers, every
+    // round would wait for it; with one task per peer, writes still arrive within a
+    // few 50 ms intervals.
+    let hole = form_testkit::net::BlackHole::start().await;
+    let opts = ReplicaOptions {
+        count: 3,
+        proxied: false,
+        extra_args: fast_gossip(),
+        extra_peers: vec![hole.addr()],
+    };
+    let mut r = Replicas::start(std::path::Path::new(BIN), "black-hole", opts).await;
+    let mut a = r.client(0).await;
+    let mut b = r.client(1).await;
+    let mut c = r.client(2).await;
+    for i in 0..10 {
+        let id = format!("c{i}");
+        a.put_cluster(cluster(&id)).await.expect("write");
+        a.add_member(member(&id, "m1")).await.expect("member");
+        assert_eventually!(
+            deadline = std::time::Duration::from_millis(2000),
+            async { members(&mut b, &id).await == ["m1"] && members(&mut c, &id).await == ["m1"] },
+            "write {i} reaches both healthy peers well within one call to the black hole"
+        );
+    }
+    r.stop().await;
+    drop(hole);
 }

@@ -1,5 +1,6 @@
-//! Network helpers for tests: free loopback addresses, and a TCP proxy that can cut
-//! and heal a link, so real processes can be partitioned from each other.
+//! Network helpers for tests: free loopback addresses, a TCP proxy that can cut and
+//! heal a link, so real processes can be partitioned from each other, and a black hole
+//! (a peer that accepts connections and never answers).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -143,6 +144,44 @@ async fn copy_counted(
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
+        self.task.abort();
+    }
+}
+
+/// A TCP listener on 127.0.0.1 that accepts every connection and never reads or
+/// answers: a peer that hangs rather than refuses. Stops when dropped.
+#[derive(Debug)]
+pub struct BlackHole {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl BlackHole {
+    /// A black hole on a free port.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        Self { addr, task }
+    }
+
+    /// Where the hanging peer is.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
         self.task.abort();
     }
 }

@@ -49,6 +49,8 @@ pub struct ReplicaOptions {
     pub proxied: bool,
     /// Flags added to every replica.
     pub extra_args: Vec<String>,
+    /// Addresses added to every replica's peers (a black hole, say).
+    pub extra_peers: Vec<SocketAddr>,
 }
 
 impl ReplicaOptions {
@@ -58,6 +60,7 @@ impl ReplicaOptions {
             count,
             proxied: false,
             extra_args: Vec::new(),
+            extra_peers: Vec::new(),
         }
     }
 }
@@ -162,6 +165,7 @@ impl Replicas {
                     .as_ref()
                     .map_or(self.addrs[j], Proxy::addr)
             })
+            .chain(self.opts.extra_peers.iter().copied())
             .collect()
     }
 

@@ -29,6 +29,7 @@ pub async fn replicas(label: &str, count: usize, proxied: bool) -> Replicas {
         count,
         proxied,
         extra_args: fast_gossip(),
+        extra_peers: Vec::new(),
     };
     Replicas::start(Path::new(BIN), label, opts).await
 }
