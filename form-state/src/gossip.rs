@@ -1,7 +1,9 @@
 //! Replication between replicas: the `GossipService` server and the loop that pushes
 //! deltas to each peer and runs anti-entropy with it.
 //!
-//! Every `sync_interval` the replica pushes to each peer the durable deltas the peer
+//! Each peer has its own task (a slow peer delays only itself). Every `sync_interval`
+//! (or at once after a write asked for it) the replica pushes to each peer the durable
+//! deltas the peer
 //! lacks (per the version vector it last reported), at most `batch_size` per message,
 //! never the peer's own deltas; when the deltas it needs were trimmed, the full state
 //! instead. Every `anti_entropy_interval` it sends its version vector to each peer and
@@ -339,7 +341,17 @@ impl GossipService for GossipApi {
     }
 }
 
-/// Runs the push and anti-entropy loop until shutdown.
+/// What wakes every peer's task before its next tick: a write to push at once, or
+/// anti-entropy asked for by a full delta buffer. Each counts up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Wake {
+    push: u64,
+    anti_entropy: u64,
+}
+
+/// Runs the push and anti-entropy loop until shutdown: one task per peer, each on its
+/// own ticks, so a slow or black-holed peer delays only its own rounds (each call
+/// waits at most `CALL_TIMEOUT`), never the other peers'.
 pub async fn run(
     store: Arc<Store>,
     peers: Arc<Peers>,
@@ -347,7 +359,8 @@ pub async fn run(
     urgent: Arc<tokio::sync::Notify>,
     mut shutdown: Shutdown,
 ) {
-    let mut links = Vec::new();
+    let (wake, _) = tokio::sync::watch::channel(Wake::default());
+    let mut tasks = tokio::task::JoinSet::new();
     for p in &config.peers {
         let shape = |e: tonic::transport::Endpoint| {
             e.connect_timeout(CALL_TIMEOUT)
@@ -365,48 +378,101 @@ pub async fn run(
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE);
                 peers.lock().insert(p.to_string(), PeerView::default());
-                links.push((p.to_string(), client));
+                let link = Link {
+                    store: store.clone(),
+                    peers: peers.clone(),
+                    config: config.clone(),
+                    addr: p.to_string(),
+                    client,
+                };
+                tasks.spawn(link.run(wake.subscribe(), shutdown.clone()));
             }
             Err(e) => tracing::error!(peer = %p, error = %e, "bad peer address"),
         }
     }
+    // A full buffer's request for anti-entropy is looked at every sync interval.
     let mut sync = tokio::time::interval(config.sync_interval);
-    let mut ae = tokio::time::interval(config.anti_entropy_interval);
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ae.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let anti_entropy = tokio::select! {
-            _ = shutdown.requested() => return,
-            _ = sync.tick() => false,
-            _ = urgent.notified() => false,
-            _ = ae.tick() => true,
-        } || store.take_anti_entropy_request();
-        let mut round = tokio::task::JoinSet::new();
-        for (addr, client) in &links {
-            let (store, peers, cfg) = (store.clone(), peers.clone(), config.clone());
-            let (addr, mut client) = (addr.clone(), client.clone());
-            round.spawn(async move {
-                let first = !peers.lock().get(addr.as_str()).is_some_and(|v| v.contacted);
-                // First contact: learn what the peer has (and take what it has that we
-                // lack), then push in the same round.
-                let result = async {
-                    if anti_entropy || first {
-                        pull(&store, &peers, &addr, &mut client).await?;
-                    }
-                    if !anti_entropy {
-                        push(&store, &peers, &addr, &mut client, &cfg).await?;
-                    }
-                    Ok::<(), Status>(())
+        tokio::select! {
+            _ = shutdown.requested() => break,
+            _ = urgent.notified() => wake.send_modify(|w| w.push += 1),
+            _ = sync.tick() => {
+                if store.take_anti_entropy_request() {
+                    wake.send_modify(|w| w.anti_entropy += 1);
                 }
-                .await;
-                if let Err(e) = result {
-                    tracing::debug!(peer = %addr, error = %e, "gossip failed");
-                    metrics::counter!("form_state_gossip_errors_total", "peer" => addr)
-                        .increment(1);
-                }
-            });
+            }
         }
-        while round.join_next().await.is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One peer's side of the loop.
+struct Link {
+    store: Arc<Store>,
+    peers: Arc<Peers>,
+    config: GossipConfig,
+    addr: String,
+    client: GossipServiceClient<Channel>,
+}
+
+impl Link {
+    /// Pushes every sync interval (or at once when woken), runs anti-entropy every
+    /// anti-entropy interval (or when asked), until shutdown.
+    async fn run(mut self, mut wake: tokio::sync::watch::Receiver<Wake>, mut shutdown: Shutdown) {
+        let mut sync = tokio::time::interval(self.config.sync_interval);
+        let mut ae = tokio::time::interval(self.config.anti_entropy_interval);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ae.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = *wake.borrow_and_update();
+        loop {
+            let anti_entropy = tokio::select! {
+                _ = shutdown.requested() => return,
+                _ = sync.tick() => false,
+                _ = ae.tick() => true,
+                changed = wake.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = *wake.borrow_and_update();
+                    let asked = now.anti_entropy != seen.anti_entropy;
+                    seen = now;
+                    asked
+                }
+            };
+            tokio::select! {
+                _ = shutdown.requested() => return,
+                _ = self.round(anti_entropy) => {}
+            }
+        }
+    }
+
+    /// One round with the peer: first contact learns what it has (and takes what it
+    /// has that this replica lacks), then pushes in the same round.
+    async fn round(&mut self, anti_entropy: bool) {
+        let Self {
+            store,
+            peers,
+            config,
+            addr,
+            client,
+        } = self;
+        let first = !peers.lock().get(addr.as_str()).is_some_and(|v| v.contacted);
+        let result = async {
+            if anti_entropy || first {
+                pull(store, peers, addr, client).await?;
+            }
+            if !anti_entropy {
+                push(store, peers, addr, client, config).await?;
+            }
+            Ok::<(), Status>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(peer = %addr, error = %e, "gossip failed");
+            metrics::counter!("form_state_gossip_errors_total", "peer" => addr.clone())
+                .increment(1);
+        }
     }
 }
 
