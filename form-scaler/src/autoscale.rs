@@ -54,6 +54,8 @@ pub async fn run(shared: Arc<Shared>, settings: Settings, mut shutdown: Shutdown
         if let Err(e) = round(&shared, &settings).await {
             tracing::debug!(error = %e.message(), "evaluation round failed");
         }
+        // After the adoption of unfinished operations and the round: a test waits on it.
+        metrics::counter!("form_scaler_evaluation_rounds_total").increment(1);
         tokio::select! {
             _ = tokio::time::sleep(settings.interval) => {}
             _ = shutdown.requested() => return,

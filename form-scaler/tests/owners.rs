@@ -178,8 +178,17 @@ async fn a_starting_controller_leaves_a_live_ones_operation_alone_and_adopts_it_
         "ctl-a runs the operation up to wait_serving"
     );
     let (mut b_svc, mut b) = second(&stack, "ctl-b", &[]).await;
-    // ctl-b starts, reads the controllers, and leaves ctl-a's operation alone.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // ctl-b starts, reads the controllers, and leaves ctl-a's operation alone over
+    // three rounds (each looks for operations to adopt first).
+    let rounds = b_svc.addr("metrics").expect("metrics");
+    assert_eventually!(
+        deadline = Duration::from_secs(30),
+        async {
+            form_testkit::replicas::metric_sum(rounds, "form_scaler_evaluation_rounds_total").await
+                >= 3.0
+        },
+        "ctl-b runs three rounds"
+    );
     let op = b
         .get_operation(pb::GetOperationRequest {
             operation_id: id.clone(),

@@ -53,7 +53,15 @@ async fn writes_replicate_and_a_partition_heals_to_identical_digests() {
     c.add_member(member("web", "right"))
         .await
         .expect("write on the isolated side");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The isolated side has tried to reach both others a few times since its writes
+    // (each failed call counts): had the partition let anything through, it would be
+    // on the other side by now.
+    let errors = "form_state_gossip_errors_total";
+    let tried = metric_sum(trio.metrics_addr(2), errors).await;
+    assert_eventually!(
+        async { metric_sum(trio.metrics_addr(2), errors).await >= tried + 6.0 },
+        "the isolated replica tries its peers"
+    );
     assert!(
         !members(&mut a, "web").await.contains(&"right".to_owned()),
         "the partition holds"
@@ -150,8 +158,6 @@ async fn prioritized_sync_pushes_membership_writes_at_once() {
         extra_peers: Vec::new(),
     };
     let mut pair = Replicas::start(std::path::Path::new(BIN), "prioritized", opts).await;
-    // Let both replicas make their first contact (anti-entropy at start).
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let mut a = pair.client(0).await;
     let mut b = pair.client(1).await;
     a.put_cluster(cluster("web")).await.expect("cluster");
