@@ -248,6 +248,11 @@ impl Shared {
             form_proto::check_affinity(a).map_err(Status::invalid_argument)?;
         }
         spec.template_instance_id = None;
+        if spec.standby.is_some() {
+            return Err(Status::invalid_argument(
+                "cluster.standby is set; a standby snapshot is taken by the controller (set scaling_policy.standby_snapshot_seconds instead)",
+            ));
+        }
         self.wait_ready().await?;
         let _one_at_a_time = self.submit.lock().await;
         let mut state = self.engine.platform.state.clone();
@@ -341,28 +346,20 @@ impl Shared {
             .map_err(|e| Status::unavailable(e.message))?;
         let lost_after = self.engine.limits.node_timeout.as_millis() as u64;
         let now = record::now_ms();
+        ops::place::away_from_lost_source(op, cluster, &nodes, now, lost_after);
         op.placements = ops::place::placements(op, cluster, resources, &nodes, now, lost_after)
             .map_err(|s| Status::resource_exhausted(format!("cluster {}: {s}", op.cluster_id)))?;
-        // A replacement whose source is on a lost node too is made from the standby
-        // snapshot, when the cluster keeps one (docs/standby.md).
-        if op.kind == types::OperationKind::ReplaceInstance as i32
-            && op.snapshot_id.is_empty()
-            && let Some(sb) = cluster.and_then(|c| c.standby.as_ref())
-            && let Some(r) = nodes
-                .iter()
-                .find(|r| r.node_id == ops::place::node_of(op, cluster, &op.source_instance_id))
-            && ops::place::node(r, now, lost_after).lost
-        {
-            op.source_instance_id = sb.source_instance_id.clone();
-            op.snapshot_id = sb.snapshot_id.clone();
-            op.state_cursor = sb.state_cursor.clone();
-            op.snapshot_node_id = sb.node_ids.first().cloned().unwrap_or_default();
-        }
         if !op.snapshot_node_id.is_empty() {
             op.snapshot_node_id = ops::place::standby_node(op, cluster, &nodes, now, lost_after)
                 .map_err(Status::failed_precondition)?;
         }
         Ok(())
+    }
+
+    /// Whether an operation of `cluster_id` runs here or is unfinished in form-state
+    /// (one another controller runs); unknown (form-state not answering) counts as busy.
+    pub async fn busy(&self, cluster_id: &str) -> bool {
+        self.refuse_if_busy(cluster_id).await.is_err()
     }
 
     async fn refuse_if_busy(&self, cluster_id: &str) -> Result<(), Status> {

@@ -102,6 +102,13 @@ pub fn validate(p: &ScalingPolicy, cap: u32) -> Result<(), PolicyError> {
             ),
         ));
     }
+    let sb = p.standby_snapshot_seconds;
+    if sb != 0 && !(10..=86_400).contains(&sb) {
+        return Err(err(
+            "standby_snapshot_seconds",
+            format!("{sb} is out of range; expected 0 (no standby snapshot) or 10-86400"),
+        ));
+    }
     Ok(())
 }
 

@@ -86,6 +86,11 @@ pub fn spawn_if_due(shared: &Arc<Shared>, c: &state_pb::Cluster, now: u64) {
     tokio::spawn(async move {
         let _guard = guard;
         let e = &shared.engine;
+        // An operation another controller still runs keeps its fence: not claimed
+        // from under it.
+        if shared.busy(&cluster).await {
+            return;
+        }
         let fence = match shared
             .epochs
             .hold(&shared.id, &e.platform.state, &cluster)
@@ -162,7 +167,8 @@ async fn keep(
         taken_at_ms: now_ms(),
         state_cursor: info.state_cursor.clone(),
     };
-    let copied = match other_node(e, &source.node_id, old.as_ref()).await {
+    let selector = c.node_selector.as_ref().map(|s| &s.labels);
+    let copied = match other_node(e, &source.node_id, old.as_ref(), selector).await {
         Some(other) => {
             taken.node_ids.push(other.clone());
             copy(e, &source.node_id, &other, &info).await
@@ -178,6 +184,11 @@ async fn keep(
     } {
         delete(e, &taken).await;
         return Err(err);
+    }
+    // An operation started meanwhile may be reading the previous one (a replacement
+    // made from it): then it is left to a later sweep.
+    if shared.busy(cluster).await {
+        return Ok(Some(taken));
     }
     if let Some(old) = old
         && old.snapshot_id != taken.snapshot_id
@@ -235,12 +246,14 @@ async fn record(e: &Engine, cluster: &str, s: state_pb::StandbySnapshot) -> Resu
         .await
 }
 
-/// The node the copy goes to: not the source's, neither cordoned nor lost; the one the
-/// previous standby snapshot used when it still may, else the first by id.
+/// The node the copy goes to: not the source's, neither cordoned nor lost, with the
+/// labels of the cluster's node selector; the one the previous standby snapshot used
+/// when it still may, else the first by id.
 async fn other_node(
     e: &Engine,
     source: &str,
     old: Option<&state_pb::StandbySnapshot>,
+    selector: Option<&std::collections::HashMap<String, String>>,
 ) -> Option<String> {
     let p = &e.platform;
     let records = p.fleet.records(&p.state, false).await.ok()?;
@@ -249,6 +262,7 @@ async fn other_node(
     let mut fit: Vec<String> = records
         .iter()
         .filter(|r| r.node_id != source && !r.cordoned)
+        .filter(|r| selector.is_none_or(|sel| sel.iter().all(|(k, v)| r.labels.get(k) == Some(v))))
         .filter(|r| !crate::ops::place::node(r, now, lost_after).lost)
         .map(|r| r.node_id.clone())
         .collect();

@@ -63,6 +63,29 @@ async fn a_cluster_whose_only_node_is_lost_is_made_again_from_its_standby_snapsh
         e.message()
     );
     assert!(stack.cluster().await.standby.is_none());
+    // So is a cluster created with one, or with a standby record of its own.
+    let mut bad = create_request("bad-standby");
+    if let Some(c) = bad.cluster.as_mut() {
+        c.scaling_policy = policy(5).policy;
+    }
+    let e = scaler.create_cluster(bad).await.expect_err("5 s");
+    assert!(
+        e.code() == tonic::Code::InvalidArgument
+            && e.message().contains("standby_snapshot_seconds"),
+        "{e:?}"
+    );
+    let mut bad = create_request("bad-standby");
+    if let Some(c) = bad.cluster.as_mut() {
+        c.standby = Some(state_pb::StandbySnapshot::default());
+    }
+    let e = scaler
+        .create_cluster(bad)
+        .await
+        .expect_err("a standby record");
+    assert!(
+        e.code() == tonic::Code::InvalidArgument && e.message().contains("cluster.standby"),
+        "{e:?}"
+    );
 
     // A write acknowledged by the template before the standby snapshot.
     let cluster = stack.cluster().await;

@@ -95,6 +95,9 @@ pub async fn delete_snapshots(e: &Engine, op: &types::Operation) -> Result<(), O
             nodes.push(n);
         }
     }
+    // Looked at before the standby is read: a standby snapshot recorded after this
+    // look is read below and kept; one still being taken is not looked for.
+    let leftovers = !e.taking_standby.contains(&op.cluster_id);
     let read = e
         .platform
         .state
@@ -113,7 +116,6 @@ pub async fn delete_snapshots(e: &Engine, op: &types::Operation) -> Result<(), O
             ));
         }
     };
-    let leftovers = !e.taking_standby.contains(&op.cluster_id);
     for node in nodes {
         // A copy pulled to another node for this operation goes.
         let keep: Vec<String> = standby

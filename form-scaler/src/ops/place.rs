@@ -44,6 +44,51 @@ pub fn snapshot_node(op: &types::Operation, cluster: Option<&state_pb::Cluster>)
     }
 }
 
+/// A replacement whose source is on a lost node too is made from another active member
+/// on a live node (the first by id), else from the cluster's standby snapshot when it
+/// keeps one (docs/standby.md; `snapshot_node_id` is then a node that holds it, chosen by
+/// [`standby_node`]). Anything else is left as planned.
+pub fn away_from_lost_source(
+    op: &mut types::Operation,
+    cluster: Option<&state_pb::Cluster>,
+    nodes: &[state_pb::NodeInfo],
+    now_ms: u64,
+    lost_after_ms: u64,
+) {
+    let lost = |id: &str| {
+        nodes
+            .iter()
+            .find(|r| r.node_id == id)
+            .is_some_and(|r| node(r, now_ms, lost_after_ms).lost)
+    };
+    let Some(c) = cluster else {
+        return;
+    };
+    if op.kind != types::OperationKind::ReplaceInstance as i32
+        || !op.snapshot_id.is_empty()
+        || !lost(&node_of(op, cluster, &op.source_instance_id))
+    {
+        return;
+    }
+    let live = c
+        .members
+        .values()
+        .filter(|m| {
+            !op.victims.contains(&m.instance_id)
+                && m.status == state_pb::MemberStatus::Active as i32
+                && !lost(&m.node_id)
+        })
+        .min_by(|a, b| a.instance_id.cmp(&b.instance_id));
+    if let Some(m) = live {
+        op.source_instance_id = m.instance_id.clone();
+    } else if let Some(sb) = &c.standby {
+        op.source_instance_id = sb.source_instance_id.clone();
+        op.snapshot_id = sb.snapshot_id.clone();
+        op.state_cursor = sb.state_cursor.clone();
+        op.snapshot_node_id = sb.node_ids.first().cloned().unwrap_or_default();
+    }
+}
+
 /// Which node holding the cluster's standby snapshot an operation made from it reads
 /// it on: one that is not lost, the new instance's own when it is one of them.
 pub fn standby_node(
@@ -302,6 +347,76 @@ mod tests {
         assert_eq!(snapshot_node(&op, None), "");
         op.snapshot_node_id = "n3".into();
         assert_eq!(snapshot_node(&op, None), "n3");
+    }
+
+    #[test]
+    fn a_replacement_leaves_a_lost_source_for_a_live_member_else_the_standby() {
+        let now = 100_000;
+        let nodes = [record("n1", 4096, now - 60_000), record("n2", 4096, now)];
+        let active = |id: &str, node: &str| {
+            let (k, mut m) = member(id, node);
+            m.status = state_pb::MemberStatus::Active as i32;
+            (k, m)
+        };
+        let cluster = |members: Vec<(String, state_pb::Member)>| state_pb::Cluster {
+            cluster_id: "web".into(),
+            members: members.into_iter().collect(),
+            standby: Some(state_pb::StandbySnapshot {
+                snapshot_id: "snap-1".into(),
+                source_instance_id: "web-0".into(),
+                node_ids: vec!["n1".into(), "n2".into()],
+                state_cursor: "c7".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let replace = |victim: &str, source: &str| types::Operation {
+            cluster_id: "web".into(),
+            kind: types::OperationKind::ReplaceInstance as i32,
+            victims: vec![victim.into()],
+            source_instance_id: source.into(),
+            new_instances: vec!["new".into()],
+            ..Default::default()
+        };
+        // web-0 (the planned source) is on lost n1; web-2 on n2 is active.
+        let c = cluster(vec![
+            active("web-0", "n1"),
+            active("web-1", "n1"),
+            active("web-2", "n2"),
+        ]);
+        let mut op = replace("web-1", "web-0");
+        away_from_lost_source(&mut op, Some(&c), &nodes, now, 10_000);
+        assert_eq!(op.source_instance_id, "web-2");
+        assert!(op.snapshot_id.is_empty() && op.snapshot_node_id.is_empty());
+        // Every member on n1: the standby snapshot.
+        let c = cluster(vec![active("web-0", "n1")]);
+        let mut op = replace("web-0", "web-0");
+        away_from_lost_source(&mut op, Some(&c), &nodes, now, 10_000);
+        assert_eq!(
+            (
+                op.snapshot_id.as_str(),
+                op.state_cursor.as_str(),
+                op.snapshot_node_id.as_str()
+            ),
+            ("snap-1", "c7", "n1"),
+            "standby_node then picks a live holder"
+        );
+        // A source on a live node, or another kind of operation: as planned.
+        let c = cluster(vec![active("web-0", "n2"), active("web-1", "n1")]);
+        let mut op = replace("web-1", "web-0");
+        away_from_lost_source(&mut op, Some(&c), &nodes, now, 10_000);
+        assert_eq!(
+            (op.source_instance_id.as_str(), op.snapshot_id.as_str()),
+            ("web-0", "")
+        );
+        let c = cluster(vec![active("web-0", "n1")]);
+        let mut op = replace("web-0", "web-0");
+        op.kind = types::OperationKind::ScaleOut as i32;
+        away_from_lost_source(&mut op, Some(&c), &nodes, now, 10_000);
+        assert!(
+            op.snapshot_id.is_empty(),
+            "a scale-out never uses the standby"
+        );
     }
 
     #[test]

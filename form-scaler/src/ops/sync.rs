@@ -435,18 +435,29 @@ async fn sync_clones(e: &Engine, op: &mut types::Operation) -> Result<(), OpErro
         return Ok(());
     }
     let cluster = e.platform.cluster(&op.cluster_id).await?;
-    if !enabled(&cluster) {
-        return Ok(());
-    }
     if !op.snapshot_node_id.is_empty() {
         // Made from the standby snapshot: its source's node is lost.
+        let age = cluster
+            .standby
+            .as_ref()
+            .filter(|s| s.snapshot_id == op.snapshot_id)
+            .map(|s| {
+                format!(
+                    ", taken {} s before",
+                    crate::ops::record::now_ms().saturating_sub(s.taken_at_ms) / 1000
+                )
+            })
+            .unwrap_or_default();
         super::remove::add_notes(
             op,
             vec![format!(
-                "made from the standby snapshot {} of {}: what the source wrote after it is lost",
+                "made from the standby snapshot {} of {}{age}: what the source wrote after it is lost",
                 op.snapshot_id, op.source_instance_id
             )],
         );
+        return Ok(());
+    }
+    if !enabled(&cluster) {
         return Ok(());
     }
     if op.state_cursor.is_empty() {
