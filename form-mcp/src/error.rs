@@ -75,7 +75,8 @@ impl ApiError {
             Code::FailedPrecondition => (StatusCode::CONFLICT, "failed_precondition"),
             Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "unavailable"),
-            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "unavailable"),
+            // No node can hold the request, or a quota is full: not a rate limit.
+            Code::ResourceExhausted => (StatusCode::CONFLICT, "resource_exhausted"),
             _ => (StatusCode::BAD_GATEWAY, "internal"),
         };
         let message = if matches!(

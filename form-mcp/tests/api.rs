@@ -115,6 +115,12 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
         .await;
     assert_eq!(code, 202, "{accepted}");
     let id = accepted["operation_id"].as_str().expect("id").to_owned();
+    assert!(
+        accepted["operation"]["owner"]
+            .as_str()
+            .is_some_and(|o| !o.is_empty()),
+        "the controller that runs it: {accepted}"
+    );
     let (code, again) = g
         .call_with(
             "POST",
@@ -526,7 +532,11 @@ async fn bad_requests_get_an_error_naming_what_was_wrong() {
     let (code, body) = g
         .call("POST", "/api/v1/clusters", Some(ADMIN), Some(&pinned))
         .await;
-    assert_eq!(code, 429, "{body}");
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (409, Some("resource_exhausted")),
+        "{body}"
+    );
     assert!(
         body["error"]["message"]
             .as_str()

@@ -478,6 +478,9 @@ pub struct Operation {
     /// victim or the clones' source runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placements: Vec<Placement>,
+    /// The controller that runs it (another adopts it when that one stops).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
 }
 
 /// The node of one instance of an operation.
@@ -924,5 +927,6 @@ pub fn operation(o: types::Operation) -> Operation {
                 reason: p.reason,
             })
             .collect(),
+        owner: o.owner,
     }
 }
