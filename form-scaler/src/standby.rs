@@ -6,7 +6,7 @@
 //! the evaluation round, one at a time per cluster, under the cluster's fence; the
 //! previous standby snapshot is deleted once the new one is recorded.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use form_proto::state::v1 as state_pb;
@@ -17,25 +17,50 @@ use crate::ops::engine::Engine;
 use crate::ops::record::now_ms;
 use crate::platform::OpError;
 
-/// The clusters whose standby snapshot is being taken.
+/// The clusters whose standby snapshot is being taken, and when an attempt last failed.
 #[derive(Debug, Clone, Default)]
-pub struct Taking(Arc<Mutex<HashSet<String>>>);
+pub struct Taking(Arc<Mutex<TakingSets>>);
+
+#[derive(Debug, Default)]
+struct TakingSets {
+    now: HashSet<String>,
+    failed_at: HashMap<String, u64>,
+}
 
 impl Taking {
     /// Whether `cluster`'s standby snapshot is being taken.
     pub fn contains(&self, cluster: &str) -> bool {
-        self.lock().contains(cluster)
+        self.lock().now.contains(cluster)
     }
 
-    /// Marks `cluster` as taking one until the guard drops; `None` if it already is.
-    fn start(&self, cluster: &str) -> Option<TakingGuard> {
-        self.lock().insert(cluster.to_owned()).then(|| TakingGuard {
+    /// Marks `cluster` as taking one until the guard drops; `None` if it already is,
+    /// or if an attempt failed less than `backoff_ms` before `now_ms` (a failing copy
+    /// is not retried every round).
+    fn start(&self, cluster: &str, now_ms: u64, backoff_ms: u64) -> Option<TakingGuard> {
+        let mut sets = self.lock();
+        if sets
+            .failed_at
+            .get(cluster)
+            .is_some_and(|at| now_ms.saturating_sub(*at) < backoff_ms)
+        {
+            return None;
+        }
+        sets.now.insert(cluster.to_owned()).then(|| TakingGuard {
             set: self.clone(),
             cluster: cluster.to_owned(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    /// Records a failed attempt for `cluster` at `now_ms` (or clears it).
+    fn failed(&self, cluster: &str, at_ms: Option<u64>) {
+        let mut sets = self.lock();
+        match at_ms {
+            Some(at) => sets.failed_at.insert(cluster.to_owned(), at),
+            None => sets.failed_at.remove(cluster),
+        };
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TakingSets> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -47,7 +72,7 @@ struct TakingGuard {
 
 impl Drop for TakingGuard {
     fn drop(&mut self) {
-        self.set.lock().remove(&self.cluster);
+        self.set.lock().now.remove(&self.cluster);
     }
 }
 
@@ -78,7 +103,13 @@ pub fn spawn_if_due(shared: &Arc<Shared>, c: &state_pb::Cluster, now: u64) {
     if c.template_instance_id.is_empty() || !due(c, now) {
         return;
     }
-    let Some(guard) = shared.engine.taking_standby.start(&c.cluster_id) else {
+    // A failed attempt is tried again after the interval (10 s at least).
+    let backoff = interval_ms(c).max(10_000);
+    let Some(guard) = shared
+        .engine
+        .taking_standby
+        .start(&c.cluster_id, now, backoff)
+    else {
         return;
     };
     let shared = shared.clone();
@@ -102,7 +133,10 @@ pub fn spawn_if_due(shared: &Arc<Shared>, c: &state_pb::Cluster, now: u64) {
                 return;
             }
         };
-        match crate::fencing::with(fence, keep(&shared, &cluster)).await {
+        let kept = crate::fencing::with(fence, keep(&shared, &cluster)).await;
+        let failed = kept.as_ref().err().map(|_| now_ms());
+        shared.engine.taking_standby.failed(&cluster, failed);
+        match kept {
             Ok(Some(s)) => {
                 metrics::counter!("form_scaler_standby_snapshots_total").increment(1);
                 tracing::info!(%cluster, snapshot = %s.snapshot_id, nodes = ?s.node_ids, "standby snapshot kept");
@@ -367,12 +401,23 @@ mod tests {
     }
 
     #[test]
-    fn one_taking_at_a_time_per_cluster() {
+    fn one_taking_at_a_time_per_cluster_and_a_failure_waits_its_backoff() {
         let t = Taking::default();
-        let g = t.start("web").expect("first");
-        assert!(t.start("web").is_none() && t.contains("web"));
-        assert!(t.start("api").is_some(), "another cluster");
+        let g = t.start("web", 0, 10_000).expect("first");
+        assert!(t.start("web", 0, 10_000).is_none() && t.contains("web"));
+        assert!(t.start("api", 0, 10_000).is_some(), "another cluster");
         drop(g);
-        assert!(!t.contains("web") && t.start("web").is_some());
+        assert!(!t.contains("web") && t.start("web", 0, 10_000).is_some());
+        t.failed("web", Some(1_000));
+        assert!(
+            t.start("web", 10_999, 10_000).is_none(),
+            "within the backoff"
+        );
+        assert!(t.start("web", 11_000, 10_000).is_some(), "after it");
+        t.failed("web", None);
+        assert!(
+            t.start("web", 1_001, 10_000).is_some(),
+            "a success clears it"
+        );
     }
 }
