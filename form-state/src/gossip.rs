@@ -151,22 +151,50 @@ async fn sign_state(store: &Store) -> Result<pb::SignedFullState, StateError> {
         )
     };
     store.wait_durable(lsn).await?;
-    let mut msg = state.clone();
-    msg.extend(version.encode_to_vec());
+    let public_key = key.verifying_key().to_bytes().to_vec();
+    let v = version.encode_to_vec();
+    // Signing a whole state takes long: not on an async worker.
+    let (state, signature) = blocking(move || {
+        let mut msg = state;
+        let n = msg.len();
+        msg.extend(v);
+        let signature = key.sign(&msg).to_bytes().to_vec();
+        msg.truncate(n);
+        (msg, signature)
+    })
+    .await?;
     Ok(pb::SignedFullState {
-        signature: key.sign(&msg).to_bytes().to_vec(),
-        public_key: key.verifying_key().to_bytes().to_vec(),
+        signature,
+        public_key,
         origin_id: actor,
         state,
         version: Some(version),
     })
 }
 
-fn open_state(store: &Store, s: &pb::SignedFullState) -> Result<State, StateError> {
+/// `f` on a thread of the blocking pool: whole-state and signature work that would
+/// otherwise hold an async worker (and every task queued behind it).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StateError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StateError::Unavailable(format!("a blocking task failed: {e}")))
+}
+
+/// Checks a full state's signature and decodes it, on the blocking pool.
+async fn open_state(store: &Store, s: pb::SignedFullState) -> Result<State, StateError> {
     let vk = store
         .lock()
         .authorized()
         .check_key(&s.origin_id, &s.public_key)?;
+    blocking(move || verify_state(vk, &s)).await?
+}
+
+fn verify_state(
+    vk: ed25519_dalek::VerifyingKey,
+    s: &pb::SignedFullState,
+) -> Result<State, StateError> {
     let reject = |reason, message: String| StateError::Rejected {
         reason,
         origin: s.origin_id.clone(),
@@ -224,13 +252,15 @@ fn log_rejections(n: u64, first: &StateError) {
 }
 
 /// Verifies signed deltas and applies the good ones; returns the ack counts.
-fn take_deltas(
+async fn take_deltas(
     store: &Store,
     signed: Vec<pb::SignedDelta>,
 ) -> Result<(Vec<crate::envelope::VerifiedDelta>, pb::PushAck), StateError> {
-    // Verify without holding the store lock.
+    // Verify without holding the store lock, on the blocking pool.
     let authorized = store.lock().authorized().clone();
-    let results = authorized.verify_batch(signed.into_iter().map(Arc::new).collect());
+    let results =
+        blocking(move || authorized.verify_batch(signed.into_iter().map(Arc::new).collect()))
+            .await?;
     let mut good = Vec::new();
     let mut rejected = 0;
     let mut first = None;
@@ -294,9 +324,9 @@ impl GossipService for GossipApi {
         &self,
         req: Request<pb::DeltaBatch>,
     ) -> Result<Response<pb::PushAck>, Status> {
-        let batch = req.into_inner();
-        if let Some(full) = &batch.full_state {
-            match open_state(&self.store, full) {
+        let mut batch = req.into_inner();
+        if let Some(full) = batch.full_state.take() {
+            match open_state(&self.store, full).await {
                 Ok(s) => self.store.merge_state(&s)?,
                 Err(e) => {
                     count_rejection(&e);
@@ -305,7 +335,7 @@ impl GossipService for GossipApi {
                 }
             }
         }
-        let (good, ack) = take_deltas(&self.store, batch.deltas)?;
+        let (good, ack) = take_deltas(&self.store, batch.deltas).await?;
         self.peers.learned_from(&batch.sender_id, &good);
         Ok(Response::new(ack))
     }
@@ -316,7 +346,7 @@ impl GossipService for GossipApi {
     ) -> Result<Response<pb::AntiEntropyReply>, Status> {
         let r = req.into_inner();
         if !r.deltas.is_empty() {
-            take_deltas(&self.store, r.deltas)?;
+            take_deltas(&self.store, r.deltas).await?;
         }
         let theirs = from_vv(r.version);
         let missing = self
@@ -552,8 +582,9 @@ async fn pull(
     let reply = client.anti_entropy(req).await?.into_inner();
     metrics::counter!("form_state_anti_entropy_bytes_total", "peer" => addr.to_owned())
         .increment(sent + reply.encoded_len() as u64);
-    if let Some(full) = &reply.full_state {
-        match open_state(store, full) {
+    let mut reply = reply;
+    if let Some(full) = reply.full_state.take() {
+        match open_state(store, full).await {
             Ok(s) => store.merge_state(&s)?,
             Err(e) => {
                 count_rejection(&e);
@@ -563,7 +594,7 @@ async fn pull(
         }
     }
     if !reply.deltas.is_empty() {
-        let (good, _) = take_deltas(store, reply.deltas)?;
+        let (good, _) = take_deltas(store, reply.deltas).await?;
         peers.learned_from(&reply.sender_id, &good);
     }
     learn(store, peers, addr, reply.sender_id, from_vv(reply.version));
