@@ -82,6 +82,9 @@ pub struct GossipConfig {
     pub policy: ReplicationPolicy,
 }
 
+/// Deltas a batch may hold to be verified on the async worker that received it.
+const INLINE_VERIFY: usize = 8;
+
 /// Time a gossip call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest gossip message accepted or sent (a full state can be large).
@@ -256,11 +259,16 @@ async fn take_deltas(
     store: &Store,
     signed: Vec<pb::SignedDelta>,
 ) -> Result<(Vec<crate::envelope::VerifiedDelta>, pb::PushAck), StateError> {
-    // Verify without holding the store lock, on the blocking pool.
+    // Verify without holding the store lock; a large batch on the blocking pool (a
+    // few signatures cost less than the hand-off).
+    let n = signed.len();
     let authorized = store.lock().authorized().clone();
-    let results =
-        blocking(move || authorized.verify_batch(signed.into_iter().map(Arc::new).collect()))
-            .await?;
+    let verify = move || authorized.verify_batch(signed.into_iter().map(Arc::new).collect());
+    let results = if n > INLINE_VERIFY {
+        blocking(verify).await?
+    } else {
+        verify()
+    };
     let mut good = Vec::new();
     let mut rejected = 0;
     let mut first = None;
