@@ -3,10 +3,9 @@
 //!
 //! Each peer has its own task (a slow peer delays only itself). Every `sync_interval`
 //! (or at once after a write asked for it) the replica pushes to each peer the durable
-//! deltas the peer
-//! lacks (per the version vector it last reported), at most `batch_size` per message,
-//! never the peer's own deltas; when the deltas it needs were trimmed, the full state
-//! instead. Every `anti_entropy_interval` it sends its version vector to each peer and
+//! deltas the peer lacks (per the version vector it last reported), at most
+//! `batch_size` per message, never the peer's own deltas; when the deltas it needs were
+//! trimmed, the full state instead. Every `anti_entropy_interval` it sends its version vector to each peer and
 //! takes what it lacks. A peer seen for the first time starts with anti-entropy, so a
 //! restarted replica is not flooded with what it already has. See docs/gossip.md.
 
