@@ -299,6 +299,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// This build's form-demo-app (in `bin_dir`), checked at `/healthz`.
+pub(crate) fn demo_workload(bin_dir: &std::path::Path) -> form_proto::types::v1::Workload {
+    form_proto::types::v1::Workload {
+        command: bin_dir.join("form-demo-app").display().to_string(),
+        health_path: "/healthz".into(),
+        ..Default::default()
+    }
+}
+
+/// A request for instance `id` of cluster `bench` running [`demo_workload`].
+pub(crate) fn demo_instance(
+    bin_dir: &std::path::Path,
+    id: &str,
+    resources: Option<form_proto::types::v1::Resources>,
+) -> form_proto::vmm::v1::CreateInstanceRequest {
+    form_proto::vmm::v1::CreateInstanceRequest {
+        instance_id: id.into(),
+        cluster_id: "bench".into(),
+        workload: Some(demo_workload(bin_dir)),
+        resources,
+    }
+}
+
 /// The `q` quantile (0..=1) of sorted samples.
 pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {

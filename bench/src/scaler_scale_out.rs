@@ -184,11 +184,7 @@ pub(crate) async fn demo(s: &mut Stack, bin_dir: &Path) -> anyhow::Result<()> {
         vcpus: 1,
         memory_mib: 128,
     };
-    let workload = types::Workload {
-        command: bin_dir.join("form-demo-app").display().to_string(),
-        health_path: "/healthz".into(),
-        ..Default::default()
-    };
+    let workload = crate::demo_workload(bin_dir);
     state
         .put_cluster(state_pb::PutClusterRequest {
             cluster_id: CLUSTER.into(),

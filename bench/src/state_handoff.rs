@@ -96,16 +96,7 @@ async fn create(
     id: &str,
 ) -> anyhow::Result<pb::Instance> {
     let i = c
-        .create_instance(pb::CreateInstanceRequest {
-            instance_id: id.into(),
-            cluster_id: "bench".into(),
-            workload: Some(types::Workload {
-                command: bin_dir.join("form-demo-app").display().to_string(),
-                health_path: "/healthz".into(),
-                ..Default::default()
-            }),
-            resources: None,
-        })
+        .create_instance(crate::demo_instance(bin_dir, id, None))
         .await?
         .into_inner();
     anyhow::ensure!(

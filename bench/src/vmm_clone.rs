@@ -90,19 +90,14 @@ async fn measure(
         .await?,
     );
     let primary = c
-        .create_instance(pb::CreateInstanceRequest {
-            instance_id: "primary".into(),
-            cluster_id: "bench".into(),
-            workload: Some(types::Workload {
-                command: bin_dir.join("form-demo-app").display().to_string(),
-                health_path: "/healthz".into(),
-                ..Default::default()
-            }),
-            resources: Some(types::Resources {
+        .create_instance(crate::demo_instance(
+            bin_dir,
+            "primary",
+            Some(types::Resources {
                 vcpus: 1,
                 memory_mib: 128,
             }),
-        })
+        ))
         .await?
         .into_inner();
     anyhow::ensure!(

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_testkit::{ChildService, TestDir, probe, start};
@@ -254,16 +253,7 @@ async fn source(
     mib: usize,
 ) -> anyhow::Result<pb::SnapshotInfo> {
     let primary = a
-        .create_instance(pb::CreateInstanceRequest {
-            instance_id: "primary".into(),
-            cluster_id: "bench".into(),
-            workload: Some(types::Workload {
-                command: bin_dir.join("form-demo-app").display().to_string(),
-                health_path: "/healthz".into(),
-                ..Default::default()
-            }),
-            resources: None,
-        })
+        .create_instance(crate::demo_instance(bin_dir, "primary", None))
         .await?
         .into_inner();
     let at: SocketAddr = primary.address.parse()?;
