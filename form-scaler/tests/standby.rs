@@ -154,12 +154,14 @@ async fn a_cluster_whose_only_node_is_lost_is_made_again_from_its_standby_snapsh
     assert_eq!(replaced.len(), 1, "{replaced:?}");
     assert_eq!(replaced[0].snapshot_id, standby.snapshot_id);
     assert_eq!(replaced[0].snapshot_node_id, "node-2");
-    assert!(
+    assert_eq!(
         replaced[0]
             .notes
             .iter()
-            .any(|n| n.contains("made from the standby snapshot")),
-        "{:?}",
+            .filter(|n| n.contains("made from the standby snapshot"))
+            .count(),
+        1,
+        "one note, from both sync steps: {:?}",
         replaced[0].notes
     );
 

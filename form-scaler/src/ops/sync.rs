@@ -441,10 +441,11 @@ async fn sync_clones(e: &Engine, op: &mut types::Operation) -> Result<(), OpErro
             .standby
             .as_ref()
             .filter(|s| s.snapshot_id == op.snapshot_id)
+            // Against the request, not now: both sync steps write the same note.
             .map(|s| {
                 format!(
-                    ", taken {} s before",
-                    crate::ops::record::now_ms().saturating_sub(s.taken_at_ms) / 1000
+                    ", taken {} s before the request",
+                    op.created_at_ms.saturating_sub(s.taken_at_ms) / 1000
                 )
             })
             .unwrap_or_default();
