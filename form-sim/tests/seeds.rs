@@ -1,0 +1,90 @@
+//! The simulator on CI's fixed seeds: every invariant holds on every seed, a run
+//! replays exactly from its seed, and a deliberately broken protocol is caught.
+//! A failing seed replays alone with `FORM_SIM_SEED=<seed> cargo test -p form-sim`.
+
+use form_sim::{CI_SEEDS, Options, REGRESSIONS, run};
+
+fn seeds() -> Vec<u64> {
+    match std::env::var("FORM_SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("FORM_SIM_SEED is a number")],
+        Err(_) => CI_SEEDS.chain(REGRESSIONS.iter().copied()).collect(),
+    }
+}
+
+#[test]
+fn every_invariant_holds_under_faults_on_the_ci_seeds() {
+    let opts = Options::faulty();
+    let mut failed = Vec::new();
+    for seed in seeds() {
+        let o = run(seed, &opts);
+        eprintln!(
+            "seed {seed}: converged {:?} ms after the faults, {:?}",
+            o.converged_after_ms, o.stats
+        );
+        if !o.violations.is_empty() {
+            failed.push(format!("seed {seed}:\n  {}", o.violations.join("\n  ")));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "replay one with FORM_SIM_SEED=<seed> cargo test -p form-sim --test seeds\n{}",
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn a_run_replays_exactly_from_its_seed() {
+    let opts = Options::faulty();
+    let a = run(11, &opts);
+    let b = run(11, &opts);
+    assert_eq!(a.stats, b.stats);
+    assert_eq!(a.digest, b.digest);
+    assert_eq!(a.converged_after_ms, b.converged_after_ms);
+    assert_eq!(a.convergence.latencies, b.convergence.latencies);
+    let c = run(12, &opts);
+    assert_ne!(a.stats, c.stats, "another seed, another run");
+}
+
+/// The checker can fail: gossip that never forwards another replica's deltas is
+/// caught on the CI seeds (wherever a delta must be relayed to reach a replica).
+#[test]
+fn gossip_that_forgets_to_forward_is_caught() {
+    let opts = Options {
+        broken: form_state::gossip::protocol::Broken { no_forward: true },
+        ..Options::faulty()
+    };
+    let caught: Vec<u64> = CI_SEEDS
+        .filter(|seed| !run(*seed, &opts).violations.is_empty())
+        .collect();
+    assert!(
+        !caught.is_empty(),
+        "no CI seed caught gossip that does not forward"
+    );
+    eprintln!("caught by seeds {caught:?}");
+}
+
+/// One peer address that never answers (each call to it waits the 5 s timeout) does
+/// not slow the others: writes still reach every replica within a few sync intervals.
+#[test]
+fn a_black_holed_peer_does_not_delay_convergence_among_the_others() {
+    let calm = Options::calm(5);
+    let holed = Options {
+        black_hole: true,
+        ..calm.clone()
+    };
+    let a = run(5, &calm);
+    let b = run(5, &holed);
+    assert!(a.violations.is_empty(), "{:?}", a.violations);
+    assert!(b.violations.is_empty(), "{:?}", b.violations);
+    let (pa, pb) = (a.convergence.quantile(0.99), b.convergence.quantile(0.99));
+    eprintln!("convergence p99: {pa} ms without the black hole, {pb} ms with it");
+    assert!(
+        b.convergence.latencies.len() > 100,
+        "{} writes measured",
+        b.convergence.latencies.len()
+    );
+    assert!(
+        pb <= pa + calm.sync_ms,
+        "a black hole delayed convergence: p99 {pb} ms against {pa} ms"
+    );
+}
