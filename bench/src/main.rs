@@ -16,6 +16,9 @@
 //! ./target/release/form-bench scaler-scale-out
 //! ./target/release/form-bench state-handoff
 //! ./target/release/form-bench state-continuous
+//! ./target/release/form-bench state-snapshot
+//! ./target/release/form-bench sim --seeds 1000
+//! ./target/release/form-bench sim-fleet
 //! ```
 
 mod load;
@@ -26,12 +29,14 @@ mod scaler_decide;
 mod scaler_nodes;
 mod scaler_place;
 mod scaler_scale_out;
+mod sim;
 mod state_apply;
 mod state_bytes;
 mod state_continuous;
 mod state_convergence;
 mod state_handoff;
 mod state_recovery;
+mod state_snapshot;
 mod tls_cost;
 mod vmm_clone;
 mod vmm_transfer;
@@ -117,6 +122,39 @@ enum Command {
         /// Clusters in the evaluation round.
         #[arg(long, default_value_t = 1_000)]
         clusters: usize,
+    },
+    /// Cost to the replica lock of whole-state work: a copy-on-write clone against encoding the state.
+    StateSnapshot {
+        /// Clusters.
+        #[arg(long, default_value_t = 1_000)]
+        clusters: usize,
+        /// Members per cluster.
+        #[arg(long, default_value_t = 10)]
+        members: usize,
+    },
+    /// The simulator on many seeds: runs per second and every failing seed.
+    Sim {
+        /// Seeds to run.
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Replicas.
+        #[arg(long, default_value_t = 5)]
+        replicas: usize,
+        /// Simulated seconds of faults per run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Convergence in simulation at fleet scale (9 replicas, 1,000 clusters) against 3 replicas and 10 clusters.
+    SimFleet {
+        /// Clusters of 10 members at fleet scale.
+        #[arg(long, default_value_t = 1_000)]
+        clusters: usize,
+        /// Simulated seconds of writes.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
     /// Cost of placing a new instance on a fleet of nodes (pure placement, no I/O).
     ScalerPlace {
@@ -248,6 +286,14 @@ fn main() -> ExitCode {
             Command::RplbPick { picks } => rplb_pick::run(picks),
             Command::ScalerDecide { calls, clusters } => scaler_decide::run(calls, clusters),
             Command::ScalerPlace { nodes, clusters } => scaler_place::run(nodes, clusters),
+            Command::StateSnapshot { clusters, members } => state_snapshot::run(clusters, members),
+            Command::Sim {
+                seeds,
+                from,
+                replicas,
+                seconds,
+            } => sim::seeds(from, seeds, replicas, seconds),
+            Command::SimFleet { clusters, seconds } => sim::fleet(clusters, seconds),
             Command::RplbHttp {
                 runs,
                 seconds,

@@ -261,22 +261,19 @@ impl Replica {
     /// changed (then the join is one change, with an lsn) and returns the buffered
     /// deltas that became ready and were applied after it.
     pub fn merge_state(&mut self, other: &State) -> (bool, Vec<Arc<VerifiedDelta>>) {
+        // A clone shares every shard: the comparison below looks only at the shards
+        // the join copied.
         let before = self.state.clone();
         self.state.join(other);
         let changed = before != self.state;
         let mut touched: Vec<(Space, String)> = Vec::new();
         for space in [Space::Cluster, Space::Operation, Space::Controller] {
-            let mut ids: Vec<&str> = before.ids(space);
-            ids.extend(self.state.ids(space));
-            ids.sort_unstable();
-            ids.dedup();
-            for id in ids {
-                let a: Vec<_> = before.scope(space, id, None).collect();
-                let b: Vec<_> = self.state.scope(space, id, None).collect();
-                if a != b {
-                    touched.push((space, id.to_owned()));
-                }
-            }
+            touched.extend(
+                self.state
+                    .changed_scopes(&before, space)
+                    .into_iter()
+                    .map(|id| (space, id)),
+            );
         }
         if changed {
             self.record_change(touched);

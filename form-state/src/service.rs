@@ -351,23 +351,27 @@ impl StateService for StateApi {
     }
 
     async fn digest(&self, _: Request<pb::DigestRequest>) -> Result<pb::DigestReply> {
-        let reply = self
+        // A clone of the state is cheap (shared shards): the encoding and hash run off
+        // the replica's lock, on the blocking pool.
+        let (state, version, actor) = self
             .store
-            .read(|r| {
-                let state = r.state();
-                let encoded = codec::encode_state(state);
-                pb::DigestReply {
-                    sha256: Sha256::digest(&encoded).to_vec(),
-                    state_bytes: encoded.len() as u64,
-                    version: Some(pb::VersionVector {
-                        entries: r.version().into_iter().collect(),
-                    }),
-                    clusters: read::clusters(state).len() as u64,
-                    operations: state.ids(Space::Operation).len() as u64,
-                    replica_id: r.actor().to_owned(),
-                }
-            })
+            .read(|r| (r.state().clone(), r.version(), r.actor().to_owned()))
             .await?;
+        let reply = tokio::task::spawn_blocking(move || {
+            let encoded = codec::encode_state(&state);
+            pb::DigestReply {
+                sha256: Sha256::digest(&encoded).to_vec(),
+                state_bytes: encoded.len() as u64,
+                version: Some(pb::VersionVector {
+                    entries: version.into_iter().collect(),
+                }),
+                clusters: read::clusters(&state).len() as u64,
+                operations: state.ids(Space::Operation).len() as u64,
+                replica_id: actor,
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("digest: {e}")))?;
         Ok(Response::new(reply))
     }
 }

@@ -275,10 +275,11 @@ impl Store {
     /// Joins a peer's whole state and logs it.
     pub fn merge_state(&self, state: &State) -> Result<(), StateError> {
         self.writable()?;
+        // Encoded before the lock: a large state's encoding must not hold it.
+        let bytes = codec::encode_state(state);
         let mut r = self.lock();
         let (changed, applied) = r.merge_state(state);
         if changed {
-            let bytes = codec::encode_state(state);
             // A full state weighs as much in the log as many deltas: count it so.
             *self
                 .since_snapshot

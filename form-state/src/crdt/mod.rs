@@ -12,6 +12,7 @@
 //! State
 //!  ├ ctx: CausalContext      version vector + dots seen out of order
 //!  └ store: Key -> DotFun     DotFun = { dot -> Entry { at_ms, value } }
+//!            in copy-on-write shards by (space, id): a clone is cheap (shards.rs)
 //!     Key = (space, id, sub, field)   e.g. (Cluster, "web", "i-3", MemberStatus)
 //! ```
 //!
@@ -22,6 +23,7 @@
 pub mod context;
 pub mod delta;
 pub mod key;
+pub mod shards;
 pub mod state;
 
 pub use context::{CausalContext, Dot};

@@ -1,8 +1,6 @@
 //! The state: a dot store keyed by [`Key`] plus its causal context, with the join
 //! (merge) and the read resolution of concurrent entries.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use super::context::{CausalContext, Dot};
@@ -36,14 +34,15 @@ pub struct Entry {
     pub value: Value,
 }
 
-/// Entries of one field by dot.
-pub type DotFun = BTreeMap<Dot, Entry>;
+pub use super::shards::DotFun;
+use super::shards::Shards;
 
 /// The replicated state. Invariant: the dot of every stored entry is in `ctx`.
+/// Cloning it is cheap (its store is in copy-on-write shards, `shards.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     ctx: CausalContext,
-    store: BTreeMap<Key, DotFun>,
+    store: Shards,
 }
 
 impl State {
@@ -54,24 +53,19 @@ impl State {
 
     /// Number of stored entries.
     pub fn entry_count(&self) -> usize {
-        self.store.values().map(BTreeMap::len).sum()
+        self.store.iter().map(|(_, f)| f.len()).sum()
     }
 
     /// Joins `other` into `self`: keeps an entry present on both sides or unseen by
     /// the other side; adds the context. Commutative, associative, idempotent.
     pub fn join(&mut self, other: &State) {
-        self.store.retain(|k, fun| {
-            let theirs = other.store.get(k);
-            fun.retain(|d, _| theirs.is_some_and(|t| t.contains_key(d)) || !other.ctx.contains(d));
-            !fun.is_empty()
+        self.store.retain(|k, d| {
+            other.store.get(k).is_some_and(|t| t.contains_key(d)) || !other.ctx.contains(d)
         });
-        for (k, fun) in &other.store {
+        for (k, fun) in other.store.iter() {
             for (d, e) in fun {
                 if !self.ctx.contains(d) {
-                    self.store
-                        .entry(k.clone())
-                        .or_default()
-                        .insert(d.clone(), e.clone());
+                    self.store.insert(k, d.clone(), e.clone());
                 }
             }
         }
@@ -82,24 +76,39 @@ impl State {
     pub fn apply(&mut self, delta: &Delta) {
         for (dot, (key, entry)) in delta.dots().zip(&delta.writes) {
             if !self.ctx.contains(&dot) {
-                self.store
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(dot, entry.clone());
+                self.store.insert(key, dot, entry.clone());
             }
         }
         for (key, dot) in &delta.removes {
-            if let Some(fun) = self.store.get_mut(key) {
-                fun.remove(dot);
-                if fun.is_empty() {
-                    self.store.remove(key);
-                }
-            }
+            self.store.remove(key, dot);
         }
         self.ctx.insert_range(&delta.actor, delta.first, delta.len);
         for (_, dot) in &delta.removes {
             self.ctx.insert(dot.clone());
         }
+    }
+
+    /// The `(space, id)` scopes whose entries differ between `before` and `self`: by
+    /// pointer for shards still shared with `before` (a clone of this state taken
+    /// earlier), by value for the others.
+    pub fn changed_scopes(&self, before: &State, space: Space) -> Vec<String> {
+        let mut ids: Vec<&str> = before.store.ids(space);
+        ids.extend(self.store.ids(space));
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .filter(|id| {
+                match (
+                    before.store.shard_arc(space, id),
+                    self.store.shard_arc(space, id),
+                ) {
+                    (Some(a), Some(b)) => !std::sync::Arc::ptr_eq(a, b) && a != b,
+                    (None, None) => false,
+                    _ => true,
+                }
+            })
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The entries of a field.
@@ -141,25 +150,16 @@ impl State {
         sub: Option<&'a str>,
     ) -> impl Iterator<Item = (&'a Key, &'a DotFun)> + 'a {
         let start = Key::prefix_start(space, id, sub.unwrap_or(""));
-        self.store.range(start..).take_while(move |(k, _)| {
-            k.space == space && k.id == id && sub.is_none_or(|s| k.sub == s)
-        })
+        self.store
+            .shard(space, id)
+            .into_iter()
+            .flat_map(move |shard| shard.range(start.clone()..))
+            .take_while(move |(k, _)| sub.is_none_or(|s| k.sub == s))
     }
 
     /// The ids present in `space` (each once, in order).
     pub fn ids(&self, space: Space) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        let start = Key::prefix_start(space, "", "");
-        for (k, _) in self
-            .store
-            .range(start..)
-            .take_while(|(k, _)| k.space == space)
-        {
-            if out.last() != Some(&k.id.as_str()) {
-                out.push(&k.id);
-            }
-        }
-        out
+        self.store.ids(space)
     }
 
     /// The member ids of cluster `id` that have any entry (each once, in order).

@@ -159,10 +159,11 @@ pub fn answer(
     }
 }
 
-/// A whole state as the replica holds it, to be signed off the lock with [`seal`].
+/// A whole state as the replica holds it (a cheap copy-on-write clone), to be encoded
+/// and signed off the lock with [`seal`].
 #[derive(Debug)]
 pub struct Unsealed {
-    state: Vec<u8>,
+    state: State,
     version: pb::VersionVector,
     actor: String,
     key: SigningKey,
@@ -170,10 +171,10 @@ pub struct Unsealed {
     pub lsn: u64,
 }
 
-/// The replica's whole state, encoded (the part that needs the replica).
+/// The replica's whole state (the part that needs the replica, and is cheap).
 pub fn unsealed(r: &Replica) -> Unsealed {
     Unsealed {
-        state: codec::encode_state(r.state()),
+        state: r.state().clone(),
         version: vv(&r.version()),
         actor: r.actor().to_owned(),
         key: r.key().clone(),
@@ -181,9 +182,9 @@ pub fn unsealed(r: &Replica) -> Unsealed {
     }
 }
 
-/// Signs a whole state (the costly part, which needs no replica).
+/// Encodes and signs a whole state (the costly part, which needs no replica).
 pub fn seal(u: Unsealed) -> pb::SignedFullState {
-    let mut msg = u.state;
+    let mut msg = codec::encode_state(&u.state);
     let n = msg.len();
     msg.extend(u.version.encode_to_vec());
     let signature = u.key.sign(&msg).to_bytes().to_vec();

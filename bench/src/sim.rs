@@ -1,0 +1,89 @@
+//! The simulator's benchmarks (form-sim, docs/simulation.md): `sim` runs many seeds of
+//! the faulty 5-replica platform and prints runs per second and every failing seed;
+//! `sim-fleet` compares convergence at fleet scale against a small platform.
+
+use std::time::Instant;
+
+use form_sim::{Faults, Options, Peers, run};
+
+/// `form-bench sim --seeds N --from S`: runs seeds `S..S+N`.
+pub(crate) fn seeds(from: u64, count: u64, replicas: usize, seconds: u64) -> anyhow::Result<()> {
+    let opts = Options {
+        replicas,
+        fault_ms: seconds * 1_000,
+        ..Options::faulty()
+    };
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut simulated_ms = 0;
+    for seed in from..from + count {
+        let o = run(seed, &opts);
+        simulated_ms += opts.fault_ms + o.converged_after_ms.unwrap_or(opts.settle_ms);
+        if !o.violations.is_empty() {
+            println!("seed {seed} FAILED:\n  {}", o.violations.join("\n  "));
+            failed.push(seed);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "sim: {count} runs of {replicas} replicas, {seconds} simulated s of faults each, in {secs:.1} s: {:.2} runs/s, {:.0} simulated s per wall s",
+        count as f64 / secs,
+        simulated_ms as f64 / 1_000.0 / secs
+    );
+    if failed.is_empty() {
+        println!("every seed passed");
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "failing seeds (replay: FORM_SIM_SEED=<seed> cargo test -p form-sim --test seeds): {failed:?}"
+        )
+    }
+}
+
+/// `form-bench sim-fleet`: write-to-every-replica convergence and the wall time of a
+/// simulated second, 9 replicas holding `clusters` clusters of 10 members against 3
+/// replicas holding 10 clusters, no faults.
+pub(crate) fn fleet(clusters: usize, seconds: u64) -> anyhow::Result<()> {
+    let case = |replicas: usize, clusters: usize| Options {
+        clusters,
+        members: 10,
+        fault_ms: seconds * 1_000,
+        peers: Peers::Mesh,
+        faults: Faults::none(),
+        ..Options::calm(replicas)
+    };
+    println!(
+        "sim-fleet: {seconds} simulated s, 20 writes/s, no faults, sync 100 ms (simulated ms)"
+    );
+    println!(
+        "{:<34} {:>8} {:>8} {:>8} {:>14}",
+        "case", "p50 ms", "p99 ms", "writes", "wall ms/sim s"
+    );
+    let mut p99s = Vec::new();
+    for (replicas, clusters) in [(3, 10), (9, clusters)] {
+        let opts = case(replicas, clusters);
+        let t = Instant::now();
+        let o = run(1, &opts);
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        if !o.violations.is_empty() {
+            anyhow::bail!("the fleet run broke invariants: {:?}", o.violations);
+        }
+        let sim_s = (opts.fault_ms + o.converged_after_ms.unwrap_or(0)) as f64 / 1e3;
+        let (p50, p99) = (o.convergence.quantile(0.5), o.convergence.quantile(0.99));
+        println!(
+            "{:<34} {:>8} {:>8} {:>8} {:>14.1}",
+            format!("{replicas} replicas, {clusters} clusters x 10"),
+            p50,
+            p99,
+            o.convergence.latencies.len(),
+            wall / sim_s
+        );
+        p99s.push(p99);
+    }
+    let ratio = p99s[1] as f64 / p99s[0].max(1) as f64;
+    println!(
+        "convergence p99 at fleet scale: {ratio:.2}x the small case (target <= 2x): {}",
+        if ratio <= 2.0 { "met" } else { "NOT met" }
+    );
+    Ok(())
+}
