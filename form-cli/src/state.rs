@@ -53,6 +53,7 @@ pub(crate) async fn run(cmd: StateCommand) -> anyhow::Result<ExitCode> {
                 .list_operations(pb::ListOperationsRequest {
                     cluster_id: String::new(),
                     limit: 0,
+                    unfinished_only: false,
                 })
                 .await?
                 .into_inner()

@@ -101,6 +101,15 @@ impl Shared {
         cluster: &str,
         limit: u32,
     ) -> Result<Vec<types::Operation>, Status> {
+        self.list_operations(cluster, limit, false).await
+    }
+
+    async fn list_operations(
+        &self,
+        cluster: &str,
+        limit: u32,
+        unfinished_only: bool,
+    ) -> Result<Vec<types::Operation>, Status> {
         Ok(self
             .engine
             .platform
@@ -109,6 +118,7 @@ impl Shared {
             .list_operations(state_pb::ListOperationsRequest {
                 cluster_id: cluster.to_owned(),
                 limit,
+                unfinished_only,
             })
             .await?
             .into_inner()
@@ -363,7 +373,9 @@ impl Shared {
     }
 
     async fn refuse_if_busy(&self, cluster_id: &str) -> Result<(), Status> {
-        if let Some((id, kind)) = self.running(cluster_id) {
+        if let Some((id, kind)) = self.running(cluster_id)
+            && !self.ending(cluster_id, &id).await
+        {
             return Err(busy(cluster_id, &id, kind, "running"));
         }
         let listed = self
@@ -379,6 +391,32 @@ impl Shared {
             ));
         }
         Ok(())
+    }
+
+    /// Whether operation `id`, still running here, has recorded its end: then its task
+    /// is only doing its last bookkeeping, and this waits (up to a second) for it to
+    /// finish, so a client that saw the operation completed is not told it runs.
+    async fn ending(&self, cluster_id: &str, id: &str) -> bool {
+        let recorded = self
+            .engine
+            .platform
+            .state
+            .clone()
+            .get_operation(state_pb::GetOperationRequest {
+                operation_id: id.to_owned(),
+            })
+            .await;
+        if !recorded.is_ok_and(|op| ops::is_terminal(op.get_ref())) {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.running(cluster_id).is_some_and(|(r, _)| r == id) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
     }
 
     fn refuse_in_cooldown(&self, cluster: &state_pb::Cluster, kind: i32) -> Result<(), Status> {
@@ -552,15 +590,37 @@ impl Shared {
     /// before it). An operation of a live controller stays with it, even when its
     /// cluster has moved: two controllers never run one operation.
     pub async fn resume(self: &Arc<Self>) -> Result<usize, Status> {
+        // Only the unfinished ones, listed before the submit lock is taken (a fleet's
+        // list would hold every request behind it); each is read again under the lock,
+        // since a request may have launched or ended it meanwhile.
+        let listed = self.list_operations("", 0, true).await?;
+        if listed.is_empty() {
+            return Ok(0);
+        }
         // Not while a request is between recording its operation and launching it.
         let _one_at_a_time = self.submit.lock().await;
-        let listed = self.operations("", 0).await?;
         let mut adopted = 0;
         for op in listed {
             if ops::is_terminal(&op)
                 || self.running(&op.cluster_id).is_some()
                 || lock(&self.ended).contains(&op.operation_id)
             {
+                continue;
+            }
+            let Ok(op) = self
+                .engine
+                .platform
+                .state
+                .clone()
+                .get_operation(state_pb::GetOperationRequest {
+                    operation_id: op.operation_id.clone(),
+                })
+                .await
+                .map(tonic::Response::into_inner)
+            else {
+                continue;
+            };
+            if ops::is_terminal(&op) {
                 continue;
             }
             let mine = op.owner == self.id

@@ -122,6 +122,7 @@ async fn operations_with_window(label: &str, window: u64, run: Duration) -> usiz
             .list_operations(state_pb::ListOperationsRequest {
                 cluster_id: CLUSTER.into(),
                 limit: 0,
+                unfinished_only: false,
             })
             .await
             .expect("operations")

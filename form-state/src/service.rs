@@ -147,7 +147,7 @@ impl StateService for StateApi {
         &self,
         _: Request<pb::ListClustersRequest>,
     ) -> Result<pb::ListClustersReply> {
-        let clusters = self.store.read(|r| read::clusters(r.state())).await?;
+        let clusters = self.store.read_all(read::clusters).await?;
         Ok(Response::new(pb::ListClustersReply { clusters }))
     }
 
@@ -262,7 +262,7 @@ impl StateService for StateApi {
     }
 
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<pb::ListNodesReply> {
-        let nodes = self.store.read(|r| read::nodes(r.state())).await?;
+        let nodes = self.store.read_all(read::nodes).await?;
         Ok(Response::new(pb::ListNodesReply { nodes }))
     }
 
@@ -282,7 +282,7 @@ impl StateService for StateApi {
         &self,
         _req: Request<pb::ListControllersRequest>,
     ) -> Result<pb::ListControllersReply> {
-        let controllers = self.store.read(|r| read::controllers(r.state())).await?;
+        let controllers = self.store.read_all(read::controllers).await?;
         Ok(Response::new(pb::ListControllersReply { controllers }))
     }
 
@@ -331,7 +331,9 @@ impl StateService for StateApi {
         }
         let operations = self
             .store
-            .read(|s| read::operations(s.state(), &r.cluster_id, r.limit as usize))
+            .read_all(move |s| {
+                read::operations(s, &r.cluster_id, r.limit as usize, r.unfinished_only)
+            })
             .await?;
         Ok(Response::new(pb::ListOperationsReply { operations }))
     }

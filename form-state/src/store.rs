@@ -208,6 +208,24 @@ impl Store {
         Ok(out)
     }
 
+    /// `f` of the whole state, computed off the replica's lock on the blocking pool (the
+    /// lock is held only to take a copy-on-write clone), once what it saw is durable:
+    /// for reads that walk every cluster or operation, which would otherwise hold
+    /// every write behind them.
+    pub async fn read_all<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> Result<T, StateError> {
+        let (lsn, state) = {
+            let r = self.lock();
+            (r.lsn(), r.state().clone())
+        };
+        self.wal.wait_durable(lsn).await?;
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(|e| StateError::Unavailable(format!("a read failed: {e}")))
+    }
+
     /// Refuses a change while the log writer fails: it would be neither kept nor
     /// acknowledged.
     fn writable(&self) -> Result<(), StateError> {

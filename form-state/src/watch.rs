@@ -102,7 +102,7 @@ fn snapshot(state: &crate::crdt::State, filter: &str, lsn: u64) -> Vec<pb::Watch
             });
         }
     }
-    for o in read::operations(state, filter, 0).into_iter().rev() {
+    for o in read::operations(state, filter, 0, false).into_iter().rev() {
         out.push(pb::WatchEvent {
             sequence: lsn,
             change: Some(pb::watch_event::Change::Operation(o)),

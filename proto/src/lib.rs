@@ -67,9 +67,14 @@ pub fn operation_kind_name(kind: i32) -> &'static str {
 
 /// Whether an operation has reached a terminal state (completed, failed, rolled back).
 pub fn operation_is_terminal(op: &types::v1::Operation) -> bool {
+    op.status.as_ref().is_some_and(status_is_terminal)
+}
+
+/// Whether an operation status is an end (completed, failed or rolled back).
+pub fn status_is_terminal(s: &types::v1::OperationStatus) -> bool {
     use types::v1::operation_status::State as S;
     matches!(
-        op.status.as_ref().and_then(|s| s.state.as_ref()),
+        s.state.as_ref(),
         Some(S::Completed(_) | S::Failed(_) | S::RolledBack(_))
     )
 }

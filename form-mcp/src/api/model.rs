@@ -400,7 +400,7 @@ pub struct Node {
     pub used: NodeAmount,
     /// Its labels.
     pub labels: std::collections::BTreeMap<String, String>,
-    /// Its backend: process or qemu.
+    /// Its backend: process, qemu, or simulated (a node of form-bench's simulated fleet).
     pub backend: String,
     /// Its latest heartbeat, milliseconds since the Unix epoch.
     pub last_heartbeat_ms: u64,

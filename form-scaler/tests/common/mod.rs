@@ -361,6 +361,7 @@ impl Stack {
             .list_operations(state_pb::ListOperationsRequest {
                 cluster_id: CLUSTER.into(),
                 limit: 0,
+                unfinished_only: false,
             })
             .await
             .expect("operations")

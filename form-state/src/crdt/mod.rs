@@ -29,7 +29,7 @@ pub mod state;
 pub use context::{CausalContext, Dot};
 pub use delta::{Delta, DeltaBuilder};
 pub use key::{Field, Key, Resolve, Space};
-pub use state::{Entry, State, Value};
+pub use state::{Entry, State, Value, View};
 
 #[cfg(test)]
 mod tests;

@@ -24,10 +24,12 @@ pub type DotFun = BTreeMap<Dot, Entry>;
 /// The keys of one `(space, id)` with their entries.
 pub type Shard = BTreeMap<Key, DotFun>;
 
-/// The dot store. Invariant: no shard and no field is empty.
+/// The dot store. Invariants: no shard and no field is empty; `entries` counts the
+/// entries (kept as they change: the count is read at every write).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Shards {
     by_space: BTreeMap<Space, BTreeMap<String, Arc<Shard>>>,
+    entries: usize,
 }
 
 impl Shards {
@@ -54,10 +56,19 @@ impl Shards {
             .or_default()
             .entry(key.id.clone())
             .or_default();
-        Arc::make_mut(shard)
+        if Arc::make_mut(shard)
             .entry(key.clone())
             .or_default()
-            .insert(dot, entry);
+            .insert(dot, entry)
+            .is_none()
+        {
+            self.entries += 1;
+        }
+    }
+
+    /// Number of entries (all fields, all dots).
+    pub fn entry_count(&self) -> usize {
+        self.entries
     }
 
     /// Removes entry `dot` of `key`, and the field and shard when they become empty.
@@ -73,7 +84,9 @@ impl Shards {
         }
         let s = Arc::make_mut(shard);
         if let Some(fun) = s.get_mut(key) {
-            fun.remove(dot);
+            if fun.remove(dot).is_some() {
+                self.entries -= 1;
+            }
             if fun.is_empty() {
                 s.remove(key);
             }
@@ -89,12 +102,15 @@ impl Shards {
     /// Keeps only the entries for which `keep` holds; shards with nothing to drop are
     /// neither copied nor written.
     pub fn retain(&mut self, mut keep: impl FnMut(&Key, &Dot) -> bool) {
+        let mut dropped = 0;
         for ids in self.by_space.values_mut() {
             ids.retain(|_, shard| {
                 let drops = shard.iter().any(|(k, fun)| fun.keys().any(|d| !keep(k, d)));
                 if drops {
                     Arc::make_mut(shard).retain(|k, fun| {
+                        let before = fun.len();
                         fun.retain(|d, _| keep(k, d));
+                        dropped += before - fun.len();
                         !fun.is_empty()
                     });
                 }
@@ -102,6 +118,7 @@ impl Shards {
             });
         }
         self.by_space.retain(|_, ids| !ids.is_empty());
+        self.entries -= dropped;
     }
 
     /// Every field with its entries, in key order.
@@ -153,6 +170,7 @@ impl<'de> Deserialize<'de> for Shards {
             if fun.is_empty() {
                 continue;
             }
+            out.entries += fun.len();
             let shard = out
                 .by_space
                 .entry(k.space)
@@ -204,11 +222,18 @@ mod tests {
         let mut a = Shards::default();
         let k = Key::operation("op-1", Field::OperationStatus);
         a.insert(&k, Dot::new("r", 1), entry(1));
+        a.insert(&k, Dot::new("r", 2), entry(2));
+        assert_eq!(a.entry_count(), 2);
         a.remove(&k, &Dot::new("r", 1));
+        a.remove(&k, &Dot::new("r", 1));
+        assert_eq!(a.entry_count(), 1);
+        a.remove(&k, &Dot::new("r", 2));
+        assert_eq!(a.entry_count(), 0);
         assert!(a.is_empty());
         assert_eq!(a, Shards::default());
         a.insert(&k, Dot::new("r", 1), entry(1));
         a.retain(|_, _| false);
+        assert_eq!(a.entry_count(), 0);
         assert_eq!(a, Shards::default());
     }
 
@@ -233,6 +258,7 @@ mod tests {
         assert_eq!(ours, postcard::to_allocvec(&flat).expect("encodes"));
         let back: Shards = postcard::from_bytes(&ours).expect("decodes");
         assert_eq!(back, a);
+        assert_eq!(back.entry_count(), 4);
         let order: Vec<&Key> = a.iter().map(|(k, _)| k).collect();
         let flat_order: Vec<&Key> = flat.keys().collect();
         assert_eq!(order, flat_order);

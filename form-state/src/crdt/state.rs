@@ -53,7 +53,7 @@ impl State {
 
     /// Number of stored entries.
     pub fn entry_count(&self) -> usize {
-        self.store.iter().map(|(_, f)| f.len()).sum()
+        self.store.entry_count()
     }
 
     /// Joins `other` into `self`: keeps an entry present on both sides or unseen by
@@ -118,27 +118,20 @@ impl State {
 
     /// The value of a field as its resolution rule reads it (`History` fields: the newest).
     pub fn get(&self, key: &Key) -> Option<&Entry> {
-        let fun = self.store.get(key)?;
-        match key.field.resolve() {
-            Resolve::LastWriterWins => fun
-                .iter()
-                .max_by(|a, b| (a.1.at_ms, a.0).cmp(&(b.1.at_ms, b.0))),
-            Resolve::Max | Resolve::History => fun
-                .iter()
-                .max_by(|a, b| (a.1.rank, a.1.at_ms, a.0).cmp(&(b.1.rank, b.1.at_ms, b.0))),
-        }
-        .map(|(_, e)| e)
+        resolve(key, self.store.get(key)?)
     }
 
     /// Every entry of a field, oldest first by `(rank, dot)`.
     pub fn history(&self, key: &Key) -> Vec<&Entry> {
-        let mut v: Vec<(&Dot, &Entry)> = self
-            .store
-            .get(key)
-            .map(|f| f.iter().collect())
-            .unwrap_or_default();
-        v.sort_by(|a, b| (a.1.rank, a.0).cmp(&(b.1.rank, b.0)));
-        v.into_iter().map(|(_, e)| e).collect()
+        oldest_first(self.store.get(key))
+    }
+
+    /// The fields of one `(space, id)`, found once: reading many fields of a cluster
+    /// (or an operation) through it does not search the whole state for each.
+    pub fn view(&self, space: Space, id: &str) -> View<'_> {
+        View {
+            shard: self.store.shard(space, id),
+        }
     }
 
     /// Every key (with its entries) of `(space, id, sub)`, or of `(space, id)` with every
@@ -172,4 +165,47 @@ impl State {
         }
         out
     }
+}
+
+/// The fields of one `(space, id)` ([`State::view`]); its keys must be of that scope.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    shard: Option<&'a super::shards::Shard>,
+}
+
+impl<'a> View<'a> {
+    /// The entries of a field.
+    pub fn entries(&self, key: &Key) -> Option<&'a DotFun> {
+        self.shard?.get(key)
+    }
+
+    /// The value of a field, as [`State::get`].
+    pub fn get(&self, key: &Key) -> Option<&'a Entry> {
+        resolve(key, self.entries(key)?)
+    }
+
+    /// Every entry of a field, as [`State::history`].
+    pub fn history(&self, key: &Key) -> Vec<&'a Entry> {
+        oldest_first(self.entries(key))
+    }
+}
+
+/// The entry a field's resolution rule reads among its concurrent entries.
+fn resolve<'a>(key: &Key, fun: &'a DotFun) -> Option<&'a Entry> {
+    match key.field.resolve() {
+        Resolve::LastWriterWins => fun
+            .iter()
+            .max_by(|a, b| (a.1.at_ms, a.0).cmp(&(b.1.at_ms, b.0))),
+        Resolve::Max | Resolve::History => fun
+            .iter()
+            .max_by(|a, b| (a.1.rank, a.1.at_ms, a.0).cmp(&(b.1.rank, b.1.at_ms, b.0))),
+    }
+    .map(|(_, e)| e)
+}
+
+/// A field's entries, oldest first by `(rank, dot)`.
+fn oldest_first(fun: Option<&DotFun>) -> Vec<&Entry> {
+    let mut v: Vec<(&Dot, &Entry)> = fun.map(|f| f.iter().collect()).unwrap_or_default();
+    v.sort_by(|a, b| (a.1.rank, a.0).cmp(&(b.1.rank, b.0)));
+    v.into_iter().map(|(_, e)| e).collect()
 }

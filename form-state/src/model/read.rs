@@ -4,7 +4,7 @@ use form_proto::state::v1 as pb;
 use form_proto::types::v1 as types;
 use prost::Message;
 
-use crate::crdt::{Entry, Field, Key, Space, State, Value};
+use crate::crdt::{Entry, Field, Key, Space, State, Value, View};
 
 /// Whether cluster `id` exists (its presence marker survives).
 pub fn cluster_exists(state: &State, id: &str) -> bool {
@@ -41,82 +41,114 @@ fn decode<M: Message + Default>(e: Option<&Entry>) -> Option<M> {
     }
 }
 
-/// One cluster with its members, or `None` if it does not exist.
+/// One cluster with its members, or `None` if it does not exist. Its fields are read
+/// through one [`View`] of its scope, with one key per member changed field by field
+/// (no search of the whole state, no allocation, per field).
 pub fn cluster(state: &State, id: &str) -> Option<pb::Cluster> {
-    if !cluster_exists(state, id) {
-        return None;
-    }
-    let get = |f| state.get(&Key::cluster(id, f));
+    let view = state.view(Space::Cluster, id);
+    let mut key = Key::cluster(id, Field::ClusterPresence);
+    let presence = view.entries(&key)?;
+    let created_at_ms = presence.values().map(|e| e.at_ms).min().unwrap_or(0);
+    let mut get = |f| {
+        key.field = f;
+        view.get(&key)
+    };
+    let domain = text(get(Field::Domain));
+    let workload = decode(get(Field::Workload));
+    let scaling_policy = decode(get(Field::Policy));
+    let template_instance_id = text(get(Field::Template));
+    let affinity = decode(get(Field::Affinity));
+    let resources = decode(get(Field::ClusterResources));
+    let state_sync = decode(get(Field::StateSync));
+    let drain = decode(get(Field::Drain));
+    let node_selector = decode(get(Field::NodeSelector));
+    let standby =
+        decode::<pb::StandbySnapshot>(get(Field::Standby)).filter(|s| !s.snapshot_id.is_empty());
+    let fence = get(Field::Fence).map(fence_of);
     let members = state
         .subs(id)
         .into_iter()
-        .filter(|i| member_exists(state, id, i))
-        .map(|i| (i.to_owned(), member(state, id, i)))
+        .filter_map(|i| member(view, id, i).map(|m| (i.to_owned(), m)))
         .collect();
     Some(pb::Cluster {
         cluster_id: id.to_owned(),
-        domain: text(get(Field::Domain)),
-        workload: decode(get(Field::Workload)),
-        scaling_policy: decode(get(Field::Policy)),
-        template_instance_id: text(get(Field::Template)),
-        affinity: decode(get(Field::Affinity)),
+        domain,
+        workload,
+        scaling_policy,
+        template_instance_id,
+        affinity,
         members,
-        resources: decode(get(Field::ClusterResources)),
-        state_sync: decode(get(Field::StateSync)),
-        drain: decode(get(Field::Drain)),
-        node_selector: decode(get(Field::NodeSelector)),
-        standby: decode::<pb::StandbySnapshot>(get(Field::Standby))
-            .filter(|s| !s.snapshot_id.is_empty()),
-        created_at_ms: state
-            .entries(&Key::cluster(id, Field::ClusterPresence))
-            .and_then(|e| e.values().map(|e| e.at_ms).min())
-            .unwrap_or(0),
-        fence: fence(state, id),
+        resources,
+        state_sync,
+        drain,
+        node_selector,
+        standby,
+        created_at_ms,
+        fence,
     })
 }
 
 /// The highest fence claimed for cluster `id`, if any.
 pub fn fence(state: &State, id: &str) -> Option<types::Fence> {
-    state
-        .get(&Key::cluster(id, Field::Fence))
-        .map(|e| types::Fence {
-            epoch: e.rank,
-            owner: match &e.value {
-                Value::Text(s) => s.clone(),
-                _ => String::new(),
-            },
-        })
+    state.get(&Key::cluster(id, Field::Fence)).map(fence_of)
 }
 
-fn member(state: &State, id: &str, instance: &str) -> pb::Member {
-    let key = |f| Key::member(id, instance, f);
-    let get = |f| state.get(&key(f));
-    let heartbeat = get(Field::Heartbeat);
-    pb::Member {
-        instance_id: instance.to_owned(),
-        node_id: text(get(Field::NodeId)),
-        addresses: match get(Field::Addresses).map(|e| &e.value) {
-            Some(Value::Texts(v)) => v.clone(),
-            _ => Vec::new(),
+fn fence_of(e: &Entry) -> types::Fence {
+    types::Fence {
+        epoch: e.rank,
+        owner: match &e.value {
+            Value::Text(s) => s.clone(),
+            _ => String::new(),
         },
-        status: i32::try_from(num(get(Field::MemberStatus))).unwrap_or(0),
-        generation: num(get(Field::Generation)),
+    }
+}
+
+/// Member `instance` of the cluster `view` shows, if it exists.
+fn member(view: View<'_>, id: &str, instance: &str) -> Option<pb::Member> {
+    let mut key = Key::member(id, instance, Field::MemberPresence);
+    view.entries(&key)?;
+    let mut get = |f| {
+        key.field = f;
+        view.get(&key)
+    };
+    let heartbeat = get(Field::Heartbeat);
+    let node_id = text(get(Field::NodeId));
+    let addresses = match get(Field::Addresses).map(|e| &e.value) {
+        Some(Value::Texts(v)) => v.clone(),
+        _ => Vec::new(),
+    };
+    let status = i32::try_from(num(get(Field::MemberStatus))).unwrap_or(0);
+    let generation = num(get(Field::Generation));
+    let heartbeats_skipped = u32::try_from(num(get(Field::HeartbeatsSkipped))).unwrap_or(u32::MAX);
+    let resources = decode(get(Field::MemberResources));
+    let state_sync = decode(get(Field::MemberStateSync));
+    let state_writes = get(Field::StateWrites).map(|e| e.rank).unwrap_or(0);
+    let usage = decode(get(Field::HeartbeatUsage));
+    let drain = decode(get(Field::MemberDrain));
+    key.field = Field::Health;
+    let health_history = view
+        .history(&key)
+        .into_iter()
+        .filter_map(|e| decode(Some(e)))
+        .collect();
+    Some(pb::Member {
+        instance_id: instance.to_owned(),
+        node_id,
+        addresses,
+        status,
+        generation,
         last_heartbeat_ms: heartbeat.map(|e| e.rank).unwrap_or(0),
-        heartbeats_skipped: u32::try_from(num(get(Field::HeartbeatsSkipped))).unwrap_or(u32::MAX),
-        resources: decode(get(Field::MemberResources)),
-        health_history: state
-            .history(&key(Field::Health))
-            .into_iter()
-            .filter_map(|e| decode(Some(e)))
-            .collect(),
+        heartbeats_skipped,
+        resources,
+        health_history,
         cpu_utilization: heartbeat
             .map(|e| f64::from_bits(num(Some(e))))
             .unwrap_or(0.0),
-        state_sync: decode(get(Field::MemberStateSync)),
-        state_writes: get(Field::StateWrites).map(|e| e.rank).unwrap_or(0),
-        usage: decode(get(Field::HeartbeatUsage)),
-        drain: decode(get(Field::MemberDrain)),
-    }
+        state_sync,
+        state_writes,
+        usage,
+        drain,
+    })
 }
 
 /// How many clusters exist.
@@ -199,13 +231,38 @@ pub fn operation(state: &State, id: &str) -> Option<types::Operation> {
     Some(types::Operation { status, ..body })
 }
 
-/// Operations of `cluster` (all when empty), newest first, at most `limit` (0 = all).
-pub fn operations(state: &State, cluster: &str, limit: usize) -> Vec<types::Operation> {
+/// Only the cluster of an operation's body: decoding it skips every other field, so
+/// finding one cluster's operations among a fleet's does not decode them all.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ClusterOf {
+    /// `Operation.cluster_id`.
+    #[prost(string, tag = "2")]
+    cluster_id: String,
+}
+
+/// Operations of `cluster` (all when empty), newest first, at most `limit` (0 = all);
+/// with `unfinished_only`, only those that have not ended.
+pub fn operations(
+    state: &State,
+    cluster: &str,
+    limit: usize,
+    unfinished_only: bool,
+) -> Vec<types::Operation> {
     let mut ops: Vec<types::Operation> = state
         .ids(Space::Operation)
         .into_iter()
+        .filter(|id| {
+            let view = state.view(Space::Operation, id);
+            let mut key = Key::operation(id, Field::OperationBody);
+            let of_cluster = cluster.is_empty()
+                || decode::<ClusterOf>(view.get(&key)).is_some_and(|c| c.cluster_id == cluster);
+            key.field = Field::OperationStatus;
+            of_cluster
+                && (!unfinished_only
+                    || !decode::<types::OperationStatus>(view.get(&key))
+                        .is_some_and(|s| form_proto::status_is_terminal(&s)))
+        })
         .filter_map(|id| operation(state, id))
-        .filter(|o| cluster.is_empty() || o.cluster_id == cluster)
         .collect();
     ops.sort_by(|a, b| (b.created_at_ms, &b.operation_id).cmp(&(a.created_at_ms, &a.operation_id)));
     if limit > 0 {

@@ -151,7 +151,7 @@ pub fn delete_cluster(state: &State, actor: &str, id: &str) -> Result<Option<Del
     // Its operations go with it: a cluster made again with this id starts with no
     // history (and no cooldown). A delete operation stays: it is still running, and
     // says what became of the cluster.
-    for op in read::operations(state, id, 0) {
+    for op in read::operations(state, id, 0, false) {
         if op.kind != types::OperationKind::DeleteCluster as i32 {
             b.remove_scope(Space::Operation, &op.operation_id, None);
         }
@@ -447,10 +447,14 @@ pub fn node_heartbeat(
             .map_err(|e| StateError::invalid("addresses", format!("'{a}': {e}")))?;
     }
     validate::labels("labels", &r.labels)?;
-    if !matches!(r.backend.as_str(), "process" | "qemu") {
+    // "simulated": a node of form-bench's simulated fleet, on which no workload runs.
+    if !matches!(r.backend.as_str(), "process" | "qemu" | "simulated") {
         return Err(StateError::invalid(
             "backend",
-            format!("'{}' is not a backend; expected process or qemu", r.backend),
+            format!(
+                "'{}' is not a backend; expected process, qemu or simulated",
+                r.backend
+            ),
         ));
     }
     let at = heartbeat_time(r.at_ms, now);
@@ -627,7 +631,7 @@ pub fn put_operation(
         );
         if form_proto::operation_is_terminal(op) {
             // The oldest finished operations of the cluster beyond `keep` go.
-            let finished: Vec<types::Operation> = read::operations(state, &op.cluster_id, 0)
+            let finished: Vec<types::Operation> = read::operations(state, &op.cluster_id, 0, false)
                 .into_iter()
                 .filter(|o| {
                     o.operation_id != op.operation_id && form_proto::operation_is_terminal(o)
@@ -745,7 +749,7 @@ mod tests {
                 backend: "docker".into(),
                 ..node("n", 1)
             },
-            &["backend", "docker", "process or qemu"],
+            &["backend", "docker", "process, qemu or simulated"],
         );
         check(
             pb::NodeHeartbeatRequest {
@@ -816,7 +820,7 @@ mod tests {
             put_operation(s, "a", 20, &done("d0".into(), "db", 1), 3)
         });
         let ids = |s: &State, c: &str| -> Vec<String> {
-            read::operations(s, c, 0)
+            read::operations(s, c, 0, false)
                 .into_iter()
                 .map(|o| o.operation_id)
                 .collect()
@@ -833,6 +837,15 @@ mod tests {
             });
         }
         apply(&mut s, |s| put_operation(s, "a", 30, &del, 3));
+        let unfinished: Vec<String> = read::operations(&s, "", 0, true)
+            .into_iter()
+            .map(|o| o.operation_id)
+            .collect();
+        assert_eq!(
+            unfinished,
+            ["del"],
+            "only what has not ended, of every cluster"
+        );
         apply(&mut s, |s| delete_cluster(s, "a", "web"));
         assert_eq!(
             ids(&s, "web"),
