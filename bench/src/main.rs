@@ -16,6 +16,7 @@
 //! ./target/release/form-bench scaler-scale-out
 //! ./target/release/form-bench state-handoff
 //! ./target/release/form-bench state-continuous
+//! ./target/release/form-bench scaler-fleet
 //! ./target/release/form-bench state-snapshot
 //! ./target/release/form-bench sim --seeds 1000
 //! ./target/release/form-bench sim-fleet
@@ -26,6 +27,7 @@ mod proc_cost;
 mod rplb_http;
 mod rplb_pick;
 mod scaler_decide;
+mod scaler_fleet;
 mod scaler_nodes;
 mod scaler_place;
 mod scaler_scale_out;
@@ -131,6 +133,18 @@ enum Command {
         /// Members per cluster.
         #[arg(long, default_value_t = 10)]
         members: usize,
+    },
+    /// Operations on a simulated fleet (in-process nodes, in-memory backend) against a single node.
+    ScalerFleet {
+        /// Nodes in the fleet.
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        /// Clusters.
+        #[arg(long, default_value_t = 1_000)]
+        clusters: usize,
+        /// Instances per cluster before the scale-out.
+        #[arg(long, default_value_t = 10)]
+        members: u32,
     },
     /// The simulator on many seeds: runs per second and every failing seed.
     Sim {
@@ -286,6 +300,11 @@ fn main() -> ExitCode {
             Command::RplbPick { picks } => rplb_pick::run(picks),
             Command::ScalerDecide { calls, clusters } => scaler_decide::run(calls, clusters),
             Command::ScalerPlace { nodes, clusters } => scaler_place::run(nodes, clusters),
+            Command::ScalerFleet {
+                nodes,
+                clusters,
+                members,
+            } => scaler_fleet::run(&bin_dir, nodes, clusters, members).await,
             Command::StateSnapshot { clusters, members } => state_snapshot::run(clusters, members),
             Command::Sim {
                 seeds,

@@ -293,10 +293,19 @@ pub(crate) async fn scale(
 }
 
 pub(crate) async fn wait_done(s: &mut Stack, id: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(180);
+    wait_operation(&mut s.scaler, id, Duration::from_millis(5)).await
+}
+
+/// Waits until operation `id` completed (polling every `poll`); an error if it failed,
+/// rolled back or did not end within 300 s.
+pub(crate) async fn wait_operation(
+    scaler: &mut ScalerServiceClient<tonic::transport::Channel>,
+    id: &str,
+    poll: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let op = s
-            .scaler
+        let op = scaler
             .get_operation(scaler_pb::GetOperationRequest {
                 operation_id: id.into(),
             })
@@ -310,7 +319,7 @@ pub(crate) async fn wait_done(s: &mut Stack, id: &str) -> anyhow::Result<()> {
             _ => {}
         }
         anyhow::ensure!(Instant::now() < deadline, "operation {id} did not end");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(poll).await;
     }
 }
 

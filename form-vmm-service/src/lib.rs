@@ -2,7 +2,7 @@
 //! snapshots, clones, resizes and deletes instances through a hypervisor backend, and
 //! heartbeats them into form-state.
 
-mod allow;
+pub mod allow;
 pub mod config;
 pub mod contract;
 pub mod error;
