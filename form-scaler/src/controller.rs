@@ -59,6 +59,8 @@ pub struct Shared {
     /// The clusters' epochs this controller holds (docs/fencing.md).
     pub epochs: crate::fencing::Epochs,
     submit: tokio::sync::Mutex<()>,
+    /// Woken whenever an operation's task here has ended (see `ending`).
+    task_ended: tokio::sync::Notify,
     counter: AtomicU64,
 }
 
@@ -90,6 +92,7 @@ impl Shared {
             created: Mutex::default(),
             epochs: Default::default(),
             submit: tokio::sync::Mutex::new(()),
+            task_ended: tokio::sync::Notify::new(),
             counter: AtomicU64::new(0),
         }
     }
@@ -410,13 +413,18 @@ impl Shared {
             return false;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while self.running(cluster_id).is_some_and(|(r, _)| r == id) {
-            if tokio::time::Instant::now() >= deadline {
+        loop {
+            // Registered before the check, so an end between the two is not missed.
+            let ended = self.task_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.running(cluster_id).is_none_or(|(r, _)| r != id) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        true
     }
 
     fn refuse_in_cooldown(&self, cluster: &state_pb::Cluster, kind: i32) -> Result<(), Status> {
@@ -519,6 +527,7 @@ impl Shared {
                 ended.push_back(done.operation_id.clone());
             }
             lock(&this.running).remove(&cluster);
+            this.task_ended.notify_waiters();
         });
     }
 

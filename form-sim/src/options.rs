@@ -98,6 +98,9 @@ pub struct Options {
     pub seeded_limits: bool,
     /// A deliberately broken protocol, to prove the checker can fail.
     pub broken: Broken,
+    /// A deliberately broken disk that acknowledges a write before syncing it, to prove
+    /// the durability checks can fail.
+    pub ack_before_sync: bool,
 }
 
 impl Options {
@@ -121,6 +124,7 @@ impl Options {
             delta_log: 200,
             seeded_limits: true,
             broken: Broken::default(),
+            ack_before_sync: false,
         }
     }
 

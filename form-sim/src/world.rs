@@ -138,6 +138,8 @@ pub struct Stats {
     pub writes: u64,
     /// Acknowledged writes.
     pub acked: u64,
+    /// Acknowledged deletes.
+    pub acked_deletes: u64,
     /// Crashes and partitions.
     pub crashes: u64,
     /// Partitions.
@@ -798,8 +800,7 @@ impl World {
         let (acked, rest): (Vec<_>, Vec<_>) = n.unacked.drain(..).partition(|(l, _)| *l <= durable);
         n.unacked = rest;
         for (_, w) in acked {
-            self.history.writes[w].acked = true;
-            self.stats.acked += 1;
+            self.ack(w);
         }
         let (ready, rest): (Vec<_>, Vec<_>) = self.nodes[node]
             .waiting
@@ -810,6 +811,17 @@ impl World {
             self.send(w.msg);
         }
         self.sync_soon(node);
+    }
+
+    fn ack(&mut self, w: usize) {
+        let write = &mut self.history.writes[w];
+        if !write.acked {
+            write.acked = true;
+            self.stats.acked += 1;
+            if !write.put {
+                self.stats.acked_deletes += 1;
+            }
+        }
     }
 
     /// A client writes to a random running replica: creates a cluster, or deletes one
@@ -853,7 +865,8 @@ impl World {
         self.stats.writes += 1;
         let lsn = n.replica.lsn();
         n.disk.append(Record::Delta(d.clone()), lsn);
-        n.unacked.push((lsn, self.history.writes.len()));
+        let w = self.history.writes.len();
+        n.unacked.push((lsn, w));
         self.history.writes.push(Write {
             node,
             id,
@@ -861,6 +874,9 @@ impl World {
             dot: (d.delta.actor.clone(), d.delta.last()),
             acked: false,
         });
+        if self.opts.ack_before_sync {
+            self.ack(w);
+        }
         self.track.made(&d.delta.actor, d.delta.last(), self.now);
         let version = self.nodes[node].replica.version();
         self.track.reached(node, &version, self.now);

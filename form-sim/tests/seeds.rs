@@ -15,8 +15,17 @@ fn seeds() -> Vec<u64> {
 fn every_invariant_holds_under_faults_on_the_ci_seeds() {
     let opts = Options::faulty();
     let mut failed = Vec::new();
+    let mut total = form_sim::Stats::default();
     for seed in seeds() {
         let o = run(seed, &opts);
+        total.acked += o.stats.acked;
+        total.acked_deletes += o.stats.acked_deletes;
+        total.crashes += o.stats.crashes;
+        total.partitions += o.stats.partitions;
+        total.full_states += o.stats.full_states;
+        total.dropped += o.stats.dropped;
+        total.duplicated += o.stats.duplicated;
+        total.timeouts += o.stats.timeouts;
         eprintln!(
             "seed {seed}: converged {:?} ms after the faults, {:?}",
             o.converged_after_ms, o.stats
@@ -30,6 +39,45 @@ fn every_invariant_holds_under_faults_on_the_ci_seeds() {
         "replay one with FORM_SIM_SEED=<seed> cargo test -p form-sim --test seeds\n{}",
         failed.join("\n")
     );
+    // The checks were exercised: without these a run could pass by doing nothing.
+    if std::env::var("FORM_SIM_SEED").is_err() {
+        eprintln!("over the CI seeds: {total:?}");
+        for (what, n) in [
+            ("acknowledged writes", total.acked),
+            ("acknowledged deletes", total.acked_deletes),
+            ("crashes", total.crashes),
+            ("partitions", total.partitions),
+            ("full states sent", total.full_states),
+            ("messages lost", total.dropped),
+            ("messages duplicated", total.duplicated),
+            ("calls timed out", total.timeouts),
+        ] {
+            assert!(n > 0, "no {what} over the CI seeds");
+        }
+    }
+}
+
+/// The durability checks can fail: a disk that acknowledges writes before syncing
+/// them loses acknowledged writes in crashes, and the CI seeds catch it.
+#[test]
+fn a_disk_that_acknowledges_before_it_syncs_is_caught() {
+    let opts = Options {
+        ack_before_sync: true,
+        ..Options::faulty()
+    };
+    let caught: Vec<u64> = CI_SEEDS
+        .filter(|seed| {
+            run(*seed, &opts)
+                .violations
+                .iter()
+                .any(|v| v.contains("acknowledged"))
+        })
+        .collect();
+    assert!(
+        !caught.is_empty(),
+        "no CI seed caught acknowledged writes lost in a crash"
+    );
+    eprintln!("caught by seeds {caught:?}");
 }
 
 #[test]

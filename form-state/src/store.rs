@@ -290,11 +290,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Joins a peer's whole state and logs it.
-    pub fn merge_state(&self, state: &State) -> Result<(), StateError> {
+    /// Joins a peer's whole state and logs it; `encoded` is the state as it arrived
+    /// (what the log keeps, so it is not encoded again).
+    pub fn merge_state(&self, state: &State, encoded: Vec<u8>) -> Result<(), StateError> {
         self.writable()?;
-        // Encoded before the lock: a large state's encoding must not hold it.
-        let bytes = codec::encode_state(state);
+        let bytes = encoded;
         let mut r = self.lock();
         let (changed, applied) = r.merge_state(state);
         if changed {

@@ -39,6 +39,9 @@ pub struct Schedule {
     /// Calls left in the current round, the first one possibly out.
     round: Vec<Call>,
     out: bool,
+    /// The last round was anti-entropy: when both are due, a push goes next (a pull
+    /// slower than the anti-entropy interval must not starve pushes).
+    last_pulled: bool,
 }
 
 impl Schedule {
@@ -53,6 +56,7 @@ impl Schedule {
             anti_entropy_wanted: false,
             round: Vec::new(),
             out: false,
+            last_pulled: false,
         }
     }
 
@@ -70,13 +74,17 @@ impl Schedule {
         }
         if self.round.is_empty() {
             // A wake does not move the timer (as a tokio interval's tick is not moved).
-            if self.anti_entropy_wanted || now >= self.next_anti_entropy {
+            let pull_due = self.anti_entropy_wanted || now >= self.next_anti_entropy;
+            let push_due = self.push_wanted || now >= self.next_sync;
+            if pull_due && !(push_due && self.last_pulled) {
+                self.last_pulled = true;
                 self.anti_entropy_wanted = false;
                 if now >= self.next_anti_entropy {
                     self.next_anti_entropy = after(self.next_anti_entropy, self.anti_entropy, now);
                 }
                 self.round = vec![Call::Pull];
-            } else if self.push_wanted || now >= self.next_sync {
+            } else if push_due {
+                self.last_pulled = false;
                 self.push_wanted = false;
                 if now >= self.next_sync {
                     self.next_sync = after(self.next_sync, self.sync, now);
@@ -143,6 +151,38 @@ mod tests {
         s.done(false);
         // The push of that round is dropped; the next push round is the timer's.
         assert_eq!(s.poll(10, false), Next::Wait(Some(100)));
+    }
+
+    #[test]
+    fn a_pull_slower_than_the_anti_entropy_interval_does_not_starve_pushes() {
+        let mut s = Schedule::new(0, 100, 1000);
+        s.poll(0, true);
+        s.done(true);
+        s.poll(0, true);
+        s.done(true);
+        // Every pull takes 1.5 s: anti-entropy is due again whenever one ends, and so
+        // is the push; they take turns.
+        let mut now = 1000;
+        let mut calls = Vec::new();
+        for _ in 0..6 {
+            let Next::Call(c) = s.poll(now, true) else {
+                panic!("a round is due at {now}");
+            };
+            calls.push(c);
+            now += if c == Call::Pull { 1500 } else { 1 };
+            s.done(true);
+        }
+        assert_eq!(
+            calls,
+            [
+                Call::Pull,
+                Call::Push,
+                Call::Pull,
+                Call::Push,
+                Call::Pull,
+                Call::Push
+            ]
+        );
     }
 
     #[test]

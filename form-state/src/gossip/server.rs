@@ -75,11 +75,11 @@ pub(super) async fn take_state(store: &Store, s: pb::SignedFullState) -> Result<
         .authorized()
         .check_key(&s.origin_id, &s.public_key);
     let opened = match key {
-        Ok(vk) => blocking(move || protocol::open(vk, &s)).await?,
+        Ok(vk) => blocking(move || protocol::open(vk, &s).map(|state| (state, s.state))).await?,
         Err(e) => Err(e),
     };
     match opened {
-        Ok(state) => store.merge_state(&state),
+        Ok((state, encoded)) => store.merge_state(&state, encoded),
         Err(e) => {
             count_rejection(&e);
             log_rejections(1, &e);
