@@ -295,11 +295,25 @@ impl StateService for StateApi {
             .unwrap_or_default();
         let f = self.fence_of(&req, &cluster).await?;
         let r = req.into_inner();
+        // Which old operations go with an ending one is read off the lock: it walks
+        // every operation of the fleet.
+        let prune = if r
+            .operation
+            .as_ref()
+            .is_some_and(form_proto::operation_is_terminal)
+        {
+            let (r, keep) = (r.clone(), self.operations_kept);
+            self.store
+                .read_all(move |s| write::finished_beyond(s, &r, keep))
+                .await?
+        } else {
+            Vec::new()
+        };
         let w = self
             .store
             .write(|s, a| {
                 write::check_fence(s, &cluster, f.as_ref())?;
-                write::put_operation(s, a, now_ms(), &r, self.operations_kept)
+                write::put_operation_pruning(s, a, now_ms(), &r, &prune)
             })
             .await?;
         Ok(self.reply(w))

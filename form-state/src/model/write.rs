@@ -542,13 +542,47 @@ pub fn set_node_cordon(
     Ok(b.build())
 }
 
-/// `PutOperation`: creates or advances an operation; its status never moves back.
+/// `PutOperation`: creates or advances an operation; its status never moves back. An
+/// operation that ends takes the oldest finished operations of its cluster beyond
+/// `keep` with it.
 pub fn put_operation(
     state: &State,
     actor: &str,
     now: u64,
     r: &pb::PutOperationRequest,
     keep: usize,
+) -> Result<Option<Delta>, StateError> {
+    put_operation_pruning(state, actor, now, r, &finished_beyond(state, r, keep))
+}
+
+/// The finished operations of `r`'s cluster that go when `r` ends its operation, the
+/// oldest beyond `keep` (`r`'s own counted as the newest); none when `r` does not end
+/// one. It reads every operation: the service runs it off the replica's lock, and
+/// [`put_operation_pruning`] takes its answer (stale by a write or two at most, which
+/// only leaves an operation for the next end to take).
+pub fn finished_beyond(state: &State, r: &pb::PutOperationRequest, keep: usize) -> Vec<String> {
+    let Some(op) = r.operation.as_ref() else {
+        return Vec::new();
+    };
+    if !form_proto::operation_is_terminal(op) {
+        return Vec::new();
+    }
+    read::operations(state, &op.cluster_id, 0, false)
+        .into_iter()
+        .filter(|o| o.operation_id != op.operation_id && form_proto::operation_is_terminal(o))
+        .skip(keep.saturating_sub(1))
+        .map(|o| o.operation_id)
+        .collect()
+}
+
+/// [`put_operation`] with the finished operations to remove given (each is removed
+/// only if it is still a finished operation of the same cluster).
+pub fn put_operation_pruning(
+    state: &State,
+    actor: &str,
+    now: u64,
+    r: &pb::PutOperationRequest,
+    prune: &[String],
 ) -> Result<Option<Delta>, StateError> {
     let op = r
         .operation
@@ -630,15 +664,12 @@ pub fn put_operation(
             now,
         );
         if form_proto::operation_is_terminal(op) {
-            // The oldest finished operations of the cluster beyond `keep` go.
-            let finished: Vec<types::Operation> = read::operations(state, &op.cluster_id, 0, false)
-                .into_iter()
-                .filter(|o| {
-                    o.operation_id != op.operation_id && form_proto::operation_is_terminal(o)
-                })
-                .collect();
-            for old in finished.iter().skip(keep.saturating_sub(1)) {
-                b.remove_scope(Space::Operation, &old.operation_id, None);
+            for id in prune.iter().filter(|id| **id != op.operation_id) {
+                if read::operation(state, id).is_some_and(|o| {
+                    o.cluster_id == op.cluster_id && form_proto::operation_is_terminal(&o)
+                }) {
+                    b.remove_scope(Space::Operation, id, None);
+                }
             }
         }
     }
@@ -826,6 +857,19 @@ mod tests {
                 .collect()
         };
         assert_eq!(ids(&s, "web"), ["w4", "w3", "w2"], "the newest 3 are kept");
+        // A prune list read off the lock is checked again: another cluster's
+        // operation, or one that is gone, is left alone.
+        apply(&mut s, |s| {
+            put_operation_pruning(
+                s,
+                "a",
+                15,
+                &done("w5".into(), "web", 5),
+                &["d0".into(), "w0".into(), "w2".into()],
+            )
+        });
+        assert_eq!(ids(&s, "web"), ["w5", "w4", "w3"]);
+        assert_eq!(ids(&s, "db"), ["d0"]);
         let mut del = done("del".into(), "web", 9);
         if let Some(o) = del.operation.as_mut() {
             o.kind = types::OperationKind::DeleteCluster as i32;
