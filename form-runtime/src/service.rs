@@ -208,7 +208,7 @@ async fn run_service<S: Service>(service: S, ready_file: Option<PathBuf>) -> Exi
                 }
             }
         }
-        r = &mut run => return finish(r, ready_file.as_deref()),
+        r = &mut run => return finish_after(r, &shutdown, ready_file.as_deref()),
     }
 
     let mut sd = shutdown.clone();
@@ -216,7 +216,7 @@ async fn run_service<S: Service>(service: S, ready_file: Option<PathBuf>) -> Exi
         // A fast request must win over the service stopping because of it.
         biased;
         k = sd.requested() => k,
-        r = &mut run => return finish(r, ready_file.as_deref()),
+        r = &mut run => return finish_after(r, &shutdown, ready_file.as_deref()),
     };
     remove_ready_file(ready_file.as_deref());
     match kind {
@@ -250,6 +250,20 @@ async fn bind_all(
         listeners.insert(name, l);
     }
     Ok((listeners, bound))
+}
+
+/// `finish`, unless a fast stop was asked for: the service may see the request and
+/// stop before the caller's select does, and SIGINT still exits 130.
+fn finish_after(
+    r: Result<Result<(), RuntimeError>, tokio::task::JoinError>,
+    shutdown: &Shutdown,
+    ready_file: Option<&Path>,
+) -> ExitCode {
+    if shutdown.current() == Some(ShutdownKind::Fast) {
+        remove_ready_file(ready_file);
+        return ExitCode::from(EXIT_INTERRUPTED);
+    }
+    finish(r, ready_file)
 }
 
 fn finish(
