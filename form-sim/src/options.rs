@@ -56,6 +56,9 @@ pub enum Peers {
     Mesh,
     /// The next `k` replicas around a ring: a delta must be forwarded to reach the rest.
     Ring(usize),
+    /// Replica i gossips only with i + 1 (the last with the one before it): nobody
+    /// pulls from replica 0, whose writes leave it only by its own pushes.
+    Chain,
     /// Drawn from the seed: a mesh or a ring of 1 (each replica peers with the next),
     /// half the runs each.
     Seeded,
@@ -83,6 +86,9 @@ pub struct Options {
     pub peers: Peers,
     /// A peer address every replica has that never answers (a black hole).
     pub black_hole: bool,
+    /// Messages between replicas 0 and 1 take 1.5 s more, for the whole run: a pull
+    /// over that link is slower than the anti-entropy interval.
+    pub slow_link: bool,
     /// Push interval, ms.
     pub sync_ms: u64,
     /// Anti-entropy interval, ms.
@@ -117,6 +123,7 @@ impl Options {
             faults: Faults::all(),
             peers: Peers::Seeded,
             black_hole: false,
+            slow_link: false,
             sync_ms: 100,
             anti_entropy_ms: 1_000,
             batch: 16,

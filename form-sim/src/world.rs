@@ -26,6 +26,8 @@ use crate::track::Track;
 
 /// Time a gossip call may take before the caller gives up (as in production).
 const CALL_TIMEOUT_MS: u64 = 5_000;
+/// What the slow link (`Options::slow_link`) adds to each message, ms.
+const SLOW_LINK_MS: u64 = 1_500;
 /// Wall-clock base of simulated time, so entries carry plausible dates.
 const EPOCH_MS: u64 = 1_790_000_000_000;
 
@@ -179,8 +181,8 @@ struct World {
     authorized: Authorized,
     limits: Limits,
     cut: Option<Vec<bool>>,
-    /// `Some(k)`: each replica's peers are the next k around a ring.
-    ring: Option<usize>,
+    /// Whom each replica gossips with (never `Peers::Seeded`: drawn at the start).
+    topology: Peers,
     faults_on: bool,
     next_call: u64,
     history: History,
@@ -263,13 +265,13 @@ impl World {
             })
             .collect();
         let track = Track::new(opts.replicas);
-        let ring = match opts.peers {
-            Peers::Mesh => None,
-            Peers::Ring(k) => Some(k),
-            Peers::Seeded => rng.chance(0.5).then_some(1),
+        let topology = match opts.peers {
+            Peers::Seeded if rng.chance(0.5) => Peers::Ring(1),
+            Peers::Seeded => Peers::Mesh,
+            p => p,
         };
         Self {
-            ring,
+            topology,
             opts,
             seed,
             rng,
@@ -421,9 +423,11 @@ impl World {
     /// Starts (or restarts) a node's links and ticks.
     fn start(&mut self, node: usize) {
         let n = self.nodes.len();
-        let peers: Vec<usize> = match self.ring {
-            None => (0..n).filter(|p| *p != node).collect(),
-            Some(k) => (1..=k.min(n - 1)).map(|i| (node + i) % n).collect(),
+        let peers: Vec<usize> = match self.topology {
+            Peers::Mesh | Peers::Seeded => (0..n).filter(|p| *p != node).collect(),
+            Peers::Ring(k) => (1..=k.min(n - 1)).map(|i| (node + i) % n).collect(),
+            Peers::Chain if node + 1 < n => vec![node + 1],
+            Peers::Chain => vec![node.saturating_sub(1)],
         };
         let peers: Vec<usize> = peers
             .into_iter()
@@ -572,8 +576,14 @@ impl World {
         } else {
             1
         };
+        let slow = if self.opts.slow_link && msg.from.min(msg.to) == 0 && msg.from.max(msg.to) == 1
+        {
+            SLOW_LINK_MS
+        } else {
+            0
+        };
         for _ in 0..copies {
-            let delay = self.rng.range(f.delay_ms.0, f.delay_ms.1);
+            let delay = self.rng.range(f.delay_ms.0, f.delay_ms.1) + slow;
             self.at(self.now + delay, Event::Deliver(Box::new(msg.clone())));
         }
     }

@@ -136,3 +136,28 @@ fn a_black_holed_peer_does_not_delay_convergence_among_the_others() {
         "a black hole delayed convergence: p99 {pb} ms against {pa} ms"
     );
 }
+
+/// A link slower than the anti-entropy interval (each pull over it takes 3 s against a
+/// 1 s interval) still carries pushes. In a chain nobody pulls from replica 0, so its
+/// writes leave it only by its pushes to replica 1, over the slow link. A schedule
+/// that always ran the due anti-entropy first never pushed there, and this run did not
+/// converge (checked by reverting the fix in `gossip/link.rs`).
+#[test]
+fn a_permanently_slow_link_does_not_starve_pushes() {
+    let opts = Options {
+        peers: form_sim::Peers::Chain,
+        slow_link: true,
+        fault_ms: 20_000,
+        // Each pull over the slow link takes 3 s: catching up takes a few.
+        settle_ms: 60_000,
+        ..Options::calm(3)
+    };
+    let o = run(3, &opts);
+    assert!(
+        o.violations.is_empty(),
+        "{} violations, the first: {:?}",
+        o.violations.len(),
+        o.violations.first()
+    );
+    assert!(o.stats.acked > 100, "{} writes acknowledged", o.stats.acked);
+}
