@@ -1,5 +1,6 @@
 //! What a simulated run is made of: its size, its faults and its timings.
 
+use form_state::gossip::ReplicationPolicy;
 use form_state::gossip::protocol::Broken;
 
 /// Faults injected while the fault phase lasts.
@@ -84,6 +85,9 @@ pub struct Options {
     pub faults: Faults,
     /// Whom each replica gossips with.
     pub peers: Peers,
+    /// The replication policy; `None`: drawn from the seed (delta half the runs,
+    /// prioritized on cluster fields, whose writes wake a push at once, or full state).
+    pub policy: Option<ReplicationPolicy>,
     /// A peer address every replica has that never answers (a black hole).
     pub black_hole: bool,
     /// Messages between replicas 0 and 1 take 1.5 s more, for the whole run: a pull
@@ -122,6 +126,7 @@ impl Options {
             members: 0,
             faults: Faults::all(),
             peers: Peers::Seeded,
+            policy: None,
             black_hole: false,
             slow_link: false,
             sync_ms: 100,
@@ -141,6 +146,7 @@ impl Options {
             replicas,
             faults: Faults::none(),
             peers: Peers::Mesh,
+            policy: Some(ReplicationPolicy::DeltaSync),
             fault_ms: 30_000,
             settle_ms: 10_000,
             batch: 64,

@@ -150,6 +150,8 @@ pub struct Stats {
     pub full_states: u64,
     /// Calls that timed out.
     pub timeouts: u64,
+    /// Pushes woken by urgent writes (prioritized policy).
+    pub wakes: u64,
 }
 
 /// The result of a run.
@@ -167,6 +169,8 @@ pub struct Outcome {
     pub stats: Stats,
     /// Write-to-every-replica latencies, simulated ms.
     pub convergence: Track,
+    /// What the seed drew: peers, policy, limits (for a failing seed's report).
+    pub setup: String,
 }
 
 /// One simulated platform.
@@ -183,6 +187,10 @@ struct World {
     cut: Option<Vec<bool>>,
     /// Whom each replica gossips with (never `Peers::Seeded`: drawn at the start).
     topology: Peers,
+    /// The replication policy in force.
+    policy: ReplicationPolicy,
+    /// Fields whose local write wakes every link's push (prioritized policy).
+    urgent: Vec<Field>,
     faults_on: bool,
     next_call: u64,
     history: History,
@@ -270,8 +278,23 @@ impl World {
             Peers::Seeded => Peers::Mesh,
             p => p,
         };
+        let policy = opts.policy.clone().unwrap_or_else(|| match rng.below(10) {
+            0..5 => ReplicationPolicy::DeltaSync,
+            5..8 => ReplicationPolicy::PrioritizedSync {
+                high_priority_fields: vec!["clusters".into()],
+            },
+            _ => ReplicationPolicy::FullSync,
+        });
+        let urgent = match &policy {
+            ReplicationPolicy::PrioritizedSync {
+                high_priority_fields,
+            } => form_state::gossip::high_priority_fields(high_priority_fields).unwrap_or_default(),
+            _ => Vec::new(),
+        };
         Self {
             topology,
+            policy,
+            urgent,
             opts,
             seed,
             rng,
@@ -498,7 +521,7 @@ impl World {
                 let plan = protocol::plan_push(
                     &n.replica,
                     &link.view,
-                    &ReplicationPolicy::DeltaSync,
+                    &self.policy,
                     self.opts.batch,
                     self.opts.broken,
                 );
@@ -809,8 +832,22 @@ impl World {
         let durable = n.replica.durable_lsn();
         let (acked, rest): (Vec<_>, Vec<_>) = n.unacked.drain(..).partition(|(l, _)| *l <= durable);
         n.unacked = rest;
+        let mut wake = false;
         for (_, w) in acked {
             self.ack(w);
+            // As `Store::write`: a durable local write to an urgent field wakes every
+            // link's push.
+            wake |= self.history.writes[w].put && self.urgent.contains(&Field::Domain);
+        }
+        if wake {
+            self.stats.wakes += 1;
+            let peers: Vec<usize> = self.nodes[node].links.keys().copied().collect();
+            for p in peers {
+                if let Some(l) = self.nodes[node].links.get_mut(&p) {
+                    l.schedule.wake(true, false);
+                }
+                self.drive(node, p);
+            }
         }
         let (ready, rest): (Vec<_>, Vec<_>) = self.nodes[node]
             .waiting
@@ -986,6 +1023,17 @@ impl World {
             digest: (encoded.len(), fnv(&encoded)),
             stats: self.stats,
             convergence: self.track,
+            setup: format!(
+                "peers {:?}, policy {}, buffer {}, delta log {}",
+                self.topology,
+                match &self.policy {
+                    ReplicationPolicy::DeltaSync => "delta",
+                    ReplicationPolicy::FullSync => "full",
+                    ReplicationPolicy::PrioritizedSync { .. } => "prioritized",
+                },
+                self.limits.buffer,
+                self.limits.log
+            ),
         }
     }
 }

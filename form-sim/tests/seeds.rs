@@ -16,8 +16,10 @@ fn every_invariant_holds_under_faults_on_the_ci_seeds() {
     let opts = Options::faulty();
     let mut failed = Vec::new();
     let mut total = form_sim::Stats::default();
+    let mut setups = Vec::new();
     for seed in seeds() {
         let o = run(seed, &opts);
+        setups.push(o.setup.clone());
         total.acked += o.stats.acked;
         total.acked_deletes += o.stats.acked_deletes;
         total.crashes += o.stats.crashes;
@@ -26,12 +28,17 @@ fn every_invariant_holds_under_faults_on_the_ci_seeds() {
         total.dropped += o.stats.dropped;
         total.duplicated += o.stats.duplicated;
         total.timeouts += o.stats.timeouts;
+        total.wakes += o.stats.wakes;
         eprintln!(
-            "seed {seed}: converged {:?} ms after the faults, {:?}",
-            o.converged_after_ms, o.stats
+            "seed {seed} ({}): converged {:?} ms after the faults, {:?}",
+            o.setup, o.converged_after_ms, o.stats
         );
         if !o.violations.is_empty() {
-            failed.push(format!("seed {seed}:\n  {}", o.violations.join("\n  ")));
+            failed.push(format!(
+                "seed {seed} ({}):\n  {}",
+                o.setup,
+                o.violations.join("\n  ")
+            ));
         }
     }
     assert!(
@@ -51,8 +58,23 @@ fn every_invariant_holds_under_faults_on_the_ci_seeds() {
             ("messages lost", total.dropped),
             ("messages duplicated", total.duplicated),
             ("calls timed out", total.timeouts),
+            ("pushes woken by urgent writes", total.wakes),
         ] {
             assert!(n > 0, "no {what} over the CI seeds");
+        }
+        for drawn in [
+            "peers Mesh",
+            "peers Ring(1)",
+            "policy delta",
+            "policy full",
+            "policy prioritized",
+            "buffer 32",
+            "buffer 10000",
+        ] {
+            assert!(
+                setups.iter().any(|s| s.contains(drawn)),
+                "no CI seed drew {drawn}"
+            );
         }
     }
 }
