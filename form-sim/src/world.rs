@@ -681,11 +681,7 @@ impl World {
             return;
         }
         let (good, received, rejected) = self.take_deltas(node, batch.deltas);
-        for l in self.nodes[node].links.values_mut() {
-            if l.view.actor.as_deref() == Some(batch.sender_id.as_str()) {
-                l.view.credit(&good);
-            }
-        }
+        self.credit(node, &batch.sender_id, &good);
         let ack = protocol::ack(&self.nodes[node].replica, &received, rejected);
         self.reply(msg, Body::Ack(ack), None);
     }
@@ -739,15 +735,21 @@ impl World {
         }
         let (good, _, _) = self.take_deltas(node, std::mem::take(&mut a.deltas));
         let version = protocol::from_vv(a.version);
-        for l in self.nodes[node].links.values_mut() {
-            if l.view.actor.as_deref() == Some(a.sender_id.as_str()) {
-                l.view.credit(&good);
-            }
-        }
+        self.credit(node, &a.sender_id, &good);
         if let Some(l) = self.nodes[node].links.get_mut(&msg.from) {
             l.view.learn(a.sender_id, version);
         }
         self.call_done(node, msg.from, true);
+    }
+
+    /// `sender` holds `deltas` (it sent them): `node` never sends them back to it (as
+    /// `gossip::Peers::learned_from`).
+    fn credit(&mut self, node: usize, sender: &str, deltas: &[VerifiedDelta]) {
+        for l in self.nodes[node].links.values_mut() {
+            if l.view.actor.as_deref() == Some(sender) {
+                l.view.credit(deltas);
+            }
+        }
     }
 
     /// Verifies and joins a full state, and logs it.

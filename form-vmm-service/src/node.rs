@@ -69,17 +69,35 @@ impl Record {
             0 => host_memory_mib().unwrap_or(1024),
             n => n,
         };
-        Ok(Self {
-            node_id: c.node_id.clone(),
+        Ok(Self::of(
+            c.node_id.clone(),
             address,
-            capacity: pb::NodeCapacity {
+            pb::NodeCapacity {
                 vcpus,
                 memory_mib,
                 instance_slots: c.instance_slots,
             },
-            labels: labels(&c.labels)?,
-            backend: c.backend.clone(),
-        })
+            labels(&c.labels)?,
+            c.backend.clone(),
+        ))
+    }
+
+    /// The record of node `node_id` reached at `address` (the simulated fleet of
+    /// `form-bench scaler-fleet` makes its nodes' records with it).
+    pub fn of(
+        node_id: String,
+        address: String,
+        capacity: pb::NodeCapacity,
+        labels: BTreeMap<String, String>,
+        backend: String,
+    ) -> Self {
+        Self {
+            node_id,
+            address,
+            capacity,
+            labels,
+            backend,
+        }
     }
 
     /// The heartbeat of this node running `instances`, at `at_ms`.

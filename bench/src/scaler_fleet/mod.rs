@@ -26,7 +26,8 @@ use form_runtime::tls::Kind;
 use form_testkit::dir::TestDir;
 use form_testkit::replicas::{ReplicaOptions, Replicas};
 use form_testkit::{ChildService, pki, probe, start};
-use form_vmm_service::hypervisor::{Hypervisor, Status};
+use form_vmm_service::hypervisor::Hypervisor;
+use form_vmm_service::node::Record;
 use form_vmm_service::service::VmmApi;
 use form_vmm_service::snapshots::SnapshotStore;
 use tokio::task::JoinSet;
@@ -329,7 +330,18 @@ impl Fleet {
                     eprintln!("simulated node: {e}");
                 }
             });
-            records.push((id, addr.clone(), hv.clone()));
+            let record = Record::of(
+                id,
+                addr.clone(),
+                state_pb::NodeCapacity {
+                    vcpus: 256,
+                    memory_mib: 512 * 1024,
+                    instance_slots: 500,
+                },
+                Default::default(),
+                "simulated".into(),
+            );
+            records.push((record, hv.clone()));
             fleet.addrs.push(addr);
             fleet.backends.push(hv);
         }
@@ -373,32 +385,11 @@ impl Fleet {
 
 async fn beat(
     client: &StateServiceClient<tonic::transport::Channel>,
-    nodes: &[(String, String, Arc<Memory>)],
+    nodes: &[(Record, Arc<Memory>)],
 ) -> anyhow::Result<()> {
     let mut calls = JoinSet::new();
-    for (id, addr, hv) in nodes {
-        let mut used = state_pb::NodeCapacity::default();
-        for i in hv.list().await {
-            if i.status != Status::Failed {
-                used.vcpus += i.spec.resources.vcpus;
-                used.memory_mib += i.spec.resources.memory_mib;
-                used.instance_slots += 1;
-            }
-        }
-        let req = state_pb::NodeHeartbeatRequest {
-            node_id: id.clone(),
-            at_ms: form_scaler::ops::record::now_ms(),
-            addresses: vec![addr.clone()],
-            capacity: Some(state_pb::NodeCapacity {
-                vcpus: 256,
-                memory_mib: 512 * 1024,
-                instance_slots: 500,
-            }),
-            used: Some(used),
-            labels: Default::default(),
-            backend: "simulated".into(),
-            identity: String::new(),
-        };
+    for (record, hv) in nodes {
+        let req = record.heartbeat(&hv.list().await, form_scaler::ops::record::now_ms());
         let mut client = client.clone();
         calls.spawn(async move { client.node_heartbeat(req).await });
     }

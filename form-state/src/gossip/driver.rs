@@ -157,7 +157,7 @@ impl<T: Transport> Link<T> {
         );
         let mut seen = *wake.borrow_and_update();
         loop {
-            let contacted = self.peers.view(&self.addr).contacted;
+            let contacted = self.peers.contacted(&self.addr);
             match schedule.poll(ms(start.elapsed()), contacted) {
                 Next::Call(call) => {
                     let result = tokio::select! {

@@ -36,6 +36,11 @@ impl Peers {
         self.lock().get(addr).cloned().unwrap_or_default()
     }
 
+    /// Whether the peer at `addr` has answered since this replica started.
+    pub fn contacted(&self, addr: &str) -> bool {
+        self.lock().get(addr).is_some_and(|v| v.contacted)
+    }
+
     /// A peer with `actor` holds these deltas (it sent them): never send them back.
     pub fn learned_from(&self, actor: &str, deltas: &[VerifiedDelta]) {
         for view in self
