@@ -3,7 +3,8 @@
 //! balancer is right even when nobody pushes routes to it. Members that are active or
 //! draining are backends (a draining member is drained); a cluster that is gone loses
 //! its route. When the state is unreachable the last known routes stay, and the watch
-//! reconnects with backoff (a new watch starts with a full snapshot again).
+//! reconnects with backoff (`form_runtime::watch`; a new watch starts with a full
+//! snapshot again).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,59 +12,33 @@ use std::sync::Arc;
 use form_proto::state::v1 as pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_runtime::shutdown::Shutdown;
-use form_runtime::upstream::{BACKOFF_MAX, BACKOFF_MIN, Upstream};
+use form_runtime::upstream::Upstream;
+use form_runtime::watch;
 
 use crate::core::Core;
 use crate::routes::settings::{self, BackendSpec, CheckSettings, DrainSettings, RouteSettings};
 use crate::routes::{Removal, Source};
 
 /// Follows the state until shutdown.
-pub async fn run(core: Arc<Core>, state: Upstream, mut shutdown: Shutdown) {
-    let mut backoff = BACKOFF_MIN;
-    loop {
+pub async fn run(core: Arc<Core>, state: Upstream, shutdown: Shutdown) {
+    let open = || {
         let mut client = StateServiceClient::new(state.channel());
-        let req = pb::WatchRequest {
-            from_sequence: 0,
-            cluster_id: String::new(),
-        };
-        let started = tokio::select! {
-            r = client.watch(req) => r,
-            _ = shutdown.requested() => return,
-        };
-        match started {
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                let mut seen: Option<HashSet<String>> = None;
-                loop {
-                    let msg = tokio::select! {
-                        m = stream.message() => m,
-                        _ = shutdown.requested() => return,
-                    };
-                    match msg {
-                        Ok(Some(ev)) => {
-                            backoff = BACKOFF_MIN;
-                            on_event(&core, ev, &mut seen);
-                        }
-                        Ok(None) => {
-                            tracing::warn!("form-state ended the watch; reconnecting");
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e.message(), "watch of form-state failed; keeping the last known routes");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e.message(), "cannot watch form-state yet");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.requested() => return,
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        async move { Ok(client.watch(watch::from_start()).await?.into_inner()) }
+    };
+    let mut routes = Routes { core, seen: None };
+    watch::follow("balancer", open, &mut routes, shutdown).await;
+}
+
+/// The routes kept equal to the clusters; `seen` collects the clusters of a snapshot
+/// (after a `Reset`) so those that are gone lose their routes at `Synced`.
+struct Routes {
+    core: Arc<Core>,
+    seen: Option<HashSet<String>>,
+}
+
+impl watch::Follower for Routes {
+    fn event(&mut self, ev: pb::WatchEvent) {
+        on_event(&self.core, ev, &mut self.seen);
     }
 }
 

@@ -32,5 +32,6 @@ pub mod service;
 pub mod shutdown;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 pub use error::{ConfigError, RuntimeError};

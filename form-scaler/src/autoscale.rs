@@ -10,7 +10,6 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use form_proto::rplb::v1 as rplb_pb;
-use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use form_runtime::shutdown::Shutdown;
 
@@ -107,38 +106,30 @@ async fn balancer(shared: &Shared) -> Balancer {
 }
 
 async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::Status> {
-    let clusters = shared
-        .engine
-        .platform
-        .state
-        .clone()
-        .list_clusters(state_pb::ListClustersRequest {})
-        .await?
-        .into_inner()
-        .clusters;
+    let clusters = shared.clusters.list(&shared.engine.platform.state).await?;
     let lb = balancer(shared).await;
     let now = now_ms();
     let stale_ms = settings.heartbeat.as_millis() as u64 * STALE_HEARTBEATS;
     {
-        let alive: HashSet<&String> = clusters.iter().flat_map(|c| c.members.keys()).collect();
+        let alive: HashSet<&String> = clusters.values().flat_map(|c| c.members.keys()).collect();
         lock(&shared.observer).retain(|id| alive.contains(&id.to_owned()));
     }
-    for c in clusters {
+    for c in clusters.values() {
         if c.template_instance_id.is_empty()
             || shared.running(&c.cluster_id).is_some()
             || !shared.peers.owns(&c.cluster_id)
         {
             continue;
         }
-        shared.forget_if_recreated(&c);
-        if health::round(shared, &c, &lb.ejected, now, settings).await {
+        shared.forget_if_recreated(c);
+        if health::round(shared, c, &lb.ejected, now, settings).await {
             continue;
         }
-        crate::standby::spawn_if_due(shared, &c, now);
+        crate::standby::spawn_if_due(shared, c, now);
         if !settings.act {
             continue;
         }
-        let policy = plan::policy_of(&c);
+        let policy = plan::policy_of(c);
         let obs = {
             let activated = lock(&shared.activated);
             let round = Round {
@@ -148,7 +139,7 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
                 stale_ms,
                 window_ms: settings.metric_window.as_millis() as u64,
             };
-            lock(&shared.observer).observe(&c, &policy, round)
+            lock(&shared.observer).observe(c, &policy, round)
         };
         if obs.is_empty() {
             continue;
@@ -174,7 +165,7 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
             let h = h.entry(c.cluster_id.clone()).or_default();
             let d = decide::decide(&policy, &obs, h, now);
             h.record(now, d.raw, keep_ms);
-            crate::series::cluster(&c, &policy, &obs, &d, h, now);
+            crate::series::cluster(c, &policy, &obs, &d, h, now);
             d
         };
         shared

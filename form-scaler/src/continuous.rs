@@ -26,7 +26,8 @@ use crate::ops::sync::{On, PumpError, carry, carry_keys, on_nodes, running};
 /// one kept here; a controller that starts over from an older recorded cursor only
 /// carries some changes again, which merging ignores).
 const RECORD_EVERY: Duration = Duration::from_secs(2);
-/// How often the clusters in continuous mode are listed.
+/// How often the clusters in continuous mode are looked for (in the followed view,
+/// `clusters.rs`: no call, unless the view is not in step).
 const LIST_EVERY: Duration = Duration::from_millis(250);
 /// Retry delay before the controller knows its peers.
 const TICK: Duration = Duration::from_millis(20);
@@ -54,20 +55,14 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: Shutdown) {
     loop {
         let now = Instant::now();
         if shared.peers.ready() && listed_at.is_none_or(|t| now >= t + LIST_EVERY) {
-            let listed = shared
-                .engine
-                .platform
-                .state
-                .clone()
-                .list_clusters(state_pb::ListClustersRequest {})
-                .await;
+            let listed = shared.clusters.list(&shared.engine.platform.state).await;
             if let Ok(list) = listed {
                 listed_at = Some(now);
                 let mut seen = HashMap::new();
-                for c in list.into_inner().clusters {
-                    if setting(&c).is_some() && shared.peers.owns(&c.cluster_id) {
-                        let at = due.get(&c.cluster_id).copied().unwrap_or(now);
-                        seen.insert(c.cluster_id, at);
+                for (id, c) in list.iter() {
+                    if setting(c).is_some() && shared.peers.owns(id) {
+                        let at = due.get(id).copied().unwrap_or(now);
+                        seen.insert(id.clone(), at);
                     }
                 }
                 due = seen;

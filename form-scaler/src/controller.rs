@@ -58,6 +58,8 @@ pub struct Shared {
     pub peers: Peers,
     /// The clusters' epochs this controller holds (docs/fencing.md).
     pub epochs: crate::fencing::Epochs,
+    /// The clusters, followed through form-state's watch.
+    pub clusters: Arc<crate::clusters::Clusters>,
     submit: tokio::sync::Mutex<()>,
     /// Woken whenever an operation's task here has ended (see `ending`).
     task_ended: tokio::sync::Notify,
@@ -91,6 +93,7 @@ impl Shared {
             observer: Mutex::default(),
             created: Mutex::default(),
             epochs: Default::default(),
+            clusters: Default::default(),
             submit: tokio::sync::Mutex::new(()),
             task_ended: tokio::sync::Notify::new(),
             counter: AtomicU64::new(0),

@@ -3,6 +3,7 @@
 //! form-state.
 
 pub mod autoscale;
+pub mod clusters;
 pub mod config;
 pub mod continuous;
 pub mod controller;
@@ -132,6 +133,12 @@ impl Service for Controller {
             ctx.shutdown.clone(),
         ));
         tokio::spawn(continuous::run(shared.clone(), ctx.shutdown.clone()));
+        tokio::spawn(
+            shared
+                .clusters
+                .clone()
+                .follow(shared.engine.platform.state.clone(), ctx.shutdown.clone()),
+        );
         let server = GrpcServer::new().add_service(ScalerServiceServer::new(Api::new(shared)));
         form_runtime::grpc::run(ctx, server, &upstreams).await
     }

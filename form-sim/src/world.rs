@@ -16,6 +16,7 @@ use form_state::envelope::{Authorized, VerifiedDelta};
 use form_state::gossip::ReplicationPolicy;
 use form_state::gossip::link::{Call, Next, Schedule};
 use form_state::gossip::protocol::{self, Outgoing, PeerView};
+use form_state::model::index::Operations;
 use form_state::replica::{Limits, Replica};
 
 use crate::disk::{Disk, Record};
@@ -895,6 +896,7 @@ impl World {
         } else {
             ids[self.rng.below(ids.len())].clone()
         };
+        let writes = self.history.writes.len();
         let n = &mut self.nodes[node];
         let made = n.replica.write(at_ms, |s, actor| {
             let mut b = DeltaBuilder::new(s, actor);
@@ -902,6 +904,17 @@ impl World {
                 b.set(
                     Key::cluster(&id, Field::Domain),
                     Value::Text(id.clone()),
+                    0,
+                    at_ms,
+                );
+                // An operation of the new cluster, under an id that other replicas
+                // write too (for other clusters): the replicas' index of operations by
+                // cluster must follow whichever body wins.
+                let (op, body, status) = operation_of(&id, writes);
+                b.set(Key::operation(&op, Field::OperationBody), body, 0, at_ms);
+                b.set(
+                    Key::operation(&op, Field::OperationStatus),
+                    status,
                     0,
                     at_ms,
                 );
@@ -1016,6 +1029,11 @@ impl World {
                 self.history
                     .check_final(&format!("node {i}"), n.replica.state()),
             );
+            if *n.replica.operations() != Operations::of(n.replica.state()) {
+                self.violations.push(format!(
+                    "node {i}'s index of operations differs from one built from its state"
+                ));
+            }
         }
         let encoded = codec::encode_state(self.nodes[0].replica.state());
         Outcome {
@@ -1086,6 +1104,35 @@ fn genesis(clusters: usize, members: usize) -> Option<Arc<State>> {
 }
 
 /// FNV-1a of `b`: a digest that needs no dependency.
+/// The `n`th write's operation for `cluster`: one of 7 ids, so replicas write the
+/// same operation for different clusters; every other one has ended.
+fn operation_of(cluster: &str, n: usize) -> (String, Value, Value) {
+    use form_proto::types::v1 as types;
+    use prost::Message;
+    use types::operation_status::State as S;
+    let id = format!("op{}", n % 7);
+    let body = types::Operation {
+        operation_id: id.clone(),
+        cluster_id: cluster.to_owned(),
+        kind: types::OperationKind::ScaleOut as i32,
+        ..Default::default()
+    };
+    let state = if n.is_multiple_of(2) {
+        S::Completed(types::Completed {})
+    } else {
+        S::InProgress(types::InProgress {
+            step_index: 0,
+            step: "clone".into(),
+        })
+    };
+    let status = types::OperationStatus { state: Some(state) };
+    (
+        id,
+        Value::Bytes(body.encode_to_vec()),
+        Value::Bytes(status.encode_to_vec()),
+    )
+}
+
 fn fnv(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| {
         (h ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3)

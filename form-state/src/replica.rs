@@ -89,6 +89,8 @@ pub struct Replica {
     pending: BTreeMap<String, BTreeMap<u64, VerifiedDelta>>,
     pending_len: usize,
     changes: VecDeque<Change>,
+    /// The operations by cluster, kept as changes touch them.
+    operations: crate::model::index::Operations,
     lsn: u64,
     durable_lsn: u64,
 }
@@ -106,6 +108,7 @@ impl Replica {
             actor,
             key,
             authorized,
+            operations: crate::model::index::Operations::of(&state),
             state,
             limits,
             log: BTreeMap::new(),
@@ -127,6 +130,11 @@ impl Replica {
     /// The converged state.
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The operations by cluster, and the unfinished ones.
+    pub fn operations(&self) -> &crate::model::index::Operations {
+        &self.operations
     }
 
     /// The authorized keys.
@@ -345,10 +353,13 @@ impl Replica {
         if self.changes.is_empty() && lsn < self.durable_lsn {
             return None;
         }
+        // The changes are in lsn order: start at the first after `lsn` rather than
+        // look at every change kept.
+        let from = self.changes.partition_point(|c| c.lsn <= lsn);
         Some(
             self.changes
-                .iter()
-                .filter(|c| c.lsn > lsn && c.lsn <= self.durable_lsn)
+                .range(from..)
+                .take_while(|c| c.lsn <= self.durable_lsn)
                 .cloned()
                 .collect(),
         )
@@ -394,6 +405,11 @@ impl Replica {
     }
 
     fn record_change(&mut self, touched: Vec<(Space, String)>) {
+        for (space, id) in &touched {
+            if *space == Space::Operation {
+                self.operations.update(&self.state, id);
+            }
+        }
         self.lsn += 1;
         self.changes.push_back(Change {
             lsn: self.lsn,

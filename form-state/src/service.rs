@@ -262,7 +262,9 @@ impl StateService for StateApi {
     }
 
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<pb::ListNodesReply> {
-        let nodes = self.store.read_all(read::nodes).await?;
+        // A record per node, read under the lock: cheaper than the copy of the whole
+        // state a read off the lock takes (placement reads them at every operation).
+        let nodes = self.store.read(|r| read::nodes(r.state())).await?;
         Ok(Response::new(pb::ListNodesReply { nodes }))
     }
 
@@ -282,7 +284,7 @@ impl StateService for StateApi {
         &self,
         _req: Request<pb::ListControllersRequest>,
     ) -> Result<pb::ListControllersReply> {
-        let controllers = self.store.read_all(read::controllers).await?;
+        let controllers = self.store.read(|r| read::controllers(r.state())).await?;
         Ok(Response::new(pb::ListControllersReply { controllers }))
     }
 
@@ -295,16 +297,19 @@ impl StateService for StateApi {
             .unwrap_or_default();
         let f = self.fence_of(&req, &cluster).await?;
         let r = req.into_inner();
-        // Which old operations go with an ending one is read off the lock: it walks
-        // every operation of the fleet.
+        // Which old operations go with an ending one: found among its cluster's through
+        // the replica's index (the write checks each again).
         let prune = if r
             .operation
             .as_ref()
             .is_some_and(form_proto::operation_is_terminal)
         {
-            let (r, keep) = (r.clone(), self.operations_kept);
+            let keep = self.operations_kept;
             self.store
-                .read_all(move |s| write::finished_beyond(s, &r, keep))
+                .read(|rep| {
+                    let ids = rep.operations().of_cluster(&cluster);
+                    write::finished_beyond(rep.state(), ids, &r, keep)
+                })
                 .await?
         } else {
             Vec::new()
@@ -343,12 +348,31 @@ impl StateService for StateApi {
         if !r.cluster_id.is_empty() {
             validate::id("cluster_id", &r.cluster_id)?;
         }
-        let operations = self
+        // One cluster's, or the unfinished ones: through the replica's index, under its
+        // lock; every operation: on a copy, off the lock.
+        let listed = self
             .store
-            .read_all(move |s| {
-                read::operations(s, &r.cluster_id, r.limit as usize, r.unfinished_only)
+            .read(|rep| {
+                let ids = rep
+                    .operations()
+                    .candidates(&r.cluster_id, r.unfinished_only)?;
+                Some(read::operations_among(
+                    rep.state(),
+                    ids,
+                    &r.cluster_id,
+                    r.limit as usize,
+                    r.unfinished_only,
+                ))
             })
             .await?;
+        let operations = match listed {
+            Some(ops) => ops,
+            None => {
+                self.store
+                    .read_all(move |s| read::operations(s, "", r.limit as usize, false))
+                    .await?
+            }
+        };
         Ok(Response::new(pb::ListOperationsReply { operations }))
     }
 

@@ -1,7 +1,8 @@
 //! `Watch`: a stream of changes from a replica-local sequence number. A subscriber
 //! that asks for 0, or for changes already trimmed, first gets `Reset`, the whole
 //! state and `Synced`, then every change as it becomes durable. Each event carries the current
-//! value of what changed (several changes to one cluster may arrive as one value).
+//! value of what changed: several changes to one cluster that become durable together
+//! arrive as one value, at the sequence of the last of them.
 
 use std::sync::Arc;
 
@@ -49,22 +50,15 @@ pub fn stream(
                         snapshot(r.state(), &req.cluster_id, store.sequence(lsn))
                     }
                     Some(changes) => {
-                        let mut events = Vec::new();
-                        for c in changes {
-                            cursor = c.lsn;
-                            for (space, id) in &c.touched {
-                                if let Some(e) = event(
-                                    r.state(),
-                                    *space,
-                                    id,
-                                    &req.cluster_id,
-                                    store.sequence(c.lsn),
-                                ) {
-                                    events.push(e);
-                                }
-                            }
+                        if let Some(last) = changes.last() {
+                            cursor = last.lsn;
                         }
-                        events
+                        latest(&changes)
+                            .into_iter()
+                            .filter_map(|(lsn, space, id)| {
+                                event(r.state(), space, id, &req.cluster_id, store.sequence(lsn))
+                            })
+                            .collect()
                     }
                 };
                 (events, r.lsn())
@@ -85,6 +79,25 @@ pub fn stream(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// What `changes` touched, each once, at the last change that touched it, in the
+/// order of those changes: a cluster written many times in one batch (heartbeats) is
+/// read and sent once, with its current value, and sequences still only grow.
+fn latest(changes: &[crate::replica::Change]) -> Vec<(u64, Space, &str)> {
+    let mut last: std::collections::HashMap<(Space, &str), usize> = Default::default();
+    let mut all = Vec::new();
+    for c in changes {
+        for (space, id) in &c.touched {
+            last.insert((*space, id.as_str()), all.len());
+            all.push((c.lsn, *space, id.as_str()));
+        }
+    }
+    all.into_iter()
+        .enumerate()
+        .filter(|(i, (_, space, id))| last.get(&(*space, *id)) == Some(i))
+        .map(|(_, t)| t)
+        .collect()
 }
 
 fn snapshot(state: &crate::crdt::State, filter: &str, lsn: u64) -> Vec<pb::WatchEvent> {
@@ -148,4 +161,33 @@ fn event(
         sequence: lsn,
         change: Some(change),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::Change;
+
+    #[test]
+    fn a_batch_sends_each_touched_thing_once_at_its_last_change() {
+        let change = |lsn, touched: &[(Space, &str)]| Change {
+            lsn,
+            touched: touched.iter().map(|(s, i)| (*s, (*i).to_owned())).collect(),
+        };
+        let batch = [
+            change(5, &[(Space::Cluster, "a"), (Space::Operation, "o")]),
+            change(6, &[(Space::Cluster, "b")]),
+            change(7, &[(Space::Cluster, "a")]),
+            change(8, &[(Space::Operation, "a")]),
+        ];
+        assert_eq!(
+            latest(&batch),
+            [
+                (5, Space::Operation, "o"),
+                (6, Space::Cluster, "b"),
+                (7, Space::Cluster, "a"),
+                (8, Space::Operation, "a"),
+            ]
+        );
+    }
 }

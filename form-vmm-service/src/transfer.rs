@@ -50,6 +50,9 @@ pub struct Settings {
     pub corrupt_chunk: u64,
     /// Chunks served so far.
     served: AtomicU64,
+    /// A channel per source node pulled from, kept: a pull from a node pulled from
+    /// before needs no new connection (and TLS handshake); a broken one reconnects.
+    sources: std::sync::Mutex<std::collections::HashMap<HostPort, tonic::transport::Channel>>,
 }
 
 impl Settings {
@@ -59,7 +62,7 @@ impl Settings {
             max_bytes_per_second,
             store_max_bytes,
             corrupt_chunk,
-            served: AtomicU64::new(0),
+            ..Default::default()
         }
     }
 }
@@ -192,6 +195,30 @@ fn safe_path(p: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_)))
 }
 
+/// The channel to source node `from`, dialled the first time.
+fn source(settings: &Settings, from: HostPort) -> Result<tonic::transport::Channel, VmmError> {
+    let mut sources = settings
+        .sources
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(c) = sources.get(&from) {
+        return Ok(c.clone());
+    }
+    let channel = form_runtime::tls::client::channel(Kind::Vmm, std::slice::from_ref(&from), |e| {
+        e.connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            // Small windows keep the source close to the rate this node reads at, so
+            // little is in flight when a link breaks.
+            .initial_stream_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW)
+    })
+    .map_err(|e| VmmError::invalid("from_address", e))?;
+    sources.insert(from, channel.clone());
+    Ok(channel)
+}
+
 /// Pulls snapshot `r.snapshot_id` from the node at `r.from_address` into `store`.
 pub async fn pull(
     store: &SnapshotStore,
@@ -218,17 +245,7 @@ pub async fn pull(
             ),
         )
     })?;
-    let channel = form_runtime::tls::client::channel(Kind::Vmm, &[from], |e| {
-        e.connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            // Small windows keep the source close to the rate this node reads at, so
-            // little is in flight when a link breaks.
-            .initial_stream_window_size(WINDOW)
-            .initial_connection_window_size(WINDOW)
-    })
-    .map_err(|e| VmmError::invalid("from_address", e))?;
+    let channel = source(settings, from)?;
     let client = VmmServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
     let rate = match (settings.max_bytes_per_second, r.max_bytes_per_second) {
         (0, n) | (n, 0) => n,

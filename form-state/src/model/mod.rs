@@ -1,7 +1,9 @@
 //! The bridge between the wire types of `form.state.v1` and the CRDT: requests become
 //! deltas ([`write`]), the state is read back as clusters and operations ([`read`]),
-//! and requests are checked first ([`validate`]).
+//! requests are checked first ([`validate`]), and operations are found by cluster
+//! through an [`index`].
 
+pub mod index;
 pub mod read;
 pub mod validate;
 pub mod write;

@@ -241,26 +241,37 @@ struct ClusterOf {
 }
 
 /// Operations of `cluster` (all when empty), newest first, at most `limit` (0 = all);
-/// with `unfinished_only`, only those that have not ended.
+/// with `unfinished_only`, only those that have not ended. It looks at every
+/// operation; [`operations_among`] looks only at candidates an index gave.
 pub fn operations(
     state: &State,
     cluster: &str,
     limit: usize,
     unfinished_only: bool,
 ) -> Vec<types::Operation> {
-    let mut ops: Vec<types::Operation> = state
-        .ids(Space::Operation)
+    operations_among(
+        state,
+        state.ids(Space::Operation),
+        cluster,
+        limit,
+        unfinished_only,
+    )
+}
+
+/// [`operations`] among the operations `ids` (each is checked, so a candidate that is
+/// not of `cluster`, or has ended, is left out).
+pub fn operations_among<'a>(
+    state: &State,
+    ids: impl IntoIterator<Item = &'a str>,
+    cluster: &str,
+    limit: usize,
+    unfinished_only: bool,
+) -> Vec<types::Operation> {
+    let mut ops: Vec<types::Operation> = ids
         .into_iter()
         .filter(|id| {
-            let view = state.view(Space::Operation, id);
-            let mut key = Key::operation(id, Field::OperationBody);
-            let of_cluster = cluster.is_empty()
-                || decode::<ClusterOf>(view.get(&key)).is_some_and(|c| c.cluster_id == cluster);
-            key.field = Field::OperationStatus;
-            of_cluster
-                && (!unfinished_only
-                    || !decode::<types::OperationStatus>(view.get(&key))
-                        .is_some_and(|s| form_proto::status_is_terminal(&s)))
+            (cluster.is_empty() || operation_cluster(state, id).is_some_and(|c| c == cluster))
+                && (!unfinished_only || operation_unfinished(state, id))
         })
         .filter_map(|id| operation(state, id))
         .collect();
@@ -269,6 +280,17 @@ pub fn operations(
         ops.truncate(limit);
     }
     ops
+}
+
+/// The cluster of operation `id` (decoding only that field of its body), if it exists.
+pub fn operation_cluster(state: &State, id: &str) -> Option<String> {
+    decode::<ClusterOf>(state.get(&Key::operation(id, Field::OperationBody))).map(|c| c.cluster_id)
+}
+
+/// Whether operation `id` has a status that has not ended (no status: not started).
+pub fn operation_unfinished(state: &State, id: &str) -> bool {
+    !decode::<types::OperationStatus>(state.get(&Key::operation(id, Field::OperationStatus)))
+        .is_some_and(|s| form_proto::status_is_terminal(&s))
 }
 
 /// A status for messages, e.g. `InProgress{2: clone}`.

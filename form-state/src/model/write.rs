@@ -552,22 +552,27 @@ pub fn put_operation(
     r: &pb::PutOperationRequest,
     keep: usize,
 ) -> Result<Option<Delta>, StateError> {
-    put_operation_pruning(state, actor, now, r, &finished_beyond(state, r, keep))
+    let prune = finished_beyond(state, state.ids(Space::Operation), r, keep);
+    put_operation_pruning(state, actor, now, r, &prune)
 }
 
 /// The finished operations of `r`'s cluster that go when `r` ends its operation, the
 /// oldest beyond `keep` (`r`'s own counted as the newest); none when `r` does not end
-/// one. It reads every operation: the service runs it off the replica's lock, and
-/// [`put_operation_pruning`] takes its answer (stale by a write or two at most, which
-/// only leaves an operation for the next end to take).
-pub fn finished_beyond(state: &State, r: &pb::PutOperationRequest, keep: usize) -> Vec<String> {
+/// one. It looks among the operations `ids` (the service gives those of the cluster,
+/// from the replica's index); [`put_operation_pruning`] checks each again.
+pub fn finished_beyond<'a>(
+    state: &State,
+    ids: impl IntoIterator<Item = &'a str>,
+    r: &pb::PutOperationRequest,
+    keep: usize,
+) -> Vec<String> {
     let Some(op) = r.operation.as_ref() else {
         return Vec::new();
     };
     if !form_proto::operation_is_terminal(op) {
         return Vec::new();
     }
-    read::operations(state, &op.cluster_id, 0, false)
+    read::operations_among(state, ids, &op.cluster_id, 0, false)
         .into_iter()
         .filter(|o| o.operation_id != op.operation_id && form_proto::operation_is_terminal(o))
         .skip(keep.saturating_sub(1))

@@ -1,0 +1,74 @@
+//! Following form-state's `Watch`: a stream from sequence 0 (a `Reset`, the whole
+//! state, `Synced`, then every change) is opened, each event handed on, and when the
+//! stream ends or fails the follower is told and a new one is opened after a backoff
+//! (it starts with a whole snapshot again). The balancer keeps its routes this way,
+//! and the controller its view of the clusters.
+
+use std::future::Future;
+
+use form_proto::state::v1 as pb;
+
+use crate::shutdown::Shutdown;
+use crate::upstream::{BACKOFF_MAX, BACKOFF_MIN};
+
+/// What follows the stream.
+pub trait Follower {
+    /// An event, in the stream's order.
+    fn event(&mut self, ev: pb::WatchEvent);
+
+    /// The stream ended or failed: events stop until a new stream's `Reset`.
+    fn lost(&mut self) {}
+}
+
+/// The whole-state request a follower opens.
+pub fn from_start() -> pb::WatchRequest {
+    pb::WatchRequest {
+        from_sequence: 0,
+        cluster_id: String::new(),
+    }
+}
+
+/// Follows until shutdown: `open` starts a stream (`who` names the follower in logs).
+pub async fn follow<F, Fut>(who: &str, mut open: F, f: &mut impl Follower, mut shutdown: Shutdown)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Streaming<pb::WatchEvent>, tonic::Status>>,
+{
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = tokio::select! {
+            r = open() => r,
+            _ = shutdown.requested() => return,
+        };
+        match started {
+            Ok(mut stream) => loop {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    _ = shutdown.requested() => return,
+                };
+                match msg {
+                    Ok(Some(ev)) => {
+                        backoff = BACKOFF_MIN;
+                        f.event(ev);
+                    }
+                    Ok(None) => {
+                        tracing::warn!(who, "form-state ended the watch; reconnecting");
+                        f.lost();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(who, error = %e.message(), "watch of form-state failed; reconnecting");
+                        f.lost();
+                        break;
+                    }
+                }
+            },
+            Err(e) => tracing::debug!(who, error = %e.message(), "cannot watch form-state yet"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.requested() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
