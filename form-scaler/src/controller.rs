@@ -60,7 +60,9 @@ pub struct Shared {
     pub epochs: crate::fencing::Epochs,
     /// The clusters, followed through form-state's watch.
     pub clusters: Arc<crate::clusters::Clusters>,
-    submit: tokio::sync::Mutex<()>,
+    /// Requests one at a time per cluster, and per operation id (`keyed.rs`): from the
+    /// check that nothing runs to the record and launch of the operation.
+    submits: crate::keyed::Keyed,
     /// Woken whenever an operation's task here has ended (see `ending`).
     task_ended: tokio::sync::Notify,
     counter: AtomicU64,
@@ -94,7 +96,7 @@ impl Shared {
             created: Mutex::default(),
             epochs: Default::default(),
             clusters: Default::default(),
-            submit: tokio::sync::Mutex::new(()),
+            submits: Default::default(),
             task_ended: tokio::sync::Notify::new(),
             counter: AtomicU64::new(0),
         }
@@ -153,7 +155,7 @@ impl Shared {
                 .map_err(|e| Status::invalid_argument(format!("operation_id {e}")))?;
         }
         self.wait_ready().await?;
-        let _one_at_a_time = self.submit.lock().await;
+        let _one_at_a_time = self.one_at_a_time(cluster_id, &req.operation_id).await;
         let mut state = self.engine.platform.state.clone();
         match state
             .get_operation(state_pb::GetOperationRequest {
@@ -270,7 +272,7 @@ impl Shared {
             ));
         }
         self.wait_ready().await?;
-        let _one_at_a_time = self.submit.lock().await;
+        let _one_at_a_time = self.one_at_a_time(&id, &operation_id).await;
         let mut state = self.engine.platform.state.clone();
         let owner = self.peers.owner_of(&id);
         let mut op = plan::create_cluster(&operation_id, &spec, &owner, record::now_ms());
@@ -326,6 +328,18 @@ impl Shared {
             self.launch(op.clone());
         }
         Ok(op)
+    }
+
+    /// Waits for the turn of a request on `cluster` with `operation` (locks taken in
+    /// this order everywhere: cluster, then operation).
+    async fn one_at_a_time(
+        &self,
+        cluster: &str,
+        operation: &str,
+    ) -> (crate::keyed::Held<'_>, crate::keyed::Held<'_>) {
+        let c = self.submits.lock(format!("cluster/{cluster}")).await;
+        let o = self.submits.lock(format!("operation/{operation}")).await;
+        (c, o)
     }
 
     /// Waits (briefly) until the view of the other controllers has been read.
@@ -602,17 +616,17 @@ impl Shared {
     /// before it). An operation of a live controller stays with it, even when its
     /// cluster has moved: two controllers never run one operation.
     pub async fn resume(self: &Arc<Self>) -> Result<usize, Status> {
-        // Only the unfinished ones, listed before the submit lock is taken (a fleet's
-        // list would hold every request behind it); each is read again under the lock,
-        // since a request may have launched or ended it meanwhile.
+        // Only the unfinished ones; each is read again under its cluster's lock, since
+        // a request may have launched or ended it meanwhile.
         let listed = self.list_operations("", 0, true).await?;
-        if listed.is_empty() {
-            return Ok(0);
-        }
-        // Not while a request is between recording its operation and launching it.
-        let _one_at_a_time = self.submit.lock().await;
         let mut adopted = 0;
         for op in listed {
+            // Not while a request on its cluster is between recording its operation
+            // and launching it.
+            let _one_at_a_time = self
+                .submits
+                .lock(format!("cluster/{}", op.cluster_id))
+                .await;
             if ops::is_terminal(&op)
                 || self.running(&op.cluster_id).is_some()
                 || lock(&self.ended).contains(&op.operation_id)

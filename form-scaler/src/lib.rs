@@ -13,6 +13,7 @@ pub mod fencing;
 pub mod fleet;
 pub mod health;
 pub mod health_round;
+pub mod keyed;
 pub mod observe;
 pub mod ops;
 pub mod ownership;
