@@ -1,7 +1,9 @@
 //! Following form-state's `Watch`: a stream from sequence 0 (a `Reset`, the whole
 //! state, `Synced`, then every change) is opened, each event handed on, and when the
-//! stream ends or fails the follower is told and a new one is opened after a backoff
-//! (it starts with a whole snapshot again). The balancer keeps its routes this way,
+//! stream ends, fails or stalls (nothing for [`STALLED`], while a replica sends a
+//! progress mark every second when idle) the follower is told and a new one is opened
+//! after a backoff (it starts with a whole snapshot again; the channel may have moved
+//! to another replica meanwhile). The balancer keeps its routes this way,
 //! and the controller its view of the clusters.
 
 use std::future::Future;
@@ -10,6 +12,11 @@ use form_proto::state::v1 as pb;
 
 use crate::shutdown::Shutdown;
 use crate::upstream::{BACKOFF_MAX, BACKOFF_MIN};
+
+/// A stream that sends nothing for this long (a replica sends a progress mark every
+/// second when idle) is taken as stalled: a replica that hangs, or a link that went
+/// silent, is left for another stream.
+pub const STALLED: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What follows the stream.
 pub trait Follower {
@@ -43,8 +50,13 @@ where
         match started {
             Ok(mut stream) => loop {
                 let msg = tokio::select! {
-                    m = stream.message() => m,
+                    m = tokio::time::timeout(STALLED, stream.message()) => m,
                     _ = shutdown.requested() => return,
+                };
+                let Ok(msg) = msg else {
+                    tracing::warn!(who, after = ?STALLED, "the watch of form-state sent nothing, not even a progress mark; reconnecting");
+                    f.lost();
+                    break;
                 };
                 match msg {
                     Ok(Some(ev)) => {

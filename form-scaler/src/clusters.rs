@@ -4,12 +4,14 @@
 //! cluster and member, a watch only what changed.
 //!
 //! The view is used only while it is in step with the stream: from the `Synced` that
-//! ends a snapshot until the stream ends or fails. Otherwise (at start, while a new
-//! stream sends its snapshot, while form-state is unreachable) [`Clusters::list`]
-//! asks form-state, so no decision is taken on a view that stopped following.
-//! The stream comes from the replica the controller's other calls use (the same
-//! sticky channel), so what it shows is what the next call reads, give or take the
-//! changes not yet durable there.
+//! ends a snapshot until the stream ends, fails or stalls (nothing for 5 s, while a
+//! replica sends a progress mark every second when idle: `form_runtime::watch`).
+//! Otherwise (at start, while a new stream sends its snapshot, while form-state is
+//! unreachable or hangs) [`Clusters::list`] asks form-state, so no decision is taken
+//! on a view that stopped following. The stream is opened on the channel the
+//! controller's other calls use; after that channel moved to another replica, the
+//! view follows the replica it was opened on while that one keeps sending, which is
+//! as eventually consistent as any replica's answer.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};

@@ -1,8 +1,9 @@
 //! `Watch`: a stream of changes from a replica-local sequence number. A subscriber
 //! that asks for 0, or for changes already trimmed, first gets `Reset`, the whole
 //! state and `Synced`, then every change as it becomes durable. Each event carries the current
-//! value of what changed: several changes to one cluster that become durable together
-//! arrive as one value, at the sequence of the last of them.
+//! value of what changed: several changes to one cluster read together (all that became
+//! durable since the stream last read) arrive as one value, at the sequence of the
+//! last of them. A stream with nothing to send gets a progress mark every second.
 
 use std::sync::Arc;
 
@@ -15,6 +16,10 @@ use tonic::Status;
 use crate::crdt::Space;
 use crate::model::read;
 use crate::store::Store;
+
+/// A stream with nothing to send for this long gets a progress mark (an event with no
+/// change): its follower knows it is not stalled.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Events buffered per subscriber before it is considered too slow.
 const SUBSCRIBER_BUFFER: usize = 1024;
@@ -75,6 +80,12 @@ pub fn stream(
             tokio::select! {
                 changed = durable.changed() => if changed.is_err() { return },
                 _ = tx.closed() => return,
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    let mark = pb::WatchEvent { sequence: store.sequence(cursor), change: None };
+                    if tx.send(Ok(mark)).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
     });

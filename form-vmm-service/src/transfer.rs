@@ -195,7 +195,11 @@ fn safe_path(p: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_)))
 }
 
-/// The channel to source node `from`, dialled the first time.
+/// Pulls from one source that get a full window each on their shared connection.
+const PULLS_SHARING: u32 = 4;
+
+/// The channel to source node `from`, dialled the first time (one per source node of
+/// the fleet; tonic redials a broken one at the next call).
 fn source(settings: &Settings, from: HostPort) -> Result<tonic::transport::Channel, VmmError> {
     let mut sources = settings
         .sources
@@ -210,9 +214,11 @@ fn source(settings: &Settings, from: HostPort) -> Result<tonic::transport::Chann
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             // Small windows keep the source close to the rate this node reads at, so
-            // little is in flight when a link breaks.
+            // little is in flight when a link breaks. The connection is shared by the
+            // pulls from one source: its window holds several streams' worth, so a
+            // paced or slow pull does not hold the others back.
             .initial_stream_window_size(WINDOW)
-            .initial_connection_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW * PULLS_SHARING)
     })
     .map_err(|e| VmmError::invalid("from_address", e))?;
     sources.insert(from, channel.clone());
