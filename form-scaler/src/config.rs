@@ -48,7 +48,7 @@ pub struct Config {
     pub operation_timeout_ms: u64,
     /// Milliseconds of samples whose mean a decision takes (CPU, request rate).
     pub metric_window_ms: u64,
-    /// Injected faults, `STEP[=fail|hang|hold:FILE]` (tests of rollback and restarts).
+    /// Injected faults, `STEP[=fail|hang|hold:FILE|skip_undo]` (tests of rollback and restarts).
     pub inject_fault: Vec<String>,
     /// Milliseconds an instance stays unhealthy before it is replaced.
     pub replace_after_ms: u64,
@@ -235,11 +235,11 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub controller_ttl_ms: Option<u64>,
 
-    /// Inject a fault at a step, STEP[=fail|hang|hold:FILE] (tests of rollback and
+    /// Inject a fault at a step, STEP[=fail|hang|hold:FILE|skip_undo] (tests of rollback and
     /// restarts; hold waits before the step until FILE exists)
     #[arg(
         long,
-        value_name = "STEP[=fail|hang|hold:FILE]",
+        value_name = "STEP[=fail|hang|hold:FILE|skip_undo]",
         env = "FORM_SCALER_INJECT_FAULT",
         value_delimiter = ','
     )]

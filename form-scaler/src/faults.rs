@@ -1,9 +1,12 @@
-//! Fault injection for tests of rollback and restarts (`--inject-fault STEP[=fail|hang|hold:FILE]`).
+//! Fault injection for tests of rollback and restarts
+//! (`--inject-fault STEP[=fail|hang|hold:FILE|skip_undo]`).
 //! `fail`: the step runs, then reports an error once, so its undo must clean up real
 //! work (a step after the commit is retried, and succeeds).
 //! `hang`: the step is recorded, then never runs (a controller killed mid-operation).
 //! `hold:FILE`: the step is recorded, then waits until FILE exists (a test does
 //! something in that window, then creates FILE).
+//! `skip_undo`: the step's undo does nothing (a broken rollback, for the checks that
+//! must catch one).
 //! Faults apply to forward steps only, on every operation of this controller.
 
 use std::collections::HashMap;
@@ -22,6 +25,9 @@ pub enum Fault {
     Hang,
     /// Wait before the step until this file exists.
     Hold(PathBuf),
+    /// The step runs, but its undo does nothing and reports success: a deliberately
+    /// broken rollback, which checks of what a platform runs must catch.
+    SkipUndo,
 }
 
 /// The faults of this controller, by step.
@@ -43,12 +49,13 @@ impl Faults {
             let fault = match mode.split_once(':') {
                 None if mode == "fail" => Fault::Fail,
                 None if mode == "hang" => Fault::Hang,
+                None if mode == "skip_undo" => Fault::SkipUndo,
                 Some(("hold", file)) if !file.is_empty() => Fault::Hold(PathBuf::from(file)),
                 _ => {
                     return Err(ConfigError::invalid(
                         "inject_fault",
                         format!(
-                            "unknown mode '{mode}' in '{spec}'; expected fail, hang or hold:FILE"
+                            "unknown mode '{mode}' in '{spec}'; expected fail, hang, skip_undo or hold:FILE"
                         ),
                     ));
                 }
@@ -79,7 +86,8 @@ mod tests {
         assert!(e.to_string().contains("unknown step 'clone'"), "{e}");
         let e = Faults::parse(&["add_members=boom".into()]).expect_err("mode");
         assert!(
-            e.to_string().contains("expected fail, hang or hold:FILE"),
+            e.to_string()
+                .contains("expected fail, hang, skip_undo or hold:FILE"),
             "{e}"
         );
         let f = Faults::parse(&["add_members=hold:/tmp/go".into()]).expect("hold");

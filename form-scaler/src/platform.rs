@@ -109,6 +109,23 @@ impl Platform {
         })
     }
 
+    /// Clients over channels made elsewhere (an in-memory network in tests): `state`,
+    /// the vmm nodes of `fleet`, and each balancer with its name.
+    pub fn over(
+        state: Channel,
+        fleet: crate::fleet::Fleet,
+        balancers: Vec<(String, Channel)>,
+    ) -> Self {
+        Self {
+            state: StateServiceClient::new(crate::fencing::fenced(state)),
+            fleet: std::sync::Arc::new(fleet),
+            balancers: balancers
+                .into_iter()
+                .map(|(name, ch)| (name, RplbControlClient::new(crate::fencing::fenced(ch))))
+                .collect(),
+        }
+    }
+
     /// Why `node` is lost (no heartbeat for the node timeout), if it is.
     pub async fn lost(&self, node: &str, timeout: std::time::Duration) -> Option<String> {
         self.fleet.lost(&self.state, node, timeout).await

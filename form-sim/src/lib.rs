@@ -9,6 +9,7 @@
 pub mod disk;
 pub mod history;
 pub mod options;
+pub mod platform;
 pub mod rng;
 pub mod track;
 pub mod world;

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod conformance;
 pub mod dir;
 pub mod guest;
+pub mod memnet;
 pub mod net;
 pub mod pki;
 pub mod probe;

@@ -195,6 +195,18 @@ fn safe_path(p: &str) -> bool {
             .all(|c| matches!(c, Component::Normal(_)))
 }
 
+impl Settings {
+    /// These settings, with the channel to the source node at `address` given (an
+    /// in-memory network in tests) instead of dialled.
+    pub fn with_source(self, address: HostPort, channel: tonic::transport::Channel) -> Self {
+        self.sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(address, channel);
+        self
+    }
+}
+
 /// Pulls from one source that get a full window each on their shared connection.
 const PULLS_SHARING: u32 = 4;
 

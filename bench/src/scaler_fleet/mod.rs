@@ -1,14 +1,12 @@
 //! `form-bench scaler-fleet`: the operations of a simulated fleet against a single
 //! node. The vmm nodes run in this process (`VmmApi` over the in-memory backend of
-//! `memory.rs`, each on its own gRPC port with the vmm certificate, each writing its
+//! `form_sim::platform::memory`, each on its own gRPC port with the vmm certificate, each writing its
 //! node record to form-state every second); form-state and form-scaler are the real
 //! binaries. The fleet: `nodes` nodes, `clusters` clusters of `members` instances,
 //! made through the controller; then one scale-out by one per cluster, each timed
 //! from the request until the operation completed. The single-node case runs the same
 //! on one node with 10 clusters. Since the backend does nothing, the times are what
 //! the platform adds to a backend: placement, form-state, fencing, the calls.
-
-mod memory;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,7 +31,7 @@ use form_vmm_service::snapshots::SnapshotStore;
 use tokio::task::JoinSet;
 
 use crate::quantile;
-use memory::Memory;
+use form_sim::platform::memory::Memory;
 
 /// One case's figures.
 struct Figures {

@@ -441,6 +441,10 @@ impl Engine {
     }
 
     async fn undo_step(&self, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
+        if self.faults.at(step) == Some(Fault::SkipUndo) {
+            tracing::warn!(operation = %op.operation_id, step = step.name(), "injected fault: the undo of this step does nothing");
+            return Ok(());
+        }
         match step {
             Step::StoreCluster | Step::CreateTemplate | Step::AddTemplate => {
                 lifecycle::undo(self, step, op).await

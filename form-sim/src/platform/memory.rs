@@ -20,7 +20,7 @@ use form_vmm_service::snapshots::Manifest;
 
 /// A node's instances, in memory.
 #[derive(Debug, Default)]
-pub(crate) struct Memory {
+pub struct Memory {
     instances: Mutex<BTreeMap<String, InstanceInfo>>,
 }
 

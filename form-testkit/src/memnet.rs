@@ -1,0 +1,204 @@
+//! An in-memory network for in-process services: gRPC servers registered by name,
+//! tonic channels that reach them through in-memory pipes, and faults. The services
+//! and their clients are the production code; only the sockets are replaced, so every
+//! call is encoded, framed and answered as on the wire.
+//!
+//! Faults: [`Net::partition`] refuses new connections to a name and cuts those open
+//! (both sides see the connection break, as when a host goes away);
+//! [`Net::heal`] lets connections through again. A tonic channel redials by itself at
+//! its next call.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use tokio::io::DuplexStream;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Bytes a pipe buffers each way.
+const PIPE: usize = 256 * 1024;
+
+/// See the module documentation. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Net {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Where a new connection to each name is handed to its server.
+    servers: HashMap<String, mpsc::UnboundedSender<DuplexStream>>,
+    /// Names no connection reaches.
+    partitioned: HashSet<String>,
+    /// The relays of the open connections to each name.
+    open: HashMap<String, Vec<AbortHandle>>,
+}
+
+impl Net {
+    /// Serves `router` as `name` until `stop` resolves.
+    pub fn serve(
+        &self,
+        name: &str,
+        router: tonic::transport::server::Router,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let (tx, rx) = mpsc::unbounded_channel::<DuplexStream>();
+        self.lock().servers.insert(name.to_owned(), tx);
+        let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let incoming = tokio_stream::StreamExt::map(incoming, Ok::<_, io::Error>);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                eprintln!("in-memory server {name}: {e}");
+            }
+        })
+    }
+
+    /// A channel to `name` (connected at its first call, and again after a cut).
+    pub fn channel(&self, name: &str) -> Channel {
+        Endpoint::from_static("http://in-memory.invalid").connect_with_connector_lazy(Connector {
+            net: self.clone(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Refuses connections to `name` and cuts the open ones.
+    pub fn partition(&self, name: &str) {
+        let mut inner = self.lock();
+        inner.partitioned.insert(name.to_owned());
+        for relay in inner.open.remove(name).unwrap_or_default() {
+            relay.abort();
+        }
+    }
+
+    /// Lets connections to `name` through again.
+    pub fn heal(&self, name: &str) {
+        self.lock().partitioned.remove(name);
+    }
+
+    /// A new connection to `name`: a pipe to the client, a pipe to the server, and a
+    /// relay between them that a partition aborts.
+    fn connect(&self, name: &str) -> io::Result<DuplexStream> {
+        let mut inner = self.lock();
+        if inner.partitioned.contains(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("{name} is partitioned"),
+            ));
+        }
+        let Some(server) = inner.servers.get(name) else {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("nothing serves {name}"),
+            ));
+        };
+        let (client, mut near) = tokio::io::duplex(PIPE);
+        let (mut far, served) = tokio::io::duplex(PIPE);
+        server.send(served).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("{name} stopped serving"),
+            )
+        })?;
+        let relay = tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut near, &mut far).await;
+        });
+        let open = inner.open.entry(name.to_owned()).or_default();
+        open.retain(|r| !r.is_finished());
+        open.push(relay.abort_handle());
+        Ok(client)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Connects a channel to one name of a [`Net`].
+#[derive(Debug, Clone)]
+struct Connector {
+    net: Net,
+    name: String,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<DuplexStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let r = self.net.connect(&self.name).map(TokioIo::new);
+        Box::pin(async move { r })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+
+    async fn check(net: &Net) -> Result<i32, tonic::Status> {
+        let mut c = HealthClient::new(net.channel("svc"));
+        let call = c.check(HealthCheckRequest::default());
+        match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(r) => Ok(r?.into_inner().status),
+            Err(_) => Err(tonic::Status::deadline_exceeded("no answer in 5 s")),
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_go_through_until_a_partition_and_again_after_the_heal() {
+        let net = Net::default();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let router = tonic::transport::Server::builder().add_service(health);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = net.serve("svc", router, async {
+            let _ = stopped.await;
+        });
+        assert_eq!(check(&net).await.ok(), Some(ServingStatus::Serving as i32));
+
+        // One channel across the faults: it breaks, then redials by itself.
+        let mut c = HealthClient::new(net.channel("svc"));
+        assert!(c.check(HealthCheckRequest::default()).await.is_ok());
+        net.partition("svc");
+        // The open connection was cut (the call fails as on a closed socket), and a
+        // new one is refused.
+        for _ in 0..2 {
+            let code = c
+                .check(HealthCheckRequest::default())
+                .await
+                .map_err(|s| s.code());
+            assert!(
+                matches!(code, Err(tonic::Code::Unavailable | tonic::Code::Cancelled)),
+                "a partitioned name is unreachable: {code:?}"
+            );
+        }
+        net.heal("svc");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while c.check(HealthCheckRequest::default()).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "healed within 5 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            check(&Net::default()).await.is_err(),
+            "another net has no such name"
+        );
+        let _ = stop.send(());
+        served.await.expect("the server stops");
+    }
+}
