@@ -161,6 +161,26 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Seeded runs of operations under faults on the in-process platform (form-state
+    /// replicas, vmm nodes and a controller over an in-memory network): operations per
+    /// second and every failing seed.
+    SimPlatform {
+        /// Seeds to run.
+        #[arg(long, default_value_t = 10)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// form-state replicas.
+        #[arg(long, default_value_t = 5)]
+        replicas: usize,
+        /// vmm nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Operations per run.
+        #[arg(long, default_value_t = 12)]
+        ops: usize,
+    },
     /// Convergence in simulation at fleet scale (9 replicas, 1,000 clusters) against 3 replicas and 10 clusters.
     SimFleet {
         /// Clusters of 10 members at fleet scale.
@@ -313,6 +333,13 @@ fn main() -> ExitCode {
                 seconds,
             } => sim::seeds(from, seeds, replicas, seconds),
             Command::SimFleet { clusters, seconds } => sim::fleet(clusters, seconds),
+            Command::SimPlatform {
+                seeds,
+                from,
+                replicas,
+                nodes,
+                ops,
+            } => sim::platform(from, seeds, replicas, nodes, ops).await,
             Command::RplbHttp {
                 runs,
                 seconds,

@@ -1,6 +1,8 @@
 //! The simulator's benchmarks (form-sim, docs/simulation.md): `sim` runs many seeds of
 //! the faulty 5-replica platform and prints runs per second and every failing seed;
-//! `sim-fleet` compares convergence at fleet scale against a small platform.
+//! `sim-fleet` compares convergence at fleet scale against a small platform;
+//! `sim-platform` runs operations under faults on the in-process platform
+//! (`form_sim::platform`) and prints operations per second and every failing seed.
 
 use std::time::Instant;
 
@@ -86,4 +88,56 @@ pub(crate) fn fleet(clusters: usize, seconds: u64) -> anyhow::Result<()> {
         if ratio <= 2.0 { "met" } else { "NOT met" }
     );
     Ok(())
+}
+
+/// `form-bench sim-platform --seeds N --from S`: seeded runs of `ops` operations each
+/// on `replicas` replicas and `nodes` nodes.
+pub(crate) async fn platform(
+    from: u64,
+    count: u64,
+    replicas: usize,
+    nodes: usize,
+    ops: usize,
+) -> anyhow::Result<()> {
+    use form_sim::platform::{Setup, run};
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut all = run::Outcomes::new();
+    for seed in from..from + count {
+        let dir = form_testkit::dir::TestDir::new(&format!("bench-sim-platform-{seed}"));
+        let setup = Setup {
+            nodes,
+            replicas,
+            faults: Default::default(),
+        };
+        match run::seeded(dir.path(), seed, ops, setup).await {
+            Ok(o) => {
+                for (k, n) in o {
+                    *all.entry(k).or_default() += n;
+                }
+            }
+            Err(e) => {
+                println!("seed {seed} FAILED: {e}");
+                failed.push(seed);
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let ended: usize = ["completed", "rolled_back"]
+        .iter()
+        .filter_map(|k| all.get(k))
+        .sum();
+    println!(
+        "sim-platform: {count} runs of {replicas} replicas and {nodes} nodes, up to {ops} operations each, in {secs:.1} s: {:.2} runs/s, {:.1} operations/s; {all:?}",
+        count as f64 / secs,
+        ended as f64 / secs
+    );
+    if failed.is_empty() {
+        println!("every seed passed");
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "failing seeds (the same draws again, in a debug build: FORM_SIM_PLATFORM_SEED=<seed> cargo test -p form-sim --test platform seeded): {failed:?}"
+        )
+    }
 }

@@ -6,7 +6,12 @@
 //! the wall clock (the services read it directly), so runs are driven by conditions
 //! with deadlines, not by simulated time.
 
+mod controller;
 pub mod memory;
+pub mod run;
+mod state;
+
+pub use controller::Controller;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,15 +20,9 @@ use std::time::Duration;
 
 use form_proto::state::v1 as state_pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
-use form_proto::state::v1::state_service_server::StateServiceServer;
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1::vmm_service_server::VmmServiceServer;
 use form_runtime::shutdown::{self, Shutdown, ShutdownHandle, ShutdownKind};
-use form_scaler::controller::Shared;
-use form_scaler::fleet::{Dialer, Fleet};
-use form_scaler::ops::engine::{Engine, Limits};
-use form_state::service::StateApi;
-use form_state::store::{Store, StoreConfig};
 use form_testkit::memnet::Net;
 use form_vmm_service::hypervisor::Hypervisor;
 use form_vmm_service::node::Record;
@@ -33,8 +32,31 @@ use tonic::transport::{Channel, Server};
 
 use memory::Memory;
 
-/// The name form-state serves under.
-pub const STATE: &str = "state:1";
+/// The name of form-state replica `i` (from 1); the controller uses the first.
+pub fn replica(i: usize) -> String {
+    format!("state-{i}:1")
+}
+
+/// What an in-process platform runs.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// vmm nodes.
+    pub nodes: usize,
+    /// form-state replicas, gossiping with each other.
+    pub replicas: usize,
+    /// Faults injected into the controller's steps.
+    pub faults: form_scaler::faults::Faults,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            replicas: 1,
+            faults: Default::default(),
+        }
+    }
+}
 
 /// One vmm node: its id, the address it is reached at, its instances.
 #[derive(Debug, Clone)]
@@ -52,41 +74,37 @@ pub struct Node {
 pub struct InProcess {
     /// The network between the services.
     pub net: Net,
+    /// The form-state replicas' names (the controller uses the first).
+    pub replicas: Vec<String>,
     /// The vmm nodes.
     pub nodes: Vec<Node>,
-    /// The controller.
-    pub controller: Arc<Shared>,
+    /// The controller (none between a crash and its restart).
+    pub controller: Option<Controller>,
     stop: Option<ShutdownHandle>,
     tasks: tokio::task::JoinSet<()>,
 }
 
 impl InProcess {
-    /// A platform of `nodes` nodes with its data under `dir`.
+    /// A platform of one replica and `nodes` nodes with its data under `dir`.
     pub async fn start(dir: &Path, nodes: usize) -> anyhow::Result<Self> {
-        Self::with_faults(dir, nodes, Default::default()).await
+        Self::with(
+            dir,
+            Setup {
+                nodes,
+                ..Default::default()
+            },
+        )
+        .await
     }
 
-    /// [`InProcess::start`] with faults injected into the controller's steps.
-    pub async fn with_faults(
-        dir: &Path,
-        nodes: usize,
-        faults: form_scaler::faults::Faults,
-    ) -> anyhow::Result<Self> {
+    /// The platform `setup` describes, with its data under `dir`.
+    pub async fn with(dir: &Path, setup: Setup) -> anyhow::Result<Self> {
+        let nodes = setup.nodes;
+        let faults = setup.faults.clone();
         let net = Net::default();
         let (stop, stopped) = shutdown::channel();
         let mut tasks = tokio::task::JoinSet::new();
-        let store = Store::open(&StoreConfig {
-            replica_id: "s1".into(),
-            data_dir: dir.join("state"),
-            node_key: dir.join("state-node.key"),
-            authorized_keys: None,
-            snapshot_every: 10_000,
-            limits: Default::default(),
-        })?;
-        let state = Server::builder()
-            .add_service(StateServiceServer::new(StateApi::new(store, 10, 100_000)));
-        serve(&net, &mut tasks, STATE, state, stopped.clone());
-
+        let replicas = state::start(&net, &mut tasks, dir, setup.replicas, &stopped)?;
         let addresses: Vec<String> = (1..=nodes).map(|i| format!("node-{i}:1")).collect();
         let mut out = Vec::new();
         for (i, address) in addresses.iter().enumerate() {
@@ -117,82 +135,68 @@ impl InProcess {
                 backend,
             });
         }
+        // The nodes write to the last replica, the controller uses the first: node
+        // records reach the controller through gossip.
+        let last = replicas.last().cloned().unwrap_or_default();
         tasks.spawn(heartbeats(
-            StateServiceClient::new(net.channel(STATE)),
+            StateServiceClient::new(net.channel(&last)),
             out.clone(),
             stopped.clone(),
         ));
 
-        let dial = net.clone();
-        let platform = form_scaler::platform::Platform::over(
-            net.channel(STATE),
-            Fleet::dialing(Dialer(Arc::new(move |a: &str| dial.channel(a)))),
-            Vec::new(),
-        );
-        let engine = Engine {
-            platform,
-            limits: Limits {
-                ready_timeout: Duration::from_secs(10),
-                drain_timeout: Duration::from_secs(10),
-                balancer_timeout: Duration::from_secs(5),
-                poll: Duration::from_millis(10),
-                operation_timeout: Duration::from_secs(60),
-                node_timeout: Duration::from_secs(15),
-            },
-            faults,
-            taking_standby: Default::default(),
-        };
-        let controller = Arc::new(Shared::new(
-            "controller-1".into(),
-            engine,
-            100,
-            Duration::from_secs(10),
-        ));
-        {
-            let c = controller.clone();
-            let client = c.engine.platform.state.clone();
-            let s = stopped.clone();
-            tasks.spawn(async move {
-                c.peers
-                    .run(
-                        client,
-                        "controller-1:1".into(),
-                        Duration::from_millis(200),
-                        s,
-                    )
-                    .await
-            });
+        // Ready when the controller's replica has every node's record (through gossip
+        // from the replica the nodes write to).
+        let mut first = StateServiceClient::new(net.channel(&replica(1)));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let known = first
+                .list_nodes(state_pb::ListNodesRequest {})
+                .await
+                .map_or(0, |r| r.into_inner().nodes.len());
+            if known == nodes {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("replica 1 knows {known} of {nodes} nodes after 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tasks.spawn(
-            controller
-                .clusters
-                .clone()
-                .follow(controller.engine.platform.state.clone(), stopped.clone()),
-        );
-        // Rounds that only adopt and resume operations (a suspended run goes on here).
-        tasks.spawn(form_scaler::autoscale::run(
-            controller.clone(),
-            form_scaler::autoscale::Settings {
-                interval: Duration::from_millis(200),
-                heartbeat: Duration::from_secs(3600),
-                act: false,
-                replace_after: Duration::from_secs(3600),
-                metric_window: Duration::from_secs(10),
-            },
-            stopped,
-        ));
+        let controller = Controller::start(&net, &replica(1), faults)?;
         Ok(Self {
             net,
+            replicas,
             nodes: out,
-            controller,
+            controller: Some(controller),
             stop: Some(stop),
             tasks,
         })
     }
 
-    /// A client of form-state.
+    /// A client of the first form-state replica (the controller's).
     pub fn state(&self) -> StateServiceClient<Channel> {
-        StateServiceClient::new(self.net.channel(STATE))
+        StateServiceClient::new(self.net.channel(&replica(1)))
+    }
+
+    /// Waits until every replica has the same state, at most `within`.
+    pub async fn converged(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut digests = Vec::new();
+            for r in &self.replicas {
+                let d = StateServiceClient::new(self.net.channel(r))
+                    .digest(state_pb::DigestRequest::default())
+                    .await
+                    .map(|d| d.into_inner().sha256);
+                digests.push(d.ok());
+            }
+            if digests.windows(2).all(|w| w[0].is_some() && w[0] == w[1]) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("the replicas did not converge within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The instances of every node, by node id.
@@ -209,6 +213,28 @@ impl InProcess {
             out.insert(n.id.clone(), ids);
         }
         out
+    }
+
+    /// The snapshots every node holds, as (node id, snapshot id), read through each
+    /// node's API.
+    pub async fn snapshots(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            let mut c = form_proto::vmm::v1::vmm_service_client::VmmServiceClient::new(
+                self.net.channel(&n.address),
+            );
+            let listed = c
+                .list_snapshots(form_proto::vmm::v1::ListSnapshotsRequest::default())
+                .await?
+                .into_inner();
+            out.extend(
+                listed
+                    .snapshots
+                    .into_iter()
+                    .map(|s| (n.id.clone(), s.snapshot_id)),
+            );
+        }
+        Ok(out)
     }
 
     /// Waits until operation `id` has ended, at most `within`; its last record.
@@ -234,8 +260,33 @@ impl InProcess {
         }
     }
 
+    /// The running controller.
+    pub fn controller(&self) -> &Controller {
+        self.controller.as_ref().expect("a controller runs")
+    }
+
+    /// Kills the controller where it is: every task of it (requests, running
+    /// operations, rounds) stops at once, and its connections break.
+    pub fn crash_controller(&mut self) {
+        if let Some(c) = self.controller.take() {
+            c.crash();
+        }
+    }
+
+    /// Starts the controller again, under the same id, with `faults`: it adopts
+    /// the operations left unfinished.
+    pub fn restart_controller(
+        &mut self,
+        faults: form_scaler::faults::Faults,
+    ) -> anyhow::Result<()> {
+        self.crash_controller();
+        self.controller = Some(Controller::start(&self.net, &replica(1), faults)?);
+        Ok(())
+    }
+
     /// Stops every service.
     pub async fn stop(mut self) {
+        self.crash_controller();
         if let Some(s) = self.stop.take() {
             s.trigger(ShutdownKind::Fast);
         }

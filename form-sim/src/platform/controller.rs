@@ -1,0 +1,148 @@
+//! The in-process platform's controller, in a tokio runtime of its own: a crash is the
+//! end of that runtime (every task of the controller stops where it is, its
+//! connections break), and a restart is a new runtime with a new controller of the
+//! same id, which adopts what its predecessor left unfinished.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_runtime::shutdown;
+use form_scaler::controller::Shared;
+use form_scaler::faults::Faults;
+use form_scaler::fleet::{Dialer, Fleet};
+use form_scaler::ops::engine::{Engine, Limits};
+use form_scaler::ops::plan::Request;
+use form_testkit::memnet::Net;
+use tokio::runtime::Runtime;
+use tonic::Status;
+
+/// The controller's id, kept across restarts.
+const ID: &str = "controller-1";
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Controller {
+    /// The controller.
+    pub shared: Arc<Shared>,
+    /// Always set; taken when the controller ends.
+    runtime: Option<Runtime>,
+    _stop: shutdown::ShutdownHandle,
+}
+
+impl Controller {
+    /// A controller reaching the platform through `net` (form-state at `state`), with
+    /// `faults` in its steps.
+    pub fn start(net: &Net, state: &str, faults: Faults) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = shutdown::channel();
+        // The clients' channels spawn their workers on the runtime they are made in.
+        let shared = {
+            let _on = runtime.enter();
+            let dial = net.clone();
+            let platform = form_scaler::platform::Platform::over(
+                net.channel(state),
+                Fleet::dialing(Dialer(Arc::new(move |a: &str| dial.channel(a)))),
+                Vec::new(),
+            );
+            let engine = Engine {
+                platform,
+                limits: Limits {
+                    ready_timeout: Duration::from_secs(10),
+                    drain_timeout: Duration::from_secs(10),
+                    balancer_timeout: Duration::from_secs(5),
+                    poll: Duration::from_millis(10),
+                    operation_timeout: Duration::from_secs(60),
+                    node_timeout: Duration::from_secs(15),
+                },
+                faults,
+                taking_standby: Default::default(),
+            };
+            Arc::new(Shared::new(ID.into(), engine, 100, Duration::from_secs(10)))
+        };
+        let c = shared.clone();
+        let s = stopped.clone();
+        runtime.spawn(async move {
+            let client = c.engine.platform.state.clone();
+            c.peers
+                .run(client, format!("{ID}:1"), Duration::from_millis(200), s)
+                .await
+        });
+        runtime.spawn(
+            shared
+                .clusters
+                .clone()
+                .follow(shared.engine.platform.state.clone(), stopped.clone()),
+        );
+        // Rounds that only adopt and resume operations (a suspended or orphaned run
+        // goes on here).
+        runtime.spawn(form_scaler::autoscale::run(
+            shared.clone(),
+            form_scaler::autoscale::Settings {
+                interval: Duration::from_millis(200),
+                heartbeat: Duration::from_secs(3600),
+                act: false,
+                replace_after: Duration::from_secs(3600),
+                metric_window: Duration::from_secs(10),
+            },
+            stopped,
+        ));
+        Ok(Self {
+            shared,
+            runtime: Some(runtime),
+            _stop: stop,
+        })
+    }
+
+    /// A request, taken (and its operation run) on the controller's runtime.
+    pub async fn submit(&self, cluster: &str, req: Request) -> Result<types::Operation, Status> {
+        let (shared, cluster) = (self.shared.clone(), cluster.to_owned());
+        self.on_runtime(async move { shared.submit(&cluster, req, false).await })
+            .await
+    }
+
+    /// A cluster's creation, as [`Controller::submit`].
+    pub async fn create(
+        &self,
+        spec: state_pb::PutClusterRequest,
+        operation_id: &str,
+    ) -> Result<types::Operation, Status> {
+        let (shared, id) = (self.shared.clone(), operation_id.to_owned());
+        self.on_runtime(async move { shared.submit_create(spec, id).await })
+            .await
+    }
+
+    async fn on_runtime<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    ) -> Result<T, Status> {
+        let Some(rt) = &self.runtime else {
+            return Err(Status::unavailable("the controller stopped"));
+        };
+        rt.spawn(f)
+            .await
+            .map_err(|e| Status::unavailable(format!("the controller stopped: {e}")))?
+    }
+
+    /// Ends the runtime at once (see the module documentation).
+    pub fn crash(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        // A runtime may not be dropped inside another; this one is left at once.
+        self.end();
+    }
+}

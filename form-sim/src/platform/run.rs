@@ -1,0 +1,203 @@
+//! A seeded run of operations on the in-process platform, under faults, with its
+//! checks (used by `form-sim/tests/platform.rs` and `form-bench sim-platform`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_scaler::ops::plan::Request;
+
+use super::{InProcess, Setup};
+use crate::rng::Rng;
+
+/// What a run saw: operations by outcome, and faults by kind.
+pub type Outcomes = BTreeMap<&'static str, usize>;
+
+/// An operation ends within this.
+pub const ENDS: Duration = Duration::from_secs(60);
+/// Once an operation has ended, the nodes agree with form-state within this (its
+/// steps and undos have run before its end was recorded).
+pub const SETTLES: Duration = Duration::from_secs(10);
+
+/// Cluster `id`'s spec: instances of 1 vCPU and 256 MiB, up to 10.
+pub fn spec(id: &str) -> state_pb::PutClusterRequest {
+    state_pb::PutClusterRequest {
+        cluster_id: id.into(),
+        domain: Some(format!("{id}.sim.test")),
+        workload: Some(types::Workload {
+            command: "/bin/true".into(),
+            ..Default::default()
+        }),
+        resources: Some(types::Resources {
+            vcpus: 1,
+            memory_mib: 256,
+        }),
+        scaling_policy: Some(types::ScalingPolicy {
+            min_instances: 1,
+            max_instances: 10,
+            target_cpu_utilization: 0.5,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A scale of `kind` to `to` instances, named `id`, outside any cooldown.
+pub fn scale(kind: types::OperationKind, to: u32, id: &str) -> Request {
+    Request {
+        operation_id: id.into(),
+        kind: kind as i32,
+        target_count: to,
+        immediate: true,
+        ..Default::default()
+    }
+}
+
+/// Members of `cluster` by node, as form-state records them.
+pub async fn members(p: &InProcess, cluster: &str) -> BTreeSet<(String, String)> {
+    let c = p
+        .state()
+        .get_cluster(state_pb::GetClusterRequest {
+            cluster_id: cluster.into(),
+        })
+        .await
+        .expect("cluster")
+        .into_inner();
+    c.members
+        .into_iter()
+        .map(|(id, m)| (m.node_id, id))
+        .collect()
+}
+
+/// Instances by node, as the nodes run them.
+pub async fn running(p: &InProcess) -> BTreeSet<(String, String)> {
+    p.instances()
+        .await
+        .into_iter()
+        .flat_map(|(node, ids)| ids.into_iter().map(move |i| (node.clone(), i)))
+        .collect()
+}
+
+/// Waits until the nodes run exactly the members form-state records (nothing leaked,
+/// nothing lost) and hold no snapshot (an operation deletes those it took or pulled).
+pub async fn nodes_match_state(p: &InProcess, cluster: &str) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + SETTLES;
+    loop {
+        let (m, r) = (members(p, cluster).await, running(p).await);
+        let snapshots = p.snapshots().await.map_err(|e| e.to_string())?;
+        if m == r && snapshots.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(if m != r {
+                format!("the nodes run {r:?} but form-state records {m:?}")
+            } else {
+                format!("snapshots left on the nodes: {snapshots:?}")
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Scale-outs and scale-ins to counts drawn from `seed`, on the platform `setup`
+/// describes. Under each, with drawn chances: a node's links cut at a drawn moment and
+/// healed a drawn time later, the same for a replica's, and the controller killed at
+/// a drawn moment and started again (it adopts what it left). Every operation must
+/// end; after each, it must have done what it reports, the nodes must run exactly
+/// what form-state records, and the replicas must converge.
+pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<Outcomes, String> {
+    let faults = setup.faults.clone();
+    let mut p = InProcess::with(dir, setup)
+        .await
+        .map_err(|e| format!("seed {seed}: the platform did not start: {e}"))?;
+    let mut rng = Rng::new(seed);
+    let op = p
+        .controller()
+        .create(spec("web"), "create-web")
+        .await
+        .map_err(|e| format!("seed {seed}: create refused: {e}"))?;
+    p.ended(&op.operation_id, ENDS)
+        .await
+        .map_err(|e| format!("seed {seed}: {e}"))?;
+    let mut outcomes = BTreeMap::new();
+    let mut count = 1;
+    let mut result = Ok(());
+    for i in 0..ops {
+        let to = rng.range(1, 6) as u32;
+        if to == count {
+            continue;
+        }
+        let kind = if to > count {
+            types::OperationKind::ScaleOut
+        } else {
+            types::OperationKind::ScaleIn
+        };
+        let op = p
+            .controller()
+            .submit("web", scale(kind, to, &format!("op-{i}")))
+            .await
+            .map_err(|e| format!("seed {seed}: operation {i} refused: {e}"))?;
+        if rng.chance(0.5) {
+            let node = p.nodes[rng.below(p.nodes.len())].address.clone();
+            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            p.net.partition(&node);
+            tokio::time::sleep(Duration::from_millis(rng.range(1, 400))).await;
+            p.net.heal(&node);
+        }
+        if rng.chance(0.3) {
+            let replica = p.replicas[rng.below(p.replicas.len())].clone();
+            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            p.net.partition(&replica);
+            *outcomes.entry("replica cuts").or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(rng.range(1, 400))).await;
+            p.net.heal(&replica);
+        }
+        if rng.chance(0.3) {
+            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            p.crash_controller();
+            *outcomes.entry("controller crashes").or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(rng.range(0, 200))).await;
+            p.restart_controller(faults.clone())
+                .map_err(|e| format!("seed {seed}: restart: {e}"))?;
+        }
+        let op = match p.ended(&op.operation_id, ENDS).await {
+            Ok(op) => op,
+            Err(e) => {
+                result = Err(format!("seed {seed}: {e}"));
+                break;
+            }
+        };
+        let status = form_scaler::ops::status_name(&op);
+        *outcomes.entry(status).or_default() += 1;
+        if let Err(e) = nodes_match_state(&p, "web").await {
+            result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
+            break;
+        }
+        if let Err(e) = p.converged(SETTLES).await {
+            result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
+            break;
+        }
+        let now = members(&p, "web").await.len() as u32;
+        // It did what it reports: completed at the count asked, rolled back at the
+        // count it started from.
+        let expected = match status {
+            "completed" => to,
+            "rolled_back" => count,
+            other => {
+                result = Err(format!("seed {seed}: operation {i} ended {other}: {op:?}"));
+                break;
+            }
+        };
+        if now != expected {
+            result = Err(format!(
+                "seed {seed}: operation {i} {status} from {count} to {to} left {now}"
+            ));
+            break;
+        }
+        count = now;
+    }
+    p.stop().await;
+    result.map(|()| outcomes)
+}
