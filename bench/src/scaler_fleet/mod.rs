@@ -1,8 +1,8 @@
 //! `form-bench scaler-fleet`: the operations of a simulated fleet against a single
 //! node. The vmm nodes run in this process (`VmmApi` over the in-memory backend of
-//! `form_sim::platform::memory`, each on its own gRPC port with the vmm certificate, each writing its
-//! node record to form-state every second); form-state and form-scaler are the real
-//! binaries. The fleet: `nodes` nodes, `clusters` clusters of `members` instances,
+//! `form_sim::platform::memory`, each on its own gRPC port with the vmm certificate,
+//! each writing its node record to form-state every second); form-state and
+//! form-scaler are the real binaries. The fleet: `nodes` nodes, `clusters` clusters of `members` instances,
 //! made through the controller; then one scale-out by one per cluster, each timed
 //! from the request until the operation completed. The single-node case runs the same
 //! on one node with 10 clusters. Since the backend does nothing, the times are what
