@@ -177,6 +177,9 @@ enum Command {
         /// vmm nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Balancers.
+        #[arg(long, default_value_t = 2)]
+        balancers: usize,
         /// Operations per run.
         #[arg(long, default_value_t = 12)]
         ops: usize,
@@ -338,8 +341,9 @@ fn main() -> ExitCode {
                 from,
                 replicas,
                 nodes,
+                balancers,
                 ops,
-            } => sim::platform(from, seeds, replicas, nodes, ops).await,
+            } => sim::platform(from, seeds, replicas, nodes, balancers, ops).await,
             Command::RplbHttp {
                 runs,
                 seconds,

@@ -97,6 +97,7 @@ pub(crate) async fn platform(
     count: u64,
     replicas: usize,
     nodes: usize,
+    balancers: usize,
     ops: usize,
 ) -> anyhow::Result<()> {
     use form_sim::platform::{Setup, run};
@@ -108,6 +109,7 @@ pub(crate) async fn platform(
         let setup = Setup {
             nodes,
             replicas,
+            balancers,
             faults: Default::default(),
         };
         match run::seeded(dir.path(), seed, ops, setup).await {
@@ -128,7 +130,7 @@ pub(crate) async fn platform(
         .filter_map(|k| all.get(k))
         .sum();
     println!(
-        "sim-platform: {count} runs of {replicas} replicas and {nodes} nodes, up to {ops} operations each, in {secs:.1} s: {:.2} runs/s, {:.1} operations/s; {all:?}",
+        "sim-platform: {count} runs of {replicas} replicas, {nodes} nodes and {balancers} balancers, up to {ops} operations each, in {secs:.1} s: {:.2} runs/s, {:.1} operations/s; {all:?}",
         count as f64 / secs,
         ended as f64 / secs
     );

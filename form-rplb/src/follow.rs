@@ -21,8 +21,17 @@ use crate::routes::{Removal, Source};
 
 /// Follows the state until shutdown.
 pub async fn run(core: Arc<Core>, state: Upstream, shutdown: Shutdown) {
+    run_over(core, move || state.channel(), shutdown).await;
+}
+
+/// [`run`] over the channels `channel` makes (an in-memory network in tests).
+pub async fn run_over(
+    core: Arc<Core>,
+    channel: impl Fn() -> tonic::transport::Channel,
+    shutdown: Shutdown,
+) {
     let open = || {
-        let mut client = StateServiceClient::new(state.channel());
+        let mut client = StateServiceClient::new(channel());
         async move { Ok(client.watch(watch::from_start()).await?.into_inner()) }
     };
     let mut routes = Routes { core, seen: None };

@@ -74,7 +74,8 @@ async fn clones_spread_over_nodes_and_a_cut_node_leaks_nothing() {
     p.stop().await;
 }
 
-/// [`run::seeded`] on 2 nodes and 3 replicas, with `faults` in the controller's steps.
+/// [`run::seeded`] on 2 nodes, 3 replicas and 2 balancers, with `faults` in the
+/// controller's steps.
 async fn faults_under_operations(
     seed: u64,
     ops: usize,
@@ -88,6 +89,7 @@ async fn faults_under_operations(
     let setup = Setup {
         nodes: 2,
         replicas: 3,
+        balancers: 2,
         faults,
     };
     run::seeded(dir.path(), seed, ops, setup).await
@@ -118,7 +120,7 @@ async fn seeded_cuts_and_crashes_under_operations_leak_nothing() {
         all.get("rolled_back").is_some_and(|n| *n > 0),
         "some cut hit a running operation: {all:?}"
     );
-    for fault in ["controller crashes", "replica cuts"] {
+    for fault in ["controller crashes", "replica cuts", "balancer cuts"] {
         assert!(
             all.get(fault).is_some_and(|n| *n > 0),
             "some run had {fault}: {all:?}"

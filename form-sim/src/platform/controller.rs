@@ -32,9 +32,14 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// A controller reaching the platform through `net` (form-state at `state`), with
-    /// `faults` in its steps.
-    pub fn start(net: &Net, state: &str, faults: Faults) -> anyhow::Result<Self> {
+    /// A controller reaching the platform through `net` (form-state at `state`, and
+    /// every one of `balancers`), with `faults` in its steps.
+    pub fn start(
+        net: &Net,
+        state: &str,
+        balancers: &[String],
+        faults: Faults,
+    ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -47,7 +52,10 @@ impl Controller {
             let platform = form_scaler::platform::Platform::over(
                 net.channel(state),
                 Fleet::dialing(Dialer(Arc::new(move |a: &str| dial.channel(a)))),
-                Vec::new(),
+                balancers
+                    .iter()
+                    .map(|b| (b.clone(), net.channel(b)))
+                    .collect(),
             );
             let engine = Engine {
                 platform,

@@ -6,6 +6,7 @@
 //! the wall clock (the services read it directly), so runs are driven by conditions
 //! with deadlines, not by simulated time.
 
+pub mod balancer;
 mod controller;
 pub mod memory;
 pub mod run;
@@ -44,6 +45,9 @@ pub struct Setup {
     pub nodes: usize,
     /// form-state replicas, gossiping with each other.
     pub replicas: usize,
+    /// Balancers, each following a replica's watch (in turn), each drained and
+    /// waited on by the controller.
+    pub balancers: usize,
     /// Faults injected into the controller's steps.
     pub faults: form_scaler::faults::Faults,
 }
@@ -53,6 +57,7 @@ impl Default for Setup {
         Self {
             nodes: 2,
             replicas: 1,
+            balancers: 0,
             faults: Default::default(),
         }
     }
@@ -78,6 +83,8 @@ pub struct InProcess {
     pub replicas: Vec<String>,
     /// The vmm nodes.
     pub nodes: Vec<Node>,
+    /// The balancers.
+    pub balancers: Vec<balancer::Balancer>,
     /// The controller (none between a crash and its restart).
     pub controller: Option<Controller>,
     stop: Option<ShutdownHandle>,
@@ -161,10 +168,18 @@ impl InProcess {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let controller = Controller::start(&net, &replica(1), faults)?;
+        let balancers: Vec<balancer::Balancer> = (1..=setup.balancers)
+            .map(|i| {
+                let follows = &replicas[(i - 1) % replicas.len()];
+                balancer::start(&net, &mut tasks, i, follows, &stopped)
+            })
+            .collect();
+        let names: Vec<String> = balancers.iter().map(|b| b.name.clone()).collect();
+        let controller = Controller::start(&net, &replica(1), &names, faults)?;
         Ok(Self {
             net,
             replicas,
+            balancers,
             nodes: out,
             controller: Some(controller),
             stop: Some(stop),
@@ -280,7 +295,8 @@ impl InProcess {
         faults: form_scaler::faults::Faults,
     ) -> anyhow::Result<()> {
         self.crash_controller();
-        self.controller = Some(Controller::start(&self.net, &replica(1), faults)?);
+        let names: Vec<String> = self.balancers.iter().map(|b| b.name.clone()).collect();
+        self.controller = Some(Controller::start(&self.net, &replica(1), &names, faults)?);
         Ok(())
     }
 

@@ -71,6 +71,47 @@ pub async fn members(p: &InProcess, cluster: &str) -> BTreeSet<(String, String)>
         .collect()
 }
 
+/// Waits until every balancer's route of `cluster` has exactly its active and draining
+/// members as backends: none removed from form-state is still routed to, and none
+/// serving is missing.
+pub async fn balancers_match_state(p: &InProcess, cluster: &str) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + SETTLES;
+    loop {
+        let c = p
+            .state()
+            .get_cluster(state_pb::GetClusterRequest {
+                cluster_id: cluster.into(),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        let routed: BTreeSet<String> = c
+            .members
+            .iter()
+            .filter(|(_, m)| {
+                m.status == state_pb::MemberStatus::Active as i32
+                    || m.status == state_pb::MemberStatus::Draining as i32
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let wrong: Vec<(String, BTreeSet<String>)> = p
+            .balancers
+            .iter()
+            .map(|b| (b.name.clone(), b.backends(&c.domain)))
+            .filter(|(_, backends)| *backends != routed)
+            .collect();
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "balancers route {wrong:?} but form-state's serving members are {routed:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Instances by node, as the nodes run them.
 pub async fn running(p: &InProcess) -> BTreeSet<(String, String)> {
     p.instances()
@@ -103,10 +144,11 @@ pub async fn nodes_match_state(p: &InProcess, cluster: &str) -> Result<(), Strin
 
 /// Scale-outs and scale-ins to counts drawn from `seed`, on the platform `setup`
 /// describes. Under each, with drawn chances: a node's links cut at a drawn moment and
-/// healed a drawn time later, the same for a replica's, and the controller killed at
-/// a drawn moment and started again (it adopts what it left). Every operation must
-/// end; after each, it must have done what it reports, the nodes must run exactly
-/// what form-state records, and the replicas must converge.
+/// healed a drawn time later, the same for a replica's and a balancer's, and the
+/// controller killed at a drawn moment and started again (it adopts what it left).
+/// Every operation must end; after each, it must have done what it reports, the nodes
+/// must run exactly what form-state records, every balancer must route to exactly
+/// the serving members, and the replicas must converge.
 pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<Outcomes, String> {
     let faults = setup.faults.clone();
     let mut p = InProcess::with(dir, setup)
@@ -154,6 +196,14 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
             tokio::time::sleep(Duration::from_millis(rng.range(1, 400))).await;
             p.net.heal(&replica);
         }
+        if !p.balancers.is_empty() && rng.chance(0.3) {
+            let b = p.balancers[rng.below(p.balancers.len())].name.clone();
+            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            p.net.partition(&b);
+            *outcomes.entry("balancer cuts").or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(rng.range(1, 400))).await;
+            p.net.heal(&b);
+        }
         if rng.chance(0.3) {
             tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
             p.crash_controller();
@@ -172,6 +222,10 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
         let status = form_scaler::ops::status_name(&op);
         *outcomes.entry(status).or_default() += 1;
         if let Err(e) = nodes_match_state(&p, "web").await {
+            result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
+            break;
+        }
+        if let Err(e) = balancers_match_state(&p, "web").await {
             result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
             break;
         }
