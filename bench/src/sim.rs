@@ -110,7 +110,7 @@ pub(crate) async fn platform(
             nodes,
             replicas,
             balancers,
-            faults: Default::default(),
+            ..Default::default()
         };
         match run::seeded(dir.path(), seed, ops, setup).await {
             Ok(o) => {

@@ -91,6 +91,7 @@ async fn faults_under_operations(
         replicas: 3,
         balancers: 2,
         faults,
+        ..Default::default()
     };
     run::seeded(dir.path(), seed, ops, setup).await
 }

@@ -5,8 +5,10 @@
 //!
 //! Faults: [`Net::partition`] refuses new connections to a name and cuts those open
 //! (both sides see the connection break, as when a host goes away);
-//! [`Net::heal`] lets connections through again. A tonic channel redials by itself at
-//! its next call.
+//! [`Net::partition_between`] does the same only for the connections one caller
+//! (named by [`Net::channel_from`]) opens to a name; [`Net::heal`] and
+//! [`Net::heal_between`] let connections through again. A tonic channel redials by
+//! itself at its next call.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -36,8 +38,10 @@ struct Inner {
     servers: HashMap<String, mpsc::UnboundedSender<DuplexStream>>,
     /// Names no connection reaches.
     partitioned: HashSet<String>,
-    /// The relays of the open connections to each name.
-    open: HashMap<String, Vec<AbortHandle>>,
+    /// (caller, name) pairs cut apart.
+    cut: HashSet<(String, String)>,
+    /// The relays of the open connections to each name, with their caller.
+    open: HashMap<String, Vec<(Option<String>, AbortHandle)>>,
 }
 
 impl Net {
@@ -62,8 +66,18 @@ impl Net {
 
     /// A channel to `name` (connected at its first call, and again after a cut).
     pub fn channel(&self, name: &str) -> Channel {
+        self.connector(None, name)
+    }
+
+    /// A channel to `name` whose connections are `from`'s (see [`Net::partition_between`]).
+    pub fn channel_from(&self, from: &str, name: &str) -> Channel {
+        self.connector(Some(from.to_owned()), name)
+    }
+
+    fn connector(&self, from: Option<String>, name: &str) -> Channel {
         Endpoint::from_static("http://in-memory.invalid").connect_with_connector_lazy(Connector {
             net: self.clone(),
+            from,
             name: name.to_owned(),
         })
     }
@@ -72,7 +86,7 @@ impl Net {
     pub fn partition(&self, name: &str) {
         let mut inner = self.lock();
         inner.partitioned.insert(name.to_owned());
-        for relay in inner.open.remove(name).unwrap_or_default() {
+        for (_, relay) in inner.open.remove(name).unwrap_or_default() {
             relay.abort();
         }
     }
@@ -82,10 +96,38 @@ impl Net {
         self.lock().partitioned.remove(name);
     }
 
+    /// Refuses `from`'s connections to `name` and cuts those open; others pass.
+    pub fn partition_between(&self, from: &str, name: &str) {
+        let mut inner = self.lock();
+        inner.cut.insert((from.to_owned(), name.to_owned()));
+        if let Some(open) = inner.open.get_mut(name) {
+            open.retain(|(caller, relay)| {
+                let cut = caller.as_deref() == Some(from);
+                if cut {
+                    relay.abort();
+                }
+                !cut
+            });
+        }
+    }
+
+    /// Lets `from`'s connections to `name` through again.
+    pub fn heal_between(&self, from: &str, name: &str) {
+        self.lock().cut.remove(&(from.to_owned(), name.to_owned()));
+    }
+
     /// A new connection to `name`: a pipe to the client, a pipe to the server, and a
     /// relay between them that a partition aborts.
-    fn connect(&self, name: &str) -> io::Result<DuplexStream> {
+    fn connect(&self, from: Option<&str>, name: &str) -> io::Result<DuplexStream> {
         let mut inner = self.lock();
+        if let Some(f) = from
+            && inner.cut.contains(&(f.to_owned(), name.to_owned()))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("{f} is cut off from {name}"),
+            ));
+        }
         if inner.partitioned.contains(name) {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
@@ -110,8 +152,8 @@ impl Net {
             let _ = tokio::io::copy_bidirectional(&mut near, &mut far).await;
         });
         let open = inner.open.entry(name.to_owned()).or_default();
-        open.retain(|r| !r.is_finished());
-        open.push(relay.abort_handle());
+        open.retain(|(_, r)| !r.is_finished());
+        open.push((from.map(str::to_owned), relay.abort_handle()));
         Ok(client)
     }
 
@@ -124,6 +166,7 @@ impl Net {
 #[derive(Debug, Clone)]
 struct Connector {
     net: Net,
+    from: Option<String>,
     name: String,
 }
 
@@ -137,7 +180,10 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let r = self.net.connect(&self.name).map(TokioIo::new);
+        let r = self
+            .net
+            .connect(self.from.as_deref(), &self.name)
+            .map(TokioIo::new);
         Box::pin(async move { r })
     }
 }

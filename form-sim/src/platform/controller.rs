@@ -1,5 +1,5 @@
-//! The in-process platform's controller, in a tokio runtime of its own: a crash is the
-//! end of that runtime (every task of the controller stops where it is, its
+//! The in-process platform's controllers, each in a tokio runtime of its own: a crash
+//! is the end of that runtime (every task of the controller stops where it is, its
 //! connections break), and a restart is a new runtime with a new controller of the
 //! same id, which adopts what its predecessor left unfinished.
 
@@ -18,8 +18,20 @@ use form_testkit::memnet::Net;
 use tokio::runtime::Runtime;
 use tonic::Status;
 
-/// The controller's id, kept across restarts.
-const ID: &str = "controller-1";
+/// How a controller is set up.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Its id (kept across restarts).
+    pub id: String,
+    /// The form-state replica it uses.
+    pub state: String,
+    /// The balancers it drains and waits on.
+    pub balancers: Vec<String>,
+    /// Faults in its steps.
+    pub faults: Faults,
+    /// A controller without a heartbeat this long is dead to the others.
+    pub ttl: Duration,
+}
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -32,14 +44,10 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// A controller reaching the platform through `net` (form-state at `state`, and
-    /// every one of `balancers`), with `faults` in its steps.
-    pub fn start(
-        net: &Net,
-        state: &str,
-        balancers: &[String],
-        faults: Faults,
-    ) -> anyhow::Result<Self> {
+    /// A controller reaching the platform through `net`, as `s` says; its
+    /// connections are its own (`Net::partition_between` with its id cuts them).
+    pub fn start(net: &Net, s: &Settings) -> anyhow::Result<Self> {
+        let id = s.id.clone();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -48,13 +56,13 @@ impl Controller {
         // The clients' channels spawn their workers on the runtime they are made in.
         let shared = {
             let _on = runtime.enter();
-            let dial = net.clone();
+            let (dial, me) = (net.clone(), id.clone());
             let platform = form_scaler::platform::Platform::over(
-                net.channel(state),
-                Fleet::dialing(Dialer(Arc::new(move |a: &str| dial.channel(a)))),
-                balancers
+                net.channel_from(&id, &s.state),
+                Fleet::dialing(Dialer(Arc::new(move |a: &str| dial.channel_from(&me, a)))),
+                s.balancers
                     .iter()
-                    .map(|b| (b.clone(), net.channel(b)))
+                    .map(|b| (b.clone(), net.channel_from(&id, b)))
                     .collect(),
             );
             let engine = Engine {
@@ -67,17 +75,17 @@ impl Controller {
                     operation_timeout: Duration::from_secs(60),
                     node_timeout: Duration::from_secs(15),
                 },
-                faults,
+                faults: s.faults.clone(),
                 taking_standby: Default::default(),
             };
-            Arc::new(Shared::new(ID.into(), engine, 100, Duration::from_secs(10)))
+            Arc::new(Shared::new(id.clone(), engine, 100, s.ttl))
         };
         let c = shared.clone();
-        let s = stopped.clone();
+        let st = stopped.clone();
         runtime.spawn(async move {
             let client = c.engine.platform.state.clone();
             c.peers
-                .run(client, format!("{ID}:1"), Duration::from_millis(200), s)
+                .run(client, format!("{id}:1"), Duration::from_millis(200), st)
                 .await
         });
         runtime.spawn(

@@ -12,7 +12,7 @@ pub mod memory;
 pub mod run;
 mod state;
 
-pub use controller::Controller;
+pub use controller::{Controller, Settings as ControllerSettings};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -48,7 +48,12 @@ pub struct Setup {
     /// Balancers, each following a replica's watch (in turn), each drained and
     /// waited on by the controller.
     pub balancers: usize,
-    /// Faults injected into the controller's steps.
+    /// Controllers (`controller-1`, ...), each owning the clusters the others' view
+    /// of the live controllers gives it.
+    pub controllers: usize,
+    /// A controller without a heartbeat this long is dead to the others.
+    pub controller_ttl: Duration,
+    /// Faults injected into the controllers' steps.
     pub faults: form_scaler::faults::Faults,
 }
 
@@ -58,6 +63,8 @@ impl Default for Setup {
             nodes: 2,
             replicas: 1,
             balancers: 0,
+            controllers: 1,
+            controller_ttl: Duration::from_secs(10),
             faults: Default::default(),
         }
     }
@@ -85,8 +92,10 @@ pub struct InProcess {
     pub nodes: Vec<Node>,
     /// The balancers.
     pub balancers: Vec<balancer::Balancer>,
-    /// The controller (none between a crash and its restart).
-    pub controller: Option<Controller>,
+    /// The controllers (the first is none between a crash and its restart).
+    pub controllers: Vec<Option<Controller>>,
+    /// How each controller was started.
+    settings: Vec<ControllerSettings>,
     stop: Option<ShutdownHandle>,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -175,13 +184,26 @@ impl InProcess {
             })
             .collect();
         let names: Vec<String> = balancers.iter().map(|b| b.name.clone()).collect();
-        let controller = Controller::start(&net, &replica(1), &names, faults)?;
+        let settings: Vec<ControllerSettings> = (1..=setup.controllers.max(1))
+            .map(|i| ControllerSettings {
+                id: format!("controller-{i}"),
+                state: replica(1),
+                balancers: names.clone(),
+                faults: faults.clone(),
+                ttl: setup.controller_ttl,
+            })
+            .collect();
+        let controllers = settings
+            .iter()
+            .map(|s| Controller::start(&net, s).map(Some))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             net,
             replicas,
             balancers,
             nodes: out,
-            controller: Some(controller),
+            controllers,
+            settings,
             stop: Some(stop),
             tasks,
         })
@@ -275,34 +297,32 @@ impl InProcess {
         }
     }
 
-    /// The running controller.
+    /// The first controller.
     pub fn controller(&self) -> &Controller {
-        self.controller.as_ref().expect("a controller runs")
+        self.controllers[0].as_ref().expect("a controller runs")
     }
 
-    /// Kills the controller where it is: every task of it (requests, running
+    /// Kills the first controller where it is: every task of it (requests, running
     /// operations, rounds) stops at once, and its connections break.
     pub fn crash_controller(&mut self) {
-        if let Some(c) = self.controller.take() {
+        if let Some(c) = self.controllers[0].take() {
             c.crash();
         }
     }
 
-    /// Starts the controller again, under the same id, with `faults`: it adopts
+    /// Starts the first controller again, under the same id and settings: it adopts
     /// the operations left unfinished.
-    pub fn restart_controller(
-        &mut self,
-        faults: form_scaler::faults::Faults,
-    ) -> anyhow::Result<()> {
+    pub fn restart_controller(&mut self) -> anyhow::Result<()> {
         self.crash_controller();
-        let names: Vec<String> = self.balancers.iter().map(|b| b.name.clone()).collect();
-        self.controller = Some(Controller::start(&self.net, &replica(1), &names, faults)?);
+        self.controllers[0] = Some(Controller::start(&self.net, &self.settings[0])?);
         Ok(())
     }
 
     /// Stops every service.
     pub async fn stop(mut self) {
-        self.crash_controller();
+        for c in self.controllers.iter_mut().filter_map(Option::take) {
+            c.crash();
+        }
         if let Some(s) = self.stop.take() {
             s.trigger(ShutdownKind::Fast);
         }

@@ -150,7 +150,6 @@ pub async fn nodes_match_state(p: &InProcess, cluster: &str) -> Result<(), Strin
 /// must run exactly what form-state records, every balancer must route to exactly
 /// the serving members, and the replicas must converge.
 pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<Outcomes, String> {
-    let faults = setup.faults.clone();
     let mut p = InProcess::with(dir, setup)
         .await
         .map_err(|e| format!("seed {seed}: the platform did not start: {e}"))?;
@@ -209,7 +208,7 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
             p.crash_controller();
             *outcomes.entry("controller crashes").or_default() += 1;
             tokio::time::sleep(Duration::from_millis(rng.range(0, 200))).await;
-            p.restart_controller(faults.clone())
+            p.restart_controller()
                 .map_err(|e| format!("seed {seed}: restart: {e}"))?;
         }
         let op = match p.ended(&op.operation_id, ENDS).await {

@@ -1,0 +1,131 @@
+//! Two controllers on the in-process platform: the owner of a cluster is cut off from
+//! form-state in the middle of a scale-out, the other adopts the operation (rolls it
+//! back, since it had not committed) under a higher epoch, and then the cut-off owner
+//! goes on with its run. Every side effect it then tries is refused (docs/fencing.md),
+//! and the cluster ends as the new owner left it, with nothing leaked.
+
+use std::time::Duration;
+
+use form_proto::state::v1 as state_pb;
+use form_proto::types::v1 as types;
+use form_scaler::faults::Faults;
+use form_sim::platform::run::{ENDS, SETTLES, members, nodes_match_state, scale, spec};
+use form_sim::platform::{InProcess, Setup, replica};
+use form_testkit::dir::TestDir;
+use tokio::time::Instant;
+
+async fn until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn operation(p: &InProcess, id: &str) -> types::Operation {
+    p.state()
+        .get_operation(state_pb::GetOperationRequest {
+            operation_id: id.into(),
+        })
+        .await
+        .expect("operation")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_owner_going_on_after_another_adopted_its_operation_does_no_harm() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("form_scaler=warn,form_vmm_service=warn")
+        .with_test_writer()
+        .try_init();
+    let dir = TestDir::new("sim-owners");
+    let go = dir.path().join("go");
+    // Every controller holds a scale-out before its clones until the test says go.
+    let faults =
+        Faults::parse(&[format!("clone_instances=hold:{}", go.display())]).expect("faults");
+    let setup = Setup {
+        nodes: 2,
+        controllers: 2,
+        controller_ttl: Duration::from_secs(2),
+        faults,
+        ..Default::default()
+    };
+    let p = InProcess::with(dir.path(), setup).await.expect("platform");
+    let c = |i: usize| p.controllers[i].as_ref().expect("runs");
+    until("both controllers see each other", SETTLES, async || {
+        c(0).shared.peers.is_live("controller-2") && c(1).shared.peers.is_live("controller-1")
+    })
+    .await;
+    let created = c(0)
+        .create(spec("web"), "create-web")
+        .await
+        .expect("create");
+    p.ended(&created.operation_id, ENDS)
+        .await
+        .expect("create ends");
+    let owner = usize::from(!c(0).shared.peers.owns("web"));
+    let (stale, adopter) = (c(owner), c(1 - owner));
+    assert!(stale.shared.peers.owns("web") && !adopter.shared.peers.owns("web"));
+
+    let op = stale
+        .submit("web", scale(types::OperationKind::ScaleOut, 3, "out-3"))
+        .await
+        .expect("scale-out accepted");
+    until(
+        "the scale-out held before its clones",
+        SETTLES,
+        async || {
+            form_scaler::ops::record::current_step(&operation(&p, &op.operation_id).await)
+                == Some("clone_instances")
+        },
+    )
+    .await;
+    // The owner loses form-state (it still reaches the nodes): after the ttl the other
+    // controller takes the cluster and its unfinished operation.
+    p.net.partition_between(&stale.shared.id, &replica(1));
+    let ended = p
+        .ended(&op.operation_id, ENDS)
+        .await
+        .expect("adopted and ended");
+    assert_eq!(
+        ended.owner, adopter.shared.id,
+        "the other controller ran it to its end"
+    );
+    assert_eq!(
+        form_scaler::ops::status_name(&ended),
+        "rolled_back",
+        "{ended:?}"
+    );
+
+    // Its heartbeats were only late: it reaches form-state again, still holding its
+    // old epoch and its run, and goes on. Its clones carry the old epoch, which the
+    // nodes refuse after the adopter's calls; its writes to form-state are refused
+    // by the cluster's fence there.
+    p.net.heal_between(&stale.shared.id, &replica(1));
+    until(
+        "the stale controller reads form-state again",
+        ENDS,
+        async || {
+            stale.shared.peers.is_live("controller-1") && stale.shared.peers.is_live("controller-2")
+        },
+    )
+    .await;
+    std::fs::write(&go, b"").expect("go");
+    until("the stale run gave up", ENDS, async || {
+        stale.shared.running("web").is_none()
+    })
+    .await;
+    nodes_match_state(&p, "web").await.expect("nothing leaked");
+    assert_eq!(
+        members(&p, "web").await.len(),
+        1,
+        "the cluster as the adopter left it"
+    );
+    let after = operation(&p, &op.operation_id).await;
+    assert_eq!(
+        form_scaler::ops::status_name(&after),
+        "rolled_back",
+        "{after:?}"
+    );
+    p.stop().await;
+}
