@@ -184,6 +184,16 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         ops: usize,
     },
+    /// The controller's evaluation round on the in-process platform at 9 replicas, 100
+    /// nodes and 1,000 clusters of 10, against 3 replicas, 10 nodes and 10 clusters.
+    SimPlatformFleet {
+        /// Clusters at fleet scale.
+        #[arg(long, default_value_t = 1_000)]
+        clusters: usize,
+        /// Rounds timed per case.
+        #[arg(long, default_value_t = 20)]
+        rounds: u64,
+    },
     /// Convergence in simulation at fleet scale (9 replicas, 1,000 clusters) against 3 replicas and 10 clusters.
     SimFleet {
         /// Clusters of 10 members at fleet scale.
@@ -336,6 +346,9 @@ fn main() -> ExitCode {
                 seconds,
             } => sim::seeds(from, seeds, replicas, seconds),
             Command::SimFleet { clusters, seconds } => sim::fleet(clusters, seconds),
+            Command::SimPlatformFleet { clusters, rounds } => {
+                sim::platform_fleet(clusters, rounds).await
+            }
             Command::SimPlatform {
                 seeds,
                 from,

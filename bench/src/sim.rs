@@ -143,3 +143,123 @@ pub(crate) async fn platform(
         )
     }
 }
+
+/// One case of `sim-platform-fleet`: the controller's evaluation rounds, in ms, sorted.
+async fn round_times(
+    replicas: usize,
+    nodes: usize,
+    clusters: usize,
+    rounds: u64,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    use form_sim::platform::{InProcess, Setup, run};
+    use std::time::Duration;
+    let dir = form_testkit::dir::TestDir::new("bench-sim-platform-fleet");
+    let setup = Setup {
+        nodes,
+        replicas,
+        act: true,
+        evaluate: Duration::from_millis(500),
+        node_heartbeat: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let p = std::sync::Arc::new(InProcess::with(dir.path(), setup).await?);
+    let started = Instant::now();
+    let mut made = tokio::task::JoinSet::new();
+    for c in 0..clusters {
+        if made.len() >= 8
+            && let Some(r) = made.join_next().await
+        {
+            r??;
+        }
+        let p = p.clone();
+        made.spawn(async move {
+            let id = format!("c{c}");
+            let mut spec = run::spec(&id);
+            // Held at 10: the rounds observe and decide, and change nothing.
+            if let Some(pol) = spec.scaling_policy.as_mut() {
+                pol.min_instances = 10;
+                pol.max_instances = 10;
+            }
+            let op = p
+                .controller()
+                .create(spec, &format!("create-{id}"))
+                .await
+                .map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
+            p.ended(&op.operation_id, run::ENDS).await?;
+            let out = run::scale(
+                form_proto::types::v1::OperationKind::ScaleOut,
+                10,
+                &format!("out-{id}"),
+            );
+            match p.controller().submit(&id, out).await {
+                Ok(op) => p.ended(&op.operation_id, run::ENDS).await.map(|_| ()),
+                // The controller's own round may have scaled it to its minimum first.
+                Err(e)
+                    if e.code() == tonic::Code::Aborted
+                        || e.code() == tonic::Code::FailedPrecondition =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(anyhow::anyhow!("{id}: {e}")),
+            }
+        });
+    }
+    while let Some(r) = made.join_next().await {
+        r??;
+    }
+    let setup_s = started.elapsed().as_secs_f64();
+    let shared = p.controller().shared.clone();
+    let (mut seen, _) = shared.rounds.last();
+    let mut times = Vec::new();
+    while (times.len() as u64) < rounds {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (n, last) = shared.rounds.last();
+        if n != seen {
+            seen = n;
+            times.push(last.as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    if let Ok(p) = std::sync::Arc::try_unwrap(p) {
+        p.stop().await;
+    }
+    Ok((setup_s, times))
+}
+
+/// `form-bench sim-platform-fleet`: the controller's evaluation round on the
+/// in-process platform at fleet scale against a small platform.
+pub(crate) async fn platform_fleet(clusters: usize, rounds: u64) -> anyhow::Result<()> {
+    let cases = [(3, 10, 10), (9, 100, clusters)];
+    let mut rows = Vec::new();
+    for (replicas, nodes, clusters) in cases {
+        let (setup_s, times) = round_times(replicas, nodes, clusters, rounds).await?;
+        rows.push((replicas, nodes, clusters, setup_s, times));
+    }
+    println!(
+        "sim-platform-fleet: the controller's evaluation round (every cluster: health, standby, observe, decide) on the in-process platform, clusters of 10"
+    );
+    println!(
+        "| replicas | nodes | clusters | setup s | rounds | p50 ms | p99 ms | p50 µs per cluster |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (r, n, c, s, t) in &rows {
+        println!(
+            "| {r} | {n} | {c} | {s:.0} | {} | {:.2} | {:.2} | {:.1} |",
+            t.len(),
+            crate::quantile(t, 0.5),
+            crate::quantile(t, 0.99),
+            crate::quantile(t, 0.5) * 1e3 / *c as f64
+        );
+    }
+    let (small, fleet) = (&rows[0], &rows[1]);
+    let per =
+        |row: &(usize, usize, usize, f64, Vec<f64>)| crate::quantile(&row.4, 0.5) / row.2 as f64;
+    println!(
+        "fleet / small: whole round p50 {:.1}x, p99 {:.1}x (the round visits every cluster: {}x the clusters); per cluster p50 {:.2}x (target <= 2x)",
+        crate::quantile(&fleet.4, 0.5) / crate::quantile(&small.4, 0.5),
+        crate::quantile(&fleet.4, 0.99) / crate::quantile(&small.4, 0.99),
+        fleet.2 / small.2,
+        per(fleet) / per(small)
+    );
+    Ok(())
+}

@@ -23,6 +23,32 @@ use crate::ops::record::now_ms;
 /// A heartbeat older than this many intervals makes the CPU figure stale.
 const STALE_HEARTBEATS: u64 = 5;
 
+/// How long the evaluation rounds take (the last one, and how many ran), for
+/// benchmarks and the `form_scaler_evaluation_round_seconds` histogram.
+#[derive(Debug, Default)]
+pub struct Rounds {
+    count: std::sync::atomic::AtomicU64,
+    last_us: std::sync::atomic::AtomicU64,
+}
+
+impl Rounds {
+    fn ran(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        metrics::histogram!("form_scaler_evaluation_round_seconds").record(took.as_secs_f64());
+        self.last_us.store(took.as_micros() as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// Rounds run so far, and how long the last one took.
+    pub fn last(&self) -> (u64, Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.count.load(Relaxed),
+            Duration::from_micros(self.last_us.load(Relaxed)),
+        )
+    }
+}
+
 /// Loop settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -50,9 +76,11 @@ pub async fn run(shared: Arc<Shared>, settings: Settings, mut shutdown: Shutdown
         if let Err(e) = shared.resume().await {
             tracing::debug!(error = %e.message(), "cannot read operations to resume yet");
         }
+        let started = std::time::Instant::now();
         if let Err(e) = round(&shared, &settings).await {
             tracing::debug!(error = %e.message(), "evaluation round failed");
         }
+        shared.rounds.ran(started.elapsed());
         // After the adoption of unfinished operations and the round: a test waits on it.
         metrics::counter!("form_scaler_evaluation_rounds_total").increment(1);
         tokio::select! {

@@ -60,6 +60,8 @@ pub struct Shared {
     pub epochs: crate::fencing::Epochs,
     /// The clusters, followed through form-state's watch.
     pub clusters: Arc<crate::clusters::Clusters>,
+    /// How long the evaluation rounds take.
+    pub rounds: crate::autoscale::Rounds,
     /// Requests one at a time per cluster, and per operation id (`keyed.rs`): from the
     /// check that nothing runs to the record and launch of the operation.
     submits: crate::keyed::Keyed,
@@ -96,6 +98,7 @@ impl Shared {
             created: Mutex::default(),
             epochs: Default::default(),
             clusters: Default::default(),
+            rounds: Default::default(),
             submits: Default::default(),
             task_ended: tokio::sync::Notify::new(),
             counter: AtomicU64::new(0),

@@ -31,6 +31,11 @@ pub struct Settings {
     pub faults: Faults,
     /// A controller without a heartbeat this long is dead to the others.
     pub ttl: Duration,
+    /// Whether it acts on its decisions (false: its rounds only judge health and
+    /// adopt operations).
+    pub act: bool,
+    /// Time between two evaluation rounds.
+    pub evaluate: Duration,
 }
 
 /// See the module documentation.
@@ -94,14 +99,15 @@ impl Controller {
                 .clone()
                 .follow(shared.engine.platform.state.clone(), stopped.clone()),
         );
-        // Rounds that only adopt and resume operations (a suspended or orphaned run
-        // goes on here).
+        // Evaluation rounds: they adopt and resume operations (a suspended or orphaned
+        // run goes on here), and decide when `act`. The instances send no heartbeats:
+        // no member is judged on them.
         runtime.spawn(form_scaler::autoscale::run(
             shared.clone(),
             form_scaler::autoscale::Settings {
-                interval: Duration::from_millis(200),
+                interval: s.evaluate,
                 heartbeat: Duration::from_secs(3600),
-                act: false,
+                act: s.act,
                 replace_after: Duration::from_secs(3600),
                 metric_window: Duration::from_secs(10),
             },

@@ -53,6 +53,13 @@ pub struct Setup {
     pub controllers: usize,
     /// A controller without a heartbeat this long is dead to the others.
     pub controller_ttl: Duration,
+    /// Whether the controllers act on their decisions (false: their rounds only
+    /// judge health and adopt operations).
+    pub act: bool,
+    /// Time between two evaluation rounds.
+    pub evaluate: Duration,
+    /// Time between two node records of each node.
+    pub node_heartbeat: Duration,
     /// Faults injected into the controllers' steps.
     pub faults: form_scaler::faults::Faults,
 }
@@ -65,6 +72,9 @@ impl Default for Setup {
             balancers: 0,
             controllers: 1,
             controller_ttl: Duration::from_secs(10),
+            act: false,
+            evaluate: Duration::from_millis(200),
+            node_heartbeat: Duration::from_millis(200),
             faults: Default::default(),
         }
     }
@@ -157,6 +167,7 @@ impl InProcess {
         tasks.spawn(heartbeats(
             StateServiceClient::new(net.channel(&last)),
             out.clone(),
+            setup.node_heartbeat,
             stopped.clone(),
         ));
 
@@ -191,6 +202,8 @@ impl InProcess {
                 balancers: names.clone(),
                 faults: faults.clone(),
                 ttl: setup.controller_ttl,
+                act: setup.act,
+                evaluate: setup.evaluate,
             })
             .collect();
         let controllers = settings
@@ -345,8 +358,13 @@ fn serve(
     });
 }
 
-/// Each node's record every 200 ms (what a node's heartbeat loop writes).
-async fn heartbeats(mut state: StateServiceClient<Channel>, nodes: Vec<Node>, mut stop: Shutdown) {
+/// Each node's record every `every` (what a node's heartbeat loop writes).
+async fn heartbeats(
+    mut state: StateServiceClient<Channel>,
+    nodes: Vec<Node>,
+    every: Duration,
+    mut stop: Shutdown,
+) {
     let records: Vec<Record> = nodes
         .iter()
         .map(|n| {
@@ -354,9 +372,9 @@ async fn heartbeats(mut state: StateServiceClient<Channel>, nodes: Vec<Node>, mu
                 n.id.clone(),
                 n.address.clone(),
                 state_pb::NodeCapacity {
-                    vcpus: 64,
-                    memory_mib: 64 * 1024,
-                    instance_slots: 100,
+                    vcpus: 256,
+                    memory_mib: 512 * 1024,
+                    instance_slots: 500,
                 },
                 Default::default(),
                 "simulated".into(),
@@ -370,7 +388,7 @@ async fn heartbeats(mut state: StateServiceClient<Channel>, nodes: Vec<Node>, mu
         }
         tokio::select! {
             _ = stop.requested() => return,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }
