@@ -43,8 +43,12 @@ where
 {
     let mut backoff = BACKOFF_MIN;
     loop {
+        // Opening waits no longer than a stream may be silent: a hung replica does
+        // not hold the follower on its second try either.
         let started = tokio::select! {
-            r = open() => r,
+            r = tokio::time::timeout(STALLED, open()) => r.unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!("no answer to the watch within {STALLED:?}")))
+            }),
             _ = shutdown.requested() => return,
         };
         match started {

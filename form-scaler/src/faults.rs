@@ -7,7 +7,8 @@
 //! something in that window, then creates FILE).
 //! `skip_undo`: the step's undo does nothing (a broken rollback, for the checks that
 //! must catch one).
-//! Faults apply to forward steps only, on every operation of this controller.
+//! Faults apply to forward steps (`skip_undo` to the step's undo), on every operation
+//! of this controller.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

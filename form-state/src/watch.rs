@@ -39,6 +39,8 @@ pub fn stream(
             }
             _ => (0, true),
         };
+        let mut last_sent = tokio::time::Instant::now();
+        let mut last_sequence = 0;
         loop {
             let (events, read_at) = {
                 let r = store.lock();
@@ -73,18 +75,23 @@ pub fn stream(
                 return;
             }
             for e in events {
+                last_sequence = e.sequence;
                 if tx.send(Ok(e)).await.is_err() {
                     return;
                 }
+                last_sent = tokio::time::Instant::now();
             }
+            // A mark when nothing was sent for a second, however often the replica
+            // changes in ways this stream does not carry (node records, controllers).
             tokio::select! {
                 changed = durable.changed() => if changed.is_err() { return },
                 _ = tx.closed() => return,
-                _ = tokio::time::sleep(PROGRESS_EVERY) => {
-                    let mark = pb::WatchEvent { sequence: store.sequence(cursor), change: None };
+                _ = tokio::time::sleep_until(last_sent + PROGRESS_EVERY) => {
+                    let mark = pb::WatchEvent { sequence: last_sequence, change: None };
                     if tx.send(Ok(mark)).await.is_err() {
                         return;
                     }
+                    last_sent = tokio::time::Instant::now();
                 }
             }
         }

@@ -35,12 +35,25 @@ async fn a_quiet_stream_gets_progress_marks() {
             break ev.sequence;
         }
     };
-    // Nothing changes: what comes next is a mark, at the sequence last sent.
+    // Nothing the stream carries changes, though the replica does: a controller's
+    // heartbeats every 200 ms. What comes next is a mark, at the sequence last sent.
+    let mut writer = client.clone();
+    let beats = tokio::spawn(async move {
+        loop {
+            let beat = pb::ControllerHeartbeatRequest {
+                controller_id: "c1".into(),
+                ..Default::default()
+            };
+            writer.controller_heartbeat(beat).await.expect("heartbeat");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     let mark = timeout(deadline, stream.message())
         .await
         .expect("a quiet stream still sends within 10 s")
         .expect("stream")
         .expect("event");
+    beats.abort();
     assert_eq!(mark.change, None, "a progress mark carries no change");
     assert_eq!(mark.sequence, synced);
     replicas.stop().await;

@@ -3,8 +3,9 @@
 //! and their clients are the production code; only the sockets are replaced, so every
 //! call is encoded, framed and answered as on the wire.
 //!
-//! Faults: [`Net::partition`] refuses new connections to a name and cuts those open
-//! (both sides see the connection break, as when a host goes away);
+//! Faults: [`Net::partition`] isolates a name: it refuses new connections to it and
+//! from it (those it opens as a caller named by [`Net::channel_from`]) and cuts those
+//! open, both sides seeing the connection break, as when a host goes away;
 //! [`Net::partition_between`] does the same only for the connections one caller
 //! (named by [`Net::channel_from`]) opens to a name; [`Net::heal`] and
 //! [`Net::heal_between`] let connections through again. A tonic channel redials by
@@ -82,12 +83,22 @@ impl Net {
         })
     }
 
-    /// Refuses connections to `name` and cuts the open ones.
+    /// Isolates `name`: refuses connections to it and those it opens as a caller
+    /// ([`Net::channel_from`]), and cuts the open ones both ways.
     pub fn partition(&self, name: &str) {
         let mut inner = self.lock();
         inner.partitioned.insert(name.to_owned());
         for (_, relay) in inner.open.remove(name).unwrap_or_default() {
             relay.abort();
+        }
+        for open in inner.open.values_mut() {
+            open.retain(|(caller, relay)| {
+                let cut = caller.as_deref() == Some(name);
+                if cut {
+                    relay.abort();
+                }
+                !cut
+            });
         }
     }
 
@@ -126,6 +137,14 @@ impl Net {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("{f} is cut off from {name}"),
+            ));
+        }
+        if let Some(f) = from
+            && inner.partitioned.contains(f)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("{f} is partitioned"),
             ));
         }
         if inner.partitioned.contains(name) {
@@ -244,6 +263,36 @@ mod tests {
             check(&Net::default()).await.is_err(),
             "another net has no such name"
         );
+
+        // A partitioned caller reaches nothing either.
+        let mut from_svc = HealthClient::new(net.channel_from("svc", "svc"));
+        assert!(from_svc.check(HealthCheckRequest::default()).await.is_ok());
+        net.partition("svc");
+        assert!(from_svc.check(HealthCheckRequest::default()).await.is_err());
+        net.heal("svc");
+
+        // A cut between one caller and the name leaves the others through.
+        let mut a = HealthClient::new(net.channel_from("a", "svc"));
+        let mut b = HealthClient::new(net.channel_from("b", "svc"));
+        assert!(a.check(HealthCheckRequest::default()).await.is_ok());
+        net.partition_between("a", "svc");
+        assert!(
+            a.check(HealthCheckRequest::default()).await.is_err(),
+            "a is cut off"
+        );
+        assert!(
+            b.check(HealthCheckRequest::default()).await.is_ok(),
+            "b is not"
+        );
+        net.heal_between("a", "svc");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while a.check(HealthCheckRequest::default()).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a healed within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = stop.send(());
         served.await.expect("the server stops");
     }

@@ -56,10 +56,10 @@ pub(super) fn start(
         form_rplb::control::Control::new(core.clone()),
     ));
     serve(net, tasks, &name, router, stopped.clone());
-    let (n, f) = (net.clone(), follows.to_owned());
+    let (n, me, f) = (net.clone(), name.clone(), follows.to_owned());
     tasks.spawn(form_rplb::follow::run_over(
         core.clone(),
-        move || n.channel(&f),
+        move || n.channel_from(&me, &f),
         stopped.clone(),
     ));
     Balancer {

@@ -138,8 +138,8 @@ impl InProcess {
             let backend = Arc::new(Memory::default());
             let mut transfer = form_vmm_service::transfer::Settings::default();
             for a in &addresses {
-                transfer =
-                    transfer.with_source(a.parse().map_err(anyhow::Error::msg)?, net.channel(a));
+                let source = net.channel_from(address, a);
+                transfer = transfer.with_source(a.parse().map_err(anyhow::Error::msg)?, source);
             }
             let api = VmmApi::new(
                 backend.clone(),
@@ -165,7 +165,8 @@ impl InProcess {
         // records reach the controller through gossip.
         let last = replicas.last().cloned().unwrap_or_default();
         tasks.spawn(heartbeats(
-            StateServiceClient::new(net.channel(&last)),
+            net.clone(),
+            last,
             out.clone(),
             setup.node_heartbeat,
             stopped.clone(),
@@ -358,13 +359,14 @@ fn serve(
     });
 }
 
-/// Each node's record every `every` (what a node's heartbeat loop writes).
-async fn heartbeats(
-    mut state: StateServiceClient<Channel>,
-    nodes: Vec<Node>,
-    every: Duration,
-    mut stop: Shutdown,
-) {
+/// Each node's record every `every` (what a node's heartbeat loop writes). Each
+/// node writes over its own connections to replica `to`: a partitioned node's
+/// records stop.
+async fn heartbeats(net: Net, to: String, nodes: Vec<Node>, every: Duration, mut stop: Shutdown) {
+    let mut clients: Vec<StateServiceClient<Channel>> = nodes
+        .iter()
+        .map(|n| StateServiceClient::new(net.channel_from(&n.address, &to)))
+        .collect();
     let records: Vec<Record> = nodes
         .iter()
         .map(|n| {
@@ -382,7 +384,7 @@ async fn heartbeats(
         })
         .collect();
     loop {
-        for (r, n) in records.iter().zip(&nodes) {
+        for ((r, n), state) in records.iter().zip(&nodes).zip(&mut clients) {
             let req = r.heartbeat(&n.backend.list().await, form_state::store::now_ms());
             let _ = state.node_heartbeat(req).await;
         }

@@ -67,7 +67,10 @@ pub(super) fn start(
         let links: Vec<(String, GossipServiceClient<tonic::transport::Channel>)> = names
             .iter()
             .filter(|other| *other != name)
-            .map(|other| (other.clone(), GossipServiceClient::new(net.channel(other))))
+            .map(|other| {
+                let ch = net.channel_from(name, other);
+                (other.clone(), GossipServiceClient::new(ch))
+            })
             .collect();
         let config = GossipConfig {
             peers: Vec::new(),
