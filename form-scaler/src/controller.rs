@@ -418,7 +418,9 @@ impl Shared {
 
     /// Whether operation `id`, still running here, has recorded its end: then its task
     /// is only doing its last bookkeeping, and this waits (up to a second) for it to
-    /// finish, so a client that saw the operation completed is not told it runs.
+    /// finish, so a client that saw the operation completed is not told it runs. An
+    /// end recorded by another controller (which adopted the operation) ends it at
+    /// once: the task here is stale.
     async fn ending(&self, cluster_id: &str, id: &str) -> bool {
         let recorded = self
             .engine
@@ -429,8 +431,17 @@ impl Shared {
                 operation_id: id.to_owned(),
             })
             .await;
-        if !recorded.is_ok_and(|op| ops::is_terminal(op.get_ref())) {
+        let Ok(recorded) = recorded.map(tonic::Response::into_inner) else {
             return false;
+        };
+        if !ops::is_terminal(&recorded) {
+            return false;
+        }
+        // Another controller adopted it and ended it: the run here is stale (every
+        // change it still tries carries an older epoch and is refused), and does not
+        // hold the cluster.
+        if recorded.owner != self.id {
+            return true;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         loop {
@@ -546,7 +557,17 @@ impl Shared {
                 }
                 ended.push_back(done.operation_id.clone());
             }
-            lock(&this.running).remove(&cluster);
+            {
+                // Only its own entry: a request may have started the next operation
+                // after another controller ended this one (see `ending`).
+                let mut running = lock(&this.running);
+                if running
+                    .get(&cluster)
+                    .is_some_and(|(id, _)| *id == done.operation_id)
+                {
+                    running.remove(&cluster);
+                }
+            }
             this.task_ended.notify_waiters();
         });
     }

@@ -74,6 +74,19 @@ async fn clones_spread_over_nodes_and_a_cut_node_leaks_nothing() {
     p.stop().await;
 }
 
+/// The seeds of a seeded test: 1 to 4; more for a long run with
+/// FORM_SIM_PLATFORM_SEEDS=N; one seed's draws again with FORM_SIM_PLATFORM_SEED=S.
+fn seeds() -> std::ops::RangeInclusive<u64> {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    match (
+        var("FORM_SIM_PLATFORM_SEED"),
+        var("FORM_SIM_PLATFORM_SEEDS"),
+    ) {
+        (Some(one), _) => one..=one,
+        (None, n) => 1..=n.unwrap_or(4),
+    }
+}
+
 /// [`run::seeded`] on 2 nodes, 3 replicas and 2 balancers, with `faults` in the
 /// controller's steps.
 async fn faults_under_operations(
@@ -98,18 +111,8 @@ async fn faults_under_operations(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_cuts_and_crashes_under_operations_leak_nothing() {
-    // More seeds for a long run: FORM_SIM_PLATFORM_SEEDS=N; one seed's draws again:
-    // FORM_SIM_PLATFORM_SEED=S.
-    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    let seeds = match (
-        var("FORM_SIM_PLATFORM_SEED"),
-        var("FORM_SIM_PLATFORM_SEEDS"),
-    ) {
-        (Some(one), _) => one..=one,
-        (None, n) => 1..=n.unwrap_or(4),
-    };
     let mut all = std::collections::BTreeMap::new();
-    for seed in seeds {
+    for seed in seeds() {
         let outcomes = faults_under_operations(seed, 12, &[]).await;
         for (k, n) in outcomes.unwrap_or_else(|e| panic!("{e}")) {
             *all.entry(k).or_insert(0) += n;
@@ -145,4 +148,34 @@ async fn a_rollback_that_skips_an_undo_is_caught() {
     let e = caught.expect("a broken rollback is caught within 10 seeds");
     eprintln!("caught: {e}");
     assert!(e.contains("the nodes run"), "caught as a leak: {e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_runs_with_two_controllers_cut_from_form_state() {
+    // Seed 7 found a controller refusing requests on a cluster whose operation the
+    // other controller had adopted and ended (docs/simulation.md, "Bugs found").
+    const REGRESSIONS: [u64; 1] = [7];
+    let mut all = std::collections::BTreeMap::new();
+    let overridden = std::env::var_os("FORM_SIM_PLATFORM_SEED").is_some();
+    let regressions = REGRESSIONS.iter().copied().filter(|_| !overridden);
+    for seed in seeds().chain(regressions) {
+        let dir = TestDir::new(&format!("sim-platform-owners-{seed}"));
+        let setup = Setup {
+            nodes: 2,
+            replicas: 3,
+            balancers: 1,
+            controllers: 2,
+            controller_ttl: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let outcomes = run::seeded(dir.path(), seed, 12, setup).await;
+        for (k, n) in outcomes.unwrap_or_else(|e| panic!("{e}")) {
+            *all.entry(k).or_insert(0) += n;
+        }
+    }
+    eprintln!("outcomes: {all:?}");
+    assert!(
+        all.get("controller cuts").is_some_and(|n| *n > 0),
+        "a controller was cut off under some operation: {all:?}"
+    );
 }

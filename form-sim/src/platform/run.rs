@@ -203,6 +203,17 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
             tokio::time::sleep(Duration::from_millis(rng.range(1, 400))).await;
             p.net.heal(&b);
         }
+        // With several controllers: one loses form-state (and so its heartbeats) for a
+        // drawn time, often longer than the controllers' ttl, so the other takes its
+        // clusters and operations while it still runs them.
+        if p.controllers.len() > 1 && rng.chance(0.4) {
+            let id = format!("controller-{}", rng.below(p.controllers.len()) + 1);
+            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            p.net.partition_between(&id, &super::replica(1));
+            *outcomes.entry("controller cuts").or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(rng.range(1, 3_000))).await;
+            p.net.heal_between(&id, &super::replica(1));
+        }
         if rng.chance(0.3) {
             tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
             p.crash_controller();
