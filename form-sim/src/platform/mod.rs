@@ -1,7 +1,8 @@
-//! A whole platform in one process: a form-state replica, vmm nodes over the
-//! in-memory backend ([`memory`]) and a controller, each the production service or
-//! library, talking gRPC over an in-memory network (`form_testkit::memnet`) whose
-//! links a test cuts and heals. Only the sockets and the backend's work are not the
+//! A whole platform in one process: form-state replicas gossiping (`state.rs`), vmm
+//! nodes over the in-memory backend ([`memory`]), balancers ([`balancer`]) and
+//! controllers ([`Controller`]), each the production service or library, talking
+//! gRPC over an in-memory network (`form_testkit::memnet`) whose links a test cuts
+//! and heals. Only the sockets and the backend's work are not the
 //! real ones; every call is encoded, fenced and answered as in production. Time is
 //! the wall clock (the services read it directly), so runs are driven by conditions
 //! with deadlines, not by simulated time.
