@@ -31,7 +31,7 @@ use form_vmm_service::snapshots::SnapshotStore;
 use tokio::task::JoinSet;
 
 use crate::quantile;
-use form_sim::platform::memory::Memory;
+use form_sim::platform::memory::{self, Memory};
 
 /// One case's figures.
 struct Figures {
@@ -328,17 +328,7 @@ impl Fleet {
                     eprintln!("simulated node: {e}");
                 }
             });
-            let record = Record::of(
-                id,
-                addr.clone(),
-                state_pb::NodeCapacity {
-                    vcpus: 256,
-                    memory_mib: 512 * 1024,
-                    instance_slots: 500,
-                },
-                Default::default(),
-                "simulated".into(),
-            );
+            let record = memory::record(id, addr.clone());
             records.push((record, hv.clone()));
             fleet.addrs.push(addr);
             fleet.backends.push(hv);

@@ -16,7 +16,24 @@ use form_vmm_service::error::VmmError;
 use form_vmm_service::hypervisor::{
     Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage, Window,
 };
+use form_vmm_service::node::Record;
 use form_vmm_service::snapshots::Manifest;
+
+/// The record of a node over this backend, `id` at `address`: room for 256 vCPUs,
+/// 512 GiB and 500 instances, backend `simulated`.
+pub fn record(id: String, address: String) -> Record {
+    Record::of(
+        id,
+        address,
+        form_proto::state::v1::NodeCapacity {
+            vcpus: 256,
+            memory_mib: 512 * 1024,
+            instance_slots: 500,
+        },
+        Default::default(),
+        "simulated".into(),
+    )
+}
 
 /// A node's instances, in memory.
 #[derive(Debug, Default)]

@@ -370,19 +370,7 @@ async fn heartbeats(net: Net, to: String, nodes: Vec<Node>, every: Duration, mut
         .collect();
     let records: Vec<Record> = nodes
         .iter()
-        .map(|n| {
-            Record::of(
-                n.id.clone(),
-                n.address.clone(),
-                state_pb::NodeCapacity {
-                    vcpus: 256,
-                    memory_mib: 512 * 1024,
-                    instance_slots: 500,
-                },
-                Default::default(),
-                "simulated".into(),
-            )
-        })
+        .map(|n| memory::record(n.id.clone(), n.address.clone()))
         .collect();
     loop {
         for ((r, n), state) in records.iter().zip(&nodes).zip(&mut clients) {
