@@ -550,7 +550,9 @@ impl Shared {
                 this.epochs.forget(&cluster);
             }
             this.finished(&done);
-            {
+            // Only an end that is recorded: a suspended run (a record failed or was
+            // refused as stale) is left for the next round to resume.
+            if ops::is_terminal(&done) {
                 let mut ended = lock(&this.ended);
                 if ended.len() >= ENDED_KEPT {
                     ended.pop_front();

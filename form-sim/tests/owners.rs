@@ -32,6 +32,46 @@ async fn operation(p: &InProcess, id: &str) -> types::Operation {
         .into_inner()
 }
 
+/// Creates cluster `web` through `c`, then submits a scale-out to 3 to it and waits
+/// until the operation is held before `step` (the setup's `hold` fault).
+async fn scale_out_held_at(
+    p: &InProcess,
+    c: &form_sim::platform::Controller,
+    step: &str,
+) -> types::Operation {
+    let created = c.create(spec("web"), "create-web").await.expect("create");
+    p.ended(&created.operation_id, ENDS)
+        .await
+        .expect("create ends");
+    let op = c
+        .submit("web", scale(types::OperationKind::ScaleOut, 3, "out-3"))
+        .await
+        .expect("scale-out accepted");
+    until(
+        &format!("the scale-out held before {step}"),
+        SETTLES,
+        async || {
+            form_scaler::ops::record::current_step(&operation(p, &op.operation_id).await)
+                == Some(step)
+        },
+    )
+    .await;
+    op
+}
+
+/// Cluster `web`'s fence in form-state.
+async fn fence_of_web(p: &InProcess) -> types::Fence {
+    p.state()
+        .get_cluster(state_pb::GetClusterRequest {
+            cluster_id: "web".into(),
+        })
+        .await
+        .expect("cluster")
+        .into_inner()
+        .fence
+        .expect("a fence")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_owner_going_on_after_another_adopted_its_operation_does_no_harm() {
     let _ = tracing_subscriber::fmt()
@@ -56,30 +96,11 @@ async fn a_cut_off_owner_going_on_after_another_adopted_its_operation_does_no_ha
         c(0).shared.peers.is_live("controller-2") && c(1).shared.peers.is_live("controller-1")
     })
     .await;
-    let created = c(0)
-        .create(spec("web"), "create-web")
-        .await
-        .expect("create");
-    p.ended(&created.operation_id, ENDS)
-        .await
-        .expect("create ends");
+    // The owner (by the controllers' view) takes the request.
     let owner = usize::from(!c(0).shared.peers.owns("web"));
     let (stale, adopter) = (c(owner), c(1 - owner));
     assert!(stale.shared.peers.owns("web") && !adopter.shared.peers.owns("web"));
-
-    let op = stale
-        .submit("web", scale(types::OperationKind::ScaleOut, 3, "out-3"))
-        .await
-        .expect("scale-out accepted");
-    until(
-        "the scale-out held before its clones",
-        SETTLES,
-        async || {
-            form_scaler::ops::record::current_step(&operation(&p, &op.operation_id).await)
-                == Some("clone_instances")
-        },
-    )
-    .await;
+    let op = scale_out_held_at(&p, stale, "clone_instances").await;
     // The owner loses form-state (it still reaches the nodes): after the ttl the other
     // controller takes the cluster and its unfinished operation.
     p.net.partition_between(&stale.shared.id, &replica(1));
@@ -126,6 +147,61 @@ async fn a_cut_off_owner_going_on_after_another_adopted_its_operation_does_no_ha
     assert_eq!(
         after, ended,
         "the late owner changed nothing of the operation"
+    );
+    p.stop().await;
+}
+
+/// The case of CI's seed 3 (docs/simulation.md, "Bugs found"): another controller
+/// claimed the cluster's fence and crashed before it recorded anything of the owner's
+/// operation. The owner's next record is refused as stale and its run suspended; the
+/// owner, alive and still the operation's owner, must resume it at its next round
+/// (before, it remembered the suspended run as ended and never ran it again, and no
+/// other controller may take an operation of a live one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_refused_as_stale_is_resumed_by_its_owner() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("form_scaler=warn,form_vmm_service=warn")
+        .with_test_writer()
+        .try_init();
+    let dir = TestDir::new("sim-owners-resumed");
+    let go = dir.path().join("go");
+    let faults = Faults::parse(&[format!("wait_healthy=hold:{}", go.display())]).expect("faults");
+    let setup = Setup {
+        nodes: 2,
+        faults,
+        ..Default::default()
+    };
+    let p = InProcess::with(dir.path(), setup).await.expect("platform");
+    let op = scale_out_held_at(&p, p.controller(), "wait_healthy").await;
+
+    // A controller that claims the cluster and is gone before it does anything more.
+    let before = fence_of_web(&p).await;
+    p.state()
+        .claim_cluster(state_pb::ClaimClusterRequest {
+            cluster_id: "web".into(),
+            fence: Some(types::Fence {
+                epoch: before.epoch + 1,
+                owner: "controller-gone".into(),
+            }),
+        })
+        .await
+        .expect("claimed");
+    std::fs::write(&go, b"").expect("go");
+
+    let ended = p
+        .ended(&op.operation_id, ENDS)
+        .await
+        .expect("resumed and ended");
+    assert_eq!(ended.owner, "controller-1", "{ended:?}");
+    let status = form_scaler::ops::status_name(&ended);
+    let expected = if status == "completed" { 3 } else { 1 };
+    assert!(matches!(status, "completed" | "rolled_back"), "{ended:?}");
+    nodes_match_state(&p, "web").await.expect("nothing leaked");
+    assert_eq!(members(&p, "web").await.len(), expected, "{ended:?}");
+    let now = fence_of_web(&p).await;
+    assert!(
+        now.epoch > before.epoch + 1 && now.owner == "controller-1",
+        "the owner claimed the cluster again above the gone one's epoch: {now:?}"
     );
     p.stop().await;
 }

@@ -153,7 +153,9 @@ async fn a_rollback_that_skips_an_undo_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_runs_with_two_controllers_cut_from_form_state() {
     // Seed 7 found a controller refusing requests on a cluster whose operation the
-    // other controller had adopted and ended (docs/simulation.md, "Bugs found").
+    // other controller had adopted and ended; seed 3 (one of the CI seeds), an owner
+    // that never resumed its run suspended by a stale fence (docs/simulation.md, "Bugs
+    // found"; the second is kept deterministic in owners.rs).
     const REGRESSIONS: [u64; 1] = [7];
     let mut all = std::collections::BTreeMap::new();
     let overridden = std::env::var_os("FORM_SIM_PLATFORM_SEED").is_some();

@@ -186,6 +186,7 @@ impl Engine {
             }),
             ..Default::default()
         });
+        let recorded = op.clone();
         record::set(&mut op, end);
         match record::put(&self.platform, &op).await {
             Ok(()) => {
@@ -195,6 +196,8 @@ impl Engine {
             }
             Err(e) => {
                 tracing::error!(operation = %op.operation_id, error = %e, "the end of the operation cannot be recorded; it will be resumed");
+                // As last recorded: unfinished, so the next round resumes it.
+                return recorded;
             }
         }
         op
