@@ -162,8 +162,9 @@ enum Command {
         seconds: u64,
     },
     /// Seeded runs of operations under faults on the in-process platform (form-state
-    /// replicas, vmm nodes and a controller over an in-memory network): operations per
-    /// second and every failing seed.
+    /// replicas, vmm nodes, balancers and a controller over an in-memory network, on
+    /// paused time), each for a span of simulated time: runs per second and every
+    /// failing seed.
     SimPlatform {
         /// Seeds to run.
         #[arg(long, default_value_t = 10)]
@@ -180,9 +181,9 @@ enum Command {
         /// Balancers.
         #[arg(long, default_value_t = 2)]
         balancers: usize,
-        /// Operations per run.
-        #[arg(long, default_value_t = 12)]
-        ops: usize,
+        /// Simulated seconds of operations per run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// The controller's evaluation round on the in-process platform at 9 replicas, 100
     /// nodes and 1,000 clusters of 10, against 3 replicas, 10 nodes and 10 clusters.
@@ -355,8 +356,8 @@ fn main() -> ExitCode {
                 replicas,
                 nodes,
                 balancers,
-                ops,
-            } => sim::platform(from, seeds, replicas, nodes, balancers, ops).await,
+                seconds,
+            } => sim::platform(from, seeds, replicas, nodes, balancers, seconds),
             Command::RplbHttp {
                 runs,
                 seconds,

@@ -41,7 +41,7 @@ pub(crate) fn run(picks: usize) -> anyhow::Result<()> {
         ("cookie, a session's later request", cookie_affinity),
     ];
     let mut rng = Rng::new(11);
-    let now = Instant::now();
+    let now = tokio::time::Instant::now();
     println!("rplb-pick: {BACKENDS} backends, {picks} picks per method, each timed alone");
     println!(
         "cookie values: {}",

@@ -4,7 +4,7 @@
 //! `sim-platform` runs operations under faults on the in-process platform
 //! (`form_sim::platform`) and prints operations per second and every failing seed.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use form_sim::{Faults, Options, Peers, run};
 
@@ -90,20 +90,44 @@ pub(crate) fn fleet(clusters: usize, seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `form-bench sim-platform --seeds N --from S`: seeded runs of `ops` operations each
-/// on `replicas` replicas and `nodes` nodes.
-pub(crate) async fn platform(
+/// `form-bench sim-platform --seeds N --from S`: seeded runs of `seconds` simulated
+/// seconds each on `replicas` replicas, `nodes` nodes and `balancers` balancers, on a
+/// runtime of its own with paused time (a thread of its own, since the caller is
+/// already in a runtime).
+pub(crate) fn platform(
     from: u64,
     count: u64,
     replicas: usize,
     nodes: usize,
     balancers: usize,
-    ops: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()?;
+        rt.block_on(platform_runs(
+            from, count, replicas, nodes, balancers, seconds,
+        ))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the simulation's thread panicked"))?
+}
+
+async fn platform_runs(
+    from: u64,
+    count: u64,
+    replicas: usize,
+    nodes: usize,
+    balancers: usize,
+    seconds: u64,
 ) -> anyhow::Result<()> {
     use form_sim::platform::{Setup, run};
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut all = run::Outcomes::new();
+    let mut simulated = Duration::ZERO;
     for seed in from..from + count {
         let dir = form_testkit::dir::TestDir::new(&format!("bench-sim-platform-{seed}"));
         let setup = Setup {
@@ -112,9 +136,11 @@ pub(crate) async fn platform(
             balancers,
             ..Default::default()
         };
-        match run::seeded(dir.path(), seed, ops, setup).await {
-            Ok(o) => {
-                for (k, n) in o {
+        let lasting = Duration::from_secs(seconds);
+        match run::seeded_for(dir.path(), seed, lasting, setup).await {
+            Ok(r) => {
+                simulated += r.took;
+                for (k, n) in r.outcomes {
                     *all.entry(k).or_default() += n;
                 }
             }
@@ -130,8 +156,10 @@ pub(crate) async fn platform(
         .filter_map(|k| all.get(k))
         .sum();
     println!(
-        "sim-platform: {count} runs of {replicas} replicas, {nodes} nodes and {balancers} balancers, up to {ops} operations each, in {secs:.1} s: {:.2} runs/s, {:.1} operations/s; {all:?}",
+        "sim-platform: {count} runs of {replicas} replicas, {nodes} nodes and {balancers} balancers, {seconds} simulated seconds of operations each ({:.1} s simulated in all, with the checks), in {secs:.1} s: {:.2} runs/s, {:.1} simulated s per s, {:.1} operations/s; {all:?}",
+        simulated.as_secs_f64(),
         count as f64 / secs,
+        simulated.as_secs_f64() / secs,
         ended as f64 / secs
     );
     if failed.is_empty() {

@@ -4,7 +4,8 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use form_proto::rplb::v1 as pb;
 use form_proto::rplb::v1::rplb_control_server::RplbControl;

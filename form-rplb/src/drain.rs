@@ -6,7 +6,9 @@
 //! result; any number of `DrainBackend` streams follow it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use form_proto::rplb::v1 as pb;
 use tokio::sync::watch;

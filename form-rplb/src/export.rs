@@ -3,7 +3,8 @@
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use form_proto::rplb::v1 as pb;
 use form_runtime::metrics::{add_section, label_value};

@@ -7,7 +7,9 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Length of one half of the window.
 pub const HALF: Duration = Duration::from_secs(10);

@@ -1,6 +1,7 @@
 //! What every service binary of the platform shares, so each service crate holds only
 //! its own logic:
 //!
+//! - [`clock`]: wall-clock ms and instants, on simulated time in the simulator;
 //! - [`cli`]: common flags, one-line errors for bad flags and config (exit code 2);
 //! - [`config`]: TOML config files, validated before any port is bound;
 //! - [`addr`]: `host:port` lists for finding other services;
@@ -18,6 +19,7 @@ pub mod authz;
 pub mod child;
 pub mod cidr;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod fence;

@@ -72,7 +72,7 @@ async fn fence_of_web(p: &InProcess) -> types::Fence {
         .expect("a fence")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_cut_off_owner_going_on_after_another_adopted_its_operation_does_no_harm() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("form_scaler=warn,form_vmm_service=warn")
@@ -103,7 +103,7 @@ async fn a_cut_off_owner_going_on_after_another_adopted_its_operation_does_no_ha
     let op = scale_out_held_at(&p, stale, "clone_instances").await;
     // The owner loses form-state (it still reaches the nodes): after the ttl the other
     // controller takes the cluster and its unfinished operation.
-    p.net.partition_between(&stale.shared.id, &replica(1));
+    p.net.partition_between(&stale.name, &replica(1));
     let ended = p
         .ended(&op.operation_id, ENDS)
         .await
@@ -122,7 +122,7 @@ async fn a_cut_off_owner_going_on_after_another_adopted_its_operation_does_no_ha
     // old epoch and its run, and goes on. Its clones carry the old epoch, which the
     // nodes refuse after the adopter's calls; its writes to form-state are refused
     // by the cluster's fence there.
-    p.net.heal_between(&stale.shared.id, &replica(1));
+    p.net.heal_between(&stale.name, &replica(1));
     until(
         "the stale controller reads form-state again",
         ENDS,
@@ -157,7 +157,7 @@ async fn a_cut_off_owner_going_on_after_another_adopted_its_operation_does_no_ha
 /// owner, alive and still the operation's owner, must resume it at its next round
 /// (before, it remembered the suspended run as ended and never ran it again, and no
 /// other controller may take an operation of a live one).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_run_refused_as_stale_is_resumed_by_its_owner() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("form_scaler=warn,form_vmm_service=warn")

@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use form_proto::types::v1 as types;
-use form_sim::platform::run::{self, ENDS, Outcomes, nodes_match_state, scale, spec};
+use form_sim::platform::run::{self, ENDS, nodes_match_state, scale, spec};
 use form_sim::platform::{InProcess, Setup};
 use form_testkit::dir::TestDir;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn clones_spread_over_nodes_and_a_cut_node_leaks_nothing() {
     let dir = TestDir::new("sim-platform");
     let p = InProcess::start(dir.path(), 2).await.expect("platform");
@@ -93,7 +93,7 @@ async fn faults_under_operations(
     seed: u64,
     ops: usize,
     faults: &[&str],
-) -> Result<Outcomes, String> {
+) -> Result<run::Report, String> {
     let dir = TestDir::new(&format!("sim-platform-{seed}"));
     let faults = form_scaler::faults::Faults::parse(
         &faults.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>(),
@@ -109,12 +109,16 @@ async fn faults_under_operations(
     run::seeded(dir.path(), seed, ops, setup).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn seeded_cuts_and_crashes_under_operations_leak_nothing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut all = std::collections::BTreeMap::new();
     for seed in seeds() {
-        let outcomes = faults_under_operations(seed, 12, &[]).await;
-        for (k, n) in outcomes.unwrap_or_else(|e| panic!("{e}")) {
+        let report = faults_under_operations(seed, 12, &[]).await;
+        for (k, n) in report.unwrap_or_else(|e| panic!("{e}")).outcomes {
             *all.entry(k).or_insert(0) += n;
         }
     }
@@ -132,7 +136,7 @@ async fn seeded_cuts_and_crashes_under_operations_leak_nothing() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_rollback_that_skips_an_undo_is_caught() {
     // The clones' undo does nothing: a scale-out cut off and rolled back leaves its
     // clones running on a node, outside form-state's records.
@@ -150,7 +154,7 @@ async fn a_rollback_that_skips_an_undo_is_caught() {
     assert!(e.contains("the nodes run"), "caught as a leak: {e}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn seeded_runs_with_two_controllers_cut_from_form_state() {
     // Seed 7 found a controller refusing requests on a cluster whose operation the
     // other controller had adopted and ended; seed 3 (one of the CI seeds), an owner
@@ -170,8 +174,8 @@ async fn seeded_runs_with_two_controllers_cut_from_form_state() {
             controller_ttl: Duration::from_secs(1),
             ..Default::default()
         };
-        let outcomes = run::seeded(dir.path(), seed, 12, setup).await;
-        for (k, n) in outcomes.unwrap_or_else(|e| panic!("{e}")) {
+        let report = run::seeded(dir.path(), seed, 12, setup).await;
+        for (k, n) in report.unwrap_or_else(|e| panic!("{e}")).outcomes {
             *all.entry(k).or_insert(0) += n;
         }
     }
@@ -179,5 +183,24 @@ async fn seeded_runs_with_two_controllers_cut_from_form_state() {
     assert!(
         all.get("controller cuts").is_some_and(|n| *n > 0),
         "a controller was cut off under some operation: {all:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_seed_replays_its_history() {
+    let seed = seeds().next().unwrap_or(1);
+    let a = faults_under_operations(seed, 8, &[])
+        .await
+        .expect("first run");
+    let b = faults_under_operations(seed, 8, &[])
+        .await
+        .expect("second run");
+    assert_eq!(
+        a.history, b.history,
+        "seed {seed} ran two ways (its draws replay; see docs/simulation.md for what else may not)"
+    );
+    eprintln!(
+        "seed {seed}: {:?} then {:?} of simulated time",
+        a.took, b.took
     );
 }

@@ -397,7 +397,7 @@ impl StateService for StateApi {
             .store
             .read(|r| (r.state().clone(), r.version(), r.actor().to_owned()))
             .await?;
-        let reply = tokio::task::spawn_blocking(move || {
+        let reply = form_runtime::clock::blocking(move || {
             let encoded = codec::encode_state(&state);
             pb::DigestReply {
                 sha256: Sha256::digest(&encoded).to_vec(),

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use form_proto::state::v1 as pb;
@@ -38,10 +37,7 @@ pub struct StoreConfig {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    form_runtime::clock::unix_ms()
 }
 
 /// The result of a write.
@@ -221,7 +217,7 @@ impl Store {
             (r.lsn(), r.state().clone())
         };
         self.wal.wait_durable(lsn).await?;
-        tokio::task::spawn_blocking(move || f(&state))
+        form_runtime::clock::blocking(move || f(&state))
             .await
             .map_err(|e| StateError::Unavailable(format!("a read failed: {e}")))
     }

@@ -25,10 +25,7 @@ use crate::hypervisor::{Hypervisor, Status, Window};
 use crate::orphans::Seen;
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    form_runtime::clock::unix_ms()
 }
 
 fn log_error(instance: &str, e: &tonic::Status) {
@@ -191,7 +188,7 @@ pub async fn run<H: Hypervisor>(
                             Seen::Unknown
                         }
                     };
-                    if orphans.saw(&id, seen, std::time::Instant::now()) {
+                    if orphans.saw(&id, seen, tokio::time::Instant::now()) {
                         tracing::warn!(instance = %id, cluster = %cluster, "stopping an instance its cluster no longer has (replaced while this node was cut off)");
                         metrics::counter!("form_vmm_orphans_stopped_total").increment(1);
                         if let Err(e) = hv.delete(&id).await {

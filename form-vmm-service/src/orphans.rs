@@ -7,7 +7,9 @@
 //! (which has no cluster at all), does not get instances deleted.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Rounds in a row an instance must be found missing from its cluster.
 pub const CONFIRM_ROUNDS: u32 = 3;

@@ -32,10 +32,7 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    form_runtime::clock::unix_ms()
 }
 
 /// The wire form of an instance.
@@ -341,7 +338,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
                 state_cursor,
             };
             let digests = taken.digests;
-            let sealed = tokio::task::spawn_blocking(move || store.seal(manifest, &digests))
+            let sealed = form_runtime::clock::blocking(move || store.seal(manifest, &digests))
                 .await
                 .map_err(|e| VmmError::Backend(e.to_string()))?;
             let manifest = match sealed {
@@ -382,7 +379,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             let _guard = guard;
             let id = r.snapshot_id.clone();
             let verify_store = store.clone();
-            let manifest = tokio::task::spawn_blocking(move || verify_store.verify(&id))
+            let manifest = form_runtime::clock::blocking(move || verify_store.verify(&id))
                 .await
                 .map_err(|e| VmmError::Backend(e.to_string()))??;
             // Unset resources keep the source's.

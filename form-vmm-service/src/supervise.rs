@@ -19,10 +19,7 @@ const TAIL_BYTES: usize = 2000;
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    form_runtime::clock::unix_ms()
 }
 
 /// An instance's service and admin addresses on `host`: two distinct free ports that

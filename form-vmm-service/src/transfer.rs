@@ -10,7 +10,9 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
@@ -584,7 +586,7 @@ async fn fetch_file(
             .map_err(VmmError::io(format!("syncing {}", path.display())))?;
         drop(file);
         let p = path.to_path_buf();
-        let (size, sha) = tokio::task::spawn_blocking(move || sha256_file(&p))
+        let (size, sha) = form_runtime::clock::blocking(move || sha256_file(&p))
             .await
             .map_err(|e| VmmError::Backend(e.to_string()))?
             .map_err(VmmError::io(format!("hashing {}", path.display())))?;

@@ -12,7 +12,9 @@
 //!      └──────────── rise passed checks ──────────────┘
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Thresholds of the health state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

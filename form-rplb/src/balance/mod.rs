@@ -16,7 +16,7 @@ pub mod p2c;
 pub mod ring;
 pub mod select;
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// State of a backend within its route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,8 @@
 //! affinity moves its keys at once (they are not sessions the balancer pinned).
 
 use std::net::IpAddr;
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use super::Backend;
 use super::cookie::CookieSigner;

@@ -5,7 +5,9 @@
 //! a backend that is gone, even on a thread that gets no more requests.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::uri::Authority;
 

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 
 use crate::balance::KeyHash;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use form_proto::rplb::v1 as pb;
 

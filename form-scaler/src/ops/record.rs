@@ -16,10 +16,7 @@ const PUT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    form_runtime::clock::unix_ms()
 }
 
 /// The recorded step's name, if the operation is in progress.

@@ -1,7 +1,10 @@
-//! The in-process platform's controllers, each in a tokio runtime of its own: a crash
-//! is the end of that runtime (every task of the controller stops where it is, its
-//! connections break), and a restart is a new runtime with a new controller of the
-//! same id, which adopts what its predecessor left unfinished.
+//! The in-process platform's controllers. A crash stops the controller where it is:
+//! its rounds and its connections end at once, and what still runs of its operations
+//! is cut off from everything (its name on the network is partitioned for good), as
+//! a killed process's would be. A restart is a new controller of the same id under a
+//! new name on the network (`controller-1#2`), which adopts what its predecessor left
+//! unfinished. Every controller runs on the caller's runtime, so the whole platform
+//! shares one clock (paused, in the seeded runs).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use form_scaler::fleet::{Dialer, Fleet};
 use form_scaler::ops::engine::{Engine, Limits};
 use form_scaler::ops::plan::Request;
 use form_testkit::memnet::Net;
-use tokio::runtime::Runtime;
+use tokio::task::AbortHandle;
 use tonic::Status;
 
 /// How a controller is set up.
@@ -43,57 +46,58 @@ pub struct Settings {
 pub struct Controller {
     /// The controller.
     pub shared: Arc<Shared>,
-    /// Always set; taken when the controller ends.
-    runtime: Option<Runtime>,
+    /// The name its connections have on the network (its id, then `id#N` after the
+    /// N-1th restart).
+    pub name: String,
+    net: Net,
+    tasks: Vec<AbortHandle>,
     _stop: shutdown::ShutdownHandle,
 }
 
 impl Controller {
-    /// A controller reaching the platform through `net`, as `s` says; its
-    /// connections are its own (`Net::partition_between` with its id cuts them).
-    pub fn start(net: &Net, s: &Settings) -> anyhow::Result<Self> {
+    /// Incarnation `n` (from 1) of the controller `s` describes, reaching the platform
+    /// through `net` under its own name (`Net::partition_between` with
+    /// [`Controller::name`] cuts it).
+    pub fn start(net: &Net, s: &Settings, n: u32) -> anyhow::Result<Self> {
         let id = s.id.clone();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
-        let (stop, stopped) = shutdown::channel();
-        // The clients' channels spawn their workers on the runtime they are made in.
-        let shared = {
-            let _on = runtime.enter();
-            let (dial, me) = (net.clone(), id.clone());
-            let platform = form_scaler::platform::Platform::over(
-                net.channel_from(&id, &s.state),
-                Fleet::dialing(Dialer(Arc::new(move |a: &str| dial.channel_from(&me, a)))),
-                s.balancers
-                    .iter()
-                    .map(|b| (b.clone(), net.channel_from(&id, b)))
-                    .collect(),
-            );
-            let engine = Engine {
-                platform,
-                limits: Limits {
-                    ready_timeout: Duration::from_secs(10),
-                    drain_timeout: Duration::from_secs(10),
-                    balancer_timeout: Duration::from_secs(5),
-                    poll: Duration::from_millis(10),
-                    operation_timeout: Duration::from_secs(60),
-                    node_timeout: Duration::from_secs(15),
-                },
-                faults: s.faults.clone(),
-                taking_standby: Default::default(),
-            };
-            Arc::new(Shared::new(id.clone(), engine, 100, s.ttl))
+        let name = if n <= 1 {
+            id.clone()
+        } else {
+            format!("{id}#{n}")
         };
+        let (stop, stopped) = shutdown::channel();
+        let (dial, me) = (net.clone(), name.clone());
+        let platform = form_scaler::platform::Platform::over(
+            net.channel_from(&name, &s.state),
+            Fleet::dialing(Dialer(Arc::new(move |a: &str| dial.channel_from(&me, a)))),
+            s.balancers
+                .iter()
+                .map(|b| (b.clone(), net.channel_from(&name, b)))
+                .collect(),
+        );
+        let engine = Engine {
+            platform,
+            limits: Limits {
+                ready_timeout: Duration::from_secs(10),
+                drain_timeout: Duration::from_secs(10),
+                balancer_timeout: Duration::from_secs(5),
+                poll: Duration::from_millis(10),
+                operation_timeout: Duration::from_secs(60),
+                node_timeout: Duration::from_secs(15),
+            },
+            faults: s.faults.clone(),
+            taking_standby: Default::default(),
+        };
+        let shared = Arc::new(Shared::new(id.clone(), engine, 100, s.ttl));
         let c = shared.clone();
         let st = stopped.clone();
-        runtime.spawn(async move {
+        let peers = tokio::spawn(async move {
             let client = c.engine.platform.state.clone();
             c.peers
                 .run(client, format!("{id}:1"), Duration::from_millis(200), st)
                 .await
         });
-        runtime.spawn(
+        let follow = tokio::spawn(
             shared
                 .clusters
                 .clone()
@@ -102,7 +106,7 @@ impl Controller {
         // Evaluation rounds: they adopt and resume operations (a suspended or orphaned
         // run goes on here), and decide when `act`. The instances send no heartbeats:
         // no member is judged on them.
-        runtime.spawn(form_scaler::autoscale::run(
+        let rounds = tokio::spawn(form_scaler::autoscale::run(
             shared.clone(),
             form_scaler::autoscale::Settings {
                 interval: s.evaluate,
@@ -115,16 +119,20 @@ impl Controller {
         ));
         Ok(Self {
             shared,
-            runtime: Some(runtime),
+            name,
+            net: net.clone(),
+            tasks: vec![
+                peers.abort_handle(),
+                follow.abort_handle(),
+                rounds.abort_handle(),
+            ],
             _stop: stop,
         })
     }
 
-    /// A request, taken (and its operation run) on the controller's runtime.
+    /// A request, taken (and its operation started) by the controller.
     pub async fn submit(&self, cluster: &str, req: Request) -> Result<types::Operation, Status> {
-        let (shared, cluster) = (self.shared.clone(), cluster.to_owned());
-        self.on_runtime(async move { shared.submit(&cluster, req, false).await })
-            .await
+        self.shared.submit(cluster, req, false).await
     }
 
     /// A cluster's creation, as [`Controller::submit`].
@@ -133,38 +141,27 @@ impl Controller {
         spec: state_pb::PutClusterRequest,
         operation_id: &str,
     ) -> Result<types::Operation, Status> {
-        let (shared, id) = (self.shared.clone(), operation_id.to_owned());
-        self.on_runtime(async move { shared.submit_create(spec, id).await })
+        self.shared
+            .submit_create(spec, operation_id.to_owned())
             .await
     }
 
-    async fn on_runtime<T: Send + 'static>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
-    ) -> Result<T, Status> {
-        let Some(rt) = &self.runtime else {
-            return Err(Status::unavailable("the controller stopped"));
-        };
-        rt.spawn(f)
-            .await
-            .map_err(|e| Status::unavailable(format!("the controller stopped: {e}")))?
-    }
-
-    /// Ends the runtime at once (see the module documentation).
+    /// Stops the controller where it is (see the module documentation).
     pub fn crash(mut self) {
         self.end();
     }
 
     fn end(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        for t in self.tasks.drain(..) {
+            t.abort();
         }
+        // What it still runs (its operations' tasks) can reach nothing any more.
+        self.net.partition(&self.name);
     }
 }
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        // A runtime may not be dropped inside another; this one is left at once.
         self.end();
     }
 }

@@ -3,9 +3,11 @@
 //! controllers ([`Controller`]), each the production service or library, talking
 //! gRPC over an in-memory network (`form_testkit::memnet`) whose links a test cuts
 //! and heals. Only the sockets and the backend's work are not the
-//! real ones; every call is encoded, fenced and answered as in production. Time is
-//! the wall clock (the services read it directly), so runs are driven by conditions
-//! with deadlines, not by simulated time.
+//! real ones; every call is encoded, fenced and answered as in production. The services
+//! read their time from `form_runtime::clock`: on a runtime with paused time (the
+//! seeded runs), after `form_runtime::clock::simulate`, everything here runs on
+//! simulated time, a wait costs nothing of the host's, and a deadline is one of
+//! simulated time. Every service runs on the caller's runtime.
 
 pub mod balancer;
 mod controller;
@@ -107,7 +109,11 @@ pub struct InProcess {
     pub controllers: Vec<Option<Controller>>,
     /// How each controller was started.
     settings: Vec<ControllerSettings>,
+    /// How many times the first controller was started.
+    starts: u32,
     stop: Option<ShutdownHandle>,
+    /// Stops the nodes' records (see [`InProcess::quiesce`]).
+    heartbeats: Option<ShutdownHandle>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -126,6 +132,7 @@ impl InProcess {
 
     /// The platform `setup` describes, with its data under `dir`.
     pub async fn with(dir: &Path, setup: Setup) -> anyhow::Result<Self> {
+        form_runtime::clock::simulate();
         let nodes = setup.nodes;
         let faults = setup.faults.clone();
         let net = Net::default();
@@ -165,12 +172,13 @@ impl InProcess {
         // The nodes write to the last replica, the controller uses the first: node
         // records reach the controller through gossip.
         let last = replicas.last().cloned().unwrap_or_default();
+        let (beats, beating) = shutdown::channel();
         tasks.spawn(heartbeats(
             net.clone(),
             last,
             out.clone(),
             setup.node_heartbeat,
-            stopped.clone(),
+            beating,
         ));
 
         // Ready when the controller's replica has every node's record (through gossip
@@ -210,7 +218,7 @@ impl InProcess {
             .collect();
         let controllers = settings
             .iter()
-            .map(|s| Controller::start(&net, s).map(Some))
+            .map(|s| Controller::start(&net, s, 1).map(Some))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             net,
@@ -219,7 +227,9 @@ impl InProcess {
             nodes: out,
             controllers,
             settings,
+            starts: 1,
             stop: Some(stop),
+            heartbeats: Some(beats),
             tasks,
         })
     }
@@ -229,23 +239,94 @@ impl InProcess {
         StateServiceClient::new(self.net.channel(&replica(1)))
     }
 
-    /// Waits until every replica has the same state, at most `within`.
+    /// Each replica's digest and version vector (`None`: unreachable), in order.
+    async fn digests(&self) -> Vec<Option<state_pb::DigestReply>> {
+        let mut out = Vec::new();
+        for r in &self.replicas {
+            let d = StateServiceClient::new(self.net.channel(r))
+                .digest(state_pb::DigestRequest::default())
+                .await
+                .map(tonic::Response::into_inner);
+            out.push(d.ok());
+        }
+        out
+    }
+
+    /// Waits until every replica has everything any replica had when it was called,
+    /// at most `within`: the replicas converge while the platform keeps writing (node
+    /// and controller heartbeats never stop, so their states need not be equal at any
+    /// one moment).
     pub async fn converged(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let mut digests = Vec::new();
-            for r in &self.replicas {
-                let d = StateServiceClient::new(self.net.channel(r))
-                    .digest(state_pb::DigestRequest::default())
-                    .await
-                    .map(|d| d.into_inner().sha256);
-                digests.push(d.ok());
+        let mut target: BTreeMap<String, u64> = BTreeMap::new();
+        for d in self.digests().await.into_iter().flatten() {
+            for (actor, seq) in d.version.unwrap_or_default().entries {
+                let t = target.entry(actor).or_default();
+                *t = (*t).max(seq);
             }
+        }
+        loop {
+            let behind: Vec<(String, Vec<String>)> = self
+                .replicas
+                .iter()
+                .zip(self.digests().await)
+                .filter_map(|(r, d)| {
+                    let have = d.map(|d| d.version.unwrap_or_default().entries);
+                    let missing: Vec<String> = target
+                        .iter()
+                        .filter(|(a, s)| {
+                            have.as_ref()
+                                .is_none_or(|h| h.get(*a).copied().unwrap_or(0) < **s)
+                        })
+                        .map(|(a, s)| format!("{a} up to {s}"))
+                        .collect();
+                    (!missing.is_empty()).then(|| (r.clone(), missing))
+                })
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "the replicas did not converge within {within:?}: missing {behind:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every writer of the platform: the controllers (as crashes) and the
+    /// nodes' records. The replicas must then reach one state ([`InProcess::identical`]).
+    pub fn quiesce(&mut self) {
+        for c in self.controllers.iter_mut().filter_map(Option::take) {
+            c.crash();
+        }
+        if let Some(s) = self.heartbeats.take() {
+            s.trigger(ShutdownKind::Fast);
+        }
+    }
+
+    /// Waits until every replica has the same state (digest), at most `within`.
+    pub async fn identical(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let digests: Vec<Option<Vec<u8>>> = self
+                .digests()
+                .await
+                .into_iter()
+                .map(|d| d.map(|d| d.sha256))
+                .collect();
             if digests.windows(2).all(|w| w[0].is_some() && w[0] == w[1]) {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                anyhow::bail!("the replicas did not converge within {within:?}");
+                let short: Vec<String> = digests
+                    .iter()
+                    .map(|d| d.as_ref().map_or("unreachable".into(), |d| hex8(d)))
+                    .collect();
+                anyhow::bail!(
+                    "the replicas did not reach one state within {within:?} of quiet: digests {short:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -329,20 +410,28 @@ impl InProcess {
     /// the operations left unfinished.
     pub fn restart_controller(&mut self) -> anyhow::Result<()> {
         self.crash_controller();
-        self.controllers[0] = Some(Controller::start(&self.net, &self.settings[0])?);
+        self.starts += 1;
+        self.controllers[0] = Some(Controller::start(
+            &self.net,
+            &self.settings[0],
+            self.starts,
+        )?);
         Ok(())
     }
 
     /// Stops every service.
     pub async fn stop(mut self) {
-        for c in self.controllers.iter_mut().filter_map(Option::take) {
-            c.crash();
-        }
+        self.quiesce();
         if let Some(s) = self.stop.take() {
             s.trigger(ShutdownKind::Fast);
         }
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// The first 4 bytes of `d` in hex.
+fn hex8(d: &[u8]) -> String {
+    d.iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
 
 fn serve(

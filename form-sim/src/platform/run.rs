@@ -148,8 +148,45 @@ pub async fn nodes_match_state(p: &InProcess, cluster: &str) -> Result<(), Strin
 /// controller killed at a drawn moment and started again (it adopts what it left).
 /// Every operation must end; after each, it must have done what it reports, the nodes
 /// must run exactly what form-state records, every balancer must route to exactly
-/// the serving members, and the replicas must converge.
-pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<Outcomes, String> {
+/// the serving members, and the replicas must converge (each gets what any had);
+/// at the end, with the writers stopped, the replicas must reach one state.
+pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<Report, String> {
+    run(dir, seed, Budget::Operations(ops), setup).await
+}
+
+/// As [`seeded`], with operations drawn until `lasting` of simulated time has passed
+/// (on a runtime with paused time; otherwise of the host's time).
+pub async fn seeded_for(
+    dir: &Path,
+    seed: u64,
+    lasting: Duration,
+    setup: Setup,
+) -> Result<Report, String> {
+    run(dir, seed, Budget::Lasting(lasting), setup).await
+}
+
+/// When a seeded run stops drawing operations.
+#[derive(Debug, Clone, Copy)]
+enum Budget {
+    Operations(usize),
+    Lasting(Duration),
+}
+
+/// What a seeded run did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Operations by outcome, and faults by kind.
+    pub outcomes: Outcomes,
+    /// One line per operation: what was asked, the faults drawn under it, how it
+    /// ended and the members it left (by node), in order. Two runs of one seed that
+    /// replay exactly have the same history.
+    pub history: Vec<String>,
+    /// The time the run took on its clock (simulated, on paused time).
+    pub took: Duration,
+}
+
+async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Report, String> {
+    let started = tokio::time::Instant::now();
     let mut p = InProcess::with(dir, setup)
         .await
         .map_err(|e| format!("seed {seed}: the platform did not start: {e}"))?;
@@ -163,13 +200,22 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
         .await
         .map_err(|e| format!("seed {seed}: {e}"))?;
     let mut outcomes = BTreeMap::new();
+    let mut history = Vec::new();
     let mut count = 1;
     let mut result = Ok(());
-    for i in 0..ops {
+    for i in 0.. {
+        let more = match budget {
+            Budget::Operations(n) => i < n,
+            Budget::Lasting(d) => started.elapsed() < d,
+        };
+        if !more {
+            break;
+        }
         let to = rng.range(1, 6) as u32;
         if to == count {
             continue;
         }
+        let mut line = format!("op-{i} {count}->{to}:");
         let kind = if to > count {
             types::OperationKind::ScaleOut
         } else {
@@ -182,32 +228,41 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
             .map_err(|e| format!("seed {seed}: operation {i} refused: {e}"))?;
         if rng.chance(0.5) {
             let node = p.nodes[rng.below(p.nodes.len())].address.clone();
-            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            let (at, cut) = (rng.range(0, 15), rng.range(1, 400));
+            line += &format!(" cut {node} at {at} ms for {cut} ms;");
+            tokio::time::sleep(Duration::from_millis(at)).await;
             p.net.partition(&node);
-            tokio::time::sleep(Duration::from_millis(rng.range(1, 400))).await;
+            tokio::time::sleep(Duration::from_millis(cut)).await;
             p.net.heal(&node);
         }
         if rng.chance(0.3) {
             let replica = p.replicas[rng.below(p.replicas.len())].clone();
-            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            let (at, cut) = (rng.range(0, 15), rng.range(1, 400));
+            line += &format!(" cut {replica} at {at} ms for {cut} ms;");
+            tokio::time::sleep(Duration::from_millis(at)).await;
             p.net.partition(&replica);
             *outcomes.entry("replica cuts").or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(rng.range(1, 400))).await;
+            tokio::time::sleep(Duration::from_millis(cut)).await;
             p.net.heal(&replica);
         }
         if !p.balancers.is_empty() && rng.chance(0.3) {
             let b = p.balancers[rng.below(p.balancers.len())].name.clone();
-            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            let (at, cut) = (rng.range(0, 15), rng.range(1, 400));
+            line += &format!(" cut {b} at {at} ms for {cut} ms;");
+            tokio::time::sleep(Duration::from_millis(at)).await;
             p.net.partition(&b);
             *outcomes.entry("balancer cuts").or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(rng.range(1, 400))).await;
+            tokio::time::sleep(Duration::from_millis(cut)).await;
             p.net.heal(&b);
         }
         // With several controllers: one loses form-state (and so its heartbeats) for a
         // drawn time, often longer than the controllers' ttl, so the other takes its
         // clusters and operations while it still runs them.
         if p.controllers.len() > 1 && rng.chance(0.4) {
-            let id = format!("controller-{}", rng.below(p.controllers.len()) + 1);
+            let k = rng.below(p.controllers.len());
+            let id = p.controllers[k]
+                .as_ref()
+                .map_or_else(String::new, |c| c.name.clone());
             tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
             p.net.partition_between(&id, &super::replica(1));
             *outcomes.entry("controller cuts").or_default() += 1;
@@ -215,10 +270,12 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
             p.net.heal_between(&id, &super::replica(1));
         }
         if rng.chance(0.3) {
-            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            let (at, down) = (rng.range(0, 15), rng.range(0, 200));
+            line += &format!(" crash controller-1 at {at} ms for {down} ms;");
+            tokio::time::sleep(Duration::from_millis(at)).await;
             p.crash_controller();
             *outcomes.entry("controller crashes").or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(rng.range(0, 200))).await;
+            tokio::time::sleep(Duration::from_millis(down)).await;
             p.restart_controller()
                 .map_err(|e| format!("seed {seed}: restart: {e}"))?;
         }
@@ -226,11 +283,19 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
             Ok(op) => op,
             Err(e) => {
                 result = Err(format!("seed {seed}: {e}"));
+                history.push(line + " did not end");
                 break;
             }
         };
         let status = form_scaler::ops::status_name(&op);
         *outcomes.entry(status).or_default() += 1;
+        let left: Vec<String> = members(&p, "web")
+            .await
+            .into_iter()
+            .map(|(node, id)| format!("{id}@{node}"))
+            .collect();
+        line += &format!(" {status} by {}, leaving {left:?}", op.owner);
+        history.push(line);
         if let Err(e) = nodes_match_state(&p, "web").await {
             result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
             break;
@@ -262,6 +327,24 @@ pub async fn seeded(dir: &Path, seed: u64, ops: usize, setup: Setup) -> Result<O
         }
         count = now;
     }
+    if result.is_ok() {
+        // Quiet: with no writer left, the replicas reach one state.
+        p.quiesce();
+        if let Err(e) = p.identical(SETTLES).await {
+            result = Err(format!("seed {seed}: at the end: {e}"));
+        }
+    }
+    let took = started.elapsed();
     p.stop().await;
-    result.map(|()| outcomes)
+    let result = result.map_err(|e| {
+        format!(
+            "{e}\nthe run's history (the same draws again: FORM_SIM_PLATFORM_SEED={seed}):\n  {}",
+            history.join("\n  ")
+        )
+    });
+    result.map(|()| Report {
+        outcomes,
+        history,
+        took,
+    })
 }

@@ -58,7 +58,7 @@ impl Peers {
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, StateError> {
-    tokio::task::spawn_blocking(f)
+    form_runtime::clock::blocking(f)
         .await
         .map_err(|e| StateError::Unavailable(format!("a blocking task failed: {e}")))
 }

@@ -75,6 +75,8 @@ impl WalHandle {
     /// Waits until change `lsn` is durable.
     pub async fn wait_durable(&self, lsn: u64) -> Result<(), StateError> {
         let mut rx = self.durable.clone();
+        // The writer is a thread: simulated time waits for it (form_runtime::clock).
+        let _hold = (rx.borrow().lsn < lsn).then(form_runtime::clock::hold);
         let d = rx
             .wait_for(|d| d.lsn >= lsn || d.error.is_some())
             .await

@@ -18,7 +18,9 @@ pub mod request;
 pub mod response;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -119,7 +121,7 @@ pub async fn serve(
             // only for messages that did not come in one read).
             _ = async {
                 if let Some(s) = started {
-                    tokio::time::sleep_until((s + header_timeout).into()).await;
+                    tokio::time::sleep_until(s + header_timeout).await;
                 }
             }, if started.is_some() => return End::Closed,
             _ = tick.tick(), if started.is_none() => {
