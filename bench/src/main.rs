@@ -357,7 +357,14 @@ fn main() -> ExitCode {
                 nodes,
                 balancers,
                 seconds,
-            } => sim::platform(from, seeds, replicas, nodes, balancers, seconds),
+            } => sim::platform(sim::PlatformRuns {
+                from,
+                count: seeds,
+                replicas,
+                nodes,
+                balancers,
+                seconds,
+            }),
             Command::RplbHttp {
                 runs,
                 seconds,

@@ -94,35 +94,41 @@ pub(crate) fn fleet(clusters: usize, seconds: u64) -> anyhow::Result<()> {
 /// seconds each on `replicas` replicas, `nodes` nodes and `balancers` balancers, on a
 /// runtime of its own with paused time (a thread of its own, since the caller is
 /// already in a runtime).
-pub(crate) fn platform(
-    from: u64,
-    count: u64,
-    replicas: usize,
-    nodes: usize,
-    balancers: usize,
-    seconds: u64,
-) -> anyhow::Result<()> {
+pub(crate) fn platform(runs: PlatformRuns) -> anyhow::Result<()> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
             .build()?;
-        rt.block_on(platform_runs(
-            from, count, replicas, nodes, balancers, seconds,
-        ))
+        rt.block_on(platform_runs(runs))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the simulation's thread panicked"))?
 }
 
-async fn platform_runs(
-    from: u64,
-    count: u64,
-    replicas: usize,
-    nodes: usize,
-    balancers: usize,
-    seconds: u64,
-) -> anyhow::Result<()> {
+/// What `form-bench sim-platform` runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlatformRuns {
+    /// The first seed.
+    pub from: u64,
+    /// Seeds.
+    pub count: u64,
+    pub replicas: usize,
+    pub nodes: usize,
+    pub balancers: usize,
+    /// Simulated seconds of operations per run.
+    pub seconds: u64,
+}
+
+async fn platform_runs(runs: PlatformRuns) -> anyhow::Result<()> {
+    let PlatformRuns {
+        from,
+        count,
+        replicas,
+        nodes,
+        balancers,
+        seconds,
+    } = runs;
     use form_sim::platform::{Setup, run};
     let started = Instant::now();
     let mut failed = Vec::new();
