@@ -128,7 +128,14 @@ async fn seeded_cuts_and_crashes_under_operations_leak_nothing() {
         all.get("rolled_back").is_some_and(|n| *n > 0),
         "some cut hit a running operation: {all:?}"
     );
-    for fault in ["controller crashes", "replica cuts", "balancer cuts"] {
+    for fault in [
+        "controller crashes",
+        "replica cuts",
+        "balancer cuts",
+        "resizes",
+        "replacements",
+        "deletes",
+    ] {
         assert!(
             all.get(fault).is_some_and(|n| *n > 0),
             "some run had {fault}: {all:?}"

@@ -1,5 +1,6 @@
 //! The simulated fleet's backend: instances without a workload. An instance is a
-//! record that is running the moment it is made; a snapshot writes the source's
+//! record that is running the moment it is made (and whose size is what its record
+//! says: a resize changes the record); a snapshot writes the source's
 //! record into the snapshot directory (hashed and sealed by the node's real snapshot
 //! store, as every backend's files are); a clone reads it back from the sealed
 //! snapshot. Everything around it (the node's gRPC service, fences, the snapshot
@@ -168,9 +169,10 @@ impl Hypervisor for Memory {
             i.spec.resources = resources;
             Ok(Resized {
                 info: i.clone(),
-                enforced: false,
-                message: "the simulated backend records the new resources; nothing enforces them"
-                    .into(),
+                // A simulated instance is its record: what it has is what the record
+                // says, so the new size is all there is to apply.
+                enforced: true,
+                message: "the simulated instance's record has the new resources".into(),
             })
         })
     }

@@ -11,6 +11,7 @@
 
 pub mod balancer;
 mod controller;
+pub mod draw;
 pub mod memory;
 pub mod run;
 mod state;

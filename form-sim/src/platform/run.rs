@@ -9,6 +9,7 @@ use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
 use form_scaler::ops::plan::Request;
 
+use super::draw::{Cluster, Drawn};
 use super::{InProcess, Setup};
 use crate::rng::Rng;
 
@@ -142,8 +143,66 @@ pub async fn nodes_match_state(p: &InProcess, cluster: &str) -> Result<(), Strin
     }
 }
 
-/// Scale-outs and scale-ins to counts drawn from `seed`, on the platform `setup`
-/// describes. Under each, with drawn chances: a node's links cut at a drawn moment and
+/// Deletes cluster `web` (with no fault drawn) and checks that nothing of it is left:
+/// no record, no instance, no snapshot, no route.
+async fn deleted(p: &InProcess, history: &mut Vec<String>) -> Result<(), String> {
+    let req = Request {
+        operation_id: "delete-web".into(),
+        kind: types::OperationKind::DeleteCluster as i32,
+        immediate: true,
+        ..Default::default()
+    };
+    let op = p
+        .controller()
+        .submit("web", req)
+        .await
+        .map_err(|e| format!("refused: {e}"))?;
+    let op = p
+        .ended(&op.operation_id, ENDS)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = form_scaler::ops::status_name(&op);
+    history.push(format!("delete-web: {status} by {}", op.owner));
+    if status != "completed" {
+        return Err(format!("it ended {status}: {op:?}"));
+    }
+    match p
+        .state()
+        .get_cluster(state_pb::GetClusterRequest {
+            cluster_id: "web".into(),
+        })
+        .await
+    {
+        Err(s) if s.code() == tonic::Code::NotFound => {}
+        other => return Err(format!("form-state still has it: {other:?}")),
+    }
+    let deadline = tokio::time::Instant::now() + SETTLES;
+    loop {
+        let (running, snapshots) = (running(p).await, p.snapshots().await);
+        let routed: Vec<(String, BTreeSet<String>)> = p
+            .balancers
+            .iter()
+            .map(|b| (b.name.clone(), b.backends("web.sim.test")))
+            .filter(|(_, b)| !b.is_empty())
+            .collect();
+        let left = !running.is_empty()
+            || snapshots.as_ref().is_ok_and(|s| !s.is_empty())
+            || !routed.is_empty();
+        if !left {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "left behind: instances {running:?}, snapshots {snapshots:?}, routes {routed:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Operations drawn from `seed` (scale-outs and scale-ins to drawn counts, and one
+/// time in ten each a resize or the replacement of a drawn member), on the platform
+/// `setup` describes, then the cluster's deletion. Under each, with drawn chances: a node's links cut at a drawn moment and
 /// healed a drawn time later, the same for a replica's and a balancer's, and the
 /// controller killed at a drawn moment and started again (it adopts what it left).
 /// Every operation must end; after each, it must have done what it reports, the nodes
@@ -201,7 +260,12 @@ async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Repo
         .map_err(|e| format!("seed {seed}: {e}"))?;
     let mut outcomes = BTreeMap::new();
     let mut history = Vec::new();
-    let mut count = 1;
+    let mut cluster = Cluster {
+        count: 1,
+        size: (1, 256),
+    };
+    // Which kind of operation is drawn comes from a stream of its own.
+    let mut kinds = Rng::new(seed ^ 0x6b69_6e64);
     let mut result = Ok(());
     for i in 0.. {
         let more = match budget {
@@ -212,20 +276,23 @@ async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Repo
             break;
         }
         let to = rng.range(1, 6) as u32;
-        if to == count {
+        let Some(drawn) = Drawn::draw(&p, &cluster, to, &mut kinds).await else {
             continue;
-        }
-        let mut line = format!("op-{i} {count}->{to}:");
-        let kind = if to > count {
-            types::OperationKind::ScaleOut
-        } else {
-            types::OperationKind::ScaleIn
         };
-        let op = p
+        let mut line = format!("op-{i} {}:", drawn.describe(&cluster));
+        *outcomes.entry(drawn.kind()).or_default() += 1;
+        let op = match p
             .controller()
-            .submit("web", scale(kind, to, &format!("op-{i}")))
+            .submit("web", drawn.request(&cluster, &format!("op-{i}")))
             .await
-            .map_err(|e| format!("seed {seed}: operation {i} refused: {e}"))?;
+        {
+            Ok(op) => op,
+            Err(e) => {
+                result = Err(format!("seed {seed}: operation {i} refused: {e}"));
+                history.push(line + " refused");
+                break;
+            }
+        };
         if rng.chance(0.5) {
             let node = p.nodes[rng.below(p.nodes.len())].address.clone();
             let (at, cut) = (rng.range(0, 15), rng.range(1, 400));
@@ -308,24 +375,23 @@ async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Repo
             result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
             break;
         }
-        let now = members(&p, "web").await.len() as u32;
-        // It did what it reports: completed at the count asked, rolled back at the
-        // count it started from.
-        let expected = match status {
-            "completed" => to,
-            "rolled_back" => count,
-            other => {
-                result = Err(format!("seed {seed}: operation {i} ended {other}: {op:?}"));
+        // It did what it reports: completed as asked, rolled back as it was.
+        match drawn.check(&p, &cluster, status).await {
+            Ok(now) => cluster = now,
+            Err(e) => {
+                result = Err(format!(
+                    "seed {seed}: operation {i} ({}) {status}: {e}: {op:?}",
+                    drawn.describe(&cluster)
+                ));
                 break;
             }
-        };
-        if now != expected {
-            result = Err(format!(
-                "seed {seed}: operation {i} {status} from {count} to {to} left {now}"
-            ));
-            break;
         }
-        count = now;
+    }
+    if result.is_ok() {
+        match deleted(&p, &mut history).await {
+            Ok(()) => *outcomes.entry("deletes").or_default() += 1,
+            Err(e) => result = Err(format!("seed {seed}: deleting the cluster: {e}")),
+        }
     }
     if result.is_ok() {
         // Quiet: with no writer left, the replicas reach one state.
