@@ -143,6 +143,22 @@ pub(super) fn choose(
     Some(Choice { decision, session })
 }
 
+/// What the data plane picks for a request to `host` from `client_ip` with `headers`
+/// (their cookie and hash parameter count): the route it read, and the backend, as
+/// [`choose`] picks one for every proxied request; `None` without a route or a
+/// backend that can take it. For checks of the balancer's picks without sockets (the
+/// in-process platform's traffic).
+pub fn pick(
+    core: &Core,
+    host: &str,
+    headers: &http::HeaderMap,
+    client_ip: std::net::IpAddr,
+) -> Option<(Arc<RouteView>, Decision)> {
+    let route = core.table.get(host)?;
+    let choice = choose(core, &route, headers, None, client_ip, None)?;
+    Some((route, choice.decision))
+}
+
 async fn proxy(
     core: &Arc<Core>,
     conn: &ConnCtx,

@@ -15,6 +15,7 @@ pub mod draw;
 pub mod memory;
 pub mod run;
 mod state;
+pub mod traffic;
 
 pub use controller::{Controller, Settings as ControllerSettings};
 
@@ -113,6 +114,8 @@ pub struct InProcess {
     /// How many times the first controller was started.
     starts: u32,
     stop: Option<ShutdownHandle>,
+    /// Stops the traffic (see [`InProcess::send_traffic`]).
+    stopped: Shutdown,
     /// Stops the nodes' records (see [`InProcess::quiesce`]).
     heartbeats: Option<ShutdownHandle>,
     tasks: tokio::task::JoinSet<()>,
@@ -230,6 +233,7 @@ impl InProcess {
             settings,
             starts: 1,
             stop: Some(stop),
+            stopped,
             heartbeats: Some(beats),
             tasks,
         })
@@ -294,6 +298,20 @@ impl InProcess {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts picking a backend for `domain` on every balancer every `every`, as the
+    /// data plane picks for each request, with every pick checked (see [`traffic`]).
+    pub fn send_traffic(&mut self, domain: &str, every: Duration) -> traffic::Traffic {
+        let t = traffic::Traffic::default();
+        t.start(
+            &self.balancers,
+            domain,
+            every,
+            &mut self.tasks,
+            &self.stopped,
+        );
+        t
     }
 
     /// Stops every writer of the platform: the controllers (as crashes) and the

@@ -258,6 +258,7 @@ async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Repo
     p.ended(&op.operation_id, ENDS)
         .await
         .map_err(|e| format!("seed {seed}: {e}"))?;
+    let traffic = p.send_traffic("web.sim.test", Duration::from_millis(5));
     let mut outcomes = BTreeMap::new();
     let mut history = Vec::new();
     let mut cluster = Cluster {
@@ -375,6 +376,13 @@ async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Repo
             result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
             break;
         }
+        let wrong = traffic.violations();
+        if !wrong.is_empty() {
+            result = Err(format!(
+                "seed {seed}: by operation {i} ({status}), the balancers' picks: {wrong:?}"
+            ));
+            break;
+        }
         // It did what it reports: completed as asked, rolled back as it was.
         match drawn.check(&p, &cluster, status).await {
             Ok(now) => cluster = now,
@@ -393,6 +401,7 @@ async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Repo
             Err(e) => result = Err(format!("seed {seed}: deleting the cluster: {e}")),
         }
     }
+    outcomes.insert("picks", traffic.picks() as usize);
     if result.is_ok() {
         // Quiet: with no writer left, the replicas reach one state.
         p.quiesce();
