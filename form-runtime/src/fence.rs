@@ -96,7 +96,13 @@ pub fn is_stale(s: &tonic::Status) -> bool {
 pub struct Fences {
     seen: Mutex<HashMap<String, Fence>>,
     file: Option<PathBuf>,
+    /// The fences of calls that found an id absent, newest last (see
+    /// [`Fences::saw_absent`]).
+    absent: Mutex<(HashMap<String, Fence>, std::collections::VecDeque<String>)>,
 }
+
+/// How many absent ids [`Fences`] remembers.
+const ABSENT_KEPT: usize = 4096;
 
 impl Fences {
     /// Fences kept in `file` (read now when it exists; an unreadable file is an error).
@@ -118,6 +124,7 @@ impl Fences {
         Ok(Self {
             seen: Mutex::new(seen),
             file: Some(file),
+            absent: Mutex::default(),
         })
     }
 
@@ -151,6 +158,51 @@ impl Fences {
             }
         }
         Ok(())
+    }
+
+    /// Notes that a call carrying `fence` found nothing named `id` (an instance or a
+    /// snapshot), so could not tell its cluster: an undo deleting what a stale run has
+    /// not made yet. A later creation of `id` under an older epoch is refused
+    /// ([`Fences::check_absent`]), so that run cannot leave it behind. The newest
+    /// 4,096 ids are kept (in memory: a restart forgets them).
+    pub fn saw_absent(&self, id: &str, fence: &Fence) {
+        let mut guard = self
+            .absent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (fences, order) = &mut *guard;
+        match fences.get_mut(id) {
+            Some(f) if f.epoch >= fence.epoch => {}
+            Some(f) => *f = fence.clone(),
+            None => {
+                fences.insert(id.to_owned(), fence.clone());
+                order.push_back(id.to_owned());
+                if order.len() > ABSENT_KEPT
+                    && let Some(old) = order.pop_front()
+                {
+                    fences.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Checks the creation of `id` by a call carrying `fence`: refused when a call of
+    /// a newer epoch found `id` absent before ([`Fences::saw_absent`]).
+    pub fn check_absent(&self, id: &str, fence: Option<&Fence>) -> Result<(), tonic::Status> {
+        let Some(f) = fence else {
+            return Ok(());
+        };
+        let guard = self
+            .absent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match guard.0.get(id) {
+            Some(seen) if seen.epoch > f.epoch => Err(tonic::Status::failed_precondition(format!(
+                "stale fence: epoch {} of {} may not make {id}: a call of epoch {} of {} found it absent here before (it undid what {id} was for); another controller owns its cluster now",
+                f.epoch, f.owner, seen.epoch, seen.owner
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The highest fence seen for `cluster`.
@@ -206,5 +258,40 @@ mod tests {
         );
         assert_eq!(again.highest("web"), Some(new));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_id_found_absent_under_a_newer_epoch_is_not_made_under_an_older_one() {
+        let f = Fences::default();
+        let (old, new) = (Fence::next(0, "c-1"), Fence::next(1 << 30, "c-2"));
+        assert!(
+            f.check_absent("web-1", Some(&old)).is_ok(),
+            "nothing seen yet"
+        );
+        f.saw_absent("web-1", &new);
+        let refused = f.check_absent("web-1", Some(&old)).expect_err("stale");
+        assert!(is_stale(&refused), "{refused:?}");
+        assert!(refused.message().contains("web-1"), "{refused:?}");
+        assert!(
+            f.check_absent("web-1", Some(&new)).is_ok(),
+            "the newer epoch may"
+        );
+        assert!(
+            f.check_absent("web-1", None).is_ok(),
+            "an operator's call may"
+        );
+        assert!(
+            f.check_absent("web-2", Some(&old)).is_ok(),
+            "another id may"
+        );
+        // An older absence does not lower what was seen.
+        f.saw_absent("web-1", &old);
+        assert!(f.check_absent("web-1", Some(&old)).is_err());
+        // Bounded: the oldest ids are forgotten.
+        for i in 0..ABSENT_KEPT {
+            f.saw_absent(&format!("x-{i}"), &new);
+        }
+        assert!(f.check_absent("web-1", Some(&old)).is_ok(), "forgotten");
+        assert!(f.check_absent("x-1", Some(&old)).is_err());
     }
 }

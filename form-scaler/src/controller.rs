@@ -680,7 +680,7 @@ impl Shared {
             if !mine {
                 continue;
             }
-            tracing::warn!(operation = %op.operation_id, cluster = %op.cluster_id, status = ops::status_name(&op), step = record::current_step(&op).unwrap_or(""), "resuming an unfinished operation");
+            tracing::warn!(controller = %self.id, owner = %op.owner, owner_live = self.peers.is_live(&op.owner), operation = %op.operation_id, cluster = %op.cluster_id, status = ops::status_name(&op), step = record::current_step(&op).unwrap_or(""), "resuming an unfinished operation");
             let op = types::Operation {
                 owner: self.id.clone(),
                 ..op

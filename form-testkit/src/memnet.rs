@@ -9,7 +9,9 @@
 //! [`Net::partition_between`] does the same only for the connections one caller
 //! (named by [`Net::channel_from`]) opens to a name; [`Net::heal`] and
 //! [`Net::heal_between`] let connections through again. A tonic channel redials by
-//! itself at its next call.
+//! itself at its next call. [`Net::delay`] gives every connection opened after it a
+//! latency each way, drawn from a seed: its bytes arrive that long after they were
+//! sent, in order (on paused time the delays are simulated).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -17,6 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::io::DuplexStream;
@@ -43,6 +46,17 @@ struct Inner {
     cut: HashSet<(String, String)>,
     /// The relays of the open connections to each name, with their caller.
     open: HashMap<String, Vec<(Option<String>, AbortHandle)>>,
+    /// Latencies: the generator's state and the most one way takes (see [`Net::delay`]).
+    latency: Option<(u64, Duration)>,
+}
+
+/// SplitMix64's next value of `state`.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Net {
@@ -122,6 +136,13 @@ impl Net {
         }
     }
 
+    /// Gives every connection opened from now on a latency each way, drawn from
+    /// `seed` between none and `most` (the same draws for the same order of
+    /// connections); `Duration::ZERO` ends the delays.
+    pub fn delay(&self, seed: u64, most: Duration) {
+        self.lock().latency = (!most.is_zero()).then_some((seed, most));
+    }
+
     /// Lets `from`'s connections to `name` through again.
     pub fn heal_between(&self, from: &str, name: &str) {
         self.lock().cut.remove(&(from.to_owned(), name.to_owned()));
@@ -167,8 +188,22 @@ impl Net {
                 format!("{name} stopped serving"),
             )
         })?;
+        let mut draw = || match &mut inner.latency {
+            Some((state, most)) => {
+                let ms = most.as_millis().max(1) as u64;
+                Duration::from_millis(splitmix(state) % (ms + 1))
+            }
+            None => Duration::ZERO,
+        };
+        let (up, down) = (draw(), draw());
         let relay = tokio::spawn(async move {
-            let _ = tokio::io::copy_bidirectional(&mut near, &mut far).await;
+            if up.is_zero() && down.is_zero() {
+                let _ = tokio::io::copy_bidirectional(&mut near, &mut far).await;
+                return;
+            }
+            let (near_r, near_w) = tokio::io::split(near);
+            let (far_r, far_w) = tokio::io::split(far);
+            tokio::join!(delayed(near_r, far_w, up), delayed(far_r, near_w, down));
         });
         let open = inner.open.entry(name.to_owned()).or_default();
         open.retain(|(_, r)| !r.is_finished());
@@ -179,6 +214,38 @@ impl Net {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Copies `from` to `to`, each read arriving `latency` after it was read, in order;
+/// closes `to` after the last.
+async fn delayed(
+    mut from: tokio::io::ReadHalf<DuplexStream>,
+    mut to: tokio::io::WriteHalf<DuplexStream>,
+    latency: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if tx
+                .send((tokio::time::Instant::now() + latency, buf[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((at, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// Connects a channel to one name of a [`Net`].
@@ -226,8 +293,12 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn calls_go_through_until_a_partition_and_again_after_the_heal() {
+    /// A net serving gRPC health as "svc", the sender that stops it, and its task.
+    fn health_service() -> (
+        Net,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let net = Net::default();
         let (_reporter, health) = tonic_health::server::health_reporter();
         let router = tonic::transport::Server::builder().add_service(health);
@@ -235,6 +306,12 @@ mod tests {
         let served = net.serve("svc", router, async {
             let _ = stopped.await;
         });
+        (net, stop, served)
+    }
+
+    #[tokio::test]
+    async fn calls_go_through_until_a_partition_and_again_after_the_heal() {
+        let (net, stop, served) = health_service();
         assert_eq!(check(&net).await.ok(), Some(ServingStatus::Serving as i32));
 
         // One channel across the faults: it breaks, then redials by itself.
@@ -293,6 +370,31 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let _ = stop.send(());
+        served.await.expect("the server stops");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delayed_connections_carry_every_byte_late_and_in_order() {
+        let (net, stop, served) = health_service();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(check(&net).await.ok(), Some(ServingStatus::Serving as i32));
+        assert_eq!(t0.elapsed(), Duration::ZERO, "no delay unless asked");
+
+        net.delay(7, Duration::from_millis(200));
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(check(&net).await.ok(), Some(ServingStatus::Serving as i32));
+        let took = t0.elapsed();
+        assert!(
+            took > Duration::ZERO && took <= Duration::from_millis(2 * 200 * 4),
+            "a call over a new connection waits for the drawn latencies: {took:?}"
+        );
+        // A delayed connection is cut by a partition like any other.
+        let mut c = HealthClient::new(net.channel("svc"));
+        assert!(c.check(HealthCheckRequest::default()).await.is_ok());
+        net.partition("svc");
+        assert!(c.check(HealthCheckRequest::default()).await.is_err());
+        net.heal("svc");
         let _ = stop.send(());
         served.await.expect("the server stops");
     }

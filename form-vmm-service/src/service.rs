@@ -136,7 +136,10 @@ impl<H: Hypervisor> VmmApi<H> {
         };
         match self.hv.get(id).await {
             Ok(i) => self.fences.check(&i.spec.cluster_id, Some(&f)),
-            Err(_) => Ok(()),
+            Err(_) => {
+                self.fences.saw_absent(id, &f);
+                Ok(())
+            }
         }
     }
 
@@ -157,7 +160,12 @@ impl<H: Hypervisor> VmmApi<H> {
     ) -> std::result::Result<(), GrpcStatus> {
         match self.snapshots.manifest(id) {
             Ok(m) => self.fenced_cluster(req, &m.cluster_id),
-            Err(_) => Ok(()),
+            Err(_) => {
+                if let Some(f) = Fence::of(req)? {
+                    self.fences.saw_absent(id, &f);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -234,6 +242,8 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         req: Request<pb::CreateInstanceRequest>,
     ) -> Result<pb::Instance> {
         self.fenced_cluster(&req, &req.get_ref().cluster_id)?;
+        self.fences
+            .check_absent(&req.get_ref().instance_id, Fence::of(&req)?.as_ref())?;
         let r = req.into_inner();
         let instance_id = if r.instance_id.is_empty() {
             new_id("i")
@@ -360,6 +370,8 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
 
     async fn clone(&self, req: Request<pb::CloneRequest>) -> Result<pb::Instance> {
         self.fenced_snapshot(&req, &req.get_ref().snapshot_id)?;
+        self.fences
+            .check_absent(&req.get_ref().instance_id, Fence::of(&req)?.as_ref())?;
         let r = req.into_inner();
         spec::id("snapshot_id", &r.snapshot_id)?;
         let instance_id = if r.instance_id.is_empty() {
@@ -554,6 +566,8 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         &self,
         req: Request<pb::PullSnapshotRequest>,
     ) -> Result<pb::PullSnapshotReply> {
+        self.fences
+            .check_absent(&req.get_ref().snapshot_id, Fence::of(&req)?.as_ref())?;
         let r = req.into_inner();
         spec::id("snapshot_id", &r.snapshot_id)?;
         // One pull of a snapshot at a time (two clones on this node need it once);

@@ -67,6 +67,9 @@ pub struct Setup {
     pub node_heartbeat: Duration,
     /// Faults injected into the controllers' steps.
     pub faults: form_scaler::faults::Faults,
+    /// The most one way of a connection takes, and the seed its draws come from
+    /// (`memnet::Net::delay`); zero: no delay.
+    pub latency: (Duration, u64),
 }
 
 impl Default for Setup {
@@ -81,6 +84,7 @@ impl Default for Setup {
             evaluate: Duration::from_millis(200),
             node_heartbeat: Duration::from_millis(200),
             faults: Default::default(),
+            latency: (Duration::ZERO, 0),
         }
     }
 }
@@ -140,6 +144,7 @@ impl InProcess {
         let nodes = setup.nodes;
         let faults = setup.faults.clone();
         let net = Net::default();
+        net.delay(setup.latency.1, setup.latency.0);
         let (stop, stopped) = shutdown::channel();
         let mut tasks = tokio::task::JoinSet::new();
         let replicas = state::start(&net, &mut tasks, dir, setup.replicas, &stopped)?;

@@ -244,8 +244,11 @@ pub struct Report {
     pub took: Duration,
 }
 
-async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Report, String> {
+async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<Report, String> {
     let started = tokio::time::Instant::now();
+    // Every connection's latency each way: none, or drawn up to 1, 5 or 20 ms.
+    let most = [0, 1, 5, 20][Rng::new(seed ^ 0x6c61_7465).below(4)];
+    setup.latency = (Duration::from_millis(most), seed);
     let mut p = InProcess::with(dir, setup)
         .await
         .map_err(|e| format!("seed {seed}: the platform did not start: {e}"))?;
@@ -260,7 +263,10 @@ async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Repo
         .map_err(|e| format!("seed {seed}: {e}"))?;
     let traffic = p.send_traffic("web.sim.test", Duration::from_millis(5));
     let mut outcomes = BTreeMap::new();
-    let mut history = Vec::new();
+    if most > 0 {
+        outcomes.insert("runs with delayed links", 1);
+    }
+    let mut history = vec![format!("links: up to {most} ms each way")];
     let mut cluster = Cluster {
         count: 1,
         size: (1, 256),
@@ -331,10 +337,12 @@ async fn run(dir: &Path, seed: u64, budget: Budget, setup: Setup) -> Result<Repo
             let id = p.controllers[k]
                 .as_ref()
                 .map_or_else(String::new, |c| c.name.clone());
-            tokio::time::sleep(Duration::from_millis(rng.range(0, 15))).await;
+            let (at, cut) = (rng.range(0, 15), rng.range(1, 3_000));
+            line += &format!(" cut {id} from form-state at {at} ms for {cut} ms;");
+            tokio::time::sleep(Duration::from_millis(at)).await;
             p.net.partition_between(&id, &super::replica(1));
             *outcomes.entry("controller cuts").or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(rng.range(1, 3_000))).await;
+            tokio::time::sleep(Duration::from_millis(cut)).await;
             p.net.heal_between(&id, &super::replica(1));
         }
         if rng.chance(0.3) {
