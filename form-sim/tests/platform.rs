@@ -141,6 +141,7 @@ async fn seeded_cuts_and_crashes_under_operations_leak_nothing() {
         "replacements",
         "deletes",
         "runs with delayed links",
+        "replica crashes",
     ] {
         assert!(
             all.get(fault).is_some_and(|n| *n > 0),

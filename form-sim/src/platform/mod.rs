@@ -107,6 +107,8 @@ pub struct InProcess {
     pub net: Net,
     /// The form-state replicas' names (the controller uses the first).
     pub replicas: Vec<String>,
+    /// The replicas, each stopped and started again on its files by a crash.
+    stores: state::Replicas,
     /// The vmm nodes.
     pub nodes: Vec<Node>,
     /// The balancers.
@@ -147,7 +149,8 @@ impl InProcess {
         net.delay(setup.latency.1, setup.latency.0);
         let (stop, stopped) = shutdown::channel();
         let mut tasks = tokio::task::JoinSet::new();
-        let replicas = state::start(&net, &mut tasks, dir, setup.replicas, &stopped)?;
+        let stores = state::Replicas::start(&net, &mut tasks, dir, setup.replicas)?;
+        let replicas = stores.names.clone();
         let addresses: Vec<String> = (1..=nodes).map(|i| format!("node-{i}:1")).collect();
         let mut out = Vec::new();
         for (i, address) in addresses.iter().enumerate() {
@@ -232,6 +235,7 @@ impl InProcess {
         Ok(Self {
             net,
             replicas,
+            stores,
             balancers,
             nodes: out,
             controllers,
@@ -303,6 +307,17 @@ impl InProcess {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Kills form-state replica `i` (from 0) where it is (see `state::Replicas::crash`);
+    /// returns once nothing of it runs.
+    pub async fn crash_replica(&mut self, i: usize) {
+        self.stores.crash(&self.net, i).await;
+    }
+
+    /// Starts form-state replica `i` again from its files (what it made durable).
+    pub fn restart_replica(&mut self, i: usize) -> anyhow::Result<()> {
+        self.stores.restart(&self.net, &mut self.tasks, i)
     }
 
     /// Starts picking a backend for `domain` on every balancer every `every`, as the
@@ -446,6 +461,7 @@ impl InProcess {
     /// Stops every service.
     pub async fn stop(mut self) {
         self.quiesce();
+        self.stores.stop();
         if let Some(s) = self.stop.take() {
             s.trigger(ShutdownKind::Fast);
         }

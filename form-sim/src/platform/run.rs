@@ -143,6 +143,27 @@ pub async fn nodes_match_state(p: &InProcess, cluster: &str) -> Result<(), Strin
     }
 }
 
+/// The writes replica `k` made itself, by its version vector (0 while unreachable
+/// for 5 s).
+async fn own_writes(p: &InProcess, k: usize) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = form_proto::state::v1::state_service_client::StateServiceClient::new(
+            p.net.channel(&p.replicas[k]),
+        )
+        .digest(state_pb::DigestRequest::default())
+        .await;
+        if let Ok(d) = d.map(tonic::Response::into_inner) {
+            let v = d.version.unwrap_or_default().entries;
+            return v.get(&d.replica_id).copied().unwrap_or(0);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Deletes cluster `web` (with no fault drawn) and checks that nothing of it is left:
 /// no record, no instance, no snapshot, no route.
 async fn deleted(p: &InProcess, history: &mut Vec<String>) -> Result<(), String> {
@@ -318,6 +339,32 @@ async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<
             *outcomes.entry("replica cuts").or_default() += 1;
             tokio::time::sleep(Duration::from_millis(cut)).await;
             p.net.heal(&replica);
+        }
+        // A replica killed and started again from its files: whatever it acknowledged
+        // of its own writes must still be there.
+        if kinds.chance(0.2) {
+            let k = kinds.below(p.replicas.len());
+            let (at, down) = (kinds.range(0, 15), kinds.range(1, 1_000));
+            line += &format!(" crash {} at {at} ms for {down} ms;", p.replicas[k]);
+            tokio::time::sleep(Duration::from_millis(at)).await;
+            let before = own_writes(&p, k).await;
+            p.crash_replica(k).await;
+            *outcomes.entry("replica crashes").or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(down)).await;
+            if let Err(e) = p.restart_replica(k) {
+                result = Err(format!("seed {seed}: restarting {}: {e}", p.replicas[k]));
+                history.push(line);
+                break;
+            }
+            let after = own_writes(&p, k).await;
+            if after < before {
+                result = Err(format!(
+                    "seed {seed}: {} acknowledged {before} writes of its own before its crash, and has {after} after",
+                    p.replicas[k]
+                ));
+                history.push(line);
+                break;
+            }
         }
         if !p.balancers.is_empty() && rng.chance(0.3) {
             let b = p.balancers[rng.below(p.balancers.len())].name.clone();
