@@ -75,6 +75,12 @@ enum Command {
         /// Writes measured per configuration.
         #[arg(long, default_value_t = 200)]
         writes: usize,
+        /// form-state's --push-gather-ms for the rows that push at once.
+        #[arg(long, default_value_t = 2)]
+        gather_ms: u64,
+        /// Only the CPU per write, not the convergence rows.
+        #[arg(long)]
+        cpu_only: bool,
     },
     /// Bytes on the wire for one member update in a cluster of many members: delta against full state.
     StateBytes {
@@ -326,7 +332,11 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::StateApply { deltas } => state_apply::run(deltas),
-            Command::StateConvergence { writes } => state_convergence::run(&bin_dir, writes).await,
+            Command::StateConvergence {
+                writes,
+                gather_ms,
+                cpu_only,
+            } => state_convergence::run(&bin_dir, writes, gather_ms, cpu_only).await,
             Command::StateBytes { members, replicas } => {
                 state_bytes::run(&bin_dir, members, replicas).await
             }

@@ -22,7 +22,7 @@ pub(crate) async fn run(
         for (i, plain) in [false, true].into_iter().enumerate() {
             form_testkit::pki::use_plaintext(plain);
             let mode = if plain { "plaintext" } else { "mutual TLS" };
-            let c = state_convergence::measure(&state, 5, "delta", writes).await?;
+            let c = state_convergence::measure(&state, 5, &[], writes).await?;
             let (s, _) = scaler_scale_out::measure(bin_dir, &[], scale_outs).await?;
             eprintln!(
                 "round {}/{rounds} {mode:<10}: convergence p99 {:.1} ms, scale-out p50 {:.1} ms",

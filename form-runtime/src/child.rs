@@ -229,6 +229,11 @@ impl ChildService {
         &self.name
     }
 
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// What the child wrote in its ready file.
     pub fn info(&self) -> &ReadyInfo {
         &self.info

@@ -44,6 +44,11 @@ pub struct Config {
     pub authorized_keys: Option<PathBuf>,
     /// Milliseconds between delta pushes to each peer.
     pub sync_interval_ms: u64,
+    /// Whether a durable write is pushed to every peer at once (delta and prioritized
+    /// replication), rather than at the next round; the rounds go on as the repair path.
+    pub push_at_once: bool,
+    /// Milliseconds a push at once waits to gather the writes that follow (0: none).
+    pub push_gather_ms: u64,
     /// Milliseconds between anti-entropy rounds with each peer.
     pub anti_entropy_interval_ms: u64,
     /// Most deltas per gossip message.
@@ -76,6 +81,8 @@ impl Default for Config {
             node_key: None,
             authorized_keys: None,
             sync_interval_ms: 100,
+            push_at_once: true,
+            push_gather_ms: 2,
             anti_entropy_interval_ms: 1000,
             batch_size: 256,
             replication: ReplicationPolicy::DeltaSync,
@@ -112,8 +119,9 @@ impl ServiceConfig for Config {
         }
         crate::model::validate::id("replica_id", &self.replica_id)
             .map_err(|e| ConfigError::invalid("--replica-id", e.to_string()))?;
-        let ranges: [(&str, u64, u64, u64); 8] = [
+        let ranges: [(&str, u64, u64, u64); 9] = [
             ("--sync-interval-ms", self.sync_interval_ms, 1, 60_000),
+            ("--push-gather-ms", self.push_gather_ms, 0, 1_000),
             (
                 "--anti-entropy-interval-ms",
                 self.anti_entropy_interval_ms,
@@ -189,6 +197,16 @@ pub struct Args {
     /// Milliseconds between delta pushes to each peer [default: 100]
     #[arg(long, value_name = "MS", env = "FORM_STATE_SYNC_INTERVAL_MS")]
     pub sync_interval_ms: Option<u64>,
+
+    /// Push each durable write to every peer at once (delta and prioritized replication;
+    /// the rounds every --sync-interval-ms go on as the repair path) [default: true]
+    #[arg(long, value_name = "BOOL", env = "FORM_STATE_PUSH_AT_ONCE")]
+    pub push_at_once: Option<bool>,
+
+    /// Milliseconds a push at once waits to gather the writes that follow, 0-1000
+    /// [default: 2]
+    #[arg(long, value_name = "MS", env = "FORM_STATE_PUSH_GATHER_MS")]
+    pub push_gather_ms: Option<u64>,
 
     /// Milliseconds between anti-entropy rounds with each peer [default: 1000]
     #[arg(long, value_name = "MS", env = "FORM_STATE_ANTI_ENTROPY_INTERVAL_MS")]
@@ -293,6 +311,12 @@ impl Args {
             }
             if let Some(v) = self.anti_entropy_interval_ms {
                 c.anti_entropy_interval_ms = v;
+            }
+            if let Some(v) = self.push_at_once {
+                c.push_at_once = v;
+            }
+            if let Some(v) = self.push_gather_ms {
+                c.push_gather_ms = v;
             }
             if let Some(v) = self.batch_size {
                 c.batch_size = v;

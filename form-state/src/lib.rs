@@ -121,17 +121,24 @@ impl Service for StateReplica {
             Store::open(&store_config(c)).map_err(|e| RuntimeError::Service(e.to_string()))?;
         let peers = Arc::new(gossip::Peers::default());
         let urgent = Arc::new(tokio::sync::Notify::new());
-        if let ReplicationPolicy::PrioritizedSync {
-            high_priority_fields,
-        } = &c.replication
-        {
-            let fields = gossip::high_priority_fields(high_priority_fields)
-                .map_err(RuntimeError::Service)?;
-            store.set_urgent(urgent.clone(), fields);
+        match &c.replication {
+            // A full state per write would cost the whole state per write: full
+            // replication keeps to its rounds.
+            ReplicationPolicy::FullSync => {}
+            _ if c.push_at_once => store.set_urgent(urgent.clone(), None),
+            ReplicationPolicy::PrioritizedSync {
+                high_priority_fields,
+            } => {
+                let fields = gossip::high_priority_fields(high_priority_fields)
+                    .map_err(RuntimeError::Service)?;
+                store.set_urgent(urgent.clone(), Some(fields));
+            }
+            ReplicationPolicy::DeltaSync => {}
         }
         let gossip_config = gossip::GossipConfig {
             peers: c.peers.clone(),
             sync_interval: Duration::from_millis(c.sync_interval_ms),
+            push_gather: Duration::from_millis(c.push_gather_ms),
             anti_entropy_interval: Duration::from_millis(c.anti_entropy_interval_ms),
             batch_size: c.batch_size,
             policy: c.replication.clone(),

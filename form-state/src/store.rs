@@ -57,10 +57,14 @@ pub struct Store {
     durable: watch::Sender<u64>,
     snapshot_every: u64,
     since_snapshot: Mutex<u64>,
-    urgent: Mutex<Option<(Arc<tokio::sync::Notify>, Vec<Field>)>>,
+    urgent: Mutex<Option<Urgent>>,
     boot: u64,
     anti_entropy_wanted: std::sync::atomic::AtomicBool,
 }
+
+/// Woken once a local write is durable: after every write (`None`), or after a write
+/// to one of the fields.
+type Urgent = (Arc<tokio::sync::Notify>, Option<Vec<Field>>);
 
 /// Bits of a change sequence number that hold the lsn; the bits above hold the boot
 /// count, so sequences of an earlier run of the replica never match this run's.
@@ -158,8 +162,9 @@ impl Store {
         self.durable.subscribe()
     }
 
-    /// Wakes `notify` after every local write to one of `fields` (PrioritizedSync).
-    pub fn set_urgent(&self, notify: Arc<tokio::sync::Notify>, fields: Vec<Field>) {
+    /// Wakes `notify` once every local write to one of `fields` is durable
+    /// (PrioritizedSync), or every local write (`None`: push at once).
+    pub fn set_urgent(&self, notify: Arc<tokio::sync::Notify>, fields: Option<Vec<Field>>) {
         *self
             .urgent
             .lock()
@@ -250,10 +255,12 @@ impl Store {
             let mut wake = None;
             if let Some(d) = made {
                 if let Some((notify, fields)) = &urgent
-                    && d.delta
-                        .writes
-                        .iter()
-                        .any(|(k, _)| fields.contains(&k.field))
+                    && fields.as_ref().is_none_or(|fields| {
+                        d.delta
+                            .writes
+                            .iter()
+                            .any(|(k, _)| fields.contains(&k.field))
+                    })
                 {
                     wake = Some(notify.clone());
                 }

@@ -115,22 +115,21 @@ impl Replicas {
         let config = GossipConfig {
             peers: Vec::new(),
             sync_interval: Duration::from_millis(100),
+            push_gather: Duration::from_millis(1),
             anti_entropy_interval: Duration::from_secs(1),
             batch_size: BATCH,
             policy: ReplicationPolicy::DeltaSync,
         };
+        // As deployed: every durable write is pushed to the peers at once.
+        let urgent = Arc::new(tokio::sync::Notify::new());
+        store.set_urgent(urgent.clone(), None);
         self.running[i] = Some(Running {
             stop,
             store: Arc::downgrade(&store),
             wal: store.wal_status(),
         });
         tasks.spawn(gossip::driver::run_links(
-            store,
-            peers,
-            config,
-            links,
-            Arc::new(tokio::sync::Notify::new()),
-            stopped,
+            store, peers, config, links, urgent, stopped,
         ));
         Ok(())
     }

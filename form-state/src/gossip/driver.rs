@@ -119,13 +119,23 @@ pub async fn run_links<T: Transport>(
         };
         tasks.spawn(link.run(wake.subscribe(), shutdown.clone()));
     }
+    let mut gather = Gather::new(config.push_gather);
     // A full buffer's request for anti-entropy is looked at every sync interval.
     let mut sync = tokio::time::interval(config.sync_interval);
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.requested() => break,
-            _ = urgent.notified() => wake.send_modify(|w| w.push += 1),
+            _ = urgent.notified() => {
+                // The writes of the next moment go in the same push (a wake while a
+                // push is out is kept by its link for the next round anyway).
+                gather.next(tokio::time::Instant::now());
+                if !gather.now.is_zero() {
+                    tokio::time::sleep(gather.now).await;
+                }
+                gather.woke(tokio::time::Instant::now());
+                wake.send_modify(|w| w.push += 1);
+            }
             _ = sync.tick() => {
                 if store.take_anti_entropy_request() {
                     wake.send_modify(|w| w.anti_entropy += 1);
@@ -134,6 +144,45 @@ pub async fn run_links<T: Transport>(
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// How long a push at once waits for more writes: `--push-gather-ms` after a quiet
+/// moment, doubled (up to 8 times that) while writes keep coming, so that a busy
+/// replica sends fewer, larger pushes (each push costs every peer a call, a check of
+/// its signatures and a sync of its log) and an idle one sends at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Gather {
+    least: Duration,
+    /// The wait of the current wake.
+    pub now: Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl Gather {
+    /// Waits of `least` to 8 times `least`.
+    pub fn new(least: Duration) -> Self {
+        Self {
+            least,
+            now: least,
+            last: None,
+        }
+    }
+
+    /// A write's wake at `at`: its wait is twice the last one's when it came within
+    /// twice that wait of the last wake, else the least.
+    pub fn next(&mut self, at: tokio::time::Instant) {
+        self.now = match self.last {
+            Some(t) if at.saturating_duration_since(t) <= self.now * 2 => {
+                (self.now * 2).min(self.least * 8)
+            }
+            _ => self.least,
+        };
+    }
+
+    /// The links were woken at `at`.
+    pub fn woke(&mut self, at: tokio::time::Instant) {
+        self.last = Some(at);
+    }
 }
 
 /// One peer's side of the loop.
@@ -256,5 +305,40 @@ impl<T: Transport> Link<T> {
             .entry(self.addr.clone())
             .or_default()
             .learn(actor, version);
+    }
+}
+
+#[cfg(test)]
+mod gather_tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_grows_while_writes_keep_coming_and_falls_back_after_a_quiet_moment() {
+        let ms = Duration::from_millis;
+        let t0 = tokio::time::Instant::now();
+        let mut g = Gather::new(ms(2));
+        g.next(t0);
+        assert_eq!(g.now, ms(2), "the first wake waits the least");
+        let mut at = t0 + ms(2);
+        g.woke(at);
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            // The next write came during the wait: its wake is at once.
+            g.next(at);
+            waits.push(g.now);
+            at += g.now;
+            g.woke(at);
+        }
+        assert_eq!(waits, [ms(4), ms(8), ms(16), ms(16), ms(16)], "at most 8x");
+        g.next(at + ms(33));
+        assert_eq!(
+            g.now,
+            ms(2),
+            "after more than twice the wait, the least again"
+        );
+        let mut zero = Gather::new(Duration::ZERO);
+        zero.woke(t0);
+        zero.next(t0);
+        assert_eq!(zero.now, Duration::ZERO, "0 ms: never waits");
     }
 }

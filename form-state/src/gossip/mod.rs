@@ -62,6 +62,8 @@ pub struct GossipConfig {
     pub peers: Vec<HostPort>,
     /// Push interval.
     pub sync_interval: Duration,
+    /// How long a push at once (a write's wake) waits to gather the writes that follow.
+    pub push_gather: Duration,
     /// Anti-entropy interval.
     pub anti_entropy_interval: Duration,
     /// Most deltas per message.
