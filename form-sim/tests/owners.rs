@@ -281,5 +281,21 @@ async fn an_undo_that_found_a_clone_absent_keeps_a_stale_run_from_making_it() {
     node.create_instance(create(&new))
         .await
         .expect("the newer epoch may");
+    // An id that is no id found absent poisons nothing: a create whose id the node
+    // chooses is not refused for it.
+    let _ = node
+        .delete_instance(fenced(
+            vmm_pb::InstanceRef {
+                instance_id: String::new(),
+            },
+            &new,
+        ))
+        .await;
+    let mut auto = create(&old);
+    auto.get_mut().instance_id.clear();
+    auto.get_mut().cluster_id = "other".into();
+    node.create_instance(auto)
+        .await
+        .expect("an id the node chooses is not refused for an empty one");
     p.stop().await;
 }

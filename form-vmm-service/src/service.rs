@@ -136,10 +136,11 @@ impl<H: Hypervisor> VmmApi<H> {
         };
         match self.hv.get(id).await {
             Ok(i) => self.fences.check(&i.spec.cluster_id, Some(&f)),
-            Err(_) => {
+            Err(VmmError::NotFound { .. }) if spec::id("instance_id", id).is_ok() => {
                 self.fences.saw_absent(id, &f);
                 Ok(())
             }
+            Err(_) => Ok(()),
         }
     }
 
@@ -160,12 +161,13 @@ impl<H: Hypervisor> VmmApi<H> {
     ) -> std::result::Result<(), GrpcStatus> {
         match self.snapshots.manifest(id) {
             Ok(m) => self.fenced_cluster(req, &m.cluster_id),
-            Err(_) => {
+            Err(VmmError::NotFound { .. }) if spec::id("snapshot_id", id).is_ok() => {
                 if let Some(f) = Fence::of(req)? {
                     self.fences.saw_absent(id, &f);
                 }
                 Ok(())
             }
+            Err(_) => Ok(()),
         }
     }
 
@@ -242,8 +244,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         req: Request<pb::CreateInstanceRequest>,
     ) -> Result<pb::Instance> {
         self.fenced_cluster(&req, &req.get_ref().cluster_id)?;
-        self.fences
-            .check_absent(&req.get_ref().instance_id, Fence::of(&req)?.as_ref())?;
+        let fence = Fence::of(&req)?;
         let r = req.into_inner();
         let instance_id = if r.instance_id.is_empty() {
             new_id("i")
@@ -251,6 +252,10 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
             r.instance_id
         };
         spec::id("instance_id", &instance_id)?;
+        // Under the instance's lock: a delete sent meanwhile waits for the instance
+        // and deletes it, and one that came first is seen by the check.
+        let _guard = self.lifecycle(&instance_id).await;
+        self.fences.check_absent(&instance_id, fence.as_ref())?;
         spec::id("cluster_id", &r.cluster_id)?;
         let workload = spec::workload(r.workload.as_ref())?;
         self.allowed.check(&workload)?;
@@ -370,8 +375,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
 
     async fn clone(&self, req: Request<pb::CloneRequest>) -> Result<pb::Instance> {
         self.fenced_snapshot(&req, &req.get_ref().snapshot_id)?;
-        self.fences
-            .check_absent(&req.get_ref().instance_id, Fence::of(&req)?.as_ref())?;
+        let fence = Fence::of(&req)?;
         let r = req.into_inner();
         spec::id("snapshot_id", &r.snapshot_id)?;
         let instance_id = if r.instance_id.is_empty() {
@@ -384,6 +388,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         // clone runs (a caller that gave up and rolls back) waits, then deletes it,
         // instead of finding nothing and leaving the clone behind.
         let guard = self.lifecycle(&instance_id).await;
+        self.fences.check_absent(&instance_id, fence.as_ref())?;
         let started = std::time::Instant::now();
         let (hv, store) = (self.hv.clone(), self.snapshots.clone());
         let requested = r.resources;

@@ -119,7 +119,7 @@ pub async fn run_links<T: Transport>(
         };
         tasks.spawn(link.run(wake.subscribe(), shutdown.clone()));
     }
-    let mut gather = Gather::new(config.push_gather);
+    let mut gather = Gather::new(config.push_gather, config.sync_interval);
     // A full buffer's request for anti-entropy is looked at every sync interval.
     let mut sync = tokio::time::interval(config.sync_interval);
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -131,7 +131,17 @@ pub async fn run_links<T: Transport>(
                 // push is out is kept by its link for the next round anyway).
                 gather.next(tokio::time::Instant::now());
                 if !gather.now.is_zero() {
-                    tokio::time::sleep(gather.now).await;
+                    tokio::select! {
+                        _ = shutdown.requested() => break,
+                        _ = tokio::time::sleep(gather.now) => {}
+                    }
+                }
+                // The writes made during the wait go with this wake: the permit they
+                // left would only start an empty one (and grow the wait for nothing).
+                tokio::select! {
+                    biased;
+                    _ = urgent.notified() => {}
+                    _ = std::future::ready(()) => {}
                 }
                 gather.woke(tokio::time::Instant::now());
                 wake.send_modify(|w| w.push += 1);
@@ -147,35 +157,38 @@ pub async fn run_links<T: Transport>(
 }
 
 /// How long a push at once waits for more writes: `--push-gather-ms` after a quiet
-/// moment, doubled (up to 8 times that) while writes keep coming, so that a busy
-/// replica sends fewer, larger pushes (each push costs every peer a call, a check of
-/// its signatures and a sync of its log) and an idle one sends at once.
+/// moment, doubled (up to 8 times that, and never past the round interval) while
+/// writes keep coming (a write within twice the least wait of the last wake), so that
+/// a busy replica sends fewer, larger pushes (each push costs every peer a call, a
+/// check of its signatures and a sync of its log) and an idle one sends at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Gather {
     least: Duration,
+    most: Duration,
     /// The wait of the current wake.
     pub now: Duration,
     last: Option<tokio::time::Instant>,
 }
 
 impl Gather {
-    /// Waits of `least` to 8 times `least`.
-    pub fn new(least: Duration) -> Self {
+    /// Waits of `least` to 8 times `least`, at most `round`.
+    pub fn new(least: Duration, round: Duration) -> Self {
         Self {
             least,
-            now: least,
+            most: (least * 8).min(round),
+            now: least.min(round),
             last: None,
         }
     }
 
-    /// A write's wake at `at`: its wait is twice the last one's when it came within
-    /// twice that wait of the last wake, else the least.
+    /// A write's wake at `at`: twice the last wait when it came within twice the least
+    /// wait of the last wake, else the least.
     pub fn next(&mut self, at: tokio::time::Instant) {
         self.now = match self.last {
-            Some(t) if at.saturating_duration_since(t) <= self.now * 2 => {
-                (self.now * 2).min(self.least * 8)
+            Some(t) if at.saturating_duration_since(t) <= self.least * 2 => {
+                (self.now * 2).min(self.most)
             }
-            _ => self.least,
+            _ => self.least.min(self.most),
         };
     }
 
@@ -316,27 +329,35 @@ mod gather_tests {
     fn the_wait_grows_while_writes_keep_coming_and_falls_back_after_a_quiet_moment() {
         let ms = Duration::from_millis;
         let t0 = tokio::time::Instant::now();
-        let mut g = Gather::new(ms(2));
+        let mut g = Gather::new(ms(2), ms(100));
         g.next(t0);
         assert_eq!(g.now, ms(2), "the first wake waits the least");
         let mut at = t0 + ms(2);
         g.woke(at);
         let mut waits = Vec::new();
         for _ in 0..5 {
-            // The next write came during the wait: its wake is at once.
+            // The next write comes a millisecond after the wake: writes keep coming.
+            at += ms(1);
             g.next(at);
             waits.push(g.now);
             at += g.now;
             g.woke(at);
         }
         assert_eq!(waits, [ms(4), ms(8), ms(16), ms(16), ms(16)], "at most 8x");
-        g.next(at + ms(33));
+        // Writes 20 ms apart (node heartbeats): each waits the least.
+        g.next(at + ms(20));
         assert_eq!(
             g.now,
             ms(2),
-            "after more than twice the wait, the least again"
+            "after more than twice the least, the least again"
         );
-        let mut zero = Gather::new(Duration::ZERO);
+        let mut capped = Gather::new(ms(20), ms(100));
+        capped.woke(t0);
+        for _ in 0..4 {
+            capped.next(t0);
+        }
+        assert_eq!(capped.now, ms(100), "never past the round interval");
+        let mut zero = Gather::new(Duration::ZERO, ms(100));
         zero.woke(t0);
         zero.next(t0);
         assert_eq!(zero.now, Duration::ZERO, "0 ms: never waits");
