@@ -94,6 +94,7 @@ pub(crate) fn fleet(clusters: usize, seconds: u64) -> anyhow::Result<()> {
 /// seconds each on `replicas` replicas, `nodes` nodes and `balancers` balancers, on a
 /// runtime of its own with paused time (a thread of its own, since the caller is
 /// already in a runtime).
+#[cfg(feature = "sim")]
 pub(crate) fn platform(runs: PlatformRuns) -> anyhow::Result<()> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -104,6 +105,15 @@ pub(crate) fn platform(runs: PlatformRuns) -> anyhow::Result<()> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the simulation's thread panicked"))?
+}
+
+/// Without the `sim` feature (tokio's paused time), says how to build it.
+#[cfg(not(feature = "sim"))]
+pub(crate) fn platform(runs: PlatformRuns) -> anyhow::Result<()> {
+    drop(platform_runs(runs));
+    anyhow::bail!(
+        "form-bench sim-platform runs on simulated time, which this build left out: build it with `cargo build --release -p form-bench --features sim` (a build of its own, so that no other binary gets tokio's test-util)"
+    )
 }
 
 /// What `form-bench sim-platform` runs.
