@@ -495,10 +495,22 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<pb::DeleteSnapshotReply> {
+        // After a pull of it that runs (so a pull a stale run started is deleted once
+        // it lands, and one that comes later finds the absence recorded).
+        let _pull = self
+            .lifecycle(&format!("pull/{}", req.get_ref().snapshot_id))
+            .await;
         self.fenced_snapshot(&req, &req.get_ref().snapshot_id)?;
         let id = req.into_inner().snapshot_id;
         spec::id("snapshot_id", &id)?;
-        let freed_bytes = self.snapshots.delete(&id)?;
+        let freed_bytes = self.snapshots.delete(&id);
+        drop(_pull);
+        // The lock of a snapshot that is gone is dropped, as an instance's is.
+        self.locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&format!("pull/{id}"));
+        let freed_bytes = freed_bytes?;
         Ok(Response::new(pb::DeleteSnapshotReply {
             deleted: true,
             freed_bytes,
@@ -571,13 +583,14 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         &self,
         req: Request<pb::PullSnapshotRequest>,
     ) -> Result<pb::PullSnapshotReply> {
-        self.fences
-            .check_absent(&req.get_ref().snapshot_id, Fence::of(&req)?.as_ref())?;
+        let fence = Fence::of(&req)?;
         let r = req.into_inner();
         spec::id("snapshot_id", &r.snapshot_id)?;
         // One pull of a snapshot at a time (two clones on this node need it once);
-        // "pull/" is not an id, so no instance shares the lock.
+        // "pull/" is not an id, so no instance shares the lock. A delete of the
+        // snapshot takes it too.
         let _one = self.lifecycle(&format!("pull/{}", r.snapshot_id)).await;
+        self.fences.check_absent(&r.snapshot_id, fence.as_ref())?;
         let started = std::time::Instant::now();
         let (m, mut reply) = crate::transfer::pull(&self.snapshots, &self.transfer, r).await?;
         if !reply.already_present {
