@@ -143,6 +143,17 @@ pub async fn nodes_match_state(p: &InProcess, cluster: &str) -> Result<(), Strin
     }
 }
 
+/// Partitions `name` a drawn moment from now (0-15 ms) for a drawn time (1-400 ms),
+/// then heals it; the cut goes into the operation's history `line`.
+async fn cut_for_a_while(p: &InProcess, rng: &mut Rng, name: &str, line: &mut String) {
+    let (at, cut) = (rng.range(0, 15), rng.range(1, 400));
+    *line += &format!(" cut {name} at {at} ms for {cut} ms;");
+    tokio::time::sleep(Duration::from_millis(at)).await;
+    p.net.partition(name);
+    tokio::time::sleep(Duration::from_millis(cut)).await;
+    p.net.heal(name);
+}
+
 /// The writes replica `k` made itself, by its version vector (0 while unreachable
 /// for 5 s).
 async fn own_writes(p: &InProcess, k: usize) -> u64 {
@@ -323,22 +334,12 @@ async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<
         };
         if rng.chance(0.5) {
             let node = p.nodes[rng.below(p.nodes.len())].address.clone();
-            let (at, cut) = (rng.range(0, 15), rng.range(1, 400));
-            line += &format!(" cut {node} at {at} ms for {cut} ms;");
-            tokio::time::sleep(Duration::from_millis(at)).await;
-            p.net.partition(&node);
-            tokio::time::sleep(Duration::from_millis(cut)).await;
-            p.net.heal(&node);
+            cut_for_a_while(&p, &mut rng, &node, &mut line).await;
         }
         if rng.chance(0.3) {
             let replica = p.replicas[rng.below(p.replicas.len())].clone();
-            let (at, cut) = (rng.range(0, 15), rng.range(1, 400));
-            line += &format!(" cut {replica} at {at} ms for {cut} ms;");
-            tokio::time::sleep(Duration::from_millis(at)).await;
-            p.net.partition(&replica);
             *outcomes.entry("replica cuts").or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(cut)).await;
-            p.net.heal(&replica);
+            cut_for_a_while(&p, &mut rng, &replica, &mut line).await;
         }
         // A replica killed and started again from its files: whatever it acknowledged
         // of its own writes must still be there.
@@ -368,13 +369,8 @@ async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<
         }
         if !p.balancers.is_empty() && rng.chance(0.3) {
             let b = p.balancers[rng.below(p.balancers.len())].name.clone();
-            let (at, cut) = (rng.range(0, 15), rng.range(1, 400));
-            line += &format!(" cut {b} at {at} ms for {cut} ms;");
-            tokio::time::sleep(Duration::from_millis(at)).await;
-            p.net.partition(&b);
             *outcomes.entry("balancer cuts").or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(cut)).await;
-            p.net.heal(&b);
+            cut_for_a_while(&p, &mut rng, &b, &mut line).await;
         }
         // With several controllers: one loses form-state (and so its heartbeats) for a
         // drawn time, often longer than the controllers' ttl, so the other takes its
