@@ -105,26 +105,21 @@ pub struct Fences {
 const ABSENT_KEPT: usize = 4096;
 
 impl Fences {
-    /// Fences kept in `file` (read now when it exists; an unreadable file is an error).
+    /// Fences kept in `file`, and the fences of absent ids in `file` with the
+    /// extension `absent` (each read now when it exists; an unreadable or malformed
+    /// file is an error that names it).
     pub fn in_file(file: PathBuf) -> Result<Self, String> {
-        let seen = match std::fs::read_to_string(&file) {
-            Ok(text) => text
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| {
-                    let (cluster, f) = l.split_once(' ').ok_or_else(|| {
-                        format!("{}: '{l}' is not CLUSTER EPOCH/OWNER", file.display())
-                    })?;
-                    Ok((cluster.to_owned(), Fence::parse(f)?))
-                })
-                .collect::<Result<HashMap<_, _>, String>>()?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
-            Err(e) => return Err(format!("{}: {e}", file.display())),
-        };
+        let seen = read(&file, "CLUSTER")?.into_iter().collect();
+        let mut absent = (HashMap::new(), std::collections::VecDeque::new());
+        for (id, f) in read(&absent_file(&file), "ID")? {
+            if absent.0.insert(id.clone(), f).is_none() {
+                absent.1.push_back(id);
+            }
+        }
         Ok(Self {
             seen: Mutex::new(seen),
             file: Some(file),
-            absent: Mutex::default(),
+            absent: Mutex::new(absent),
         })
     }
 
@@ -150,12 +145,7 @@ impl Fences {
                 .map(|(c, f)| format!("{c} {}", f.header()))
                 .collect();
             lines.sort();
-            let tmp = file.with_extension("tmp");
-            let written = std::fs::write(&tmp, lines.join("\n") + "\n")
-                .and_then(|()| std::fs::rename(&tmp, file));
-            if let Err(e) = written {
-                tracing::warn!(file = %file.display(), error = %e, "cannot keep the fences; a restart forgets them");
-            }
+            keep(file, &lines);
         }
         Ok(())
     }
@@ -164,7 +154,7 @@ impl Fences {
     /// snapshot), so could not tell its cluster: an undo deleting what a stale run has
     /// not made yet. A later creation of `id` under an older epoch is refused
     /// ([`Fences::check_absent`]), so that run cannot leave it behind. The newest
-    /// 4,096 ids are kept (in memory: a restart forgets them).
+    /// 4,096 ids are kept (in their file too, when the fences have one).
     pub fn saw_absent(&self, id: &str, fence: &Fence) {
         let mut guard = self
             .absent
@@ -172,7 +162,7 @@ impl Fences {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (fences, order) = &mut *guard;
         match fences.get_mut(id) {
-            Some(f) if f.epoch >= fence.epoch => {}
+            Some(f) if f.epoch >= fence.epoch => return,
             Some(f) => *f = fence.clone(),
             None => {
                 fences.insert(id.to_owned(), fence.clone());
@@ -183,6 +173,13 @@ impl Fences {
                     fences.remove(&old);
                 }
             }
+        }
+        if let Some(file) = &self.file {
+            let lines: Vec<String> = order
+                .iter()
+                .filter_map(|id| fences.get(id).map(|f| format!("{id} {}", f.header())))
+                .collect();
+            keep(&absent_file(file), &lines);
         }
     }
 
@@ -212,6 +209,48 @@ impl Fences {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(cluster)
             .cloned()
+    }
+}
+
+/// Where the fences of absent ids are kept beside `file`.
+fn absent_file(file: &std::path::Path) -> PathBuf {
+    file.with_extension("absent")
+}
+
+/// The `KEY EPOCH/OWNER` lines of `file` (none when it does not exist).
+fn read(file: &std::path::Path, key: &str) -> Result<Vec<(String, Fence)>, String> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", file.display())),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (k, f) = l
+                .split_once(' ')
+                .ok_or_else(|| format!("{}: '{l}' is not {key} EPOCH/OWNER", file.display()))?;
+            let f = Fence::parse(f).map_err(|e| format!("{}: {e}", file.display()))?;
+            Ok((k.to_owned(), f))
+        })
+        .collect()
+}
+
+/// Writes `lines` to `file` durably (a synced temporary file renamed over it); a
+/// failure is logged: the fences then hold until the next restart only.
+fn keep(file: &std::path::Path, lines: &[String]) {
+    use std::io::Write;
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all((lines.join("\n") + "\n").as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        tracing::warn!(file = %file.display(), error = %e, "cannot keep the fences; a restart forgets them");
     }
 }
 
@@ -251,12 +290,21 @@ mod tests {
             e.message()
         );
         assert!(f.check("other", Some(&old)).is_ok(), "per cluster");
-        let again = Fences::in_file(file).expect("read back");
+        f.saw_absent("web-9", &new);
+        let again = Fences::in_file(file.clone()).expect("read back");
+        assert!(
+            again.check_absent("web-9", Some(&old)).is_err(),
+            "an absent id's fence is kept across a restart"
+        );
+        assert!(again.check_absent("web-8", Some(&old)).is_ok());
         assert!(
             again.check("web", Some(&old)).is_err(),
             "kept across a restart"
         );
         assert_eq!(again.highest("web"), Some(new));
+        std::fs::write(&file, "web 12\n").expect("write");
+        let e = Fences::in_file(file).expect_err("malformed");
+        assert!(e.contains("fences") && e.contains("EPOCH/OWNER"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

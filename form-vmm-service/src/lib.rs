@@ -176,8 +176,13 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
         }
         a
     };
-    let api =
-        VmmApi::new(hv.clone(), snapshots, c.node_id.clone(), allowed).with_transfer(transfer);
+    // The highest epoch seen per cluster, and per id found absent, outlive a restart
+    // (docs/fencing.md).
+    let fences = form_runtime::fence::Fences::in_file(c.data_dir.join("fences"))
+        .map_err(RuntimeError::Service)?;
+    let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone(), allowed)
+        .with_transfer(transfer)
+        .with_fences(fences);
     // A merge request carries a whole batch of the state contract.
     let limit = contract::MAX_BATCH + 64 * 1024;
     let server = GrpcServer::new().add_service(

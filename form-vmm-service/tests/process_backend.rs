@@ -16,29 +16,12 @@ use form_testkit::{ChildService, TestDir, probe, start, workspace_bin};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_form-vmm-service");
+mod common;
 
 async fn vmm(dir: &TestDir) -> (ChildService, VmmServiceClient<Channel>) {
-    let data = dir.path().join("vmm-data");
     // The demo app, and a shell for the workload that crashes at start.
     let allowed = format!("{},/bin/sh", workspace_bin("form-demo-app").display());
-    let args = [
-        PORT0_ARGS,
-        &[
-            "--data-dir",
-            data.to_str().expect("utf-8"),
-            "--allowed-commands",
-            &allowed,
-        ],
-    ]
-    .concat();
-    let svc = start(dir, "vmm", Path::new(BIN), &args).await;
-    let client = VmmServiceClient::new(
-        probe::channel(svc.addr("grpc").expect("grpc"))
-            .await
-            .expect("connect"),
-    );
-    (svc, client)
+    common::node(dir, "vmm", &allowed).await
 }
 
 fn demo(id: &str) -> pb::CreateInstanceRequest {
@@ -448,7 +431,7 @@ async fn resize_fails_where_limits_cannot_be_enforced_and_changes_nothing() {
         ],
     ]
     .concat();
-    let mut svc = start(&dir, "vmm", Path::new(BIN), &args).await;
+    let mut svc = start(&dir, "vmm", Path::new(common::BIN), &args).await;
     let mut c = VmmServiceClient::new(
         probe::channel(svc.addr("grpc").expect("grpc"))
             .await
@@ -520,7 +503,7 @@ async fn a_workload_that_calls_setsid_does_not_survive_its_deletion() {
         if !with_cgroups {
             args.extend(["--cgroup-root", fake.to_str().expect("utf-8")]);
         }
-        let mut svc = start(&dir, "vmm", Path::new(BIN), &args).await;
+        let mut svc = start(&dir, "vmm", Path::new(common::BIN), &args).await;
         let mut c = VmmServiceClient::new(
             probe::channel(svc.addr("grpc").expect("grpc"))
                 .await
