@@ -141,6 +141,11 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
     {
         let alive: HashSet<&String> = clusters.values().flat_map(|c| c.members.keys()).collect();
         lock(&shared.observer).retain(|id| alive.contains(&id.to_owned()));
+        lock(&shared.unheard).retain(|id, _| alive.contains(id));
+        shared
+            .engine
+            .taking_standby
+            .retain(|c| clusters.contains_key(c));
     }
     for c in clusters.values() {
         if c.template_instance_id.is_empty()

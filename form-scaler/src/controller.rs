@@ -49,6 +49,9 @@ pub struct Shared {
     pub decisions: Mutex<HashMap<String, LastDecision>>,
     /// When each instance created by a scale-out became active (warm-up).
     pub activated: Mutex<HashMap<String, u64>>,
+    /// Members judged before any heartbeat of theirs, and when they were first
+    /// judged so (`health::judge`).
+    pub unheard: Mutex<HashMap<String, u64>>,
     /// Metric windows of every instance (what decisions are taken on).
     pub observer: Mutex<crate::observe::Observer>,
     /// When each cluster whose history is kept was created: a cluster made again with
@@ -73,7 +76,8 @@ pub struct Shared {
 /// How many ended operation ids a controller remembers (see `Shared::ended`).
 const ENDED_KEPT: usize = 1024;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// The mutex's guard, poisoned or not.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -94,6 +98,7 @@ impl Shared {
             histories: Mutex::default(),
             decisions: Mutex::default(),
             activated: Mutex::default(),
+            unheard: Mutex::default(),
             observer: Mutex::default(),
             created: Mutex::default(),
             epochs: Default::default(),
@@ -519,6 +524,7 @@ impl Shared {
                     healthy: plan::member_healthy(m),
                     pinned_sessions,
                     in_flight,
+                    node_id: m.node_id.clone(),
                 }
             })
             .collect()

@@ -41,7 +41,16 @@ impl Health {
 
 /// The health of active member `m` at `now_ms`, with heartbeats due every
 /// `heartbeat_ms` and `ejected` when the balancer took it out of rotation.
-pub fn judge(m: &state_pb::Member, now_ms: u64, heartbeat_ms: u64, ejected: bool) -> Health {
+/// `unheard_since_ms`: when the judge first saw it without any heartbeat; a member
+/// never heard from is judged from then (its node may have been lost before its first
+/// heartbeat: nothing else would ever show it gone).
+pub fn judge(
+    m: &state_pb::Member,
+    now_ms: u64,
+    heartbeat_ms: u64,
+    ejected: bool,
+    unheard_since_ms: Option<u64>,
+) -> Health {
     if m.status == state_pb::MemberStatus::Stopped as i32 {
         let why = m
             .health_history
@@ -51,12 +60,20 @@ pub fn judge(m: &state_pb::Member, now_ms: u64, heartbeat_ms: u64, ejected: bool
             .unwrap_or_else(|| "stopped".into());
         return Health::Unhealthy(format!("instance stopped: {why}"));
     }
-    let missed = if m.last_heartbeat_ms == 0 {
+    let last = match (m.last_heartbeat_ms, unheard_since_ms) {
+        (0, Some(seen)) => seen,
+        (last, _) => last,
+    };
+    let missed = if last == 0 {
         0
     } else {
-        now_ms.saturating_sub(m.last_heartbeat_ms) / heartbeat_ms.max(1)
+        now_ms.saturating_sub(last) / heartbeat_ms.max(1)
     };
-    let late = format!("no heartbeat for {missed} intervals");
+    let late = if m.last_heartbeat_ms == 0 {
+        format!("no heartbeat ever, {missed} intervals since it was first judged")
+    } else {
+        format!("no heartbeat for {missed} intervals")
+    };
     match (missed, ejected) {
         (n, true) if n >= DEGRADED_AFTER => {
             Health::Unhealthy(format!("{late}, ejected by the balancer"))
@@ -154,27 +171,27 @@ mod tests {
     fn status_heartbeats_and_ejection_decide() {
         let active = state_pb::MemberStatus::Active;
         assert_eq!(
-            judge(&member(active, 10_000), 10_500, 1000, false),
+            judge(&member(active, 10_000), 10_500, 1000, false, None),
             Health::Healthy
         );
         assert_eq!(
-            judge(&member(active, 0), 99_000, 1000, false),
+            judge(&member(active, 0), 99_000, 1000, false, None),
             Health::Healthy
         );
         assert!(matches!(
-            judge(&member(active, 10_000), 13_500, 1000, false),
+            judge(&member(active, 10_000), 13_500, 1000, false, None),
             Health::Degraded(_)
         ));
         assert!(matches!(
-            judge(&member(active, 10_000), 16_000, 1000, false),
+            judge(&member(active, 10_000), 16_000, 1000, false, None),
             Health::Unhealthy(_)
         ));
         assert!(matches!(
-            judge(&member(active, 10_000), 10_100, 1000, true),
+            judge(&member(active, 10_000), 10_100, 1000, true, None),
             Health::Degraded(_)
         ));
         assert!(matches!(
-            judge(&member(active, 10_000), 13_000, 1000, true),
+            judge(&member(active, 10_000), 13_000, 1000, true, None),
             Health::Unhealthy(_)
         ));
         let stopped = judge(
@@ -182,7 +199,22 @@ mod tests {
             10_000,
             1000,
             false,
+            None,
         );
         assert!(matches!(stopped, Health::Unhealthy(ref r) if r.contains("stopped")));
+        // Never heard from: judged from when it was first judged so, as if its last
+        // heartbeat had come then.
+        assert_eq!(
+            judge(&member(active, 0), 12_500, 1000, false, Some(10_000)),
+            Health::Healthy
+        );
+        assert!(matches!(
+            judge(&member(active, 0), 13_500, 1000, false, Some(10_000)),
+            Health::Degraded(ref r) if r.contains("no heartbeat ever, 3 intervals")
+        ));
+        assert!(matches!(
+            judge(&member(active, 0), 16_000, 1000, false, Some(10_000)),
+            Health::Unhealthy(ref r) if r.contains("no heartbeat ever")
+        ));
     }
 }

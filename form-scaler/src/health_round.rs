@@ -48,6 +48,17 @@ pub async fn round(
         judged += 1;
         let its_node = nodes.iter().find(|n| n.node_id == m.node_id);
         let node = health::node(its_node, now, heartbeat, lost_after);
+        // A member never heard from is judged from when this controller first saw
+        // it so (a restart of the controller starts that again).
+        let unheard = {
+            let mut u = crate::controller::lock(&shared.unheard);
+            if m.last_heartbeat_ms == 0 {
+                Some(*u.entry(id.clone()).or_insert(now))
+            } else {
+                u.remove(id);
+                None
+            }
+        };
         let h = match &node {
             health::NodeHealth::Lost(why) => Health::Unhealthy(why.clone()),
             _ => health::judge(
@@ -55,6 +66,7 @@ pub async fn round(
                 now,
                 heartbeat,
                 ejected.contains(&format!("{}/{id}", c.cluster_id)),
+                unheard,
             ),
         };
         let recorded = m.health_history.last().map(|e| e.state);

@@ -6,7 +6,7 @@
 //! the evaluation round, one at a time per cluster, under the cluster's fence; the
 //! previous standby snapshot is deleted once the new one is recorded.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use form_proto::state::v1 as state_pb;
@@ -25,7 +25,15 @@ pub struct Taking(Arc<Mutex<TakingSets>>);
 struct TakingSets {
     now: HashSet<String>,
     failed_at: HashMap<String, u64>,
+    /// Per cluster, the (node, snapshot) copies of replaced standby snapshots whose
+    /// delete failed (a node cut off or down for a moment): tried again at the
+    /// cluster's next standby round.
+    undeleted: HashMap<String, BTreeSet<(String, String)>>,
 }
+
+/// The most undeleted copies remembered per cluster (the oldest are left to the
+/// sweep, and the cluster's deletion, beyond it).
+const UNDELETED_MAX: usize = 64;
 
 impl Taking {
     /// Whether `cluster`'s standby snapshot is being taken.
@@ -58,6 +66,33 @@ impl Taking {
             Some(at) => sets.failed_at.insert(cluster.to_owned(), at),
             None => sets.failed_at.remove(cluster),
         };
+    }
+
+    /// Remembers copies of `cluster`'s replaced standby snapshots that were not
+    /// deleted.
+    fn undeleted(&self, cluster: &str, copies: Vec<(String, String)>) {
+        if copies.is_empty() {
+            return;
+        }
+        let mut sets = self.lock();
+        let kept = sets.undeleted.entry(cluster.to_owned()).or_default();
+        kept.extend(copies);
+        while kept.len() > UNDELETED_MAX {
+            kept.pop_first();
+        }
+    }
+
+    /// Takes the copies of `cluster` left undeleted.
+    fn take_undeleted(&self, cluster: &str) -> BTreeSet<(String, String)> {
+        self.lock().undeleted.remove(cluster).unwrap_or_default()
+    }
+
+    /// Forgets what it remembers of clusters not in `alive` (deleted clusters: their
+    /// deletion deletes their snapshots).
+    pub fn retain(&self, alive: impl Fn(&str) -> bool) {
+        let mut sets = self.lock();
+        sets.failed_at.retain(|c, _| alive(c));
+        sets.undeleted.retain(|c, _| alive(c));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TakingSets> {
@@ -157,12 +192,14 @@ async fn keep(
     cluster: &str,
 ) -> Result<Option<state_pb::StandbySnapshot>, OpError> {
     let e = &shared.engine;
+    delete_undeleted(shared, cluster).await;
     let c = e.platform.cluster(cluster).await?;
     let old = c.standby.clone();
     if interval_ms(&c) == 0 {
         if let Some(old) = old {
             record(e, cluster, state_pb::StandbySnapshot::default()).await?;
-            delete(e, &old).await;
+            let left = delete(e, &old).await;
+            e.taking_standby.undeleted(cluster, left);
         }
         return Ok(None);
     }
@@ -216,7 +253,8 @@ async fn keep(
         Ok(()) => record(e, cluster, taken.clone()).await,
         Err(err) => Err(err),
     } {
-        delete(e, &taken).await;
+        let left = delete(e, &taken).await;
+        e.taking_standby.undeleted(cluster, left);
         return Err(err);
     }
     // An operation started meanwhile may be reading the previous one (a replacement
@@ -227,7 +265,8 @@ async fn keep(
     if let Some(old) = old
         && old.snapshot_id != taken.snapshot_id
     {
-        delete(e, &old).await;
+        let left = delete(e, &old).await;
+        e.taking_standby.undeleted(cluster, left);
     }
     for node in &taken.node_ids {
         if let Err(err) = sweep(shared, cluster, node, &taken).await {
@@ -332,23 +371,64 @@ async fn copy(
         })
 }
 
-/// Deletes standby snapshot `s` on every node that holds it and is not lost; what
-/// cannot be deleted now is logged (a lost node's copy goes when the cluster is
-/// deleted, docs/standby.md).
-pub async fn delete(e: &Engine, s: &state_pb::StandbySnapshot) {
+/// Deletes standby snapshot `s` on every node that holds it; returns the (node,
+/// snapshot) copies it could not delete now (a node lost, cut off or down), logged.
+pub async fn delete(e: &Engine, s: &state_pb::StandbySnapshot) -> Vec<(String, String)> {
+    let mut left = Vec::new();
     for node in &s.node_ids {
-        if let Some(why) = e.platform.lost(node, e.limits.node_timeout).await {
-            tracing::warn!(snapshot = %s.snapshot_id, %why, "standby snapshot left on a lost node");
-            continue;
-        }
-        let r = match e.platform.vmm_on(node).await {
-            Ok(mut vmm) => crate::ops::create::delete_snapshot(&mut vmm, &s.snapshot_id).await,
-            Err(err) => Err(err),
-        };
-        if let Err(err) = r {
+        if let Err(err) = delete_on(e, node, &s.snapshot_id).await {
             tracing::warn!(snapshot = %s.snapshot_id, %node, error = %err, "standby snapshot not deleted");
+            left.push((node.clone(), s.snapshot_id.clone()));
         }
     }
+    left
+}
+
+/// Tries again the deletes of `cluster`'s replaced standby snapshots that failed,
+/// unless an operation of the cluster runs (it may be reading one: a replacement made
+/// from it); what fails again is kept for the next round.
+async fn delete_undeleted(shared: &Shared, cluster: &str) {
+    let e = &shared.engine;
+    let copies = e.taking_standby.take_undeleted(cluster);
+    if copies.is_empty() {
+        return;
+    }
+    if shared.busy(cluster).await {
+        e.taking_standby
+            .undeleted(cluster, copies.into_iter().collect());
+        return;
+    }
+    // Never the one recorded now (a record whose answer was lost may have kept it).
+    let recorded = match e.platform.cluster(cluster).await {
+        Ok(c) => c.standby.map(|s| s.snapshot_id),
+        Err(_) => {
+            e.taking_standby
+                .undeleted(cluster, copies.into_iter().collect());
+            return;
+        }
+    };
+    let mut left = Vec::new();
+    for (node, snapshot) in copies {
+        if recorded.as_deref() == Some(snapshot.as_str()) {
+            continue;
+        }
+        match delete_on(e, &node, &snapshot).await {
+            Ok(()) => {
+                tracing::info!(%cluster, %node, %snapshot, "replaced standby snapshot deleted at last")
+            }
+            Err(_) => left.push((node, snapshot)),
+        }
+    }
+    e.taking_standby.undeleted(cluster, left);
+}
+
+/// Deletes `snapshot` on `node` (done when it is not there), unless the node is lost.
+async fn delete_on(e: &Engine, node: &str, snapshot: &str) -> Result<(), OpError> {
+    if let Some(why) = e.platform.lost(node, e.limits.node_timeout).await {
+        return Err(OpError::new(why));
+    }
+    let mut vmm = e.platform.vmm_on(node).await?;
+    crate::ops::create::delete_snapshot(&mut vmm, snapshot).await
 }
 
 #[cfg(test)]

@@ -2,7 +2,14 @@
 //! would disturb: sessions pinned to the instance (each weighs like several requests,
 //! a session's state moves) and requests in flight. The template is never chosen (it
 //! is what clones are made from), and the cluster never goes below its minimum.
-//! Unhealthy instances go first: they serve badly anyway.
+//! Unhealthy instances go first: they serve badly anyway. Then the survivors stay
+//! spread over nodes, as placement spreads new instances: a member that shares its
+//! node with another survivor goes before one that is the last on its node, so a
+//! scale-in never leaves every survivor on one node while others ran some (one
+//! node's crash would then take the whole cluster; the simulator found it, seed 8 of
+//! `seeded_node_crashes_lose_instances_and_the_platform_heals`).
+
+use std::collections::HashMap;
 
 /// One member as the scale-in sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +24,8 @@ pub struct Candidate {
     pub pinned_sessions: u32,
     /// Requests in flight to it.
     pub in_flight: u32,
+    /// The node it runs on ("" when unknown: such members spread as one node).
+    pub node_id: String,
 }
 
 /// Weight of a pinned session against a request in flight.
@@ -28,17 +37,37 @@ pub fn cost(c: &Candidate) -> u64 {
 }
 
 /// Up to `remove` victims among `members`, keeping at least `min` members and the
-/// template; cheapest first (unhealthy before healthy, then by cost, then by id).
+/// template; cheapest first: unhealthy before healthy, then one that shares its node
+/// with another survivor before the last on its node, then by cost, then by id.
 pub fn choose(members: &[Candidate], remove: usize, min: u32) -> Vec<String> {
     let removable = members.len().saturating_sub(min as usize).min(remove);
+    let mut on_node: HashMap<&str, usize> = HashMap::new();
+    for c in members {
+        *on_node.entry(c.node_id.as_str()).or_default() += 1;
+    }
     let mut pool: Vec<&Candidate> = members.iter().filter(|c| !c.template).collect();
-    pool.sort_by(|a, b| {
-        (a.healthy, cost(a), &a.instance_id).cmp(&(b.healthy, cost(b), &b.instance_id))
-    });
-    pool.into_iter()
-        .take(removable)
-        .map(|c| c.instance_id.clone())
-        .collect()
+    let mut out = Vec::with_capacity(removable);
+    while out.len() < removable && !pool.is_empty() {
+        let last_on_node = |c: &Candidate| on_node[c.node_id.as_str()] <= 1;
+        let (k, _) = pool
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| {
+                (a.healthy, last_on_node(a), cost(a), &a.instance_id).cmp(&(
+                    b.healthy,
+                    last_on_node(b),
+                    cost(b),
+                    &b.instance_id,
+                ))
+            })
+            .expect("the pool is not empty");
+        let victim = pool.swap_remove(k);
+        if let Some(n) = on_node.get_mut(victim.node_id.as_str()) {
+            *n -= 1;
+        }
+        out.push(victim.instance_id.clone());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -52,6 +81,14 @@ mod tests {
             healthy,
             pinned_sessions: sessions,
             in_flight,
+            node_id: String::new(),
+        }
+    }
+
+    fn on(node: &str, c: Candidate) -> Candidate {
+        Candidate {
+            node_id: node.into(),
+            ..c
         }
     }
 
@@ -73,5 +110,36 @@ mod tests {
         );
         assert!(choose(&members[..1], 1, 0).is_empty(), "only the template");
         assert!(choose(&members, 0, 1).is_empty());
+    }
+
+    #[test]
+    fn the_survivors_stay_spread_over_nodes() {
+        // Seed 8's cluster: two members on node-1, one on each of node-2 and node-3.
+        // By cost alone the two on node-2 and node-3 would go and every survivor
+        // would run on node-1.
+        let members = vec![
+            on("node-3", c("t", true, true, 0, 0)),
+            on("node-1", c("a", false, true, 9, 0)),
+            on("node-1", c("b", false, true, 8, 0)),
+            on("node-2", c("c", false, true, 0, 0)),
+        ];
+        let gone = choose(&members, 2, 2);
+        assert_eq!(
+            gone,
+            vec!["b", "c"],
+            "one of node-1's first, then the cheapest"
+        );
+        let kept: Vec<&str> = members
+            .iter()
+            .filter(|m| !gone.contains(&m.instance_id))
+            .map(|m| m.node_id.as_str())
+            .collect();
+        assert_eq!(kept, vec!["node-3", "node-1"]);
+        // Unhealthy still goes first, wherever it runs.
+        let mut sick = members.clone();
+        sick[3].healthy = false;
+        assert_eq!(choose(&sick, 1, 1), vec!["c"]);
+        // Within one node, cost decides.
+        assert_eq!(choose(&members[..3], 1, 1), vec!["b"]);
     }
 }

@@ -35,7 +35,7 @@ pub async fn undo(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(
                         .map(|m| m.instance_id.clone())
                         .collect();
                 for id in done {
-                    resize_one(e, op, &id, prev).await?;
+                    resize_one(e, op, &id, prev, Gone::Undone).await?;
                 }
                 Ok(())
             }
@@ -60,9 +60,20 @@ async fn in_place(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> 
         .map(|m| m.instance_id.clone())
         .collect();
     for id in ids {
-        resize_one(e, op, &id, target).await?;
+        resize_one(e, op, &id, target, Gone::Refused).await?;
     }
     Ok(())
+}
+
+/// What a member whose node no longer has its instance (lost with a crashed node)
+/// means for a resize.
+#[derive(Clone, Copy, PartialEq)]
+enum Gone {
+    /// Forward: the member cannot be resized; the operation fails at once and rolls
+    /// back (retrying cannot bring the instance back; the health round replaces it).
+    Refused,
+    /// Undo: there is nothing to take back to the earlier size.
+    Undone,
 }
 
 /// Resizes one member and records what the node reports it has.
@@ -71,9 +82,10 @@ async fn resize_one(
     op: &types::Operation,
     id: &str,
     to: types::Resources,
+    gone: Gone,
 ) -> Result<(), OpError> {
     let node = super::place::node_of(op, Some(&e.platform.cluster(&op.cluster_id).await?), id);
-    let reply = e
+    let reply = match e
         .platform
         .vmm_on(&node)
         .await?
@@ -82,8 +94,17 @@ async fn resize_one(
             resources: Some(to),
         })
         .await
-        .map_err(|s| OpError::rpc(format!("resizing {id}"), &s))?
-        .into_inner();
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) if crate::platform::not_found(&s) && gone == Gone::Undone => return Ok(()),
+        Err(s) if crate::platform::not_found(&s) => {
+            return Err(OpError::refused(format!(
+                "instance {id} is gone from node {node} (lost with it?): {}",
+                s.message()
+            )));
+        }
+        Err(s) => return Err(OpError::rpc(format!("resizing {id}"), &s)),
+    };
     if !reply.enforced {
         return Err(OpError::refused(format!(
             "instance {id} cannot be resized to {} vCPUs and {} MiB: {}",
