@@ -228,7 +228,7 @@ async fn an_undo_that_found_a_clone_absent_keeps_a_stale_run_from_making_it() {
     use form_runtime::fence::{Fence, is_stale};
     let dir = TestDir::new("sim-owners-absent");
     let p = InProcess::start(dir.path(), 1).await.expect("platform");
-    let mut node = VmmServiceClient::new(p.net.channel(&p.nodes[0].address));
+    let mut node = VmmServiceClient::new(p.net.channel(&p.nodes()[0].address));
     let (old, new) = (
         Fence::next(0, "controller-1"),
         Fence::next(1 << 30, "controller-2"),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use form_proto::state::v1 as pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_runtime::shutdown::Shutdown;
-use form_runtime::upstream::Upstream;
+use tonic::transport::Channel;
 
 use crate::hypervisor::{Hypervisor, Status, Window};
 use crate::orphans::Seen;
@@ -103,15 +103,15 @@ async fn membership(
     }
 }
 
-/// Runs until shutdown.
+/// Runs until shutdown, writing to form-state over `state`.
 pub async fn run<H: Hypervisor>(
     hv: Arc<H>,
-    state: Upstream,
+    state: Channel,
     record: crate::node::Record,
     interval: Duration,
     mut shutdown: Shutdown,
 ) {
-    let mut client = StateServiceClient::new(state.channel());
+    let mut client = StateServiceClient::new(state);
     let mut reported_failed: BTreeSet<String> = BTreeSet::new();
     let mut reported_paused: BTreeSet<String> = BTreeSet::new();
     let mut orphans = crate::orphans::Orphans::default();

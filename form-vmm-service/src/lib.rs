@@ -153,7 +153,7 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
         let record = node::Record::new(c, listening).map_err(RuntimeError::Service)?;
         tokio::spawn(heartbeat::run(
             hv.clone(),
-            state.clone(),
+            state.channel(),
             record,
             Duration::from_millis(c.heartbeat_interval_ms),
             ctx.shutdown.clone(),

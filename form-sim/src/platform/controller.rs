@@ -39,6 +39,10 @@ pub struct Settings {
     pub act: bool,
     /// Time between two evaluation rounds.
     pub evaluate: Duration,
+    /// Whether members are judged by their heartbeats, as (the nodes' heartbeat
+    /// interval, how long a member is unhealthy before it is replaced); none: every
+    /// member is healthy to it.
+    pub judge: Option<(Duration, Duration)>,
 }
 
 /// See the module documentation.
@@ -104,15 +108,19 @@ impl Controller {
                 .follow(shared.engine.platform.state.clone(), stopped.clone()),
         );
         // Evaluation rounds: they adopt and resume operations (a suspended or orphaned
-        // run goes on here), and decide when `act`. The instances send no heartbeats:
-        // no member is judged on them.
+        // run goes on here), judge members when asked to (and replace those that stay
+        // unhealthy), and decide when `act`. Otherwise a heartbeat is an hour: no
+        // member is judged unhealthy.
+        let (heartbeat, replace_after) = s
+            .judge
+            .unwrap_or((Duration::from_secs(3600), Duration::from_secs(3600)));
         let rounds = tokio::spawn(form_scaler::autoscale::run(
             shared.clone(),
             form_scaler::autoscale::Settings {
                 interval: s.evaluate,
-                heartbeat: Duration::from_secs(3600),
+                heartbeat,
                 act: s.act,
-                replace_after: Duration::from_secs(3600),
+                replace_after,
                 metric_window: Duration::from_secs(10),
             },
             stopped,

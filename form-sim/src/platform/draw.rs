@@ -115,12 +115,14 @@ impl Drawn {
 
     /// Checks that the operation, which ended `status`, did what that says: completed,
     /// the cluster is as asked; rolled back, as it was (`before`). Returns the cluster
-    /// as it now is.
+    /// as it now is. `crashed`: a node crashed under it, and the controller has
+    /// replaced what the crash lost since.
     pub async fn check(
         &self,
         p: &InProcess,
         before: &Cluster,
         status: &str,
+        crashed: bool,
     ) -> Result<Cluster, String> {
         let done = match status {
             "completed" => true,
@@ -156,7 +158,11 @@ impl Drawn {
                 if count != before.count {
                     return Err(format!("{count} members, not {}", before.count));
                 }
-                if now.contains(id) == done {
+                // Rolled back with a node crashed under it: the controller may have
+                // replaced the member since, for its own reason (its instance was
+                // lost), so only a completed replacement is held to it.
+                let held = done || !crashed;
+                if held && now.contains(id) == done {
                     return Err(if done {
                         format!("{id} is still a member")
                     } else {
@@ -175,7 +181,7 @@ async fn sizes_are(p: &InProcess, size: (u32, u64)) -> Result<(), String> {
         vcpus: size.0,
         memory_mib: size.1,
     };
-    for n in &p.nodes {
+    for n in p.nodes() {
         for i in n.backend.list().await {
             if i.spec.resources != want {
                 return Err(format!(

@@ -13,35 +13,34 @@ pub mod balancer;
 mod controller;
 pub mod draw;
 pub mod memory;
+mod node;
 pub mod run;
 mod state;
 pub mod traffic;
 
 pub use controller::{Controller, Settings as ControllerSettings};
+pub use node::Node;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use form_proto::state::v1 as state_pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_proto::types::v1 as types;
-use form_proto::vmm::v1::vmm_service_server::VmmServiceServer;
 use form_runtime::shutdown::{self, Shutdown, ShutdownHandle, ShutdownKind};
 use form_testkit::memnet::Net;
 use form_vmm_service::hypervisor::Hypervisor;
-use form_vmm_service::node::Record;
-use form_vmm_service::service::VmmApi;
-use form_vmm_service::snapshots::SnapshotStore;
-use tonic::transport::{Channel, Server};
-
-use memory::Memory;
+use tonic::transport::Channel;
 
 /// The name of form-state replica `i` (from 1); the controller uses the first.
 pub fn replica(i: usize) -> String {
     format!("state-{i}:1")
 }
+
+/// With node crashes, a member without heartbeats is replaced this long after it was
+/// judged unhealthy (six heartbeats missed).
+pub const REPLACE_AFTER: Duration = Duration::from_secs(2);
 
 /// What an in-process platform runs.
 #[derive(Debug, Clone)]
@@ -70,6 +69,10 @@ pub struct Setup {
     /// The most one way of a connection takes, and the seed its draws come from
     /// (`memnet::Net::delay`); zero: no delay.
     pub latency: (Duration, u64),
+    /// Whether seeded runs crash vmm nodes under operations (machine crashes: their
+    /// instances are gone). The controllers then judge members by their heartbeats
+    /// and replace those lost.
+    pub node_crashes: bool,
 }
 
 impl Default for Setup {
@@ -85,19 +88,9 @@ impl Default for Setup {
             node_heartbeat: Duration::from_millis(200),
             faults: Default::default(),
             latency: (Duration::ZERO, 0),
+            node_crashes: false,
         }
     }
-}
-
-/// One vmm node: its id, the address it is reached at, its instances.
-#[derive(Debug, Clone)]
-pub struct Node {
-    /// Node id.
-    pub id: String,
-    /// Its address on the in-memory network.
-    pub address: String,
-    /// Its instances.
-    pub backend: Arc<Memory>,
 }
 
 /// See the module documentation.
@@ -110,7 +103,7 @@ pub struct InProcess {
     /// The replicas, each stopped and started again on its files by a crash.
     stores: state::Replicas,
     /// The vmm nodes.
-    pub nodes: Vec<Node>,
+    nodes: node::Nodes,
     /// The balancers.
     pub balancers: Vec<balancer::Balancer>,
     /// The controllers (the first is none between a crash and its restart).
@@ -122,8 +115,6 @@ pub struct InProcess {
     stop: Option<ShutdownHandle>,
     /// Stops the traffic (see [`InProcess::send_traffic`]).
     stopped: Shutdown,
-    /// Stops the nodes' records (see [`InProcess::quiesce`]).
-    heartbeats: Option<ShutdownHandle>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -151,48 +142,10 @@ impl InProcess {
         let mut tasks = tokio::task::JoinSet::new();
         let stores = state::Replicas::start(&net, &mut tasks, dir, setup.replicas)?;
         let replicas = stores.names.clone();
-        let addresses: Vec<String> = (1..=nodes).map(|i| format!("node-{i}:1")).collect();
-        let mut out = Vec::new();
-        for (i, address) in addresses.iter().enumerate() {
-            let id = format!("node-{}", i + 1);
-            let backend = Arc::new(Memory::default());
-            let mut transfer = form_vmm_service::transfer::Settings::default();
-            for a in &addresses {
-                let source = net.channel_from(address, a);
-                transfer = transfer.with_source(a.parse().map_err(anyhow::Error::msg)?, source);
-            }
-            let api = VmmApi::new(
-                backend.clone(),
-                SnapshotStore::open(dir.join(&id))?,
-                id.clone(),
-                form_vmm_service::allow::Allowed::Any,
-            )
-            .with_transfer(transfer);
-            serve(
-                &net,
-                &mut tasks,
-                address,
-                Server::builder().add_service(VmmServiceServer::new(api)),
-                stopped.clone(),
-            );
-            out.push(Node {
-                id,
-                address: address.clone(),
-                backend,
-            });
-        }
         // The nodes write to the last replica, the controller uses the first: node
         // records reach the controller through gossip.
         let last = replicas.last().cloned().unwrap_or_default();
-        let (beats, beating) = shutdown::channel();
-        tasks.spawn(heartbeats(
-            net.clone(),
-            last,
-            out.clone(),
-            setup.node_heartbeat,
-            beating,
-        ));
-
+        let out = node::Nodes::start(&net, &mut tasks, dir, nodes, &last, setup.node_heartbeat)?;
         // Ready when the controller's replica has every node's record (through gossip
         // from the replica the nodes write to).
         let mut first = StateServiceClient::new(net.channel(&replica(1)));
@@ -226,6 +179,9 @@ impl InProcess {
                 ttl: setup.controller_ttl,
                 act: setup.act,
                 evaluate: setup.evaluate,
+                judge: setup
+                    .node_crashes
+                    .then_some((setup.node_heartbeat, REPLACE_AFTER)),
             })
             .collect();
         let controllers = settings
@@ -243,7 +199,6 @@ impl InProcess {
             starts: 1,
             stop: Some(stop),
             stopped,
-            heartbeats: Some(beats),
             tasks,
         })
     }
@@ -340,9 +295,7 @@ impl InProcess {
         for c in self.controllers.iter_mut().filter_map(Option::take) {
             c.crash();
         }
-        if let Some(s) = self.heartbeats.take() {
-            s.trigger(ShutdownKind::Fast);
-        }
+        self.nodes.quiesce();
     }
 
     /// Waits until every replica has the same state (digest), at most `within`.
@@ -371,10 +324,27 @@ impl InProcess {
         }
     }
 
+    /// The vmm nodes.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes.list
+    }
+
+    /// Crashes vmm node `i` (from 0) as a machine crashes: its service and heartbeats
+    /// stop, its connections break, its instances are gone. Returns once nothing of
+    /// it runs.
+    pub async fn crash_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.nodes.crash(&self.net, i).await
+    }
+
+    /// Starts vmm node `i` again on its files (snapshots, fences), with no instance.
+    pub fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.nodes.restart(&self.net, &mut self.tasks, i)
+    }
+
     /// The instances of every node, by node id.
     pub async fn instances(&self) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
-        for n in &self.nodes {
+        for n in self.nodes() {
             let ids = n
                 .backend
                 .list()
@@ -391,7 +361,7 @@ impl InProcess {
     /// node's API.
     pub async fn snapshots(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut out = Vec::new();
-        for n in &self.nodes {
+        for n in self.nodes() {
             let mut c = form_proto::vmm::v1::vmm_service_client::VmmServiceClient::new(
                 self.net.channel(&n.address),
             );
@@ -461,6 +431,7 @@ impl InProcess {
     /// Stops every service.
     pub async fn stop(mut self) {
         self.quiesce();
+        self.nodes.stop();
         self.stores.stop();
         if let Some(s) = self.stop.take() {
             s.trigger(ShutdownKind::Fast);
@@ -487,28 +458,4 @@ fn serve(
     tasks.spawn(async move {
         let _ = served.await;
     });
-}
-
-/// Each node's record every `every` (what a node's heartbeat loop writes). Each
-/// node writes over its own connections to replica `to`: a partitioned node's
-/// records stop.
-async fn heartbeats(net: Net, to: String, nodes: Vec<Node>, every: Duration, mut stop: Shutdown) {
-    let mut clients: Vec<StateServiceClient<Channel>> = nodes
-        .iter()
-        .map(|n| StateServiceClient::new(net.channel_from(&n.address, &to)))
-        .collect();
-    let records: Vec<Record> = nodes
-        .iter()
-        .map(|n| memory::record(n.id.clone(), n.address.clone()))
-        .collect();
-    loop {
-        for ((r, n), state) in records.iter().zip(&nodes).zip(&mut clients) {
-            let req = r.heartbeat(&n.backend.list().await, form_state::store::now_ms());
-            let _ = state.node_heartbeat(req).await;
-        }
-        tokio::select! {
-            _ = stop.requested() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
 }

@@ -21,6 +21,13 @@ pub const ENDS: Duration = Duration::from_secs(60);
 /// Once an operation has ended, the nodes agree with form-state within this (its
 /// steps and undos have run before its end was recorded).
 pub const SETTLES: Duration = Duration::from_secs(10);
+/// With node crashes, the controller has replaced what a crash lost within this: six
+/// heartbeats missed, [`super::REPLACE_AFTER`], and the replacements, one at a time.
+/// It also covers a standby snapshot the node made while the answer to the call was
+/// lost: the controller never learnt its id, and the sweep of a later standby round
+/// takes it once it is a minute (the clock slack) older than the kept one, which is
+/// taken every 10 s here (docs/standby.md).
+pub const HEALS: Duration = Duration::from_secs(90);
 
 /// Cluster `id`'s spec: instances of 1 vCPU and 256 MiB, up to 10.
 pub fn spec(id: &str) -> state_pb::PutClusterRequest {
@@ -122,25 +129,155 @@ pub async fn running(p: &InProcess) -> BTreeSet<(String, String)> {
         .collect()
 }
 
+/// How the nodes differ from form-state's record of `cluster`: instances run that are
+/// not members or members not run (leaked or lost), or snapshots left (an operation
+/// deletes those it took or pulled). `None`: they agree.
+async fn nodes_differ(p: &InProcess, cluster: &str) -> Result<Option<String>, String> {
+    let (m, r) = (members(p, cluster).await, running(p).await);
+    // The standby snapshot its policy keeps (docs/standby.md) stays, where recorded.
+    let standby: BTreeSet<(String, String)> = p
+        .state()
+        .get_cluster(state_pb::GetClusterRequest {
+            cluster_id: cluster.into(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .standby
+        .map(|s| {
+            s.node_ids
+                .into_iter()
+                .map(|n| (n, s.snapshot_id.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let left: Vec<(String, String)> = p
+        .snapshots()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|s| !standby.contains(s))
+        .collect();
+    Ok(if m != r {
+        Some(format!("the nodes run {r:?} but form-state records {m:?}"))
+    } else if !left.is_empty() {
+        Some(format!("snapshots left on the nodes: {left:?}"))
+    } else {
+        None
+    })
+}
+
 /// Waits until the nodes run exactly the members form-state records (nothing leaked,
 /// nothing lost) and hold no snapshot (an operation deletes those it took or pulled).
 pub async fn nodes_match_state(p: &InProcess, cluster: &str) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + SETTLES;
     loop {
-        let (m, r) = (members(p, cluster).await, running(p).await);
-        let snapshots = p.snapshots().await.map_err(|e| e.to_string())?;
-        if m == r && snapshots.is_empty() {
+        let differ = nodes_differ(p, cluster).await?;
+        let Some(why) = differ else {
             return Ok(());
-        }
+        };
         if tokio::time::Instant::now() >= deadline {
-            return Err(if m != r {
-                format!("the nodes run {r:?} but form-state records {m:?}")
-            } else {
-                format!("snapshots left on the nodes: {snapshots:?}")
-            });
+            return Err(why);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// With node crashes: a crashed node comes back without its instances, and the
+/// controller replaces the members it ran once they have missed their heartbeats
+/// (its own operations). Waits until no operation of `cluster` is unfinished and the
+/// nodes run exactly its members, at most [`HEALS`].
+async fn healed(p: &InProcess, cluster: &str) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + HEALS;
+    loop {
+        let unfinished = p
+            .state()
+            .list_operations(state_pb::ListOperationsRequest {
+                cluster_id: cluster.into(),
+                unfinished_only: true,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().operations)
+            .map_err(|e| e.to_string());
+        let why = match unfinished {
+            Ok(ops) if ops.is_empty() => nodes_differ(p, cluster).await?,
+            Ok(ops) => Some(format!(
+                "operations unfinished: {:?}",
+                ops.iter()
+                    .map(|o| format!("{} {}", o.operation_id, form_scaler::ops::status_name(o)))
+                    .collect::<Vec<_>>()
+            )),
+            Err(e) => Some(e),
+        };
+        let Some(why) = why else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("not healed within {HEALS:?}: {why}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Crashes a drawn node a drawn moment from now (0-15 ms) for a drawn time (1 ms to
+/// 1.5 s), unless it runs every member while the cluster has no standby snapshot yet
+/// (the cluster could then not be made again): the crash goes into the history
+/// `line`. The controller then replaces the members it ran.
+async fn crash_a_node(
+    p: &mut InProcess,
+    rng: &mut Rng,
+    line: &mut String,
+    outcomes: &mut Outcomes,
+) -> Result<(), String> {
+    let k = rng.below(p.nodes().len());
+    let (at, down) = (rng.range(0, 15), rng.range(1, 1_500));
+    tokio::time::sleep(Duration::from_millis(at)).await;
+    let id = p.nodes()[k].id.clone();
+    let web = p
+        .state()
+        .get_cluster(state_pb::GetClusterRequest {
+            cluster_id: "web".into(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    if web.standby.is_none() && web.members.values().all(|m| m.node_id == id) {
+        *line += &format!(" no crash of {id}: it runs every member, and no standby is kept yet;");
+        return Ok(());
+    }
+    *line += &format!(" crash {id} at {at} ms for {down} ms;");
+    p.crash_node(k).await.map_err(|e| e.to_string())?;
+    *outcomes.entry("node crashes").or_default() += 1;
+    tokio::time::sleep(Duration::from_millis(down)).await;
+    p.restart_node(k)
+        .map_err(|e| format!("restarting {id}: {e}"))
+}
+
+/// Submits `drawn` as operation `id`. With node crashes, the controller may be
+/// replacing a lost member when the request comes: the request then waits for the
+/// cluster to heal and is made again (at most 5 times).
+async fn submit(
+    p: &InProcess,
+    drawn: &Drawn,
+    cluster: &Cluster,
+    id: &str,
+    crashes_nodes: bool,
+) -> Result<types::Operation, String> {
+    for _ in 0..5 {
+        if crashes_nodes {
+            healed(p, "web").await?;
+        }
+        match p
+            .controller()
+            .submit("web", drawn.request(cluster, id))
+            .await
+        {
+            Err(e) if crashes_nodes && e.code() == tonic::Code::Aborted => continue,
+            r => return r.map_err(|e| e.to_string()),
+        }
+    }
+    Err("the cluster was busy at each of 5 tries".into())
 }
 
 /// Partitions `name` a drawn moment from now (0-15 ms) for a drawn time (1-400 ms),
@@ -281,30 +418,53 @@ async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<
     // Every connection's latency each way: none, or drawn up to 1, 5 or 20 ms.
     let most = [0, 1, 5, 20][Rng::new(seed ^ 0x6c61_7465).below(4)];
     setup.latency = (Duration::from_millis(most), seed);
+    let crashes_nodes = setup.node_crashes;
     let mut p = InProcess::with(dir, setup)
         .await
         .map_err(|e| format!("seed {seed}: the platform did not start: {e}"))?;
     let mut rng = Rng::new(seed);
+    let mut web = spec("web");
+    if crashes_nodes && let Some(policy) = web.scaling_policy.as_mut() {
+        // A crash may take every member with it (a scale-in that kept only the
+        // members of the node that crashed under it): the cluster is then made
+        // again from its standby snapshot.
+        policy.standby_snapshot_seconds = 10;
+    }
     let op = p
         .controller()
-        .create(spec("web"), "create-web")
+        .create(web, "create-web")
         .await
         .map_err(|e| format!("seed {seed}: create refused: {e}"))?;
     p.ended(&op.operation_id, ENDS)
         .await
         .map_err(|e| format!("seed {seed}: {e}"))?;
+    let mut cluster = Cluster {
+        count: 1,
+        size: (1, 256),
+    };
+    if crashes_nodes {
+        // Two members at least, so that a node's crash leaves one to clone from.
+        let two = scale(types::OperationKind::ScaleOut, 2, "op-start");
+        let op = p
+            .controller()
+            .submit("web", two)
+            .await
+            .map_err(|e| format!("seed {seed}: scaling to 2 refused: {e}"))?;
+        p.ended(&op.operation_id, ENDS)
+            .await
+            .map_err(|e| format!("seed {seed}: {e}"))?;
+        cluster.count = 2;
+    }
     let traffic = p.send_traffic("web.sim.test", Duration::from_millis(5));
     let mut outcomes = BTreeMap::new();
     if most > 0 {
         outcomes.insert("runs with delayed links", 1);
     }
     let mut history = vec![format!("links: up to {most} ms each way")];
-    let mut cluster = Cluster {
-        count: 1,
-        size: (1, 256),
-    };
-    // Which kind of operation is drawn comes from a stream of its own.
+    // Which kind of operation is drawn comes from a stream of its own, and so do the
+    // node crashes.
     let mut kinds = Rng::new(seed ^ 0x6b69_6e64);
+    let mut crashes = Rng::new(seed ^ 0x6e6f_6465);
     let mut result = Ok(());
     for i in 0.. {
         let more = match budget {
@@ -314,17 +474,13 @@ async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<
         if !more {
             break;
         }
-        let to = rng.range(1, 6) as u32;
+        let to = rng.range(if crashes_nodes { 2 } else { 1 }, 6) as u32;
         let Some(drawn) = Drawn::draw(&p, &cluster, to, &mut kinds).await else {
             continue;
         };
         let mut line = format!("op-{i} {}:", drawn.describe(&cluster));
         *outcomes.entry(drawn.kind()).or_default() += 1;
-        let op = match p
-            .controller()
-            .submit("web", drawn.request(&cluster, &format!("op-{i}")))
-            .await
-        {
+        let op = match submit(&p, &drawn, &cluster, &format!("op-{i}"), crashes_nodes).await {
             Ok(op) => op,
             Err(e) => {
                 result = Err(format!("seed {seed}: operation {i} refused: {e}"));
@@ -332,8 +488,16 @@ async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<
                 break;
             }
         };
+        let crashed = crashes_nodes && crashes.chance(0.3);
+        if crashed
+            && let Err(e) = crash_a_node(&mut p, &mut crashes, &mut line, &mut outcomes).await
+        {
+            result = Err(format!("seed {seed}: operation {i}: {e}"));
+            history.push(line);
+            break;
+        }
         if rng.chance(0.5) {
-            let node = p.nodes[rng.below(p.nodes.len())].address.clone();
+            let node = p.nodes()[rng.below(p.nodes().len())].address.clone();
             cut_for_a_while(&p, &mut rng, &node, &mut line).await;
         }
         if rng.chance(0.3) {
@@ -415,6 +579,10 @@ async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<
             .collect();
         line += &format!(" {status} by {}, leaving {left:?}", op.owner);
         history.push(line);
+        if crashes_nodes && let Err(e) = healed(&p, "web").await {
+            result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
+            break;
+        }
         if let Err(e) = nodes_match_state(&p, "web").await {
             result = Err(format!("seed {seed}: after operation {i} ({status}): {e}"));
             break;
@@ -435,7 +603,7 @@ async fn run(dir: &Path, seed: u64, budget: Budget, mut setup: Setup) -> Result<
             break;
         }
         // It did what it reports: completed as asked, rolled back as it was.
-        match drawn.check(&p, &cluster, status).await {
+        match drawn.check(&p, &cluster, status, crashed).await {
             Ok(now) => cluster = now,
             Err(e) => {
                 result = Err(format!(
