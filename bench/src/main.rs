@@ -284,6 +284,9 @@ enum Command {
         /// Guest directory (deploy/guest/build.sh) to measure the qemu backend too.
         #[arg(long, value_name = "DIR")]
         guest_dir: Option<PathBuf>,
+        /// Guest memory sizes measured (qemu), MiB, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [256u64, 1024])]
+        memory_mib: Vec<u64>,
     },
     /// Snapshot transfer throughput node to node against the link's, in the same run.
     VmmTransfer {
@@ -406,7 +409,8 @@ fn main() -> ExitCode {
                 runs,
                 keys,
                 guest_dir,
-            } => vmm_clone::run(&bin_dir, runs, keys, guest_dir.as_deref()).await,
+                memory_mib,
+            } => vmm_clone::run(&bin_dir, runs, keys, guest_dir.as_deref(), &memory_mib).await,
             Command::VmmTransfer {
                 runs,
                 mib,

@@ -1,7 +1,10 @@
 //! Snapshot time and clone-to-serving time of the backends: the demo app with `keys`
 //! keys is snapshotted `runs` times (time of the Snapshot call) and cloned `runs` times
 //! (from the Clone call until the clone's first HTTP 200 on a key). The process backend
-//! runs always; the qemu backend (TCG here) when a guest directory is given.
+//! runs always; the qemu backend (TCG here) when a guest directory is given, once per
+//! guest memory size, with the proportional memory (PSS) of idle clones that run side
+//! by side (read from /proc: what the host gives each clone, its share of the pages it
+//! maps with its siblings counted once among them).
 
 use std::path::Path;
 use std::time::Instant;
@@ -13,25 +16,37 @@ use form_testkit::{TestDir, probe, start};
 
 use crate::quantile;
 
+/// Idle clones measured side by side for their PSS.
+const SIDE_BY_SIDE: usize = 3;
+
 pub(crate) async fn run(
     bin_dir: &Path,
     runs: usize,
     keys: usize,
     guest_dir: Option<&Path>,
+    memory_mib: &[u64],
 ) -> anyhow::Result<()> {
-    let (ps, pc) = measure(bin_dir, &[], runs, keys).await?;
+    let process = measure(bin_dir, &[], runs, keys, 128).await?;
     println!(
-        "vmm-clone: demo app holding {keys} keys; {runs} runs each (process), 5 (qemu, TCG, 128 MiB)"
+        "vmm-clone: demo app holding {keys} keys; {runs} runs each (process), {} (qemu, TCG)",
+        runs.min(5)
     );
     println!(
-        "| backend | snapshot p50 ms | snapshot max ms | clone-to-serving p50 ms | clone-to-serving max ms | targets |"
+        "| backend | snapshot p50 ms | snapshot max ms | clone-to-serving p50 ms | clone-to-serving max ms | idle clone PSS MiB (% of RAM) | targets |"
     );
-    println!("|---|---:|---:|---:|---:|---|");
-    row("process", &ps, &pc, "snapshot <= 50, clone <= 150");
-    match guest_dir {
-        Some(g) => {
-            let g = g.to_str().unwrap_or_default();
-            let (qs, qc) = measure(
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    row("process", &process, "snapshot <= 50, clone <= 150");
+    let Some(g) = guest_dir else {
+        println!(
+            "| qemu | - | - | - | - | - | not measured: pass --guest-dir (deploy/guest/build.sh) |"
+        );
+        return Ok(());
+    };
+    let g = g.to_str().unwrap_or_default();
+    for memory in ["stream", "file"] {
+        let mut p50s = Vec::new();
+        for &mib in memory_mib {
+            let m = measure(
                 bin_dir,
                 &[
                     "--backend",
@@ -40,28 +55,79 @@ pub(crate) async fn run(
                     g,
                     "--ready-timeout-ms",
                     "60000",
+                    "--qemu-memory",
+                    memory,
                 ],
                 runs.min(5),
                 keys,
+                mib,
             )
             .await?;
-            row("qemu (TCG)", &qs, &qc, "snapshot <= 150, clone <= 1000");
+            p50s.push((mib, quantile(&m.clone_ms, 0.5)));
+            row(
+                &format!("qemu (TCG), {mib} MiB, --qemu-memory {memory}"),
+                &m,
+                "snapshot <= 30, clone <= 150, PSS <= 30%",
+            );
         }
-        None => println!(
-            "| qemu | - | - | - | - | not measured: pass --guest-dir (deploy/guest/build.sh) |"
-        ),
+        if let (Some(first), Some(last)) = (p50s.first(), p50s.last())
+            && p50s.len() > 1
+        {
+            println!(
+                "--qemu-memory {memory}: clone-to-serving p50 at {} MiB is {:.2}x that at {} MiB (target: within 20%)",
+                last.0,
+                last.1 / first.1,
+                first.0
+            );
+        }
     }
     Ok(())
 }
 
-fn row(name: &str, snap: &[f64], clone: &[f64], targets: &str) {
+/// What one backend measured.
+struct Measured {
+    snap_ms: Vec<f64>,
+    clone_ms: Vec<f64>,
+    /// Median PSS of idle clones side by side, MiB, and the guest's memory (qemu only).
+    pss: Option<(f64, u64)>,
+}
+
+fn row(name: &str, m: &Measured, targets: &str) {
+    let pss = match m.pss {
+        Some((p, mib)) => format!("{p:.0} ({:.0}%)", 100.0 * p / mib as f64),
+        None => "-".into(),
+    };
     println!(
-        "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {targets} |",
-        quantile(snap, 0.5),
-        quantile(snap, 1.0),
-        quantile(clone, 0.5),
-        quantile(clone, 1.0)
+        "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {pss} | {targets} |",
+        quantile(&m.snap_ms, 0.5),
+        quantile(&m.snap_ms, 1.0),
+        quantile(&m.clone_ms, 0.5),
+        quantile(&m.clone_ms, 1.0)
     );
+}
+
+/// The PSS in MiB of the QEMU process of instance `id` under `root` (its QMP socket is
+/// in the instance's directory), from /proc.
+fn qemu_pss_mib(root: &Path, id: &str) -> Option<f64> {
+    let needle = root.join(id).join("qmp.sock");
+    let needle = needle.to_str()?;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(needle) {
+            continue;
+        }
+        let rollup = std::fs::read_to_string(e.path().join("smaps_rollup")).ok()?;
+        let kib: f64 = rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        return Some(kib / 1024.0);
+    }
+    None
 }
 
 async fn measure(
@@ -69,7 +135,8 @@ async fn measure(
     backend: &[&str],
     runs: usize,
     keys: usize,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    memory_mib: u64,
+) -> anyhow::Result<Measured> {
     let dir = TestDir::new("bench-vmm");
     let data = dir.path().join("data");
     let mut args = vec![
@@ -95,7 +162,7 @@ async fn measure(
             "primary",
             Some(types::Resources {
                 vcpus: 1,
-                memory_mib: 128,
+                memory_mib,
             }),
         ))
         .await?
@@ -152,10 +219,44 @@ async fn measure(
     }
     snap_ms.sort_by(f64::total_cmp);
     clone_ms.sort_by(f64::total_cmp);
+    // Idle clones of one snapshot side by side (qemu): what each costs the host.
+    let mut pss = None;
+    if let (true, Some(s)) = (backend.contains(&"qemu"), snaps.last()) {
+        let ids: Vec<String> = (0..SIDE_BY_SIDE).map(|k| format!("idle-{k}")).collect();
+        for id in &ids {
+            let req = pb::CloneRequest {
+                snapshot_id: s.snapshot_id.clone(),
+                instance_id: id.clone(),
+                resources: None,
+            };
+            VmmServiceClient::clone(&mut c, req).await?;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let root = data.join("instances");
+        let mut each: Vec<f64> = ids
+            .iter()
+            .filter_map(|id| qemu_pss_mib(&root, id))
+            .collect();
+        each.sort_by(f64::total_cmp);
+        anyhow::ensure!(
+            each.len() == SIDE_BY_SIDE,
+            "found {} of the {SIDE_BY_SIDE} clones' QEMU processes",
+            each.len()
+        );
+        pss = Some((quantile(&each, 0.5), memory_mib));
+        for id in ids {
+            c.delete_instance(pb::InstanceRef { instance_id: id })
+                .await?;
+        }
+    }
     c.delete_instance(pb::InstanceRef {
         instance_id: "primary".into(),
     })
     .await?;
     form_testkit::conformance::stop_gracefully(&mut svc).await;
-    Ok((snap_ms, clone_ms))
+    Ok(Measured {
+        snap_ms,
+        clone_ms,
+        pss,
+    })
 }

@@ -31,6 +31,8 @@ pub struct Config {
     pub qemu_max_vcpus: u32,
     /// qemu backend: memory a VM can be resized to in place, MiB (its `maxmem`).
     pub qemu_max_memory_mib: u64,
+    /// qemu backend: how a VM's memory is kept and snapshotted (`stream` or `file`).
+    pub qemu_memory: crate::qemu::Memory,
     /// process backend: where the cgroup file systems are mounted.
     pub cgroup_root: std::path::PathBuf,
     /// Directory of instance working directories and the snapshot store.
@@ -118,6 +120,7 @@ impl Default for Config {
             qemu_max_vcpus: 8,
             cgroup_root: "/sys/fs/cgroup".into(),
             qemu_max_memory_mib: 8192,
+            qemu_memory: crate::qemu::Memory::Stream,
             data_dir: "form-vmm-data".into(),
             instance_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             heartbeat_interval_ms: 1000,
@@ -267,6 +270,12 @@ pub struct Args {
     #[arg(long, value_name = "MIB", env = "FORM_VMM_QEMU_MAX_MEMORY_MIB")]
     pub qemu_max_memory_mib: Option<u64>,
 
+    /// qemu backend: how a VM's memory is kept and snapshotted: `stream` (anonymous
+    /// memory, a snapshot is a migration stream of all of it) or `file` (a file on
+    /// tmpfs; a snapshot copies its data, clones map it copy-on-write) [default: stream]
+    #[arg(long, value_enum, value_name = "MEMORY", env = "FORM_VMM_QEMU_MEMORY")]
+    pub qemu_memory: Option<crate::qemu::Memory>,
+
     /// process backend: where the cgroup file systems are mounted; limits are enforced
     /// with the cgroups found there, and a resize fails where none can be written
     /// [default: /sys/fs/cgroup]
@@ -375,6 +384,9 @@ impl Args {
             }
             if let Some(v) = self.qemu_max_memory_mib {
                 c.qemu_max_memory_mib = v;
+            }
+            if let Some(v) = self.qemu_memory {
+                c.qemu_memory = v;
             }
             if let Some(v) = self.cgroup_root {
                 c.cgroup_root = v;

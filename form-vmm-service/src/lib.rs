@@ -14,6 +14,7 @@ pub mod orphans;
 pub mod process;
 mod procfs;
 pub mod qemu;
+pub mod ramfile;
 pub mod service;
 pub mod snapshots;
 pub mod spec;
@@ -85,7 +86,8 @@ impl Service for VmmNode {
                     max_memory_mib: c.qemu_max_memory_mib,
                 };
                 let hv = QemuBackend::new(instances, c.instance_host, c.accel, guest, room, ready)
-                    .map_err(service_error)?;
+                    .map_err(service_error)?
+                    .with_memory(c.qemu_memory);
                 serve(c, Arc::new(hv), ctx).await
             }
             _ => {

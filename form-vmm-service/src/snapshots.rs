@@ -84,6 +84,9 @@ impl Manifest {
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
     root: PathBuf,
+    /// Files verified, with their stamp and digest then: a file whose stamp has not
+    /// changed since is not hashed again (any write changes its change time).
+    verified: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, (Stamp, String)>>>,
 }
 
 /// SHA-256 (hex) and size of the file at `path`.
@@ -102,6 +105,47 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
     }
     Ok((n, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }
+
+/// Size and digest of a snapshot's file, as its manifest records it: SHA-256 of the
+/// content, or for a guest memory file (`*.ram`) the block digest of
+/// [`crate::ramfile`], which skips holes.
+pub fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
+    if crate::ramfile::is_ram(path) {
+        crate::ramfile::digest(path)
+    } else {
+        sha256_file(path)
+    }
+}
+
+/// A file's identity and last change, as `stat` gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// A file changed less than this before it was verified is hashed again next time
+/// (the kernel's file times are coarse: a write within the same tick as the check
+/// could leave them as they were).
+const RACY_NS: i128 = 2_000_000_000;
 
 fn walk(dir: &Path, base: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
@@ -143,7 +187,10 @@ impl SnapshotStore {
     pub fn open(root: PathBuf) -> Result<Self, VmmError> {
         std::fs::create_dir_all(&root)
             .map_err(VmmError::io(format!("creating {}", root.display())))?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            verified: Default::default(),
+        })
     }
 
     /// Directory of snapshot `id`.
@@ -182,7 +229,7 @@ impl SnapshotStore {
                             .len(),
                         sha.clone(),
                     ),
-                    None => sha256_file(&full)
+                    None => file_digest(&full)
                         .map_err(VmmError::io(format!("hashing {}", p.display())))?,
                 };
                 Ok(FileEntry {
@@ -237,18 +284,23 @@ impl SnapshotStore {
         Ok(m)
     }
 
-    /// Reads the manifest and checks every file's size and SHA-256.
+    /// Reads the manifest and checks every file's size and SHA-256, but guest memory
+    /// files (`*.ram`): the qemu backend checks those as it loads them
+    /// ([`crate::ramfile::sealed`]), once per snapshot.
     pub fn verify(&self, id: &str) -> Result<Manifest, VmmError> {
         let m = self.manifest(id)?;
         let dir = self.dir(id);
         for f in &m.files {
             let path = dir.join(&f.path);
+            if crate::ramfile::is_ram(&path) {
+                continue;
+            }
             let corrupt = |message: String| VmmError::CorruptSnapshot {
                 snapshot: id.to_owned(),
                 file: path.clone(),
                 message,
             };
-            let (size, sha) = sha256_file(&path).map_err(|e| corrupt(e.to_string()))?;
+            let (size, sha) = self.digest(&path).map_err(|e| corrupt(e.to_string()))?;
             if size != f.size_bytes {
                 return Err(corrupt(format!(
                     "{size} bytes, the manifest says {} (truncated?)",
@@ -260,6 +312,37 @@ impl SnapshotStore {
             }
         }
         Ok(m)
+    }
+
+    /// The digest of `path`, hashed again unless it was verified since its last change
+    /// (by more than [`RACY_NS`]).
+    fn digest(&self, path: &Path) -> std::io::Result<(u64, String)> {
+        let before = Stamp::of(path)?;
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(path)
+            .filter(|(stamp, _)| *stamp == before)
+            .map(|(_, d)| d.clone());
+        if let Some(d) = known {
+            return Ok((before.size, d));
+        }
+        let (size, d) = file_digest(path)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.as_nanos() as i128)
+            .unwrap_or(0);
+        let mut verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if Stamp::of(path)? == before && before.ctime_ns.max(before.mtime_ns) + RACY_NS < now {
+            verified.insert(path.to_owned(), (before, d.clone()));
+        } else {
+            verified.remove(path);
+        }
+        Ok((size, d))
     }
 
     /// Every snapshot, newest first (directories without a valid manifest are skipped).
@@ -300,6 +383,10 @@ impl SnapshotStore {
         let dir = self.dir(id);
         std::fs::remove_dir_all(&dir)
             .map_err(VmmError::io(format!("removing {}", dir.display())))?;
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|p, _| !p.starts_with(&dir));
         Ok(m.size_bytes() + partial_bytes.unwrap_or(0))
     }
 
@@ -444,6 +531,52 @@ mod tests {
         ));
         assert_eq!(store.delete("s1").expect("delete"), 1009);
         assert!(!dir.exists());
+        std::fs::remove_dir_all(&root).expect("cleanup");
+    }
+
+    #[test]
+    fn a_verified_file_is_not_hashed_again_until_it_changes() {
+        let root = std::env::temp_dir().join(format!("form-verified-{}", std::process::id()));
+        let store = SnapshotStore::open(root.clone()).expect("open");
+        let dir = store.create_dir("s1").expect("dir");
+        let file = dir.join("memory.bin");
+        std::fs::write(&file, vec![1u8; 5000]).expect("write");
+        store.seal(manifest("s1"), &[]).expect("seal");
+        let cached = || {
+            store
+                .verified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains_key(&file)
+        };
+        // Changed just now: hashed, not remembered (a write in the same clock tick
+        // would not change its times).
+        store.verify("s1").expect("verifies");
+        assert!(
+            !cached(),
+            "a file changed within {RACY_NS} ns is not remembered"
+        );
+        let changed = Stamp::of(&file).expect("stat").ctime_ns;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            store.verify("s1").expect("verifies");
+            if cached() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never remembered");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(Stamp::of(&file).expect("stat").ctime_ns == changed);
+        // Any write changes its change time: hashed again, and refused.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[2], 4999).expect("write");
+        let e = store.verify("s1").expect_err("corrupt").to_string();
+        assert!(e.contains("memory.bin") && e.contains("SHA-256"), "{e}");
+        assert!(!cached());
+        store.delete("s1").expect("delete");
         std::fs::remove_dir_all(&root).expect("cleanup");
     }
 }

@@ -23,7 +23,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::VmmError;
-use crate::snapshots::{FORMAT_VERSION, MANIFEST, Manifest, SnapshotStore, sha256_file};
+use crate::snapshots::{FORMAT_VERSION, MANIFEST, Manifest, SnapshotStore, file_digest};
 
 /// Chunk size when the reader asks for none.
 const DEFAULT_CHUNK: u32 = 1024 * 1024;
@@ -586,7 +586,7 @@ async fn fetch_file(
             .map_err(VmmError::io(format!("syncing {}", path.display())))?;
         drop(file);
         let p = path.to_path_buf();
-        let (size, sha) = form_runtime::clock::blocking(move || sha256_file(&p))
+        let (size, sha) = form_runtime::clock::blocking(move || file_digest(&p))
             .await
             .map_err(|e| VmmError::Backend(e.to_string()))?
             .map_err(VmmError::io(format!("hashing {}", path.display())))?;

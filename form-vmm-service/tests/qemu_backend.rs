@@ -27,10 +27,21 @@ async fn primary_contract(c: &mut VmmServiceClient<tonic::transport::Channel>) -
 
 #[tokio::test]
 async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
+    snapshot_and_clones("stream").await;
+}
+
+/// The same with the guest's memory in a file: snapshots copy it, clones map it
+/// copy-on-write from a sealed copy checked as it loads (docs/vmm.md).
+#[tokio::test]
+async fn vm_snapshot_and_clones_with_memory_files() {
+    snapshot_and_clones("file").await;
+}
+
+async fn snapshot_and_clones(memory: &str) {
     let guest = tokio::task::spawn_blocking(form_testkit::guest::build)
         .await
         .expect("guest");
-    let dir = TestDir::new("vmm-qemu");
+    let dir = TestDir::new(&format!("vmm-qemu-{memory}"));
     let data = dir.path().join("data");
     let args = [
         PORT0_ARGS,
@@ -47,6 +58,8 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
             "2",
             "--qemu-max-memory-mib",
             "512",
+            "--qemu-memory",
+            memory,
         ],
     ]
     .concat();
@@ -283,6 +296,10 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
     assert_eq!(seen["cpus_online"], 2, "{seen}");
     assert!(seen["memory_total_mib"].as_u64() > Some(180), "{seen}");
 
+    if memory == "file" {
+        damaged_memory_files_are_refused(&mut c, &data).await;
+    }
+
     for id in [
         "vm-primary",
         "vm-clone-0",
@@ -304,6 +321,72 @@ async fn vm_snapshot_and_clones_carry_memory_state_with_new_identities() {
         "no VM files left"
     );
     stop_gracefully(&mut svc).await;
+}
+
+/// The primary's snapshot holds its RAM as a file (memory.ram, holes kept); a clone
+/// checks it as it loads it: one damaged or missing is refused, naming it.
+async fn damaged_memory_files_are_refused(
+    c: &mut VmmServiceClient<tonic::transport::Channel>,
+    data: &Path,
+) {
+    let snap3 = c
+        .snapshot(pb::SnapshotRequest {
+            instance_id: "vm-primary".into(),
+            resume: None,
+        })
+        .await
+        .expect("another snapshot")
+        .into_inner();
+    let ram = data
+        .join("snapshots")
+        .join(&snap3.snapshot_id)
+        .join("memory.ram");
+    {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let meta = std::fs::metadata(&ram).expect("memory.ram is in the snapshot");
+        assert!(
+            meta.blocks() * 512 < meta.len(),
+            "memory.ram keeps the guest's untouched memory as holes: {} of {} bytes",
+            meta.blocks() * 512,
+            meta.len()
+        );
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&ram)
+            .expect("open");
+        // The kernel's first pages are written memory.
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 1 << 20).expect("read");
+        f.write_all_at(&[b[0] ^ 0xff], 1 << 20).expect("damage");
+    }
+    let mut refused = async |id: &str| {
+        VmmServiceClient::clone(
+            c,
+            pb::CloneRequest {
+                snapshot_id: snap3.snapshot_id.clone(),
+                instance_id: id.into(),
+                resources: None,
+            },
+        )
+        .await
+        .expect_err("a damaged snapshot is refused")
+        .message()
+        .to_owned()
+    };
+    let e = refused("vm-clone-damaged").await;
+    assert!(
+        e.contains("memory.ram") && e.contains("digest"),
+        "the refusal names the file and what is wrong: {e}"
+    );
+    std::fs::remove_file(&ram).expect("remove");
+    let e = refused("vm-clone-missing").await;
+    assert!(e.contains("memory.ram"), "{e}");
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: snap3.snapshot_id.clone(),
+    })
+    .await
+    .expect("delete the damaged snapshot");
 }
 
 /// Resizes a running VM up and down in place and reads the result from inside the

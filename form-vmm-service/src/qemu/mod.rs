@@ -4,10 +4,20 @@
 //! ```text
 //! create:   qemu <machine args> -qmp unix:… -serial file:… -netdev user,hostfwd=… ; wait for HTTP
 //! snapshot: QMP stop; getfd (a pipe); migrate fd:…, a thread writes memory.bin and
-//!           hashes it; wait completed; cont
+//!           hashes it; wait completed; copy the RAM file to memory.ram; cont
 //! clone:    qemu <the snapshot's machine args> … -incoming defer; getfd (memory.bin);
 //!           migrate-incoming fd:…; cont; POST /_form/identity (new id, generation, seed)
 //! ```
+//!
+//! With `--qemu-memory file`, a VM's RAM is a file (`memory-backend-file`, machine
+//! option `memory-backend=ram0`): its own file on tmpfs, shared with QEMU, for a VM
+//! that booted or was restored from a whole stream; a snapshot of it migrates the
+//! device state only (`x-ignore-shared`) and copies the file's data (`memory.ram`,
+//! holes skipped, [`crate::ramfile`]). A clone of such a snapshot maps it privately
+//! from a sealed memfd (copy-on-write, shared with its siblings), so loading it does
+//! not grow with its memory. A snapshot of such a clone (its RAM is not a file of its
+//! own) is a whole stream. The default, `stream`, keeps anonymous memory and whole
+//! streams. docs/vmm.md gives the measures of both.
 //!
 //! The host port forwards belong to the QEMU that runs, not to the snapshot: every clone
 //! gets its own ports. The guest's workload listens on 8080 and its admin endpoint on 8081.
@@ -20,6 +30,7 @@ mod shape;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -48,8 +59,49 @@ const GUEST_ADMIN_PORT: u16 = 8081;
 const MIN_MEMORY_MIB: u64 = 96;
 /// Time QEMU gets to quit before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-/// Name of the memory image in a snapshot.
+/// Name of the migration stream in a snapshot (the device state only when the snapshot
+/// has a RAM file).
 const MEMORY_FILE: &str = "memory.bin";
+/// Name of the copy of the guest's RAM file in a snapshot.
+const RAM_FILE: &str = "memory.ram";
+/// Snapshots whose RAM stays loaded for their next clones (each holds the memory the
+/// guest had written).
+const SEALED_KEPT: usize = 4;
+/// The machine option that puts the guest's RAM in the memory backend `ram0`.
+const RAM_BACKEND: &str = "memory-backend=ram0";
+
+/// Where a VM's RAM lives.
+#[derive(Debug, Clone)]
+enum Ram {
+    /// Anonymous memory: a clone of a snapshot made before RAM files (its stream names
+    /// the block `pc.ram`).
+    Anonymous,
+    /// A file of its own, shared with QEMU: a snapshot copies it.
+    Shared(PathBuf),
+    /// A snapshot's RAM, loaded into a sealed memfd ([`crate::ramfile::sealed`]) and
+    /// mapped privately: written pages are the clone's own, the others are shared
+    /// with the clone's siblings.
+    Private(Arc<OwnedFd>),
+}
+
+impl Ram {
+    /// The QEMU arguments of the memory backend of a VM that boots with `boot_mib`.
+    fn args(&self, boot_mib: u64) -> Vec<String> {
+        let (path, share) = match self {
+            Ram::Anonymous => return Vec::new(),
+            Ram::Shared(p) => (p.display().to_string(), "on"),
+            // QEMU opens the memfd through this process's descriptor table.
+            Ram::Private(fd) => (
+                format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()),
+                "off",
+            ),
+        };
+        vec![
+            "-object".into(),
+            format!("memory-backend-file,id=ram0,size={boot_mib}M,mem-path={path},share={share}"),
+        ]
+    }
+}
 
 /// Acceleration of the guests.
 #[derive(
@@ -83,6 +135,20 @@ impl Accel {
             }
         }
     }
+}
+
+/// How a VM's memory is kept and snapshotted (docs/vmm.md).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Memory {
+    /// Anonymous memory; a snapshot is a migration stream of all of it, which a clone
+    /// loads before it runs.
+    Stream,
+    /// A file on tmpfs; a snapshot migrates the device state and copies the file's
+    /// data; clones map that copy copy-on-write and share its pages.
+    File,
 }
 
 /// The guest image.
@@ -143,6 +209,10 @@ struct Vm {
     /// Machine arguments other than the shape.
     base_args: Vec<String>,
     shape: Shape,
+    /// Its RAM file when it is its own (copied by a snapshot, deleted with the VM).
+    ram: Option<PathBuf>,
+    /// The sealed memory it maps, held while it runs.
+    _mapped: Option<Arc<OwnedFd>>,
     exit: watch::Receiver<Option<String>>,
     started: Instant,
     cpu: [crate::procfs::CpuSampler; 2],
@@ -151,6 +221,13 @@ struct Vm {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
+    /// Where the RAM files of VMs live (tmpfs where there is one).
+    ram_dir: PathBuf,
+    /// How the VMs it boots keep their memory.
+    memory: Memory,
+    /// Snapshots' RAM loaded into sealed memfds, by the path of their `memory.ram`,
+    /// the most recent last (at most [`SEALED_KEPT`]).
+    sealed: std::sync::Mutex<Vec<(PathBuf, Arc<OwnedFd>)>>,
     host: IpAddr,
     accel: &'static str,
     guest: Guest,
@@ -177,11 +254,24 @@ impl QemuBackend {
     ) -> Result<Self, VmmError> {
         std::fs::create_dir_all(&root)
             .map_err(VmmError::io(format!("creating {}", root.display())))?;
+        let ram_dir = ram_dir(&root);
+        // A backend starts knowing no VM: RAM files a killed service left are nobody's
+        // (a QEMU still running keeps its mapping; the memory goes with it).
+        if let Ok(entries) = std::fs::read_dir(&ram_dir) {
+            for e in entries.flatten() {
+                if crate::ramfile::is_ram(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let accel = accel.resolve();
-        tracing::info!(accel, kernel = %guest.kernel.display(), "qemu backend");
+        tracing::info!(accel, kernel = %guest.kernel.display(), ram = %ram_dir.display(), "qemu backend");
         Ok(Self {
             inner: Arc::new(Inner {
                 root,
+                ram_dir,
+                memory: Memory::Stream,
+                sealed: Default::default(),
                 host,
                 accel,
                 guest,
@@ -190,6 +280,15 @@ impl QemuBackend {
                 vms: Table::new(),
             }),
         })
+    }
+
+    /// The same backend, booting VMs with their memory kept as `memory` says (clones
+    /// follow their snapshot). Call before any VM runs.
+    pub fn with_memory(mut self, memory: Memory) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.memory = memory;
+        }
+        self
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vm>> {
@@ -246,17 +345,29 @@ impl QemuBackend {
         &self,
         spec: InstanceSpec,
         (base_args, shape): (Vec<String>, Shape),
+        ram: Ram,
         incoming: Option<(&Path, String)>,
         generation: u64,
     ) -> Result<InstanceInfo, VmmError> {
         let id = spec.instance_id.clone();
         let dir = self.inner.root.join(&id);
         claim_dir(&dir, &id)?;
+        let own_ram = match &ram {
+            Ram::Shared(p) => {
+                if let Err(e) = new_ram_file(p, shape.boot_mib) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+                Some(p.clone())
+            }
+            _ => None,
+        };
         let host = self.inner.host;
         let (address, admin) = instance_addrs(host, self.vms().values().map(|v| &v.info))?;
         let qmp_path = dir.join("qmp.sock");
         let mut args = base_args.clone();
         args.extend(shape.args());
+        args.extend(ram.args(shape.boot_mib));
         args.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path.display()),
@@ -288,6 +399,9 @@ impl QemuBackend {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                if let Some(p) = &own_ram {
+                    let _ = std::fs::remove_file(p);
+                }
                 return Err(VmmError::Backend(format!(
                     "cannot start qemu-system-x86_64 (apt-get install qemu-system-x86): {e}"
                 )));
@@ -315,6 +429,11 @@ impl QemuBackend {
                 dir: dir.clone(),
                 base_args,
                 shape,
+                ram: own_ram,
+                _mapped: match &ram {
+                    Ram::Private(fd) => Some(fd.clone()),
+                    _ => None,
+                },
                 exit: rx.clone(),
                 started: Instant::now(),
                 cpu: [crate::procfs::CpuSampler::new(); 2],
@@ -346,6 +465,10 @@ impl QemuBackend {
                 qmp.send_fd("form-restore", std::os::fd::AsRawFd::as_raw_fd(&image))
                     .await?;
                 drop(image);
+                if matches!(ram, Ram::Private(_)) {
+                    // The stream holds the device state only; the RAM is the file.
+                    ignore_shared(&mut qmp, true).await?;
+                }
                 qmp.execute(
                     "migrate-incoming",
                     Some(serde_json::json!({ "uri": "fd:form-restore" })),
@@ -443,6 +566,67 @@ impl QemuBackend {
         }
     }
 
+    /// Snapshot `snapshot`'s RAM file `path` in a sealed memfd, loaded (and checked
+    /// against `digest`) at its first clone; kept for the next ones while the file is
+    /// there (the most recent [`SEALED_KEPT`]).
+    async fn sealed_memory(
+        &self,
+        snapshot: &str,
+        path: &Path,
+        digest: &str,
+    ) -> Result<Arc<OwnedFd>, VmmError> {
+        let lock = || {
+            self.inner
+                .sealed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        {
+            let mut kept = lock();
+            kept.retain(|(p, _)| p.exists());
+            if let Some(k) = kept.iter().position(|(p, _)| p == path) {
+                let e = kept.remove(k);
+                let fd = e.1.clone();
+                kept.push(e);
+                return Ok(fd);
+            }
+        }
+        let (p, d) = (path.to_owned(), digest.to_owned());
+        let fd = tokio::task::spawn_blocking(move || crate::ramfile::sealed(&p, &d))
+            .await
+            .map_err(|e| VmmError::Backend(e.to_string()))?
+            .map_err(|e| VmmError::CorruptSnapshot {
+                snapshot: snapshot.to_owned(),
+                file: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        let fd = Arc::new(fd);
+        self.keep_sealed(path.to_owned(), fd.clone());
+        Ok(fd)
+    }
+
+    /// Keeps `fd`, the sealed memory of the snapshot file `path`, for its clones (the
+    /// most recent [`SEALED_KEPT`]).
+    fn keep_sealed(&self, path: PathBuf, fd: Arc<OwnedFd>) {
+        let mut kept = self
+            .inner
+            .sealed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kept.retain(|(p, _)| *p != path);
+        kept.push((path, fd));
+        if kept.len() > SEALED_KEPT {
+            kept.remove(0);
+        }
+    }
+
+    /// The RAM file of VM `id` when it has its own.
+    fn ram_path(&self, id: &str) -> PathBuf {
+        self.inner
+            .ram_dir
+            .join(format!("{id}.{}", crate::ramfile::EXT))
+    }
+
     async fn qmp(&self, id: &str) -> Result<Qmp, VmmError> {
         let path = self.with(id, |vm| Ok(vm.dir.join("qmp.sock")))?;
         Qmp::connect(&path, Instant::now() + Duration::from_secs(5)).await
@@ -450,6 +634,66 @@ impl QemuBackend {
 }
 
 /// The port the workload listens on inside the guest: its `port`, or 8080.
+/// Where the RAM files of the VMs under `root` live: on tmpfs (`/dev/shm`) where there
+/// is one, so that a guest's writes are not written back to a disk, in a directory of
+/// this backend's own (nodes on one host keep apart); else beside the VMs.
+fn ram_dir(root: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return root.join(".ram");
+    }
+    let key: String = Sha256::digest(root.as_os_str().as_encoded_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    shm.join(format!("form-vmm-{key}"))
+}
+
+/// A new RAM file of `mib` MiB at `path` (all holes), readable by the service only: it
+/// will hold a guest's whole memory. One left by a crash is replaced.
+fn new_ram_file(path: &Path, mib: u64) -> Result<(), VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let what = || format!("creating the RAM file {}", path.display());
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(VmmError::io(what())(e)),
+        _ => {}
+    }
+    // The directory goes when its last file does (a delete racing this one may remove
+    // it between the two steps: then again).
+    let create = || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+    };
+    create()
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => create(),
+            _ => Err(e),
+        })
+        .and_then(|f| f.set_len(mib << 20))
+        .map_err(VmmError::io(what()))
+}
+
+/// Sets `x-ignore-shared`: when on, a migration leaves out RAM in shared files (the
+/// source) or in the mapped file (a clone), and carries the device state.
+async fn ignore_shared(qmp: &mut Qmp, on: bool) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
+        })),
+    )
+    .await
+    .map(|_| ())
+}
+
 fn guest_port(w: &types::Workload) -> u16 {
     u16::try_from(w.port)
         .ok()
@@ -498,7 +742,7 @@ impl Hypervisor for QemuBackend {
                 format!("{GUEST_ADMIN_PORT} is the guest's admin port; choose another"),
             ));
         }
-        let args = self.machine_args(&spec);
+        let mut args = self.machine_args(&spec);
         let room = self.inner.room;
         spec.resources.memory_mib = spec.resources.memory_mib.max(MIN_MEMORY_MIB);
         let shape = Shape::new(
@@ -508,7 +752,16 @@ impl Hypervisor for QemuBackend {
             room.max_memory_mib,
         );
         spec.resources.vcpus = shape.vcpus;
-        self.launch(spec, (args, shape), None, 0).await
+        let ram = match self.inner.memory {
+            Memory::Stream => Ram::Anonymous,
+            Memory::File => {
+                // Recorded in its snapshots' machine arguments: their clones' RAM is
+                // the same memory backend.
+                args.extend(["-machine".into(), RAM_BACKEND.into()]);
+                Ram::Shared(self.ram_path(&spec.instance_id))
+            }
+        };
+        self.launch(spec, (args, shape), ram, None, 0).await
     }
 
     async fn get(&self, id: &str) -> Result<InstanceInfo, VmmError> {
@@ -536,7 +789,7 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn snapshot(&self, id: &str, dir: &Path) -> Result<Taken, VmmError> {
-        let machine_args = self.with(id, |vm| {
+        let (machine_args, ram) = self.with(id, |vm| {
             if vm.info.status != Status::Running {
                 return Err(VmmError::FailedPrecondition(format!(
                     "instance {id} is {:?}; only a running instance can be snapshotted",
@@ -545,7 +798,7 @@ impl Hypervisor for QemuBackend {
             }
             let mut args = vm.base_args.clone();
             args.extend(vm.shape.args());
-            Ok(args)
+            Ok((args, vm.ram.clone()))
         })?;
         let mut qmp = self.qmp(id).await?;
         let memory = dir.join(MEMORY_FILE);
@@ -581,6 +834,7 @@ impl Hypervisor for QemuBackend {
             Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
         });
         qmp.execute("stop", None).await?;
+        let started = Instant::now();
         let result = async {
             // The 7.2 default of 128 MiB/s would make a snapshot take a second.
             qmp.execute(
@@ -588,6 +842,10 @@ impl Hypervisor for QemuBackend {
                 Some(serde_json::json!({ "max-bandwidth": 64u64 << 30 })),
             )
             .await?;
+            // With a RAM file of its own, the stream carries the device state only. Set
+            // either way: a clone still has it on from its own restore, and the stream's
+            // format follows it (the restoring side must agree).
+            ignore_shared(&mut qmp, ram.is_some()).await?;
             qmp.send_fd("form-snapshot", std::os::fd::AsRawFd::as_raw_fd(&write_end))
                 .await?;
             drop(write_end);
@@ -596,7 +854,23 @@ impl Hypervisor for QemuBackend {
                 Some(serde_json::json!({ "uri": "fd:form-snapshot" })),
             )
             .await?;
-            qmp.wait_migration().await
+            qmp.wait_migration().await?;
+            let Some(from) = ram.clone() else {
+                return Ok(None);
+            };
+            // Still stopped: the copy is the memory the device state goes with.
+            let to = dir.join(RAM_FILE);
+            let device_state = started.elapsed();
+            let path = to.clone();
+            let (memfd, _, digest) =
+                tokio::task::spawn_blocking(move || crate::ramfile::sealed_copy(&from, &to))
+                    .await
+                    .map_err(|e| VmmError::Backend(e.to_string()))?
+                    .map_err(VmmError::io(format!("copying the RAM of {id}")))?;
+            // Its clones map this copy, made and checked in the same pass.
+            self.keep_sealed(path, Arc::new(memfd));
+            tracing::debug!(instance = %id, ?device_state, copied = ?started.elapsed(), "snapshot: device state and RAM");
+            Ok(Some(digest))
         }
         .await;
         if result.is_err() {
@@ -604,16 +878,18 @@ impl Hypervisor for QemuBackend {
             let _ = qmp.execute("migrate_cancel", None).await;
         }
         qmp.execute("cont", None).await?;
-        result?;
+        let ram_digest = result?;
         // QEMU closes its copy of the pipe when the migration ends: the sink sees EOF.
         let digest = tokio::time::timeout(Duration::from_secs(30), sink)
             .await
             .map_err(|_| VmmError::Backend("the memory stream did not end".into()))?
             .map_err(|e| VmmError::Backend(e.to_string()))?
             .map_err(VmmError::io(format!("writing {}", memory.display())))?;
+        let mut digests = vec![(MEMORY_FILE.to_owned(), digest)];
+        digests.extend(ram_digest.map(|d| (RAM_FILE.to_owned(), d)));
         Ok(Taken {
             machine_args,
-            digests: vec![(MEMORY_FILE.to_owned(), digest)],
+            digests,
         })
     }
 
@@ -653,10 +929,23 @@ impl Hypervisor for QemuBackend {
         };
         let id = spec.instance_id.clone();
         let memory = dir.join(MEMORY_FILE);
+        let ram = if let Some(f) = manifest.files.iter().find(|f| f.path == RAM_FILE) {
+            Ram::Private(
+                self.sealed_memory(&manifest.snapshot_id, &dir.join(RAM_FILE), &f.sha256)
+                    .await?,
+            )
+        } else if base.iter().any(|a| a == RAM_BACKEND) {
+            // A whole stream (a snapshot of a clone): restored into a file of its own,
+            // so that its own snapshots are quick.
+            Ram::Shared(self.ram_path(&id))
+        } else {
+            Ram::Anonymous
+        };
         let info = self
             .launch(
                 spec,
                 (base, shape),
+                ram,
                 Some((&memory, manifest.snapshot_id.clone())),
                 manifest.generation + 1,
             )
@@ -721,9 +1010,9 @@ impl Hypervisor for QemuBackend {
     async fn delete(&self, id: &str) -> Result<bool, VmmError> {
         let found = self.vms().get_mut(id).map(|vm| {
             vm.info.status = Status::Stopped;
-            (vm.pid, vm.exit.clone(), vm.dir.clone())
+            (vm.pid, vm.exit.clone(), vm.dir.clone(), vm.ram.clone())
         });
-        let Some((pid, mut exit, dir)) = found else {
+        let Some((pid, mut exit, dir, ram)) = found else {
             return Ok(false);
         };
         if let Ok(mut qmp) = self.qmp(id).await {
@@ -737,6 +1026,16 @@ impl Hypervisor for QemuBackend {
             let _ = tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some)).await;
         }
         self.vms().remove(id);
+        if let Some(ram) = ram {
+            match std::fs::remove_file(&ram) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(VmmError::io(format!("removing {}", ram.display()))(e));
+                }
+                // The last one takes the directory with it (on tmpfs, nothing else
+                // would).
+                _ => drop(std::fs::remove_dir(&self.inner.ram_dir)),
+            }
+        }
         std::fs::remove_dir_all(&dir)
             .map_err(VmmError::io(format!("removing {}", dir.display())))?;
         Ok(true)

@@ -241,14 +241,21 @@ async fn set_identity(State(app): State<Shared>, body: Bytes) -> Response {
             .and_then(|mut f| f.write_all(new.seed.as_bytes()))
             .is_ok();
     let mut data = lock(&app);
-    data.generation += 1;
-    data.rename(&new.instance_id, incarnation());
-    *app.identity
+    let mut identity = app
+        .identity
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Identity {
-        instance_id: new.instance_id,
-        restored_from: new.restored_from,
-    };
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The same identity again (a hypervisor that retried a call whose answer it did not
+    // get in time) is no new generation.
+    if identity.instance_id != new.instance_id || identity.restored_from != new.restored_from {
+        data.generation += 1;
+        data.rename(&new.instance_id, incarnation());
+        *identity = Identity {
+            instance_id: new.instance_id,
+            restored_from: new.restored_from,
+        };
+    }
+    drop(identity);
     let g = data.generation;
     (
         StatusCode::OK,
