@@ -350,6 +350,13 @@ async fn damaged_memory_files_are_refused(
             meta.blocks() * 512,
             meta.len()
         );
+        // The node keeps the snapshot's memory it made for its clones, and loads the
+        // file again once it has changed: the damage must come at a later tick of
+        // the file system's clock than the snapshot's write.
+        let written = meta.modified().expect("mtime");
+        while std::time::SystemTime::now() < written + std::time::Duration::from_millis(20) {
+            tokio::task::yield_now().await;
+        }
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

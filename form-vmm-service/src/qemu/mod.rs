@@ -25,12 +25,13 @@
 //! is started with (`shape.rs`, `resize.rs`).
 
 mod qmp;
+mod ram;
 mod resize;
 mod shape;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
 use self::qmp::Qmp;
+use self::ram::{RAM_BACKEND, RAM_FILE, Ram, ignore_shared, new_ram_file, ram_dir};
 use self::shape::Shape;
 use crate::error::VmmError;
 use crate::hypervisor::{
@@ -62,47 +64,6 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// Name of the migration stream in a snapshot (the device state only when the snapshot
 /// has a RAM file).
 const MEMORY_FILE: &str = "memory.bin";
-/// Name of the copy of the guest's RAM file in a snapshot.
-const RAM_FILE: &str = "memory.ram";
-/// Snapshots whose RAM stays loaded for their next clones (each holds the memory the
-/// guest had written).
-const SEALED_KEPT: usize = 4;
-/// The machine option that puts the guest's RAM in the memory backend `ram0`.
-const RAM_BACKEND: &str = "memory-backend=ram0";
-
-/// Where a VM's RAM lives.
-#[derive(Debug, Clone)]
-enum Ram {
-    /// Anonymous memory: a clone of a snapshot made before RAM files (its stream names
-    /// the block `pc.ram`).
-    Anonymous,
-    /// A file of its own, shared with QEMU: a snapshot copies it.
-    Shared(PathBuf),
-    /// A snapshot's RAM, loaded into a sealed memfd ([`crate::ramfile::sealed`]) and
-    /// mapped privately: written pages are the clone's own, the others are shared
-    /// with the clone's siblings.
-    Private(Arc<OwnedFd>),
-}
-
-impl Ram {
-    /// The QEMU arguments of the memory backend of a VM that boots with `boot_mib`.
-    fn args(&self, boot_mib: u64) -> Vec<String> {
-        let (path, share) = match self {
-            Ram::Anonymous => return Vec::new(),
-            Ram::Shared(p) => (p.display().to_string(), "on"),
-            // QEMU opens the memfd through this process's descriptor table.
-            Ram::Private(fd) => (
-                format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()),
-                "off",
-            ),
-        };
-        vec![
-            "-object".into(),
-            format!("memory-backend-file,id=ram0,size={boot_mib}M,mem-path={path},share={share}"),
-        ]
-    }
-}
-
 /// Acceleration of the guests.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
@@ -225,9 +186,10 @@ struct Inner {
     ram_dir: PathBuf,
     /// How the VMs it boots keep their memory.
     memory: Memory,
-    /// Snapshots' RAM loaded into sealed memfds, by the path of their `memory.ram`,
+    /// Snapshots' RAM loaded into sealed memfds, by the path of their `memory.ram`
+    /// and when that file last changed,
     /// the most recent last (at most [`SEALED_KEPT`]).
-    sealed: std::sync::Mutex<Vec<(PathBuf, Arc<OwnedFd>)>>,
+    sealed: ram::SealedKept,
     host: IpAddr,
     accel: &'static str,
     guest: Guest,
@@ -566,67 +528,6 @@ impl QemuBackend {
         }
     }
 
-    /// Snapshot `snapshot`'s RAM file `path` in a sealed memfd, loaded (and checked
-    /// against `digest`) at its first clone; kept for the next ones while the file is
-    /// there (the most recent [`SEALED_KEPT`]).
-    async fn sealed_memory(
-        &self,
-        snapshot: &str,
-        path: &Path,
-        digest: &str,
-    ) -> Result<Arc<OwnedFd>, VmmError> {
-        let lock = || {
-            self.inner
-                .sealed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        {
-            let mut kept = lock();
-            kept.retain(|(p, _)| p.exists());
-            if let Some(k) = kept.iter().position(|(p, _)| p == path) {
-                let e = kept.remove(k);
-                let fd = e.1.clone();
-                kept.push(e);
-                return Ok(fd);
-            }
-        }
-        let (p, d) = (path.to_owned(), digest.to_owned());
-        let fd = tokio::task::spawn_blocking(move || crate::ramfile::sealed(&p, &d))
-            .await
-            .map_err(|e| VmmError::Backend(e.to_string()))?
-            .map_err(|e| VmmError::CorruptSnapshot {
-                snapshot: snapshot.to_owned(),
-                file: path.to_owned(),
-                message: e.to_string(),
-            })?;
-        let fd = Arc::new(fd);
-        self.keep_sealed(path.to_owned(), fd.clone());
-        Ok(fd)
-    }
-
-    /// Keeps `fd`, the sealed memory of the snapshot file `path`, for its clones (the
-    /// most recent [`SEALED_KEPT`]).
-    fn keep_sealed(&self, path: PathBuf, fd: Arc<OwnedFd>) {
-        let mut kept = self
-            .inner
-            .sealed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        kept.retain(|(p, _)| *p != path);
-        kept.push((path, fd));
-        if kept.len() > SEALED_KEPT {
-            kept.remove(0);
-        }
-    }
-
-    /// The RAM file of VM `id` when it has its own.
-    fn ram_path(&self, id: &str) -> PathBuf {
-        self.inner
-            .ram_dir
-            .join(format!("{id}.{}", crate::ramfile::EXT))
-    }
-
     async fn qmp(&self, id: &str) -> Result<Qmp, VmmError> {
         let path = self.with(id, |vm| Ok(vm.dir.join("qmp.sock")))?;
         Qmp::connect(&path, Instant::now() + Duration::from_secs(5)).await
@@ -634,66 +535,6 @@ impl QemuBackend {
 }
 
 /// The port the workload listens on inside the guest: its `port`, or 8080.
-/// Where the RAM files of the VMs under `root` live: on tmpfs (`/dev/shm`) where there
-/// is one, so that a guest's writes are not written back to a disk, in a directory of
-/// this backend's own (nodes on one host keep apart); else beside the VMs.
-fn ram_dir(root: &Path) -> PathBuf {
-    use sha2::{Digest, Sha256};
-    let shm = Path::new("/dev/shm");
-    if !shm.is_dir() {
-        return root.join(".ram");
-    }
-    let key: String = Sha256::digest(root.as_os_str().as_encoded_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    shm.join(format!("form-vmm-{key}"))
-}
-
-/// A new RAM file of `mib` MiB at `path` (all holes), readable by the service only: it
-/// will hold a guest's whole memory. One left by a crash is replaced.
-fn new_ram_file(path: &Path, mib: u64) -> Result<(), VmmError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let what = || format!("creating the RAM file {}", path.display());
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(VmmError::io(what())(e)),
-        _ => {}
-    }
-    // The directory goes when its last file does (a delete racing this one may remove
-    // it between the two steps: then again).
-    let create = || {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-    };
-    create()
-        .or_else(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => create(),
-            _ => Err(e),
-        })
-        .and_then(|f| f.set_len(mib << 20))
-        .map_err(VmmError::io(what()))
-}
-
-/// Sets `x-ignore-shared`: when on, a migration leaves out RAM in shared files (the
-/// source) or in the mapped file (a clone), and carries the device state.
-async fn ignore_shared(qmp: &mut Qmp, on: bool) -> Result<(), VmmError> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(serde_json::json!({
-            "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
-        })),
-    )
-    .await
-    .map(|_| ())
-}
-
 fn guest_port(w: &types::Workload) -> u16 {
     u16::try_from(w.port)
         .ok()
