@@ -138,14 +138,21 @@ impl Fences {
             Some(s) if s.epoch == f.epoch => return Ok(()),
             _ => {}
         }
-        seen.insert(cluster.to_owned(), f.clone());
+        let before = seen.insert(cluster.to_owned(), f.clone());
         if let Some(file) = &self.file {
             let mut lines: Vec<String> = seen
                 .iter()
                 .map(|(c, f)| format!("{c} {}", f.header()))
                 .collect();
             lines.sort();
-            keep(file, &lines);
+            if let Err(e) = keep(file, &lines) {
+                // Not kept, not raised: a restart would forget it.
+                match before {
+                    Some(b) => seen.insert(cluster.to_owned(), b),
+                    None => seen.remove(cluster),
+                };
+                return Err(unkept(file, &e));
+            }
         }
         Ok(())
     }
@@ -155,14 +162,16 @@ impl Fences {
     /// not made yet. A later creation of `id` under an older epoch is refused
     /// ([`Fences::check_absent`]), so that run cannot leave it behind. The newest
     /// 4,096 ids are kept (in their file too, when the fences have one).
-    pub fn saw_absent(&self, id: &str, fence: &Fence) {
+    /// An error when it cannot be kept in the file (the call is then refused: a
+    /// restart would forget it).
+    pub fn saw_absent(&self, id: &str, fence: &Fence) -> Result<(), tonic::Status> {
         let mut guard = self
             .absent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (fences, order) = &mut *guard;
         match fences.get_mut(id) {
-            Some(f) if f.epoch >= fence.epoch => return,
+            Some(f) if f.epoch >= fence.epoch => return Ok(()),
             Some(f) => *f = fence.clone(),
             None => {
                 fences.insert(id.to_owned(), fence.clone());
@@ -179,8 +188,11 @@ impl Fences {
                 .iter()
                 .filter_map(|id| fences.get(id).map(|f| format!("{id} {}", f.header())))
                 .collect();
-            keep(&absent_file(file), &lines);
+            let file = absent_file(file);
+            // Kept in memory all the same: it only ever refuses more.
+            keep(&file, &lines).map_err(|e| unkept(&file, &e))?;
         }
+        Ok(())
     }
 
     /// Checks the creation of `id` by a call carrying `fence`: refused when a call of
@@ -212,9 +224,19 @@ impl Fences {
     }
 }
 
-/// Where the fences of absent ids are kept beside `file`.
+/// Where the fences of absent ids are kept beside `file` (`<file>.absent`).
 fn absent_file(file: &std::path::Path) -> PathBuf {
-    file.with_extension("absent")
+    let mut name = file.as_os_str().to_owned();
+    name.push(".absent");
+    PathBuf::from(name)
+}
+
+/// The refusal of a call whose fence could not be kept.
+fn unkept(file: &std::path::Path, e: &std::io::Error) -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "cannot keep the fence in {}: {e}; the call is refused rather than forgotten at a restart",
+        file.display()
+    ))
 }
 
 /// The `KEY EPOCH/OWNER` lines of `file` (none when it does not exist).
@@ -236,22 +258,22 @@ fn read(file: &std::path::Path, key: &str) -> Result<Vec<(String, Fence)>, Strin
         .collect()
 }
 
-/// Writes `lines` to `file` durably (a synced temporary file renamed over it); a
-/// failure is logged: the fences then hold until the next restart only.
-fn keep(file: &std::path::Path, lines: &[String]) {
+/// Writes `lines` to `file` durably: a synced temporary file renamed over it, then
+/// the directory synced (the rename itself survives a machine crash).
+fn keep(file: &std::path::Path, lines: &[String]) -> std::io::Result<()> {
     use std::io::Write;
     let mut tmp = file.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all((lines.join("\n") + "\n").as_bytes())?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, file));
-    if let Err(e) = written {
-        tracing::warn!(file = %file.display(), error = %e, "cannot keep the fences; a restart forgets them");
-    }
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all((lines.join("\n") + "\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -290,7 +312,7 @@ mod tests {
             e.message()
         );
         assert!(f.check("other", Some(&old)).is_ok(), "per cluster");
-        f.saw_absent("web-9", &new);
+        f.saw_absent("web-9", &new).expect("kept");
         let again = Fences::in_file(file.clone()).expect("read back");
         assert!(
             again.check_absent("web-9", Some(&old)).is_err(),
@@ -316,7 +338,7 @@ mod tests {
             f.check_absent("web-1", Some(&old)).is_ok(),
             "nothing seen yet"
         );
-        f.saw_absent("web-1", &new);
+        f.saw_absent("web-1", &new).expect("kept");
         let refused = f.check_absent("web-1", Some(&old)).expect_err("stale");
         assert!(is_stale(&refused), "{refused:?}");
         assert!(refused.message().contains("web-1"), "{refused:?}");
@@ -333,11 +355,11 @@ mod tests {
             "another id may"
         );
         // An older absence does not lower what was seen.
-        f.saw_absent("web-1", &old);
+        f.saw_absent("web-1", &old).expect("kept");
         assert!(f.check_absent("web-1", Some(&old)).is_err());
         // Bounded: the oldest ids are forgotten.
         for i in 0..ABSENT_KEPT {
-            f.saw_absent(&format!("x-{i}"), &new);
+            f.saw_absent(&format!("x-{i}"), &new).expect("kept");
         }
         assert!(f.check_absent("web-1", Some(&old)).is_ok(), "forgotten");
         assert!(f.check_absent("x-1", Some(&old)).is_err());

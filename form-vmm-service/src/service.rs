@@ -137,8 +137,7 @@ impl<H: Hypervisor> VmmApi<H> {
         match self.hv.get(id).await {
             Ok(i) => self.fences.check(&i.spec.cluster_id, Some(&f)),
             Err(VmmError::NotFound { .. }) if spec::id("instance_id", id).is_ok() => {
-                self.fences.saw_absent(id, &f);
-                Ok(())
+                self.fences.saw_absent(id, &f)
             }
             Err(_) => Ok(()),
         }
@@ -162,10 +161,10 @@ impl<H: Hypervisor> VmmApi<H> {
         match self.snapshots.manifest(id) {
             Ok(m) => self.fenced_cluster(req, &m.cluster_id),
             Err(VmmError::NotFound { .. }) if spec::id("snapshot_id", id).is_ok() => {
-                if let Some(f) = Fence::of(req)? {
-                    self.fences.saw_absent(id, &f);
+                match Fence::of(req)? {
+                    Some(f) => self.fences.saw_absent(id, &f),
+                    None => Ok(()),
                 }
-                Ok(())
             }
             Err(_) => Ok(()),
         }
