@@ -49,10 +49,12 @@ pub async fn round(
         let its_node = nodes.iter().find(|n| n.node_id == m.node_id);
         let node = health::node(its_node, now, heartbeat, lost_after);
         // A member never heard from is judged from when this controller first saw
-        // it so (a restart of the controller starts that again).
+        // it so (a restart of the controller starts that again), when its node has a
+        // record: a node that reports itself but not the member does not run it. A
+        // node without one (run without form-state) reports no member at all.
         let unheard = {
             let mut u = crate::controller::lock(&shared.unheard);
-            if m.last_heartbeat_ms == 0 {
+            if m.last_heartbeat_ms == 0 && its_node.is_some() {
                 Some(*u.entry(id.clone()).or_insert(now))
             } else {
                 u.remove(id);

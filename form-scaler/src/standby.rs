@@ -6,7 +6,7 @@
 //! the evaluation round, one at a time per cluster, under the cluster's fence; the
 //! previous standby snapshot is deleted once the new one is recorded.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use form_proto::state::v1 as state_pb;
@@ -28,7 +28,7 @@ struct TakingSets {
     /// Per cluster, the (node, snapshot) copies of replaced standby snapshots whose
     /// delete failed (a node cut off or down for a moment): tried again at the
     /// cluster's next standby round.
-    undeleted: HashMap<String, BTreeSet<(String, String)>>,
+    undeleted: HashMap<String, Vec<(String, String)>>,
 }
 
 /// The most undeleted copies remembered per cluster (the oldest are left to the
@@ -76,15 +76,24 @@ impl Taking {
         }
         let mut sets = self.lock();
         let kept = sets.undeleted.entry(cluster.to_owned()).or_default();
-        kept.extend(copies);
-        while kept.len() > UNDELETED_MAX {
-            kept.pop_first();
+        for c in copies {
+            if !kept.contains(&c) {
+                kept.push(c);
+            }
         }
+        // The oldest first out.
+        let over = kept.len().saturating_sub(UNDELETED_MAX);
+        kept.drain(..over);
     }
 
-    /// Takes the copies of `cluster` left undeleted.
-    fn take_undeleted(&self, cluster: &str) -> BTreeSet<(String, String)> {
+    /// Takes the copies of `cluster` left undeleted, the oldest first.
+    fn take_undeleted(&self, cluster: &str) -> Vec<(String, String)> {
         self.lock().undeleted.remove(cluster).unwrap_or_default()
+    }
+
+    /// Whether copies of `cluster` wait to be deleted.
+    fn has_undeleted(&self, cluster: &str) -> bool {
+        self.lock().undeleted.contains_key(cluster)
     }
 
     /// Forgets what it remembers of clusters not in `alive` (deleted clusters: their
@@ -136,6 +145,7 @@ pub fn due(c: &state_pb::Cluster, now: u64) -> bool {
 /// being taken already.
 pub fn spawn_if_due(shared: &Arc<Shared>, c: &state_pb::Cluster, now: u64) {
     if c.template_instance_id.is_empty() || !due(c, now) {
+        spawn_undeleted(shared, &c.cluster_id, now);
         return;
     }
     // A failed attempt is tried again after the interval (10 s at least).
@@ -151,24 +161,9 @@ pub fn spawn_if_due(shared: &Arc<Shared>, c: &state_pb::Cluster, now: u64) {
     let cluster = c.cluster_id.clone();
     tokio::spawn(async move {
         let _guard = guard;
-        let e = &shared.engine;
-        // An operation another controller still runs keeps its fence: not claimed
-        // from under it.
-        if shared.busy(&cluster).await {
+        let Some(kept) = fenced(&shared, &cluster, keep(&shared, &cluster)).await else {
             return;
-        }
-        let fence = match shared
-            .epochs
-            .hold(&shared.id, &e.platform.state, &cluster)
-            .await
-        {
-            Ok(f) => f,
-            Err(err) => {
-                tracing::warn!(%cluster, error = %err, "standby snapshot: cannot claim the cluster's fence");
-                return;
-            }
         };
-        let kept = crate::fencing::with(fence, keep(&shared, &cluster)).await;
         let failed = kept.as_ref().err().map(|_| now_ms());
         shared.engine.taking_standby.failed(&cluster, failed);
         match kept {
@@ -183,6 +178,48 @@ pub fn spawn_if_due(shared: &Arc<Shared>, c: &state_pb::Cluster, now: u64) {
             }
         }
     });
+}
+
+/// Between standby rounds (none may come: the policy dropped its standby), tries again
+/// in the background the deletes of `cluster`'s replaced standby copies that failed.
+fn spawn_undeleted(shared: &Arc<Shared>, cluster: &str, now: u64) {
+    let taking = &shared.engine.taking_standby;
+    if !taking.has_undeleted(cluster) {
+        return;
+    }
+    let Some(guard) = taking.start(cluster, now, 0) else {
+        return;
+    };
+    let (shared, cluster) = (shared.clone(), cluster.to_owned());
+    tokio::spawn(async move {
+        let _guard = guard;
+        fenced(&shared, &cluster, delete_undeleted(&shared, &cluster)).await;
+    });
+}
+
+/// Runs `work` under `cluster`'s fence, claimed for it; `None` when an operation of
+/// the cluster runs (another controller's keeps its fence: not claimed from under it)
+/// or the fence cannot be claimed (logged).
+async fn fenced<T>(
+    shared: &Shared,
+    cluster: &str,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    if shared.busy(cluster).await {
+        return None;
+    }
+    let fence = match shared
+        .epochs
+        .hold(&shared.id, &shared.engine.platform.state, cluster)
+        .await
+    {
+        Ok(f) => f,
+        Err(err) => {
+            tracing::warn!(%cluster, error = %err, "standby snapshot: cannot claim the cluster's fence");
+            return None;
+        }
+    };
+    Some(crate::fencing::with(fence, work).await)
 }
 
 /// Takes, copies and records a new standby snapshot of `cluster` and deletes the one
@@ -253,9 +290,27 @@ async fn keep(
         Ok(()) => record(e, cluster, taken.clone()).await,
         Err(err) => Err(err),
     } {
-        let left = delete(e, &taken).await;
-        e.taking_standby.undeleted(cluster, left);
-        return Err(err);
+        // A record whose answer was lost may have landed: then it is the standby, and
+        // stays. Unknown (form-state unreachable): left for a later round, which
+        // never deletes the recorded one.
+        match e.platform.cluster(cluster).await {
+            Ok(now) if now.standby.as_ref().map(|s| &s.snapshot_id) == Some(&taken.snapshot_id) => {
+                tracing::info!(%cluster, snapshot = %taken.snapshot_id, error = %err, "standby snapshot recorded after all");
+            }
+            Ok(_) => {
+                let left = delete(e, &taken).await;
+                e.taking_standby.undeleted(cluster, left);
+                return Err(err);
+            }
+            Err(_) => {
+                let all = taken
+                    .node_ids
+                    .iter()
+                    .map(|n| (n.clone(), taken.snapshot_id.clone()));
+                e.taking_standby.undeleted(cluster, all.collect());
+                return Err(err);
+            }
+        }
     }
     // An operation started meanwhile may be reading the previous one (a replacement
     // made from it): then it is left to a later sweep.

@@ -114,32 +114,33 @@ mod tests {
 
     #[test]
     fn the_survivors_stay_spread_over_nodes() {
-        // Seed 8's cluster: two members on node-1, one on each of node-2 and node-3.
-        // By cost alone the two on node-2 and node-3 would go and every survivor
-        // would run on node-1.
+        // Seed 8's shape: the template shares node-1 with a busy member; node-2 and
+        // node-3 run one idle member each. By cost alone both idle ones would go,
+        // and every survivor would run on node-1.
         let members = vec![
-            on("node-3", c("t", true, true, 0, 0)),
+            on("node-1", c("t", true, true, 0, 0)),
             on("node-1", c("a", false, true, 9, 0)),
-            on("node-1", c("b", false, true, 8, 0)),
-            on("node-2", c("c", false, true, 0, 0)),
+            on("node-2", c("b", false, true, 0, 0)),
+            on("node-3", c("c", false, true, 1, 0)),
         ];
         let gone = choose(&members, 2, 2);
         assert_eq!(
             gone,
-            vec!["b", "c"],
-            "one of node-1's first, then the cheapest"
+            vec!["a", "b"],
+            "node-1's second first, then the cheapest"
         );
         let kept: Vec<&str> = members
             .iter()
             .filter(|m| !gone.contains(&m.instance_id))
             .map(|m| m.node_id.as_str())
             .collect();
-        assert_eq!(kept, vec!["node-3", "node-1"]);
+        assert_eq!(kept, vec!["node-1", "node-3"]);
         // Unhealthy still goes first, wherever it runs.
         let mut sick = members.clone();
         sick[3].healthy = false;
         assert_eq!(choose(&sick, 1, 1), vec!["c"]);
         // Within one node, cost decides.
-        assert_eq!(choose(&members[..3], 1, 1), vec!["b"]);
+        let one_node: Vec<Candidate> = members.iter().cloned().map(|m| on("node-1", m)).collect();
+        assert_eq!(choose(&one_node, 2, 1), vec!["b", "c"]);
     }
 }
