@@ -7,10 +7,16 @@ use std::process::Command;
 
 use crate::workspace_bin;
 
-/// Builds the guest (once per target directory: the script reuses what it made) and
+/// Builds the guest (once per test process: tests that run side by side share it, and
+/// a build must not rewrite the files a VM of another test is booting from) and
 /// returns its directory, for `form-vmm-service --guest-dir`. Panics naming the
 /// missing package when a tool is missing.
 pub fn build() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_now).clone()
+}
+
+fn build_now() -> PathBuf {
     for (tool, package) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),

@@ -181,6 +181,27 @@ impl Compose {
 
 impl Drop for Compose {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the controllers and nodes said, for the failure's reader.
+            let logs = self.cmd_env(
+                &[
+                    "logs",
+                    "--no-color",
+                    "--tail",
+                    "150",
+                    "form-scaler",
+                    "form-scaler-2",
+                    "form-vmm",
+                    "form-vmm-2",
+                ],
+                &[],
+            );
+            eprintln!(
+                "the stack's last logs:\n{}{}",
+                String::from_utf8_lossy(&logs.stdout),
+                String::from_utf8_lossy(&logs.stderr)
+            );
+        }
         let _ = self.cmd_env(&["down", "-v", "--remove-orphans", "-t", "5"], &[]);
     }
 }
