@@ -109,6 +109,9 @@ pub struct Resized {
 pub trait Hypervisor: Send + Sync + 'static {
     /// Backend name (`process`, `qemu`).
     fn name(&self) -> &'static str;
+    /// Lets go of what it keeps of the snapshot in `dir`, which is deleted (the qemu
+    /// backend's sealed memory of it); nothing by default.
+    fn snapshot_deleted(&self, _dir: &std::path::Path) {}
     /// Starts an instance; returns once it serves or has failed.
     fn create(
         &self,

@@ -19,12 +19,20 @@ use sha2::{Digest, Sha256};
 
 /// Extension of a memory file.
 pub const EXT: &str = "ram";
+/// Name of a snapshot's memory file (qemu backend), at the top of its directory: the
+/// one file of a snapshot that has the block digest.
+pub const NAME: &str = "memory.ram";
 /// Block of the digest and of the copy.
 pub const BLOCK: u64 = 2 << 20;
 
-/// Whether `path` names a memory file.
+/// Whether `path` names a memory file (by its extension).
 pub fn is_ram(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == EXT)
+}
+
+/// Whether `rel`, a path in a snapshot's directory, is its memory file.
+pub fn is_snapshot_memory(rel: &Path) -> bool {
+    rel == Path::new(NAME)
 }
 
 /// Size and digest of the memory file at `path`.
@@ -80,6 +88,11 @@ fn walk(src: &File, to: &[&File]) -> std::io::Result<(u64, String)> {
                     let b = &mut buf[..len as usize];
                     src.read_exact_at(b, off)?;
                     *d = Sha256::digest(&*b).into();
+                    // A block of zeros stays a hole (a copy pulled from another node
+                    // has its holes written out).
+                    if b.iter().all(|x| *x == 0) {
+                        continue;
+                    }
                     for dst in to {
                         dst.write_all_at(b, off)?;
                     }
@@ -248,7 +261,13 @@ mod tests {
             copy(&a, &copied).is_err(),
             "an existing file is not overwritten"
         );
+        // A dense copy (as a transfer writes it) becomes sparse again.
+        let again = dir.path().join("again.ram");
+        assert_eq!(copy(&dense, &again).expect("copy"), d);
+        assert!(allocated(&again) < 8 * BLOCK, "zeros are not written");
         assert!(is_ram(&a) && !is_ram(&dir.path().join("memory.bin")));
+        assert!(is_snapshot_memory(Path::new("memory.ram")));
+        assert!(!is_snapshot_memory(Path::new("workdir/memory.ram")));
     }
 
     #[test]

@@ -503,6 +503,7 @@ impl<H: Hypervisor> VmmService for VmmApi<H> {
         let id = req.into_inner().snapshot_id;
         spec::id("snapshot_id", &id)?;
         let freed_bytes = self.snapshots.delete(&id);
+        self.hv.snapshot_deleted(&self.snapshots.dir(&id));
         drop(_pull);
         // The lock of a snapshot that is gone is dropped, as an instance's is.
         self.locks

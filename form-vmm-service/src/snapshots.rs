@@ -106,11 +106,11 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((n, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }
 
-/// Size and digest of a snapshot's file, as its manifest records it: SHA-256 of the
-/// content, or for a guest memory file (`*.ram`) the block digest of
-/// [`crate::ramfile`], which skips holes.
-pub fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
-    if crate::ramfile::is_ram(path) {
+/// Size and digest of the file `rel` of a snapshot, at `path`, as its manifest
+/// records it: SHA-256 of the content, or for the guest memory file (`memory.ram`)
+/// the block digest of [`crate::ramfile`], which skips holes.
+pub fn file_digest(path: &Path, rel: &Path) -> std::io::Result<(u64, String)> {
+    if crate::ramfile::is_snapshot_memory(rel) {
         crate::ramfile::digest(path)
     } else {
         sha256_file(path)
@@ -229,7 +229,7 @@ impl SnapshotStore {
                             .len(),
                         sha.clone(),
                     ),
-                    None => file_digest(&full)
+                    None => file_digest(&full, &p)
                         .map_err(VmmError::io(format!("hashing {}", p.display())))?,
                 };
                 Ok(FileEntry {
@@ -284,15 +284,15 @@ impl SnapshotStore {
         Ok(m)
     }
 
-    /// Reads the manifest and checks every file's size and SHA-256, but guest memory
-    /// files (`*.ram`): the qemu backend checks those as it loads them
+    /// Reads the manifest and checks every file's size and SHA-256, but the guest
+    /// memory file (`memory.ram`): the qemu backend checks it as it loads it
     /// ([`crate::ramfile::sealed`]), once per snapshot.
     pub fn verify(&self, id: &str) -> Result<Manifest, VmmError> {
         let m = self.manifest(id)?;
         let dir = self.dir(id);
         for f in &m.files {
             let path = dir.join(&f.path);
-            if crate::ramfile::is_ram(&path) {
+            if crate::ramfile::is_snapshot_memory(Path::new(&f.path)) {
                 continue;
             }
             let corrupt = |message: String| VmmError::CorruptSnapshot {
@@ -300,7 +300,9 @@ impl SnapshotStore {
                 file: path.clone(),
                 message,
             };
-            let (size, sha) = self.digest(&path).map_err(|e| corrupt(e.to_string()))?;
+            let (size, sha) = self
+                .digest(&path, Path::new(&f.path))
+                .map_err(|e| corrupt(e.to_string()))?;
             if size != f.size_bytes {
                 return Err(corrupt(format!(
                     "{size} bytes, the manifest says {} (truncated?)",
@@ -316,7 +318,7 @@ impl SnapshotStore {
 
     /// The digest of `path`, hashed again unless it was verified since its last change
     /// (by more than [`RACY_NS`]).
-    fn digest(&self, path: &Path) -> std::io::Result<(u64, String)> {
+    fn digest(&self, path: &Path, rel: &Path) -> std::io::Result<(u64, String)> {
         let before = Stamp::of(path)?;
         let known = self
             .verified
@@ -328,7 +330,7 @@ impl SnapshotStore {
         if let Some(d) = known {
             return Ok((before.size, d));
         }
-        let (size, d) = file_digest(path)?;
+        let (size, d) = file_digest(path, rel)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|t| t.as_nanos() as i128)

@@ -585,8 +585,8 @@ async fn fetch_file(
         file.sync_all()
             .map_err(VmmError::io(format!("syncing {}", path.display())))?;
         drop(file);
-        let p = path.to_path_buf();
-        let (size, sha) = form_runtime::clock::blocking(move || file_digest(&p))
+        let (p, rel) = (path.to_path_buf(), std::path::PathBuf::from(&f.path));
+        let (size, sha) = form_runtime::clock::blocking(move || file_digest(&p, &rel))
             .await
             .map_err(|e| VmmError::Backend(e.to_string()))?
             .map_err(VmmError::io(format!("hashing {}", path.display())))?;

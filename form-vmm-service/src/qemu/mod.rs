@@ -314,16 +314,6 @@ impl QemuBackend {
         let id = spec.instance_id.clone();
         let dir = self.inner.root.join(&id);
         claim_dir(&dir, &id)?;
-        let own_ram = match &ram {
-            Ram::Shared(p) => {
-                if let Err(e) = new_ram_file(p, shape.boot_mib) {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return Err(e);
-                }
-                Some(p.clone())
-            }
-            _ => None,
-        };
         let host = self.inner.host;
         let (address, admin) = instance_addrs(host, self.vms().values().map(|v| &v.info))?;
         let qmp_path = dir.join("qmp.sock");
@@ -348,6 +338,17 @@ impl QemuBackend {
         }
         let stderr = std::fs::File::create(dir.join("qemu.log"))
             .map_err(VmmError::io("creating qemu.log"))?;
+        // Its RAM file last, just before QEMU: nothing fails between them but the start.
+        let own_ram = match &ram {
+            Ram::Shared(p) => {
+                if let Err(e) = new_ram_file(p, shape.boot_mib) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+                Some(p.clone())
+            }
+            _ => None,
+        };
         let spawned = tokio::process::Command::new("qemu-system-x86_64")
             .args(&args)
             .current_dir(&dir)
@@ -574,6 +575,10 @@ async fn wait_incoming(qmp: &mut Qmp, deadline: Instant) -> Result<(), VmmError>
 impl Hypervisor for QemuBackend {
     fn name(&self) -> &'static str {
         "qemu"
+    }
+
+    fn snapshot_deleted(&self, dir: &Path) {
+        self.forget_sealed(dir);
     }
 
     async fn create(&self, mut spec: InstanceSpec) -> Result<InstanceInfo, VmmError> {
@@ -867,6 +872,8 @@ impl Hypervisor for QemuBackend {
             let _ = tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some)).await;
         }
         self.vms().remove(id);
+        let removed = std::fs::remove_dir_all(&dir)
+            .map_err(VmmError::io(format!("removing {}", dir.display())));
         if let Some(ram) = ram {
             match std::fs::remove_file(&ram) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -877,8 +884,7 @@ impl Hypervisor for QemuBackend {
                 _ => drop(std::fs::remove_dir(&self.inner.ram_dir)),
             }
         }
-        std::fs::remove_dir_all(&dir)
-            .map_err(VmmError::io(format!("removing {}", dir.display())))?;
+        removed?;
         Ok(true)
     }
 

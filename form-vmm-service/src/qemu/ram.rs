@@ -11,7 +11,7 @@ use super::qmp::Qmp;
 use crate::error::VmmError;
 
 /// Name of the copy of the guest's RAM file in a snapshot.
-pub(super) const RAM_FILE: &str = "memory.ram";
+pub(super) const RAM_FILE: &str = crate::ramfile::NAME;
 /// Snapshots whose RAM stays loaded for their next clones (each holds the memory the
 /// guest had written).
 const SEALED_KEPT: usize = 4;
@@ -87,10 +87,17 @@ impl QemuBackend {
         let fd = tokio::task::spawn_blocking(move || crate::ramfile::sealed(&p, &d))
             .await
             .map_err(|e| VmmError::Backend(e.to_string()))?
-            .map_err(|e| VmmError::CorruptSnapshot {
-                snapshot: snapshot.to_owned(),
-                file: path.to_owned(),
-                message: e.to_string(),
+            .map_err(|e| match e.kind() {
+                // Missing, or not what the manifest says: the snapshot is damaged.
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData => {
+                    VmmError::CorruptSnapshot {
+                        snapshot: snapshot.to_owned(),
+                        file: path.to_owned(),
+                        message: e.to_string(),
+                    }
+                }
+                // The host's trouble (memory, a read error): not the snapshot's.
+                _ => VmmError::io(format!("loading {}", path.display()))(e),
             })?;
         let fd = Arc::new(fd);
         self.keep_sealed(path.to_owned(), fd.clone());
@@ -108,11 +115,20 @@ impl QemuBackend {
             .sealed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        kept.retain(|(p, _, _)| *p != path);
+        kept.retain(|(p, st, _)| *p != path && changed(p) == Some(*st));
         kept.push((path, stamp, fd));
         if kept.len() > SEALED_KEPT {
             kept.remove(0);
         }
+    }
+
+    /// Lets go of the sealed memory of the snapshot in `dir` (deleted).
+    pub(super) fn forget_sealed(&self, dir: &Path) {
+        self.inner
+            .sealed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(p, _, _)| !p.starts_with(dir));
     }
 
     /// The RAM file of VM `id` when it has its own.
@@ -146,6 +162,8 @@ pub(super) fn ram_dir(root: &Path) -> PathBuf {
     if !shm.is_dir() {
         return root.join(".ram");
     }
+    // The same directory by any path that names it (a relative --data-dir too).
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
     let key: String = Sha256::digest(root.as_os_str().as_encoded_bytes())
         .iter()
         .take(8)
@@ -163,25 +181,72 @@ pub(super) fn new_ram_file(path: &Path, mib: u64) -> Result<(), VmmError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(VmmError::io(what())(e)),
         _ => {}
     }
+    let dir = path.parent().unwrap_or(Path::new("."));
     // The directory goes when its last file does (a delete racing this one may remove
     // it between the two steps: then again).
     let create = || {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        private_dir(dir)?;
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
     };
-    create()
+    let file = create()
         .or_else(|e| match e.kind() {
             std::io::ErrorKind::NotFound => create(),
             _ => Err(e),
         })
-        .and_then(|f| f.set_len(mib << 20))
-        .map_err(VmmError::io(what()))
+        .map_err(VmmError::io(what()))?;
+    // A guest that writes past what the file system holds is killed (SIGBUS): refused
+    // before it starts (tmpfs is often small in containers: /dev/shm is 64 MiB there).
+    let free = nix::sys::statvfs::statvfs(dir)
+        .map(|v| v.blocks_available() * v.fragment_size())
+        .map_err(|e| VmmError::io(what())(e.into()))?;
+    if free < mib << 20 {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(VmmError::FailedPrecondition(format!(
+            "{} has {} MiB free, and a VM of {mib} MiB may need all of it for its RAM; \
+             give it more room (a container's --shm-size) or run the node with \
+             --qemu-memory stream",
+            dir.display(),
+            free >> 20
+        )));
+    }
+    file.set_len(mib << 20).map_err(VmmError::io(what()))
+}
+
+/// Makes `dir` (mode 0700) or checks the one there: a directory, not a link, of this
+/// user, that nobody else may enter. In a directory all may write to (`/dev/shm`),
+/// another user could otherwise have made it first to read or swap the guests' memory.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let m = std::fs::symlink_metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !m.file_type().is_dir() || m.uid() != me || m.mode() & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a private directory of this user (uid {me}): a {} of uid {} with mode {:o}; remove it",
+                dir.display(),
+                if m.file_type().is_symlink() {
+                    "link"
+                } else if m.file_type().is_dir() {
+                    "directory"
+                } else {
+                    "file"
+                },
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Sets `x-ignore-shared`: when on, a migration leaves out RAM in shared files (the
