@@ -27,7 +27,7 @@ struct TakingSets {
     failed_at: HashMap<String, u64>,
     /// Per cluster, the (node, snapshot) copies of replaced standby snapshots whose
     /// delete failed (a node cut off or down for a moment): tried again at the
-    /// cluster's next standby round.
+    /// evaluation rounds that follow ([`spawn_undeleted`]).
     undeleted: HashMap<String, Vec<(String, String)>>,
 }
 
