@@ -40,16 +40,6 @@ pub fn digest(path: &Path) -> std::io::Result<(u64, String)> {
     walk(&File::open(path)?, &[])
 }
 
-/// Copies memory file `from` to a new file `to` (readable and writable by the owner
-/// only: it is a guest's whole memory), leaving holes where `from` has them, and
-/// returns its size and digest, computed as it copies.
-pub fn copy(from: &Path, to: &Path) -> std::io::Result<(u64, String)> {
-    let dst = create(to)?;
-    let src = File::open(from)?;
-    dst.set_len(src.metadata()?.len())?;
-    walk(&src, &[&dst])
-}
-
 /// A new file at `path`, readable and writable by the owner only.
 fn create(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
@@ -153,9 +143,10 @@ pub fn sealed(path: &Path, expect: &str) -> std::io::Result<std::os::fd::OwnedFd
     seal(memfd)
 }
 
-/// A snapshot of a running guest's memory file `from`: copied to a new file `to` (as
-/// [`copy`]) and, in the same pass, into a sealed memfd for the snapshot's clones,
-/// which then need not load it. Returns the memfd, the size and the digest.
+/// A snapshot of a running guest's memory file `from`: copied to a new file `to`
+/// (readable and writable by the owner only: it is a guest's whole memory; holes stay
+/// holes) and, in the same pass, into a sealed memfd for the snapshot's clones, which
+/// then need not load it. Returns the memfd, the size and the digest.
 pub fn sealed_copy(from: &Path, to: &Path) -> std::io::Result<(std::os::fd::OwnedFd, u64, String)> {
     let (src, dst, memfd) = (File::open(from)?, create(to)?, memfd()?);
     let size = src.metadata()?.len();
@@ -233,7 +224,9 @@ mod tests {
         let d = digest(&a).expect("digest");
         assert_eq!(d, digest(&dense).expect("digest"), "holes digest as zeros");
         assert_eq!(d.0, size);
-        let c = copy(&a, &copied).expect("copy");
+        let c = sealed_copy(&a, &copied)
+            .map(|(_, n, d)| (n, d))
+            .expect("copy");
         assert_eq!(c, d, "the copy's digest, computed as it copied");
         assert_eq!(digest(&copied).expect("digest"), d);
         assert_eq!(std::fs::read(&copied).expect("read"), all);
@@ -258,12 +251,17 @@ mod tests {
             f.write_all_at(&was, at).expect("write back");
         }
         assert!(
-            copy(&a, &copied).is_err(),
+            sealed_copy(&a, &copied).is_err(),
             "an existing file is not overwritten"
         );
         // A dense copy (as a transfer writes it) becomes sparse again.
         let again = dir.path().join("again.ram");
-        assert_eq!(copy(&dense, &again).expect("copy"), d);
+        assert_eq!(
+            sealed_copy(&dense, &again)
+                .map(|(_, n, d)| (n, d))
+                .expect("copy"),
+            d
+        );
         assert!(allocated(&again) < 8 * BLOCK, "zeros are not written");
         assert!(is_ram(&a) && !is_ram(&dir.path().join("memory.bin")));
         assert!(is_snapshot_memory(Path::new("memory.ram")));

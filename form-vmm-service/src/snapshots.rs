@@ -119,7 +119,7 @@ pub fn file_digest(path: &Path, rel: &Path) -> std::io::Result<(u64, String)> {
 
 /// A file's identity and last change, as `stat` gives them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -128,7 +128,8 @@ struct Stamp {
 }
 
 impl Stamp {
-    fn of(path: &Path) -> std::io::Result<Self> {
+    /// The stamp of the file at `path`.
+    pub(crate) fn of(path: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path)?;
         let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);

@@ -5,41 +5,23 @@
 //! one whose admin address stopped answering.
 
 use std::net::SocketAddr;
-use std::path::Path;
 
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
-use form_testkit::conformance::{PORT0_ARGS, stop_gracefully};
-use form_testkit::{ChildService, TestDir, probe, start, workspace_bin};
+use form_testkit::conformance::stop_gracefully;
+use form_testkit::{ChildService, TestDir, probe, workspace_bin};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_form-vmm-service");
+mod common;
 
 type Client = VmmServiceClient<Channel>;
 
 async fn vmm(dir: &TestDir) -> (ChildService, Client) {
-    let data = dir.path().join("vmm-data");
     // Scripts written by the tests run too (the allowlist is not what is tested here).
-    let args = [
-        PORT0_ARGS,
-        &[
-            "--data-dir",
-            data.to_str().expect("utf-8"),
-            "--allowed-commands",
-            "*",
-        ],
-    ]
-    .concat();
-    let svc = start(dir, "vmm", Path::new(BIN), &args).await;
-    let client = VmmServiceClient::new(
-        probe::channel(svc.addr("grpc").expect("grpc"))
-            .await
-            .expect("connect"),
-    )
-    .max_decoding_message_size(32 << 20);
-    (svc, client)
+    let (svc, client) = common::node(dir, "vmm", "*").await;
+    (svc, client.max_decoding_message_size(32 << 20))
 }
 
 async fn instance(c: &mut Client, id: &str, command: &str) -> pb::Instance {

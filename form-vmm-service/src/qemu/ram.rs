@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::QemuBackend;
 use super::qmp::Qmp;
 use crate::error::VmmError;
+use crate::snapshots::Stamp;
 
 /// Name of the copy of the guest's RAM file in a snapshot.
 pub(super) const RAM_FILE: &str = crate::ramfile::NAME;
@@ -20,7 +21,7 @@ pub(super) const RAM_BACKEND: &str = "memory-backend=ram0";
 
 /// Snapshots' RAM loaded into sealed memfds: the path of each `memory.ram`, when that
 /// file last changed ([`changed`]), its memfd; the most recent last.
-pub(super) type SealedKept = std::sync::Mutex<Vec<(PathBuf, [i64; 5], Arc<OwnedFd>)>>;
+pub(super) type SealedKept = std::sync::Mutex<Vec<(PathBuf, Stamp, Arc<OwnedFd>)>>;
 
 /// Where a VM's RAM lives.
 #[derive(Debug, Clone)]
@@ -139,18 +140,9 @@ impl QemuBackend {
     }
 }
 
-/// When the file at `path` last changed (its inode, size, change and modification
-/// times), or `None` when it is gone.
-pub(super) fn changed(path: &Path) -> Option<[i64; 5]> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some([
-        m.ino() as i64,
-        m.size() as i64,
-        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-        m.ctime() * 1_000_000_000 + m.ctime_nsec(),
-        m.dev() as i64,
-    ])
+/// When the file at `path` last changed, or `None` when it is gone.
+fn changed(path: &Path) -> Option<Stamp> {
+    Stamp::of(path).ok()
 }
 
 /// Where the RAM files of the VMs under `root` live: on tmpfs (`/dev/shm`) where there
