@@ -323,7 +323,16 @@ async fn keep(
         let left = delete(e, &old).await;
         e.taking_standby.undeleted(cluster, left);
     }
-    for node in &taken.node_ids {
+    // The standby's nodes, and those of the members: an operation's snapshot is
+    // taken on a member's node and pulled to its clones' nodes, so what a crash left
+    // behind is on one of these (a node that holds neither is not listed).
+    let mut nodes: Vec<&String> = taken.node_ids.iter().collect();
+    for m in c.members.values() {
+        if !nodes.contains(&&m.node_id) && !m.node_id.is_empty() {
+            nodes.push(&m.node_id);
+        }
+    }
+    for node in nodes {
         if let Err(err) = sweep(shared, cluster, node, &taken).await {
             tracing::warn!(%cluster, %node, error = %err, "old snapshots not swept");
         }
