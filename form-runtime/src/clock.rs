@@ -47,6 +47,20 @@ pub fn unix_ms() -> u64 {
     ms + moved.as_millis() as u64
 }
 
+/// A machine's own reading of the wall clock: [`unix_ms`] moved by a fixed offset in
+/// ms. Production services read the system clock as it is (offset zero); a simulator
+/// gives each simulated machine an offset of its own, as machines whose clocks NTP
+/// keeps close are still apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skew(pub i64);
+
+impl Skew {
+    /// Milliseconds since the Unix epoch on this machine's clock.
+    pub fn unix_ms(self) -> u64 {
+        unix_ms().saturating_add_signed(self.0)
+    }
+}
+
 /// Makes [`unix_ms`] follow tokio's clock for the rest of the process (see the
 /// module documentation): the system time at the first call, plus what tokio's clock
 /// has moved past the instant of that call (a runtime paused just before it stands

@@ -61,13 +61,9 @@ async fn scale_out_held_at(
 
 /// Cluster `web`'s fence in form-state.
 async fn fence_of_web(p: &InProcess) -> types::Fence {
-    p.state()
-        .get_cluster(state_pb::GetClusterRequest {
-            cluster_id: "web".into(),
-        })
+    p.cluster("web")
         .await
         .expect("cluster")
-        .into_inner()
         .fence
         .expect("a fence")
 }

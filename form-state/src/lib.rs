@@ -48,6 +48,8 @@ pub fn store_config(c: &Config) -> StoreConfig {
             log: c.delta_log_limit,
             ..Limits::default()
         },
+        clock: Default::default(),
+        sync_latency: None,
     }
 }
 

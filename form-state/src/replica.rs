@@ -93,6 +93,9 @@ pub struct Replica {
     operations: crate::model::index::Operations,
     lsn: u64,
     durable_lsn: u64,
+    /// This replica's own writes not yet durable: each one's lsn and its version
+    /// vector's own entry before it.
+    own_undurable: VecDeque<(u64, u64)>,
 }
 
 impl Replica {
@@ -119,6 +122,7 @@ impl Replica {
             changes: VecDeque::new(),
             lsn: 0,
             durable_lsn: 0,
+            own_undurable: VecDeque::new(),
         }
     }
 
@@ -165,6 +169,31 @@ impl Replica {
     /// Marks every change up to `lsn` durable.
     pub fn mark_durable(&mut self, lsn: u64) {
         self.durable_lsn = self.durable_lsn.max(lsn.min(self.lsn));
+        while self
+            .own_undurable
+            .front()
+            .is_some_and(|(l, _)| *l <= self.durable_lsn)
+        {
+            self.own_undurable.pop_front();
+        }
+    }
+
+    /// How much of this replica's own writing is durable: its version vector's own
+    /// entry (dots), less the writes the log has not kept yet. A crash may lose
+    /// nothing counted here, since each of these writes may have been acknowledged.
+    pub fn durable_own_writes(&self) -> u64 {
+        self.own_undurable
+            .front()
+            .map_or_else(|| self.version_of(&self.actor), |(_, before)| *before)
+    }
+
+    fn version_of(&self, actor: &str) -> u64 {
+        self.state
+            .context()
+            .version_vector()
+            .get(actor)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Deltas waiting for predecessors.
@@ -183,8 +212,10 @@ impl Replica {
             return Ok(None);
         };
         let deps = self.version();
+        let before = deps.get(&self.actor).copied().unwrap_or(0);
         let v = Arc::new(envelope::sign(&self.key, delta, deps, now_ms));
         self.apply_verified(v.clone());
+        self.own_undurable.push_back((self.lsn, before));
         Ok(Some(v))
     }
 

@@ -14,7 +14,7 @@ use crate::codec;
 use crate::crdt::Space;
 use crate::error::StateError;
 use crate::model::{read, validate, write};
-use crate::store::{Store, Written, now_ms};
+use crate::store::{Store, Written};
 use crate::watch;
 
 /// The StateService of one replica.
@@ -80,7 +80,7 @@ impl StateApi {
         self.store
             .write(|s, a| {
                 if read::cluster_exists(s, cluster) {
-                    write::claim_fence(s, a, now_ms(), cluster, &f)
+                    write::claim_fence(s, a, self.store.now_ms(), cluster, &f)
                 } else {
                     Ok(None)
                 }
@@ -124,7 +124,7 @@ impl StateService for StateApi {
             .store
             .write(|s, a| {
                 write::check_fence(s, &r.cluster_id, f.as_ref())?;
-                write::put_cluster(s, a, now_ms(), &r)
+                write::put_cluster(s, a, self.store.now_ms(), &r)
             })
             .await?;
         Ok(self.reply(w))
@@ -158,7 +158,7 @@ impl StateService for StateApi {
             .ok_or_else(|| Status::invalid_argument("fence is missing; expected {epoch, owner}"))?;
         let w = self
             .store
-            .write(|s, a| write::claim_fence(s, a, now_ms(), &r.cluster_id, &f))
+            .write(|s, a| write::claim_fence(s, a, self.store.now_ms(), &r.cluster_id, &f))
             .await?;
         Ok(self.reply(w))
     }
@@ -189,7 +189,7 @@ impl StateService for StateApi {
             .store
             .write(|s, a| {
                 write::check_fence(s, &r.cluster_id, f.as_ref())?;
-                write::add_member(s, a, now_ms(), &r)
+                write::add_member(s, a, self.store.now_ms(), &r)
             })
             .await?;
         Ok(self.reply(w))
@@ -216,7 +216,7 @@ impl StateService for StateApi {
             .store
             .write(|s, a| {
                 write::check_fence(s, &r.cluster_id, f.as_ref())?;
-                write::update_member(s, a, now_ms(), &r)
+                write::update_member(s, a, self.store.now_ms(), &r)
             })
             .await?;
         Ok(self.reply(w))
@@ -226,7 +226,7 @@ impl StateService for StateApi {
         let r = req.into_inner();
         let w = self
             .store
-            .write(|s, a| write::heartbeat(s, a, now_ms(), &r))
+            .write(|s, a| write::heartbeat(s, a, self.store.now_ms(), &r))
             .await?;
         Ok(self.reply(w))
     }
@@ -238,7 +238,7 @@ impl StateService for StateApi {
         let r = req.into_inner();
         let w = self
             .store
-            .write(|s, a| write::controller_heartbeat(s, a, now_ms(), &r))
+            .write(|s, a| write::controller_heartbeat(s, a, self.store.now_ms(), &r))
             .await?;
         Ok(self.reply(w))
     }
@@ -256,7 +256,7 @@ impl StateService for StateApi {
         let r = req.into_inner();
         let w = self
             .store
-            .write(|s, a| write::node_heartbeat(s, a, now_ms(), &r, &sender))
+            .write(|s, a| write::node_heartbeat(s, a, self.store.now_ms(), &r, &sender))
             .await?;
         Ok(self.reply(w))
     }
@@ -275,7 +275,7 @@ impl StateService for StateApi {
         let r = req.into_inner();
         let w = self
             .store
-            .write(|s, a| write::set_node_cordon(s, a, now_ms(), &r))
+            .write(|s, a| write::set_node_cordon(s, a, self.store.now_ms(), &r))
             .await?;
         Ok(self.reply(w))
     }
@@ -318,7 +318,7 @@ impl StateService for StateApi {
             .store
             .write(|s, a| {
                 write::check_fence(s, &cluster, f.as_ref())?;
-                write::put_operation_pruning(s, a, now_ms(), &r, &prune)
+                write::put_operation_pruning(s, a, self.store.now_ms(), &r, &prune)
             })
             .await?;
         Ok(self.reply(w))

@@ -33,11 +33,10 @@ pub struct StoreConfig {
     pub snapshot_every: u64,
     /// Memory limits.
     pub limits: Limits,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    form_runtime::clock::unix_ms()
+    /// This machine's clock (the system's; a simulator skews it).
+    pub clock: form_runtime::clock::Skew,
+    /// A simulated slow disk (none in production).
+    pub sync_latency: Option<crate::storage::slow_disk::SyncLatency>,
 }
 
 /// The result of a write.
@@ -60,6 +59,7 @@ pub struct Store {
     urgent: Mutex<Option<Urgent>>,
     boot: u64,
     anti_entropy_wanted: std::sync::atomic::AtomicBool,
+    clock: form_runtime::clock::Skew,
 }
 
 /// Woken once a local write is durable: after every write (`None`), or after a write
@@ -121,7 +121,7 @@ impl Store {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered"
         );
-        let wal = writer::spawn(dir.clone(), rec.segment, lsn)?;
+        let wal = writer::spawn(dir.clone(), rec.segment, lsn, config.sync_latency.clone())?;
         let (durable, _) = watch::channel(lsn);
         let store = Arc::new(Store {
             replica: Mutex::new(replica),
@@ -132,6 +132,7 @@ impl Store {
             urgent: Mutex::new(None),
             boot,
             anti_entropy_wanted: std::sync::atomic::AtomicBool::new(false),
+            clock: config.clock,
         });
         store.spawn_durability_follower();
         Ok(store)
@@ -198,6 +199,16 @@ impl Store {
         self.wal.durable()
     }
 
+    /// What the log writer's thread wrote; closed once the thread ended.
+    pub fn wal_written(&self) -> watch::Receiver<crate::storage::writer::Durable> {
+        self.wal.written()
+    }
+
+    /// Milliseconds since the Unix epoch on this replica's clock: the times it records.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.unix_ms()
+    }
+
     /// `f` of the replica, answered once everything it saw is durable: a read never
     /// shows a change the log has not kept (while the log fails, reads are refused).
     pub async fn read<T>(&self, f: impl FnOnce(&Replica) -> T) -> Result<T, StateError> {
@@ -251,7 +262,7 @@ impl Store {
         self.writable()?;
         let (lsn, version, wake) = {
             let mut r = self.lock();
-            let made = r.write(now_ms(), make)?;
+            let made = r.write(self.clock.unix_ms(), make)?;
             let mut wake = None;
             if let Some(d) = made {
                 if let Some((notify, fields)) = &urgent
@@ -380,7 +391,7 @@ fn incarnation(dir: &Path) -> Result<String, StateError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = format!(
                 "{:08x}",
-                (now_ms() as u32) ^ std::process::id().rotate_left(16)
+                (form_runtime::clock::unix_ms() as u32) ^ std::process::id().rotate_left(16)
             );
             write_synced(&path, format!("{id}\n").as_bytes())?;
             Ok(id)

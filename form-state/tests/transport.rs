@@ -65,6 +65,8 @@ fn open(dir: &TestDir, id: &str, authorized: &std::path::Path) -> Arc<Store> {
         authorized_keys: Some(authorized.to_owned()),
         snapshot_every: 10_000,
         limits: Limits::default(),
+        clock: Default::default(),
+        sync_latency: None,
     })
     .unwrap_or_else(|e| panic!("open {id}: {e}"))
 }

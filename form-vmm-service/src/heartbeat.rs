@@ -24,10 +24,6 @@ use tonic::transport::Channel;
 use crate::hypervisor::{Hypervisor, Status, Window};
 use crate::orphans::Seen;
 
-fn now_ms() -> u64 {
-    form_runtime::clock::unix_ms()
-}
-
 fn log_error(instance: &str, e: &tonic::Status) {
     if e.code() != tonic::Code::NotFound {
         tracing::debug!(instance, error = %e, "heartbeat failed");
@@ -103,14 +99,17 @@ async fn membership(
     }
 }
 
-/// Runs until shutdown, writing to form-state over `state`.
+/// Runs until shutdown, writing to form-state over `state`, every `interval`, with
+/// the times of `clock` (the system's; a simulator skews it).
 pub async fn run<H: Hypervisor>(
     hv: Arc<H>,
     state: Channel,
     record: crate::node::Record,
     interval: Duration,
+    clock: form_runtime::clock::Skew,
     mut shutdown: Shutdown,
 ) {
+    let now_ms = || clock.unix_ms();
     let mut client = StateServiceClient::new(state);
     let mut reported_failed: BTreeSet<String> = BTreeSet::new();
     let mut reported_paused: BTreeSet<String> = BTreeSet::new();

@@ -158,6 +158,7 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
             state.channel(),
             record,
             Duration::from_millis(c.heartbeat_interval_ms),
+            form_runtime::clock::Skew::default(),
             ctx.shutdown.clone(),
         ));
     }

@@ -73,6 +73,15 @@ pub struct Setup {
     /// instances are gone). The controllers then judge members by their heartbeats
     /// and replace those lost.
     pub node_crashes: bool,
+    /// The most a replica's disk takes to sync on top of the real one (each sync drawn
+    /// up to it), and the seed of the draws; zero: no more than the real one.
+    pub disk_latency: (Duration, u64),
+    /// The most any machine's clock is off either way (each machine's drawn up to it),
+    /// and the seed of the draws; zero: one clock for all.
+    pub clock_skew: (Duration, u64),
+    /// Broken on purpose, to show the checks can fail: the replicas' slow disks
+    /// acknowledge a write once written, before they synced it.
+    pub ack_before_sync: bool,
 }
 
 impl Default for Setup {
@@ -89,6 +98,9 @@ impl Default for Setup {
             faults: Default::default(),
             latency: (Duration::ZERO, 0),
             node_crashes: false,
+            disk_latency: (Duration::ZERO, 0),
+            clock_skew: (Duration::ZERO, 0),
+            ack_before_sync: false,
         }
     }
 }
@@ -140,12 +152,28 @@ impl InProcess {
         net.delay(setup.latency.1, setup.latency.0);
         let (stop, stopped) = shutdown::channel();
         let mut tasks = tokio::task::JoinSet::new();
-        let stores = state::Replicas::start(&net, &mut tasks, dir, setup.replicas)?;
+        let mut skews = Skews::new(setup.clock_skew);
+        let machines = state::Machines {
+            skews: (0..setup.replicas).map(|_| skews.next()).collect(),
+            sync_most: setup.disk_latency.0,
+            seed: setup.disk_latency.1,
+            ack_before_sync: setup.ack_before_sync,
+        };
+        let stores = state::Replicas::start(&net, &mut tasks, dir, setup.replicas, machines)?;
         let replicas = stores.names.clone();
         // The nodes write to the last replica, the controller uses the first: node
         // records reach the controller through gossip.
         let last = replicas.last().cloned().unwrap_or_default();
-        let out = node::Nodes::start(&net, &mut tasks, dir, nodes, &last, setup.node_heartbeat)?;
+        let clocks: Vec<_> = (0..nodes).map(|_| skews.next()).collect();
+        let out = node::Nodes::start(
+            &net,
+            &mut tasks,
+            dir,
+            nodes,
+            &last,
+            setup.node_heartbeat,
+            &clocks,
+        )?;
         // Ready when the controller's replica has every node's record (through gossip
         // from the replica the nodes write to).
         let mut first = StateServiceClient::new(net.channel(&replica(1)));
@@ -208,6 +236,16 @@ impl InProcess {
         StateServiceClient::new(self.net.channel(&replica(1)))
     }
 
+    /// Cluster `id` as the first replica (the controller's) records it.
+    pub async fn cluster(&self, id: &str) -> Result<state_pb::Cluster, tonic::Status> {
+        self.state()
+            .get_cluster(state_pb::GetClusterRequest {
+                cluster_id: id.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// Each replica's digest and version vector (`None`: unreachable), in order.
     async fn digests(&self) -> Vec<Option<state_pb::DigestReply>> {
         let mut out = Vec::new();
@@ -264,10 +302,22 @@ impl InProcess {
         }
     }
 
-    /// Kills form-state replica `i` (from 0) where it is (see `state::Replicas::crash`);
-    /// returns once nothing of it runs.
-    pub async fn crash_replica(&mut self, i: usize) {
-        self.stores.crash(&self.net, i).await;
+    /// Crashes form-state replica `i`'s machine (from 0) where it is, dropping a drawn
+    /// part of what its disk had not synced (see `state::Replicas::crash`); returns
+    /// once nothing of it runs, with how many of its own writes were durable then and
+    /// how many bytes the crash dropped.
+    pub async fn crash_replica(&mut self, i: usize, rng: &mut crate::rng::Rng) -> (u64, u64) {
+        let c = self.stores.crash(&self.net, i, rng).await;
+        (c.own_durable, c.dropped)
+    }
+
+    /// Waits until replica `i` (from 0) has applied a change its disk has not kept
+    /// yet, at most `within` (a crash's worst moment).
+    pub async fn until_unsynced(&self, i: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.stores.unsynced(i) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Starts form-state replica `i` again from its files (what it made durable).
@@ -458,4 +508,28 @@ fn serve(
     tasks.spawn(async move {
         let _ = served.await;
     });
+}
+
+/// Each machine's clock offset in turn, drawn up to the most either way.
+#[derive(Debug)]
+struct Skews {
+    most: i64,
+    rng: crate::rng::Rng,
+}
+
+impl Skews {
+    fn new((most, seed): (Duration, u64)) -> Self {
+        Self {
+            most: most.as_millis() as i64,
+            rng: crate::rng::Rng::new(seed ^ 0x636c_6f63),
+        }
+    }
+
+    fn next(&mut self) -> form_runtime::clock::Skew {
+        if self.most == 0 {
+            return form_runtime::clock::Skew(0);
+        }
+        let drawn = self.rng.range(0, 2 * self.most as u64) as i64;
+        form_runtime::clock::Skew(drawn - self.most)
+    }
 }

@@ -31,6 +31,8 @@ pub struct Node {
     pub address: String,
     /// Its instances (the running incarnation's; empty while it is down).
     pub backend: Arc<Memory>,
+    /// Its machine's clock (the times its heartbeats carry).
+    pub clock: form_runtime::clock::Skew,
 }
 
 /// The nodes of a platform, and how each is stopped and started again.
@@ -63,12 +65,14 @@ impl Nodes {
         count: usize,
         state: &str,
         every: Duration,
+        clocks: &[form_runtime::clock::Skew],
     ) -> anyhow::Result<Self> {
         let list = (1..=count)
             .map(|i| Node {
                 id: format!("node-{i}"),
                 address: format!("node-{i}:1"),
                 backend: Arc::default(),
+                clock: clocks.get(i - 1).copied().unwrap_or_default(),
             })
             .collect();
         let mut n = Self {
@@ -123,6 +127,7 @@ impl Nodes {
             net.channel_from(&node.address, &self.state),
             memory::record(node.id.clone(), node.address.clone()),
             self.every,
+            node.clock,
             beating,
         ));
         self.running[i] = Some(Running {

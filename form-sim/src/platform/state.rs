@@ -18,6 +18,7 @@ use form_testkit::memnet::Net;
 use tonic::transport::Server;
 
 use super::{replica, serve};
+use crate::rng::Rng;
 
 /// Deltas per gossip message.
 const BATCH: usize = 1000;
@@ -31,13 +32,40 @@ pub(super) struct Replicas {
     authorized_keys: PathBuf,
     /// Per replica: what stops it, and its store while it runs.
     running: Vec<Option<Running>>,
+    /// Their machines' disks and clocks.
+    machines: Machines,
+}
+
+/// What the replicas' machines are like: each one's clock offset, and the most a
+/// sync of its disk takes on simulated time on top of the real one (drawn for each
+/// sync from the machine's own stream).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Machines {
+    pub skews: Vec<form_runtime::clock::Skew>,
+    pub sync_most: Duration,
+    pub seed: u64,
+    /// Broken on purpose: writes acknowledged before the disk synced them.
+    pub ack_before_sync: bool,
 }
 
 #[derive(Debug)]
 struct Running {
     stop: ShutdownHandle,
     store: Weak<Store>,
-    wal: tokio::sync::watch::Receiver<form_state::storage::writer::Durable>,
+    /// What the disk has kept (slow disks: later than written).
+    durable: tokio::sync::watch::Receiver<form_state::storage::writer::Durable>,
+    /// What the writer's thread wrote; closed when it ends.
+    written: tokio::sync::watch::Receiver<form_state::storage::writer::Durable>,
+}
+
+/// What a replica's crash did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Crashed {
+    /// Its own writes that were durable at the crash (each may have been
+    /// acknowledged): it must have them all when it starts again.
+    pub own_durable: u64,
+    /// Bytes its log had written but not synced, which the crash dropped.
+    pub dropped: u64,
 }
 
 impl Replicas {
@@ -47,6 +75,7 @@ impl Replicas {
         tasks: &mut tokio::task::JoinSet<()>,
         dir: &Path,
         count: usize,
+        machines: Machines,
     ) -> anyhow::Result<Self> {
         let names: Vec<String> = (1..=count).map(replica).collect();
         // Every replica's key, authorized by all.
@@ -65,6 +94,7 @@ impl Replicas {
             dir: dir.to_owned(),
             authorized_keys,
             running: (0..count).map(|_| None).collect(),
+            machines,
         };
         for i in 0..count {
             r.run(net, tasks, i)?;
@@ -89,6 +119,8 @@ impl Replicas {
             authorized_keys: Some(self.authorized_keys.clone()),
             snapshot_every: 10_000,
             limits: Default::default(),
+            clock: self.machines.skews.get(i).copied().unwrap_or_default(),
+            sync_latency: self.sync_latency(i),
         })?;
         let peers = Arc::new(gossip::Peers::default());
         let router = Server::builder()
@@ -126,7 +158,8 @@ impl Replicas {
         self.running[i] = Some(Running {
             stop,
             store: Arc::downgrade(&store),
-            wal: store.wal_status(),
+            durable: store.wal_status(),
+            written: store.wal_written(),
         });
         tasks.spawn(gossip::driver::run_links(
             store, peers, config, links, urgent, stopped,
@@ -134,23 +167,71 @@ impl Replicas {
         Ok(())
     }
 
-    /// Stops replica `i` as a killed process stops: its services end, every
-    /// connection to or from it breaks, and its log writer closes what it wrote.
-    /// Returns once nothing of it runs (its store is gone and its writer's thread
-    /// ended), so it can be started again on the same files.
-    pub(super) async fn crash(&mut self, net: &Net, i: usize) {
+    /// Replica `i`'s disk: none, or syncs that take up to `sync_most` more, drawn from
+    /// the replica's own stream.
+    fn sync_latency(&self, i: usize) -> Option<form_state::storage::slow_disk::SyncLatency> {
+        let most = self.machines.sync_most.as_millis() as u64;
+        if most == 0 {
+            return None;
+        }
+        let rng = std::sync::Mutex::new(Rng::new(self.machines.seed ^ (i as u64 + 1)));
+        Some(form_state::storage::slow_disk::SyncLatency {
+            draw: Arc::new(move || {
+                let mut rng = rng
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                Duration::from_millis(rng.range(0, most))
+            }),
+            ack_before_sync: self.machines.ack_before_sync,
+        })
+    }
+
+    /// Whether replica `i` has applied a change its disk has not kept yet.
+    pub(super) fn unsynced(&self, i: usize) -> bool {
+        let store = self.running[i].as_ref().and_then(|r| r.store.upgrade());
+        store.is_some_and(|s| {
+            let r = s.lock();
+            r.lsn() > r.durable_lsn()
+        })
+    }
+
+    /// Stops replica `i` as its machine's crash stops it: its services end, every
+    /// connection to or from it breaks, and what its log had written but its disk had
+    /// not synced at that moment is cut at a point `rng` draws (a torn record
+    /// included). Returns once nothing of it runs (its store is gone and its writer's
+    /// thread ended), so it can be started again on the same files.
+    ///
+    /// The writer's thread finishes what it was given after the crash's moment; all of
+    /// that counts as unsynced. If it rotated its segment meanwhile (a snapshot), the
+    /// snapshot stays: it holds everything that was synced, and more.
+    pub(super) async fn crash(&mut self, net: &Net, i: usize, rng: &mut Rng) -> Crashed {
         let Some(r) = self.running[i].take() else {
-            return;
+            return Crashed::default();
         };
+        let own_durable = r
+            .store
+            .upgrade()
+            .map_or(0, |s| s.lock().durable_own_writes());
+        let synced = r.durable.borrow().end;
         r.stop.trigger(ShutdownKind::Fast);
         net.partition(&self.names[i]);
         while r.store.strong_count() > 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        // The writer is a thread: the simulated clock waits for it.
-        let _hold = form_runtime::clock::hold();
-        let mut wal = r.wal;
-        while wal.changed().await.is_ok() {}
+        {
+            // The writer is a thread: the simulated clock waits for it.
+            let _hold = form_runtime::clock::hold();
+            let mut written = r.written;
+            while written.changed().await.is_ok() {}
+        }
+        // A slow disk's last syncs pass on simulated time.
+        let mut durable = r.durable;
+        while durable.changed().await.is_ok() {}
+        let dropped = cut_unsynced(&self.dir.join(format!("state-{}", i + 1)), synced, rng);
+        Crashed {
+            own_durable,
+            dropped,
+        }
     }
 
     /// Starts replica `i` again from its files and lets connections reach it.
@@ -171,6 +252,37 @@ impl Replicas {
             r.stop.trigger(ShutdownKind::Fast);
         }
     }
+}
+
+/// Cuts the newest log segment under `data_dir` back to what was synced (`synced`:
+/// segment and length) and a drawn part of the rest; returns the bytes cut.
+fn cut_unsynced(data_dir: &Path, synced: (u64, u64), rng: &mut Rng) -> u64 {
+    let newest = std::fs::read_dir(data_dir.join("wal"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let n = name.to_str()?.strip_suffix(".log")?.parse::<u64>().ok()?;
+            Some(n)
+        })
+        .max();
+    let Some(segment) = newest else { return 0 };
+    let path = form_state::storage::segment_path(data_dir, segment);
+    let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let kept = if segment == synced.0 {
+        synced.1.min(len)
+    } else {
+        0
+    };
+    let keep = kept + rng.range(0, len - kept);
+    if keep < len {
+        let f = std::fs::OpenOptions::new().write(true).open(&path);
+        if let Err(e) = f.and_then(|f| f.set_len(keep)) {
+            panic!("cutting {}: {e}", path.display());
+        }
+    }
+    len - keep
 }
 
 fn key_path(dir: &Path, i: usize) -> std::path::PathBuf {

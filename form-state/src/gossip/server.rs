@@ -119,7 +119,7 @@ fn log_rejections(n: u64, first: &StateError) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST_MS: AtomicU64 = AtomicU64::new(0);
     static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    let now = crate::store::now_ms();
+    let now = form_runtime::clock::unix_ms();
     let last = LAST_MS.load(Ordering::Relaxed);
     if now.saturating_sub(last) < 1000
         || LAST_MS

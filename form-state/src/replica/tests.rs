@@ -130,6 +130,44 @@ fn deltas_are_not_offered_back_to_their_origin() {
 }
 
 #[test]
+fn durable_own_writes_count_only_what_the_log_kept() {
+    let mut rs = replicas(Limits::default());
+    let own = |r: &Replica| r.version().get(r.actor()).copied().unwrap_or(0);
+    put(&mut rs[0], "web", "web.fog");
+    let first = own(&rs[0]);
+    let write = |r: &mut Replica, id: &str| {
+        let req = pb::PutClusterRequest {
+            cluster_id: id.into(),
+            domain: Some(format!("{id}.fog")),
+            ..Default::default()
+        };
+        r.write(1, |s, a| write::put_cluster(s, a, 1, &req))
+            .expect("valid")
+            .expect("changes");
+        (r.lsn(), own(r))
+    };
+    let (second, after_second) = write(&mut rs[0], "api");
+    let (third, after_third) = write(&mut rs[0], "db");
+    assert!(first > 0 && after_second > first && after_third > after_second);
+    // A peer's delta between them is not the replica's own.
+    let theirs = put(&mut rs[1], "cache", "cache.fog");
+    rs[0].receive(vec![unverify(&theirs)]);
+    assert_eq!(
+        rs[0].durable_own_writes(),
+        first,
+        "only the first is durable"
+    );
+    rs[0].mark_durable(second);
+    assert_eq!(rs[0].durable_own_writes(), after_second);
+    rs[0].mark_durable(third);
+    assert_eq!(rs[0].durable_own_writes(), after_third);
+    let all = rs[0].lsn();
+    rs[0].mark_durable(all);
+    assert_eq!(rs[0].durable_own_writes(), own(&rs[0]));
+    assert_eq!(own(&rs[0]), after_third, "the peer's delta is not counted");
+}
+
+#[test]
 fn undurable_deltas_are_not_offered() {
     let mut rs = replicas(Limits::default());
     let req = pb::PutClusterRequest {

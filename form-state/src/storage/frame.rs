@@ -34,6 +34,11 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// The length of `record`'s frame ([`encode_record`]).
+pub fn record_len(record: &Record) -> u64 {
+    (WAL_MAGIC.len() + 1 + 1 + 4 + 4 + record.payload().len()) as u64
+}
+
 /// The outcome of reading one record at an offset.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Read {

@@ -15,6 +15,7 @@
 
 pub mod frame;
 pub mod recover;
+pub mod slow_disk;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use super::slow_disk::{SlowDisk, SyncLatency};
 use super::{Record, frame, recover, segment_path, snapshot_path, sync_dir};
 use crate::codec;
 use crate::crdt::State;
@@ -34,6 +35,9 @@ pub struct Durable {
     /// Set while the writer fails (it keeps trying); no write past `lsn` is
     /// acknowledged meanwhile.
     pub error: Option<String>,
+    /// Where the durable log ends: the segment written to, and its length. A machine
+    /// crash keeps at least this much of it (a simulator cuts the rest).
+    pub end: (u64, u64),
 }
 
 enum Command {
@@ -45,7 +49,16 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct WalHandle {
     tx: mpsc::Sender<Command>,
+    /// What the writer thread wrote and synced.
+    written: watch::Receiver<Durable>,
+    /// What the disk has kept: `written`, or, on a simulated slow disk, `written` a
+    /// drawn latency later ([`SyncLatency`]).
     durable: watch::Receiver<Durable>,
+    /// What writes wait for before they are acknowledged: `durable`, unless broken on
+    /// purpose ([`SyncLatency::ack_before_sync`]).
+    acked: watch::Receiver<Durable>,
+    /// The simulated slow disk, if any.
+    slow: Option<std::sync::Arc<SlowDisk>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -60,6 +73,9 @@ impl std::fmt::Debug for Command {
 impl WalHandle {
     /// Queues `record`, which was applied as change `lsn` (queue in lsn order).
     pub fn append(&self, lsn: u64, record: Record) -> Result<(), StateError> {
+        if let Some(slow) = &self.slow {
+            slow.appended(lsn, &record);
+        }
         self.tx
             .send(Command::Append(lsn, record))
             .map_err(|_| StateError::Unavailable("the log writer stopped".into()))
@@ -67,6 +83,9 @@ impl WalHandle {
 
     /// Queues a snapshot of `state` (the state after change `lsn`) and a new segment.
     pub fn snapshot(&self, lsn: u64, state: State) -> Result<(), StateError> {
+        if let Some(slow) = &self.slow {
+            slow.rotated(lsn);
+        }
         self.tx
             .send(Command::Snapshot(lsn, Box::new(state)))
             .map_err(|_| StateError::Unavailable("the log writer stopped".into()))
@@ -74,47 +93,84 @@ impl WalHandle {
 
     /// Waits until change `lsn` is durable.
     pub async fn wait_durable(&self, lsn: u64) -> Result<(), StateError> {
-        let mut rx = self.durable.clone();
-        // The writer is a thread: simulated time waits for it (form_runtime::clock).
-        let _hold = (rx.borrow().lsn < lsn).then(form_runtime::clock::hold);
-        let d = rx
-            .wait_for(|d| d.lsn >= lsn || d.error.is_some())
-            .await
-            .map_err(|_| StateError::Unavailable("the log writer stopped".into()))?;
-        match &d.error {
-            Some(e) if d.lsn < lsn => Err(StateError::Unavailable(format!(
+        let stopped = |_| StateError::Unavailable("the log writer stopped".into());
+        let done = |d: &Durable| d.lsn >= lsn || d.error.is_some();
+        let mut written = self.written.clone();
+        let d = if done(&written.borrow()) {
+            written.borrow().clone()
+        } else {
+            // The writer is a thread: simulated time waits for it (form_runtime::clock).
+            let _hold = form_runtime::clock::hold();
+            written.wait_for(done).await.map_err(stopped)?.clone()
+        };
+        if let Some(e) = d.error.filter(|_| d.lsn < lsn) {
+            return Err(StateError::Unavailable(format!(
                 "the write-ahead log cannot write ({e}); this change is not acknowledged: \
                  it may still be kept once the log writes again, so retry it"
-            ))),
-            _ => Ok(()),
+            )));
         }
+        // A simulated slow disk keeps it later, on simulated time (unheld).
+        let mut acked = self.acked.clone();
+        acked.wait_for(|d| d.lsn >= lsn).await.map_err(stopped)?;
+        Ok(())
     }
 
     /// Why the writer fails, while it does.
     pub fn failing(&self) -> Option<String> {
-        self.durable.borrow().error.clone()
+        self.written.borrow().error.clone()
     }
 
     /// A receiver of durability updates.
     pub fn durable(&self) -> watch::Receiver<Durable> {
         self.durable.clone()
     }
+
+    /// A receiver of what the writer thread wrote (closed once the thread ended).
+    pub fn written(&self) -> watch::Receiver<Durable> {
+        self.written.clone()
+    }
 }
 
 /// Starts the writer thread appending to `segment` of `dir`; `first_lsn` is durable.
-pub fn spawn(dir: PathBuf, segment: u64, first_lsn: u64) -> Result<WalHandle, StateError> {
+/// With a `latency` (a simulated slow disk, inside a runtime), a sync is durable only
+/// that much later, each after the one before.
+pub fn spawn(
+    dir: PathBuf,
+    segment: u64,
+    first_lsn: u64,
+    latency: Option<SyncLatency>,
+) -> Result<WalHandle, StateError> {
     let path = segment_path(&dir, segment);
     let file = open_segment(&path)?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let (tx, rx) = mpsc::channel();
-    let (dtx, drx) = watch::channel(Durable {
+    let (dtx, written) = watch::channel(Durable {
         lsn: first_lsn,
         error: None,
+        end: (segment, len),
     });
     std::thread::Builder::new()
         .name("form-state-wal".into())
         .spawn(move || run(dir, segment, file, rx, dtx))
         .map_err(StateError::io("form-state-wal thread"))?;
-    Ok(WalHandle { tx, durable: drx })
+    let (slow, durable) = match latency.clone() {
+        None => (None, written.clone()),
+        Some(l) => {
+            let (slow, durable) = SlowDisk::start(l, written.clone(), (segment, len));
+            (Some(std::sync::Arc::new(slow)), durable)
+        }
+    };
+    let acked = match latency {
+        Some(l) if l.ack_before_sync => written.clone(),
+        _ => durable.clone(),
+    };
+    Ok(WalHandle {
+        tx,
+        written,
+        durable,
+        acked,
+        slow,
+    })
 }
 
 fn open_segment(path: &Path) -> Result<std::fs::File, StateError> {
@@ -170,6 +226,7 @@ fn run(
                             tracing::info!("write-ahead log writes again; writes are acknowledged");
                         }
                         d.lsn = d.lsn.max(lsn);
+                        d.end = (segment, good_len);
                     });
                     break;
                 }
@@ -256,4 +313,37 @@ fn write_snapshot(dir: &Path, segment: u64, state: &State) -> Result<(), StateEr
     f.sync_all().map_err(StateError::io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(StateError::io(&path))?;
     sync_dir(dir).map_err(StateError::io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_slow_disk_acknowledges_a_write_after_its_sync_and_says_where_the_log_ends() {
+        let dir = form_testkit::TestDir::new("slow-disk");
+        std::fs::create_dir_all(dir.path().join("wal")).expect("wal dir");
+        let latency = SyncLatency {
+            draw: Arc::new(|| Duration::from_millis(50)),
+            ack_before_sync: false,
+        };
+        let wal = spawn(dir.path().to_owned(), 1, 0, Some(latency)).expect("writer");
+        let started = std::time::Instant::now();
+        wal.append(1, Record::Delta(vec![7; 100])).expect("append");
+        wal.wait_durable(1).await.expect("durable");
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "acknowledged after {:?}, before the disk's sync",
+            started.elapsed()
+        );
+        let d = wal.durable().borrow().clone();
+        let len = std::fs::metadata(segment_path(dir.path(), 1))
+            .expect("segment")
+            .len();
+        assert!(len > 100, "the record is in the segment");
+        assert_eq!((d.lsn, d.end), (1, (1, len)), "{d:?}");
+    }
 }
