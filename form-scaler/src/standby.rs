@@ -326,9 +326,16 @@ async fn keep(
     // The standby's nodes, and those of the members: an operation's snapshot is
     // taken on a member's node and pulled to its clones' nodes, so what a crash left
     // behind is on one of these (a node that holds neither is not listed).
+    // A lost member node is left out: the call would only wait for it.
     let mut nodes: Vec<&String> = taken.node_ids.iter().collect();
     for m in c.members.values() {
-        if !nodes.contains(&&m.node_id) && !m.node_id.is_empty() {
+        if !nodes.contains(&&m.node_id)
+            && !m.node_id.is_empty()
+            && e.platform
+                .lost(&m.node_id, e.limits.node_timeout)
+                .await
+                .is_none()
+        {
             nodes.push(&m.node_id);
         }
     }

@@ -194,7 +194,8 @@ impl Store {
         self.wal.wait_durable(lsn).await
     }
 
-    /// What the log writer has made durable, and whether it is failing.
+    /// What the log writer has made durable, and whether it is failing (on a simulated
+    /// slow disk: what the disk kept, without the writer's errors).
     pub fn wal_status(&self) -> watch::Receiver<crate::storage::writer::Durable> {
         self.wal.durable()
     }

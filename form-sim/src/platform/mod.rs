@@ -320,8 +320,9 @@ impl InProcess {
         }
     }
 
-    /// Starts form-state replica `i` again from its files (what it made durable).
-    pub fn restart_replica(&mut self, i: usize) -> anyhow::Result<()> {
+    /// Starts form-state replica `i` again from its files (what it made durable);
+    /// returns its version vector's own entry as recovered, before any new write.
+    pub fn restart_replica(&mut self, i: usize) -> anyhow::Result<u64> {
         self.stores.restart(&self.net, &mut self.tasks, i)
     }
 

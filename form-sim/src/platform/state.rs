@@ -34,6 +34,8 @@ pub(super) struct Replicas {
     running: Vec<Option<Running>>,
     /// Their machines' disks and clocks.
     machines: Machines,
+    /// Per replica, how many times it was started (each start's disk draws anew).
+    starts: Vec<u64>,
 }
 
 /// What the replicas' machines are like: each one's clock offset, and the most a
@@ -95,6 +97,7 @@ impl Replicas {
             authorized_keys,
             running: (0..count).map(|_| None).collect(),
             machines,
+            starts: vec![0; count],
         };
         for i in 0..count {
             r.run(net, tasks, i)?;
@@ -108,7 +111,8 @@ impl Replicas {
         net: &Net,
         tasks: &mut tokio::task::JoinSet<()>,
         i: usize,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
+        self.starts[i] += 1;
         let n = i + 1;
         let name = &self.names[i];
         let (stop, stopped) = shutdown::channel();
@@ -117,11 +121,17 @@ impl Replicas {
             data_dir: self.dir.join(format!("state-{n}")),
             node_key: key_path(&self.dir, n),
             authorized_keys: Some(self.authorized_keys.clone()),
-            snapshot_every: 10_000,
+            // Often enough that runs rotate the log and crashes meet snapshots.
+            snapshot_every: 500,
             limits: Default::default(),
             clock: self.machines.skews.get(i).copied().unwrap_or_default(),
-            sync_latency: self.sync_latency(i),
+            sync_latency: Some(self.sync_latency(i)),
         })?;
+        // What it recovered of its own writes, before anything new reaches it.
+        let recovered = {
+            let r = store.lock();
+            r.version().get(r.actor()).copied().unwrap_or(0)
+        };
         let peers = Arc::new(gossip::Peers::default());
         let router = Server::builder()
             .add_service(StateServiceServer::new(StateApi::new(
@@ -164,18 +174,19 @@ impl Replicas {
         tasks.spawn(gossip::driver::run_links(
             store, peers, config, links, urgent, stopped,
         ));
-        Ok(())
+        Ok(recovered)
     }
 
     /// Replica `i`'s disk: none, or syncs that take up to `sync_most` more, drawn from
     /// the replica's own stream.
-    fn sync_latency(&self, i: usize) -> Option<form_state::storage::slow_disk::SyncLatency> {
+    fn sync_latency(&self, i: usize) -> form_state::storage::slow_disk::SyncLatency {
+        // Also without latency: the disk then keeps each record at the instant it is
+        // queued (once the writer's thread wrote it), so what a crash finds synced is
+        // a matter of simulated time, not of how far the thread got.
         let most = self.machines.sync_most.as_millis() as u64;
-        if most == 0 {
-            return None;
-        }
-        let rng = std::sync::Mutex::new(Rng::new(self.machines.seed ^ (i as u64 + 1)));
-        Some(form_state::storage::slow_disk::SyncLatency {
+        let stream = self.machines.seed ^ (i as u64 + 1) ^ (self.starts[i] << 32);
+        let rng = std::sync::Mutex::new(Rng::new(stream));
+        form_state::storage::slow_disk::SyncLatency {
             draw: Arc::new(move || {
                 let mut rng = rng
                     .lock()
@@ -183,7 +194,7 @@ impl Replicas {
                 Duration::from_millis(rng.range(0, most))
             }),
             ack_before_sync: self.machines.ack_before_sync,
-        })
+        }
     }
 
     /// Whether replica `i` has applied a change its disk has not kept yet.
@@ -234,16 +245,17 @@ impl Replicas {
         }
     }
 
-    /// Starts replica `i` again from its files and lets connections reach it.
+    /// Starts replica `i` again from its files and lets connections reach it; returns
+    /// its version vector's own entry as recovered (before any new write).
     pub(super) fn restart(
         &mut self,
         net: &Net,
         tasks: &mut tokio::task::JoinSet<()>,
         i: usize,
-    ) -> anyhow::Result<()> {
-        self.run(net, tasks, i)?;
+    ) -> anyhow::Result<u64> {
+        let recovered = self.run(net, tasks, i)?;
         net.heal(&self.names[i]);
-        Ok(())
+        Ok(recovered)
     }
 
     /// Stops every replica.

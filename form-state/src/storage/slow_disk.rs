@@ -36,7 +36,9 @@ impl std::fmt::Debug for SyncLatency {
     }
 }
 
-/// When each queued record is durable, and where the log then ends.
+/// When each queued record is durable, and where the log then ends. Its watch carries
+/// no error: whether the writer fails is read from the writer's own
+/// (`WalHandle::failing`).
 #[derive(Debug)]
 pub struct SlowDisk {
     latency: SyncLatency,

@@ -96,8 +96,9 @@ impl WalHandle {
         let stopped = |_| StateError::Unavailable("the log writer stopped".into());
         let done = |d: &Durable| d.lsn >= lsn || d.error.is_some();
         let mut written = self.written.clone();
-        let d = if done(&written.borrow()) {
-            written.borrow().clone()
+        let now = written.borrow().clone();
+        let d = if done(&now) {
+            now
         } else {
             // The writer is a thread: simulated time waits for it (form_runtime::clock).
             let _hold = form_runtime::clock::hold();
