@@ -117,15 +117,8 @@ fn qemu_pss_mib(root: &Path, id: &str) -> Option<f64> {
             continue;
         }
         let rollup = std::fs::read_to_string(e.path().join("smaps_rollup")).ok()?;
-        let kib: f64 = rollup
-            .lines()
-            .find_map(|l| l.strip_prefix("Pss:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        return Some(kib / 1024.0);
+        let kib = form_vmm_service::procfs::kib(&rollup, "Pss")?;
+        return Some(kib as f64 / 1024.0);
     }
     None
 }

@@ -12,7 +12,7 @@ pub mod hypervisor;
 pub mod node;
 pub mod orphans;
 pub mod process;
-mod procfs;
+pub mod procfs;
 pub mod qemu;
 pub mod ramfile;
 pub mod service;

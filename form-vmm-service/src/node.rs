@@ -128,14 +128,7 @@ pub const VCPUS_PER_CPU: u32 = 8;
 /// This host's memory (`MemTotal` of /proc/meminfo), MiB.
 fn host_memory_mib() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let kib = crate::procfs::kib(&text, "MemTotal")?;
     Some(kib / 1024)
 }
 

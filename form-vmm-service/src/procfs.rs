@@ -1,4 +1,4 @@
-//! CPU time and resident memory of a process, from `/proc`.
+//! CPU time and resident memory of a process, and fields of other `/proc` texts.
 
 /// Clock ticks per second of `/proc/<pid>/stat` times.
 pub(crate) fn ticks_per_second() -> f64 {
@@ -56,9 +56,18 @@ impl CpuSampler {
 /// Resident memory of `pid` in bytes.
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    Some(kib(&status, "VmRSS")? * 1024)
+}
+
+/// The value in KiB of `field` in a /proc text of `Field:   123 kB` lines
+/// (`status`, `meminfo`, `smaps_rollup`).
+pub fn kib(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -76,5 +85,14 @@ mod tests {
         assert!(cpu_ticks(pid).is_some());
         assert!(rss_bytes(pid).is_some_and(|b| b > 0));
         assert!(ticks_per_second() > 0.0);
+    }
+
+    #[test]
+    fn kib_fields_are_matched_whole() {
+        let rollup = "Rss:  2048 kB\nPss_Anon:  7 kB\nPss:  1536 kB\n";
+        assert_eq!(kib(rollup, "Pss"), Some(1536));
+        assert_eq!(kib(rollup, "Pss_Anon"), Some(7));
+        assert_eq!(kib(rollup, "Swap"), None);
+        assert_eq!(kib("MemTotal:  oops kB", "MemTotal"), None);
     }
 }
