@@ -105,6 +105,23 @@ fn logs() {
         .try_init();
 }
 
+/// [`run::seeded`] of `ops` operations on `setup`, in a directory of its own (named
+/// `sim-platform-{test}{seed}`).
+async fn seeded_in(test: &str, seed: u64, ops: usize, setup: Setup) -> Result<run::Report, String> {
+    let dir = TestDir::new(&format!("sim-platform-{test}{seed}"));
+    run::seeded(dir.path(), seed, ops, setup).await
+}
+
+/// Adds a passed run's outcomes to `all`; a failed run fails the test with its report.
+fn tally(
+    all: &mut std::collections::BTreeMap<&'static str, usize>,
+    report: Result<run::Report, String>,
+) {
+    for (k, n) in report.unwrap_or_else(|e| panic!("{e}")).outcomes {
+        *all.entry(k).or_insert(0) += n;
+    }
+}
+
 /// [`run::seeded`] on 2 nodes, 3 replicas and 2 balancers, with `faults` in the
 /// controller's steps.
 async fn faults_under_operations(
@@ -112,7 +129,6 @@ async fn faults_under_operations(
     ops: usize,
     faults: &[&str],
 ) -> Result<run::Report, String> {
-    let dir = TestDir::new(&format!("sim-platform-{seed}"));
     let faults = form_scaler::faults::Faults::parse(
         &faults.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>(),
     )
@@ -124,7 +140,7 @@ async fn faults_under_operations(
         faults,
         ..Default::default()
     };
-    run::seeded(dir.path(), seed, ops, setup).await
+    seeded_in("", seed, ops, setup).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -132,10 +148,7 @@ async fn seeded_cuts_and_crashes_under_operations_leak_nothing() {
     logs();
     let mut all = std::collections::BTreeMap::new();
     for seed in seeds() {
-        let report = faults_under_operations(seed, 12, &[]).await;
-        for (k, n) in report.unwrap_or_else(|e| panic!("{e}")).outcomes {
-            *all.entry(k).or_insert(0) += n;
-        }
+        tally(&mut all, faults_under_operations(seed, 12, &[]).await);
     }
     eprintln!("outcomes: {all:?}");
     assert!(all.get("completed").is_some_and(|n| *n > 0), "{all:?}");
@@ -191,7 +204,6 @@ async fn a_disk_that_acknowledges_before_it_syncs_is_caught() {
     // first catch ends it).
     let mut caught = None;
     for seed in 9..=20 {
-        let dir = TestDir::new(&format!("sim-platform-acks-{seed}"));
         let setup = Setup {
             nodes: 2,
             replicas: 3,
@@ -199,7 +211,7 @@ async fn a_disk_that_acknowledges_before_it_syncs_is_caught() {
             ack_before_sync: true,
             ..Default::default()
         };
-        if let Err(e) = run::seeded(dir.path(), seed, 12, setup).await {
+        if let Err(e) = seeded_in("acks-", seed, 12, setup).await {
             caught = Some(e);
             break;
         }
@@ -224,7 +236,6 @@ async fn seeded_runs_with_two_controllers_cut_from_form_state() {
     const REGRESSIONS: [u64; 2] = [7, 17];
     let mut all = std::collections::BTreeMap::new();
     for seed in with_regressions(&REGRESSIONS) {
-        let dir = TestDir::new(&format!("sim-platform-owners-{seed}"));
         let setup = Setup {
             nodes: 2,
             replicas: 3,
@@ -233,10 +244,7 @@ async fn seeded_runs_with_two_controllers_cut_from_form_state() {
             controller_ttl: Duration::from_secs(1),
             ..Default::default()
         };
-        let report = run::seeded(dir.path(), seed, 12, setup).await;
-        for (k, n) in report.unwrap_or_else(|e| panic!("{e}")).outcomes {
-            *all.entry(k).or_insert(0) += n;
-        }
+        tally(&mut all, seeded_in("owners-", seed, 12, setup).await);
     }
     eprintln!("outcomes: {all:?}");
     assert!(
@@ -258,7 +266,6 @@ async fn seeded_node_crashes_lose_instances_and_the_platform_heals() {
     const REGRESSIONS: [u64; 2] = [8, 15];
     let mut all = std::collections::BTreeMap::new();
     for seed in with_regressions(&REGRESSIONS) {
-        let dir = TestDir::new(&format!("sim-platform-nodes-{seed}"));
         let setup = Setup {
             nodes: 3,
             replicas: 3,
@@ -266,10 +273,7 @@ async fn seeded_node_crashes_lose_instances_and_the_platform_heals() {
             node_crashes: true,
             ..Default::default()
         };
-        let report = run::seeded(dir.path(), seed, 12, setup).await;
-        for (k, n) in report.unwrap_or_else(|e| panic!("{e}")).outcomes {
-            *all.entry(k).or_insert(0) += n;
-        }
+        tally(&mut all, seeded_in("nodes-", seed, 12, setup).await);
     }
     eprintln!("outcomes: {all:?}");
     assert!(
