@@ -98,19 +98,21 @@ pub(crate) struct Stack {
     pub(crate) timelines: Vec<Vec<(String, f64)>>,
 }
 
-/// Follows form-state's Watch of the bench cluster into `recorded`: every time an
-/// operation's current step changes.
-fn watch_steps(
+/// Follows form-state's Watch of `cluster` (empty: every cluster) into `recorded`:
+/// every time an operation's current step changes.
+pub(crate) fn watch_steps(
     mut state: form_proto::state::v1::state_service_client::StateServiceClient<
         tonic::transport::Channel,
     >,
+    cluster: &str,
     recorded: Arc<Mutex<Vec<(String, String, Instant)>>>,
 ) -> tokio::task::AbortHandle {
+    let cluster = cluster.to_owned();
     tokio::spawn(async move {
         let Ok(resp) = state
             .watch(state_pb::WatchRequest {
                 from_sequence: 0,
-                cluster_id: CLUSTER.into(),
+                cluster_id: cluster,
             })
             .await
         else {
@@ -228,7 +230,7 @@ pub(crate) async fn stack_on(
     let mut services = vec![scaler_svc, rplb_svc];
     services.extend(vmm_svcs);
     let recorded = Arc::new(Mutex::new(Vec::new()));
-    let watching = watch_steps(replicas.client(0).await, recorded.clone());
+    let watching = watch_steps(replicas.client(0).await, CLUSTER, recorded.clone());
     Ok(Stack {
         _dir: dir,
         replicas,

@@ -33,6 +33,8 @@ use tokio::task::JoinSet;
 use crate::quantile;
 use form_sim::platform::memory::{self, Memory};
 
+mod steps;
+
 /// One case's figures.
 struct Figures {
     nodes: usize,
@@ -43,6 +45,10 @@ struct Figures {
     ops: Vec<f64>,
     /// Of which: request -> accepted (checked, placed, recorded), ms, sorted.
     accepted: Vec<f64>,
+    /// Each scale-out's steps.
+    timelines: Vec<steps::Timeline>,
+    /// The controller's evaluation rounds during the scale-outs: how many, mean ms.
+    rounds: (u64, f64),
 }
 
 pub(crate) async fn run(
@@ -65,17 +71,22 @@ pub(crate) async fn run(
     // snapshot is pulled from its source's node), apart from the fleet's size.
     let spread = case(bin_dir, nodes, 30, members, 1).await?;
     let fleet = case(bin_dir, nodes, clusters, members, 1).await?;
-    println!(
-        "| case | nodes | clusters | instances | setup s | scale-outs | p50 ms | p99 ms | accepted p50 ms | accepted p99 ms |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (name, f) in [
+    let cases = [
         ("single node", &single),
         ("many nodes, few clusters", &spread),
         ("fleet", &fleet),
-    ] {
+    ];
+    for (name, f) in cases {
+        steps::print(name, &f.timelines);
+    }
+    println!();
+    println!(
+        "| case | nodes | clusters | instances | setup s | scale-outs | p50 ms | p99 ms | accepted p50 ms | accepted p99 ms | evaluation rounds meanwhile | round mean ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, f) in cases {
         println!(
-            "| {name} | {} | {} | {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {name} | {} | {} | {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} |",
             f.nodes,
             f.clusters,
             f.instances,
@@ -84,7 +95,9 @@ pub(crate) async fn run(
             quantile(&f.ops, 0.5),
             quantile(&f.ops, 0.99),
             quantile(&f.accepted, 0.5),
-            quantile(&f.accepted, 0.99)
+            quantile(&f.accepted, 0.99),
+            f.rounds.0,
+            f.rounds.1
         );
     }
     let (r50, r99) = (
@@ -120,6 +133,9 @@ async fn case(
     let dir = TestDir::new("bench-fleet");
     let (stop, stopped) = shutdown::channel();
     let fleet = Fleet::start(&dir, nodes, replicas.addrs[0], stopped).await?;
+    let recorded = steps::Recorded::default();
+    let watching =
+        crate::scaler_scale_out::watch_steps(replicas.client(0).await, "", recorded.clone());
     let scaler = start_scaler(&dir, bin_dir, &replicas, &fleet.addrs[0]).await;
     let r = async {
         let mut client = ScalerServiceClient::new(
@@ -128,14 +144,32 @@ async fn case(
         let t = Instant::now();
         setup(&client, clusters, members, rounds).await?;
         let setup_s = t.elapsed().as_secs_f64();
-        let (mut ops, mut accepted) = (Vec::new(), Vec::new());
+        let metrics = scaler.addr("metrics").unwrap_or_else(|| unreachable!());
+        let rounds_before = evaluation_rounds(metrics).await?;
+        let (mut ops, mut accepted, mut timed) = (Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {
             for c in 0..clusters {
-                let (a, d) =
-                    scale_out(&mut client, c, members + round, &format!("out-{round}")).await?;
+                let tag = format!("out-{round}");
+                let t0 = Instant::now();
+                let (a, d) = scale_out(&mut client, c, members + round, &tag).await?;
                 accepted.push(a);
                 ops.push(d);
+                timed.push((format!("{tag}-c{c}"), t0, d));
             }
+        }
+        let rounds_after = evaluation_rounds(metrics).await?;
+        let n = rounds_after.0 - rounds_before.0;
+        let mean_ms = (rounds_after.1 - rounds_before.1) * 1e3 / n.max(1) as f64;
+        // The end of the last is streamed a moment after the poll read it.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let ended = |r: &steps::Recorded| {
+            let r = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            timed
+                .iter()
+                .all(|(id, _, _)| r.iter().any(|(op, step, _)| op == id && step == "ended"))
+        };
+        while !ended(&recorded) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         ops.sort_by(f64::total_cmp);
         accepted.sort_by(f64::total_cmp);
@@ -146,15 +180,33 @@ async fn case(
             setup_s,
             ops,
             accepted,
+            timelines: steps::timelines(&recorded, &timed),
+            rounds: (n, mean_ms),
         })
     }
     .await;
+    watching.abort();
     let mut scaler = scaler;
     form_testkit::conformance::stop_gracefully(&mut scaler).await;
     stop.trigger(ShutdownKind::Fast);
     fleet.join().await;
     replicas.stop().await;
     r
+}
+
+/// The controller's evaluation rounds so far: how many, and their total seconds
+/// (`form_scaler_evaluation_round_seconds` on its metrics endpoint).
+async fn evaluation_rounds(metrics: std::net::SocketAddr) -> anyhow::Result<(u64, f64)> {
+    let (_, body) = probe::http_get(metrics, "/metrics").await?;
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("form_scaler_evaluation_round_seconds_count") as u64,
+        value("form_scaler_evaluation_round_seconds_sum"),
+    ))
 }
 
 async fn start_scaler(
@@ -342,21 +394,33 @@ impl Fleet {
         )
         .map_err(anyhow::Error::msg)?;
         let client = StateServiceClient::new(channel);
-        // Every node's record, at once and then every second (what the nodes'
-        // heartbeat loop does, without the member heartbeats).
+        // Every node's record at once, then every second on the node's own phase:
+        // nodes start at different moments, so their heartbeats spread over the
+        // second rather than arriving together (what the nodes' heartbeat loop does,
+        // without the member heartbeats).
         beat(&client, &records).await?;
-        let mut stop = stopped;
-        fleet.tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.requested() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        let n = records.len() as u32;
+        for (i, (record, hv)) in records.into_iter().enumerate() {
+            let (mut stop, mut client) = (stopped.clone(), client.clone());
+            let phase = Duration::from_secs(1) * i as u32 / n;
+            fleet.tasks.spawn(async move {
+                let mut tick = tokio::time::interval_at(
+                    tokio::time::Instant::now() + phase,
+                    Duration::from_secs(1),
+                );
+                loop {
+                    tokio::select! {
+                        _ = stop.requested() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let req =
+                        record.heartbeat(&hv.list().await, form_scaler::ops::record::now_ms());
+                    if let Err(e) = client.node_heartbeat(req).await {
+                        eprintln!("simulated node heartbeat: {e}");
+                    }
                 }
-                if let Err(e) = beat(&client, &records).await {
-                    eprintln!("simulated node heartbeat: {e}");
-                }
-            }
-        });
+            });
+        }
         Ok(fleet)
     }
 
