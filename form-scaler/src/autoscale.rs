@@ -20,6 +20,9 @@ use crate::observe::{Load, Round};
 use crate::ops::plan::{self, Request};
 use crate::ops::record::now_ms;
 
+/// Clusters a round evaluates between two yields to the runtime.
+const YIELD_EVERY: usize = 32;
+
 /// A heartbeat older than this many intervals makes the CPU figure stale.
 const STALE_HEARTBEATS: u64 = 5;
 
@@ -134,20 +137,35 @@ async fn balancer(shared: &Shared) -> Balancer {
 }
 
 async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::Status> {
-    let clusters = shared.clusters.list(&shared.engine.platform.state).await?;
+    let platform = &shared.engine.platform;
+    let clusters = shared.clusters.list(&platform.state).await?;
+    let records = platform
+        .fleet
+        .records(&platform.state, false)
+        .await
+        .unwrap_or_default();
+    let nodes = health::nodes(&records);
     let lb = balancer(shared).await;
     let now = now_ms();
     let stale_ms = settings.heartbeat.as_millis() as u64 * STALE_HEARTBEATS;
     {
-        let alive: HashSet<&String> = clusters.values().flat_map(|c| c.members.keys()).collect();
-        lock(&shared.observer).retain(|id| alive.contains(&id.to_owned()));
-        lock(&shared.unheard).retain(|id, _| alive.contains(id));
+        let alive: HashSet<&str> = clusters
+            .values()
+            .flat_map(|c| c.members.keys().map(String::as_str))
+            .collect();
+        lock(&shared.observer).retain(|id| alive.contains(id));
+        lock(&shared.unheard).retain(|id, _| alive.contains(id.as_str()));
         shared
             .engine
             .taking_standby
             .retain(|c| clusters.contains_key(c));
     }
-    for c in clusters.values() {
+    for (i, c) in clusters.values().enumerate() {
+        // A round over a fleet's clusters takes milliseconds of CPU: it lets the
+        // operations' steps (woken on this worker) run between clusters.
+        if i % YIELD_EVERY == YIELD_EVERY - 1 {
+            tokio::task::yield_now().await;
+        }
         if c.template_instance_id.is_empty()
             || shared.running(&c.cluster_id).is_some()
             || !shared.peers.owns(&c.cluster_id)
@@ -155,7 +173,7 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
             continue;
         }
         shared.forget_if_recreated(c);
-        if health::round(shared, c, &lb.ejected, now, settings).await {
+        if health::round(shared, c, &nodes, &lb.ejected, now, settings).await {
             continue;
         }
         crate::standby::spawn_if_due(shared, c, now);

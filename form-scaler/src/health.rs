@@ -69,17 +69,20 @@ pub fn judge(
     } else {
         now_ms.saturating_sub(last) / heartbeat_ms.max(1)
     };
-    let late = if m.last_heartbeat_ms == 0 {
-        format!("no heartbeat ever, {missed} intervals since it was first judged")
-    } else {
-        format!("no heartbeat for {missed} intervals")
+    // Said only of a member that is not healthy: a round judges every member.
+    let late = || {
+        if m.last_heartbeat_ms == 0 {
+            format!("no heartbeat ever, {missed} intervals since it was first judged")
+        } else {
+            format!("no heartbeat for {missed} intervals")
+        }
     };
     match (missed, ejected) {
         (n, true) if n >= DEGRADED_AFTER => {
-            Health::Unhealthy(format!("{late}, ejected by the balancer"))
+            Health::Unhealthy(format!("{}, ejected by the balancer", late()))
         }
-        (n, _) if n >= UNHEALTHY_AFTER => Health::Unhealthy(late),
-        (n, _) if n >= DEGRADED_AFTER => Health::Degraded(late),
+        (n, _) if n >= UNHEALTHY_AFTER => Health::Unhealthy(late()),
+        (n, _) if n >= DEGRADED_AFTER => Health::Degraded(late()),
         (_, true) => Health::Degraded("ejected by the balancer".into()),
         _ => Health::Healthy,
     }

@@ -7,7 +7,7 @@
 //! max(1, 10%) of its members in flight; when every member looks unhealthy, one is
 //! replaced and the situation reported, never all.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use form_proto::state::v1 as state_pb;
@@ -18,23 +18,28 @@ use crate::controller::Shared;
 use crate::health::{self, Health};
 use crate::ops::plan::Request;
 
+/// The node records by node id, read once per evaluation round: a cluster's members
+/// find their node by id, not by walking every record (at 100 nodes and 11,000
+/// members, the walk was most of a round).
+pub type Nodes<'a> = HashMap<&'a str, &'a state_pb::NodeInfo>;
+
+/// Indexes `records` by node id.
+pub fn nodes(records: &[state_pb::NodeInfo]) -> Nodes<'_> {
+    records.iter().map(|n| (n.node_id.as_str(), n)).collect()
+}
+
 /// Judges `c`'s members, records changes, and starts a replacement when one is due.
 /// True when an operation was started (the round's decision waits for the next).
 pub async fn round(
     shared: &Arc<Shared>,
     c: &state_pb::Cluster,
+    nodes: &Nodes<'_>,
     ejected: &HashSet<String>,
     now: u64,
     settings: &Settings,
 ) -> bool {
     let heartbeat = settings.heartbeat.as_millis() as u64;
-    let platform = &shared.engine.platform;
     let lost_after = shared.engine.limits.node_timeout.as_millis() as u64;
-    let nodes = platform
-        .fleet
-        .records(&platform.state, false)
-        .await
-        .unwrap_or_default();
     let mut ids: Vec<&String> = c.members.keys().collect();
     ids.sort();
     let mut due = Vec::new();
@@ -46,7 +51,7 @@ pub async fn round(
             continue;
         }
         judged += 1;
-        let its_node = nodes.iter().find(|n| n.node_id == m.node_id);
+        let its_node = nodes.get(m.node_id.as_str()).copied();
         let node = health::node(its_node, now, heartbeat, lost_after);
         // A member never heard from is judged from when this controller first saw
         // it so (a restart of the controller starts that again), when its node has a
@@ -55,7 +60,11 @@ pub async fn round(
         let unheard = {
             let mut u = crate::controller::lock(&shared.unheard);
             if m.last_heartbeat_ms == 0 && its_node.is_some() {
-                Some(*u.entry(id.clone()).or_insert(now))
+                // Looked up before inserting: no copy of the id at every round.
+                Some(match u.get(id) {
+                    Some(since) => *since,
+                    None => *u.entry(id.clone()).or_insert(now),
+                })
             } else {
                 u.remove(id);
                 None
