@@ -139,12 +139,13 @@ async fn balancer(shared: &Shared) -> Balancer {
 async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::Status> {
     let platform = &shared.engine.platform;
     let clusters = shared.clusters.list(&platform.state).await?;
-    let records = platform
-        .fleet
-        .records(&platform.state, false)
-        .await
-        .unwrap_or_default();
-    let nodes = health::nodes(&records);
+    // Without the node records no member is judged this round: its node's state is
+    // unknown, and a member never heard from would have its clock reset.
+    let records = platform.fleet.records(&platform.state, false).await;
+    if let Err(e) = &records {
+        tracing::debug!(error = %e.message, "no health judgement this round");
+    }
+    let nodes = records.as_deref().ok().map(|r| health::nodes(r));
     let lb = balancer(shared).await;
     let now = now_ms();
     let stale_ms = settings.heartbeat.as_millis() as u64 * STALE_HEARTBEATS;
@@ -173,7 +174,9 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
             continue;
         }
         shared.forget_if_recreated(c);
-        if health::round(shared, c, &nodes, &lb.ejected, now, settings).await {
+        if let Some(nodes) = &nodes
+            && health::round(shared, c, nodes, &lb.ejected, now, settings).await
+        {
             continue;
         }
         crate::standby::spawn_if_due(shared, c, now);

@@ -76,7 +76,7 @@ pub async fn round(
                 m,
                 now,
                 heartbeat,
-                ejected.contains(&format!("{}/{id}", c.cluster_id)),
+                !ejected.is_empty() && ejected.contains(&format!("{}/{id}", c.cluster_id)),
                 unheard,
             ),
         };

@@ -149,16 +149,16 @@ async fn case(
         let (mut ops, mut accepted, mut timed) = (Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {
             for c in 0..clusters {
-                let tag = format!("out-{round}");
                 let t0 = Instant::now();
-                let (a, d) = scale_out(&mut client, c, members + round, &tag).await?;
+                let tag = format!("out-{round}");
+                let (id, a, d) = scale_out(&mut client, c, members + round, &tag).await?;
                 accepted.push(a);
                 ops.push(d);
-                timed.push((format!("{tag}-c{c}"), t0, d));
+                timed.push((id, t0, d));
             }
         }
         let rounds_after = evaluation_rounds(metrics).await?;
-        let n = rounds_after.0 - rounds_before.0;
+        let n = rounds_after.0.saturating_sub(rounds_before.0);
         let mean_ms = (rounds_after.1 - rounds_before.1) * 1e3 / n.max(1) as f64;
         // The end of the last is streamed a moment after the poll read it.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -197,10 +197,12 @@ async fn case(
 /// The controller's evaluation rounds so far: how many, and their total seconds
 /// (`form_scaler_evaluation_round_seconds` on its metrics endpoint).
 async fn evaluation_rounds(metrics: std::net::SocketAddr) -> anyhow::Result<(u64, f64)> {
-    let (_, body) = probe::http_get(metrics, "/metrics").await?;
+    let (status, body) = probe::http_get(metrics, "/metrics").await?;
+    anyhow::ensure!(status == 200, "the controller's /metrics answered {status}");
     let value = |name: &str| {
         body.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            // Before the first round the histogram is not written yet.
             .unwrap_or(0.0)
     };
     Ok((
@@ -318,22 +320,23 @@ fn scale_request(cluster: &str, to: u32, tag: &str) -> scaler_pb::ScaleRequest {
     }
 }
 
-/// Scales cluster `c` out to `to`; ms from the request until it was accepted, and
-/// until the operation completed.
+/// Scales cluster `c` out to `to`; the operation's id, and ms from the request until
+/// it was accepted and until the operation completed.
 async fn scale_out(
     client: &mut ScalerServiceClient<tonic::transport::Channel>,
     c: usize,
     to: u32,
     tag: &str,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(String, f64, f64)> {
     let t = Instant::now();
     let reply = client
         .scale(scale_request(&format!("c{c}"), to, tag))
         .await?
         .into_inner();
     let accepted = t.elapsed().as_secs_f64() * 1e3;
-    wait_done(client, &operation_id(reply)?).await?;
-    Ok((accepted, t.elapsed().as_secs_f64() * 1e3))
+    let id = operation_id(reply)?;
+    wait_done(client, &id).await?;
+    Ok((id, accepted, t.elapsed().as_secs_f64() * 1e3))
 }
 
 async fn wait_done(
@@ -402,12 +405,15 @@ impl Fleet {
         let n = records.len() as u32;
         for (i, (record, hv)) in records.into_iter().enumerate() {
             let (mut stop, mut client) = (stopped.clone(), client.clone());
-            let phase = Duration::from_secs(1) * i as u32 / n;
+            // The first beats went out above: each node's next comes within a second.
+            let phase = Duration::from_secs(1) * (i as u32 + 1) / n;
             fleet.tasks.spawn(async move {
                 let mut tick = tokio::time::interval_at(
                     tokio::time::Instant::now() + phase,
                     Duration::from_secs(1),
                 );
+                // A late beat is not made up for, as a node's loop does not.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
                         _ = stop.requested() => return,
