@@ -20,7 +20,7 @@ use crate::ops::plan::Request;
 
 /// The node records by node id, read once per evaluation round: a cluster's members
 /// find their node by id, not by walking every record (at 100 nodes and 11,000
-/// members, the walk was most of a round).
+/// members, the walk was a large part of a round's own time in a profile).
 pub type Nodes<'a> = HashMap<&'a str, &'a state_pb::NodeInfo>;
 
 /// Indexes `records` by node id.
