@@ -47,8 +47,20 @@ struct Figures {
     accepted: Vec<f64>,
     /// Each scale-out's steps.
     timelines: Vec<steps::Timeline>,
-    /// The controller's evaluation rounds during the scale-outs: how many, mean ms.
-    rounds: (u64, f64),
+    /// What ran meanwhile.
+    during: During,
+}
+
+/// What ran during a case's timed scale-outs.
+struct During {
+    /// The controller's evaluation rounds, and their mean ms.
+    rounds: u64,
+    round_ms: f64,
+    /// form-state's log syncs, and their mean ms.
+    syncs: u64,
+    sync_ms: f64,
+    /// Snapshots form-state's log writer wrote (each holds the writes behind it).
+    snapshots: u64,
 }
 
 pub(crate) async fn run(
@@ -81,12 +93,12 @@ pub(crate) async fn run(
     }
     println!();
     println!(
-        "| case | nodes | clusters | instances | setup s | scale-outs | p50 ms | p99 ms | accepted p50 ms | accepted p99 ms | evaluation rounds meanwhile | round mean ms |"
+        "| case | nodes | clusters | instances | setup s | scale-outs | p50 ms | p99 ms | accepted p50 ms | accepted p99 ms | evaluation rounds meanwhile | round mean ms | form-state syncs | sync mean ms | snapshots |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (name, f) in cases {
         println!(
-            "| {name} | {} | {} | {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} |",
+            "| {name} | {} | {} | {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {} | {:.2} | {} |",
             f.nodes,
             f.clusters,
             f.instances,
@@ -96,8 +108,11 @@ pub(crate) async fn run(
             quantile(&f.ops, 0.99),
             quantile(&f.accepted, 0.5),
             quantile(&f.accepted, 0.99),
-            f.rounds.0,
-            f.rounds.1
+            f.during.rounds,
+            f.during.round_ms,
+            f.during.syncs,
+            f.during.sync_ms,
+            f.during.snapshots
         );
     }
     let (r50, r99) = (
@@ -145,7 +160,8 @@ async fn case(
         setup(&client, clusters, members, rounds).await?;
         let setup_s = t.elapsed().as_secs_f64();
         let metrics = scaler.addr("metrics").unwrap_or_else(|| unreachable!());
-        let rounds_before = evaluation_rounds(metrics).await?;
+        let state_metrics = replicas.metrics_addr(0);
+        let before = counts(metrics, state_metrics).await?;
         let (mut ops, mut accepted, mut timed) = (Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {
             for c in 0..clusters {
@@ -157,9 +173,20 @@ async fn case(
                 timed.push((id, t0, d));
             }
         }
-        let rounds_after = evaluation_rounds(metrics).await?;
-        let n = rounds_after.0.saturating_sub(rounds_before.0);
-        let mean_ms = (rounds_after.1 - rounds_before.1) * 1e3 / n.max(1) as f64;
+        let after = counts(metrics, state_metrics).await?;
+        let d: Vec<f64> = after
+            .iter()
+            .zip(before)
+            .map(|(a, b)| (a - b).max(0.0))
+            .collect();
+        let mean_ms = |n: f64, s: f64| s * 1e3 / n.max(1.0);
+        let during = During {
+            rounds: d[0] as u64,
+            round_ms: mean_ms(d[0], d[1]),
+            syncs: d[2] as u64,
+            sync_ms: mean_ms(d[2], d[3]),
+            snapshots: d[4] as u64,
+        };
         // The end of the last is streamed a moment after the poll read it.
         let deadline = Instant::now() + Duration::from_secs(2);
         let ended = |r: &steps::Recorded| {
@@ -181,7 +208,7 @@ async fn case(
             ops,
             accepted,
             timelines: steps::timelines(&recorded, &timed),
-            rounds: (n, mean_ms),
+            during,
         })
     }
     .await;
@@ -194,21 +221,44 @@ async fn case(
     r
 }
 
-/// The controller's evaluation rounds so far: how many, and their total seconds
-/// (`form_scaler_evaluation_round_seconds` on its metrics endpoint).
-async fn evaluation_rounds(metrics: std::net::SocketAddr) -> anyhow::Result<(u64, f64)> {
-    let (status, body) = probe::http_get(metrics, "/metrics").await?;
-    anyhow::ensure!(status == 200, "the controller's /metrics answered {status}");
-    let value = |name: &str| {
+/// What a service's `/metrics` at `addr` says: the value of each line named as
+/// asked (a histogram's `_count` and `_sum`, a counter), 0 for one not written yet.
+async fn metric_values<const N: usize>(
+    addr: std::net::SocketAddr,
+    names: [&str; N],
+) -> anyhow::Result<[f64; N]> {
+    let (status, body) = probe::http_get(addr, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics on {addr} answered {status}");
+    Ok(names.map(|name| {
         body.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            // Before the first round the histogram is not written yet.
             .unwrap_or(0.0)
-    };
-    Ok((
-        value("form_scaler_evaluation_round_seconds_count") as u64,
-        value("form_scaler_evaluation_round_seconds_sum"),
-    ))
+    }))
+}
+
+/// The controller's evaluation rounds and form-state's log syncs and snapshots so far.
+async fn counts(
+    scaler: std::net::SocketAddr,
+    state: std::net::SocketAddr,
+) -> anyhow::Result<[f64; 5]> {
+    let [rounds, rounds_s] = metric_values(
+        scaler,
+        [
+            "form_scaler_evaluation_round_seconds_count",
+            "form_scaler_evaluation_round_seconds_sum",
+        ],
+    )
+    .await?;
+    let [syncs, syncs_s, snapshots] = metric_values(
+        state,
+        [
+            "form_state_wal_fsync_seconds_count",
+            "form_state_wal_fsync_seconds_sum",
+            "form_state_snapshots_total",
+        ],
+    )
+    .await?;
+    Ok([rounds, rounds_s, syncs, syncs_s, snapshots])
 }
 
 async fn start_scaler(

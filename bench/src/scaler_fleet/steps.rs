@@ -88,4 +88,15 @@ pub(super) fn print(case: &str, timelines: &[Timeline]) {
         "| (request -> completed) | {:.1} | {slow_total:.1} |",
         quantile(&totals, 0.5)
     );
+    // One stall per operation (in a different step each time) and a general
+    // slowdown give the same means: the slowest, each on its own.
+    println!("{case}: the slowest scale-outs, ms per step:");
+    for t in sorted.iter().take(5) {
+        let steps: Vec<String> = t
+            .steps
+            .iter()
+            .map(|(step, ms)| format!("{step} {ms:.1}"))
+            .collect();
+        println!("- {:.1} ms: {}", t.total_ms, steps.join(", "));
+    }
 }
