@@ -289,6 +289,12 @@ pub async fn metric_sum(metrics: SocketAddr, metric: &str) -> f64 {
     let Ok((_, body)) = probe::http_get(metrics, "/metrics").await else {
         return 0.0;
     };
+    sum_in(&body, metric)
+}
+
+/// The sum of the samples of `metric` (any labels) in Prometheus text `body`; 0 when
+/// it has none.
+pub fn sum_in(body: &str, metric: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -51,16 +51,54 @@ struct Figures {
     during: During,
 }
 
-/// What ran during a case's timed scale-outs.
+/// What ran during a case's timed scale-outs (or, read from the services' metrics,
+/// since they started).
+#[derive(Debug, Default)]
 struct During {
-    /// The controller's evaluation rounds, and their mean ms.
-    rounds: u64,
-    round_ms: f64,
-    /// form-state's log syncs, and their mean ms.
-    syncs: u64,
-    sync_ms: f64,
+    /// The controller's evaluation rounds, and their seconds.
+    rounds: f64,
+    rounds_s: f64,
+    /// form-state's log syncs, and their seconds.
+    syncs: f64,
+    syncs_s: f64,
     /// Snapshots form-state's log writer wrote (each holds the writes behind it).
-    snapshots: u64,
+    snapshots: f64,
+}
+
+impl During {
+    /// The totals so far, from the controller's and form-state's `/metrics`.
+    async fn read(
+        scaler: std::net::SocketAddr,
+        state: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let scaler = metrics_page(scaler).await?;
+        let state = metrics_page(state).await?;
+        let sum = form_testkit::replicas::sum_in;
+        Ok(Self {
+            rounds: sum(&scaler, "form_scaler_evaluation_round_seconds_count"),
+            rounds_s: sum(&scaler, "form_scaler_evaluation_round_seconds_sum"),
+            syncs: sum(&state, "form_state_wal_fsync_seconds_count"),
+            syncs_s: sum(&state, "form_state_wal_fsync_seconds_sum"),
+            snapshots: sum(&state, "form_state_snapshots_total"),
+        })
+    }
+
+    /// What came between `before` and these totals.
+    fn since(self, before: &Self) -> Self {
+        let d = |a: f64, b: f64| (a - b).max(0.0);
+        Self {
+            rounds: d(self.rounds, before.rounds),
+            rounds_s: d(self.rounds_s, before.rounds_s),
+            syncs: d(self.syncs, before.syncs),
+            syncs_s: d(self.syncs_s, before.syncs_s),
+            snapshots: d(self.snapshots, before.snapshots),
+        }
+    }
+}
+
+/// Mean ms of `n` events that took `s` seconds in all.
+fn mean_ms(n: f64, s: f64) -> f64 {
+    s * 1e3 / n.max(1.0)
 }
 
 pub(crate) async fn run(
@@ -109,9 +147,9 @@ pub(crate) async fn run(
             quantile(&f.accepted, 0.5),
             quantile(&f.accepted, 0.99),
             f.during.rounds,
-            f.during.round_ms,
+            mean_ms(f.during.rounds, f.during.rounds_s),
             f.during.syncs,
-            f.during.sync_ms,
+            mean_ms(f.during.syncs, f.during.syncs_s),
             f.during.snapshots
         );
     }
@@ -161,7 +199,7 @@ async fn case(
         let setup_s = t.elapsed().as_secs_f64();
         let metrics = scaler.addr("metrics").unwrap_or_else(|| unreachable!());
         let state_metrics = replicas.metrics_addr(0);
-        let before = counts(metrics, state_metrics).await?;
+        let before = During::read(metrics, state_metrics).await?;
         let (mut ops, mut accepted, mut timed) = (Vec::new(), Vec::new(), Vec::new());
         for round in 1..=rounds {
             for c in 0..clusters {
@@ -173,29 +211,20 @@ async fn case(
                 timed.push((id, t0, d));
             }
         }
-        let after = counts(metrics, state_metrics).await?;
-        let d: Vec<f64> = after
-            .iter()
-            .zip(before)
-            .map(|(a, b)| (a - b).max(0.0))
-            .collect();
-        let mean_ms = |n: f64, s: f64| s * 1e3 / n.max(1.0);
-        let during = During {
-            rounds: d[0] as u64,
-            round_ms: mean_ms(d[0], d[1]),
-            syncs: d[2] as u64,
-            sync_ms: mean_ms(d[2], d[3]),
-            snapshots: d[4] as u64,
-        };
-        // The end of the last is streamed a moment after the poll read it.
+        let during = During::read(metrics, state_metrics).await?.since(&before);
+        // The end of the last is streamed a moment after the poll read it; the
+        // operations ran one after another and Watch keeps their order, so the others
+        // came before it.
         let deadline = Instant::now() + Duration::from_secs(2);
-        let ended = |r: &steps::Recorded| {
+        let last_ended = |r: &steps::Recorded| {
             let r = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            timed
-                .iter()
-                .all(|(id, _, _)| r.iter().any(|(op, step, _)| op == id && step == "ended"))
+            timed.last().is_none_or(|(id, _, _)| {
+                r.iter()
+                    .rev()
+                    .any(|(op, step, _)| op == id && step == "ended")
+            })
         };
-        while !ended(&recorded) && Instant::now() < deadline {
+        while !last_ended(&recorded) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         ops.sort_by(f64::total_cmp);
@@ -221,44 +250,11 @@ async fn case(
     r
 }
 
-/// What a service's `/metrics` at `addr` says: the value of each line named as
-/// asked (a histogram's `_count` and `_sum`, a counter), 0 for one not written yet.
-async fn metric_values<const N: usize>(
-    addr: std::net::SocketAddr,
-    names: [&str; N],
-) -> anyhow::Result<[f64; N]> {
+/// A service's `/metrics` page.
+async fn metrics_page(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let (status, body) = probe::http_get(addr, "/metrics").await?;
     anyhow::ensure!(status == 200, "/metrics on {addr} answered {status}");
-    Ok(names.map(|name| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    }))
-}
-
-/// The controller's evaluation rounds and form-state's log syncs and snapshots so far.
-async fn counts(
-    scaler: std::net::SocketAddr,
-    state: std::net::SocketAddr,
-) -> anyhow::Result<[f64; 5]> {
-    let [rounds, rounds_s] = metric_values(
-        scaler,
-        [
-            "form_scaler_evaluation_round_seconds_count",
-            "form_scaler_evaluation_round_seconds_sum",
-        ],
-    )
-    .await?;
-    let [syncs, syncs_s, snapshots] = metric_values(
-        state,
-        [
-            "form_state_wal_fsync_seconds_count",
-            "form_state_wal_fsync_seconds_sum",
-            "form_state_snapshots_total",
-        ],
-    )
-    .await?;
-    Ok([rounds, rounds_s, syncs, syncs_s, snapshots])
+    Ok(body)
 }
 
 async fn start_scaler(
@@ -469,9 +465,7 @@ impl Fleet {
                         _ = stop.requested() => return,
                         _ = tick.tick() => {}
                     }
-                    let req =
-                        record.heartbeat(&hv.list().await, form_scaler::ops::record::now_ms());
-                    if let Err(e) = client.node_heartbeat(req).await {
+                    if let Err(e) = client.node_heartbeat(heartbeat(&record, &hv).await).await {
                         eprintln!("simulated node heartbeat: {e}");
                     }
                 }
@@ -499,7 +493,7 @@ async fn beat(
 ) -> anyhow::Result<()> {
     let mut calls = JoinSet::new();
     for (record, hv) in nodes {
-        let req = record.heartbeat(&hv.list().await, form_scaler::ops::record::now_ms());
+        let req = heartbeat(record, hv).await;
         let mut client = client.clone();
         calls.spawn(async move { client.node_heartbeat(req).await });
     }
@@ -507,4 +501,9 @@ async fn beat(
         r??;
     }
     Ok(())
+}
+
+/// Node `record`'s heartbeat now, with the instances of its backend `hv`.
+async fn heartbeat(record: &Record, hv: &Memory) -> state_pb::NodeHeartbeatRequest {
+    record.heartbeat(&hv.list().await, form_scaler::ops::record::now_ms())
 }
