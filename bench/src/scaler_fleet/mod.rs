@@ -61,8 +61,10 @@ struct During {
     /// form-state's log syncs, and their seconds.
     syncs: f64,
     syncs_s: f64,
-    /// Snapshots form-state's log writer wrote (each holds the writes behind it).
+    /// Snapshots form-state wrote (beside its log: no write waits for one), and their
+    /// seconds (encode, write, sync, compaction).
     snapshots: f64,
+    snapshots_s: f64,
 }
 
 impl During {
@@ -80,6 +82,7 @@ impl During {
             syncs: sum(&state, "form_state_wal_fsync_seconds_count"),
             syncs_s: sum(&state, "form_state_wal_fsync_seconds_sum"),
             snapshots: sum(&state, "form_state_snapshots_total"),
+            snapshots_s: sum(&state, "form_state_snapshot_seconds_sum"),
         })
     }
 
@@ -92,6 +95,7 @@ impl During {
             syncs: d(self.syncs, before.syncs),
             syncs_s: d(self.syncs_s, before.syncs_s),
             snapshots: d(self.snapshots, before.snapshots),
+            snapshots_s: d(self.snapshots_s, before.snapshots_s),
         }
     }
 }
@@ -131,12 +135,12 @@ pub(crate) async fn run(
     }
     println!();
     println!(
-        "| case | nodes | clusters | instances | setup s | scale-outs | p50 ms | p99 ms | accepted p50 ms | accepted p99 ms | evaluation rounds meanwhile | round mean ms | form-state syncs | sync mean ms | snapshots |"
+        "| case | nodes | clusters | instances | setup s | scale-outs | p50 ms | p99 ms | accepted p50 ms | accepted p99 ms | evaluation rounds meanwhile | round mean ms | form-state syncs | sync mean ms | snapshots | snapshot mean ms |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (name, f) in cases {
         println!(
-            "| {name} | {} | {} | {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {} | {:.2} | {} |",
+            "| {name} | {} | {} | {} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {} | {:.2} | {} | {:.1} |",
             f.nodes,
             f.clusters,
             f.instances,
@@ -150,7 +154,8 @@ pub(crate) async fn run(
             mean_ms(f.during.rounds, f.during.rounds_s),
             f.during.syncs,
             mean_ms(f.during.syncs, f.during.syncs_s),
-            f.during.snapshots
+            f.during.snapshots,
+            mean_ms(f.during.snapshots, f.during.snapshots_s)
         );
     }
     let (r50, r99) = (

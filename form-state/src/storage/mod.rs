@@ -9,6 +9,8 @@
 //!   wal/000008.log        records after it, in apply order
 //! ```
 //!
+//! A snapshot is written on its own thread while the log goes on in the next segment;
+//! what it compacts is removed only once it is durable (`snapshotter`).
 //! Recovery loads the newest snapshot, then replays the segments after it. A torn last
 //! record (crash mid-write) is dropped with a warning; a bad record anywhere else, or a
 //! corrupt snapshot, stops start-up with an error naming the file and offset.
@@ -16,6 +18,7 @@
 pub mod frame;
 pub mod recover;
 pub mod slow_disk;
+mod snapshotter;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! The log writer: one thread that appends records, fsyncs once per batch (group
-//! commit) and reports the highest durable `lsn`; it also rotates segments and writes
-//! snapshots, in order with the records.
+//! commit) and reports the highest durable `lsn`; at a snapshot's place among the
+//! records it starts a new segment and hands the state to the snapshot thread
+//! ([`super::snapshotter`]), so no write waits for a snapshot to be written.
 //!
 //! A batch that cannot be written (a full disk, an I/O error) is not dropped and does
 //! not stop the writer: the segment is cut back to its last good length (so no torn
@@ -16,8 +17,8 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::slow_disk::{SlowDisk, SyncLatency};
-use super::{Record, frame, recover, segment_path, snapshot_path, sync_dir};
-use crate::codec;
+use super::snapshotter::Snapshotter;
+use super::{Record, frame, segment_path, sync_dir};
 use crate::crdt::State;
 use crate::error::StateError;
 
@@ -59,6 +60,8 @@ pub struct WalHandle {
     acked: watch::Receiver<Durable>,
     /// The simulated slow disk, if any.
     slow: Option<std::sync::Arc<SlowDisk>>,
+    /// The segment of the last snapshot made durable since start (0: none yet).
+    snapshotted: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Command {
@@ -126,9 +129,16 @@ impl WalHandle {
         self.durable.clone()
     }
 
-    /// A receiver of what the writer thread wrote (closed once the thread ended).
+    /// A receiver of what the writer thread wrote (closed once the thread ended, and
+    /// with it the snapshot thread).
     pub fn written(&self) -> watch::Receiver<Durable> {
         self.written.clone()
+    }
+
+    /// A receiver of the segment of the last snapshot made durable (0: none yet since
+    /// start); when it moves, what the snapshot compacts is removed.
+    pub fn snapshotted(&self) -> watch::Receiver<u64> {
+        self.snapshotted.clone()
     }
 }
 
@@ -150,9 +160,16 @@ pub fn spawn(
         error: None,
         end: (segment, len),
     });
+    let (stx, snapshotted) = watch::channel(0);
+    let snapshots = Snapshotter::start(dir.clone(), stx)?;
     std::thread::Builder::new()
         .name("form-state-wal".into())
-        .spawn(move || run(dir, segment, file, rx, dtx))
+        .spawn(move || {
+            run(dir, segment, file, &rx, &dtx, &snapshots);
+            // The written watch closes only once no snapshot is being written either.
+            snapshots.finish();
+            drop(dtx);
+        })
         .map_err(StateError::io("form-state-wal thread"))?;
     let (slow, durable) = match latency.clone() {
         None => (None, written.clone()),
@@ -171,6 +188,7 @@ pub fn spawn(
         durable,
         acked,
         slow,
+        snapshotted,
     })
 }
 
@@ -190,8 +208,9 @@ fn run(
     dir: PathBuf,
     mut segment: u64,
     mut file: std::fs::File,
-    rx: mpsc::Receiver<Command>,
-    durable: watch::Sender<Durable>,
+    rx: &mpsc::Receiver<Command>,
+    durable: &watch::Sender<Durable>,
+    snapshots: &Snapshotter,
 ) {
     let mut buf = Vec::new();
     // The segment's length after the last successful flush.
@@ -210,16 +229,15 @@ fn run(
         // written): a retry starts after them.
         let mut done = 0;
         loop {
-            let result = write_batch(
-                &dir,
-                &mut segment,
-                &mut file,
-                &mut good_len,
-                &mut buf,
-                &batch[done..],
-                &mut done,
-                &mut lsn,
-            );
+            let mut log = Log {
+                dir: &dir,
+                segment: &mut segment,
+                file: &mut file,
+                good_len: &mut good_len,
+                buf: &mut buf,
+                snapshots,
+            };
+            let result = log.write_batch(&batch[done..], &mut done, &mut lsn);
             match result {
                 Ok(()) => {
                     durable.send_modify(|d| {
@@ -248,72 +266,73 @@ fn run(
     }
 }
 
-/// Writes `batch` (records, snapshots) and fsyncs; `lsn` ends at its last change and
-/// `done` grows by the commands made durable before a failure.
-#[allow(clippy::too_many_arguments)]
-fn write_batch(
-    dir: &Path,
-    segment: &mut u64,
-    file: &mut std::fs::File,
-    good_len: &mut u64,
-    buf: &mut Vec<u8>,
-    batch: &[Command],
-    done: &mut usize,
-    lsn: &mut u64,
-) -> Result<(), StateError> {
-    let mut pending = 0;
-    for cmd in batch {
-        pending += 1;
-        match cmd {
-            Command::Append(l, record) => {
-                frame::encode_record(record, buf);
-                *lsn = *l;
-            }
-            Command::Snapshot(l, state) => {
-                flush(file, buf, &segment_path(dir, *segment))?;
-                *good_len = file.metadata().map(|m| m.len()).unwrap_or(*good_len);
-                // The records before the snapshot are on disk now.
-                *done += pending - 1;
-                pending = 1;
-                write_snapshot(dir, *segment, state)?;
-                *segment += 1;
-                *file = open_segment(&segment_path(dir, *segment))?;
-                *good_len = 0;
-                recover::remove_compacted(dir, *segment - 1)?;
-                metrics::counter!("form_state_snapshots_total").increment(1);
-                *lsn = (*lsn).max(*l);
-                *done += pending;
-                pending = 0;
+/// The segment being written, as a batch sees it.
+struct Log<'a> {
+    dir: &'a Path,
+    segment: &'a mut u64,
+    file: &'a mut std::fs::File,
+    /// The segment's length after the last successful flush.
+    good_len: &'a mut u64,
+    buf: &'a mut Vec<u8>,
+    snapshots: &'a Snapshotter,
+}
+
+impl Log<'_> {
+    /// Writes `batch` (records, snapshots' places) and fsyncs; `lsn` ends at its last
+    /// change and `done` grows by the commands made durable before a failure.
+    fn write_batch(
+        &mut self,
+        batch: &[Command],
+        done: &mut usize,
+        lsn: &mut u64,
+    ) -> Result<(), StateError> {
+        let mut pending = 0;
+        for cmd in batch {
+            pending += 1;
+            match cmd {
+                Command::Append(l, record) => {
+                    frame::encode_record(record, self.buf);
+                    *lsn = *l;
+                }
+                Command::Snapshot(l, state) => {
+                    self.flush()?;
+                    // The records before the snapshot are on disk now.
+                    *done += pending - 1;
+                    pending = 1;
+                    let next = *self.segment + 1;
+                    *self.file = open_segment(&segment_path(self.dir, next))?;
+                    *self.good_len = 0;
+                    let ended = std::mem::replace(self.segment, next);
+                    self.snapshots.submit(ended, state.clone());
+                    *lsn = (*lsn).max(*l);
+                    *done += pending;
+                    pending = 0;
+                }
             }
         }
+        self.flush()
     }
-    flush(file, buf, &segment_path(dir, *segment))?;
-    *good_len = file.metadata().map(|m| m.len()).unwrap_or(*good_len);
-    Ok(())
-}
 
-fn flush(file: &mut std::fs::File, buf: &mut Vec<u8>, path: &Path) -> Result<(), StateError> {
-    if buf.is_empty() {
-        return Ok(());
+    fn flush(&mut self) -> Result<(), StateError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let path = segment_path(self.dir, *self.segment);
+        self.file
+            .write_all(self.buf)
+            .map_err(StateError::io(&path))?;
+        let started = Instant::now();
+        self.file.sync_data().map_err(StateError::io(&path))?;
+        metrics::histogram!("form_state_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("form_state_wal_bytes_total").increment(self.buf.len() as u64);
+        self.buf.clear();
+        *self.good_len = self
+            .file
+            .metadata()
+            .map(|m| m.len())
+            .unwrap_or(*self.good_len);
+        Ok(())
     }
-    file.write_all(buf).map_err(StateError::io(path))?;
-    let started = Instant::now();
-    file.sync_data().map_err(StateError::io(path))?;
-    metrics::histogram!("form_state_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
-    metrics::counter!("form_state_wal_bytes_total").increment(buf.len() as u64);
-    buf.clear();
-    Ok(())
-}
-
-fn write_snapshot(dir: &Path, segment: u64, state: &State) -> Result<(), StateError> {
-    let path = snapshot_path(dir, segment);
-    let tmp = path.with_extension("tmp");
-    let bytes = frame::encode_snapshot(segment, &codec::encode_state(state));
-    let mut f = std::fs::File::create(&tmp).map_err(StateError::io(&tmp))?;
-    f.write_all(&bytes).map_err(StateError::io(&tmp))?;
-    f.sync_all().map_err(StateError::io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(StateError::io(&path))?;
-    sync_dir(dir).map_err(StateError::io(dir))
 }
 
 #[cfg(test)]
@@ -321,6 +340,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use super::super::recover;
     use super::*;
 
     #[tokio::test]
@@ -346,5 +366,77 @@ mod tests {
             .len();
         assert!(len > 100, "the record is in the segment");
         assert_eq!((d.lsn, d.end), (1, (1, len)), "{d:?}");
+    }
+
+    fn delta(n: u8) -> Record {
+        Record::Delta(vec![n; 10])
+    }
+
+    /// Drops the writer and returns once its thread (and the snapshot thread) ended.
+    async fn stop(wal: WalHandle) {
+        let mut written = wal.written();
+        drop(wal);
+        while written.changed().await.is_ok() {}
+    }
+
+    #[tokio::test]
+    async fn writes_go_on_while_a_snapshot_is_written_and_recovery_reads_both() {
+        let dir = form_testkit::TestDir::new("snapshot-beside");
+        std::fs::create_dir_all(dir.path().join("wal")).expect("wal dir");
+        let wal = spawn(dir.path().to_owned(), 1, 0, None).expect("writer");
+        for l in 1..=3 {
+            wal.append(l, delta(l as u8)).expect("append");
+        }
+        let state = State::default();
+        wal.snapshot(3, state.clone()).expect("snapshot");
+        for l in 4..=5 {
+            wal.append(l, delta(l as u8)).expect("append");
+        }
+        wal.wait_durable(5).await.expect("durable");
+        let mut snapshotted = wal.snapshotted();
+        tokio::time::timeout(Duration::from_secs(10), snapshotted.wait_for(|s| *s == 1))
+            .await
+            .expect("the snapshot is written within 10 s")
+            .expect("the snapshot thread runs");
+        assert!(
+            !segment_path(dir.path(), 1).exists(),
+            "the segment the snapshot covers is removed once it is durable"
+        );
+        stop(wal).await;
+        let r = recover::recover(dir.path()).expect("recovers");
+        assert_eq!(r.snapshot, Some(crate::codec::encode_state(&state)));
+        assert_eq!((r.snapshot_segment, r.segment), (1, 2));
+        assert_eq!(r.records, [delta(4), delta(5)]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_fails_blocks_no_write_and_removes_nothing() {
+        let dir = form_testkit::TestDir::new("snapshot-fails");
+        std::fs::create_dir_all(dir.path().join("wal")).expect("wal dir");
+        // The snapshot's temporary file cannot be created where a directory stands.
+        let tmp = super::super::snapshot_path(dir.path(), 1).with_extension("tmp");
+        std::fs::create_dir(&tmp).expect("blocking dir");
+        let wal = spawn(dir.path().to_owned(), 1, 0, None).expect("writer");
+        wal.append(1, delta(1)).expect("append");
+        wal.snapshot(1, State::default()).expect("snapshot");
+        wal.append(2, delta(2)).expect("append");
+        wal.wait_durable(2)
+            .await
+            .expect("a write after the failed snapshot is durable");
+        assert_eq!(wal.failing(), None, "the log itself does not fail");
+        stop(wal).await;
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            2,
+            "wal/ and the blocking dir only"
+        );
+        let r = recover::recover(dir.path()).expect("recovers");
+        assert_eq!(r.snapshot, None);
+        assert_eq!(
+            r.records,
+            [delta(1), delta(2)],
+            "every record is still in the log"
+        );
+        assert_eq!(r.segment, 2);
     }
 }
