@@ -121,7 +121,9 @@ impl Replicas {
             data_dir: self.dir.join(format!("state-{n}")),
             node_key: key_path(&self.dir, n),
             authorized_keys: Some(self.authorized_keys.clone()),
-            // Often enough that runs rotate the log and crashes meet snapshots.
+            // Often enough that runs rotate the log and crashes meet snapshots (a
+            // crash lets a queued snapshot finish; one it interrupts leaves the
+            // state form-state's storage tests recover from).
             snapshot_every: 500,
             limits: Default::default(),
             clock: self.machines.skews.get(i).copied().unwrap_or_default(),

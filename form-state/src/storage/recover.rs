@@ -50,6 +50,10 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
     let wal_dir = dir.join("wal");
     std::fs::create_dir_all(&wal_dir).map_err(StateError::io(&wal_dir))?;
     let mut out = Recovered::default();
+    // A snapshot that a crash interrupted before its rename is not one.
+    for (_, path) in numbered(dir, "snapshot-", ".tmp")? {
+        std::fs::remove_file(&path).map_err(StateError::io(&path))?;
+    }
     if let Some((n, path)) = numbered(dir, "snapshot-", ".bin")?.pop() {
         let bytes = std::fs::read(&path).map_err(StateError::io(&path))?;
         let (segment, payload) =
@@ -114,19 +118,31 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
     Ok(out)
 }
 
-/// Removes snapshots older than `keep` and segments up to `keep`.
+/// Removes snapshots older than `keep` (and temporary ones up to it) and segments up
+/// to `keep`, file by file: one that cannot be removed does not keep the others; the
+/// first failure is returned.
 pub fn remove_compacted(dir: &Path, keep: u64) -> Result<(), StateError> {
-    for (n, path) in numbered(dir, "snapshot-", ".bin")? {
-        if n < keep {
-            std::fs::remove_file(&path).map_err(StateError::io(&path))?;
+    let old = numbered(dir, "snapshot-", ".bin")?
+        .into_iter()
+        .filter(|(n, _)| *n < keep)
+        .chain(
+            numbered(dir, "snapshot-", ".tmp")?
+                .into_iter()
+                .filter(|(n, _)| *n <= keep),
+        )
+        .chain(
+            numbered(&dir.join("wal"), "", ".log")?
+                .into_iter()
+                .filter(|(n, _)| *n <= keep),
+        );
+    let mut first = None;
+    for (_, path) in old {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove a compacted file");
+            first.get_or_insert(StateError::io(&path)(e));
         }
     }
-    for (n, path) in numbered(&dir.join("wal"), "", ".log")? {
-        if n <= keep {
-            std::fs::remove_file(&path).map_err(StateError::io(&path))?;
-        }
-    }
-    Ok(())
+    first.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -183,6 +199,21 @@ mod tests {
             buf,
             "nothing was cut off"
         );
+        std::fs::remove_dir_all(&d).expect("cleanup");
+    }
+
+    #[test]
+    fn a_snapshot_a_crash_interrupted_is_removed_and_the_log_replayed() {
+        let d = dir("tmp");
+        let mut buf = Vec::new();
+        frame::encode_record(&Record::Delta(b"a".to_vec()), &mut buf);
+        std::fs::write(segment_path(&d, 1), &buf).expect("write");
+        let tmp = snapshot_path(&d, 1).with_extension("tmp");
+        std::fs::write(&tmp, &frame::encode_snapshot(1, b"s")[..5]).expect("write");
+        let r = recover(&d).expect("recovers");
+        assert_eq!(r.snapshot, None);
+        assert_eq!(r.records, [Record::Delta(b"a".to_vec())]);
+        assert!(!tmp.exists(), "the unfinished snapshot is removed");
         std::fs::remove_dir_all(&d).expect("cleanup");
     }
 

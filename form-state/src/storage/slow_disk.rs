@@ -98,8 +98,8 @@ impl SlowDisk {
         });
     }
 
-    /// A snapshot after change `lsn` was queued: the writer syncs it and starts a new
-    /// segment, in order with the records.
+    /// A snapshot after change `lsn` was queued: the writer starts a new segment there,
+    /// in order with the records (the snapshot itself is written beside the log).
     pub fn rotated(&self, lsn: u64) {
         let mut plan = self.plan.lock().unwrap_or_else(|e| e.into_inner());
         plan.end = (plan.end.0 + 1, 0);

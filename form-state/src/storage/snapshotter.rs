@@ -10,7 +10,8 @@
 //!
 //! A snapshot that fails is logged and counted and nothing is removed: the log still
 //! holds every record, and the next snapshot tries again. A snapshot queued while an
-//! older one waits replaces it (the newer covers more of the log).
+//! older one waits replaces it (the newer covers more of the log). A file that a
+//! durable snapshot compacts but that cannot be removed is left for the next one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,34 +31,47 @@ struct Job {
     state: Box<State>,
 }
 
-/// The sending side of the snapshot thread; [`Snapshotter::finish`] waits for it.
+/// The sending side of the snapshot thread. Dropping it lets the thread write what
+/// was queued and waits for it to end.
 pub(super) struct Snapshotter {
-    tx: mpsc::Sender<Job>,
-    thread: std::thread::JoinHandle<()>,
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Snapshotter {
     /// Starts the thread for `dir`; `done` is set to the segment of each snapshot once
-    /// it is durable and what it compacts is removed.
+    /// it is durable and what it compacts was removed (or tried).
     pub(super) fn start(dir: PathBuf, done: watch::Sender<u64>) -> Result<Self, StateError> {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("form-state-snapshot".into())
             .spawn(move || run(&dir, &rx, &done))
             .map_err(StateError::io("form-state-snapshot thread"))?;
-        Ok(Self { tx, thread })
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// Queues a snapshot of `state`, the state at the end of `segment`.
     pub(super) fn submit(&self, segment: u64, state: Box<State>) {
-        // The thread ends only after this side is dropped.
-        let _ = self.tx.send(Job { segment, state });
+        let sent = self.tx.as_ref().map(|tx| tx.send(Job { segment, state }));
+        if !matches!(sent, Some(Ok(()))) {
+            metrics::counter!("form_state_snapshot_failures_total").increment(1);
+            tracing::error!(
+                segment,
+                "the snapshot thread has stopped; the log keeps every record but is no longer compacted"
+            );
+        }
     }
+}
 
-    /// Lets the thread write what was queued, and waits for it to end.
-    pub(super) fn finish(self) {
-        drop(self.tx);
-        if self.thread.join().is_err() {
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
             tracing::error!("the snapshot thread panicked");
         }
     }
@@ -69,20 +83,18 @@ fn run(dir: &Path, rx: &mpsc::Receiver<Job>, done: &watch::Sender<u64>) {
             job = newer;
         }
         let started = Instant::now();
-        let written = write_snapshot(dir, job.segment, &job.state)
-            .and_then(|()| recover::remove_compacted(dir, job.segment));
-        match written {
-            Ok(()) => {
-                metrics::counter!("form_state_snapshots_total").increment(1);
-                metrics::histogram!("form_state_snapshot_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                done.send_replace(job.segment);
-            }
-            Err(e) => {
-                metrics::counter!("form_state_snapshot_failures_total").increment(1);
-                tracing::error!(error = %e, segment = job.segment, "snapshot failed; the log keeps every record and the next snapshot tries again");
-            }
+        if let Err(e) = write_snapshot(dir, job.segment, &job.state) {
+            metrics::counter!("form_state_snapshot_failures_total").increment(1);
+            tracing::error!(error = %e, segment = job.segment, "snapshot failed; the log keeps every record and the next snapshot tries again");
+            continue;
         }
+        metrics::counter!("form_state_snapshots_total").increment(1);
+        metrics::histogram!("form_state_snapshot_seconds").record(started.elapsed().as_secs_f64());
+        if let Err(e) = recover::remove_compacted(dir, job.segment) {
+            metrics::counter!("form_state_compaction_failures_total").increment(1);
+            tracing::error!(error = %e, segment = job.segment, "snapshot written, but a file it compacts could not be removed; the next snapshot tries again");
+        }
+        done.send_replace(job.segment);
     }
 }
 
@@ -91,14 +103,14 @@ fn write_snapshot(dir: &Path, segment: u64, state: &State) -> Result<(), StateEr
     let tmp = path.with_extension("tmp");
     let bytes = frame::encode_snapshot(segment, &codec::encode_state(state));
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()
+        let mut f = std::fs::File::create(&tmp).map_err(StateError::io(&tmp))?;
+        f.write_all(&bytes).map_err(StateError::io(&tmp))?;
+        f.sync_all().map_err(StateError::io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(StateError::io(&path))
     })();
-    if let Err(e) = written {
+    if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(StateError::io(&tmp)(e));
     }
-    std::fs::rename(&tmp, &path).map_err(StateError::io(&path))?;
+    written?;
     sync_dir(dir).map_err(StateError::io(dir))
 }

@@ -165,10 +165,11 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("form-state-wal".into())
         .spawn(move || {
-            run(dir, segment, file, &rx, &dtx, &snapshots);
-            // The written watch closes only once no snapshot is being written either.
-            snapshots.finish();
-            drop(dtx);
+            // Dropped in reverse order, on a panic too: the snapshot thread has ended
+            // (and nothing more touches the files) before the written watch closes.
+            let written = dtx;
+            let snapshots = snapshots;
+            run(dir, segment, file, &rx, &written, &snapshots);
         })
         .map_err(StateError::io("form-state-wal thread"))?;
     let (slow, durable) = match latency.clone() {
@@ -301,7 +302,7 @@ impl Log<'_> {
                     pending = 1;
                     let next = *self.segment + 1;
                     *self.file = open_segment(&segment_path(self.dir, next))?;
-                    *self.good_len = 0;
+                    *self.good_len = self.file.metadata().map_or(0, |m| m.len());
                     let ended = std::mem::replace(self.segment, next);
                     self.snapshots.submit(ended, state.clone());
                     *lsn = (*lsn).max(*l);
@@ -325,12 +326,9 @@ impl Log<'_> {
         self.file.sync_data().map_err(StateError::io(&path))?;
         metrics::histogram!("form_state_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("form_state_wal_bytes_total").increment(self.buf.len() as u64);
+        // Appended after the last good end (a failed write was cut back to it).
+        *self.good_len += self.buf.len() as u64;
         self.buf.clear();
-        *self.good_len = self
-            .file
-            .metadata()
-            .map(|m| m.len())
-            .unwrap_or(*self.good_len);
         Ok(())
     }
 }
@@ -380,33 +378,110 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writes_go_on_while_a_snapshot_is_written_and_recovery_reads_both() {
+    async fn writes_go_on_while_a_snapshot_is_held_and_the_next_snapshot_compacts() {
         let dir = form_testkit::TestDir::new("snapshot-beside");
         std::fs::create_dir_all(dir.path().join("wal")).expect("wal dir");
+        // The first snapshot's temporary file is a FIFO: the snapshot thread blocks
+        // opening it until a reader comes, then fails to sync it (a FIFO cannot be).
+        let fifo = super::super::snapshot_path(dir.path(), 1).with_extension("tmp");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success(), "mkfifo {}", fifo.display());
         let wal = spawn(dir.path().to_owned(), 1, 0, None).expect("writer");
         for l in 1..=3 {
             wal.append(l, delta(l as u8)).expect("append");
         }
-        let state = State::default();
-        wal.snapshot(3, state.clone()).expect("snapshot");
+        wal.snapshot(3, State::default()).expect("snapshot");
         for l in 4..=5 {
             wal.append(l, delta(l as u8)).expect("append");
         }
-        wal.wait_durable(5).await.expect("durable");
+        tokio::time::timeout(Duration::from_secs(10), wal.wait_durable(5))
+            .await
+            .expect("writes are durable while the snapshot is held")
+            .expect("durable");
+        assert!(
+            segment_path(dir.path(), 1).exists(),
+            "nothing compacted yet"
+        );
+        assert_eq!(*wal.snapshotted().borrow(), 0, "no snapshot written yet");
+        // Let the held snapshot go on (and fail), and queue the next.
+        let read = tokio::task::spawn_blocking(move || std::fs::read(&fifo));
+        wal.snapshot(5, State::default()).expect("snapshot");
+        wal.append(6, delta(6)).expect("append");
+        wal.wait_durable(6).await.expect("durable");
+        let sent = read.await.expect("reader").expect("read the FIFO");
+        assert!(
+            !sent.is_empty(),
+            "the held snapshot was written into the FIFO"
+        );
+        let mut snapshotted = wal.snapshotted();
+        tokio::time::timeout(Duration::from_secs(10), snapshotted.wait_for(|s| *s == 2))
+            .await
+            .expect("the next snapshot is written within 10 s")
+            .expect("the snapshot thread runs");
+        stop(wal).await;
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .chain(std::fs::read_dir(dir.path().join("wal")).expect("wal"))
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["000003.log", "snapshot-000002.bin", "wal"]);
+        let r = recover::recover(dir.path()).expect("recovers");
+        assert_eq!(
+            r.snapshot,
+            Some(crate::codec::encode_state(&State::default()))
+        );
+        assert_eq!((r.snapshot_segment, r.segment), (2, 3));
+        assert_eq!(r.records, [delta(6)]);
+    }
+
+    #[tokio::test]
+    async fn a_new_segment_that_cannot_be_opened_is_tried_again_and_snapshotted_once() {
+        let dir = form_testkit::TestDir::new("snapshot-reopen");
+        std::fs::create_dir_all(dir.path().join("wal")).expect("wal dir");
+        // Segment 2 cannot be opened while a directory stands in its place.
+        let blocker = segment_path(dir.path(), 2);
+        std::fs::create_dir(&blocker).expect("blocking dir");
+        let wal = spawn(dir.path().to_owned(), 1, 0, None).expect("writer");
+        wal.append(1, delta(1)).expect("append");
+        wal.snapshot(1, State::default()).expect("snapshot");
+        wal.append(2, delta(2)).expect("append");
+        let mut written = wal.written();
+        let failing = tokio::time::timeout(
+            Duration::from_secs(10),
+            written.wait_for(|d| d.error.is_some()),
+        )
+        .await
+        .expect("the failure is published within 10 s")
+        .expect("writer runs")
+        .clone();
+        assert!(
+            failing
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("000002.log")),
+            "{failing:?}"
+        );
+        std::fs::remove_dir(&blocker).expect("unblock");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            written.wait_for(|d| d.lsn >= 2 && d.error.is_none()),
+        )
+        .await
+        .expect("the writer goes on within 10 s")
+        .expect("durable once the segment opens");
         let mut snapshotted = wal.snapshotted();
         tokio::time::timeout(Duration::from_secs(10), snapshotted.wait_for(|s| *s == 1))
             .await
-            .expect("the snapshot is written within 10 s")
+            .expect("snapshot within 10 s")
             .expect("the snapshot thread runs");
-        assert!(
-            !segment_path(dir.path(), 1).exists(),
-            "the segment the snapshot covers is removed once it is durable"
-        );
         stop(wal).await;
         let r = recover::recover(dir.path()).expect("recovers");
-        assert_eq!(r.snapshot, Some(crate::codec::encode_state(&state)));
         assert_eq!((r.snapshot_segment, r.segment), (1, 2));
-        assert_eq!(r.records, [delta(4), delta(5)]);
+        assert_eq!(r.records, [delta(2)], "no record lost or repeated");
     }
 
     #[tokio::test]
@@ -430,6 +505,7 @@ mod tests {
             2,
             "wal/ and the blocking dir only"
         );
+        std::fs::remove_dir(&tmp).expect("unblock");
         let r = recover::recover(dir.path()).expect("recovers");
         assert_eq!(r.snapshot, None);
         assert_eq!(
