@@ -58,6 +58,7 @@ pub(crate) fn run(n: usize) -> anyhow::Result<()> {
             cpu_utilization: 0.5,
             state_writes: None,
             usage: None,
+            state_contract: String::new(),
         };
         let d = write::heartbeat(&state, actor, t, &hb)?;
         mk(&mut state, &mut deltas, d);

@@ -144,7 +144,6 @@ pub(crate) fn stack(host: IpAddr, ports: &Ports, http_port: u16, data_dir: &Path
         vec![
             ("--state", state_list),
             ("--scaler", list(&[scaler])),
-            ("--vmm", list(&[vmm])),
             (
                 "--tokens-file",
                 crate::tokens::path(data_dir).display().to_string(),

@@ -21,8 +21,6 @@ pub struct Config {
     pub state: Vec<HostPort>,
     /// form-scaler controllers, `host:port` each.
     pub scaler: Vec<HostPort>,
-    /// form-vmm-service nodes, `host:port` each.
-    pub vmm: Vec<HostPort>,
     /// Bearer tokens, one per line: `TOKEN admin|read [NAME]`.
     pub tokens_file: Option<std::path::PathBuf>,
     /// Host names (or `host:port`) accepted in `Host` by `/mcp` besides loopback, e.g.
@@ -43,7 +41,6 @@ impl Default for Config {
             metrics_listen: Self::DEFAULT_METRICS_LISTEN,
             state: Vec::new(),
             scaler: Vec::new(),
-            vmm: Vec::new(),
             tokens_file: None,
             mcp_allowed_hosts: Vec::new(),
             mcp_allowed_origins: Vec::new(),
@@ -89,15 +86,6 @@ pub struct Args {
     )]
     pub scaler: Option<Vec<HostPort>>,
 
-    /// Comma-separated addresses of form-vmm-service nodes
-    #[arg(
-        long,
-        value_name = "HOST:PORT,...",
-        env = "FORM_MCP_VMM",
-        value_delimiter = ','
-    )]
-    pub vmm: Option<Vec<HostPort>>,
-
     /// Serve HTTPS only, with the certificates in DIR: <name>.crt with <name>.key, picked by SNI; default.crt serves other names
     #[arg(long, value_name = "DIR", env = "FORM_MCP_HTTPS_CERTS")]
     pub https_certs: Option<std::path::PathBuf>,
@@ -139,9 +127,6 @@ impl Args {
             }
             if let Some(v) = self.scaler {
                 c.scaler = v;
-            }
-            if let Some(v) = self.vmm {
-                c.vmm = v;
             }
             if let Some(v) = self.https_certs {
                 c.https_certs = Some(v);

@@ -1,6 +1,6 @@
 //! form-mcp: the API gateway of the platform. Serves the REST API (`/api/v1`), the
 //! Model Context Protocol (`/mcp`), `/healthz` and `/metrics` over HTTP, and talks to
-//! form-state, form-scaler and form-vmm-service over gRPC.
+//! form-state and form-scaler over gRPC.
 
 pub mod api;
 pub mod auth;
@@ -75,7 +75,6 @@ impl Service for Gateway {
         let upstreams = upstream::from_config(&[
             ("state", &self.config.state),
             ("scaler", &self.config.scaler),
-            ("vmm", &self.config.vmm),
         ])?;
         for u in &upstreams {
             u.spawn_watcher(ctx.shutdown.clone());

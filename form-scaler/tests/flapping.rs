@@ -87,6 +87,7 @@ async fn operations_with_window(label: &str, window: u64, run: Duration) -> usiz
                             memory_bytes: 64 << 20,
                             uptime_seconds: 3600.0,
                         }),
+                        state_contract: String::new(),
                     })
                     .await;
             }

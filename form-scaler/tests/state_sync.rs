@@ -120,6 +120,15 @@ async fn cart_survives_the_scale_in(stack: &mut Stack) {
     stack.routed_template().await;
     let op = run(&mut scaler, OperationKind::ScaleOut, 2, true).await;
     assert_eq!(status(&op), "completed", "{op:?}");
+    // Each member's node reported, with its heartbeats, that the workload implements
+    // the contract: form-state keeps it on the member for the gateway to show.
+    assert_eventually!(
+        async {
+            let c = stack.cluster().await;
+            c.members.len() == 2 && c.members.values().all(|m| m.state_contract == "supported")
+        },
+        "every member's state_contract in form-state is 'supported'"
+    );
 
     let (cookie, clone) = session_on_a_clone(stack.http).await;
     let (code, _, head) = lb_call(stack.http, "PUT", "/kv/cart", Some(&cookie), b"3 apples")
@@ -769,6 +778,16 @@ async fn a_workload_without_the_contract_scales_in_as_before_unless_the_cluster_
     assert_eq!(
         op.state_transfer.clone().expect("transfer").contract,
         "unsupported"
+    );
+    assert_eventually!(
+        async {
+            let c = stack.cluster().await;
+            c.members.len() == 2
+                && c.members
+                    .values()
+                    .all(|m| m.state_contract.starts_with("unsupported: "))
+        },
+        "every member's state_contract in form-state says 'unsupported' and why"
     );
     let op = run(&mut scaler, OperationKind::ScaleIn, 1, true).await;
     assert_eq!(status(&op), "completed", "{op:?}");

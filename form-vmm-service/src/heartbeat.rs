@@ -1,9 +1,11 @@
 //! Heartbeats of this node and its instances into form-state, every
 //! `heartbeat_interval_ms`. The node's own comes first, with its record
 //! ([`crate::node`]). Then the instances':
-//! running instances report their CPU utilisation and, when their workload implements
-//! the state contract, how many writes it made (so a victim that dies before its
-//! handoff is reported with what it held); an instance that failed is
+//! running instances report their CPU utilisation, whether their workload implements
+//! the state contract (as the node learned it when the instance started; form-state
+//! keeps it on the member, so a gateway need not ask each node) and, when it does, how
+//! many writes it made (so a victim that dies before its handoff is reported with
+//! what it held); an instance that failed is
 //! reported once as stopped and unhealthy, with the reason. A paused instance is
 //! reported once as `PAUSED` (the balancer then leaves it out, the controller neither
 //! counts its load nor replaces it), and `ACTIVE` again when it runs, unless something
@@ -103,6 +105,7 @@ async fn membership(
 /// the times of `clock` (the system's; a simulator skews it).
 pub async fn run<H: Hypervisor>(
     hv: Arc<H>,
+    contracts: Arc<crate::contract::Contracts>,
     state: Channel,
     record: crate::node::Record,
     interval: Duration,
@@ -173,6 +176,7 @@ pub async fn run<H: Hypervisor>(
                             memory_bytes: u.memory_bytes,
                             uptime_seconds: u.uptime_seconds,
                         }),
+                        state_contract: contracts.get(&id).map(|c| c.name()).unwrap_or_default(),
                     };
                     let seen = match client.heartbeat(req).await {
                         Ok(_) => {

@@ -147,21 +147,6 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
         c.snapshot_store_max_mib * 1024 * 1024,
         c.fault_corrupt_chunk,
     );
-    let upstreams = upstream::from_config(&[("state", &c.state)])?;
-    if let Some(state) = upstreams.first() {
-        let listening = ctx
-            .local_addr(GRPC_LISTENER)
-            .ok_or_else(|| RuntimeError::Service("no gRPC listener".into()))?;
-        let record = node::Record::new(c, listening).map_err(RuntimeError::Service)?;
-        tokio::spawn(heartbeat::run(
-            hv.clone(),
-            state.channel(),
-            record,
-            Duration::from_millis(c.heartbeat_interval_ms),
-            form_runtime::clock::Skew::default(),
-            ctx.shutdown.clone(),
-        ));
-    }
     // A VM runs what its guest was built with (deploy/guest/build.sh); the command
     // names it and runs nothing on this node.
     let allowed = if c.backend == "qemu" {
@@ -186,6 +171,22 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
     let api = VmmApi::new(hv.clone(), snapshots, c.node_id.clone(), allowed)
         .with_transfer(transfer)
         .with_fences(fences);
+    let upstreams = upstream::from_config(&[("state", &c.state)])?;
+    if let Some(state) = upstreams.first() {
+        let listening = ctx
+            .local_addr(GRPC_LISTENER)
+            .ok_or_else(|| RuntimeError::Service("no gRPC listener".into()))?;
+        let record = node::Record::new(c, listening).map_err(RuntimeError::Service)?;
+        tokio::spawn(heartbeat::run(
+            hv.clone(),
+            api.contracts(),
+            state.channel(),
+            record,
+            Duration::from_millis(c.heartbeat_interval_ms),
+            form_runtime::clock::Skew::default(),
+            ctx.shutdown.clone(),
+        ));
+    }
     // A merge request carries a whole batch of the state contract.
     let limit = contract::MAX_BATCH + 64 * 1024;
     let server = GrpcServer::new().add_service(

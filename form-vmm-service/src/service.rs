@@ -122,6 +122,12 @@ impl<H: Hypervisor> VmmApi<H> {
         }
     }
 
+    /// What the service learned of its instances' state contract (the heartbeats
+    /// report it into form-state).
+    pub fn contracts(&self) -> Arc<Contracts> {
+        self.contracts.clone()
+    }
+
     /// The service with these fences (kept in a file by the node).
     pub fn with_fences(mut self, f: form_runtime::fence::Fences) -> Self {
         self.fences = Arc::new(f);

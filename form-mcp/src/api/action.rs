@@ -202,7 +202,7 @@ impl Action {
                     .map_err(|s| ApiError::upstream("reading the status", &s))?
                     .into_inner();
                 let cluster = model::cluster(clusters::get(b, &s.cluster_id).await?);
-                let sync = clusters::state_sync(b, &cluster).await;
+                let sync = clusters::state_sync(&cluster);
                 json(StatusCode::OK, &status(s, cluster.members, sync))
             }
             Action::ListNodes => json(StatusCode::OK, &nodes(b).await?),

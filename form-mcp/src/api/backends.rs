@@ -1,10 +1,9 @@
-//! The services behind the gateway: form-state (clusters, members, operations),
-//! form-scaler (scaling, status, policies) and form-vmm-service (a new cluster's first
-//! instance, and a deleted cluster's instances).
+//! The services behind the gateway: form-state (clusters, members, nodes, operations)
+//! and form-scaler (scaling, status, policies). It asks no vmm node: what it shows of
+//! instances (their node, their state contract) the nodes report into form-state.
 
 use form_proto::scaler::v1::scaler_service_client::ScalerServiceClient;
 use form_proto::state::v1::state_service_client::StateServiceClient;
-use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_runtime::upstream::Upstream;
 use tonic::transport::Channel;
 
@@ -15,7 +14,6 @@ use crate::error::ApiError;
 pub struct Backends {
     state: Option<StateServiceClient<Channel>>,
     scaler: Option<ScalerServiceClient<Channel>>,
-    vmm: Option<VmmServiceClient<Channel>>,
 }
 
 fn missing(what: &str, flag: &str) -> ApiError {
@@ -27,15 +25,13 @@ fn missing(what: &str, flag: &str) -> ApiError {
 }
 
 impl Backends {
-    /// Clients over the configured upstreams (by name: state, scaler, vmm).
+    /// Clients over the configured upstreams (by name: state, scaler).
     pub fn new(upstreams: &[Upstream]) -> Self {
         let find = |n: &str| upstreams.iter().find(|u| u.name() == n);
         Self {
             // One replica at a time: a request reads back what it wrote.
             state: find("state").map(|u| StateServiceClient::new(u.sticky_channel())),
             scaler: find("scaler").map(|u| ScalerServiceClient::new(u.channel())),
-            // One node at a time, like the controller: a cluster's instances are there.
-            vmm: find("vmm").map(|u| VmmServiceClient::new(u.sticky_channel())),
         }
     }
 
@@ -51,12 +47,5 @@ impl Backends {
         self.scaler
             .clone()
             .ok_or_else(|| missing("form-scaler", "--scaler"))
-    }
-
-    /// form-vmm-service.
-    pub fn vmm(&self) -> Result<VmmServiceClient<Channel>, ApiError> {
-        self.vmm
-            .clone()
-            .ok_or_else(|| missing("form-vmm-service", "--vmm"))
     }
 }

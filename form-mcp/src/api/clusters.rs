@@ -5,7 +5,6 @@
 
 use form_proto::state::v1 as state_pb;
 use form_proto::types::v1 as types;
-use form_proto::vmm::v1 as vmm_pb;
 
 use super::action::check_id;
 use super::backends::Backends;
@@ -81,31 +80,16 @@ pub async fn drain_member(
 }
 
 /// The cluster's state sync as the status shows it: its mode, or `unsupported` when
-/// a member's workload does not implement the state contract (as the vmm node saw it
-/// start), since then a scale-in loses the removed instances' writes, or `unknown`
-/// when the vmm node cannot be asked.
-pub async fn state_sync(b: &Backends, c: &super::model::Cluster) -> String {
+/// a member's workload does not implement the state contract (as its node saw it
+/// start and reported with its heartbeats, whichever node runs it), since then a
+/// scale-in loses the removed instances' writes.
+pub fn state_sync(c: &super::model::Cluster) -> String {
     let mode = super::model::state_sync_mode(&c.state_sync);
-    if mode == "none" {
-        return mode.into();
-    }
-    let Ok(mut vmm) = b.vmm() else {
-        return mode.into();
-    };
-    let listed = vmm
-        .list_instances(vmm_pb::ListInstancesRequest {
-            cluster_id: c.cluster_id.clone(),
-        })
-        .await;
-    let Ok(listed) = listed else {
-        // Without the vmm node's word, no promise either way.
-        return "unknown".into();
-    };
-    let unsupported = listed.into_inner().instances.iter().any(|i| {
-        c.members.iter().any(|m| m.instance_id == i.instance_id)
-            && i.state_contract.starts_with("unsupported")
-    });
-    if unsupported {
+    let unsupported = c
+        .members
+        .iter()
+        .any(|m| m.state_contract.starts_with("unsupported"));
+    if mode != "none" && unsupported {
         "unsupported".into()
     } else {
         mode.into()
@@ -245,4 +229,52 @@ pub async fn delete(b: &Backends, id: &str) -> Result<Deleted, ApiError> {
         cluster_id: id.to_owned(),
         instances_deleted: op.victims,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::model;
+
+    fn member(id: &str, node: &str, contract: &str) -> (String, state_pb::Member) {
+        let m = state_pb::Member {
+            instance_id: id.into(),
+            node_id: node.into(),
+            state_contract: contract.into(),
+            ..Default::default()
+        };
+        (id.into(), m)
+    }
+
+    #[test]
+    fn one_member_without_the_contract_on_any_node_makes_the_cluster_unsupported() {
+        let mut c = state_pb::Cluster {
+            cluster_id: "web".into(),
+            members: [
+                member("i-1", "node-a", "supported"),
+                member(
+                    "i-2",
+                    "node-b",
+                    "unsupported: GET /_form/cursor answered 404",
+                ),
+                member("i-3", "node-b", ""),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        assert_eq!(state_sync(&model::cluster(c.clone())), "unsupported");
+        // Before its node said (a heartbeat), a member promises nothing either way.
+        c.members.remove("i-2");
+        assert_eq!(state_sync(&model::cluster(c.clone())), "on_scale");
+        // With state sync off there is nothing to support.
+        c.members
+            .extend([member("i-2", "node-b", "unsupported: 404")]);
+        c.state_sync = Some(form_proto::types::v1::StateSync {
+            mode: Some(form_proto::types::v1::state_sync::Mode::None(
+                Default::default(),
+            )),
+            ..Default::default()
+        });
+        assert_eq!(state_sync(&model::cluster(c)), "none");
+    }
 }

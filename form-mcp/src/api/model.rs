@@ -303,6 +303,10 @@ pub struct Member {
     /// Continuous state sync of its changes (state_sync continuous), once it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_sync: Option<MemberSync>,
+    /// Whether its workload implements the state contract, as its node saw it start:
+    /// `supported` or `unsupported: <why>`; absent before its node said.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub state_contract: String,
 }
 
 /// Where continuous state sync stands for one member.
@@ -844,6 +848,7 @@ pub fn member(m: &state_pb::Member, template: &str) -> Member {
             synced_at: crate::time::rfc3339(s.synced_at_ms),
             changes_last_round: s.changes_last_round,
         }),
+        state_contract: m.state_contract.clone(),
     }
 }
 

@@ -93,8 +93,6 @@ impl Gateway {
             &state,
             "--scaler",
             &scaler_addr,
-            "--vmm",
-            &vmm_addr,
             "--tokens-file",
             tokens.to_str().expect("utf-8"),
         ]);

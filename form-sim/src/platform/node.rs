@@ -113,6 +113,7 @@ impl Nodes {
         )
         .with_transfer(transfer)
         .with_fences(fences);
+        let contracts = api.contracts();
         let (serving, served) = shutdown::channel();
         serve(
             net,
@@ -124,6 +125,7 @@ impl Nodes {
         let (beat, beating) = shutdown::channel();
         tasks.spawn(form_vmm_service::heartbeat::run(
             node.backend.clone(),
+            contracts,
             net.channel_from(&node.address, &self.state),
             memory::record(node.id.clone(), node.address.clone()),
             self.every,

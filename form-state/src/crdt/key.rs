@@ -83,6 +83,9 @@ pub enum Field {
     Standby,
     /// Encoded `NodeSelector` of a cluster: the labels its instances' nodes carry.
     NodeSelector,
+    /// Whether a member's workload implements the state contract, as its node said
+    /// with a heartbeat (text).
+    StateContract,
 }
 
 /// How the entries of one field are read when concurrent writes left several.

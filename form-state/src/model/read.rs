@@ -125,6 +125,7 @@ fn member(view: View<'_>, id: &str, instance: &str) -> Option<pb::Member> {
     let state_writes = get(Field::StateWrites).map(|e| e.rank).unwrap_or(0);
     let usage = decode(get(Field::HeartbeatUsage));
     let drain = decode(get(Field::MemberDrain));
+    let state_contract = text(get(Field::StateContract));
     key.field = Field::Health;
     let health_history = view
         .history(&key)
@@ -148,6 +149,7 @@ fn member(view: View<'_>, id: &str, instance: &str) -> Option<pb::Member> {
         state_writes,
         usage,
         drain,
+        state_contract,
     })
 }
 

@@ -337,6 +337,9 @@ fn heartbeat_time(at_ms: u64, now: u64) -> u64 {
     if at_ms == 0 { now } else { at_ms.min(now) }
 }
 
+/// Longest `state_contract` a heartbeat may carry (a word and why).
+const MAX_CONTRACT: usize = 1024;
+
 /// `Heartbeat`: a max register; a heartbeat older than the newest one changes nothing.
 pub fn heartbeat(
     state: &State,
@@ -378,6 +381,23 @@ pub fn heartbeat(
         let key = Key::member(&r.cluster_id, &r.instance_id, Field::StateWrites);
         if state.get(&key).is_none_or(|e| e.rank < n) {
             b.set(key, Value::Unit, n, now);
+        }
+    }
+    if !r.state_contract.is_empty() {
+        if r.state_contract.len() > MAX_CONTRACT {
+            return Err(StateError::invalid(
+                "state_contract",
+                format!(
+                    "is {} bytes long; at most {MAX_CONTRACT} accepted",
+                    r.state_contract.len()
+                ),
+            ));
+        }
+        // Written when it changes, not with every heartbeat.
+        let key = Key::member(&r.cluster_id, &r.instance_id, Field::StateContract);
+        let known = state.get(&key).map(|e| &e.value);
+        if !matches!(known, Some(Value::Text(t)) if *t == r.state_contract) {
+            b.set(key, Value::Text(r.state_contract.clone()), 0, now);
         }
     }
     Ok(b.build())
@@ -1150,6 +1170,7 @@ mod tests {
                 memory_bytes: at * 1000,
                 uptime_seconds: at as f64,
             }),
+            state_contract: String::new(),
         };
         apply(&mut s, |s| heartbeat(s, "a", 200, &hb(100)));
         assert!(matches!(heartbeat(&s, "a", 211, &hb(50)), Ok(None)));
@@ -1168,5 +1189,44 @@ mod tests {
         apply(&mut s, |s| heartbeat(s, "a", 300, &hb(99_999_999)));
         let c = read::cluster(&s, "web").expect("cluster");
         assert_eq!(c.members["i1"].last_heartbeat_ms, 300);
+
+        // Whether the workload implements the state contract is kept on the member,
+        // written when it changes only, and bounded.
+        let with = |at, contract: &str| pb::HeartbeatRequest {
+            state_contract: contract.into(),
+            ..hb(at)
+        };
+        assert_eq!(
+            read::cluster(&s, "web").expect("cluster").members["i1"].state_contract,
+            ""
+        );
+        apply(&mut s, |s| {
+            heartbeat(s, "a", 400, &with(400, "unsupported: 404"))
+        });
+        let c = read::cluster(&s, "web").expect("cluster");
+        assert_eq!(c.members["i1"].state_contract, "unsupported: 404");
+        let same = heartbeat(&s, "a", 500, &with(500, "unsupported: 404")).expect("heartbeat");
+        let changed = |d: &Delta| {
+            d.writes
+                .iter()
+                .any(|(k, _)| k.field == crate::crdt::key::Field::StateContract)
+        };
+        assert!(
+            !same.as_ref().is_some_and(changed),
+            "an unchanged contract is not written again"
+        );
+        apply(&mut s, |s| heartbeat(s, "a", 600, &with(600, "")));
+        let c = read::cluster(&s, "web").expect("cluster");
+        assert_eq!(
+            c.members["i1"].state_contract, "unsupported: 404",
+            "an empty one says nothing"
+        );
+        let e = heartbeat(&s, "a", 700, &with(700, &"x".repeat(2000)))
+            .expect_err("too long")
+            .to_string();
+        assert!(
+            e.contains("state_contract") && e.contains("at most 1024"),
+            "{e}"
+        );
     }
 }
