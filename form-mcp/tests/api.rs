@@ -186,6 +186,23 @@ async fn a_cluster_is_created_scaled_with_an_idempotency_key_inspected_and_delet
         op["state_transfer"]["contract"], "supported",
         "the demo app implements the state contract: {op}"
     );
+    // Each member shows it too, as its node reported it into form-state.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (code, st) = g
+            .call("GET", "/api/v1/clusters/web/status", Some(READER), None)
+            .await;
+        assert_eq!(code, 200, "{st}");
+        let members = st["members"].as_array().cloned().unwrap_or_default();
+        if members.len() == 3 && members.iter().all(|m| m["state_contract"] == "supported") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members' state_contract: {st}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     // state_sync: read with the cluster, set with a check of every field.
     assert_eq!(one["state_sync"]["mode"], "on_scale", "{one}");
@@ -828,7 +845,7 @@ async fn every_route_of_the_openapi_document_is_served() {
 }
 
 /// Environment values carry secrets: the workload gets them, no read shows them (REST,
-/// or a vmm node's instance listing to the gateway).
+/// or a vmm node's instance listing to an operator).
 #[tokio::test]
 async fn environment_values_reach_the_workload_and_no_read_shows_them() {
     let g = Gateway::start("api-secrets", &[]).await;
@@ -868,7 +885,7 @@ async fn environment_values_reach_the_workload_and_no_read_shows_them() {
         .and_then(|s| s.addr("grpc"))
         .expect("vmm");
     let listed = form_proto::vmm::v1::vmm_service_client::VmmServiceClient::new(
-        probe::channel_as(vmm, form_runtime::tls::Kind::Gateway)
+        probe::channel_as(vmm, form_runtime::tls::Kind::Operator)
             .await
             .expect("connect"),
     )

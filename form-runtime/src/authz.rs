@@ -66,18 +66,14 @@ pub const TABLE: &[(&str, &str, &[Kind])] = &[
     // Gossip between replicas only.
     ("form.state.v1.GossipService", "PushDeltas", &[State]),
     ("form.state.v1.GossipService", "AntiEntropy", &[State]),
-    // form-vmm-service: only the controller changes instances and snapshots; the
-    // gateway and operators read.
+    // form-vmm-service: only the controller changes instances and snapshots; operators
+    // read (the gateway reads what the nodes report into form-state, never a node).
     ("form.vmm.v1.VmmService", "CreateInstance", &[Scaler]),
-    (
-        "form.vmm.v1.VmmService",
-        "GetInstance",
-        &[Scaler, Gateway, Operator],
-    ),
+    ("form.vmm.v1.VmmService", "GetInstance", &[Scaler, Operator]),
     (
         "form.vmm.v1.VmmService",
         "ListInstances",
-        &[Scaler, Gateway, Operator],
+        &[Scaler, Operator],
     ),
     ("form.vmm.v1.VmmService", "Pause", &[Scaler]),
     ("form.vmm.v1.VmmService", "Resume", &[Scaler]),
@@ -85,15 +81,11 @@ pub const TABLE: &[(&str, &str, &[Kind])] = &[
     ("form.vmm.v1.VmmService", "Clone", &[Scaler]),
     ("form.vmm.v1.VmmService", "Resize", &[Scaler]),
     ("form.vmm.v1.VmmService", "DeleteInstance", &[Scaler]),
-    (
-        "form.vmm.v1.VmmService",
-        "GetStats",
-        &[Scaler, Gateway, Operator],
-    ),
+    ("form.vmm.v1.VmmService", "GetStats", &[Scaler, Operator]),
     (
         "form.vmm.v1.VmmService",
         "ListSnapshots",
-        &[Scaler, Gateway, Operator],
+        &[Scaler, Operator],
     ),
     ("form.vmm.v1.VmmService", "DeleteSnapshot", &[Scaler]),
     ("form.vmm.v1.VmmService", "ReadChanges", &[Scaler, Vmm]),

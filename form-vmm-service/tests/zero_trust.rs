@@ -171,14 +171,23 @@ async fn a_vmm_node_refuses_every_caller_the_platform_did_not_make() {
     let s = ctl.create_instance(preload).await.expect_err("LD_PRELOAD");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     assert!(s.message().contains("LD_PRELOAD"), "{}", s.message());
-    // The listing the gateway may read is still answered to it.
-    let ch = probe::channel_as(addr, Kind::Gateway)
+    // The listing an operator may read is still answered to it; the gateway reads
+    // instances from form-state and is refused here.
+    let ch = probe::channel_as(addr, Kind::Operator)
         .await
         .expect("connect");
     VmmServiceClient::new(ch)
         .list_instances(pb::ListInstancesRequest::default())
         .await
-        .expect("the gateway may list");
+        .expect("an operator may list");
+    let ch = probe::channel_as(addr, Kind::Gateway)
+        .await
+        .expect("connect");
+    let s = VmmServiceClient::new(ch)
+        .list_instances(pb::ListInstancesRequest::default())
+        .await
+        .expect_err("the gateway may not list");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !proof.exists(),

@@ -553,8 +553,8 @@ pub struct Status {
     /// The controller that handles the cluster.
     pub owner: String,
     /// The state sync mode (`none`, `on_scale`, `continuous`), or `unsupported` when
-    /// the workload does not implement the state contract (then a scale-in loses the
-    /// removed instances' writes), or `unknown` when the vmm node cannot be asked.
+    /// a member's workload does not implement the state contract, as the members'
+    /// `state_contract` says (then a scale-in loses the removed instances' writes).
     pub state_sync: String,
 }
 

@@ -40,7 +40,7 @@ pub fn high_priority_fields(groups: &[String]) -> Result<Vec<crate::crdt::Field>
     let mut out = Vec::new();
     for g in groups {
         out.extend_from_slice(match g.as_str() {
-            "members" => &[F::MemberPresence, F::NodeId, F::Addresses, F::MemberStatus, F::Generation, F::MemberResources, F::MemberStateSync, F::MemberDrain][..],
+            "members" => &[F::MemberPresence, F::NodeId, F::Addresses, F::MemberStatus, F::Generation, F::MemberResources, F::MemberStateSync, F::MemberDrain, F::StateContract][..],
             "health" => &[F::Health, F::HeartbeatsSkipped][..],
             "heartbeats" => &[F::Heartbeat, F::StateWrites, F::HeartbeatUsage][..],
             "operations" => &[F::OperationBody, F::OperationStatus][..],

@@ -340,7 +340,8 @@ fn heartbeat_time(at_ms: u64, now: u64) -> u64 {
 /// Longest `state_contract` a heartbeat may carry (a word and why).
 const MAX_CONTRACT: usize = 1024;
 
-/// `Heartbeat`: a max register; a heartbeat older than the newest one changes nothing.
+/// `Heartbeat`: a max register; a heartbeat older than the newest one changes nothing
+/// of it (its `state_contract` is still written if it differs).
 pub fn heartbeat(
     state: &State,
     actor: &str,
@@ -384,20 +385,19 @@ pub fn heartbeat(
         }
     }
     if !r.state_contract.is_empty() {
-        if r.state_contract.len() > MAX_CONTRACT {
-            return Err(StateError::invalid(
-                "state_contract",
-                format!(
-                    "is {} bytes long; at most {MAX_CONTRACT} accepted",
-                    r.state_contract.len()
-                ),
-            ));
+        // Kept to its first MAX_CONTRACT bytes (a word and why): a long reason must
+        // not cost the instance its heartbeat.
+        let mut end = r.state_contract.len().min(MAX_CONTRACT);
+        while !r.state_contract.is_char_boundary(end) {
+            end -= 1;
         }
-        // Written when it changes, not with every heartbeat.
+        let contract = &r.state_contract[..end];
+        // Written when it changes, not with every heartbeat (an older heartbeat's
+        // too: the node learns it once per instance).
         let key = Key::member(&r.cluster_id, &r.instance_id, Field::StateContract);
         let known = state.get(&key).map(|e| &e.value);
-        if !matches!(known, Some(Value::Text(t)) if *t == r.state_contract) {
-            b.set(key, Value::Text(r.state_contract.clone()), 0, now);
+        if !matches!(known, Some(Value::Text(t)) if t == contract) {
+            b.set(key, Value::Text(contract.to_owned()), 0, now);
         }
     }
     Ok(b.build())
@@ -1221,12 +1221,24 @@ mod tests {
             c.members["i1"].state_contract, "unsupported: 404",
             "an empty one says nothing"
         );
-        let e = heartbeat(&s, "a", 700, &with(700, &"x".repeat(2000)))
-            .expect_err("too long")
-            .to_string();
+        apply(&mut s, |s| heartbeat(s, "a", 700, &with(700, "supported")));
+        let c = read::cluster(&s, "web").expect("cluster");
+        assert_eq!(
+            c.members["i1"].state_contract, "supported",
+            "a change is written"
+        );
+        let long = format!("unsupported: {}", "é".repeat(1000));
+        apply(&mut s, |s| heartbeat(s, "a", 800, &with(800, &long)));
+        let c = read::cluster(&s, "web").expect("cluster");
+        let kept = &c.members["i1"].state_contract;
         assert!(
-            e.contains("state_contract") && e.contains("at most 1024"),
-            "{e}"
+            kept.len() <= 1024 && long.starts_with(kept.as_str()),
+            "cut at a character: {}",
+            kept.len()
+        );
+        assert_eq!(
+            c.members["i1"].last_heartbeat_ms, 800,
+            "a long one costs no heartbeat"
         );
     }
 }
