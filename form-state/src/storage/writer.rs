@@ -64,6 +64,15 @@ pub struct WalHandle {
     snapshotted: watch::Receiver<u64>,
 }
 
+impl Command {
+    /// The change it was queued after.
+    fn lsn(&self) -> u64 {
+        match self {
+            Command::Append(l, _) | Command::Snapshot(l, _) => *l,
+        }
+    }
+}
+
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -258,7 +267,17 @@ fn run(
                         tracing::error!(error = %e, "write-ahead log failed; nothing more is acknowledged until it writes again (retrying)");
                     }
                     metrics::counter!("form_state_wal_failures_total").increment(1);
-                    durable.send_modify(|d| d.error = Some(e.to_string()));
+                    // What the batch synced before it failed (the records before a
+                    // snapshot's place whose next segment would not open) is durable:
+                    // their writes are acknowledged, not told to retry.
+                    let synced = batch[..done].iter().map(Command::lsn).max();
+                    durable.send_modify(|d| {
+                        d.error = Some(e.to_string());
+                        if let Some(l) = synced.filter(|l| *l > d.lsn) {
+                            d.lsn = l;
+                            d.end = (segment, good_len);
+                        }
+                    });
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(RETRY_MAX);
                 }
@@ -465,6 +484,14 @@ mod tests {
                 .is_some_and(|e| e.contains("000002.log")),
             "{failing:?}"
         );
+        assert_eq!(
+            failing.lsn, 1,
+            "the record synced before the failure is durable"
+        );
+        wal.wait_durable(1)
+            .await
+            .expect("acknowledged while the log fails after it");
+        assert!(wal.wait_durable(2).await.is_err(), "the next is not");
         std::fs::remove_dir(&blocker).expect("unblock");
         tokio::time::timeout(
             Duration::from_secs(10),
