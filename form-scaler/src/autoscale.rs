@@ -156,6 +156,7 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
             .collect();
         lock(&shared.observer).retain(|id| alive.contains(id));
         lock(&shared.unheard).retain(|id, _| alive.contains(id.as_str()));
+        shared.heard.retain(|id| alive.contains(id));
         shared
             .engine
             .taking_standby
@@ -193,7 +194,7 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
                 stale_ms,
                 window_ms: settings.metric_window.as_millis() as u64,
             };
-            lock(&shared.observer).observe(c, &policy, round)
+            lock(&shared.observer).observe(c, &policy, round, &mut shared.heard.lock())
         };
         if obs.is_empty() {
             continue;

@@ -52,6 +52,9 @@ pub struct Shared {
     /// Members judged before any heartbeat of theirs, and when they were first
     /// judged so (`health::judge`).
     pub unheard: Mutex<HashMap<String, u64>>,
+    /// When this controller saw each member's heartbeat stamp change (members are
+    /// judged by it, not by the node's clock: `crate::arrivals`).
+    pub heard: crate::arrivals::Arrivals,
     /// Metric windows of every instance (what decisions are taken on).
     pub observer: Mutex<crate::observe::Observer>,
     /// When each cluster whose history is kept was created: a cluster made again with
@@ -99,6 +102,7 @@ impl Shared {
             decisions: Mutex::default(),
             activated: Mutex::default(),
             unheard: Mutex::default(),
+            heard: Default::default(),
             observer: Mutex::default(),
             created: Mutex::default(),
             epochs: Default::default(),

@@ -41,6 +41,9 @@ pub struct Fleet {
     records: Mutex<Option<(Instant, Arc<Vec<state_pb::NodeInfo>>)>>,
     /// How a node's recorded address is reached; TLS over TCP when unset.
     dialer: Option<Dialer>,
+    /// When this controller saw each node's heartbeat stamp change: the records it
+    /// hands out carry that time, not the node's clock (`crate::arrivals`).
+    arrivals: crate::arrivals::Arrivals,
 }
 
 /// Makes the channel to a recorded node address (an in-memory network in tests).
@@ -95,7 +98,8 @@ impl Fleet {
     }
 
     /// The node records as form-state has them (read again when older than a second,
-    /// or when `fresh`).
+    /// or when `fresh`), each `last_heartbeat_ms` the time this controller saw it
+    /// arrive ([`crate::arrivals`]).
     pub async fn records(
         &self,
         state: &StateServiceClient<crate::fencing::Ch>,
@@ -114,9 +118,24 @@ impl Fleet {
             .map_err(|s| OpError::rpc("listing the vmm nodes", &s))?
             .into_inner()
             .nodes;
-        let nodes = Arc::new(nodes);
+        let nodes = Arc::new(self.heard(nodes));
         *lock(&self.records) = Some((Instant::now(), nodes.clone()));
         Ok(nodes)
+    }
+
+    /// `nodes` with each heartbeat's time as this controller saw it arrive.
+    fn heard(&self, mut nodes: Vec<state_pb::NodeInfo>) -> Vec<state_pb::NodeInfo> {
+        let now = crate::ops::record::now_ms();
+        {
+            let mut seen = self.arrivals.lock();
+            for n in &mut nodes {
+                n.last_heartbeat_ms = seen.heard(&n.node_id, n.last_heartbeat_ms, now);
+            }
+        }
+        let ids: std::collections::HashSet<&str> =
+            nodes.iter().map(|n| n.node_id.as_str()).collect();
+        self.arrivals.retain(|id| ids.contains(id));
+        nodes
     }
 
     /// The record of node `id`, read again once when it is not known yet.

@@ -39,13 +39,15 @@ impl Health {
     }
 }
 
-/// The health of active member `m` at `now_ms`, with heartbeats due every
+/// The health of active member `m` at `now_ms`, its last heartbeat heard at
+/// `heard_ms` (0: never; `crate::arrivals`), with heartbeats due every
 /// `heartbeat_ms` and `ejected` when the balancer took it out of rotation.
 /// `unheard_since_ms`: when the judge first saw it without any heartbeat; a member
 /// never heard from is judged from then (its node may have been lost before its first
 /// heartbeat: nothing else would ever show it gone).
 pub fn judge(
     m: &state_pb::Member,
+    heard_ms: u64,
     now_ms: u64,
     heartbeat_ms: u64,
     ejected: bool,
@@ -60,7 +62,7 @@ pub fn judge(
             .unwrap_or_else(|| "stopped".into());
         return Health::Unhealthy(format!("instance stopped: {why}"));
     }
-    let last = match (m.last_heartbeat_ms, unheard_since_ms) {
+    let last = match (heard_ms, unheard_since_ms) {
         (0, Some(seen)) => seen,
         (last, _) => last,
     };
@@ -71,7 +73,7 @@ pub fn judge(
     };
     // Said only of a member that is not healthy: a round judges every member.
     let late = || {
-        if m.last_heartbeat_ms == 0 {
+        if heard_ms == 0 {
             format!("no heartbeat ever, {missed} intervals since it was first judged")
         } else {
             format!("no heartbeat for {missed} intervals")
@@ -88,13 +90,13 @@ pub fn judge(
     }
 }
 
-/// Heartbeats `m` skipped at `now_ms`: whole intervals since its last one, beyond the
-/// one in progress; 0 before its first.
-pub fn skipped(m: &state_pb::Member, now_ms: u64, heartbeat_ms: u64) -> u32 {
-    if m.last_heartbeat_ms == 0 {
+/// Heartbeats skipped at `now_ms` by a member last heard at `heard_ms`: whole
+/// intervals since, beyond the one in progress; 0 before its first.
+pub fn skipped(heard_ms: u64, now_ms: u64, heartbeat_ms: u64) -> u32 {
+    if heard_ms == 0 {
         return 0;
     }
-    let intervals = now_ms.saturating_sub(m.last_heartbeat_ms) / heartbeat_ms.max(1);
+    let intervals = now_ms.saturating_sub(heard_ms) / heartbeat_ms.max(1);
     u32::try_from(intervals.saturating_sub(1)).unwrap_or(u32::MAX)
 }
 
@@ -110,8 +112,9 @@ pub enum NodeHealth {
     Lost(String),
 }
 
-/// The health of node `n` at `now_ms`, with heartbeats due every `heartbeat_ms` and
-/// `lost_after_ms` the node timeout.
+/// The health of node `n` at `now_ms` (its record's heartbeat time as this controller
+/// heard it: `crate::fleet::Fleet::records`), with heartbeats due every `heartbeat_ms`
+/// and `lost_after_ms` the node timeout.
 pub fn node(
     n: Option<&state_pb::NodeInfo>,
     now_ms: u64,
@@ -174,31 +177,32 @@ mod tests {
     fn status_heartbeats_and_ejection_decide() {
         let active = state_pb::MemberStatus::Active;
         assert_eq!(
-            judge(&member(active, 10_000), 10_500, 1000, false, None),
+            judge(&member(active, 10_000), 10_000, 10_500, 1000, false, None),
             Health::Healthy
         );
         assert_eq!(
-            judge(&member(active, 0), 99_000, 1000, false, None),
+            judge(&member(active, 0), 0, 99_000, 1000, false, None),
             Health::Healthy
         );
         assert!(matches!(
-            judge(&member(active, 10_000), 13_500, 1000, false, None),
+            judge(&member(active, 10_000), 10_000, 13_500, 1000, false, None),
             Health::Degraded(_)
         ));
         assert!(matches!(
-            judge(&member(active, 10_000), 16_000, 1000, false, None),
+            judge(&member(active, 10_000), 10_000, 16_000, 1000, false, None),
             Health::Unhealthy(_)
         ));
         assert!(matches!(
-            judge(&member(active, 10_000), 10_100, 1000, true, None),
+            judge(&member(active, 10_000), 10_000, 10_100, 1000, true, None),
             Health::Degraded(_)
         ));
         assert!(matches!(
-            judge(&member(active, 10_000), 13_000, 1000, true, None),
+            judge(&member(active, 10_000), 10_000, 13_000, 1000, true, None),
             Health::Unhealthy(_)
         ));
         let stopped = judge(
             &member(state_pb::MemberStatus::Stopped, 10_000),
+            10_000,
             10_000,
             1000,
             false,
@@ -208,15 +212,15 @@ mod tests {
         // Never heard from: judged from when it was first judged so, as if its last
         // heartbeat had come then.
         assert_eq!(
-            judge(&member(active, 0), 12_500, 1000, false, Some(10_000)),
+            judge(&member(active, 0), 0, 12_500, 1000, false, Some(10_000)),
             Health::Healthy
         );
         assert!(matches!(
-            judge(&member(active, 0), 13_500, 1000, false, Some(10_000)),
+            judge(&member(active, 0), 0, 13_500, 1000, false, Some(10_000)),
             Health::Degraded(ref r) if r.contains("no heartbeat ever, 3 intervals")
         ));
         assert!(matches!(
-            judge(&member(active, 0), 16_000, 1000, false, Some(10_000)),
+            judge(&member(active, 0), 0, 16_000, 1000, false, Some(10_000)),
             Health::Unhealthy(ref r) if r.contains("no heartbeat ever")
         ));
     }

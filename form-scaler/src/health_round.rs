@@ -42,9 +42,17 @@ pub async fn round(
     let lost_after = shared.engine.limits.node_timeout.as_millis() as u64;
     let mut ids: Vec<&String> = c.members.keys().collect();
     ids.sort();
+    // When each member's latest heartbeat reached this controller (not its node's
+    // clock: `crate::arrivals`); looked up before the awaits below.
+    let heard: Vec<u64> = {
+        let mut seen = shared.heard.lock();
+        ids.iter()
+            .map(|id| seen.heard(id, c.members[*id].last_heartbeat_ms, now))
+            .collect()
+    };
     let mut due = Vec::new();
     let mut judged = 0usize;
-    for id in ids {
+    for (id, heard) in ids.into_iter().zip(heard) {
         let m = &c.members[id];
         let active = m.status == state_pb::MemberStatus::Active as i32;
         if !active && m.status != state_pb::MemberStatus::Stopped as i32 {
@@ -74,6 +82,7 @@ pub async fn round(
             health::NodeHealth::Lost(why) => Health::Unhealthy(why.clone()),
             _ => health::judge(
                 m,
+                heard,
                 now,
                 heartbeat,
                 !ejected.is_empty() && ejected.contains(&format!("{}/{id}", c.cluster_id)),
@@ -83,7 +92,7 @@ pub async fn round(
         let recorded = m.health_history.last().map(|e| e.state);
         let health_changed =
             recorded != Some(h.state() as i32) && !(recorded.is_none() && h == Health::Healthy);
-        let skipped = health::skipped(m, now, heartbeat);
+        let skipped = health::skipped(heard, now, heartbeat);
         if health_changed || skipped != m.heartbeats_skipped {
             record(shared, c, id, health_changed.then_some(&h), skipped, now).await;
         }

@@ -2,6 +2,7 @@
 //! carries out scale-out, scale-in, replacement and resize as operations recorded in
 //! form-state.
 
+pub mod arrivals;
 pub mod autoscale;
 pub mod clusters;
 pub mod config;

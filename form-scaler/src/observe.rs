@@ -54,22 +54,24 @@ pub struct Round<'a> {
 
 impl Observer {
     /// Adds this round's samples of `c`'s counted members and returns what `decide`
-    /// sees of them.
+    /// sees of them; a member's heartbeat is timed when this controller saw it
+    /// (`seen`, [`crate::arrivals`]), not by its node's clock.
     pub fn observe(
         &mut self,
         c: &state_pb::Cluster,
         policy: &types::ScalingPolicy,
         r: Round<'_>,
+        seen: &mut crate::arrivals::Seen<'_>,
     ) -> Vec<Observation> {
         let warm_ms = u64::from(policy.warmup_seconds) * 1000;
         plan::counted_members(c)
             .into_iter()
             .map(|m| {
                 let w = self.windows.entry(m.instance_id.clone()).or_default();
-                if m.last_heartbeat_ms > 0 {
+                let heard = seen.heard(&m.instance_id, m.last_heartbeat_ms, r.now_ms);
+                if heard > 0 {
                     // One sample per heartbeat: a repeated timestamp is ignored.
-                    w.cpu
-                        .push(m.last_heartbeat_ms, m.cpu_utilization, r.window_ms);
+                    w.cpu.push(heard, m.cpu_utilization, r.window_ms);
                 }
                 let load = r.loads.get(&format!("{}/{}", c.cluster_id, m.instance_id));
                 if let Some(l) = load {
@@ -78,7 +80,7 @@ impl Observer {
                 let active = m.status == state_pb::MemberStatus::Active as i32;
                 Observation {
                     instance_id: m.instance_id.clone(),
-                    ready: active && !warming(m, r.activated, r.now_ms, warm_ms),
+                    ready: active && !warming(m, heard, r.activated, r.now_ms, warm_ms),
                     cpu: w.cpu.mean(r.now_ms, r.window_ms, r.stale_ms),
                     requests_per_second: load
                         .and_then(|_| w.rate.mean(r.now_ms, r.window_ms, r.stale_ms)),
@@ -93,9 +95,11 @@ impl Observer {
     }
 }
 
-/// Whether `m` is still warming up at `now_ms`.
+/// Whether `m` (its latest heartbeat heard at `heard_ms`) is still warming up at
+/// `now_ms`.
 fn warming(
     m: &state_pb::Member,
+    heard_ms: u64,
     activated: &HashMap<String, u64>,
     now_ms: u64,
     warm_ms: u64,
@@ -110,7 +114,7 @@ fn warming(
         // Never heard from with an uptime: it may still be booting.
         return warm_ms > 0;
     };
-    let up_ms = uptime * 1000.0 + now_ms.saturating_sub(m.last_heartbeat_ms) as f64;
+    let up_ms = uptime * 1000.0 + now_ms.saturating_sub(heard_ms) as f64;
     up_ms < warm_ms as f64
 }
 
@@ -148,6 +152,8 @@ mod tests {
     #[test]
     fn a_booting_template_is_not_load_until_its_warmup_has_passed() {
         let mut o = Observer::default();
+        let arrivals = crate::arrivals::Arrivals::default();
+        let seen = &mut arrivals.lock();
         let loads = HashMap::new();
         let activated = HashMap::new();
         let round = |now_ms| Round {
@@ -158,19 +164,30 @@ mod tests {
             window_ms: 15_000,
         };
         // 2 s after start, busy booting: warming, not ready.
-        let obs = o.observe(&cluster(2.0, 10_000, 0.92), &policy(30), round(10_000));
+        let obs = o.observe(
+            &cluster(2.0, 10_000, 0.92),
+            &policy(30),
+            round(10_000),
+            seen,
+        );
         assert!(!obs[0].ready);
         // Unknown uptime: warming too.
-        let obs = o.observe(&cluster(0.0, 11_000, 0.9), &policy(30), round(11_000));
+        let obs = o.observe(&cluster(0.0, 11_000, 0.9), &policy(30), round(11_000), seen);
         assert!(!obs[0].ready);
         // 40 s after start: ready.
-        let obs = o.observe(&cluster(40.0, 48_000, 0.2), &policy(30), round(48_000));
+        let obs = o.observe(
+            &cluster(40.0, 48_000, 0.2),
+            &policy(30),
+            round(48_000),
+            seen,
+        );
         assert!(obs[0].ready);
     }
 
     #[test]
     fn cpu_is_the_mean_of_the_window_not_the_last_sample() {
         let mut o = Observer::default();
+        let arrivals = crate::arrivals::Arrivals::default();
         let loads = HashMap::new();
         let activated = HashMap::new();
         let mut last = None;
@@ -183,7 +200,7 @@ mod tests {
                 stale_ms: 5000,
                 window_ms: 4000,
             };
-            last = o.observe(&cluster(100.0, t, cpu), &policy(0), r)[0].cpu;
+            last = o.observe(&cluster(100.0, t, cpu), &policy(0), r, &mut arrivals.lock())[0].cpu;
         }
         assert!((last.expect("fresh") - 0.5).abs() < 1e-9, "{last:?}");
     }

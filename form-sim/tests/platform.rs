@@ -374,3 +374,56 @@ async fn a_seed_replays_its_history() {
         a.took, b.took
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn nodes_whose_clocks_are_off_by_a_minute_keep_their_instances() {
+    // Every machine's clock drawn up to a minute off (the node timeout is 15 s, a
+    // member is unhealthy after 6 heartbeats of 200 ms): a controller that compared
+    // the nodes' heartbeat stamps with its own clock judged the members of a node
+    // behind it unhealthy, or the node lost, and replaced them while they heartbeat.
+    // It judges by when it saw each stamp change (form_scaler::arrivals).
+    let dir = TestDir::new("sim-skew");
+    let setup = Setup {
+        nodes: 2,
+        node_crashes: true,
+        clock_skew: (Duration::from_secs(60), 7),
+        ..Default::default()
+    };
+    let p = InProcess::with(dir.path(), setup).await.expect("platform");
+    let c = p.controller();
+    let op = c.create(spec("web"), "create-web").await.expect("create");
+    let op = p.ended(&op.operation_id, ENDS).await.expect("create ends");
+    assert_eq!(form_scaler::ops::status_name(&op), "completed", "{op:?}");
+    let op = c
+        .submit("web", scale(types::OperationKind::ScaleOut, 4, "out-4"))
+        .await
+        .expect("scale-out accepted");
+    let op = p
+        .ended(&op.operation_id, ENDS)
+        .await
+        .expect("scale-out ends");
+    assert_eq!(form_scaler::ops::status_name(&op), "completed", "{op:?}");
+    let ids = |c: &form_proto::state::v1::Cluster| {
+        let mut v: Vec<String> = c.members.keys().cloned().collect();
+        v.sort();
+        v
+    };
+    let before = ids(&p.cluster("web").await.expect("cluster"));
+    assert_eq!(before.len(), 4);
+    // Time for every judgement there is: members unhealthy, replaced, nodes lost.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let after = p.cluster("web").await.expect("cluster");
+    assert_eq!(ids(&after), before, "no member was replaced");
+    for (id, m) in &after.members {
+        let unhealthy = m
+            .health_history
+            .iter()
+            .any(|e| e.state == form_proto::state::v1::HealthState::Unhealthy as i32);
+        assert!(
+            !unhealthy,
+            "{id} was judged unhealthy: {:?}",
+            m.health_history
+        );
+    }
+    nodes_match_state(&p, "web").await.expect("agree");
+}
