@@ -157,6 +157,19 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
         lock(&shared.observer).retain(|id| alive.contains(id));
         lock(&shared.unheard).retain(|id, _| alive.contains(id.as_str()));
         shared.heard.retain(|id| alive.contains(id));
+        // Every member's stamp is seen at every round, whoever owns its cluster: a
+        // controller that takes a cluster over, or restarts, judges its members' silence
+        // from then on; at first sight, from the intervals the judge before recorded
+        // them silent (`crate::arrivals`).
+        let heartbeat = settings.heartbeat.as_millis() as u64;
+        let mut seen = shared.heard.lock();
+        for c in clusters.values() {
+            for (id, m) in &c.members {
+                let silent = (u64::from(m.heartbeats_skipped) + 1).saturating_mul(heartbeat);
+                seen.heard(id, m.last_heartbeat_ms, now, now.saturating_sub(silent));
+            }
+        }
+        drop(seen);
         shared
             .engine
             .taking_standby

@@ -129,7 +129,7 @@ impl Fleet {
         {
             let mut seen = self.arrivals.lock();
             for n in &mut nodes {
-                n.last_heartbeat_ms = seen.heard(&n.node_id, n.last_heartbeat_ms, now);
+                n.last_heartbeat_ms = seen.heard(&n.node_id, n.last_heartbeat_ms, now, now);
             }
         }
         let ids: std::collections::HashSet<&str> =

@@ -43,11 +43,12 @@ pub async fn round(
     let mut ids: Vec<&String> = c.members.keys().collect();
     ids.sort();
     // When each member's latest heartbeat reached this controller (not its node's
-    // clock: `crate::arrivals`); looked up before the awaits below.
+    // clock: `crate::arrivals`, seen for every cluster at the round's start); looked
+    // up before the awaits below.
     let heard: Vec<u64> = {
         let mut seen = shared.heard.lock();
         ids.iter()
-            .map(|id| seen.heard(id, c.members[*id].last_heartbeat_ms, now))
+            .map(|id| seen.heard(id, c.members[*id].last_heartbeat_ms, now, now))
             .collect()
     };
     let mut due = Vec::new();

@@ -68,7 +68,7 @@ impl Observer {
             .into_iter()
             .map(|m| {
                 let w = self.windows.entry(m.instance_id.clone()).or_default();
-                let heard = seen.heard(&m.instance_id, m.last_heartbeat_ms, r.now_ms);
+                let heard = seen.heard(&m.instance_id, m.last_heartbeat_ms, r.now_ms, r.now_ms);
                 if heard > 0 {
                     // One sample per heartbeat: a repeated timestamp is ignored.
                     w.cpu.push(heard, m.cpu_utilization, r.window_ms);

@@ -426,4 +426,29 @@ async fn nodes_whose_clocks_are_off_by_a_minute_keep_their_instances() {
         );
     }
     nodes_match_state(&p, "web").await.expect("agree");
+
+    // Silence is still found under the skew: a node cut off is lost within its
+    // timeout, and its members are replaced on the other node.
+    let cut = p.nodes()[1].clone();
+    let on_cut: Vec<String> = after
+        .members
+        .iter()
+        .filter(|(_, m)| m.node_id == cut.id)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(!on_cut.is_empty(), "a member on {}", cut.id);
+    p.net.partition(&cut.address);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = p.cluster("web").await.expect("cluster");
+        if c.members.len() == 4 && on_cut.iter().all(|id| !c.members.contains_key(id)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{on_cut:?} on the cut node are not replaced within 60 s: {:?}",
+            ids(&c)
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

@@ -125,8 +125,9 @@ pub fn standby_node(
         })
 }
 
-/// A node record as placement sees it: lost when its last heartbeat is more than
-/// `lost_after_ms` old at `now_ms`.
+/// A node record as placement sees it: lost when its last heartbeat (as this
+/// controller heard it: `crate::arrivals`) is more than `lost_after_ms` old at
+/// `now_ms`.
 pub fn node(r: &state_pb::NodeInfo, now_ms: u64, lost_after_ms: u64) -> Node {
     let amount = |c: Option<&state_pb::NodeCapacity>| {
         c.map(|c| Amount {
