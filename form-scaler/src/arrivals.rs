@@ -64,6 +64,12 @@ impl Seen<'_> {
             }
         }
     }
+
+    /// When the latest heartbeat of `id` counted as heard, as [`Self::heard`] last
+    /// set it; 0 for an id not seen (or never heard from).
+    pub fn at(&self, id: &str) -> u64 {
+        self.0.get(id).map_or(0, |(_, at)| *at)
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +119,7 @@ mod tests {
             "no later than now"
         );
         assert_eq!(seen.heard("new", 0, 50_000, 50_000), 0);
+        assert_eq!((seen.at("new"), seen.at("silent")), (0, 43_000));
         assert_eq!(
             seen.heard("old", 10_000, 70_000, 70_000),
             50_000,

@@ -157,10 +157,11 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
         lock(&shared.observer).retain(|id| alive.contains(id));
         lock(&shared.unheard).retain(|id, _| alive.contains(id.as_str()));
         shared.heard.retain(|id| alive.contains(id));
-        // Every member's stamp is seen at every round, whoever owns its cluster: a
-        // controller that takes a cluster over, or restarts, judges its members' silence
-        // from then on; at first sight, from the intervals the judge before recorded
-        // them silent (`crate::arrivals`).
+        // Every member's stamp is seen here, at every round, whoever owns its cluster
+        // (the health judgement and the observations read what this saw): a
+        // controller that takes a cluster over, or restarts, judges its members'
+        // silence from then on; at first sight, from the intervals the judge before
+        // recorded them silent (`crate::arrivals`).
         let heartbeat = settings.heartbeat.as_millis() as u64;
         let mut seen = shared.heard.lock();
         for c in clusters.values() {
@@ -207,7 +208,7 @@ async fn round(shared: &Arc<Shared>, settings: &Settings) -> Result<(), tonic::S
                 stale_ms,
                 window_ms: settings.metric_window.as_millis() as u64,
             };
-            lock(&shared.observer).observe(c, &policy, round, &mut shared.heard.lock())
+            lock(&shared.observer).observe(c, &policy, round, &shared.heard.lock())
         };
         if obs.is_empty() {
             continue;

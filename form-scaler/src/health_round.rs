@@ -46,10 +46,8 @@ pub async fn round(
     // clock: `crate::arrivals`, seen for every cluster at the round's start); looked
     // up before the awaits below.
     let heard: Vec<u64> = {
-        let mut seen = shared.heard.lock();
-        ids.iter()
-            .map(|id| seen.heard(id, c.members[*id].last_heartbeat_ms, now, now))
-            .collect()
+        let seen = shared.heard.lock();
+        ids.iter().map(|id| seen.at(id)).collect()
     };
     let mut due = Vec::new();
     let mut judged = 0usize;

@@ -61,14 +61,14 @@ impl Observer {
         c: &state_pb::Cluster,
         policy: &types::ScalingPolicy,
         r: Round<'_>,
-        seen: &mut crate::arrivals::Seen<'_>,
+        seen: &crate::arrivals::Seen<'_>,
     ) -> Vec<Observation> {
         let warm_ms = u64::from(policy.warmup_seconds) * 1000;
         plan::counted_members(c)
             .into_iter()
             .map(|m| {
                 let w = self.windows.entry(m.instance_id.clone()).or_default();
-                let heard = seen.heard(&m.instance_id, m.last_heartbeat_ms, r.now_ms, r.now_ms);
+                let heard = seen.at(&m.instance_id);
                 if heard > 0 {
                     // One sample per heartbeat: a repeated timestamp is ignored.
                     w.cpu.push(heard, m.cpu_utilization, r.window_ms);
@@ -149,11 +149,18 @@ mod tests {
         }
     }
 
+    /// `c`'s heartbeats as the round sees them at `now_ms`, before it observes.
+    fn seen(arrivals: &crate::arrivals::Arrivals, c: &state_pb::Cluster, now_ms: u64) {
+        let mut seen = arrivals.lock();
+        for (id, m) in &c.members {
+            seen.heard(id, m.last_heartbeat_ms, now_ms, now_ms);
+        }
+    }
+
     #[test]
     fn a_booting_template_is_not_load_until_its_warmup_has_passed() {
         let mut o = Observer::default();
         let arrivals = crate::arrivals::Arrivals::default();
-        let seen = &mut arrivals.lock();
         let loads = HashMap::new();
         let activated = HashMap::new();
         let round = |now_ms| Round {
@@ -163,24 +170,18 @@ mod tests {
             stale_ms: 5000,
             window_ms: 15_000,
         };
+        let mut observe = |c: state_pb::Cluster, now_ms| {
+            seen(&arrivals, &c, now_ms);
+            o.observe(&c, &policy(30), round(now_ms), &arrivals.lock())
+        };
         // 2 s after start, busy booting: warming, not ready.
-        let obs = o.observe(
-            &cluster(2.0, 10_000, 0.92),
-            &policy(30),
-            round(10_000),
-            seen,
-        );
+        let obs = observe(cluster(2.0, 10_000, 0.92), 10_000);
         assert!(!obs[0].ready);
         // Unknown uptime: warming too.
-        let obs = o.observe(&cluster(0.0, 11_000, 0.9), &policy(30), round(11_000), seen);
+        let obs = observe(cluster(0.0, 11_000, 0.9), 11_000);
         assert!(!obs[0].ready);
         // 40 s after start: ready.
-        let obs = o.observe(
-            &cluster(40.0, 48_000, 0.2),
-            &policy(30),
-            round(48_000),
-            seen,
-        );
+        let obs = observe(cluster(40.0, 48_000, 0.2), 48_000);
         assert!(obs[0].ready);
     }
 
@@ -200,7 +201,9 @@ mod tests {
                 stale_ms: 5000,
                 window_ms: 4000,
             };
-            last = o.observe(&cluster(100.0, t, cpu), &policy(0), r, &mut arrivals.lock())[0].cpu;
+            let c = cluster(100.0, t, cpu);
+            seen(&arrivals, &c, t);
+            last = o.observe(&c, &policy(0), r, &arrivals.lock())[0].cpu;
         }
         assert!((last.expect("fresh") - 0.5).abs() < 1e-9, "{last:?}");
     }

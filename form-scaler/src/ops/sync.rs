@@ -405,11 +405,7 @@ fn bounded(lost: Vec<String>) -> Vec<String> {
         .take(LISTED)
         .map(|mut l| {
             if l.len() > ENTRY {
-                let mut cut = ENTRY;
-                while !l.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                l.truncate(cut);
+                l.truncate(l.floor_char_boundary(ENTRY));
                 l.push_str("...");
             }
             l

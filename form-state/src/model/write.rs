@@ -387,11 +387,7 @@ pub fn heartbeat(
     if !r.state_contract.is_empty() {
         // Kept to its first MAX_CONTRACT bytes (a word and why): a long reason must
         // not cost the instance its heartbeat.
-        let mut end = r.state_contract.len().min(MAX_CONTRACT);
-        while !r.state_contract.is_char_boundary(end) {
-            end -= 1;
-        }
-        let contract = &r.state_contract[..end];
+        let contract = &r.state_contract[..r.state_contract.floor_char_boundary(MAX_CONTRACT)];
         // Written when it changes, not with every heartbeat (an older heartbeat's
         // too: the node learns it once per instance).
         let key = Key::member(&r.cluster_id, &r.instance_id, Field::StateContract);

@@ -396,6 +396,17 @@ mod tests {
         while written.changed().await.is_ok() {}
     }
 
+    /// Returns once the snapshot of `segment` is durable (within 10 s).
+    async fn snapshot_written(wal: &WalHandle, segment: u64) {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            wal.snapshotted().wait_for(|s| *s == segment),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("snapshot {segment} not written within 10 s"))
+        .expect("the snapshot thread runs");
+    }
+
     #[tokio::test]
     async fn writes_go_on_while_a_snapshot_is_held_and_the_next_snapshot_compacts() {
         let dir = form_testkit::TestDir::new("snapshot-beside");
@@ -435,11 +446,7 @@ mod tests {
             !sent.is_empty(),
             "the held snapshot was written into the FIFO"
         );
-        let mut snapshotted = wal.snapshotted();
-        tokio::time::timeout(Duration::from_secs(10), snapshotted.wait_for(|s| *s == 2))
-            .await
-            .expect("the next snapshot is written within 10 s")
-            .expect("the snapshot thread runs");
+        snapshot_written(&wal, 2).await;
         stop(wal).await;
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .expect("dir")
@@ -500,11 +507,7 @@ mod tests {
         .await
         .expect("the writer goes on within 10 s")
         .expect("durable once the segment opens");
-        let mut snapshotted = wal.snapshotted();
-        tokio::time::timeout(Duration::from_secs(10), snapshotted.wait_for(|s| *s == 1))
-            .await
-            .expect("snapshot within 10 s")
-            .expect("the snapshot thread runs");
+        snapshot_written(&wal, 1).await;
         stop(wal).await;
         let r = recover::recover(dir.path()).expect("recovers");
         assert_eq!((r.snapshot_segment, r.segment), (1, 2));
