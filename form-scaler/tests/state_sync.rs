@@ -410,8 +410,18 @@ async fn a_dead_victim_is_reported_not_handed_off_and_state_sync_none_skips_it()
 /// What one writer had acknowledged: its unique keys, and the last value of the key
 /// it overwrites every time.
 struct Written {
-    unique: Vec<String>,
+    /// Each unique key acknowledged, with the instance that took it and when (ms
+    /// since the Unix epoch, to compare with the services' logs).
+    unique: Vec<(String, String, u64)>,
     last: Option<(String, u64)>,
+}
+
+/// A header's value in a response head.
+fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_owned())
 }
 
 /// The `name=value` of a cookie set in a response head.
@@ -476,7 +486,11 @@ fn writers(
                             }
                             if code == 204 {
                                 match value {
-                                    None => out.unique.push(key),
+                                    None => out.unique.push((
+                                        key,
+                                        header_of(&head, "x-instance").unwrap_or_default(),
+                                        now_ms(),
+                                    )),
                                     Some(v) => out.last = Some((key, v)),
                                 }
                             }
@@ -515,9 +529,18 @@ async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
     assert_eq!(members, vec![TEMPLATE.to_owned()]);
     let template = stack.cluster().await.members[TEMPLATE].addresses[0].clone();
     let mut lost = BTreeSet::new();
-    for k in &acked {
+    for (k, by, at) in &acked {
         if key_on(&template, k).await.as_deref() != Some(k.as_str()) {
-            lost.insert(k.clone());
+            // Read again, to tell a key that is not there from a read that failed.
+            let again = probe::http_get(template.parse().expect("address"), &format!("/kv/{k}"))
+                .await
+                .map_or_else(
+                    |e| format!("read failed: {e}"),
+                    |(c, b)| format!("{c} {}", b.trim()),
+                );
+            lost.insert(format!(
+                "{k} (taken by {by} at {at} ms; read again: {again})"
+            ));
         }
     }
     // Each overwritten key holds the last value its writer had acknowledged: no
@@ -544,7 +567,7 @@ async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
         acked.len()
     );
     // And through the balancer, as a fresh client would read them.
-    for k in acked.iter().step_by(97) {
+    for (k, _, _) in acked.iter().step_by(97) {
         let (code, body, _) = via_lb(stack.http, &format!("/kv/{k}"), None)
             .await
             .expect("get");
@@ -821,4 +844,11 @@ async fn a_workload_without_the_contract_scales_in_as_before_unless_the_cluster_
     );
     assert!(stack.instances().await.contains(&clone), "nothing deleted");
     stack.stop().await;
+}
+
+/// Milliseconds since the Unix epoch (the services' logs are stamped in UTC).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

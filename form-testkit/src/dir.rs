@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// A fresh directory under the system's temporary directory; removed on drop.
+/// A fresh directory under the system's temporary directory; removed on drop, unless
+/// the test is failing (a panic unwinds): then it is kept, with the services' logs in
+/// it, and its path is printed.
 #[derive(Debug)]
 pub struct TestDir {
     path: PathBuf,
@@ -30,6 +32,13 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed: its directory is kept at {}",
+                self.path.display()
+            );
+            return;
+        }
         drop(std::fs::remove_dir_all(&self.path));
     }
 }

@@ -123,6 +123,16 @@ async fn state_snapshot_restore_and_identity() {
         (who["instance_id"].as_str(), who["generation"].as_u64()),
         (Some("c"), Some(2))
     );
+    // A write's answer names the instance that took it, under its new identity.
+    let (code, head, _) = probe::http_call(b.addr, "PUT", "/kv/k", &[], b"v3")
+        .await
+        .expect("PUT");
+    assert_eq!(code, 204, "{head}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("x-instance: c")),
+        "{head}"
+    );
 }
 
 #[test]

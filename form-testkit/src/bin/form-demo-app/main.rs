@@ -2,7 +2,8 @@
 //! lives in memory, so only a snapshot or the state contract carries it elsewhere:
 //!
 //! - `PUT /kv/{key}` stores the body; `GET /kv/{key}` returns it (404 when missing);
-//!   `DELETE /kv/{key}` deletes it;
+//!   `DELETE /kv/{key}` deletes it; a write's answer names the instance that took it
+//!   (`x-instance`);
 //! - `GET /session`: a per-session counter keyed by the `demo_session` cookie;
 //! - `GET /whoami`: `{instance_id, generation, restored_from, keys, resources}`, where
 //!   `resources` is what the instance sees of its CPUs and memory (`resources.rs`);
@@ -50,6 +51,8 @@ const MAX_VALUE: usize = store::MAX_VALUE;
 const COOKIE: &str = "demo_session";
 /// Name of the cookie carrying the clock reading of the session's last write.
 const HLC_COOKIE: &str = "demo_hlc";
+/// The header a write's answer names the instance that took it with.
+const INSTANCE_HEADER: &str = "x-instance";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Identity {
@@ -147,13 +150,18 @@ fn write(app: &App, headers: &HeaderMap, key: &str, value: Option<String>) -> Re
         data.observe(seen, now);
     }
     let ts = data.put(key, value, now);
+    let me = data.me.clone();
     drop(data);
     (
         StatusCode::NO_CONTENT,
-        [(
-            header::SET_COOKIE,
-            format!("{HLC_COOKIE}={}; Path=/; HttpOnly", ts.text()),
-        )],
+        [
+            (
+                header::SET_COOKIE,
+                format!("{HLC_COOKIE}={}; Path=/; HttpOnly", ts.text()),
+            ),
+            // Which instance took the write (for a client that traces where it went).
+            (header::HeaderName::from_static(INSTANCE_HEADER), me),
+        ],
     )
         .into_response()
 }
