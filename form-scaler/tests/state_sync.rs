@@ -560,6 +560,23 @@ async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
         "too few writes to mean anything: {}",
         acked.len()
     );
+    if !lost.is_empty() {
+        // CI keeps only the output: what the controller and the balancer did with
+        // drains and handoffs, to set beside the lost writes' times.
+        for svc in [stack.scaler.as_ref(), Some(&stack.rplb)]
+            .into_iter()
+            .flatten()
+        {
+            let log = std::fs::read_to_string(svc.log_path()).unwrap_or_default();
+            for l in log.lines().filter(|l| {
+                ["drain", "handed off", "step", "operation"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            }) {
+                eprintln!("{}: {l}", svc.log_path().display());
+            }
+        }
+    }
     assert!(
         lost.is_empty(),
         "lost {} of {}: {lost:?}",

@@ -333,7 +333,11 @@ impl Engine {
         loop {
             attempt += 1;
             let before = op.clone();
+            let started = std::time::Instant::now();
             let mut r = self.run_step(step, op).await;
+            if r.is_ok() {
+                tracing::info!(operation = %op.operation_id, step = step.name(), took_ms = started.elapsed().as_millis() as u64, "step done");
+            }
             if r.is_ok() && fault == Some(Fault::Fail) && attempt == 1 {
                 r = Err(OpError::new(format!(
                     "injected fault after step {}",
