@@ -31,7 +31,7 @@ chmod 1777 "$root/tmp"
 # (uid 65532): a named volume mounted there for the first time takes this owner. The
 # certificate directories are those of docker-compose.yml's holders.
 owned="$ctx/owned"
-mkdir -p "$owned"/{data,keys,tokens,v/state-1,v/state-2,v/state-3} \
+mkdir -p "$owned"/{data,keys,tokens,cookie,v/state-1,v/state-2,v/state-3} \
     "$owned"/certs/{ca,formctl,state-1,state-2,state-3,vmm-1,vmm-2,rplb-1,rplb-2,scaler-1,scaler-2,mcp-1}
 
 copy_lib() {

@@ -7,7 +7,10 @@
 # - `form-vmm-{i}` for i below FORM_VMM_NODES (2): one vmm node's own TLS files, so
 #   each node has an identity of its own (the first to write a node record keeps it);
 # - `form-tls`: the TLS files of the other services (<id>.ca.pem, <id>.cert.pem,
-#   <id>.key.pem), each workload mounting only its own items.
+#   <id>.key.pem), each workload mounting only its own items, and the balancers'
+#   session cookie key (form-rplb.cookie-key), one for every form-rplb pod, kept in the
+#   CA directory (cookie.key) so that a session pinned by one pod is honored by the
+#   others and by the next run's Secret.
 # Certificates are issued by a CA kept in ${FORM_CA_DIR:-./form-ca} (made there the
 # first time; its key never goes into a Secret). Keep the output and the CA out of
 # version control.
@@ -25,10 +28,12 @@ replicas=()
 for i in 0 1 2; do
     replicas+=(--replica "form-state-$i=$tmp/form-state-$i")
 done
-"$bin/formctl" keys --form-state "$bin/form-state" "${replicas[@]}" \
-    --out "$tmp/authorized_keys" --tokens-dir "$tmp" >/dev/null
 ca=${FORM_CA_DIR:-./form-ca}
 mkdir -p "$ca" "$tmp/tls"
+# The balancers' cookie key is kept beside the CA, so a renewal keeps sessions pinned.
+"$bin/formctl" keys --form-state "$bin/form-state" "${replicas[@]}" \
+    --out "$tmp/authorized_keys" --tokens-dir "$tmp" --cookie-key "$ca/cookie.key" >/dev/null
+cp "$ca/cookie.key" "$tmp/tls/form-rplb.cookie-key"
 cp -r "$ca/." "$tmp/tls/ca" 2>/dev/null || true
 nodes=${FORM_VMM_NODES:-2}
 vmm=()
@@ -52,6 +57,7 @@ own = {r: {"node.key": b64(f"{d}/{r}/node.key"),
            **{f: b64(f"{d}/tls/{r}/{f}") for f in pems}} for r in replicas}
 own.update({n: {f: b64(f"{d}/tls/{n}/{f}") for f in pems} for n in nodes})
 tls = {f"{i}.{f}": b64(f"{d}/tls/{i}/{f}") for i in ids if i not in own for f in pems}
+tls["form-rplb.cookie-key"] = b64(f"{d}/tls/form-rplb.cookie-key")
 secret = lambda name, data: {"apiVersion": "v1", "kind": "Secret",
                              "metadata": {"name": name, "namespace": "form"},
                              "type": "Opaque", "data": data}

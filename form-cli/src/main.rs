@@ -5,6 +5,7 @@
 mod certs;
 mod client;
 mod clusters;
+mod cookie_key;
 mod demo;
 mod detach;
 mod drain;

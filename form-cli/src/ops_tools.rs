@@ -1,6 +1,7 @@
 //! Small commands for containers, whose images hold no shell or curl:
 //! `formctl probe grpc|http` (health checks) and `formctl keys` (the state replicas'
-//! keys and the authorized keys file they share).
+//! keys and the authorized keys file they share, the API tokens, the balancers' cookie
+//! key).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +72,10 @@ pub(crate) struct KeysArgs {
     /// are not printed (logs are not for secrets): `formctl tokens` shows them.
     #[arg(long, value_name = "DIR")]
     tokens_dir: Option<PathBuf>,
+    /// Also make the balancers' session cookie key at this path (kept if present), for
+    /// every form-rplb of the stack to read with --cookie-key-file.
+    #[arg(long, value_name = "PATH")]
+    cookie_key: Option<PathBuf>,
 }
 
 /// Makes each replica's key (kept if present) and writes the file listing them all.
@@ -101,6 +106,14 @@ pub(crate) fn keys(a: KeysArgs) -> anyhow::Result<ExitCode> {
             "API tokens in {} (formctl tokens --tokens-dir {} shows them)",
             crate::tokens::path(dir).display(),
             dir.display()
+        );
+    }
+    if let Some(p) = &a.cookie_key {
+        let made = crate::cookie_key::ensure(p)?;
+        println!(
+            "{} the balancers' cookie key at {}",
+            if made { "made" } else { "kept" },
+            p.display()
         );
     }
     Ok(ExitCode::SUCCESS)

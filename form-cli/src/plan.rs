@@ -127,6 +127,11 @@ pub(crate) fn stack(host: IpAddr, ports: &Ports, http_port: u16, data_dir: &Path
                 SocketAddr::new(host, http_port).to_string(),
             ),
             ("--backend-networks", LOOPBACK_NETWORKS.into()),
+            // Kept in the data directory: sessions stay pinned across restarts.
+            (
+                "--cookie-key-file",
+                crate::cookie_key::path(data_dir).display().to_string(),
+            ),
         ],
     );
     with(
@@ -187,6 +192,7 @@ mod tests {
         assert_eq!(arg(&plan[2], "--data-dir"), "/d/form-state-3");
         assert_eq!(arg(&plan[2], "--replica-id"), "state-3");
         assert_eq!(arg(&plan[0], "--authorized-keys"), "/d/authorized_keys");
+        assert_eq!(arg(&plan[4], "--cookie-key-file"), "/d/cookie.key");
         assert_eq!(arg(&plan[5], "--rplb"), "127.0.0.1:3005");
         assert_eq!(arg(&plan[6], "--scaler"), "127.0.0.1:3006");
         assert_eq!(arg(&plan[6], "--listen"), "127.0.0.1:3010");

@@ -59,6 +59,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     crate::certs::issue_all(&data_dir, &holders(&plan, &data_dir)?, lifetime)?;
     write_authorized_keys(&bin_dir, &plan, &data_dir)?;
     let tokens = crate::tokens::ensure(&data_dir)?;
+    crate::cookie_key::ensure(&crate::cookie_key::path(&data_dir))?;
 
     let (handle, mut stop) = shutdown::channel();
     shutdown::spawn_signal_listener(handle)?;

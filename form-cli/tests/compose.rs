@@ -103,6 +103,31 @@ async fn the_compose_stack_serves_the_demo_and_scales_it_with_its_state() {
         seen2.len() >= 4,
         "every instance serves through form-rplb-2: {seen2:?}"
     );
+    // The balancers share one cookie key: a session pinned by one stays on its
+    // instance through the other, with no new cookie.
+    for _ in 0..10 {
+        let (code, head, who) = probe::http_call(lb, "GET", "/whoami", &DEMO_HOST, b"")
+            .await
+            .expect("whoami");
+        assert_eq!(code, 200);
+        let session =
+            probe::set_cookie(&head, "FORM_SESSION").expect("a new session gets a cookie");
+        let (code, head2, who2) = probe::http_call(
+            lb2,
+            "GET",
+            "/whoami",
+            &[DEMO_HOST[0], ("Cookie", session.as_str())],
+            b"",
+        )
+        .await
+        .expect("whoami via the second balancer");
+        assert_eq!(code, 200);
+        assert_eq!(
+            who2, who,
+            "form-rplb-2 honors form-rplb's session {session}"
+        );
+        assert_eq!(probe::set_cookie(&head2, "FORM_SESSION"), None, "{head2}");
+    }
 
     // What each container's process is, from the kernel: no root and no capability
     // (form-vmm: root, with the six it needs to run workloads as nobody), no privilege

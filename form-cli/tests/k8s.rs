@@ -242,6 +242,14 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
                         "{command} runs without --tls-dir"
                     );
                 }
+                // Every balancer pod reads the one cookie key: a session pinned by
+                // one is honored by the others.
+                if command == "form-rplb" {
+                    assert!(
+                        c["args"].to_string().contains("\"--cookie-key-file\""),
+                        "form-rplb runs with a random cookie key of its own"
+                    );
+                }
             }
         }
     }
@@ -255,6 +263,7 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
         "tokens",
         "f\"form-state-{i}\"",
         "node.key",
+        "--cookie-key",
     ] {
         assert!(script.contains(key), "make-secret.sh makes {key}");
     }

@@ -230,3 +230,54 @@ async fn cookie_sessions_stay_while_backends_come_and_go_and_forgeries_do_not_pi
     }
     stop_gracefully(&mut lb.svc).await;
 }
+
+/// Sessions pinned by balancer `a`, asked of balancer `b`: how many stay on the backend
+/// that `a` pinned them to without a new cookie.
+async fn honored_elsewhere(a: &Lb, b: &Lb) -> usize {
+    let (ha, hb) = (Http::new(a.http), Http::new(b.http));
+    let mut kept = 0;
+    for _ in 0..20 {
+        let r = ha.get("demo.fog", "/whoami", &[]).await.expect("request");
+        let c = r.set_cookie("FORM").expect("a new session gets a cookie");
+        let there = hb
+            .get("demo.fog", "/whoami", &[("cookie", &format!("FORM={c}"))])
+            .await
+            .expect("request");
+        if there.body == r.body && there.set_cookie("FORM").is_none() {
+            kept += 1;
+        }
+    }
+    kept
+}
+
+#[tokio::test]
+async fn balancers_sharing_a_cookie_key_honor_each_others_sessions() {
+    let bs = backends(3).await;
+    let dir = form_testkit::TestDir::new("cookie-key");
+    let key = dir.path().join("cookie.key");
+    std::fs::write(&key, format!("{}\n", "5a".repeat(32))).expect("key");
+    let key = key.display().to_string();
+    let mut lbs = Vec::new();
+    for name in ["shared-a", "shared-b"] {
+        let mut lb = Lb::start(name, &["--cookie-key-file", &key]).await;
+        lb.route("demo.fog", cookie(), None, &[&bs[0], &bs[1], &bs[2]])
+            .await;
+        lbs.push(lb);
+    }
+    assert_eq!(honored_elsewhere(&lbs[0], &lbs[1]).await, 20);
+    assert_eq!(honored_elsewhere(&lbs[1], &lbs[0]).await, 20);
+
+    // Each with a random key of its own (no file): the other balancer's cookies are
+    // forgeries to it, so those sessions are pinned again.
+    let mut own = Vec::new();
+    for name in ["own-a", "own-b"] {
+        let mut lb = Lb::start(name, &[]).await;
+        lb.route("demo.fog", cookie(), None, &[&bs[0], &bs[1], &bs[2]])
+            .await;
+        own.push(lb);
+    }
+    assert_eq!(honored_elsewhere(&own[0], &own[1]).await, 0);
+    for mut lb in lbs.into_iter().chain(own) {
+        stop_gracefully(&mut lb.svc).await;
+    }
+}

@@ -424,17 +424,6 @@ fn header_of(head: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.trim().to_owned())
 }
 
-/// The `name=value` of a cookie set in a response head.
-fn set_cookie(head: &str, name: &str) -> Option<String> {
-    head.lines()
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("set-cookie"))
-        .filter_map(|(_, v)| v.split(';').next())
-        .map(str::trim)
-        .find(|c| c.starts_with(&format!("{name}=")))
-        .map(str::to_owned)
-}
-
 /// Sticky clients writing through the balancer until told to stop: each writes a
 /// unique key, then overwrites its own `w{n}-last` with a growing number, and starts
 /// a new session every 25 writes (so sessions land on the clones). Like a browser,
@@ -481,7 +470,7 @@ fn writers(
                             if let Some(c) = session_cookie(&head) {
                                 session = Some(c);
                             }
-                            if let Some(c) = set_cookie(&head, "demo_hlc") {
+                            if let Some(c) = probe::set_cookie(&head, "demo_hlc") {
                                 hlc = Some(c);
                             }
                             if code == 204 {

@@ -128,6 +128,17 @@ list_services!(
     "Service names listed by `grpc.reflection.v1alpha.ServerReflection`."
 );
 
+/// The `name=value` of cookie `name` set in a response head (`Set-Cookie`), if any.
+pub fn set_cookie(head: &str, name: &str) -> Option<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("set-cookie"))
+        .filter_map(|(_, v)| v.split(';').next())
+        .map(str::trim)
+        .find(|c| c.strip_prefix(name).is_some_and(|r| r.starts_with('=')))
+        .map(str::to_owned)
+}
+
 /// An HTTP/1.1 `GET path` to `addr`; returns the status code and the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     http_request(addr, "GET", path, b"").await

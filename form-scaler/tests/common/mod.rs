@@ -641,13 +641,7 @@ pub async fn lb_call(
 
 /// The `name=value` of the balancer's affinity cookie set in a response head.
 pub fn session_cookie(head: &str) -> Option<String> {
-    head.lines()
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("set-cookie"))
-        .filter_map(|(_, v)| v.split(';').next())
-        .map(str::trim)
-        .find(|c| c.starts_with("FORM_SESSION="))
-        .map(str::to_owned)
+    probe::set_cookie(head, "FORM_SESSION")
 }
 
 /// The value of key `k` on the instance at `address`.
