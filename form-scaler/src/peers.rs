@@ -1,8 +1,12 @@
 //! The other controllers, as form-state knows them: this controller sends its
-//! heartbeat every interval and reads everyone's back; a controller whose heartbeat is
-//! older than the TTL is dead. [`Peers::owner_of`] is the rendezvous owner of a cluster
-//! among the live ones (this controller always counts itself live). Clocks of the
-//! controllers are compared, so they should agree to well within the TTL.
+//! heartbeat every interval and reads everyone's back; a controller whose heartbeat
+//! this one has not seen grow for the TTL is dead. [`Peers::owner_of`] is the
+//! rendezvous owner of a cluster among the live ones (this controller always counts
+//! itself live). Heartbeats are timed by when this controller saw their stamps grow,
+//! on its own clock ([`crate::arrivals`]), not by the stamps: a controller whose clock
+//! runs behind is not taken for dead (and its clusters taken over) while it beats. A
+//! controller seen for the first time counts from then, so one that died before this
+//! one started is found dead one TTL after the first read.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -12,6 +16,7 @@ use form_proto::state::v1 as state_pb;
 use form_proto::state::v1::state_service_client::StateServiceClient;
 use form_runtime::shutdown::Shutdown;
 
+use crate::arrivals::Arrivals;
 use crate::ops::record::now_ms;
 use crate::ownership::{self, Controller};
 
@@ -20,7 +25,9 @@ use crate::ownership::{self, Controller};
 pub struct Peers {
     me: String,
     ttl_ms: u64,
+    /// Each controller's heartbeats, with the time its last one counted as heard.
     view: Mutex<Vec<Controller>>,
+    arrivals: Arrivals,
     ready: AtomicBool,
 }
 
@@ -31,6 +38,7 @@ impl Peers {
             me,
             ttl_ms: ttl.as_millis() as u64,
             view: Mutex::default(),
+            arrivals: Arrivals::default(),
             ready: AtomicBool::new(false),
         }
     }
@@ -72,7 +80,18 @@ impl Peers {
         self.owner_of(cluster) == self.me
     }
 
-    fn set(&self, controllers: Vec<Controller>) {
+    /// Takes the controllers' heartbeats as read at `now` (this controller's clock):
+    /// each one's time becomes when its stamp was seen to grow.
+    fn set(&self, mut controllers: Vec<Controller>, now: u64) {
+        {
+            let mut seen = self.arrivals.lock();
+            for c in &mut controllers {
+                c.last_heartbeat_ms = seen.heard(&c.id, c.last_heartbeat_ms, now, now);
+            }
+        }
+        let ids: std::collections::HashSet<&str> =
+            controllers.iter().map(|c| c.id.as_str()).collect();
+        self.arrivals.retain(|id| ids.contains(id));
         *self.view.lock().unwrap_or_else(PoisonError::into_inner) = controllers;
         self.ready.store(true, Ordering::Release);
     }
@@ -107,6 +126,7 @@ impl Peers {
                             last_heartbeat_ms: c.last_heartbeat_ms,
                         })
                         .collect(),
+                    now_ms(),
                 ),
                 Err(e) => tracing::debug!(error = %e.message(), "cannot read the controllers"),
             }
@@ -122,20 +142,28 @@ impl Peers {
 mod tests {
     use super::*;
 
+    fn hb(id: &str, at: u64) -> Controller {
+        Controller {
+            id: id.into(),
+            last_heartbeat_ms: at,
+        }
+    }
+
     #[test]
     fn a_dead_peer_owns_nothing_and_the_view_always_holds_this_controller() {
         let p = Peers::new("a".into(), Duration::from_secs(3));
         assert!(p.owns("anything"), "alone, it owns everything");
-        p.set(vec![
-            Controller {
-                id: "b".into(),
-                last_heartbeat_ms: now_ms(),
-            },
-            Controller {
-                id: "c".into(),
-                last_heartbeat_ms: now_ms() - 60_000,
-            },
-        ]);
+        let now = now_ms();
+        // First sight counts from then, whatever the stamps say.
+        p.set(vec![hb("b", now), hb("c", now - 60_000)], now);
+        assert!(p.is_live("b") && p.is_live("c"));
+        // Read 4 s apart: b's stamp grew, c's did not, so c is dead (TTL 3 s).
+        let p = Peers::new("a".into(), Duration::from_secs(3));
+        p.set(
+            vec![hb("b", now - 4_000), hb("c", now - 60_000)],
+            now - 4_000,
+        );
+        p.set(vec![hb("b", now), hb("c", now - 60_000)], now);
         assert!(p.is_live("a") && p.is_live("b") && !p.is_live("c"));
         let owners: std::collections::BTreeSet<String> =
             (0..50).map(|i| p.owner_of(&format!("c{i}"))).collect();
@@ -144,5 +172,29 @@ mod tests {
             ["a", "b"],
             "clusters spread over the live controllers only"
         );
+    }
+
+    #[test]
+    fn a_peer_whose_clock_runs_a_minute_behind_is_live_while_it_beats() {
+        let behind = 60_000;
+        let now = now_ms();
+        // b beats every second with a clock a minute behind, read every second.
+        let beats = |p: &Peers, until: u64| {
+            for s in (0..20).rev() {
+                let at = until - s * 1000;
+                p.set(vec![hb("b", at - behind)], at);
+            }
+        };
+        let p = Peers::new("a".into(), Duration::from_secs(3));
+        beats(&p, now);
+        assert!(
+            p.is_live("b"),
+            "a beating controller is live whatever its clock"
+        );
+        // b stopped 4 s ago; a lower stamp since (a lagging replica's) is no beat.
+        let p = Peers::new("a".into(), Duration::from_secs(3));
+        beats(&p, now - 4_000);
+        p.set(vec![hb("b", now - 10_000 - behind)], now);
+        assert!(!p.is_live("b"), "silent for more than the TTL");
     }
 }
