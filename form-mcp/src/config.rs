@@ -86,11 +86,11 @@ pub struct Args {
     )]
     pub scaler: Option<Vec<HostPort>>,
 
-    /// Serve HTTPS only, with the certificates in DIR: <name>.crt with <name>.key, picked by SNI; default.crt serves other names
+    /// Serve HTTPS only, with the certificates in DIR: NAME.crt with NAME.key, picked by SNI; default.crt serves other names
     #[arg(long, value_name = "DIR", env = "FORM_MCP_HTTPS_CERTS")]
     pub https_certs: Option<std::path::PathBuf>,
 
-    /// File of bearer tokens, one per line: TOKEN admin|read [NAME]
+    /// File of bearer tokens, one per line: TOKEN admin|read, then a NAME if wanted
     #[arg(long, value_name = "PATH", env = "FORM_MCP_TOKENS_FILE")]
     pub tokens_file: Option<std::path::PathBuf>,
 

@@ -219,7 +219,7 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", env = "FORM_RPLB_LISTEN_HTTPS", value_parser = form_runtime::addr::parse_listen)]
     pub listen_https: Option<SocketAddr>,
 
-    /// Directory of HTTPS certificates: <name>.crt with <name>.key, picked by SNI; default.crt serves unknown names
+    /// Directory of HTTPS certificates: NAME.crt with NAME.key, picked by SNI; default.crt serves unknown names
     #[arg(long, value_name = "DIR", env = "FORM_RPLB_HTTPS_CERTS")]
     pub https_certs: Option<PathBuf>,
 

@@ -45,7 +45,7 @@ fn setting(c: &state_pb::Cluster) -> Option<types::StateSyncContinuous> {
 }
 
 /// Runs until shutdown. The clusters in continuous mode are listed every
-/// [`LIST_EVERY`]; between two listings the loop sleeps until the next round is due,
+/// `LIST_EVERY`; between two listings the loop sleeps until the next round is due,
 /// and reads that cluster afresh (members and cursors) when it is.
 pub async fn run(shared: Arc<Shared>, mut shutdown: Shutdown) {
     // Cluster -> when its next round is due.

@@ -185,11 +185,11 @@ pub struct Args {
     #[arg(long, value_name = "ID", env = "FORM_STATE_REPLICA_ID")]
     pub replica_id: Option<String>,
 
-    /// Ed25519 node key file, created on first start [default: <data-dir>/node.key]
+    /// Ed25519 node key file, created on first start [default: DATA_DIR/node.key]
     #[arg(long, value_name = "FILE", env = "FORM_STATE_NODE_KEY")]
     pub node_key: Option<PathBuf>,
 
-    /// File of '<replica-id> <public key hex>' lines: replicas whose deltas are accepted
+    /// File of 'REPLICA_ID PUBLIC_KEY_HEX' lines: replicas whose deltas are accepted
     /// (without it, only this replica's own)
     #[arg(long, value_name = "FILE", env = "FORM_STATE_AUTHORIZED_KEYS")]
     pub authorized_keys: Option<PathBuf>,
@@ -268,7 +268,7 @@ pub struct Args {
     )]
     pub member_networks: Option<Vec<form_runtime::cidr::Cidr>>,
 
-    /// Print '<replica-id> <public key hex>' for the authorized keys file (creating the
+    /// Print 'REPLICA_ID PUBLIC_KEY_HEX' for the authorized keys file (creating the
     /// node key if missing) and exit
     #[arg(long)]
     pub print_public_key: bool,

@@ -309,7 +309,7 @@ pub struct Args {
     )]
     pub allowed_commands: Option<Vec<String>>,
 
-    /// User process-backend workloads run as: UID[:GID], or 'same' for this node's
+    /// User process-backend workloads run as: UID or UID:GID, or 'same' for this node's
     /// own [default: 65534:65534 (nobody) when the node runs as root, else same]
     #[arg(long, value_name = "UID[:GID]|same", env = "FORM_VMM_WORKLOAD_USER")]
     pub workload_user: Option<String>,

@@ -145,7 +145,7 @@ pub(super) fn choose(
 
 /// What the data plane picks for a request to `host` from `client_ip` with `headers`
 /// (their cookie and hash parameter count): the route it read, and the backend, as
-/// [`choose`] picks one for every proxied request; `None` without a route or a
+/// `choose` picks one for every proxied request; `None` without a route or a
 /// backend that can take it. For checks of the balancer's picks without sockets (the
 /// in-process platform's traffic).
 pub fn pick(

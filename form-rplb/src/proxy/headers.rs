@@ -69,7 +69,7 @@ pub fn connection_tokens(fields: &impl Fields) -> Vec<&[u8]> {
         .collect()
 }
 
-/// Whether field `name` is hop-by-hop ([`HOP_BY_HOP_NAMES`]) or one of the message's
+/// Whether field `name` is hop-by-hop (`HOP_BY_HOP_NAMES`) or one of the message's
 /// `Connection` tokens.
 pub fn is_hop_by_hop(name: &str, tokens: &[&[u8]]) -> bool {
     HOP_BY_HOP_NAMES

@@ -79,7 +79,7 @@ pub async fn on_nodes(
 const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The members of `cluster` that run now, asked of each node its members are on. A
-/// node that does not answer within [`LIST_TIMEOUT`] counts as running none of them.
+/// node that does not answer within `LIST_TIMEOUT` counts as running none of them.
 pub async fn running(p: &Platform, cluster: &state_pb::Cluster) -> Result<Vec<String>, OpError> {
     let mut nodes: Vec<&str> = cluster
         .members

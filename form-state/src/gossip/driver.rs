@@ -1,4 +1,4 @@
-//! The gossip loop on tokio: one task per peer ([`Link`]) that sleeps until its
+//! The gossip loop on tokio: one task per peer (`Link`) that sleeps until its
 //! [`Schedule`] says a round is due and makes the round's calls through a
 //! [`Transport`], so a slow or black-holed peer delays only its own rounds (each call
 //! waits at most `CALL_TIMEOUT`), never the other peers'.
@@ -97,7 +97,7 @@ pub async fn run(
     run_links(store, peers, config, links, urgent, shutdown).await;
 }
 
-/// Runs one [`Link`] per `(address, transport)` until shutdown.
+/// Runs one `Link` per `(address, transport)` until shutdown.
 pub async fn run_links<T: Transport>(
     store: Arc<Store>,
     peers: Arc<Peers>,

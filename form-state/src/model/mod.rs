@@ -1,5 +1,5 @@
 //! The bridge between the wire types of `form.state.v1` and the CRDT: requests become
-//! deltas ([`write`]), the state is read back as clusters and operations ([`read`]),
+//! deltas ([`mod@write`]), the state is read back as clusters and operations ([`read`]),
 //! requests are checked first ([`validate`]), and operations are found by cluster
 //! through an [`index`].
 

@@ -1,7 +1,7 @@
 //! The log writer: one thread that appends records, fsyncs once per batch (group
 //! commit) and reports the highest durable `lsn`; at a snapshot's place among the
 //! records it starts a new segment and hands the state to the snapshot thread
-//! ([`super::snapshotter`]), so no write waits for a snapshot to be written.
+//! (`snapshotter`), so no write waits for a snapshot to be written.
 //!
 //! A batch that cannot be written (a full disk, an I/O error) is not dropped and does
 //! not stop the writer: the segment is cut back to its last good length (so no torn
