@@ -245,10 +245,41 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
                 // Every balancer pod reads the one cookie key: a session pinned by
                 // one is honored by the others.
                 if command == "form-rplb" {
-                    assert!(
-                        c["args"].to_string().contains("\"--cookie-key-file\""),
-                        "form-rplb runs with a random cookie key of its own"
-                    );
+                    let args: Vec<&str> = c["args"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let file = args
+                        .iter()
+                        .position(|a| *a == "--cookie-key-file")
+                        .and_then(|i| args.get(i + 1))
+                        .expect("form-rplb runs with a random cookie key of its own");
+                    // The file is a mounted item of a Secret that make-secret.sh fills.
+                    let script = std::fs::read_to_string(dir().join("make-secret.sh"))
+                        .expect("make-secret.sh");
+                    let item = c["volumeMounts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|m| {
+                            let at = m["mountPath"].as_str().unwrap_or("").to_owned();
+                            spec["volumes"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter(move |v| v["name"] == m["name"])
+                                .flat_map(|v| v["secret"]["items"].as_array().into_iter().flatten())
+                                .map(move |i| {
+                                    (format!("{at}/{}", i["path"].as_str().unwrap_or("")), i)
+                                })
+                        })
+                        .find(|(path, _)| path == file)
+                        .unwrap_or_else(|| panic!("{file} is no mounted Secret item"))
+                        .1;
+                    let key = item["key"].as_str().unwrap_or("");
+                    assert!(script.contains(key), "make-secret.sh does not make {key}");
                 }
             }
         }

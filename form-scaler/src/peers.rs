@@ -89,9 +89,8 @@ impl Peers {
                 c.last_heartbeat_ms = seen.heard(&c.id, c.last_heartbeat_ms, now, now);
             }
         }
-        let ids: std::collections::HashSet<&str> =
-            controllers.iter().map(|c| c.id.as_str()).collect();
-        self.arrivals.retain(|id| ids.contains(id));
+        // Every controller seen stays remembered (they are few): a read of a replica
+        // that lacks a record must not make that controller new, and live, again.
         *self.view.lock().unwrap_or_else(PoisonError::into_inner) = controllers;
         self.ready.store(true, Ordering::Release);
     }
@@ -196,5 +195,16 @@ mod tests {
         beats(&p, now - 4_000);
         p.set(vec![hb("b", now - 10_000 - behind)], now);
         assert!(!p.is_live("b"), "silent for more than the TTL");
+    }
+
+    #[test]
+    fn a_read_that_lacks_a_record_does_not_make_a_dead_peer_new_again() {
+        let p = Peers::new("a".into(), Duration::from_secs(3));
+        let now = now_ms();
+        p.set(vec![hb("b", 1_000)], now - 4_000);
+        // A replica still catching up lists no b; then b again, its stamp unchanged.
+        p.set(vec![], now - 2_000);
+        p.set(vec![hb("b", 1_000)], now);
+        assert!(!p.is_live("b"), "silent since it was first seen, 4 s ago");
     }
 }

@@ -558,7 +558,7 @@ async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
         {
             let log = std::fs::read_to_string(svc.log_path()).unwrap_or_default();
             for l in log.lines().filter(|l| {
-                ["drain", "handed off", "step", "operation"]
+                ["drain", "handed off", "step done", "operation ended"]
                     .iter()
                     .any(|w| l.contains(w))
             }) {

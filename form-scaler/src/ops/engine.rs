@@ -335,14 +335,14 @@ impl Engine {
             let before = op.clone();
             let started = std::time::Instant::now();
             let mut r = self.run_step(step, op).await;
-            if r.is_ok() {
-                tracing::info!(operation = %op.operation_id, step = step.name(), took_ms = started.elapsed().as_millis() as u64, "step done");
-            }
             if r.is_ok() && fault == Some(Fault::Fail) && attempt == 1 {
                 r = Err(OpError::new(format!(
                     "injected fault after step {}",
                     step.name()
                 )));
+            }
+            if r.is_ok() {
+                tracing::info!(operation = %op.operation_id, step = step.name(), took_ms = started.elapsed().as_millis() as u64, "step done");
             }
             if r.is_ok() && *op != before {
                 // What the step learned (a snapshot id, new victims) is kept at once.
