@@ -332,7 +332,6 @@ impl Engine {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let before = op.clone();
             let started = std::time::Instant::now();
             let mut r = self.run_step(step, op).await;
             if r.is_ok() && fault == Some(Fault::Fail) && attempt == 1 {
@@ -344,10 +343,10 @@ impl Engine {
             if r.is_ok() {
                 tracing::info!(operation = %op.operation_id, step = step.name(), took_ms = started.elapsed().as_millis() as u64, "step done");
             }
-            if r.is_ok() && *op != before {
-                // What the step learned (a snapshot id, new victims) is kept at once.
-                record::put(&self.platform, op).await?;
-            }
+            // What the step learned (a snapshot id, a cursor, new victims) is kept by the
+            // next record, which comes before anything else is done: the next step's
+            // (or its undo's) start, or the operation's end. Written on its own it would
+            // cost a durable write more and keep it no sooner.
             match r {
                 Err(e) if step.commits() && !e.refused && attempt < ATTEMPTS => {
                     tracing::warn!(operation = %op.operation_id, step = step.name(), error = %e, "committed step failed; retrying");
