@@ -18,7 +18,10 @@ use crate::platform::{BALANCER_CALL, OpError, balancer_stats, not_found};
 pub async fn forward(e: &Engine, step: Step, op: &mut types::Operation) -> Result<(), OpError> {
     match step {
         Step::DrainVictims => drain(e, op).await,
-        Step::RemoveVictimMembers => remove_members(e, &op.cluster_id, &op.victims).await,
+        Step::RemoveVictimMembers => {
+            super::sync::carry_late(e, op).await?;
+            remove_members(e, &op.cluster_id, &op.victims).await
+        }
         Step::DeleteVictimInstances => {
             let notes = delete_instances(e, op, &op.victims).await?;
             add_notes(op, notes);

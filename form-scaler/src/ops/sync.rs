@@ -486,6 +486,69 @@ async fn sync_clones(e: &Engine, op: &mut types::Operation) -> Result<(), OpErro
     }
 }
 
+/// The active members that stay: those of `cluster` that are not `op`'s victims.
+fn survivors(cluster: &state_pb::Cluster, op: &types::Operation) -> Vec<String> {
+    cluster
+        .members
+        .values()
+        .filter(|m| {
+            !op.victims.contains(&m.instance_id)
+                && m.status == state_pb::MemberStatus::Active as i32
+        })
+        .map(|m| m.instance_id.clone())
+        .collect()
+}
+
+/// Carries what each handed-off victim took after its handoff (before it is removed):
+/// the drain keeps the balancer's requests off a victim, but not a client that reaches
+/// the instance itself, nor anything the workload writes on its own. Each one found is
+/// noted on the operation (and logged): a victim should take nothing after its drain.
+/// A victim that cannot be read now (it stopped) is noted too; it does not hold the
+/// removal up: what its handoff carried is all there is.
+pub async fn carry_late(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
+    let cursors = match &op.state_transfer {
+        Some(t) if !t.handoff_cursors.is_empty() => t.handoff_cursors.clone(),
+        _ => return Ok(()),
+    };
+    let cluster = e.platform.cluster(&op.cluster_id).await?;
+    let to = survivors(&cluster, op);
+    if to.is_empty() {
+        return Ok(());
+    }
+    let mut notes = Vec::new();
+    let mut victims: Vec<&String> = cursors.keys().collect();
+    victims.sort();
+    for victim in victims {
+        let since = &cursors[victim];
+        match pump(e, op, &cluster, victim, since, &to).await {
+            Ok(c) if c.changes == 0 => {}
+            Ok(c) => {
+                tracing::warn!(operation = %op.operation_id, victim = %victim, changes = c.changes, "a victim took changes after its handoff; carried them too");
+                notes.push(format!(
+                    "{victim} took {} changes after its handoff (not through the balancer: it was drained); they were carried to the members that stay",
+                    c.changes
+                ));
+                let t = transfer(op);
+                t.changes += c.changes;
+                t.bytes += c.bytes;
+                t.handoff_cursors.insert(victim.clone(), c.cursor);
+            }
+            Err(err) => {
+                let why = match err {
+                    PumpError::Gone(w) | PumpError::Unsupported(w) => w,
+                    PumpError::Failed(e) => e.message,
+                };
+                tracing::warn!(operation = %op.operation_id, victim = %victim, error = %why, "cannot look for changes after a victim's handoff");
+                notes.push(format!(
+                    "{victim}: could not look for changes after its handoff ({why}); what the handoff carried is kept"
+                ));
+            }
+        }
+    }
+    super::remove::add_notes(op, notes);
+    Ok(())
+}
+
 /// Hands each victim's changes to the instances that remain. A victim that answers
 /// but refuses, or a survivor that refuses, fails the step (the operation rolls back
 /// and the victim serves again); a victim that does not run any more, or a workload
@@ -508,15 +571,7 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
         .state_sync
         .as_ref()
         .is_some_and(|s| s.refuse_unsynced_scale_in);
-    let survivors: Vec<String> = cluster
-        .members
-        .values()
-        .filter(|m| {
-            !op.victims.contains(&m.instance_id)
-                && m.status == state_pb::MemberStatus::Active as i32
-        })
-        .map(|m| m.instance_id.clone())
-        .collect();
+    let survivors = survivors(&cluster, op);
     if survivors.is_empty() {
         return Err(OpError::new(format!(
             "no active instance remains to take the changes of {:?}",
@@ -538,6 +593,7 @@ async fn handoff(e: &Engine, op: &mut types::Operation) -> Result<(), OpError> {
                 t.contract = "supported".into();
                 t.changes += c.changes;
                 t.bytes += c.bytes;
+                t.handoff_cursors.insert(victim.clone(), c.cursor.clone());
                 tracing::info!(operation = %op.operation_id, victim = %victim, changes = c.changes, survivors = ?survivors, "victim's changes handed off");
             }
             Err(PumpError::Unsupported(why)) if refuse => {
