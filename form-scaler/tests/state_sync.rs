@@ -548,6 +548,14 @@ async fn no_acknowledged_write_is_lost_over_cycles_of_scale_out_and_in() {
         assert_eq!(status(&op), "completed", "cycle {cycle} out: {op:?}");
         let op = run(&mut scaler, OperationKind::ScaleIn, 1, cycle % 2 == 0).await;
         assert_eq!(status(&op), "completed", "cycle {cycle} in: {op:?}");
+        // Every write came through the balancer: a victim that took one after its
+        // drain (carried before its removal, and noted) means the drain ended early.
+        let late: Vec<&String> = op
+            .notes
+            .iter()
+            .filter(|n| n.contains("after its handoff"))
+            .collect();
+        assert!(late.is_empty(), "cycle {cycle} in: {late:?}");
     }
     stop.store(true, Ordering::Relaxed);
     let mut acked = Vec::new();
