@@ -520,7 +520,14 @@ pub async fn carry_late(e: &Engine, op: &mut types::Operation) -> Result<(), OpE
     victims.sort();
     for victim in victims {
         let since = &cursors[victim];
-        match pump(e, op, &cluster, victim, since, &to).await {
+        // A victim whose node was lost since its handoff cannot be asked (and is not
+        // waited for).
+        let node = node_of(op, Some(&cluster), victim);
+        let late = match e.platform.lost(&node, e.limits.node_timeout).await {
+            Some(why) => Err(PumpError::Gone(why)),
+            None => pump(e, op, &cluster, victim, since, &to).await,
+        };
+        match late {
             Ok(c) if c.changes == 0 => {}
             Ok(c) => {
                 tracing::warn!(operation = %op.operation_id, victim = %victim, changes = c.changes, "a victim took changes after its handoff; carried them too");
