@@ -3,7 +3,7 @@
 //! balancer is honored by the others and survives a balancer's restart. Made once from
 //! /dev/urandom, then kept.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -27,11 +27,7 @@ pub(crate) fn ensure(p: &Path) -> anyhow::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
     }
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut key))
-        .context("reading /dev/urandom")?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::tokens::random_hex(32)?;
     if let Some(parent) = p.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;

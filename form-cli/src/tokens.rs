@@ -23,7 +23,12 @@ pub(crate) struct Tokens {
 }
 
 fn random_token() -> anyhow::Result<String> {
-    let mut b = [0u8; 24];
+    random_hex(24)
+}
+
+/// `bytes` random bytes from /dev/urandom, in hex.
+pub(crate) fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut b = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
         .context("reading /dev/urandom")?;

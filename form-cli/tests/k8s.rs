@@ -49,6 +49,7 @@ fn pod_spec(o: &Value) -> Option<&Value> {
 fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
     let objs = objects();
     let build = std::fs::read_to_string(dir().join("../docker/build.sh")).expect("build.sh");
+    let script = std::fs::read_to_string(dir().join("make-secret.sh")).expect("make-secret.sh");
     let config: BTreeMap<String, String> = objs
         .iter()
         .filter(|o| o["kind"] == "ConfigMap")
@@ -257,8 +258,6 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
                         .and_then(|i| args.get(i + 1))
                         .expect("form-rplb runs with a random cookie key of its own");
                     // The file is a mounted item of a Secret that make-secret.sh fills.
-                    let script = std::fs::read_to_string(dir().join("make-secret.sh"))
-                        .expect("make-secret.sh");
                     let item = c["volumeMounts"]
                         .as_array()
                         .into_iter()
@@ -285,7 +284,6 @@ fn manifests_parse_and_reference_only_images_ports_and_addresses_that_exist() {
         }
     }
     assert!(named >= 8, "addresses checked: {named}");
-    let script = std::fs::read_to_string(dir().join("make-secret.sh")).expect("make-secret.sh");
     for key in [
         "form-keys",
         "form-tls",

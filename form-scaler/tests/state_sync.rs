@@ -521,7 +521,7 @@ fn writers(
                                     None => out.unique.push((
                                         key,
                                         header_of(&head, "x-instance").unwrap_or_default(),
-                                        now_ms(),
+                                        form_runtime::clock::unix_ms(),
                                     )),
                                     Some(v) => out.last = Some((key, v)),
                                 }
@@ -901,11 +901,4 @@ async fn a_workload_without_the_contract_scales_in_as_before_unless_the_cluster_
     );
     assert!(stack.instances().await.contains(&clone), "nothing deleted");
     stack.stop().await;
-}
-
-/// Milliseconds since the Unix epoch (the services' logs are stamped in UTC).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

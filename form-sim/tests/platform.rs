@@ -10,12 +10,9 @@ use form_sim::platform::run::{self, ENDS, nodes_match_state, scale, spec};
 use form_sim::platform::{InProcess, Setup};
 use form_testkit::dir::TestDir;
 
-#[tokio::test(start_paused = true)]
-async fn clones_spread_over_nodes_and_a_cut_node_leaks_nothing() {
-    let dir = TestDir::new("sim-platform");
-    let p = InProcess::start(dir.path(), 2).await.expect("platform");
+/// Creates cluster `web` and scales it out to 4 instances, each operation completed.
+async fn web_of_four(p: &InProcess) {
     let c = p.controller();
-
     let op = c
         .create(spec("web"), "create-web")
         .await
@@ -31,6 +28,15 @@ async fn clones_spread_over_nodes_and_a_cut_node_leaks_nothing() {
         .await
         .expect("scale-out ends");
     assert_eq!(form_scaler::ops::status_name(&op), "completed", "{op:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_spread_over_nodes_and_a_cut_node_leaks_nothing() {
+    let dir = TestDir::new("sim-platform");
+    let p = InProcess::start(dir.path(), 2).await.expect("platform");
+    let c = p.controller();
+
+    web_of_four(&p).await;
     nodes_match_state(&p, "web").await.expect("agree");
     let per_node: Vec<usize> = p.instances().await.values().map(Vec::len).collect();
     assert_eq!(per_node, [2, 2], "4 instances spread 2 and 2");
@@ -390,19 +396,7 @@ async fn nodes_whose_clocks_are_off_by_a_minute_keep_their_instances() {
         ..Default::default()
     };
     let p = InProcess::with(dir.path(), setup).await.expect("platform");
-    let c = p.controller();
-    let op = c.create(spec("web"), "create-web").await.expect("create");
-    let op = p.ended(&op.operation_id, ENDS).await.expect("create ends");
-    assert_eq!(form_scaler::ops::status_name(&op), "completed", "{op:?}");
-    let op = c
-        .submit("web", scale(types::OperationKind::ScaleOut, 4, "out-4"))
-        .await
-        .expect("scale-out accepted");
-    let op = p
-        .ended(&op.operation_id, ENDS)
-        .await
-        .expect("scale-out ends");
-    assert_eq!(form_scaler::ops::status_name(&op), "completed", "{op:?}");
+    web_of_four(&p).await;
     let ids = |c: &form_proto::state::v1::Cluster| {
         let mut v: Vec<String> = c.members.keys().cloned().collect();
         v.sort();
