@@ -125,8 +125,12 @@ impl Service for VmmNode {
                     &c.cgroup_root,
                     ready,
                     user,
+                    // This binary even if its file is replaced (an upgrade in place):
+                    // a spare speaks the same launch as this node.
+                    Some(std::path::PathBuf::from("/proc/self/exe")).filter(|exe| exe.exists()),
                 )
                 .map_err(service_error)?;
+                hv.fill_spare();
                 serve(c, Arc::new(hv), ctx).await
             }
         }

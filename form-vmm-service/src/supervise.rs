@@ -44,9 +44,11 @@ pub(crate) fn instance_addrs<'a>(
 }
 
 /// The end of a log file (only its last bytes are read).
+/// The log is the workload's (in a directory its user owns): a link or a FIFO put in
+/// its place is not read.
 pub(crate) fn tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Ok(mut f) = open_regular(path, std::fs::OpenOptions::new().read(true)) else {
         return String::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -54,6 +56,28 @@ pub(crate) fn tail(path: &Path) -> String {
     let mut bytes = Vec::with_capacity(TAIL_BYTES);
     let _ = f.read_to_end(&mut bytes);
     String::from_utf8_lossy(&bytes).trim().to_owned()
+}
+
+/// Opens `path` with `options` only if it is a regular file: a link is not followed,
+/// and a FIFO does not block the open (it is refused).
+pub(crate) fn open_regular(
+    path: &Path,
+    options: &mut std::fs::OpenOptions,
+) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = options
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL)?);
+    fcntl(&f, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(f)
 }
 
 /// Sends `signal` to the process group of `pid` (ignoring a group already gone).
@@ -137,4 +161,36 @@ pub(crate) fn reap(
         on_exit(&what);
         let _ = exit.send(Some(what));
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{open_regular, tail};
+
+    /// A workload may put a link or a FIFO where its log was: neither is opened (the
+    /// FIFO without blocking, though no one writes to it), and the tail of it is empty.
+    #[test]
+    fn only_a_regular_file_is_opened_as_a_log() {
+        let dir = std::env::temp_dir().join(format!("form-open-regular-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (file, link, fifo) = (dir.join("file"), dir.join("link"), dir.join("fifo"));
+        std::fs::write(&file, "the end\n").expect("write");
+        std::os::unix::fs::symlink(&file, &link).expect("link");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        let read = || {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true);
+            o
+        };
+        assert!(open_regular(&file, &mut read()).is_ok());
+        assert!(
+            open_regular(&link, &mut read()).is_err(),
+            "a link is followed"
+        );
+        let e = open_regular(&fifo, &mut read()).expect_err("a FIFO is opened");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert_eq!(tail(&file), "the end");
+        assert_eq!(tail(&link), "");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -72,11 +72,68 @@ impl Cgroups {
         }
     }
 
-    /// Puts `pid` in the instance's group and applies the limits. Returns whether CPU
-    /// and memory limits are enforced, with a message for people.
-    pub(crate) fn apply(
+    /// This node's directories: one in v2, one per hierarchy in v1.
+    fn parents(&self) -> Vec<PathBuf> {
+        match self {
+            Cgroups::V2(p) => vec![p.clone()],
+            Cgroups::V1 { cpu, memory } => {
+                let mut v = vec![cpu.clone()];
+                v.extend(memory.iter().cloned());
+                v
+            }
+            Cgroups::Unavailable(_) => Vec::new(),
+        }
+    }
+
+    /// The group's directories: one in v2, one per hierarchy in v1.
+    fn dirs(&self, group: &str) -> Vec<PathBuf> {
+        self.parents().into_iter().map(|p| p.join(group)).collect()
+    }
+
+    /// Removes the empty groups an earlier run of this node left (one that was killed
+    /// leaves its instances' groups and its spare's); a group with a process in it
+    /// stays. Returns how many were removed.
+    pub(crate) fn sweep(&self) -> usize {
+        let mut removed = 0;
+        for parent in self.parents() {
+            let Ok(entries) = std::fs::read_dir(&parent) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.path().is_dir() && std::fs::remove_dir(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Whether groups can be made here at all.
+    pub(crate) fn usable(&self) -> bool {
+        !matches!(self, Cgroups::Unavailable(_))
+    }
+
+    /// Makes `group` (in every hierarchy) and moves `pid` into it. Moving a process
+    /// between groups waits for an RCU grace period when none was moved recently (the
+    /// kernel's threadgroup lock): 10-20 ms on these machines, which is why a clone
+    /// takes a process placed ahead of time where it can (`launcher.rs`).
+    pub(crate) fn place(&self, group: &str, pid: u32) -> Result<(), String> {
+        if let Cgroups::Unavailable(why) = self {
+            return Err(why.clone());
+        }
+        for dir in self.dirs(group) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Writes the limits of `group`, reads them back, and checks that `pid` is in it.
+    /// Returns whether CPU and memory limits are enforced, with a message for people.
+    pub(crate) fn limit(
         &self,
-        instance: &str,
+        group: &str,
         pid: u32,
         vcpus: u32,
         memory_mib: u64,
@@ -88,8 +145,7 @@ impl Cgroups {
                 return (false, format!("limits recorded, not enforced: {why}"));
             }
             Cgroups::V2(parent) => (|| -> Result<String, String> {
-                let dir = writable_dir(parent, instance)?;
-                write(&dir.join("cgroup.procs"), &pid.to_string())?;
+                let dir = parent.join(group);
                 write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
                 write(&dir.join("memory.max"), &bytes.to_string())?;
                 read_back(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
@@ -100,8 +156,7 @@ impl Cgroups {
                 ))
             })(),
             Cgroups::V1 { cpu, memory } => (|| -> Result<String, String> {
-                let dir = writable_dir(cpu, instance)?;
-                write(&dir.join("cgroup.procs"), &pid.to_string())?;
+                let dir = cpu.join(group);
                 write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                 write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 read_back(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
@@ -109,8 +164,7 @@ impl Cgroups {
                 read_back_member(&dir, pid)?;
                 let mem = match memory {
                     Some(m) => {
-                        let mdir = writable_dir(m, instance)?;
-                        write(&mdir.join("cgroup.procs"), &pid.to_string())?;
+                        let mdir = m.join(group);
                         write(&mdir.join("memory.limit_in_bytes"), &bytes.to_string())?;
                         read_back(&mdir.join("memory.limit_in_bytes"), &bytes.to_string())?;
                         read_back_member(&mdir, pid)?;
@@ -129,31 +183,52 @@ impl Cgroups {
         }
     }
 
-    /// The processes in the instance's group: its workload and everything it started,
-    /// also those that left its process group or session (`setsid`).
-    pub(crate) fn procs(&self, instance: &str) -> Vec<i32> {
-        let dir = match self {
-            Cgroups::V2(p) => p.join(instance),
-            Cgroups::V1 { cpu, .. } => cpu.join(instance),
-            Cgroups::Unavailable(_) => return Vec::new(),
+    /// Puts `pid` in a new group `group` and applies the limits ([`Self::place`], then
+    /// [`Self::limit`]).
+    pub(crate) fn apply(
+        &self,
+        group: &str,
+        pid: u32,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> (bool, String) {
+        match self.place(group, pid) {
+            Ok(()) => self.limit(group, pid, vcpus, memory_mib),
+            Err(e) => (false, format!("limits recorded, not enforced: {e}")),
+        }
+    }
+
+    /// Renames `from` to `to` in every hierarchy, so that a group made ahead of time
+    /// carries the instance's name. Only v1 can rename a group: where it fails, every
+    /// hierarchy keeps (or gets back) `from`, and `from` is returned as the name.
+    pub(crate) fn rename(&self, from: &str, to: &str) -> String {
+        let pairs: Vec<(PathBuf, PathBuf)> =
+            self.dirs(from).into_iter().zip(self.dirs(to)).collect();
+        for (n, (a, b)) in pairs.iter().enumerate() {
+            if std::fs::rename(a, b).is_err() {
+                for (a, b) in &pairs[..n] {
+                    let _ = std::fs::rename(b, a);
+                }
+                return from.to_owned();
+            }
+        }
+        to.to_owned()
+    }
+
+    /// The processes in `group`: its workload and everything it started, also those
+    /// that left its process group or session (`setsid`).
+    pub(crate) fn procs(&self, group: &str) -> Vec<i32> {
+        let Some(dir) = self.dirs(group).into_iter().next() else {
+            return Vec::new();
         };
         std::fs::read_to_string(dir.join("cgroup.procs"))
             .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
             .unwrap_or_default()
     }
 
-    /// Removes the instance's group (after its processes exited).
-    pub(crate) fn remove(&self, instance: &str) {
-        let dirs: Vec<PathBuf> = match self {
-            Cgroups::V2(p) => vec![p.join(instance)],
-            Cgroups::V1 { cpu, memory } => {
-                let mut v = vec![cpu.join(instance)];
-                v.extend(memory.iter().map(|m| m.join(instance)));
-                v
-            }
-            Cgroups::Unavailable(_) => Vec::new(),
-        };
-        for d in dirs {
+    /// Removes `group` (after its processes exited).
+    pub(crate) fn remove(&self, group: &str) {
+        for d in self.dirs(group) {
             let _ = std::fs::remove_dir(d);
         }
     }

@@ -9,6 +9,8 @@
 //! `FORM_RESTORE_DIR` pointing at a copy of the hook's state.
 
 mod cgroup;
+pub mod launcher;
+mod spares;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -22,6 +24,8 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
 use self::cgroup::Cgroups;
+use self::launcher::Launch;
+use self::spares::SparePool;
 use crate::error::VmmError;
 use crate::hypervisor::{
     Hypervisor, InstanceInfo, InstanceSpec, Resized, Status, Taken, Usage, Window,
@@ -48,6 +52,8 @@ struct Proc {
     info: InstanceInfo,
     serial: u64,
     pid: u32,
+    /// The instance's cgroup: its id, or the spare's group where it cannot be renamed.
+    group: String,
     dir: PathBuf,
     exit: watch::Receiver<Option<String>>,
     cpu: [procfs::CpuSampler; 2],
@@ -64,6 +70,14 @@ struct Inner {
     root: PathBuf,
     host: IpAddr,
     cgroups: Cgroups,
+    /// Processes placed in a group ahead of time, which become workloads.
+    spares: SparePool,
+    /// Held from choosing an instance's addresses until it is in `procs`: two starts
+    /// at once would otherwise choose the same free port, and the node's stop would
+    /// miss one recorded after it listed them.
+    starting: tokio::sync::Mutex<()>,
+    /// The node stops: no instance starts any more.
+    stopping: std::sync::atomic::AtomicBool,
     ready_timeout: Duration,
     procs: Table<Proc>,
 }
@@ -101,6 +115,14 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A command that cannot be run: the caller's error.
+fn cannot_start(command: &str, why: &str) -> VmmError {
+    VmmError::invalid(
+        "workload.command",
+        format!("cannot start '{command}': {why}"),
+    )
+}
+
 /// The variable naming an instance's processes (node tag and instance id), so that
 /// what it left behind is found and killed on delete.
 const INSTANCE_KEY: &str = "FORM_INSTANCE_KEY";
@@ -120,6 +142,7 @@ impl ProcessBackend {
         cgroup_root: &std::path::Path,
         ready_timeout: Duration,
         user: Option<(u32, u32)>,
+        launcher: Option<PathBuf>,
     ) -> Result<Self, VmmError> {
         std::fs::create_dir_all(&root)
             .map_err(VmmError::io(format!("creating {}", root.display())))?;
@@ -143,12 +166,22 @@ impl ProcessBackend {
             }
             other => tracing::info!(cgroups = ?other, "resource limits are enforced with cgroups"),
         }
+        let swept = cgroups.sweep();
+        if swept > 0 {
+            tracing::info!(
+                groups = swept,
+                "removed the empty cgroups an earlier run left"
+            );
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 tag,
                 user,
                 root,
                 host,
+                spares: SparePool::new(launcher.filter(|_| cgroups.usable())),
+                starting: tokio::sync::Mutex::new(()),
+                stopping: std::sync::atomic::AtomicBool::new(false),
                 cgroups,
                 ready_timeout,
                 procs: Table::new(),
@@ -166,8 +199,12 @@ impl ProcessBackend {
     /// cgroup is writable) that still carry its key in their environment.
     async fn kill_survivors(&self, id: &str) {
         let key = self.instance_key(id);
+        let group = self
+            .procs()
+            .get(id)
+            .map_or_else(|| id.to_owned(), |p| p.group.clone());
         for _ in 0..20 {
-            let mut left = self.inner.cgroups.procs(id);
+            let mut left = self.inner.cgroups.procs(&group);
             left.extend(form_runtime::procenv::pids_with_env(INSTANCE_KEY, &key));
             left.retain(|p| *p > 1 && *p != std::process::id() as i32);
             if left.is_empty() {
@@ -180,6 +217,37 @@ impl ProcessBackend {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::warn!(instance = %id, "processes of the instance are still there after SIGKILL");
+    }
+
+    /// Starts the workload itself, then moves it into its group.
+    fn launch_directly(
+        &self,
+        id: &str,
+        w: &types::Workload,
+        vars: Vec<(String, String)>,
+        work: &Path,
+        (stdout, stderr): (std::fs::File, std::fs::File),
+        res: types::Resources,
+    ) -> Result<(tokio::process::Child, String, bool, String), VmmError> {
+        let mut command = tokio::process::Command::new(&w.command);
+        if let Some((uid, gid)) = self.inner.user {
+            // Unprivileged: it cannot read this node's keys or touch other instances.
+            command.uid(uid).gid(gid);
+        }
+        let child = command
+            .args(&w.args)
+            .current_dir(work)
+            .envs(vars)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| cannot_start(&w.command, &e.to_string()))?;
+        let pid = child.id().unwrap_or(0);
+        let (enforced, limits) = self.inner.cgroups.apply(id, pid, res.vcpus, res.memory_mib);
+        Ok((child, id.to_owned(), enforced, limits))
     }
 
     fn procs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Proc>> {
@@ -195,8 +263,26 @@ impl ProcessBackend {
     }
 
     /// Starts the workload of `spec` in a fresh directory; `prepare` fills the
-    /// directory first and returns extra environment variables.
+    /// directory first and returns extra environment variables. In a task of its own:
+    /// a caller that goes away (a client that hangs up) does not stop a start half way,
+    /// between its spare's exec and the instance's record.
     async fn start(
+        &self,
+        spec: InstanceSpec,
+        restored_from: Option<String>,
+        generation: u64,
+        prepare: impl FnOnce(&Path) -> Result<Vec<(String, String)>, VmmError> + Send + 'static,
+    ) -> Result<InstanceInfo, VmmError> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.start_here(spec, restored_from, generation, prepare)
+                .await
+        })
+        .await
+        .map_err(|e| VmmError::Backend(format!("starting the instance: {e}")))?
+    }
+
+    async fn start_here(
         &self,
         spec: InstanceSpec,
         restored_from: Option<String>,
@@ -216,8 +302,6 @@ impl ProcessBackend {
                 return Err(e);
             }
         };
-        let host = self.inner.host;
-        let (address, admin) = instance_addrs(host, self.procs().values().map(|p| &p.info))?;
         let stdout = std::fs::File::create(dir.join("stdout.log"))
             .map_err(VmmError::io("creating stdout.log"))?;
         let stderr = std::fs::File::create(dir.join("stderr.log"))
@@ -231,45 +315,73 @@ impl ProcessBackend {
                 dir.display()
             ))(e));
         }
+        let spare = self.take_spare().await;
+        let starting = self.inner.starting.lock().await;
+        let host = self.inner.host;
+        let addrs = if self
+            .inner
+            .stopping
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            Err(VmmError::FailedPrecondition(
+                "this node is stopping; it starts no instance".into(),
+            ))
+        } else {
+            instance_addrs(host, self.procs().values().map(|p| &p.info))
+        };
+        let (address, admin) = match addrs {
+            Ok(a) => a,
+            Err(e) => {
+                drop(starting);
+                if let Some(spare) = spare {
+                    self.discard(spare).await;
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let w = &spec.workload;
-        let mut command = tokio::process::Command::new(&w.command);
-        if let Some((uid, gid)) = self.inner.user {
-            // Unprivileged: it cannot read this node's keys or touch other instances.
-            command.uid(uid).gid(gid);
-        }
-        let spawned = command
-            .args(&w.args)
-            .current_dir(&work)
-            .envs(&w.env)
-            .env("PORT", address.port().to_string())
-            .env("FORM_BIND_HOST", host.to_string())
-            .env("FORM_INSTANCE_ID", &id)
-            .env(INSTANCE_KEY, self.instance_key(&id))
-            .env("FORM_ADMIN_ADDR", admin.to_string())
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn();
-        let child = match spawned {
-            Ok(c) => c,
+        let mut vars: Vec<(String, String)> =
+            w.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.extend([
+            ("PORT".to_owned(), address.port().to_string()),
+            ("FORM_BIND_HOST".to_owned(), host.to_string()),
+            ("FORM_INSTANCE_ID".to_owned(), id.clone()),
+            (INSTANCE_KEY.to_owned(), self.instance_key(&id)),
+            ("FORM_ADMIN_ADDR".to_owned(), admin.to_string()),
+        ]);
+        vars.extend(env);
+        let res = spec.resources;
+        let launched = match spare {
+            Some(spare) => {
+                let launch = Launch {
+                    command: w.command.clone(),
+                    args: w.args.clone(),
+                    env: vars.clone(),
+                    cwd: work.clone(),
+                    stdout: dir.join("stdout.log"),
+                    stderr: dir.join("stderr.log"),
+                    user: self.inner.user,
+                };
+                self.launch_in_spare(spare, &id, &launch, res).await
+            }
+            None => Err(None),
+        };
+        // A spare that failed before its exec leaves the start to the direct path.
+        let started = match launched {
+            Ok(s) => Ok(s),
+            Err(Some(e)) => Err(e),
+            Err(None) => self.launch_directly(&id, w, vars, &work, (stdout, stderr), res),
+        };
+        let (child, group, enforced, limits) = match started {
+            Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(VmmError::invalid(
-                    "workload.command",
-                    format!("cannot start '{}': {e}", w.command),
-                ));
+                return Err(e);
             }
         };
         let pid = child.id().unwrap_or(0);
         let serial = serial();
-        let res = spec.resources;
-        let (enforced, limits) = self
-            .inner
-            .cgroups
-            .apply(&id, pid, res.vcpus, res.memory_mib);
         tracing::info!(instance = %id, pid, enforced, limits = %limits, "started");
         let (tx, rx) = watch::channel(None);
         let info = InstanceInfo {
@@ -288,12 +400,17 @@ impl ProcessBackend {
                 info,
                 serial,
                 pid,
+                group,
                 dir: dir.clone(),
                 exit: rx.clone(),
                 cpu: [procfs::CpuSampler::new(); 2],
                 started: Instant::now(),
             },
         );
+        drop(starting);
+        // The next spare is made once this one's group is the instance's: its move
+        // would hold the kernel's cgroup lock through a grace period.
+        self.fill_spare();
         let inner = self.inner.clone();
         let stderr_path = dir.join("stderr.log");
         let reaped_id = id.clone();
@@ -543,19 +660,21 @@ impl Hypervisor for ProcessBackend {
     }
 
     async fn resize(&self, id: &str, resources: types::Resources) -> Result<Resized, VmmError> {
-        let pid = self.with(id, |p| {
+        let (pid, group) = self.with(id, |p| {
             if matches!(p.info.status, Status::Failed | Status::Stopped) {
                 return Err(VmmError::FailedPrecondition(format!(
                     "instance {id} is {:?}",
                     p.info.status
                 )));
             }
-            Ok(p.pid)
+            Ok((p.pid, p.group.clone()))
         })?;
-        let (enforced, message) =
-            self.inner
-                .cgroups
-                .apply(id, pid, resources.vcpus, resources.memory_mib);
+        let (vcpus, memory) = (resources.vcpus, resources.memory_mib);
+        // Its group exists unless its start could not place it: then it is placed now.
+        let (mut enforced, mut message) = self.inner.cgroups.limit(&group, pid, vcpus, memory);
+        if !enforced {
+            (enforced, message) = self.inner.cgroups.apply(&group, pid, vcpus, memory);
+        }
         if !enforced {
             // Recording a size the instance does not have would be a lie: refuse.
             return Err(VmmError::FailedPrecondition(format!(
@@ -594,7 +713,9 @@ impl Hypervisor for ProcessBackend {
             }
         }
         self.kill_survivors(id).await;
-        self.inner.cgroups.remove(id);
+        if let Some(group) = self.procs().get(id).map(|p| p.group.clone()) {
+            self.inner.cgroups.remove(&group);
+        }
         self.procs().remove(id);
         std::fs::remove_dir_all(&dir)
             .map_err(VmmError::io(format!("removing {}", dir.display())))?;
@@ -603,6 +724,12 @@ impl Hypervisor for ProcessBackend {
 
     /// Stops every instance, all at once (the workloads get their grace in parallel).
     async fn delete_all(&self) {
+        // A start still running (its caller gone) is recorded before the list is
+        // taken, or sees the stop and records nothing.
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        drop(self.inner.starting.lock().await);
         let ids: Vec<String> = self.procs().keys().cloned().collect();
         let mut set = tokio::task::JoinSet::new();
         for id in ids {
@@ -614,6 +741,7 @@ impl Hypervisor for ProcessBackend {
             });
         }
         while set.join_next().await.is_some() {}
+        self.close_spares().await;
     }
 
     async fn stats(&self, id: &str, window: Window) -> Result<Usage, VmmError> {
