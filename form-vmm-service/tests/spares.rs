@@ -6,6 +6,7 @@
 //! next start).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as pb;
@@ -161,12 +162,44 @@ async fn a_workload_is_in_its_cgroup_from_its_first_instruction() {
     // the empty ones.
     let crashed = node_dir.join("left-by-a-crash");
     std::fs::create_dir(&crashed).expect("a group");
-    let (mut svc, _c) = common::node(&dir, "vmm", "*").await;
+    let (svc, _c) = common::node(&dir, "vmm", "*").await;
     assert!(
         !crashed.exists(),
         "an empty group of an earlier run is kept"
     );
-    stop_gracefully(&mut svc).await;
+
+    // The node killed, its spare (made at its start) leaves and removes its group.
+    let spares = || -> Vec<PathBuf> {
+        std::fs::read_dir(&node_dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("spare-"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spares().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no spare made at the node's start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    svc.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !spares().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the spare's group outlived its node: {:?}",
+            spares()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Runs a spare told to run a shell that writes into `log`, as nobody; what it said.

@@ -86,7 +86,7 @@ impl Cgroups {
     }
 
     /// The group's directories: one in v2, one per hierarchy in v1.
-    fn dirs(&self, group: &str) -> Vec<PathBuf> {
+    pub(crate) fn dirs(&self, group: &str) -> Vec<PathBuf> {
         self.parents().into_iter().map(|p| p.join(group)).collect()
     }
 

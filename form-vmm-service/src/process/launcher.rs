@@ -69,10 +69,15 @@ pub(crate) struct Spare {
 
 impl Spare {
     /// Starts `exe` as a spare and waits for its `ready`. The caller then moves it
-    /// into its group (its pid is `child.id()`).
-    pub(crate) async fn start(exe: &std::path::Path, group: String) -> Result<Self, String> {
+    /// into its group, whose directories are `dirs` (its pid is `child.id()`).
+    pub(crate) async fn start(
+        exe: &std::path::Path,
+        group: String,
+        dirs: &[PathBuf],
+    ) -> Result<Self, String> {
         let mut child = tokio::process::Command::new(exe)
             .arg(LAUNCH_ARG)
+            .args(dirs)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -152,8 +157,27 @@ fn become_user(uid: u32, gid: u32) -> nix::Result<()> {
     setuid(Uid::from_raw(uid))
 }
 
+/// Leaves the group whose directories are `dirs` (for their parents) and removes it:
+/// what a spare does when its node is gone. A node that lets a spare go kills it and
+/// removes its group itself.
+fn leave(dirs: &[PathBuf]) {
+    for dir in dirs {
+        // The node's group, else (v2 keeps processes out of a group with controllers
+        // enabled for its children) the one above it.
+        for up in dir.ancestors().skip(1).take(2) {
+            if std::fs::write(up.join("cgroup.procs"), "0").is_ok() {
+                break;
+            }
+        }
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 /// The spare's side: says `ready`, reads a `Launch` from stdin and `exec`s it. An
-/// empty stdin (a spare let go, or a node gone) ends it quietly.
+/// empty stdin (its node gone) ends it quietly, and it takes its group (the arguments
+/// after [`LAUNCH_ARG`]: the group's directories) with it.
 pub fn run() -> ExitCode {
     use std::io::{Read, Write};
     use std::os::fd::AsFd;
@@ -168,6 +192,8 @@ pub fn run() -> ExitCode {
     }
     let mut input = Vec::new();
     if std::io::stdin().read_to_end(&mut input).is_err() || input.is_empty() {
+        let dirs: Vec<PathBuf> = std::env::args_os().skip(2).map(PathBuf::from).collect();
+        leave(&dirs);
         return ExitCode::SUCCESS;
     }
     let what: Launch = match serde_json::from_slice(&input) {

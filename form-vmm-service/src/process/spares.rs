@@ -131,7 +131,8 @@ impl ProcessBackend {
 
     async fn try_make_spare(&self, exe: &Path) -> Result<Spare, String> {
         let group = format!("spare-{}", serial());
-        let spare = Spare::start(exe, group.clone()).await?;
+        let dirs = self.inner.cgroups.dirs(&group);
+        let spare = Spare::start(exe, group.clone(), &dirs).await?;
         let pid = spare.child.id().unwrap_or(0);
         let placed = self
             .with_cgroups(move |c| c.place(&group, pid))
