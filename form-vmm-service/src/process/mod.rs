@@ -732,6 +732,10 @@ impl Hypervisor for ProcessBackend {
         drop(self.inner.starting.lock().await);
         let ids: Vec<String> = self.procs().keys().cloned().collect();
         let mut set = tokio::task::JoinSet::new();
+        // Beside the instances, not after them: a stop that outlasts the service's
+        // graceful deadline would drop the spare instead, leaving its group behind.
+        let this = self.clone();
+        set.spawn(async move { this.close_spares().await });
         for id in ids {
             let this = self.clone();
             set.spawn(async move {
@@ -741,7 +745,6 @@ impl Hypervisor for ProcessBackend {
             });
         }
         while set.join_next().await.is_some() {}
-        self.close_spares().await;
     }
 
     async fn stats(&self, id: &str, window: Window) -> Result<Usage, VmmError> {
