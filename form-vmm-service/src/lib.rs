@@ -198,8 +198,26 @@ async fn serve<H: Hypervisor>(c: &Config, hv: Arc<H>, ctx: RunContext) -> Result
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit),
     );
-    let served = form_runtime::grpc::run(ctx, server, &upstreams).await;
+    let mut stop = ctx.shutdown.clone();
+    let serving = form_runtime::grpc::run(ctx, server, &upstreams);
+    // A client that never answers the server's goodbye (an HTTP/2 connection whose
+    // peer reads nothing) holds the drain until the service's graceful deadline, and
+    // then nothing below would run: the drain gets DRAIN_FOR, then the instances go.
+    let served = tokio::select! {
+        served = serving => served,
+        () = async {
+            stop.requested().await;
+            tokio::time::sleep(DRAIN_FOR).await;
+        } => {
+            tracing::warn!(after = ?DRAIN_FOR, "the gRPC server has not drained; deleting the instances anyway");
+            Ok(())
+        }
+    };
     // No instance outlives the service.
     hv.delete_all().await;
     served
 }
+
+/// Time the gRPC server has to drain at a stop before the instances are deleted: the
+/// rest of the graceful deadline (4 s) is theirs (3 s of grace each, in parallel).
+const DRAIN_FOR: Duration = Duration::from_millis(500);
