@@ -510,23 +510,8 @@ async fn a_workload_that_calls_setsid_does_not_survive_its_deletion() {
                 .expect("connect"),
         );
         let id = format!("escape-{label}");
-        let escape = pb::CreateInstanceRequest {
-            instance_id: id.clone(),
-            cluster_id: "web".into(),
-            workload: Some(types::Workload {
-                command: "/bin/sh".into(),
-                args: vec![
-                    "-c".into(),
-                    format!(
-                        "setsid sleep 300 < /dev/null > /dev/null 2>&1 & exec {}",
-                        workspace_bin("form-demo-app").display()
-                    ),
-                ],
-                health_path: "/healthz".into(),
-                ..Default::default()
-            }),
-            resources: None,
-        };
+        let escape =
+            common::shell_then_demo(&id, "setsid sleep 300 < /dev/null > /dev/null 2>&1 &");
         let i = c
             .create_instance(escape)
             .await

@@ -8,10 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use form_proto::types::v1 as types;
 use form_proto::vmm::v1 as pb;
 use form_testkit::conformance::stop_gracefully;
-use form_testkit::{TestDir, probe, workspace_bin};
+use form_testkit::{TestDir, probe};
 use tonic::Code;
 
 mod common;
@@ -19,23 +18,7 @@ mod common;
 /// The workload: its shell's first child reads the shell's cgroups into a file in the
 /// working directory, then the demo app replaces the shell.
 fn reader(id: &str) -> pb::CreateInstanceRequest {
-    pb::CreateInstanceRequest {
-        instance_id: id.into(),
-        cluster_id: "web".into(),
-        workload: Some(types::Workload {
-            command: "/bin/sh".into(),
-            args: vec![
-                "-c".into(),
-                format!(
-                    "cat /proc/$$/cgroup > first-cgroup; exec {}",
-                    workspace_bin("form-demo-app").display()
-                ),
-            ],
-            health_path: "/healthz".into(),
-            ..Default::default()
-        }),
-        resources: None,
-    }
+    common::shell_then_demo(id, "cat /proc/$$/cgroup > first-cgroup")
 }
 
 /// The group of the cpu controller in a `/proc/PID/cgroup` listing (v1 `N:cpu:/path`

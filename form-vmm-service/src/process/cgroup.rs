@@ -121,9 +121,8 @@ impl Cgroups {
         if let Cgroups::Unavailable(why) = self {
             return Err(why.clone());
         }
-        for dir in self.dirs(group) {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        for parent in self.parents() {
+            let dir = writable_dir(&parent, group)?;
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())

@@ -195,16 +195,12 @@ impl ProcessBackend {
     }
 
     /// Kills what is left of instance `id` once its process group is gone: processes
-    /// that left the group or the session (`setsid`) but not its cgroup, or (where no
+    /// that left the group or the session (`setsid`) but not its cgroup `group`, or (where no
     /// cgroup is writable) that still carry its key in their environment.
-    async fn kill_survivors(&self, id: &str) {
+    async fn kill_survivors(&self, id: &str, group: &str) {
         let key = self.instance_key(id);
-        let group = self
-            .procs()
-            .get(id)
-            .map_or_else(|| id.to_owned(), |p| p.group.clone());
         for _ in 0..20 {
-            let mut left = self.inner.cgroups.procs(&group);
+            let mut left = self.inner.cgroups.procs(group);
             left.extend(form_runtime::procenv::pids_with_env(INSTANCE_KEY, &key));
             left.retain(|p| *p > 1 && *p != std::process::id() as i32);
             if left.is_empty() {
@@ -695,9 +691,9 @@ impl Hypervisor for ProcessBackend {
     async fn delete(&self, id: &str) -> Result<bool, VmmError> {
         let found = self.procs().get_mut(id).map(|p| {
             p.info.status = Status::Stopped;
-            (p.pid, p.exit.clone(), p.dir.clone())
+            (p.pid, p.exit.clone(), p.dir.clone(), p.group.clone())
         });
-        let Some((pid, mut exit, dir)) = found else {
+        let Some((pid, mut exit, dir, group)) = found else {
             return Ok(false);
         };
         // Signals only while the workload runs: once it is reaped, its pid may be reused.
@@ -712,10 +708,8 @@ impl Hypervisor for ProcessBackend {
                 let _ = tokio::time::timeout(STOP_GRACE, exit.wait_for(Option::is_some)).await;
             }
         }
-        self.kill_survivors(id).await;
-        if let Some(group) = self.procs().get(id).map(|p| p.group.clone()) {
-            self.inner.cgroups.remove(&group);
-        }
+        self.kill_survivors(id, &group).await;
+        self.inner.cgroups.remove(&group);
         self.procs().remove(id);
         std::fs::remove_dir_all(&dir)
             .map_err(VmmError::io(format!("removing {}", dir.display())))?;

@@ -4,9 +4,11 @@
 
 use std::path::Path;
 
+use form_proto::types::v1 as types;
+use form_proto::vmm::v1 as pb;
 use form_proto::vmm::v1::vmm_service_client::VmmServiceClient;
 use form_testkit::conformance::PORT0_ARGS;
-use form_testkit::{ChildService, TestDir, probe, start};
+use form_testkit::{ChildService, TestDir, probe, start, workspace_bin};
 use tonic::transport::Channel;
 
 /// The service's binary.
@@ -37,4 +39,26 @@ pub(crate) async fn node(
             .expect("connect"),
     );
     (svc, client)
+}
+
+/// Instance `id` of cluster `web` whose shell runs `script` (a line of its own, so it
+/// may end in `&`), then becomes the demo app (`exec`), checked on `/healthz`.
+pub(crate) fn shell_then_demo(id: &str, script: &str) -> pb::CreateInstanceRequest {
+    pb::CreateInstanceRequest {
+        instance_id: id.into(),
+        cluster_id: "web".into(),
+        workload: Some(types::Workload {
+            command: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                format!(
+                    "{script}\nexec {}",
+                    workspace_bin("form-demo-app").display()
+                ),
+            ],
+            health_path: "/healthz".into(),
+            ..Default::default()
+        }),
+        resources: None,
+    }
 }
